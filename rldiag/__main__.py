@@ -1,0 +1,5 @@
+import sys
+
+from rldiag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The ``rldiag`` command line.
+
+Each sub-command lives in its own module under :mod:`rldiag.commands` and exposes
+``register(subparsers) -> None``; the module registers its parser(s) and sets ``func`` on them
+(``parser.set_defaults(func=run)``, with ``run(args: argparse.Namespace) -> int``). This file only
+discovers and dispatches, so adding a command never touches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from rldiag import __version__
+
+
+class CLIError(Exception):
+    """An error whose message is shown to the user as is (no traceback); exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rldiag",
+        description="Diagnostics for RL training of language models: record, analyze, watch, browse.",
+    )
+    parser.add_argument("--version", action="version", version=f"rldiag {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import rldiag.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"rldiag.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"rldiag {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"rldiag {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
