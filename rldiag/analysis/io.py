@@ -1,0 +1,350 @@
+"""Open a run directory and read it: while it is being written, tolerating damaged files.
+
+``open_run`` reads the manifest (refusing a newer run format), lists the published Parquet segments, skips a
+corrupt or truncated file with a warning that names it, and merges statistics exactly across micro-batches,
+ranks and files. ``Run.refresh()`` picks up segments published since, reading only those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rldiag import schema
+from rldiag.analysis import aggregate
+from rldiag.config import RecorderConfig
+from rldiag.metrics.registry import REGISTRY, needed_stats
+from rldiag.record.layout import read_manifest
+from rldiag.stats.kernel import STATS
+from rldiag.stats.table import STATS_SCHEMA
+
+
+class RunFormatWarning(UserWarning):
+    """A file of a run was skipped or a run's files disagree; the message names the file."""
+
+
+@dataclass
+class _FileInfo:
+    path: Path
+    size: int
+    mtime: float
+    rows: int
+    config: dict[str, Any] | None = None
+
+
+@dataclass
+class Problem:
+    """Something wrong with a run that did not stop reading it."""
+
+    path: str
+    message: str
+
+
+@dataclass
+class Run:
+    """A run directory, read lazily. Create with :func:`open_run`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: RecorderConfig
+    problems: list[Problem] = field(default_factory=list)
+    _stats_files: dict[str, _FileInfo] = field(default_factory=dict)
+    _stats_tables: dict[str, pa.Table] = field(default_factory=dict)
+    _token_files: dict[str, _FileInfo] = field(default_factory=dict)
+    _bad: set[str] = field(default_factory=set)
+    _stats_cache: pa.Table | None = None
+
+    # ---- scanning ---------------------------------------------------------------------------------
+    def refresh(self) -> list[str]:
+        """Read segments published since the last scan; returns their names (statistics files)."""
+        new: list[str] = []
+        sdir = self.path / schema.STATS_DIR
+        for p in sorted(sdir.glob("*.parquet")) if sdir.is_dir() else []:
+            if p.name in self._stats_files or p.name in self._bad:
+                continue
+            info = self._read_stats_file(p)
+            if info is not None:
+                self._stats_files[p.name] = info
+                new.append(p.name)
+        tdir = self.path / schema.TOKENS_DIR
+        for p in sorted(tdir.glob("*.parquet")) if tdir.is_dir() else []:
+            if p.name in self._token_files or ("tokens/" + p.name) in self._bad:
+                continue
+            try:
+                meta = pq.read_metadata(p)
+                st = p.stat()
+                self._token_files[p.name] = _FileInfo(p, st.st_size, st.st_mtime, meta.num_rows)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
+                self._skip("tokens/" + p.name, p, exc)
+        if new:
+            self._stats_cache = None
+        return new
+
+    def _skip(self, key: str, path: Path, exc: BaseException) -> None:
+        self._bad.add(key)
+        msg = f"skipped unreadable file {path} ({type(exc).__name__}: {exc}); the rest of the run is read"
+        self.problems.append(Problem(str(path), msg))
+        warnings.warn(msg, RunFormatWarning, stacklevel=3)
+
+    def _read_stats_file(self, p: Path) -> _FileInfo | None:
+        try:
+            table = pq.read_table(p)
+            meta = json.loads((table.schema.metadata or {}).get(schema.PARQUET_META_KEY, b"{}"))
+            version = int(meta.get("schema_version", schema.SCHEMA_VERSION))
+            if version > schema.SCHEMA_VERSION:
+                raise ValueError(f"written with run-format version {version}, newer than {schema.SCHEMA_VERSION}")
+            missing = [f.name for f in STATS_SCHEMA if f.name not in table.column_names]
+            if missing:
+                raise ValueError(f"statistics columns missing: {missing[:5]}")
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+        except Exception as exc:  # noqa: BLE001
+            self._skip(p.name, p, exc)
+            return None
+        cfg = meta.get("config")
+        if cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
+            msg = (f"{p} was recorded with other clip settings than the manifest ({cfg}); its config-dependent "
+                   "statistics (clip fractions, balance) mix settings: use run.step_metrics(config=...) to recompute")
+            self.problems.append(Problem(str(p), msg))
+            warnings.warn(msg, RunFormatWarning, stacklevel=3)
+        self._stats_tables[p.name] = table
+        st = p.stat()
+        return _FileInfo(p, st.st_size, st.st_mtime, table.num_rows, cfg)
+
+    # ---- raw access -------------------------------------------------------------------------------
+    def stats_table(self) -> pa.Table:
+        """All statistics rows as one Arrow table (cached until new files arrive)."""
+        if self._stats_cache is None:
+            tables = [self._stats_tables[k] for k in sorted(self._stats_tables)]
+            self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
+        return self._stats_cache
+
+    def step_stats(self) -> pl.DataFrame:
+        """Sufficient statistics per (step, rank, micro), as stored (histograms as sparse lists)."""
+        return pl.from_arrow(self.stats_table()).sort(["step", "rank", "micro"])
+
+    def token_files(self) -> list[Path]:
+        return [self._token_files[k].path for k in sorted(self._token_files)]
+
+    def tokens(self) -> pl.LazyFrame:
+        """Token rows of the published segments (columns of :mod:`rldiag.schema`), lazily."""
+        files = self.token_files()
+        if not files:
+            return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})
+        return pl.scan_parquet([str(f) for f in files])
+
+    def steps(self) -> list[int]:
+        """Steps with statistics, ascending."""
+        t = self.stats_table()
+        return sorted(set(t.column("step").to_numpy().tolist())) if t.num_rows else []
+
+    @property
+    def ranks(self) -> list[int]:
+        t = self.stats_table()
+        return sorted(set(t.column("rank").to_numpy().tolist())) if t.num_rows else []
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+    @property
+    def token_rows_sampled(self) -> bool:
+        """True when token rows cover only part of the tokens (sampling, dropped rows, or none written)."""
+        t = self.stats_table()
+        if t.num_rows == 0:
+            return False
+        written = float(pc.sum(t.column("rows_written")).as_py() or 0)
+        masked = float(pc.sum(t.column("n_masked")).as_py() or 0)
+        return written < masked
+
+    # ---- metrics ----------------------------------------------------------------------------------
+    def _filtered(self, ranks: Sequence[int] | None, steps: Sequence[int] | slice | None) -> pa.Table:
+        t = self.stats_table()
+        mask = None
+        if ranks is not None:
+            mask = pc.is_in(t.column("rank"), pa.array(list(ranks), pa.int32()))
+        if steps is not None:
+            if isinstance(steps, slice):
+                col = t.column("step")
+                m = pc.and_(pc.greater_equal(col, steps.start if steps.start is not None else -(2**62)),
+                            pc.less(col, steps.stop if steps.stop is not None else 2**62))
+            else:
+                m = pc.is_in(t.column("step"), pa.array(list(steps), pa.int64()))
+            mask = m if mask is None else pc.and_(mask, m)
+        return t if mask is None else t.filter(mask)
+
+    def step_metrics(
+        self,
+        ranks: Sequence[int] | None = None,
+        steps: Sequence[int] | slice | None = None,
+        *,
+        config: RecorderConfig | None = None,
+        metrics: Sequence[str] | None = None,
+        by_rank: bool = False,
+    ) -> pl.DataFrame:
+        """One row per step: ``step`` plus one Float64 column per metric name (NaN where inputs are missing).
+
+        Args:
+            ranks: only these ranks (default: all, merged exactly).
+            steps: only these steps (a list, or a ``slice(start, stop)``).
+            config: recompute with other clip settings. Statistics that do not depend on them come from the
+                stored statistics (exact over all tokens); the others are recomputed from the token rows,
+                which covers only the sampled tokens when token rows were sampled (a warning says so).
+            metrics: only these metric names (default: the whole registry).
+            by_rank: one row per (step, rank) instead of per step.
+        """
+        names = list(REGISTRY) if metrics is None else list(metrics)
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; `rldiag summarize --list` shows the names")
+        by = ("step", "rank") if by_rank else ("step",)
+        table = self._filtered(ranks, steps)
+        if config is None or config.stats_key() == self.config.stats_key():
+            return aggregate.finalize(aggregate.merge(table, by=by, stats=needed_stats(names)), names)
+        return self._recomputed(table, config, names, by, ranks, steps)
+
+    def _recomputed(self, stored: pa.Table, config: RecorderConfig, names: list[str], by: tuple[str, ...],
+                    ranks: Sequence[int] | None, steps: Sequence[int] | slice | None) -> pl.DataFrame:
+        from rldiag.analysis.recompute import iter_file_stats
+
+        if self.token_rows_sampled:
+            warnings.warn(
+                f"token rows of {self.path} cover only part of the tokens (sampled or dropped): metrics that depend "
+                "on the clip settings are recomputed from those rows only; the others stay exact",
+                RunFormatWarning, stacklevel=3)
+        step_set = None
+        if steps is not None:
+            all_steps = np.array(self.steps())
+            step_set = set((all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
+                            if isinstance(steps, slice) else list(steps)))
+        parts = list(iter_file_stats(self.token_files(), config, steps=step_set))
+        fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
+        if ranks is not None:
+            fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
+        need = needed_stats(names)
+        dep = {s for s in need if STATS[s].config_dependent}
+        merged_stored = aggregate.merge(stored, by=by, stats=need - dep)
+        merged_fresh = aggregate.merge(fresh, by=by, stats=dep)
+        # align fresh statistics to the stored groups (a step without token rows gets NaN)
+        out_stats = dict(merged_stored.stats)
+        key_s = np.stack([merged_stored.keys[k] for k in by], axis=1) if merged_stored.n_groups else np.zeros((0, len(by)))
+        key_f = {tuple(row): i for i, row in enumerate(np.stack([merged_fresh.keys[k] for k in by], axis=1))} \
+            if merged_fresh.n_groups else {}
+        idx = np.array([key_f.get(tuple(row), -1) for row in key_s], dtype=np.int64)
+        for s in dep:
+            src = merged_fresh.stats.get(s)
+            shape = (merged_stored.n_groups,) + (src.shape[1:] if src is not None else ())
+            arr = np.full(shape, np.nan)
+            if src is not None and src.size:
+                arr[idx >= 0] = src[idx[idx >= 0]]
+            out_stats[s] = arr
+        return aggregate.finalize(aggregate.Merged(keys=merged_stored.keys, stats=out_stats), names)
+
+    def bucket_metrics(self, by: str = "pos", buckets: int = 10, *, width: int | None = None,
+                       steps: Sequence[int] | None = None) -> pl.DataFrame:
+        """The position/stage table of metrics-spec section 2, from token rows.
+
+        One row per (step, bucket) with ``n``, ``ratio/mean``, ``ratio/std``, ``clip/region``,
+        ``entropy/mean``, ``mismatch/k3``. ``by="pos"``: deciles (``buckets``) of the step's longest response,
+        or fixed ``width`` positions per bucket; ``by="stage"`` or ``"turn"``: the column's values.
+        """
+        from rldiag.analysis.recompute import stats_of_table
+
+        if by not in ("pos", "stage", "turn"):
+            raise ValueError(f"by must be 'pos', 'stage' or 'turn', got {by!r}")
+        lf = self.tokens()
+        if steps is not None:
+            lf = lf.filter(pl.col("step").is_in(list(steps)))
+        if by == "pos":
+            if width is not None:
+                bucket = (pl.col("pos") // width)
+            else:
+                longest = pl.col("pos").max().over("step") + 1
+                bucket = ((pl.col("pos") * buckets) // longest).clip(0, buckets - 1)
+        else:
+            bucket = pl.col(by)
+        lf = lf.with_columns(bucket.cast(pl.Int64).alias("bucket")).filter(pl.col("bucket").is_not_null())
+        table = lf.collect().to_arrow()
+        names = ["ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3"]
+        cols = ["step", "bucket", "n"] + names
+        if table.num_rows == 0:
+            return pl.DataFrame(schema={"step": pl.Int64, "bucket": pl.Int64, "n": pl.Float64} |
+                                {n: pl.Float64 for n in names})
+        stats = stats_of_table(table, self.config, record_keys=("step", "bucket", "rank", "micro"))
+        merged = aggregate.merge(stats, by=("step", "bucket"), stats=needed_stats(names) | {"n"})
+        out = aggregate.finalize(merged, names).with_columns(pl.Series("n", merged.stats["n"]))
+        return out.select(cols)
+
+    # ---- summary ----------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What ``rldiag info`` prints: manifest, steps, ranks, tokens, dropped rows, files, problems."""
+        t = self.stats_table()
+
+        def total(c: str) -> int:
+            return int(pc.sum(t.column(c)).as_py() or 0) if t.num_rows else 0
+
+        writers = []
+        wdir = self.path / schema.WRITERS_DIR
+        for p in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
+            try:
+                writers.append(json.loads(p.read_text()))
+            except Exception as exc:  # noqa: BLE001
+                self.problems.append(Problem(str(p), f"unreadable writer file: {exc}"))
+        steps = self.steps()
+        last_write = max([f.mtime for f in self._stats_files.values()], default=None)
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "schema_version": self.manifest.get("schema_version"),
+            "rldiag_version": self.manifest.get("rldiag_version"),
+            "created": self.manifest.get("created"),
+            "world_size": self.manifest.get("world_size"),
+            "config": self.config.to_dict(),
+            "steps": len(steps),
+            "first_step": steps[0] if steps else None,
+            "last_step": steps[-1] if steps else None,
+            "ranks": self.ranks,
+            "records": t.num_rows,
+            "tokens": total("n"),
+            "tokens_masked_in": total("n_masked"),
+            "tokens_nonfinite": total("n_nonfinite"),
+            "tokens_invalid": total("n_invalid"),
+            "token_rows_written": total("rows_written"),
+            "token_rows_dropped": total("rows_dropped"),
+            "stats_files": len(self._stats_files),
+            "token_files": len(self._token_files),
+            "bytes": sum(f.size for f in self._stats_files.values()) + sum(f.size for f in self._token_files.values()),
+            "last_write": last_write,
+            "seconds_since_last_write": None if last_write is None else time.time() - last_write,
+            "resume_points": [{"writer": w.get("writer"), "rank": w.get("rank"), "started": w.get("started"),
+                               "first_step": w.get("first_step")} for w in writers],
+            "problems": [p.message for p in self.problems],
+        }
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory written by :class:`rldiag.Recorder` (also while it is being written).
+
+    >>> run = open_run("runs/exp1")            # doctest: +SKIP
+    >>> run.step_metrics()["entropy/mean"]     # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no run at {p}: the directory does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{p} is a file; a run is a directory (pass the folder the recorder wrote)")
+    manifest = read_manifest(p)
+    run = Run(path=p, manifest=manifest, config=RecorderConfig.from_dict(manifest.get("config", {})))
+    run.refresh()
+    return run

@@ -1,0 +1,375 @@
+"""The metric registry: one :class:`MetricSpec` per public metric of metrics-spec section 2.
+
+A spec names the sufficient statistics it needs (declared in :data:`rldiag.stats.kernel.STATS`) and how to
+finalize them into one value per step. The analysis layer, the CLI, the alerts, the dashboard and the generated
+docs/metrics.md all read this registry; a formula is written here and nowhere else.
+
+``finalize`` receives merged statistics as numpy arrays, one entry per step: scalars ``[n]``, histograms
+``[n, bins]``, bucket vectors ``[n, buckets]``, and for set statistics the size of the union.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+
+from rldiag.stats import hist
+from rldiag.stats.kernel import STATS
+
+Direction = Literal["lower", "higher", "neutral"]
+Stats = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: public name, the statistics it needs, how it is finalized, and how to read it."""
+
+    name: str
+    """Public name (metrics-spec), e.g. ``ratio/mean``."""
+    needs: tuple[str, ...]
+    """Sufficient statistics (``rldiag.stats.kernel.STATS`` names) the finalizer reads."""
+    finalize: Callable[[Stats], np.ndarray]
+    """Merged statistics -> one float per step (NaN where undefined)."""
+    formula: str
+    """The formula as metrics-spec writes it."""
+    doc: str
+    """One line: what it tells a person debugging a run."""
+    unit: str = ""
+    direction: Direction = "neutral"
+    """Which way is better: ``lower``, ``higher`` or ``neutral``."""
+    bounds: tuple[float | None, float | None] = (None, None)
+    source: str = ""
+    derived: bool = False
+    """True where metrics-spec marks the formula as a derivation rather than a paper's own."""
+    inputs: tuple[str, ...] = ("logp", "old_logp", "adv")
+    """Token-row columns it needs (optional ones make it NaN when absent)."""
+    headline: bool = False
+    """Shown in trainer logs and the dashboard's overview by default."""
+    error_bound: str = ""
+    """For histogram-based estimates: the documented error bound."""
+
+    @property
+    def family(self) -> str:
+        """The part before the slash: ``ratio``, ``clip``, ``entropy``..."""
+        return self.name.split("/", 1)[0]
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
+def _finite_or_nan(x: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """min/max statistics: NaN where no token contributed."""
+    return np.where(np.asarray(n) > 0, x, np.nan)
+
+
+def _hq(name: str, q: float, count: str, transform: Callable[[np.ndarray], np.ndarray] | None = None):
+    def f(s: Stats) -> np.ndarray:
+        v = hist.quantiles(s[name], q)
+        if transform is not None:
+            v = transform(v)
+        return np.where(np.asarray(s[count]) > 0, v, np.nan)
+
+    return f
+
+
+def _abs_quantile(name: str, q: float):
+    """Quantile of |x| from a signed histogram: fold the two halves."""
+
+    def f(s: Stats) -> np.ndarray:
+        h = np.asarray(s[name])
+        mag = h[:, hist.N_MAG :] + h[:, : hist.N_MAG][:, ::-1]
+        return np.where(np.asarray(s["n"]) > 0, hist.quantiles(mag, q), np.nan)
+
+    return f
+
+
+def _ess_seq(s: Stats) -> np.ndarray:
+    n = np.asarray(s["n_seq_valid"], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.exp(2.0 * s["lse_seq"] - np.log(n) - s["lse_seq2"])
+    return np.where(n > 0, v, np.nan)
+
+
+def _std(sum_: np.ndarray, sq: np.ndarray, n: np.ndarray) -> np.ndarray:
+    m = _div(sum_, n)
+    return np.sqrt(np.maximum(_div(sq, n) - m * m, 0.0))
+
+
+def _bucket_mean_min(s: Stats) -> np.ndarray:
+    bn, bs = np.asarray(s["b_n"]), np.asarray(s["b_s"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.where(bn > 0, 1.0 + bs / np.where(bn > 0, bn, 1.0), np.nan)
+    out = np.full(bn.shape[0], np.nan)
+    ok = (bn > 0).any(axis=1)
+    out[ok] = np.nanmin(m[ok], axis=1)
+    return out
+
+
+def _bucket_std_spread(s: Stats) -> np.ndarray:
+    bn, bs, bs2 = np.asarray(s["b_n"]), np.asarray(s["b_s"]), np.asarray(s["b_s2"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        safe = np.where(bn > 0, bn, 1.0)
+        mean = bs / safe
+        sd = np.sqrt(np.maximum(bs2 / safe - mean * mean, 0.0))
+        sd = np.where(bn >= 2, sd, np.nan)
+    out = np.full(bn.shape[0], np.nan)
+    for i in range(bn.shape[0]):
+        row = sd[i][np.isfinite(sd[i])]
+        if row.size >= 2 and row.min() > 0:
+            out[i] = row.max() / row.min()
+    return out
+
+
+def _m(name: str, needs: tuple[str, ...], finalize: Callable[[Stats], np.ndarray], formula: str, doc: str,
+       **kw) -> MetricSpec:
+    return MetricSpec(name=name, needs=needs, finalize=finalize, formula=formula, doc=doc, **kw)
+
+
+_R = ("logp", "old_logp", "adv")
+_HQ_BOUND = (
+    f"histogram quantile: within a factor 2**(1/16) (+-{hist.RELATIVE_ERROR:.1%}) of the exact inverted-CDF "
+    "quantile for magnitudes in [2**-20, 2**10]; absolute error < 1e-6 below"
+)
+
+_SPECS: tuple[MetricSpec, ...] = (
+    # ---- ratio and trust region ------------------------------------------------------------------
+    _m("ratio/mean", ("s_rm1", "n"), lambda s: 1.0 + _div(s["s_rm1"], s["n"]), "mean(r), r = exp(logp - old_logp)",
+       "Average importance ratio; drifts from 1 when the policy moves between rollout and gradient.",
+       source="PPO", headline=True, bounds=(0.0, None)),
+    _m("ratio/std", ("s_rm1", "s_rm1sq", "n"), lambda s: _std(s["s_rm1"], s["s_rm1sq"], s["n"]),
+       "population std of r", "Spread of the importance ratios.", source="PPO", direction="lower",
+       bounds=(0.0, None)),
+    _m("ratio/m2", ("s_rm1sq", "n"), lambda s: _div(s["s_rm1sq"], s["n"]),
+       "mean((r-1)^2), the chi-square divergence estimate",
+       "Ratio variance around 1 (chi-square estimate); the R^2VPO constraint target.",
+       source="R^2VPO (Ratio-Variance Regularized Policy Optimization)", derived=True, direction="lower",
+       bounds=(0.0, None)),
+    _m("ratio/min", ("min_r", "n"), lambda s: _finite_or_nan(s["min_r"], s["n"]), "min over tokens of r",
+       "Smallest ratio: the low tail starves tokens of gradient.", bounds=(0.0, None)),
+    _m("ratio/max", ("max_r", "n"), lambda s: _finite_or_nan(s["max_r"], s["n"]), "max over tokens of r",
+       "Largest ratio: one runaway token can dominate the update.", direction="lower", headline=True,
+       bounds=(0.0, None)),
+    _m("ratio/logabs_p50", ("h_lr", "n"), _abs_quantile("h_lr", 0.50), "median of |lr|",
+       "Typical size of the log-ratio.", direction="lower", bounds=(0.0, None), error_bound=_HQ_BOUND),
+    _m("ratio/logabs_p99", ("h_lr", "n"), _abs_quantile("h_lr", 0.99), "p99 of |lr|",
+       "Tail of the log-ratio that no trainer reports.", direction="lower", bounds=(0.0, None),
+       error_bound=_HQ_BOUND),
+    _m("ratio/logabs_p999", ("h_lr", "n"), _abs_quantile("h_lr", 0.999), "p99.9 of |lr|",
+       "Extreme tail of the log-ratio; above ln 10 the update is far off-policy.", direction="lower",
+       bounds=(0.0, None), error_bound=_HQ_BOUND, headline=True),
+    _m("ratio/tail_alpha", ("h_lr",), lambda s: hist.hill_alpha(s["h_lr"]),
+       "Hill tail index of r: xi = mean(ln X_i, i<=k) - ln X_(k+1), alpha = 1/xi, k = floor(sqrt(n_tail)) "
+       "clamped to [10, n-1]; NaN when fewer than 20 tokens have r > 1",
+       "Heaviness of the ratio's upper tail; alpha <= 2 means infinite variance.", direction="higher",
+       source="extreme-value statistics (Hill estimator)", bounds=(0.0, None),
+       error_bound="order statistics read from the lr histogram with values spread evenly within a bin "
+       "(bins span a factor 2**(1/8)); within 5% of the exact Hill estimate in the tests"),
+    _m("ratio/nonfinite", ("n_nonfinite",), lambda s: np.asarray(s["n_nonfinite"], dtype=np.float64),
+       "count of tokens whose logp, old_logp or adv is NaN/Inf (excluded from every other metric)",
+       "Non-finite inputs: any is a bug upstream (fp16 overflow, a -inf log-prob).", direction="lower",
+       bounds=(0.0, None), unit="tokens", headline=True),
+    # ---- effective sample size ----------------------------------------------------------------------
+    _m("ess/token", ("n", "s_rm1", "s_rm1sq"),
+       lambda s: _div((s["n"] + s["s_rm1"]) ** 2, s["n"] * (s["n"] + 2.0 * s["s_rm1"] + s["s_rm1sq"])),
+       "(sum r)^2 / (n * sum r^2), in (0, 1]",
+       "Normalized effective sample size of the batch: 1 is on-policy, small means few tokens carry the update.",
+       source="Trust the Batch (P3O)", direction="higher", bounds=(0.0, 1.0), headline=True),
+    _m("ess/seq", ("lse_seq", "lse_seq2", "n_seq_valid"), _ess_seq,
+       "ESS over sequence ratios R_i = exp(sum_t lr_i,t), in log space",
+       "Untruncated sequence-level ESS: how many responses effectively carry the update.",
+       direction="higher", bounds=(0.0, 1.0)),
+    # ---- KL estimators ---------------------------------------------------------------------------
+    _m("kl/k1", ("s_lr", "n"), lambda s: -_div(s["s_lr"], s["n"]), "mean(-lr)",
+       "KL(old || current), k1 estimator; = verl actor/ppo_kl, OpenRLHF ppo_kl.",
+       source='Schulman, "Approximating KL Divergence"', direction="lower"),
+    _m("kl/k2", ("s_lr2", "n"), lambda s: 0.5 * _div(s["s_lr2"], s["n"]), "mean(lr^2 / 2)",
+       "KL estimator k2 (low variance, biased).", source='Schulman, "Approximating KL Divergence"',
+       direction="lower", bounds=(0.0, None)),
+    _m("kl/k3", ("s_k3", "n"), lambda s: _div(s["s_k3"], s["n"]), "mean(r - 1 - lr)",
+       "KL estimator k3 (unbiased, non-negative); = CleanRL/SB3 approx_kl.",
+       source='Schulman, "Approximating KL Divergence"', direction="lower", bounds=(0.0, None), headline=True),
+    _m("kl/ref_k3", ("s_ref_k3", "n_ref"), lambda s: _div(s["s_ref_k3"], s["n_ref"]),
+       "mean(exp(ref_logp - logp) - (ref_logp - logp) - 1)", "KL to the reference model; = TRL kl, verl low_var_kl.",
+       source="TRL, verl", direction="lower", bounds=(0.0, None), inputs=_R + ("ref_logp",)),
+    # ---- clipping ----------------------------------------------------------------------------------
+    _m("clip/low", ("n_clip_low", "n"), lambda s: _div(s["n_clip_low"], s["n"]), "mean(r < 1-eps_low and adv < 0)",
+       "Negative-advantage tokens whose gradient the lower clip removes; = TRL clip_ratio/low_mean.",
+       source="PPO; TRL", direction="lower", bounds=(0.0, 1.0)),
+    _m("clip/high", ("n_clip_high", "n"), lambda s: _div(s["n_clip_high"], s["n"]),
+       "mean(r > 1+eps_high and adv > 0)",
+       "Positive-advantage tokens whose gradient the upper clip removes; = TRL clip_ratio/high_mean.",
+       source="PPO; TRL", direction="lower", bounds=(0.0, 1.0)),
+    _m("clip/region", ("n_clip_low", "n_clip_high", "n"),
+       lambda s: _div(s["n_clip_low"] + s["n_clip_high"], s["n"]), "mean(low or high)",
+       "Tokens whose gradient the clip removes; = TRL clip_ratio/region_mean, verl pg_clipfrac, OpenRLHF "
+       "ppo_clip_ratio.", source="PPO; TRL; verl; OpenRLHF", direction="lower", bounds=(0.0, 1.0), headline=True),
+    _m("clip/symmetric", ("n_clip_sym", "n"), lambda s: _div(s["n_clip_sym"], s["n"]),
+       "mean(r < 1-eps_low or r > 1+eps_high), sign-agnostic", "Sign-agnostic clip fraction; = CleanRL clipfrac, "
+       "SB3 clip_fraction.", source="CleanRL; SB3", direction="lower", bounds=(0.0, 1.0)),
+    _m("clip/dual", ("n_dual", "n"), lambda s: _div(s["n_dual"], s["n"]), "mean(adv < 0 and r > c)",
+       "Dual-clip activations; = verl pg_clipfrac_lower.", source="Dual-clip PPO; verl", direction="lower",
+       bounds=(0.0, 1.0)),
+    _m("regime/pos_up", ("n_pos_up", "n"), lambda s: _div(s["n_pos_up"], s["n"]), "share with adv > 0 and r > 1",
+       "Positive tokens already pushed up.", source="DISPO", bounds=(0.0, 1.0)),
+    _m("regime/pos_down", ("n_pos_down", "n"), lambda s: _div(s["n_pos_down"], s["n"]),
+       "share with adv > 0 and r < 1", "Positive tokens the policy moved away from.", source="DISPO",
+       bounds=(0.0, 1.0)),
+    _m("regime/neg_up", ("n_neg_up", "n"), lambda s: _div(s["n_neg_up"], s["n"]), "share with adv < 0 and r > 1",
+       "Negative tokens the policy moved towards.", source="DISPO", bounds=(0.0, 1.0)),
+    _m("regime/neg_down", ("n_neg_down", "n"), lambda s: _div(s["n_neg_down"], s["n"]),
+       "share with adv < 0 and r < 1", "Negative tokens already pushed down.", source="DISPO", bounds=(0.0, 1.0)),
+    # ---- balance -------------------------------------------------------------------------------------
+    _m("balance/pos", ("s_bal_pos",), lambda s: np.asarray(s["s_bal_pos"], dtype=np.float64),
+       "sum max(eff*adv, 0), eff = min(r, 1+eps_high) if adv >= 0 else max(r, 1-eps_low)",
+       "Gradient mass of positive-advantage tokens after clipping.", source="BAPO", bounds=(0.0, None)),
+    _m("balance/neg", ("s_bal_neg",), lambda s: np.asarray(s["s_bal_neg"], dtype=np.float64),
+       "sum max(-eff*adv, 0)", "Gradient mass of negative-advantage tokens after clipping.", source="BAPO",
+       bounds=(0.0, None)),
+    _m("balance/pos_share", ("s_bal_pos", "s_bal_neg"), lambda s: _div(s["s_bal_pos"], s["s_bal_pos"] + s["s_bal_neg"]),
+       "pos / (pos + neg)", "Share of the gradient pushing up; below 0.4 negatives dominate and entropy tends to "
+       "collapse.", source="BAPO", direction="higher", bounds=(0.0, 1.0), headline=True),
+    # ---- entropy -------------------------------------------------------------------------------------
+    _m("entropy/mean", ("s_ent", "n_ent"), lambda s: _div(s["s_ent"], s["n_ent"]), "mean(entropy)",
+       "Mean policy entropy (nats) over valid tokens; = TRL entropy.", unit="nats", direction="higher",
+       bounds=(0.0, None), inputs=_R + ("entropy",), headline=True),
+    _m("entropy/p10", ("h_ent", "n_ent"), _hq("h_ent", 0.10, "n_ent"), "p10 of entropy",
+       "Low tail of the entropy.", unit="nats", direction="higher", bounds=(0.0, None),
+       inputs=_R + ("entropy",), error_bound=_HQ_BOUND),
+    _m("entropy/p50", ("h_ent", "n_ent"), _hq("h_ent", 0.50, "n_ent"), "median of entropy",
+       "Median entropy.", unit="nats", direction="higher", bounds=(0.0, None), inputs=_R + ("entropy",),
+       error_bound=_HQ_BOUND),
+    _m("entropy/p90", ("h_ent", "n_ent"), _hq("h_ent", 0.90, "n_ent"), "p90 of entropy",
+       "High tail of the entropy (the forking tokens).", unit="nats", direction="higher", bounds=(0.0, None),
+       inputs=_R + ("entropy",), error_bound=_HQ_BOUND),
+    _m("entropy/low_frac", ("n_ent_low", "n_ent"), lambda s: _div(s["n_ent_low"], s["n_ent"]),
+       "mean(entropy < 0.05 nats)", "Near-deterministic share: the early signal of entropy collapse.",
+       direction="lower", bounds=(0.0, 1.0), inputs=_R + ("entropy",)),
+    _m("entropy/cov", ("s_logp_adv", "s_logp", "s_adv", "n"),
+       lambda s: _div(s["s_logp_adv"], s["n"]) - _div(s["s_logp"], s["n"]) * _div(s["s_adv"], s["n"]),
+       "mean(logp*adv) - mean(logp)*mean(adv)",
+       "Entropy-advantage covariance: entropy changes like -Cov(log pi, A); positive means entropy falls.",
+       source="The Entropy Mechanism of RL for Reasoning LMs", direction="neutral", headline=True),
+    _m("entropy/cov_band_frac", ("n_cov_band", "n"), lambda s: _div(s["n_cov_band"], s["n"]),
+       "share of tokens whose centered product (adv - mean adv)(logp - mean logp), record means, lies in (1, 5)",
+       "Tokens in Clip-Cov's band: those Clip-Cov would detach.",
+       source="The Entropy Mechanism of RL for Reasoning LMs (Clip-Cov)", bounds=(0.0, 1.0)),
+    _m("entropy/cov_top_share", ("s_cov_top", "s_cov_pos"), lambda s: _div(s["s_cov_top"], s["s_cov_pos"]),
+       "share of the positive centered-product mass carried by the top 0.2% tokens of the record",
+       "Concentration of the covariance: a tiny set of tokens drives the entropy change.",
+       source="The Entropy Mechanism of RL for Reasoning LMs", bounds=(0.0, 1.0)),
+    # ---- advantages and groups ---------------------------------------------------------------------
+    _m("adv/mean", ("s_adv", "n"), lambda s: _div(s["s_adv"], s["n"]), "mean(adv) over tokens",
+       "Token-weighted mean advantage (non-zero under length imbalance)."),
+    _m("adv/std", ("s_adv", "s_adv2", "n"), lambda s: _std(s["s_adv"], s["s_adv2"], s["n"]),
+       "population std of adv over tokens", "Spread of the advantages.", bounds=(0.0, None)),
+    _m("adv/pos_frac", ("n_adv_pos", "n"), lambda s: _div(s["n_adv_pos"], s["n"]), "mean(adv > 0)",
+       "Share of tokens with a positive advantage.", bounds=(0.0, 1.0)),
+    _m("adv/zero_frac", ("n_adv_zero", "n"), lambda s: _div(s["n_adv_zero"], s["n"]), "mean(adv == 0)",
+       "Share of tokens carrying no gradient signal.", direction="lower", bounds=(0.0, 1.0)),
+    _m("group/nonzero_frac", ("groups_nonzero", "groups_all"), lambda s: _div(s["groups_nonzero"], s["groups_all"]),
+       "share of prompt groups whose advantages are not all zero",
+       "Live prompt groups; TRL frac_reward_zero_std = 1 - this.",
+       source="Knapsack RL; DAPO dynamic sampling; TRL", direction="higher", bounds=(0.0, 1.0),
+       inputs=_R + ("group",), headline=True),
+    _m("reward/mean", ("s_reward", "n_seq_reward"), lambda s: _div(s["s_reward"], s["n_seq_reward"]),
+       "mean of sequence rewards", "Average reward.", direction="higher", inputs=_R + ("reward",), headline=True),
+    _m("reward/std", ("s_reward", "s_reward2", "n_seq_reward"),
+       lambda s: _std(s["s_reward"], s["s_reward2"], s["n_seq_reward"]), "population std of sequence rewards",
+       "Reward spread.", bounds=(0.0, None), inputs=_R + ("reward",)),
+    _m("seq/len_mean", ("n", "n_seq_valid"), lambda s: _div(s["n"], s["n_seq_valid"]),
+       "valid tokens per sequence", "Mean response length.", unit="tokens", bounds=(0.0, None)),
+    _m("seq/count", ("n_seq",), lambda s: np.asarray(s["n_seq"], dtype=np.float64), "sequences",
+       "Responses in the step.", unit="sequences", bounds=(0.0, None)),
+    _m("tokens/count", ("n",), lambda s: np.asarray(s["n"], dtype=np.float64), "valid tokens",
+       "Valid tokens in the step (all ranks, all micro-batches).", unit="tokens", bounds=(0.0, None)),
+    # ---- mismatch and staleness --------------------------------------------------------------------
+    _m("mismatch/k1", ("s_mm_d", "n_mm"), lambda s: -_div(s["s_mm_d"], s["n_mm"]), "mean(rollout_logp - old_logp)",
+       "Training-inference KL (k1); = verl rollout_corr/kl.", source="verl", inputs=_R + ("rollout_logp",)),
+    _m("mismatch/k3", ("s_mm_k3", "n_mm"), lambda s: _div(s["s_mm_k3"], s["n_mm"]), "mean(w - 1 - d)",
+       "Training-inference KL (k3); = verl rollout_corr/k3_kl.", source="verl", direction="lower",
+       bounds=(0.0, None), inputs=_R + ("rollout_logp",), headline=True),
+    _m("mismatch/is_min", ("min_w", "n_mm"), lambda s: _finite_or_nan(s["min_w"], s["n_mm"]), "min over tokens of w",
+       "Smallest mismatch weight before truncation; = verl rollout_is_min.", source="verl", bounds=(0.0, None),
+       inputs=_R + ("rollout_logp",)),
+    _m("mismatch/is_max", ("max_w", "n_mm"), lambda s: _finite_or_nan(s["max_w"], s["n_mm"]), "max over tokens of w",
+       "Largest mismatch weight before truncation; = verl rollout_is_max.", source="verl", direction="lower",
+       bounds=(0.0, None), inputs=_R + ("rollout_logp",)),
+    _m("mismatch/tis_frac", ("n_tis", "n_mm"), lambda s: _div(s["n_tis"], s["n_mm"]), "mean(w > C)",
+       "Tokens truncated by TIS; = verl rollout_is_ratio_fraction_high.", source="verl; TIS",
+       direction="lower", bounds=(0.0, 1.0), inputs=_R + ("rollout_logp",)),
+    _m("mismatch/mis_frac", ("n_mis", "n_mm"), lambda s: _div(s["n_mis"], s["n_mm"]), "mean(w > C or w < 1/C)",
+       "Tokens masked by MIS.", source="MIS", direction="lower", bounds=(0.0, 1.0), inputs=_R + ("rollout_logp",)),
+    _m("mismatch/ess", ("n_mm", "s_mm_wm1", "s_mm_wm1sq"),
+       lambda s: _div((s["n_mm"] + s["s_mm_wm1"]) ** 2,
+                      s["n_mm"] * (s["n_mm"] + 2.0 * s["s_mm_wm1"] + s["s_mm_wm1sq"])),
+       "ESS of w, untruncated", "Effective sample size of the mismatch weights; = verl rollout_is_eff_sample_size "
+       "when no weight is clamped.", source="verl", direction="higher", bounds=(0.0, 1.0),
+       inputs=_R + ("rollout_logp",)),
+    _m("mismatch/logabs_p99", ("h_absd", "n_mm"), _hq("h_absd", 0.99, "n_mm"), "p99 of |d|",
+       "Tail of the training-inference log-prob gap.", source="verl-omni #280", direction="lower",
+       bounds=(0.0, None), inputs=_R + ("rollout_logp",), error_bound=_HQ_BOUND),
+    _m("staleness/mean", ("s_stale", "n_ver"), lambda s: _div(s["s_stale"], s["n_ver"]), "mean(step - version)",
+       "Average policy lag of the tokens.", source="AReaL", unit="steps", direction="lower", bounds=(0.0, None),
+       inputs=_R + ("version",)),
+    _m("staleness/max", ("max_stale", "n_ver"), lambda s: _finite_or_nan(s["max_stale"], s["n_ver"]),
+       "max(step - version)", "Oldest token's policy lag.", source="AReaL", unit="steps", direction="lower",
+       bounds=(0.0, None), inputs=_R + ("version",)),
+    # ---- sequence level ------------------------------------------------------------------------------
+    _m("seq/gspo_ratio_mean", ("s_gspo", "n_seq_valid"), lambda s: _div(s["s_gspo"], s["n_seq_valid"]),
+       "mean over sequences of s_i = exp(mean_t lr_i,t)", "GSPO's sequence ratio, averaged.", source="GSPO",
+       bounds=(0.0, None)),
+    _m("seq/gspo_ratio_max", ("max_gspo", "n_seq_valid"), lambda s: _finite_or_nan(s["max_gspo"], s["n_seq_valid"]),
+       "max over sequences of s_i", "Largest GSPO sequence ratio.", source="GSPO", direction="lower",
+       bounds=(0.0, None)),
+    _m("seq/gspo_clip", ("n_gspo_clip", "n_seq_valid"), lambda s: _div(s["n_gspo_clip"], s["n_seq_valid"]),
+       "share of sequences with (s_i > 1+eps_high and A_i > 0) or (s_i < 1-eps_low and A_i < 0)",
+       "Sequences GSPO's clip would drop at the run's eps.", source="GSPO", direction="lower", bounds=(0.0, 1.0)),
+    _m("seq/cum_logratio_absmax", ("max_cum_abs", "n"), lambda s: _finite_or_nan(s["max_cum_abs"], s["n"]),
+       "max over tokens of |L_t|, L_t = sum_{j<=t} lr_j within a sequence",
+       "Largest cumulative token log-ratio (CTPO).", source="CTPO", direction="lower", bounds=(0.0, None)),
+    _m("seq/ctpo_clip", ("n_ctpo_clip", "n"), lambda s: _div(s["n_ctpo_clip"], s["n"]),
+       "share of tokens with L_t outside [-0.025*sqrt(t+1), 0.05*sqrt(t+1)]",
+       "Tokens CTPO's position-adaptive bounds would clip.", source="CTPO", direction="lower", bounds=(0.0, 1.0)),
+    _m("seq/minprefix_ratio_p5", ("h_minprefix", "n_minprefix"), _hq("h_minprefix", 0.05, "n_minprefix", np.exp),
+       "5th percentile over tokens of min_{j<t} r_j (prefix minimum)",
+       "How far earlier tokens of the same response fell: MinPRO's surrogate.",
+       source="A Step Back (MinPRO)", derived=True, direction="higher", bounds=(0.0, None), error_bound=_HQ_BOUND),
+    # ---- position / stage ----------------------------------------------------------------------------
+    _m("stage/ratio_mean_min", ("b_n", "b_s"), _bucket_mean_min,
+       "smallest bucket mean of r (position deciles, or stage buckets when stages are given)",
+       "GRPO-Guard's left shift of the ratio below 1 in some buckets.", source="GRPO-Guard", direction="higher",
+       bounds=(0.0, None)),
+    _m("stage/ratio_std_spread", ("b_n", "b_s", "b_s2"), _bucket_std_spread,
+       "max/min of the bucket std of r", "GRPO-Guard's per-timestep variance inconsistency.",
+       source="GRPO-Guard", direction="lower", bounds=(1.0, None)),
+)
+
+REGISTRY: Final[dict[str, MetricSpec]] = {spec.name: spec for spec in _SPECS}
+"""Every core metric, by public name, in the order of metrics-spec section 2."""
+
+HEADLINE: Final[tuple[str, ...]] = tuple(s.name for s in _SPECS if s.headline)
+"""Metrics shown first: in trainer logs, the CLI summary and the dashboard overview."""
+
+FAMILY_ORDER: Final[tuple[str, ...]] = tuple(dict.fromkeys(s.family for s in _SPECS))
+
+
+def needed_stats(names: list[str] | tuple[str, ...] | None = None) -> set[str]:
+    """Union of the statistics the given metrics (default: all) need."""
+    specs = REGISTRY.values() if names is None else [REGISTRY[n] for n in names]
+    return {st for spec in specs for st in spec.needs}
+
+
+def _check() -> None:
+    unknown = needed_stats() - set(STATS)
+    if unknown:  # pragma: no cover - a programming error caught at import
+        raise RuntimeError(f"metric specs need undeclared statistics: {sorted(unknown)}")
+
+
+_check()

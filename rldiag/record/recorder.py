@@ -1,0 +1,378 @@
+"""The recorder: the only rldiag object a training loop touches.
+
+``record()`` checks shapes, takes host snapshots of its inputs (asynchronous for CUDA tensors: it never
+synchronises the GPU) and hands them to a background :class:`~rldiag.record.writer.Writer` through a bounded
+queue. Statistics cover every token; when the queue is full, the record's statistics are computed at once
+and its token rows are dropped (counted), so training is never held up for more than
+``RecorderConfig.max_block_seconds``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rldiag import schema
+from rldiag.config import RecorderConfig
+from rldiag.record import layout
+from rldiag.record.tensors import HostSnapshot, is_torch, shape_of
+from rldiag.record.writer import Job, Writer, WriterError, build_batch
+from rldiag.stats import kernel
+
+log = logging.getLogger("rldiag")
+
+# argument name -> (column name, allowed shapes: "BT", "B", "B|BT", is float)
+_ARGS: dict[str, tuple[str, str, bool]] = {
+    "logprobs": (schema.LOGP, "BT", True),
+    "old_logprobs": (schema.OLD_LOGP, "BT", True),
+    "advantages": (schema.ADV, "B|BT", True),
+    "mask": ("mask", "BT", False),
+    "entropy": (schema.ENTROPY, "BT", True),
+    "rollout_logprobs": (schema.ROLLOUT_LOGP, "BT", True),
+    "ref_logprobs": (schema.REF_LOGP, "BT", True),
+    "teacher_logprobs": (schema.TEACHER_LOGP, "BT", True),
+    "base_logprobs": (schema.BASE_LOGP, "BT", True),
+    "group_ids": (schema.GROUP, "B", False),
+    "rewards": (schema.REWARD, "B", True),
+    "token_ids": (schema.TOKEN_ID, "BT", False),
+    "versions": (schema.VERSION, "B|BT", False),
+    "turns": (schema.TURN, "B|BT", False),
+    "stages": (schema.STAGE, "B|BT", False),
+}
+_LOGPROB_ARGS = ("logprobs", "old_logprobs", "rollout_logprobs", "ref_logprobs", "teacher_logprobs", "base_logprobs")
+
+_LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # pragma: no cover - runs at interpreter exit
+    for rec in list(_LIVE):
+        try:
+            rec.close()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("rldiag: closing %s at exit failed: %s", rec.run_dir, exc)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """Rank and world size from torch.distributed when it is initialised (without importing torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Recorder:
+    """Record per-token RL signals of a training run into ``run_dir``.
+
+    Example::
+
+        with rldiag.Recorder("runs/exp1", clip_low=0.2, clip_high=0.28) as rec:
+            for step in range(n_steps):
+                ...
+                rec.record(step=step, logprobs=logp, old_logprobs=old_logp, advantages=adv, mask=mask,
+                           entropy=ent, group_ids=groups, rewards=rewards)
+
+    Args:
+        run_dir: run directory (created; an existing run is appended to, e.g. after a restart).
+        clip_low, clip_high: the trainer's eps_low / eps_high (override ``config``).
+        config: a :class:`RecorderConfig`; keyword overrides of its fields are accepted too.
+        alerts: online alerting (``True`` for the default rules, a rule-file path, or an alerts object).
+        rank, world_size: default to torch.distributed's (or RANK / WORLD_SIZE, else 0 / 1).
+        name: run name stored in the manifest (default: the directory name).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        clip_low: float | None = None,
+        clip_high: float | None = None,
+        *,
+        config: RecorderConfig | None = None,
+        alerts: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        name: str | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        cfg = config or RecorderConfig()
+        changes = dict(config_overrides)
+        if clip_low is not None:
+            changes["eps_low"] = clip_low
+        if clip_high is not None:
+            changes["eps_high"] = clip_high
+        if changes:
+            unknown = set(changes) - set(cfg.to_dict())
+            if unknown:
+                raise TypeError(f"Recorder got unknown settings {sorted(unknown)}; see rldiag.RecorderConfig")
+            cfg = cfg.replace(**changes)
+        self.config = cfg
+        d_rank, d_world = _dist_rank_world()
+        self.rank = d_rank if rank is None else int(rank)
+        self.world_size = d_world if world_size is None else int(world_size)
+        if not (0 <= self.rank < max(self.world_size, 1)):
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.run_dir = Path(run_dir)
+        self.manifest = layout.create_run_dir(self.run_dir, cfg, self.world_size, name)
+        self.writer_id = layout.writer_id(self.rank)
+        self._started = time.time()
+        self._first_step: int | None = None
+        self._write_writer_file()
+        self._micro: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._reported_error = False
+        self._recent: OrderedDict[int, list[pa.Table]] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self.records_dropped_rows = 0
+        self.alerts = None
+        self._writer = Writer(self.run_dir, self.writer_id, self.rank, cfg, on_step=self._on_step)
+        self._writer.start()
+        if alerts:
+            from rldiag.alerts import online_from_arg  # the alerts package wires itself in
+
+            self.alerts = online_from_arg(alerts, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size,
+                                          config=cfg)
+        _LIVE.add(self)
+
+    # ---- public API -------------------------------------------------------------------------------
+    def record(
+        self,
+        step: int,
+        logprobs: Any,
+        old_logprobs: Any,
+        advantages: Any,
+        mask: Any = None,
+        entropy: Any = None,
+        rollout_logprobs: Any = None,
+        ref_logprobs: Any = None,
+        teacher_logprobs: Any = None,
+        base_logprobs: Any = None,
+        group_ids: Any = None,
+        rewards: Any = None,
+        token_ids: Any = None,
+        versions: Any = None,
+        turns: Any = None,
+        stages: Any = None,
+    ) -> None:
+        """Record one micro-batch of ``B`` responses of length ``T`` at optimizer step ``step``.
+
+        Tensors (any device) or numpy arrays. ``logprobs``, ``old_logprobs``, ``mask`` and the other per-token
+        inputs are ``[B, T]``; ``advantages``, ``versions``, ``turns``, ``stages`` are ``[B]`` or ``[B, T]``;
+        ``group_ids`` and ``rewards`` are ``[B]``. ``mask`` defaults to all tokens valid. Never synchronises
+        a GPU; the inputs may be reused by the caller as soon as it returns.
+        """
+        self._check_open()
+        self._raise_pending()
+        args = {
+            "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
+            "entropy": entropy, "rollout_logprobs": rollout_logprobs, "ref_logprobs": ref_logprobs,
+            "teacher_logprobs": teacher_logprobs, "base_logprobs": base_logprobs, "group_ids": group_ids,
+            "rewards": rewards, "token_ids": token_ids, "versions": versions, "turns": turns, "stages": stages,
+        }
+        shape = self._validate(step, args)
+        invalid = self._check_dtypes(args)
+        est = sum(self._nbytes(v) for v in args.values() if v is not None)
+        with self._lock:
+            step = int(step)
+            micro = self._micro.get(step, 0)
+            self._micro[step] = micro + 1
+            if len(self._micro) > 1024:
+                for k in list(self._micro)[:512]:
+                    del self._micro[k]
+            if self._first_step is None:
+                self._first_step = step
+                self._write_writer_file()
+        fits = self._writer.queued_bytes + est <= self.config.queue_max_bytes
+        if not fits and self.config.max_block_seconds > 0:
+            fits = self._writer.wait_for_space(est, self.config.max_block_seconds)
+        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2]) for k, v in args.items() if v is not None}
+        job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid,
+                  nbytes=sum(s.nbytes for s in snaps.values()))
+        if not fits:
+            # Statistics are never dropped: reduce here, enqueue only the (small) statistics.
+            tb, flat, cols = build_batch(job, step)
+            stats = kernel.compute(tb, self.config)
+            dropped = int(flat.size)
+            self.records_dropped_rows += dropped
+            job = Job(step=step, micro=micro, shape=shape, inputs={}, invalid=invalid, nbytes=0,
+                      precomputed=(stats, flat, stats.cov, tb, cols, dropped))
+        self._writer.put(job)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Barrier: everything recorded so far is in published files when it returns."""
+        self._check_open()
+        if not self._writer.barrier(publish=True, timeout=timeout):
+            if self._writer.is_alive():
+                raise TimeoutError(f"rldiag: flush did not finish within {timeout} s")
+        self._raise_pending(force=True)
+
+    def close(self) -> None:
+        """Publish what is buffered and stop the writer thread. Idempotent; also runs at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.stop()
+        self._writer.join()
+        if self.alerts is not None:
+            try:
+                self.alerts.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("rldiag: closing alerts failed: %s", exc)
+        _LIVE.discard(self)
+        self._raise_pending(force=True)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            try:
+                self.close()
+            except Exception as err:  # noqa: BLE001 - don't mask the training error
+                log.warning("rldiag: close after an error failed: %s", err)
+        else:
+            self.close()
+
+    def local_metrics(self, step: int | None = None, *, wait: bool = False) -> dict[str, float]:
+        """Metrics of one step from this process's records (default: the latest step processed).
+
+        With ``wait=True`` it first waits until every record so far is processed (without publishing files).
+        On several ranks these are this rank's numbers; ``rldiag.open_run`` merges all ranks.
+        """
+        if wait and not self._closed:
+            self._writer.barrier(publish=False)
+        with self._recent_lock:
+            if not self._recent:
+                return {}
+            key = next(reversed(self._recent)) if step is None else step
+            parts = self._recent.get(key)
+            if parts is None:
+                return {}
+            table = pa.concat_tables(parts)
+        from rldiag.analysis.aggregate import metrics_of
+
+        row = metrics_of(table).row(0, named=True)
+        return {k: float(v) for k, v in row.items() if k != "step"}
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """Metrics of the latest step processed by the writer (this rank)."""
+        return self.local_metrics()
+
+    @property
+    def should_stop(self) -> bool:
+        """True when a critical alert asked to stop training (trainer integrations poll it)."""
+        return bool(self.alerts is not None and getattr(self.alerts, "should_stop", False))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of this recorder: records, token rows written and dropped, writer failures, files."""
+        w = self._writer
+        return {"records": w.records, "rows_written": w.rows_written, "rows_dropped": w.rows_dropped,
+                "failures": w.failures, "files": list(w.published), "queued_bytes": w.queued_bytes}
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _on_step(self, step: int, table: pa.Table) -> None:
+        with self._recent_lock:
+            self._recent.setdefault(step, []).append(table)
+            self._recent.move_to_end(step)
+            while len(self._recent) > 8:
+                self._recent.popitem(last=False)
+        if self.alerts is not None:
+            self.alerts.observe_stats(step, table)
+
+    def _write_writer_file(self) -> None:
+        layout.write_writer_file(self.run_dir, self.writer_id, {
+            "writer": self.writer_id, "rank": self.rank, "world_size": self.world_size, "host": os.uname().nodename,
+            "pid": os.getpid(), "started": self._started, "first_step": self._first_step,
+            "schema_version": schema.SCHEMA_VERSION, "config": self.config.to_dict(),
+        })
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"rldiag.Recorder for {self.run_dir} is closed; create a new one to record more")
+
+    def _raise_pending(self, force: bool = False) -> None:
+        w = self._writer
+        if w.error is None:
+            return
+        if self.config.errors == "strict":
+            err, w.error = w.error, None
+            raise WriterError(
+                f"rldiag writer for {self.run_dir} failed: {w.error_text}. Files published before the failure "
+                f"are intact ({len(w.published)} segments)"
+            ) from err
+        if not self._reported_error:
+            self._reported_error = True
+            warnings.warn(f"rldiag writer for {self.run_dir} failed ({w.error_text}); recording continues, "
+                          f"{w.failures} failure(s) so far", RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _nbytes(x: Any) -> int:
+        if is_torch(x):
+            return int(x.numel() * x.element_size())
+        return int(np.asarray(x).nbytes) if not hasattr(x, "nbytes") else int(x.nbytes)
+
+    def _validate(self, step: Any, args: dict[str, Any]) -> tuple[int, int]:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            if not (is_torch(step) and getattr(step, "ndim", 1) == 0 and not step.is_floating_point()):
+                raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
+            raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        for req in ("logprobs", "old_logprobs", "advantages"):
+            if args[req] is None:
+                raise ValueError(f"record() needs {req}")
+        lp_shape = shape_of(args["logprobs"])
+        if len(lp_shape) != 2:
+            raise ValueError(
+                f"logprobs must be [B, T] (responses x tokens), got shape {lp_shape}; add a batch dimension "
+                "with x[None] for one response"
+            )
+        B, T = lp_shape
+        for name, value in args.items():
+            if value is None or name == "logprobs":
+                continue
+            kind = _ARGS[name][1]
+            shp = shape_of(value)
+            ok = (shp == (B, T) and "BT" in kind) or (shp == (B,) and "B" in kind.split("|")) or (
+                name == "advantages" and shp == (B, 1))
+            if not ok:
+                want = {"BT": f"[{B}, {T}]", "B": f"[{B}]", "B|BT": f"[{B}] or [{B}, {T}]"}[kind]
+                raise ValueError(
+                    f"{name} has shape {list(shp)} but logprobs has shape [{B}, {T}]: {name} must be {want}"
+                )
+        return B, T
+
+    def _check_dtypes(self, args: dict[str, Any]) -> bool:
+        bad = []
+        for name in _LOGPROB_ARGS + ("advantages",):
+            v = args[name]
+            if v is None:
+                continue
+            floating = v.is_floating_point() if is_torch(v) else np.asarray(v).dtype.kind == "f"
+            if not floating:
+                bad.append(name)
+        if not bad:
+            return False
+        msg = (f"{', '.join(bad)} must be floating point (log-probabilities and advantages), got an integer "
+               "or boolean dtype")
+        if self.config.errors == "strict":
+            raise TypeError(msg)
+        warnings.warn(msg + "; the record's tokens are counted as invalid", RuntimeWarning, stacklevel=3)
+        return True

@@ -1,0 +1,330 @@
+"""The background writer: turns queued records into statistics and token rows, and publishes Parquet files.
+
+The recorder's hot path only copies its inputs and enqueues a :class:`Job`; this thread runs the statistics
+kernel, samples token rows, buffers both, and publishes a segment (``stats/`` and ``tokens/`` files of the
+same name) when the roll policy says so or on ``flush()``. Files are written under a temporary name and
+renamed into place, so a crash leaves only whole files behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rldiag import __version__, schema
+from rldiag.config import RecorderConfig
+from rldiag.record.layout import segment_name
+from rldiag.record.tensors import HostSnapshot
+from rldiag.stats import kernel
+from rldiag.stats.table import to_table
+
+PER_SEQ = ("group", "reward")
+"""Inputs given per sequence ``[B]``."""
+BROADCAST_OK = ("adv", "version", "turn", "stage")
+"""Inputs that may be given per sequence and are broadcast over the tokens."""
+
+
+@dataclass
+class Job:
+    """One record waiting for the writer."""
+
+    step: int
+    micro: int
+    shape: tuple[int, int]
+    inputs: dict[str, HostSnapshot]
+    """Host snapshots by token-row column name (``logp``, ``old_logp``, ``adv``, ``mask``...)."""
+    invalid: bool = False
+    drop_rows: bool = False
+    """The queue was full: compute the statistics, write no token rows (counted as dropped)."""
+    nbytes: int = 0
+    precomputed: tuple[Any, ...] | None = None
+    """Statistics computed in the caller's thread when the queue was full: (BatchStats, n_dropped)."""
+
+
+@dataclass
+class _Barrier:
+    event: threading.Event = field(default_factory=threading.Event)
+    publish: bool = True
+
+
+class WriterError(RuntimeError):
+    """The writer thread failed (disk full, permission denied...). Files already published are intact."""
+
+
+def _sample_mask(cfg: RecorderConfig, step: int, rank: int, micro: int, n_seq: int) -> np.ndarray:
+    if cfg.token_sample_rate >= 1.0:
+        return np.ones(n_seq, dtype=bool)
+    rng = np.random.default_rng([cfg.sample_seed, step & 0x7FFFFFFF, rank, micro])
+    return rng.random(n_seq) < cfg.token_sample_rate
+
+
+def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dict[str, np.ndarray]]:
+    """Kernel layout of a job: (batch, flat indices of its masked-in tokens, the gathered token columns)."""
+    B, T = job.shape
+    arr = {k: v.get() for k, v in job.inputs.items()}
+    mask = arr.pop("mask", None)
+    mask = np.ones((B, T), dtype=bool) if mask is None else mask.astype(bool, copy=False).reshape(B, T)
+    flat = np.flatnonzero(mask.reshape(-1))
+    counts = mask.sum(axis=1)
+    cols: dict[str, np.ndarray] = {}
+    for name, a in arr.items():
+        if name in PER_SEQ:
+            cols[name] = a.reshape(B)
+            continue
+        if name in BROADCAST_OK and a.size == B and (B != B * T or a.ndim == 1):
+            a = np.broadcast_to(a.reshape(B, 1), (B, T))
+        cols[name] = a.reshape(-1)[flat]
+    tb = kernel.TokenBatch(
+        rec_off=np.array([0, B]), seq_off=np.concatenate([[0], np.cumsum(counts)]), steps=np.array([step]),
+        logp=cols["logp"], old_logp=cols["old_logp"], adv=cols["adv"], pos=flat % T,
+        entropy=cols.get("entropy"), rollout_logp=cols.get("rollout_logp"), ref_logp=cols.get("ref_logp"),
+        version=cols.get("version"), stage=cols.get("stage"), group=cols.get("group"), reward=cols.get("reward"),
+        invalid=np.array([job.invalid]),
+    )
+    return tb, flat, cols
+
+
+def token_table(
+    job: Job, rank: int, seq_base: int, tb: kernel.TokenBatch, flat: np.ndarray, cols: dict[str, np.ndarray],
+    cov: np.ndarray, keep_seq: np.ndarray,
+) -> pa.Table:
+    """Token rows of the sampled sequences of one record, in (seq, pos) order, all schema columns present."""
+    B, T = job.shape
+    counts = np.diff(tb.seq_off)
+    row = np.repeat(np.arange(B), counts)
+    sel = keep_seq[row]
+    n = int(sel.sum())
+    out: dict[str, pa.Array] = {}
+    for name, dtype in schema.TOKEN_DTYPES.items():
+        if name == schema.STEP:
+            values = np.full(n, job.step, dtype=np.int64)
+        elif name == schema.RANK:
+            values = np.full(n, rank, dtype=np.int32)
+        elif name == schema.MICRO:
+            values = np.full(n, job.micro, dtype=np.int32)
+        elif name == schema.SEQ:
+            values = (np.int64(rank) << 32) + seq_base + row[sel].astype(np.int64)
+        elif name == schema.POS:
+            values = (flat % T)[sel].astype(np.int32)
+        elif name == schema.COV:
+            values = cov[sel].astype(np.float32)
+        elif name in PER_SEQ:
+            values = cols[name][row[sel]] if name in cols else None
+        else:
+            values = cols[name][sel] if name in cols else None
+        if values is None:
+            out[name] = pa.nulls(n, type=dtype)
+        else:
+            out[name] = pa.array(np.ascontiguousarray(values).astype(dtype.to_pandas_dtype(), copy=False), type=dtype)
+    return pa.table(out)
+
+
+class Writer(threading.Thread):
+    """Background thread of one :class:`~rldiag.record.recorder.Recorder`."""
+
+    def __init__(self, run_dir: Path, wid: str, rank: int, cfg: RecorderConfig,
+                 on_step: Callable[[int, pa.Table], None] | None = None) -> None:
+        super().__init__(name=f"rldiag-writer-{wid}", daemon=True)
+        self.run_dir = Path(run_dir)
+        self.wid = wid
+        self.rank = rank
+        self.cfg = cfg
+        self._on_step = on_step
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Job | _Barrier | None] = collections.deque()
+        self.queued_bytes = 0
+        self.error: BaseException | None = None
+        self.error_text = ""
+        self.failures = 0
+        self._stats_parts: list[pa.Table] = []
+        self._token_parts: list[pa.Table] = []
+        self._buffer_rows = 0
+        self._buffer_steps: set[int] = set()
+        self._oldest: float | None = None
+        self._segment = 0
+        self._seq_counter: dict[int, int] = {}
+        self._last_step: int | None = None
+        self.published: list[str] = []
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self.records = 0
+        self._meta = {
+            schema.PARQUET_META_KEY: json.dumps(
+                {"schema_version": schema.SCHEMA_VERSION, "rldiag_version": __version__, "writer": wid,
+                 "rank": rank, "config": cfg.to_dict()}
+            ).encode()
+        }
+
+    # ---- producer side -------------------------------------------------------------------------
+    def put(self, job: Job) -> None:
+        with self._cv:
+            self._queue.append(job)
+            self.queued_bytes += job.nbytes
+            self._cv.notify()
+
+    def wait_for_space(self, nbytes: int, timeout: float) -> bool:
+        """True when ``nbytes`` more fit in the queue bound (waits up to ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self.queued_bytes + nbytes > self.cfg.queue_max_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def barrier(self, publish: bool = True, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is processed (and published when ``publish``)."""
+        b = _Barrier(publish=publish)
+        with self._cv:
+            self._queue.append(b)
+            self._cv.notify()
+        if not self.is_alive():
+            return False
+        return b.event.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._queue.append(None)
+            self._cv.notify()
+
+    # ---- consumer side -------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    timeout = None
+                    if self._oldest is not None:
+                        timeout = max(0.0, self._oldest + self.cfg.roll_seconds - time.monotonic())
+                    if not self._cv.wait(timeout) and self._oldest is not None:
+                        break  # timed out: publish what is buffered
+                item = self._queue.popleft() if self._queue else "tick"
+            if item is None:
+                self._safe(self._publish)
+                return
+            if item == "tick":
+                self._safe(self._publish)
+                continue
+            if isinstance(item, _Barrier):
+                if item.publish:
+                    self._safe(self._publish)
+                item.event.set()
+                continue
+            try:
+                self._process(item)
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                self._fail(exc)
+            finally:
+                with self._cv:
+                    self.queued_bytes -= item.nbytes
+                    self._cv.notify_all()
+            if self._should_roll():
+                self._safe(self._publish)
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.error is None:
+            self.error = exc
+            self.error_text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+    def _process(self, job: Job) -> None:
+        if job.precomputed is not None:
+            stats, flat, cov, tb, cols, dropped = job.precomputed
+            written = 0
+        else:
+            tb, flat, cols = build_batch(job, job.step)
+            stats = kernel.compute(tb, self.cfg)
+            cov = stats.cov
+            dropped = 0
+            written = 0
+        B = job.shape[0]
+        n_bad = stats.scalars[0, kernel.SCALARS.index("n_invalid")]
+        if self.cfg.errors == "strict" and n_bad > 0:
+            raise ValueError(
+                f"record at step {job.step} (micro {job.micro}) has {int(n_bad)} log-probs above "
+                f"{self.cfg.logp_tolerance} (log-probabilities cannot be positive): it was not written. Pass "
+                "log-probs, not logits or probabilities, or use errors='lenient' to count and skip such tokens"
+            )
+        if job.step != self._last_step:
+            self._last_step = job.step
+        seq_base = self._seq_counter.get(job.step, 0)
+        self._seq_counter[job.step] = seq_base + B
+        if len(self._seq_counter) > 4096:
+            for k in sorted(self._seq_counter)[:2048]:
+                del self._seq_counter[k]
+        if job.precomputed is None and not job.invalid:
+            keep = _sample_mask(self.cfg, job.step, self.rank, job.micro, B)
+            tokens = token_table(job, self.rank, seq_base, tb, flat, cols, cov, keep)
+            written = tokens.num_rows
+            if written:
+                self._token_parts.append(tokens)
+        overrides = {"rows_written": np.array([float(written)]), "rows_dropped": np.array([float(dropped)])}
+        table = to_table(stats, np.array([job.step]), np.array([self.rank]), np.array([job.micro]), overrides)
+        self._stats_parts.append(table)
+        self._buffer_rows += written
+        self._buffer_steps.add(job.step)
+        self.rows_written += written
+        self.rows_dropped += dropped
+        self.records += 1
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        if self._on_step is not None:
+            self._on_step(job.step, table)
+
+    def _should_roll(self) -> bool:
+        if not self._stats_parts:
+            return False
+        return (
+            len(self._buffer_steps) >= self.cfg.roll_steps
+            or self._buffer_rows >= self.cfg.roll_rows
+            or (self._oldest is not None and time.monotonic() - self._oldest >= self.cfg.roll_seconds)
+        )
+
+    def _write(self, table: pa.Table, folder: str, name: str, compression: str) -> None:
+        final = self.run_dir / folder / name
+        tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
+        table = table.replace_schema_metadata(self._meta)
+        try:
+            pq.write_table(table, tmp, compression=compression)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _publish(self) -> None:
+        if not self._stats_parts:
+            self._oldest = None
+            return
+        name = segment_name(self.wid, self._segment)
+        stats = pa.concat_tables(self._stats_parts)
+        tokens = pa.concat_tables(self._token_parts) if self._token_parts else None
+        # token rows first: a reader that sees the statistics of a segment can also see its rows
+        if tokens is not None and tokens.num_rows:
+            self._write(tokens, schema.TOKENS_DIR, name, self.cfg.compression)
+        self._write(stats, schema.STATS_DIR, name, "zstd")
+        self._segment += 1
+        self.published.append(name)
+        self._stats_parts.clear()
+        self._token_parts.clear()
+        self._buffer_rows = 0
+        self._buffer_steps.clear()
+        self._oldest = None

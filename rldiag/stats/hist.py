@@ -1,0 +1,143 @@
+"""Fixed-edge, log-spaced histograms: mergeable by addition, with a documented quantile error bound.
+
+Magnitudes |x| are binned with 8 bins per octave between 2**-20 (about 9.5e-7) and 2**10 (1024), plus an
+underflow bin ``[0, 2**-20)`` and an overflow bin ``[2**10, inf)``. A *signed* histogram mirrors the
+magnitude bins for negative values. Because every record uses the same edges, histograms of micro-batches,
+ranks and files merge by adding counts, and the merged histogram is exactly the histogram of the union.
+
+**Error bound.** A quantile is reported as the geometric midpoint of the bin holding the exact order statistic
+(inverted-CDF definition, numpy ``method="inverted_cdf"``). For values with magnitude in [2**-20, 2**10] the
+estimate is within a factor ``2**(1/16)`` (about 4.4%) of the exact quantile. Values in the underflow bin are
+reported as ``2**-21`` (absolute error below 1e-6); values in the overflow bin as ``2**10.5``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+
+BINS_PER_OCTAVE: Final[int] = 8
+MIN_EXP: Final[int] = -20
+MAX_EXP: Final[int] = 10
+N_MAG: Final[int] = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE + 2
+"""Magnitude bins: underflow, (MAX_EXP-MIN_EXP)*8 log bins, overflow."""
+N_SIGNED: Final[int] = 2 * N_MAG
+RELATIVE_ERROR: Final[float] = 2.0 ** (1.0 / (2 * BINS_PER_OCTAVE)) - 1.0
+"""Largest relative error of a quantile estimate for magnitudes inside [2**-20, 2**10]."""
+
+_MAG_EDGES = 2.0 ** (np.arange(MIN_EXP * BINS_PER_OCTAVE, MAX_EXP * BINS_PER_OCTAVE + 1) / BINS_PER_OCTAVE)
+# Representative value of each magnitude bin: geometric midpoint; underflow and overflow get a fixed value.
+_MAG_MID = np.concatenate(
+    [[2.0 ** (MIN_EXP - 1)], np.sqrt(_MAG_EDGES[:-1] * _MAG_EDGES[1:]), [2.0 ** (MAX_EXP + 0.5)]]
+)
+_SIGNED_MID = np.concatenate([-_MAG_MID[::-1], _MAG_MID])
+
+
+def mag_index(x: np.ndarray) -> np.ndarray:
+    """Magnitude-bin index of |x| (int64), NaN-free input assumed."""
+    a = np.abs(x)
+    with np.errstate(divide="ignore"):
+        k = np.floor(np.log2(a) * BINS_PER_OCTAVE) - MIN_EXP * BINS_PER_OCTAVE + 1
+    k = np.where(a < _MAG_EDGES[0], 0, k)
+    return np.clip(k, 0, N_MAG - 1).astype(np.int64)
+
+
+def signed_index(x: np.ndarray) -> np.ndarray:
+    """Signed-bin index: negatives mirror into [0, N_MAG), non-negatives go to [N_MAG, 2*N_MAG)."""
+    m = mag_index(x)
+    return np.where(x < 0, N_MAG - 1 - m, N_MAG + m)
+
+
+def representative(n_bins: int) -> np.ndarray:
+    """Value reported for each bin of a histogram with ``n_bins`` bins (magnitude or signed)."""
+    if n_bins == N_MAG:
+        return _MAG_MID
+    if n_bins == N_SIGNED:
+        return _SIGNED_MID
+    raise ValueError(f"unknown histogram size {n_bins}")
+
+
+def quantiles(counts: np.ndarray, q: float) -> np.ndarray:
+    """Quantile ``q`` of each row of a 2-D count matrix (NaN for empty rows).
+
+    Inverted-CDF definition: the smallest bin whose cumulative count reaches ``q * n`` (at least 1).
+    """
+    counts = np.atleast_2d(np.asarray(counts, dtype=np.float64))
+    total = counts.sum(axis=1)
+    target = np.maximum(np.ceil(q * total - 1e-9), 1.0)
+    cum = np.cumsum(counts, axis=1)
+    idx = (cum < target[:, None]).sum(axis=1)
+    idx = np.minimum(idx, counts.shape[1] - 1)
+    out = representative(counts.shape[1])[idx]
+    return np.where(total > 0, out, np.nan)
+
+
+def hill_alpha(signed_counts: np.ndarray, min_tail: int = 20) -> np.ndarray:
+    """Hill tail index of r = exp(lr) from a signed histogram of lr, one value per row.
+
+    metrics-spec `ratio/tail_alpha`: with ln X = lr for the tokens with r > 1 (n_tail of them) and
+    k = floor(sqrt(n_tail)) clamped to [10, n_tail - 1], xi = mean of the k largest lr - the (k+1)-th largest,
+    alpha = 1/xi; NaN when fewer than ``min_tail`` tokens have r > 1. Order statistics are read from the
+    histogram with the values of a bin spread evenly over it (each bin spans a factor 2**(1/8) in lr), so the
+    estimate is approximate: the tests bound its error against the exact estimator on heavy-tailed samples.
+    Tokens with |lr| < 2**-20 (the underflow bin) are not counted in the tail.
+    """
+    signed_counts = np.atleast_2d(np.asarray(signed_counts, dtype=np.float64))
+    # positive side, log bins only (skip underflow), from the top down
+    pos = signed_counts[:, N_MAG + 1 :][:, ::-1]
+    hi = np.concatenate([_MAG_EDGES[1:], [2.0 ** (MAX_EXP + 1)]])[::-1]
+    lo = np.concatenate([_MAG_EDGES[:-1], [2.0**MAX_EXP]])[::-1]
+    width = hi - lo
+    n_tail = pos.sum(axis=1)
+    out = np.full(pos.shape[0], np.nan)
+    ok = n_tail >= min_tail
+    if not ok.any():
+        return out
+    pos = pos[ok]
+    n_tail = n_tail[ok]
+    k = np.clip(np.floor(np.sqrt(n_tail)), 10, n_tail - 1)
+    cum = np.cumsum(pos, axis=1)
+    before = cum - pos  # counts above each bin
+    # the top k: whole bins fully above rank k, plus m values of the bin holding rank k
+    take = np.clip(k[:, None] - before, 0, pos)  # values taken from each bin
+    c = np.where(pos > 0, pos, 1.0)
+    # sum of the m largest of c values spread evenly in [lo, hi]: m*hi - width/c * m**2/2
+    top_sum = (take * hi - width / c * take**2 / 2.0).sum(axis=1)
+    # (k+1)-th largest: bin j holding rank k+1, within-bin rank t = k+1 - before
+    j = (cum < (k + 1)[:, None]).sum(axis=1)
+    j = np.minimum(j, pos.shape[1] - 1)
+    rows = np.arange(pos.shape[0])
+    t = (k + 1) - before[rows, j]
+    x_k1 = hi[j] - (t - 0.5) / c[rows, j] * width[j]
+    xi = top_sum / k - x_k1
+    with np.errstate(divide="ignore"):
+        out[ok] = np.where(xi > 0, 1.0 / xi, np.inf)
+    return out
+
+
+def sparse(idx: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Count bin indices and return the non-empty bins as (uint16 indices, uint32 counts)."""
+    c = np.bincount(idx, minlength=n_bins)
+    nz = np.flatnonzero(c)
+    return nz.astype(np.uint16), c[nz].astype(np.uint32)
+
+
+def densify(
+    row_group: np.ndarray, n_groups: int, lengths: np.ndarray, idx: np.ndarray, cnt: np.ndarray, n_bins: int
+) -> np.ndarray:
+    """Merge sparse histograms of many rows into one dense row per group.
+
+    ``row_group[i]`` is the group of row i, whose histogram is the slice of ``idx``/``cnt`` of length
+    ``lengths[i]`` (Arrow list layout). Returns a float64 ``[n_groups, n_bins]`` matrix of summed counts.
+    """
+    g = np.repeat(row_group.astype(np.int64), lengths.astype(np.int64))
+    flat = g * n_bins + idx.astype(np.int64)
+    out = np.bincount(flat, weights=cnt.astype(np.float64), minlength=n_groups * n_bins)
+    return out.reshape(n_groups, n_bins)
+
+
+def sparse_row(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-empty bins of a dense count row as (uint16 indices, uint32 counts)."""
+    nz = np.flatnonzero(counts)
+    return nz.astype(np.uint16), counts[nz].astype(np.uint32)

@@ -1,0 +1,77 @@
+"""The statistics table: one row of sufficient statistics per record (step, rank, micro).
+
+Scalar statistics are float64 columns; histograms are stored sparse as two list columns ``<name>.idx``
+(uint16 bin indices) and ``<name>.cnt`` (uint32 counts); bucket vectors as ``list<float64>``; sets as
+``list<int64>``. See docs/run-format.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rldiag.stats.kernel import HISTS, SCALARS, SETS, VECTORS, BatchStats
+
+KEYS = ("step", "rank", "micro")
+
+
+def stats_schema() -> pa.Schema:
+    fields = [pa.field("step", pa.int64()), pa.field("rank", pa.int32()), pa.field("micro", pa.int32())]
+    fields += [pa.field(name, pa.float64()) for name in SCALARS]
+    for name in HISTS:
+        fields += [pa.field(f"{name}.idx", pa.list_(pa.uint16())), pa.field(f"{name}.cnt", pa.list_(pa.uint32()))]
+    fields += [pa.field(name, pa.list_(pa.float64())) for name in VECTORS]
+    fields += [pa.field(name, pa.list_(pa.int64())) for name in SETS]
+    return pa.schema(fields)
+
+
+STATS_SCHEMA = stats_schema()
+
+
+def _sparse_lists(dense: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """Dense ``[n, bins]`` counts -> (list<uint16> indices, list<uint32> counts) of the non-empty bins."""
+    rows, cols = np.nonzero(dense)
+    offsets = np.zeros(dense.shape[0] + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=offsets[1:])
+    idx = pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols.astype(np.uint16)))
+    cnt = pa.ListArray.from_arrays(pa.array(offsets), pa.array(dense[rows, cols].astype(np.uint32)))
+    return idx, cnt
+
+
+def _fixed_lists(mat: np.ndarray) -> pa.Array:
+    offsets = np.arange(mat.shape[0] + 1, dtype=np.int32) * mat.shape[1]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat.reshape(-1).astype(np.float64)))
+
+
+def _int_lists(lists: list[np.ndarray]) -> pa.Array:
+    lens = np.array([len(x) for x in lists], dtype=np.int32)
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def to_table(
+    stats: BatchStats, steps: np.ndarray, ranks: np.ndarray, micros: np.ndarray,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """Statistics of records as a table with :data:`STATS_SCHEMA` (``overrides`` replaces scalar columns)."""
+    cols: dict[str, Any] = {
+        "step": pa.array(np.asarray(steps, dtype=np.int64)),
+        "rank": pa.array(np.asarray(ranks, dtype=np.int32)),
+        "micro": pa.array(np.asarray(micros, dtype=np.int32)),
+    }
+    for j, name in enumerate(SCALARS):
+        col = stats.scalars[:, j]
+        if overrides and name in overrides:
+            col = overrides[name]
+        cols[name] = pa.array(np.asarray(col, dtype=np.float64))
+    for name in HISTS:
+        cols[f"{name}.idx"], cols[f"{name}.cnt"] = _sparse_lists(stats.hists[name])
+    for name in VECTORS:
+        cols[name] = _fixed_lists(stats.vectors[name])
+    for name in SETS:
+        cols[name] = _int_lists(stats.sets[name])
+    return pa.table(cols, schema=STATS_SCHEMA)
