@@ -1,0 +1,97 @@
+"""Helpers shared by the CLI commands: opening runs with clear errors, step ranges, output formats."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import sys
+from typing import Any
+
+import polars as pl
+
+from rldiag.cli import CLIError
+
+
+def open_run_or_fail(path: str) -> Any:
+    from rldiag.analysis.io import open_run
+
+    try:
+        return open_run(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def parse_steps(text: str | None) -> slice | None:
+    """``A:B`` (B exclusive), ``A:`` or ``:B`` or a single step ``A``."""
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return slice(int(a) if a else None, int(b) if b else None)
+        s = int(text)
+        return slice(s, s + 1)
+    except ValueError:
+        raise CLIError(f"--steps must look like 100:200, 100: or :200 (got {text!r})") from None
+
+
+def select_metrics(pattern: str | None) -> list[str]:
+    """Registry names matching a comma-separated list of glob patterns (``clip/*,entropy/mean``)."""
+    from rldiag.metrics.registry import REGISTRY
+
+    if not pattern:
+        return list(REGISTRY)
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    names = [n for n in REGISTRY if any(fnmatch.fnmatchcase(n, p) or n.startswith(p.rstrip("/") + "/") for p in pats)]
+    if not names:
+        raise CLIError(f"no metric matches {pattern!r}; `rldiag summarize --list` shows the names")
+    return names
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        a = abs(v)
+        if a != 0 and (a < 1e-3 or a >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) if rows else len(c) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def write_frame(df: pl.DataFrame, form: str) -> None:
+    if form == "csv":
+        sys.stdout.write(df.write_csv())
+    elif form == "json":
+        print(json.dumps(df.to_dicts(), default=_json_default, allow_nan=False))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+            print(df)
+
+
+def _json_default(v: Any) -> Any:
+    return None
+
+
+def clean_json(obj: Any) -> Any:
+    """NaN/Inf -> None so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_json(v) for v in obj]
+    return obj

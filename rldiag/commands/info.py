@@ -1,0 +1,55 @@
+"""``rldiag info RUN``: manifest, steps, ranks, tokens, dropped rows, files, problems."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+
+from rldiag.commands._util import clean_json, open_run_or_fail
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what a run holds: steps, ranks, tokens, dropped rows, files, problems")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    r = open_run_or_fail(args.run)
+    info = r.info()
+    if args.json:
+        print(json.dumps(clean_json(info), indent=2))
+        return 0
+    print(f"run          {info['name']}  ({info['path']})")
+    print(f"format       v{info['schema_version']} written by rldiag {info['rldiag_version']}, created "
+          f"{_when(info['created'])}")
+    print(f"steps        {info['steps']}" + (f"  ({info['first_step']} .. {info['last_step']})" if info['steps'] else ""))
+    print(f"ranks        {info['ranks']}  (world size {info['world_size']})")
+    print(f"records      {info['records']}")
+    print(f"tokens       {info['tokens']:,} valid of {info['tokens_masked_in']:,} masked-in "
+          f"({info['tokens_nonfinite']:,} non-finite, {info['tokens_invalid']:,} invalid)")
+    print(f"token rows   {info['token_rows_written']:,} written, {info['token_rows_dropped']:,} dropped "
+          f"(sample rate {info['config']['token_sample_rate']})")
+    print(f"files        {info['stats_files']} statistics, {info['token_files']} token files, "
+          f"{info['bytes'] / 2**20:.1f} MiB")
+    last = info["seconds_since_last_write"]
+    print(f"last write   {_when(info['last_write'])}" + (f"  ({last:.0f} s ago)" if last is not None else ""))
+    cfg = info["config"]
+    print(f"clip         eps_low {cfg['eps_low']}, eps_high {cfg['eps_high']}, dual-clip c {cfg['dual_clip_c']}, "
+          f"TIS cap {cfg['tis_cap']}")
+    print(f"writers      {len(info['resume_points'])} (resume points):")
+    for w in info["resume_points"]:
+        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {w['writer']}")
+    if info["problems"]:
+        print(f"problems     {len(info['problems'])}:")
+        for p in info["problems"]:
+            print(f"  - {p}")
+    else:
+        print("problems     none")
+    return 0
