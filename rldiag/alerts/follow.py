@@ -1,0 +1,158 @@
+"""Following a run directory as it grows: which steps are complete, whether the run is closed, when data landed.
+
+Used by ``rldiag watch`` and by the online evaluator of a multi-rank run (rank 0 reads every rank's
+published statistics, so it evaluates exactly merged metrics).
+
+A step is *complete* when every rank of the run has published data of a later step (a writer may publish
+a step's first micro-batches in one segment and the rest in the next), or when the rank's writer closed
+the run. Evaluating only complete steps keeps the engine exact: it never sees a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rldiag.alerts.engine import Engine, Notification
+
+__all__ = ["RunFollower", "run_closed", "newest_mtime", "complete_steps", "last_step_per_rank"]
+
+ALERTS_FILE = "alerts.jsonl"
+
+
+def _writer_infos(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    wdir = run_dir / "writers"
+    if not wdir.is_dir():
+        return out
+    for p in sorted(wdir.glob("*.json")):
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict):
+            out.append(info)
+    return out
+
+
+def run_closed(run: Any) -> bool:
+    """Whether the run's writers closed it (a closed run cannot stall).
+
+    Reads ``Run.closed`` / ``Run.is_closed()`` when the reader has them, else the writer files: the run is
+    closed when, for every rank, its most recent writer (by ``started``) recorded ``"closed"``.
+    """
+    for attr in ("is_closed", "closed"):
+        value = getattr(run, attr, None)
+        if value is not None and not isinstance(value, Path):
+            return bool(value() if callable(value) else value)
+    infos = _writer_infos(Path(run.path))
+    if not infos:
+        return False
+    latest: dict[Any, dict[str, Any]] = {}
+    for info in infos:
+        rank = info.get("rank", 0)
+        if rank not in latest or float(info.get("started") or 0) >= float(latest[rank].get("started") or 0):
+            latest[rank] = info
+    return all(bool(info.get("closed")) for info in latest.values())
+
+
+def newest_mtime(path: Path, *, subdirs: tuple[str, ...] = ("stats",)) -> float | None:
+    """Newest modification time of the files under ``path/<subdirs>`` (the last time data landed)."""
+    newest = None
+    for sub in subdirs:
+        try:
+            entries = list(os.scandir(path / sub))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                m = entry.stat().st_mtime
+            except OSError:
+                continue
+            newest = m if newest is None or m > newest else newest
+    return newest
+
+
+def last_step_per_rank(run: Any) -> dict[int, int]:
+    """The newest published step of every rank."""
+    table = run.stats_table()
+    if table.num_rows == 0:
+        return {}
+    grouped = table.group_by("rank").aggregate([("step", "max")])
+    return {int(r): int(s) for r, s in zip(grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist())}
+
+
+def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:
+    """Steps newer than ``after`` whose statistics are complete on every rank (all of them once closed)."""
+    steps = [s for s in run.steps() if after is None or s > after]
+    if not steps or closed:
+        return steps
+    last = last_step_per_rank(run)
+    world = int(run.manifest.get("world_size") or 1) if isinstance(getattr(run, "manifest", None), dict) else 1
+    if len(last) < world:
+        return []  # a rank has not published anything yet
+    bound = min(last.values())
+    return [s for s in steps if s < bound]
+
+
+class RunFollower:
+    """Evaluates the complete steps of a run directory with an :class:`Engine`, one :meth:`poll` at a time.
+
+    ``open_run`` opens the directory (default :func:`rldiag.open_run`); a directory that is not a run yet
+    (no manifest) is retried at the next poll.
+    """
+
+    def __init__(self, run_dir: str | Path, engine: Engine, *,
+                 open_run: Callable[[Path], Any] | None = None):
+        self.run_dir = Path(run_dir)
+        self.engine = engine
+        self._open_run = open_run
+        self.run: Any = None
+        self.polls = 0
+
+    def _open(self) -> Any:
+        if self._open_run is not None:
+            return self._open_run(self.run_dir)
+        import rldiag
+
+        return rldiag.open_run(self.run_dir)
+
+    def ensure_open(self) -> bool:
+        if self.run is None:
+            try:
+                self.run = self._open()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def poll(self, now: float, *, closed: bool | None = None) -> list[Notification]:
+        """Rescan, evaluate the newly complete steps, apply close/reopen, check stalls and repeats.
+
+        ``closed``: override what the writer files say (the online evaluator knows when it is closed).
+        """
+        events: list[Notification] = []
+        if not self.ensure_open():
+            return events
+        if self.polls:
+            self.run.refresh()
+        is_closed = run_closed(self.run) if closed is None else closed
+        steps = complete_steps(self.run, after=self.engine.last_step, closed=is_closed)
+        if steps:
+            frame = self.run.step_metrics(steps=steps)
+            data_time = newest_mtime(self.run_dir)
+            events += self.engine.update(frame, now=now, data_time=min(now, data_time or now),
+                                         backfill=self.polls == 0)
+        if is_closed and not self.engine.closed:
+            events += self.engine.close(now)
+        elif not is_closed and self.engine.closed:
+            self.engine.reopen()
+        if not is_closed:
+            data_time = newest_mtime(self.run_dir)
+            if data_time is not None:
+                events += self.engine.touch(now=now, data_time=min(now, data_time))
+        events += self.engine.tick(now)
+        self.polls += 1
+        return events

@@ -1,0 +1,167 @@
+"""``rldiag watch RUN``: evaluate alert rules on a run directory, once or while it grows.
+
+Follows a run written by this machine or by another one onto a shared filesystem: every ``--interval``
+seconds it rescans the run, evaluates the steps completed since (on every rank) and sends what changed to
+the sinks. Events are appended to ``RUN/alerts.jsonl`` (the dashboard reads it), which is also the history
+a restarted watcher resumes from without notifying twice. ``--once`` evaluates what is there, prints every
+rule's state and exits 1 when anything is firing (0 otherwise), for scripts and CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rldiag.alerts.engine import Engine, Notification, State, read_history
+from rldiag.alerts.follow import ALERTS_FILE, RunFollower
+from rldiag.alerts.online import run_label
+from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
+from rldiag.alerts.sinks import ConsoleSink, JsonlSink, Notifier, Sink, SlackSink, WebhookSink
+
+EXIT_OK = 0
+EXIT_FIRING = 1
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "watch",
+        help="evaluate alert rules on a run, once or as it grows",
+        description=(__doc__ or "").split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run directory (written by rldiag.Recorder)")
+    p.add_argument("--rules", metavar="FILE", help="TOML rule file laid over the default pack")
+    p.add_argument("--webhook", metavar="URL", action="append", default=[],
+                   help="POST Alertmanager-style JSON to URL (repeatable)")
+    p.add_argument("--slack-webhook", metavar="URL", action="append", default=[],
+                   help="POST Slack messages (text + blocks) to an incoming-webhook URL (repeatable)")
+    p.add_argument("--once", action="store_true",
+                   help="evaluate what is there, print the rule states, exit 1 if anything fires")
+    p.add_argument("--interval", metavar="S", type=float, default=10.0,
+                   help="seconds between rescans when following (default 10)")
+    p.add_argument("--min-severity", choices=SEVERITIES, default="info",
+                   help="webhooks ignore less severe alerts (default info)")
+    p.add_argument("--no-history", action="store_true",
+                   help="neither resume from nor append to RUN/alerts.jsonl (e.g. when the recorder's "
+                        "online alerts already write it)")
+    p.add_argument("--exit-on-close", action="store_true",
+                   help="stop following once the run is closed and fully evaluated (exit 1 if firing)")
+    p.add_argument("--send-timeout", metavar="S", type=float, default=30.0,
+                   help="at exit, wait at most S seconds for webhooks to deliver (default 30)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no event lines on stderr")
+    p.set_defaults(func=run)
+
+
+class Watcher:
+    """Follows one run directory and dispatches what each :meth:`poll` produces.
+
+    ``clock`` gives wall time (tests pass a fake one); ``open_run`` opens the directory (default
+    :func:`rldiag.open_run`).
+    """
+
+    def __init__(self, run_dir: str | Path, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
+                 clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None):
+        self.run_dir = Path(run_dir)
+        events = read_history(self.run_dir / ALERTS_FILE) if history else []
+        self.engine = Engine(rules, run=run_label(self.run_dir), history=events)
+        self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run)
+        self.notifier = Notifier(sinks)
+        self.clock = clock
+
+    def poll(self) -> list[Notification]:
+        """Rescan, evaluate newly complete steps, check for a stall and repeats, dispatch; returns the events."""
+        events = self.follower.poll(self.clock())
+        self.notifier.dispatch(events)
+        return events
+
+    def follow(self, interval: float, stop: threading.Event, *, exit_on_close: bool = False) -> None:
+        """Poll every ``interval`` seconds until ``stop`` is set (or the run is closed, if asked)."""
+        while not stop.is_set():
+            self.poll()
+            if exit_on_close and self.engine.closed:
+                return
+            stop.wait(interval)
+
+    def close(self, timeout: float | None) -> dict[str, dict[str, Any]]:
+        """Wait up to ``timeout`` seconds for the sinks to deliver, close them, return their counters."""
+        self.notifier.flush(timeout)
+        self.notifier.close(1.0)
+        return self.notifier.stats()
+
+
+def format_status(engine: Engine) -> str:
+    """A table of every rule's state, firing rules first."""
+    order = {State.FIRING: 0, State.PENDING: 1, State.NODATA: 2, State.RESOLVED: 3, State.INACTIVE: 4}
+    rows = sorted(engine.status().values(), key=lambda s: (order[s.state], s.rule))
+    head = f"run {engine.run}: {engine.steps_evaluated} steps evaluated"
+    head += f", last step {engine.last_step}" if engine.last_step is not None else ", no complete step yet"
+    head += " (closed)" if engine.closed else ""
+    lines = [head, f"{'RULE':<28} {'SEVERITY':<9} {'STATE':<9} {'SINCE':>6}  VALUE"]
+    for s in rows:
+        since = str(s.start_step) if s.state == State.FIRING and s.start_step is not None else ""
+        value = "" if s.value is None else f"{s.value:.4g}" + (f" ({s.metric})" if s.metric else "")
+        lines.append(f"{s.rule:<28} {s.severity:<9} {s.state.value:<9} {since:>6}  {value}")
+    return "\n".join(lines)
+
+
+def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
+    from rldiag.cli import CLIError
+
+    sinks: list[Sink] = []
+    try:
+        sinks += [WebhookSink(u, min_severity=args.min_severity) for u in args.webhook]
+        sinks += [SlackSink(u, min_severity=args.min_severity) for u in args.slack_webhook]
+    except ValueError as exc:
+        for s in sinks:
+            s.close(0.0)
+        raise CLIError(str(exc)) from None
+    if not args.quiet:
+        sinks.insert(0, ConsoleSink(sys.stderr))
+    if not args.no_history:
+        sinks.insert(0, JsonlSink(run_dir / ALERTS_FILE))
+    return sinks
+
+
+def run(args: argparse.Namespace) -> int:
+    from rldiag.cli import CLIError
+
+    run_dir = Path(args.run)
+    if args.interval <= 0:
+        raise CLIError(f"--interval must be positive, got {args.interval}")
+    try:
+        rules = load_rules(args.rules)
+    except RuleError as exc:
+        raise CLIError(str(exc)) from None
+    if args.once:
+        import rldiag
+
+        try:
+            rldiag.open_run(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CLIError(f"cannot read run {run_dir}: {exc}") from None
+    sinks = build_sinks(args, run_dir)
+    watcher = Watcher(run_dir, rules, sinks, history=not args.no_history)
+    stop = threading.Event()
+    try:
+        if args.once:
+            watcher.poll()
+        else:
+            if not watcher.follower.ensure_open():
+                print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
+            try:
+                watcher.follow(args.interval, stop, exit_on_close=args.exit_on_close)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        stats = watcher.close(args.send_timeout)
+    print(format_status(watcher.engine))
+    for name, st in stats.items():
+        if st["failed"] or st["dropped"]:
+            print(f"rldiag watch: sink {name}: {st['sent']} sent, {st['failed']} failed, {st['dropped']} dropped"
+                  + (f" (last error: {st['last_error']})" if st["last_error"] else ""), file=sys.stderr)
+    return EXIT_FIRING if watcher.engine.firing() else EXIT_OK
