@@ -340,7 +340,8 @@ _SPECS: tuple[MetricSpec, ...] = (
     _m("seq/minprefix_ratio_p5", ("h_minprefix", "n_minprefix"), _hq("h_minprefix", 0.05, "n_minprefix", np.exp),
        "5th percentile over tokens of min_{j<t} r_j (prefix minimum)",
        "How far earlier tokens of the same response fell: MinPRO's surrogate.",
-       source="A Step Back (MinPRO)", derived=True, direction="higher", bounds=(0.0, None), error_bound=_HQ_BOUND),
+       source="A Step Back (MinPRO)", derived=True, direction="higher", bounds=(0.0, None),
+       error_bound="the histogram holds ln of the prefix minimum: " + _HQ_BOUND + ", on ln r"),
     # ---- position / stage ----------------------------------------------------------------------------
     _m("stage/ratio_mean_min", ("b_n", "b_s"), _bucket_mean_min,
        "smallest bucket mean of r (position deciles, or stage buckets when stages are given)",
