@@ -1,0 +1,508 @@
+"""The dashboard's data layer: which runs exist, safe run-id resolution, and cached loaders.
+
+Every callback gets its data here and nowhere else. A :class:`Catalog` is bound to one served folder; run ids
+are paths relative to it (``"sweep/lr3e-6"``) and resolve only to run directories discovered *under* it, so a
+URL such as ``?run=../../etc`` is refused (:class:`UnknownRun`). Each run is opened once and its step metrics
+are cached; :meth:`RunState.update` reads only files that appeared since the last call (``run.refresh()``) and
+computes metrics only for the new steps, which is what makes a live tick cheap.
+
+The catalog of the running app lives in ``flask.current_app.extensions["rldiag"]``; :func:`catalog` returns it
+inside a request and the most recently configured one outside (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from rldiag import schema
+
+STALL_SECONDS = 600.0
+"""A run that is still open and has had no new step for this long is *stalled* (metrics-spec §4)."""
+LIVE_SECONDS = 120.0
+"""A run whose newest file is younger than this is shown as *live* even before its writer says so."""
+MAX_TOKEN_STEPS = 200
+"""Token-row analyses (objective lens, position buckets) use at most this many steps of a long run."""
+_SKIP_DIRS = {schema.TOKENS_DIR, schema.STATS_DIR, schema.WRITERS_DIR, "__pycache__"}
+_MAX_DEPTH = 4
+
+
+class UnknownRun(LookupError):
+    """A run id that does not name a run under the served folder (or tries to leave it)."""
+
+
+# --- catalog ---------------------------------------------------------------------------------------
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a plain relative path (no ``..``, no absolute path, no control characters).
+
+    This is a first filter only; :meth:`Catalog.resolve` also requires the id to name a discovered run and
+    its real path to lie under the served folder.
+    """
+    if not isinstance(run_id, str) or not run_id or len(run_id) > 512 or _BAD_CHARS.search(run_id):
+        raise UnknownRun(f"not a run id: {run_id!r}")
+    if run_id.startswith("/") or any(part in ("", ".", "..") for part in run_id.split("/")):
+        raise UnknownRun(f"not a run id: {run_id!r}")
+    return run_id
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / schema.MANIFEST_NAME).is_file()
+
+
+def discover(root: Path) -> dict[str, Path]:
+    """Run directories under ``root`` (``root`` itself if it is a run), keyed by run id.
+
+    Symbolic links are not followed, hidden folders and a run's own sub-folders are skipped.
+    """
+    root = root.resolve()
+    if _is_run_dir(root):
+        return {root.name: root}
+    found: dict[str, Path] = {}
+    base_depth = len(root.parts)
+    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if here != root and _is_run_dir(here):
+            found[here.relative_to(root).as_posix()] = here
+            dirnames[:] = []
+            continue
+        if len(here.parts) - base_depth >= _MAX_DEPTH:
+            dirnames[:] = []
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")) and d not in _SKIP_DIRS)
+    return found
+
+
+class Catalog:
+    """The runs of one served folder and their cached state.
+
+    ``opener`` opens a run directory (default :func:`rldiag.open_run`); ``tokenizer`` is a local tokenizer
+    folder for the Tokens page.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        opener: Callable[[Path], Any] | None = None,
+        tokenizer: str | os.PathLike[str] | None = None,
+        stall_seconds: float = STALL_SECONDS,
+    ) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is not a folder of runs")
+        self._opener = opener
+        self.tokenizer_path = Path(tokenizer) if tokenizer else None
+        self.stall_seconds = stall_seconds
+        self._lock = threading.Lock()
+        self._paths: dict[str, Path] = {}
+        self._scanned_at = 0.0
+        self._states: dict[str, RunState] = {}
+        self.decoder = TokenDecoder(self.tokenizer_path)
+
+    # Discovery is a directory walk: cache it briefly so a page with ten callbacks walks once.
+    def run_ids(self, *, max_age: float = 2.0) -> list[str]:
+        """Sorted ids of the runs under the served folder."""
+        with self._lock:
+            if time.monotonic() - self._scanned_at > max_age:
+                self._paths = discover(self.root)
+                self._scanned_at = time.monotonic()
+            return sorted(self._paths)
+
+    def resolve(self, run_id: str) -> Path:
+        """The directory of ``run_id``; raises :class:`UnknownRun` unless it is a run under the root."""
+        check_run_id(run_id)
+        if run_id not in self.run_ids():
+            self.run_ids(max_age=0.0)  # a run may have been created since the last walk
+        path = self._paths.get(run_id)
+        if path is None:
+            raise UnknownRun(f"no run {run_id!r} under {self.root}")
+        real = path.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise UnknownRun(f"run {run_id!r} resolves outside {self.root}")
+        return real
+
+    def state(self, run_id: str) -> RunState:
+        """The cached :class:`RunState` of a run (opened on first use)."""
+        path = self.resolve(run_id)
+        with self._lock:
+            st = self._states.get(run_id)
+            if st is None:
+                st = RunState(run_id, path, opener=self._opener, stall_seconds=self.stall_seconds)
+                self._states[run_id] = st
+            return st
+
+    def valid_ids(self, run_ids: Iterable[str] | str | None) -> list[str]:
+        """The ids among ``run_ids`` that resolve, in order, without duplicates (others are dropped)."""
+        if run_ids is None:
+            return []
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        out: list[str] = []
+        for rid in run_ids:
+            try:
+                self.resolve(rid)
+            except UnknownRun:
+                continue
+            if rid not in out:
+                out.append(rid)
+        return out
+
+
+# --- one run ---------------------------------------------------------------------------------------
+def _open(path: Path) -> Any:
+    import rldiag
+
+    return rldiag.open_run(path)
+
+
+@dataclass
+class RunState:
+    """A run opened once, with its step metrics cached and updated incrementally."""
+
+    run_id: str
+    path: Path
+    opener: Callable[[Path], Any] | None = None
+    stall_seconds: float = STALL_SECONDS
+    _run: Any = None
+    _metrics: pl.DataFrame | None = None
+    _last_step_seen_at: float = field(default_factory=time.time)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _alerts_key: tuple[int, int] | None = None
+    _alerts: list[dict[str, Any]] = field(default_factory=list)
+    _cache: dict[Any, Any] = field(default_factory=dict)
+    version: int = 0
+    """Bumped whenever new steps are read, so derived caches (heatmaps, buckets) know they are stale."""
+
+    @property
+    def run(self) -> Any:
+        with self._lock:
+            if self._run is None:
+                self._run = (self.opener or _open)(self.path)
+            return self._run
+
+    def metrics(self) -> pl.DataFrame:
+        """Step metrics of every step read so far (``step`` + one Float64 column per metric), sorted."""
+        with self._lock:
+            if self._metrics is None:
+                self._metrics = self.run.step_metrics().sort(schema.STEP)
+                self._last_step_seen_at = self._newest_mtime() or time.time()
+            return self._metrics
+
+    def update(self) -> pl.DataFrame:
+        """Read files that appeared since the last call; returns the metric rows of the new steps only."""
+        with self._lock:
+            current = self.metrics()
+            self.run.refresh()
+            known = set(current[schema.STEP].to_list())
+            new_steps = sorted(set(self.run.steps()) - known)
+            if not new_steps:
+                return current.clear()
+            fresh = self.run.step_metrics(steps=new_steps).sort(schema.STEP)
+            self._metrics = pl.concat([current, fresh], how="diagonal_relaxed").sort(schema.STEP)
+            self._last_step_seen_at = time.time()
+            self.version += 1
+            self._cache.clear()
+            return fresh
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per data version (cleared when new steps land)."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
+
+    # -- status ------------------------------------------------------------------------------------
+    def _newest_mtime(self) -> float | None:
+        newest = None
+        for sub in (schema.STATS_DIR, schema.TOKENS_DIR):
+            folder = self.path / sub
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".parquet"):
+                    m = entry.stat().st_mtime
+                    newest = m if newest is None or m > newest else newest
+        return newest
+
+    def is_closed(self) -> bool:
+        """True when every writer of the run has closed cleanly (the run finished)."""
+        return run_closed(self.path, getattr(self._run, "manifest", None))
+
+    def status(self, now: float | None = None) -> str:
+        """``"finished"``, ``"live"`` or ``"stalled"`` (open, no new step for ``stall_seconds``)."""
+        if self.is_closed():
+            return "finished"
+        now = time.time() if now is None else now
+        newest = self._newest_mtime()
+        last = max(self._last_step_seen_at, newest or 0.0)
+        return "stalled" if now - last > self.stall_seconds else "live"
+
+    # -- alerts ------------------------------------------------------------------------------------
+    def alerts(self) -> list[dict[str, Any]]:
+        """Events of ``alerts.jsonl`` in file order (re-read only when the file changed)."""
+        path = self.path / schema.ALERTS_FILE
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        key = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key != self._alerts_key:
+                self._alerts = read_alerts(path)
+                self._alerts_key = key
+            return self._alerts
+
+    # -- tokens ------------------------------------------------------------------------------------
+    def tokens_at(self, step: int) -> pl.DataFrame:
+        """All token rows of one step (the recorder may have sampled sequences; see the run config)."""
+        return self.run.tokens().filter(pl.col(schema.STEP) == step).collect()
+
+    def analysis_steps(self, limit: int = MAX_TOKEN_STEPS) -> list[int]:
+        """Steps that token-row analyses (lens, buckets) use: all of them, or ``limit`` evenly spaced ones
+        (first and last included) on long runs, so a page never scans tens of millions of rows."""
+        steps = self.metrics()[schema.STEP].to_list()
+        if len(steps) <= limit:
+            return steps
+        idx = np.unique(np.linspace(0, len(steps) - 1, limit).round().astype(int))
+        return [steps[i] for i in idx]
+
+    # -- derived views (cached per data version through ``cached``) ---------------------------------
+    def lr_histogram(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, bin centres of |log-ratio|, counts[bins, steps]) from the stored ``h_lr`` histograms."""
+        from rldiag.analysis import aggregate
+        from rldiag.stats import hist
+
+        with self._lock:
+            table = self.run.stats_table()
+        merged = aggregate.merge(table, by=(schema.STEP,), stats={"h_lr"})
+        if merged.n_groups == 0:
+            return np.zeros(0), np.zeros(0), np.zeros((0, 0))
+        signed = np.asarray(merged.stats["h_lr"], dtype=np.float64)
+        # Fold the signed histogram onto magnitudes: bin k of the negative half mirrors bin k of the positive.
+        mag = signed[:, hist.N_MAG:] + signed[:, : hist.N_MAG][:, ::-1]
+        return merged.keys[schema.STEP], hist.representative(hist.N_MAG), mag.T
+
+    def lens(self) -> pl.DataFrame | None:
+        """The objective lens on :meth:`analysis_steps` (None when rldiag has no lens module)."""
+        try:
+            from rldiag.analysis.lens import lens
+        except ImportError:
+            return None
+        return lens(self.run, steps=self.analysis_steps())
+
+    def bucket_metrics(self, by: str) -> pl.DataFrame:
+        """``run.bucket_metrics(by=...)`` (deciles for positions) on :meth:`analysis_steps`."""
+        return self.run.bucket_metrics(by=by, buckets=10, steps=self.analysis_steps())
+
+
+def run_closed(path: Path, manifest: dict[str, Any] | None = None) -> bool:
+    """Whether the run's writers all closed (``writers/*.json`` carry ``closed``), or the manifest says so."""
+    if manifest is None:
+        try:
+            manifest = json.loads((path / schema.MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+    if manifest.get("closed") or manifest.get("status") in ("closed", "finished"):
+        return True
+    writers = sorted((path / schema.WRITERS_DIR).glob("*.json"))
+    if not writers:
+        return False
+    for w in writers:
+        try:
+            info = json.loads(w.read_text())
+        except (OSError, ValueError):
+            return False
+        if info.get("closed") or info.get("closed_at") or info.get("status") in ("closed", "finished"):
+            continue
+        if not _writer_gone(info):
+            return False
+    return True
+
+
+def _writer_gone(info: dict[str, Any]) -> bool:
+    """True when the writer ran on this machine and its process no longer exists.
+
+    Writers on other hosts cannot be checked: they count as open (a quiet one is then shown as stalled).
+    """
+    if info.get("host") != os.uname().nodename:
+        return False
+    try:
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # a recorder in this very process (tests, notebooks) is open until it closes
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    """Parse ``alerts.jsonl``; a torn last line (a writer mid-append) or a bad line is skipped."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+    return out
+
+
+ALERT_FIELDS = ("time", "rule", "severity", "state", "step", "start_step", "metric", "value", "threshold", "summary")
+
+
+def normalize_alert(event: dict[str, Any]) -> dict[str, Any]:
+    """One alert event with the fields the Alerts page shows (missing ones are None)."""
+    def pick(*names: str) -> Any:
+        for n in names:
+            if event.get(n) is not None:
+                return event[n]
+        return None
+
+    step = pick("step")
+    try:
+        step = int(step) if step is not None else None
+    except (TypeError, ValueError):
+        step = None
+    return {
+        "time": pick("time", "ts", "timestamp"),
+        "rule": pick("rule", "name", "alertname"),
+        "severity": pick("severity"),
+        "state": pick("event", "state", "status"),
+        "start_step": pick("start_step"),
+        "step": step,
+        "metric": pick("metric"),
+        "value": pick("value"),
+        "threshold": pick("threshold"),
+        "summary": pick("summary", "message", "text"),
+    }
+
+
+def firing_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalized events whose state is ``firing`` (the steps the Overview marks)."""
+    out = []
+    for ev in events:
+        n = normalize_alert(ev)
+        if str(n["state"]).lower() == "firing":
+            out.append(n)
+    return out
+
+
+def alert_states(events: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The latest normalized event of each rule, i.e. its current state (a ``repeat`` is ``firing``)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        n = normalize_alert(ev)
+        if n["rule"] is not None:
+            if str(n["state"]).lower() == "repeat":
+                n = {**n, "state": "firing"}
+            latest[str(n["rule"])] = n
+    return latest
+
+
+# --- token decoding --------------------------------------------------------------------------------
+class TokenDecoder:
+    """Token id -> text, with a local tokenizer folder (transformers) or as ``#id`` without one.
+
+    Loading never downloads: ``local_files_only=True``. A tokenizer that fails to load is reported once
+    through :attr:`error` and the ids are shown instead.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.error: str | None = None
+        self._tok: Any = None
+        self._loaded = False
+        self._memo: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _tokenizer(self) -> Any:
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                if self.path is not None:
+                    try:
+                        from transformers import AutoTokenizer
+
+                        self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+                    except Exception as exc:  # any loader failure: fall back to ids, say why
+                        self.error = f"could not load tokenizer from {self.path}: {exc}"
+            return self._tok
+
+    def decode(self, ids: Iterable[int | None]) -> list[str]:
+        """One string per id; ``None`` (no ``token_id`` recorded) becomes ``"?"``."""
+        tok = self._tokenizer()
+        out = []
+        for i in ids:
+            if i is None:
+                out.append("?")
+            elif tok is None:
+                out.append(f"#{int(i)}")
+            else:
+                key = int(i)
+                text = self._memo.get(key)
+                if text is None:
+                    text = self._memo[key] = _decode_one(tok, key)
+                out.append(text)
+        return out
+
+
+def _decode_one(tok: Any, token_id: int) -> str:
+    try:
+        return str(tok.decode([token_id]))
+    except Exception:  # an id outside the vocabulary: show it rather than fail the page
+        return f"#{token_id}"
+
+
+# --- the catalog of the running app -----------------------------------------------------------------
+_LAST: list[Catalog] = []
+
+
+def set_default(cat: Catalog) -> None:
+    """Make ``cat`` the catalog used outside a request (the last app created wins)."""
+    _LAST[:] = [cat]
+
+
+def catalog() -> Catalog:
+    """The catalog of the app serving the current request (or the last one configured)."""
+    try:
+        import flask
+
+        if flask.has_app_context():
+            cat = flask.current_app.extensions.get("rldiag")
+            if cat is not None:
+                return cat
+    except ImportError:  # pragma: no cover - flask comes with dash
+        pass
+    if not _LAST:
+        raise RuntimeError("no rldiag catalog configured: create the app with app.app.create_app(path)")
+    return _LAST[0]
+
+
+def to_numpy(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """A Float64 numpy view of a column (nulls -> NaN); a missing column is all NaN."""
+    if column not in frame.columns:
+        return np.full(frame.height, np.nan)
+    return frame[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()

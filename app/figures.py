@@ -1,0 +1,426 @@
+"""Pure figure builders: frames and arrays in, ``plotly.graph_objects.Figure`` out.
+
+No I/O, no Dash, no metric math: the numbers arrive finished (from :mod:`rldiag.analysis` through
+:mod:`app.data`); these functions only choose how to draw them. That keeps every chart testable without a
+server or a browser.
+
+Line panels have a fixed trace layout that the live updates rely on: for each run (outer) and each metric
+(inner) there are :data:`TRACES_PER_SERIES` traces, in the order of :data:`SERIES_TRACES` (envelope low,
+envelope high filled to it, raw/bucket-mean, EMA). :func:`extend_payload` appends new steps to exactly these
+traces through ``Graph.extendData``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+
+from app.downsample import DEFAULT_BUCKETS, downsample, ema
+
+SERIES_TRACES = ("lo", "hi", "raw", "ema")
+TRACES_PER_SERIES = len(SERIES_TRACES)
+
+PALETTE = (
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22",
+)
+SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
+STEP_AXIS = "step"
+_MARGIN = dict(l=55, r=15, t=36, b=20)
+_FONT = dict(family="system-ui, -apple-system, Segoe UI, sans-serif", size=12)
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _finite_list(a: np.ndarray) -> list[float | None]:
+    """JSON-friendly values: NaN/Inf become None, which plotly draws as a gap."""
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(a, dtype=np.float64)]
+
+
+def base_layout(title: str = "", *, height: int = 300, x_title: str = STEP_AXIS, **extra: Any) -> dict[str, Any]:
+    """The layout every dashboard chart starts from (white, compact, legend on top)."""
+    layout: dict[str, Any] = dict(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
+        height=height,
+        margin=_MARGIN,
+        font=_FONT,
+        template="plotly_white",
+        hovermode="x unified",
+        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0, font=dict(size=11)),
+        xaxis=dict(title=dict(text=x_title, standoff=4), showspikes=True, spikemode="across", spikethickness=1,
+                   automargin=True),
+        yaxis=dict(automargin=True),
+        uirevision="keep",
+    )
+    layout.update(extra)
+    return layout
+
+
+def empty_figure(message: str, *, height: int = 260) -> go.Figure:
+    """A blank chart that says why it is blank (no data, missing input column, unknown run)."""
+    layout = base_layout(height=height)
+    layout.update(
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False),
+        annotations=[dict(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                          font=dict(size=13, color="#666"))],
+    )
+    return go.Figure(layout=layout)
+
+
+# --- line panels ---------------------------------------------------------------------------------------
+def series_label(run_id: str, metric: str, *, n_runs: int) -> str:
+    return metric if n_runs <= 1 else f"{run_id} · {metric}"
+
+
+def _unit_suffix(unit: str | None) -> str:
+    return f" [{unit}]" if unit else ""
+
+
+def metric_panel(
+    frames: Mapping[str, pl.DataFrame],
+    metrics: Sequence[str],
+    *,
+    title: str,
+    unit: str | None = None,
+    smoothing: float = 0.0,
+    x_range: tuple[float, float] | None = None,
+    buckets: int = DEFAULT_BUCKETS,
+    alerts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    hlines: Sequence[tuple[float, str]] = (),
+    height: int = 300,
+    no_data: str = "no data",
+) -> go.Figure:
+    """Lines of ``metrics`` over steps for each run in ``frames`` (run id -> step-metrics frame).
+
+    Long series are downsampled with a min/max envelope (spikes stay visible); ``smoothing`` draws an EMA
+    over the full-resolution series on top of the raw one. ``alerts`` marks firing alerts (``step``,
+    ``severity``, ``rule``) as vertical lines; ``hlines`` draws reference values (value, label).
+    When no value is finite the traces stay (live updates extend them) and ``no_data`` is written on the chart.
+    """
+    data: list[dict[str, Any]] = []
+    n_runs = len(frames)
+    aggregated = False
+    idx = 0
+    y_lo, y_hi = math.inf, -math.inf
+    for run_id, frame in frames.items():
+        x = frame["step"].to_numpy().astype(np.float64) if frame.height else np.empty(0)
+        for metric in metrics:
+            color = PALETTE[idx % len(PALETTE)]
+            idx += 1
+            y = _column(frame, metric)
+            env = downsample(x, y, buckets=buckets, x_range=x_range)
+            smooth = downsample(x, ema(y, smoothing), buckets=buckets, x_range=x_range) if smoothing else None
+            aggregated |= not env.exact
+            finite = y[np.isfinite(y)]
+            if finite.size:
+                y_lo, y_hi = min(y_lo, float(finite.min())), max(y_hi, float(finite.max()))
+            label = series_label(run_id, metric, n_runs=n_runs)
+            group = f"{run_id}|{metric}"
+            data.extend(_series_traces(env, smooth, label, group, color, unit))
+    layout = base_layout(title, height=height)
+    layout["yaxis"] = dict(title=dict(text=unit or ""), zeroline=False, automargin=True)
+    if y_lo == y_hi:
+        # A constant series: plotly's autorange degenerates (and misplaces the axis title); pad it.
+        pad = abs(y_lo) * 0.05 or 1.0
+        layout["yaxis"]["range"] = [y_lo - pad, y_hi + pad]
+    if x_range is not None:
+        layout["xaxis"]["range"] = list(x_range)
+    shapes, annotations = _alert_marks(alerts or {})
+    for value, label in hlines:
+        shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=value, y1=value,
+                           line=dict(color="#999", width=1, dash="dot")))
+        annotations.append(dict(text=label, xref="paper", x=1, xanchor="right", yref="y", y=value,
+                                yanchor="bottom", showarrow=False, font=dict(size=10, color="#777")))
+    if y_lo == math.inf:
+        annotations.append(dict(text=no_data, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                                font=dict(size=13, color="#666")))
+        layout["yaxis"]["range"] = [0, 1]
+    layout["shapes"], layout["annotations"] = shapes, annotations
+    layout["meta"] = {"aggregated": aggregated, "metrics": list(metrics), "runs": list(frames)}
+    return go.Figure(data=data, layout=layout)
+
+
+def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(frame.height, np.nan)
+    return frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, unit: str | None) -> list[dict]:
+    hover = f"{label}: %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
+    x = _finite_list(env.x)
+    band = dict(type="scatter", mode="lines", x=x, legendgroup=group, showlegend=False, hoverinfo="skip",
+                line=dict(width=0, color=color))
+    lo = dict(band, name=f"{label} min", y=_finite_list(env.lo))
+    hi = dict(band, name=f"{label} max", y=_finite_list(env.hi), fill="tonexty", fillcolor=_rgba(color, 0.18))
+    has_smooth = smooth is not None
+    raw = dict(type="scatter", mode="lines", name=label if not has_smooth else f"{label} (raw)",
+               x=x, y=_finite_list(env.mean), legendgroup=group, showlegend=not has_smooth,
+               line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45)),
+               hovertemplate=hover)
+    if has_smooth:
+        sm = dict(type="scatter", mode="lines", name=label, x=_finite_list(smooth.x),
+                  y=_finite_list(smooth.mean), legendgroup=group, line=dict(width=2, color=color),
+                  hovertemplate=f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>")
+    else:
+        sm = dict(type="scatter", mode="lines", name=f"{label} (EMA)", x=[], y=[], legendgroup=group,
+                  showlegend=False, line=dict(width=2, color=color), hoverinfo="skip")
+    return [lo, hi, raw, sm]
+
+
+def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list[dict]]:
+    """Vertical lines at the steps where an alert started firing (at most 200, most severe first)."""
+    marks: list[tuple[int, float, str, str]] = []
+    rank = {"critical": 0, "warn": 1, "info": 2}
+    for events in alerts.values():
+        for ev in events:
+            step = ev.get("step")
+            if step is None or not isinstance(step, (int, float)) or not math.isfinite(step):
+                continue
+            sev = str(ev.get("severity", "warn"))
+            marks.append((rank.get(sev, 3), float(step), sev, str(ev.get("rule", ""))))
+    marks.sort()
+    shapes, annotations = [], []
+    for _, step, sev, rule in marks[:200]:
+        color = SEVERITY_COLORS.get(sev, "#999")
+        shapes.append(dict(type="line", xref="x", x0=step, x1=step, yref="paper", y0=0, y1=1,
+                           line=dict(color=color, width=1, dash="dash"), opacity=0.7))
+    if marks:
+        annotations.append(dict(text=f"{len(marks)} alert(s) fired", xref="paper", x=0, xanchor="left",
+                                yref="paper", y=-0.01, yanchor="top", showarrow=False,
+                                font=dict(size=10, color=SEVERITY_COLORS.get(marks[0][2], "#999"))))
+    return shapes, annotations
+
+
+def extend_payload(
+    fresh: Mapping[str, pl.DataFrame],
+    full: Mapping[str, pl.DataFrame],
+    runs: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    smoothing: float = 0.0,
+) -> tuple[dict[str, list[list[float | None]]], list[int]] | None:
+    """``extendData`` for a :func:`metric_panel` built for ``runs`` x ``metrics``.
+
+    ``fresh`` holds each run's new rows only, ``full`` the whole series (new rows included), which the EMA
+    needs to continue where it was. Returns ``(update, trace_indices)`` or None when nothing is new.
+    """
+    xs: list[list[float | None]] = []
+    ys: list[list[float | None]] = []
+    indices: list[int] = []
+    for r, run_id in enumerate(runs):
+        new = fresh.get(run_id)
+        if new is None or new.height == 0:
+            continue
+        x_new = _finite_list(new["step"].to_numpy())
+        whole = full[run_id]
+        for m, metric in enumerate(metrics):
+            base = (r * len(metrics) + m) * TRACES_PER_SERIES
+            y_new = _finite_list(_column(new, metric))
+            trace_x = [x_new] * 3
+            trace_y = [y_new] * 3
+            idx = [base, base + 1, base + 2]
+            if smoothing:
+                smooth = ema(_column(whole, metric), smoothing)[-new.height :]
+                trace_x.append(x_new)
+                trace_y.append(_finite_list(smooth))
+                idx.append(base + 3)
+            xs.extend(trace_x)
+            ys.extend(trace_y)
+            indices.extend(idx)
+    if not indices:
+        return None
+    return {"x": xs, "y": ys}, indices
+
+
+# --- ratio distribution -----------------------------------------------------------------------------
+def ratio_heatmap(
+    steps: np.ndarray,
+    centers: np.ndarray,
+    counts: np.ndarray,
+    *,
+    bands: Mapping[str, np.ndarray] | None = None,
+    band_steps: np.ndarray | None = None,
+    title: str = "distribution of |log-ratio| per step",
+    height: int = 400,
+) -> go.Figure:
+    """Heatmap of the share of tokens per |log-ratio| bin (rows, log axis) and step (columns).
+
+    ``counts`` has shape (len(centers), len(steps)); empty rows at both ends are trimmed. ``bands`` maps a
+    label to a per-step quantile of |log-ratio| (``ratio/logabs_p50``...) drawn over the heatmap at
+    ``band_steps`` (default ``steps``), so the tails read against the bulk.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    if counts.size == 0 or not np.any(counts > 0):
+        return empty_figure("no log-ratio histogram in this run")
+    used = np.flatnonzero(counts.sum(axis=1) > 0)
+    rows = slice(used[0], used[-1] + 1)
+    counts, centers = counts[rows], centers[rows]
+    totals = counts.sum(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(totals > 0, counts / totals, np.nan)
+        z = np.where(share > 0, np.log10(share), np.nan)
+    data: list[dict[str, Any]] = [dict(
+        type="heatmap", x=_finite_list(steps), y=_finite_list(np.log10(centers)), z=[_finite_list(row) for row in z],
+        customdata=[[float(c)] * len(steps) for c in centers],
+        colorscale="Viridis", zmin=-6, zmax=0, colorbar=dict(title=dict(text="log10 share"), thickness=12),
+        hovertemplate="step %{x}<br>|log-ratio| ≈ %{customdata:.3g}<br>log10 share %{z:.2f}<extra></extra>",
+    )]
+    colors = ("#ffffff", "#ffdc00", "#ff4136", "#ff851b")
+    bx = _finite_list(steps if band_steps is None else band_steps)
+    for i, (label, values) in enumerate((bands or {}).items()):
+        v = np.asarray(values, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logv = np.where(v > 0, np.log10(v), np.nan)
+        data.append(dict(type="scatter", mode="lines", x=bx, y=_finite_list(logv), customdata=_finite_list(v),
+                         name=label, line=dict(color=colors[i % len(colors)], width=1.5),
+                         hovertemplate=f"{label}: %{{customdata:.3g}}<extra></extra>"))
+    lo, hi = int(np.floor(np.log10(centers[0]))), int(np.ceil(np.log10(centers[-1])))
+    ticks = list(range(lo, hi + 1))
+    layout = base_layout(title, height=height)
+    layout["yaxis"] = dict(title=dict(text="|logp - old_logp| (nats, log scale)"), tickvals=ticks,
+                           ticktext=[f"1e{t}" if t not in (0, 1) else str(10 ** t) for t in ticks])
+    layout["hovermode"] = "closest"
+    return go.Figure(data=data, layout=layout)
+
+
+# --- stacked shares ---------------------------------------------------------------------------------
+def stacked_shares(
+    frame: pl.DataFrame, metrics: Sequence[str], *, title: str, height: int = 300, labels: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Stacked area of share metrics over steps (e.g. the four DISPO regimes, which sum to about 1)."""
+    present = [m for m in metrics if m in frame.columns and frame[m].is_not_null().any()]
+    if frame.height == 0 or not present:
+        return empty_figure("no data for " + ", ".join(metrics))
+    x = _finite_list(frame["step"].to_numpy())
+    data = []
+    for i, m in enumerate(present):
+        data.append(dict(type="scatter", mode="lines", x=x, y=_finite_list(_column(frame, m)), stackgroup="one",
+                         name=(labels or {}).get(m, m), line=dict(width=0.5, color=PALETTE[i % len(PALETTE)]),
+                         hovertemplate=f"{m}: %{{y:.3f}}<extra></extra>"))
+    layout = base_layout(title, height=height)
+    layout["yaxis"] = dict(title=dict(text="share of tokens"), range=[0, 1])
+    return go.Figure(data=data, layout=layout)
+
+
+# --- objective lens -----------------------------------------------------------------------------------
+def lens_objectives(frame: pl.DataFrame, quantity: str) -> list[str]:
+    """Objectives that have ``lens/<objective>/<quantity>`` columns, in column order."""
+    out = []
+    for col in frame.columns:
+        parts = col.split("/")
+        if len(parts) == 3 and parts[0] == "lens" and parts[2] == quantity:
+            out.append(parts[1])
+    return out
+
+
+def lens_lines(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.Figure:
+    """One line per objective of the counterfactual lens over steps."""
+    objectives = lens_objectives(frame, quantity)
+    if not objectives:
+        return empty_figure(f"the lens has no {quantity!r} columns")
+    x = _finite_list(frame["step"].to_numpy())
+    data = [dict(type="scatter", mode="lines", x=x, y=_finite_list(_column(frame, f"lens/{o}/{quantity}")),
+                 name=o, line=dict(width=1.5, color=PALETTE[i % len(PALETTE)]),
+                 hovertemplate=f"{o}: %{{y:.4g}}<extra></extra>")
+            for i, o in enumerate(objectives)]
+    return go.Figure(data=data, layout=base_layout(f"objective lens: {quantity} per step", height=height))
+
+
+def lens_bars(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.Figure:
+    """Run mean (and last step) of ``quantity`` per objective, side by side."""
+    objectives = lens_objectives(frame, quantity)
+    if not objectives or frame.height == 0:
+        return empty_figure(f"the lens has no {quantity!r} columns")
+    means = [float(np.nanmean(_column(frame, f"lens/{o}/{quantity}"))) if frame.height else float("nan")
+             for o in objectives]
+    last = [float(_column(frame, f"lens/{o}/{quantity}")[-1]) for o in objectives]
+    data = [
+        dict(type="bar", x=objectives, y=_finite_list(np.array(means)), name="mean over steps",
+             marker=dict(color="#1f77b4")),
+        dict(type="bar", x=objectives, y=_finite_list(np.array(last)), name="last step",
+             marker=dict(color="#ff7f0e")),
+    ]
+    layout = base_layout(f"objective lens: {quantity} by objective", height=height, x_title="objective")
+    layout.update(barmode="group", hovermode="closest")
+    return go.Figure(data=data, layout=layout)
+
+
+# --- entropy-performance law ----------------------------------------------------------------------------
+def law_figure(
+    entropy: np.ndarray, reward: np.ndarray, *, a: float, b: float, r2: float, reward_name: str, height: int = 340
+) -> go.Figure:
+    """Observed (H, R) points and the fitted R = -a*exp(H) + b with its ceiling b - a (at H = 0)."""
+    h = np.asarray(entropy, dtype=np.float64)
+    r = np.asarray(reward, dtype=np.float64)
+    ok = np.isfinite(h) & np.isfinite(r)
+    if not ok.any():
+        return empty_figure("no (entropy, reward) pairs to fit")
+    grid = np.linspace(0.0, max(float(np.nanmax(h[ok])) * 1.05, 1e-3), 200)
+    ceiling = b - a
+    data = [
+        dict(type="scatter", mode="markers", x=_finite_list(h[ok]), y=_finite_list(r[ok]), name="steps",
+             marker=dict(size=5, color="#1f77b4", opacity=0.6),
+             hovertemplate="H %{x:.3f}<br>R %{y:.3f}<extra></extra>"),
+        dict(type="scatter", mode="lines", x=_finite_list(grid), y=_finite_list(-a * np.exp(grid) + b),
+             name=f"fit R = -{a:.3g}·exp(H) + {b:.3g} (R² {r2:.2f})", line=dict(color="#d62728", width=2)),
+    ]
+    layout = base_layout("entropy-performance law", height=height, x_title="entropy/mean (nats)")
+    layout["yaxis"] = dict(title=dict(text=reward_name))
+    layout["hovermode"] = "closest"
+    layout["shapes"] = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=ceiling, y1=ceiling,
+                             line=dict(color="#2ca02c", dash="dash", width=1.5))]
+    layout["annotations"] = [dict(text=f"ceiling at H→0: {ceiling:.4g}", xref="paper", x=1, xanchor="right",
+                                  yref="y", y=ceiling, yanchor="bottom", showarrow=False,
+                                  font=dict(color="#2ca02c", size=11))]
+    return go.Figure(data=data, layout=layout)
+
+
+# --- positions and stages ---------------------------------------------------------------------------
+def bucket_heatmap(frame: pl.DataFrame, quantity: str, *, by: str, height: int = 380) -> go.Figure:
+    """Step x bucket heatmap of one quantity of ``run.bucket_metrics`` (columns step, bucket, quantity)."""
+    if frame.height == 0 or quantity not in frame.columns:
+        return empty_figure(f"no {by} buckets with {quantity!r} in this run")
+    bucket_col = "bucket" if "bucket" in frame.columns else by
+    wide = (frame.select("step", bucket_col, quantity)
+            .pivot(on=bucket_col, index="step", values=quantity, aggregate_function="first")
+            .sort("step"))
+    buckets = sorted((c for c in wide.columns if c != "step"), key=_bucket_key)
+    z = np.column_stack([_column(wide, c) for c in buckets]).T if buckets else np.empty((0, 0))
+    diverging = quantity.startswith("ratio_mean") or quantity == "ratio/mean"
+    data = [dict(
+        type="heatmap", x=_finite_list(wide["step"].to_numpy()), y=[str(b) for b in buckets],
+        z=[_finite_list(row) for row in z],
+        colorscale="RdBu_r" if diverging else "Viridis", zmid=1.0 if diverging else None,
+        colorbar=dict(title=dict(text=quantity), thickness=12),
+        hovertemplate=f"step %{{x}}<br>{by} bucket %{{y}}<br>{quantity} %{{z:.4g}}<extra></extra>",
+    )]
+    layout = base_layout(f"{quantity} by {by} bucket", height=height)
+    layout["yaxis"] = dict(title=dict(text=f"{by} bucket"), type="category")
+    layout["hovermode"] = "closest"
+    return go.Figure(data=data, layout=layout)
+
+
+def _bucket_key(v: Any) -> tuple[int, float | str]:
+    try:
+        return (0, float(v))
+    except (TypeError, ValueError):
+        return (1, str(v))
+
+
+# --- extrapolation cliff ------------------------------------------------------------------------------
+def annotate_result(fig: go.Figure, text: str) -> go.Figure:
+    """Add a one-line note at the top left of ``fig`` (used for lambda* on the cliff figure)."""
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=1.08, xanchor="left", showarrow=False)
+    return fig

@@ -1,0 +1,46 @@
+"""Overview: the registry's headline metrics of the selected runs, one section per family, alerts marked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+from dash import html
+
+from app import data, panels
+from app import layout as ui
+
+dash.register_page(__name__, path="/overview", name="Overview", title="rldiag · Overview", order=1)
+
+PAGE = "overview"
+
+
+def alert_line(runs: list[str]) -> html.Div | None:
+    """Firing alerts of the runs on screen, each linked to the Alerts page."""
+    cat = data.catalog()
+    chips: list[Any] = []
+    for run_id in runs:
+        for rule, ev in data.alert_states(cat.state(run_id).alerts()).items():
+            if str(ev["state"]).lower() == "firing":
+                text = f"{rule} (step {ev['step']})" if len(runs) == 1 else f"{run_id}: {rule} (step {ev['step']})"
+                chips.append(dash.dcc.Link(text, href="/alerts" + ui.run_query([run_id]),
+                                           className=f"alert-chip sev-{ev.get('severity') or 'warn'}"))
+    if not chips:
+        return None
+    return html.Div([html.Span("firing: ", className="muted"), *chips], className="alert-line")
+
+
+def layout(run: Any = None, **_query: Any) -> html.Div:
+    runs, error = ui.resolve_runs(run)
+    children: list[Any] = [ui.run_header(
+        "Overview", runs, error=error,
+        intro="Headline metrics of each family (flagged in the metric registry). Dashed vertical lines: alerts "
+              "that started firing. Click a point to inspect that step's tokens; drag to zoom (the server "
+              "re-aggregates the zoomed range).")]
+    if runs:
+        line = alert_line(runs)
+        if line is not None:
+            children.append(line)
+        # One grid: most families have one headline metric, and a section per family would leave half rows.
+        children.append(ui.panel_grid(PAGE, panels.overview_panels()))
+    return html.Div(children)

@@ -1,0 +1,200 @@
+"""Which metric goes on which panel: derived from the metric registry, never a second list of metrics.
+
+Every line panel of the dashboard is a group of registry metrics that share a *family* and a *unit*; the
+registry's ``doc``, ``direction``, ``formula`` and ``source`` become the panel's help text. A page names only
+the families it shows (:data:`PAGE_FAMILIES`), so a metric added to the registry appears on its page without
+touching the app. Reference lines come from the default alert rules (their thresholds are data too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+MAX_PER_PANEL = 5
+"""More metrics than this with one unit are split over several panels (a legend of ten lines is unreadable)."""
+
+PAGE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "ratios": ("ratio", "ess", "kl", "seq"),
+    "clipping": ("clip", "regime", "balance"),
+    "entropy": ("entropy",),
+    "mismatch": ("mismatch", "staleness"),
+    "positions": ("stage",),
+}
+"""Families shown as line panels on each metric page (the Overview shows every family)."""
+
+
+@dataclass(frozen=True)
+class HelpItem:
+    name: str
+    doc: str
+    direction: str
+    formula: str
+    source: str
+    derived: bool
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A line panel: metrics of one family and one unit."""
+
+    key: str
+    family: str
+    title: str
+    unit: str
+    metrics: tuple[str, ...]
+    help: tuple[HelpItem, ...]
+
+
+def registry() -> Mapping[str, Any]:
+    """The metric registry (:data:`rldiag.metrics.registry.REGISTRY`)."""
+    from rldiag.metrics.registry import REGISTRY
+
+    return REGISTRY
+
+
+def family_of(spec: Any) -> str:
+    fam = getattr(spec, "family", None)
+    return str(fam) if fam else str(spec.name).split("/", 1)[0]
+
+
+def _help(spec: Any) -> HelpItem:
+    return HelpItem(
+        name=str(spec.name),
+        doc=str(getattr(spec, "doc", "") or ""),
+        direction=str(getattr(spec, "direction", "neutral") or "neutral"),
+        formula=str(getattr(spec, "formula", "") or ""),
+        source=str(getattr(spec, "source", "") or ""),
+        derived=bool(getattr(spec, "derived", False)),
+    )
+
+
+def _is_line_metric(spec: Any) -> bool:
+    # Registry entries that are not one float per step (tables, per-bucket rows) carry a non-scalar kind.
+    return getattr(spec, "kind", "scalar") in ("scalar", None)
+
+
+def families(specs: Mapping[str, Any] | None = None) -> dict[str, list[Any]]:
+    """Registry specs grouped by family, families and metrics in registry order."""
+    out: dict[str, list[Any]] = {}
+    for spec in (specs if specs is not None else registry()).values():
+        if _is_line_metric(spec):
+            out.setdefault(family_of(spec), []).append(spec)
+    return out
+
+
+def scale_key(spec: Any) -> str | None:
+    """Metrics with the same key share a y-axis: same unit, or shares bounded to [0, 1]; None: own panel."""
+    unit = str(getattr(spec, "unit", "") or "")
+    if unit:
+        return f"unit:{unit}"
+    if tuple(getattr(spec, "bounds", (None, None)) or (None, None)) == (0.0, 1.0):
+        return "share"
+    return None
+
+
+def _split(family: str, specs: Sequence[Any], limit: int, *, suffix: str = "") -> list[Panel]:
+    groups: list[list[Any]] = []
+    keyed: dict[str, list[Any]] = {}
+    for spec in specs:
+        key = scale_key(spec)
+        if key is None:
+            groups.append([spec])
+        elif key in keyed:
+            keyed[key].append(spec)
+        else:
+            keyed[key] = [spec]
+            groups.append(keyed[key])  # same list object: later specs with this key land in it
+    panels = []
+    for group in groups:
+        for start in range(0, len(group), limit):
+            chunk = group[start : start + limit]
+            unit = str(getattr(chunk[0], "unit", "") or "")
+            key = f"{family}-{len(panels)}{suffix}"
+            panels.append(Panel(key, family, panel_title(s.name for s in chunk), unit,
+                                tuple(s.name for s in chunk), tuple(_help(s) for s in chunk)))
+    return panels
+
+
+def panel_title(metrics: Iterable[str]) -> str:
+    """``clip: low, high, region`` for metrics of one family; the full names otherwise."""
+    names = list(metrics)
+    fams = {n.split("/", 1)[0] for n in names}
+    if len(fams) == 1:
+        return f"{fams.pop()}: " + ", ".join(n.split("/", 1)[-1] for n in names)
+    return ", ".join(names)
+
+
+def page_panels(page: str, specs: Mapping[str, Any] | None = None) -> list[Panel]:
+    """Line panels of a metric page, in registry order of families."""
+    wanted = PAGE_FAMILIES[page]
+    fams = families(specs)
+    out: list[Panel] = []
+    for fam in wanted:
+        if fam in fams:
+            out.extend(_split(fam, fams[fam], MAX_PER_PANEL))
+    return out
+
+
+def overview_panels(specs: Mapping[str, Any] | None = None) -> list[Panel]:
+    """The registry's headline metrics (``MetricSpec.headline``), grouped by family and scale."""
+    out = []
+    for fam, group in families(specs).items():
+        head = [s for s in group if getattr(s, "headline", False)]
+        if head:
+            out.extend(_split(fam, head, MAX_PER_PANEL, suffix="-overview"))
+    return out
+
+
+REQUIRED_INPUTS = frozenset({"logp", "old_logp", "adv"})
+
+
+def no_data_note(metrics: Sequence[str]) -> str:
+    """What to record to see these metrics: their optional inputs from the registry."""
+    needs: list[str] = []
+    for m in metrics:
+        for col in getattr(spec_of(m), "inputs", ()) or ():
+            if col not in REQUIRED_INPUTS and col not in needs:
+                needs.append(col)
+    return "no data in this run" + (f": record {', '.join(needs)}" if needs else "")
+
+
+def spec_of(metric: str) -> Any | None:
+    """The registry spec of ``metric`` (None for names the registry does not know, e.g. lens columns)."""
+    return registry().get(metric)
+
+
+@lru_cache(maxsize=1)
+def _rule_lines() -> dict[str, tuple[tuple[float, str], ...]]:
+    try:
+        from rldiag.alerts.rules import default_rules
+    except ImportError:
+        return {}
+    lines: dict[str, list[tuple[float, str]]] = {}
+    try:
+        rules = default_rules()
+        rule_list = list(getattr(rules, "rules", rules))
+        if isinstance(rules, Mapping):
+            rule_list = list(rules.values())
+        for rule in rule_list:
+            for cond in getattr(rule, "conditions", ()) or ():
+                metric = getattr(cond, "metric", None)
+                threshold = getattr(cond, "threshold", None)
+                kind = getattr(cond, "kind", "threshold")
+                if metric and isinstance(threshold, (int, float)) and kind == "threshold":
+                    label = f"{getattr(rule, 'name', 'alert')} ({getattr(rule, 'severity', '')})"
+                    lines.setdefault(str(metric), []).append((float(threshold), label))
+    except Exception:  # a rule file the app cannot read must not break the charts
+        return {}
+    return {k: tuple(v) for k, v in lines.items()}
+
+
+def reference_lines(metrics: Sequence[str]) -> list[tuple[float, str]]:
+    """Alert thresholds of the default rules for these metrics, as (value, label)."""
+    table = _rule_lines()
+    out: list[tuple[float, str]] = []
+    for m in metrics:
+        out.extend(table.get(m, ()))
+    return out

