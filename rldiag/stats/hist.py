@@ -38,7 +38,7 @@ def mag_index(x: np.ndarray) -> np.ndarray:
     """Magnitude-bin index of |x| (int64), NaN-free input assumed."""
     a = np.abs(x)
     with np.errstate(divide="ignore"):
-        k = np.floor(np.log2(a) * BINS_PER_OCTAVE) - MIN_EXP * BINS_PER_OCTAVE + 1
+        k = np.floor(np.log2(a) * BINS_PER_OCTAVE - MIN_EXP * BINS_PER_OCTAVE) + 1
     k = np.where(a < _MAG_EDGES[0], 0, k)
     return np.clip(k, 0, N_MAG - 1).astype(np.int64)
 
