@@ -26,7 +26,7 @@ import pyarrow as pa
 from rldiag import schema
 from rldiag.config import RecorderConfig
 from rldiag.record import layout
-from rldiag.record.tensors import HostSnapshot, is_torch, shape_of
+from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Job, Writer, WriterError, build_batch
 from rldiag.stats import kernel
 
@@ -141,6 +141,8 @@ class Recorder:
         self.records_dropped_rows = 0
         self.alerts = None
         self._writer = Writer(self.run_dir, self.writer_id, self.rank, cfg, on_step=self._on_step)
+        self._pool = BufferPool(max_bytes=min(cfg.queue_max_bytes, 512 * 2**20))
+        self._writer.pool = self._pool
         self._writer.start()
         if alerts:
             from rldiag.alerts import online_from_arg  # the alerts package wires itself in
@@ -200,7 +202,8 @@ class Recorder:
         fits = self._writer.queued_bytes + est <= self.config.queue_max_bytes
         if not fits and self.config.max_block_seconds > 0:
             fits = self._writer.wait_for_space(est, self.config.max_block_seconds)
-        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2]) for k, v in args.items() if v is not None}
+        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2], pool=self._pool)
+                 for k, v in args.items() if v is not None}
         job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid,
                   nbytes=sum(s.nbytes for s in snaps.values()))
         if not fits:

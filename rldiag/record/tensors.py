@@ -81,6 +81,40 @@ def is_torch(x: Any) -> bool:
     return mod.startswith("torch") and hasattr(x, "detach")
 
 
+class BufferPool:
+    """Reusable host buffers, keyed by shape and dtype.
+
+    Copying into a fresh multi-megabyte array costs a page fault per 4 KiB page (several milliseconds per
+    batch on a VM); training loops record the same shapes every step, so the writer hands buffers back here
+    once it has gathered the tokens out of them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = __import__("threading").Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                arr = free.pop()
+                self._bytes -= arr.nbytes
+                return arr
+        return np.empty(shape, dtype=dtype)
+
+    def put(self, arr: np.ndarray) -> None:
+        if arr.base is not None or not arr.flags.c_contiguous or arr.nbytes < 65536:
+            return
+        with self._lock:
+            if self._bytes + arr.nbytes > self.max_bytes:
+                return
+            self._free.setdefault((arr.shape, arr.dtype.str), []).append(arr)
+            self._bytes += arr.nbytes
+
+
 class HostSnapshot:
     """A host copy of one input, taken without synchronising a GPU.
 
@@ -89,9 +123,10 @@ class HostSnapshot:
     on the current stream; :meth:`get` waits on that event in the writer thread, never in the caller's.
     """
 
-    __slots__ = ("_array", "_tensor", "_event", "nbytes", "dtype_kind")
+    __slots__ = ("_array", "_tensor", "_event", "nbytes", "dtype_kind", "pooled")
 
-    def __init__(self, x: Any, *, float_cast: bool) -> None:
+    def __init__(self, x: Any, *, float_cast: bool, pool: BufferPool | None = None) -> None:
+        self.pooled = False
         self._event = None
         self._tensor = None
         self._array: np.ndarray | None = None
@@ -101,7 +136,11 @@ class HostSnapshot:
             if float_cast and t.is_floating_point() and t.dtype.itemsize < 4:
                 t = t.float()  # bf16/fp16 -> fp32 on device (async), numpy has no bf16
             if t.device.type == "cpu":
-                self._array = t.numpy().copy() if t.dtype.__str__() != "torch.bfloat16" else t.float().numpy()
+                if t.dtype.__str__() == "torch.bfloat16":
+                    self._array = t.float().numpy()
+                else:
+                    src = t.numpy()
+                    self._array = self._copy(src, pool)
             else:
                 torch = _torch()
                 self._tensor = t.to("cpu", non_blocking=True)
@@ -113,8 +152,22 @@ class HostSnapshot:
         else:
             arr = np.asarray(x)
             self.dtype_kind = arr.dtype.kind
-            self._array = np.array(arr, copy=True)
+            self._array = self._copy(arr, pool)
             self.nbytes = int(self._array.nbytes)
+
+    def _copy(self, src: np.ndarray, pool: BufferPool | None) -> np.ndarray:
+        if pool is None or src.nbytes < 65536:
+            return np.array(src, copy=True)
+        dst = pool.get(src.shape, src.dtype)
+        np.copyto(dst, src)
+        self.pooled = True
+        return dst
+
+    def release(self, pool: BufferPool | None) -> None:
+        """Give a pooled buffer back (the caller no longer reads it)."""
+        if pool is not None and self.pooled and self._array is not None:
+            pool.put(self._array)
+        self._array = None
 
     def get(self) -> np.ndarray:
         """The host array (waits for the device copy if there is one)."""

@@ -80,7 +80,7 @@ def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dic
     cols: dict[str, np.ndarray] = {}
     for name, a in arr.items():
         if name in PER_SEQ:
-            cols[name] = a.reshape(B)
+            cols[name] = a.reshape(B).copy()
             continue
         if name in BROADCAST_OK and a.size == B and (B != B * T or a.ndim == 1):
             a = np.broadcast_to(a.reshape(B, 1), (B, T))
@@ -141,6 +141,7 @@ class Writer(threading.Thread):
         self.rank = rank
         self.cfg = cfg
         self._on_step = on_step
+        self.pool: Any = None
         self._cv = threading.Condition()
         self._queue: collections.deque[Job | _Barrier | None] = collections.deque()
         self.queued_bytes = 0
@@ -250,6 +251,9 @@ class Writer(threading.Thread):
             written = 0
         else:
             tb, flat, cols = build_batch(job, job.step)
+            if self.pool is not None:  # every column was gathered out of the snapshots
+                for snap in job.inputs.values():
+                    snap.release(self.pool)
             stats = kernel.compute(tb, self.cfg)
             cov = stats.cov
             dropped = 0
