@@ -1,0 +1,193 @@
+"""Analysis-layer speed and memory (issue: metric registry), against baselines measured in the same run.
+
+    python benchmarks/bench_analysis.py stats      # 10,000 steps x 8 ranks x 4 micro-batches
+    python benchmarks/bench_analysis.py recompute --rows 20000000
+    python benchmarks/bench_analysis.py memory --rows 200000000   # peak RSS of a streaming recompute
+
+stats:     open_run + step_metrics from stored statistics vs a bare read of the statistics files.
+recompute: step_metrics(config=...) from token rows (tokens/s) vs a bare polars group-by-step sum.
+memory:    peak RSS (ru_maxrss) of the recompute over a large run, in a fresh process.
+Prints ratios; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import rldiag
+from rldiag import schema
+from rldiag.config import RecorderConfig
+from rldiag.record.layout import create_run_dir
+from rldiag.stats import kernel
+from rldiag.stats.table import to_table
+
+
+def make_stats_run(path: Path, steps: int, ranks: int, micros: int, tokens_per_record: int = 256) -> None:
+    """A run whose statistics come from the kernel on synthetic records (one file per rank per 500 steps)."""
+    cfg = RecorderConfig()
+    create_run_dir(path, cfg, ranks, "bench")
+    rng = np.random.default_rng(0)
+    seqlen = 64
+    per_rec = tokens_per_record // seqlen
+    chunk = 500
+    for rank in range(ranks):
+        for s0 in range(0, steps, chunk):
+            n_rec = min(chunk, steps - s0) * micros
+            n_seq = n_rec * per_rec
+            N = n_seq * seqlen
+            lp = -rng.exponential(1, N)
+            tb = kernel.TokenBatch(
+                rec_off=np.arange(0, n_seq + 1, per_rec), seq_off=np.arange(0, N + 1, seqlen),
+                steps=np.repeat(np.arange(s0, s0 + n_rec // micros), micros), logp=lp,
+                old_logp=np.minimum(lp + rng.normal(0, 0.05, N), 0), adv=np.repeat(rng.normal(size=n_seq), seqlen),
+                pos=np.tile(np.arange(seqlen), n_seq), entropy=rng.exponential(1, N),
+                group=np.arange(n_seq) // 4, reward=rng.random(n_seq))
+            st = kernel.compute(tb, cfg)
+            table = to_table(st, tb.steps, np.full(n_rec, rank), np.tile(np.arange(micros), n_rec // micros))
+            pq.write_table(table, path / "stats" / f"r{rank:05d}-bench-{s0:08d}.parquet", compression="zstd")
+
+
+def make_token_run(path: Path, rows: int, steps: int = 2000, file_rows: int = 4_000_000) -> None:
+    """Token rows in the recorder's file layout (and their statistics, so the run opens)."""
+    from rldiag.analysis.recompute import stats_of_table
+
+    cfg = RecorderConfig()
+    create_run_dir(path, cfg, 1, "bench")
+    rng = np.random.default_rng(1)
+    per_step = max(rows // steps, 256)
+    seqlen = 256
+    step = 0
+    written = 0
+    i = 0
+    while written < rows:
+        n_steps = max(1, file_rows // per_step)
+        n = n_steps * per_step
+        n_seq = n // seqlen
+        n = n_seq * seqlen
+        lp = (-rng.exponential(1, n)).astype(np.float32)
+        cols = {
+            "step": np.repeat(np.arange(step, step + n_steps), n // n_steps + 1)[:n].astype(np.int64),
+            "rank": np.zeros(n, np.int32), "micro": np.zeros(n, np.int32),
+            "seq": np.repeat(np.arange(n_seq), seqlen).astype(np.int64),
+            "group": np.repeat(np.arange(n_seq) // 8, seqlen).astype(np.int64),
+            "pos": np.tile(np.arange(seqlen), n_seq).astype(np.int32),
+            "logp": lp, "old_logp": np.minimum(lp + rng.normal(0, 0.05, n).astype(np.float32), 0),
+            "adv": np.repeat(rng.normal(size=n_seq), seqlen).astype(np.float32),
+            "entropy": rng.exponential(1, n).astype(np.float32),
+        }
+        # keep sequences whole within a step
+        cols["step"] = (step + (cols["seq"] * n_steps) // n_seq).astype(np.int64)
+        table = pa.table({k: pa.array(cols.get(k), type=t) if k in cols else pa.nulls(n, t)
+                          for k, t in schema.TOKEN_DTYPES.items()})
+        name = f"r00000-bench-{i:06d}.parquet"
+        pq.write_table(table, path / "tokens" / name, compression="zstd")
+        pq.write_table(stats_of_table(table, cfg, sort=False), path / "stats" / name)
+        written += n
+        step += n_steps
+        i += 1
+
+
+def bench_stats(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    try:
+        t = time.perf_counter()
+        make_stats_run(tmp / "run", args.steps, args.ranks, args.micros)
+        print(f"generated {args.steps} steps x {args.ranks} ranks x {args.micros} micro-batches in "
+              f"{time.perf_counter() - t:.1f} s")
+        files = sorted((tmp / "run" / "stats").glob("*.parquet"))
+        t = time.perf_counter()
+        bare = pa.concat_tables([pq.read_table(f) for f in files])
+        t_bare = time.perf_counter() - t
+        t = time.perf_counter()
+        run = rldiag.open_run(tmp / "run")
+        t_open = time.perf_counter() - t
+        t = time.perf_counter()
+        df = run.step_metrics()
+        t_metrics = time.perf_counter() - t
+        print(f"bare read of the statistics table : {t_bare:6.3f} s ({bare.num_rows:,} rows)")
+        print(f"open_run (reads + validates)      : {t_open:6.3f} s")
+        print(f"step_metrics, all {df.width - 1} metrics    : {t_metrics:6.3f} s ({df.height} steps)")
+        print(f"open + step_metrics               : {t_open + t_metrics:6.3f} s  (target < 1 s); "
+              f"ratio to bare read {(t_open + t_metrics) / t_bare:.2f}")
+        t = time.perf_counter()
+        run.step_metrics()
+        print(f"step_metrics again (table cached) : {time.perf_counter() - t:6.3f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_recompute(args: argparse.Namespace) -> None:
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    try:
+        if not (tmp / "run" / "manifest.json").exists():
+            t = time.perf_counter()
+            make_token_run(tmp / "run", args.rows)
+            print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
+        run = rldiag.open_run(tmp / "run")
+        files = [str(f) for f in run.token_files()]
+        n = sum(pq.read_metadata(f).num_rows for f in files)
+        t = time.perf_counter()
+        pl.scan_parquet(files).group_by("step").agg(pl.col("logp").sum(), pl.col("old_logp").sum(),
+                                                     pl.col("adv").sum()).collect()
+        t_bare = time.perf_counter() - t
+        t = time.perf_counter()
+        df = run.step_metrics(config=run.config.replace(eps_high=0.28))
+        t_re = time.perf_counter() - t
+        print(f"bare polars group-by-step sum    : {t_bare:6.2f} s ({n / t_bare / 1e6:6.1f} M rows/s)")
+        print(f"recompute all {df.width - 1} metrics      : {t_re:6.2f} s ({n / t_re / 1e6:6.1f} M tokens/s); "
+              f"ratio to bare {t_re / t_bare:.1f}x (targets: >= 30 M tokens/s, within 8x)")
+        print(f"peak RSS of this process         : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    finally:
+        if not args.dir and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    try:
+        if not (tmp / "run" / "manifest.json").exists():
+            t = time.perf_counter()
+            make_token_run(tmp / "run", args.rows)
+            print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
+        code = ("import resource, time, rldiag; r = rldiag.open_run(%r); t = time.perf_counter(); "
+                "df = r.step_metrics(config=r.config.replace(eps_high=0.28)); "
+                "print(f'{time.perf_counter() - t:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')"
+                % str(tmp / "run"))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        base = subprocess.run([sys.executable, "-c", "import resource, rldiag, rldiag.analysis.io, numba; "
+                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        print(f"recompute of {args.rows:,} token rows: {float(out[0]):.1f} s, peak RSS {int(out[1]) / 2**20:.2f} GiB "
+              f"(import baseline {int(base[0]) / 2**20:.2f} GiB; target < 2 GB)")
+    finally:
+        if not args.dir and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("stats", "recompute", "memory"))
+    ap.add_argument("--steps", type=int, default=10_000)
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--micros", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=20_000_000)
+    ap.add_argument("--dir", help="reuse a generated run in this folder")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    {"stats": bench_stats, "recompute": bench_recompute, "memory": bench_memory}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
