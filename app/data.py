@@ -308,27 +308,28 @@ class RunState:
 
 
 def run_closed(path: Path, manifest: dict[str, Any] | None = None) -> bool:
-    """Whether the run's writers all closed (``writers/*.json`` carry ``closed``), or the manifest says so."""
-    if manifest is None:
-        try:
-            manifest = json.loads((path / schema.MANIFEST_NAME).read_text())
-        except (OSError, ValueError):
-            manifest = {}
-    if manifest.get("closed") or manifest.get("status") in ("closed", "finished"):
+    """Whether the run ended: for every rank, its latest writer (by ``started``) recorded ``closed``, or
+    its process is gone from this machine (a crash or a kill leaves no ``closed`` mark).
+
+    Same rule as :func:`rldiag.alerts.follow.run_closed`, plus the process check, so a finished sample run
+    is not reported as stalled forever.
+    """
+    if manifest and (manifest.get("closed") or manifest.get("status") in ("closed", "finished")):
         return True
-    writers = sorted((path / schema.WRITERS_DIR).glob("*.json"))
-    if not writers:
-        return False
-    for w in writers:
+    latest: dict[Any, dict[str, Any]] = {}
+    for w in sorted((path / schema.WRITERS_DIR).glob("*.json")):
         try:
             info = json.loads(w.read_text())
         except (OSError, ValueError):
-            return False
-        if info.get("closed") or info.get("closed_at") or info.get("status") in ("closed", "finished"):
             continue
-        if not _writer_gone(info):
-            return False
-    return True
+        if not isinstance(info, dict):
+            continue
+        rank = info.get("rank", 0)
+        if rank not in latest or float(info.get("started") or 0) >= float(latest[rank].get("started") or 0):
+            latest[rank] = info
+    if not latest:
+        return False
+    return all(bool(info.get("closed")) or _writer_gone(info) for info in latest.values())
 
 
 def _writer_gone(info: dict[str, Any]) -> bool:

@@ -56,17 +56,17 @@ def layout(p: Any = None, b: Any = None, c: Any = None, lam: Any = None, **_quer
 def cliff_view(p: Any, b: Any, c: Any, lam: Any) -> tuple[Any, Any]:
     """(figure, result line) for the inputs, or an explanation of what is wrong with them."""
     try:
-        mod = importlib.import_module("rldiag.analysis.cliff")
-    except ImportError:
-        return figures.empty_figure("cliff calculator not available"), ui.notice(
-            "rldiag.analysis.cliff is not available in this version.", "error")
-    try:
         p, b, c = float(p), float(b), float(c)
         lam = float(lam) if lam not in (None, "") else None
     except (TypeError, ValueError):
         return figures.empty_figure("enter p, b and c"), ui.notice("p, b and c must be numbers.", "error")
     if not (0 < p < 1 and 0 < b < 1 and c > 1):
         return figures.empty_figure("out of range"), ui.notice("need 0 < p < 1, 0 < b < 1 and c > 1.", "error")
+    try:
+        mod = importlib.import_module("rldiag.analysis.cliff")
+    except ImportError:
+        return figures.empty_figure("cliff calculator not available"), ui.notice(
+            "rldiag.analysis.cliff is not available in this version.", "error")
     try:
         star = float(mod.lambda_star(p, b, c))
         fig = mod.cliff_figure(p, b, c, lam=lam)

@@ -1,0 +1,232 @@
+"""Callback bodies and page layouts, called directly inside a request of a real app (no browser)."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HOSTILE
+from dash import dcc, html, no_update
+from dash.exceptions import PreventUpdate
+from synth import SPIKE_STEP, record_run
+
+from app import app as shell
+from app import figures, ids, panels
+
+PAGES = ("runs", "overview", "ratios", "clipping", "entropy", "mismatch", "positions", "tokens", "cliff", "alerts")
+
+
+@pytest.fixture
+def ctx(make_app, tokenizer_dir):
+    app = make_app(tokenizer=tokenizer_dir)
+    with app.server.test_request_context():
+        yield app
+
+
+def page(name: str) -> Any:
+    return importlib.import_module(f"app.pages.{name}")
+
+
+def walk(component: Any):
+    """Every component and string in a Dash component tree."""
+    yield component
+    children = getattr(component, "children", None)
+    if children is None:
+        return
+    for child in children if isinstance(children, (list, tuple)) else [children]:
+        yield from walk(child)
+
+
+def texts(component: Any) -> list[str]:
+    return [c for c in walk(component) if isinstance(c, str)]
+
+
+def test_every_page_layout_renders_for_a_run(ctx):
+    for name in PAGES:
+        tree = page(name).layout(run="grpo_full")
+        assert isinstance(tree, html.Div), name
+        assert not any("Traceback" in t for t in texts(tree)), name
+
+
+def test_layout_refuses_a_traversal_run_id_and_names_it_as_text(ctx):
+    tree = page("overview").layout(run="../../etc")
+    errors = [c for c in walk(tree) if isinstance(c, html.Div) and "notice-error" in (getattr(c, "className", None) or "")]
+    assert errors and "'../../etc'" in errors[0].children
+    assert not [c for c in walk(tree) if isinstance(c, dcc.Graph)]
+    assert shell.layout.resolve_runs(["../../etc"])[0] == []
+
+
+def test_panels_follow_the_registry(ctx):
+    registry = panels.registry()
+    shown = {m for p in panels.overview_panels() for m in p.metrics}
+    assert shown == {n for n, s in registry.items() if s.headline}
+    for name in ("ratios", "clipping", "entropy", "mismatch"):
+        for p in panels.page_panels(name):
+            for m, help_item in zip(p.metrics, p.help):
+                assert m in registry and help_item.doc == registry[m].doc
+    # every metric of a page family is on that page, once
+    on_page = [m for p in panels.page_panels("clipping") for m in p.metrics]
+    assert sorted(on_page) == sorted(n for n, s in registry.items() if s.family in ("clip", "regime", "balance"))
+
+
+def test_render_panel_draws_selected_runs_and_skips_unknown_ones(ctx):
+    pid = ids.panel("overview", "ratio-x", ["ratio/max"])
+    fig = shell.render_panel(pid, ["grpo_full", "../nope", "sweep/minimal"], 0.0, None)
+    assert fig.layout.meta["runs"] == ["grpo_full", "sweep/minimal"]
+    raw = fig.data[2]
+    assert max(v for v in raw.y if v is not None) > 20  # the spike of grpo_full
+    empty = shell.render_panel(pid, ["../nope"], 0.0, None)
+    assert empty.data == ()
+
+
+def test_panel_callback_rerenders_on_zoom_but_not_on_cosmetic_relayout():
+    assert shell.needs_render(None) and shell.needs_render({"autosize": True})
+    assert shell.needs_render({"xaxis.range[0]": 1, "xaxis.range[1]": 5})
+    assert shell.needs_render({"xaxis.autorange": True})
+    assert not shell.needs_render({"dragmode": "pan"})
+    assert shell.relayout_range({"xaxis.range": [2, 9]}) == (2.0, 9.0)
+    assert shell.relayout_range({"yaxis.range[0]": 1}) is None
+
+
+def test_click_on_a_panel_point_links_to_that_runs_tokens():
+    pid = ids.panel("overview", "k", ["ratio/max", "ratio/mean"])
+    per_run = 2 * figures.TRACES_PER_SERIES
+    click = {"points": [{"curveNumber": per_run + 3, "x": 6.6}]}
+    assert shell.click_target(pid, click, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=7"
+    heat = {"points": [{"curveNumber": 0, "x": 3, "y": 0.1}]}
+    assert shell.click_target(ids.clickable("ratio-heatmap"), heat, ["a"]) == "/tokens?run=a&step=3"
+    with pytest.raises(PreventUpdate):
+        shell.click_target(pid, None, ["a"])
+    with pytest.raises(PreventUpdate):
+        shell.click_target(pid, {"points": [{"x": "n/a"}]}, ["a"])
+
+
+def test_live_tick_extends_panels_with_new_steps_only(tmp_path: Path):
+    rec = record_run(tmp_path / "r", steps=3, close=False)
+    app = shell.create_app(tmp_path)
+    pids = [ids.panel("overview", "a", ["ratio/max"]), ids.panel("overview", "b", ["ratio/mean", "kl/k3"])]
+    with app.server.test_request_context():
+        shell.render_panel(pids[0], ["r"], 0.5, None)  # the page is on screen: metrics cached
+        extends, last, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0)
+        assert extends == [no_update, no_update] and version is no_update and badge == "live"
+        record_run(tmp_path / "r", steps=2, start=3, close=False, rec=rec)
+        extends, last, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0)
+        assert last == {"r": 4} and version == 1
+        update, indices = extends[1]
+        assert indices == list(range(8))
+        assert update["x"][0] == [3.0, 4.0]
+        extends, *_ = shell.live_tick(["r"], pids, 0.5, 1)
+        assert extends == [no_update, no_update]
+        _, _, _, badge, cls = shell.live_tick(["r"], pids, 0.5, 1, paused=True)
+        assert badge == "paused" and "paused" in cls
+    rec.close()
+
+
+def test_tokens_page_shows_worst_tokens_with_hostile_text_as_plain_text(ctx):
+    body, line = page("tokens").token_body("grpo_full", SPIKE_STEP, "logratio", 10)
+    assert f"step {SPIKE_STEP}" in line
+    tables = [c for c in walk(body) if isinstance(c, html.Table)]
+    assert len(tables) == 3
+    first_row = tables[0].children[1].children[0]
+    assert first_row.children[3].children == "4"  # the injected log-ratio spike is the worst token
+    spans = [c for c in walk(body) if isinstance(c, html.Span) and c.children == HOSTILE]
+    assert spans, "token id 7 decodes to the hostile string and is shown"
+    # nothing in the tree could interpret it as markup
+    assert not [c for c in walk(body) if isinstance(c, dcc.Markdown) or hasattr(c, "dangerously_allow_html")]
+
+
+def test_tokens_page_explains_a_step_without_rows(ctx):
+    body, _ = page("tokens").token_body("grpo_full", 10_000, "logratio", 10)
+    assert "No token rows for step 10000" in " ".join(texts(body))
+
+
+def test_mismatch_page_says_what_to_record_when_data_is_missing(ctx):
+    tree = page("mismatch").layout(run="sweep/minimal")
+    joined = " ".join(texts(tree))
+    assert "record rollout_logp" in joined and "record version" in joined
+
+
+def test_alert_tables_link_steps_and_escape_nothing(ctx, runs_root: Path):
+    events = [{"event": "firing", "rule": "kl_spike", "severity": "warn", "step": 5, "start_step": 5,
+               "summary": HOSTILE, "time": 1.7e9}]
+    states = page("alerts").states_table("grpo_full", events)
+    links = [c for c in walk(states) if isinstance(c, dcc.Link)]
+    assert links[0].href == "/tokens?run=grpo_full&step=5"
+    assert HOSTILE in texts(states)
+
+
+def test_cliff_page_reports_missing_module_or_lambda_star(ctx):
+    fig, result = page("cliff").cliff_view(0.96, 0.90, 2.0, 0.5)
+    joined = " ".join(texts(result))
+    try:
+        importlib.import_module("rldiag.analysis.cliff")
+    except ImportError:
+        assert "not available" in joined
+    else:
+        assert "λ* = 0.76" in joined and "safe" in joined
+    _, bad = page("cliff").cliff_view(1.5, 0.9, 2.0, None)
+    assert "0 < p < 1" in " ".join(texts(bad))
+
+
+def test_runs_page_filters_by_glob_or_substring(ctx):
+    runs = page("runs")
+    assert runs.matches("sweep/minimal", "*min*") and runs.matches("sweep/minimal", "SWEEP")
+    assert not runs.matches("grpo_full", "sweep*")
+    table = runs.runs_table(["grpo_full", "sweep/minimal"], selected=["grpo_full"], pattern="grpo")
+    rows = table.children[1].children
+    assert len(rows) == 1
+    assert runs.compare_link([["grpo_full"], ["sweep/minimal"]]) == "/overview?run=grpo_full&run=sweep%2Fminimal"
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth_guards_every_route(make_app):
+    app = make_app(auth="alice:s3cret")
+    client = app.server.test_client()
+    for path in ("/", "/_dash-layout", "/_dash-dependencies", "/assets/style.css"):
+        r = client.get(path)
+        assert r.status_code == 401 and "Basic" in r.headers["WWW-Authenticate"], path
+        assert client.get(path, headers=_basic("alice", "wrong")).status_code == 401
+    assert client.get("/", headers=_basic("alice", "s3cret")).status_code == 200
+    assert client.get("/_dash-layout", headers=_basic("alice", "s3cret")).status_code == 200
+    assert client.get("/", headers={"Authorization": "Basic !!!"}).status_code == 401
+
+
+def test_without_auth_the_app_is_open_and_auth_strings_are_validated(make_app):
+    assert make_app().server.test_client().get("/").status_code == 200
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(ValueError, match="USER:PASSWORD"):
+            shell.parse_auth(bad)
+    assert shell.parse_auth("a:b:c") == ("a", "b:c")
+
+
+def test_exposure_warning_only_off_loopback():
+    assert shell.exposure_warning("127.0.0.1", None) is None
+    assert shell.exposure_warning("::1", None) is None
+    assert "--auth" in shell.exposure_warning("0.0.0.0", None)
+    assert "TLS" in shell.exposure_warning("0.0.0.0", ("a", "b"))
+
+
+def test_default_path_opens_the_bundled_sample_runs(monkeypatch, runs_root: Path):
+    monkeypatch.setenv("RLDIAG_SAMPLE_LOGS", str(runs_root))
+    assert shell.sample_logs_path() == runs_root
+    app = shell.create_app()
+    assert app.server.extensions["rldiag"].root == runs_root.resolve()
+
+
+def test_dependencies_are_json_and_every_page_is_registered(make_app):
+    import dash
+
+    app = make_app()
+    deps = app.server.test_client().get("/_dash-dependencies").json
+    assert any("extendData" in d["output"] for d in deps)
+    paths = {p["path"] for p in dash.page_registry.values()}
+    assert {"/", "/overview", "/ratios", "/clipping", "/entropy", "/mismatch", "/positions", "/tokens",
+            "/cliff", "/alerts"} <= paths
+    json.dumps(deps)

@@ -1,0 +1,154 @@
+"""Figure builders: trace layout, spikes, alerts, live extension, heatmaps (no server, no browser)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from app import figures
+from app.downsample import ema
+
+
+def _frame(n: int = 50, spike_at: int | None = None, offset: float = 0.0) -> pl.DataFrame:
+    steps = np.arange(n)
+    y = 1.0 + offset + 0.01 * np.sin(steps)
+    if spike_at is not None:
+        y[spike_at] = 30.0
+    return pl.DataFrame({"step": steps, "ratio/max": y, "ratio/mean": np.full(n, 1.0) + 0.001 * steps})
+
+
+def _ys(trace) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in trace.y], dtype=float)
+
+
+def test_panel_has_four_traces_per_run_and_metric_in_a_fixed_order():
+    frames = {"a": _frame(), "b": _frame(offset=0.5)}
+    fig = figures.metric_panel(frames, ["ratio/max", "ratio/mean"], title="t", smoothing=0.5)
+    assert len(fig.data) == 2 * 2 * figures.TRACES_PER_SERIES
+    names = [t.name for t in fig.data]
+    assert names[:4] == ["a · ratio/max min", "a · ratio/max max", "a · ratio/max (raw)", "a · ratio/max"]
+    assert names[12:16] == ["b · ratio/mean min", "b · ratio/mean max", "b · ratio/mean (raw)", "b · ratio/mean"]
+    assert fig.layout.meta["runs"] == ["a", "b"]
+
+
+def test_raw_stays_visible_under_smoothing_and_ema_is_over_full_resolution():
+    frame = _frame(n=40)
+    fig = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", smoothing=0.8)
+    raw, sm = fig.data[2], fig.data[3]
+    assert raw.visible is not False and sm.visible is not False
+    np.testing.assert_allclose(_ys(raw), frame["ratio/max"].to_numpy())
+    np.testing.assert_allclose(_ys(sm), ema(frame["ratio/max"].to_numpy(), 0.8))
+    off = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", smoothing=0.0)
+    assert list(off.data[3].y) == [] and off.data[2].showlegend
+
+
+def test_spike_survives_in_the_envelope_of_a_long_downsampled_run():
+    fig = figures.metric_panel({"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t", buckets=100)
+    lo, hi, raw = fig.data[0], fig.data[1], fig.data[2]
+    assert len(raw.x) <= 102 and fig.layout.meta["aggregated"]
+    assert np.nanmax(_ys(hi)) == 30.0
+    assert hi.fill == "tonexty"  # the band fills down to the min trace
+    assert np.nanmax(_ys(raw)) < 30.0  # the bucket mean alone would have hidden it
+
+
+def test_zoom_range_reaggregates_at_full_resolution():
+    fig = figures.metric_panel({"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t",
+                               buckets=100, x_range=(12_300, 12_390))
+    assert not fig.layout.meta["aggregated"]
+    assert list(fig.layout.xaxis.range) == [12_300, 12_390]
+    assert 30.0 in list(fig.data[2].y)
+
+
+def test_alerts_are_vertical_lines_at_their_steps():
+    alerts = {"a": [{"step": 7, "severity": "critical", "rule": "x"}, {"step": None, "severity": "warn"}]}
+    fig = figures.metric_panel({"a": _frame()}, ["ratio/max"], title="t", alerts=alerts)
+    lines = [s for s in fig.layout.shapes if s.xref == "x"]
+    assert [(s.x0, s.line.color) for s in lines] == [(7, figures.SEVERITY_COLORS["critical"])]
+
+
+def test_constant_and_missing_series_get_a_usable_axis():
+    const = pl.DataFrame({"step": np.arange(5), "m": np.full(5, 16.0)})
+    fig = figures.metric_panel({"a": const}, ["m"], title="t")
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 16.0 < hi
+    empty = pl.DataFrame({"step": np.arange(5), "m": np.full(5, np.nan)})
+    fig = figures.metric_panel({"a": empty}, ["m"], title="t", no_data="record ref_logp")
+    assert len(fig.data) == figures.TRACES_PER_SERIES  # live updates can still extend it
+    assert any(a.text == "record ref_logp" for a in fig.layout.annotations)
+    assert all(v is None for v in fig.data[2].y)
+
+
+def test_nan_and_inf_are_sent_as_gaps():
+    f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
+    fig = figures.metric_panel({"a": f}, ["m"], title="t")
+    assert list(fig.data[2].y) == [1.0, None, None]
+    fig.to_json()  # strict JSON: would fail on NaN/Inf in some encoders
+
+
+def test_extend_payload_targets_the_right_traces_and_continues_the_ema():
+    full_a, full_b = _frame(n=10), _frame(n=12, offset=1.0)
+    fresh = {"a": full_a.tail(2), "b": full_b.tail(3)}
+    update, idx = figures.extend_payload(fresh, {"a": full_a, "b": full_b}, ["a", "b"], ["ratio/max", "ratio/mean"],
+                                         smoothing=0.6)
+    per = figures.TRACES_PER_SERIES
+    # run b, metric ratio/mean is series 3: its traces start at 3 * 4
+    assert idx[-4:] == [3 * per, 3 * per + 1, 3 * per + 2, 3 * per + 3]
+    assert idx[:4] == [0, 1, 2, 3]
+    assert update["x"][0] == [8.0, 9.0]
+    np.testing.assert_allclose(update["y"][-1], ema(full_b["ratio/mean"].to_numpy(), 0.6)[-3:])
+    assert len(update["x"]) == len(update["y"]) == len(idx)
+
+
+def test_extend_payload_without_smoothing_skips_the_ema_trace_and_none_when_nothing_is_new():
+    full = _frame(n=5)
+    update, idx = figures.extend_payload({"a": full.tail(1)}, {"a": full}, ["a"], ["ratio/max"])
+    assert idx == [0, 1, 2]
+    assert figures.extend_payload({"a": full.clear()}, {"a": full}, ["a"], ["ratio/max"]) is None
+
+
+def test_ratio_heatmap_trims_empty_bins_and_normalises_per_step():
+    centers = 2.0 ** np.arange(-10, 3, dtype=float)
+    counts = np.zeros((len(centers), 4))
+    counts[3:6] = [[1, 2, 0, 4], [3, 2, 0, 4], [0, 4, 0, 0]]
+    fig = figures.ratio_heatmap(np.arange(4), centers, counts, bands={"p99": np.array([0.1, 0.2, 0.3, 0.4])})
+    heat = fig.data[0]
+    assert len(heat.y) == 3
+    np.testing.assert_allclose(heat.y, np.log10(centers[3:6]))
+    z = np.array([[np.nan if v is None else v for v in row] for row in heat.z])
+    share = np.nansum(10 ** z, axis=0)
+    np.testing.assert_allclose(share[[0, 1, 3]], 1.0)
+    assert math.isnan(share[2]) or share[2] == 0  # a step with no tokens has no colour
+    assert fig.data[1].name == "p99"
+    assert figures.ratio_heatmap(np.arange(2), centers, np.zeros((len(centers), 2))).layout.annotations
+
+
+def test_bucket_heatmap_pivots_steps_by_buckets():
+    f = pl.DataFrame({"step": [0, 0, 1, 1], "bucket": [0, 1, 0, 1], "ratio/mean": [1.0, 0.9, 1.1, 0.8]})
+    fig = figures.bucket_heatmap(f, "ratio/mean", by="pos")
+    heat = fig.data[0]
+    assert list(heat.x) == [0, 1] and list(heat.y) == ["0", "1"]
+    assert [list(r) for r in heat.z] == [[1.0, 1.1], [0.9, 0.8]]
+    assert heat.zmid == 1.0
+    assert figures.bucket_heatmap(f, "missing", by="pos").layout.annotations
+
+
+def test_lens_figures_read_objectives_from_column_names():
+    f = pl.DataFrame({"step": [0, 1], "lens/ppo/kept_frac": [0.9, 0.8], "lens/cispo/kept_frac": [1.0, 1.0],
+                      "lens/ppo/weight_mean": [1.0, 1.0]})
+    assert figures.lens_objectives(f, "kept_frac") == ["ppo", "cispo"]
+    lines = figures.lens_lines(f, "kept_frac")
+    assert [t.name for t in lines.data] == ["ppo", "cispo"]
+    bars = figures.lens_bars(f, "kept_frac")
+    assert list(bars.data[0].y) == pytest.approx([0.85, 1.0])
+    assert list(bars.data[1].y) == pytest.approx([0.8, 1.0])
+
+
+def test_stacked_shares_and_law_figure():
+    f = pl.DataFrame({"step": [0, 1], "a": [0.25, 0.5], "b": [0.75, 0.5]})
+    fig = figures.stacked_shares(f, ["a", "b", "absent"], title="t")
+    assert [t.name for t in fig.data] == ["a", "b"] and fig.data[0].stackgroup == "one"
+    law = figures.law_figure(np.array([1.0, 0.5]), np.array([0.2, 0.4]), a=0.3, b=1.0, r2=0.9, reward_name="r")
+    assert law.layout.shapes[0].y0 == pytest.approx(0.7)  # ceiling b - a
