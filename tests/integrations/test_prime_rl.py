@@ -26,7 +26,7 @@ def make_sequence(rng: np.random.Generator, step: int, rank: int, *, multi_turn:
     if multi_turn and resp > 5:
         mask[prompt + 2: prompt + 4] = [False, False]  # a tool result inside the response
     trainer = (-rng.exponential(1.0, n)).tolist()
-    inference = (np.array(trainer) + rng.normal(0, 0.1, n)).tolist()
+    inference = (-np.abs(np.array(trainer) + rng.normal(0, 0.1, n))).tolist()
     adv = float(rng.normal())
     return {
         "schema_version": 2, "step": step, "export_step": step, "rank": rank, "micro_step": 0,
@@ -67,6 +67,7 @@ def test_imports_every_step_and_rank_with_the_documented_mapping(tmp_path):
     records = write_exports(tmp_path / "out", multi_turn=True)
     run_dir = import_prime_rl(tmp_path / "out", tmp_path / "run")
     run = rldiag.open_run(run_dir)
+    assert run.name == "run"  # not the name of the folder it was built in
     assert run.steps() == [1, 2, 10]
     assert run.ranks == [0, 1]
 
@@ -152,6 +153,7 @@ def bad_file(tmp_path, mutate, line: int = 2):
     (lambda r: json.dumps({**r, "step": "seven"}), "step"),
     (lambda r: json.dumps({**r, "trainer_logprobs": ["x"] * len(r["trainer_logprobs"])}), "not a number"),
     (lambda r: json.dumps({**r, "loss_mask": [2] * len(r["loss_mask"])}), "loss_mask"),
+    (lambda r: json.dumps({**r, "inference_logprobs": [0.5] * len(r["loss_mask"])}), "positive"),
     (lambda r: '{"step": 7, "rank": 0, ', "not valid JSON"),
     (lambda r: "[1, 2, 3]", "JSON object"),
 ])
@@ -176,6 +178,15 @@ def test_directory_errors(tmp_path):
     with pytest.raises(PrimeRLImportError, match="not empty"):
         import_prime_rl(tmp_path / "out", tmp_path / "run")
     assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
+
+
+def test_lenient_config_counts_positive_log_probs_instead(tmp_path):
+    path = bad_file(tmp_path, lambda r: json.dumps({**r, "trainer_logprobs": [0.5] * len(r["loss_mask"])}))
+    trained_per_line = [sum(json.loads(line)["loss_mask"]) for line in path.read_text().splitlines()]
+    cfg = rldiag.RecorderConfig(errors="lenient")
+    run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", config=cfg))
+    assert run.step_metrics()["tokens/count"][0] == sum(trained_per_line) - trained_per_line[1]
+    assert run.step_stats()["n_invalid"].sum() == trained_per_line[1]
 
 
 def test_null_log_probs_count_as_non_finite(tmp_path):

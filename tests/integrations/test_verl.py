@@ -415,3 +415,35 @@ def test_loading_through_verl_use_external_modules(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ---- the launch lines of docs/integrations.md ---------------------------------------------------------------
+DOCUMENTED_OVERRIDES = [
+    "actor_rollout_ref.actor.policy_loss.loss_mode=rldiag",
+    "actor_rollout_ref.actor.calculate_entropy=True",
+    "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=rldiag.record.integrations.verl",
+    "+ray_kwargs.ray_init.runtime_env.env_vars.RLDIAG_RUN_DIR=/shared/runs/exp1",
+]
+
+
+def test_documented_overrides_reach_the_ray_workers_environment():
+    """verl's own Hydra config accepts the documented overrides and main_ppo's runtime env carries them."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    import verl
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
+                               version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=DOCUMENTED_OVERRIDES)
+    # what verl.trainer.main_ppo.run_ppo passes to ray.init
+    runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.runtime_env)
+    env_vars = OmegaConf.to_container(runtime_env)["env_vars"]
+    assert env_vars["VERL_USE_EXTERNAL_MODULES"] == "rldiag.record.integrations.verl"
+    assert env_vars["RLDIAG_RUN_DIR"] == "/shared/runs/exp1"
+    actor = cfg.actor_rollout_ref.actor
+    assert actor.policy_loss.loss_mode == "rldiag" and actor.calculate_entropy is True
+    assert cfg.actor_rollout_ref.rollout.calculate_log_probs is True  # rollout log-probs are on by default

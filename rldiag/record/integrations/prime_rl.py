@@ -107,7 +107,7 @@ def import_prime_rl(
         shutil.rmtree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_run(files, staging, config)
+        _write_run(files, staging, config, name=target.name)
         if target.exists():
             target.rmdir()
         os.replace(staging, target)
@@ -151,26 +151,31 @@ def _find_files(src: Path) -> dict[int, list[tuple[int, Path]]]:
     return dict(sorted(by_rank.items()))
 
 
-def _write_run(files: dict[int, list[tuple[int, Path]]], run_dir: Path, config: RecorderConfig | None) -> None:
+def _write_run(
+    files: dict[int, list[tuple[int, Path]]], run_dir: Path, config: RecorderConfig | None, *, name: str
+) -> None:
     from rldiag.record.recorder import Recorder
 
     world_size = max(files) + 1
+    cfg = config or RecorderConfig()
+    # strict: a positive log-prob is an input error, reported with its file and line (lenient: counted)
+    logp_limit = cfg.logp_tolerance if cfg.errors == "strict" else None
     for rank, entries in files.items():
-        rec = Recorder(run_dir, config=config, rank=rank, world_size=world_size)
+        rec = Recorder(run_dir, config=config, rank=rank, world_size=world_size, name=name)
         try:
             for _, path in entries:
-                for step, chunk in _chunks(path, rank):
+                for step, chunk in _chunks(path, rank, logp_limit):
                     _record_chunk(rec, step, chunk)
         finally:
             rec.close()
 
 
-def _chunks(path: Path, rank: int) -> Iterator[tuple[int, list[_Sequence]]]:
+def _chunks(path: Path, rank: int, logp_limit: float | None) -> Iterator[tuple[int, list[_Sequence]]]:
     """Sequences of one file, grouped by step, in chunks of about _CHUNK_TOKENS padded tokens."""
     chunk: list[_Sequence] = []
     chunk_step: int | None = None
     longest = 0
-    for step, seq in _read(path, rank):
+    for step, seq in _read(path, rank, logp_limit):
         if chunk and (step != chunk_step or (len(chunk) + 1) * max(longest, len(seq.logp)) > _CHUNK_TOKENS):
             yield chunk_step, chunk  # type: ignore[misc]
             chunk, longest = [], 0
@@ -181,7 +186,7 @@ def _chunks(path: Path, rank: int) -> Iterator[tuple[int, list[_Sequence]]]:
         yield chunk_step, chunk  # type: ignore[misc]
 
 
-def _read(path: Path, rank: int) -> Iterator[tuple[int, _Sequence]]:
+def _read(path: Path, rank: int, logp_limit: float | None) -> Iterator[tuple[int, _Sequence]]:
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -193,12 +198,12 @@ def _read(path: Path, rank: int) -> Iterator[tuple[int, _Sequence]]:
                 raise PrimeRLImportError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(rec, dict):
                 raise PrimeRLImportError(f"{where}: expected a JSON object per line, got {type(rec).__name__}")
-            seq = _parse(rec, where, rank)
+            seq = _parse(rec, where, rank, logp_limit)
             if seq is not None:
                 yield int(rec["step"]), seq
 
 
-def _parse(rec: dict[str, Any], where: str, file_rank: int) -> _Sequence | None:
+def _parse(rec: dict[str, Any], where: str, file_rank: int, logp_limit: float | None) -> _Sequence | None:
     missing = [k for k in REQUIRED_KEYS if k not in rec]
     if missing:
         raise PrimeRLImportError(f"{where}: record lacks required key(s) {missing} (has {sorted(rec)})")
@@ -241,6 +246,15 @@ def _parse(rec: dict[str, Any], where: str, file_rank: int) -> _Sequence | None:
     entropy = _floats(rec["entropy"], lo, hi, where, "entropy") if rec.get("entropy") is not None else None
     for arr in (logp, rollout, advantages):
         arr[~sub] = 0.0  # untrained gaps inside the response are masked; keep them finite
+    if logp_limit is not None:
+        for key, arr in (("trainer_logprobs", logp), ("inference_logprobs", rollout)):
+            bad = np.flatnonzero(arr > logp_limit)
+            if bad.size:
+                raise PrimeRLImportError(
+                    f"{where}: {key}[{lo + int(bad[0])}] = {float(arr[bad[0]])} is positive ({bad.size} such tokens); "
+                    "log-probabilities cannot be, so these are not log-probs (or pass a RecorderConfig with "
+                    "errors='lenient' to count and skip them)"
+                )
     if entropy is not None:
         entropy[~sub] = 0.0
     return _Sequence(
