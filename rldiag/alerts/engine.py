@@ -190,6 +190,8 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
             moved = sign * (last - first) > 0
             hold = moved
         enough = abs(last - first) >= cond.min_change * abs(first)
+        if cond.floor is not None:  # the level must matter too: a rising trend of a negligible value is noise
+            enough = enough and (last >= cond.floor if sign > 0 else last <= cond.floor)
         trip = moved and enough
         thr, res, ref = first, None, first
     trips = (cs.trips + (trip,))[-cond.n:]

@@ -108,7 +108,9 @@ class Condition:
       (``mode="monotone"``) or from the first to the last (``mode="net"``), by at least ``min_change``
       relative to the first value.
 
-    For relative kinds ``floor`` is an absolute bound the value must also pass (guards a reference of 0).
+    For relative kinds ``floor`` is an absolute bound the value must also pass (guards a reference of 0);
+    for trends it is the level the last value must reach (a rising trend must end at or above it, a
+    falling one at or below it).
     A condition *trips* on a step when its test holds; it is *met* when it tripped on at least ``for_``
     of the last ``within`` evaluated steps. While the rule fires, the condition *holds* as long as the
     value stays on the bad side of ``resolve`` (hysteresis).
@@ -149,7 +151,9 @@ class Condition:
         if self.kind == "trend":
             text = f"{self.metric} {self.direction} {self.steps} steps ({self.mode})"
             if self.min_change:
-                text += f" by >= {self.min_change:g}x"
+                text += f" by >= {self.min_change:.0%}"
+            if self.floor is not None:
+                text += f" to {'>=' if self.direction == 'rising' else '<='} {self.floor:g}"
         elif self.kind == "baseline":
             text = f"{self.metric} {self.op} {self.threshold:g} x median(first {self.baseline_steps})"
         elif self.kind == "rolling":
