@@ -306,7 +306,12 @@ class Writer(threading.Thread):
         tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
         table = table.replace_schema_metadata(self._meta)
         try:
-            pq.write_table(table, tmp, compression=compression)
+            # dictionary encoding pays off only on the low-cardinality key columns; on float columns it doubles
+            # the write time for nothing
+            keys = [c for c in ("step", "rank", "micro", "seq", "group", "pos", "turn", "stage")
+                    if c in table.column_names]
+            pq.write_table(table, tmp, compression=compression, use_dictionary=keys,
+                           write_statistics=["step", "rank", "micro"] if "micro" in table.column_names else True)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
