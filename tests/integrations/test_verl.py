@@ -119,6 +119,29 @@ def test_records_the_tensors_verl_passes(tmp_path):
     np.testing.assert_array_equal(df["adv"].to_numpy(), adv.numpy()[m])
 
 
+def test_rollout_log_probs_passed_to_the_loss_are_recorded(tmp_path):
+    """Older verl releases hand rollout_log_probs to the policy loss; they reach the delegate and the run."""
+    rv.configure(tmp_path / "run")
+    rv.set_step(1)
+    seen = {}
+
+    @core_algos.register_policy_loss("test_spy_rollout")
+    def spy(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+            rollout_log_probs=None, **kwargs):
+        seen["rollout"] = rollout_log_probs
+        return log_prob.sum(), {}
+
+    rv.configure(delegate="test_spy_rollout")
+    old, lp, adv, mask = random_inputs(6)
+    rollout = old - 0.01
+    rv.policy_loss(old, lp, adv, mask, "token-mean", actor_config(), rollout_log_probs=rollout)
+    rv.close()
+    del core_algos.POLICY_LOSS_REGISTRY["test_spy_rollout"]
+    assert seen["rollout"] is rollout
+    df = read_tokens(tmp_path / "run")
+    np.testing.assert_array_equal(df["rollout_logp"].to_numpy(), rollout.numpy()[mask.numpy()])
+
+
 def test_run_dir_is_required_with_a_message(tmp_path):
     old, lp, adv, mask = random_inputs(2)
     with pytest.raises(RuntimeError, match=rv.ENV_RUN_DIR):

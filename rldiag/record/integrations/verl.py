@@ -296,7 +296,8 @@ def policy_loss(
     _check_delegate(delegate)
     _state.loss_calls += 1
     if _should_record():
-        _record(old_log_prob, log_prob, advantages, response_mask, config)
+        # verl releases before the rollout-correction rework passed rollout_log_probs to the loss itself
+        _record(old_log_prob, log_prob, advantages, response_mask, config, kwargs.get("rollout_log_probs"))
     return get_policy_loss_fn(delegate)(
         old_log_prob=old_log_prob,
         log_prob=log_prob,
@@ -320,12 +321,16 @@ def _record(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     config: Any,
+    rollout_log_probs: torch.Tensor | None,
 ) -> None:
     rank, world_size, records = _dist_position()
     if not records:  # a sequence/tensor-parallel peer that sees the same tokens as its source rank
         return
     rec = _get_or_create_recorder(config, rank, world_size)
     extras = _micro_batch_extras(tuple(log_prob.shape))
+    if "rollout_logprobs" not in extras and isinstance(rollout_log_probs, torch.Tensor):
+        if tuple(rollout_log_probs.shape) == tuple(log_prob.shape):
+            extras["rollout_logprobs"] = rollout_log_probs.detach()
     rec.record(
         step=_current_step(),
         logprobs=log_prob.detach(),
