@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("run", help="new run directory")
     pr.add_argument("--eps-low", type=float, default=0.2)
     pr.add_argument("--eps-high", type=float, default=0.2)
+    pr.add_argument("--tis-cap", type=float, default=2.0, help="prime-rl's importance-ratio bound (mismatch/tis_frac)")
     pr.set_defaults(func=run_prime_rl)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
@@ -43,6 +44,7 @@ def run_prime_rl(args: argparse.Namespace) -> int:
         mod = importlib.import_module("rldiag.record.integrations.prime_rl")
     except ImportError as exc:
         raise CLIError(f"the prime-rl importer is not available: {exc}") from None
-    out = mod.import_prime_rl(args.dir, args.run, config=RecorderConfig(eps_low=args.eps_low, eps_high=args.eps_high))
+    cfg = RecorderConfig(eps_low=args.eps_low, eps_high=args.eps_high, tis_cap=args.tis_cap)
+    out = mod.import_prime_rl(args.dir, args.run, config=cfg)
     print(f"imported prime-rl token exports from {args.dir} into {out}; try `rldiag summarize {out}`")
     return 0
