@@ -1,0 +1,238 @@
+"""Online evaluation: OnlineAlerts on its own and wired into a real rldiag.Recorder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rldiag
+from rldiag.alerts import (
+    AlertConfig,
+    Condition,
+    JsonlSink,
+    Notification,
+    OnlineAlerts,
+    Rule,
+    RuleSet,
+    Sink,
+    StopTraining,
+    WebhookSink,
+    load_rules,
+    make_online_alerts,
+    online_from_arg,
+    read_history,
+)
+from rldiag.alerts.rules import Settings
+from tests.alerts.conftest import Clock, Receiver
+
+
+class Collect(Sink):
+    """A synchronous sink that keeps what it gets."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[Notification] = []
+        self.cond = threading.Condition()
+
+    def deliver(self, n: Notification) -> None:
+        with self.cond:
+            self.got.append(n)
+            self.cond.notify_all()
+
+    def wait_for(self, pred: Callable[[list[Notification]], bool], timeout: float = 30.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: pred(self.got), timeout)
+
+
+KL = Rule("kl", (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),), severity="critical")
+STALL = Rule("stalled", kind="stall", stall_after=600.0)
+
+
+def test_observe_is_evaluated_in_the_background(tmp_path: Path, clock: Clock) -> None:
+    col = Collect()
+    alerts = OnlineAlerts(RuleSet((KL,)), [col, JsonlSink(tmp_path / "alerts.jsonl")], tmp_path, clock=clock,
+                          resume=False)
+    for step, v in enumerate([0.0, 0.1, 0.1, 0.0]):
+        alerts.observe(step, {"kl/k3": v, "unused": 1.0})
+    assert alerts.flush(30.0)
+    assert [(n.event, n.step) for n in col.got] == [("firing", 1), ("resolved", 3)]
+    alerts.close()
+    alerts.close()  # idempotent
+    assert [e["event"] for e in read_history(tmp_path / "alerts.jsonl")] == ["firing", "resolved"]
+    assert alerts.stats()["observed"] == 4 and alerts.stats()["errors"] == 0
+    alerts.observe(9, {"kl/k3": 1.0})  # after close: ignored
+    assert len(col.got) == 2
+
+
+def test_stall_and_repeat_from_the_tick_thread(clock: Clock) -> None:
+    col = Collect()
+    alerts = OnlineAlerts(RuleSet((KL, STALL), Settings(repeat_interval=3600.0)), [col], clock=clock,
+                          tick_interval=0.01)
+    alerts.observe(0, {"kl/k3": 0.1})
+    assert col.wait_for(lambda g: len(g) == 1)
+    clock.advance(600.0)
+    assert col.wait_for(lambda g: any(n.rule == "stalled" for n in g))
+    assert alerts.status()["kl"].state.value == "nodata"
+    clock.advance(3000.0)
+    assert col.wait_for(lambda g: any(n.event == "repeat" and n.rule == "kl" for n in g))
+    alerts.observe(1, {"kl/k3": 0.1})
+    assert col.wait_for(lambda g: any(n.rule == "stalled" and n.event == "resolved" for n in g))
+    alerts.close()
+    kinds = [(n.rule, n.event) for n in col.got]
+    assert kinds.count(("stalled", "firing")) == 1 and kinds.count(("kl", "firing")) == 1
+
+
+def test_close_resolves_a_stall_and_stops_stall_detection(clock: Clock) -> None:
+    col = Collect()
+    alerts = OnlineAlerts(RuleSet((STALL,)), [col], clock=clock, tick_interval=0.01)
+    alerts.observe(0, {})
+    assert alerts.flush(30.0)
+    clock.advance(700.0)
+    assert col.wait_for(lambda g: len(g) == 1)
+    alerts.close()
+    assert [(n.rule, n.event) for n in col.got] == [("stalled", "firing"), ("stalled", "resolved")]
+
+
+def test_hanging_and_failing_webhooks_do_not_block_evaluation(tmp_path: Path, receiver: Receiver) -> None:
+    from tests.alerts.conftest import Receiver as R
+
+    failing = R()
+    failing.mode = "500"
+    receiver.mode = "hang"
+    hang = WebhookSink(receiver.url, timeout=30.0)
+    fail = WebhookSink(failing.url, max_retries=50, backoff=0.05)
+    col = Collect()
+    alerts = OnlineAlerts(RuleSet((KL,)), [hang, fail, col], tmp_path, resume=False)
+    try:
+        for step in range(200):
+            alerts.observe(step, {"kl/k3": 0.1 if step % 20 < 10 else 0.0})
+        # every step is evaluated and the local sink has every event while both webhooks are still stuck
+        assert col.wait_for(lambda g: len(g) == 20)
+        assert receiver.wait_requests(1) and failing.wait_requests(1)
+        assert hang.pending > 0 and fail.pending > 0
+        assert alerts.stats()["errors"] == 0
+    finally:
+        alerts.close(timeout=0.5)
+        failing.close()
+    sinks = alerts.stats()["sinks"]
+    assert sinks["collect"]["sent"] == 20
+    assert sinks["webhook"]["sent"] == 0 and sinks["webhook"]["dropped"] > 0
+    assert sinks["webhook#2"]["retries"] > 0
+
+
+def test_make_online_alerts_forms(tmp_path: Path) -> None:
+    assert make_online_alerts(None, tmp_path) is None and make_online_alerts(False, tmp_path) is None
+    a = make_online_alerts(True, tmp_path / "a")
+    assert a is not None and {s.name for s in a.notifier.sinks} == {"console", "jsonl"} and len(a.rules) == 15
+    a.close()
+    rules = tmp_path / "r.toml"
+    rules.write_text('include_defaults = false\n[rules.x]\nmetric = "kl/k3"\nthreshold = 1\n')
+    b = make_online_alerts(str(rules), tmp_path / "b")
+    assert b is not None and b.rules.names == ("x",)
+    b.close()
+    c = make_online_alerts(AlertConfig(rules=[KL], console=False, stop_on=("critical",),
+                                       webhooks="http://127.0.0.1:9/x"), tmp_path / "c")
+    assert c is not None and [s.name for s in c.notifier.sinks] == ["jsonl", "webhook", "stop"]
+    c.close(timeout=0.1)
+    d = OnlineAlerts(RuleSet((KL,)), [])
+    assert make_online_alerts(d, tmp_path) is d and online_from_arg(d, run_dir=tmp_path) is d
+    d.close()
+    assert online_from_arg(True, run_dir=tmp_path / "e", rank=1, world_size=2) is None
+    with pytest.raises(TypeError, match="alerts="):
+        make_online_alerts(42, tmp_path)
+
+
+# ---------------------------------------------------------------- wired into a real Recorder
+
+
+def record_steps(rec: rldiag.Recorder, steps: range, *, spike: set[int] = frozenset(), entropy: float = 1.5,
+                 seed: int = 0, micro: int = 2) -> None:
+    rng = np.random.default_rng(seed)
+    for s in steps:
+        for _ in range(micro):
+            old = np.log(rng.uniform(0.05, 0.95, (16, 24))).astype(np.float32)
+            drift = 0.6 if s in spike else 0.01
+            lp = np.minimum(old + rng.normal(0, drift, old.shape), 0).astype(np.float32)
+            adv = rng.normal(0, 1, 16).astype(np.float32)
+            ent = np.full(old.shape, entropy(s) if callable(entropy) else entropy, np.float32)
+            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=adv, entropy=ent)
+
+
+def test_recorder_alerts_use_exact_step_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rules = load_rules().without("stalled_run")
+    with rldiag.Recorder(run, alerts=AlertConfig(rules=rules, console=False)) as rec:
+        assert isinstance(rec.alerts, OnlineAlerts)
+        record_steps(rec, range(30), spike={20})
+    events = read_history(run / "alerts.jsonl")
+    kl = [e for e in events if e["rule"] == "kl_spike_critical"]
+    assert [(e["event"], e["step"]) for e in kl] == [("firing", 20), ("resolved", 21)]
+    metrics = rldiag.open_run(run).step_metrics()
+    assert kl[0]["value"] == metrics.filter(metrics["step"] == 20)["kl/k3"].item()
+    assert {e["run"] for e in events} == {"run"}
+
+
+def test_recorder_stop_on_critical(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rec = rldiag.Recorder(run, alerts=AlertConfig(rules=[KL], console=False, stop_on=("critical",)))
+    try:
+        record_steps(rec, range(3), spike={1})
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+        rec.flush()
+        # step 1 is evaluated when step 2 begins; the evaluator then sets the flag
+        deadline = time.monotonic() + 30
+        while not rec.should_stop and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.should_stop
+        with pytest.raises(StopTraining, match="kl"):
+            rec.alerts.check()
+    finally:
+        rec.close()
+
+
+def test_resumed_run_replays_disk_for_baselines_without_renotifying(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rules = load_rules().without("stalled_run")
+    cfg = AlertConfig(rules=rules, console=False)
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(15), spike={5}, entropy=1.5)
+    first = read_history(run / "alerts.jsonl")
+    assert [(e["rule"], e["event"], e["step"]) for e in first if e["rule"] == "kl_spike"] == [
+        ("kl_spike", "firing", 5), ("kl_spike", "resolved", 6)]
+    # the trainer restarts; entropy is now far below the run's own baseline (steps 0-9 of the first session)
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(15, 30), entropy=0.2, seed=1)
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+        assert rec.alerts.stats()["replayed_steps"] == 15
+    events = read_history(run / "alerts.jsonl")
+    assert events[: len(first)] == first
+    later = events[len(first):]
+    assert not [e for e in later if e["step"] < 15]  # nothing of the first session is sent again
+    collapse = [(e["event"], e["step"]) for e in later if e["rule"] == "entropy_collapse"]
+    assert collapse == [("firing", 17)]  # 3 steps below 30% of the first session's baseline
+
+
+def test_two_ranks_rank0_evaluates_merged_statistics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = AlertConfig(rules=[KL], console=False)
+    recs = [rldiag.Recorder(run, alerts=cfg, rank=r, world_size=2, roll_steps=1) for r in (0, 1)]
+    assert recs[0].alerts is not None and recs[1].alerts is None
+    assert recs[0].alerts.world_size == 2
+    for s in range(12):
+        record_steps(recs[0], range(s, s + 1), seed=s, micro=1)
+        record_steps(recs[1], range(s, s + 1), spike={6}, seed=100 + s, micro=1)  # only rank 1 spikes
+    recs[1].close()
+    recs[0].close()
+    events = read_history(run / "alerts.jsonl")
+    assert [(e["event"], e["step"]) for e in events] == [("firing", 6), ("resolved", 7)]
+    merged = rldiag.open_run(run).step_metrics()
+    assert events[0]["value"] == merged.filter(merged["step"] == 6)["kl/k3"].item()
+    rank0 = rldiag.open_run(run).step_metrics(ranks=[0])
+    assert rank0.filter(rank0["step"] == 6)["kl/k3"].item() < 0.03  # rank 0 alone would not have fired
