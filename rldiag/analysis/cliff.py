@@ -178,9 +178,12 @@ def lambda_star_kary(teacher: Sequence[float] | np.ndarray, base: Sequence[float
 
 
 def severity(headroom: float) -> str:
-    """The cliff alert's verdict for lambda/lambda*: "critical" (>= 1), "warn" (>= 0.95) or "ok"."""
+    """The cliff alert's verdict for lambda/lambda*: "critical" (>= 1), "warn" (>= 0.95), "ok", or "unknown"
+    (NaN: no binding position in the step)."""
+    if math.isnan(headroom):
+        return "unknown"
     if not math.isfinite(headroom):
-        return "ok" if math.isnan(headroom) or headroom < 0 else "critical"
+        return "ok" if headroom < 0 else "critical"
     return "critical" if headroom >= 1.0 else "warn" if headroom >= WARN_HEADROOM else "ok"
 
 
@@ -193,14 +196,16 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
     exceeds the threshold, that token *is* the teacher's mode (no other token can hold more than 1 - threshold),
     so p_i = exp(teacher_logp) and b_i = exp(base_logp) are the teacher's modal probability and the base's mass
     on the same token. (Positions where the student sampled a non-modal token are not seen; at near-deterministic
-    positions they are rare.) Per step: ``cliff/p`` and ``cliff/b`` are the means over those positions,
+    positions they are rare.) Per step: ``cliff/n_tokens`` rows with both log-probs, ``cliff/n_positions`` binding
+    ones, ``cliff/p`` and ``cliff/b`` are the means over those positions,
     ``cliff/lambda_star`` is lambda*(p, b, c) of the pooled Bernoulli reduction, ``cliff/lambda_star_min`` the
     smallest per-position lambda*(p_i, b_i, c), ``cliff/headroom`` = lam / lambda* and ``cliff/severity`` the
     alert's verdict. ``run`` is a Run (c defaults to the eps form of its ``eps_low``) or token rows (LazyFrame or
     DataFrame, eps 0.2 by default).
     """
     if not 0.5 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0.5, 1): below 0.5 the sampled token need not be the mode ({threshold})")
+        raise ValueError(f"threshold must be in [0.5, 1), got {threshold}: below 0.5 the sampled token need not "
+                         "be the teacher's mode")
     if isinstance(run, pl.DataFrame):
         lf = run.lazy()
     elif isinstance(run, pl.LazyFrame):
@@ -222,10 +227,12 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
         lf = lf.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
     p = pl.col(schema.TEACHER_LOGP).cast(pl.Float64).exp()
     b = pl.col(schema.BASE_LOGP).cast(pl.Float64).exp()
-    binding = (p > threshold) & (b > 0) & (b < 1) & p.is_finite()
+    scored = p.is_finite() & b.is_finite()
+    binding = (p > threshold) & (b > 0) & (b < 1) & scored
     out = (
         lf.group_by(schema.STEP)
         .agg(
+            scored.sum().cast(pl.Int64).alias("cliff/n_tokens"),
             binding.sum().cast(pl.Int64).alias("cliff/n_positions"),
             p.filter(binding).mean().alias("cliff/p"),
             b.filter(binding).mean().alias("cliff/b"),
@@ -234,6 +241,8 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
         .sort(schema.STEP)
         .collect(engine="streaming")
     )
+    if out.height and out["cliff/n_tokens"].sum() == 0:
+        raise ValueError("no token row has both teacher_logp and base_logp: record teacher_logprobs and base_logprobs")
     pooled = [
         lambda_star(pi, bi, c) if pi is not None and bi is not None else math.nan
         for pi, bi in zip(out["cliff/p"].to_list(), out["cliff/b"].to_list())
@@ -242,7 +251,8 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
     if lam is not None:
         out = out.with_columns((float(lam) / pl.col(LAMBDA_STAR)).alias(HEADROOM))
         out = out.with_columns(pl.col(HEADROOM).map_elements(severity, return_dtype=pl.String).alias("cliff/severity"))
-    cols = [schema.STEP, "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c", LAMBDA_STAR, LAMBDA_STAR_MIN]
+    cols = [schema.STEP, "cliff/n_tokens", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c", LAMBDA_STAR,
+            LAMBDA_STAR_MIN]
     if lam is not None:
         cols += [HEADROOM, "cliff/severity"]
     return out.select(cols).with_columns(pl.col(pl.Float64).fill_null(float("nan")))

@@ -80,7 +80,8 @@ def fit_law(frame: Any, metric: str = DEFAULT_METRIC, *, entropy: str = ENTROPY,
         frame = frame.step_metrics()
     missing = [c for c in ("step", entropy, metric) if c not in frame.columns]
     if missing:
-        raise ValueError(f"no column(s) {', '.join(missing)} in the step metrics (have: {', '.join(frame.columns[:8])}...)")
+        have = ", ".join(frame.columns[:8])
+        raise ValueError(f"no column(s) {', '.join(missing)} in the step metrics (have: {have}, ...)")
     cols = ["step", entropy, metric, *([cov] if cov in frame.columns else [])]
     df = frame.select(cols).sort("step").with_columns(pl.col(c).cast(pl.Float64) for c in cols[1:])
     H, R = df[entropy].to_numpy(), df[metric].to_numpy()

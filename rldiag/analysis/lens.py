@@ -173,7 +173,7 @@ class LensParams:
     """
 
     ppo: ClipParams = field(default_factory=ClipParams)
-    """PPO/GRPO clip (the run's eps by default)."""
+    """PPO/GRPO symmetric clip (the run's eps_low on both sides when read from a run)."""
     dapo: ClipParams = field(default_factory=lambda: ClipParams(eps_low=0.2, eps_high=0.28))
     """DAPO clip-higher (0.2 / 0.28)."""
     dual_clip: DualClipParams = field(default_factory=DualClipParams)
@@ -199,20 +199,21 @@ class LensParams:
 
     @classmethod
     def from_config(cls, config: Any) -> LensParams:
-        """Defaults with the run's eps_low, eps_high, dual_clip_c, tis_cap and ctpo_bounds (a missing attribute
-        keeps the spec default)."""
-        lo = float(getattr(config, "eps_low", 0.2))
+        """Defaults with the run's clip settings: PPO, dual-clip and TIS/MIS clip symmetrically at the run's
+        eps_low, CISPO truncates at its eps_high, dual-clip c, TIS cap and CTPO bounds are the run's (a missing
+        attribute keeps the spec default). DAPO, DCPO, SAPO, GSPO and BAPO keep their published values."""
+        eps = float(getattr(config, "eps_low", 0.2))
         hi = float(getattr(config, "eps_high", 0.2))
         c = float(getattr(config, "dual_clip_c", 3.0))
         cap = float(getattr(config, "tis_cap", 2.0))
         ctpo_low, ctpo_high = getattr(config, "ctpo_bounds", (0.025, 0.05))
         return cls(
-            ppo=ClipParams(lo, hi),
-            dual_clip=DualClipParams(lo, hi, c),
+            ppo=ClipParams(eps, eps),
+            dual_clip=DualClipParams(eps, eps, c),
             cispo=CISPOParams(hi),
             ctpo=CTPOParams(float(ctpo_low), float(ctpo_high)),
-            tis=ISParams(cap, lo, hi),
-            mis=ISParams(cap, lo, hi),
+            tis=ISParams(cap, eps, eps),
+            mis=ISParams(cap, eps, eps),
         )
 
     def replace(self, overrides: Mapping[str, Any]) -> LensParams:
@@ -705,8 +706,8 @@ def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tu
         frame = frame.join(_ctpo_sums(seq), on=schema.STEP, how="left")
         frame = _repair_ctpo(frame, tok, seq_keys, params)
     if "ttb" in objs:
-        ess = frame.select(schema.STEP, pl.when(pl.col("sr2") > 0).then(pl.col("sr") ** 2 / (pl.col("n") * pl.col("sr2")))
-                           .otherwise(float("nan")).alias("ess"))
+        ess_expr = pl.col("sr") ** 2 / (pl.col("n") * pl.col("sr2"))
+        ess = frame.select(schema.STEP, pl.when(pl.col("sr2") > 0).then(ess_expr).otherwise(float("nan")).alias("ess"))
         frame = frame.join(ess, on=schema.STEP).join(_ttb_sums(tok, ess).collect(**_STREAMING), on=schema.STEP,
                                                       how="left")
     if "bapo" in objs:

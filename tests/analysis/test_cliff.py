@@ -47,7 +47,8 @@ def test_general_case_both_signs_and_infinities():
     inside = C.q_of_lambda(p, b, 0.999 * lam)
     assert np.all((inside >= q_min - 1e-12) & (inside <= q_max + 1e-12))
     # teacher flatter than the base: extrapolation pushes the mode down, the lower bound binds
-    assert C.lambda_star(0.6, 0.9, 2.0) == pytest.approx((logit(max(0.45, 0.8)) - logit(0.9)) / (logit(0.6) - logit(0.9)))
+    q_min = max(0.9 / 2, 1 - 2 * (1 - 0.9))
+    assert C.lambda_star(0.6, 0.9, 2.0) == pytest.approx((logit(q_min) - logit(0.9)) / (logit(0.6) - logit(0.9)))
     assert C.lambda_star(0.9, 0.9, 2.0) == math.inf  # p == b: never leaves
     assert C.lambda_star(0.96, 0.9, math.inf) == math.inf  # bound 1: the clip never binds
     assert C.lambda_star(1.0, 0.9, 2.0) == 0.0  # a deterministic teacher leaves at once
@@ -115,8 +116,8 @@ def opd_tokens(rng, steps=3, n=400):
 def test_report_estimates_p_and_b_at_binding_positions():
     frame = opd_tokens(np.random.default_rng(0))
     rep = C.cliff_report(frame, lam=0.5, threshold=0.9, c=2.0)
-    assert rep.columns == ["step", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c", "cliff/lambda_star",
-                           "cliff/lambda_star_min", "cliff/headroom", "cliff/severity"]
+    assert rep.columns == ["step", "cliff/n_tokens", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c",
+                           "cliff/lambda_star", "cliff/lambda_star_min", "cliff/headroom", "cliff/severity"]
     for row, (step, part) in zip(rep.iter_rows(named=True), frame.group_by("step", maintain_order=True)):
         p = np.exp(part["teacher_logp"].cast(pl.Float64).to_numpy())
         b = np.exp(part["base_logp"].cast(pl.Float64).to_numpy())
@@ -131,7 +132,7 @@ def test_report_estimates_p_and_b_at_binding_positions():
 
 def test_severity_thresholds():
     assert [C.severity(h) for h in (0.5, 0.95, 0.999, 1.0, 3.0, math.inf, math.nan)] == \
-        ["ok", "warn", "warn", "critical", "critical", "critical", "ok"]
+        ["ok", "warn", "warn", "critical", "critical", "critical", "unknown"]
 
 
 def test_report_errors():
@@ -140,6 +141,10 @@ def test_report_errors():
         C.cliff_report(frame, threshold=0.3)
     with pytest.raises(ValueError, match="record teacher_logprobs and base_logprobs"):
         C.cliff_report(frame.drop("base_logp"))
+    with pytest.raises(ValueError, match="no token row has both"):
+        C.cliff_report(frame.with_columns(pl.lit(None, pl.Float32).alias("base_logp")))
+    rep = C.cliff_report(frame.with_columns(pl.lit(-1.0).alias("teacher_logp")), lam=1.0)  # nothing binds
+    assert (rep["cliff/n_positions"] == 0).all() and rep["cliff/lambda_star"].is_nan().all()
 
 
 def test_report_on_a_recorded_run(run_dir):
@@ -181,3 +186,42 @@ def test_figure_marks_the_band_and_lambda_star():
     assert (rect.y0, rect.y1) == pytest.approx((q_min, q_max))
     texts = [a.text for a in fig.layout.annotations]
     assert any("λ* = 0.7618" in t for t in texts) and any("λ = 1" in t for t in texts)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def test_cli_numbers(capsys):
+    from rldiag.cli import main
+
+    assert main(["cliff", "--p", "0.96", "--b", "0.90", "--c", "2", "--eps", "0.2", "--lam", "0.74"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio form (c = 2): lambda* = 0.7618; lambda/lambda* = 0.9714 (warn)" in out
+    assert "eps form (c = 1.25)" in out and "derivation" in out
+    assert main(["cliff", "--teacher", "0.96,0.04", "--base", "0.9,0.1", "--c", "2", "--format", "json"]) == 0
+    import json
+    assert json.loads(capsys.readouterr().out)[0]["lambda_star"] == pytest.approx(0.761819, abs=1e-6)
+    assert main(["cliff", "--p", "0.96", "--b", "0.9"]) == 2
+    assert "--c (ratio form) or --eps" in capsys.readouterr().err
+    assert main(["cliff", "--p", "0.96", "--b", "1.5", "--c", "2"]) == 2
+    assert "0 < b < 1" in capsys.readouterr().err
+
+
+def test_cli_run(run_dir, capsys):
+    import rldiag
+    from rldiag.cli import main
+
+    rng = np.random.default_rng(5)
+    with rldiag.Recorder(run_dir) as rec:
+        for step in range(2):
+            teacher = np.log(np.full((2, 6), 0.97))
+            lp = np.full((2, 6), -0.1, np.float32)
+            rec.record(step=step, logprobs=lp, old_logprobs=lp, advantages=rng.normal(size=2).astype(np.float32),
+                       teacher_logprobs=teacher.astype(np.float32), base_logprobs=(teacher - 0.05).astype(np.float32))
+    assert main(["cliff", str(run_dir), "--lam", "0.1", "--c", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cliff/lambda_star" in out and "worst: ok" in out
+    assert main(["cliff", str(run_dir), "--lam", "5", "--format", "json"]) == 0
+    import json
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["cliff/severity"] for r in rows] == ["critical", "critical"]

@@ -94,3 +94,26 @@ def test_on_a_recorded_run(run_dir):
     fit = fit_law(rldiag.open_run(run_dir))
     assert fit.a == pytest.approx(0.3, rel=1e-4) and fit.b == pytest.approx(0.9, rel=1e-4)
     assert fit.n == 8 and 0 <= fit.n_sign <= 7
+
+
+def test_cli(run_dir, capsys):
+    import json
+
+    import rldiag
+    from rldiag.cli import main
+
+    rng = np.random.default_rng(3)
+    with rldiag.Recorder(run_dir) as rec:
+        for step in range(6):
+            lp = -rng.exponential(0.5, (4, 8)).astype(np.float32)
+            rec.record(step=step, logprobs=lp, old_logprobs=lp, advantages=rng.normal(size=4).astype(np.float32),
+                       entropy=np.full((4, 8), 1.0 - 0.1 * step, np.float32),
+                       rewards=np.full(4, 0.9 - 0.2 * np.exp(1.0 - 0.1 * step), np.float32))
+    assert main(["law", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "a = 0.2000, b = 0.9000" in out and "ceiling" in out and "mechanism" in out
+    assert main(["law", str(run_dir), "--format", "json", "--per-step"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["law/ceiling"] == pytest.approx(0.7, rel=1e-5) and len(got["steps"]) == 6
+    assert main(["law", str(run_dir), "--metric", "accuracy"]) == 2
+    assert "not a metric of this run" in capsys.readouterr().err

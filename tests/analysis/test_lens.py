@@ -97,8 +97,10 @@ def reference_step(t: dict[str, np.ndarray], p: L.LensParams) -> dict[str, float
         put(obj, _quantities(kept, w, adv, valid) if valid.any() else dict.fromkeys(L.QUANTITIES, NAN))
 
     bp = p.bapo
-    lows = [round(bp.low_start + k * bp.step, 10) for k in range(int(round((bp.low_max - bp.low_start) / bp.step)) + 1)]
-    highs = [round(bp.high_start + k * bp.step, 10) for k in range(int(round((bp.high_max - bp.high_start) / bp.step)) + 1)]
+    def grid(start, stop):
+        return [round(start + k * bp.step, 10) for k in range(int(round((stop - start) / bp.step)) + 1)]
+
+    lows, highs = grid(bp.low_start, bp.low_max), grid(bp.high_start, bp.high_max)
     path = [(lo, highs[0]) for lo in lows] + [(lows[-1], h) for h in highs[1:]]
     for lo, hi in path:
         kept, w = _clip(r, adv, lo, hi)
@@ -294,7 +296,8 @@ def test_non_finite_and_invalid_tokens_are_excluded():
     frame = random_tokens(5)
     bad = pl.concat([
         frame,
-        frame.head(3).with_columns(pl.lit(float("nan"), pl.Float32).alias("logp"), pl.lit(10_000, pl.Int64).alias("seq")),
+        frame.head(3).with_columns(pl.lit(float("nan"), pl.Float32).alias("logp"),
+                                   pl.lit(10_000, pl.Int64).alias("seq")),
         frame.head(2).with_columns(pl.lit(0.5, pl.Float32).alias("old_logp"), pl.lit(10_001, pl.Int64).alias("seq")),
     ])
     assert_frames_close(L.lens(bad), L.lens(frame))
@@ -314,7 +317,8 @@ def test_ppo_kept_frac_is_one_minus_the_clip_region():
     r = (frame["logp"].cast(pl.Float64) - frame["old_logp"].cast(pl.Float64)).exp().to_numpy()
     adv = frame["adv"].to_numpy()
     region = (((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0)))
-    want = 1 - pl.DataFrame({"step": frame["step"], "c": region}).group_by("step").agg(pl.col("c").mean()).sort("step")["c"]
+    per_step = pl.DataFrame({"step": frame["step"], "c": region}).group_by("step").agg(pl.col("c").mean())
+    want = 1 - per_step.sort("step")["c"]
     np.testing.assert_allclose(L.lens(frame, objectives=["ppo"])["lens/ppo/kept_frac"].to_numpy(), want.to_numpy())
 
 
@@ -337,11 +341,15 @@ def test_without_sequence_columns_gspo_and_ctpo_are_nan():
 
 def test_a_run_supplies_its_config():
     frame = random_tokens(1, shift=0.3)
-    cfg = SimpleNamespace(eps_low=0.1, eps_high=0.3, dual_clip_c=2.5, tis_cap=1.5)
+    cfg = SimpleNamespace(eps_low=0.1, eps_high=0.3, dual_clip_c=2.5, tis_cap=1.5, ctpo_bounds=(0.1, 0.2))
     run = SimpleNamespace(tokens=lambda: frame.lazy(), config=cfg)
-    got = L.lens(run, objectives=["ppo", "tis"])
-    params = L.LensParams(ppo=L.ClipParams(0.1, 0.3), tis=L.ISParams(1.5, 0.1, 0.3))
-    assert_frames_close(got, L.lens(frame, objectives=["ppo", "tis"], params=params))
+    objs = ["ppo", "cispo", "dual_clip", "ctpo", "tis", "dapo"]
+    got = L.lens(run, objectives=objs)
+    params = L.LensParams(ppo=L.ClipParams(0.1, 0.1), cispo=L.CISPOParams(0.3),
+                          dual_clip=L.DualClipParams(0.1, 0.1, 2.5), ctpo=L.CTPOParams(0.1, 0.2),
+                          tis=L.ISParams(1.5, 0.1, 0.1))
+    assert_frames_close(got, L.lens(frame, objectives=objs, params=params))
+    assert_frames_close(got.select("step", *L.columns(["dapo"])), L.lens(frame, objectives=["dapo"]))
     assert not np.allclose(got["lens/ppo/kept_frac"], L.lens(frame, objectives=["ppo"])["lens/ppo/kept_frac"])
 
 
@@ -368,15 +376,46 @@ def test_on_a_recorded_run(run_dir):
     from tests.metrics.reference import make_record
 
     rng = np.random.default_rng(11)
-    with rldiag.Recorder(run_dir, clip_low=0.2, clip_high=0.28, roll_steps=2) as rec:
+    with rldiag.Recorder(run_dir, clip_low=0.15, clip_high=0.15, roll_steps=2) as rec:
         for step in range(4):
             for _ in range(2):  # two micro-batches per step
                 rec.record(step=step, **make_record(rng, 6, 12, nan_frac=0.02))
     run = rldiag.open_run(run_dir)
     got = L.lens(run)
     params = L.LensParams.from_config(run.config)
-    assert params.ppo == L.ClipParams(0.2, 0.28)
+    assert params.ppo == L.ClipParams(0.15, 0.15)
     assert_frames_close(got, reference(run.tokens().collect(), params))
     # the lens's PPO keeps exactly the tokens outside the recorder's clip region
     region = run.step_metrics()["clip/region"].to_numpy()
     np.testing.assert_allclose(got["lens/ppo/kept_frac"].to_numpy(), 1 - region, rtol=1e-12)
+
+
+def test_cli(run_dir, capsys):
+    import json
+
+    import rldiag
+    from rldiag.cli import main
+    from tests.metrics.reference import make_record
+
+    rng = np.random.default_rng(1)
+    with rldiag.Recorder(run_dir) as rec:
+        for step in range(3):
+            rec.record(step=step, **make_record(rng, 4, 10))
+    assert main(["lens", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "objective lens over 3 steps" in out and all(o in out for o in L.OBJECTIVES)
+    assert main(["lens", str(run_dir), "--objectives", "dapo,ppo", "--steps", "1:3", "--format", "json",
+                 "--set", "dapo.eps_high=0.5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = L.lens(rldiag.open_run(run_dir), objectives=["ppo", "dapo"], steps=[1, 2],
+                  params={"dapo": {"eps_high": 0.5}})
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["lens/dapo/kept_frac"] for r in rows] == pytest.approx(want["lens/dapo/kept_frac"].to_list())
+    assert main(["lens", str(run_dir), "--per-step", "--objectives", "bapo"]) == 0
+    assert "bapo" in capsys.readouterr().out
+    assert main(["lens", str(run_dir), "--objectives", "grpo9"]) == 2
+    assert "unknown objective" in capsys.readouterr().err
+    assert main(["lens", str(run_dir), "--set", "dapo.eps_high"]) == 2
+    assert "OBJECTIVE.FIELD=VALUE" in capsys.readouterr().err
+    assert main(["lens", str(run_dir), "--set", "dapo.eps=0.3"]) == 2
+    assert "its fields are" in capsys.readouterr().err
