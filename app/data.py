@@ -32,7 +32,10 @@ STALL_SECONDS = 600.0
 LIVE_SECONDS = 120.0
 """A run whose newest file is younger than this is shown as *live* even before its writer says so."""
 MAX_TOKEN_STEPS = 200
-"""Token-row analyses (objective lens, position buckets) use at most this many steps of a long run."""
+"""Token-row analyses (objective lens, position buckets) use at most this many steps of a long run..."""
+TOKEN_ROW_BUDGET = 1_500_000
+"""... and at most about this many token rows (measured: ~2 s for the position table on 2 cores)."""
+MIN_TOKEN_STEPS = 20
 _SKIP_DIRS = {schema.TOKENS_DIR, schema.STATS_DIR, schema.WRITERS_DIR, "__pycache__"}
 _MAX_DEPTH = 4
 
@@ -269,10 +272,19 @@ class RunState:
         """All token rows of one step (the recorder may have sampled sequences; see the run config)."""
         return self.run.tokens().filter(pl.col(schema.STEP) == step).collect()
 
-    def analysis_steps(self, limit: int = MAX_TOKEN_STEPS) -> list[int]:
-        """Steps that token-row analyses (lens, buckets) use: all of them, or ``limit`` evenly spaced ones
-        (first and last included) on long runs, so a page never scans tens of millions of rows."""
-        steps = self.metrics()[schema.STEP].to_list()
+    def analysis_steps(self, limit: int | None = None) -> list[int]:
+        """Steps that token-row analyses (lens, buckets) use: all of them, or evenly spaced ones (first and
+        last included) on long runs, so a page never scans tens of millions of rows.
+
+        Default ``limit``: as many steps as fit :data:`TOKEN_ROW_BUDGET` rows, between
+        :data:`MIN_TOKEN_STEPS` and :data:`MAX_TOKEN_STEPS`.
+        """
+        frame = self.metrics()
+        steps = frame[schema.STEP].to_list()
+        if limit is None:
+            per_step = float(frame["tokens/count"].mean() or 0.0) if "tokens/count" in frame.columns else 0.0
+            fit = int(TOKEN_ROW_BUDGET // per_step) if per_step > 0 else MAX_TOKEN_STEPS
+            limit = min(max(fit, MIN_TOKEN_STEPS), MAX_TOKEN_STEPS)
         if len(steps) <= limit:
             return steps
         idx = np.unique(np.linspace(0, len(steps) - 1, limit).round().astype(int))

@@ -32,6 +32,8 @@ PALETTE = (
 SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
 STEP_AXIS = "step"
 _MARGIN = dict(l=55, r=15, t=36, b=20)
+_AXIS = dict(automargin=True, gridcolor="#ebeef2", linecolor="#c9ced6", zerolinecolor="#c9ced6", ticks="",
+             showline=False)
 _FONT = dict(family="system-ui, -apple-system, Segoe UI, sans-serif", size=12)
 
 
@@ -39,6 +41,19 @@ def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+def _arr(a: Any) -> np.ndarray:
+    """Float64 array with NaN for every non-finite value: plotly sends it as a compact binary array and
+    draws NaN as a gap (an Inf would break the axis layout)."""
+    v = np.asarray(a, dtype=np.float64)
+    return np.where(np.isfinite(v), v, np.nan)
+
+
+def _jlist(a: Any) -> list[float]:
+    """A plain list (NaN for non-finite values, sent as JSON null) for traces that ``extendData`` grows:
+    plotly.js cannot extend a trace that arrived as a binary array, which is what numpy input becomes."""
+    return _arr(a).tolist()
 
 
 def _finite_list(a: np.ndarray) -> list[float | None]:
@@ -53,12 +68,18 @@ def base_layout(title: str = "", *, height: int = 300, x_title: str = STEP_AXIS,
         height=height,
         margin=_MARGIN,
         font=_FONT,
-        template="plotly_white",
+        # Explicit colours instead of template="plotly_white": expanding a named template deep-copies it
+        # into every figure, which was two thirds of the Overview's server time.
+        template={},
+        paper_bgcolor="#ffffff",
+        plot_bgcolor="#ffffff",
+        colorway=list(PALETTE),
+        hoverlabel=dict(bgcolor="#ffffff"),
         hovermode="x unified",
         legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0, font=dict(size=11)),
-        xaxis=dict(title=dict(text=x_title, standoff=4), showspikes=True, spikemode="across", spikethickness=1,
-                   automargin=True),
-        yaxis=dict(automargin=True),
+        xaxis=dict(_AXIS, title=dict(text=x_title, standoff=4), showspikes=True, spikemode="across",
+                   spikethickness=1),
+        yaxis=dict(_AXIS),
         uirevision="keep",
     )
     layout.update(extra)
@@ -128,7 +149,7 @@ def metric_panel(
             group = f"{run_id}|{metric}"
             data.extend(_series_traces(env, smooth, label, group, color, unit))
     layout = base_layout(title, height=height)
-    layout["yaxis"] = dict(title=dict(text=unit or ""), zeroline=False, automargin=True)
+    layout["yaxis"] = dict(_AXIS, title=dict(text=unit or ""), zeroline=False)
     if y_lo == y_hi:
         # A constant series: plotly's autorange degenerates (and misplaces the axis title); pad it.
         pad = abs(y_lo) * 0.05 or 1.0
@@ -147,6 +168,7 @@ def metric_panel(
         layout["yaxis"]["range"] = [0, 1]
     layout["shapes"], layout["annotations"] = shapes, annotations
     layout["meta"] = {"aggregated": aggregated, "metrics": list(metrics), "runs": list(frames)}
+    layout["showlegend"] = len(frames) * len(metrics) > 1  # one series: the title already names it
     return go.Figure(data=data, layout=layout)
 
 
@@ -158,19 +180,19 @@ def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
 
 def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, unit: str | None) -> list[dict]:
     hover = f"{label}: %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
-    x = _finite_list(env.x)
+    x = _jlist(env.x)
     band = dict(type="scatter", mode="lines", x=x, legendgroup=group, showlegend=False, hoverinfo="skip",
                 line=dict(width=0, color=color))
-    lo = dict(band, name=f"{label} min", y=_finite_list(env.lo))
-    hi = dict(band, name=f"{label} max", y=_finite_list(env.hi), fill="tonexty", fillcolor=_rgba(color, 0.18))
+    lo = dict(band, name=f"{label} min", y=_jlist(env.lo))
+    hi = dict(band, name=f"{label} max", y=_jlist(env.hi), fill="tonexty", fillcolor=_rgba(color, 0.18))
     has_smooth = smooth is not None
     raw = dict(type="scatter", mode="lines", name=label if not has_smooth else f"{label} (raw)",
-               x=x, y=_finite_list(env.mean), legendgroup=group, showlegend=not has_smooth,
+               x=x, y=_jlist(env.mean), legendgroup=group, showlegend=not has_smooth,
                line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45)),
                hovertemplate=hover)
     if has_smooth:
-        sm = dict(type="scatter", mode="lines", name=label, x=_finite_list(smooth.x),
-                  y=_finite_list(smooth.mean), legendgroup=group, line=dict(width=2, color=color),
+        sm = dict(type="scatter", mode="lines", name=label, x=_jlist(smooth.x),
+                  y=_jlist(smooth.mean), legendgroup=group, line=dict(width=2, color=color),
                   hovertemplate=f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>")
     else:
         sm = dict(type="scatter", mode="lines", name=f"{label} (EMA)", x=[], y=[], legendgroup=group,
@@ -272,24 +294,25 @@ def ratio_heatmap(
         share = np.where(totals > 0, counts / totals, np.nan)
         z = np.where(share > 0, np.log10(share), np.nan)
     data: list[dict[str, Any]] = [dict(
-        type="heatmap", x=_finite_list(steps), y=_finite_list(np.log10(centers)), z=[_finite_list(row) for row in z],
-        customdata=[[float(c)] * len(steps) for c in centers],
+        type="heatmap", x=_arr(steps), y=_arr(np.log10(centers)), z=_arr(z),
+        customdata=np.repeat(centers[:, None], len(steps), axis=1),
         colorscale="Viridis", zmin=-6, zmax=0, colorbar=dict(title=dict(text="log10 share"), thickness=12),
         hovertemplate="step %{x}<br>|log-ratio| ≈ %{customdata:.3g}<br>log10 share %{z:.2f}<extra></extra>",
     )]
-    colors = ("#ffffff", "#ffdc00", "#ff4136", "#ff851b")
-    bx = _finite_list(steps if band_steps is None else band_steps)
+    colors = ("#111111", "#ff851b", "#ff4136", "#b10dc9")
+    dashes = ("dot", "solid", "solid", "dash")
+    bx = _arr(steps if band_steps is None else band_steps)
     for i, (label, values) in enumerate((bands or {}).items()):
         v = np.asarray(values, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             logv = np.where(v > 0, np.log10(v), np.nan)
-        data.append(dict(type="scatter", mode="lines", x=bx, y=_finite_list(logv), customdata=_finite_list(v),
-                         name=label, line=dict(color=colors[i % len(colors)], width=1.5),
+        data.append(dict(type="scatter", mode="lines", x=bx, y=_arr(logv), customdata=_arr(v),
+                         name=label, line=dict(color=colors[i % len(colors)], width=1.5, dash=dashes[i % 4]),
                          hovertemplate=f"{label}: %{{customdata:.3g}}<extra></extra>"))
     lo, hi = int(np.floor(np.log10(centers[0]))), int(np.ceil(np.log10(centers[-1])))
     ticks = list(range(lo, hi + 1))
     layout = base_layout(title, height=height)
-    layout["yaxis"] = dict(title=dict(text="|logp - old_logp| (nats, log scale)"), tickvals=ticks,
+    layout["yaxis"] = dict(_AXIS, title=dict(text="|logp - old_logp| (nats, log scale)"), tickvals=ticks,
                            ticktext=[f"1e{t}" if t not in (0, 1) else str(10 ** t) for t in ticks])
     layout["hovermode"] = "closest"
     return go.Figure(data=data, layout=layout)
@@ -303,14 +326,14 @@ def stacked_shares(
     present = [m for m in metrics if m in frame.columns and frame[m].is_not_null().any()]
     if frame.height == 0 or not present:
         return empty_figure("no data for " + ", ".join(metrics))
-    x = _finite_list(frame["step"].to_numpy())
+    x = _arr(frame["step"].to_numpy())
     data = []
     for i, m in enumerate(present):
-        data.append(dict(type="scatter", mode="lines", x=x, y=_finite_list(_column(frame, m)), stackgroup="one",
+        data.append(dict(type="scatter", mode="lines", x=x, y=_arr(_column(frame, m)), stackgroup="one",
                          name=(labels or {}).get(m, m), line=dict(width=0.5, color=PALETTE[i % len(PALETTE)]),
                          hovertemplate=f"{m}: %{{y:.3f}}<extra></extra>"))
     layout = base_layout(title, height=height)
-    layout["yaxis"] = dict(title=dict(text="share of tokens"), range=[0, 1])
+    layout["yaxis"] = dict(_AXIS, title=dict(text="share of tokens"), range=[0, 1])
     return go.Figure(data=data, layout=layout)
 
 
@@ -330,8 +353,8 @@ def lens_lines(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.F
     objectives = lens_objectives(frame, quantity)
     if not objectives:
         return empty_figure(f"the lens has no {quantity!r} columns")
-    x = _finite_list(frame["step"].to_numpy())
-    data = [dict(type="scatter", mode="lines", x=x, y=_finite_list(_column(frame, f"lens/{o}/{quantity}")),
+    x = _arr(frame["step"].to_numpy())
+    data = [dict(type="scatter", mode="lines", x=x, y=_arr(_column(frame, f"lens/{o}/{quantity}")),
                  name=o, line=dict(width=1.5, color=PALETTE[i % len(PALETTE)]),
                  hovertemplate=f"{o}: %{{y:.4g}}<extra></extra>")
             for i, o in enumerate(objectives)]
@@ -347,9 +370,9 @@ def lens_bars(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.Fi
              for o in objectives]
     last = [float(_column(frame, f"lens/{o}/{quantity}")[-1]) for o in objectives]
     data = [
-        dict(type="bar", x=objectives, y=_finite_list(np.array(means)), name="mean over steps",
+        dict(type="bar", x=objectives, y=_arr(np.array(means)), name="mean over steps",
              marker=dict(color="#1f77b4")),
-        dict(type="bar", x=objectives, y=_finite_list(np.array(last)), name="last step",
+        dict(type="bar", x=objectives, y=_arr(np.array(last)), name="last step",
              marker=dict(color="#ff7f0e")),
     ]
     layout = base_layout(f"objective lens: {quantity} by objective", height=height, x_title="objective")
@@ -370,14 +393,14 @@ def law_figure(
     grid = np.linspace(0.0, max(float(np.nanmax(h[ok])) * 1.05, 1e-3), 200)
     ceiling = b - a
     data = [
-        dict(type="scatter", mode="markers", x=_finite_list(h[ok]), y=_finite_list(r[ok]), name="steps",
+        dict(type="scatter", mode="markers", x=_arr(h[ok]), y=_arr(r[ok]), name="steps",
              marker=dict(size=5, color="#1f77b4", opacity=0.6),
              hovertemplate="H %{x:.3f}<br>R %{y:.3f}<extra></extra>"),
-        dict(type="scatter", mode="lines", x=_finite_list(grid), y=_finite_list(-a * np.exp(grid) + b),
+        dict(type="scatter", mode="lines", x=_arr(grid), y=_arr(-a * np.exp(grid) + b),
              name=f"fit R = -{a:.3g}·exp(H) + {b:.3g} (R² {r2:.2f})", line=dict(color="#d62728", width=2)),
     ]
     layout = base_layout("entropy-performance law", height=height, x_title="entropy/mean (nats)")
-    layout["yaxis"] = dict(title=dict(text=reward_name))
+    layout["yaxis"] = dict(_AXIS, title=dict(text=reward_name))
     layout["hovermode"] = "closest"
     layout["shapes"] = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=ceiling, y1=ceiling,
                              line=dict(color="#2ca02c", dash="dash", width=1.5))]
@@ -400,14 +423,14 @@ def bucket_heatmap(frame: pl.DataFrame, quantity: str, *, by: str, height: int =
     z = np.column_stack([_column(wide, c) for c in buckets]).T if buckets else np.empty((0, 0))
     diverging = quantity.startswith("ratio_mean") or quantity == "ratio/mean"
     data = [dict(
-        type="heatmap", x=_finite_list(wide["step"].to_numpy()), y=[str(b) for b in buckets],
-        z=[_finite_list(row) for row in z],
+        type="heatmap", x=_arr(wide["step"].to_numpy()), y=[str(b) for b in buckets],
+        z=_arr(z),
         colorscale="RdBu_r" if diverging else "Viridis", zmid=1.0 if diverging else None,
         colorbar=dict(title=dict(text=quantity), thickness=12),
         hovertemplate=f"step %{{x}}<br>{by} bucket %{{y}}<br>{quantity} %{{z:.4g}}<extra></extra>",
     )]
     layout = base_layout(f"{quantity} by {by} bucket", height=height)
-    layout["yaxis"] = dict(title=dict(text=f"{by} bucket"), type="category")
+    layout["yaxis"] = dict(_AXIS, title=dict(text=f"{by} bucket"), type="category")
     layout["hovermode"] = "closest"
     return go.Figure(data=data, layout=layout)
 

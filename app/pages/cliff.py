@@ -76,9 +76,9 @@ def cliff_view(p: Any, b: Any, c: Any, lam: Any) -> tuple[Any, Any]:
     parts: list[Any] = [html.Strong(text)]
     if lam is not None and math.isfinite(star) and star > 0:
         headroom = lam / star
-        state = "critical: past the cliff" if headroom >= 1 else ("warn: within 5% of it" if headroom >= 0.95 else "safe")
-        parts.append(html.Span(f" · λ/λ* = {headroom:.3f} ({state})",
-                               className="sev-critical" if headroom >= 1 else ("sev-warn" if headroom >= 0.95 else "")))
+        level = str(mod.severity(headroom)) if hasattr(mod, "severity") else ""
+        state = {"critical": "critical: past the cliff", "warn": "warn: close to it", "ok": "safe"}.get(level, level)
+        parts.append(html.Span(f" · λ/λ* = {headroom:.3f} ({state})", className=f"sev-{level}"))
     return fig, html.Div(parts)
 
 

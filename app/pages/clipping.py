@@ -47,11 +47,11 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
                            value="kept_frac", inline=True, className="radio"),
             html.Div(id=ids.LENS_NOTE, className="muted"),
         ], className="toolbar"),
-        html.Div([
+        dcc.Loading(html.Div([
             html.Div(ui.clickable_graph(ids.LENS_LINES, height=340), className="card"),
             html.Div(dcc.Graph(id=ids.LENS_BARS, config=ui.GRAPH_CONFIG, style={"height": "340px"}),
                      className="card"),
-        ], className="grid"),
+        ], className="grid"), type="dot"),
         note="Counterfactual: how PPO, DAPO, dual-clip, DCPO, CISPO, SAPO, GSPO, CTPO, TIS/MIS, BAPO and "
              "Trust-the-Batch would have weighted this run's tokens (first selected run).",
     ))
@@ -96,5 +96,7 @@ def update_lens(runs: list[str] | None, quantity: str, _version: int) -> tuple[A
     if frame is None:
         empty = figures.empty_figure("objective lens not available (rldiag.analysis.lens missing)")
         return empty, empty, "rldiag.analysis.lens is not installed in this version"
-    return (figures.lens_lines(frame, quantity), figures.lens_bars(frame, quantity),
-            f"{good[0]}: {frame.height} steps")
+    total = data.catalog().state(good[0]).metrics().height
+    note = f"{good[0]}: " + (f"{frame.height} of {total} steps, evenly spaced" if frame.height < total
+                             else f"all {total} steps")
+    return figures.lens_lines(frame, quantity), figures.lens_bars(frame, quantity), note

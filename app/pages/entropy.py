@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import dash
@@ -76,15 +77,18 @@ def law_view(run_id: str, metric: str) -> tuple[Any, str]:
                              a=float(a), b=float(b), r2=float(r2 if r2 is not None else float("nan")),
                              reward_name=metric)
     ceiling = _field(result, "ceiling")
-    reached = _field(result, "reached", "fraction_reached", "progress")
+    reached = _field(result, "reached")
+    gain = _field(result, "gain_reached")
     parts = [f"a = {float(a):.4g}, b = {float(b):.4g}"]
     if r2 is not None:
         parts.append(f"R² = {float(r2):.3f}")
     parts.append(f"ceiling = {float(ceiling if ceiling is not None else b - a):.4g}")
-    if reached is not None:
-        parts.append(f"reached {100 * float(reached):.0f}% of it")
+    if reached is not None and math.isfinite(float(reached)):
+        parts.append(f"R now = {100 * float(reached):.0f}% of the ceiling")
+    if gain is not None and math.isfinite(float(gain)):
+        parts.append(f"{100 * float(gain):.0f}% of the possible gain made")
     agree = _field(result, "sign_agreement", "mechanism_agreement")
-    if agree is not None:
+    if agree is not None and math.isfinite(float(agree)):
         parts.append(f"sign agreement of -cov with the entropy change: {100 * float(agree):.0f}%")
     return fig, "; ".join(parts)
 

@@ -35,7 +35,7 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
                          className="inline-dropdown"),
             html.Div(id=ids.BUCKET_NOTE, className="muted"),
         ], className="toolbar"),
-        html.Div(ui.clickable_graph(ids.BUCKET_HEATMAP, height=420), className="card"),
+        dcc.Loading(html.Div(ui.clickable_graph(ids.BUCKET_HEATMAP, height=420), className="card"), type="dot"),
         note="First selected run. Click a cell to open that step's tokens.",
     ))
     children.append(ui.section("stage scalars", ui.panel_grid(PAGE, panels.page_panels(PAGE))))
@@ -43,8 +43,9 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
 
 
 def quantities(frame: Any) -> list[str]:
-    """Numeric value columns of a bucket table (everything but the keys)."""
-    return [c for c, t in frame.schema.items() if c not in KEYS and t.is_numeric()]
+    """Numeric value columns of a bucket table (everything but the keys), the token count ``n`` last."""
+    names = [c for c, t in frame.schema.items() if c not in KEYS and t.is_numeric()]
+    return sorted(names, key=lambda c: c == "n")
 
 
 def bucket_frame(run_id: str, by: str) -> Any:
@@ -78,6 +79,14 @@ def update_buckets(runs: list[str] | None, by: str, quantity: str | None, _versi
     if quantity is None:
         return figures.empty_figure("no quantities"), [], None, ""
     fig = figures.bucket_heatmap(frame, quantity, by=by)
-    return fig, [{"label": n, "value": n} for n in names], quantity, f"{good[0]}: {frame.height} (step, bucket) rows"
+    return fig, [{"label": n, "value": n} for n in names], quantity, coverage_note(good[0], frame)
+
+
+def coverage_note(run_id: str, frame: Any) -> str:
+    """Say when the table covers only part of the run's steps (long runs are sampled evenly)."""
+    st = data.catalog().state(run_id)
+    used, total = frame["step"].n_unique(), st.metrics().height
+    part = f"{used} of {total} steps, evenly spaced" if used < total else f"all {total} steps"
+    return f"{run_id}: {part}"
 
 

@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
     warning = exposure_warning(args.host, parse_auth(auth_value(args)))
     if warning:
         print(f"rldiag dashboard: {warning}", file=sys.stderr)
+    from app.app import preload
     from app.data import catalog
 
     cat = catalog()
+    preload(cat)
     print(f"rldiag dashboard: serving {len(cat.run_ids())} run(s) from {cat.root}", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     print(f"rldiag dashboard: open http://{host}:{args.port}/", file=sys.stderr)

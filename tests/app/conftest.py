@@ -34,9 +34,9 @@ def pytest_setup_options():
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A served folder with two finished runs: a full one and a nested one without optional inputs."""
+    """A served folder with two finished runs: a full one (alerts on) and a nested one without optional inputs."""
     root = tmp_path_factory.mktemp("runs")
-    record_run(root / "grpo_full", steps=12)
+    record_run(root / "grpo_full", steps=12, alerts=True)
     record_run(root / "sweep" / "minimal", steps=10, full=False, seed=5)
     return root
 

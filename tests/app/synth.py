@@ -19,13 +19,16 @@ VOCAB = 50
 
 
 def record_run(path: Path, *, steps: int = 12, start: int = 0, full: bool = True, seed: int = 0,
-               close: bool = True, rec=None, token_ids_vocab: int = VOCAB):
-    """Record ``steps`` steps (two micro-batches each) into ``path``; returns the recorder if not closed."""
+               close: bool = True, rec=None, token_ids_vocab: int = VOCAB, alerts: bool = False):
+    """Record ``steps`` steps (two micro-batches each) into ``path``; returns the recorder if not closed.
+
+    ``alerts=True`` runs rldiag's default rules online, so ``alerts.jsonl`` fills as on a real run.
+    """
     import rldiag
 
     rng = np.random.default_rng(seed + start)
     if rec is None:
-        rec = rldiag.Recorder(path, clip_low=0.2, clip_high=0.28)
+        rec = rldiag.Recorder(path, clip_low=0.2, clip_high=0.28, alerts=alerts or None)
     for step in range(start, start + steps):
         for micro in range(2):
             old = -rng.gamma(1.0, 0.8, size=(B, T)).astype(np.float32)

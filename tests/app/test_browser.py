@@ -109,7 +109,7 @@ def test_live_run_extends_its_charts(dash_duo, tmp_path: Path):
     dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
     _settle(dash_duo)
     count_js = ("const g = document.querySelector('.js-plotly-plot');"
-                "return g && g.data ? g.data[2].x.length : -1;")
+                "return g && g._fullData && g._fullData[2] ? g._fullData[2].x.length : -1;")
     assert dash_duo.driver.execute_script(count_js) == 3
 
     def write_more() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -24,6 +25,10 @@ def _ys(trace) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in trace.y], dtype=float)
 
 
+def _as_list(values) -> list:
+    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
+
+
 def test_panel_has_four_traces_per_run_and_metric_in_a_fixed_order():
     frames = {"a": _frame(), "b": _frame(offset=0.5)}
     fig = figures.metric_panel(frames, ["ratio/max", "ratio/mean"], title="t", smoothing=0.5)
@@ -42,7 +47,7 @@ def test_raw_stays_visible_under_smoothing_and_ema_is_over_full_resolution():
     np.testing.assert_allclose(_ys(raw), frame["ratio/max"].to_numpy())
     np.testing.assert_allclose(_ys(sm), ema(frame["ratio/max"].to_numpy(), 0.8))
     off = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", smoothing=0.0)
-    assert list(off.data[3].y) == [] and off.data[2].showlegend
+    assert len(off.data[3].y) == 0 and off.data[2].showlegend
 
 
 def test_spike_survives_in_the_envelope_of_a_long_downsampled_run():
@@ -59,7 +64,7 @@ def test_zoom_range_reaggregates_at_full_resolution():
                                buckets=100, x_range=(12_300, 12_390))
     assert not fig.layout.meta["aggregated"]
     assert list(fig.layout.xaxis.range) == [12_300, 12_390]
-    assert 30.0 in list(fig.data[2].y)
+    assert 30.0 in _ys(fig.data[2])
 
 
 def test_alerts_are_vertical_lines_at_their_steps():
@@ -78,14 +83,14 @@ def test_constant_and_missing_series_get_a_usable_axis():
     fig = figures.metric_panel({"a": empty}, ["m"], title="t", no_data="record ref_logp")
     assert len(fig.data) == figures.TRACES_PER_SERIES  # live updates can still extend it
     assert any(a.text == "record ref_logp" for a in fig.layout.annotations)
-    assert all(v is None for v in fig.data[2].y)
+    assert np.isnan(_ys(fig.data[2])).all()
 
 
 def test_nan_and_inf_are_sent_as_gaps():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     fig = figures.metric_panel({"a": f}, ["m"], title="t")
-    assert list(fig.data[2].y) == [1.0, None, None]
-    fig.to_json()  # strict JSON: would fail on NaN/Inf in some encoders
+    assert _as_list(fig.data[2].y) == [1.0, None, None]  # Inf is a gap too, never sent as Infinity
+    json.loads(fig.to_json())  # strict JSON
 
 
 def test_extend_payload_targets_the_right_traces_and_continues_the_ema():
@@ -117,7 +122,7 @@ def test_ratio_heatmap_trims_empty_bins_and_normalises_per_step():
     heat = fig.data[0]
     assert len(heat.y) == 3
     np.testing.assert_allclose(heat.y, np.log10(centers[3:6]))
-    z = np.array([[np.nan if v is None else v for v in row] for row in heat.z])
+    z = np.asarray(heat.z, dtype=float)
     share = np.nansum(10 ** z, axis=0)
     np.testing.assert_allclose(share[[0, 1, 3]], 1.0)
     assert math.isnan(share[2]) or share[2] == 0  # a step with no tokens has no colour
@@ -130,7 +135,7 @@ def test_bucket_heatmap_pivots_steps_by_buckets():
     fig = figures.bucket_heatmap(f, "ratio/mean", by="pos")
     heat = fig.data[0]
     assert list(heat.x) == [0, 1] and list(heat.y) == ["0", "1"]
-    assert [list(r) for r in heat.z] == [[1.0, 1.1], [0.9, 0.8]]
+    np.testing.assert_allclose(np.asarray(heat.z), [[1.0, 1.1], [0.9, 0.8]])
     assert heat.zmid == 1.0
     assert figures.bucket_heatmap(f, "missing", by="pos").layout.annotations
 
@@ -152,3 +157,11 @@ def test_stacked_shares_and_law_figure():
     assert [t.name for t in fig.data] == ["a", "b"] and fig.data[0].stackgroup == "one"
     law = figures.law_figure(np.array([1.0, 0.5]), np.array([0.2, 0.4]), a=0.3, b=1.0, r2=0.9, reward_name="r")
     assert law.layout.shapes[0].y0 == pytest.approx(0.7)  # ceiling b - a
+
+
+def test_line_panel_traces_are_sent_as_plain_lists_so_extenddata_can_grow_them():
+    """plotly encodes numpy arrays as base64 typed-array specs, which Plotly.extendTraces cannot extend."""
+    fig = figures.metric_panel({"a": _frame(n=30)}, ["ratio/max"], title="t", smoothing=0.5)
+    sent = json.loads(fig.to_json())["data"]
+    for trace in sent[: figures.TRACES_PER_SERIES]:
+        assert isinstance(trace["x"], list) and isinstance(trace["y"], list)
