@@ -25,6 +25,8 @@ class Merged:
 
     keys: dict[str, np.ndarray]
     stats: dict[str, np.ndarray]
+    set_values: dict[str, list[np.ndarray]] | None = None
+    """With ``keep_sets``: the members of each group's set statistics (for re-storing merged rows)."""
 
     @property
     def n_groups(self) -> int:
@@ -51,20 +53,25 @@ def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return lengths.astype(np.int64), values
 
 
-def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None) -> Merged:
+def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None, *,
+          keep_sets: bool = False) -> Merged:
     """Merge the statistics rows of ``table`` by the key columns ``by``.
 
     ``stats`` limits the work to the statistics named (default: all that the registry needs).
     """
     wanted = set(needed_stats()) if stats is None else set(stats)
+    set_values: dict[str, list[np.ndarray]] | None = {} if keep_sets else None
     inv, keys, g = _group_index(table, by)
+    identity = g == table.num_rows and bool(np.all(inv == np.arange(g)))  # already one row per group, in order
     out: dict[str, np.ndarray] = {}
     for name in SCALARS:
         if name not in wanted:
             continue
         x = table.column(name).to_numpy()
         kind = STATS[name].merge
-        if kind == "sum":
+        if identity:
+            out[name] = np.asarray(x, dtype=np.float64)
+        elif kind == "sum":
             out[name] = np.bincount(inv, weights=x, minlength=g)
         elif kind == "min":
             acc = np.full(g, np.inf)
@@ -105,13 +112,46 @@ def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] |
         if name not in wanted:
             continue
         lengths, vals = _list_parts(table.column(name))
+        if identity and set_values is None:  # stored sets are already unique per row
+            out[name] = lengths.astype(np.float64)
+            continue
         grp = np.repeat(inv, lengths)
         if vals.size:
             pairs = np.unique(np.stack([grp, vals.astype(np.int64)], axis=1), axis=0)
             out[name] = np.bincount(pairs[:, 0], minlength=g).astype(np.float64)
         else:
+            pairs = np.zeros((0, 2), np.int64)
             out[name] = np.zeros(g)
-    return Merged(keys=keys, stats=out)
+        if set_values is not None:
+            bounds = np.searchsorted(pairs[:, 0], np.arange(g + 1))
+            set_values[name] = [pairs[bounds[i] : bounds[i + 1], 1] for i in range(g)]
+    return Merged(keys=keys, stats=out, set_values=set_values)
+
+
+def compact(table: pa.Table) -> pa.Table:
+    """Merge statistics rows into one row per step, in the statistics-table schema (rank and micro -1).
+
+    Merging is associative, so ``merge(compact(t) + more)`` equals ``merge(t + more)``: the run index stores
+    compacted rows and later files merge into them.
+    """
+    from rldiag.stats import hist
+    from rldiag.stats.kernel import BatchStats
+    from rldiag.stats.table import to_table
+
+    merged = merge(table, by=("step",), stats=set(STATS), keep_sets=True)
+    g = merged.n_groups
+    scalars = np.stack([merged.stats[name] for name in SCALARS], axis=1) if g else np.zeros((0, len(SCALARS)))
+    hists = {}
+    for name in HISTS:
+        h = merged.stats[name]
+        if g and h.max(initial=0) >= 2**32:
+            raise OverflowError(f"histogram {name} has a bin with more than 2**32 tokens in one step")
+        hists[name] = h
+    assert merged.set_values is not None
+    bs = BatchStats(scalars=scalars, hists=hists, vectors={n: merged.stats[n] for n in VECTORS},
+                    sets=merged.set_values, cov=np.zeros(0))
+    del hist
+    return to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
 
 
 def finalize(merged: Merged, names: Sequence[str] | None = None) -> pl.DataFrame:
@@ -127,6 +167,11 @@ def finalize(merged: Merged, names: Sequence[str] | None = None) -> pl.DataFrame
         with np.errstate(all="ignore"):
             vals = np.asarray(spec.finalize(merged.stats), dtype=np.float64)
         data[name] = np.broadcast_to(vals, (g,)).copy()
+    from rldiag.stats import hist
+
+    hist.clear_cache()
+    for k in [k for k in merged.stats if "|" in k]:
+        del merged.stats[k]
     schema = {k: pl.Int64 for k in merged.keys} | {n: pl.Float64 for n in names}
     return pl.DataFrame(data, schema=schema)
 

@@ -52,9 +52,31 @@ class Problem:
     message: str
 
 
+INDEX_DIR = ".rldiag-index"
+"""Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
+INDEX_MIN_FILES = 16
+"""The index is (re)written once this many statistics files are not in it yet."""
+
+
+def _index_location(run_path: Path) -> Path:
+    own = run_path / INDEX_DIR
+    if os.access(run_path, os.W_OK):
+        return own / "steps.parquet"
+    import hashlib
+
+    digest = hashlib.sha1(str(run_path.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rldiag" / digest / "steps.parquet"
+
+
 @dataclass
 class Run:
-    """A run directory, read lazily. Create with :func:`open_run`."""
+    """A run directory, read lazily. Create with :func:`open_run`.
+
+    Step metrics come from a per-step *compacted* statistics table: published files are immutable and merging
+    is associative, so the statistics of files already seen are kept merged per step (and saved as the run
+    index, ``.rldiag-index/steps.parquet``), and new files merge into them. Per-record rows (``stats_table``,
+    rank filters) are read from the files when asked for.
+    """
 
     path: Path
     manifest: dict[str, Any]
@@ -65,11 +87,18 @@ class Run:
     _token_files: dict[str, _FileInfo] = field(default_factory=dict)
     _bad: set[str] = field(default_factory=set)
     _stats_cache: pa.Table | None = None
+    _compact: pa.Table | None = None
+    _indexed: set[str] = field(default_factory=set)
+    _index_loaded: bool = False
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
         """Read segments published since the last scan; returns their names (statistics files)."""
+        if not self._index_loaded:
+            self._index_loaded = True
+            self._load_index()
         new: list[str] = []
+        tables: list[pa.Table] = []
         sdir = self.path / schema.STATS_DIR
         for p in sorted(sdir.glob("*.parquet")) if sdir.is_dir() else []:
             if p.name in self._stats_files or p.name in self._bad:
@@ -77,6 +106,7 @@ class Run:
             info = self._read_stats_file(p)
             if info is not None:
                 self._stats_files[p.name] = info
+                tables.append(self._stats_tables[p.name])
                 new.append(p.name)
         tdir = self.path / schema.TOKENS_DIR
         for p in sorted(tdir.glob("*.parquet")) if tdir.is_dir() else []:
@@ -90,7 +120,59 @@ class Run:
                 self._skip("tokens/" + p.name, p, exc)
         if new:
             self._stats_cache = None
+            self._fold(tables)
+            if len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES:
+                self._save_index()
         return new
+
+    def _fold(self, tables: list[pa.Table]) -> None:
+        """Merge new statistics rows into the compacted table, touching only the steps they hold."""
+        fresh = pa.concat_tables(tables)
+        if self._compact is None or self._compact.num_rows == 0:
+            self._compact = aggregate.compact(fresh)
+            return
+        steps = pc.unique(fresh.column("step"))
+        hit = pc.is_in(self._compact.column("step"), steps)
+        keep = self._compact.filter(pc.invert(hit))
+        redo = aggregate.compact(pa.concat_tables([self._compact.filter(hit), fresh]))
+        self._compact = pa.concat_tables([keep, redo]).sort_by("step")
+
+    def _load_index(self) -> None:
+        path = _index_location(self.path)
+        if not path.exists():
+            return
+        try:
+            table = pq.read_table(path)
+            meta = json.loads((table.schema.metadata or {})[schema.PARQUET_META_KEY])
+            files: dict[str, list[float]] = meta["files"]
+            infos = {}
+            for name, (size, rows) in files.items():
+                f = self.path / schema.STATS_DIR / name
+                st = f.stat()
+                if st.st_size != size:
+                    raise ValueError(f"{name} changed since the index was written")
+                infos[name] = _FileInfo(f, st.st_size, st.st_mtime, int(rows), None)
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+        except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
+            return
+        self._compact = table
+        self._stats_files.update(infos)
+        self._indexed = set(infos)
+
+    def _save_index(self) -> None:
+        if self._compact is None:
+            return
+        path = _index_location(self.path)
+        files = {name: [info.size, info.rows] for name, info in self._stats_files.items()}
+        meta = {schema.PARQUET_META_KEY: json.dumps({"schema_version": schema.SCHEMA_VERSION, "files": files}).encode()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}{schema.TMP_SUFFIX}")
+            pq.write_table(self._compact.replace_schema_metadata(meta), tmp, compression="zstd")
+            os.replace(tmp, path)
+            self._indexed = set(files)
+        except OSError:
+            pass  # a read-only location: the index stays in memory
 
     def _skip(self, key: str, path: Path, exc: BaseException) -> None:
         self._bad.add(key)
@@ -98,7 +180,7 @@ class Run:
         self.problems.append(Problem(str(path), msg))
         warnings.warn(msg, RunFormatWarning, stacklevel=3)
 
-    def _read_stats_file(self, p: Path) -> _FileInfo | None:
+    def _read_stats_file(self, p: Path, *, check: bool = True) -> _FileInfo | None:
         try:
             table = pq.read_table(p)
             meta = json.loads((table.schema.metadata or {}).get(schema.PARQUET_META_KEY, b"{}"))
@@ -113,7 +195,7 @@ class Run:
             self._skip(p.name, p, exc)
             return None
         cfg = meta.get("config")
-        if cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
+        if check and cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
             msg = (f"{p} was recorded with other clip settings than the manifest ({cfg}); its config-dependent "
                    "statistics (clip fractions, balance) mix settings: use run.step_metrics(config=...) to recompute")
             self.problems.append(Problem(str(p), msg))
@@ -124,11 +206,18 @@ class Run:
 
     # ---- raw access -------------------------------------------------------------------------------
     def stats_table(self) -> pa.Table:
-        """All statistics rows as one Arrow table (cached until new files arrive)."""
+        """All statistics rows, one per record (step, rank, micro), read from the files (cached)."""
         if self._stats_cache is None:
+            for name in sorted(self._stats_files):
+                if name not in self._stats_tables:
+                    self._read_stats_file(self._stats_files[name].path, check=False)
             tables = [self._stats_tables[k] for k in sorted(self._stats_tables)]
             self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
         return self._stats_cache
+
+    def compact_table(self) -> pa.Table:
+        """Statistics merged per step (all ranks and records): one row per step."""
+        return self._compact if self._compact is not None else STATS_SCHEMA.empty_table()
 
     def step_stats(self) -> pl.DataFrame:
         """Sufficient statistics per (step, rank, micro), as stored (histograms as sparse lists)."""
@@ -146,13 +235,20 @@ class Run:
 
     def steps(self) -> list[int]:
         """Steps with statistics, ascending."""
-        t = self.stats_table()
-        return sorted(set(t.column("step").to_numpy().tolist())) if t.num_rows else []
+        t = self.compact_table()
+        return t.column("step").to_numpy().tolist() if t.num_rows else []
 
     @property
     def ranks(self) -> list[int]:
-        t = self.stats_table()
-        return sorted(set(t.column("rank").to_numpy().tolist())) if t.num_rows else []
+        """Ranks that wrote statistics (from the writers' file names, ``r<rank>-...``)."""
+        ranks = set()
+        for name in self._stats_files:
+            head = name.split("-", 1)[0]
+            if head.startswith("r") and head[1:].isdigit():
+                ranks.add(int(head[1:]))
+            else:
+                return sorted(set(self.stats_table().column("rank").to_numpy().tolist()))
+        return sorted(ranks)
 
     @property
     def name(self) -> str:
@@ -161,7 +257,7 @@ class Run:
     @property
     def token_rows_sampled(self) -> bool:
         """True when token rows cover only part of the tokens (sampling, dropped rows, or none written)."""
-        t = self.stats_table()
+        t = self.compact_table()
         if t.num_rows == 0:
             return False
         written = float(pc.sum(t.column("rows_written")).as_py() or 0)
@@ -169,8 +265,9 @@ class Run:
         return written < masked
 
     # ---- metrics ----------------------------------------------------------------------------------
-    def _filtered(self, ranks: Sequence[int] | None, steps: Sequence[int] | slice | None) -> pa.Table:
-        t = self.stats_table()
+    def _filtered(self, ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,
+                  compact: bool = False) -> pa.Table:
+        t = self.compact_table() if compact else self.stats_table()
         mask = None
         if ranks is not None:
             mask = pc.is_in(t.column("rank"), pa.array(list(ranks), pa.int32()))
@@ -209,7 +306,7 @@ class Run:
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; `rldiag summarize --list` shows the names")
         by = ("step", "rank") if by_rank else ("step",)
-        table = self._filtered(ranks, steps)
+        table = self._filtered(ranks, steps, compact=ranks is None and not by_rank)
         if config is None or config.stats_key() == self.config.stats_key():
             return aggregate.finalize(aggregate.merge(table, by=by, stats=needed_stats(names)), names)
         return self._recomputed(table, config, names, by, ranks, steps)
@@ -289,7 +386,7 @@ class Run:
     # ---- summary ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What ``rldiag info`` prints: manifest, steps, ranks, tokens, dropped rows, files, problems."""
-        t = self.stats_table()
+        t = self.compact_table()
 
         def total(c: str) -> int:
             return int(pc.sum(t.column(c)).as_py() or 0) if t.num_rows else 0
@@ -315,7 +412,7 @@ class Run:
             "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None,
             "ranks": self.ranks,
-            "records": t.num_rows,
+            "records": sum(f.rows for f in self._stats_files.values()),
             "tokens": total("n"),
             "tokens_masked_in": total("n_masked"),
             "tokens_nonfinite": total("n_nonfinite"),

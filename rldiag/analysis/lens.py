@@ -276,7 +276,7 @@ def columns(objectives: Iterable[str] | None = None) -> list[str]:
 _R, _LR, _ADV, _AA, _W, _L = "_r", "_lr", "_adv", "_aa", "_w", "_L"
 _START, _ORDER_OK = "_start", "_order_ok"
 _F64 = pl.Float64
-_SEQ_KEYS = (schema.STEP, schema.RANK, schema.MICRO, schema.SEQ)
+_SEQ_KEYS = (schema.STEP, schema.SEQ)  # metrics-spec: seq is unique within a step
 _ALL = pl.col("n").is_not_null()  # a per-row True (pl.lit(True) is one scalar inside a group)
 _SIDE = pl.col(_ADV).sign().cast(pl.Int8).alias("side")
 _POS_SIDE = pl.col("side") == 1

@@ -83,8 +83,13 @@ def _abs_quantile(name: str, q: float):
     """Quantile of |x| from a signed histogram: fold the two halves."""
 
     def f(s: Stats) -> np.ndarray:
-        h = np.asarray(s[name])
-        mag = h[:, hist.N_MAG :] + h[:, : hist.N_MAG][:, ::-1]
+        key = f"{name}|abs"
+        mag = s.get(key) if isinstance(s, dict) else None
+        if mag is None:
+            h = np.asarray(s[name])
+            mag = h[:, hist.N_MAG :] + h[:, : hist.N_MAG][:, ::-1]
+            if isinstance(s, dict):
+                s[key] = mag  # the other quantiles of |lr| reuse the fold (and its cumulative sums)
         return np.where(np.asarray(s["n"]) > 0, hist.quantiles(mag, q), np.nan)
 
     return f
@@ -119,12 +124,12 @@ def _bucket_std_spread(s: Stats) -> np.ndarray:
         mean = bs / safe
         sd = np.sqrt(np.maximum(bs2 / safe - mean * mean, 0.0))
         sd = np.where(bn >= 2, sd, np.nan)
-    out = np.full(bn.shape[0], np.nan)
-    for i in range(bn.shape[0]):
-        row = sd[i][np.isfinite(sd[i])]
-        if row.size >= 2 and row.min() > 0:
-            out[i] = row.max() / row.min()
-    return out
+    ok = np.isfinite(sd)
+    count = ok.sum(axis=1)
+    hi = np.where(ok, sd, -np.inf).max(axis=1)
+    lo = np.where(ok, sd, np.inf).min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((count >= 2) & (lo > 0), hi / np.where(lo > 0, lo, 1.0), np.nan)
 
 
 def _m(name: str, needs: tuple[str, ...], finalize: Callable[[Stats], np.ndarray], formula: str, doc: str,

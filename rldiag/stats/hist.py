@@ -58,15 +58,34 @@ def representative(n_bins: int) -> np.ndarray:
     raise ValueError(f"unknown histogram size {n_bins}")
 
 
+_CUM: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def _cumsum(counts: np.ndarray) -> np.ndarray:
+    """Row cumulative sums, remembered for the last few arrays (several quantiles of one histogram)."""
+    for arr, cum in _CUM:
+        if arr is counts:
+            return cum
+    cum = np.cumsum(counts, axis=1)
+    _CUM.append((counts, cum))
+    del _CUM[:-4]
+    return cum
+
+
+def clear_cache() -> None:
+    """Forget remembered cumulative sums (called once a set of metrics is finalized)."""
+    _CUM.clear()
+
+
 def quantiles(counts: np.ndarray, q: float) -> np.ndarray:
     """Quantile ``q`` of each row of a 2-D count matrix (NaN for empty rows).
 
     Inverted-CDF definition: the smallest bin whose cumulative count reaches ``q * n`` (at least 1).
     """
     counts = np.atleast_2d(np.asarray(counts, dtype=np.float64))
-    total = counts.sum(axis=1)
+    cum = _cumsum(counts)
+    total = cum[:, -1]
     target = np.maximum(np.ceil(q * total - 1e-9), 1.0)
-    cum = np.cumsum(counts, axis=1)
     idx = (cum < target[:, None]).sum(axis=1)
     idx = np.minimum(idx, counts.shape[1] - 1)
     out = representative(counts.shape[1])[idx]

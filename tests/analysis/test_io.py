@@ -116,3 +116,35 @@ def test_sigkill_mid_run_leaves_readable_files_and_every_flushed_step(run_dir, t
     assert (full["tokens/count"] == 8 * 64).all()  # exact statistics of each flushed step
     expected_k1 = 0.01
     assert np.allclose(full["kl/k1"].to_numpy(), -expected_k1, atol=1e-6)
+
+
+def test_run_index_is_used_extended_and_rebuilt(run_dir, monkeypatch) -> None:
+    import rldiag.analysis.io as io
+
+    monkeypatch.setattr(io, "INDEX_MIN_FILES", 3)
+    _write(run_dir, 8)  # roll_steps=2: 4 segments
+    first = rldiag.open_run(run_dir)
+    want = first.step_metrics()
+    index = run_dir / io.INDEX_DIR / "steps.parquet"
+    assert index.exists()
+    reads = []
+    orig = io.Run._read_stats_file
+    monkeypatch.setattr(io.Run, "_read_stats_file", lambda self, p, **kw: reads.append(p.name) or orig(self, p, **kw))
+    again = rldiag.open_run(run_dir)
+    assert reads == [] and again.step_metrics().equals(want)
+    assert again.info()["records"] == 8 and again.info()["stats_files"] == 4
+    # a new segment merges into the indexed steps (step 7 gets a second record)
+    rng = np.random.default_rng(9)
+    with rldiag.Recorder(run_dir) as rec:
+        rec.record(step=7, **make_record(rng, 4, 8))
+    n_new = again.refresh()
+    assert len(n_new) == 1 and reads == n_new
+    assert again.step_metrics()["tokens/count"][-1] > want["tokens/count"][-1]
+    assert again.step_metrics(ranks=[0])["tokens/count"].to_list() == again.step_metrics()["tokens/count"].to_list()
+    # an indexed file that changed invalidates the index: everything is read again
+    victim = sorted((run_dir / "stats").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    reads.clear()
+    with pytest.warns(RunFormatWarning):
+        rebuilt = rldiag.open_run(run_dir)
+    assert len(reads) == 5 and rebuilt.steps() == [2, 3, 4, 5, 6, 7]
