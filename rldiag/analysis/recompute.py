@@ -83,12 +83,12 @@ def batch_from_tokens(table: pa.Table, record_keys: tuple[str, ...] = (schema.ST
 
 def stats_of_table(table: pa.Table, cfg: RecorderConfig,
                    record_keys: tuple[str, ...] = (schema.STEP, schema.RANK, schema.MICRO), *,
-                   sort: bool = True) -> pa.Table:
+                   sort: bool = True, hists: bool = True) -> pa.Table:
     """Statistics rows (``STATS_SCHEMA`` plus any extra record keys) of the records in ``table``."""
     if table.num_rows == 0:
         return STATS_SCHEMA.empty_table()
     batch, keys = batch_from_tokens(table, record_keys, sort=sort)
-    stats = kernel.compute(batch, cfg)
+    stats = kernel.compute(batch, cfg, hists=hists)
     n = batch.n_records
     out = to_table(
         stats, keys.get(schema.STEP, np.zeros(n)), keys.get(schema.RANK, np.zeros(n)),
@@ -102,7 +102,7 @@ def stats_of_table(table: pa.Table, cfg: RecorderConfig,
 
 
 def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
-                    threads: int | None = None) -> Iterator[pa.Table]:
+                    threads: int | None = None, hists: bool = True) -> Iterator[pa.Table]:
     """Statistics of each token file (records never span files), computed on ``threads`` threads."""
     files = list(files)
     threads = threads or min(len(files), os.cpu_count() or 1) or 1
@@ -111,7 +111,7 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
         table = pq.read_table(path, columns=list(schema.KEY_COLUMNS) + [c for c in _VALUE_COLS])
         if steps is not None:
             table = table.filter(pc.is_in(table.column(schema.STEP), pa.array(sorted(steps), pa.int64())))
-        return stats_of_table(table, cfg, sort=False)
+        return stats_of_table(table, cfg, sort=False, hists=hists)
 
     if threads <= 1 or len(files) <= 1:
         for f in files:

@@ -191,6 +191,7 @@ def _signed(x: float) -> int:
 def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, pos, flags, cfg,
             S, H_lr, H_ent, H_absd, H_min, BK, cov_out, seq_flag):  # pragma: no cover - compiled
     has_ent, has_roll, has_ref, has_ver, has_stage = flags[0], flags[1], flags[2], flags[3], flags[4]
+    want_hist = flags[5]
     eps_lo, eps_hi, dual_c, cap = cfg[0], cfg[1], cfg[2], cfg[3]
     ent_low, band_lo, band_hi, top_frac = cfg[4], cfg[5], cfg[6], cfg[7]
     ctpo_a, ctpo_b, tol = cfg[8], cfg[9], cfg[11]
@@ -280,7 +281,8 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                     min_r = r
                 if r > max_r:
                     max_r = r
-                H_lr[R, _signed(lr)] += 1
+                if want_hist:
+                    H_lr[R, _signed(lr)] += 1
                 lo_c = r < lo_thr
                 hi_c = r > hi_thr
                 if lo_c or hi_c:
@@ -315,7 +317,8 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                         s_ent += e
                         if e < ent_low:
                             n_entlow += 1
-                        H_ent[R, _mag(e if e > 0.0 else 0.0)] += 1
+                        if want_hist:
+                            H_ent[R, _mag(e if e > 0.0 else 0.0)] += 1
                 s_lp += x_lp
                 s_adv += a
                 s_adv2 += a * a
@@ -325,7 +328,8 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                 # sequence level: cumulative log-ratio and exclusive prefix minimum
                 if cnt > 1:
                     n_minp += 1
-                    H_min[R, _signed(pmin)] += 1
+                    if want_hist:
+                        H_min[R, _signed(pmin)] += 1
                 if lr < pmin:
                     pmin = lr
                 L += lr
@@ -360,7 +364,8 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                             n_mis += 1
                         elif w < inv_cap:
                             n_mis += 1
-                        H_absd[R, _mag(d)] += 1
+                        if want_hist:
+                            H_absd[R, _mag(d)] += 1
                 if has_ver:
                     st = float(step - ver[t])
                     n_ver += 1
@@ -574,8 +579,12 @@ def _f64(a: np.ndarray | None) -> np.ndarray:
     return _EMPTY_F if a is None else np.ascontiguousarray(a, dtype=np.float64)
 
 
-def compute(batch: TokenBatch, cfg: RecorderConfig) -> BatchStats:
-    """Sufficient statistics of every record of ``batch`` under ``cfg``."""
+def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True) -> BatchStats:
+    """Sufficient statistics of every record of ``batch`` under ``cfg``.
+
+    ``hists=False`` skips the histograms (left empty): they do not depend on the configuration, so a
+    recompute with other clip settings takes them from the stored statistics.
+    """
     n_rec = batch.n_records
     n_seq = batch.seq_off.size - 1
     n_tok = batch.logp.size
@@ -588,7 +597,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig) -> BatchStats:
     seq_flag = np.zeros((n_seq, 3), dtype=np.uint8)
     flags = np.array(
         [batch.entropy is not None, batch.rollout_logp is not None, batch.ref_logp is not None,
-         batch.version is not None, batch.stage is not None],
+         batch.version is not None, batch.stage is not None, hists],
         dtype=np.int64,
     )
     _kernel(
