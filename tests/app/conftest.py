@@ -19,6 +19,21 @@ HOSTILE = "<script>alert(1)</script>"
 """A token string that must be shown as text, never run."""
 
 
+def _spread_dash_ports() -> None:
+    """dash_duo numbers its servers from a class-level counter (58050, 58051, ...) in every process, so two
+    pytest-xdist workers would collide on 58050: give each worker its own range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    try:
+        from dash.testing.application_runners import BaseDashRunner
+    except ImportError:  # dash[testing] absent: the browser tests are skipped anyway
+        return
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    BaseDashRunner._next_port = 58050 + 200 * index
+
+
+_spread_dash_ports()
+
+
 def pytest_setup_options():
     """Chromium flags for dash_duo: headless-safe on a container without a GPU or a large /dev/shm."""
     from selenium.webdriver.chrome.options import Options
