@@ -382,3 +382,30 @@ def simulated_boundary(teacher: Sequence[float], base: Sequence[float], c: float
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def simulation_table() -> str:
+    """The simulation table of docs/cliff.md (``python -m rldiag.analysis.cliff``; about a minute)."""
+    tail6 = ([0.97, 0.01, 0.01, 0.005, 0.003, 0.002], [0.9, 0.04, 0.03, 0.015, 0.01, 0.005])
+    cases = [([0.96, 0.04], [0.90, 0.10], 2.0), ([0.999, 0.001], [0.99, 0.01], 5.0), ([0.96, 0.04], [0.90, 0.10], 5.0),
+             ([0.96, 0.04], [0.90, 0.10], c_from_eps(0.2)), (*tail6, 1.25), (*tail6, 2.0), (*tail6, 5.0)]
+    lines = ["| K | p | b | c | closed form | K-ary solver | simulated, exact | simulated, sampled | "
+             "inside at 0.99 λ* / outside at 1.01 λ* (exact; sampled) |", "|---|---|---|---|---|---|---|---|---|"]
+    for t, b, c in cases:
+        star = lambda_star_kary(t, b, c)
+        closed = lambda_star(t[0], b[0], c)
+        exact = simulated_boundary(t, b, c, 0.9 * star, 1.1 * star, tol=1e-8)
+        sampled = simulated_boundary(t, b, c, 0.9 * star, 1.1 * star, tol=1e-5, mode="sampled", seed=0)
+        flags = []
+        for mode in ("exact", "sampled"):
+            below = simulate(t, b, 0.99 * star, c, mode=mode, seed=1).inside  # type: ignore[arg-type]
+            above = simulate(t, b, 1.01 * star, c, mode=mode, seed=1).inside  # type: ignore[arg-type]
+            flags.append(f"{'yes' if below else 'NO'} / {'yes' if not above else 'NO'}")
+        closed_text = f"{closed:.6f}" if len(t) == 2 else f"{closed:.4f} (pooled Bernoulli)"
+        lines.append(f"| {len(t)} | {t[0]:g} | {b[0]:g} | {c:g} | {closed_text} | {star:.6f} | {exact:.6f} | "
+                     f"{sampled:.5f} | {'; '.join(flags)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(simulation_table())

@@ -1,0 +1,177 @@
+"""Objective-lens throughput and memory, against a bare polars group-by-step sum measured in the same run.
+
+    python benchmarks/bench_lens.py                      # 50 M token rows, every objective
+    python benchmarks/bench_lens.py --rows 5000000 --objectives ppo,dapo,bapo
+    python benchmarks/bench_lens.py --dir /tmp/lensrun   # keep the generated run there and reuse it
+
+The run is written in the recorder's layout (token files of about 4 M rows, lz4, sequences contiguous and in
+position order) and opened with ``rldiag.open_run``. Each measurement runs in a fresh process, so its peak RSS
+(``ru_maxrss``) is its own: the baseline is ``pl.scan_parquet(files).group_by("step").agg(pl.col("logp").sum())``
+on the streaming engine, the lens is ``rldiag.analysis.lens.lens(run)``. Prints ratios; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rldiag import schema
+from rldiag.config import RecorderConfig
+from rldiag.record.layout import create_run_dir
+
+
+def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0) -> int:
+    """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs."""
+    create_run_dir(path, RecorderConfig(), 1, "bench-lens")
+    rng = np.random.default_rng(seed)
+    per_step = rows // steps
+    buf: list[pa.Table] = []
+    buffered = written = part = 0
+    for step in range(steps):
+        lengths = []
+        while sum(lengths) < per_step:
+            lengths.append(int(rng.integers(64, 2049)))
+        lengths[-1] -= sum(lengths) - per_step
+        lengths = [n for n in lengths if n > 0]
+        n = sum(lengths)
+        seq = np.repeat(np.arange(len(lengths)), lengths)
+        pos = np.concatenate([np.arange(k) for k in lengths])
+        old = -rng.exponential(0.8, n)
+        cols = {
+            schema.STEP: np.full(n, step, np.int64), schema.RANK: np.zeros(n, np.int32),
+            schema.MICRO: (seq // 64).astype(np.int32), schema.SEQ: seq.astype(np.int64),
+            schema.POS: pos.astype(np.int32),
+            schema.LOGP: np.minimum(old + rng.standard_t(3, n) * 0.05, 0).astype(np.float32),
+            schema.OLD_LOGP: old.astype(np.float32),
+            schema.ROLLOUT_LOGP: np.minimum(old + rng.normal(0, 0.03, n), 0).astype(np.float32),
+            schema.ADV: np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32),
+        }
+        buf.append(pa.table({k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t)
+                             for k, t in schema.TOKEN_DTYPES.items()}))
+        buffered += n
+        if buffered >= file_rows or step == steps - 1:
+            pq.write_table(pa.concat_tables(buf), path / schema.TOKENS_DIR / f"r00000-bench-{part:06d}.parquet",
+                           compression="lz4")
+            written += buffered
+            buf, buffered, part = [], 0, part + 1
+    return written
+
+
+_WATCH = """
+import resource, threading, time
+page = resource.getpagesize()
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * page
+class Watch:
+    def __enter__(self):
+        self.before, self.peak, self.done = rss(), 0, threading.Event()
+        threading.Thread(target=self.loop, daemon=True).start()
+        self.t = time.perf_counter()
+        return self
+    def loop(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, rss()); time.sleep(0.005)
+    def __exit__(self, *exc):
+        self.elapsed = time.perf_counter() - self.t
+        self.done.set()
+        self.growth = max(self.peak, rss()) - self.before
+"""
+
+_BASELINE = _WATCH + """
+import polars as pl, rldiag
+files = [str(f) for f in rldiag.open_run({run!r}).token_files()]
+with Watch() as w:
+    pl.scan_parquet(files).group_by("step").agg(pl.col("logp").sum()).collect(engine="streaming")
+print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth)
+"""
+
+_LENS = _WATCH + """
+import rldiag
+from rldiag.analysis.lens import lens
+run = rldiag.open_run({run!r})
+with Watch() as w:
+    df = lens(run, objectives={objectives!r})
+print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth, df.height, df.width)
+"""
+
+_IMPORTS = """
+import resource, polars, rldiag, rldiag.analysis.io, rldiag.analysis.lens
+print(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def measure(code: str) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return [float(v) for v in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=50_000_000)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--objectives", help="comma-separated subset (default: all)")
+    ap.add_argument("--repeat", type=int, default=2, help="alternate baseline and lens this many times; best kept")
+    ap.add_argument("--dir", help="generate the run here (reused if present)")
+    args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-lens-"))
+    run = tmp / "run"
+    try:
+        if not (run / schema.MANIFEST_NAME).exists():
+            t = time.perf_counter()
+            n = make_run(run, args.rows, args.steps)
+            print(f"generated {n:,} token rows ({args.steps} steps) in {time.perf_counter() - t:.1f} s")
+        files = sorted((run / schema.TOKENS_DIR).glob("*.parquet"))
+        n = sum(pq.read_metadata(f).num_rows for f in files)
+        size = sum(f.stat().st_size for f in files)
+        objectives = args.objectives.split(",") if args.objectives else None
+        base_t, base_rss, base_growth, lens_t, lens_rss, lens_growth = [], [], [], [], [], []
+        for _ in range(args.repeat):
+            t, rss, growth = measure(_BASELINE.format(run=str(run)))
+            base_t.append(t)
+            base_rss.append(rss)
+            base_growth.append(growth)
+            t, rss, growth, height, width = measure(_LENS.format(run=str(run), objectives=objectives))
+            lens_t.append(t)
+            lens_rss.append(rss)
+            lens_growth.append(growth)
+        _, imports = measure(_IMPORTS)
+        tb, tl = min(base_t), min(lens_t)
+        gib = 2**20  # ru_maxrss is in KiB on Linux
+        result = {
+            "rows": n, "files": len(files), "bytes": size, "cpus": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0], "baseline_s": base_t, "lens_s": lens_t,
+            "baseline_rows_per_s": n / tb, "lens_rows_per_s": n / tl, "time_ratio": tl / tb,
+            "baseline_peak_rss_gib": max(base_rss) / gib, "lens_peak_rss_gib": max(lens_rss) / gib,
+            "import_rss_gib": imports / gib, "baseline_rss_growth_gib": max(base_growth) / 2**30,
+            "lens_rss_growth_gib": max(lens_growth) / 2**30,
+            "output": [int(height), int(width)],
+        }
+        print(f"{n:,} token rows in {len(files)} files ({size / 2**30:.2f} GiB), {os.cpu_count()} CPUs, "
+              f"load average {result['load_avg_1min']:.1f}")
+        bg, lg = max(base_growth) / 2**30, max(lens_growth) / 2**30
+        print(f"bare polars group-by-step sum : {tb:7.2f} s  {n / tb / 1e6:7.1f} M rows/s  "
+              f"peak RSS {max(base_rss) / gib:.2f} GiB (the call added {bg:.2f} GiB)")
+        print(f"lens, {'all' if objectives is None else len(objectives)} objectives  : {tl:7.2f} s  "
+              f"{n / tl / 1e6:7.1f} M rows/s  peak RSS {max(lens_rss) / gib:.2f} GiB (the call added {lg:.2f} GiB)")
+        print(f"ratio lens / bare             : {tl / tb:7.1f}x time, {max(lens_rss) / max(base_rss):.2f}x peak RSS, "
+              f"{lg / bg if bg > 0 else float('nan'):.2f}x RSS added (imports alone peak at {imports / gib:.2f} GiB)")
+        print(json.dumps(result))
+    finally:
+        if not args.dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
