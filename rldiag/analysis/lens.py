@@ -197,6 +197,27 @@ class LensParams:
     ttb: TtBParams = field(default_factory=TtBParams)
     """Trust the Batch (no parameters)."""
 
+    def __post_init__(self) -> None:
+        problems = []
+        for obj in OBJECTIVES:
+            for f in dataclasses.fields(getattr(self, obj)):
+                v = getattr(getattr(self, obj), f.name)
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    problems.append(f"{obj}.{f.name}={v!r} must be a finite number >= 0")
+        for obj in ("ppo", "dapo", "dual_clip", "tis", "mis"):
+            if not getattr(self, obj).eps_low < 1:
+                problems.append(f"{obj}.eps_low must be < 1")
+        if not self.dual_clip.c > 1:
+            problems.append(f"dual_clip.c={self.dual_clip.c!r} must be > 1")
+        for obj in ("tis", "mis"):
+            if not getattr(self, obj).cap > 1:
+                problems.append(f"{obj}.cap={getattr(self, obj).cap!r} must be > 1")
+        b = self.bapo
+        if not (b.step > 0 and b.low_start <= b.low_max and b.high_start <= b.high_max):
+            problems.append("bapo needs step > 0, low_start <= low_max and high_start <= high_max")
+        if problems:
+            raise ValueError("invalid lens parameters: " + "; ".join(problems))
+
     @classmethod
     def from_config(cls, config: Any) -> LensParams:
         """Defaults with the run's clip settings: PPO, dual-clip and TIS/MIS clip symmetrically at the run's
@@ -271,7 +292,7 @@ def columns(objectives: Iterable[str] | None = None) -> list[str]:
 # verdict). Every clip-style objective (PPO, DAPO, dual-clip, DCPO, CISPO, TIS, MIS and each point of BAPO's
 # search) is then a filtered sum over that small table. Pass 2 groups by sequence for GSPO and CTPO (CTPO's
 # cumulative log-ratio comes from a segmented cumulative sum in row order). Pass 3 joins the step's ESS back for
-# Trust the Batch. No pass holds token rows; memory grows only with the number of sequences of pass 2.
+# Trust the Batch. The passes run per chunk of whole steps, so memory is bounded by the chunk, not the run.
 
 _R, _LR, _ADV, _AA, _W, _L = "_r", "_lr", "_adv", "_aa", "_w", "_L"
 _START, _ORDER_OK = "_start", "_order_ok"
@@ -303,12 +324,20 @@ def _bapo_path(p: BAPOParams) -> list[tuple[float, float]]:
     return [(lo, highs[0]) for lo in lows] + [(lows[-1], hi) for hi in highs[1:]]
 
 
-def _ratio_edges(p: LensParams) -> list[float]:
-    edges = {_lo(p.ppo.eps_low), _hi(p.ppo.eps_high), _lo(p.dapo.eps_low), _hi(p.dapo.eps_high),
-             _lo(p.dual_clip.eps_low), _hi(p.dual_clip.eps_high), p.dual_clip.c, _hi(p.cispo.eps_high),
-             _lo(p.tis.eps_low), _hi(p.tis.eps_high), _lo(p.mis.eps_low), _hi(p.mis.eps_high)}
-    for lo, hi in _bapo_path(p.bapo):
-        edges |= {lo, hi}
+def _ratio_edges(p: LensParams, objs: Sequence[str]) -> list[float]:
+    """Every ratio bound the requested objectives compare r with."""
+    edges = {1.0}
+    for o in ("ppo", "dapo", "dual_clip", "tis", "mis"):
+        if o in objs:
+            cp = getattr(p, o)
+            edges |= {_lo(cp.eps_low), _hi(cp.eps_high)}
+    if "dual_clip" in objs:
+        edges.add(p.dual_clip.c)
+    if "cispo" in objs:
+        edges.add(_hi(p.cispo.eps_high))
+    if "bapo" in objs:
+        for lo, hi in _bapo_path(p.bapo):
+            edges |= {lo, hi}
     return sorted(edges)
 
 
@@ -359,7 +388,7 @@ def _sapo_weight(p: SAPOParams) -> pl.Expr:
 def _ratio_table(tok: pl.LazyFrame, p: LensParams, objs: Sequence[str]) -> pl.LazyFrame:
     """Pass 1: sums per (step, side, rb[, wb][, dk]); the columns every token-level objective reads."""
     r, aa = pl.col(_R), pl.col(_AA)
-    keys: list[pl.Expr] = [pl.col(schema.STEP), _SIDE, _bucket(r, _ratio_edges(p)).alias("rb")]
+    keys: list[pl.Expr] = [pl.col(schema.STEP), _SIDE, _bucket(r, _ratio_edges(p, objs)).alias("rb")]
     aggs = [pl.len().cast(_F64).alias("n"), r.sum().alias("r"), (r * aa).sum().alias("ra"),
             aa.sum().alias("a"), (r * r).sum().alias("r2")]
     if "dcpo" in objs:
@@ -688,7 +717,7 @@ def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tu
     want_ctpo = "ctpo" in objs and bool(seq_keys) and has_pos
 
     table = _ratio_table(tok, params, objs).collect(**_STREAMING)
-    R = _Cut("rb", tuple(_ratio_edges(params)))
+    R = _Cut("rb", tuple(_ratio_edges(params, objs)))
     W = _Cut("wb", tuple(_w_edges(params)))
     aggs = [pl.col("n").sum(), pl.col("a").sum().alias("aadv"), pl.col("r").sum().alias("sr"),
             pl.col("r2").sum().alias("sr2")]

@@ -366,6 +366,10 @@ def test_empty_and_bad_input():
         L.LensParams().replace({"dapo": {"eps": 0.3}})
     with pytest.raises(TypeError, match="takes a Run"):
         L.lens([1, 2, 3])
+    with pytest.raises(ValueError, match="tis.cap=0.5 must be > 1"):
+        L.lens(random_tokens(0), params={"tis": {"cap": 0.5}})
+    with pytest.raises(ValueError, match=r"ppo.eps_high=nan must be a finite number"):
+        L.LensParams().replace({"ppo": {"eps_high": float("nan")}})
 
 
 # --- a real run written by the recorder ---------------------------------------------------------------------------
