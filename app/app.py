@@ -166,18 +166,23 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
     def _page_runs(search: str | None) -> list[str]:
         return layout.resolve_runs(query_runs(search))[0]
 
+    panel_match = {"type": ids.PANEL, "page": MATCH, "key": MATCH, "metrics": MATCH}
+    zoom_match = {"type": ids.PANEL_ZOOM, "page": MATCH, "key": MATCH, "metrics": MATCH}
+    # In the browser: turn plotly's relayout events into the zoom range the server must aggregate. Reading the
+    # figure here costs nothing; sent to the server it would cost the whole figure on every event.
+    app.clientside_callback(ZOOM_JS, Output(zoom_match, "data"), Input(panel_match, "relayoutData"),
+                            State(panel_match, "figure"), prevent_initial_call=True)
+
     @app.callback(
-        Output({"type": ids.PANEL, "page": MATCH, "key": MATCH, "metrics": MATCH}, "figure"),
+        Output(panel_match, "figure"),
         Input(ids.PAGE_RUNS, "data"),
         Input(ids.SMOOTHING, "value"),
-        Input({"type": ids.PANEL, "page": MATCH, "key": MATCH, "metrics": MATCH}, "relayoutData"),
-        State({"type": ids.PANEL, "page": MATCH, "key": MATCH, "metrics": MATCH}, "id"),
+        Input(zoom_match, "data"),
+        State(panel_match, "id"),
     )
-    def _panel(runs: list[str] | None, smoothing: float | None, relayout: dict[str, Any] | None,
+    def _panel(runs: list[str] | None, smoothing: float | None, zoom: dict[str, Any] | None,
                panel_id: dict[str, str]) -> Any:
-        if isinstance(ctx.triggered_id, dict) and not needs_render(relayout):
-            raise PreventUpdate  # drag mode, y-only zoom: nothing to re-aggregate
-        return render_panel(panel_id, runs or [], smoothing or 0.0, relayout_range(relayout))
+        return render_panel(panel_id, runs or [], smoothing or 0.0, zoom_range(zoom))
 
     @app.callback(
         Output(ids.REDIRECT, "href", allow_duplicate=True),
@@ -226,28 +231,35 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         return live_tick(runs or [], panel_ids, smoothing or 0.0, version or 0, paused="live" not in (live or []))
 
 
-def relayout_range(relayout: dict[str, Any] | None) -> tuple[float, float] | None:
-    """The x range of a zoom event (``xaxis.range[0]``/``[1]`` or ``xaxis.range``), None otherwise."""
-    if not relayout:
+ZOOM_JS = """
+function(relayout, figure) {
+    const skip = window.dash_clientside.no_update;
+    if (!relayout) { return skip; }
+    if (relayout["xaxis.autorange"]) { return {range: null}; }
+    let r = null;
+    if ("xaxis.range[0]" in relayout && "xaxis.range[1]" in relayout) {
+        r = [relayout["xaxis.range[0]"], relayout["xaxis.range[1]"]];
+    } else if (Array.isArray(relayout["xaxis.range"])) {
+        r = relayout["xaxis.range"];
+    }
+    if (r) { return {range: r}; }
+    // The first autosize of a graph can cancel its initial render (the renderer keeps the newest request
+    // per output): ask again while the figure is still empty; later resizes keep the zoomed data.
+    if (relayout.autosize && !(figure && figure.data && figure.data.length)) { return {range: null, t: Date.now()}; }
+    return skip;
+}
+"""
+
+
+def zoom_range(zoom: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The x range held by a panel's zoom store (None: the whole run)."""
+    if not zoom or not isinstance(zoom.get("range"), (list, tuple)) or len(zoom["range"]) != 2:
         return None
     try:
-        if "xaxis.range[0]" in relayout and "xaxis.range[1]" in relayout:
-            return float(relayout["xaxis.range[0]"]), float(relayout["xaxis.range[1]"])
-        if isinstance(relayout.get("xaxis.range"), list) and len(relayout["xaxis.range"]) == 2:
-            lo, hi = relayout["xaxis.range"]
-            return float(lo), float(hi)
+        lo, hi = (float(v) for v in zoom["range"])
     except (TypeError, ValueError):
         return None
-    return None
-
-
-def needs_render(relayout: dict[str, Any] | None) -> bool:
-    """Whether a relayout event changes what the server must send: an x zoom, a reset, or the first
-    ``autosize`` a graph emits when it mounts (which can arrive merged with the initial call)."""
-    if not relayout:
-        return True
-    return (relayout_range(relayout) is not None or bool(relayout.get("xaxis.autorange"))
-            or bool(relayout.get("autosize")))
+    return (lo, hi) if lo == lo and hi == hi else None
 
 
 def render_panel(panel_id: dict[str, str], runs: list[str], smoothing: float,

@@ -76,6 +76,8 @@ ALERTS_HISTORY: Final = "alerts-history"
 # --- pattern-matching ids ---------------------------------------------------------------------------
 PANEL: Final = "panel"
 """Type of a registry-driven line panel: ``{"type": PANEL, "page": ..., "key": ..., "metrics": "a,b"}``."""
+PANEL_ZOOM: Final = "panel-zoom"
+"""Type of the ``dcc.Store`` beside each line panel holding its zoomed x range (same keys as the panel)."""
 CLICKABLE: Final = "clickable"
 """Type of any other figure whose clicked x is a step: ``{"type": CLICKABLE, "key": ...}``."""
 
@@ -83,6 +85,11 @@ CLICKABLE: Final = "clickable"
 def panel(page: str, key: str, metrics: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Id of a line panel; the metric list travels in the id so live updates know the trace order."""
     return {"type": PANEL, "page": page, "key": key, "metrics": ",".join(metrics)}
+
+
+def panel_zoom(page: str, key: str, metrics: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Id of the zoom store of the panel :func:`panel` ``(page, key, metrics)``."""
+    return {**panel(page, key, metrics), "type": PANEL_ZOOM}
 
 
 def clickable(key: str) -> dict[str, str]:

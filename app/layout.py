@@ -103,6 +103,7 @@ def panel_card(page: str, panel: Panel, *, height: int = 280) -> html.Div:
         [
             dcc.Graph(id=ids.panel(page, panel.key, panel.metrics), config=GRAPH_CONFIG,
                       style={"height": f"{height}px"}, figure={"layout": {"height": height}}),
+            dcc.Store(id=ids.panel_zoom(page, panel.key, panel.metrics), data=None),
             help_details(panel.help),
         ],
         className="card",

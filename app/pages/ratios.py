@@ -9,7 +9,7 @@ from dash import Input, Output, callback, html
 
 from app import data, figures, ids, panels
 from app import layout as ui
-from app.downsample import bucket_sum
+from app.downsample import bucket_sum, downsample
 
 dash.register_page(__name__, path="/ratios", name="Ratios & trust region", title="rldiag · Ratios", order=2)
 
@@ -46,8 +46,14 @@ def heatmap_figure(runs: list[str]) -> Any:
     steps, centers, counts = st.cached("lr_hist", st.lr_histogram)
     x, merged = bucket_sum(steps, counts)
     frame = st.metrics()
-    bands = {name.split("/", 1)[1]: data.to_numpy(frame, name) for name in BANDS if name in frame.columns}
-    return figures.ratio_heatmap(x, centers, merged, bands=bands, band_steps=frame["step"].to_numpy(),
+    steps_all = frame["step"].to_numpy()
+    bands, band_x = {}, steps_all
+    for name in BANDS:
+        if name in frame.columns:
+            # a tail quantile's spike must survive: keep each bucket's maximum
+            env = downsample(steps_all, data.to_numpy(frame, name))
+            bands[name.split("/", 1)[1]], band_x = env.hi, env.x
+    return figures.ratio_heatmap(x, centers, merged, bands=bands, band_steps=band_x,
                                  title=f"|log-ratio| per step — {good[0]}")
 
 

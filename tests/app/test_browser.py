@@ -134,6 +134,31 @@ def test_live_run_extends_its_charts(dash_duo, tmp_path: Path):
     rec.close()
 
 
+def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_path: Path):
+    from app.app import create_app
+
+    record_run(tmp_path / "long", steps=1_500, full=False)  # more steps than a panel's 600 buckets
+    dash_duo.start_server(create_app(tmp_path, poll_seconds=30))
+    dash_duo.driver.get(dash_duo.server_url + "/overview?run=long")
+    graph = dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
+    _settle(dash_duo)
+    raw_x = ("const d = document.querySelector('.js-plotly-plot')._fullData[2].x;"
+             "return Array.from(d);")
+    before = dash_duo.driver.execute_script(raw_x)
+    assert len(before) <= 602 and any(x != int(x) for x in before)  # bucket centres: aggregated
+    dash_duo.zoom_in_graph_by_ratio(graph, start_fraction=0.4, zoom_box_fraction=0.1)
+    deadline = time.time() + 20
+    after = before
+    while time.time() < deadline and len(after) == len(before):
+        time.sleep(0.3)
+        after = dash_duo.driver.execute_script(raw_x)
+    assert all(x == int(x) for x in after) and len(after) < 300  # raw steps of the zoomed range only
+    dash_duo.driver.set_window_size(1200, 1000)  # autosize must not throw the zoomed data away
+    time.sleep(2)
+    assert dash_duo.driver.execute_script(raw_x) == after
+    assert _severe(dash_duo.get_logs() or []) == []
+
+
 def test_path_traversal_run_id_is_refused(dash_duo, make_app, tmp_path: Path):
     dash_duo.start_server(make_app(poll_seconds=30))
     for bad in ("../../etc", "..%2F..%2Fetc", "/etc/passwd", "sweep/../../x"):

@@ -83,13 +83,12 @@ def test_render_panel_draws_selected_runs_and_skips_unknown_ones(ctx):
     assert empty.data == ()
 
 
-def test_panel_callback_rerenders_on_zoom_but_not_on_cosmetic_relayout():
-    assert shell.needs_render(None) and shell.needs_render({"autosize": True})
-    assert shell.needs_render({"xaxis.range[0]": 1, "xaxis.range[1]": 5})
-    assert shell.needs_render({"xaxis.autorange": True})
-    assert not shell.needs_render({"dragmode": "pan"})
-    assert shell.relayout_range({"xaxis.range": [2, 9]}) == (2.0, 9.0)
-    assert shell.relayout_range({"yaxis.range[0]": 1}) is None
+def test_zoom_store_gives_the_range_to_reaggregate():
+    assert shell.zoom_range({"range": [2, 9]}) == (2.0, 9.0)
+    assert shell.zoom_range({"range": None, "t": 1}) is None
+    assert shell.zoom_range(None) is None
+    assert shell.zoom_range({"range": ["a", 3]}) is None
+    assert "xaxis.autorange" in shell.ZOOM_JS and "autosize" in shell.ZOOM_JS
 
 
 def test_click_on_a_panel_point_links_to_that_runs_tokens():
