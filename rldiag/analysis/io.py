@@ -383,6 +383,26 @@ class Run:
         out = aggregate.finalize(merged, names).with_columns(pl.Series("n", merged.stats["n"]))
         return out.select(cols)
 
+    # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------
+    def lens(self, objectives: Sequence[str] | None = None, steps: Sequence[int] | None = None,
+             params: Any = None) -> pl.DataFrame:
+        """How each clipping objective of the literature would have treated this run's tokens, per step."""
+        from rldiag.analysis.lens import lens
+
+        return lens(self, objectives, steps, params)
+
+    def cliff(self, lam: float | None = None, threshold: float = 0.9, **kw: Any) -> Any:
+        """Extrapolation-cliff report per step (needs ``teacher_logp`` and ``base_logp``)."""
+        from rldiag.analysis.cliff import cliff_report
+
+        return cliff_report(self, lam, threshold, **kw)
+
+    def law(self, metric: str = "reward/mean", **kw: Any) -> Any:
+        """Fit of the entropy-performance law R = -a exp(H) + b over this run."""
+        from rldiag.analysis.law import fit_law
+
+        return fit_law(self, metric=metric, **kw)
+
     # ---- summary ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What ``rldiag info`` prints: manifest, steps, ranks, tokens, dropped rows, files, problems."""

@@ -76,7 +76,7 @@ def write_frame(df: pl.DataFrame, form: str) -> None:
     if form == "csv":
         sys.stdout.write(df.write_csv())
     elif form == "json":
-        print(json.dumps(df.to_dicts(), default=_json_default, allow_nan=False))
+        print(json.dumps(clean_json(df.to_dicts()), default=_json_default, allow_nan=False))
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
             print(df)

@@ -130,3 +130,19 @@ def test_console_script_entry_point(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "rldiag", "summarize", str(tmp_path / "a"), "--metrics",
                           "ratio/mean"], capture_output=True, text=True, check=True).stdout
     assert "ratio/mean" in out
+
+
+def test_summarize_json_is_strict_json_with_nan_as_null(tmp_path, capsys) -> None:
+    _record(tmp_path / "a", _records(steps=1))
+    assert main(["summarize", str(tmp_path / "a"), "--metrics", "staleness/*", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"step": 0, "staleness/mean": None, "staleness/max": None}]
+
+
+def test_run_methods_delegate_to_advanced_analytics(tmp_path) -> None:
+    _record(tmp_path / "a", _records(steps=2))
+    run = rldiag.open_run(tmp_path / "a")
+    lens = run.lens()
+    assert lens.height == 2 and "lens/ppo/kept_frac" in lens.columns
+    assert np.allclose(1 - lens["lens/ppo/kept_frac"].to_numpy(),
+                       run.step_metrics(config=run.config.replace(eps_high=run.config.eps_low))["clip/region"].to_numpy())
