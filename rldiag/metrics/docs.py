@@ -104,6 +104,19 @@ def render() -> str:
         for s in specs:
             lines.append(f"- `{s.name}`: {s.doc}" + (f" Error bound: {s.error_bound}." if s.error_bound else ""))
         lines.append("")
+    from rldiag.analysis import cliff, lens
+
+    lines += ["## Advanced analytics (from token rows)", "",
+              "Computed on demand from the token rows rather than from the stored statistics; see "
+              "[lens.md](lens.md), [cliff.md](cliff.md) and [law.md](law.md).", "",
+              "| name | meaning |", "|---|---|",
+              f"| `lens/<objective>/<quantity>` | objectives {', '.join('`' + o + '`' for o in lens.OBJECTIVES)}; "
+              f"quantities {', '.join('`' + q + '`' for q in lens.QUANTITIES)} (`run.lens()`, `rldiag lens`) |",
+              f"| `{cliff.LAMBDA_STAR}`, `{cliff.LAMBDA_STAR_MIN}` | extrapolation-cliff threshold lambda* per step "
+              "(**derived**: rldiag's derivation, not the paper's equations) |",
+              f"| `{cliff.HEADROOM}` | lambda / lambda*: critical at >= 1, warn at >= {cliff.WARN_HEADROOM} |",
+              "| `law/a`, `law/b`, `law/r2`, `law/ceiling`, `law/reached`, `law/sign_agreement` | fit of R = -a exp(H) + b, ceiling b - a, share reached, -cov sign agreement (`rldiag law`) |",
+              ""]
     lines += ["## Sufficient statistics", "",
               "Stored per (step, rank, micro) in `stats/*.parquet`; `config` marks those that depend on the clip",
               "settings (recomputed from token rows by `run.step_metrics(config=...)`).", "",
