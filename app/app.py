@@ -294,7 +294,9 @@ def click_target(triggered: Any, click: dict[str, Any] | None, runs: list[str]) 
     except (TypeError, ValueError):
         raise PreventUpdate from None
     run = runs[0]
-    if triggered.get("type") == ids.PANEL:
+    if isinstance(point.get("customdata"), str) and point["customdata"] in runs:
+        run = point["customdata"]  # an alert marker knows its run
+    elif triggered.get("type") == ids.PANEL:
         metrics = [m for m in str(triggered.get("metrics", "")).split(",") if m]
         per_run = max(len(metrics), 1) * figures.TRACES_PER_SERIES
         index = int(point.get("curveNumber", 0)) // per_run

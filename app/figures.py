@@ -148,7 +148,8 @@ def metric_panel(
             label = series_label(run_id, metric, n_runs=n_runs)
             group = f"{run_id}|{metric}"
             data.extend(_series_traces(env, smooth, label, group, color, unit))
-    layout = base_layout(title, height=height)
+    # x is always the step: no axis title, so the legend sits right under the tick labels
+    layout = base_layout(title, height=height, x_title="")
     layout["yaxis"] = dict(_AXIS, title=dict(text=unit or ""), zeroline=False)
     if y_lo == y_hi:
         # A constant series: plotly's autorange degenerates (and misplaces the axis title); pad it.
@@ -157,6 +158,10 @@ def metric_panel(
     if x_range is not None:
         layout["xaxis"]["range"] = list(x_range)
     shapes, annotations = _alert_marks(alerts or {})
+    marker = _alert_marker_trace(alerts or {}, multi_run=n_runs > 1)
+    if marker is not None:  # after every series trace: live updates address series by index from 0
+        data.append(marker)
+        layout["yaxis2"] = dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True)
     for value, label in hlines:
         shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=value, y1=value,
                            line=dict(color="#999", width=1, dash="dot")))
@@ -169,6 +174,11 @@ def metric_panel(
     layout["shapes"], layout["annotations"] = shapes, annotations
     layout["meta"] = {"aggregated": aggregated, "metrics": list(metrics), "runs": list(frames)}
     layout["showlegend"] = len(frames) * len(metrics) > 1  # one series: the title already names it
+    if layout["showlegend"]:
+        # anchored to the bottom of the figure, not of the plot area, with room for two rows under the ticks
+        rows = 1 + (sum(len(series_label(r, m, n_runs=n_runs)) + 6 for r in frames for m in metrics) > 70)
+        layout["margin"] = dict(_MARGIN, b=30 + 20 * rows)
+        layout["legend"] = dict(layout["legend"], yref="container", y=0.0, yanchor="bottom")
     return go.Figure(data=data, layout=layout)
 
 
@@ -200,6 +210,28 @@ def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, un
     return [lo, hi, raw, sm]
 
 
+def _alert_marker_trace(alerts: Mapping[str, Sequence[Mapping[str, Any]]], *, multi_run: bool) -> dict | None:
+    """Hoverable markers at the top of the chart naming each alert that started firing (run id in customdata,
+    so a click opens that run's tokens)."""
+    xs, texts, colors, runs = [], [], [], []
+    for run_id, events in alerts.items():
+        for ev in events:
+            step = ev.get("step")
+            if not isinstance(step, (int, float)) or not math.isfinite(step):
+                continue
+            sev = str(ev.get("severity", "warn"))
+            where = f"{run_id}: " if multi_run else ""
+            xs.append(float(step))
+            texts.append(f"{where}{ev.get('rule', 'alert')} ({sev}) fired at step {int(step)}")
+            colors.append(SEVERITY_COLORS.get(sev, "#999"))
+            runs.append(run_id)
+    if not xs:
+        return None
+    return dict(type="scatter", mode="markers", x=xs, y=[0.97] * len(xs), yaxis="y2", text=texts, customdata=runs,
+                marker=dict(symbol="triangle-down", size=9, color=colors), name="alerts", showlegend=False,
+                hovertemplate="%{text}<extra></extra>")
+
+
 def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list[dict]]:
     """Vertical lines at the steps where an alert started firing (at most 200, most severe first)."""
     marks: list[tuple[int, float, str, str]] = []
@@ -217,10 +249,6 @@ def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[lis
         color = SEVERITY_COLORS.get(sev, "#999")
         shapes.append(dict(type="line", xref="x", x0=step, x1=step, yref="paper", y0=0, y1=1,
                            line=dict(color=color, width=1, dash="dash"), opacity=0.7))
-    if marks:
-        annotations.append(dict(text=f"{len(marks)} alert(s) fired", xref="paper", x=0, xanchor="left",
-                                yref="paper", y=-0.01, yanchor="top", showarrow=False,
-                                font=dict(size=10, color=SEVERITY_COLORS.get(marks[0][2], "#999"))))
     return shapes, annotations
 
 

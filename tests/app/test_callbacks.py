@@ -96,6 +96,8 @@ def test_click_on_a_panel_point_links_to_that_runs_tokens():
     per_run = 2 * figures.TRACES_PER_SERIES
     click = {"points": [{"curveNumber": per_run + 3, "x": 6.6}]}
     assert shell.click_target(pid, click, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=7"
+    alert = {"points": [{"curveNumber": 2 * per_run, "x": 4, "customdata": "sweep/b"}]}
+    assert shell.click_target(pid, alert, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=4"
     heat = {"points": [{"curveNumber": 0, "x": 3, "y": 0.1}]}
     assert shell.click_target(ids.clickable("ratio-heatmap"), heat, ["a"]) == "/tokens?run=a&step=3"
     with pytest.raises(PreventUpdate):

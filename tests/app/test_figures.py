@@ -72,6 +72,9 @@ def test_alerts_are_vertical_lines_at_their_steps():
     fig = figures.metric_panel({"a": _frame()}, ["ratio/max"], title="t", alerts=alerts)
     lines = [s for s in fig.layout.shapes if s.xref == "x"]
     assert [(s.x0, s.line.color) for s in lines] == [(7, figures.SEVERITY_COLORS["critical"])]
+    marker = fig.data[-1]  # hoverable, after the series traces so live updates keep their indices
+    assert len(fig.data) == figures.TRACES_PER_SERIES + 1
+    assert list(marker.x) == [7] and "x (critical) fired at step 7" in marker.text[0] and marker.yaxis == "y2"
 
 
 def test_constant_and_missing_series_get_a_usable_axis():
