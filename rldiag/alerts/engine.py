@@ -682,7 +682,8 @@ class Engine:
         return self._states[rule]
 
     def status(self) -> dict[str, RuleStatus]:
-        """Current state of every rule (metric rules report ``nodata`` while the run is stalled)."""
+        """Current state of every rule (while the run is stalled, metric rules that are not firing report
+        ``nodata``)."""
         out = {}
         for rule in self.rules:
             if rule.kind == "stall":
@@ -693,7 +694,8 @@ class Engine:
                     self._fp[rule.name])
                 continue
             st = self._states[rule.name]
-            state = State.NODATA if self._stalls else st.state
+            # A stall hides what a rule would say about new data, but not that it was firing when data stopped.
+            state = State.NODATA if self._stalls and st.state != State.FIRING else st.state
             out[rule.name] = RuleStatus(rule.name, rule.severity, state, st.last_step, st.start_step,
                                         st.last_value, st.last_metric, st.last_threshold, self._fp[rule.name])
         return out

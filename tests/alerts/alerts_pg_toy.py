@@ -11,9 +11,9 @@ over them (entropy near ln(targets)); with a large learning rate, several PPO ep
 the policy locks onto single tokens and its entropy collapses to zero. Nothing is hand-written: every
 metric comes from the recorder.
 
-Run it as a script to record both runs and print the alert timeline::
+Run it as a module to record both runs for several seeds and print when each default rule fires::
 
-    python tests/alerts/alerts_pg_toy.py /tmp/toy
+    python -m tests.alerts.alerts_pg_toy /tmp/toy --seeds 5
 """
 
 from __future__ import annotations
@@ -141,17 +141,71 @@ def train(run_dir: str | Path, cfg: ToyConfig, *, alerts: Any = None) -> list[di
     return log
 
 
+def collapse_step(entropy: list[float], *, frac: float = 0.1, baseline_steps: int = 10) -> int | None:
+    """The first step index where entropy/mean is below ``frac`` of the median of its first steps."""
+    import statistics
+
+    base = statistics.median(entropy[:baseline_steps])
+    return next((i for i, e in enumerate(entropy) if e < frac * base), None)
+
+
+def measure(out: str | Path, seeds: int = 5, steps: int | None = None) -> dict[str, Any]:
+    """Record (when missing) the collapsing and healthy runs of ``seeds`` seeds, evaluate the default rules.
+
+    Returns, per run, the collapse step and every rule's firing steps, as ``rldiag watch`` would see them.
+    """
+    import rldiag
+    from rldiag.alerts import Engine, load_rules
+
+    rules = load_rules()
+    result: dict[str, Any] = {}
+    for name, base in (("collapsing", COLLAPSING), ("healthy", HEALTHY)):
+        for seed in range(seeds):
+            cfg = dataclasses.replace(base, seed=seed, **({"steps": steps} if steps else {}))
+            run_dir = Path(out) / f"{name}-{seed}"
+            if not (run_dir / "manifest.json").exists():
+                train(run_dir, cfg)
+            metrics = rldiag.open_run(run_dir).step_metrics()
+            fires: dict[str, list[int]] = {}
+            for n in Engine(rules, run=run_dir.name).update(metrics, now=0.0):
+                if n.event == "firing":
+                    fires.setdefault(n.rule, []).append(n.step)
+            entropy = metrics["entropy/mean"].to_list()
+            result[run_dir.name] = {"kind": name, "seed": seed, "steps": len(entropy),
+                                    "collapse": collapse_step(entropy), "fires": fires,
+                                    "final_entropy": entropy[-1], "first_entropy": entropy[0]}
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    """Markdown tables: lead time per rule on the collapsing runs, firing episodes on the healthy ones."""
+    rules = sorted({r for v in result.values() for r in v["fires"]})
+    lines = ["| run | collapse step | " + " | ".join(f"`{r}`" for r in rules) + " |",
+             "|---|---|" + "---|" * len(rules)]
+    for name, v in result.items():
+        cells = []
+        for r in rules:
+            steps = v["fires"].get(r, [])
+            if not steps:
+                cells.append("-")
+            elif v["collapse"] is not None:
+                cells.append(f"{steps[0]} ({v['collapse'] - steps[0]:+d}; {len(steps)}x)")
+            else:
+                cells.append(f"{steps[0]} ({len(steps)}x)")
+        coll = "none" if v["collapse"] is None else str(v["collapse"])
+        lines.append(f"| {name} | {coll} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="folder for the two runs (collapsing/, healthy/)")
+    p.add_argument("out", help="folder for the runs (collapsing-<seed>/, healthy-<seed>/)")
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the raw result as JSON")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    for name, cfg in (("collapsing", COLLAPSING), ("healthy", HEALTHY)):
-        if args.steps:
-            cfg = dataclasses.replace(cfg, steps=args.steps)
-        log = train(out / name, cfg)
-        print(name, json.dumps({k: round(v, 4) for k, v in log[-1].items()}), file=sys.stderr)
+    result = measure(args.out, args.seeds, args.steps)
+    print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
 

@@ -200,15 +200,16 @@ def test_repeat_interval_while_firing() -> None:
 
 
 def test_stall_fires_nodata_and_resolves() -> None:
-    rules = RuleSet((Rule("r", (thr(),)), Rule("stalled", kind="stall", stall_after=600.0)))
+    rules = RuleSet((Rule("r", (thr(),)), Rule("q", (Condition("clip/region", op=">", threshold=1.0),)), Rule("stalled", kind="stall", stall_after=600.0)))
     eng = Engine(rules, run="t")
     assert eng.tick(0.0) == []  # no step yet: not stalled
-    eng.update(frame("kl/k3", [0.0, 2.0]), now=1000.0)
+    eng.update(pl.DataFrame({"step": [0, 1], "kl/k3": [0.0, 2.0], "clip/region": [0.0, 0.0]}), now=1000.0)
     assert eng.tick(1599.0) == []
     (s,) = eng.tick(1600.0)
     assert (s.rule, s.event, s.step, s.value) == ("stalled", "firing", 1, 600.0)
     status = eng.status()
-    assert status["stalled"].state == State.FIRING and status["r"].state == State.NODATA
+    assert status["stalled"].state == State.FIRING and status["q"].state == State.NODATA
+    assert status["r"].state == State.FIRING  # it was firing when data stopped: still shown as firing
     assert eng.tick(1700.0) == []  # no re-notification until repeat_interval
     evs = eng.update(frame("kl/k3", [2.0], start=2), now=1800.0)
     assert [(n.rule, n.event) for n in evs] == [("stalled", "resolved")]
