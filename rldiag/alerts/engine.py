@@ -703,7 +703,7 @@ class Engine:
     def firing(self) -> list[str]:
         """Names of the rules firing now (a stalled run counts as firing its stall rule)."""
         names = [r.name for r in self._metric_rules if self._states[r.name].state == State.FIRING]
-        return names + [name for name in self._stalls]
+        return names + list(self._stalls)
 
 
 def _mark_replay(events: list[Notification]) -> list[Notification]:

@@ -672,8 +672,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _default_tables() -> dict[str, Any]:
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError as exc:  # pragma: no cover - Python 3.10
+        raise RuleError("rldiag alert rules need Python 3.11 or newer (tomllib)") from exc
     text = resources.files("rldiag.alerts").joinpath("default_rules.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 

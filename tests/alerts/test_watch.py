@@ -179,3 +179,27 @@ def test_end_to_end_real_training_collapse(tmp_path: Path, receiver: Receiver) -
     hist = read_history(run / "alerts.jsonl")
     assert any(e["rule"] == "entropy_collapse" and e["event"] == "firing" for e in hist)
     assert json.dumps(hist)  # the history is plain JSON
+
+
+def mark_closed(run: Path) -> None:
+    """What a recorder's close() leaves in its writer file (``"closed"``: the time it closed)."""
+    for w in (run / "writers").glob("*.json"):
+        info = json.loads(w.read_text())
+        info["closed"] = 1.0
+        w.write_text(json.dumps(info))
+
+
+def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "done"
+    write_run(run, spike=None, collapse_from=None)
+    old = 1_000_000.0  # the files are ancient: an open run would be stalled
+    for p in (run / "stats").glob("*"):
+        os.utime(p, (old, old))
+    assert main(["watch", str(run), "--once", "--no-history", "-q"]) == 1
+    assert "stalled_run                  warn      firing" in capsys.readouterr().out
+    mark_closed(run)
+    assert main(["watch", str(run), "--no-history", "-q", "--exit-on-close", "--interval", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "30 steps evaluated, last step 29 (closed)" in out  # once closed, the last step counts too
+    assert "stalled_run                  warn      inactive" in out
