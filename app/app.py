@@ -263,8 +263,8 @@ def zoom_range(zoom: dict[str, Any] | None) -> tuple[float, float] | None:
 
 
 def render_panel(panel_id: dict[str, str], runs: list[str], smoothing: float,
-                 x_range: tuple[float, float] | None) -> Any:
-    """Figure of one registry line panel for the runs on screen (runs that do not resolve are skipped)."""
+                 x_range: tuple[float, float] | None) -> dict[str, Any]:
+    """Figure spec of one registry line panel for the runs on screen (runs that do not resolve are skipped)."""
     metrics = [m for m in panel_id.get("metrics", "").split(",") if m]
     cat = data.catalog()
     frames, alerts = {}, {}
@@ -274,9 +274,9 @@ def render_panel(panel_id: dict[str, str], runs: list[str], smoothing: float,
         if panel_id.get("page") == "overview":
             alerts[run_id] = data.firing_events(st.alerts())
     if not frames:
-        return figures.empty_figure("no run selected")
+        return figures.empty_figure("no run selected").to_plotly_json()
     spec = panels.spec_of(metrics[0]) if metrics else None
-    return figures.metric_panel(
+    return figures.metric_panel_spec(
         frames, metrics, title=panels.panel_title(metrics), unit=getattr(spec, "unit", "") or None,
         smoothing=smoothing, x_range=x_range, alerts=alerts, hlines=panels.reference_lines(metrics),
         height=280, no_data=panels.no_data_note(metrics),

@@ -158,7 +158,7 @@ def main() -> None:
 
     import importlib
 
-    import plotly.io as pio
+    from plotly.io.json import to_json_plotly  # what Dash encodes callback outputs with
 
     import rldiag
     from app import data, ids, panels
@@ -173,7 +173,7 @@ def main() -> None:
     def build_overview() -> None:
         importlib.import_module("app.pages.overview").layout(run="big")
         for pid in panel_ids:
-            pio.to_json(render_panel(pid, ["big"], 0.6, None), validate=False)
+            to_json_plotly(render_panel(pid, ["big"], 0.6, None))
 
     app = create_app(work)
     with app.server.test_request_context():
@@ -197,7 +197,7 @@ def main() -> None:
             rec.flush()  # the step's segment is published: the next poll finds it
             t0 = time.perf_counter()
             extends, *_ = live_tick(["big"], panel_ids, 0.6, k)
-            json.dumps(extends, default=str)
+            to_json_plotly(extends)
             ticks.append(time.perf_counter() - t0)
         rec.close()
         tick = statistics.median(ticks)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
 import pytest
 from conftest import HOSTILE
 from dash import dcc, html, no_update
@@ -75,11 +76,11 @@ def test_panels_follow_the_registry(ctx):
 
 def test_render_panel_draws_selected_runs_and_skips_unknown_ones(ctx):
     pid = ids.panel("overview", "ratio-x", ["ratio/max"])
-    fig = shell.render_panel(pid, ["grpo_full", "../nope", "sweep/minimal"], 0.0, None)
+    fig = go.Figure(shell.render_panel(pid, ["grpo_full", "../nope", "sweep/minimal"], 0.0, None))  # validates
     assert fig.layout.meta["runs"] == ["grpo_full", "sweep/minimal"]
     raw = fig.data[2]
     assert max(v for v in raw.y if v is not None) > 20  # the spike of grpo_full
-    empty = shell.render_panel(pid, ["../nope"], 0.0, None)
+    empty = go.Figure(shell.render_panel(pid, ["../nope"], 0.0, None))
     assert empty.data == ()
 
 

@@ -140,8 +140,8 @@ def _ema_loop(y: np.ndarray, w: float) -> np.ndarray:
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.6, 0.95, 0.99])
 def test_ema_matches_tensorboard_style_loop(w):
     rng = np.random.default_rng(2)
-    y = rng.normal(size=500)
-    y[[3, 40, 41, 400]] = np.nan
+    y = rng.normal(size=3_000)  # several 256-point blocks of the vectorized recurrence
+    y[[3, 40, 41, 400, 255, 256, 2999]] = np.nan
     np.testing.assert_allclose(ema(y, w), _ema_loop(y, w), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 

@@ -168,3 +168,20 @@ def test_line_panel_traces_are_sent_as_plain_lists_so_extenddata_can_grow_them()
     sent = json.loads(fig.to_json())["data"]
     for trace in sent[: figures.TRACES_PER_SERIES]:
         assert isinstance(trace["x"], list) and isinstance(trace["y"], list)
+
+
+def test_the_spec_the_server_sends_is_strict_json_with_gaps_as_null():
+    from plotly.io.json import to_json_plotly  # the encoder Dash uses for callback outputs
+
+    f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
+    spec = figures.metric_panel_spec({"a": f}, ["m"], title="t")
+    sent = json.loads(to_json_plotly(spec))
+    assert sent["data"][2]["y"] == [1.0, None, None]
+    assert go_figure_equal(spec, figures.metric_panel({"a": f}, ["m"], title="t"))
+
+
+def go_figure_equal(spec, fig) -> bool:
+    import plotly.graph_objects as go
+    from plotly.io.json import to_json_plotly
+
+    return to_json_plotly(go.Figure(spec)) == to_json_plotly(fig)  # JSON: NaN == NaN as null
