@@ -208,6 +208,12 @@ def main() -> None:
         mid = cfg.steps // 2
         tok_first = timed(lambda: tokens_page.token_body("big", mid, "logratio", 10))
         tok = timed(lambda: tokens_page.token_body("big", mid + 1, "logratio", 10), cfg.repeats)
+        st = data.catalog().state("big")
+        steps_used = len(st.analysis_steps())
+        buckets = timed(lambda: st.bucket_metrics("pos"))
+        lens = timed(st.lens)
+        print(f"positions page table (bucket_metrics on {steps_used} steps): {buckets:.2f} s; objective lens: "
+              f"{lens:.2f} s (analysis layer; first use includes numba cache loading)")
         n_files = sum(1 for _ in (run_dir / schema.TOKENS_DIR).glob("*.parquet"))
         print(f"tokens page, one step of {cfg.tokens_per_step:,} rows in a {cfg.steps * cfg.tokens_per_step:,}-row run "
               f"({n_files} token files): first {tok_first * 1e3:.0f} ms, median {tok * 1e3:.0f} ms "
