@@ -180,6 +180,8 @@ class Recorder:
         """
         self._check_open()
         self._raise_pending()
+        if self.alerts is not None:
+            self.alerts.check()  # raises rldiag.alerts.StopTraining once a stop-training alert fired
         args = {
             "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
             "entropy": entropy, "rollout_logprobs": rollout_logprobs, "ref_logprobs": ref_logprobs,
@@ -231,6 +233,11 @@ class Recorder:
         self._closed = True
         self._writer.stop()
         self._writer.join()
+        self._closed_at = time.time()
+        try:  # marks a finished run (not a crashed or stalled one) for the watcher and the dashboard
+            self._write_writer_file()
+        except OSError as exc:
+            log.warning("rldiag: could not mark %s closed: %s", self.run_dir, exc)
         if self.alerts is not None:
             try:
                 self.alerts.close()
@@ -304,6 +311,7 @@ class Recorder:
             "writer": self.writer_id, "rank": self.rank, "world_size": self.world_size, "host": os.uname().nodename,
             "pid": os.getpid(), "started": self._started, "first_step": self._first_step,
             "schema_version": schema.SCHEMA_VERSION, "config": self.config.to_dict(),
+            "closed": getattr(self, "_closed_at", None),
         })
 
     def _check_open(self) -> None:

@@ -44,7 +44,7 @@ def test_once_exit_codes_payloads_and_history(tmp_path: Path, receiver: Receiver
     code = main(["watch", str(run), "--once", "--webhook", receiver.url])
     out, err = capsys.readouterr()
     assert code == 1
-    assert "run exp1: 29 steps evaluated, last step 28" in out  # the newest step may still be incomplete
+    assert "run exp1: 30 steps evaluated, last step 29 (closed)" in out  # the recorder closed: every step is complete
     firing_line = next(line for line in out.splitlines() if line.startswith("entropy_collapse "))
     assert "critical" in firing_line and "firing" in firing_line and " 20 " in firing_line
     assert "FIRING critical entropy_collapse run=exp1 step=20" in err
@@ -193,6 +193,11 @@ def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(tmp_path: 
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "done"
     write_run(run, spike=None, collapse_from=None)
+    for w in (run / "writers").glob("*.json"):  # as if the process had died without closing the recorder
+        info = json.loads(w.read_text())
+        assert info["closed"] is not None  # Recorder.close() marks its writer file
+        info["closed"] = None
+        w.write_text(json.dumps(info))
     old = 1_000_000.0  # the files are ancient: an open run would be stalled
     for p in (run / "stats").glob("*"):
         os.utime(p, (old, old))
