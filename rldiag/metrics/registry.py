@@ -10,6 +10,7 @@ docs/metrics.md all read this registry; a formula is written here and nowhere el
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -356,6 +357,11 @@ _SPECS: tuple[MetricSpec, ...] = (
        "max/min of the bucket std of r", "GRPO-Guard's per-timestep variance inconsistency.",
        source="GRPO-Guard", direction="lower", bounds=(1.0, None)),
 )
+
+# Log-probability differences are in nats; metrics with one unit share a dashboard panel.
+_NATS = ("ratio/logabs_p50", "ratio/logabs_p99", "ratio/logabs_p999", "kl/k1", "kl/k2", "kl/k3", "kl/ref_k3",
+         "mismatch/k1", "mismatch/k3", "mismatch/logabs_p99", "seq/cum_logratio_absmax")
+_SPECS = tuple(dataclasses.replace(s, unit="nats") if s.name in _NATS and not s.unit else s for s in _SPECS)
 
 REGISTRY: Final[dict[str, MetricSpec]] = {spec.name: spec for spec in _SPECS}
 """Every core metric, by public name, in the order of metrics-spec section 2."""

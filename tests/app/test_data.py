@@ -88,7 +88,7 @@ def test_status_live_stalled_finished(tmp_path: Path):
 def test_a_writer_whose_process_is_gone_ends_the_run(tmp_path: Path):
     record_run(tmp_path / "r", steps=1)
     writer = next((tmp_path / "r" / "writers").glob("*.json"))
-    info = json.loads(writer.read_text())
+    info = {**json.loads(writer.read_text()), "closed": None}  # as if the process died without closing
     writer.write_text(json.dumps({**info, "pid": 2**22 + 12345}))  # no such process
     assert data.run_closed(tmp_path / "r")
     writer.write_text(json.dumps({**info, "host": "another-machine", "pid": 2**22 + 12345}))
