@@ -61,10 +61,6 @@ def main() -> None:
                 tb.add_scalar(f"s{i}", float(ratio.mean()), k[0])
             k[0] += 1
 
-        t_tb = _median_time(tensorboard, args.batches)
-        tb.close()
-        t_exp = _median_time(lambda: torch.exp(b["logprobs"] - b["old_logprobs"]), args.batches * 5)
-
         rec = rldiag.Recorder(tmp / "run", queue_max_bytes=8 * 2**30)  # large bound: measure the pure hot path
         rec.record(step=0, **b)
         rec.flush()
@@ -74,14 +70,18 @@ def main() -> None:
             rec.record(step=s[0], **b)
             s[0] += 1
 
-        # steady state of a training loop: the writer has finished the previous step's record
-        times = []
+        # Interleaved, so that a load change on the machine hits baselines and rldiag alike. Steady state of a
+        # training loop: the writer has finished the previous step's record before the next record() call.
+        times_rec, times_exp, times_tb = [], [], []
         for _ in range(args.batches):
             rec._writer.barrier(publish=False)
+            times_exp.append(_median_time(lambda: torch.exp(b["logprobs"] - b["old_logprobs"]), 5))
             t = time.perf_counter()
             record()
-            times.append(time.perf_counter() - t)
-        t_rec = statistics.median(times)
+            times_rec.append(time.perf_counter() - t)
+            times_tb.append(_median_time(tensorboard, 1))
+        tb.close()
+        t_rec, t_exp, t_tb = (statistics.median(x) for x in (times_rec, times_exp, times_tb))
         t_burst = _median_time(record, args.batches)  # back to back: fresh buffers every call
         t0 = time.perf_counter()
         rec.flush()
