@@ -41,17 +41,22 @@ def _reward(prompts: list[str], completions: list[str], **_: object) -> list[flo
 
 
 def _trainer(tmp_path: Path, *, cls: type = trl.GRPOTrainer, max_steps: int = 6, num_iterations: int = 3,
-             grad_accum: int = 1, lr: float = 5e-2, **kwargs: object) -> trl.GRPOTrainer:
+             grad_accum: int = 1, lr: float = 5e-2, beta: float = 0.0, config: dict | None = None,
+             **kwargs: object) -> trl.GRPOTrainer:
     tok = build_tokenizer(ALPHABET + "=")
     rng = random.Random(0)
     prompts = ["".join(rng.choice(ALPHABET) for _ in range(3)) + "=" for _ in range(64)]
     args = trl.GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
         max_completion_length=6, max_steps=max_steps, use_cpu=True, report_to=[], save_strategy="no",
-        beta=0.0, num_iterations=num_iterations, learning_rate=lr, logging_steps=1, seed=0, disable_tqdm=True,
-        gradient_accumulation_steps=grad_accum, lr_scheduler_type="constant",
+        beta=beta, num_iterations=num_iterations, learning_rate=lr, logging_steps=1, seed=0, disable_tqdm=True,
+        gradient_accumulation_steps=grad_accum, lr_scheduler_type="constant", **(config or {}),
     )
-    trainer = cls(model=build_model(tok, seed=0), reward_funcs=_reward, args=args,
+    model = build_model(tok, seed=0)
+    if beta != 0.0:  # TRL loads the reference model from the policy's path: give it a local one
+        model.save_pretrained(tmp_path / "base")
+        model = type(model).from_pretrained(tmp_path / "base")
+    trainer = cls(model=model, reward_funcs=_reward, args=args,
                   train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tok, **kwargs)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -187,3 +192,22 @@ def test_bad_arguments(tmp_path: Path) -> None:
     trainer.train()  # still trains, records nothing more
     rec.close()
     assert rldiag.open_run(tmp_path / "run").steps() == []
+
+
+
+def test_reference_kl_equals_trl_kl(tmp_path: Path) -> None:
+    """With beta != 0 TRL scores a reference model; rldiag's kl/ref_k3 is TRL's logged `kl`.
+
+    TRL 1.x multiplies each token's k3 by its ratio r by default (``use_bias_correction_kl=True``), which is
+    then a different number on reused rollouts; with the correction off the two are the same estimator.
+    """
+    run_dir = tmp_path / "run"
+    trainer = _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=run_dir, max_steps=4, beta=0.04,
+                       config={"use_bias_correction_kl": False})
+    trainer.train()
+    logged = _logged(trainer)
+    m = rldiag.open_run(run_dir).step_metrics()
+    assert m.height == 4
+    for row in m.iter_rows(named=True):
+        assert row["kl/ref_k3"] == pytest.approx(logged[row["step"]]["kl"], abs=1e-6)
+    assert m["kl/ref_k3"].max() > 1e-4  # the policy moved away from the reference
