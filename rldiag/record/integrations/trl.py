@@ -87,7 +87,8 @@ class _StopOnAlert(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         # Publish what was recorded so a dashboard or `rldiag summarize` sees the whole run; the recorder stays
         # open in case train() is called again (it closes at exit).
-        self.recorder.flush()
+        if not getattr(self.recorder, "_closed", False):
+            self.recorder.flush()
         return control
 
 
