@@ -325,7 +325,11 @@ class Run:
             all_steps = np.array(self.steps())
             step_set = set((all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
                             if isinstance(steps, slice) else list(steps)))
-        parts = list(iter_file_stats(self.token_files(), config, steps=step_set, hists=False))
+        from rldiag.analysis.progress import progress
+
+        files = self.token_files()
+        parts = list(progress(iter_file_stats(files, config, steps=step_set, hists=False), len(files),
+                              "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
         if ranks is not None:
             fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
