@@ -99,6 +99,7 @@ class _RLDiagMixin:
     rldiag_log_metrics: tuple[str, ...] = DEFAULT_LOG_METRICS
     _rldiag_capture: list[Any] | None = None
     _rldiag_rewards_per_func: Any = None
+    _rldiag_generations: int = 0
 
     def _rldiag_setup(self, recorder: Recorder, log_metrics: Sequence[str] | None) -> None:
         if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"):
@@ -126,12 +127,14 @@ class _RLDiagMixin:
         device = output["completion_ids"].device
         # TRL's sampler repeats each prompt num_generations times consecutively across all processes, and its
         # advantages are computed over rewards.view(-1, num_generations): global row i belongs to prompt group
-        # i // num_generations. Groups are numbered uniquely over the whole run through the step of generation.
+        # i // num_generations. Groups are numbered uniquely over the run by counting generation batches (every
+        # rank generates in lockstep, so the count agrees across ranks).
         n_global = n_local * self.accelerator.num_processes
         groups_per_batch = max(n_global // self.num_generations, 1)
         version = int(self.state.global_step) + 1  # the first update this rollout feeds (staleness 0 there)
         rows = torch.arange(start, start + n_local, device=device)
-        output[_GROUP_KEY] = rows // self.num_generations + version * groups_per_batch
+        output[_GROUP_KEY] = rows // self.num_generations + self._rldiag_generations * groups_per_batch
+        self._rldiag_generations += 1
         output[_VERSION_KEY] = torch.full((n_local,), version, dtype=torch.long, device=device)
         rpf = self._rldiag_rewards_per_func
         if rpf is not None and rpf.dim() == 2 and rpf.size(0) == n_global:
