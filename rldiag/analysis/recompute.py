@@ -26,7 +26,7 @@ _VALUE_COLS = (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.
                schema.VERSION, schema.STAGE, schema.GROUP, schema.REWARD)
 
 
-def _col(table: pa.Table, name: str, dtype: type = np.float64) -> np.ndarray | None:
+def _col(table: pa.Table, name: str, dtype: type = np.float32) -> np.ndarray | None:
     if name not in table.column_names:
         return None
     col = table.column(name)

@@ -253,9 +253,9 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
             cnt = 0
             n_mask += a1 - a0
             for t in range(a0, a1):
-                x_lp = lp[t]
-                x_olp = olp[t]
-                a = adv[t]
+                x_lp = np.float64(lp[t])
+                x_olp = np.float64(olp[t])
+                a = np.float64(adv[t])
                 if not (math.isfinite(x_lp) and math.isfinite(x_olp) and math.isfinite(a)):
                     n_nonfin += 1
                     continue
@@ -311,7 +311,7 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                 else:
                     n_azero += 1
                 if has_ent:
-                    e = ent[t]
+                    e = np.float64(ent[t])
                     if math.isfinite(e):
                         n_ent += 1
                         s_ent += e
@@ -341,12 +341,12 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                 if L < -ctpo_a * root or L > ctpo_b * root:
                     n_ctpo += 1
                 if has_ref:
-                    xr = ref[t] - x_lp
+                    xr = np.float64(ref[t]) - x_lp
                     if math.isfinite(xr):
                         n_ref += 1
                         s_ref += _expm1(xr) - xr
                 if has_roll:
-                    d = x_olp - roll[t]
+                    d = x_olp - np.float64(roll[t])
                     if math.isfinite(d):
                         wm1 = _expm1(d)
                         w = wm1 + 1.0
@@ -468,7 +468,7 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
         c_pos = 0.0
         for j in range(n):
             t = vidx[j]
-            c = (adv[t] - mean_a) * (lp[t] - mean_lp)
+            c = (np.float64(adv[t]) - mean_a) * (np.float64(lp[t]) - mean_lp)
             cov_out[t] = c
             tmp[j] = c
             if c > band_lo and c < band_hi:
@@ -571,12 +571,15 @@ class BatchStats:
         return out
 
 
-_EMPTY_F = np.zeros(0, dtype=np.float64)
+_EMPTY_F = np.zeros(0, dtype=np.float32)
 _EMPTY_I = np.zeros(0, dtype=np.int64)
 
 
-def _f64(a: np.ndarray | None) -> np.ndarray:
-    return _EMPTY_F if a is None else np.ascontiguousarray(a, dtype=np.float64)
+def _f32(a: np.ndarray | None) -> np.ndarray:
+    """Token values as float32, the precision of the token rows (arithmetic in the kernel is float64): live
+    statistics and statistics recomputed from stored rows then see the same values, and no copy is made of
+    the usual float32 inputs."""
+    return _EMPTY_F if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
 
 def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True) -> BatchStats:
@@ -604,8 +607,8 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True) -> Ba
         np.ascontiguousarray(batch.rec_off, dtype=np.int64),
         np.ascontiguousarray(batch.seq_off, dtype=np.int64),
         np.ascontiguousarray(batch.steps, dtype=np.int64),
-        _f64(batch.logp), _f64(batch.old_logp), _f64(batch.adv), _f64(batch.entropy),
-        _f64(batch.rollout_logp), _f64(batch.ref_logp),
+        _f32(batch.logp), _f32(batch.old_logp), _f32(batch.adv), _f32(batch.entropy),
+        _f32(batch.rollout_logp), _f32(batch.ref_logp),
         _EMPTY_I if batch.version is None else np.ascontiguousarray(batch.version, dtype=np.int64),
         _EMPTY_I if batch.stage is None else np.ascontiguousarray(batch.stage, dtype=np.int64),
         np.ascontiguousarray(batch.pos, dtype=np.int64),
