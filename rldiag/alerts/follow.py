@@ -106,10 +106,13 @@ class RunFollower:
     """
 
     def __init__(self, run_dir: str | Path, engine: Engine, *,
-                 open_run: Callable[[Path], Any] | None = None):
+                 open_run: Callable[[Path], Any] | None = None,
+                 augment: Callable[[Any, Any], Any] | None = None):
         self.run_dir = Path(run_dir)
         self.engine = engine
         self._open_run = open_run
+        self.augment = augment
+        """``augment(run, frame) -> frame`` adds columns (e.g. cliff/headroom from token rows) before evaluation."""
         self.run: Any = None
         self.polls = 0
 
@@ -142,6 +145,8 @@ class RunFollower:
         steps = complete_steps(self.run, after=self.engine.last_step, closed=is_closed)
         if steps:
             frame = self.run.step_metrics(steps=steps)
+            if self.augment is not None:
+                frame = self.augment(self.run, frame)
             data_time = newest_mtime(self.run_dir)
             events += self.engine.update(frame, now=now, data_time=min(now, data_time or now),
                                          backfill=self.polls == 0)

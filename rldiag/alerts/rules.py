@@ -292,10 +292,12 @@ def _unknown(what: str, name: str, known: Iterable[str]) -> str:
 def known_metrics() -> frozenset[str] | None:
     """Names of the metric registry, or None while the registry is not importable."""
     try:
+        from rldiag.analysis.cliff import HEADROOM, LAMBDA_STAR, LAMBDA_STAR_MIN
         from rldiag.metrics.registry import REGISTRY
     except ImportError:
         return None
-    return frozenset(REGISTRY)
+    # cliff/* come from token rows (metrics-spec section 3): `rldiag watch --cliff-lam` adds them to the frame
+    return frozenset(REGISTRY) | {HEADROOM, LAMBDA_STAR, LAMBDA_STAR_MIN}
 
 
 def validate_condition(cond: Condition, where: str, metrics: frozenset[str] | None = None) -> None:

