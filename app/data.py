@@ -36,7 +36,7 @@ MAX_TOKEN_STEPS = 200
 TOKEN_ROW_BUDGET = 1_500_000
 """... and at most about this many token rows (measured: ~2 s for the position table on 2 cores)."""
 MIN_TOKEN_STEPS = 20
-_SKIP_DIRS = {schema.TOKENS_DIR, schema.STATS_DIR, schema.WRITERS_DIR, "__pycache__"}
+_SKIP_DIRS = {schema.TOKENS_DIR, schema.STATS_DIR, schema.WRITERS_DIR, schema.TOKENIZER_DIR, "__pycache__"}
 _MAX_DEPTH = 4
 
 
@@ -113,6 +113,17 @@ class Catalog:
         self._scanned_at = 0.0
         self._states: dict[str, RunState] = {}
         self.decoder = TokenDecoder(self.tokenizer_path)
+        self._run_decoders: dict[Path, TokenDecoder] = {}
+
+    def decoder_for(self, run_id: str) -> TokenDecoder:
+        """The tokenizer given with ``--tokenizer``, else the run's own ``tokenizer/`` folder, else ids."""
+        if self.tokenizer_path is not None:
+            return self.decoder
+        own = self.resolve(run_id) / schema.TOKENIZER_DIR
+        if not own.is_dir():
+            return self.decoder
+        with self._lock:
+            return self._run_decoders.setdefault(own, TokenDecoder(own))
 
     # Discovery is a directory walk: cache it briefly so a page with ten callbacks walks once.
     def run_ids(self, *, max_age: float = 2.0) -> list[str]:

@@ -77,6 +77,9 @@ WRITERS_DIR: Final = "writers"
 TOKENS_DIR: Final = "tokens"
 STATS_DIR: Final = "stats"
 ALERTS_FILE: Final = "alerts.jsonl"
+TOKENIZER_DIR: Final = "tokenizer"
+"""Optional: a transformers tokenizer saved in the run (``tokenizer.save_pretrained``); the dashboard decodes
+token ids with it when no ``--tokenizer`` is given."""
 TMP_SUFFIX: Final = ".tmp"
 """Files are written under this suffix and renamed to ``.parquet`` when closed."""
 

@@ -147,20 +147,21 @@ def token_body(run_id: str, step: int | None, by: str, k: int) -> tuple[Any, str
         return ui.notice(f"No token rows for step {step} of {run_id}: the step does not exist, or its token rows "
                          "were not recorded (token_sample_rate < 1 or rows dropped under load)."), ""
     have = tv.available(frame)
+    decoder = cat.decoder_for(run_id)
     sections = []
     for ranking in tv.RANKINGS:
         if not have[ranking]:
             sections.append(html.Div([html.H3(tv.RANKINGS[ranking]),
                                       ui.notice(f"this run did not record the {ranking} column")], className="section"))
             continue
-        picks = tv.decode(tv.pick(frame, ranking, k=k), cat.decoder)
+        picks = tv.decode(tv.pick(frame, ranking, k=k), decoder)
         sections.append(pick_table(ranking, picks, by))
     s = tv.summary(frame)
     line = (f"{run_id} · step {step}: {int(s['tokens'])} token rows in {int(s['sequences'])} sequences; "
             f"max |log-ratio| {_fmt(s['max_abs_logratio'])}")
-    if cat.decoder.error:
-        line += f" · {cat.decoder.error}"
-    elif cat.decoder.path is None:
+    if decoder.error:
+        line += f" · {decoder.error}"
+    elif decoder.path is None:
         line += " · token ids shown (start with --tokenizer DIR to decode)"
     return html.Div(sections), line
 

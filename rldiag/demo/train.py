@@ -52,6 +52,7 @@ from trl import GRPOConfig  # noqa: E402
 from rldiag.alerts import AlertConfig  # noqa: E402
 from rldiag.demo.config import DEMO_MARKER, INFO_FILE, DemoConfig  # noqa: E402
 from rldiag.demo.model import build_model, build_tokenizer  # noqa: E402
+from rldiag.schema import TOKENIZER_DIR  # noqa: E402
 from rldiag.demo.task import ALPHABET, SEPARATOR, make_prompts, make_reward  # noqa: E402
 from rldiag.record.integrations.trl import RLDiagGRPOTrainer  # noqa: E402
 
@@ -210,6 +211,8 @@ def main(cfg: DemoConfig, on_start: Callable[[Path], Any] | None = None) -> Path
             "train_seconds": round(seconds, 1), "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": _version("trl")}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    # the dashboard decodes token ids with a run's own `tokenizer/` folder when it has one
+    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     return out
 
 

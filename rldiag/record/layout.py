@@ -51,7 +51,7 @@ def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str |
     manifest_path = path / MANIFEST_NAME
     if path.is_dir() and not manifest_path.exists():
         foreign = [p.name for p in path.iterdir() if p.name not in (STATS_DIR, TOKENS_DIR, WRITERS_DIR)
-                   and not p.name.startswith(".") and p.name != "alerts.jsonl"]
+                   and not p.name.startswith(".") and p.name not in ("alerts.jsonl", "tokenizer")]
         if foreign:
             raise ValueError(
                 f"{path} is not empty and is not an rldiag run (found {', '.join(sorted(foreign)[:5])}); "

@@ -232,3 +232,21 @@ def test_dependencies_are_json_and_every_page_is_registered(make_app):
     assert {"/", "/overview", "/ratios", "/clipping", "/entropy", "/mismatch", "/positions", "/tokens",
             "/cliff", "/alerts"} <= paths
     json.dumps(deps)
+
+
+def test_a_runs_own_tokenizer_folder_decodes_its_tokens(make_app, tokenizer_dir, runs_root):
+    """Without --tokenizer, a run that saved `tokenizer/` (as `rldiag demo` does) is decoded with it."""
+    import shutil
+
+    own = runs_root / "grpo_full" / "tokenizer"
+    shutil.copytree(tokenizer_dir, own)
+    try:
+        app = make_app()  # no tokenizer given
+        with app.server.test_request_context():
+            body, line = page("tokens").token_body("grpo_full", SPIKE_STEP, "logratio", 10)
+            assert "token ids shown" not in line
+            assert [c for c in walk(body) if isinstance(c, html.Span) and c.children == HOSTILE]
+            body, line = page("tokens").token_body("sweep/minimal", SPIKE_STEP, "logratio", 10)
+            assert "token ids shown" in line or "No token rows" in " ".join(texts(body))
+    finally:
+        shutil.rmtree(own)
