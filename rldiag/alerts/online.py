@@ -39,6 +39,7 @@ from rldiag.alerts.rules import Rule, RuleSet, coerce_rules
 from rldiag.alerts.sinks import (
     CallbackSink,
     ConsoleSink,
+    InFlight,
     JsonlSink,
     LoggingSink,
     Notifier,
@@ -197,8 +198,7 @@ class OnlineAlerts:
         self._clock = clock
         self._tick_interval = tick_interval
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self._idle = threading.Condition()
-        self._outstanding = 0
+        self._inflight = InFlight()
         self._closed = False
         self._close_lock = threading.Lock()
         self.counters = _Counters()
@@ -229,15 +229,9 @@ class OnlineAlerts:
         self._enqueue(_Stats(int(step), table, self._clock()))
 
     def _enqueue(self, obs: Any) -> None:
-        with self._idle:
-            self._outstanding += 1
-        try:
-            self._queue.put_nowait(obs)
+        if self._inflight.put(self._queue, obs):
             self.counters.observed += 1
-        except queue.Full:
-            with self._idle:
-                self._outstanding -= 1
-                self._idle.notify_all()
+        else:
             self.counters.dropped += 1
             if self.counters.dropped == 1 or self.counters.dropped % 1000 == 0:
                 log.warning("rldiag alerts: evaluator queue full; %d steps dropped", self.counters.dropped)
@@ -254,12 +248,8 @@ class OnlineAlerts:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every observed step is evaluated and the sinks delivered; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._outstanding > 0:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
+        if not self._inflight.wait(timeout):
+            return False
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.notifier.flush(left)
 
@@ -306,9 +296,7 @@ class OnlineAlerts:
 
     # ---------------------------------------------------------------- worker thread
     def _done(self) -> None:
-        with self._idle:
-            self._outstanding -= 1
-            self._idle.notify_all()
+        self._inflight.done()
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

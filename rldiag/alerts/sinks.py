@@ -221,6 +221,44 @@ class _Retry(Exception):
     """A delivery failed in a way worth retrying (network error, 5xx, 429)."""
 
 
+class InFlight:
+    """Count of items handed to a worker thread and not finished yet, with a wait for zero.
+
+    ``put(q, item)`` counts the item and enqueues it without blocking (False, uncounted, when the queue is
+    full); the worker calls :meth:`done` per item; :meth:`wait` is the flush barrier.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def put(self, q: "queue.Queue[Any]", item: Any) -> bool:
+        with self._cond:
+            self.count += 1
+        try:
+            q.put_nowait(item)
+            return True
+        except queue.Full:
+            self.done()
+            return False
+
+    def done(self) -> None:
+        with self._cond:
+            self.count -= 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once nothing is in flight; False if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.count > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
 class QueuedSink(Sink):
     """A sink whose deliveries run on its own daemon thread behind a bounded queue.
 
@@ -239,8 +277,7 @@ class QueuedSink(Sink):
         self.max_backoff = max_backoff
         self._queue: queue.Queue[Notification | None] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
-        self._idle = threading.Condition()
-        self._outstanding = 0
+        self._inflight = InFlight()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=f"rldiag-alerts-{self.name}", daemon=True)
         self._thread.start()
@@ -252,14 +289,7 @@ class QueuedSink(Sink):
         if self._closed:
             self.stats.dropped += 1
             return
-        with self._idle:
-            self._outstanding += 1
-        try:
-            self._queue.put_nowait(n)
-        except queue.Full:
-            with self._idle:
-                self._outstanding -= 1
-                self._idle.notify_all()
+        if not self._inflight.put(self._queue, n):
             self.stats.dropped += 1
             if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
                 log.warning("rldiag alerts: sink %s queue full, %d notifications dropped so far",
@@ -273,9 +303,7 @@ class QueuedSink(Sink):
             try:
                 self._deliver_with_retries(n)
             finally:
-                with self._idle:
-                    self._outstanding -= 1
-                    self._idle.notify_all()
+                self._inflight.done()
 
     def _deliver_with_retries(self, n: Notification) -> None:
         attempt = 0
@@ -301,14 +329,7 @@ class QueuedSink(Sink):
                     self.name, n.event, n.rule, attempt + 1, self.stats.last_error)
 
     def flush(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._outstanding > 0:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        return self._inflight.wait(timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Deliver what is queued for up to ``timeout`` seconds, then stop (retries are cut short)."""
@@ -323,14 +344,14 @@ class QueuedSink(Sink):
             pass
         self._thread.join(0.0 if not drained else (1.0 if timeout is None else min(timeout, 1.0)))
         if not drained:
-            left = self._outstanding
+            left = self._inflight.count
             self.stats.dropped += left
             log.warning("rldiag alerts: sink %s closed with %d undelivered notification(s)", self.name, left)
 
     @property
     def pending(self) -> int:
         """Notifications queued or in flight."""
-        return self._outstanding
+        return self._inflight.count
 
 
 def _is_loopback(host: str | None) -> bool:

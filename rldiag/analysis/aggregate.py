@@ -134,7 +134,6 @@ def compact(table: pa.Table) -> pa.Table:
     Merging is associative, so ``merge(compact(t) + more)`` equals ``merge(t + more)``: the run index stores
     compacted rows and later files merge into them.
     """
-    from rldiag.stats import hist
     from rldiag.stats.kernel import BatchStats
     from rldiag.stats.table import to_table
 
@@ -150,7 +149,6 @@ def compact(table: pa.Table) -> pa.Table:
     assert merged.set_values is not None
     bs = BatchStats(scalars=scalars, hists=hists, vectors={n: merged.stats[n] for n in VECTORS},
                     sets=merged.set_values, cov=np.zeros(0))
-    del hist
     return to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
 
 

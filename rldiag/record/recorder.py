@@ -340,10 +340,10 @@ class Recorder:
         return int(np.asarray(x).nbytes) if not hasattr(x, "nbytes") else int(x.nbytes)
 
     def _validate(self, step: Any, args: dict[str, Any]) -> tuple[int, int]:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            if not (is_torch(step) and getattr(step, "ndim", 1) == 0 and not step.is_floating_point()):
-                raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
+        if is_torch(step):
             raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         for req in ("logprobs", "old_logprobs", "advantages"):

@@ -82,7 +82,7 @@ def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dic
         if name in PER_SEQ:
             cols[name] = a.reshape(B).copy()
             continue
-        if name in BROADCAST_OK and a.size == B and (B != B * T or a.ndim == 1):
+        if name in BROADCAST_OK and (a.ndim == 1 or a.shape == (B, 1)):  # per sequence: one value per row
             a = np.broadcast_to(a.reshape(B, 1), (B, T))
         cols[name] = a.reshape(-1)[flat]
     tb = kernel.TokenBatch(
@@ -155,7 +155,6 @@ class Writer(threading.Thread):
         self._oldest: float | None = None
         self._segment = 0
         self._seq_counter: dict[int, int] = {}
-        self._last_step: int | None = None
         self.published: list[str] = []
         self.rows_written = 0
         self.rows_dropped = 0
@@ -266,8 +265,6 @@ class Writer(threading.Thread):
                 f"{self.cfg.logp_tolerance} (log-probabilities cannot be positive): it was not written. Pass "
                 "log-probs, not logits or probabilities, or use errors='lenient' to count and skip such tokens"
             )
-        if job.step != self._last_step:
-            self._last_step = job.step
         seq_base = self._seq_counter.get(job.step, 0)
         self._seq_counter[job.step] = seq_base + B
         if len(self._seq_counter) > 4096:
