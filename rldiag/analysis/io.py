@@ -289,6 +289,7 @@ class Run:
         config: RecorderConfig | None = None,
         metrics: Sequence[str] | None = None,
         by_rank: bool = False,
+        from_tokens: bool = False,
     ) -> pl.DataFrame:
         """One row per step: ``step`` plus one Float64 column per metric name (NaN where inputs are missing).
 
@@ -300,6 +301,9 @@ class Run:
                 which covers only the sampled tokens when token rows were sampled (a warning says so).
             metrics: only these metric names (default: the whole registry).
             by_rank: one row per (step, rank) instead of per step.
+            from_tokens: recompute every statistic from the token rows (with ``config`` or the run's own),
+                not only those that depend on the clip settings; with sampled token rows they then all cover
+                the sampled tokens only.
         """
         names = list(REGISTRY) if metrics is None else list(metrics)
         unknown = [n for n in names if n not in REGISTRY]
@@ -307,18 +311,21 @@ class Run:
             raise ValueError(f"unknown metric(s) {unknown}; `rldiag summarize --list` shows the names")
         by = ("step", "rank") if by_rank else ("step",)
         table = self._filtered(ranks, steps, compact=ranks is None and not by_rank)
-        if config is None or config.stats_key() == self.config.stats_key():
+        if not from_tokens and (config is None or config.stats_key() == self.config.stats_key()):
             return aggregate.finalize(aggregate.merge(table, by=by, stats=needed_stats(names)), names)
-        return self._recomputed(table, config, names, by, ranks, steps)
+        return self._recomputed(table, config or self.config, names, by, ranks, steps, everything=from_tokens)
 
     def _recomputed(self, stored: pa.Table, config: RecorderConfig, names: list[str], by: tuple[str, ...],
-                    ranks: Sequence[int] | None, steps: Sequence[int] | slice | None) -> pl.DataFrame:
-        from rldiag.analysis.recompute import iter_file_stats
+                    ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,
+                    everything: bool = False) -> pl.DataFrame:
+        from rldiag.analysis.recompute import iter_file_stats, row_groups
 
         if self.token_rows_sampled:
             warnings.warn(
-                f"token rows of {self.path} cover only part of the tokens (sampled or dropped): metrics that depend "
-                "on the clip settings are recomputed from those rows only; the others stay exact",
+                f"token rows of {self.path} cover only part of the tokens (sampled or dropped): "
+                + ("every statistic is recomputed from those rows only" if everything else
+                   "metrics that depend on the clip settings are recomputed from those rows only; the others "
+                   "stay exact"),
                 RunFormatWarning, stacklevel=3)
         step_set = None
         if steps is not None:
@@ -328,13 +335,13 @@ class Run:
         from rldiag.analysis.progress import progress
 
         files = self.token_files()
-        parts = list(progress(iter_file_stats(files, config, steps=step_set, hists=False), len(files),
+        parts = list(progress(iter_file_stats(files, config, steps=step_set, hists=everything), row_groups(files),
                               "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
         if ranks is not None:
             fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
         need = needed_stats(names)
-        dep = {s for s in need if STATS[s].config_dependent}
+        dep = set(need) if everything else {s for s in need if STATS[s].config_dependent}
         merged_stored = aggregate.merge(stored, by=by, stats=need - dep)
         merged_fresh = aggregate.merge(fresh, by=by, stats=dep)
         # align fresh statistics to the stored groups (a step without token rows gets NaN)

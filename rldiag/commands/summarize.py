@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-step", action="store_true", help="print the per-step table in table format too")
     p.add_argument("--eps-low", type=float, help="recompute with another eps_low (from token rows)")
     p.add_argument("--eps-high", type=float, help="recompute with another eps_high (from token rows)")
+    p.add_argument("--from-tokens", action="store_true",
+                   help="recompute every statistic from the token rows, not only those the clip settings change")
     p.add_argument("--list", action="store_true", help="list the metric names and exit")
     p.set_defaults(func=run)
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eps_low is not None or args.eps_high is not None:
         changes = {k: v for k, v in (("eps_low", args.eps_low), ("eps_high", args.eps_high)) if v is not None}
         config = r.config.replace(**changes)
-    df = r.step_metrics(steps=parse_steps(args.steps), metrics=names, config=config)
+    df = r.step_metrics(steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens)
     if df.height == 0:
         raise CLIError(f"{args.run} has no steps" + (f" in {args.steps}" if args.steps else "") + " yet")
     if args.format != "table" or args.per_step:

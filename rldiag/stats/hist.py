@@ -34,13 +34,34 @@ _MAG_MID = np.concatenate(
 _SIGNED_MID = np.concatenate([-_MAG_MID[::-1], _MAG_MID])
 
 
+# Exact binning without a logarithm (used here and, compiled, by the statistics kernel): for a double
+# a = 2**e * f, f in [1, 2), the bin inside the octave is floor(8 * log2 f); the top MANT_BITS bits of f's
+# mantissa give it up to one edge (no 1/1024-wide slice of [1, 2) holds two edges), and one comparison with
+# the next edge 2**((j+1)/8) settles it.
+MANT_BITS: Final[int] = 10
+MANT_BIN: Final[np.ndarray] = np.floor(
+    BINS_PER_OCTAVE * np.log2(1.0 + np.arange(2**MANT_BITS) / 2**MANT_BITS)).astype(np.int64)
+"""Bin inside the octave of the mantissa slice [1 + i/1024, 1 + (i+1)/1024), up to the edge test."""
+OCTAVE_EDGES: Final[np.ndarray] = 2.0 ** (np.arange(BINS_PER_OCTAVE + 2) / BINS_PER_OCTAVE)
+"""Edges 2**(j/8) of the bins inside an octave (the doubles nearest them)."""
+FIRST_BIN: Final[int] = 1 - MIN_EXP * BINS_PER_OCTAVE
+"""Index of a = 2**e * f: ``BINS_PER_OCTAVE * e + j + FIRST_BIN`` (j the bin inside the octave)."""
+
+
 def mag_index(x: np.ndarray) -> np.ndarray:
-    """Magnitude-bin index of |x| (int64), NaN-free input assumed."""
-    a = np.abs(x)
-    with np.errstate(divide="ignore"):
-        k = np.floor(np.log2(a) * BINS_PER_OCTAVE - MIN_EXP * BINS_PER_OCTAVE) + 1
+    """Magnitude-bin index of |x| (int64), NaN-free input assumed.
+
+    Bin k >= 1 holds [2**((k-1)/8 + MIN_EXP), 2**(k/8 + MIN_EXP)); the edges are exact (no log2 rounding).
+    """
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    bits = a.view(np.int64)
+    e = (bits >> 52) - 1023
+    j = MANT_BIN[(bits >> (52 - MANT_BITS)) & (2**MANT_BITS - 1)]
+    f = ((bits & (2**52 - 1)) | (1023 << 52)).view(np.float64)
+    j = j + (f >= OCTAVE_EDGES[j + 1])
+    k = BINS_PER_OCTAVE * e + j + FIRST_BIN
     k = np.where(a < _MAG_EDGES[0], 0, k)
-    return np.clip(k, 0, N_MAG - 1).astype(np.int64)
+    return np.where(a >= _MAG_EDGES[-1], N_MAG - 1, k).astype(np.int64)
 
 
 def signed_index(x: np.ndarray) -> np.ndarray:

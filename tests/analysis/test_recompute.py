@@ -46,6 +46,50 @@ def test_recompute_with_other_clip_equals_recording_with_it(tmp_path) -> None:
     assert not got["clip/high"].equals(a.step_metrics()["clip/high"])
 
 
+def test_every_statistic_from_token_rows_equals_the_stored_ones(tmp_path, capsys) -> None:
+    recs = _records(steps=4)
+    _record(tmp_path / "a", recs)
+    run = rldiag.open_run(tmp_path / "a")
+    _same(run.step_metrics(from_tokens=True), run.step_metrics())
+    assert main(["summarize", str(tmp_path / "a"), "--from-tokens", "--metrics", "ratio/*", "--format", "json"]) == 0
+    assert [r["ratio/mean"] for r in json.loads(capsys.readouterr().out)] == pytest.approx(
+        run.step_metrics()["ratio/mean"].to_list(), rel=1e-9)
+
+
+@pytest.mark.parametrize("group_rows", [1, 7, 37, 160])
+def test_records_cut_by_row_groups_are_stitched(tmp_path, group_rows) -> None:
+    """Token files with small row groups (records cut anywhere, even one row per group) recompute exactly."""
+    import pyarrow.parquet as pq
+
+    from rldiag.analysis.recompute import iter_file_stats, iter_record_chunks, row_groups
+    from rldiag.record.writer import parquet_options
+
+    _record(tmp_path / "a", _records(steps=5), clip_high=0.2)
+    _record(tmp_path / "b", _records(steps=5), clip_high=0.28)
+    run = rldiag.open_run(tmp_path / "a")
+    cfg = run.config.replace(eps_high=0.28)
+    before = run.step_metrics(config=cfg)
+    for f in run.token_files():
+        table = pq.read_table(f)
+        pq.write_table(table, f, row_group_size=group_rows, **parquet_options(table, "lz4"))
+    files = run.token_files()
+    assert row_groups(files) > len(files)
+    # every row exactly once, records whole within a piece
+    pieces = [p for ps in iter_record_chunks(files) for p in ps]
+    assert sum(p.num_rows for p in pieces) == sum(pq.read_metadata(f).num_rows for f in files)
+    keys = [tuple(r.values()) for p in pieces for r in p.select(["step", "rank", "micro"]).group_by(
+        ["step", "rank", "micro"]).aggregate([]).to_pylist()]
+    assert len(keys) == len(set(keys))
+    stored_n = run.step_stats()["n"].sum()
+    for threads in (1, 3):
+        assert sum(t.column("n").to_numpy().sum() for t in iter_file_stats(files, cfg, threads=threads)) == stored_n
+    run2 = rldiag.open_run(tmp_path / "a")
+    _same(run2.step_metrics(config=cfg), before)
+    _same(run2.step_metrics(config=cfg), rldiag.open_run(tmp_path / "b").step_metrics())
+    _same(run2.step_metrics(from_tokens=True), run2.step_metrics())
+    _same(run2.step_metrics(config=cfg, steps=[1, 3]), before.filter(pl.col("step").is_in([1, 3])))
+
+
 def test_recompute_on_sampled_rows_warns(tmp_path) -> None:
     _record(tmp_path / "s", _records(), token_sample_rate=0.5)
     run = rldiag.open_run(tmp_path / "s")
