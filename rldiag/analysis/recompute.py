@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
@@ -31,6 +32,8 @@ from rldiag.stats.table import STATS_SCHEMA, to_table
 _RECORD_KEYS = (schema.STEP, schema.RANK, schema.MICRO)
 _VALUE_COLS = (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.ROLLOUT_LOGP, schema.REF_LOGP,
                schema.VERSION, schema.STAGE, schema.GROUP, schema.REWARD)
+_CONFIG_FREE_COLS = (schema.REF_LOGP, schema.VERSION, schema.GROUP, schema.REWARD)
+"""Columns that only config-independent statistics read (reference KL, staleness, groups, rewards)."""
 
 
 def _col(table: pa.Table, name: str, dtype: type = np.float32) -> np.ndarray | None:
@@ -143,77 +146,45 @@ def _last_record_start(table: pa.Table) -> int:
     return max(_tail_run_start(table.column(k).to_numpy()) for k in _RECORD_KEYS)
 
 
-def _first_rows_of(table: pa.Table, record: pa.Table) -> int:
-    """How many leading rows of ``table`` belong to the record of ``record``'s last row."""
+def _first_record_end(table: pa.Table) -> int:
+    """How many leading rows of ``table`` belong to the record of its first row."""
     end = table.num_rows
     for k in _RECORD_KEYS:
-        col = record.column(k)
-        end = min(end, _head_run_end(table.column(k).to_numpy(), col[len(col) - 1].as_py()))
+        col = table.column(k)
+        end = min(end, _head_run_end(col.to_numpy(), col[0].as_py()))
     return end
 
 
-def _non_null(meta: pq.RowGroupMetaData, names: list[str]) -> list[str]:
-    """``names`` less the optional columns that are all null in this row group (per its statistics)."""
-    out = []
+def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
+    """Row group ``g`` of ``names``, reading only what its column statistics leave open: optional columns
+    that are all null there (a run that never recorded them) are left out, and key columns with a single
+    value there (the writer's rank, often the step) are filled with it instead of being decoded."""
+    meta = pf.metadata.row_group(g)
+    read: list[str] = []
+    const: dict[str, object] = {}
     for i in range(meta.num_columns):
         col = meta.column(i)
         name = col.path_in_schema
         if name not in names:
             continue
         st = col.statistics
-        if name not in schema.KEY_COLUMNS and st is not None and st.has_null_count and st.null_count == meta.num_rows:
+        if st is not None and st.has_null_count and st.null_count == meta.num_rows and name not in schema.KEY_COLUMNS:
             continue
-        out.append(name)
-    return out
+        if (name in schema.KEY_COLUMNS and st is not None and st.has_min_max and st.has_null_count
+                and st.null_count == 0 and st.min == st.max):
+            const[name] = st.min
+            continue
+        read.append(name)
+    table = pf.read_row_group(g, columns=read, use_threads=False)  # each worker is one thread already
+    for name, value in const.items():
+        field = pf.schema_arrow.field(name)
+        table = table.append_column(field, pa.array(np.full(meta.num_rows, value), type=field.type))
+    return table
 
 
 def row_groups(files: Iterable[Path]) -> int:
-    """Number of Parquet row groups in ``files``: the pieces :func:`iter_record_chunks` yields."""
+    """Number of Parquet row groups in ``files``: the tables :func:`iter_file_stats` yields."""
     return sum(pq.read_metadata(f).num_row_groups for f in files)
-
-
-def iter_record_chunks(files: Iterable[Path], *, steps: set[int] | None = None,
-                       columns: Iterable[str] | None = None) -> Iterator[list[pa.Table]]:
-    """Token rows of ``files``, one list of tables of whole records per Parquet row group.
-
-    A record's rows are contiguous in one file. The rows of a record that a row-group boundary cuts are
-    carried over and joined to its rows in the next row group: a small table of its own, so the bulk of each
-    row group is used without a copy. ``steps`` keeps only those steps (row groups without any are not read).
-    """
-    cols = list(columns) if columns is not None else list(schema.KEY_COLUMNS) + list(_VALUE_COLS)
-    wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
-    lo, hi = (min(steps, default=0), max(steps, default=-1)) if steps is not None else (0, 0)
-    for path in files:
-        pf = pq.ParquetFile(path)
-        present = [c for c in cols if c in pf.schema_arrow.names]
-        step_idx = pf.schema_arrow.get_field_index(schema.STEP)
-        carry: pa.Table | None = None
-        n_groups = pf.metadata.num_row_groups
-        for g in range(n_groups):
-            pieces: list[pa.Table] = []
-            part = None
-            if wanted is not None:
-                st = pf.metadata.row_group(g).column(step_idx).statistics
-                if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
-                    part = pf.schema_arrow.empty_table().select(present)
-            if part is None:
-                part = pf.read_row_group(g, columns=_non_null(pf.metadata.row_group(g), present))
-                if wanted is not None:
-                    part = part.filter(pc.is_in(part.column(schema.STEP), wanted))
-            if carry is not None and carry.num_rows:
-                head = _first_rows_of(part, carry) if part.num_rows else 0
-                joined = pa.concat_tables([carry, part.slice(0, head)], promote_options="default").combine_chunks()
-                if head == part.num_rows and g < n_groups - 1:  # the record goes on in the next row group
-                    carry = joined
-                    yield pieces
-                    continue
-                pieces.append(joined)
-                part = part.slice(head)
-            cut = part.num_rows if g == n_groups - 1 or part.num_rows == 0 else _last_record_start(part)
-            if cut:
-                pieces.append(part.slice(0, cut))
-            carry = part.slice(cut)
-            yield pieces
 
 
 def default_threads() -> int:
@@ -224,25 +195,85 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
-                    hists: bool = True, threads: int | None = None) -> Iterator[pa.Table]:
-    """Statistics of the records in ``files``, in file order, one table per Parquet row group (see
-    :func:`iter_record_chunks`).
+@dataclass
+class _GroupResult:
+    """One row group, read and computed by a worker: the statistics of the records that start and end in it,
+    and its first and last rows, which may belong to records that a row-group boundary cuts."""
 
-    Pieces are computed on ``threads`` kernel threads (default: one per core)
-    while the next are read; at most ``2 * threads`` pieces are in flight.
+    head: pa.Table
+    stats: pa.Table
+    tail: pa.Table | None
+    open: bool
+    """No record boundary inside: the whole row group is ``head``, part of one record."""
+
+
+def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: list[str], steps: pa.Array | None,
+               cfg: RecorderConfig, hists: bool) -> _GroupResult:
+    pf = pq.ParquetFile(path, metadata=meta)  # the footer is parsed once per file, not per row group
+    if steps is not None:
+        st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
+        lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()
+        if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
+            return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
+    table = _read_row_group(pf, g, names)
+    if steps is not None:
+        table = table.filter(pc.is_in(table.column(schema.STEP), steps))
+    n = table.num_rows
+    if n == 0:
+        return _GroupResult(table, STATS_SCHEMA.empty_table(), None, False)
+    head = _first_record_end(table)
+    if head == n and not last:
+        return _GroupResult(table, STATS_SCHEMA.empty_table(), None, True)
+    cut = n if last else max(head, _last_record_start(table))
+    inner = table.slice(head, cut - head)
+    stats = stats_of_table(inner, cfg, sort=False, hists=hists) if inner.num_rows else STATS_SCHEMA.empty_table()
+    return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False)
+
+
+def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
+                    config_only: bool = False, threads: int | None = None) -> Iterator[pa.Table]:
+    """Statistics of the records in ``files``, in file order, one table per Parquet row group.
+
+    Each row group is read and computed by one of ``threads`` workers (default: one per core; pyarrow's
+    reader and the numba kernel release the GIL), at most ``2 * threads`` at a time, so memory stays bounded.
+    A record's rows are contiguous in one file; the few rows of the records that a row-group boundary cuts
+    are joined here, in order, and computed as a small piece of their own. ``steps`` keeps only those steps
+    (row groups without any are not read).
+
+    ``config_only``: only the statistics that depend on the configuration are wanted (``StatDecl.
+    config_dependent``); the others come out empty or partial: no histograms, and the columns only they read
+    (reference log-probs, versions, groups, rewards) stay on disk.
     """
     threads = threads or default_threads()
+    names = [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
+    wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
+    metas = [(Path(f), pq.read_metadata(f)) for f in files]
+    jobs = [(f, md, g, g == md.num_row_groups - 1) for f, md in metas for g in range(md.num_row_groups)]
 
-    def stats_of(pieces: list[pa.Table]) -> pa.Table:
-        parts = [stats_of_table(p, cfg, sort=False, hists=hists) for p in pieces]
-        return pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
+    def stitched(parts: list[pa.Table]) -> pa.Table:
+        parts = [p for p in parts if p.num_rows]
+        if not parts:
+            return STATS_SCHEMA.empty_table()
+        table = pa.concat_tables(parts, promote_options="default").combine_chunks()
+        return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: deque[Future[pa.Table]] = deque()
-        for pieces in iter_record_chunks(files, steps=steps):
-            pending.append(pool.submit(stats_of, pieces))
-            while len(pending) > 2 * threads or (pending and pending[0].done()):
-                yield pending.popleft().result()
+        pending: deque[Future[_GroupResult]] = deque()
+        it = iter(jobs)
+        for job in it:
+            pending.append(pool.submit(_group_job, *job, names, wanted, cfg, not config_only))
+            if len(pending) >= 2 * threads:
+                break
+        open_rows: list[pa.Table] = []
         while pending:
-            yield pending.popleft().result()
+            res = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only))
+            open_rows.append(res.head)
+            if res.open:
+                yield STATS_SCHEMA.empty_table()
+                continue
+            edge = stitched(open_rows)
+            open_rows = [res.tail] if res.tail is not None else []
+            yield pa.concat_tables([edge, res.stats]) if edge.num_rows else res.stats

@@ -73,3 +73,36 @@ def test_top_positive_sum_equals_sorted_sum(m: int, k: int) -> None:
     vals[::7] = 1.0  # ties
     want = np.sort(vals)[::-1][:k].sum()
     assert kernel._top_positive_sum(vals, m, k) == pytest.approx(want, rel=1e-12)
+
+
+def test_statistics_do_not_depend_on_memory_alignment() -> None:
+    """The same tokens at other addresses give bit-identical statistics (vectorized sums keep a fixed order)."""
+    from rldiag.config import RecorderConfig
+
+    rng = np.random.default_rng(3)
+    n_seq, T = 37, 29
+    n = n_seq * T
+    lp = -rng.exponential(1.0, n)
+    cols = {"logp": lp, "old_logp": lp + rng.normal(0, 0.2, n), "adv": np.repeat(rng.normal(size=n_seq), T),
+            "entropy": rng.exponential(1.0, n), "rollout_logp": lp + rng.normal(0, 0.1, n),
+            "ref_logp": lp + rng.normal(0, 0.3, n)}
+    cols["old_logp"] = np.minimum(cols["old_logp"], 0)
+    cols["rollout_logp"] = np.minimum(cols["rollout_logp"], 0)
+    cols["logp"][::17] = np.nan
+
+    def at_offset(off: int) -> kernel.BatchStats:
+        placed = {}
+        for k, v in cols.items():
+            buf = np.empty(n + 32, np.float32)
+            buf[off:off + n] = v
+            placed[k] = buf[off:off + n]
+        tb = kernel.TokenBatch(rec_off=np.array([0, 20, n_seq]), seq_off=np.arange(0, n + 1, T),
+                               steps=np.array([0, 0]), pos=np.tile(np.arange(T), n_seq), **placed)
+        return kernel.compute(tb, RecorderConfig())
+
+    ref = at_offset(0)
+    for off in range(1, 16):
+        got = at_offset(off)
+        assert np.array_equal(got.scalars, ref.scalars, equal_nan=True), off
+        assert all(np.array_equal(got.hists[k], ref.hists[k]) for k in ref.hists)
+        assert all(np.array_equal(got.vectors[k], ref.vectors[k]) for k in ref.vectors)
