@@ -335,7 +335,8 @@ class Run:
         from rldiag.analysis.progress import progress
 
         files = self.token_files()
-        parts = list(progress(iter_file_stats(files, config, steps=step_set, config_only=not everything), row_groups(files),
+        stats_iter = iter_file_stats(files, config, steps=step_set, config_only=not everything)
+        parts = list(progress(stats_iter, row_groups(files),
                               "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
         if ranks is not None:

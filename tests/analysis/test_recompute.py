@@ -82,7 +82,8 @@ def test_records_cut_by_row_groups_are_stitched(tmp_path, group_rows) -> None:
         got = pl.from_arrow(pa.concat_tables(parts))
         # every record exactly once, whole
         assert got.height == stored.height == got.select(["step", "rank", "micro"]).unique().height
-        assert got.sort(["step", "rank", "micro"])["n"].to_list() == stored.sort(["step", "rank", "micro"])["n"].to_list()
+        order = ["step", "rank", "micro"]
+        assert got.sort(order)["n"].to_list() == stored.sort(order)["n"].to_list()
     run2 = rldiag.open_run(tmp_path / "a")
     _same(run2.step_metrics(config=cfg), before)
     _same(run2.step_metrics(config=cfg), rldiag.open_run(tmp_path / "b").step_metrics())

@@ -8,27 +8,24 @@ from rldiag.stats import hist, kernel
 
 
 @numba.njit
-def _mag_all(x):  # pragma: no cover - compiled
-    out = np.empty(x.size, np.int64)
-    for i in range(x.size):
-        out[i] = kernel._mag(x[i])
-    return out
-
-
-@numba.njit
-def _signed_all(x):  # pragma: no cover - compiled
-    out = np.empty(x.size, np.int64)
-    for i in range(x.size):
-        out[i] = kernel._signed(x[i])
-    return out
-
-
-@numba.njit
-def _expm1_all(x):  # pragma: no cover - compiled
+def _apply(x, which):  # pragma: no cover - compiled
+    """kernel._mag (0), kernel._signed (1) or kernel._expm1 (2) of each x, as compiled into the kernel."""
     out = np.empty(x.size)
     for i in range(x.size):
-        out[i] = kernel._expm1(x[i])
+        out[i] = kernel._mag(x[i]) if which == 0 else kernel._signed(x[i]) if which == 1 else kernel._expm1(x[i])
     return out
+
+
+def _mag_all(x):
+    return _apply(x, 0).astype(np.int64)
+
+
+def _signed_all(x):
+    return _apply(x, 1).astype(np.int64)
+
+
+def _expm1_all(x):
+    return _apply(x, 2)
 
 
 def test_bin_edges_are_exact_and_kernel_matches_numpy() -> None:
