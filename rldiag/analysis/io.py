@@ -347,10 +347,7 @@ class Run:
         merged_fresh = aggregate.merge(fresh, by=by, stats=dep)
         # align fresh statistics to the stored groups (a step without token rows gets NaN)
         out_stats = dict(merged_stored.stats)
-        key_s = np.stack([merged_stored.keys[k] for k in by], axis=1) if merged_stored.n_groups else np.zeros((0, len(by)))
-        key_f = {tuple(row): i for i, row in enumerate(np.stack([merged_fresh.keys[k] for k in by], axis=1))} \
-            if merged_fresh.n_groups else {}
-        idx = np.array([key_f.get(tuple(row), -1) for row in key_s], dtype=np.int64)
+        idx = _align(merged_stored.keys, merged_fresh.keys, by)
         for s in dep:
             src = merged_fresh.stats.get(s)
             shape = (merged_stored.n_groups,) + (src.shape[1:] if src is not None else ())
@@ -460,6 +457,29 @@ class Run:
                                "first_step": w.get("first_step")} for w in writers],
             "problems": [p.message for p in self.problems],
         }
+
+
+def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tuple[str, ...]) -> np.ndarray:
+    """For each group of ``target``, the index of the group with the same keys in ``source`` (-1 where there
+    is none). Both sides are sorted by ``by`` (as ``aggregate.merge`` returns them); the integer keys are
+    combined into one int64 that keeps that order, and looked up by binary search."""
+    present = [d for d in (target, source) if d[by[0]].size]
+    if not present:
+        return np.zeros(0, dtype=np.int64)
+    lo = min(int(d[k].min()) for d in present for k in by)
+    span = [max(int(d[k].max()) for d in present) - lo + 1 for k in by]
+
+    def combined(d: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.zeros(d[by[0]].size, dtype=np.int64)
+        for k, n in zip(by, span):
+            out = out * n + (d[k].astype(np.int64) - lo)
+        return out
+
+    t, src = combined(target), combined(source)
+    pos = np.searchsorted(src, t)
+    hit = pos < src.size
+    hit[hit] = src[pos[hit]] == t[hit]
+    return np.where(hit, pos, -1)
 
 
 def open_run(path: str | os.PathLike[str]) -> Run:

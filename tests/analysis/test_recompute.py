@@ -91,6 +91,26 @@ def test_records_cut_by_row_groups_are_stitched(tmp_path, group_rows) -> None:
     _same(run2.step_metrics(config=cfg, steps=[1, 3]), before.filter(pl.col("step").is_in([1, 3])))
 
 
+def test_recompute_by_rank_and_for_some_steps(tmp_path) -> None:
+    """Per-rank recompute lines up each (step, rank) with the stored groups, a rank missing at a step included."""
+    recs = _records(steps=4)
+    for eps, name in ((0.2, "a"), (0.28, "b")):
+        for rank in (0, 3):
+            with rldiag.Recorder(tmp_path / name, clip_high=eps, rank=rank, world_size=4) as rec:
+                for s, rs in enumerate(recs):
+                    if rank == 3 and s == 1:
+                        continue
+                    for r in rs:
+                        rec.record(step=s, **r)
+    a = rldiag.open_run(tmp_path / "a")
+    want = rldiag.open_run(tmp_path / "b").step_metrics(by_rank=True)
+    got = a.step_metrics(config=a.config.replace(eps_high=0.28), by_rank=True)
+    assert got.height == 7
+    _same(got, want)
+    _same(a.step_metrics(config=a.config.replace(eps_high=0.28), by_rank=True, ranks=[3]),
+          want.filter(pl.col("rank") == 3))
+
+
 def test_recompute_on_sampled_rows_warns(tmp_path) -> None:
     _record(tmp_path / "s", _records(), token_sample_rate=0.5)
     run = rldiag.open_run(tmp_path / "s")
