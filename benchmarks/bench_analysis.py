@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000_000)
     ap.add_argument("--dir", help="reuse a generated run in this folder")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     {"stats": bench_stats, "recompute": bench_recompute, "memory": bench_memory}[args.what](args)
 
