@@ -140,6 +140,10 @@ class Recorder:
         self._recent_lock = threading.Lock()
         self.records_dropped_rows = 0
         self.alerts = None
+        self.raise_on_stop = True
+        """record() raises :class:`rldiag.alerts.StopTraining` once a stop-training alert fired. Integrations
+        that stop the trainer themselves at the end of a step (TRL) turn this off, so that the micro-batches
+        left in that step are still recorded; :attr:`should_stop` tells either way."""
         self._writer = Writer(self.run_dir, self.writer_id, self.rank, cfg, on_step=self._on_step)
         self._pool = BufferPool(max_bytes=min(cfg.queue_max_bytes, 512 * 2**20))
         self._writer.pool = self._pool
@@ -180,7 +184,7 @@ class Recorder:
         """
         self._check_open()
         self._raise_pending()
-        if self.alerts is not None:
+        if self.alerts is not None and self.raise_on_stop:
             self.alerts.check()  # raises rldiag.alerts.StopTraining once a stop-training alert fired
         args = {
             "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,

@@ -2,8 +2,9 @@
 
 This is the single implementation of every per-token statistic of metrics-spec section 2. The recorder runs
 it in its background thread on host copies of the tensors; the analysis layer runs it on token rows read back
-from Parquet (recompute with another configuration, ``rldiag import``). It is one fused pass per record,
-compiled with numba (``nogil``, so several threads run it at once); no I/O, no torch.
+from Parquet (recompute with another configuration, ``rldiag import``). Per record it runs a few small
+vectorizable passes and one sequence scan (see the comment above ``_valid_pass``), compiled with numba
+(``nogil``, so several threads run it at once); no I/O, no torch.
 
 Every statistic is declared in :data:`STATS` with how it merges (sum, min, max, log-sum-exp, histogram
 counts, vector sum, set union), so the statistics of micro-batches, ranks and files combine exactly (the
@@ -628,6 +629,7 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
             A = 0.0
             pmin = np.inf
             pmin_bin = 0
+            pmin_run = 0
             nz = False
             cnt = 0
             for t in range(seq_off[s], seq_off[s + 1]):
@@ -641,11 +643,13 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                 cnt += 1
                 if want_hist:
                     H_lr[R, bin_s[j]] += 1
-                if cnt > 1:
-                    n_minp += 1
-                    if want_hist:
-                        H_min[R, pmin_bin] += 1
-                if lr < pmin:  # rarely taken: the prefix minimum and its bin change a few times per sequence
+                # the exclusive prefix minimum's bin is counted for every token after the first; it changes a
+                # few times per sequence, so runs of equal bins are counted in a register
+                pmin_run += cnt > 1
+                if lr < pmin:
+                    if want_hist and pmin_run:
+                        H_min[R, pmin_bin] += pmin_run
+                    pmin_run = 0
                     pmin = lr
                     pmin_bin = bin_s[j]
                 L += lr
@@ -667,6 +671,9 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
                 k0 += 1.0
                 k1 += rm1
                 k2 += rm1 * rm1
+            if want_hist and pmin_run:
+                H_min[R, pmin_bin] += pmin_run
+            n_minp += max(cnt - 1, 0)
             seq_L[s - s0] = L
             seq_len[s - s0] = cnt
             seq_A[s - s0] = A

@@ -105,6 +105,10 @@ class _RLDiagMixin:
         if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"):
             log.warning("rldiag: unknown TRL loss_type %r; recording anyway", self.loss_type)
         self.rldiag_recorder = recorder
+        # the alert evaluator runs in the background and may fire between two micro-batches of a step; TRL
+        # cannot stop inside a step, so the stop comes from _StopOnAlert at the step's end and record() must
+        # not raise in the middle of the loss
+        recorder.raise_on_stop = False
         self.rldiag_log_metrics = tuple(DEFAULT_LOG_METRICS if log_metrics is None else log_metrics)
         self._rldiag_capture = None
         self._rldiag_rewards_per_func = None
