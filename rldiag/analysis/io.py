@@ -348,8 +348,12 @@ class Run:
         # align fresh statistics to the stored groups (a step without token rows gets NaN)
         out_stats = dict(merged_stored.stats)
         idx = _align(merged_stored.keys, merged_fresh.keys, by)
+        same = idx.size == merged_fresh.n_groups and bool(np.all(idx == np.arange(idx.size)))
         for s in dep:
             src = merged_fresh.stats.get(s)
+            if same and src is not None:
+                out_stats[s] = src  # the usual case: every stored group has token rows
+                continue
             shape = (merged_stored.n_groups,) + (src.shape[1:] if src is not None else ())
             arr = np.full(shape, np.nan)
             if src is not None and src.size:
