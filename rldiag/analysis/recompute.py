@@ -187,12 +187,17 @@ def row_groups(files: Iterable[Path]) -> int:
     return sum(pq.read_metadata(f).num_row_groups for f in files)
 
 
+MAX_THREADS = 8
+"""At most this many recompute workers: each holds a row group (about 50 MB) in flight."""
+
+
 def default_threads() -> int:
-    """Kernel threads for a recompute: one per core this process may use."""
+    """Recompute workers: one per core this process may use, at most :data:`MAX_THREADS`."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
 
 
 @dataclass
@@ -234,8 +239,9 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
                     config_only: bool = False, threads: int | None = None) -> Iterator[pa.Table]:
     """Statistics of the records in ``files``, in file order, one table per Parquet row group.
 
-    Each row group is read and computed by one of ``threads`` workers (default: one per core; pyarrow's
-    reader and the numba kernel release the GIL), at most ``2 * threads`` at a time, so memory stays bounded.
+    Each row group is read and computed by one of ``threads`` workers (default: one per core, at most
+    :data:`MAX_THREADS`; pyarrow's reader and the numba kernel release the GIL), at most ``threads + 2`` row
+    groups at a time, so memory stays bounded.
     A record's rows are contiguous in one file; the few rows of the records that a row-group boundary cuts
     are joined here, in order, and computed as a small piece of their own. ``steps`` keeps only those steps
     (row groups without any are not read).
@@ -262,7 +268,7 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
         it = iter(jobs)
         for job in it:
             pending.append(pool.submit(_group_job, *job, names, wanted, cfg, not config_only))
-            if len(pending) >= 2 * threads:
+            if len(pending) >= threads + 2:
                 break
         open_rows: list[pa.Table] = []
         while pending:
