@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rldiag.metrics.registry import REGISTRY, needed_stats
+from rldiag.stats import hist
 from rldiag.stats.kernel import HISTS, SCALARS, SETS, STATS, VECTORS
 
 
@@ -45,12 +46,33 @@ def _group_index(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, dict[s
     return inv.reshape(-1), {k: uniq[:, i] for i, k in enumerate(by)}, int(uniq.shape[0])
 
 
-def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths per row, flat values) of a list column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    return lengths.astype(np.int64), values
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths per row, flat values) of a list column, from each chunk's offsets and values (no per-row
+    work; one copy to join the chunks)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    lengths: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for arr in chunks:
+        if arr.null_count:
+            lengths.append(pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False))
+            values.append(pc.list_flatten(arr).to_numpy(zero_copy_only=False))
+            continue
+        off = arr.offsets.to_numpy()
+        lengths.append(np.diff(off))
+        values.append(arr.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False))
+    if not chunks:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(lengths).astype(np.int64), np.concatenate(values)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distinct (a, b) pairs sorted by a then b, as an [n, 2] array (a lexsort: several times faster than
+    ``np.unique(axis=0)``)."""
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    keep = np.ones(a.size, dtype=bool)
+    keep[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return np.stack([a[keep], b[keep]], axis=1)
 
 
 def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None, *,
@@ -93,9 +115,7 @@ def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] |
             continue
         lengths, idx = _list_parts(table.column(f"{name}.idx"))
         _, cnt = _list_parts(table.column(f"{name}.cnt"))
-        grp = np.repeat(inv, lengths)
-        flat = grp * nb + idx.astype(np.int64)
-        out[name] = np.bincount(flat, weights=cnt.astype(np.float64), minlength=g * nb).reshape(g, nb)
+        out[name] = hist.densify(inv, g, lengths, idx, cnt, nb)
     for name in VECTORS:
         if name not in wanted:
             continue
@@ -117,7 +137,7 @@ def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] |
             continue
         grp = np.repeat(inv, lengths)
         if vals.size:
-            pairs = np.unique(np.stack([grp, vals.astype(np.int64)], axis=1), axis=0)
+            pairs = _unique_pairs(grp, vals.astype(np.int64))
             out[name] = np.bincount(pairs[:, 0], minlength=g).astype(np.float64)
         else:
             pairs = np.zeros((0, 2), np.int64)

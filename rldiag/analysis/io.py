@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,16 @@ class Run:
         new: list[str] = []
         tables: list[pa.Table] = []
         sdir = self.path / schema.STATS_DIR
-        for p in sorted(sdir.glob("*.parquet")) if sdir.is_dir() else []:
-            if p.name in self._stats_files or p.name in self._bad:
-                continue
-            info = self._read_stats_file(p)
+        todo = [p for p in (sorted(sdir.glob("*.parquet")) if sdir.is_dir() else [])
+                if p.name not in self._stats_files and p.name not in self._bad]
+        # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
+                loaded = list(pool.map(_load_stats, todo))
+        else:
+            loaded = [_load_stats(p) for p in todo]
+        for p, got in zip(todo, loaded):
+            info = self._read_stats_file(p, loaded=got)
             if info is not None:
                 self._stats_files[p.name] = info
                 tables.append(self._stats_tables[p.name])
@@ -180,18 +187,12 @@ class Run:
         self.problems.append(Problem(str(path), msg))
         warnings.warn(msg, RunFormatWarning, stacklevel=3)
 
-    def _read_stats_file(self, p: Path, *, check: bool = True) -> _FileInfo | None:
-        try:
-            table = pq.read_table(p)
-            meta = json.loads((table.schema.metadata or {}).get(schema.PARQUET_META_KEY, b"{}"))
-            version = int(meta.get("schema_version", schema.SCHEMA_VERSION))
-            if version > schema.SCHEMA_VERSION:
-                raise ValueError(f"written with run-format version {version}, newer than {schema.SCHEMA_VERSION}")
-            missing = [f.name for f in STATS_SCHEMA if f.name not in table.column_names]
-            if missing:
-                raise ValueError(f"statistics columns missing: {missing[:5]}")
-            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
-        except Exception as exc:  # noqa: BLE001
+    def _read_stats_file(self, p: Path, *, check: bool = True,
+                         loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None
+                         ) -> _FileInfo | None:
+        """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
+        table, meta, exc = loaded if loaded is not None else _load_stats(p)
+        if table is None:
             self._skip(p.name, p, exc)
             return None
         cfg = meta.get("config")
@@ -461,6 +462,24 @@ class Run:
                                "first_step": w.get("first_step")} for w in writers],
             "problems": [p.message for p in self.problems],
         }
+
+
+def _load_stats(p: Path) -> tuple[pa.Table | None, dict[str, Any], Exception | None]:
+    """A statistics file read and validated: (table in STATS_SCHEMA, its rldiag metadata, None), or
+    (None, {}, the error) for a file that is unreadable, too new or incomplete."""
+    try:
+        table = pq.read_table(p)
+        meta = json.loads((table.schema.metadata or {}).get(schema.PARQUET_META_KEY, b"{}"))
+        version = int(meta.get("schema_version", schema.SCHEMA_VERSION))
+        if version > schema.SCHEMA_VERSION:
+            raise ValueError(f"written with run-format version {version}, newer than {schema.SCHEMA_VERSION}")
+        present = set(table.column_names)
+        missing = [f.name for f in STATS_SCHEMA if f.name not in present]
+        if missing:
+            raise ValueError(f"statistics columns missing: {missing[:5]}")
+        return table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA), meta, None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
+        return None, {}, exc
 
 
 def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tuple[str, ...]) -> np.ndarray:
