@@ -184,8 +184,8 @@ def test_recorder_stop_on_critical(tmp_path: Path) -> None:
     rec = rldiag.Recorder(run, alerts=AlertConfig(rules=[KL], console=False, stop_on=("critical",)))
     try:
         record_steps(rec, range(3), spike={1})
-        assert rec.alerts is not None and rec.alerts.flush(30.0)
-        rec.flush()
+        rec.flush()  # the writer has handed every recorded step to the evaluator...
+        assert rec.alerts is not None and rec.alerts.flush(30.0)  # ...which has evaluated them
         # step 1 is evaluated when step 2 begins; the evaluator then sets the flag
         deadline = time.monotonic() + 30
         while not rec.should_stop and time.monotonic() < deadline:
@@ -209,7 +209,8 @@ def test_resumed_run_replays_disk_for_baselines_without_renotifying(tmp_path: Pa
     # the trainer restarts; entropy is now far below the run's own baseline (steps 0-9 of the first session)
     with rldiag.Recorder(run, alerts=cfg) as rec:
         record_steps(rec, range(15, 30), entropy=0.2, seed=1)
-        assert rec.alerts is not None and rec.alerts.flush(30.0)
+        rec.flush()  # the writer has handed every recorded step to the evaluator...
+        assert rec.alerts is not None and rec.alerts.flush(30.0)  # ...which has evaluated them
         assert rec.alerts.stats()["replayed_steps"] == 15
     events = read_history(run / "alerts.jsonl")
     assert events[: len(first)] == first
