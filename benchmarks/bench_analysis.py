@@ -120,7 +120,7 @@ def bench_stats(args: argparse.Namespace) -> None:
         t_metrics = time.perf_counter() - t
         print(f"bare read of the statistics table : {t_bare:6.3f} s ({bare.num_rows:,} rows)")
         print(f"open_run, cold (reads, validates, : {t_open:6.3f} s")
-        print(f"  compacts per step, writes index)")
+        print("  compacts per step, writes index)")
         print(f"step_metrics, all {df.width - 1} metrics    : {t_metrics:6.3f} s ({df.height} steps)")
         print(f"open + step_metrics               : {t_open + t_metrics:6.3f} s  (target < 1 s); "
               f"ratio to bare read {(t_open + t_metrics) / t_bare:.2f}")

@@ -519,7 +519,7 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
     bin_s = np.empty(longest_rec, dtype=np.int64)
     L_s = np.empty(longest_rec)
     w_s = np.empty(longest_rec)
-    o3 = np.zeros(9)
+    o3 = np.zeros(3)
     for R in range(n_rec):
         s0, s1 = rec_off[R], rec_off[R + 1]
         step = steps[R]
