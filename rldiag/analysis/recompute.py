@@ -215,6 +215,8 @@ class _GroupResult:
 def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: list[str], steps: pa.Array | None,
                cfg: RecorderConfig, hists: bool) -> _GroupResult:
     pf = pq.ParquetFile(path, metadata=meta)  # the footer is parsed once per file, not per row group
+    if steps is not None and len(steps) == 0:
+        return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
     if steps is not None:
         st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
         lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()

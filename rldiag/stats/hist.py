@@ -173,8 +173,11 @@ def densify(
     ``lengths[i]`` (Arrow list layout). Returns a float64 ``[n_groups, n_bins]`` matrix of summed counts.
     """
     out = np.zeros((n_groups, n_bins))
+    idx = np.ascontiguousarray(idx)
+    if idx.dtype.kind not in "iu":  # an empty column comes back as float
+        idx = idx.astype(np.int64)
     _densify(np.ascontiguousarray(row_group, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
-             np.ascontiguousarray(idx), np.ascontiguousarray(cnt), out)
+             idx, np.ascontiguousarray(cnt), out)
     return out
 
 

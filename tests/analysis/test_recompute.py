@@ -111,6 +111,15 @@ def test_recompute_by_rank_and_for_some_steps(tmp_path) -> None:
           want.filter(pl.col("rank") == 3))
 
 
+def test_recompute_of_no_steps_is_empty(tmp_path) -> None:
+    _record(tmp_path / "a", _records(steps=2))
+    run = rldiag.open_run(tmp_path / "a")
+    cfg = run.config.replace(eps_high=0.28)
+    for kw in ({"steps": []}, {"steps": slice(100, None)}, {"steps": [], "from_tokens": True}):
+        df = run.step_metrics(config=cfg, **kw)
+        assert df.height == 0 and df.columns == run.step_metrics().columns
+
+
 def test_recompute_on_sampled_rows_warns(tmp_path) -> None:
     _record(tmp_path / "s", _records(), token_sample_rate=0.5)
     run = rldiag.open_run(tmp_path / "s")
