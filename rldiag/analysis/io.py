@@ -344,11 +344,15 @@ class Run:
             fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
         need = needed_stats(names)
         dep = set(need) if everything else {s for s in need if STATS[s].config_dependent}
-        merged_stored = aggregate.merge(stored, by=by, stats=need - dep)
-        merged_fresh = aggregate.merge(fresh, by=by, stats=dep)
-        # align fresh statistics to the stored groups (a step without token rows gets NaN)
+        merged_stored = aggregate.merge(stored, by=by, stats=(need - dep) | {"rows_written"})
+        merged_fresh = aggregate.merge(fresh, by=by, stats=dep | {"rows_written"})
+        # align fresh statistics to the stored groups: a group whose token rows were not all read (no rows, a
+        # damaged file) gets NaN rather than the statistics of part of its records
         out_stats = dict(merged_stored.stats)
         idx = _align(merged_stored.keys, merged_fresh.keys, by)
+        fresh_rows = np.where(idx >= 0, merged_fresh.stats["rows_written"][np.maximum(idx, 0)], 0.0) \
+            if merged_fresh.n_groups else np.zeros(idx.size)
+        idx = np.where(fresh_rows >= merged_stored.stats["rows_written"], idx, -1)
         same = idx.size == merged_fresh.n_groups and bool(np.all(idx == np.arange(idx.size)))
         for s in dep:
             src = merged_fresh.stats.get(s)

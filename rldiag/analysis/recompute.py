@@ -12,6 +12,7 @@ in flight, so memory stays bounded whatever the size of the run.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -210,6 +211,8 @@ class _GroupResult:
     tail: pa.Table | None
     open: bool
     """No record boundary inside: the whole row group is ``head``, part of one record."""
+    error: str | None = None
+    """Why the row group could not be read (damaged file); the result is otherwise empty."""
 
 
 def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: list[str], steps: pa.Array | None,
@@ -222,7 +225,11 @@ def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: lis
         lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()
         if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
             return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
-    table = _read_row_group(pf, g, names)
+    try:
+        table = _read_row_group(pf, g, names)
+    except Exception as exc:  # noqa: BLE001 - a damaged page: reported, the rest of the run is computed
+        return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False,
+                            f"{path} row group {g}: {type(exc).__name__}: {exc}")
     if steps is not None:
         table = table.filter(pc.is_in(table.column(schema.STEP), steps))
     n = table.num_rows
@@ -266,18 +273,32 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: deque[Future[_GroupResult]] = deque()
+        pending: deque[tuple[Future[_GroupResult], bool]] = deque()  # (result, last row group of its file)
         it = iter(jobs)
         for job in it:
-            pending.append(pool.submit(_group_job, *job, names, wanted, cfg, not config_only))
+            pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only), job[3]))
             if len(pending) >= threads + 2:
                 break
         open_rows: list[pa.Table] = []
+        after_error = False
         while pending:
-            res = pending.popleft().result()
+            fut, last = pending.popleft()
+            res = fut.result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only))
+                pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only), nxt[3]))
+            if res.error is not None:
+                from rldiag.analysis.io import RunFormatWarning
+
+                warnings.warn(f"skipped an unreadable part of a token file ({res.error}); the records in it and "
+                              "the ones it cuts are left out of the recompute (their steps read NaN)",
+                              RunFormatWarning, stacklevel=2)
+                # the record cut by the damaged part is incomplete; records never span files
+                open_rows, after_error = [], not last
+                yield STATS_SCHEMA.empty_table()
+                continue
+            if after_error:  # the first rows may continue a record that began in the damaged part
+                res.head, after_error = res.head.slice(0, 0), res.open and not last
             open_rows.append(res.head)
             if res.open:
                 yield STATS_SCHEMA.empty_table()

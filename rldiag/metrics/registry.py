@@ -114,7 +114,8 @@ def _bucket_mean_min(s: Stats) -> np.ndarray:
         m = np.where(bn > 0, 1.0 + bs / np.where(bn > 0, bn, 1.0), np.nan)
     out = np.full(bn.shape[0], np.nan)
     ok = (bn > 0).any(axis=1)
-    out[ok] = np.nanmin(m[ok], axis=1)
+    if ok.any():  # (bucket-less statistics, e.g. a recompute over no token rows, have zero columns)
+        out[ok] = np.nanmin(m[ok], axis=1)
     return out
 
 
@@ -127,8 +128,8 @@ def _bucket_std_spread(s: Stats) -> np.ndarray:
         sd = np.where(bn >= 2, sd, np.nan)
     ok = np.isfinite(sd)
     count = ok.sum(axis=1)
-    hi = np.where(ok, sd, -np.inf).max(axis=1)
-    lo = np.where(ok, sd, np.inf).min(axis=1)
+    hi = np.where(ok, sd, -np.inf).max(axis=1, initial=-np.inf)
+    lo = np.where(ok, sd, np.inf).min(axis=1, initial=np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((count >= 2) & (lo > 0), hi / np.where(lo > 0, lo, 1.0), np.nan)
 

@@ -111,6 +111,43 @@ def test_recompute_by_rank_and_for_some_steps(tmp_path) -> None:
           want.filter(pl.col("rank") == 3))
 
 
+def test_damaged_token_row_group_is_skipped_with_a_warning(tmp_path) -> None:
+    """A damaged page costs the records around it (NaN), never the recompute; the warning names the file."""
+    import pyarrow.parquet as pq
+
+    from rldiag.analysis.io import RunFormatWarning
+    from rldiag.record.writer import parquet_options
+
+    _record(tmp_path / "a", _records(steps=6), clip_high=0.2)
+    _record(tmp_path / "b", _records(steps=6), clip_high=0.28)
+    run = rldiag.open_run(tmp_path / "a")
+    (f,) = run.token_files()
+    table = pq.read_table(f)
+    group_rows = table.num_rows // 6 + 1  # six row groups, records cut at their edges
+    pq.write_table(table, f, row_group_size=group_rows, **parquet_options(table, "lz4"))
+    meta = pq.read_metadata(f)
+    assert meta.num_row_groups == 6
+    bad = meta.row_group(2)
+    start = min(bad.column(i).data_page_offset for i in range(bad.num_columns))
+    size = sum(bad.column(i).total_compressed_size for i in range(bad.num_columns))
+    data = bytearray(f.read_bytes())
+    data[start:start + size // 2] = b"\xff" * (size // 2)
+    f.write_bytes(bytes(data))
+    cfg = run.config.replace(eps_high=0.28)
+    with pytest.warns(RunFormatWarning, match="row group 2"):
+        got = rldiag.open_run(tmp_path / "a").step_metrics(config=cfg)
+    want = rldiag.open_run(tmp_path / "b").step_metrics()
+    rows_per_step = table.num_rows / 6
+    lost = {s for s in range(6) if s * rows_per_step < 3 * group_rows and (s + 1) * rows_per_step > 2 * group_rows}
+    assert lost and got.height == 6
+    for s in range(6):
+        g, w = got.filter(pl.col("step") == s), want.filter(pl.col("step") == s)
+        if s in lost:  # records in or cut by the damaged row group: NaN, never part of a step
+            assert math.isnan(g["clip/high"].item())
+        else:
+            _same(g, w)
+
+
 def test_recompute_of_no_steps_is_empty(tmp_path) -> None:
     _record(tmp_path / "a", _records(steps=2))
     run = rldiag.open_run(tmp_path / "a")
