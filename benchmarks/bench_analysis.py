@@ -101,6 +101,16 @@ def make_token_run(path: Path, rows: int, steps: int = 2000, file_rows: int = 4_
         i += 1
 
 
+def token_run(args: argparse.Namespace) -> Path:
+    """The folder holding ``run/``: ``--dir`` (reused when it already has a run) or a new temporary one."""
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    if not (tmp / "run" / "manifest.json").exists():
+        t = time.perf_counter()
+        make_token_run(tmp / "run", args.rows)
+        print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
+    return tmp
+
+
 def bench_stats(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
     try:
@@ -139,12 +149,8 @@ def bench_stats(args: argparse.Namespace) -> None:
 
 
 def bench_recompute(args: argparse.Namespace) -> None:
-    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    tmp = token_run(args)
     try:
-        if not (tmp / "run" / "manifest.json").exists():
-            t = time.perf_counter()
-            make_token_run(tmp / "run", args.rows)
-            print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
         run = rldiag.open_run(tmp / "run")
         files = [str(f) for f in run.token_files()]
         n = sum(pq.read_metadata(f).num_rows for f in files)
@@ -182,12 +188,8 @@ def bench_recompute(args: argparse.Namespace) -> None:
 
 
 def bench_memory(args: argparse.Namespace) -> None:
-    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
+    tmp = token_run(args)
     try:
-        if not (tmp / "run" / "manifest.json").exists():
-            t = time.perf_counter()
-            make_token_run(tmp / "run", args.rows)
-            print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
         base = subprocess.run([sys.executable, "-c", "import resource, rldiag, rldiag.analysis.io, numba; "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                               capture_output=True, text=True, check=True).stdout.split()

@@ -36,6 +36,14 @@ def parse_steps(text: str | None) -> slice | None:
         raise CLIError(f"--steps must look like 100:200, 100: or :200 (got {text!r})") from None
 
 
+def steps_in(run: Any, text: str | None) -> list[int] | None:
+    """The run's steps within ``A:B`` (see :func:`parse_steps`); None for all of them."""
+    sl = parse_steps(text)
+    if sl is None:
+        return None
+    return [s for s in run.steps() if (sl.start is None or s >= sl.start) and (sl.stop is None or s < sl.stop)]
+
+
 def select_metrics(pattern: str | None) -> list[str]:
     """Registry names matching a comma-separated list of glob patterns (``clip/*,entropy/mean``)."""
     from rldiag.metrics.registry import REGISTRY

@@ -7,7 +7,7 @@ import json
 import math
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import clean_json, fmt, open_run_or_fail, parse_steps, print_table, write_frame
+from rldiag.commands._util import clean_json, fmt, open_run_or_fail, print_table, steps_in, write_frame
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,11 +93,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from rldiag.analysis import cliff
 
     r = open_run_or_fail(args.run)
-    steps = None
-    if args.steps:
-        sl = parse_steps(args.steps)
-        assert sl is not None
-        steps = [s for s in r.steps() if (sl.start is None or s >= sl.start) and (sl.stop is None or s < sl.stop)]
+    steps = steps_in(r, args.steps)
     if args.c is not None and args.eps is not None:
         raise CLIError("give --c or --eps for a run, not both")
     try:
@@ -106,11 +102,8 @@ def _run_report(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if rep.height == 0:
         raise CLIError(f"{args.run} has no token rows" + (f" in steps {args.steps}" if args.steps else ""))
-    if args.format == "json":  # NaN -> null: strict JSON
-        print(json.dumps(clean_json(rep.to_dicts())))
-        return 0
-    if args.format == "csv":
-        write_frame(rep, "csv")
+    if args.format != "table":  # json: NaN -> null, strict JSON
+        write_frame(rep, args.format)
         return 0
     print(f"{r.name}: extrapolation cliff per step (c = {rep['cliff/c'][0]:.6g}, binding positions: teacher "
           f"modal probability > {args.threshold}); lambda* is rldiag's derivation (docs/cliff.md)")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 from typing import Any
 
 import polars as pl
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import clean_json, open_run_or_fail, parse_steps, print_table, write_frame
+from rldiag.commands._util import open_run_or_fail, print_table, steps_in, write_frame
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,20 +86,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVES)}")
     objectives = [o for o in OBJECTIVES if o in objectives]
     r = open_run_or_fail(args.run)
-    steps = None
-    if args.steps:
-        sl = parse_steps(args.steps)
-        assert sl is not None
-        steps = [s for s in r.steps() if (sl.start is None or s >= sl.start) and (sl.stop is None or s < sl.stop)]
+    steps = steps_in(r, args.steps)
     frame = lens(r, objectives=objectives, steps=steps, params=parse_overrides(args.set) or None)
     if frame.height == 0:
         raise CLIError(f"{args.run} has no token rows" + (f" in steps {args.steps}" if args.steps else "")
                        + " (the lens needs token rows: token_sample_rate > 0)")
-    if args.format == "json":  # NaN -> null: strict JSON
-        print(json.dumps(clean_json(frame.to_dicts())))
-        return 0
-    if args.format == "csv":
-        write_frame(frame, "csv")
+    if args.format != "table":  # json: NaN -> null, strict JSON
+        write_frame(frame, args.format)
         return 0
     print(f"{r.name}: objective lens over {frame.height} steps ({frame['step'][0]} .. {frame['step'][-1]})"
           + ("; token rows are sampled" if getattr(r, "token_rows_sampled", False) else ""))
