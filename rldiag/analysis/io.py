@@ -30,6 +30,7 @@ from rldiag.metrics.registry import REGISTRY, needed_stats
 from rldiag.record.layout import read_manifest
 from rldiag.stats.kernel import STATS
 from rldiag.stats.table import STATS_SCHEMA
+from rldiag.stats.table import validate as validate_stats
 
 
 class RunFormatWarning(UserWarning):
@@ -160,6 +161,7 @@ class Run:
                     raise ValueError(f"{name} changed since the index was written")
                 infos[name] = _FileInfo(f, st.st_size, st.st_mtime, int(rows), None)
             table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+            validate_stats(table)
         except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
             return
         self._compact = table
@@ -481,7 +483,14 @@ def _load_stats(p: Path) -> tuple[pa.Table | None, dict[str, Any], Exception | N
         missing = [f.name for f in STATS_SCHEMA if f.name not in present]
         if missing:
             raise ValueError(f"statistics columns missing: {missing[:5]}")
-        return table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA), meta, None
+        table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+        validate_stats(table)
+        cfg = meta.get("config")
+        if cfg is not None:
+            if not isinstance(cfg, dict):
+                raise ValueError(f"metadata 'config' is a {type(cfg).__name__}, not an object")
+            RecorderConfig.from_dict(cfg)  # odd settings make this one file unusable, not the run
+        return table, meta, None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
         return None, {}, exc
 

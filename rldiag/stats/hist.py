@@ -171,19 +171,59 @@ def densify(
 
     ``row_group[i]`` is the group of row i, whose histogram is the slice of ``idx``/``cnt`` of length
     ``lengths[i]`` (Arrow list layout). Returns a float64 ``[n_groups, n_bins]`` matrix of summed counts.
+
+    The inputs come from files, so nothing in them is trusted: a bin index outside ``[0, n_bins)``, a group
+    outside ``[0, n_groups)``, a negative length or lengths that do not add up to the entries raise
+    ``ValueError`` before anything is written (the compiled loop does no bounds checks of its own).
     """
     out = np.zeros((n_groups, n_bins))
     idx = np.ascontiguousarray(idx)
     if idx.dtype.kind not in "iu":  # an empty column comes back as float
         idx = idx.astype(np.int64)
-    _densify(np.ascontiguousarray(row_group, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64),
-             idx, np.ascontiguousarray(cnt), out)
+    cnt = np.ascontiguousarray(cnt)
+    row_group = np.ascontiguousarray(row_group, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    bad = _check_sparse(row_group, n_groups, lengths, idx, cnt.size, n_bins)
+    if bad:
+        raise ValueError(f"damaged sparse histogram: {_SPARSE_ERRORS[bad]} (bins {n_bins}, groups {n_groups})")
+    _densify(row_group, lengths, idx, cnt, out)
     return out
+
+
+_SPARSE_ERRORS = {
+    1: "row and length counts differ",
+    2: "a row's group is out of range",
+    3: "a negative list length",
+    4: "list lengths do not add up to the entries (index and count lists differ)",
+    5: "a bin index is out of range",
+}
+
+
+@numba.njit(nogil=True, cache=True)
+def _check_sparse(row_group, n_groups, lengths, idx, n_cnt, n_bins):  # pragma: no cover - compiled
+    """0 when every write of :func:`_densify` lands inside ``out``, else the code of the first fault."""
+    if row_group.size != lengths.size:
+        return 1
+    total = 0
+    for i in range(row_group.size):
+        g = row_group[i]
+        if g < 0 or g >= n_groups:
+            return 2
+        if lengths[i] < 0:
+            return 3
+        total += lengths[i]
+    if total != idx.size or total != n_cnt:
+        return 4
+    for k in range(idx.size):
+        if idx[k] < 0 or idx[k] >= n_bins:
+            return 5
+    return 0
 
 
 @numba.njit(nogil=True, cache=True)
 def _densify(row_group, lengths, idx, cnt, out):  # pragma: no cover - compiled
-    # one pass, no temporaries (a numpy version built three arrays as long as all the entries: 3x slower)
+    # one pass, no temporaries (a numpy version built three arrays as long as all the entries: 3x slower);
+    # the caller has checked every index with _check_sparse
     k = 0
     for i in range(row_group.size):
         g = row_group[i]

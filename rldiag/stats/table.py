@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in validate()
 
 from rldiag.stats.kernel import HISTS, SCALARS, SETS, VECTORS, BatchStats
 
@@ -75,3 +76,30 @@ def to_table(
     for name in SETS:
         cols[name] = _int_lists(stats.sets[name])
     return pa.table(cols, schema=STATS_SCHEMA)
+
+
+def validate(table: pa.Table) -> None:
+    """Check a statistics table read from a file before any of its values index memory.
+
+    Raises ``ValueError`` naming the column when a histogram bin index is out of range, a histogram's index
+    and count lists differ in length, a key is null, or a bucket vector's rows differ in length. Cheap: one
+    pass over the list offsets and a max of the bin indexes.
+    """
+    for key in KEYS:
+        if table.column(key).null_count:
+            raise ValueError(f"statistics column {key!r} has null values")
+    for name, n_bins in HISTS.items():
+        idx, cnt = table.column(f"{name}.idx"), table.column(f"{name}.cnt")
+        for a, b in zip(idx.chunks, cnt.chunks, strict=False):
+            if len(a) != len(b) or not np.array_equal(np.diff(a.offsets.to_numpy()), np.diff(b.offsets.to_numpy())):
+                raise ValueError(f"histogram {name}: index and count lists differ in length")
+        top = pa.compute.max(pa.compute.list_flatten(idx.combine_chunks())).as_py() if len(idx) else None
+        if top is not None and top >= n_bins:
+            raise ValueError(f"histogram {name}: bin index {top} out of range (it has {n_bins} bins)")
+        if idx.combine_chunks().values.null_count or cnt.combine_chunks().values.null_count:
+            raise ValueError(f"histogram {name}: null bin index or count")
+    for name in VECTORS:
+        col = table.column(name).combine_chunks()
+        lengths = np.diff(col.offsets.to_numpy())
+        if lengths.size and (lengths != lengths[0]).any():
+            raise ValueError(f"bucket vector {name}: rows of different lengths {sorted(set(lengths.tolist()))[:5]}")
