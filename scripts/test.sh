@@ -11,9 +11,16 @@ $PY -m pip install -q --disable-pip-version-check -e ".[demo,test]"
 # verl's own functions are the reference of the agreement tests; its pins do not fit, so no deps
 $PY -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
 $PY -m pip install -q --disable-pip-version-check ray==2.60.0 tensordict==0.15.3 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 pylatexenc==2.11 orjson fastapi==0.165.0 uvicorn==0.54.0
-# a real browser for the dashboard tests
-if ! command -v chromedriver >/dev/null 2>&1; then
+# pins of the real third-party software the tests run against (S3 server, trackers, Ray)
+$PY -m pip install -q --disable-pip-version-check "moto[server]==5.2.1" s3fs==2026.9.0 prometheus_client==0.26.0 \
+  tensorboard==2.21.0 mlflow-skinny==3.17.2 wandb==0.31.0 trackio==0.43.0 ruff==0.17.6 mypy==2.4.1
+# a real browser for the dashboard tests; real Prometheus and Alertmanager for the alerting tests
+NEED=""
+command -v chromedriver >/dev/null 2>&1 || NEED="$NEED chromium chromium-driver"
+command -v prometheus >/dev/null 2>&1 || NEED="$NEED prometheus"
+command -v prometheus-alertmanager >/dev/null 2>&1 || NEED="$NEED prometheus-alertmanager"
+if [ -n "$NEED" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $NEED >/dev/null
 fi
 exec $PY -m pytest -n 2 --headless "$@"
