@@ -10,8 +10,19 @@ from typing import Final
 
 import pyarrow as pa
 
-SCHEMA_VERSION: Final[int] = 1
-"""Version of the on-disk run format. Readers refuse runs with a newer version."""
+# The run format's version and file names live in rldiag.runformat (their one home); re-exported here
+# because they have always been importable from this module.
+from rldiag.runformat import (  # noqa: F401 - re-exported
+    ALERTS_FILE,
+    MANIFEST_NAME,
+    PARQUET_META_KEY,
+    SCHEMA_VERSION,
+    STATS_DIR,
+    TMP_SUFFIX,
+    TOKENIZER_DIR,
+    TOKENS_DIR,
+    WRITERS_DIR,
+)
 
 # --- keys -------------------------------------------------------------------------------------------
 STEP: Final = "step"
@@ -68,20 +79,3 @@ TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {
 """Arrow dtype of every token-row column (metrics-spec section 1)."""
 
 TOKEN_COLUMN_ORDER: Final[tuple[str, ...]] = tuple(TOKEN_DTYPES)
-
-# --- run directory layout ---------------------------------------------------------------------------
-MANIFEST_NAME: Final = "manifest.json"
-"""Run-level manifest (first writer creates it; later writers append resume points)."""
-WRITERS_DIR: Final = "writers"
-"""One JSON file per writer process: ``writers/<rank>-<host>-<pid>-<start>.json``."""
-TOKENS_DIR: Final = "tokens"
-STATS_DIR: Final = "stats"
-ALERTS_FILE: Final = "alerts.jsonl"
-TOKENIZER_DIR: Final = "tokenizer"
-"""Optional: a transformers tokenizer saved in the run (``tokenizer.save_pretrained``); the dashboard decodes
-token ids with it when no ``--tokenizer`` is given."""
-TMP_SUFFIX: Final = ".tmp"
-"""Files are written under this suffix and renamed to ``.parquet`` when closed."""
-
-PARQUET_META_KEY: Final = b"rldiag"
-"""Key of the JSON blob (schema version, rldiag version, config) in every Parquet file's metadata."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rldiag.alerts.rules import Condition, Rule, RuleSet, coerce_rules, render_template
+from rldiag.runformat import read_alerts
 
 if TYPE_CHECKING:  # pragma: no cover
     import polars as pl
@@ -373,19 +374,7 @@ class Notification:
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """The events of an alerts.jsonl file, oldest first; a torn or foreign line is skipped."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    with open(p, "rb") as fh:
-        for raw in fh:
-            try:
-                d = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(d, dict) and {"event", "rule", "fingerprint", "step"} <= d.keys():
-                out.append(d)
-    return out
+    return read_alerts(Path(path))
 
 
 @dataclass(frozen=True)

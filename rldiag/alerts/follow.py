@@ -10,70 +10,26 @@ the run. Evaluating only complete steps keeps the engine exact: it never sees a 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rldiag import runformat
 from rldiag.alerts.engine import Engine, Notification
+from rldiag.runformat import ALERTS_FILE
 
-__all__ = ["RunFollower", "run_closed", "newest_mtime", "complete_steps", "last_step_per_rank"]
-
-ALERTS_FILE = "alerts.jsonl"
-
-
-def _writer_infos(run_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    wdir = run_dir / "writers"
-    if not wdir.is_dir():
-        return out
-    for p in sorted(wdir.glob("*.json")):
-        try:
-            info = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(info, dict):
-            out.append(info)
-    return out
+__all__ = ["RunFollower", "run_closed", "newest_mtime", "complete_steps", "last_step_per_rank", "ALERTS_FILE"]
 
 
 def run_closed(run: Any) -> bool:
-    """Whether the run's writers closed it (a closed run cannot stall).
-
-    Reads ``Run.closed`` / ``Run.is_closed()`` when the reader has them, else the writer files: the run is
-    closed when, for every rank, its most recent writer (by ``started``) recorded ``"closed"``.
-    """
-    for attr in ("is_closed", "closed"):
-        value = getattr(run, attr, None)
-        if value is not None and not isinstance(value, Path):
-            return bool(value() if callable(value) else value)
-    infos = _writer_infos(Path(run.path))
-    if not infos:
-        return False
-    latest: dict[Any, dict[str, Any]] = {}
-    for info in infos:
-        rank = info.get("rank", 0)
-        if rank not in latest or float(info.get("started") or 0) >= float(latest[rank].get("started") or 0):
-            latest[rank] = info
-    return all(bool(info.get("closed")) for info in latest.values())
+    """Whether the run's writers closed it (a closed run cannot stall): :func:`rldiag.runformat.run_closed`
+    on ``run.path``. A crashed writer does not close the run, so its stall alert still fires."""
+    return runformat.run_closed(Path(run.path))
 
 
-def newest_mtime(path: Path, *, subdirs: tuple[str, ...] = ("stats",)) -> float | None:
-    """Newest modification time of the files under ``path/<subdirs>`` (the last time data landed)."""
-    newest = None
-    for sub in subdirs:
-        try:
-            entries = list(os.scandir(path / sub))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                m = entry.stat().st_mtime
-            except OSError:
-                continue
-            newest = m if newest is None or m > newest else newest
-    return newest
+def newest_mtime(path: Path) -> float | None:
+    """When data last landed in the run at ``path`` (:func:`rldiag.runformat.newest_data_time`)."""
+    return runformat.newest_data_time(Path(path))
 
 
 def last_step_per_rank(run: Any) -> dict[int, int]:

@@ -48,12 +48,12 @@ from rldiag.alerts.sinks import (
     StopTrainingSink,
     WebhookSink,
 )
+from rldiag.runformat import ALERTS_FILE
 
 __all__ = ["AlertConfig", "OnlineAlerts", "make_online_alerts", "online_from_arg", "run_label"]
 
 log = logging.getLogger("rldiag.alerts")
 
-ALERTS_FILE = "alerts.jsonl"  # == rldiag.schema.ALERTS_FILE (kept here so alerts never import pyarrow)
 
 
 def run_label(run_dir: str | Path | None) -> str:

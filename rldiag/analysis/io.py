@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rldiag import schema
+from rldiag import runformat, schema
 from rldiag.analysis import aggregate
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import REGISTRY, needed_stats
-from rldiag.record.layout import read_manifest
+from rldiag.runformat import read_manifest
 from rldiag.stats.kernel import STATS
 from rldiag.stats.table import STATS_SCHEMA
 from rldiag.stats.table import validate as validate_stats
@@ -54,7 +54,7 @@ class Problem:
     message: str
 
 
-INDEX_DIR = ".rldiag-index"
+INDEX_DIR = runformat.INDEX_DIR
 """Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
 INDEX_MIN_FILES = 16
 """The index is (re)written once this many statistics files are not in it yet."""
@@ -102,7 +102,7 @@ class Run:
         new: list[str] = []
         tables: list[pa.Table] = []
         sdir = self.path / schema.STATS_DIR
-        todo = [p for p in (sorted(sdir.glob("*.parquet")) if sdir.is_dir() else [])
+        todo = [p for p in runformat.published_files(sdir)
                 if p.name not in self._stats_files and p.name not in self._bad]
         # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
         if len(todo) > 1:
@@ -117,7 +117,7 @@ class Run:
                 tables.append(self._stats_tables[p.name])
                 new.append(p.name)
         tdir = self.path / schema.TOKENS_DIR
-        for p in sorted(tdir.glob("*.parquet")) if tdir.is_dir() else []:
+        for p in runformat.published_files(tdir):
             if p.name in self._token_files or ("tokens/" + p.name) in self._bad:
                 continue
             try:
@@ -256,6 +256,25 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.manifest.get("name") or self.path.name)
+
+    # ---- run state (the rules of rldiag.runformat) ---------------------------------------------------
+    def is_closed(self, *, count_gone: bool = False) -> bool:
+        """Whether every rank's latest writer closed the run (see :func:`rldiag.runformat.run_closed`)."""
+        return runformat.run_closed(self.path, count_gone=count_gone)
+
+    def newest_data_time(self) -> float | None:
+        """When data last landed: modification time of the newest statistics segment (None before any)."""
+        return runformat.newest_data_time(self.path)
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none)."""
+        return runformat.read_alerts(self.path / runformat.ALERTS_FILE)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer saved in the run (``tokenizer/``), or None."""
+        own = self.path / runformat.TOKENIZER_DIR
+        return own if own.is_dir() else None
 
     @property
     def token_rows_sampled(self) -> bool:
@@ -431,13 +450,9 @@ class Run:
         def total(c: str) -> int:
             return int(pc.sum(t.column(c)).as_py() or 0) if t.num_rows else 0
 
-        writers = []
-        wdir = self.path / schema.WRITERS_DIR
-        for p in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
-            try:
-                writers.append(json.loads(p.read_text()))
-            except Exception as exc:  # noqa: BLE001
-                self.problems.append(Problem(str(p), f"unreadable writer file: {exc}"))
+        writers, bad = runformat.read_writers(self.path)
+        for exc in bad:
+            self.problems.append(Problem(str(exc.path), f"unreadable writer file: {exc}"))
         steps = self.steps()
         last_write = max([f.mtime for f in self._stats_files.values()], default=None)
         return {
@@ -464,8 +479,8 @@ class Run:
             "bytes": sum(f.size for f in self._stats_files.values()) + sum(f.size for f in self._token_files.values()),
             "last_write": last_write,
             "seconds_since_last_write": None if last_write is None else time.time() - last_write,
-            "resume_points": [{"writer": w.get("writer"), "rank": w.get("rank"), "started": w.get("started"),
-                               "first_step": w.get("first_step")} for w in writers],
+            "resume_points": [{"writer": w.writer, "rank": w.rank, "started": w.started,
+                               "first_step": w.first_step} for w in writers],
             "problems": [p.message for p in self.problems],
         }
 
@@ -475,21 +490,13 @@ def _load_stats(p: Path) -> tuple[pa.Table | None, dict[str, Any], Exception | N
     (None, {}, the error) for a file that is unreadable, too new or incomplete."""
     try:
         table = pq.read_table(p)
-        meta = json.loads((table.schema.metadata or {}).get(schema.PARQUET_META_KEY, b"{}"))
-        version = int(meta.get("schema_version", schema.SCHEMA_VERSION))
-        if version > schema.SCHEMA_VERSION:
-            raise ValueError(f"written with run-format version {version}, newer than {schema.SCHEMA_VERSION}")
+        meta = runformat.read_file_metadata(table.schema.metadata)
         present = set(table.column_names)
         missing = [f.name for f in STATS_SCHEMA if f.name not in present]
         if missing:
             raise ValueError(f"statistics columns missing: {missing[:5]}")
         table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
         validate_stats(table)
-        cfg = meta.get("config")
-        if cfg is not None:
-            if not isinstance(cfg, dict):
-                raise ValueError(f"metadata 'config' is a {type(cfg).__name__}, not an object")
-            RecorderConfig.from_dict(cfg)  # odd settings make this one file unusable, not the run
         return table, meta, None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
         return None, {}, exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -23,9 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rldiag import schema
+from rldiag import runformat, schema
 from rldiag.config import RecorderConfig
-from rldiag.record import layout
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Job, Writer, WriterError, build_batch
 from rldiag.stats import kernel
@@ -53,6 +53,67 @@ _ARGS: dict[str, tuple[str, str, bool]] = {
 _LOGPROB_ARGS = ("logprobs", "old_logprobs", "rollout_logprobs", "ref_logprobs", "teacher_logprobs", "base_logprobs")
 
 _LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+                                 if s is not None)
+"""Signals on which recorders publish what they hold before the process's previous handler runs: the
+ones schedulers send to stop a job (SLURM, Kubernetes and torchrun send SIGTERM, then SIGKILL after a grace
+period; a closed terminal or ssh session sends SIGHUP)."""
+
+_previous_handlers: dict[int, Any] = {}
+"""signal -> the handler that was installed before rldiag's (chained after rldiag has published)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Publish every recorder of this process and mark its writer closed, then run the previous handler."""
+    pid = os.getpid()
+    for rec in list(_LIVE):
+        if rec._pid == pid and rec._signals:
+            try:
+                rec._publish_for_signal(signum)
+            except Exception as exc:  # noqa: BLE001 - the previous handler must run whatever happened here
+                log.warning("rldiag: publishing %s on signal %s failed: %s", rec.run_dir, signum, exc)
+    prev = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_DFL:
+        # The default action (terminate): re-raise the signal with the default disposition, so the process
+        # ends exactly as it would have without rldiag (exit status -signum, no atexit handlers).
+        _uninstall(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(pid, signum)
+    # SIG_IGN: never installed over (see _install)
+
+
+def _install(signums: tuple[int, ...]) -> None:
+    """Install rldiag's handler for ``signums`` (main thread only; a signal that is ignored stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signums:
+        current = signal.getsignal(sig)
+        if current is _on_signal or current == signal.SIG_IGN or current is None:
+            continue  # ours already, ignored on purpose (nohup), or set from C: leave it alone
+        _previous_handlers[sig] = current
+        signal.signal(sig, _on_signal)
+
+
+def _uninstall(signum: int | None = None) -> None:
+    """Give the previous handlers back (when the last recorder closes), unless someone replaced ours."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in [signum] if signum is not None else list(_previous_handlers):
+        prev = _previous_handlers.pop(sig, None)
+        if prev is not None and signal.getsignal(sig) is _on_signal:
+            signal.signal(sig, prev)
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_LIVE):
+        rec._forked = True  # the writer thread did not survive fork(): refuse to record rather than lose data
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
@@ -94,6 +155,17 @@ class Recorder:
         alerts: online alerting (``True`` for the default rules, a rule-file path, or an alerts object).
         rank, world_size: default to torch.distributed's (or RANK / WORLD_SIZE, else 0 / 1).
         name: run name stored in the manifest (default: the directory name).
+        handle_signals: on SIGTERM and SIGHUP (how schedulers stop a job), publish what is buffered and mark
+            the writer closed within ``signal_timeout`` seconds, then run the handler that was installed before
+            (the default one ends the process with the same status as without rldiag). ``False`` leaves signal
+            handling alone. Only possible when the recorder is created in the main thread.
+        signal_timeout: the most seconds a signal waits for the writer before the previous handler runs.
+
+    Signals: a recorder that receives SIGTERM or SIGHUP stays usable; a ``record()`` after the signal (a
+    training loop that finishes its step on a "stop soon" flag) reopens the writer file. A handler installed
+    after the recorder replaces rldiag's unless it chains to it. After ``fork()`` a recorder created in the
+    parent raises at the first call in the child (its writer thread does not exist there): create one in the
+    child instead.
     """
 
     def __init__(
@@ -107,6 +179,8 @@ class Recorder:
         rank: int | None = None,
         world_size: int | None = None,
         name: str | None = None,
+        handle_signals: bool = True,
+        signal_timeout: float = 5.0,
         **config_overrides: Any,
     ) -> None:
         cfg = config or RecorderConfig()
@@ -126,9 +200,16 @@ class Recorder:
         self.world_size = d_world if world_size is None else int(world_size)
         if not (0 <= self.rank < max(self.world_size, 1)):
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if not signal_timeout >= 0:
+            raise ValueError(f"signal_timeout must be >= 0 seconds, got {signal_timeout!r}")
+        self._pid = os.getpid()
+        self._forked = False
+        self._signals = bool(handle_signals)
+        self._signal_timeout = float(signal_timeout)
+        self._signalled: int | None = None
         self.run_dir = Path(run_dir)
-        self.manifest = layout.create_run_dir(self.run_dir, cfg, self.world_size, name)
-        self.writer_id = layout.writer_id(self.rank)
+        self.manifest = runformat.create_run_dir(self.run_dir, cfg, self.world_size, name)
+        self.writer_id = runformat.writer_id(self.rank)
         self._started = time.time()
         self._first_step: int | None = None
         self._write_writer_file()
@@ -154,6 +235,8 @@ class Recorder:
             self.alerts = online_from_arg(alerts, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size,
                                           config=cfg)
         _LIVE.add(self)
+        if self._signals:
+            _install(SIGNALS)
 
     # ---- public API -------------------------------------------------------------------------------
     def record(
@@ -184,6 +267,8 @@ class Recorder:
         """
         self._check_open()
         self._raise_pending()
+        if self._signalled is not None:
+            self._reopen_after_signal()
         if self.alerts is not None and self.raise_on_stop:
             self.alerts.check()  # raises rldiag.alerts.StopTraining once a stop-training alert fired
         args = {
@@ -231,10 +316,17 @@ class Recorder:
         self._raise_pending(force=True)
 
     def close(self) -> None:
-        """Publish what is buffered and stop the writer thread. Idempotent; also runs at interpreter exit."""
+        """Publish what is buffered and stop the writer thread. Idempotent; also runs at interpreter exit.
+
+        In a child forked after the recorder was created it only marks this copy closed: the data and the
+        writer belong to the parent.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._forked:
+            _LIVE.discard(self)
+            return
         self._writer.stop()
         self._writer.join()
         self._closed_at = time.time()
@@ -248,6 +340,8 @@ class Recorder:
             except Exception as exc:  # noqa: BLE001
                 log.warning("rldiag: closing alerts failed: %s", exc)
         _LIVE.discard(self)
+        if self._signals and not any(r._signals and r._pid == self._pid for r in _LIVE):
+            _uninstall()
         self._raise_pending(force=True)
 
     def __enter__(self) -> "Recorder":
@@ -311,7 +405,7 @@ class Recorder:
             self.alerts.observe_stats(step, table)
 
     def _write_writer_file(self) -> None:
-        layout.write_writer_file(self.run_dir, self.writer_id, {
+        runformat.write_writer_file(self.run_dir, self.writer_id, {
             "writer": self.writer_id, "rank": self.rank, "world_size": self.world_size, "host": os.uname().nodename,
             "pid": os.getpid(), "started": self._started, "first_step": self._first_step,
             "schema_version": schema.SCHEMA_VERSION, "config": self.config.to_dict(),
@@ -321,6 +415,30 @@ class Recorder:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"rldiag.Recorder for {self.run_dir} is closed; create a new one to record more")
+        if self._forked:
+            raise RuntimeError(
+                f"rldiag.Recorder for {self.run_dir} was created in process {self._pid} and this is a child forked "
+                f"from it (pid {os.getpid()}): its writer thread does not exist here, so nothing would be recorded. "
+                "Create a Recorder in the child (with its own rank), or record in the parent"
+            )
+
+    def _publish_for_signal(self, signum: int) -> None:
+        """Publish what is buffered (bounded by ``signal_timeout``) and mark the writer file closed."""
+        if self._closed or self._forked:
+            return
+        self._signalled = signum
+        done = self._writer.barrier(publish=True, timeout=self._signal_timeout)
+        self._closed_at = time.time()
+        self._write_writer_file()
+        if not done:
+            log.warning("rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be "
+                        "lost", self.run_dir, self._signal_timeout, signum)
+
+    def _reopen_after_signal(self) -> None:
+        """The process went on recording after a signal: the writer file no longer says closed."""
+        self._signalled = None
+        self._closed_at = None
+        self._write_writer_file()
 
     def _raise_pending(self, force: bool = False) -> None:
         w = self._writer

@@ -9,7 +9,6 @@ renamed into place, so a crash leaves only whole files behind.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 import time
@@ -22,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rldiag import __version__, schema
+from rldiag import schema
 from rldiag.config import RecorderConfig
-from rldiag.record.layout import segment_name
+from rldiag.runformat import file_metadata, segment_name
 from rldiag.record.tensors import HostSnapshot
 from rldiag.stats import kernel
 from rldiag.stats.table import to_table
@@ -172,12 +171,7 @@ class Writer(threading.Thread):
         self.rows_written = 0
         self.rows_dropped = 0
         self.records = 0
-        self._meta = {
-            schema.PARQUET_META_KEY: json.dumps(
-                {"schema_version": schema.SCHEMA_VERSION, "rldiag_version": __version__, "writer": wid,
-                 "rank": rank, "config": cfg.to_dict()}
-            ).encode()
-        }
+        self._meta = file_metadata(wid, rank, cfg)
 
     # ---- producer side -------------------------------------------------------------------------
     def put(self, job: Job) -> None:

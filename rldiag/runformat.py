@@ -1,0 +1,478 @@
+"""The run format: everything about a run directory that more than one part of rldiag reads or writes.
+
+This module is the one home of the on-disk layout. The recorder and its writer create runs with it, the
+reader (:mod:`rldiag.analysis.io`), the alert follower, the dashboard and the importers read them with it;
+``docs/run-format.md`` describes the same things in prose. It imports only the standard library and
+:mod:`rldiag.config`, so any layer may use it.
+
+A run directory holds::
+
+    manifest.json            created once by the first writer, never rewritten (MANIFEST_NAME)
+    writers/<writer>.json    one per writer process: rank, host, pid, start, config, closed (WRITERS_DIR)
+    stats/<writer>-<seg>.parquet    statistics rows of one published segment (STATS_DIR)
+    tokens/<writer>-<seg>.parquet   token rows of the same segment, when any were written (TOKENS_DIR)
+    alerts.jsonl             alert events, one JSON object a line, append-only (ALERTS_FILE)
+    tokenizer/               optional tokenizer saved with the run (TOKENIZER_DIR)
+    .rldiag-index/           the reader's cache of merged statistics (INDEX_DIR; may be deleted)
+
+Every file is written under a temporary name (``.<name>.<pid>.tmp``) in the same folder and renamed into
+place when complete, so a reader that lists ``*.parquet`` never sees half a file; writers never share a
+file name, so ranks and restarts need no locks.
+
+>>> segment_name("r00000-host-12-abc", 3)
+'r00000-host-12-abc-000003.parquet'
+>>> is_published("r00000-host-12-abc-000003.parquet"), is_published(".x.parquet.12.tmp")
+(True, False)
+>>> run_status(closed=False, last_data_time=100.0, now=800.0, stall_seconds=600.0)
+'stalled'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from rldiag import __version__
+from rldiag.config import RecorderConfig
+
+__all__ = [
+    "SCHEMA_VERSION", "PARQUET_META_KEY", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR", "TOKENS_DIR", "ALERTS_FILE",
+    "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
+    "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
+    "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
+    "read_writer_file", "read_writers", "latest_writers", "run_closed", "newest_data_time", "run_status",
+    "file_metadata", "read_file_metadata", "read_alerts", "ALERT_KEYS",
+]
+
+# --- versions and names ------------------------------------------------------------------------------
+SCHEMA_VERSION: Final[int] = 1
+"""Version of the on-disk run format. Readers refuse runs with a newer version."""
+PARQUET_META_KEY: Final = b"rldiag"
+"""Key of the JSON blob (schema version, rldiag version, writer, rank, config) in every Parquet file's metadata."""
+MANIFEST_NAME: Final = "manifest.json"
+"""Run-level manifest: created by the first writer, never rewritten."""
+WRITERS_DIR: Final = "writers"
+"""One JSON file per writer process: ``writers/r<rank>-<host>-<pid>-<start>.json``."""
+STATS_DIR: Final = "stats"
+"""Statistics segments: one row per record (step, rank, micro)."""
+TOKENS_DIR: Final = "tokens"
+"""Token-row segments (the same names as their statistics segments)."""
+ALERTS_FILE: Final = "alerts.jsonl"
+"""Alert events of the run, one JSON object per line (``Notification.to_json``), append-only."""
+TOKENIZER_DIR: Final = "tokenizer"
+"""Optional: a transformers tokenizer saved in the run (``tokenizer.save_pretrained``); the dashboard decodes
+token ids with it when no ``--tokenizer`` is given."""
+INDEX_DIR: Final = ".rldiag-index"
+"""The reader's index of merged statistics (a cache: deleting it only costs a slower next open)."""
+TMP_SUFFIX: Final = ".tmp"
+"""Files are written under this suffix and renamed into place when closed."""
+SEGMENT_SUFFIX: Final = ".parquet"
+"""Suffix of a published segment; readers list only these."""
+STALL_SECONDS: Final[float] = 600.0
+"""A run that is open and has had no new data for this long is *stalled* (metrics-spec section 4)."""
+
+MAX_MANIFEST_BYTES: Final = 1 << 20
+"""A manifest or writer file larger than this is refused (they are a few hundred bytes)."""
+MAX_ALERT_LINE_BYTES: Final = 1 << 20
+"""A line of ``alerts.jsonl`` longer than this is skipped."""
+_RUN_ENTRIES: Final = frozenset({MANIFEST_NAME, STATS_DIR, TOKENS_DIR, WRITERS_DIR, ALERTS_FILE, TOKENIZER_DIR})
+
+
+class RunFormatError(ValueError):
+    """A file of a run is not what the run format says; the message names the file and the problem."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        """The file, when one is to blame."""
+
+
+# --- names and atomic files ----------------------------------------------------------------------------
+def writer_id(rank: int, start_ns: int | None = None) -> str:
+    """Unique name of a writer process: ``r<rank>-<host>-<pid>-<start>``."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+    start = time.time_ns() if start_ns is None else start_ns
+    return f"r{rank:05d}-{host}-{os.getpid()}-{start:x}"
+
+
+def segment_name(wid: str, seg: int) -> str:
+    """File name of segment ``seg`` of writer ``wid`` (the same in ``stats/`` and ``tokens/``)."""
+    return f"{wid}-{seg:06d}{SEGMENT_SUFFIX}"
+
+
+def is_published(name: str) -> bool:
+    """Whether a file name is a published segment (not a temporary or hidden file)."""
+    return name.endswith(SEGMENT_SUFFIX) and not name.startswith(".")
+
+
+def published_files(folder: Path) -> list[Path]:
+    """The published segments of ``stats/`` or ``tokens/``, sorted by name (empty when the folder is absent)."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [Path(folder) / n for n in sorted(names) if is_published(n)]
+
+
+def tmp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under before it is renamed into place (hidden, per process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, ``fsync`` and ``os.replace``."""
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- manifest ----------------------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory (it has a manifest)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def _read_small_json(path: Path, what: str) -> Any:
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise RunFormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not an rldiag {what}")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunFormatError(f"{path} is corrupt ({exc}); restore it from a copy of the run") from None
+
+
+def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str | None) -> dict[str, Any]:
+    """Create the run directory and its manifest if absent; return the manifest in force.
+
+    Idempotent and safe when many processes (the ranks of one job) do it at once: the manifest is written to
+    a private temporary file and hard-linked into place, so exactly one wins and the others read the winner's
+    (complete) file. A directory that exists and holds something other than an rldiag run is refused.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFormatError(f"run directory {path} exists and is a file; choose another path")
+    manifest_path = path / MANIFEST_NAME
+    if path.is_dir() and not manifest_path.exists():
+        # the run's own entries are allowed: another rank may be creating the same run right now
+        foreign = [p.name for p in path.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".")]
+        if foreign:
+            raise RunFormatError(
+                f"{path} is not empty and is not an rldiag run (found {', '.join(sorted(foreign)[:5])}); "
+                "give the recorder an empty or new directory"
+            )
+    for sub in (STATS_DIR, TOKENS_DIR, WRITERS_DIR):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    if not manifest_path.exists():
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "rldiag_version": __version__,
+            "created": time.time(),
+            "name": name or path.resolve().name,
+            "world_size": world_size,
+            "config": cfg.to_dict(),
+        }
+        _publish_once(manifest_path, json.dumps(manifest, indent=2).encode())
+    for _ in range(40):
+        try:
+            return read_manifest(path)
+        except RunFormatError:
+            # only where hard links are missing can another rank's manifest be seen while it is written
+            if time.time() - manifest_path.stat().st_mtime > 2.0:
+                raise
+            time.sleep(0.05)
+    return read_manifest(path)
+
+
+def _publish_once(final: Path, data: bytes) -> None:
+    """Put ``data`` at ``final`` unless a file is already there; never exposes a partial file."""
+    tmp = tmp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)  # atomic, and fails if another process won the race
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: exclusive create of the whole file
+            try:
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a run, validated; a clear error for a missing, corrupt or newer one."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    try:
+        manifest = _read_small_json(manifest_path, "manifest")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is not an rldiag run: {MANIFEST_NAME} is missing (record into it with rldiag.Recorder, "
+            "or build one with `rldiag import`)"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise RunFormatError(f"{manifest_path} is a JSON {type(manifest).__name__}, not an object; "
+                             "it was not written by rldiag")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RunFormatError(f"{manifest_path} has no integer schema_version; it was not written by rldiag")
+    if version > SCHEMA_VERSION:
+        raise RunFormatError(
+            f"{path} was written with run-format version {version} by rldiag {manifest.get('rldiag_version')}, "
+            f"newer than this rldiag {__version__} reads (version {SCHEMA_VERSION}); upgrade rldiag"
+        )
+    if "config" in manifest and not isinstance(manifest["config"], dict):
+        raise RunFormatError(f"{manifest_path}: 'config' is a {type(manifest['config']).__name__}, not an object")
+    return manifest
+
+
+# --- writer files --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WriterInfo:
+    """One ``writers/<writer>.json``: a writer process of the run (a resume point)."""
+
+    path: Path
+    writer: str
+    rank: int
+    started: float
+    """Start time (Unix seconds); the latest writer of a rank is the one that started last."""
+    closed: float | None
+    """When ``Recorder.close()`` ran (Unix seconds), None while open or after a crash."""
+    host: str | None = None
+    pid: int | None = None
+    world_size: int | None = None
+    first_step: int | None = None
+    config: dict[str, Any] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The file's whole JSON object (fields a newer rldiag may add)."""
+
+    def process_gone(self) -> bool:
+        """True when the writer ran on this machine and its process no longer exists.
+
+        Writers on other hosts cannot be checked (False), nor can this very process's own recorder.
+        """
+        if self.host != os.uname().nodename or self.pid is None or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError, OSError):
+            return False
+        return False
+
+
+def write_writer_file(path: Path, wid: str, info: dict[str, Any]) -> None:
+    """Publish (or replace) ``writers/<wid>.json`` of the run at ``path``."""
+    atomic_write_bytes(Path(path) / WRITERS_DIR / f"{wid}.json", json.dumps(info, indent=2).encode())
+
+
+def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: Path, required: bool = False) -> int | None:
+    v = d.get(key)
+    if v is None and not required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not (lo <= v <= hi):
+        raise RunFormatError(f"{where}: {key!r} must be an integer in [{lo}, {hi}], got {v!r:.60}")
+    return v
+
+
+def _time(d: Mapping[str, Any], key: str, *, where: Path) -> float | None:
+    v = d.get(key)
+    if v is None or v is False:
+        return None
+    if v is True:
+        return 0.0  # an old or hand-written ``"closed": true``
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v)
+    raise RunFormatError(f"{where}: {key!r} must be a time in seconds or null, got {v!r:.60}")
+
+
+def read_writer_file(p: Path) -> WriterInfo:
+    """Parse one writer file; :class:`RunFormatError` names the file and what is wrong with it."""
+    p = Path(p)
+    d = _read_small_json(p, "writer file")
+    if not isinstance(d, dict):
+        raise RunFormatError(f"{p} is a JSON {type(d).__name__}, not an object")
+    cfg = d.get("config")
+    if cfg is not None and not isinstance(cfg, dict):
+        raise RunFormatError(f"{p}: 'config' is a {type(cfg).__name__}, not an object")
+    for key in ("writer", "host"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise RunFormatError(f"{p}: {key!r} must be a string, got {d[key]!r:.60}")
+    rank = _int(d, "rank", lo=0, hi=2**31 - 1, where=p)
+    return WriterInfo(
+        path=p,
+        writer=d.get("writer") or p.stem,
+        rank=0 if rank is None else rank,
+        started=_time(d, "started", where=p) or 0.0,
+        closed=_time(d, "closed", where=p),
+        host=d.get("host"),
+        pid=_int(d, "pid", lo=0, hi=2**63 - 1, where=p),
+        world_size=_int(d, "world_size", lo=0, hi=2**31 - 1, where=p),
+        first_step=_int(d, "first_step", lo=-(2**63), hi=2**63 - 1, where=p),
+        config=cfg,
+        raw=d,
+    )
+
+
+def read_writers(path: Path) -> tuple[list[WriterInfo], list[RunFormatError]]:
+    """Every readable writer file of the run at ``path`` (sorted by name) and the problems of the others."""
+    infos: list[WriterInfo] = []
+    problems: list[RunFormatError] = []
+    for p in sorted((Path(path) / WRITERS_DIR).glob("*.json")):
+        try:
+            infos.append(read_writer_file(p))
+        except FileNotFoundError:
+            continue  # replaced or removed while listing
+        except (RunFormatError, OSError) as exc:
+            problems.append(RunFormatError(str(exc) if isinstance(exc, RunFormatError) else f"{p}: {exc}", path=p))
+    return infos, problems
+
+
+def latest_writers(infos: Iterable[WriterInfo]) -> dict[int, WriterInfo]:
+    """The most recent writer of each rank (by start time; a restart supersedes the crashed writer)."""
+    latest: dict[int, WriterInfo] = {}
+    for info in infos:
+        if info.rank not in latest or info.started >= latest[info.rank].started:
+            latest[info.rank] = info
+    return latest
+
+
+# --- the closed and stalled rules, newest data ------------------------------------------------------------
+def run_closed(path: Path, *, count_gone: bool = False) -> bool:
+    """Whether the run at ``path`` ended: for every rank, its latest writer recorded ``closed``.
+
+    ``count_gone``: also count a writer whose process is gone from this machine as ended (a crash or a kill
+    leaves no ``closed`` mark). The dashboard uses it so a finished sample run is not shown as stalled
+    forever; the alert follower does not, so a crashed training still raises its stall alert. A run with
+    no readable writer file is open.
+    """
+    latest = latest_writers(read_writers(path)[0])
+    if not latest:
+        return False
+    return all(w.closed is not None or (count_gone and w.process_gone()) for w in latest.values())
+
+
+def newest_data_time(path: Path) -> float | None:
+    """When data last landed: modification time of the newest published statistics segment (None before any).
+
+    Statistics are what every metric and alert is computed from, and a segment's statistics file is
+    published after its token file, so token files need not be looked at.
+    """
+    newest: float | None = None
+    try:
+        entries = list(os.scandir(Path(path) / STATS_DIR))
+    except OSError:
+        return None
+    for entry in entries:
+        if not is_published(entry.name):
+            continue
+        try:
+            m = entry.stat().st_mtime
+        except OSError:
+            continue
+        newest = m if newest is None or m > newest else newest
+    return newest
+
+
+def run_status(*, closed: bool, last_data_time: float | None, now: float,
+               stall_seconds: float = STALL_SECONDS) -> Literal["finished", "live", "stalled"]:
+    """``finished`` when closed, ``stalled`` when open with no new data for ``stall_seconds``, else ``live``."""
+    if closed:
+        return "finished"
+    if last_data_time is not None and now - last_data_time > stall_seconds:
+        return "stalled"
+    return "live"
+
+
+# --- Parquet file metadata -----------------------------------------------------------------------------
+def file_metadata(wid: str, rank: int, cfg: RecorderConfig) -> dict[bytes, bytes]:
+    """The schema metadata every Parquet segment of writer ``wid`` carries (makes the file self-describing)."""
+    blob = {"schema_version": SCHEMA_VERSION, "rldiag_version": __version__, "writer": wid, "rank": rank,
+            "config": cfg.to_dict()}
+    return {PARQUET_META_KEY: json.dumps(blob).encode()}
+
+
+def read_file_metadata(metadata: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """The rldiag metadata of a Parquet file (``{}`` when absent), checked: a newer format version, a blob
+    that is not a JSON object or a ``config`` that is not one raise :class:`RunFormatError`."""
+    raw = (metadata or {}).get(PARQUET_META_KEY)
+    if raw is None:
+        return {}
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise RunFormatError(f"rldiag metadata of {len(raw)} bytes is larger than {MAX_MANIFEST_BYTES}")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunFormatError(f"rldiag metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"rldiag metadata is a JSON {type(meta).__name__}, not an object")
+    version = meta.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RunFormatError(f"rldiag metadata has a non-integer schema_version {version!r:.60}")
+    if version > SCHEMA_VERSION:
+        raise RunFormatError(f"written with run-format version {version}, newer than {SCHEMA_VERSION}")
+    cfg = meta.get("config")
+    if cfg is not None:
+        if not isinstance(cfg, dict):
+            raise RunFormatError(f"metadata 'config' is a {type(cfg).__name__}, not an object")
+        try:
+            RecorderConfig.from_dict(cfg)  # odd settings make this one file unusable, not the run
+        except (TypeError, ValueError) as exc:
+            raise RunFormatError(f"metadata 'config' is not a valid RecorderConfig ({exc})") from None
+    return meta
+
+
+# --- alerts.jsonl --------------------------------------------------------------------------------------
+ALERT_KEYS: Final = frozenset({"event", "rule", "fingerprint", "step"})
+"""Keys every event of ``alerts.jsonl`` has (``rldiag.alerts.engine.Notification.to_json`` writes them)."""
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    """The events of an ``alerts.jsonl`` file, oldest first (``[]`` when it does not exist).
+
+    A torn last line (a writer mid-append), a line that is not a JSON object with :data:`ALERT_KEYS`, and an
+    over-long line are skipped.
+    """
+    out: list[dict[str, Any]] = []
+    try:
+        fh = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    with fh:
+        for raw in fh:
+            if len(raw) > MAX_ALERT_LINE_BYTES:
+                continue
+            try:
+                d = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(d, dict) and ALERT_KEYS <= d.keys():
+                out.append(d)
+    return out

@@ -1,0 +1,194 @@
+"""The run format module: manifest creation under concurrency, writer files, the closed/stalled rules,
+file metadata, alerts.jsonl, and the committed sample runs (written before the module existed)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import rldiag
+from rldiag import runformat as rf
+from rldiag.config import RecorderConfig
+
+SAMPLES = Path(rldiag.__file__).parent / "sample_logs"
+
+
+# --- manifest ------------------------------------------------------------------------------------------
+def _create(path: str, barrier: mp.synchronize.Barrier, out: mp.Queue) -> None:  # type: ignore[name-defined]
+    barrier.wait()
+    try:
+        manifest = rf.create_run_dir(Path(path), RecorderConfig(), 8, None)
+        out.put(("ok", manifest["created"]))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put(("error", repr(exc)))
+
+
+@pytest.mark.slow
+def test_eight_ranks_creating_one_run_at_once_all_succeed_with_one_manifest() -> None:
+    """Eight processes released together into a fresh directory, many times: each gets the same manifest.
+
+    Before the run-format module, one rank failed with "not an rldiag run (found manifest.json)" in about
+    one round in twenty of this test (the rank saw the winner's manifest while looking for foreign files).
+    """
+    ctx = mp.get_context("fork")
+    root = Path(tempfile.mkdtemp())
+    try:
+        for i in range(60):
+            barrier, out = ctx.Barrier(8), ctx.Queue()
+            procs = [ctx.Process(target=_create, args=(str(root / f"run{i}"), barrier, out)) for _ in range(8)]
+            for p in procs:
+                p.start()
+            results = [out.get(timeout=60) for _ in procs]
+            for p in procs:
+                p.join()
+            assert [r for r in results if r[0] == "error"] == []
+            assert len({r[1] for r in results}) == 1  # every rank reads the one winner's manifest
+            assert sorted(os.listdir(root / f"run{i}")) == [rf.MANIFEST_NAME, rf.STATS_DIR, rf.TOKENS_DIR,
+                                                             rf.WRITERS_DIR]  # no temporary file left
+    finally:
+        shutil.rmtree(root)
+
+
+def test_create_is_idempotent_and_refuses_foreign_directories(tmp_path: Path) -> None:
+    first = rf.create_run_dir(tmp_path / "run", RecorderConfig(), 2, "exp")
+    again = rf.create_run_dir(tmp_path / "run", RecorderConfig(eps_high=0.28), 4, "other")
+    assert again == first and first["name"] == "exp" and first["world_size"] == 2
+    assert rf.read_manifest(tmp_path / "run") == first and rf.is_run_dir(tmp_path / "run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(rf.RunFormatError, match=r"not an rldiag run \(found notes.txt\)"):
+        rf.create_run_dir(tmp_path / "mine", RecorderConfig(), 1, None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        rf.create_run_dir(tmp_path / "file", RecorderConfig(), 1, None)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "corrupt"),
+    ("[1, 2]", "not an object"),
+    ('{"schema_version": "1"}', "no integer schema_version"),
+    ('{"schema_version": 99, "rldiag_version": "9.0"}', "newer than this rldiag"),
+    ('{"schema_version": 1, "config": [1]}', "'config' is a list"),
+    (" " * (rf.MAX_MANIFEST_BYTES + 1), "larger than"),
+])
+def test_bad_manifests_are_refused_with_the_file_named(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / rf.MANIFEST_NAME).write_text(content)
+    with pytest.raises(rf.RunFormatError, match=message) as err:
+        rf.read_manifest(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_missing_manifest_says_how_to_make_a_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="rldiag.Recorder"):
+        rf.read_manifest(tmp_path)
+
+
+# --- writer files and the closed / stalled rules --------------------------------------------------------
+def _writer(run: Path, wid: str, **info: object) -> Path:
+    (run / rf.WRITERS_DIR).mkdir(parents=True, exist_ok=True)
+    rf.write_writer_file(run, wid, {"writer": wid, **info})
+    return run / rf.WRITERS_DIR / f"{wid}.json"
+
+
+def test_writer_files_are_parsed_with_bounds(tmp_path: Path) -> None:
+    good = _writer(tmp_path, "a", rank=1, started=5.0, closed=None, host="h", pid=7, first_step=3)
+    info = rf.read_writer_file(good)
+    assert (info.writer, info.rank, info.started, info.closed, info.pid, info.first_step) == ("a", 1, 5.0, None, 7, 3)
+    bad = {
+        "rank": _writer(tmp_path, "b", rank=-1),
+        "rank_str": _writer(tmp_path, "c", rank="0"),
+        "closed": _writer(tmp_path, "d", rank=0, closed="yes"),
+        "config": _writer(tmp_path, "e", rank=0, config=[1]),
+    }
+    (tmp_path / rf.WRITERS_DIR / "f.json").write_text("[]")
+    (tmp_path / rf.WRITERS_DIR / "g.json").write_text("{" * 10)
+    (tmp_path / rf.WRITERS_DIR / "h.json").write_text(" " * (rf.MAX_MANIFEST_BYTES + 1))
+    for p in bad.values():
+        with pytest.raises(rf.RunFormatError, match=p.name):
+            rf.read_writer_file(p)
+    infos, problems = rf.read_writers(tmp_path)
+    assert [i.writer for i in infos] == ["a"]
+    assert sorted(p.path.name for p in problems if p.path) == ["b.json", "c.json", "d.json", "e.json", "f.json",
+                                                               "g.json", "h.json"]
+    assert any("larger than" in str(p) for p in problems)
+
+
+def test_closed_rule_uses_each_ranks_latest_writer(tmp_path: Path) -> None:
+    assert not rf.run_closed(tmp_path)  # no writer: open
+    _writer(tmp_path, "r0-old", rank=0, started=1.0, closed=2.0)
+    _writer(tmp_path, "r1", rank=1, started=1.0, closed=3.0)
+    assert rf.run_closed(tmp_path)
+    restart = _writer(tmp_path, "r0-new", rank=0, started=10.0, closed=None, host=os.uname().nodename, pid=2**22 + 1)
+    assert not rf.run_closed(tmp_path)  # the restarted rank 0 is open again
+    assert rf.run_closed(tmp_path, count_gone=True)  # ... but its process is gone from this machine
+    info = json.loads(restart.read_text())
+    rf.write_writer_file(tmp_path, "r0-new", {**info, "host": "another-machine"})
+    assert not rf.run_closed(tmp_path, count_gone=True)  # other hosts cannot be checked: open
+    rf.write_writer_file(tmp_path, "r0-new", {**info, "pid": os.getpid()})
+    assert not rf.run_closed(tmp_path, count_gone=True)  # this very process is alive
+
+
+def test_newest_data_time_reads_published_statistics_only(tmp_path: Path) -> None:
+    assert rf.newest_data_time(tmp_path) is None
+    (tmp_path / rf.STATS_DIR).mkdir()
+    seg = tmp_path / rf.STATS_DIR / rf.segment_name("w", 0)
+    seg.write_bytes(b"x")
+    os.utime(seg, (100.0, 100.0))
+    tmp = rf.tmp_path(tmp_path / rf.STATS_DIR / rf.segment_name("w", 1))
+    tmp.write_bytes(b"x")  # being written: not data yet
+    assert rf.newest_data_time(tmp_path) == 100.0
+    assert rf.published_files(tmp_path / rf.STATS_DIR) == [seg]
+    assert rf.run_status(closed=False, last_data_time=100.0, now=700.0) == "live"
+    assert rf.run_status(closed=False, last_data_time=100.0, now=701.0) == "stalled"
+    assert rf.run_status(closed=True, last_data_time=100.0, now=10_000.0) == "finished"
+    assert rf.run_status(closed=False, last_data_time=None, now=10_000.0) == "live"
+
+
+# --- Parquet metadata ------------------------------------------------------------------------------------
+def test_file_metadata_round_trips_and_bad_blobs_are_refused() -> None:
+    meta = rf.file_metadata("w", 3, RecorderConfig(eps_high=0.28))
+    got = rf.read_file_metadata(meta)
+    assert got["writer"] == "w" and got["rank"] == 3 and got["config"]["eps_high"] == 0.28
+    assert rf.read_file_metadata(None) == {} and rf.read_file_metadata({b"other": b"1"}) == {}
+    for blob, message in [(b"{", "not JSON"), (b"[]", "not an object"), (b'{"schema_version": 2}', "newer"),
+                          (b'{"config": 3}', "not an object"), (b'{"config": {"eps_low": -1}}', "RecorderConfig"),
+                          (b'{"schema_version": true}', "non-integer")]:
+        with pytest.raises(rf.RunFormatError, match=message):
+            rf.read_file_metadata({rf.PARQUET_META_KEY: blob})
+
+
+# --- alerts.jsonl -----------------------------------------------------------------------------------------
+def test_alerts_jsonl_one_parser_skips_torn_and_foreign_lines(tmp_path: Path) -> None:
+    path = tmp_path / rf.ALERTS_FILE
+    assert rf.read_alerts(path) == []
+    good = {"event": "firing", "rule": "kl", "fingerprint": "f", "step": 3}
+    lines = [json.dumps(good), "[1]", json.dumps({"event": "firing", "rule": "x", "step": 1}),  # no fingerprint
+             "x" * (rf.MAX_ALERT_LINE_BYTES + 1), json.dumps({**good, "step": 4}), '{"event": "fir']
+    path.write_text("\n".join(lines))
+    assert [e["step"] for e in rf.read_alerts(path)] == [3, 4]
+
+
+def test_alert_history_is_read_by_the_run_format_parser() -> None:
+    from rldiag.alerts.engine import read_history
+
+    path = SAMPLES / "healthy" / rf.ALERTS_FILE
+    assert read_history(path) == rf.read_alerts(path) and rf.read_alerts(path)
+
+
+# --- runs written before this module ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["healthy", "collapse"])
+def test_committed_sample_runs_still_open(name: str) -> None:
+    run = rldiag.open_run(SAMPLES / name)
+    assert run.problems == [] and len(run.steps()) > 10
+    assert run.is_closed() and run.newest_data_time() is not None
+    info = run.info()
+    assert info["resume_points"] and info["problems"] == []
+    writers, problems = rf.read_writers(run.path)
+    assert writers and problems == []
+    assert run.step_metrics()["ratio/mean"].drop_nans().len() == len(run.steps())
