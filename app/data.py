@@ -12,7 +12,6 @@ inside a request and the most recently configured one outside (tests, benchmarks
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -25,18 +24,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from rldiag import schema
+from rldiag import runformat, schema
 
-STALL_SECONDS = 600.0
+STALL_SECONDS = runformat.STALL_SECONDS
 """A run that is still open and has had no new step for this long is *stalled* (metrics-spec §4)."""
-LIVE_SECONDS = 120.0
-"""A run whose newest file is younger than this is shown as *live* even before its writer says so."""
 MAX_TOKEN_STEPS = 200
 """Token-row analyses (objective lens, position buckets) use at most this many steps of a long run..."""
 TOKEN_ROW_BUDGET = 1_500_000
 """... and at most about this many token rows (measured: ~2 s for the position table on 2 cores)."""
 MIN_TOKEN_STEPS = 20
-_SKIP_DIRS = {schema.TOKENS_DIR, schema.STATS_DIR, schema.WRITERS_DIR, schema.TOKENIZER_DIR, "__pycache__"}
+_SKIP_DIRS = {runformat.TOKENS_DIR, runformat.STATS_DIR, runformat.WRITERS_DIR, runformat.TOKENIZER_DIR, "__pycache__"}
 _MAX_DEPTH = 4
 
 
@@ -61,23 +58,19 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / schema.MANIFEST_NAME).is_file()
-
-
 def discover(root: Path) -> dict[str, Path]:
     """Run directories under ``root`` (``root`` itself if it is a run), keyed by run id.
 
     Symbolic links are not followed, hidden folders and a run's own sub-folders are skipped.
     """
     root = root.resolve()
-    if _is_run_dir(root):
+    if runformat.is_run_dir(root):
         return {root.name: root}
     found: dict[str, Path] = {}
     base_depth = len(root.parts)
     for dirpath, dirnames, _ in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        if here != root and _is_run_dir(here):
+        if here != root and runformat.is_run_dir(here):
             found[here.relative_to(root).as_posix()] = here
             dirnames[:] = []
             continue
@@ -119,8 +112,8 @@ class Catalog:
         """The tokenizer given with ``--tokenizer``, else the run's own ``tokenizer/`` folder, else ids."""
         if self.tokenizer_path is not None:
             return self.decoder
-        own = self.resolve(run_id) / schema.TOKENIZER_DIR
-        if not own.is_dir():
+        own = self.state(run_id).run.tokenizer_dir
+        if own is None:
             return self.decoder
         with self._lock:
             return self._run_decoders.setdefault(own, TokenDecoder(own))
@@ -193,8 +186,6 @@ class RunState:
     _metrics: pl.DataFrame | None = None
     _last_step_seen_at: float = field(default_factory=time.time)
     _lock: threading.RLock = field(default_factory=threading.RLock)
-    _alerts_key: tuple[int, int] | None = None
-    _alerts: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
     version: int = 0
     """Bumped whenever new steps are read, so derived caches (heatmaps, buckets) know they are stale."""
@@ -211,20 +202,24 @@ class RunState:
         with self._lock:
             if self._metrics is None:
                 self._metrics = self.run.step_metrics().sort(schema.STEP)
-                self._last_step_seen_at = self._newest_mtime() or time.time()
+                self._last_step_seen_at = self.run.newest_data_time() or time.time()
             return self._metrics
 
     def update(self) -> pl.DataFrame:
         """Read files that appeared since the last call; returns the metric rows of the new steps only."""
         with self._lock:
             current = self.metrics()
-            self.run.refresh()
+            new_files = self.run.refresh()
             known = set(current[schema.STEP].to_list())
-            new_steps = sorted(set(self.run.steps()) - known)
-            if not new_steps:
+            # A step published in parts (ranks, micro-batches in a later segment) grows: recompute every step
+            # a new file holds, not only the unseen ones, so the charts show its full numbers.
+            touched = set(self.run.steps()) - known
+            touched |= self.run.file_steps(new_files)
+            if not touched:
                 return current.clear()
-            fresh = self.run.step_metrics(steps=new_steps).sort(schema.STEP)
-            self._metrics = pl.concat([current, fresh], how="diagonal_relaxed").sort(schema.STEP)
+            fresh = self.run.step_metrics(steps=sorted(touched)).sort(schema.STEP)
+            kept = current.filter(~pl.col(schema.STEP).is_in(fresh[schema.STEP].to_list()))
+            self._metrics = pl.concat([kept, fresh], how="diagonal_relaxed").sort(schema.STEP)
             self._last_step_seen_at = time.time()
             self.version += 1
             self._cache.clear()
@@ -238,45 +233,24 @@ class RunState:
             return self._cache[key]
 
     # -- status ------------------------------------------------------------------------------------
-    def _newest_mtime(self) -> float | None:
-        newest = None
-        for sub in (schema.STATS_DIR, schema.TOKENS_DIR):
-            folder = self.path / sub
-            if not folder.is_dir():
-                continue
-            for entry in os.scandir(folder):
-                if entry.name.endswith(".parquet"):
-                    m = entry.stat().st_mtime
-                    newest = m if newest is None or m > newest else newest
-        return newest
-
     def is_closed(self) -> bool:
-        """True when every writer of the run has closed cleanly (the run finished)."""
-        return run_closed(self.path, getattr(self._run, "manifest", None))
+        """True when the run ended: every rank's latest writer closed it or its process is gone from this
+        machine (:func:`rldiag.runformat.run_closed` with ``count_gone``)."""
+        return bool(self.run.is_closed(count_gone=True))
 
     def status(self, now: float | None = None) -> str:
         """``"finished"``, ``"live"`` or ``"stalled"`` (open, no new step for ``stall_seconds``)."""
-        if self.is_closed():
-            return "finished"
-        now = time.time() if now is None else now
-        newest = self._newest_mtime()
+        closed = self.is_closed()
+        newest = None if closed else self.run.newest_data_time()
         last = max(self._last_step_seen_at, newest or 0.0)
-        return "stalled" if now - last > self.stall_seconds else "live"
+        return runformat.run_status(closed=closed, last_data_time=last, now=time.time() if now is None else now,
+                                    stall_seconds=self.stall_seconds)
 
     # -- alerts ------------------------------------------------------------------------------------
     def alerts(self) -> list[dict[str, Any]]:
         """Events of ``alerts.jsonl`` in file order (re-read only when the file changed)."""
-        path = self.path / schema.ALERTS_FILE
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return []
-        key = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            if key != self._alerts_key:
-                self._alerts = read_alerts(path)
-                self._alerts_key = key
-            return self._alerts
+            return self.run.alerts()
 
     # -- tokens ------------------------------------------------------------------------------------
     def tokens_at(self, step: int) -> pl.DataFrame:
@@ -317,110 +291,33 @@ class RunState:
         mag = signed[:, hist.N_MAG:] + signed[:, : hist.N_MAG][:, ::-1]
         return merged.keys[schema.STEP], hist.representative(hist.N_MAG), mag.T
 
-    def lens(self) -> pl.DataFrame | None:
-        """The objective lens on :meth:`analysis_steps` (None when rldiag has no lens module)."""
-        try:
-            from rldiag.analysis.lens import lens
-        except ImportError:
-            return None
-        return lens(self.run, steps=self.analysis_steps())
+    def lens(self) -> pl.DataFrame:
+        """The objective lens on :meth:`analysis_steps`."""
+        return self.run.lens(steps=self.analysis_steps())
 
     def bucket_metrics(self, by: str) -> pl.DataFrame:
         """``run.bucket_metrics(by=...)`` (deciles for positions) on :meth:`analysis_steps`."""
         return self.run.bucket_metrics(by=by, buckets=10, steps=self.analysis_steps())
 
 
-def run_closed(path: Path, manifest: dict[str, Any] | None = None) -> bool:
-    """Whether the run ended: for every rank, its latest writer (by ``started``) recorded ``closed``, or
-    its process is gone from this machine (a crash or a kill leaves no ``closed`` mark).
-
-    Same rule as :func:`rldiag.alerts.follow.run_closed`, plus the process check, so a finished sample run
-    is not reported as stalled forever.
-    """
-    if manifest and (manifest.get("closed") or manifest.get("status") in ("closed", "finished")):
-        return True
-    latest: dict[Any, dict[str, Any]] = {}
-    for w in sorted((path / schema.WRITERS_DIR).glob("*.json")):
-        try:
-            info = json.loads(w.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(info, dict):
-            continue
-        rank = info.get("rank", 0)
-        if rank not in latest or float(info.get("started") or 0) >= float(latest[rank].get("started") or 0):
-            latest[rank] = info
-    if not latest:
-        return False
-    return all(bool(info.get("closed")) or _writer_gone(info) for info in latest.values())
-
-
-def _writer_gone(info: dict[str, Any]) -> bool:
-    """True when the writer ran on this machine and its process no longer exists.
-
-    Writers on other hosts cannot be checked: they count as open (a quiet one is then shown as stalled).
-    """
-    if info.get("host") != os.uname().nodename:
-        return False
-    try:
-        pid = int(info["pid"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False  # a recorder in this very process (tests, notebooks) is open until it closes
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def read_alerts(path: Path) -> list[dict[str, Any]]:
-    """Parse ``alerts.jsonl``; a torn last line (a writer mid-append) or a bad line is skipped."""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-    return out
-
-
 ALERT_FIELDS = ("time", "rule", "severity", "state", "step", "start_step", "metric", "value", "threshold", "summary")
 
 
 def normalize_alert(event: dict[str, Any]) -> dict[str, Any]:
-    """One alert event with the fields the Alerts page shows (missing ones are None)."""
-    def pick(*names: str) -> Any:
-        for n in names:
-            if event.get(n) is not None:
-                return event[n]
-        return None
-
-    step = pick("step")
-    try:
-        step = int(step) if step is not None else None
-    except (TypeError, ValueError):
-        step = None
+    """One ``alerts.jsonl`` event (``Notification.to_json``) with the fields the Alerts page shows; its
+    ``event`` (firing, repeat, resolved) becomes ``state``, missing fields are None."""
+    step = event.get("step")
     return {
-        "time": pick("time", "ts", "timestamp"),
-        "rule": pick("rule", "name", "alertname"),
-        "severity": pick("severity"),
-        "state": pick("event", "state", "status"),
-        "start_step": pick("start_step"),
-        "step": step,
-        "metric": pick("metric"),
-        "value": pick("value"),
-        "threshold": pick("threshold"),
-        "summary": pick("summary", "message", "text"),
+        "time": event.get("time"),
+        "rule": event.get("rule"),
+        "severity": event.get("severity"),
+        "state": event.get("event"),
+        "start_step": event.get("start_step"),
+        "step": int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
+        "metric": event.get("metric"),
+        "value": event.get("value"),
+        "threshold": event.get("threshold"),
+        "summary": event.get("summary"),
     }
 
 

@@ -92,6 +92,7 @@ class Run:
     _compact: pa.Table | None = None
     _indexed: set[str] = field(default_factory=set)
     _index_loaded: bool = False
+    _alerts_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
@@ -267,8 +268,28 @@ class Run:
         return runformat.newest_data_time(self.path)
 
     def alerts(self) -> list[dict[str, Any]]:
-        """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none)."""
-        return runformat.read_alerts(self.path / runformat.ALERTS_FILE)
+        """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none); the file is
+        parsed again only when it changed (the same list is returned until then)."""
+        path = self.path / runformat.ALERTS_FILE
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        key = (st.st_size, st.st_mtime_ns)
+        if self._alerts_cache is None or self._alerts_cache[0] != key:
+            self._alerts_cache = (key, runformat.read_alerts(path))
+        return self._alerts_cache[1]
+
+    def file_steps(self, names: Sequence[str]) -> set[int]:
+        """The steps that the named statistics files (as :meth:`refresh` returns them) hold."""
+        out: set[int] = set()
+        for name in names:
+            if name not in self._stats_tables and name in self._stats_files:
+                self._read_stats_file(self._stats_files[name].path, check=False)
+            table = self._stats_tables.get(name)
+            if table is not None:
+                out.update(pc.unique(table.column("step")).to_pylist())
+        return out
 
     @property
     def tokenizer_dir(self) -> Path | None:

@@ -13,6 +13,7 @@ from conftest import HOSTILE
 from synth import SPIKE_STEP, record_run
 
 from app import data
+from rldiag import runformat
 
 
 def test_discovery_finds_nested_runs_and_a_single_run_folder(runs_root: Path):
@@ -90,9 +91,10 @@ def test_a_writer_whose_process_is_gone_ends_the_run(tmp_path: Path):
     writer = next((tmp_path / "r" / "writers").glob("*.json"))
     info = {**json.loads(writer.read_text()), "closed": None}  # as if the process died without closing
     writer.write_text(json.dumps({**info, "pid": 2**22 + 12345}))  # no such process
-    assert data.run_closed(tmp_path / "r")
+    st = data.Catalog(tmp_path).state("r")
+    assert st.is_closed() and st.status() == "finished"
     writer.write_text(json.dumps({**info, "host": "another-machine", "pid": 2**22 + 12345}))
-    assert not data.run_closed(tmp_path / "r")
+    assert not st.is_closed()
 
 
 def test_alerts_jsonl_is_parsed_tolerantly(tmp_path: Path):
@@ -103,9 +105,11 @@ def test_alerts_jsonl_is_parsed_tolerantly(tmp_path: Path):
         {"event": "repeat", "rule": "kl_spike", "severity": "warn", "step": 9, "start_step": 5, "time": 2.0},
         {"event": "firing", "rule": "ess_collapse", "severity": "critical", "step": 6, "time": 3.0},
         {"event": "resolved", "rule": "ess_collapse", "severity": "critical", "step": 8, "time": 4.0},
+        {"state": "firing", "name": "alias", "step": 7, "fingerprint": "f"},  # aliases rldiag never writes
     ]
+    events = [{"fingerprint": "f", **e} for e in events]
     path.write_text("\n".join(json.dumps(e) for e in events) + "\n[not json\n" + '{"event": "fir')
-    read = data.read_alerts(path)
+    read = runformat.read_alerts(path)
     assert len(read) == 4
     states = data.alert_states(read)
     assert states["kl_spike"]["state"] == "firing" and states["kl_spike"]["step"] == 9
@@ -118,7 +122,8 @@ def test_alerts_are_reread_only_when_the_file_changes(tmp_path: Path):
     record_run(tmp_path / "r", steps=1)
     st = data.Catalog(tmp_path).state("r")
     assert st.alerts() == []
-    (tmp_path / "r" / "alerts.jsonl").write_text(json.dumps({"event": "firing", "rule": "x", "step": 0}) + "\n")
+    (tmp_path / "r" / "alerts.jsonl").write_text(
+        json.dumps({"event": "firing", "rule": "x", "step": 0, "fingerprint": "f"}) + "\n")
     assert len(st.alerts()) == 1
     first = st.alerts()
     assert st.alerts() is first
