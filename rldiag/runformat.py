@@ -50,6 +50,7 @@ __all__ = [
     "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
     "read_writer_file", "read_writers", "latest_writers", "run_closed", "newest_data_time", "run_status",
     "file_metadata", "read_file_metadata", "read_alerts", "ALERT_KEYS",
+    "parse_segment_name", "AttemptData", "Resume", "resolve_attempts",
 ]
 
 # --- versions and names ------------------------------------------------------------------------------
@@ -475,4 +476,128 @@ def read_alerts(path: Path) -> list[dict[str, Any]]:
                 continue
             if isinstance(d, dict) and ALERT_KEYS <= d.keys():
                 out.append(d)
+    return out
+
+
+# --- restarts: which records of a rank survive ---------------------------------------------------------
+_SEGMENT_RE: Final = re.compile(r"^(r(\d{1,10})-(.+)-(\d{1,19})-([0-9a-f]{1,20}))-(\d{6,})\.parquet$")
+
+
+def parse_segment_name(name: str) -> tuple[str, int, int] | None:
+    """``(writer, rank, start_ns)`` of a segment named by :func:`segment_name` (None for any other name).
+
+    The writer id ``r<rank>-<host>-<pid>-<start>`` identifies one *attempt* of a rank: a process that
+    recorded it from its start until it closed, crashed or was killed. ``start`` (hex nanoseconds) orders
+    the attempts of a rank.
+    """
+    m = _SEGMENT_RE.match(name)
+    if m is None:
+        return None
+    return m.group(1), int(m.group(2)), int(m.group(5), 16)
+
+
+@dataclass(frozen=True)
+class AttemptData:
+    """What the published segments of one attempt hold (the input of :func:`resolve_attempts`)."""
+
+    writer: str
+    rank: int
+    start_ns: int
+    first_step: int | None
+    last_step: int | None
+    last_publish: float | None = None
+    """Modification time (Unix seconds) of its newest published statistics segment."""
+
+
+@dataclass
+class Resume:
+    """How the attempts of each rank combine (resume semantics, like TensorBoard's ``purge_step``).
+
+    Per rank, a later attempt supersedes the earlier attempts' records from its first step on: a record of
+    writer ``w`` at step ``s`` counts only when ``s < cutoff[w]``. Superseded records stay on disk.
+    """
+
+    cutoff: dict[str, int] = field(default_factory=dict)
+    """writer -> the first step of its records that later attempts superseded (absent: none superseded)."""
+    superseded: list[dict[str, Any]] = field(default_factory=list)
+    """``{rank, writer, from_step, to_step, by}``: records on disk that no metric counts."""
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    """``{rank, from_step, to_step, writer}``: a restart later than where the rank stopped left these steps out."""
+    problems: list[str] = field(default_factory=list)
+    """Two writers of one rank live at once, and similar: reported, never silently merged."""
+
+
+def _alive_here(info: WriterInfo) -> bool:
+    if info.host != os.uname().nodename or info.pid is None:
+        return False
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] = ()) -> Resume:
+    """Apply the resume rule to every rank's attempts.
+
+    ``data``: the published records of each attempt; ``writers``: the writer files, whose ``first_step`` is
+    a resume point even before the attempt published anything. Attempts are ordered by their start time.
+    An attempt starts at its smallest recorded step; it supersedes the earlier attempts' records from there
+    on. Two attempts of a rank were live at once when the earlier one published a segment after the later one
+    started, or when both writer files are open and both processes run on this machine: that is a problem.
+    """
+    by_writer: dict[str, dict[str, Any]] = {}
+    for d in data:
+        by_writer[d.writer] = {"rank": d.rank, "start": d.start_ns / 1e9, "first": d.first_step,
+                               "last": d.last_step, "published": d.last_publish, "info": None}
+    for w in writers:
+        e = by_writer.setdefault(w.writer, {"rank": w.rank, "start": w.started, "first": None, "last": None,
+                                            "published": None, "info": None})
+        e["info"] = w
+        if w.first_step is not None:
+            e["first"] = w.first_step if e["first"] is None else min(e["first"], w.first_step)
+    out = Resume()
+    ranks: dict[int, list[tuple[float, str]]] = {}
+    for wid, e in by_writer.items():
+        ranks.setdefault(e["rank"], []).append((e["start"], wid))
+    for rank in sorted(ranks):
+        order = [wid for _, wid in sorted(ranks[rank])]
+        bound: int | None = None  # smallest first step of the attempts after the current one
+        for wid in reversed(order):
+            e = by_writer[wid]
+            if bound is not None:
+                out.cutoff[wid] = bound
+                if e["last"] is not None and e["last"] >= bound:
+                    later = min((w for w in order[order.index(wid) + 1:] if by_writer[w]["first"] == bound),
+                                key=order.index)
+                    out.superseded.append({"rank": rank, "writer": wid, "from_step": max(bound, e["first"]),
+                                           "to_step": e["last"], "by": later})
+            if e["first"] is not None:
+                bound = e["first"] if bound is None else min(bound, e["first"])
+        reached: int | None = None  # the newest surviving step of the attempts so far
+        for i, wid in enumerate(order):
+            e = by_writer[wid]
+            if e["first"] is None:
+                continue
+            if reached is not None and e["first"] > reached + 1:
+                out.gaps.append({"rank": rank, "from_step": reached + 1, "to_step": e["first"] - 1, "writer": wid})
+            last = e["last"] if e["last"] is not None else e["first"]
+            cut = out.cutoff.get(wid)
+            last = min(last, cut - 1) if cut is not None else last
+            if last >= e["first"]:
+                reached = last if reached is None else max(reached, last)
+            for later in order[i + 1:]:
+                l_e = by_writer[later]
+                both_live = (e["info"] is not None and l_e["info"] is not None and e["info"].closed is None
+                             and l_e["info"].closed is None and e["info"].pid != l_e["info"].pid
+                             and _alive_here(e["info"]) and _alive_here(l_e["info"]))
+                overlap = e["published"] is not None and e["published"] > l_e["start"]
+                if both_live or overlap:
+                    why = "both processes are running" if both_live else "the first published after the second started"
+                    out.problems.append(
+                        f"rank {rank}: two writers were live at once ({wid} and {later}: {why}); the later one's "
+                        f"records supersede the earlier one's from its first step on, which may hide data: "
+                        "give each process of a job its own rank")
     return out
