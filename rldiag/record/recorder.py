@@ -389,10 +389,17 @@ class Recorder:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters of this recorder: records, token rows written and dropped, writer failures, files."""
+        """Counters of this recorder: records, token rows written and dropped, writer failures, files.
+
+        ``publish_failures`` counts failed publications (a full disk: token rows are then dropped and the
+        statistics retried); ``records_lost`` counts statistics rows given up after nothing could be written
+        for too long; ``buffered_bytes`` is the memory held by processed, unpublished rows.
+        """
         w = self._writer
         return {"records": w.records, "rows_written": w.rows_written, "rows_dropped": w.rows_dropped,
-                "failures": w.failures, "files": list(w.published), "queued_bytes": w.queued_bytes}
+                "failures": w.failures, "files": list(w.published), "queued_bytes": w.queued_bytes,
+                "publish_failures": w.publish_failures, "records_lost": w.records_lost,
+                "buffered_bytes": w.buffered_bytes}
 
     # ---- internals --------------------------------------------------------------------------------
     def _on_step(self, step: int, table: pa.Table) -> None:

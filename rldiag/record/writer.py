@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rldiag import schema
@@ -68,6 +69,13 @@ def parquet_options(table: pa.Table, compression: str) -> dict[str, Any]:
     """
     keys = [c for c in ("step", "rank", "micro", "seq", "group", "turn", "stage") if c in table.column_names]
     return {"compression": compression, "use_dictionary": keys, "write_statistics": True}
+
+
+STATS_BUFFER_MAX_BYTES = 64 * 2**20
+"""While nothing can be published (a full disk), statistics rows are kept up to this many bytes (about 20,000
+records); past it the oldest are given up, counted in ``Writer.records_lost``."""
+RETRY_MAX_SECONDS = 30.0
+"""Longest wait between two publication attempts after a failure (the wait doubles from 0.5 s)."""
 
 
 class WriterError(RuntimeError):
@@ -172,6 +180,17 @@ class Writer(threading.Thread):
         self.rows_dropped = 0
         self.records = 0
         self._meta = file_metadata(wid, rank, cfg)
+        # a failed publication (disk full...): token rows are dropped until one succeeds, statistics are kept
+        # (up to STATS_BUFFER_MAX_BYTES) and retried with a doubling wait, so memory stays bounded
+        self._failing = False
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._drop_tokens_until = 0.0
+        self._token_backoff = 0.0
+        self._tokens_done = False
+        self.records_lost = 0
+        """Statistics rows given up because nothing could be published for too long (full disk)."""
+        self.publish_failures = 0
 
     # ---- producer side -------------------------------------------------------------------------
     def put(self, job: Job) -> None:
@@ -213,12 +232,16 @@ class Writer(threading.Thread):
                 while not self._queue:
                     timeout = None
                     if self._oldest is not None:
-                        timeout = max(0.0, self._oldest + self.cfg.roll_seconds - time.monotonic())
+                        due = self._oldest + self.cfg.roll_seconds
+                        if self._failing:
+                            due = max(due, self._retry_at)
+                        timeout = max(0.0, due - time.monotonic())
                     if not self._cv.wait(timeout) and self._oldest is not None:
                         break  # timed out: publish what is buffered
                 item = self._queue.popleft() if self._queue else "tick"
             if item is None:
                 self._safe(self._publish)
+                self.records_lost += sum(t.num_rows for t in self._stats_parts)  # could not be published
                 return
             if item == "tick":
                 self._safe(self._publish)
@@ -281,7 +304,9 @@ class Writer(threading.Thread):
             keep = _sample_mask(self.cfg, job.step, self.rank, job.micro, B)
             tokens = token_table(job, self.rank, seq_base, tb, flat, cols, cov, keep)
             written = tokens.num_rows
-            if written:
+            if self._failing or time.monotonic() < self._drop_tokens_until:  # bounded memory: drop (counted)
+                dropped, written = dropped + written, 0
+            elif written:
                 self._token_parts.append(tokens)
         overrides = {"rows_written": np.array([float(written)]), "rows_dropped": np.array([float(dropped)])}
         table = to_table(stats, np.array([job.step]), np.array([self.rank]), np.array([job.micro]), overrides)
@@ -298,6 +323,8 @@ class Writer(threading.Thread):
 
     def _should_roll(self) -> bool:
         if not self._stats_parts:
+            return False
+        if self._failing and time.monotonic() < self._retry_at:
             return False
         return (
             len(self._buffer_steps) >= self.cfg.roll_steps
@@ -323,16 +350,70 @@ class Writer(threading.Thread):
             self._oldest = None
             return
         name = segment_name(self.wid, self._segment)
-        stats = pa.concat_tables(self._stats_parts)
-        tokens = pa.concat_tables(self._token_parts) if self._token_parts else None
         # token rows first: a reader that sees the statistics of a segment can also see its rows
-        if tokens is not None and tokens.num_rows:
-            self._write(tokens, schema.TOKENS_DIR, name, self.cfg.compression)
-        self._write(stats, schema.STATS_DIR, name, "zstd")
+        if self._token_parts and not self._tokens_done:
+            try:
+                self._write(pa.concat_tables(self._token_parts), schema.TOKENS_DIR, name, self.cfg.compression)
+            except BaseException as exc:  # noqa: BLE001 - the statistics may still fit: try them
+                self._drop_buffered_tokens()
+                self._fail(exc)
+                self.publish_failures += 1
+                self._token_backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._token_backoff))
+                self._drop_tokens_until = time.monotonic() + self._token_backoff
+            else:
+                self._token_backoff = 0.0
+                self._tokens_done = True
+                self._token_parts.clear()  # on disk: a retry of the statistics does not write them again
+        try:
+            self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
+        except BaseException as exc:
+            self._publish_failed(exc)
+            self._bound_stats()
+            return
         self._segment += 1
         self.published.append(name)
         self._stats_parts.clear()
         self._token_parts.clear()
+        self._tokens_done = False
         self._buffer_rows = 0
         self._buffer_steps.clear()
         self._oldest = None
+        self._failing = False
+        self._backoff = 0.0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held by processed, unpublished statistics and token rows."""
+        return sum(t.nbytes for t in self._stats_parts) + sum(t.nbytes for t in self._token_parts)
+
+    def _publish_failed(self, exc: BaseException) -> None:
+        """Count a failed publication, report it, and wait longer before the next automatic attempt."""
+        self._fail(exc)
+        self.publish_failures += 1
+        self._failing = True
+        self._backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._backoff))
+        self._retry_at = time.monotonic() + self._backoff
+
+    def _drop_buffered_tokens(self) -> None:
+        """Give up the buffered token rows (counted as dropped in the statistics rows that describe them)."""
+        n = self._buffer_rows
+        self.rows_written -= n
+        self.rows_dropped += n
+        parts = []
+        for t in self._stats_parts:
+            written = t.column("rows_written")
+            dropped = pc.add(t.column("rows_dropped"), written)
+            t = t.set_column(t.schema.get_field_index("rows_dropped"), "rows_dropped", dropped)
+            zero = pa.array(np.zeros(t.num_rows), type=written.type)
+            parts.append(t.set_column(t.schema.get_field_index("rows_written"), "rows_written", zero))
+        self._stats_parts[:] = parts
+        self._token_parts.clear()
+        self._buffer_rows = 0
+
+    def _bound_stats(self) -> None:
+        """Keep at most STATS_BUFFER_MAX_BYTES of unpublished statistics (the oldest go first, counted)."""
+        total = sum(t.nbytes for t in self._stats_parts)
+        while total > STATS_BUFFER_MAX_BYTES and len(self._stats_parts) > 1:
+            old = self._stats_parts.pop(0)
+            total -= old.nbytes
+            self.records_lost += old.num_rows
