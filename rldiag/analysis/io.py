@@ -28,7 +28,7 @@ from rldiag.analysis import aggregate
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import REGISTRY, needed_stats
 from rldiag.runformat import read_manifest
-from rldiag.stats.kernel import STATS
+from rldiag.stats.kernel import STATS, affected_stats
 from rldiag.stats.table import STATS_SCHEMA
 from rldiag.stats.table import validate as validate_stats
 
@@ -356,7 +356,11 @@ class Run:
         table = self._filtered(ranks, steps, compact=ranks is None and not by_rank)
         if not from_tokens and (config is None or config.stats_key() == self.config.stats_key()):
             return aggregate.finalize(aggregate.merge(table, by=by, stats=needed_stats(names)), names)
-        return self._recomputed(table, config or self.config, names, by, ranks, steps, everything=from_tokens)
+        config = config or self.config
+        # a setting that decides which tokens count (logp_tolerance) changes every statistic, not only the
+        # clip-dependent ones
+        every = from_tokens or affected_stats(self.config.stat_fields_changed(config)) == STATS.keys()
+        return self._recomputed(table, config, names, by, ranks, steps, everything=every)
 
     def _recomputed(self, stored: pa.Table, config: RecorderConfig, names: list[str], by: tuple[str, ...],
                     ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,

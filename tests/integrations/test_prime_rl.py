@@ -1,9 +1,12 @@
-"""Import of prime-rl token exports, on files written in prime-rl's shape.
+"""Import of prime-rl token exports, on files in the exact shape prime-rl's exporter writes.
 
-``write_exports`` writes ``token_exports/step_N/rank_R.jsonl`` with one JSON object per sequence, the way
-prime-rl's ``TokenExporter`` does: the full token sequence (prompt included) with a ``loss_mask``, per-token
-``advantages``, ``inference_logprobs``, ``trainer_logprobs`` and ``entropy``, plus ``step`` and ``rank``
-and a few extra keys the importer must ignore. Expected metrics are computed here with numpy.
+prime-rl does not install here, so ``write_exports`` generates files from the format as prime-rl defines it
+(``TokenExporter.export`` and ``_export_columns`` in ``src/prime_rl/trainer/rl/token_export.py``): one JSON object
+per packed sequence with ``schema_version``, ``step``, ``rank``, ``micro_step``, ``micro_sequence_idx``,
+``export_sequence_idx``, ``env_name`` and the per-token lists, ``null`` for non-finite floats and a list of
+``null`` for a weight stream the batch does not carry, compact separators, ``allow_nan=False``; ``STABLE``
+once every rank flushed. Expected metrics are computed here with numpy, the way prime-rl's
+``compute_loss`` and ``train.py`` select tokens.
 """
 
 from __future__ import annotations
@@ -16,51 +19,77 @@ import polars as pl
 import pytest
 
 import rldiag
+from rldiag.cli import main
+from rldiag.importers import ImportReport
 from rldiag.record.integrations.prime_rl import PrimeRLImportError, import_prime_rl
 
 
-def make_sequence(rng: np.random.Generator, step: int, rank: int, *, multi_turn: bool = False) -> dict:
+def _f(values) -> list:
+    return [None if not math.isfinite(v) else float(np.float32(v)) for v in values]
+
+
+def make_sequence(rng, step, rank, micro_step, micro_idx, export_idx, *, multi_turn=False, rl_weights=False,
+                  env="math") -> dict:
     prompt, resp = int(rng.integers(3, 8)), int(rng.integers(2, 12))
     n = prompt + resp
     mask = [False] * prompt + [True] * resp
     if multi_turn and resp > 5:
         mask[prompt + 2: prompt + 4] = [False, False]  # a tool result inside the response
-    trainer = (-rng.exponential(1.0, n)).tolist()
-    inference = (-np.abs(np.array(trainer) + rng.normal(0, 0.1, n))).tolist()
+    trainer = -rng.exponential(1.0, n)
+    inference = -np.abs(trainer + rng.normal(0, 0.1, n))
     adv = float(rng.normal())
+    log_ratio = trainer - inference
+    rlw = None
+    if rl_weights:
+        rlw = [1.0] * n
+        rlw[prompt] = 0.0  # the first response token belongs to the CE component only
+    nones = [None] * n
     return {
-        "schema_version": 2, "step": step, "export_step": step, "rank": rank, "micro_step": 0,
-        "token_ids": rng.integers(0, 1000, n).tolist(),
-        "position_ids": list(range(n)),
-        "loss_mask": mask,
-        "temperatures": [1.0] * n,
-        "advantages": [adv] * n,
-        "rewards": [adv + 0.5] * n,
-        "inference_logprobs": inference,
-        "trainer_logprobs": trainer,
-        "entropy": rng.uniform(0, 3, n).tolist(),
-        "mismatch_kl": (np.exp(np.array(trainer) - inference) - (np.array(trainer) - inference) - 1).tolist(),
-        "sample_id": None, "run_id": None, "env_name": "toy",
+        "schema_version": 1, "step": step, "rank": rank, "micro_step": micro_step,
+        "micro_sequence_idx": micro_idx, "export_sequence_idx": export_idx, "env_name": env,
+        "token_ids": rng.integers(0, 1000, n).tolist(), "position_ids": list(range(n)), "loss_mask": mask,
+        "advantages": _f([adv] * n), "inference_logprobs": _f(inference), "trainer_logprobs": _f(trainer),
+        "entropy": _f(rng.uniform(0, 3, n)), "mismatch_kl": _f(np.exp(log_ratio) - log_ratio - 1),
+        "log_importance_ratio": _f(log_ratio), "importance_ratio": _f(np.exp(log_ratio)),
+        "prob_delta": _f(np.exp(trainer) - np.exp(inference)), "is_masked": [False] * n,
+        "is_masked_high": [False] * n, "is_masked_low": [False] * n,
+        "rl_weights": rlw if rlw is not None else nones,
+        "ce_weights": [0.0 if w else 1.0 for w in rlw] if rlw is not None else nones,
+        "ref_kl_weights": nones,
     }
 
 
-def write_exports(root, steps=(1, 2, 10), ranks=(0, 1), per_file=5, seed=0, stable=False, multi_turn=False):
+def write_exports(root, steps=(1, 2, 10), ranks=(0, 1), per_file=5, seed=0, stable=False, multi_turn=False,
+                  micro_steps=1, rl_weights=False, envs=("math",)):
     rng = np.random.default_rng(seed)
     records = []
     for step in steps:
         folder = root / "token_exports" / f"step_{step}"
         folder.mkdir(parents=True)
         for rank in ranks:
-            seqs = [make_sequence(rng, step, rank, multi_turn=multi_turn) for _ in range(per_file)]
-            (folder / f"rank_{rank}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seqs))
+            seqs, k = [], 0
+            for micro in range(micro_steps):
+                for j in range(per_file):
+                    seqs.append(make_sequence(rng, step, rank, micro, j, k, multi_turn=multi_turn,
+                                              rl_weights=rl_weights, env=envs[k % len(envs)]))
+                    k += 1
+            text = "".join(json.dumps(s, separators=(",", ":"), allow_nan=False) + "\n" for s in seqs)
+            (folder / f"rank_{rank}.jsonl").write_text(text)
             records += seqs
         if stable:
             (folder / "STABLE").touch()
     return records
 
 
+def rl_mask(rec: dict) -> np.ndarray:
+    mask = np.array(rec["loss_mask"])
+    if rec["rl_weights"][0] is not None:
+        mask &= np.array(rec["rl_weights"]) != 0
+    return mask
+
+
 def trained(rec: dict, key: str) -> np.ndarray:
-    return np.array(rec[key], dtype=float)[np.array(rec["loss_mask"])]
+    return np.array([np.nan if v is None else v for v in rec[key]], dtype=float)[rl_mask(rec)]
 
 
 def test_imports_every_step_and_rank_with_the_documented_mapping(tmp_path):
@@ -108,15 +137,39 @@ def test_metrics_follow_from_the_mapping(tmp_path):
     assert row["clip/region"] == 0.0
     assert row["mismatch/k1"] == pytest.approx(np.mean(-d), rel=1e-5)
     assert row["mismatch/k3"] == pytest.approx(np.mean(np.exp(d) - 1 - d), rel=1e-4)
-    # ... which is the mean of prime-rl's own per-token mismatch_kl over the trained tokens
+    # ... which is prime-rl's own mismatch_kl/all/mean: the token mean of its per-token mismatch_kl
     assert row["mismatch/k3"] == pytest.approx(np.mean(np.concatenate([trained(r, "mismatch_kl") for r in records])),
                                                rel=1e-4)
     assert row["entropy/mean"] == pytest.approx(np.mean(np.concatenate([trained(r, "entropy") for r in records])),
                                                 rel=1e-5)
-    rewards = [r["rewards"][0] for r in records]
-    assert row["reward/mean"] == pytest.approx(np.mean(rewards), rel=1e-5)
     assert row["seq/count"] == len(records)
     assert math.isnan(row["group/nonzero_frac"])
+    assert math.isnan(row["reward/mean"])  # the export has no reward
+
+
+def test_rl_weights_decide_which_tokens_are_rl_tokens(tmp_path):
+    records = write_exports(tmp_path / "out", steps=(3,), ranks=(0,), per_file=12, seed=2, rl_weights=True)
+    report = ImportReport(trainer="prime-rl", source="x")
+    row = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report)).step_metrics().row(
+        0, named=True)
+    kl = [trained(r, "mismatch_kl") for r in records]
+    want = np.mean(np.concatenate(kl))
+    everything = np.mean(np.concatenate([np.array(r["mismatch_kl"], dtype=float)[np.array(r["loss_mask"])]
+                                         for r in records]))
+    assert row["mismatch/k3"] == pytest.approx(want, rel=1e-4)
+    assert abs(want - everything) > 1e-4 * abs(want)  # the test would fail if zero-weight tokens counted
+    assert row["tokens/count"] == sum(len(k) for k in kl) == report.tokens
+    assert report.notes["tokens outside the RL stream (zero rl weight, CE only)"] == len(records)
+
+
+def test_micro_step_and_env_name_are_kept(tmp_path):
+    write_exports(tmp_path / "out", steps=(5,), ranks=(0,), per_file=3, micro_steps=3, envs=("math", "code"))
+    report = ImportReport(trainer="prime-rl", source="x")
+    run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report))
+    tok = run.tokens().collect()
+    assert sorted(tok["micro"].unique().to_list()) == [0, 1, 2]
+    assert report.notes["env_name -> stage"] == {"math": 0, "code": 1}
+    assert sorted(tok["stage"].unique().to_list()) == [0, 1]
 
 
 def test_config_is_used_and_the_token_exports_folder_is_accepted(tmp_path):
@@ -145,25 +198,59 @@ def bad_file(tmp_path, mutate, line: int = 2):
     return path
 
 
-@pytest.mark.parametrize("mutate,message", [
+BAD = [
     (lambda r: json.dumps({k: v for k, v in r.items() if k != "trainer_logprobs"}), "trainer_logprobs"),
     (lambda r: json.dumps({**r, "inference_logprobs": r["inference_logprobs"][:-1]}), "different lengths"),
     (lambda r: json.dumps({**r, "entropy": r["entropy"] + [0.1]}), "entropy="),
-    (lambda r: json.dumps({**r, "rank": 3}), "rank"),
-    (lambda r: json.dumps({**r, "step": "seven"}), "step"),
+    (lambda r: json.dumps({**r, "rank": 3}), "column rank"),
+    (lambda r: json.dumps({**r, "step": "seven"}), "column step"),
+    (lambda r: json.dumps({**r, "step": None}), "column step"),
+    (lambda r: json.dumps({**r, "step": 10**30}), "column step"),
+    (lambda r: json.dumps({**r, "step": 8}), "does not match the folder"),
+    (lambda r: json.dumps({**r, "token_ids": [10**30] * len(r["token_ids"])}), "column token_ids"),
     (lambda r: json.dumps({**r, "trainer_logprobs": ["x"] * len(r["trainer_logprobs"])}), "not a number"),
-    (lambda r: json.dumps({**r, "loss_mask": [2] * len(r["loss_mask"])}), "loss_mask"),
+    (lambda r: json.dumps({**r, "trainer_logprobs": [1e400 if False else 10**400] * len(r["loss_mask"])}),
+     "too large"),
+    (lambda r: json.dumps({**r, "loss_mask": [2] * len(r["loss_mask"])}), "column loss_mask"),
     (lambda r: json.dumps({**r, "inference_logprobs": [0.5] * len(r["loss_mask"])}), "positive"),
+    (lambda r: json.dumps({**r, "entropy": [-1.0] * len(r["loss_mask"])}), "negative entropy"),
+    (lambda r: json.dumps({**r, "advantages": {"a": 1}}), "column advantages"),
+    (lambda r: json.dumps({**r, "rl_weights": [None, 1.0] + [1.0] * (len(r["loss_mask"]) - 2)}), "rl_weights"),
+    (lambda r: json.dumps({**r, "export_sequence_idx": 0}), "repeats export_sequence_idx"),
+    (lambda r: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (lambda r: '{"step": ' + "9" * 5000 + "}", "not valid JSON"),
     (lambda r: '{"step": 7, "rank": 0, ', "not valid JSON"),
     (lambda r: "[1, 2, 3]", "JSON object"),
-])
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD)
 def test_bad_input_names_file_and_line_and_leaves_nothing_behind(tmp_path, mutate, message):
     path = bad_file(tmp_path, mutate)
-    with pytest.raises(PrimeRLImportError, match=message) as err:
+    with pytest.raises(PrimeRLImportError if "repeats" not in message and "positive" not in message
+                       and "negative" not in message else ValueError, match=message) as err:
         import_prime_rl(tmp_path / "out", tmp_path / "run")
-    assert f"{path}:2:" in str(err.value)
+    assert str(err.value).startswith(f"{path}:2")
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("mutate,message", BAD)
+def test_lenient_skips_the_bad_record_and_counts_it(tmp_path, mutate, message):
+    path = bad_file(tmp_path, mutate)
+    good = [json.loads(x) for i, x in enumerate(path.read_text().splitlines()) if i != 1]
+    report = ImportReport(trainer="prime-rl", source="x")
+    run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", errors="lenient", report=report))
+    assert report.rows_read == 3
+    assert sum(report.skipped.values()) >= 1
+    assert any(f"{path}:2" in where for where in report.first.values())
+    kept = run.tokens().collect().height
+    assert kept == report.tokens
+    if "positive" in message or "negative" in message:  # token-level: the record's other tokens stay
+        assert kept == sum(sum(r["loss_mask"]) for r in good)
+    else:
+        assert kept == sum(sum(r["loss_mask"]) for r in good)
 
 
 def test_directory_errors(tmp_path):
@@ -175,26 +262,55 @@ def test_directory_errors(tmp_path):
     write_exports(tmp_path / "out", steps=(1,), ranks=(0,))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("user data")
-    with pytest.raises(PrimeRLImportError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty"):
         import_prime_rl(tmp_path / "out", tmp_path / "run")
     assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
 
 
-def test_lenient_config_counts_positive_log_probs_instead(tmp_path):
+def test_empty_export_is_an_error(tmp_path):
+    folder = tmp_path / "out" / "token_exports" / "step_0"
+    folder.mkdir(parents=True)
+    (folder / "rank_0.jsonl").write_text("")
+    with pytest.raises(PrimeRLImportError, match="no trained tokens"):
+        import_prime_rl(tmp_path / "out", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lenient_config_counts_positive_log_probs(tmp_path):
     path = bad_file(tmp_path, lambda r: json.dumps({**r, "trainer_logprobs": [0.5] * len(r["loss_mask"])}))
     trained_per_line = [sum(json.loads(line)["loss_mask"]) for line in path.read_text().splitlines()]
     cfg = rldiag.RecorderConfig(errors="lenient")
-    run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", config=cfg))
+    report = ImportReport(trainer="prime-rl", source="x")
+    run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", config=cfg, report=report))
     assert run.step_metrics()["tokens/count"][0] == sum(trained_per_line) - trained_per_line[1]
-    assert run.step_stats()["n_invalid"].sum() == trained_per_line[1]
+    assert report.skipped["positive log-probability (tokens)"] == trained_per_line[1]
 
 
-def test_null_log_probs_count_as_non_finite(tmp_path):
-    def null_one(rec):
+def test_null_log_probs_count_as_non_finite_and_are_reported(tmp_path):
+    def null_two(rec):
         i = rec["loss_mask"].index(True)
         rec["trainer_logprobs"][i] = None
+        rec["inference_logprobs"][i + 1] = None  # prime-rl writes null for a -inf sampling log-prob
         return json.dumps(rec)
 
-    bad_file(tmp_path, null_one)
-    row = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run")).step_metrics().row(0, named=True)
+    bad_file(tmp_path, null_two)
+    report = ImportReport(trainer="prime-rl", source="x")
+    row = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report)).step_metrics().row(
+        0, named=True)
     assert row["ratio/nonfinite"] == 1
+    assert report.missing == {"trainer_logprobs": 1, "inference_logprobs": 1}
+    assert "inference_logprobs: stored as NaN" in report.summary().replace("missing ", "")
+    stored = json.loads((tmp_path / "run" / ".rldiag-import.json").read_text())
+    assert stored["missing"] == {"trainer_logprobs": 1, "inference_logprobs": 1}
+
+
+def test_cli_one_line_error_then_a_retry_works(tmp_path, capsys):
+    path = bad_file(tmp_path, lambda r: "[" * 100_000)
+    assert main(["import", "prime-rl", str(tmp_path / "out"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:2" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert main(["import", "prime-rl", str(tmp_path / "out"), str(tmp_path / "run"), "--errors", "lenient"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1: bad record" in out
+    assert rldiag.open_run(tmp_path / "run").tokens().collect().height > 0

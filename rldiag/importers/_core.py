@@ -1,0 +1,438 @@
+"""What every importer shares: the error policy, the import report, and a run built in a staging folder.
+
+An importer reads another trainer's files, turns each record into sequences of token values, checks them,
+and hands them to :class:`~rldiag.record.recorder.Recorder` (so the statistics come from the one kernel). The
+run is written into a hidden staging folder beside the target and renamed into place only when every input
+was read: a failure leaves nothing behind and a retry starts clean.
+
+Bad input is handled by one policy (``errors``):
+
+- ``strict`` (default): the first bad value stops the import with one line naming the file, the row (or
+  record) and the column: ``rows.csv: row 17 (line 18), column logp: 0.5 is a positive log-probability``.
+- ``lenient``: a bad row or record is skipped, a token with a positive log-probability is left out, and each
+  is counted by reason in the :class:`ImportReport` (with the first place it happened).
+
+Missing values that a trainer writes on purpose (prime-rl writes ``null`` for a non-finite float) are not
+errors: they become NaN, which the statistics count as non-finite, and the report counts them per column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from rldiag.config import RecorderConfig
+
+ErrorPolicy = Literal["strict", "lenient"]
+
+REPORT_FILE = ".rldiag-import.json"
+"""The import report, stored in the run (a hidden file: run readers ignore it)."""
+MAX_STEP = 2**62
+"""Largest step (and sequence id) accepted: the run format stores them as int64."""
+MAX_RANK = 65_535
+"""Largest rank accepted."""
+MAX_POS = 2**31 - 1
+"""Largest position accepted (int32 column)."""
+MAX_CELLS = 50_000_000
+"""Largest responses x positions grid handed to the recorder in one call."""
+
+
+class ImportInputError(ValueError):
+    """Bad input to an importer; the message names the file, the row or record, and the column."""
+
+
+@dataclass
+class ImportReport:
+    """What an import read, wrote and left out. ``tokens`` is exactly the number of token rows in the run."""
+
+    trainer: str
+    source: str
+    run: str = ""
+    errors: ErrorPolicy = "strict"
+    rows_read: int = 0
+    """Input rows (token files) or records (one per sequence in the trainers' dumps) read."""
+    files: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    """Token rows written into the run (valid, trained tokens)."""
+    steps: set[int] = field(default_factory=set)
+    ranks: set[int] = field(default_factory=set)
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Rows/records (or tokens, for token-level reasons) left out in lenient mode, by reason."""
+    first: dict[str, str] = field(default_factory=dict)
+    """Where each skip reason happened first."""
+    missing: Counter[str] = field(default_factory=Counter)
+    """Per column: trained tokens whose value was missing (null / NaN) and enters the run as NaN."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Importer-specific facts (e.g. prime-rl's env_name -> stage code mapping, tokens outside the RL stream)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "trainer": self.trainer, "source": self.source, "run": self.run, "errors": self.errors,
+            "rows_read": self.rows_read, "files": self.files, "sequences": self.sequences, "tokens": self.tokens,
+            "steps": len(self.steps), "ranks": sorted(self.ranks), "skipped": dict(self.skipped),
+            "first": dict(self.first), "missing": dict(self.missing), "notes": self.notes,
+            "imported_at": time.time(),
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, then what was skipped or missing."""
+        head = (f"imported {self.tokens:,} token rows ({self.sequences:,} sequences, {len(self.steps):,} steps, "
+                f"{len(self.ranks) or 1} rank(s)) from {self.rows_read:,} {self._unit()} in {self.files:,} file(s) "
+                f"into {self.run}")
+        lines = [head]
+        for reason, n in sorted(self.skipped.items()):
+            lines.append(f"  skipped {n:,}: {reason} (first at {self.first.get(reason, '?')})")
+        for col, n in sorted(self.missing.items()):
+            lines.append(f"  {n:,} token(s) with a missing {col}: stored as NaN, counted as non-finite")
+        for key, value in sorted(self.notes.items()):
+            lines.append(f"  {key}: {value}")
+        return "\n".join(lines)
+
+    def _unit(self) -> str:
+        return "rows" if self.trainer == "tokens" else "records"
+
+
+class Policy:
+    """Applies ``errors`` to one problem: raise (strict) or count and go on (lenient)."""
+
+    def __init__(self, errors: ErrorPolicy, report: ImportReport) -> None:
+        if errors not in ("strict", "lenient"):
+            raise ValueError(f"errors must be 'strict' or 'lenient', got {errors!r}")
+        self.errors = errors
+        self.report = report
+
+    @property
+    def strict(self) -> bool:
+        return self.errors == "strict"
+
+    def problem(self, where: str, message: str, reason: str, count: int = 1) -> None:
+        """Report a problem at ``where``: raises :class:`ImportInputError` when strict, else counts it."""
+        if self.strict:
+            raise ImportInputError(f"{where}: {message}")
+        self.report.skipped[reason] += count
+        self.report.first.setdefault(reason, f"{where}: {message}")
+
+
+# --- values -------------------------------------------------------------------------------------------
+def is_int(v: Any) -> bool:
+    """A JSON/Python integer (not a bool)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_number(v: Any) -> bool:
+    """A JSON/Python real number (not a bool)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_int(v: Any, lo: int, hi: int) -> bool:
+    """Whether ``v`` is an integer in [lo, hi]."""
+    return is_int(v) and lo <= int(v) <= hi
+
+
+def short(v: Any, limit: int = 60) -> str:
+    """``repr`` of a value, cut to ``limit`` characters (a bad value may be a megabyte of digits)."""
+    if hasattr(v, "to_list"):  # a polars Series cell (a list column)
+        v = v.to_list()
+    try:
+        text = repr(v) if not (isinstance(v, int) and abs(v) > 10**40) else f"an integer of {len(str(abs(v)))} digits"
+    except ValueError:  # int too large to print
+        text = "an integer too large to print"
+    text = " ".join(text.split("\n"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def float_list(values: Any, key: str, where: str) -> np.ndarray:
+    """A JSON list of numbers (``None`` for missing: NaN) as float64; raises ImportInputError naming ``key``."""
+    if not isinstance(values, list):
+        raise ImportInputError(f"{where}, column {key}: must be a list of numbers, got {type(values).__name__}")
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        if v is None:
+            out[i] = np.nan
+        elif is_number(v):
+            try:
+                out[i] = float(v)
+            except OverflowError:
+                raise ImportInputError(f"{where}, column {key}[{i}]: {short(v)} is too large") from None
+        else:
+            raise ImportInputError(f"{where}, column {key}[{i}]: {short(v)} is not a number")
+    return out
+
+
+def int_list(values: Any, key: str, where: str, lo: int, hi: int) -> np.ndarray:
+    """A JSON list of integers in [lo, hi] as int64; raises ImportInputError naming ``key`` and the index."""
+    if not isinstance(values, list):
+        raise ImportInputError(f"{where}, column {key}: must be a list of integers, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not check_int(v, lo, hi):
+            raise ImportInputError(f"{where}, column {key}[{i}]: {short(v)} is not an integer in [{lo}, {hi}]")
+    return np.array(values, dtype=np.int64)
+
+
+def bool_list(values: Any, key: str, where: str) -> np.ndarray:
+    """A JSON list of booleans (or 0/1) as bool."""
+    if not isinstance(values, list):
+        raise ImportInputError(f"{where}, column {key}: must be a list of booleans, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not (isinstance(v, bool) or (is_number(v) and v in (0, 1))):
+            raise ImportInputError(f"{where}, column {key}[{i}]: {short(v)} is not a boolean (or 0/1)")
+    return np.array(values, dtype=bool)
+
+
+# --- sequences into a run -------------------------------------------------------------------------------
+@dataclass
+class Sequence:
+    """One response's trained tokens, ready for the recorder. Arrays have one entry per position from the
+    first trained token; ``mask`` says which positions are trained (gaps: tool output, the next user turn)."""
+
+    step: int
+    rank: int
+    mask: np.ndarray
+    logp: np.ndarray
+    old_logp: np.ndarray
+    adv: np.ndarray
+    rollout_logp: np.ndarray | None = None
+    ref_logp: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    versions: np.ndarray | None = None
+    turns: np.ndarray | None = None
+    stages: np.ndarray | None = None
+    reward: float | None = None
+    group: int | None = None
+    micro: int | None = None
+    """The trainer's own micro-batch index; sequences of one (rank, step, micro) go into one record."""
+
+
+_LOGP_FIELDS = ("logp", "old_logp", "rollout_logp", "ref_logp")
+_OPTIONAL = ("rollout_logp", "ref_logp", "entropy", "token_ids", "versions", "turns", "stages")
+_ARG = {"rollout_logp": "rollout_logprobs", "ref_logp": "ref_logprobs", "entropy": "entropy",
+        "token_ids": "token_ids", "versions": "versions", "turns": "turns", "stages": "stages"}
+
+
+def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Policy,
+                   tolerance: float, offset: int = 0) -> Sequence | None:
+    """Check a sequence's values; returns it (positive log-probs masked out in lenient mode) or ``None``.
+
+    ``names`` maps rldiag's field names to the source's column names, for messages. Lengths must agree;
+    log-probs above ``tolerance`` and negative entropies are errors (strict) or left-out tokens (lenient);
+    missing values (NaN) are kept and counted in the report (once per source column). ``offset`` is the
+    index in the source's lists of the sequence's first position (for messages).
+    """
+    n = seq.mask.size
+    for fname in ("logp", "old_logp", "adv") + _OPTIONAL:
+        arr = getattr(seq, fname)
+        if arr is not None and arr.shape != (n,):
+            policy.problem(where, f"column {names.get(fname, fname)} has {arr.size} values but the loss mask has "
+                           f"{n}", "per-token lists of different lengths")
+            return None
+    bad = np.zeros(n, dtype=bool)
+    for fname in _LOGP_FIELDS:
+        arr = getattr(seq, fname)
+        if arr is None:
+            continue
+        with np.errstate(invalid="ignore"):
+            pos = seq.mask & (arr > tolerance) & ~bad  # a token is counted once, whichever column is bad
+        if pos.any():
+            i = int(np.flatnonzero(pos)[0])
+            col = names.get(fname, fname)
+            policy.problem(where, f"column {col}[{i + offset}] = {float(arr[i])!r} is a positive log-probability "
+                           f"({int(pos.sum())} such token(s)); log-probabilities cannot be positive",
+                           "positive log-probability (tokens)", int(pos.sum()))
+            bad |= pos
+    if seq.entropy is not None:
+        with np.errstate(invalid="ignore"):
+            neg = seq.mask & (seq.entropy < 0) & ~bad
+        if neg.any():
+            i = int(np.flatnonzero(neg)[0])
+            policy.problem(where, f"column {names.get('entropy', 'entropy')}[{i + offset}] = "
+                           f"{float(seq.entropy[i])!r} is "
+                           "a negative entropy", "negative entropy (tokens)", int(neg.sum()))
+            bad |= neg
+    if bad.any():
+        seq.mask = seq.mask & ~bad
+    if not seq.mask.any():
+        return None
+    counted: set[str] = set()
+    for fname in ("logp", "old_logp", "adv", "rollout_logp", "ref_logp", "entropy"):
+        arr, col = getattr(seq, fname), names.get(fname, fname)
+        if arr is not None and col not in counted:
+            counted.add(col)
+            miss = int(np.count_nonzero(np.isnan(arr[seq.mask])))
+            if miss:
+                policy.report.missing[col] += miss
+    return seq
+
+
+class RunBuilder:
+    """Writes sequences into a run through one :class:`Recorder` per rank, a record per (rank, step, micro).
+
+    Sequences of one rank must come in step order per rank for records to stay whole; a record is cut when
+    its padded grid would pass ``max_cells``.
+    """
+
+    def __init__(self, run_dir: Path, config: RecorderConfig, report: ImportReport, *, world_size: int = 1,
+                 name: str | None = None, max_cells: int = 1 << 22) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.report = report
+        self.world_size = max(1, world_size)
+        self.name = name
+        self.max_cells = max_cells
+        self._recs: dict[int, Any] = {}
+        self._buf: dict[int, list[Sequence]] = {}
+
+    def add(self, seq: Sequence) -> None:
+        """Queue one sequence (already cleaned)."""
+        buf = self._buf.setdefault(seq.rank, [])
+        if buf and (buf[0].step != seq.step or buf[0].micro != seq.micro
+                    or (len(buf) + 1) * max(max(s.mask.size for s in buf), seq.mask.size) > self.max_cells):
+            self._emit(seq.rank)
+        self._buf.setdefault(seq.rank, []).append(seq)
+
+    def flush(self) -> None:
+        """Record everything queued and publish it (readers see it)."""
+        for rank in list(self._buf):
+            self._emit(rank)
+        for rec in self._recs.values():
+            rec.flush()
+
+    def close(self) -> None:
+        """Record what is queued and close every recorder."""
+        try:
+            for rank in list(self._buf):
+                self._emit(rank)
+        finally:
+            recs, self._recs = self._recs, {}
+            errors = []
+            for rec in recs.values():
+                try:
+                    rec.close()
+                except Exception as exc:  # noqa: BLE001 - close the others, then raise the first
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+
+    def _recorder(self, rank: int) -> Any:
+        rec = self._recs.get(rank)
+        if rec is None:
+            from rldiag.record.recorder import Recorder
+
+            self.world_size = max(self.world_size, rank + 1)
+            rec = Recorder(self.run_dir, config=self.config, rank=rank, world_size=self.world_size, name=self.name)
+            self._recs[rank] = rec
+        return rec
+
+    def _emit(self, rank: int) -> None:
+        seqs = self._buf.pop(rank, [])
+        if not seqs:
+            return
+        b, t = len(seqs), max(s.mask.size for s in seqs)
+        mask = np.zeros((b, t), dtype=bool)
+        grids = {f: np.zeros((b, t), dtype=np.float32) for f in ("logp", "old_logp", "adv")}
+        opt: dict[str, np.ndarray] = {}
+        for f in _OPTIONAL:
+            if all(getattr(s, f) is not None for s in seqs):
+                opt[f] = np.zeros((b, t), dtype=np.int64 if f in ("token_ids", "versions", "turns", "stages")
+                                  else np.float32)
+        for i, s in enumerate(seqs):
+            n = s.mask.size
+            mask[i, :n] = s.mask
+            for f, g in grids.items():
+                g[i, :n] = np.where(s.mask, getattr(s, f), 0.0)
+            for f, g in opt.items():
+                g[i, :n] = np.where(s.mask, getattr(s, f), 0)
+        kwargs: dict[str, Any] = {_ARG[f]: g for f, g in opt.items()}
+        if "turns" in kwargs:
+            kwargs["turns"] = kwargs["turns"].astype(np.int32)
+        if "stages" in kwargs:
+            kwargs["stages"] = kwargs["stages"].astype(np.int32)
+        if all(s.reward is not None for s in seqs):
+            kwargs["rewards"] = np.array([s.reward for s in seqs], dtype=np.float32)
+        if all(s.group is not None for s in seqs):
+            kwargs["group_ids"] = np.array([s.group for s in seqs], dtype=np.int64)
+        self._recorder(rank).record(step=int(seqs[0].step), logprobs=grids["logp"], old_logprobs=grids["old_logp"],
+                                    advantages=grids["adv"], mask=mask, **kwargs)
+        self.report.tokens += int(mask.sum())
+        self.report.sequences += b
+        self.report.steps.add(int(seqs[0].step))
+        self.report.ranks.add(rank)
+
+
+# --- staging and publishing -----------------------------------------------------------------------------
+def check_target(target: Path) -> None:
+    """Refuse a target that exists and is not an empty directory."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ImportInputError(f"{target} already exists and is not empty; import into a new run directory")
+
+
+def _stale_staging(parent: Path, name: str) -> Iterator[Path]:
+    prefix = f".{name}.rldiag-import-"
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+            pid = p.name[len(prefix):]
+            if pid.isdigit() and not _alive(int(pid)):
+                yield p
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier import of this process that failed: ours to clean
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staged_run(run_dir: str | os.PathLike[str], report: ImportReport) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``run_dir``; on success rename it to ``run_dir``, else delete it.
+
+    Staging folders left by an import that was killed (its process is gone) are removed first, so a retry
+    works. The report is stored in the run as ``.rldiag-import.json``.
+    """
+    target = Path(run_dir)
+    check_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_staging(target.parent, target.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{target.name}.rldiag-import-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    report.run = str(target)
+    try:
+        yield staging
+        if not staging.exists():
+            raise ImportInputError(f"{report.source}: no token rows to import")
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        check_target(target)  # something may have appeared there while we read
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can span pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
