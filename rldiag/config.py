@@ -9,9 +9,47 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Final, Literal, NamedTuple
 
 ErrorMode = Literal["strict", "lenient"]
+
+
+class KernelInput(NamedTuple):
+    """One value of the configuration that the statistics kernel reads (a slot of its config array)."""
+
+    slot: str
+    """Name of the slot (``rldiag.stats.kernel.C_<SLOT>`` is its index in the config array)."""
+    field: str
+    """The :class:`RecorderConfig` field it comes from."""
+    index: int | None = None
+    """Element of a tuple-valued field, or None."""
+    every_stat: bool = False
+    """True when it decides which tokens count at all, so every statistic depends on it (not only the
+    statistics declared ``config_dependent``)."""
+
+
+KERNEL_INPUTS: Final[tuple[KernelInput, ...]] = (
+    KernelInput("eps_low", "eps_low"),
+    KernelInput("eps_high", "eps_high"),
+    KernelInput("dual_clip_c", "dual_clip_c"),
+    KernelInput("tis_cap", "tis_cap"),
+    KernelInput("entropy_low", "entropy_low"),
+    KernelInput("cov_band_lo", "cov_band", 0),
+    KernelInput("cov_band_hi", "cov_band", 1),
+    KernelInput("cov_top_frac", "cov_top_frac"),
+    KernelInput("ctpo_a", "ctpo_bounds", 0),
+    KernelInput("ctpo_b", "ctpo_bounds", 1),
+    KernelInput("n_buckets", "n_buckets"),
+    KernelInput("logp_tolerance", "logp_tolerance", every_stat=True),
+)
+"""Every configuration value the statistics kernel reads, in the order of its config array: the one
+declaration from which :func:`rldiag.stats.kernel.config_array` and :attr:`RecorderConfig.STAT_FIELDS` (the
+fields that change the statistics) are both built, so a recompute cannot skip a setting the kernel uses."""
+
+STAT_FIELDS: Final[tuple[str, ...]] = tuple(dict.fromkeys(k.field for k in KERNEL_INPUTS))
+"""The :class:`RecorderConfig` fields that change the statistics (not only how they are stored)."""
+EVERY_STAT_FIELDS: Final[frozenset[str]] = frozenset(k.field for k in KERNEL_INPUTS if k.every_stat)
+"""The fields that change every statistic (they decide which tokens are valid)."""
 
 
 @dataclass(frozen=True)
@@ -107,30 +145,26 @@ class RecorderConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
-    # Fields that change the statistics (not only how they are stored).
-    STAT_FIELDS = (
-        "eps_low", "eps_high", "dual_clip_c", "tis_cap", "entropy_low", "cov_band", "cov_top_frac",
-        "ctpo_bounds", "n_buckets",
-    )
+    STAT_FIELDS: ClassVar[tuple[str, ...]] = STAT_FIELDS
+    """Fields that change the statistics (from :data:`KERNEL_INPUTS`)."""
 
     def stats_key(self) -> tuple[Any, ...]:
         """The values that decide the statistics: two configs with equal keys give equal statistics."""
         return tuple(getattr(self, f) for f in self.STAT_FIELDS)
 
+    def stat_fields_changed(self, other: "RecorderConfig") -> frozenset[str]:
+        """The statistics-affecting fields whose values differ between ``self`` and ``other``.
 
-def _field_docs() -> dict[str, str]:
-    """Field docstrings, for ``rldiag info`` and the docs (read from the source)."""
-    import inspect
+        >>> RecorderConfig().stat_fields_changed(RecorderConfig(eps_high=0.28, roll_steps=5))
+        frozenset({'eps_high'})
+        """
+        return frozenset(f for f in self.STAT_FIELDS if getattr(self, f) != getattr(other, f))
 
-    src = inspect.getsource(RecorderConfig).splitlines()
-    docs: dict[str, str] = {}
-    last = None
-    for line in src:
-        s = line.strip()
-        if ":" in s and not s.startswith(('"', "#", "def", "@", "class")) and "=" in s:
-            last = s.split(":", 1)[0].strip()
-        elif s.startswith('"""') and last is not None:
-            docs[last] = s.strip('"').strip()
-            last = None
-    return docs
+    def kernel_values(self) -> tuple[float, ...]:
+        """The values of :data:`KERNEL_INPUTS`, in order (what the kernel's config array holds)."""
+        out = []
+        for k in KERNEL_INPUTS:
+            v = getattr(self, k.field)
+            out.append(float(v if k.index is None else v[k.index]))
+        return tuple(out)
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import numba
 import numpy as np
 
-from rldiag.config import RecorderConfig
+from rldiag.config import EVERY_STAT_FIELDS, KERNEL_INPUTS, STAT_FIELDS, RecorderConfig
 from rldiag.stats import hist
 
 MergeKind = Literal["sum", "min", "max", "lse", "hist_mag", "hist_signed", "vec_sum", "set"]
@@ -152,6 +153,16 @@ I_NMM, I_MMD, I_MMK3, I_MMW, I_MMW2 = _i("n_mm"), _i("s_mm_d"), _i("s_mm_k3"), _
 I_MINW, I_MAXW, I_TIS, I_MIS = _i("min_w"), _i("max_w"), _i("n_tis"), _i("n_mis")
 I_NVER, I_SSTALE, I_MSTALE = _i("n_ver"), _i("s_stale"), _i("max_stale")
 
+# Config slots (rldiag.config.KERNEL_INPUTS) and input flags as module constants, so numba folds them.
+_SLOT = {k.slot: i for i, k in enumerate(KERNEL_INPUTS)}
+C_EPS_LOW, C_EPS_HIGH, C_DUAL_CLIP_C, C_TIS_CAP = _SLOT["eps_low"], _SLOT["eps_high"], _SLOT["dual_clip_c"], _SLOT["tis_cap"]
+C_ENTROPY_LOW, C_COV_BAND_LO, C_COV_BAND_HI = _SLOT["entropy_low"], _SLOT["cov_band_lo"], _SLOT["cov_band_hi"]
+C_COV_TOP_FRAC, C_CTPO_A, C_CTPO_B = _SLOT["cov_top_frac"], _SLOT["ctpo_a"], _SLOT["ctpo_b"]
+C_N_BUCKETS, C_LOGP_TOLERANCE = _SLOT["n_buckets"], _SLOT["logp_tolerance"]
+FLAGS: Final[tuple[str, ...]] = ("entropy", "rollout", "ref", "version", "stage", "hists", "cov")
+"""The kernel's flags: which optional inputs are present, and whether histograms and products are wanted."""
+F_ENTROPY, F_ROLLOUT, F_REF, F_VERSION, F_STAGE, F_HISTS, F_COV = range(len(FLAGS))
+
 _NMAG = hist.N_MAG
 _BPO_I = hist.BINS_PER_OCTAVE
 _MIN_EDGE = 2.0**hist.MIN_EXP
@@ -278,9 +289,9 @@ def _lane_total(acc, k):  # pragma: no cover - compiled
 
 
 @numba.njit(**_LANE)
-def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, out):  # pragma: no cover - compiled
+def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no cover - compiled
     """Validity, log-ratio (NaN for invalid tokens) and the sums over logp and adv of the tokens [t0, t1).
-    out: n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv."""
+    Writes n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv into ``row``; returns n."""
     m = t1 - t0
     acc = np.zeros((6, W))
     n = n_nonfin = n_inv = 0
@@ -309,17 +320,23 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, out):  # pragma: no 
                 acc[3, lane] += a
                 acc[4, lane] += a * a
                 acc[5, lane] += xl * a
-    out[0] = n
-    out[1] = n_nonfin
-    out[2] = n_inv
-    for k in range(6):
-        out[3 + k] = _lane_total(acc, k)
+    row[I_N] = n
+    row[I_NONFIN] = n_nonfin
+    row[I_INVALID] = n_inv
+    if n > 0:
+        row[I_SLR] = _lane_total(acc, 0)
+        row[I_SLR2] = _lane_total(acc, 1)
+        row[I_SLP] = _lane_total(acc, 2)
+        row[I_SADV] = _lane_total(acc, 3)
+        row[I_SADV2] = _lane_total(acc, 4)
+        row[I_SLPADV] = _lane_total(acc, 5)
+    return n
 
 
 @numba.njit(**_LANE)
-def _expm1_pass(m, x_s, y_s, out):  # pragma: no cover - compiled
-    """y = expm1(x) for x_s[:m]; over the non-NaN x (NaN marks unused tokens, whose y is 0): the sums of y,
-    y^2 and y - x, and the smallest and largest 1 + y (min and max are exact in any order)."""
+def _expm1_pass(m, x_s, y_s):  # pragma: no cover - compiled
+    """y = expm1(x) for x_s[:m]; over the non-NaN x (NaN marks unused tokens, whose y is 0) returns
+    (sum y, sum y^2, sum y - x, min 1 + y, max 1 + y) (min and max are exact in any order)."""
     for j in range(m):  # an elementwise loop of its own: with the sums beside it, it did not vectorize
         x0 = x_s[j]
         y_s[j] = _expm1(x0 if x0 == x0 else 0.0)
@@ -339,15 +356,18 @@ def _expm1_pass(m, x_s, y_s, out):  # pragma: no cover - compiled
                 acc[2, lane] += y - x
                 lo[lane] = min(lo[lane], y + 1.0 if use else np.inf)
                 hi[lane] = max(hi[lane], y + 1.0 if use else -np.inf)
-    for k in range(3):
-        out[k] = _lane_total(acc, k)
-    out[3] = lo.min()
-    out[4] = hi.max()
+    return _lane_total(acc, 0), _lane_total(acc, 1), _lane_total(acc, 2), lo.min(), hi.max()
+
+
+@numba.njit(inline="always", **_LANE)
+def _ratio_pass(m, lr_s, rm1_s, row):  # pragma: no cover - compiled
+    """r - 1 = expm1(lr) of the valid tokens into rm1_s; writes s_rm1, s_rm1sq, s_k3, min_r, max_r."""
+    row[I_SRM1], row[I_SRM1SQ], row[I_SK3], row[I_MINR], row[I_MAXR] = _expm1_pass(m, lr_s, rm1_s)
 
 
 @numba.njit(**_LANE)
-def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, out):  # pragma: no cover - compiled
-    """out: n_clip_low, n_clip_high, n_clip_sym, n_dual, n_pos_up, n_pos_down, n_neg_up, n_neg_down,
+def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no cover - compiled
+    """Writes n_clip_low, n_clip_high, n_clip_sym, n_dual, n_pos_up, n_pos_down, n_neg_up, n_neg_down,
     n_adv_pos, n_adv_zero, s_bal_pos, s_bal_neg (invalid tokens have a = 0 and r = 1: they count nowhere)."""
     c_lo = c_hi = c_sym = c_dual = n_pu = n_pd = n_nu = n_nd = n_apos = n_azero = 0
     for j in range(m):
@@ -377,23 +397,23 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, out):  # pragma: no 
                 r = rm1_s[j] + 1.0
                 acc[0, lane] += max(min(r, hi_thr) * a, 0.0)
                 acc[1, lane] += max(-max(r, lo_thr) * a, 0.0)
-    out[0] = c_lo
-    out[1] = c_hi
-    out[2] = c_sym
-    out[3] = c_dual
-    out[4] = n_pu
-    out[5] = n_pd
-    out[6] = n_nu
-    out[7] = n_nd
-    out[8] = n_apos
-    out[9] = n_azero
-    out[10] = _lane_total(acc, 0)
-    out[11] = _lane_total(acc, 1)
+    row[I_CLO] = c_lo
+    row[I_CHI] = c_hi
+    row[I_CSYM] = c_sym
+    row[I_DUAL] = c_dual
+    row[I_PU] = n_pu
+    row[I_PD] = n_pd
+    row[I_NU] = n_nu
+    row[I_ND] = n_nd
+    row[I_NAPOS] = n_apos
+    row[I_NAZERO] = n_azero
+    row[I_BPOS] = _lane_total(acc, 0)
+    row[I_BNEG] = _lane_total(acc, 1)
 
 
 @numba.njit(**_LANE)
-def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, out):  # pragma: no cover - compiled
-    """out: n_ent, s_ent, n_ent_low; e_s[j] the entropy (floored at 0, for its histogram) of valid tokens
+def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - compiled
+    """Writes n_ent, s_ent, n_ent_low; e_s[j] the entropy (floored at 0, for its histogram) of valid tokens
     with a finite one, else NaN."""
     m = t1 - t0
     acc = np.zeros((1, W))
@@ -408,9 +428,9 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, out):  # pragma: no cover - c
                 n_low += use & (e < ent_low)
                 acc[0, lane] += e if use else 0.0
                 e_s[j] = max(e, 0.0) if use else np.nan
-    out[0] = n_ent
-    out[1] = _lane_total(acc, 0)
-    out[2] = n_low
+    row[I_NENT] = n_ent
+    row[I_SENT] = _lane_total(acc, 0)
+    row[I_NENTLOW] = n_low
 
 
 @numba.njit(**_LANE)
@@ -445,6 +465,40 @@ def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
     return n_tis, n_mis
 
 
+@numba.njit(inline="always", **_LANE)
+def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compiled
+    """Reference KL: writes n_ref and s_ref_k3 (k3 of x = ref_logp - logp)."""
+    row[I_NREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
+    row[I_SREF] = _expm1_pass(t1 - t0, d_s, w_s)[2]
+
+
+@numba.njit(inline="always", **_LANE)
+def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no cover - compiled
+    """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
+    s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
+    m = t1 - t0
+    row[I_NMM], row[I_MMD] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
+    row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
+    row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
+
+
+@numba.njit(inline="always", **_LANE)
+def _staleness_pass(ver, t0, m, ok_s, step, row):  # pragma: no cover - compiled
+    """Writes n_ver, s_stale, max_stale (staleness = step - version of the valid tokens)."""
+    n_ver = 0
+    s_stale = 0.0
+    max_stale = -np.inf
+    for j in range(m):
+        if ok_s[j]:
+            st = float(step - ver[t0 + j])
+            n_ver += 1
+            s_stale += st
+            max_stale = max(max_stale, st)
+    row[I_NVER] = n_ver
+    row[I_SSTALE] = s_stale
+    row[I_MSTALE] = max_stale
+
+
 @numba.njit(**_LANE)
 def _cov_pass(m, ok_s, lp, t0, a_s, mean_a, mean_lp, band_lo, band_hi, c_s):  # pragma: no cover - compiled
     """Centered products c = (adv - mean)(logp - mean) of the valid tokens (NaN for the others): returns
@@ -472,6 +526,15 @@ def _bins_pass(m, x_s, signed, bins):  # pragma: no cover - compiled
         bins[j] = b if x == x else -1
 
 
+@numba.njit(inline="always", **_LANE)
+def _hist_pass(m, x_s, bins, h):  # pragma: no cover - compiled
+    """Adds the magnitude bins of the non-NaN x_s[:m] to the histogram row ``h`` (bins: scratch)."""
+    _bins_pass(m, x_s, False, bins)
+    for j in range(m):
+        if bins[j] >= 0:
+            h[bins[j]] += 1
+
+
 @numba.njit(**_LANE)
 def _cum_pass(m, L_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
     """(max |L_t|, tokens with L_t outside the CTPO bounds [-a sqrt(t+1), b sqrt(t+1)]) over the non-NaN
@@ -490,18 +553,155 @@ def _cum_pass(m, L_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
     return hi.max(), n_ctpo
 
 
+@numba.njit(inline="always", **_LANE)
+def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
+    """Position -> bucket: ``nb`` equal parts of the record's longest valid response."""
+    maxpos = 0
+    for j in range(m):
+        maxpos = max(maxpos, pos[t0 + j] if ok_s[j] else 0)
+    longest = maxpos + 1
+    btab = np.empty(longest, dtype=np.int64)
+    for p in range(longest):
+        b = (p * nb) // longest
+        btab[p] = b if b < nb - 1 else nb - 1
+    return btab
+
+
+@numba.njit(inline="always", **_LANE)
+def _scan_pass(seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
+               h_lr, h_min, bk, L_s, seq_L, seq_len, seq_A, seq_flag):  # pragma: no cover - compiled
+    """The serial scan over a record's sequences, in token order: the cumulative log-ratio L_s, the
+    histograms of lr (bins in bin_s) and of its exclusive prefix minimum, the bucket sums ``bk`` (by stage
+    or by position through ``btab``), each sequence's total log-ratio, length and advantage sum, and the
+    sequence flags (column 1: a valid token, 2: a non-zero advantage). Returns (n_seq_valid, n_minprefix)."""
+    n_seq_valid = 0
+    n_minp = 0
+    b_cur = 0
+    k0 = k1 = k2 = 0.0
+    for s in range(s0, s1):
+        L = 0.0
+        A = 0.0
+        pmin = np.inf
+        pmin_bin = 0
+        pmin_run = 0
+        nz = False
+        cnt = 0
+        for t in range(seq_off[s], seq_off[s + 1]):
+            j = t - t0
+            if not ok_s[j]:
+                L_s[j] = np.nan
+                continue
+            lr = lr_s[j]
+            a = a_s[j]
+            p = pos[t]
+            cnt += 1
+            if want_hist:
+                h_lr[bin_s[j]] += 1
+            # the exclusive prefix minimum's bin is counted for every token after the first; it changes a
+            # few times per sequence, so runs of equal bins are counted in a register
+            pmin_run += cnt > 1
+            if lr < pmin:
+                if want_hist and pmin_run:
+                    h_min[pmin_bin] += pmin_run
+                pmin_run = 0
+                pmin = lr
+                pmin_bin = bin_s[j]
+            L += lr
+            L_s[j] = L
+            A += a
+            nz |= a != 0.0
+            # bucket sums in registers, flushed when the bucket changes (tokens come in sequence order)
+            if has_stage:
+                b = min(max(stage[t], 0), nb - 1)
+            else:
+                b = btab[p]
+            if b != b_cur:
+                bk[0, b_cur] += k0
+                bk[1, b_cur] += k1
+                bk[2, b_cur] += k2
+                k0 = k1 = k2 = 0.0
+                b_cur = b
+            rm1 = rm1_s[j]
+            k0 += 1.0
+            k1 += rm1
+            k2 += rm1 * rm1
+        if want_hist and pmin_run:
+            h_min[pmin_bin] += pmin_run
+        n_minp += max(cnt - 1, 0)
+        seq_L[s - s0] = L
+        seq_len[s - s0] = cnt
+        seq_A[s - s0] = A
+        if cnt > 0:
+            n_seq_valid += 1
+            seq_flag[s, 1] = 1
+            if nz:
+                seq_flag[s, 2] = 1
+    bk[0, b_cur] += k0
+    bk[1, b_cur] += k1
+    bk[2, b_cur] += k2
+    return n_seq_valid, n_minp
+
+
+@numba.njit(inline="always", **_LANE)
+def _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row):  # pragma: no cover - compiled
+    """Sequence-level statistics from each sequence's total log-ratio L, length and advantage sum: writes
+    lse_seq, lse_seq2 (log-sum-exp of L and 2L, shifted by the largest L), s_gspo, max_gspo, n_gspo_clip."""
+    k = seq_L.size
+    mL = -np.inf
+    for i in range(k):
+        if seq_len[i] > 0 and seq_L[i] > mL:
+            mL = seq_L[i]
+    acc = 0.0
+    acc2 = 0.0
+    for i in range(k):
+        if seq_len[i] > 0:
+            acc += math.exp(seq_L[i] - mL)
+            acc2 += math.exp(2.0 * (seq_L[i] - mL))
+    row[I_LSE] = mL + math.log(acc)
+    row[I_LSE2] = 2.0 * mL + math.log(acc2)
+    g_sum = 0.0
+    g_max = -np.inf
+    g_clip = 0
+    for i in range(k):
+        if seq_len[i] > 0:
+            g = math.exp(seq_L[i] / seq_len[i])
+            A = seq_A[i] / seq_len[i]
+            g_sum += g
+            if g > g_max:
+                g_max = g
+            if (g > hi_thr and A > 0) or (g < lo_thr and A < 0):
+                g_clip += 1
+    row[I_SGSPO] = g_sum
+    row[I_MGSPO] = g_max
+    row[I_CGSPO] = g_clip
+
+
+@numba.njit(inline="always", **_LANE)
+def _covariance_pass(m, ok_s, lp, t0, a_s, n, band_lo, band_hi, top_frac, c_s, row):  # pragma: no cover - compiled
+    """Centered products of the record (means over its n valid tokens) into c_s; writes n_cov_band,
+    s_cov_pos and s_cov_top (the positive mass of the top ``top_frac`` share of tokens)."""
+    c_band, c_pos = _cov_pass(m, ok_s, lp, t0, a_s, row[I_SADV] / n, row[I_SLP] / n, band_lo, band_hi, c_s)
+    row[I_CBAND] = c_band
+    row[I_CPOS] = c_pos
+    k = int(math.ceil(top_frac * n - 1e-9))
+    row[I_CTOP] = _top_positive_sum(c_s, m, max(k, 1))
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, pos, flags, cfg,
             S, H_lr, H_ent, H_absd, H_min, BK, cov_out, seq_flag):  # pragma: no cover - compiled
-    has_ent, has_roll, has_ref, has_ver, has_stage = flags[0], flags[1], flags[2], flags[3], flags[4]
-    want_hist = flags[5]
-    want_cov = flags[6]
-    eps_lo, eps_hi, dual_c, cap = cfg[0], cfg[1], cfg[2], cfg[3]
-    ent_low, band_lo, band_hi, top_frac = cfg[4], cfg[5], cfg[6], cfg[7]
-    ctpo_a, ctpo_b, tol = cfg[8], cfg[9], cfg[11]
-    nb = int(cfg[10])
-    lo_thr = 1.0 - eps_lo
-    hi_thr = 1.0 + eps_hi
+    """The statistics of every record: the passes above, in order, on the record's tokens.
+
+    ``flags`` holds the :data:`FLAGS` (which optional inputs are present, which outputs are wanted), ``cfg``
+    the :data:`rldiag.config.KERNEL_INPUTS` values (:func:`config_array`); statistics go to the rows of S
+    (columns :data:`SCALARS`), H_* (histograms), BK (bucket sums), cov_out (per-token products) and seq_flag.
+    """
+    has_ent, has_roll, has_ref = flags[F_ENTROPY], flags[F_ROLLOUT], flags[F_REF]
+    has_ver, has_stage = flags[F_VERSION], flags[F_STAGE]
+    want_hist, want_cov = flags[F_HISTS], flags[F_COV]
+    lo_thr = 1.0 - cfg[C_EPS_LOW]
+    hi_thr = 1.0 + cfg[C_EPS_HIGH]
+    nb = int(cfg[C_N_BUCKETS])
     n_rec = rec_off.size - 1
     # scratch, sized for the longest record
     longest_rec = 0
@@ -514,15 +714,13 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
     e_s = np.empty(longest_rec)
     d_s = np.empty(longest_rec)
     c_s = np.empty(longest_rec)
-    o1 = np.zeros(9)
-    o2 = np.zeros(12)
     bin_s = np.empty(longest_rec, dtype=np.int64)
     L_s = np.empty(longest_rec)
     w_s = np.empty(longest_rec)
-    o3 = np.zeros(3)
+    no_btab = np.empty(0, dtype=np.int64)
     for R in range(n_rec):
+        row = S[R]
         s0, s1 = rec_off[R], rec_off[R + 1]
-        step = steps[R]
         t0, t1 = seq_off[s0], seq_off[s1]
         m = t1 - t0
         n_seq = 0
@@ -530,211 +728,64 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
             if seq_off[s + 1] > seq_off[s]:
                 n_seq += 1
                 seq_flag[s, 0] = 1
-        S[R, I_NMASK] = m
-        S[R, I_NSEQ] = n_seq
-        _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, o1)
-        n = int(o1[0])
-        S[R, I_N] = n
-        S[R, I_NONFIN] = o1[1]
-        S[R, I_INVALID] = o1[2]
+        row[I_NMASK] = m
+        row[I_NSEQ] = n_seq
+        n = _valid_pass(lp, olp, adv, t0, t1, cfg[C_LOGP_TOLERANCE], ok_s, lr_s, a_s, row)
         if n == 0:
             continue
-        S[R, I_SLR] = o1[3]
-        S[R, I_SLR2] = o1[4]
-        S[R, I_SLP] = o1[5]
-        S[R, I_SADV] = o1[6]
-        S[R, I_SADV2] = o1[7]
-        S[R, I_SLPADV] = o1[8]
-        _expm1_pass(m, lr_s, rm1_s, o2)
-        S[R, I_SRM1] = o2[0]
-        S[R, I_SRM1SQ] = o2[1]
-        S[R, I_SK3] = o2[2]
-        S[R, I_MINR] = o2[3]
-        S[R, I_MAXR] = o2[4]
-        _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, o2)
-        S[R, I_CLO] = o2[0]
-        S[R, I_CHI] = o2[1]
-        S[R, I_CSYM] = o2[2]
-        S[R, I_DUAL] = o2[3]
-        S[R, I_PU] = o2[4]
-        S[R, I_PD] = o2[5]
-        S[R, I_NU] = o2[6]
-        S[R, I_ND] = o2[7]
-        S[R, I_NAPOS] = o2[8]
-        S[R, I_NAZERO] = o2[9]
-        S[R, I_BPOS] = o2[10]
-        S[R, I_BNEG] = o2[11]
+        _ratio_pass(m, lr_s, rm1_s, row)
+        _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, cfg[C_DUAL_CLIP_C], row)
         if has_ent:
-            _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, o3)
-            S[R, I_NENT] = o3[0]
-            S[R, I_SENT] = o3[1]
-            S[R, I_NENTLOW] = o3[2]
+            _entropy_pass(ent, t0, t1, ok_s, cfg[C_ENTROPY_LOW], e_s, row)
             if want_hist:
-                _bins_pass(m, e_s, False, bin_s)
-                for j in range(m):
-                    if bin_s[j] >= 0:
-                        H_ent[R, bin_s[j]] += 1
+                _hist_pass(m, e_s, bin_s, H_ent[R])
         if has_ref:
-            S[R, I_NREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
-            _expm1_pass(m, d_s, w_s, o2)
-            S[R, I_SREF] = o2[2]
+            _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row)
         if has_roll:
-            S[R, I_NMM], S[R, I_MMD] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
-            _expm1_pass(m, d_s, w_s, o2)
-            S[R, I_MMW] = o2[0]
-            S[R, I_MMW2] = o2[1]
-            S[R, I_MMK3] = o2[2]
-            S[R, I_MINW] = o2[3]
-            S[R, I_MAXW] = o2[4]
-            S[R, I_TIS], S[R, I_MIS] = _tis_pass(m, d_s, w_s, cap)
+            _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, row)
             if want_hist:
-                _bins_pass(m, d_s, False, bin_s)
-                for j in range(m):
-                    if bin_s[j] >= 0:
-                        H_absd[R, bin_s[j]] += 1
+                _hist_pass(m, d_s, bin_s, H_absd[R])
         if has_ver:
-            n_ver = 0
-            s_stale = 0.0
-            max_stale = -np.inf
-            for j in range(m):
-                if ok_s[j]:
-                    st = float(step - ver[t0 + j])
-                    n_ver += 1
-                    s_stale += st
-                    max_stale = max(max_stale, st)
-            S[R, I_NVER] = n_ver
-            S[R, I_SSTALE] = s_stale
-            S[R, I_MSTALE] = max_stale
-        # ---------------- serial scan over sequences: cumulative log-ratio, prefix minimum, histograms ----------
-        maxpos = 0
-        for j in range(m):
-            maxpos = max(maxpos, pos[t0 + j] if ok_s[j] else 0)
-        longest = maxpos + 1
-        if not has_stage:
-            btab = np.empty(longest, dtype=np.int64)
-            for p in range(longest):
-                b = (p * nb) // longest
-                btab[p] = b if b < nb - 1 else nb - 1
+            _staleness_pass(ver, t0, m, ok_s, steps[R], row)
+        btab = no_btab if has_stage else _bucket_table(m, ok_s, pos, t0, nb)
         if want_hist:
             _bins_pass(m, lr_s, True, bin_s)
-        n_seq_valid = 0
-        n_minp = 0
         seq_L = np.zeros(s1 - s0)
         seq_len = np.zeros(s1 - s0)
         seq_A = np.zeros(s1 - s0)
-        b_cur = 0
-        k0 = k1 = k2 = 0.0
-        for s in range(s0, s1):
-            L = 0.0
-            A = 0.0
-            pmin = np.inf
-            pmin_bin = 0
-            pmin_run = 0
-            nz = False
-            cnt = 0
-            for t in range(seq_off[s], seq_off[s + 1]):
-                j = t - t0
-                if not ok_s[j]:
-                    L_s[j] = np.nan
-                    continue
-                lr = lr_s[j]
-                a = a_s[j]
-                p = pos[t]
-                cnt += 1
-                if want_hist:
-                    H_lr[R, bin_s[j]] += 1
-                # the exclusive prefix minimum's bin is counted for every token after the first; it changes a
-                # few times per sequence, so runs of equal bins are counted in a register
-                pmin_run += cnt > 1
-                if lr < pmin:
-                    if want_hist and pmin_run:
-                        H_min[R, pmin_bin] += pmin_run
-                    pmin_run = 0
-                    pmin = lr
-                    pmin_bin = bin_s[j]
-                L += lr
-                L_s[j] = L
-                A += a
-                nz |= a != 0.0
-                # bucket sums in registers, flushed when the bucket changes (tokens come in sequence order)
-                if has_stage:
-                    b = min(max(stage[t], 0), nb - 1)
-                else:
-                    b = btab[p]
-                if b != b_cur:
-                    BK[R, 0, b_cur] += k0
-                    BK[R, 1, b_cur] += k1
-                    BK[R, 2, b_cur] += k2
-                    k0 = k1 = k2 = 0.0
-                    b_cur = b
-                rm1 = rm1_s[j]
-                k0 += 1.0
-                k1 += rm1
-                k2 += rm1 * rm1
-            if want_hist and pmin_run:
-                H_min[R, pmin_bin] += pmin_run
-            n_minp += max(cnt - 1, 0)
-            seq_L[s - s0] = L
-            seq_len[s - s0] = cnt
-            seq_A[s - s0] = A
-            if cnt > 0:
-                n_seq_valid += 1
-                seq_flag[s, 1] = 1
-                if nz:
-                    seq_flag[s, 2] = 1
-        BK[R, 0, b_cur] += k0
-        BK[R, 1, b_cur] += k1
-        BK[R, 2, b_cur] += k2
-        S[R, I_NSEQV] = n_seq_valid
-        S[R, I_NMINP] = n_minp
-        S[R, I_MCUM], S[R, I_CTPO] = _cum_pass(m, L_s, pos, t0, ctpo_a, ctpo_b)
-        # ---------------- sequence-level statistics ----------------
-        mL = -np.inf
-        for i in range(s1 - s0):
-            if seq_len[i] > 0 and seq_L[i] > mL:
-                mL = seq_L[i]
-        acc = 0.0
-        acc2 = 0.0
-        for i in range(s1 - s0):
-            if seq_len[i] > 0:
-                acc += math.exp(seq_L[i] - mL)
-                acc2 += math.exp(2.0 * (seq_L[i] - mL))
-        S[R, I_LSE] = mL + math.log(acc)
-        S[R, I_LSE2] = 2.0 * mL + math.log(acc2)
-        g_sum = 0.0
-        g_max = -np.inf
-        g_clip = 0
-        for i in range(s1 - s0):
-            if seq_len[i] > 0:
-                g = math.exp(seq_L[i] / seq_len[i])
-                A = seq_A[i] / seq_len[i]
-                g_sum += g
-                if g > g_max:
-                    g_max = g
-                if (g > hi_thr and A > 0) or (g < lo_thr and A < 0):
-                    g_clip += 1
-        S[R, I_SGSPO] = g_sum
-        S[R, I_MGSPO] = g_max
-        S[R, I_CGSPO] = g_clip
-        # ---------------- covariance products ----------------
-        c_band, c_pos = _cov_pass(m, ok_s, lp, t0, a_s, S[R, I_SADV] / n, S[R, I_SLP] / n, band_lo, band_hi, c_s)
-        S[R, I_CBAND] = c_band
-        S[R, I_CPOS] = c_pos
+        row[I_NSEQV], row[I_NMINP] = _scan_pass(
+            seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
+            H_lr[R], H_min[R], BK[R], L_s, seq_L, seq_len, seq_A, seq_flag)
+        row[I_MCUM], row[I_CTPO] = _cum_pass(m, L_s, pos, t0, cfg[C_CTPO_A], cfg[C_CTPO_B])
+        _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row)
+        _covariance_pass(m, ok_s, lp, t0, a_s, n, cfg[C_COV_BAND_LO], cfg[C_COV_BAND_HI], cfg[C_COV_TOP_FRAC],
+                         c_s, row)
         if want_cov:
             for j in range(m):
                 cov_out[t0 + j] = c_s[j]
-        k = int(math.ceil(top_frac * n - 1e-9))
-        S[R, I_CTOP] = _top_positive_sum(c_s, m, max(k, 1))
 
 
 def config_array(cfg: RecorderConfig) -> np.ndarray:
-    """The configuration values the kernel reads, in its order."""
-    return np.array(
-        [cfg.eps_low, cfg.eps_high, cfg.dual_clip_c, cfg.tis_cap, cfg.entropy_low, cfg.cov_band[0],
-         cfg.cov_band[1], cfg.cov_top_frac, cfg.ctpo_bounds[0], cfg.ctpo_bounds[1], float(cfg.n_buckets),
-         cfg.logp_tolerance],
-        dtype=np.float64,
-    )
+    """The configuration values the kernel reads (:data:`rldiag.config.KERNEL_INPUTS`), in its order."""
+    return np.array(cfg.kernel_values(), dtype=np.float64)
+
+
+def affected_stats(changed: Iterable[str]) -> frozenset[str]:
+    """The statistics whose values change when the :class:`RecorderConfig` fields ``changed`` change.
+
+    >>> sorted(affected_stats({"eps_high"}))[:3]
+    ['b_n', 'b_s', 'b_s2']
+    >>> affected_stats({"logp_tolerance"}) == frozenset(STATS)
+    True
+    >>> affected_stats({"roll_steps"})
+    frozenset()
+    """
+    changed = set(changed) & set(STAT_FIELDS)
+    if changed & EVERY_STAT_FIELDS:
+        return frozenset(STATS)
+    if changed:
+        return frozenset(name for name, d in STATS.items() if d.config_dependent)
+    return frozenset()
 
 
 @dataclass
@@ -822,11 +873,10 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
     want_cov = cov
     cov = np.full(n_tok if cov else 0, np.nan)
     seq_flag = np.zeros((n_seq, 3), dtype=np.uint8)
-    flags = np.array(
-        [batch.entropy is not None, batch.rollout_logp is not None, batch.ref_logp is not None,
-         batch.version is not None, batch.stage is not None, hists, want_cov],
-        dtype=np.int64,
-    )
+    present = {"entropy": batch.entropy is not None, "rollout": batch.rollout_logp is not None,
+               "ref": batch.ref_logp is not None, "version": batch.version is not None,
+               "stage": batch.stage is not None, "hists": hists, "cov": want_cov}
+    flags = np.array([present[f] for f in FLAGS], dtype=np.int64)
     _kernel(
         np.ascontiguousarray(batch.rec_off, dtype=np.int64),
         np.ascontiguousarray(batch.seq_off, dtype=np.int64),
@@ -841,7 +891,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
     seq_rec = np.repeat(np.arange(n_rec), np.diff(batch.rec_off))
     # rewards: over sequences with at least one masked-in token
     if batch.reward is not None:
-        rw = np.asarray(batch.reward, dtype=np.float64)
+        rw = _f32(batch.reward).astype(np.float64)  # the precision of the token rows, as for every input
         ok = (seq_flag[:, 0] == 1) & np.isfinite(rw)
         S[:, _i("n_seq_reward")] = np.bincount(seq_rec[ok], minlength=n_rec)
         S[:, _i("s_reward")] = np.bincount(seq_rec[ok], weights=rw[ok], minlength=n_rec)

@@ -1,0 +1,98 @@
+"""The kernel's named inputs: one declaration (rldiag.config.KERNEL_INPUTS) builds the config array and the
+set of statistics-affecting fields, so a recompute with another config never returns stale statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+import rldiag
+from rldiag.config import KERNEL_INPUTS, STAT_FIELDS, RecorderConfig
+from rldiag.stats import kernel
+
+CHANGED: dict[str, Any] = {
+    "eps_low": 0.1, "eps_high": 0.28, "dual_clip_c": 1.5, "tis_cap": 1.2, "entropy_low": 0.8,
+    "cov_band": (0.01, 0.5), "cov_top_frac": 0.2, "ctpo_bounds": (0.01, 0.02), "n_buckets": 4,
+    "token_sample_rate": 0.5, "sample_seed": 3, "roll_steps": 7, "roll_rows": 1000, "roll_seconds": 5.0,
+    "queue_max_bytes": 2**21, "max_block_seconds": 1.0, "errors": "strict", "logp_tolerance": 0.3,
+    "compression": "zstd",
+}
+"""A different value for every RecorderConfig field (the test fails when a field is added without one)."""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run with every optional input, some log-probs between 0 and 0.3 (valid only under a looser
+    tolerance) and full token rows."""
+    path = tmp_path_factory.mktemp("kernel") / "run"
+    rng = np.random.default_rng(0)
+    with rldiag.Recorder(path, errors="lenient", roll_steps=3) as rec:
+        for step in range(6):
+            for _ in range(2):
+                B, T = 6, 40
+                lp = -rng.exponential(0.7, (B, T)).astype(np.float32)
+                lp[rng.random((B, T)) < 0.05] = 0.2  # above the default tolerance, below 0.3
+                olp = np.minimum(lp + rng.normal(0, 0.3, (B, T)), 0).astype(np.float32)
+                mask = np.arange(T)[None, :] < rng.integers(5, T, B)[:, None]
+                rec.record(step=step, logprobs=lp, old_logprobs=olp, advantages=rng.normal(size=B),
+                           mask=mask, entropy=rng.exponential(1.0, (B, T)),
+                           rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)), ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
+                           group_ids=np.arange(B) // 3, rewards=rng.random(B), versions=np.full(B, max(step - 1, 0)))
+    return path
+
+
+def test_every_config_field_has_a_changed_value_and_stat_fields_come_from_the_declaration() -> None:
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(RecorderConfig)}
+    assert RecorderConfig.STAT_FIELDS == STAT_FIELDS == tuple(dict.fromkeys(k.field for k in KERNEL_INPUTS))
+    assert "logp_tolerance" in STAT_FIELDS
+    cfg = RecorderConfig(**{k: v for k, v in CHANGED.items() if k in ("eps_high", "cov_band", "logp_tolerance")})
+    arr = kernel.config_array(cfg)
+    assert arr[kernel.C_EPS_HIGH] == 0.28 and arr[kernel.C_LOGP_TOLERANCE] == 0.3
+    assert (arr[kernel.C_COV_BAND_LO], arr[kernel.C_COV_BAND_HI]) == (0.01, 0.5)
+    assert arr.size == len(KERNEL_INPUTS)
+
+
+@pytest.mark.parametrize("field", sorted(CHANGED))
+def test_config_recompute_equals_from_tokens_recompute_for_each_field(run_dir: Path, field: str) -> None:
+    """Changing any one setting: the fast config recompute (stored statistics where they cannot change,
+    token rows for the others) equals recomputing every statistic from the token rows."""
+    run = rldiag.open_run(run_dir)
+    assert not run.token_rows_sampled
+    cfg = run.config.replace(**{field: CHANGED[field]})
+    if cfg == run.config:  # errors="strict" is the default value: flip it the other way
+        cfg = run.config.replace(errors="lenient")
+    fast = run.step_metrics(config=cfg)
+    full = run.step_metrics(config=cfg, from_tokens=True)
+    assert fast.columns == full.columns
+    for name in fast.columns:
+        np.testing.assert_allclose(fast[name].to_numpy(), full[name].to_numpy(), rtol=1e-12, atol=0,
+                                   equal_nan=True, err_msg=f"{field}: {name}")
+    stored = run.step_metrics()
+    if field in STAT_FIELDS:
+        assert not _frames_equal(stored, full), f"changing {field} changed no metric: pick another value"
+    else:
+        assert _frames_equal(stored, fast)
+
+
+def test_logp_tolerance_counts_the_tokens_it_admits(run_dir: Path) -> None:
+    """The reported bug: a looser tolerance admits the log-probs between 1e-4 and 0.3."""
+    run = rldiag.open_run(run_dir)
+    base = run.step_metrics(metrics=["tokens/count"])["tokens/count"].sum()
+    looser = run.step_metrics(config=run.config.replace(logp_tolerance=0.3), metrics=["tokens/count"])
+    assert looser["tokens/count"].sum() > base
+
+
+def test_affected_stats() -> None:
+    assert kernel.affected_stats({"roll_steps", "compression"}) == frozenset()
+    clip = kernel.affected_stats({"eps_high"})
+    assert clip == {n for n, d in kernel.STATS.items() if d.config_dependent} and "n" not in clip
+    assert kernel.affected_stats({"logp_tolerance", "eps_high"}) == frozenset(kernel.STATS)
+
+
+def _frames_equal(a: pl.DataFrame, b: pl.DataFrame) -> bool:
+    return all(np.allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-12, atol=0, equal_nan=True) for c in a.columns)
