@@ -44,6 +44,13 @@ class _FileInfo:
     mtime: float
     rows: int
     config: dict[str, Any] | None = None
+    steps: tuple[int, int] | None = None
+    """Smallest and largest step in the file (None when it holds no rows)."""
+
+    @property
+    def writer(self) -> tuple[str, int, int] | None:
+        """(writer id, rank, start ns) parsed from the segment name (None for a name rldiag did not give)."""
+        return runformat.parse_segment_name(self.path.name)
 
 
 @dataclass
@@ -58,6 +65,9 @@ INDEX_DIR = runformat.INDEX_DIR
 """Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
 INDEX_MIN_FILES = 16
 """The index is (re)written once this many statistics files are not in it yet."""
+INDEX_VERSION = 2
+"""Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with)."""
+_NO_CUTOFF = 2**63 - 1
 
 
 def _index_location(run_path: Path) -> Path:
@@ -93,6 +103,11 @@ class Run:
     _indexed: set[str] = field(default_factory=set)
     _index_loaded: bool = False
     _alerts_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+    resume: runformat.Resume = field(default_factory=runformat.Resume)
+    """How restarted writers combine: the records that later attempts superseded, gaps, problems."""
+    _applied: dict[str, int] = field(default_factory=dict)
+    """The restart cutoffs the compacted table was built with (writer -> first superseded step)."""
+    _writer_infos: list[runformat.WriterInfo] = field(default_factory=list)
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
@@ -127,12 +142,88 @@ class Run:
                 self._token_files[p.name] = _FileInfo(p, st.st_size, st.st_mtime, meta.num_rows)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                 self._skip("tokens/" + p.name, p, exc)
-        if new:
+        changed = self._update_resume()
+        if new or changed:
             self._stats_cache = None
-            self._fold(tables)
-            if len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES:
-                self._save_index()
+        if new:
+            self._fold([self._surviving(name, self._stats_tables[name]) for name in new])
+        for lo, hi in changed:
+            self._rebuild(lo, hi)
+        if (new or changed) and (len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES
+                                 or (changed and self._indexed)):
+            self._save_index()
         return new
+
+    # ---- restarts ---------------------------------------------------------------------------------
+    def _update_resume(self) -> list[tuple[int, int]]:
+        """Apply the restart rule (:func:`rldiag.runformat.resolve_attempts`) to the files seen so far; returns
+        the step ranges ``[lo, hi)`` whose compacted statistics must be rebuilt because a cutoff changed."""
+        infos, bad = runformat.read_writers(self.path)
+        self._writer_infos = infos
+        data: dict[str, dict[str, Any]] = {}
+        for info in self._stats_files.values():
+            w = info.writer
+            if w is None or info.steps is None:
+                continue
+            d = data.setdefault(w[0], {"rank": w[1], "start": w[2], "lo": info.steps[0], "hi": info.steps[1],
+                                       "t": info.mtime})
+            d["lo"], d["hi"], d["t"] = min(d["lo"], info.steps[0]), max(d["hi"], info.steps[1]), max(d["t"], info.mtime)
+        known = set(data)
+        self.resume = runformat.resolve_attempts(
+            [runformat.AttemptData(w, d["rank"], d["start"], d["lo"], d["hi"], d["t"]) for w, d in data.items()],
+            [i for i in infos if i.writer in known or i.first_step is not None])
+        for exc in bad:
+            msg = f"unreadable writer file: {exc}"
+            if not any(p.message == msg for p in self.problems):
+                self.problems.append(Problem(str(exc.path), msg))
+        for msg in self.resume.problems:
+            if not any(p.message == msg for p in self.problems):
+                self.problems.append(Problem(str(self.path / runformat.WRITERS_DIR), msg))
+                warnings.warn(msg, RunFormatWarning, stacklevel=4)
+        ranges = []
+        for w in known | set(self._applied) | set(self.resume.cutoff):
+            old, new = self._applied.get(w, _NO_CUTOFF), self.resume.cutoff.get(w, _NO_CUTOFF)
+            if old != new and w in known:
+                ranges.append((min(old, new), max(old, new)))
+        self._applied = {w: c for w, c in self.resume.cutoff.items() if w in known}
+        return ranges
+
+    def _cutoff(self, name: str) -> int | None:
+        info = self._stats_files.get(name) or self._token_files.get(name)
+        w = runformat.parse_segment_name(name) if info is None else info.writer
+        return None if w is None else self.resume.cutoff.get(w[0])
+
+    def _surviving(self, name: str, table: pa.Table) -> pa.Table:
+        """The rows of a statistics file that a later attempt of their rank did not supersede."""
+        cut = self._cutoff(name)
+        if cut is None:
+            return table
+        return table.filter(pc.less(table.column("step"), pa.scalar(cut, pa.int64())))
+
+    def _table(self, name: str) -> pa.Table | None:
+        if name not in self._stats_tables:
+            self._read_stats_file(self._stats_files[name].path, check=False)
+        return self._stats_tables.get(name)
+
+    def _rebuild(self, lo: int, hi: int) -> None:
+        """Recompute the compacted statistics of steps ``lo <= step < hi`` from the surviving records."""
+        parts = []
+        for name, info in sorted(self._stats_files.items()):
+            if info.steps is None or info.steps[1] < lo or info.steps[0] >= hi:
+                continue
+            table = self._table(name)
+            if table is None:
+                continue
+            step = table.column("step")
+            rows = self._surviving(name, table.filter(pc.and_(pc.greater_equal(step, lo), pc.less(step, hi))))
+            if rows.num_rows:
+                parts.append(rows)
+        base = self.compact_table()
+        step = base.column("step")
+        keep = base.filter(pc.or_(pc.less(step, lo), pc.greater_equal(step, hi)))
+        if parts:
+            keep = pa.concat_tables([keep, aggregate.compact(pa.concat_tables(parts))]).sort_by("step")
+        self._compact = keep
 
     def _fold(self, tables: list[pa.Table]) -> None:
         """Merge new statistics rows into the compacted table, touching only the steps they hold."""
@@ -153,14 +244,18 @@ class Run:
         try:
             table = pq.read_table(path)
             meta = json.loads((table.schema.metadata or {})[schema.PARQUET_META_KEY])
+            if meta.get("index_version") != INDEX_VERSION:
+                raise ValueError("an index of an older rldiag")
             files: dict[str, list[float]] = meta["files"]
+            cutoffs = {str(k): int(v) for k, v in meta["cutoff"].items()}
             infos = {}
-            for name, (size, rows) in files.items():
+            for name, (size, rows, lo, hi) in files.items():
                 f = self.path / schema.STATS_DIR / name
                 st = f.stat()
                 if st.st_size != size:
                     raise ValueError(f"{name} changed since the index was written")
-                infos[name] = _FileInfo(f, st.st_size, st.st_mtime, int(rows), None)
+                steps = None if lo is None else (int(lo), int(hi))
+                infos[name] = _FileInfo(f, st.st_size, st.st_mtime, int(rows), None, steps)
             table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             validate_stats(table)
         except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
@@ -168,13 +263,16 @@ class Run:
         self._compact = table
         self._stats_files.update(infos)
         self._indexed = set(infos)
+        self._applied = cutoffs
 
     def _save_index(self) -> None:
         if self._compact is None:
             return
         path = _index_location(self.path)
-        files = {name: [info.size, info.rows] for name, info in self._stats_files.items()}
-        meta = {schema.PARQUET_META_KEY: json.dumps({"schema_version": schema.SCHEMA_VERSION, "files": files}).encode()}
+        files = {name: [info.size, info.rows, *(info.steps or (None, None))] for name, info in self._stats_files.items()}
+        meta = {schema.PARQUET_META_KEY: json.dumps({
+            "schema_version": schema.SCHEMA_VERSION, "index_version": INDEX_VERSION, "files": files,
+            "cutoff": self._applied}).encode()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}{schema.TMP_SUFFIX}")
@@ -206,16 +304,21 @@ class Run:
             warnings.warn(msg, RunFormatWarning, stacklevel=3)
         self._stats_tables[p.name] = table
         st = p.stat()
-        return _FileInfo(p, st.st_size, st.st_mtime, table.num_rows, cfg)
+        steps = None
+        if table.num_rows:
+            mm = pc.min_max(table.column("step"))
+            steps = (int(mm["min"].as_py()), int(mm["max"].as_py()))
+        return _FileInfo(p, st.st_size, st.st_mtime, table.num_rows, cfg, steps)
 
     # ---- raw access -------------------------------------------------------------------------------
     def stats_table(self) -> pa.Table:
-        """All statistics rows, one per record (step, rank, micro), read from the files (cached)."""
+        """All statistics rows, one per record (step, rank, micro), read from the files (cached); records that
+        a restarted writer superseded (:attr:`resume`) are left out."""
         if self._stats_cache is None:
             for name in sorted(self._stats_files):
                 if name not in self._stats_tables:
                     self._read_stats_file(self._stats_files[name].path, check=False)
-            tables = [self._stats_tables[k] for k in sorted(self._stats_tables)]
+            tables = [self._surviving(k, self._stats_tables[k]) for k in sorted(self._stats_tables)]
             self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
         return self._stats_cache
 
@@ -228,14 +331,30 @@ class Run:
         return pl.from_arrow(self.stats_table()).sort(["step", "rank", "micro"])
 
     def token_files(self) -> list[Path]:
+        """Published token files, sorted by name (with superseded rows: see :meth:`token_limits`)."""
         return [self._token_files[k].path for k in sorted(self._token_files)]
 
+    def token_limits(self) -> dict[Path, int]:
+        """Token files some of whose rows a restarted writer superseded -> the first superseded step (the file's
+        rows at that step and later count nowhere)."""
+        out = {}
+        for name, info in self._token_files.items():
+            cut = self._cutoff(name)
+            if cut is not None:
+                out[info.path] = cut
+        return out
+
     def tokens(self) -> pl.LazyFrame:
-        """Token rows of the published segments (columns of :mod:`rldiag.schema`), lazily."""
+        """Token rows of the published segments (columns of :mod:`rldiag.schema`), lazily; rows that a restarted
+        writer superseded are left out."""
         files = self.token_files()
         if not files:
             return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})
-        return pl.scan_parquet([str(f) for f in files])
+        limits = self.token_limits()
+        whole = [str(f) for f in files if f not in limits]
+        parts = [pl.scan_parquet(whole)] if whole else []
+        parts += [pl.scan_parquet(str(f)).filter(pl.col(schema.STEP) < cut) for f, cut in sorted(limits.items())]
+        return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
 
     def steps(self) -> list[int]:
         """Steps with statistics, ascending."""
@@ -377,12 +496,13 @@ class Run:
         step_set = None
         if steps is not None:
             all_steps = np.array(self.steps())
-            step_set = set((all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
-                            if isinstance(steps, slice) else list(steps)))
+            step_set = set(all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
+                            if isinstance(steps, slice) else list(steps))
         from rldiag.analysis.progress import progress
 
         files = self.token_files()
-        stats_iter = iter_file_stats(files, config, steps=step_set, config_only=not everything)
+        stats_iter = iter_file_stats(files, config, steps=step_set, config_only=not everything,
+                                     limits=self.token_limits())
         parts = list(progress(stats_iter, row_groups(files),
                               "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
@@ -475,10 +595,14 @@ class Run:
         def total(c: str) -> int:
             return int(pc.sum(t.column(c)).as_py() or 0) if t.num_rows else 0
 
-        writers, bad = runformat.read_writers(self.path)
-        for exc in bad:
-            self.problems.append(Problem(str(exc.path), f"unreadable writer file: {exc}"))
+        writers = self._writer_infos
         steps = self.steps()
+        superseded_records = 0
+        for name in self._stats_files:
+            if self._cutoff(name) is not None:
+                table = self._table(name)
+                if table is not None:
+                    superseded_records += table.num_rows - self._surviving(name, table).num_rows
         last_write = max([f.mtime for f in self._stats_files.values()], default=None)
         return {
             "path": str(self.path),
@@ -492,7 +616,8 @@ class Run:
             "first_step": steps[0] if steps else None,
             "last_step": steps[-1] if steps else None,
             "ranks": self.ranks,
-            "records": sum(f.rows for f in self._stats_files.values()),
+            "records": sum(f.rows for f in self._stats_files.values()) - superseded_records,
+            "records_superseded": superseded_records,
             "tokens": total("n"),
             "tokens_masked_in": total("n_masked"),
             "tokens_nonfinite": total("n_nonfinite"),
@@ -505,7 +630,9 @@ class Run:
             "last_write": last_write,
             "seconds_since_last_write": None if last_write is None else time.time() - last_write,
             "resume_points": [{"writer": w.writer, "rank": w.rank, "started": w.started,
-                               "first_step": w.first_step} for w in writers],
+                               "first_step": w.first_step, "closed": w.closed} for w in writers],
+            "superseded": list(self.resume.superseded),
+            "gaps": list(self.resume.gaps),
             "problems": [p.message for p in self.problems],
         }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,11 +215,15 @@ class _GroupResult:
     """Why the row group could not be read (damaged file); the result is otherwise empty."""
 
 
-def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: list[str], steps: pa.Array | None,
-               cfg: RecorderConfig, hists: bool) -> _GroupResult:
+def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, limit: int | None, names: list[str],
+               steps: pa.Array | None, cfg: RecorderConfig, hists: bool) -> _GroupResult:
     pf = pq.ParquetFile(path, metadata=meta)  # the footer is parsed once per file, not per row group
     if steps is not None and len(steps) == 0:
         return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
+    if limit is not None:
+        st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
+        if st is not None and st.has_min_max and st.min >= limit:  # superseded by a restart: not read
+            return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
     if steps is not None:
         st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
         lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()
@@ -232,6 +236,8 @@ def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: lis
                             f"{path} row group {g}: {type(exc).__name__}: {exc}")
     if steps is not None:
         table = table.filter(pc.is_in(table.column(schema.STEP), steps))
+    if limit is not None:
+        table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
     n = table.num_rows
     if n == 0:
         return _GroupResult(table, STATS_SCHEMA.empty_table(), None, False)
@@ -245,7 +251,8 @@ def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, names: lis
 
 
 def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
-                    config_only: bool = False, threads: int | None = None) -> Iterator[pa.Table]:
+                    config_only: bool = False, threads: int | None = None,
+                    limits: Mapping[Path, int] | None = None) -> Iterator[pa.Table]:
     """Statistics of the records in ``files``, in file order, one table per Parquet row group.
 
     Each row group is read and computed by one of ``threads`` workers (default: one per core, at most
@@ -258,12 +265,16 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
     ``config_only``: only the statistics that depend on the configuration are wanted (``StatDecl.
     config_dependent``); the others come out empty or partial: no histograms, and the columns only they read
     (reference log-probs, versions, groups, rewards) stay on disk.
+
+    ``limits``: file -> first step whose rows do not count (records a restarted writer superseded,
+    :meth:`rldiag.analysis.io.Run.token_limits`).
     """
     threads = threads or default_threads()
     names = [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
     wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
     metas = [(Path(f), pq.read_metadata(f)) for f in files]
-    jobs = [(f, md, g, g == md.num_row_groups - 1) for f, md in metas for g in range(md.num_row_groups)]
+    lim = {Path(k): v for k, v in (limits or {}).items()}
+    jobs = [(f, md, g, g == md.num_row_groups - 1, lim.get(f)) for f, md in metas for g in range(md.num_row_groups)]
 
     def stitched(parts: list[pa.Table]) -> pa.Table:
         parts = [p for p in parts if p.num_rows]

@@ -45,7 +45,16 @@ def run(args: argparse.Namespace) -> int:
           f"TIS cap {cfg['tis_cap']}")
     print(f"writers      {len(info['resume_points'])} (resume points):")
     for w in info["resume_points"]:
-        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {w['writer']}")
+        state = "closed" if w.get("closed") is not None else "open or crashed"
+        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {state}  {w['writer']}")
+    if info["superseded"]:
+        print(f"superseded   records a restart replaced (on disk, counted nowhere; {info['records_superseded']} "
+              "records):")
+        for x in info["superseded"]:
+            print(f"  rank {x['rank']}  steps {x['from_step']} .. {x['to_step']} of {x['writer']}  (restarted by {x['by']})")
+    for g in info["gaps"]:
+        print(f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} were never recorded "
+              f"(restart {g['writer']} began later than the rank had stopped)")
     if info["problems"]:
         print(f"problems     {len(info['problems'])}:")
         for p in info["problems"]:
