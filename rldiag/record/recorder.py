@@ -27,6 +27,7 @@ import pyarrow as pa
 from rldiag import runformat, schema
 from rldiag.config import RecorderConfig
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
+from rldiag.record.writer import Precomputed
 from rldiag.record.writer import Job, Writer, WriterError, build_batch
 from rldiag.stats import kernel
 
@@ -304,7 +305,7 @@ class Recorder:
             dropped = int(flat.size)
             self.records_dropped_rows += dropped
             job = Job(step=step, micro=micro, shape=shape, inputs={}, invalid=invalid, nbytes=0,
-                      precomputed=(stats, flat, stats.cov, tb, cols, dropped))
+                      precomputed=Precomputed(stats, flat, stats.cov, tb, cols, dropped))
         self._writer.put(job)
 
     def flush(self, timeout: float | None = None) -> None:

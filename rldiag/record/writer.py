@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,20 @@ BROADCAST_OK = ("adv", "version", "turn", "stage")
 """Inputs that may be given per sequence and are broadcast over the tokens."""
 
 
+class Precomputed(NamedTuple):
+    """Statistics of a record computed in the caller's thread when the queue was full (no token rows)."""
+
+    stats: kernel.BatchStats
+    flat: np.ndarray
+    """Flat indices of the record's masked-in tokens."""
+    cov: np.ndarray
+    batch: kernel.TokenBatch
+    cols: dict[str, np.ndarray]
+    """The gathered token columns (as :func:`build_batch` returns them)."""
+    dropped: int
+    """Token rows not written."""
+
+
 @dataclass
 class Job:
     """One record waiting for the writer."""
@@ -48,7 +62,7 @@ class Job:
     drop_rows: bool = False
     """The queue was full: compute the statistics, write no token rows (counted as dropped)."""
     nbytes: int = 0
-    precomputed: tuple[Any, ...] | None = None
+    precomputed: Precomputed | None = None
     """Statistics computed in the caller's thread when the queue was full: (BatchStats, n_dropped)."""
 
 
@@ -276,7 +290,8 @@ class Writer(threading.Thread):
 
     def _process(self, job: Job) -> None:
         if job.precomputed is not None:
-            stats, flat, cov, tb, cols, dropped = job.precomputed
+            pre = job.precomputed
+            stats, flat, cov, tb, cols, dropped = pre.stats, pre.flat, pre.cov, pre.batch, pre.cols, pre.dropped
             written = 0
         else:
             tb, flat, cols = build_batch(job, job.step)
