@@ -40,17 +40,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from rldiag import __version__
+from rldiag import __version__, storage
 from rldiag.config import RecorderConfig
 
 __all__ = [
-    "SCHEMA_VERSION", "PARQUET_META_KEY", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR", "TOKENS_DIR", "ALERTS_FILE",
-    "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
-    "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
-    "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
-    "read_writer_file", "read_writers", "latest_writers", "run_closed", "newest_data_time", "run_status",
-    "file_metadata", "read_file_metadata", "read_alerts", "ALERT_KEYS",
-    "parse_segment_name", "AttemptData", "Resume", "resolve_attempts",
+    "ALERTS_FILE",
+    "ALERT_KEYS",
+    "INDEX_DIR",
+    "MANIFEST_NAME",
+    "PARQUET_META_KEY",
+    "SCHEMA_VERSION",
+    "SEGMENT_SUFFIX",
+    "STALL_SECONDS",
+    "STATS_DIR",
+    "TMP_SUFFIX",
+    "TOKENIZER_DIR",
+    "TOKENS_DIR",
+    "WRITERS_DIR",
+    "AttemptData",
+    "Resume",
+    "RunFormatError",
+    "WriterInfo",
+    "atomic_write_bytes",
+    "create_run_dir",
+    "file_metadata",
+    "is_published",
+    "is_run_dir",
+    "latest_writers",
+    "newest_data_time",
+    "parse_segment_name",
+    "published_files",
+    "read_alerts",
+    "read_file_metadata",
+    "read_manifest",
+    "read_writer_file",
+    "read_writers",
+    "resolve_attempts",
+    "run_closed",
+    "run_status",
+    "segment_name",
+    "tmp_path",
+    "write_writer_file",
+    "writer_id",
 ]
 
 # --- versions and names ------------------------------------------------------------------------------
@@ -115,12 +146,9 @@ def is_published(name: str) -> bool:
 
 
 def published_files(folder: Path) -> list[Path]:
-    """The published segments of ``stats/`` or ``tokens/``, sorted by name (empty when the folder is absent)."""
-    try:
-        names = [e.name for e in os.scandir(folder) if e.is_file()]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [Path(folder) / n for n in sorted(names) if is_published(n)]
+    """The published segments of ``stats/`` or ``tokens/``, sorted by name (empty when the folder is absent);
+    regular files only (:func:`rldiag.storage.list_files`; one listing request on object storage)."""
+    return [e.path for e in storage.list_files(storage.location(folder)) if is_published(e.name)]  # type: ignore[misc]
 
 
 def tmp_path(path: Path) -> Path:
@@ -130,7 +158,11 @@ def tmp_path(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, ``fsync`` and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file, ``fsync`` and ``os.replace`` (on object storage:
+    one whole-object write)."""
+    if storage.is_remote(path):
+        storage.write_whole(path, data)
+        return
     tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -146,12 +178,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 # --- manifest ----------------------------------------------------------------------------------------
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is a run directory (it has a manifest)."""
-    return (Path(path) / MANIFEST_NAME).is_file()
+    return (storage.location(path) / MANIFEST_NAME).is_file()
 
 
 def _read_small_json(path: Path, what: str) -> Any:
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    raw = storage.read_limited(path, MAX_MANIFEST_BYTES + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
         raise RunFormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not an rldiag {what}")
     try:
@@ -167,7 +198,7 @@ def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str |
     a private temporary file and hard-linked into place, so exactly one wins and the others read the winner's
     (complete) file. A directory that exists and holds something other than an rldiag run is refused.
     """
-    path = Path(path)
+    path = storage.location(path)  # type: ignore[assignment]
     if path.exists() and not path.is_dir():
         raise RunFormatError(f"run directory {path} exists and is a file; choose another path")
     manifest_path = path / MANIFEST_NAME
@@ -204,6 +235,9 @@ def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str |
 
 def _publish_once(final: Path, data: bytes) -> None:
     """Put ``data`` at ``final`` unless a file is already there; never exposes a partial file."""
+    if storage.is_remote(final):
+        storage.write_once(final, data)  # type: ignore[arg-type]
+        return
     tmp = tmp_path(final)
     try:
         with open(tmp, "wb") as f:
@@ -229,7 +263,7 @@ def _publish_once(final: Path, data: bytes) -> None:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a run, validated; a clear error for a missing, corrupt or newer one."""
-    manifest_path = Path(path) / MANIFEST_NAME
+    manifest_path = storage.location(path) / MANIFEST_NAME
     try:
         manifest = _read_small_json(manifest_path, "manifest")
     except FileNotFoundError:
@@ -291,7 +325,7 @@ class WriterInfo:
 
 def write_writer_file(path: Path, wid: str, info: dict[str, Any]) -> None:
     """Publish (or replace) ``writers/<wid>.json`` of the run at ``path``."""
-    atomic_write_bytes(Path(path) / WRITERS_DIR / f"{wid}.json", json.dumps(info, indent=2).encode())
+    atomic_write_bytes(storage.location(path) / WRITERS_DIR / f"{wid}.json", json.dumps(info, indent=2).encode())
 
 
 def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: Path, required: bool = False) -> int | None:
@@ -316,7 +350,7 @@ def _time(d: Mapping[str, Any], key: str, *, where: Path) -> float | None:
 
 def read_writer_file(p: Path) -> WriterInfo:
     """Parse one writer file; :class:`RunFormatError` names the file and what is wrong with it."""
-    p = Path(p)
+    p = storage.location(p)  # type: ignore[assignment]
     d = _read_small_json(p, "writer file")
     if not isinstance(d, dict):
         raise RunFormatError(f"{p} is a JSON {type(d).__name__}, not an object")
@@ -346,7 +380,8 @@ def read_writers(path: Path) -> tuple[list[WriterInfo], list[RunFormatError]]:
     """Every readable writer file of the run at ``path`` (sorted by name) and the problems of the others."""
     infos: list[WriterInfo] = []
     problems: list[RunFormatError] = []
-    for p in sorted((Path(path) / WRITERS_DIR).glob("*.json")):
+    for p in [e.path for e in storage.list_files(storage.location(path) / WRITERS_DIR)
+              if e.name.endswith(".json") and not e.name.startswith(".")]:
         try:
             infos.append(read_writer_file(p))
         except FileNotFoundError:
@@ -386,20 +421,11 @@ def newest_data_time(path: Path) -> float | None:
     Statistics are what every metric and alert is computed from, and a segment's statistics file is
     published after its token file, so token files need not be looked at.
     """
-    newest: float | None = None
     try:
-        entries = list(os.scandir(Path(path) / STATS_DIR))
+        entries = storage.list_files(storage.location(path) / STATS_DIR)
     except OSError:
         return None
-    for entry in entries:
-        if not is_published(entry.name):
-            continue
-        try:
-            m = entry.stat().st_mtime
-        except OSError:
-            continue
-        newest = m if newest is None or m > newest else newest
-    return newest
+    return max((e.mtime for e in entries if is_published(e.name)), default=None)
 
 
 def run_status(*, closed: bool, last_data_time: float | None, now: float,
@@ -463,7 +489,7 @@ def read_alerts(path: Path) -> list[dict[str, Any]]:
     """
     out: list[dict[str, Any]] = []
     try:
-        fh = open(path, "rb")
+        fh = storage.open_binary(storage.location(path))
     except (FileNotFoundError, NotADirectoryError):
         return out
     with fh:
