@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rldiag import runformat, schema
+from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Precomputed
@@ -161,6 +161,8 @@ class Recorder:
             (the default one ends the process with the same status as without rldiag). ``False`` leaves signal
             handling alone. Only possible when the recorder is created in the main thread.
         signal_timeout: the most seconds a signal waits for the writer before the previous handler runs.
+        storage_options: options of the fsspec filesystem when ``run_dir`` is a URI (``s3://bucket/runs/x``);
+            without them the backend's usual configuration is used (for S3 the ``AWS_*`` variables).
 
     Signals: a recorder that receives SIGTERM or SIGHUP stays usable; a ``record()`` after the signal (a
     training loop that finishes its step on a "stop soon" flag) reopens the writer file. A handler installed
@@ -182,6 +184,7 @@ class Recorder:
         name: str | None = None,
         handle_signals: bool = True,
         signal_timeout: float = 5.0,
+        storage_options: dict[str, Any] | None = None,
         **config_overrides: Any,
     ) -> None:
         cfg = config or RecorderConfig()
@@ -208,7 +211,7 @@ class Recorder:
         self._signals = bool(handle_signals)
         self._signal_timeout = float(signal_timeout)
         self._signalled: int | None = None
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir, storage_options)
         self.manifest = runformat.create_run_dir(self.run_dir, cfg, self.world_size, name)
         self.writer_id = runformat.writer_id(self.rank)
         self._started = time.time()

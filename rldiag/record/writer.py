@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rldiag import schema
+from rldiag import schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.runformat import file_metadata, segment_name
 from rldiag.record.tensors import HostSnapshot
@@ -170,7 +170,7 @@ class Writer(threading.Thread):
     def __init__(self, run_dir: Path, wid: str, rank: int, cfg: RecorderConfig,
                  on_step: Callable[[int, pa.Table], None] | None = None) -> None:
         super().__init__(name=f"rldiag-writer-{wid}", daemon=True)
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir)
         self.wid = wid
         self.rank = rank
         self.cfg = cfg
@@ -349,8 +349,13 @@ class Writer(threading.Thread):
 
     def _write(self, table: pa.Table, folder: str, name: str, compression: str) -> None:
         final = self.run_dir / folder / name
-        tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
         table = table.replace_schema_metadata(self._meta)
+        if storage.is_remote(final):  # object storage: the whole file in one write, never part of an object
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf, **parquet_options(table, compression))
+            storage.write_whole(final, buf.getvalue().to_pybytes())
+            return
+        tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
         try:
             pq.write_table(table, tmp, **parquet_options(table, compression))
             with open(tmp, "rb+") as f:
