@@ -286,9 +286,7 @@ class RunState:
         merged = aggregate.merge(table, by=(schema.STEP,), stats={"h_lr"})
         if merged.n_groups == 0:
             return np.zeros(0), np.zeros(0), np.zeros((0, 0))
-        signed = np.asarray(merged.stats["h_lr"], dtype=np.float64)
-        # Fold the signed histogram onto magnitudes: bin k of the negative half mirrors bin k of the positive.
-        mag = signed[:, hist.N_MAG:] + signed[:, : hist.N_MAG][:, ::-1]
+        mag = hist.fold(np.asarray(merged.stats["h_lr"], dtype=np.float64))
         return merged.keys[schema.STEP], hist.representative(hist.N_MAG), mag.T
 
     def lens(self) -> pl.DataFrame:

@@ -291,13 +291,11 @@ def _unknown(what: str, name: str, known: Iterable[str]) -> str:
 
 def known_metrics() -> frozenset[str] | None:
     """Names of the metric registry, or None while the registry is not importable."""
-    try:
-        from rldiag.analysis.cliff import HEADROOM, LAMBDA_STAR, LAMBDA_STAR_MIN
-        from rldiag.metrics.registry import REGISTRY
-    except ImportError:
-        return None
-    # cliff/* come from token rows (metrics-spec section 3): `rldiag watch --cliff-lam` adds them to the frame
-    return frozenset(REGISTRY) | {HEADROOM, LAMBDA_STAR, LAMBDA_STAR_MIN}
+    from rldiag.metrics.registry import METRICS
+
+    # lens/*, cliff/* and law/* come from token rows (metrics-spec section 3): `rldiag watch --cliff-lam` adds
+    # cliff/* to the frame
+    return frozenset(METRICS)
 
 
 def validate_condition(cond: Condition, where: str, metrics: frozenset[str] | None = None) -> None:

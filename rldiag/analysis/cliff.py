@@ -41,9 +41,34 @@ LAMBDA_STAR = "cliff/lambda_star"
 LAMBDA_STAR_MIN = "cliff/lambda_star_min"
 """Per step: the smallest per-position lambda* (the first structural position to leave the clip-safe region)."""
 HEADROOM = "cliff/headroom"
-"""Per step: lambda / lambda*; the cliff alert is critical at >= 1 and warns at >= 0.95."""
-WARN_HEADROOM = 0.95
-"""Headroom at which the cliff alert warns (metrics-spec: warn at 0.95 lambda*)."""
+"""Per step: lambda / lambda*; the cliff alert warns and is critical at the thresholds of the rule file."""
+
+
+def headroom_thresholds(rules_toml: str | None = None) -> tuple[float, float]:
+    r"""(warn, critical) thresholds of ``cliff/headroom``: those of the rules on that metric in the default rule
+    file (``rldiag/alerts/default_rules.toml``, ``[rules.<name>]`` with ``metric = "cliff/headroom"`` and
+    ``severity`` warn / critical), so ``cliff/severity`` and the alerts cannot disagree.
+
+    >>> headroom_thresholds('[rules.a]\nmetric = "cliff/headroom"\nseverity = "warn"\nthreshold = 0.9\n'
+    ...                     '[rules.b]\nmetric = "cliff/headroom"\nseverity = "critical"\nthreshold = 1.0\n')
+    (0.9, 1.0)
+    """
+    import tomllib
+    from importlib import resources
+
+    if rules_toml is None:
+        rules_toml = resources.files("rldiag.alerts").joinpath("default_rules.toml").read_text()
+    found: dict[str, float] = {}
+    for rule in tomllib.loads(rules_toml).get("rules", {}).values():
+        if rule.get("metric") == HEADROOM and rule.get("severity") in ("warn", "critical"):
+            found.setdefault(str(rule["severity"]), float(rule["threshold"]))
+    if set(found) != {"warn", "critical"}:
+        raise ValueError(f"the rule file has no warn and critical rule on {HEADROOM} (found {sorted(found)})")
+    return found["warn"], found["critical"]
+
+
+WARN_HEADROOM, CRITICAL_HEADROOM = headroom_thresholds()
+"""Headroom at which the cliff alert warns, and at which it is critical (read from the rule file)."""
 
 
 # --- closed form -------------------------------------------------------------------------------------------------
@@ -178,13 +203,13 @@ def lambda_star_kary(teacher: Sequence[float] | np.ndarray, base: Sequence[float
 
 
 def severity(headroom: float) -> str:
-    """The cliff alert's verdict for lambda/lambda*: "critical" (>= 1), "warn" (>= 0.95), "ok", or "unknown"
-    (NaN: no binding position in the step)."""
+    """The cliff alert's verdict for lambda/lambda*: "critical" (>= :data:`CRITICAL_HEADROOM`), "warn"
+    (>= :data:`WARN_HEADROOM`), "ok", or "unknown" (NaN: no binding position in the step)."""
     if math.isnan(headroom):
         return "unknown"
     if not math.isfinite(headroom):
         return "ok" if headroom < 0 else "critical"
-    return "critical" if headroom >= 1.0 else "warn" if headroom >= WARN_HEADROOM else "ok"
+    return "critical" if headroom >= CRITICAL_HEADROOM else "warn" if headroom >= WARN_HEADROOM else "ok"
 
 
 def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, c: float | None = None,

@@ -40,6 +40,8 @@ import polars as pl
 
 from rldiag import schema
 from rldiag.config import RecorderConfig
+from rldiag.metrics.registry import LENS_EXTRA, LENS_OBJECTIVES, LENS_QUANTITIES
+from rldiag.stats.definitions import batch_ess, ctpo_clipped, token_valid
 
 # --- objective parameters ------------------------------------------------------------------------------------
 
@@ -257,19 +259,14 @@ class LensParams:
         return dataclasses.replace(self, **changes)
 
 
-OBJECTIVES: tuple[str, ...] = (
-    "ppo", "dapo", "dual_clip", "dcpo", "cispo", "sapo", "gspo", "ctpo", "tis", "mis", "bapo", "ttb",
-)
-"""Objective names, in report order; ``lens/<name>/...`` columns."""
+OBJECTIVES: tuple[str, ...] = LENS_OBJECTIVES
+"""Objective names, in report order; ``lens/<name>/...`` columns (declared in the metric registry)."""
 
-QUANTITIES: tuple[str, ...] = ("kept_frac", "weight_mean", "pos_share", "kept_adv_frac")
-"""Quantities reported for every objective."""
+QUANTITIES: tuple[str, ...] = tuple(LENS_QUANTITIES)
+"""Quantities reported for every objective (registry: ``LENS_QUANTITIES``)."""
 
-EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
-    "bapo": ("clip_low", "clip_high", "saturated"),
-    "ttb": ("ess", "reg_weight"),
-}
-"""Objective-specific columns besides :data:`QUANTITIES`."""
+EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {obj: tuple(cols) for obj, cols in LENS_EXTRA.items()}
+"""Objective-specific columns besides :data:`QUANTITIES` (registry: ``LENS_EXTRA``)."""
 
 
 def column(objective: str, quantity: str) -> str:
@@ -522,7 +519,7 @@ def _sequence_table(tok: pl.LazyFrame, seq_keys: list[str], p: LensParams, ctpo:
         lf = _with_ordered_cumsum(tok, seq_keys) if ctpo == "ordered" else _with_window_cumsum(tok, seq_keys)
         adv, L = pl.col(_ADV), pl.col(_L)
         bound = (pl.col(schema.POS).cast(_F64) + 1.0).sqrt()
-        kept = ~(((adv > 0) & (L > p.ctpo.high * bound)) | ((adv < 0) & (L < -p.ctpo.low * bound)))
+        kept = ~ctpo_clipped(L, adv, bound, p.ctpo.low, p.ctpo.high)
         keys.append(kept.alias("ck"))
         aggs += [L.exp().sum().alias("eL"), (L.exp() * aa).sum().alias("eLa"),
                  pl.col(_START).sum().alias("starts"), (~pl.col(_ORDER_OK)).sum().alias("bad")]
@@ -609,7 +606,7 @@ def _prepare(lf: pl.LazyFrame, seq_keys: list[str], has_pos: bool, has_rollout: 
     adv = pl.col(schema.ADV).cast(_F64)
     return (
         lf.select(keep)
-        .filter(lp.is_finite() & olp.is_finite() & adv.is_finite() & (lp <= tol) & (olp <= tol))
+        .filter(token_valid(lp, olp, adv, tol))
         .with_columns((lp - olp).alias(_LR), adv.alias(_ADV), adv.abs().alias(_AA),
                       (olp - pl.col(schema.ROLLOUT_LOGP).cast(_F64)).exp().alias(_W))
         .with_columns(pl.col(_LR).exp().alias(_R))
@@ -735,7 +732,7 @@ def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tu
         frame = frame.join(_ctpo_sums(seq), on=schema.STEP, how="left")
         frame = _repair_ctpo(frame, tok, seq_keys, params)
     if "ttb" in objs:
-        ess_expr = pl.col("sr") ** 2 / (pl.col("n") * pl.col("sr2"))
+        ess_expr = batch_ess(pl.col("sr"), pl.col("sr2"), pl.col("n"))
         ess = frame.select(schema.STEP, pl.when(pl.col("sr2") > 0).then(ess_expr).otherwise(float("nan")).alias("ess"))
         frame = frame.join(ess, on=schema.STEP).join(_ttb_sums(tok, ess).collect(**_STREAMING), on=schema.STEP,
                                                       how="left")

@@ -11,7 +11,7 @@ import tomllib
 from importlib import resources
 from typing import Any
 
-from rldiag.metrics.registry import FAMILY_ORDER, REGISTRY
+from rldiag.metrics.registry import ANALYSES, FAMILY_ORDER, LENS_OBJECTIVES, LENS_QUANTITIES, REGISTRY
 from rldiag.stats import hist
 from rldiag.stats.kernel import STATS
 
@@ -104,19 +104,32 @@ def render() -> str:
         for s in specs:
             lines.append(f"- `{s.name}`: {s.doc}" + (f" Error bound: {s.error_bound}." if s.error_bound else ""))
         lines.append("")
-    from rldiag.analysis import cliff, lens
-
     lines += ["## Advanced analytics (from token rows)", "",
-              "Computed on demand from the token rows rather than from the stored statistics; see "
-              "[lens.md](lens.md), [cliff.md](cliff.md) and [law.md](law.md).", "",
-              "| name | meaning |", "|---|---|",
-              f"| `lens/<objective>/<quantity>` | objectives {', '.join('`' + o + '`' for o in lens.OBJECTIVES)}; "
-              f"quantities {', '.join('`' + q + '`' for q in lens.QUANTITIES)} (`run.lens()`, `rldiag lens`) |",
-              f"| `{cliff.LAMBDA_STAR}`, `{cliff.LAMBDA_STAR_MIN}` | extrapolation-cliff threshold lambda* per step "
-              "(**derived**: rldiag's derivation, not the paper's equations) |",
-              f"| `{cliff.HEADROOM}` | lambda / lambda*: critical at >= 1, warn at >= {cliff.WARN_HEADROOM} |",
-              "| `law/a`, `law/b`, `law/r2`, `law/ceiling`, `law/reached`, `law/sign_agreement` | fit of R = -a exp(H) + b, ceiling b - a, share reached, -cov sign agreement (`rldiag law`) |",
-              ""]
+              "Computed on demand from the token rows rather than from the stored statistics (the call is in the",
+              "last column); see [lens.md](lens.md), [cliff.md](cliff.md) and [law.md](law.md). The objective lens",
+              f"reports {', '.join('`' + q + '`' for q in LENS_QUANTITIES)} for every objective "
+              f"({', '.join('`' + o + '`' for o in LENS_OBJECTIVES)}): `lens/<objective>/<quantity>`.", "",
+              "| name | formula | source | alert default | better | computed by |", "|---|---|---|---|---|---|"]
+    shown_lens: set[str] = set()
+    for s in ANALYSES.values():
+        parts = s.name.split("/")
+        if parts[0] == "lens":  # one row per lens quantity, not per objective
+            obj, q = parts[1], parts[2]
+            if q in LENS_QUANTITIES:
+                if q in shown_lens:
+                    continue
+                shown_lens.add(q)
+                name = f"lens/<objective>/{q}"
+            else:
+                name = s.name
+        else:
+            name = s.name
+        formula = _md(s.formula) + (" **derived**" if s.derived else "")
+        alert = "; ".join(_md(a) for a in alerts.get(s.name, [])) or "-"
+        better = {"lower": "lower", "higher": "higher", "neutral": "-"}[s.direction]
+        src = "-" if name.startswith("lens/<") else (_md(s.source) or "-")
+        lines.append(f"| `{name}` | {formula} | {src} | {alert} | {better} | `{s.computed_by}` |")
+    lines.append("")
     lines += ["## Sufficient statistics", "",
               "Stored per (step, rank, micro) in `stats/*.parquet`; `config` marks those that depend on the clip",
               "settings (recomputed from token rows by `run.step_metrics(config=...)`).", "",

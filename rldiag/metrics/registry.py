@@ -1,7 +1,10 @@
-"""The metric registry: one :class:`MetricSpec` per public metric of metrics-spec section 2.
+"""The metric registry: one :class:`MetricSpec` per public metric name.
 
-A spec names the sufficient statistics it needs (declared in :data:`rldiag.stats.kernel.STATS`) and how to
-finalize them into one value per step. The analysis layer, the CLI, the alerts, the dashboard and the generated
+:data:`REGISTRY` holds the core metrics of metrics-spec section 2: each names the sufficient statistics it needs
+(declared in :data:`rldiag.stats.kernel.STATS`) and how to finalize them into one value per step
+(``run.step_metrics()``). :data:`ANALYSES` holds the metrics of metrics-spec section 3 that are computed from
+token rows on demand (``lens/*``, ``cliff/*``, ``law/*``: ``run.lens()``, ``run.cliff()``, ``run.law()``);
+:data:`METRICS` is both. The analysis layer, the CLI, the alerts, the dashboard and the generated
 docs/metrics.md all read this registry; a formula is written here and nowhere else.
 
 ``finalize`` receives merged statistics as numpy arrays, one entry per step: scalars ``[n]``, histograms
@@ -18,6 +21,7 @@ from typing import Final, Literal
 import numpy as np
 
 from rldiag.stats import hist
+from rldiag.stats.definitions import batch_ess
 from rldiag.stats.kernel import STATS
 
 Direction = Literal["lower", "higher", "neutral"]
@@ -51,6 +55,9 @@ class MetricSpec:
     """Shown in trainer logs and the dashboard's overview by default."""
     error_bound: str = ""
     """For histogram-based estimates: the documented error bound."""
+    computed_by: str = ""
+    """Empty for a core metric (finalized from stored statistics by ``run.step_metrics()``); else the call that
+    computes it from token rows, e.g. ``run.lens()`` (:data:`ANALYSES`)."""
 
     @property
     def family(self) -> str:
@@ -87,8 +94,7 @@ def _abs_quantile(name: str, q: float):
         key = f"{name}|abs"
         mag = s.get(key) if isinstance(s, dict) else None
         if mag is None:
-            h = np.asarray(s[name])
-            mag = h[:, hist.N_MAG :] + h[:, : hist.N_MAG][:, ::-1]
+            mag = hist.fold(s[name])
             if isinstance(s, dict):
                 s[key] = mag  # the other quantiles of |lr| reuse the fold (and its cumulative sums)
         return np.where(np.asarray(s["n"]) > 0, hist.quantiles(mag, q), np.nan)
@@ -101,6 +107,16 @@ def _ess_seq(s: Stats) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         v = np.exp(2.0 * s["lse_seq"] - np.log(n) - s["lse_seq2"])
     return np.where(n > 0, v, np.nan)
+
+
+def _ess(sum_w: np.ndarray, sum_w2: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """:func:`rldiag.stats.definitions.batch_ess`, NaN for an empty batch."""
+    n = np.asarray(n, dtype=np.float64)
+    sum_w2 = np.asarray(sum_w2, dtype=np.float64)
+    ok = n * sum_w2 > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, batch_ess(np.asarray(sum_w, dtype=np.float64), np.where(ok, sum_w2, 1.0),
+                                      np.where(ok, n, 1.0)), np.nan)
 
 
 def _std(sum_: np.ndarray, sq: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -184,7 +200,7 @@ _SPECS: tuple[MetricSpec, ...] = (
        bounds=(0.0, None), unit="tokens", headline=True),
     # ---- effective sample size ----------------------------------------------------------------------
     _m("ess/token", ("n", "s_rm1", "s_rm1sq"),
-       lambda s: _div((s["n"] + s["s_rm1"]) ** 2, s["n"] * (s["n"] + 2.0 * s["s_rm1"] + s["s_rm1sq"])),
+       lambda s: _ess(s["n"] + s["s_rm1"], s["n"] + 2.0 * s["s_rm1"] + s["s_rm1sq"], s["n"]),
        "(sum r)^2 / (n * sum r^2), in (0, 1]",
        "Normalized effective sample size of the batch: 1 is on-policy, small means few tokens carry the update.",
        source="Trust the Batch (P3O)", direction="higher", bounds=(0.0, 1.0), headline=True),
@@ -314,8 +330,7 @@ _SPECS: tuple[MetricSpec, ...] = (
     _m("mismatch/mis_frac", ("n_mis", "n_mm"), lambda s: _div(s["n_mis"], s["n_mm"]), "mean(w > C or w < 1/C)",
        "Tokens masked by MIS.", source="MIS", direction="lower", bounds=(0.0, 1.0), inputs=_R + ("rollout_logp",)),
     _m("mismatch/ess", ("n_mm", "s_mm_wm1", "s_mm_wm1sq"),
-       lambda s: _div((s["n_mm"] + s["s_mm_wm1"]) ** 2,
-                      s["n_mm"] * (s["n_mm"] + 2.0 * s["s_mm_wm1"] + s["s_mm_wm1sq"])),
+       lambda s: _ess(s["n_mm"] + s["s_mm_wm1"], s["n_mm"] + 2.0 * s["s_mm_wm1"] + s["s_mm_wm1sq"], s["n_mm"]),
        "ESS of w, untruncated", "Effective sample size of the mismatch weights; = verl rollout_is_eff_sample_size "
        "when no weight is clamped.", source="verl", direction="higher", bounds=(0.0, 1.0),
        inputs=_R + ("rollout_logp",)),
@@ -342,8 +357,11 @@ _SPECS: tuple[MetricSpec, ...] = (
        "max over tokens of |L_t|, L_t = sum_{j<=t} lr_j within a sequence",
        "Largest cumulative token log-ratio (CTPO).", source="CTPO", direction="lower", bounds=(0.0, None)),
     _m("seq/ctpo_clip", ("n_ctpo_clip", "n"), lambda s: _div(s["n_ctpo_clip"], s["n"]),
-       "share of tokens with L_t outside [-0.025*sqrt(t+1), 0.05*sqrt(t+1)]",
-       "Tokens CTPO's position-adaptive bounds would clip.", source="CTPO", direction="lower", bounds=(0.0, 1.0)),
+       "share of tokens whose gradient CTPO's clip removes: adv > 0 and L_t > 0.05*sqrt(t+1), or adv < 0 and "
+       "L_t < -0.025*sqrt(t+1) (sign-aware, like PPO's clip; the one CTPO definition, "
+       "rldiag.stats.definitions.ctpo_clipped, shared with lens/ctpo/*)",
+       "Tokens CTPO's position-adaptive bounds would clip; = 1 - lens/ctpo/kept_frac.", source="CTPO",
+       derived=True, direction="lower", bounds=(0.0, 1.0)),
     _m("seq/minprefix_ratio_p5", ("h_minprefix", "n_minprefix"), _hq("h_minprefix", 0.05, "n_minprefix", np.exp),
        "5th percentile over tokens of min_{j<t} r_j (prefix minimum)",
        "How far earlier tokens of the same response fell: MinPRO's surrogate.",
@@ -371,6 +389,119 @@ HEADLINE: Final[tuple[str, ...]] = tuple(s.name for s in _SPECS if s.headline)
 """Metrics shown first: in trainer logs, the CLI summary and the dashboard overview."""
 
 FAMILY_ORDER: Final[tuple[str, ...]] = tuple(dict.fromkeys(s.family for s in _SPECS))
+
+
+# ---- metrics computed from token rows on demand (metrics-spec section 3) ---------------------------------------
+def _from_token_rows(s: Stats) -> np.ndarray:
+    raise TypeError("this metric is computed from token rows by its analysis (MetricSpec.computed_by), "
+                    "not finalized from statistics")
+
+
+LENS_OBJECTIVES: Final[tuple[str, ...]] = (
+    "ppo", "dapo", "dual_clip", "dcpo", "cispo", "sapo", "gspo", "ctpo", "tis", "mis", "bapo", "ttb",
+)
+"""Objectives of the objective lens, in report order (``lens/<objective>/...``)."""
+LENS_QUANTITIES: Final[dict[str, tuple[str, str, Direction]]] = {
+    "kept_frac": ("share of valid tokens whose gradient the objective keeps (not clipped, masked or dropped)",
+                  "Share of tokens the objective would train on.", "higher"),
+    "weight_mean": ("mean effective weight w (the coefficient of A grad log pi; 0 for a dropped token)",
+                    "Average weight the objective puts on a token's gradient.", "neutral"),
+    "pos_share": ("sum max(w*A, 0) / sum |w*A|", "Positive share of the objective's gradient mass (BAPO's balance).",
+                  "higher"),
+    "kept_adv_frac": ("share of the advantage mass sum |A| carried by kept tokens",
+                      "How much of the learning signal the objective keeps.", "higher"),
+}
+"""Quantities reported for every objective: (formula, doc, direction)."""
+LENS_EXTRA: Final[dict[str, dict[str, tuple[str, str, Direction]]]] = {
+    "bapo": {"clip_low": ("lower ratio bound BAPO's search chose", "BAPO's adaptive lower bound.", "neutral"),
+             "clip_high": ("upper ratio bound BAPO's search chose", "BAPO's adaptive upper bound.", "neutral"),
+             "saturated": ("1 when no point of the search reached the target balance",
+                           "BAPO could not balance the gradient within its bounds.", "lower")},
+    "ttb": {"ess": ("(sum r)^2 / (n sum r^2) of the step (rldiag.stats.definitions.batch_ess)",
+                    "Trust the Batch's ratio cap: the step's ESS.", "higher"),
+            "reg_weight": ("1 - ess", "Trust the Batch's off-policy regulariser weight.", "lower")},
+}
+"""Objective-specific columns besides :data:`LENS_QUANTITIES`."""
+_LENS_SOURCES = {"ppo": "PPO", "dapo": "DAPO", "dual_clip": "Dual-clip PPO", "dcpo": "DCPO", "cispo": "CISPO",
+                 "sapo": "SAPO", "gspo": "GSPO", "ctpo": "CTPO", "tis": "TIS", "mis": "MIS", "bapo": "BAPO",
+                 "ttb": "Trust the Batch (P3O)"}
+
+
+def _a(name: str, formula: str, doc: str, computed_by: str, **kw) -> MetricSpec:
+    return MetricSpec(name=name, needs=(), finalize=_from_token_rows, formula=formula, doc=doc,
+                      computed_by=computed_by, **kw)
+
+
+def _lens_specs() -> list[MetricSpec]:
+    out = []
+    for obj in LENS_OBJECTIVES:
+        columns = dict(LENS_QUANTITIES) | LENS_EXTRA.get(obj, {})
+        for q, (formula, doc, direction) in columns.items():
+            bounds = (0.0, 1.0) if q in ("kept_frac", "pos_share", "kept_adv_frac", "ess", "reg_weight",
+                                         "saturated") else (None, None)
+            out.append(_a(f"lens/{obj}/{q}", formula, doc, "run.lens()", direction=direction, bounds=bounds,
+                          source=_LENS_SOURCES[obj], derived=obj == "ctpo", inputs=_R + ("seq", "pos")))
+    return out
+
+
+_TC = ("teacher_logp", "base_logp")
+_ANALYSIS_SPECS: tuple[MetricSpec, ...] = (
+    *_lens_specs(),
+    _a("cliff/lambda_star", "lambda* of the step's pooled binding positions (mean teacher modal probability p, "
+       "mean base mass b)", "Largest extrapolation lambda at which the binding positions stay inside the IS clip.",
+       "run.cliff()", derived=True, direction="higher", bounds=(0.0, None), inputs=_R + _TC,
+       source="Extrapolation Cliff (rldiag's derivation)"),
+    _a("cliff/lambda_star_min", "smallest per-position lambda* of the step",
+       "The first structural position to leave the clip-safe region.", "run.cliff()", derived=True,
+       direction="higher", bounds=(0.0, None), inputs=_R + _TC, source="Extrapolation Cliff (rldiag's derivation)"),
+    _a("cliff/headroom", "lambda / lambda*", "How close the run's lambda is to the cliff; the alert thresholds are "
+       "those of the extrapolation_cliff rules of the rule file.", "run.cliff(lam=...)", derived=True,
+       direction="lower", bounds=(0.0, None), inputs=_R + _TC, source="Extrapolation Cliff (rldiag's derivation)"),
+    _a("cliff/n_tokens", "token rows with finite teacher and base log-probs", "Tokens the cliff analysis saw.",
+       "run.cliff()", unit="tokens", bounds=(0.0, None), inputs=_R + _TC),
+    _a("cliff/n_positions", "binding positions: exp(teacher_logp) > threshold",
+       "Near-deterministic positions the cliff is computed from.", "run.cliff()", unit="tokens",
+       bounds=(0.0, None), inputs=_R + _TC),
+    _a("cliff/p", "mean teacher modal probability at the binding positions", "Teacher sharpness where it binds.",
+       "run.cliff()", bounds=(0.0, 1.0), inputs=_R + _TC),
+    _a("cliff/b", "mean base mass on the teacher's mode at the binding positions", "Base support where it binds.",
+       "run.cliff()", bounds=(0.0, 1.0), inputs=_R + _TC),
+    _a("cliff/c", "ratio bound c = 1/(1-eps) of the run's IS clip", "The clip the cliff is computed against.",
+       "run.cliff()", bounds=(1.0, None), inputs=_R + _TC),
+    _a("law/a", "a of the least-squares fit R = -a exp(H) + b over the run's steps",
+       "Entropy-performance law: how much reward each nat of entropy buys.", "run.law()",
+       source="The Entropy Mechanism of RL for Reasoning LMs", inputs=_R + ("entropy", "reward")),
+    _a("law/b", "b of the fit R = -a exp(H) + b", "Intercept of the entropy-performance law.", "run.law()",
+       source="The Entropy Mechanism of RL for Reasoning LMs", inputs=_R + ("entropy", "reward")),
+    _a("law/r2", "coefficient of determination of the fit", "How well the law describes the run.", "run.law()",
+       direction="higher", bounds=(None, 1.0), inputs=_R + ("entropy", "reward")),
+    _a("law/ceiling", "b - a: predicted R at entropy exhaustion", "The reward the run can reach by spending its "
+       "entropy.", "run.law()", inputs=_R + ("entropy", "reward")),
+    _a("law/reached", "R now (mean of the last window steps) / ceiling", "Share of the ceiling reached.",
+       "run.law()", inputs=_R + ("entropy", "reward")),
+    _a("law/gain_reached", "(R now - R first) / (ceiling - R first)", "Share of the possible gain made.",
+       "run.law()", inputs=_R + ("entropy", "reward")),
+    _a("law/sign_agreement", "share of steps where sign(-entropy/cov) equals the sign of the next entropy change",
+       "Whether entropy moves as the covariance mechanism predicts.", "run.law()", direction="higher",
+       bounds=(0.0, 1.0), source="The Entropy Mechanism of RL for Reasoning LMs", inputs=_R + ("entropy",)),
+    _a("law/n", "steps in the fit", "Steps the law was fitted on.", "run.law()", unit="steps", bounds=(0.0, None)),
+    _a("law/n_sign", "steps counted by law/sign_agreement", "Steps the mechanism check used.", "run.law()",
+       unit="steps", bounds=(0.0, None)),
+)
+
+ANALYSES: Final[dict[str, MetricSpec]] = {spec.name: spec for spec in _ANALYSIS_SPECS}
+"""Metrics computed from token rows on demand (``lens/*``, ``cliff/*``, ``law/*``), by public name."""
+
+METRICS: Final[dict[str, MetricSpec]] = {**REGISTRY, **ANALYSES}
+"""Every public metric name: :data:`REGISTRY` and :data:`ANALYSES`."""
+
+
+def spec(name: str) -> MetricSpec:
+    """The spec of a public metric name (core or analysis); a clear error for an unknown one."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; `rldiag summarize --list` shows the names") from None
 
 
 def needed_stats(names: list[str] | tuple[str, ...] | None = None) -> set[str]:

@@ -71,6 +71,17 @@ def signed_index(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, N_MAG - 1 - m, N_MAG + m)
 
 
+def fold(signed_counts: np.ndarray) -> np.ndarray:
+    """Counts of |x| from signed-bin counts ``[..., N_SIGNED]``: negative bin k mirrors positive bin k.
+
+    >>> h = np.zeros((1, N_SIGNED)); h[0, signed_index(np.array([-0.5, 0.5, 2.0]))] += 1
+    >>> int(fold(h)[0, mag_index(np.array([0.5]))[0]])
+    2
+    """
+    h = np.asarray(signed_counts)
+    return h[..., N_MAG:] + h[..., :N_MAG][..., ::-1]
+
+
 def representative(n_bins: int) -> np.ndarray:
     """Value reported for each bin of a histogram with ``n_bins`` bins (magnitude or signed)."""
     if n_bins == N_MAG:

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from rldiag.config import EVERY_STAT_FIELDS, KERNEL_INPUTS, STAT_FIELDS, RecorderConfig
-from rldiag.stats import hist
+from rldiag.stats import definitions, hist
 
 MergeKind = Literal["sum", "min", "max", "lse", "hist_mag", "hist_signed", "vec_sum", "set"]
 
@@ -88,7 +88,8 @@ _DECLS: Final[tuple[StatDecl, ...]] = (
     StatDecl("max_gspo", "max", "largest s_i"),
     StatDecl("n_gspo_clip", "sum", "sequences outside the GSPO sequence clip (eps_low, eps_high)", True),
     StatDecl("max_cum_abs", "max", "largest |L_t|, L_t the cumulative lr within a sequence"),
-    StatDecl("n_ctpo_clip", "sum", "tokens with L_t outside the CTPO bounds", True),
+    StatDecl("n_ctpo_clip", "sum", "tokens whose gradient CTPO's clip removes (adv > 0 and L_t above its bound, "
+             "or adv < 0 and L_t below)", True),
     StatDecl("n_minprefix", "sum", "tokens with an earlier valid token in their sequence"),
     StatDecl("n_ref", "sum", "valid tokens with a finite ref_logp"),
     StatDecl("s_ref_k3", "sum", "sum of exp(x) - x - 1, x = ref_logp - logp"),
@@ -162,6 +163,11 @@ C_N_BUCKETS, C_LOGP_TOLERANCE = _SLOT["n_buckets"], _SLOT["logp_tolerance"]
 FLAGS: Final[tuple[str, ...]] = ("entropy", "rollout", "ref", "version", "stage", "hists", "cov")
 """The kernel's flags: which optional inputs are present, and whether histograms and products are wanted."""
 F_ENTROPY, F_ROLLOUT, F_REF, F_VERSION, F_STAGE, F_HISTS, F_COV = range(len(FLAGS))
+
+# The shared definitions (rldiag.stats.definitions), compiled into the kernel from their one source.
+_finite = numba.njit(inline="always")(definitions.finite)
+_token_valid = numba.njit(inline="always")(definitions.token_valid)
+_ctpo_clipped = numba.njit(inline="always")(definitions.ctpo_clipped)
 
 _NMAG = hist.N_MAG
 _BPO_I = hist.BINS_PER_OCTAVE
@@ -302,9 +308,9 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
                 x_lp = np.float64(lp[t0 + j])
                 x_olp = np.float64(olp[t0 + j])
                 x_a = np.float64(adv[t0 + j])
-                fin = math.isfinite(x_lp) & math.isfinite(x_olp) & math.isfinite(x_a)
-                inv = fin & ((x_lp > tol) | (x_olp > tol))
-                ok = fin ^ inv  # inv implies fin
+                fin = _finite(x_lp) & _finite(x_olp) & _finite(x_a)
+                ok = _token_valid(x_lp, x_olp, x_a, tol)
+                inv = fin ^ ok  # ok implies fin
                 n += ok
                 n_nonfin += 1 - fin
                 n_inv += inv
@@ -536,9 +542,9 @@ def _hist_pass(m, x_s, bins, h):  # pragma: no cover - compiled
 
 
 @numba.njit(**_LANE)
-def _cum_pass(m, L_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
-    """(max |L_t|, tokens with L_t outside the CTPO bounds [-a sqrt(t+1), b sqrt(t+1)]) over the non-NaN
-    cumulative log-ratios L_s[:m]."""
+def _cum_pass(m, L_s, a_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
+    """(max |L_t|, tokens whose gradient CTPO's clip removes: :func:`rldiag.stats.definitions.ctpo_clipped`)
+    over the non-NaN cumulative log-ratios L_s[:m]."""
     hi = np.full(W, -np.inf)
     n_ctpo = 0
     for j0 in range(0, m, W):
@@ -548,7 +554,7 @@ def _cum_pass(m, L_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
                 L = L_s[j]
                 use = L == L
                 root = math.sqrt(pos[t0 + j] + 1.0)
-                n_ctpo += use & ((L < -ctpo_a * root) | (L > ctpo_b * root))
+                n_ctpo += use & _ctpo_clipped(L, a_s[j], root, ctpo_a, ctpo_b)
                 hi[lane] = max(hi[lane], abs(L) if use else -np.inf)
     return hi.max(), n_ctpo
 
@@ -756,7 +762,7 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
         row[I_NSEQV], row[I_NMINP] = _scan_pass(
             seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
             H_lr[R], H_min[R], BK[R], L_s, seq_L, seq_len, seq_A, seq_flag)
-        row[I_MCUM], row[I_CTPO] = _cum_pass(m, L_s, pos, t0, cfg[C_CTPO_A], cfg[C_CTPO_B])
+        row[I_MCUM], row[I_CTPO] = _cum_pass(m, L_s, a_s, pos, t0, cfg[C_CTPO_A], cfg[C_CTPO_B])
         _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row)
         _covariance_pass(m, ok_s, lp, t0, a_s, n, cfg[C_COV_BAND_LO], cfg[C_COV_BAND_HI], cfg[C_COV_TOP_FRAC],
                          c_s, row)

@@ -163,11 +163,12 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
     cum_abs, ctpo, prefix = [], 0, []
     for s in seqs:
         sel = f["seq"] == s
-        lrs, ps = lr[sel], f["pos"][sel]
+        lrs, ps, As = lr[sel], f["pos"][sel], f["adv"][sel]
         cs = np.cumsum(lrs)
         cum_abs.append(np.abs(cs).max())
         root = np.sqrt(ps + 1)
-        ctpo += int(((cs < -0.025 * root) | (cs > 0.05 * root)).sum())
+        # CTPO's clip, sign-aware like PPO's (rldiag.stats.definitions.ctpo_clipped)
+        ctpo += int((((As < 0) & (cs < -0.025 * root)) | ((As > 0) & (cs > 0.05 * root))).sum())
         for t in range(1, lrs.size):
             prefix.append(np.exp(lrs[:t].min()))
     m["seq/cum_logratio_absmax"] = max(cum_abs) if cum_abs else nan
