@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +235,8 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
     for fname in ("logp", "old_logp", "adv") + _OPTIONAL:
         arr = getattr(seq, fname)
         if arr is not None and arr.shape != (n,):
-            policy.problem(where, f"column {names.get(fname, fname)} has {arr.size} values but the loss mask has "
-                           f"{n}", "per-token lists of different lengths")
+            policy.problem(f"{where}, column {names.get(fname, fname)}", f"{arr.size} values but the loss mask "
+                           f"has {n}", "per-token lists of different lengths")
             return None
     bad = np.zeros(n, dtype=bool)
     for fname in _LOGP_FIELDS:
@@ -248,7 +248,7 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
         if pos.any():
             i = int(np.flatnonzero(pos)[0])
             col = names.get(fname, fname)
-            policy.problem(where, f"column {col}[{i + offset}] = {float(arr[i])!r} is a positive log-probability "
+            policy.problem(f"{where}, column {col}[{i + offset}]", f"{float(arr[i])!r} is a positive log-probability "
                            f"({int(pos.sum())} such token(s)); log-probabilities cannot be positive",
                            "positive log-probability (tokens)", int(pos.sum()))
             bad |= pos
@@ -257,7 +257,7 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
             neg = seq.mask & (seq.entropy < 0) & ~bad
         if neg.any():
             i = int(np.flatnonzero(neg)[0])
-            policy.problem(where, f"column {names.get('entropy', 'entropy')}[{i + offset}] = "
+            policy.problem(f"{where}, column {names.get('entropy', 'entropy')}[{i + offset}]",
                            f"{float(seq.entropy[i])!r} is "
                            "a negative entropy", "negative entropy (tokens)", int(neg.sum()))
             bad |= neg
@@ -371,6 +371,113 @@ class RunBuilder:
         self.report.ranks.add(rank)
 
 
+# --- JSON lines ----------------------------------------------------------------------------------------
+MAX_LINE_BYTES = 1 << 28
+"""A JSON line longer than this is refused (a packed sequence of 1M tokens is about 60 MB)."""
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of a JSONL file; text is None for a line over MAX_LINE_BYTES or not UTF-8."""
+    with path.open("rb") as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                    raw = fh.readline(MAX_LINE_BYTES)
+                yield lineno, None
+                continue
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, "\x00"
+
+
+def decode_json(line: str | None, where: str) -> dict[str, Any]:
+    if line is None:
+        raise ImportInputError(f"{where}: line longer than {MAX_LINE_BYTES} bytes")
+    if line == "\x00":
+        raise ImportInputError(f"{where}: not UTF-8 text")
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ImportInputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ImportInputError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ImportInputError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+    if not isinstance(rec, dict):
+        raise ImportInputError(f"{where}: expected a JSON object per line, got {type(rec).__name__}")
+    return rec
+
+
+def jsonl_records(path: Path, policy: Policy) -> Iterator[tuple[str, dict[str, Any] | None, ImportInputError | None]]:
+    """(where, record, error) per non-blank line of a JSONL file, streamed (files larger than memory are fine);
+    counts each line in ``policy.report.rows_read``."""
+    for lineno, line in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if line is not None and not line.strip():
+            continue
+        policy.report.rows_read += 1
+        try:
+            yield where, decode_json(line, where), None
+        except ImportInputError as exc:
+            yield where, None, exc
+
+
+def parse_jsonl(path: Path, policy: Policy, parse: Callable[[dict[str, Any], str], Sequence | None], *,
+                key: Callable[[dict[str, Any]], Any] | None = None,
+                error: type[ImportInputError] = ImportInputError) -> Iterator[Sequence]:
+    """Sequences of a JSONL dump, one record a line, under the error policy.
+
+    ``parse(record, where)`` returns a sequence (or None: nothing trained) and raises
+    :class:`ImportInputError` on bad input; strict re-raises it (as ``error``), lenient skips the record and
+    counts it as "bad record". ``key(record)`` identifies a record within the file: a repeat is a
+    "duplicate record".
+    """
+    seen: dict[str, str] = {}
+    for where, rec, exc in jsonl_records(path, policy):
+        seq = None
+        try:
+            if exc is not None:
+                raise exc
+            assert rec is not None
+            seq = parse(rec, where)
+        except ImportInputError as err:
+            if policy.strict:
+                raise err if isinstance(err, error) else error(str(err)) from None
+            policy.report.skipped["bad record"] += 1
+            policy.report.first.setdefault("bad record", str(err))
+            continue
+        if seq is None:
+            continue
+        k = key(rec) if key is not None and rec is not None else None
+        if k is not None:
+            hk = short(k, 200)
+            if hk in seen:
+                policy.problem(where, f"repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)",
+                               "duplicate record")
+                continue
+            seen[hk] = where
+        yield seq
+
+
+def trained_span(mask: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """(lo, hi, mask[lo:hi], turns) from the first to the last trained position, or None when none is trained.
+    Each run of trained positions after an untrained gap (tool output, the next user turn) is the next turn."""
+    trained = np.flatnonzero(mask)
+    if trained.size == 0:
+        return None
+    lo, hi = int(trained[0]), int(trained[-1]) + 1
+    sub = np.asarray(mask[lo:hi], dtype=bool)
+    starts = np.concatenate([[True], sub[1:] & ~sub[:-1]])
+    turns = (np.cumsum(starts & sub) - 1).astype(np.int64)
+    return lo, hi, sub.copy(), turns
+
+
 # --- staging and publishing -----------------------------------------------------------------------------
 def check_target(target: Path) -> None:
     """Refuse a target that exists and is not an empty directory."""
@@ -436,3 +543,68 @@ def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (third-party errors can span pages)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# --- dump formats: a folder of files, one or more per step ----------------------------------------------
+@dataclass(frozen=True)
+class DumpFile:
+    """One dump file and what its name says."""
+
+    path: Path
+    step: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class DumpFormat:
+    """A trainer's dump format: how to list its files and read sequences from one.
+
+    ``list_files(source)`` returns the dump files in step order (raises :class:`ImportInputError` when the
+    source is not such a dump); ``read_file(file, policy, tolerance)`` yields cleaned sequences; ``ready(file)``
+    says whether a file is complete (``--follow`` also waits for its size to settle).
+    """
+
+    trainer: str
+    list_files: Callable[[Path], list[DumpFile]]
+    read_file: Callable[[DumpFile, Policy, float], Iterator[Sequence]]
+    ready: Callable[[DumpFile], bool] = lambda f: True
+
+
+def import_dump(fmt: DumpFormat, source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
+                config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
+                report: ImportReport | None = None) -> Path:
+    """Import every file of a dump into the new run ``run_dir`` (staged, published at the end)."""
+    cfg = config or RecorderConfig()
+    mode: ErrorPolicy = errors or cfg.errors
+    rep = report if report is not None else ImportReport(trainer=fmt.trainer, source=str(source))
+    rep.errors = mode
+    policy = Policy(mode, rep)
+    files = fmt.list_files(Path(source))
+    if not files:
+        raise ImportInputError(f"{source}: no {fmt.trainer} dump files found")
+    target = Path(run_dir)
+    with staged_run(target, rep) as staging:
+        builder = RunBuilder(staging, cfg, rep, world_size=max(f.rank for f in files) + 1, name=target.name)
+        try:
+            for f in files:
+                rep.files += 1
+                for seq in fmt.read_file(f, policy, cfg.logp_tolerance):
+                    builder.add(seq)
+        finally:
+            builder.close()
+        if rep.tokens == 0:
+            raise ImportInputError(f"{source}: no trained tokens to import ({rep.rows_read:,} records read; "
+                                   f"skipped: {dict(rep.skipped) or 'none'})")
+    return target
+
+
+def load_checked(path: Path, loader: Callable[[Path], Any], what: str) -> Any:
+    """Run a whole-file loader (pickle, torch) and turn any failure into one ImportInputError naming the file."""
+    try:
+        return loader(path)
+    except ImportInputError:
+        raise
+    except MemoryError:
+        raise ImportInputError(f"{path}: too large to load into memory as {what}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file fails in many ways inside the loader
+        raise ImportInputError(f"{path}: not a readable {what} ({type(exc).__name__}: {one_line(exc)[:200]})") from None

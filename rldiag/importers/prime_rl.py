@@ -23,7 +23,6 @@ Mapping (per token; docs/importers.md has the full table and what the export lac
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -36,6 +35,8 @@ import numpy as np
 from rldiag.config import RecorderConfig
 from rldiag.importers._core import (
     MAX_STEP,
+    DumpFile,
+    DumpFormat,
     ErrorPolicy,
     ImportInputError,
     ImportReport,
@@ -48,8 +49,10 @@ from rldiag.importers._core import (
     float_list,
     int_list,
     is_number,
+    parse_jsonl,
     short,
     staged_run,
+    trained_span,
 )
 
 __all__ = ["REQUIRED_KEYS", "TOKEN_KEYS", "PrimeRLImportError", "find_files", "import_prime_rl"]
@@ -59,8 +62,6 @@ REQUIRED_KEYS = ("token_ids", "loss_mask", "advantages", "inference_logprobs", "
 TOKEN_KEYS = ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs", "entropy", "rl_weights",
               "ce_weights", "ref_kl_weights")
 """Per-token lists that must all have the same length (when present)."""
-MAX_LINE_BYTES = 1 << 28
-"""A line longer than this is refused (a packed sequence of 1M tokens is about 60 MB)."""
 
 _STEP_DIR = re.compile(r"^step_(\d{1,18})$")
 _RANK_FILE = re.compile(r"^rank_(\d{1,5})\.jsonl$")
@@ -150,75 +151,20 @@ def find_files(src: Path) -> dict[int, list[tuple[int, Path]]]:
     return dict(sorted(by_rank.items()))
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) of a JSONL file; text is None for a line over MAX_LINE_BYTES or not UTF-8."""
-    with path.open("rb") as fh:
-        lineno = 0
-        while True:
-            raw = fh.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                return
-            lineno += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
-                    raw = fh.readline(MAX_LINE_BYTES)
-                yield lineno, None
-                continue
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield lineno, "\x00"
-
-
 def _read(path: Path, folder_step: int, rank: int, policy: Policy, tolerance: float,
           envs: dict[str, int]) -> Iterator[Sequence]:
-    seen: dict[str, int] = {}
-    for lineno, line in _lines(path):
-        where = f"{path}:{lineno}"
-        if line is not None and not line.strip():
-            continue
-        policy.report.rows_read += 1
-        try:
-            rec = _decode(line, where)
-            seq = _parse(rec, where, folder_step, rank, tolerance, policy, envs)
-        except ImportInputError as exc:
-            if policy.strict:
-                raise exc if isinstance(exc, PrimeRLImportError) else PrimeRLImportError(str(exc)) from None
-            policy.report.skipped["bad record"] += 1
-            policy.report.first.setdefault("bad record", str(exc))
-            continue
-        if seq is None:
-            continue
-        # export_sequence_idx counts the sequences of one file: a repeat is a copied or doubled line
-        key = rec.get("export_sequence_idx")
-        if key is None and rec.get("micro_sequence_idx") is not None:
-            key = (rec.get("micro_step"), rec.get("micro_sequence_idx"))
-        if key is not None:
-            hkey = short(key, 200)
-            if hkey in seen:
-                policy.problem(where, f"repeats export_sequence_idx {short(key)} of line {seen[hkey]} (a copied "
-                               "or doubled record)", "duplicate record")
-                continue
-            seen[hkey] = lineno
-        yield seq
+    def parse(rec: dict[str, Any], where: str) -> Sequence | None:
+        return _parse(rec, where, folder_step, rank, tolerance, policy, envs)
+
+    yield from parse_jsonl(path, policy, parse, key=_key, error=PrimeRLImportError)
 
 
-def _decode(line: str | None, where: str) -> dict[str, Any]:
-    if line is None:
-        raise PrimeRLImportError(f"{where}: line longer than {MAX_LINE_BYTES} bytes")
-    if line == "\x00":
-        raise PrimeRLImportError(f"{where}: not UTF-8 text")
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PrimeRLImportError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise PrimeRLImportError(f"{where}: JSON nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise PrimeRLImportError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
-    if not isinstance(rec, dict):
-        raise PrimeRLImportError(f"{where}: expected a JSON object per line, got {type(rec).__name__}")
-    return rec
+def _key(rec: dict[str, Any]) -> Any:
+    """export_sequence_idx counts the sequences of one file: a repeat is a copied or doubled line."""
+    key = rec.get("export_sequence_idx")
+    if key is None and rec.get("micro_sequence_idx") is not None:
+        key = (rec.get("micro_step"), rec.get("micro_sequence_idx"))
+    return key
 
 
 def _weights(rec: dict[str, Any], key: str, where: str) -> np.ndarray | None:
@@ -281,14 +227,11 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     if outside:
         policy.report.notes["tokens outside the RL stream (zero rl weight, CE only)"] = (
             policy.report.notes.get("tokens outside the RL stream (zero rl weight, CE only)", 0) + outside)
-    trained = np.flatnonzero(rl)
-    if trained.size == 0:
+    span = trained_span(rl)
+    if span is None:
         return None
-    lo, hi = int(trained[0]), int(trained[-1]) + 1
+    lo, hi, sub, turns = span
     token_ids = int_list(rec["token_ids"][lo:hi], "token_ids", where, 0, 2**31 - 1)
-    sub = rl[lo:hi]
-    starts = np.concatenate([[True], sub[1:] & ~sub[:-1]])  # a trained run begins here
-    turns = np.cumsum(starts & sub) - 1
     logp = float_list(rec["trainer_logprobs"][lo:hi], "trainer_logprobs", where)
     rollout = float_list(rec["inference_logprobs"][lo:hi], "inference_logprobs", where)
     advantages = (float_list(adv[lo:hi], "advantages", where) if isinstance(adv, list)
@@ -299,7 +242,30 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     if isinstance(env, str) and env:
         code = envs.setdefault(env[:200], len(envs))
         stages = np.full(hi - lo, code, dtype=np.int64)
-    seq = Sequence(step=int(step), rank=int(rank), mask=sub.copy(), logp=logp, old_logp=logp.copy(),
+    seq = Sequence(step=int(step), rank=int(rank), mask=sub, logp=logp, old_logp=logp.copy(),
                    adv=advantages, rollout_logp=rollout, entropy=entropy, token_ids=token_ids,
-                   turns=turns.astype(np.int64), stages=stages, micro=int(micro) if micro is not None else None)
+                   turns=turns, stages=stages, micro=int(micro) if micro is not None else None)
     return clean_sequence(seq, where, _NAMES, policy, tolerance, offset=lo)
+
+
+def _list(src: Path) -> list[DumpFile]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # --follow waits for STABLE instead of warning about it
+        files = find_files(src)
+    return sorted((DumpFile(path, step, rank) for rank, entries in files.items() for step, path in entries),
+                  key=lambda f: (f.step, f.rank))
+
+
+def _read_file(f: DumpFile, policy: Policy, tolerance: float) -> Iterator[Sequence]:
+    envs: dict[str, int] = policy.report.notes.setdefault("env_name -> stage", {})
+    yield from _read(f.path, f.step, f.rank, policy, tolerance, envs)
+
+
+def _ready(f: DumpFile) -> bool:
+    if (f.path.parent / "STABLE").exists():
+        return True
+    return not any((p / "STABLE").exists() for p in f.path.parent.parent.glob("step_*"))
+
+
+FORMAT = DumpFormat("prime-rl", _list, _read_file, _ready)
+"""prime-rl's token exports as a :class:`DumpFormat` (used by ``--follow``)."""
