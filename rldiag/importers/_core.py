@@ -238,6 +238,17 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
             policy.problem(f"{where}, column {names.get(fname, fname)}", f"{arr.size} values but the loss mask "
                            f"has {n}", "per-token lists of different lengths")
             return None
+    f32 = float(np.finfo(np.float32).max)
+    for fname in ("logp", "old_logp", "adv", "rollout_logp", "ref_logp", "entropy"):
+        arr = getattr(seq, fname)
+        if arr is not None:
+            with np.errstate(invalid="ignore"):
+                huge = seq.mask & np.isfinite(arr) & (np.abs(arr) > f32)
+            if huge.any():
+                i = int(np.flatnonzero(huge)[0])
+                policy.problem(f"{where}, column {names.get(fname, fname)}[{i + offset}]",
+                               f"{float(arr[i])!r} is outside the float32 range", "value outside float32 range")
+                return None
     bad = np.zeros(n, dtype=bool)
     for fname in _LOGP_FIELDS:
         arr = getattr(seq, fname)

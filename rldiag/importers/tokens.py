@@ -174,6 +174,8 @@ def clean_token_rows(df: pl.DataFrame, source: str, policy: Policy, *, tolerance
             vals, bad, what = _float_column(df[col])
             cols[col] = vals
             flag(bad, col, what)
+            flag((vals.is_finite() & (vals.abs() > float(np.finfo(np.float32).max))).fill_null(False), col,
+                 "is outside the float32 range")
             if col in LOGP_COLUMNS:
                 # polars orders NaN above every number: test it apart
                 flag(((vals > tolerance) & vals.is_not_nan()).fill_null(False), col, "is a positive log-probability")

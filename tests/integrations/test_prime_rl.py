@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rldiag
 from rldiag.cli import main
@@ -216,7 +220,7 @@ BAD = [
     (lambda r: json.dumps({**r, "entropy": [-1.0] * len(r["loss_mask"])}), "negative entropy"),
     (lambda r: json.dumps({**r, "advantages": {"a": 1}}), "column advantages"),
     (lambda r: json.dumps({**r, "rl_weights": [None, 1.0] + [1.0] * (len(r["loss_mask"]) - 2)}), "rl_weights"),
-    (lambda r: json.dumps({**r, "export_sequence_idx": 0}), "repeats export_sequence_idx"),
+    (lambda r: json.dumps({**r, "export_sequence_idx": 0}), "repeats the record 0"),
     (lambda r: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     (lambda r: '{"step": ' + "9" * 5000 + "}", "not valid JSON"),
     (lambda r: '{"step": 7, "rank": 0, ', "not valid JSON"),
@@ -314,3 +318,42 @@ def test_cli_one_line_error_then_a_retry_works(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped 1: bad record" in out
     assert rldiag.open_run(tmp_path / "run").tokens().collect().height > 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+_KEYS = ["step", "rank", "micro_step", "export_sequence_idx", "token_ids", "loss_mask", "advantages",
+         "inference_logprobs", "trainer_logprobs", "entropy", "rl_weights", "ce_weights", "ref_kl_weights", "env_name"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), errors=st.sampled_from(["strict", "lenient"]))
+def test_random_bad_records_never_give_anything_but_a_clear_error(data, errors):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_exports(root / "out", steps=(2,), ranks=(0,), per_file=3)
+        path = root / "out" / "token_exports" / "step_2" / "rank_0.jsonl"
+        lines = path.read_text().splitlines()
+        for _ in range(data.draw(st.integers(1, 3))):
+            i = data.draw(st.integers(0, len(lines) - 1))
+            rec = json.loads(lines[i])
+            key = data.draw(st.sampled_from(_KEYS))
+            if data.draw(st.booleans()) and isinstance(rec.get(key), list) and rec[key]:
+                j = data.draw(st.integers(0, len(rec[key]) - 1))
+                rec[key][j] = data.draw(_JSON)  # one bad element of a per-token list
+            else:
+                rec[key] = data.draw(_JSON)
+            lines[i] = json.dumps(rec)
+        path.write_text("\n".join(lines) + "\n")
+        report = ImportReport(trainer="prime-rl", source="x")
+        try:
+            import_prime_rl(root / "out", root / "run", errors=errors, report=report)
+        except PrimeRLImportError as exc:
+            assert str(exc).startswith(str(root / "out")) and "\n" not in str(exc)
+            assert sorted(p.name for p in root.iterdir()) == ["out"]
+            return
+        assert rldiag.open_run(root / "run").tokens().collect().height == report.tokens
