@@ -44,7 +44,7 @@ from rldiag import __version__, storage
 from rldiag.config import RecorderConfig
 
 __all__ = [
-    "SCHEMA_VERSION", "PARQUET_META_KEY", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR", "TOKENS_DIR", "ALERTS_FILE",
+    "SCHEMA_VERSION", "PARQUET_META_KEY", "RunFormatWarning", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR", "TOKENS_DIR", "ALERTS_FILE",
     "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
     "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
     "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
@@ -85,6 +85,10 @@ MAX_MANIFEST_BYTES: Final = 1 << 20
 MAX_ALERT_LINE_BYTES: Final = 1 << 20
 """A line of ``alerts.jsonl`` longer than this is skipped."""
 _RUN_ENTRIES: Final = frozenset({MANIFEST_NAME, STATS_DIR, TOKENS_DIR, WRITERS_DIR, ALERTS_FILE, TOKENIZER_DIR})
+
+
+class RunFormatWarning(UserWarning):
+    """A file of a run was skipped or a run's files disagree; the message names the file."""
 
 
 class RunFormatError(ValueError):

@@ -33,8 +33,7 @@ from rldiag.stats.table import STATS_SCHEMA
 from rldiag.stats.table import validate as validate_stats
 
 
-class RunFormatWarning(UserWarning):
-    """A file of a run was skipped or a run's files disagree; the message names the file."""
+RunFormatWarning = runformat.RunFormatWarning  # its home is rldiag.runformat; this name stays
 
 
 @dataclass

@@ -299,7 +299,7 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
             if nxt is not None:
                 pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only), nxt[3]))
             if res.error is not None:
-                from rldiag.analysis.io import RunFormatWarning
+                from rldiag.runformat import RunFormatWarning
 
                 warnings.warn(f"skipped an unreadable part of a token file ({res.error}); the records in it and "
                               "the ones it cuts are left out of the recompute (their steps read NaN)",
