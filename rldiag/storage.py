@@ -37,7 +37,6 @@ from types import SimpleNamespace
 from typing import Any, BinaryIO, Final, Union
 
 __all__ = [
-    "REQUEST_COUNTER",
     "Entry",
     "Location",
     "RemotePath",
@@ -204,6 +203,8 @@ def _filesystem(protocol: str, storage_options: Mapping[str, Any] | None) -> Any
     except ImportError:  # pragma: no cover - fsspec comes with the s3/gcs extras
         raise ImportError(f"{protocol}:// runs need fsspec and {_PACKAGES.get(protocol, 'its fsspec backend')}") from None
     opts = dict(storage_options or {})
+    # a live run grows: every listing must ask the store, not fsspec's cache of an earlier one
+    opts.setdefault("use_listings_cache", False)
     key = (protocol, repr(sorted(opts.items())))
     if key not in _FILESYSTEMS:
         try:
@@ -263,7 +264,7 @@ def list_files(folder: Location) -> list[Entry]:
     """
     if isinstance(folder, RemotePath):
         try:
-            infos = folder.fs.ls(folder.key, detail=True)
+            infos = folder.fs.ls(folder.key, detail=True, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
         out = []
@@ -375,36 +376,3 @@ def parquet_source(path: Location) -> Any:
     if not stat_mod.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file; rldiag reads only regular files of a run", str(path))
     return str(path)
-
-
-class _Counter:
-    """Counts requests to object storage made through botocore (for measurements; see docs/cluster.md)."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, event_name: str = "", **kw: Any) -> None:
-        op = event_name.rsplit(".", 1)[-1]
-        self.counts[op] = self.counts.get(op, 0) + 1
-
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def reset(self) -> None:
-        self.counts.clear()
-
-
-REQUEST_COUNTER: Final = _Counter()
-"""Requests per operation name, once :func:`count_requests` hooked an S3 filesystem."""
-
-
-def count_requests(path: RemotePath) -> _Counter:
-    """Count every request the S3 filesystem of ``path`` sends from now on (a botocore event hook)."""
-    fs = path.fs
-    if hasattr(fs, "connect"):
-        fs.connect()
-    client = getattr(fs, "s3", None)
-    if client is None:
-        raise ValueError(f"request counting needs an s3fs filesystem, not {type(fs).__name__}")
-    client.meta.events.register("before-call.s3", REQUEST_COUNTER)
-    return REQUEST_COUNTER

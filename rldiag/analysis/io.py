@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rldiag import runformat, schema
+from rldiag import runformat, schema, storage
 from rldiag.analysis import aggregate
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import REGISTRY, needed_stats
@@ -71,7 +71,7 @@ _NO_CUTOFF = 2**63 - 1
 
 def _index_location(run_path: Path) -> Path:
     own = run_path / INDEX_DIR
-    if os.access(run_path, os.W_OK):
+    if storage.is_remote(run_path) or os.access(run_path, os.W_OK):
         return own / "steps.parquet"
     import hashlib
 
@@ -107,18 +107,22 @@ class Run:
     _applied: dict[str, int] = field(default_factory=dict)
     """The restart cutoffs the compacted table was built with (writer -> first superseded step)."""
     _writer_infos: list[runformat.WriterInfo] = field(default_factory=list)
+    _writer_cache: dict[str, tuple[tuple[int, float], runformat.WriterInfo | None]] = field(default_factory=dict)
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Read segments published since the last scan; returns their names (statistics files)."""
+        """Read segments published since the last scan; returns their names (statistics files).
+
+        Costs one listing of ``stats/``, ``tokens/`` and ``writers/`` (three requests on object storage), plus
+        reading the new segments and the writer files that changed.
+        """
+        listed = {e.name: e for e in storage.list_files(self.path / schema.STATS_DIR) if runformat.is_published(e.name)}
         if not self._index_loaded:
             self._index_loaded = True
-            self._load_index()
+            self._load_index(listed)
         new: list[str] = []
         tables: list[pa.Table] = []
-        sdir = self.path / schema.STATS_DIR
-        todo = [p for p in runformat.published_files(sdir)
-                if p.name not in self._stats_files and p.name not in self._bad]
+        todo = [e.path for name, e in listed.items() if name not in self._stats_files and name not in self._bad]
         # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
         if len(todo) > 1:
             with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
@@ -126,19 +130,19 @@ class Run:
         else:
             loaded = [_load_stats(p) for p in todo]
         for p, got in zip(todo, loaded):
-            info = self._read_stats_file(p, loaded=got)
+            info = self._read_stats_file(p, loaded=got, entry=listed[p.name])
             if info is not None:
                 self._stats_files[p.name] = info
                 tables.append(self._stats_tables[p.name])
                 new.append(p.name)
         tdir = self.path / schema.TOKENS_DIR
-        for p in runformat.published_files(tdir):
-            if p.name in self._token_files or ("tokens/" + p.name) in self._bad:
+        for e in storage.list_files(tdir):
+            p = e.path
+            if not runformat.is_published(e.name) or p.name in self._token_files or ("tokens/" + p.name) in self._bad:
                 continue
             try:
-                meta = pq.read_metadata(p)
-                st = p.stat()
-                self._token_files[p.name] = _FileInfo(p, st.st_size, st.st_mtime, meta.num_rows)
+                meta = _parquet_metadata(p)
+                self._token_files[p.name] = _FileInfo(p, e.size, e.mtime, meta.num_rows)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                 self._skip("tokens/" + p.name, p, exc)
         changed = self._update_resume()
@@ -157,7 +161,7 @@ class Run:
     def _update_resume(self) -> list[tuple[int, int]]:
         """Apply the restart rule (:func:`rldiag.runformat.resolve_attempts`) to the files seen so far; returns
         the step ranges ``[lo, hi)`` whose compacted statistics must be rebuilt because a cutoff changed."""
-        infos, bad = runformat.read_writers(self.path)
+        infos, bad = self._read_writers()
         self._writer_infos = infos
         data: dict[str, dict[str, Any]] = {}
         for info in self._stats_files.values():
@@ -186,6 +190,33 @@ class Run:
                 ranges.append((min(old, new), max(old, new)))
         self._applied = {w: c for w, c in self.resume.cutoff.items() if w in known}
         return ranges
+
+    def _read_writers(self) -> tuple[list[runformat.WriterInfo], list[runformat.RunFormatError]]:
+        """The writer files (one listing; a file is read again only when its size or time changed)."""
+        infos: list[runformat.WriterInfo] = []
+        bad: list[runformat.RunFormatError] = []
+        seen = set()
+        for e in storage.list_files(self.path / runformat.WRITERS_DIR):
+            if not e.name.endswith(".json") or e.name.startswith("."):
+                continue
+            seen.add(e.name)
+            key = (e.size, e.mtime)
+            cached = self._writer_cache.get(e.name)
+            if cached is None or cached[0] != key:
+                try:
+                    info: runformat.WriterInfo | None = runformat.read_writer_file(e.path)
+                except FileNotFoundError:
+                    continue
+                except (runformat.RunFormatError, OSError) as exc:
+                    bad.append(runformat.RunFormatError(str(exc) if isinstance(exc, runformat.RunFormatError)
+                                                        else f"{e.path}: {exc}", path=e.path))  # type: ignore[arg-type]
+                    info = None
+                self._writer_cache[e.name] = cached = (key, info)
+            if cached[1] is not None:
+                infos.append(cached[1])
+        for name in set(self._writer_cache) - seen:
+            del self._writer_cache[name]
+        return infos, bad
 
     def _cutoff(self, name: str) -> int | None:
         info = self._stats_files.get(name) or self._token_files.get(name)
@@ -236,12 +267,15 @@ class Run:
         redo = aggregate.compact(pa.concat_tables([self._compact.filter(hit), fresh]))
         self._compact = pa.concat_tables([keep, redo]).sort_by("step")
 
-    def _load_index(self) -> None:
+    def _load_index(self, listed: dict[str, storage.Entry]) -> None:
         path = _index_location(self.path)
-        if not path.exists():
+        try:
+            table = _read_parquet(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return
+        except Exception:  # noqa: BLE001 - a damaged index is rebuilt from the files
             return
         try:
-            table = pq.read_table(path)
             meta = json.loads((table.schema.metadata or {})[schema.PARQUET_META_KEY])
             if meta.get("index_version") != INDEX_VERSION:
                 raise ValueError("an index of an older rldiag")
@@ -249,12 +283,11 @@ class Run:
             cutoffs = {str(k): int(v) for k, v in meta["cutoff"].items()}
             infos = {}
             for name, (size, rows, lo, hi) in files.items():
-                f = self.path / schema.STATS_DIR / name
-                st = f.stat()
-                if st.st_size != size:
+                e = listed.get(name)
+                if e is None or e.size != size:
                     raise ValueError(f"{name} changed since the index was written")
                 steps = None if lo is None else (int(lo), int(hi))
-                infos[name] = _FileInfo(f, st.st_size, st.st_mtime, int(rows), None, steps)
+                infos[name] = _FileInfo(e.path, e.size, e.mtime, int(rows), None, steps)  # type: ignore[arg-type]
             table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             validate_stats(table)
         except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
@@ -272,6 +305,15 @@ class Run:
         meta = {schema.PARQUET_META_KEY: json.dumps({
             "schema_version": schema.SCHEMA_VERSION, "index_version": INDEX_VERSION, "files": files,
             "cutoff": self._applied}).encode()}
+        if storage.is_remote(path):  # one whole-object write: no rename needed
+            buf = pa.BufferOutputStream()
+            pq.write_table(self._compact.replace_schema_metadata(meta), buf, compression="zstd")
+            try:
+                storage.write_whole(path, buf.getvalue().to_pybytes())
+                self._indexed = set(files)
+            except OSError:
+                pass
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}{schema.TMP_SUFFIX}")
@@ -288,8 +330,8 @@ class Run:
         warnings.warn(msg, RunFormatWarning, stacklevel=3)
 
     def _read_stats_file(self, p: Path, *, check: bool = True,
-                         loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None
-                         ) -> _FileInfo | None:
+                         loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
+                         entry: storage.Entry | None = None) -> _FileInfo | None:
         """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
         table, meta, exc = loaded if loaded is not None else _load_stats(p)
         if table is None:
@@ -302,12 +344,13 @@ class Run:
             self.problems.append(Problem(str(p), msg))
             warnings.warn(msg, RunFormatWarning, stacklevel=3)
         self._stats_tables[p.name] = table
-        st = p.stat()
+        st = entry if entry is not None else self._stats_files.get(p.name)
+        size, mtime = (st.size, st.mtime) if st is not None else (p.stat().st_size, p.stat().st_mtime)
         steps = None
         if table.num_rows:
             mm = pc.min_max(table.column("step"))
             steps = (int(mm["min"].as_py()), int(mm["max"].as_py()))
-        return _FileInfo(p, st.st_size, st.st_mtime, table.num_rows, cfg, steps)
+        return _FileInfo(p, size, mtime, table.num_rows, cfg, steps)
 
     # ---- raw access -------------------------------------------------------------------------------
     def stats_table(self) -> pa.Table:
@@ -350,9 +393,9 @@ class Run:
         if not files:
             return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})
         limits = self.token_limits()
-        whole = [str(f) for f in files if f not in limits]
-        parts = [pl.scan_parquet(whole)] if whole else []
-        parts += [pl.scan_parquet(str(f)).filter(pl.col(schema.STEP) < cut) for f, cut in sorted(limits.items())]
+        whole = [f for f in files if f not in limits]
+        parts = [_scan(whole)] if whole else []
+        parts += [_scan([f]).filter(pl.col(schema.STEP) < cut) for f, cut in sorted(limits.items(), key=lambda x: str(x[0]))]
         return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
 
     def steps(self) -> list[int]:
@@ -378,8 +421,10 @@ class Run:
 
     # ---- run state (the rules of rldiag.runformat) ---------------------------------------------------
     def is_closed(self, *, count_gone: bool = False) -> bool:
-        """Whether every rank's latest writer closed the run (see :func:`rldiag.runformat.run_closed`)."""
-        return runformat.run_closed(self.path, count_gone=count_gone)
+        """Whether every rank's latest writer closed the run (the rule of :func:`rldiag.runformat.run_closed`;
+        one listing of ``writers/``, and only the writer files that changed are read again)."""
+        latest = runformat.latest_writers(self._read_writers()[0])
+        return bool(latest) and all(w.closed is not None or (count_gone and w.process_gone()) for w in latest.values())
 
     def newest_data_time(self) -> float | None:
         """When data last landed: modification time of the newest statistics segment (None before any)."""
@@ -412,6 +457,8 @@ class Run:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The tokenizer saved in the run (``tokenizer/``), or None."""
+        if storage.is_remote(self.path):
+            return None  # a tokenizer is loaded from a local folder: pass --tokenizer
         own = self.path / runformat.TOKENIZER_DIR
         return own if own.is_dir() else None
 
@@ -640,7 +687,7 @@ def _load_stats(p: Path) -> tuple[pa.Table | None, dict[str, Any], Exception | N
     """A statistics file read and validated: (table in STATS_SCHEMA, its rldiag metadata, None), or
     (None, {}, the error) for a file that is unreadable, too new or incomplete."""
     try:
-        table = pq.read_table(p)
+        table = _read_parquet(p)
         meta = runformat.read_file_metadata(table.schema.metadata)
         present = set(table.column_names)
         missing = [f.name for f in STATS_SCHEMA if f.name not in present]
@@ -676,13 +723,43 @@ def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tup
     return np.where(hit, pos, -1)
 
 
-def open_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run directory written by :class:`rldiag.Recorder` (also while it is being written).
+def _read_parquet(p: Any) -> pa.Table:
+    """A whole Parquet file (a regular local file, or an object read through fsspec)."""
+    src = storage.parquet_source(p)
+    if isinstance(src, str):
+        return pq.read_table(src)
+    with src:
+        return pq.read_table(src)
+
+
+def _parquet_metadata(p: Any) -> pq.FileMetaData:
+    src = storage.parquet_source(p)
+    if isinstance(src, str):
+        return pq.read_metadata(src)
+    with src:
+        return pq.read_metadata(src)
+
+
+def _scan(files: list[Any]) -> pl.LazyFrame:
+    """A lazy scan of token files: polars' own reader locally, a pyarrow dataset over fsspec remotely."""
+    if not storage.is_remote(files[0]):
+        return pl.scan_parquet([str(f) for f in files])
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs = PyFileSystem(FSSpecHandler(files[0].fs))
+    return pl.scan_pyarrow_dataset(ds.dataset([f.key for f in files], filesystem=fs, format="parquet"))
+
+
+def open_run(path: str | os.PathLike[str] | storage.RemotePath, *,
+             storage_options: dict[str, Any] | None = None) -> Run:
+    """Open a run written by :class:`rldiag.Recorder` (also while it is being written): a local folder or a
+    URI (``s3://bucket/runs/exp1``, ``gs://...``; see :mod:`rldiag.storage`).
 
     >>> run = open_run("runs/exp1")            # doctest: +SKIP
     >>> run.step_metrics()["entropy/mean"]     # doctest: +SKIP
     """
-    p = Path(path)
+    p = storage.location(path, storage_options)
     if not p.exists():
         raise FileNotFoundError(f"no run at {p}: the directory does not exist")
     if not p.is_dir():

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rldiag import schema
+from rldiag import schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.stats import kernel
 from rldiag.stats.table import STATS_SCHEMA, to_table
@@ -185,7 +186,16 @@ def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
 
 def row_groups(files: Iterable[Path]) -> int:
     """Number of Parquet row groups in ``files``: the tables :func:`iter_file_stats` yields."""
-    return sum(pq.read_metadata(f).num_row_groups for f in files)
+    return sum(_metadata(f).num_row_groups for f in files)
+
+
+def _metadata(f: Any) -> pq.FileMetaData:
+    """The footer of a local or remote Parquet file (:func:`rldiag.storage.parquet_source`)."""
+    src = storage.parquet_source(f)
+    if isinstance(src, str):
+        return pq.read_metadata(src)
+    with src:
+        return pq.read_metadata(src)
 
 
 MAX_THREADS = 8
@@ -217,7 +227,8 @@ class _GroupResult:
 
 def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, limit: int | None, names: list[str],
                steps: pa.Array | None, cfg: RecorderConfig, hists: bool) -> _GroupResult:
-    pf = pq.ParquetFile(path, metadata=meta)  # the footer is parsed once per file, not per row group
+    # the footer is parsed once per file, not per row group; a remote file is opened where this runs
+    pf = pq.ParquetFile(storage.parquet_source(path), metadata=meta)
     if steps is not None and len(steps) == 0:
         return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
     if limit is not None:
@@ -272,8 +283,8 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
     threads = threads or default_threads()
     names = [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
     wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
-    metas = [(Path(f), pq.read_metadata(f)) for f in files]
-    lim = {Path(k): v for k, v in (limits or {}).items()}
+    metas = [(storage.location(f), _metadata(f)) for f in files]
+    lim = {storage.location(k): v for k, v in (limits or {}).items()}
     jobs = [(f, md, g, g == md.num_row_groups - 1, lim.get(f)) for f, md in metas for g in range(md.num_row_groups)]
 
     def stitched(parts: list[pa.Table]) -> pa.Table:

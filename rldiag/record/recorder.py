@@ -376,7 +376,7 @@ class Recorder:
             if parts is None:
                 return {}
             table = pa.concat_tables(parts)
-        from rldiag.analysis.aggregate import metrics_of
+        from rldiag.metrics.aggregate import metrics_of
 
         row = metrics_of(table).row(0, named=True)
         return {k: float(v) for k, v in row.items() if k != "step"}

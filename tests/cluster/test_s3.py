@@ -1,0 +1,183 @@
+"""Runs on object storage: a real S3-protocol server (moto) on 127.0.0.1, the same promises as on local disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+import rldiag
+from rldiag import storage
+from rldiag.analysis.io import RunFormatWarning
+from rldiag.runformat import RunFormatError
+from tests.analysis.test_io import _attempt, _same_metrics, _step_record
+
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _keys(uri: str) -> list[str]:
+    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    out = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"][len(prefix) + 1:] for o in out.get("Contents", []))
+
+
+def _put(uri: str, rel: str, data: bytes) -> None:
+    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
+
+
+def test_a_run_on_s3_reads_as_the_same_run_on_disk(s3_run, tmp_path) -> None:
+    for where in (s3_run, tmp_path / "local"):
+        _attempt(where, range(5), attempt=0)
+    remote, local = rldiag.open_run(s3_run), rldiag.open_run(tmp_path / "local")
+    assert str(remote.path) == s3_run and remote.steps() == [0, 1, 2, 3, 4]
+    assert remote.step_metrics().equals(local.step_metrics())
+    assert remote.step_metrics(from_tokens=True).equals(local.step_metrics(from_tokens=True))
+    assert remote.bucket_metrics(by="pos", buckets=4).equals(local.bucket_metrics(by="pos", buckets=4))
+    assert remote.tokens().collect().sort("step", "seq", "pos").equals(local.tokens().collect().sort("step", "seq", "pos"))
+    assert remote.is_closed() and remote.newest_data_time() is not None
+    keys = _keys(s3_run)
+    assert "manifest.json" in keys and not any(k.endswith(".tmp") or "/." in k for k in keys)
+    assert {k.split("/")[0] for k in keys} <= {"manifest.json", "stats", "tokens", "writers"}
+
+
+def test_restart_on_s3_supersedes_like_on_disk(s3_run) -> None:
+    _attempt(s3_run, range(4), attempt=0)
+    live = rldiag.open_run(s3_run)
+    _attempt(s3_run, range(2, 6), attempt=1)
+    live.refresh()
+    for run in (live, rldiag.open_run(s3_run)):
+        assert run.step_metrics()["tokens/count"].to_list() == [64.0] * 6
+        assert [(x["from_step"], x["to_step"]) for x in run.info()["superseded"]] == [(2, 3)]
+
+
+def test_bad_objects_on_s3_are_named_and_skipped(s3_run, bucket) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist|not an rldiag run"):
+        rldiag.open_run(f"s3://{bucket}/nothing/here")
+    _attempt(s3_run, range(4), attempt=0)
+    stats = [k for k in _keys(s3_run) if k.startswith("stats/")]
+    _put(s3_run, stats[0], b"PAR1 not really parquet")
+    _put(s3_run, "writers/r00009-x-1-1.json", b"[1, 2")
+    with pytest.warns(RunFormatWarning, match=stats[0].split("/")[1]):
+        run = rldiag.open_run(s3_run)
+    assert run.steps() == [2, 3]
+    assert any("r00009-x-1-1.json" in p for p in run.info()["problems"])
+    manifest = json.loads(storage.location(s3_run + "/manifest.json").read_bytes())
+    _put(s3_run, "manifest.json", json.dumps(manifest | {"schema_version": 99}).encode())
+    with pytest.raises(ValueError, match="newer than this rldiag"):
+        rldiag.open_run(s3_run)
+    _put(s3_run, "manifest.json", b"{" + b" " * (2 << 20))
+    with pytest.raises(RunFormatError, match="larger than"):
+        rldiag.open_run(s3_run)
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import rldiag
+    from tests.analysis.test_io import _step_record
+    rank, world = int(sys.argv[3]), int(sys.argv[4])
+    rec = rldiag.Recorder(sys.argv[1], rank=rank, world_size=world, roll_steps=1, roll_seconds=3600)
+    for step in range(int(sys.argv[5])):
+        rec.record(step=step, **_step_record(step, 0, rank))
+        rec.flush()
+        print(step, flush=True)
+    rec.close()
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_on_s3_leaves_only_whole_objects(s3_run, s3_server, tmp_path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, **s3_server.env)
+    proc = subprocess.Popen([sys.executable, str(script), s3_run, ROOT, "0", "1", "100000"], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    flushed = -1
+    deadline = time.monotonic() + 120
+    while flushed < 5 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            flushed = int(line)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert flushed >= 5
+    run = rldiag.open_run(s3_run)
+    assert not run.problems and not run.is_closed()
+    assert set(range(flushed + 1)) <= set(run.steps())
+    assert (run.step_metrics()["tokens/count"] == 64).all()
+
+
+@pytest.mark.slow
+def test_two_ranks_record_one_s3_run_at_once(s3_run, s3_server, tmp_path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, **s3_server.env)
+    procs = [subprocess.Popen([sys.executable, str(script), s3_run, ROOT, str(r), "2", "6"], env=env,
+                              stdout=subprocess.DEVNULL) for r in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    run = rldiag.open_run(s3_run)
+    assert run.ranks == [0, 1] and run.is_closed() and not run.problems
+    ref = tmp_path / "ref"
+    for r in range(2):
+        with rldiag.Recorder(ref, rank=r, world_size=2) as rec:
+            for s in range(6):
+                rec.record(step=s, **_step_record(s, 0, r))
+    _same_metrics(run.step_metrics(), rldiag.open_run(ref).step_metrics())
+    assert run.manifest["world_size"] == 2
+
+
+def test_cli_commands_read_s3_runs(s3_run, capsys) -> None:
+    from rldiag.cli import main
+
+    _attempt(s3_run, range(3), attempt=0)
+    assert main(["info", s3_run]) == 0
+    assert "steps        3" in capsys.readouterr().out
+    assert main(["summarize", s3_run, "--metrics", "tokens/count", "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("step") and out.count("64.0") == 3
+    assert main(["summarize", s3_run, "--metrics", "clip/*", "--eps-high", "0.4", "--format", "json"]) == 0
+    assert main(["lens", s3_run, "--format", "csv"]) == 0
+
+
+def test_dashboard_loads_a_live_s3_run_with_bounded_requests_per_tick(s3_run, s3_server) -> None:
+    from app.data import RunState
+
+    rec = rldiag.Recorder(s3_run, roll_steps=1)
+    rec.record(step=0, **_step_record(0))
+    rec.flush()
+    state = RunState("exp1", storage.location(s3_run))
+    assert state.metrics()["step"].to_list() == [0]
+
+    def tick() -> tuple[int, list[str]]:
+        before = len(s3_server.requests())
+        new = state.update()
+        state.status()
+        state.alerts()
+        reqs = s3_server.requests()[before:]
+        return new.height, reqs
+
+    costs = {}
+    for step in range(1, 13):
+        rec.record(step=step, **_step_record(step))
+        rec.flush()
+        n, reqs = tick()
+        assert n == 1
+        costs[step] = len(reqs)
+    idle = [len(tick()[1]) for _ in range(3)]
+    rec.close()
+    assert state.metrics()["step"].to_list() == list(range(13))
+    assert state.tokens_at(5).height == 64
+    # the cost of a tick does not grow with the files already read: listings plus the new segment only
+    assert costs[12] == costs[2] and idle[0] == idle[1] == idle[2] < costs[12]
+    print(f"\nS3 requests per dashboard tick: {costs[12]} with one new segment, {idle[0]} with none "
+          f"(after {len(list(state.run.token_files()))} segments)")
