@@ -32,7 +32,6 @@ from rldiag.stats.kernel import STATS, affected_stats
 from rldiag.stats.table import STATS_SCHEMA
 from rldiag.stats.table import validate as validate_stats
 
-
 RunFormatWarning = runformat.RunFormatWarning  # its home is rldiag.runformat; this name stays
 
 

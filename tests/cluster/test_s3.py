@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pytest
 
 import rldiag
