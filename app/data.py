@@ -278,7 +278,7 @@ class RunState:
     # -- derived views (cached per data version through ``cached``) ---------------------------------
     def lr_histogram(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(steps, bin centres of |log-ratio|, counts[bins, steps]) from the stored ``h_lr`` histograms."""
-        from rldiag.analysis import aggregate
+        from rldiag.metrics import aggregate
         from rldiag.stats import hist
 
         with self._lock:

@@ -1,4 +1,4 @@
-"""Merge statistics exactly and finalize them into metrics.
+"""Merge statistics exactly and finalize them into metrics (beside the registry whose specs it applies).
 
 Merging is addition (sums, counts, histogram bins, bucket vectors), min/max, log-sum-exp and set union,
 grouped by step (and optionally rank): never an average of averages. Finalizing applies each

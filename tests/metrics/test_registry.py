@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rldiag
-from rldiag.analysis import aggregate
+from rldiag.metrics import aggregate
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import REGISTRY
 from rldiag.record.writer import Job, build_batch
