@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from rldiag import runformat, schema
+from rldiag import runformat, schema, storage
 
 STALL_SECONDS = runformat.STALL_SECONDS
 """A run that is still open and has had no new step for this long is *stalled* (metrics-spec §4)."""
@@ -66,6 +66,8 @@ def discover(root: Path) -> dict[str, Path]:
     root = root.resolve()
     if runformat.is_run_dir(root):
         return {root.name: root}
+    if storage.is_remote(root):  # a folder of runs on object storage: one level, one listing
+        return {c.name: c for c in root.iterdir() if runformat.is_run_dir(c)}  # type: ignore[misc]
     found: dict[str, Path] = {}
     base_depth = len(root.parts)
     for dirpath, dirnames, _ in os.walk(root, followlinks=False):
@@ -95,7 +97,7 @@ class Catalog:
         tokenizer: str | os.PathLike[str] | None = None,
         stall_seconds: float = STALL_SECONDS,
     ) -> None:
-        self.root = Path(root).resolve()
+        self.root = storage.location(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a folder of runs")
         self._opener = opener

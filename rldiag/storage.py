@@ -113,6 +113,12 @@ class RemotePath:
     def parent(self) -> RemotePath:
         return RemotePath(self.fs, self.key.rsplit("/", 1)[0] if "/" in self.key else self.key, self.protocol)
 
+    @property
+    def parents(self) -> tuple[RemotePath, ...]:
+        """The enclosing folders, nearest first, up to the bucket."""
+        parts = self.key.split("/")
+        return tuple(RemotePath(self.fs, "/".join(parts[:i]), self.protocol) for i in range(len(parts) - 1, 0, -1))
+
     def with_name(self, name: str) -> RemotePath:
         return self.parent / name
 

@@ -374,7 +374,7 @@ class Notification:
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """The events of an alerts.jsonl file, oldest first; a torn or foreign line is skipped."""
-    return read_alerts(Path(path))
+    return read_alerts(path)  # type: ignore[arg-type] - a local path or a URI
 
 
 @dataclass(frozen=True)

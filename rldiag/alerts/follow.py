@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rldiag import runformat
+from rldiag import runformat, storage
 from rldiag.alerts.engine import Engine, Notification
 from rldiag.runformat import ALERTS_FILE
 
@@ -24,12 +24,12 @@ __all__ = ["RunFollower", "run_closed", "newest_mtime", "complete_steps", "last_
 def run_closed(run: Any) -> bool:
     """Whether the run's writers closed it (a closed run cannot stall): :func:`rldiag.runformat.run_closed`
     on ``run.path``. A crashed writer does not close the run, so its stall alert still fires."""
-    return runformat.run_closed(Path(run.path))
+    return runformat.run_closed(run.path)
 
 
 def newest_mtime(path: Path) -> float | None:
     """When data last landed in the run at ``path`` (:func:`rldiag.runformat.newest_data_time`)."""
-    return runformat.newest_data_time(Path(path))
+    return runformat.newest_data_time(path)
 
 
 def last_step_per_rank(run: Any) -> dict[int, int]:
@@ -64,7 +64,7 @@ class RunFollower:
     def __init__(self, run_dir: str | Path, engine: Engine, *,
                  open_run: Callable[[Path], Any] | None = None,
                  augment: Callable[[Any, Any], Any] | None = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir)
         self.engine = engine
         self._open_run = open_run
         self.augment = augment

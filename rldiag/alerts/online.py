@@ -60,7 +60,9 @@ def run_label(run_dir: str | Path | None) -> str:
     """The ``run`` label of a run directory: its base name (stable across machines sharing a filesystem)."""
     if run_dir is None:
         return "run"
-    return Path(run_dir).resolve().name or "run"
+    from rldiag import storage
+
+    return storage.location(run_dir).resolve().name or "run"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,12 @@ def build(args: argparse.Namespace) -> Any:
     from app.app import create_app, parse_auth
 
     if args.path is not None:
-        path = Path(args.path)
+        from rldiag import storage
+
+        try:
+            path = storage.location(args.path)
+        except (ImportError, ValueError) as exc:
+            raise CLIError(str(exc)) from None
         if not path.exists():
             raise CLIError(f"{path} does not exist: pass a run directory or a folder of runs")
         if not path.is_dir():

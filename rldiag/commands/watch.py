@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rldiag import storage
 from rldiag.alerts.engine import Engine, Notification, State, read_history
 from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import run_label
@@ -72,7 +73,7 @@ class Watcher:
     def __init__(self, run_dir: str | Path, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
                  clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None,
                  augment: Callable[[Any, Any], Any] | None = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         events = read_history(self.run_dir / ALERTS_FILE) if history else []
         self.engine = Engine(rules, run=run_label(self.run_dir), history=events)
         self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
@@ -143,7 +144,7 @@ def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
         raise CLIError(str(exc)) from None
     if not args.quiet:
         sinks.insert(0, ConsoleSink(sys.stderr))
-    if not args.no_history:
+    if not args.no_history and not storage.is_remote(run_dir):  # object stores cannot append to a file
         sinks.insert(0, JsonlSink(run_dir / ALERTS_FILE))
     return sinks
 
@@ -151,7 +152,7 @@ def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
 def run(args: argparse.Namespace) -> int:
     from rldiag.cli import CLIError
 
-    run_dir = Path(args.run)
+    run_dir = storage.location(args.run)
     if args.interval <= 0:
         raise CLIError(f"--interval must be positive, got {args.interval}")
     try:

@@ -180,3 +180,32 @@ def test_dashboard_loads_a_live_s3_run_with_bounded_requests_per_tick(s3_run, s3
     assert costs[12] == costs[2] and idle[0] == idle[1] == idle[2] < costs[12]
     print(f"\nS3 requests per dashboard tick: {costs[12]} with one new segment, {idle[0]} with none "
           f"(after {len(list(state.run.token_files()))} segments)")
+
+
+def test_watch_once_on_an_s3_run(s3_run, capsys) -> None:
+    from rldiag.cli import main
+
+    with rldiag.Recorder(s3_run, roll_steps=2) as rec:
+        for step in range(6):
+            rec.record(step=step, **_step_record(step))
+    code = main(["watch", s3_run, "--once", "--quiet"])
+    out = capsys.readouterr()
+    assert code in (0, 1), out.err
+    assert "error" not in out.err.lower()
+    assert "rule" in out.out.lower() or out.out.strip()
+    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: the history is not written there
+
+
+def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
+    import argparse
+
+    from app.data import Catalog
+    from rldiag.commands.dashboard import build
+
+    _attempt(s3_run, range(3), attempt=0)
+    cat = Catalog(f"s3://{bucket}/runs")
+    assert cat.run_ids() == ["exp1"]
+    assert cat.state("exp1").metrics()["step"].to_list() == [0, 1, 2]
+    args = argparse.Namespace(path=s3_run, tokenizer=None, port=8050, poll=2.0, auth=None, host="127.0.0.1",
+                              debug=False)
+    assert build(args) is not None
