@@ -287,6 +287,13 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
     return seq
 
 
+def import_config(config: RecorderConfig) -> RecorderConfig:
+    """The recorder settings of an import: ``record()`` waits for the writer instead of dropping token rows
+    (an import must hold every row it reports), and segments roll every 1M rows to bound memory."""
+    return config.replace(max_block_seconds=max(config.max_block_seconds, 3600.0),
+                          roll_rows=min(config.roll_rows, 1 << 20))
+
+
 class RunBuilder:
     """Writes sequences into a run through one :class:`Recorder` per rank, a record per (rank, step, micro).
 
@@ -297,7 +304,7 @@ class RunBuilder:
     def __init__(self, run_dir: Path, config: RecorderConfig, report: ImportReport, *, world_size: int = 1,
                  name: str | None = None, max_cells: int = 1 << 22) -> None:
         self.run_dir = run_dir
-        self.config = config
+        self.config = import_config(config)
         self.report = report
         self.world_size = max(1, world_size)
         self.name = name
@@ -327,12 +334,15 @@ class RunBuilder:
                 self._emit(rank)
         finally:
             recs, self._recs = self._recs, {}
-            errors = []
+            errors: list[BaseException] = []
             for rec in recs.values():
                 try:
                     rec.close()
                 except Exception as exc:  # noqa: BLE001 - close the others, then raise the first
                     errors.append(exc)
+            dropped = sum(int(rec.stats.get("rows_dropped", 0)) for rec in recs.values())
+            if dropped and not errors:
+                errors.append(RuntimeError(f"the recorder dropped {dropped:,} token rows; the import is incomplete"))
             if errors:
                 raise errors[0]
 

@@ -36,6 +36,7 @@ from rldiag.importers._core import (
     ImportInputError,
     ImportReport,
     Policy,
+    import_config,
     one_line,
     short,
     staged_run,
@@ -273,7 +274,7 @@ def _import_frame(df: pl.DataFrame, run_dir: str | os.PathLike[str], report: Imp
                   config: RecorderConfig | None, errors: ErrorPolicy, name: str | None, csv: bool) -> None:
     from rldiag.record.recorder import Recorder
 
-    cfg = config or RecorderConfig()
+    cfg = import_config(config or RecorderConfig())
     policy = Policy(errors, report)
     rows = clean_token_rows(df, report.source, policy, tolerance=cfg.logp_tolerance, csv=csv)
     if rows.height == 0:
@@ -292,6 +293,9 @@ def _import_frame(df: pl.DataFrame, run_dir: str | os.PathLike[str], report: Imp
                     report.tokens += rec_df.height
                     report.sequences += int(args["mask"].shape[0])
                     report.steps.add(int(step))  # type: ignore[arg-type]
+            if rec.stats["rows_dropped"]:
+                raise RuntimeError(f"the recorder dropped {rec.stats['rows_dropped']:,} token rows; the import is "
+                                   "incomplete")
             report.ranks.add(int(rank))
 
 
