@@ -132,7 +132,7 @@ class RecorderConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RecorderConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RecorderConfig:
         """Inverse of :meth:`to_dict`; unknown keys (from a newer rldiag) are ignored."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -141,7 +141,7 @@ class RecorderConfig:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
-    def replace(self, **changes: Any) -> "RecorderConfig":
+    def replace(self, **changes: Any) -> RecorderConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -152,7 +152,7 @@ class RecorderConfig:
         """The values that decide the statistics: two configs with equal keys give equal statistics."""
         return tuple(getattr(self, f) for f in self.STAT_FIELDS)
 
-    def stat_fields_changed(self, other: "RecorderConfig") -> frozenset[str]:
+    def stat_fields_changed(self, other: RecorderConfig) -> frozenset[str]:
         """The statistics-affecting fields whose values differ between ``self`` and ``other``.
 
         >>> RecorderConfig().stat_fields_changed(RecorderConfig(eps_high=0.28, roll_steps=5))

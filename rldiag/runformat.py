@@ -44,7 +44,8 @@ from rldiag import __version__, storage
 from rldiag.config import RecorderConfig
 
 __all__ = [
-    "SCHEMA_VERSION", "PARQUET_META_KEY", "RunFormatWarning", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR", "TOKENS_DIR", "ALERTS_FILE",
+    "SCHEMA_VERSION", "PARQUET_META_KEY", "RunFormatWarning", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR",
+    "TOKENS_DIR", "ALERTS_FILE",
     "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
     "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
     "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",

@@ -114,7 +114,7 @@ def render() -> str:
     for s in ANALYSES.values():
         parts = s.name.split("/")
         if parts[0] == "lens":  # one row per lens quantity, not per objective
-            obj, q = parts[1], parts[2]
+            q = parts[2]
             if q in LENS_QUANTITIES:
                 if q in shown_lens:
                     continue

@@ -17,8 +17,8 @@ position order; ``seq_off`` gives each sequence's token range and ``rec_off`` ea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import numba
@@ -147,7 +147,8 @@ I_SLP, I_SADV, I_SADV2, I_SLPADV = _i("s_logp"), _i("s_adv"), _i("s_adv2"), _i("
 I_NAPOS, I_NAZERO = _i("n_adv_pos"), _i("n_adv_zero")
 I_CBAND, I_CPOS, I_CTOP = _i("n_cov_band"), _i("s_cov_pos"), _i("s_cov_top")
 I_NSEQ, I_NSEQV = _i("n_seq"), _i("n_seq_valid")
-I_LSE, I_LSE2, I_SGSPO, I_MGSPO, I_CGSPO = _i("lse_seq"), _i("lse_seq2"), _i("s_gspo"), _i("max_gspo"), _i("n_gspo_clip")
+I_LSE, I_LSE2, I_SGSPO, I_MGSPO = _i("lse_seq"), _i("lse_seq2"), _i("s_gspo"), _i("max_gspo")
+I_CGSPO = _i("n_gspo_clip")
 I_MCUM, I_CTPO, I_NMINP = _i("max_cum_abs"), _i("n_ctpo_clip"), _i("n_minprefix")
 I_NREF, I_SREF = _i("n_ref"), _i("s_ref_k3")
 I_NMM, I_MMD, I_MMK3, I_MMW, I_MMW2 = _i("n_mm"), _i("s_mm_d"), _i("s_mm_k3"), _i("s_mm_wm1"), _i("s_mm_wm1sq")
@@ -156,7 +157,8 @@ I_NVER, I_SSTALE, I_MSTALE = _i("n_ver"), _i("s_stale"), _i("max_stale")
 
 # Config slots (rldiag.config.KERNEL_INPUTS) and input flags as module constants, so numba folds them.
 _SLOT = {k.slot: i for i, k in enumerate(KERNEL_INPUTS)}
-C_EPS_LOW, C_EPS_HIGH, C_DUAL_CLIP_C, C_TIS_CAP = _SLOT["eps_low"], _SLOT["eps_high"], _SLOT["dual_clip_c"], _SLOT["tis_cap"]
+C_EPS_LOW, C_EPS_HIGH = _SLOT["eps_low"], _SLOT["eps_high"]
+C_DUAL_CLIP_C, C_TIS_CAP = _SLOT["dual_clip_c"], _SLOT["tis_cap"]
 C_ENTROPY_LOW, C_COV_BAND_LO, C_COV_BAND_HI = _SLOT["entropy_low"], _SLOT["cov_band_lo"], _SLOT["cov_band_hi"]
 C_COV_TOP_FRAC, C_CTPO_A, C_CTPO_B = _SLOT["cov_top_frac"], _SLOT["ctpo_a"], _SLOT["ctpo_b"]
 C_N_BUCKETS, C_LOGP_TOLERANCE = _SLOT["n_buckets"], _SLOT["logp_tolerance"]

@@ -118,7 +118,7 @@ def test_report_estimates_p_and_b_at_binding_positions():
     rep = C.cliff_report(frame, lam=0.5, threshold=0.9, c=2.0)
     assert rep.columns == ["step", "cliff/n_tokens", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c",
                            "cliff/lambda_star", "cliff/lambda_star_min", "cliff/headroom", "cliff/severity"]
-    for row, (step, part) in zip(rep.iter_rows(named=True), frame.group_by("step", maintain_order=True)):
+    for row, (_, part) in zip(rep.iter_rows(named=True), frame.group_by("step", maintain_order=True)):
         p = np.exp(part["teacher_logp"].cast(pl.Float64).to_numpy())
         b = np.exp(part["base_logp"].cast(pl.Float64).to_numpy())
         sel = p > 0.9

@@ -64,12 +64,16 @@ def _flat(records: list[dict]) -> dict:
             for t in range(T):
                 if not valid[b, t]:
                     continue
-                out["lp"].append(lp[b, t]); out["olp"].append(olp[b, t]); out["adv"].append(adv[b, t])
+                out["lp"].append(lp[b, t])
+                out["olp"].append(olp[b, t])
+                out["adv"].append(adv[b, t])
                 out["ent"].append(r["entropy"][b, t] if "entropy" in r else np.nan)
                 out["roll"].append(r["rollout_logprobs"][b, t] if "rollout_logprobs" in r else np.nan)
                 out["ref"].append(r["ref_logprobs"][b, t] if "ref_logprobs" in r else np.nan)
                 out["ver"].append(r["versions"][b] if "versions" in r else np.nan)
-                out["rec"].append(ri); out["seq"].append(len(seq_info) - 1); out["pos"].append(t)
+                out["rec"].append(ri)
+                out["seq"].append(len(seq_info) - 1)
+                out["pos"].append(t)
     res = {k: np.array(v, dtype=np.float64) for k, v in out.items()}
     res["seq_info"] = seq_info
     res["n_nonfinite"] = n_nonfinite
@@ -207,12 +211,14 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
     else:
         m["_exact/ratio/tail_alpha"] = nan
     # position buckets (deciles of the longest response of each record)
-    bn = np.zeros(10); bs = np.zeros(10); bs2 = np.zeros(10)
+    bn, bs, bs2 = np.zeros(10), np.zeros(10), np.zeros(10)
     for ri in np.unique(f["rec"]):
         sel = f["rec"] == ri
         longest = f["pos"][sel].max() + 1
         b = np.minimum((f["pos"][sel] * 10) // longest, 9).astype(int)
-        np.add.at(bn, b, 1); np.add.at(bs, b, r[sel]); np.add.at(bs2, b, r[sel] ** 2)
+        np.add.at(bn, b, 1)
+        np.add.at(bs, b, r[sel])
+        np.add.at(bs2, b, r[sel] ** 2)
     with np.errstate(all="ignore"):
         mean_b = np.where(bn > 0, bs / np.maximum(bn, 1), np.nan)
         sd_b = np.where(bn >= 2, np.sqrt(np.maximum(bs2 / np.maximum(bn, 1) - mean_b**2, 0)), np.nan)

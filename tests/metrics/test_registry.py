@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rldiag
-from rldiag.metrics import aggregate
 from rldiag.config import RecorderConfig
+from rldiag.metrics import aggregate
 from rldiag.metrics.registry import REGISTRY
-from rldiag.record.writer import Job, build_batch
 from rldiag.record.tensors import HostSnapshot
+from rldiag.record.writer import Job, build_batch
 from rldiag.stats import hist, kernel
 from rldiag.stats.table import to_table
 from tests.metrics.reference import HIST_METRICS, make_record, reference_metrics

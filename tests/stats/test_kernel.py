@@ -41,7 +41,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 mask = np.arange(T)[None, :] < rng.integers(5, T, B)[:, None]
                 rec.record(step=step, logprobs=lp, old_logprobs=olp, advantages=rng.normal(size=B),
                            mask=mask, entropy=rng.exponential(1.0, (B, T)),
-                           rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)), ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
+                           rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)),
+                           ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
                            group_ids=np.arange(B) // 3, rewards=rng.random(B), versions=np.full(B, max(step - 1, 0)))
     return path
 
