@@ -167,13 +167,23 @@ def test_rl_weights_decide_which_tokens_are_rl_tokens(tmp_path):
 
 
 def test_micro_step_and_env_name_are_kept(tmp_path):
-    write_exports(tmp_path / "out", steps=(5,), ranks=(0,), per_file=3, micro_steps=3, envs=("math", "code"))
+    records = write_exports(tmp_path / "out", steps=(5,), ranks=(0,), per_file=3, micro_steps=3,
+                            envs=("math", "code"))
     report = ImportReport(trainer="prime-rl", source="x")
     run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report))
     tok = run.tokens().collect()
     assert sorted(tok["micro"].unique().to_list()) == [0, 1, 2]
     assert report.notes["env_name -> stage"] == {"math": 0, "code": 1}
     assert sorted(tok["stage"].unique().to_list()) == [0, 1]
+    # prime-rl's per-environment mismatch_kl/<env>/mean and entropy/<env>/mean are the stage buckets
+    table = run.bucket_metrics(by="stage").sort("bucket")
+    for code, env in enumerate(("math", "code")):
+        recs = [r for r in records if r["env_name"] == env]
+        row = table.row(code, named=True)
+        assert row["mismatch/k3"] == pytest.approx(np.mean(np.concatenate([trained(r, "mismatch_kl") for r in recs])),
+                                                   rel=1e-4)
+        assert row["entropy/mean"] == pytest.approx(np.mean(np.concatenate([trained(r, "entropy") for r in recs])),
+                                                    rel=1e-5)
 
 
 def test_config_is_used_and_the_token_exports_folder_is_accepted(tmp_path):
