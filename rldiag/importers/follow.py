@@ -37,7 +37,7 @@ def dump_format(trainer: str) -> DumpFormat:
     fmt = getattr(importlib.import_module(get(trainer).module), "FORMAT", None)
     if fmt is None:
         raise ImportInputError(f"the {trainer} importer cannot follow a live folder")
-    return fmt  # type: ignore[no-any-return]
+    return fmt
 
 
 def follow(trainer: str, source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,

@@ -82,7 +82,7 @@ def _list(src: Path) -> list[DumpFile]:
     return sorted(files, key=lambda f: f.step)
 
 
-class _Batch(dict):  # type: ignore[type-arg]
+class _Batch(dict):
     """Stand-in for SkyRL's TensorBatch classes: keeps the pickled state, runs nothing."""
 
     state: dict[str, Any]
@@ -198,7 +198,7 @@ def load_batch(path: Path) -> dict[str, np.ndarray]:
                 out[str(key)] = arr
         return out
 
-    return load_checked(path, load, "SkyRL batch pickle")  # type: ignore[no-any-return]
+    return load_checked(path, load, "SkyRL batch pickle")
 
 
 def _open(f: DumpFile) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:

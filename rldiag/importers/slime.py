@@ -99,7 +99,7 @@ def load_payload(path: Path) -> dict[str, Any]:
     payload = load_checked(path, load, "slime train debug file (torch.save)")
     if not isinstance(payload, dict):
         raise ImportInputError(f"{path}: holds a {type(payload).__name__}, not slime's train debug payload (a dict)")
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 def _vector(value: Any, key: str, where: str, n: int) -> np.ndarray:

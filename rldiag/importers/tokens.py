@@ -228,7 +228,7 @@ def _drop_or_raise(out: pl.DataFrame, raw: pl.DataFrame, bad_rows: list[tuple[np
     if not bad_rows:
         return out
     any_bad = np.zeros(out.height, dtype=bool)
-    for mask, col, what in bad_rows:
+    for mask, _col, _what in bad_rows:
         any_bad |= mask
     if policy.strict:
         first = min(int(np.flatnonzero(m)[0]) for m, _, _ in bad_rows)
@@ -289,10 +289,10 @@ def _import_frame(df: pl.DataFrame, run_dir: str | os.PathLike[str], report: Imp
             with Recorder(staging, config=cfg, rank=int(rank), world_size=world, name=name or target.name) as rec:
                 for (step, _micro), rec_df in part.group_by([schema.STEP, schema.MICRO], maintain_order=True):
                     args = _grid(rec_df)
-                    rec.record(step=int(step), **args)  # type: ignore[arg-type]
+                    rec.record(step=int(step), **args)
                     report.tokens += rec_df.height
                     report.sequences += int(args["mask"].shape[0])
-                    report.steps.add(int(step))  # type: ignore[arg-type]
+                    report.steps.add(int(step))
             if rec.stats["rows_dropped"]:
                 raise RuntimeError(f"the recorder dropped {rec.stats['rows_dropped']:,} token rows; the import is "
                                    "incomplete")

@@ -29,7 +29,8 @@ def batch_tensors(b=4, r=6, s=10, seed=0):
     loss_mask[0, :2] = 0  # left padding of a short response
     loss_mask[1, 3] = 0   # a tool-output token
     old = -torch.rand(b, r, generator=g) * 3
-    return {"sequences": torch.randint(1, 1000, (b, s), generator=g), "attention_mask": torch.ones(b, s, dtype=torch.long),
+    return {"sequences": torch.randint(1, 1000, (b, s), generator=g),
+            "attention_mask": torch.ones(b, s, dtype=torch.long),
             "loss_mask": loss_mask, "response_mask": torch.ones(b, r, dtype=torch.long), "action_log_probs": old,
             "base_action_log_probs": old - 0.1 * torch.rand(b, r, generator=g),
             "advantages": torch.randn(b, 1, generator=g).expand(b, r).contiguous(),

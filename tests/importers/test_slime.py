@@ -34,7 +34,8 @@ def write_rollout(folder, rollout_id, n=6, dp=2, seed=0):
             "data_parallel_rank": i % dp, "sample_index": i, "rollout_position": i,
             "tokens": torch.randint(1, 500, (prompt + resp,), generator=g).tolist(), "response_lengths": resp,
             "total_lengths": prompt + resp, "loss_masks": mask, "rewards": float(i % 2), "truncated": 0,
-            "log_probs": old, "rollout_log_probs": torch.clamp(old + 0.02 * torch.randn(resp, generator=g), max=0).tolist(),
+            "log_probs": old,
+            "rollout_log_probs": torch.clamp(old + 0.02 * torch.randn(resp, generator=g), max=0).tolist(),
             "ref_log_probs": old - 0.1, "advantages": torch.full((resp,), float(i % 2) - 0.5),
             "returns": torch.zeros(resp), "entropy": torch.rand(resp, generator=g),
         })

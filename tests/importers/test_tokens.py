@@ -55,8 +55,8 @@ def test_multi_rank_export_without_rank_column_is_refused_or_counted(tmp_path, c
     assert main(["import", "tokens", str(tmp_path / "t.csv"), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert f"{tmp_path / 't.csv'}: row 61 (line 62), columns step/rank/seq/pos: shares (step 0, rank 0, seq 0, pos 0) " \
-           "with row 1" in err and "rank" in err
+    where = f"{tmp_path / 't.csv'}: row 61 (line 62), columns step/rank/seq/pos"
+    assert f"{where}: shares (step 0, rank 0, seq 0, pos 0) with row 1" in err and "rank" in err
     assert listing(tmp_path) == ["t.csv"]
     assert main(["import", "tokens", str(tmp_path / "t.csv"), str(tmp_path / "run"), "--errors", "lenient"]) == 0
     out = capsys.readouterr().out
