@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -58,7 +58,7 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def discover(root: Path) -> dict[str, Path]:
+def discover(root: storage.Location) -> dict[str, storage.Location]:
     """Run directories under ``root`` (``root`` itself if it is a run), keyed by run id.
 
     Symbolic links are not followed, hidden folders and a run's own sub-folders are skipped.
@@ -67,8 +67,9 @@ def discover(root: Path) -> dict[str, Path]:
     if runformat.is_run_dir(root):
         return {root.name: root}
     if storage.is_remote(root):  # a folder of runs on object storage: one level, one listing
-        return {c.name: c for c in root.iterdir() if runformat.is_run_dir(c)}  # type: ignore[misc]
-    found: dict[str, Path] = {}
+        return {c.name: c for c in root.iterdir() if runformat.is_run_dir(c)}
+    root = cast(Path, root)  # a local folder from here on
+    found: dict[str, storage.Location] = {}
     base_depth = len(root.parts)
     for dirpath, dirnames, _ in os.walk(root, followlinks=False):
         here = Path(dirpath)
@@ -93,7 +94,7 @@ class Catalog:
         self,
         root: str | os.PathLike[str],
         *,
-        opener: Callable[[Path], Any] | None = None,
+        opener: Callable[[storage.Location], Any] | None = None,
         tokenizer: str | os.PathLike[str] | None = None,
         stall_seconds: float = STALL_SECONDS,
     ) -> None:
@@ -104,7 +105,7 @@ class Catalog:
         self.tokenizer_path = Path(tokenizer) if tokenizer else None
         self.stall_seconds = stall_seconds
         self._lock = threading.Lock()
-        self._paths: dict[str, Path] = {}
+        self._paths: dict[str, storage.Location] = {}
         self._scanned_at = 0.0
         self._states: dict[str, RunState] = {}
         self.decoder = TokenDecoder(self.tokenizer_path)
@@ -129,7 +130,7 @@ class Catalog:
                 self._scanned_at = time.monotonic()
             return sorted(self._paths)
 
-    def resolve(self, run_id: str) -> Path:
+    def resolve(self, run_id: str) -> storage.Location:
         """The directory of ``run_id``; raises :class:`UnknownRun` unless it is a run under the root."""
         check_run_id(run_id)
         if run_id not in self.run_ids():
@@ -170,7 +171,7 @@ class Catalog:
 
 
 # --- one run ---------------------------------------------------------------------------------------
-def _open(path: Path) -> Any:
+def _open(path: storage.Location) -> Any:
     import rldiag
 
     return rldiag.open_run(path)
@@ -181,8 +182,8 @@ class RunState:
     """A run opened once, with its step metrics cached and updated incrementally."""
 
     run_id: str
-    path: Path
-    opener: Callable[[Path], Any] | None = None
+    path: storage.Location
+    opener: Callable[[storage.Location], Any] | None = None
     stall_seconds: float = STALL_SECONDS
     _run: Any = None
     _metrics: pl.DataFrame | None = None
@@ -269,7 +270,8 @@ class RunState:
         frame = self.metrics()
         steps = frame[schema.STEP].to_list()
         if limit is None:
-            per_step = float(frame["tokens/count"].mean() or 0.0) if "tokens/count" in frame.columns else 0.0
+            mean = frame["tokens/count"].cast(pl.Float64).mean() if "tokens/count" in frame.columns else None
+            per_step = float(mean) if isinstance(mean, (int, float)) and mean == mean else 0.0
             fit = int(TOKEN_ROW_BUDGET // per_step) if per_step > 0 else MAX_TOKEN_STEPS
             limit = min(max(fit, MIN_TOKEN_STEPS), MAX_TOKEN_STEPS)
         if len(steps) <= limit:

@@ -21,7 +21,7 @@ class KernelInput(NamedTuple):
     """Name of the slot (``rldiag.stats.kernel.C_<SLOT>`` is its index in the config array)."""
     field: str
     """The :class:`RecorderConfig` field it comes from."""
-    index: int | None = None
+    element: int | None = None
     """Element of a tuple-valued field, or None."""
     every_stat: bool = False
     """True when it decides which tokens count at all, so every statistic depends on it (not only the
@@ -165,6 +165,6 @@ class RecorderConfig:
         out = []
         for k in KERNEL_INPUTS:
             v = getattr(self, k.field)
-            out.append(float(v if k.index is None else v[k.index]))
+            out.append(float(v if k.element is None else v[k.element]))
         return tuple(out)
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from rldiag import __version__, storage
 from rldiag.config import RecorderConfig
@@ -95,7 +95,7 @@ class RunFormatWarning(UserWarning):
 class RunFormatError(ValueError):
     """A file of a run is not what the run format says; the message names the file and the problem."""
 
-    def __init__(self, message: str, path: Path | None = None) -> None:
+    def __init__(self, message: str, path: storage.Location | None = None) -> None:
         super().__init__(message)
         self.path = path
         """The file, when one is to blame."""
@@ -131,12 +131,13 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: storage.Location, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, ``fsync`` and ``os.replace`` (on object storage:
     one whole-object write)."""
     if storage.is_remote(path):
         storage.write_whole(path, data)
         return
+    path = cast(Path, path)  # a local path from here on
     tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -150,12 +151,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 # --- manifest ----------------------------------------------------------------------------------------
-def is_run_dir(path: Path) -> bool:
+def is_run_dir(path: storage.Location) -> bool:
     """Whether ``path`` is a run directory (it has a manifest)."""
     return (storage.location(path) / MANIFEST_NAME).is_file()
 
 
-def _read_small_json(path: Path, what: str) -> Any:
+def _read_small_json(path: storage.Location, what: str) -> Any:
     raw = storage.read_limited(path, MAX_MANIFEST_BYTES + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
         raise RunFormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not an rldiag {what}")
@@ -165,14 +166,14 @@ def _read_small_json(path: Path, what: str) -> Any:
         raise RunFormatError(f"{path} is corrupt ({exc}); restore it from a copy of the run") from None
 
 
-def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str | None) -> dict[str, Any]:
+def create_run_dir(path: storage.Location, cfg: RecorderConfig, world_size: int, name: str | None) -> dict[str, Any]:
     """Create the run directory and its manifest if absent; return the manifest in force.
 
     Idempotent and safe when many processes (the ranks of one job) do it at once: the manifest is written to
     a private temporary file and hard-linked into place, so exactly one wins and the others read the winner's
     (complete) file. A directory that exists and holds something other than an rldiag run is refused.
     """
-    path = storage.location(path)  # type: ignore[assignment]
+    path = storage.location(path)
     if path.exists() and not path.is_dir():
         raise RunFormatError(f"run directory {path} exists and is a file; choose another path")
     manifest_path = path / MANIFEST_NAME
@@ -207,11 +208,12 @@ def create_run_dir(path: Path, cfg: RecorderConfig, world_size: int, name: str |
     return read_manifest(path)
 
 
-def _publish_once(final: Path, data: bytes) -> None:
+def _publish_once(final: storage.Location, data: bytes) -> None:
     """Put ``data`` at ``final`` unless a file is already there; never exposes a partial file."""
     if storage.is_remote(final):
-        storage.write_once(final, data)  # type: ignore[arg-type]
+        storage.write_once(cast(storage.RemotePath, final), data)
         return
+    final = cast(Path, final)  # a local path from here on
     tmp = tmp_path(final)
     try:
         with open(tmp, "wb") as f:
@@ -235,7 +237,7 @@ def _publish_once(final: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: storage.Location) -> dict[str, Any]:
     """The manifest of a run, validated; a clear error for a missing, corrupt or newer one."""
     manifest_path = storage.location(path) / MANIFEST_NAME
     try:
@@ -266,7 +268,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 class WriterInfo:
     """One ``writers/<writer>.json``: a writer process of the run (a resume point)."""
 
-    path: Path
+    path: storage.Location
     writer: str
     rank: int
     started: float
@@ -297,12 +299,13 @@ class WriterInfo:
         return False
 
 
-def write_writer_file(path: Path, wid: str, info: dict[str, Any]) -> None:
+def write_writer_file(path: storage.Location, wid: str, info: dict[str, Any]) -> None:
     """Publish (or replace) ``writers/<wid>.json`` of the run at ``path``."""
     atomic_write_bytes(storage.location(path) / WRITERS_DIR / f"{wid}.json", json.dumps(info, indent=2).encode())
 
 
-def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: Path, required: bool = False) -> int | None:
+def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: storage.Location,
+         required: bool = False) -> int | None:
     v = d.get(key)
     if v is None and not required:
         return None
@@ -311,7 +314,7 @@ def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: Path, requi
     return v
 
 
-def _time(d: Mapping[str, Any], key: str, *, where: Path) -> float | None:
+def _time(d: Mapping[str, Any], key: str, *, where: storage.Location) -> float | None:
     v = d.get(key)
     if v is None or v is False:
         return None
@@ -322,9 +325,9 @@ def _time(d: Mapping[str, Any], key: str, *, where: Path) -> float | None:
     raise RunFormatError(f"{where}: {key!r} must be a time in seconds or null, got {v!r:.60}")
 
 
-def read_writer_file(p: Path) -> WriterInfo:
+def read_writer_file(p: storage.Location) -> WriterInfo:
     """Parse one writer file; :class:`RunFormatError` names the file and what is wrong with it."""
-    p = storage.location(p)  # type: ignore[assignment]
+    p = storage.location(p)
     d = _read_small_json(p, "writer file")
     if not isinstance(d, dict):
         raise RunFormatError(f"{p} is a JSON {type(d).__name__}, not an object")
@@ -350,7 +353,7 @@ def read_writer_file(p: Path) -> WriterInfo:
     )
 
 
-def read_writers(path: Path) -> tuple[list[WriterInfo], list[RunFormatError]]:
+def read_writers(path: storage.Location) -> tuple[list[WriterInfo], list[RunFormatError]]:
     """Every readable writer file of the run at ``path`` (sorted by name) and the problems of the others."""
     infos: list[WriterInfo] = []
     problems: list[RunFormatError] = []
@@ -375,7 +378,7 @@ def latest_writers(infos: Iterable[WriterInfo]) -> dict[int, WriterInfo]:
 
 
 # --- the closed and stalled rules, newest data ------------------------------------------------------------
-def run_closed(path: Path, *, count_gone: bool = False) -> bool:
+def run_closed(path: storage.Location, *, count_gone: bool = False) -> bool:
     """Whether the run at ``path`` ended: for every rank, its latest writer recorded ``closed``.
 
     ``count_gone``: also count a writer whose process is gone from this machine as ended (a crash or a kill
@@ -389,7 +392,7 @@ def run_closed(path: Path, *, count_gone: bool = False) -> bool:
     return all(w.closed is not None or (count_gone and w.process_gone()) for w in latest.values())
 
 
-def newest_data_time(path: Path) -> float | None:
+def newest_data_time(path: storage.Location) -> float | None:
     """When data last landed: modification time of the newest published statistics segment (None before any).
 
     Statistics are what every metric and alert is computed from, and a segment's statistics file is

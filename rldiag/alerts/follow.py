@@ -27,7 +27,7 @@ def run_closed(run: Any) -> bool:
     return runformat.run_closed(run.path)
 
 
-def newest_mtime(path: Path) -> float | None:
+def newest_mtime(path: storage.Location) -> float | None:
     """When data last landed in the run at ``path`` (:func:`rldiag.runformat.newest_data_time`)."""
     return runformat.newest_data_time(path)
 
@@ -62,7 +62,7 @@ class RunFollower:
     """
 
     def __init__(self, run_dir: str | Path, engine: Engine, *,
-                 open_run: Callable[[Path], Any] | None = None,
+                 open_run: Callable[[storage.Location], Any] | None = None,
                  augment: Callable[[Any, Any], Any] | None = None):
         self.run_dir = storage.location(run_dir)
         self.engine = engine

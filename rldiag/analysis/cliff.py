@@ -423,8 +423,8 @@ def simulation_table() -> str:
         sampled = simulated_boundary(t, b, c, 0.9 * star, 1.1 * star, tol=1e-5, mode="sampled", seed=0)
         flags = []
         for mode in ("exact", "sampled"):
-            below = simulate(t, b, 0.99 * star, c, mode=mode, seed=1).inside  # type: ignore[arg-type]
-            above = simulate(t, b, 1.01 * star, c, mode=mode, seed=1).inside  # type: ignore[arg-type]
+            below = simulate(t, b, 0.99 * star, c, mode=mode, seed=1).inside
+            above = simulate(t, b, 1.01 * star, c, mode=mode, seed=1).inside
             flags.append(f"{'yes' if below else 'NO'} / {'yes' if not above else 'NO'}")
         closed_text = f"{closed:.6f}" if len(t) == 2 else f"{closed:.4f} (pooled Bernoulli)"
         lines.append(f"| {len(t)} | {t[0]:g} | {b[0]:g} | {c:g} | {closed_text} | {star:.6f} | {exact:.6f} | "

@@ -118,6 +118,6 @@ def fit_law(frame: Any, metric: str = DEFAULT_METRIC, *, entropy: str = ENTROPY,
         pl.Series("law/fitted", fitted),
         pl.Series("entropy/delta_next", dH),
         pl.Series("law/predicted_sign", np.sign(pred)),
-        pl.Series("law/agree", np.where(counted, agree, None).tolist(), dtype=pl.Boolean),
+        pl.Series("law/agree", [bool(a) if c else None for a, c in zip(agree, counted)], dtype=pl.Boolean),
     )
     return LawFit(metric, n, a, b, r2, ceiling, reached, gain_reached, sign_agreement, n_sign, steps)

@@ -469,7 +469,7 @@ def _bapo_choose(table: pl.DataFrame, p: BAPOParams, R: _Cut) -> pl.DataFrame:
     saturated = ~met.any(axis=1)
     choice = np.where(saturated, len(path) - 1, met.argmax(axis=1))
     rows = np.arange(per.height)
-    out = {schema.STEP: per[schema.STEP]}
+    out: dict[str, Any] = {schema.STEP: per[schema.STEP]}
     for q in ("kept", "w", "pos", "abs", "kadv"):
         cols = np.column_stack([per[f"bapo{k}.{q}"].to_numpy() for k in range(len(path))])
         out[f"bapo.{q}"] = cols[rows, choice]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def _finite_or_nan(x: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(n) > 0, x, np.nan)
 
 
-def _hq(name: str, q: float, count: str, transform: Callable[[np.ndarray], np.ndarray] | None = None):
+def _hq(name: str, q: float, count: str,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Callable[[Stats], np.ndarray]:
     def f(s: Stats) -> np.ndarray:
         v = hist.quantiles(s[name], q)
         if transform is not None:
@@ -87,7 +88,7 @@ def _hq(name: str, q: float, count: str, transform: Callable[[np.ndarray], np.nd
     return f
 
 
-def _abs_quantile(name: str, q: float):
+def _abs_quantile(name: str, q: float) -> Callable[[Stats], np.ndarray]:
     """Quantile of |x| from a signed histogram: fold the two halves."""
 
     def f(s: Stats) -> np.ndarray:
@@ -151,7 +152,7 @@ def _bucket_std_spread(s: Stats) -> np.ndarray:
 
 
 def _m(name: str, needs: tuple[str, ...], finalize: Callable[[Stats], np.ndarray], formula: str, doc: str,
-       **kw) -> MetricSpec:
+       **kw: Any) -> MetricSpec:
     return MetricSpec(name=name, needs=needs, finalize=finalize, formula=formula, doc=doc, **kw)
 
 
@@ -427,7 +428,7 @@ _LENS_SOURCES = {"ppo": "PPO", "dapo": "DAPO", "dual_clip": "Dual-clip PPO", "dc
                  "ttb": "Trust the Batch (P3O)"}
 
 
-def _a(name: str, formula: str, doc: str, computed_by: str, **kw) -> MetricSpec:
+def _a(name: str, formula: str, doc: str, computed_by: str, **kw: Any) -> MetricSpec:
     return MetricSpec(name=name, needs=(), finalize=_from_token_rows, formula=formula, doc=doc,
                       computed_by=computed_by, **kw)
 

@@ -224,7 +224,7 @@ def _expm1(x: float) -> float:  # pragma: no cover - compiled
         c[8] + r * (c[9] + r * (c[10] + r * (c[11] + r * c[12]))))))))))))
     two_k = np.int64((np.int64(kf) + 1023) << 52).view(np.float64)
     out = (two_k - 1.0) + two_k * p
-    out = np.inf if x > _EXP_OVERFLOW else out
+    out = np.inf if x > _EXP_OVERFLOW else out  # type: ignore[assignment]
     return x if x != x else out
 
 
@@ -285,10 +285,12 @@ def _top_positive_sum(vals, m, k):  # pragma: no cover - compiled
 # results that changed with the arrays' addresses). Only the sequence scan (cumulative log-ratio, prefix
 # minimum, histogram increments, bucket sums) is serial.
 W: Final[int] = 8
-_LANE = {"nogil": True, "cache": True, "error_model": "numpy"}
+def _lane(**extra: Any) -> Any:
+    """``numba.njit`` with the options of every kernel loop (``inline="always"`` for the small named passes)."""
+    return numba.njit(nogil=True, cache=True, error_model="numpy", **extra)
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _lane_total(acc, k):  # pragma: no cover - compiled
     s = 0.0
     for lane in range(W):
@@ -296,7 +298,7 @@ def _lane_total(acc, k):  # pragma: no cover - compiled
     return s
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no cover - compiled
     """Validity, log-ratio (NaN for invalid tokens) and the sums over logp and adv of the tokens [t0, t1).
     Writes n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv into ``row``; returns n."""
@@ -341,7 +343,7 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
     return n
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _expm1_pass(m, x_s, y_s):  # pragma: no cover - compiled
     """y = expm1(x) for x_s[:m]; over the non-NaN x (NaN marks unused tokens, whose y is 0) returns
     (sum y, sum y^2, sum y - x, min 1 + y, max 1 + y) (min and max are exact in any order)."""
@@ -367,13 +369,13 @@ def _expm1_pass(m, x_s, y_s):  # pragma: no cover - compiled
     return _lane_total(acc, 0), _lane_total(acc, 1), _lane_total(acc, 2), lo.min(), hi.max()
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _ratio_pass(m, lr_s, rm1_s, row):  # pragma: no cover - compiled
     """r - 1 = expm1(lr) of the valid tokens into rm1_s; writes s_rm1, s_rm1sq, s_k3, min_r, max_r."""
     row[I_SRM1], row[I_SRM1SQ], row[I_SK3], row[I_MINR], row[I_MAXR] = _expm1_pass(m, lr_s, rm1_s)
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no cover - compiled
     """Writes n_clip_low, n_clip_high, n_clip_sym, n_dual, n_pos_up, n_pos_down, n_neg_up, n_neg_down,
     n_adv_pos, n_adv_zero, s_bal_pos, s_bal_neg (invalid tokens have a = 0 and r = 1: they count nowhere)."""
@@ -419,7 +421,7 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
     row[I_BNEG] = _lane_total(acc, 1)
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - compiled
     """Writes n_ent, s_ent, n_ent_low; e_s[j] the entropy (floored at 0, for its histogram) of valid tokens
     with a finite one, else NaN."""
@@ -441,7 +443,7 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     row[I_NENTLOW] = n_low
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
     """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum)."""
     m = t1 - t0
@@ -459,7 +461,7 @@ def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
     return n_use, _lane_total(acc, 0)
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
     """(n_tis, n_mis): used tokens (finite d) with w = 1 + w_s above cap, or outside [1/cap, cap]."""
     inv_cap = 1.0 / cap
@@ -473,14 +475,14 @@ def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
     return n_tis, n_mis
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compiled
     """Reference KL: writes n_ref and s_ref_k3 (k3 of x = ref_logp - logp)."""
     row[I_NREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
     row[I_SREF] = _expm1_pass(t1 - t0, d_s, w_s)[2]
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no cover - compiled
     """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
     s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
@@ -490,7 +492,7 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no c
     row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _staleness_pass(ver, t0, m, ok_s, step, row):  # pragma: no cover - compiled
     """Writes n_ver, s_stale, max_stale (staleness = step - version of the valid tokens)."""
     n_ver = 0
@@ -507,7 +509,7 @@ def _staleness_pass(ver, t0, m, ok_s, step, row):  # pragma: no cover - compiled
     row[I_MSTALE] = max_stale
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _cov_pass(m, ok_s, lp, t0, a_s, mean_a, mean_lp, band_lo, band_hi, c_s):  # pragma: no cover - compiled
     """Centered products c = (adv - mean)(logp - mean) of the valid tokens (NaN for the others): returns
     (n_cov_band, s_cov_pos)."""
@@ -525,7 +527,7 @@ def _cov_pass(m, ok_s, lp, t0, a_s, mean_a, mean_lp, band_lo, band_hi, c_s):  # 
     return c_band, _lane_total(acc, 0)
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _bins_pass(m, x_s, signed, bins):  # pragma: no cover - compiled
     """Histogram bin of each x_s[:m] (signed or magnitude bins), -1 for NaN (unused tokens)."""
     for j in range(m):
@@ -534,7 +536,7 @@ def _bins_pass(m, x_s, signed, bins):  # pragma: no cover - compiled
         bins[j] = b if x == x else -1
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _hist_pass(m, x_s, bins, h):  # pragma: no cover - compiled
     """Adds the magnitude bins of the non-NaN x_s[:m] to the histogram row ``h`` (bins: scratch)."""
     _bins_pass(m, x_s, False, bins)
@@ -543,7 +545,7 @@ def _hist_pass(m, x_s, bins, h):  # pragma: no cover - compiled
             h[bins[j]] += 1
 
 
-@numba.njit(**_LANE)
+@_lane()
 def _cum_pass(m, L_s, a_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
     """(max |L_t|, tokens whose gradient CTPO's clip removes: :func:`rldiag.stats.definitions.ctpo_clipped`)
     over the non-NaN cumulative log-ratios L_s[:m]."""
@@ -561,7 +563,7 @@ def _cum_pass(m, L_s, a_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compi
     return hi.max(), n_ctpo
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
     """Position -> bucket: ``nb`` equal parts of the record's longest valid response."""
     maxpos = 0
@@ -575,7 +577,7 @@ def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
     return btab
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _scan_pass(seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
                h_lr, h_min, bk, L_s, seq_L, seq_len, seq_A, seq_flag):  # pragma: no cover - compiled
     """The serial scan over a record's sequences, in token order: the cumulative log-ratio L_s, the
@@ -650,7 +652,7 @@ def _scan_pass(seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, h
     return n_seq_valid, n_minp
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row):  # pragma: no cover - compiled
     """Sequence-level statistics from each sequence's total log-ratio L, length and advantage sum: writes
     lse_seq, lse_seq2 (log-sum-exp of L and 2L, shifted by the largest L), s_gspo, max_gspo, n_gspo_clip."""
@@ -684,7 +686,7 @@ def _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row):  # pragma: no co
     row[I_CGSPO] = g_clip
 
 
-@numba.njit(inline="always", **_LANE)
+@_lane(inline="always")
 def _covariance_pass(m, ok_s, lp, t0, a_s, n, band_lo, band_hi, top_frac, c_s, row):  # pragma: no cover - compiled
     """Centered products of the record (means over its n valid tokens) into c_s; writes n_cov_band,
     s_cov_pos and s_cov_top (the positive mass of the top ``top_frac`` share of tokens)."""
@@ -879,7 +881,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
     H = {name: np.zeros((n_rec, nb), dtype=np.int64) for name, nb in HISTS.items()}
     BK = np.zeros((n_rec, 3, cfg.n_buckets))
     want_cov = cov
-    cov = np.full(n_tok if cov else 0, np.nan)
+    cov_out = np.full(n_tok if cov else 0, np.nan)
     seq_flag = np.zeros((n_seq, 3), dtype=np.uint8)
     present = {"entropy": batch.entropy is not None, "rollout": batch.rollout_logp is not None,
                "ref": batch.ref_logp is not None, "version": batch.version is not None,
@@ -894,7 +896,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         _EMPTY_I if batch.version is None else np.ascontiguousarray(batch.version, dtype=np.int64),
         _EMPTY_I if batch.stage is None else np.ascontiguousarray(batch.stage, dtype=np.int64),
         np.ascontiguousarray(batch.pos, dtype=np.int32),
-        flags, config_array(cfg), S, H["h_lr"], H["h_ent"], H["h_absd"], H["h_minprefix"], BK, cov, seq_flag,
+        flags, config_array(cfg), S, H["h_lr"], H["h_ent"], H["h_absd"], H["h_minprefix"], BK, cov_out, seq_flag,
     )
     seq_rec = np.repeat(np.arange(n_rec), np.diff(batch.rec_off))
     # rewards: over sequences with at least one masked-in token
@@ -925,9 +927,9 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
             for b in bad:
                 sets[name][b] = _EMPTY_I
         for b in bad:
-            cov[batch.seq_off[batch.rec_off[b]] : batch.seq_off[batch.rec_off[b + 1]]] = np.nan
+            cov_out[batch.seq_off[batch.rec_off[b]] : batch.seq_off[batch.rec_off[b + 1]]] = np.nan
     vectors = {"b_n": BK[:, 0], "b_s": BK[:, 1], "b_s2": BK[:, 2]}
-    return BatchStats(scalars=S, hists=H, vectors=vectors, sets=sets, cov=cov)
+    return BatchStats(scalars=S, hists=H, vectors=vectors, sets=sets, cov=cov_out)
 
 
 def _split_unique(rec: np.ndarray, vals: np.ndarray, n_rec: int) -> list[np.ndarray]:
