@@ -1,4 +1,4 @@
-"""Every metric against an independent numpy reference; merges are exact; docs are generated."""
+"""Every metric against an independent numpy reference (merges: test_aggregate.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import rldiag
 from rldiag.config import RecorderConfig
-from rldiag.metrics import aggregate
 from rldiag.metrics.registry import REGISTRY
 from rldiag.record.tensors import HostSnapshot
 from rldiag.record.writer import Job, build_batch
@@ -118,47 +115,6 @@ def test_empty_and_all_masked_records(tmp_path) -> None:
     df = rldiag.open_run(tmp_path / "run").step_metrics()
     assert df["tokens/count"].to_list() == [0.0, 0.0]
     assert math.isnan(df["ratio/mean"][0]) and math.isnan(df["entropy/mean"][0])
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), n_ranks=st.integers(1, 4), data=st.data())
-def test_merge_over_ranks_files_and_order_is_exact(seed: int, n_ranks: int, data) -> None:
-    """Any assignment of records to ranks, any row order, any grouping of the merge: same metrics."""
-    rng = np.random.default_rng(seed)
-    records = [make_record(rng, int(rng.integers(1, 6)), int(rng.integers(1, 12)), group_offset=10 * i,
-                           nan_frac=0.05) for i in range(int(rng.integers(1, 7)))]
-    single = _stats_table(records, step=3)
-    ranks = data.draw(st.lists(st.integers(0, n_ranks - 1), min_size=len(records), max_size=len(records)))
-    parts = [_stats_table([r], step=3, rank=k, micro0=i) for i, (r, k) in enumerate(zip(records, ranks))]
-    order = data.draw(st.permutations(range(len(parts))))
-    shuffled = pa.concat_tables([parts[i] for i in order])
-    want = aggregate.finalize(aggregate.merge(single)).row(0, named=True)
-    got = aggregate.finalize(aggregate.merge(shuffled)).row(0, named=True)
-    # associativity: merge per rank first, then merge the per-rank results' statistics
-    by_rank = aggregate.merge(shuffled, by=("step", "rank"))
-    for name in REGISTRY:
-        w, g = want[name], got[name]
-        assert (math.isnan(w) and math.isnan(g)) or g == pytest.approx(w, rel=1e-9, abs=1e-12), name
-    assert by_rank.n_groups == len(set(ranks))
-
-
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**16), cuts=st.lists(st.integers(1, 15), max_size=4))
-def test_splitting_a_batch_into_micro_batches_is_exact(seed: int, cuts: list[int]) -> None:
-    rng = np.random.default_rng(seed)
-    B = 16
-    rec = make_record(rng, B, 10, nan_frac=0.03)
-    bounds = sorted(set([0, B] + [c for c in cuts if 0 < c < B]))
-    pieces = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        pieces.append({k: (v[a:b] if np.ndim(v) >= 1 else v) for k, v in rec.items()})
-    want = aggregate.finalize(aggregate.merge(_stats_table([rec], 0))).row(0, named=True)
-    got = aggregate.finalize(aggregate.merge(_stats_table(pieces, 0))).row(0, named=True)
-    for name in REGISTRY:
-        if name in RECORD_LOCAL:
-            continue
-        w, g = want[name], got[name]
-        assert (math.isnan(w) and math.isnan(g)) or g == pytest.approx(w, rel=1e-9, abs=1e-12), name
 
 
 def test_registry_specs_are_complete() -> None:
