@@ -207,7 +207,8 @@ def _filesystem(protocol: str, storage_options: Mapping[str, Any] | None) -> Any
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with the s3/gcs extras
-        raise ImportError(f"{protocol}:// runs need fsspec and {_PACKAGES.get(protocol, 'its fsspec backend')}") from None
+        need = _PACKAGES.get(protocol, "its fsspec backend")
+        raise ImportError(f"{protocol}:// runs need fsspec and {need}") from None
     opts = dict(storage_options or {})
     # a live run grows: every listing must ask the store, not fsspec's cache of an earlier one
     opts.setdefault("use_listings_cache", False)

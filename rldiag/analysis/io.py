@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from rldiag import runformat, schema, storage
 from rldiag.analysis import aggregate
+from rldiag.analysis.recompute import BUCKET_METRICS, bucket_stats, scan_tokens
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import REGISTRY, needed_stats
 from rldiag.runformat import read_manifest
@@ -300,7 +301,8 @@ class Run:
         if self._compact is None:
             return
         path = _index_location(self.path)
-        files = {name: [info.size, info.rows, *(info.steps or (None, None))] for name, info in self._stats_files.items()}
+        files = {name: [info.size, info.rows, *(info.steps or (None, None))]
+                 for name, info in self._stats_files.items()}
         meta = {schema.PARQUET_META_KEY: json.dumps({
             "schema_version": schema.SCHEMA_VERSION, "index_version": INDEX_VERSION, "files": files,
             "cutoff": self._applied}).encode()}
@@ -390,12 +392,9 @@ class Run:
         writer superseded are left out."""
         files = self.token_files()
         if not files:
-            return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})
-        limits = self.token_limits()
-        whole = [f for f in files if f not in limits]
-        parts = [_scan(whole)] if whole else []
-        parts += [_scan([f]).filter(pl.col(schema.STEP) < cut) for f, cut in sorted(limits.items(), key=lambda x: str(x[0]))]
-        return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
+            return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype
+                                        for k, v in schema.TOKEN_DTYPES.items()})
+        return scan_tokens(files, self.token_limits())
 
     def steps(self) -> list[int]:
         """Steps with statistics, ascending."""
@@ -497,6 +496,8 @@ class Run:
         metrics: Sequence[str] | None = None,
         by_rank: bool = False,
         from_tokens: bool = False,
+        engine: str = "local",
+        ray_address: str | None = None,
     ) -> pl.DataFrame:
         """One row per step: ``step`` plus one Float64 column per metric name (NaN where inputs are missing).
 
@@ -511,7 +512,13 @@ class Run:
             from_tokens: recompute every statistic from the token rows (with ``config`` or the run's own),
                 not only those that depend on the clip settings; with sampled token rows they then all cover
                 the sampled tokens only.
+            engine: where a recompute from token rows runs: ``"local"`` (threads of this process) or ``"ray"``
+                (one Ray task per Parquet row group, reading where it runs and returning statistics that are
+                merged here; the same numbers). Without a recompute the stored statistics are used either way.
+            ray_address: the Ray cluster to join (default: the one this process is connected to, else
+                ``RAY_ADDRESS``, else a local Ray).
         """
+        _check_engine(engine)
         names = list(REGISTRY) if metrics is None else list(metrics)
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
@@ -524,11 +531,12 @@ class Run:
         # a setting that decides which tokens count (logp_tolerance) changes every statistic, not only the
         # clip-dependent ones
         every = from_tokens or affected_stats(self.config.stat_fields_changed(config)) == STATS.keys()
-        return self._recomputed(table, config, names, by, ranks, steps, everything=every)
+        return self._recomputed(table, config, names, by, ranks, steps, everything=every, engine=engine,
+                                ray_address=ray_address)
 
     def _recomputed(self, stored: pa.Table, config: RecorderConfig, names: list[str], by: tuple[str, ...],
                     ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,
-                    everything: bool = False) -> pl.DataFrame:
+                    everything: bool = False, engine: str = "local", ray_address: str | None = None) -> pl.DataFrame:
         from rldiag.analysis.recompute import iter_file_stats, row_groups
 
         if self.token_rows_sampled:
@@ -546,8 +554,13 @@ class Run:
         from rldiag.analysis.progress import progress
 
         files = self.token_files()
+        executor = None
+        if engine == "ray":
+            from rldiag.analysis import ray_engine
+
+            executor = ray_engine.RowGroupExecutor(ray_address)
         stats_iter = iter_file_stats(files, config, steps=step_set, config_only=not everything,
-                                     limits=self.token_limits())
+                                     limits=self.token_limits(), executor=executor)
         parts = list(progress(stats_iter, row_groups(files),
                               "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
@@ -578,44 +591,51 @@ class Run:
         return aggregate.finalize(aggregate.Merged(keys=merged_stored.keys, stats=out_stats), names)
 
     def bucket_metrics(self, by: str = "pos", buckets: int = 10, *, width: int | None = None,
-                       steps: Sequence[int] | None = None) -> pl.DataFrame:
+                       steps: Sequence[int] | None = None, engine: str = "local",
+                       ray_address: str | None = None) -> pl.DataFrame:
         """The position/stage table of metrics-spec section 2, from token rows.
 
         One row per (step, bucket) with ``n``, ``ratio/mean``, ``ratio/std``, ``clip/region``,
         ``entropy/mean``, ``mismatch/k3``. ``by="pos"``: deciles (``buckets``) of the step's longest response,
         or fixed ``width`` positions per bucket; ``by="stage"`` or ``"turn"``: the column's values.
+        ``engine="ray"``: Ray tasks over groups of whole steps compute the statistics where they run
+        (:mod:`rldiag.analysis.ray_engine`); the result is the same.
         """
-        from rldiag.analysis.recompute import stats_of_table
-
         if by not in ("pos", "stage", "turn"):
             raise ValueError(f"by must be 'pos', 'stage' or 'turn', got {by!r}")
-        lf = self.tokens()
-        if steps is not None:
-            lf = lf.filter(pl.col("step").is_in(list(steps)))
-        if by == "pos":
-            if width is not None:
-                bucket = (pl.col("pos") // width)
-            else:
-                longest = pl.col("pos").max().over("step") + 1
-                bucket = ((pl.col("pos") * buckets) // longest).clip(0, buckets - 1)
-        else:
-            bucket = pl.col(by)
-        lf = lf.with_columns(bucket.cast(pl.Int64).alias("bucket")).filter(pl.col("bucket").is_not_null())
-        table = lf.collect().to_arrow()
-        names = ["ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3"]
+        _check_engine(engine)
+        names = list(BUCKET_METRICS)
         cols = ["step", "bucket", "n"] + names
-        if table.num_rows == 0:
+        if engine == "ray":
+            from rldiag.analysis import ray_engine
+
+            chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
+            stats = ray_engine.bucket_stats(self.token_files(), self.token_limits(), self.config, chosen, by=by,
+                                            buckets=buckets, width=width, address=ray_address)
+        else:
+            lf = self.tokens()
+            if steps is not None:
+                lf = lf.filter(pl.col("step").is_in(list(steps)))
+            stats = bucket_stats(lf, self.config, by, buckets, width)
+        if stats.num_rows == 0:
             return pl.DataFrame(schema={"step": pl.Int64, "bucket": pl.Int64, "n": pl.Float64} |
                                 {n: pl.Float64 for n in names})
-        stats = stats_of_table(table, self.config, record_keys=("step", "bucket", "rank", "micro"))
         merged = aggregate.merge(stats, by=("step", "bucket"), stats=needed_stats(names) | {"n"})
         out = aggregate.finalize(merged, names).with_columns(pl.Series("n", merged.stats["n"]))
         return out.select(cols)
 
     # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------
     def lens(self, objectives: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-             params: Any = None) -> pl.DataFrame:
-        """How each clipping objective of the literature would have treated this run's tokens, per step."""
+             params: Any = None, *, engine: str = "local", ray_address: str | None = None) -> pl.DataFrame:
+        """How each clipping objective of the literature would have treated this run's tokens, per step
+        (``engine="ray"``: Ray tasks over groups of whole steps, :mod:`rldiag.analysis.ray_engine`)."""
+        _check_engine(engine)
+        if engine == "ray":
+            from rldiag.analysis import ray_engine
+
+            chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
+            return ray_engine.lens(self.token_files(), self.token_limits(), self.config, chosen, objectives, params,
+                                   address=ray_address)
         from rldiag.analysis.lens import lens
 
         return lens(self, objectives, steps, params)
@@ -739,15 +759,9 @@ def _parquet_metadata(p: Any) -> pq.FileMetaData:
         return pq.read_metadata(src)
 
 
-def _scan(files: list[Any]) -> pl.LazyFrame:
-    """A lazy scan of token files: polars' own reader locally, a pyarrow dataset over fsspec remotely."""
-    if not storage.is_remote(files[0]):
-        return pl.scan_parquet([str(f) for f in files])
-    import pyarrow.dataset as ds
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs = PyFileSystem(FSSpecHandler(files[0].fs))
-    return pl.scan_pyarrow_dataset(ds.dataset([f.key for f in files], filesystem=fs, format="parquet"))
+def _check_engine(engine: str) -> None:
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
 
 
 def open_run(path: str | os.PathLike[str] | storage.RemotePath, *,

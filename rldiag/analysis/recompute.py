@@ -14,14 +14,16 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -263,7 +265,7 @@ def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, limit: int
 
 def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
                     config_only: bool = False, threads: int | None = None,
-                    limits: Mapping[Path, int] | None = None) -> Iterator[pa.Table]:
+                    limits: Mapping[Path, int] | None = None, executor: Any = None) -> Iterator[pa.Table]:
     """Statistics of the records in ``files``, in file order, one table per Parquet row group.
 
     Each row group is read and computed by one of ``threads`` workers (default: one per core, at most
@@ -279,8 +281,13 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
 
     ``limits``: file -> first step whose rows do not count (records a restarted writer superseded,
     :meth:`rldiag.analysis.io.Run.token_limits`).
+
+    ``executor``: where the row groups are read and computed instead of this process's threads: an object
+    with ``submit(fn, *args)`` returning something with ``result()`` and a ``parallelism`` (e.g.
+    :class:`rldiag.analysis.ray_engine.RowGroupExecutor`). The pieces cut by row-group boundaries are joined
+    and computed here, in file order, either way, so the results are the same.
     """
-    threads = threads or default_threads()
+    threads = threads or (executor.parallelism if executor is not None else default_threads())
     names = [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
     wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
     metas = [(storage.location(f), _metadata(f)) for f in files]
@@ -294,8 +301,8 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
         table = pa.concat_tables(parts, promote_options="default").combine_chunks()
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: deque[tuple[Future[_GroupResult], bool]] = deque()  # (result, last row group of its file)
+    with (ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor)) as pool:
+        pending: deque[tuple[Any, bool]] = deque()  # (future of a _GroupResult, last row group of its file)
         it = iter(jobs)
         for job in it:
             pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only), job[3]))
@@ -328,3 +335,50 @@ def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[in
             edge = stitched(open_rows)
             open_rows = [res.tail] if res.tail is not None else []
             yield pa.concat_tables([edge, res.stats]) if edge.num_rows else res.stats
+
+
+# --- token rows as a lazy frame, and the bucket table's statistics (used by the reader and by Ray tasks) ---
+def scan_tokens(files: Sequence[Any], limits: dict[Any, int] | None = None) -> pl.LazyFrame:
+    """A lazy scan of token files, leaving out the rows at or after ``limits[file]`` (superseded records).
+
+    Module-level (and given plain lists) so that a worker of another process or node can scan the same rows.
+    """
+    limits = limits or {}
+    whole = [f for f in files if f not in limits]
+    parts = [_scan(whole)] if whole else []
+    parts += [_scan([f]).filter(pl.col(schema.STEP) < cut)
+              for f, cut in sorted(limits.items(), key=lambda x: str(x[0]))]
+    return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
+
+
+BUCKET_METRICS = ("ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3")
+"""The metrics of the bucket table (:meth:`Run.bucket_metrics`)."""
+
+
+def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int, width: int | None) -> pa.Table:
+    """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
+    step's longest response). Merging them by (step, bucket) gives :meth:`Run.bucket_metrics`."""
+    if by == "pos":
+        if width is not None:
+            bucket = (pl.col("pos") // width)
+        else:
+            longest = pl.col("pos").max().over("step") + 1
+            bucket = ((pl.col("pos") * buckets) // longest).clip(0, buckets - 1)
+    else:
+        bucket = pl.col(by)
+    lf = lf.with_columns(bucket.cast(pl.Int64).alias("bucket")).filter(pl.col("bucket").is_not_null())
+    table = lf.collect().to_arrow()
+    if table.num_rows == 0:
+        return STATS_SCHEMA.empty_table()
+    return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"))
+
+
+def _scan(files: list[Any]) -> pl.LazyFrame:
+    """A lazy scan of token files: polars' own reader locally, a pyarrow dataset over fsspec remotely."""
+    if not storage.is_remote(files[0]):
+        return pl.scan_parquet([str(f) for f in files])
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs = PyFileSystem(FSSpecHandler(files[0].fs))
+    return pl.scan_pyarrow_dataset(ds.dataset([f.key for f in files], filesystem=fs, format="parquet"))

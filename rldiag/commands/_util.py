@@ -22,6 +22,28 @@ def open_run_or_fail(path: str) -> Any:
         raise CLIError(str(exc)) from None
 
 
+def add_engine_args(p: Any) -> None:
+    """``--engine local|ray`` and ``--ray-address`` for a command that reads token rows."""
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where token rows are read and computed: this process (default) or a Ray cluster")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local Ray)")
+
+
+def engine_kwargs(args: Any) -> dict[str, Any]:
+    """``engine=`` and ``ray_address=`` for the analysis call; a clear error when Ray is missing."""
+    if args.engine == "ray":
+        from rldiag.analysis.ray_engine import require_ray
+
+        try:
+            require_ray()
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+    elif args.ray_address:
+        raise CLIError("--ray-address needs --engine ray")
+    return {"engine": args.engine, "ray_address": args.ray_address}
+
+
 def parse_steps(text: str | None) -> slice | None:
     """``A:B`` (B exclusive), ``A:`` or ``:B`` or a single step ``A``."""
     if not text:

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run          {info['name']}  ({info['path']})")
     print(f"format       v{info['schema_version']} written by rldiag {info['rldiag_version']}, created "
           f"{_when(info['created'])}")
-    print(f"steps        {info['steps']}" + (f"  ({info['first_step']} .. {info['last_step']})" if info['steps'] else ""))
+    span = f"  ({info['first_step']} .. {info['last_step']})" if info["steps"] else ""
+    print(f"steps        {info['steps']}{span}")
     print(f"ranks        {info['ranks']}  (world size {info['world_size']})")
     print(f"records      {info['records']}")
     print(f"tokens       {info['tokens']:,} valid of {info['tokens_masked_in']:,} masked-in "
@@ -46,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"writers      {len(info['resume_points'])} (resume points):")
     for w in info["resume_points"]:
         state = "closed" if w.get("closed") is not None else "open or crashed"
-        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {state}  {w['writer']}")
+        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {state}  "
+              f"{w['writer']}")
     if info["superseded"]:
         print(f"superseded   records a restart replaced (on disk, counted nowhere; {info['records_superseded']} "
               "records):")
         for x in info["superseded"]:
-            print(f"  rank {x['rank']}  steps {x['from_step']} .. {x['to_step']} of {x['writer']}  (restarted by {x['by']})")
+            print(f"  rank {x['rank']}  steps {x['from_step']} .. {x['to_step']} of {x['writer']}  "
+                  f"(restarted by {x['by']})")
     for g in info["gaps"]:
         print(f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} were never recorded "
               f"(restart {g['writer']} began later than the rank had stopped)")

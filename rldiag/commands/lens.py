@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import open_run_or_fail, print_table, steps_in, write_frame
+from rldiag.commands._util import add_engine_args, engine_kwargs, open_run_or_fail, print_table, steps_in, write_frame
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                    help="table: one line per objective (mean over steps, last step); csv/json: one row per step")
     p.add_argument("--per-step", action="store_true", help="table format: one line per step and objective")
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
@@ -87,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     objectives = [o for o in OBJECTIVES if o in objectives]
     r = open_run_or_fail(args.run)
     steps = steps_in(r, args.steps)
-    frame = lens(r, objectives=objectives, steps=steps, params=parse_overrides(args.set) or None)
+    engine = engine_kwargs(args)
+    params = parse_overrides(args.set) or None
+    if engine["engine"] == "ray":
+        frame = r.lens(objectives=objectives, steps=steps, params=params, **engine)
+    else:
+        frame = lens(r, objectives=objectives, steps=steps, params=params)
     if frame.height == 0:
         raise CLIError(f"{args.run} has no token rows" + (f" in steps {args.steps}" if args.steps else "")
                        + " (the lens needs token rows: token_sample_rate > 0)")

@@ -9,7 +9,15 @@ import numpy as np
 import polars as pl
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import open_run_or_fail, parse_steps, print_table, select_metrics, write_frame
+from rldiag.commands._util import (
+    add_engine_args,
+    engine_kwargs,
+    open_run_or_fail,
+    parse_steps,
+    print_table,
+    select_metrics,
+    write_frame,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-tokens", action="store_true",
                    help="recompute every statistic from the token rows, not only those the clip settings change")
     p.add_argument("--list", action="store_true", help="list the metric names and exit")
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eps_low is not None or args.eps_high is not None:
         changes = {k: v for k, v in (("eps_low", args.eps_low), ("eps_high", args.eps_high)) if v is not None}
         config = r.config.replace(**changes)
-    df = r.step_metrics(steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens)
+    df = r.step_metrics(steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens,
+                        **engine_kwargs(args))
     if df.height == 0:
         raise CLIError(f"{args.run} has no steps" + (f" in {args.steps}" if args.steps else "") + " yet")
     if args.format != "table" or args.per_step:

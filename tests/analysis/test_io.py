@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rldiag
 from rldiag.analysis.io import RunFormatWarning
@@ -153,8 +155,6 @@ def test_run_index_is_used_extended_and_rebuilt(run_dir, monkeypatch) -> None:
 
 
 # ---- restarts (resume semantics) ------------------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def _step_record(step: int, attempt: int = 0, rank: int = 0) -> dict:

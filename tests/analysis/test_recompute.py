@@ -257,3 +257,23 @@ def test_run_methods_delegate_to_advanced_analytics(tmp_path) -> None:
     assert lens.height == 2 and "lens/ppo/kept_frac" in lens.columns
     assert np.allclose(1 - lens["lens/ppo/kept_frac"].to_numpy(),
                        run.step_metrics(config=run.config.replace(eps_high=run.config.eps_low))["clip/region"].to_numpy())
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys) -> None:
+    import sys
+
+    import rldiag
+    from rldiag.cli import main
+
+    with rldiag.Recorder(tmp_path / "run") as rec:
+        rec.record(step=0, **make_record(np.random.default_rng(0), 4, 8))
+    run = rldiag.open_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="engine must be 'local' or 'ray'"):
+        run.step_metrics(from_tokens=True, engine="spark")
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is not installed
+    for call in (lambda: run.step_metrics(from_tokens=True, engine="ray"), lambda: run.lens(engine="ray"),
+                 lambda: run.bucket_metrics(engine="ray")):
+        with pytest.raises(ImportError, match=r"pip install 'rldiag\[ray\]'"):
+            call()
+    assert main(["summarize", str(tmp_path / "run"), "--from-tokens", "--engine", "ray"]) == 2
+    assert "pip install 'rldiag[ray]'" in capsys.readouterr().err

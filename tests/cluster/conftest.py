@@ -93,3 +93,31 @@ def bucket(s3_server: S3Server) -> str:
 def s3_run(bucket: str) -> str:
     """The URI of a run folder in a fresh bucket (nothing there yet)."""
     return f"s3://{bucket}/runs/exp1"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server: S3Server) -> Iterator[str]:
+    """A two-node Ray cluster on this machine (every node on 127.0.0.1), connected; yields its address.
+
+    The nodes inherit this process's environment: the S3 endpoint and credentials, and the repository on
+    ``PYTHONPATH`` so that workers import this checkout of rldiag.
+    """
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    root = str(Path(__file__).resolve().parents[2])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + saved if saved else "")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved

@@ -42,7 +42,8 @@ def test_a_run_on_s3_reads_as_the_same_run_on_disk(s3_run, tmp_path) -> None:
     assert remote.step_metrics().equals(local.step_metrics())
     assert remote.step_metrics(from_tokens=True).equals(local.step_metrics(from_tokens=True))
     assert remote.bucket_metrics(by="pos", buckets=4).equals(local.bucket_metrics(by="pos", buckets=4))
-    assert remote.tokens().collect().sort("step", "seq", "pos").equals(local.tokens().collect().sort("step", "seq", "pos"))
+    order = ("step", "seq", "pos")
+    assert remote.tokens().collect().sort(*order).equals(local.tokens().collect().sort(*order))
     assert remote.is_closed() and remote.newest_data_time() is not None
     keys = _keys(s3_run)
     assert "manifest.json" in keys and not any(k.endswith(".tmp") or "/." in k for k in keys)
