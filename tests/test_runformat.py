@@ -17,6 +17,7 @@ from rldiag import runformat as rf
 from rldiag.config import RecorderConfig
 
 SAMPLES = Path(rldiag.__file__).parent / "sample_logs"
+REPO_SAMPLES = Path(__file__).resolve().parents[1] / "sample_logs"
 
 
 # --- manifest ------------------------------------------------------------------------------------------
@@ -182,9 +183,10 @@ def test_alert_history_is_read_by_the_run_format_parser() -> None:
 
 
 # --- runs written before this module ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["healthy", "collapse"])
-def test_committed_sample_runs_still_open(name: str) -> None:
-    run = rldiag.open_run(SAMPLES / name)
+@pytest.mark.parametrize("path", [SAMPLES / "healthy", SAMPLES / "collapse", REPO_SAMPLES / "healthy",
+                                  REPO_SAMPLES / "collapse"], ids=lambda p: f"{p.parent.parent.name}-{p.name}")
+def test_committed_sample_runs_still_open(path: Path) -> None:
+    run = rldiag.open_run(path)
     assert run.problems == [] and len(run.steps()) > 10
     assert run.is_closed() and run.newest_data_time() is not None
     info = run.info()

@@ -301,7 +301,14 @@ class Recorder:
                  for k, v in args.items() if v is not None}
         job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid,
                   nbytes=sum(s.nbytes for s in snaps.values()))
-        if not fits:
+        if not fits and not all(s.ready() for s in snaps.values()):
+            # Device inputs still being copied: reducing them here would wait for the GPU in the caller's thread.
+            # The writer reduces them (statistics kept, token rows dropped and counted); past twice the queue
+            # bound the caller waits for the writer instead, so memory stays bounded and the GPU is never synced.
+            while job.nbytes + self._writer.queued_bytes > 2 * self.config.queue_max_bytes and self._writer.is_alive():
+                self._writer.wait_for_space(job.nbytes - self.config.queue_max_bytes, 1.0)
+            job.drop_rows = True
+        elif not fits:
             # Statistics are never dropped: reduce here, enqueue only the (small) statistics.
             tb, flat, cols = build_batch(job, step)
             stats = kernel.compute(tb, self.config)

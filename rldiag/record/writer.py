@@ -315,7 +315,9 @@ class Writer(threading.Thread):
         if len(self._seq_counter) > 4096:
             for k in sorted(self._seq_counter)[:2048]:
                 del self._seq_counter[k]
-        if job.precomputed is None and not job.invalid:
+        if job.drop_rows:  # the queue was full with device inputs: statistics only, token rows dropped (counted)
+            dropped = int(flat.size)
+        if job.precomputed is None and not job.invalid and not job.drop_rows:
             keep = _sample_mask(self.cfg, job.step, self.rank, job.micro, B)
             tokens = token_table(job, self.rank, seq_base, tb, flat, cols, cov, keep)
             written = tokens.num_rows
