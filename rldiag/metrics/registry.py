@@ -361,7 +361,9 @@ _SPECS: tuple[MetricSpec, ...] = (
        "share of tokens whose gradient CTPO's clip removes: adv > 0 and L_t > 0.05*sqrt(t+1), or adv < 0 and "
        "L_t < -0.025*sqrt(t+1) (sign-aware, like PPO's clip; the one CTPO definition, "
        "rldiag.stats.definitions.ctpo_clipped, shared with lens/ctpo/*)",
-       "Tokens CTPO's position-adaptive bounds would clip; = 1 - lens/ctpo/kept_frac.", source="CTPO",
+       "Tokens CTPO's position-adaptive bounds would clip; = 1 - lens/ctpo/kept_frac. Runs recorded before this "
+       "definition stored the sign-agnostic count; `run.step_metrics(from_tokens=True)` recomputes it.",
+       source="CTPO",
        derived=True, direction="lower", bounds=(0.0, 1.0)),
     _m("seq/minprefix_ratio_p5", ("h_minprefix", "n_minprefix"), _hq("h_minprefix", 0.05, "n_minprefix", np.exp),
        "5th percentile over tokens of min_{j<t} r_j (prefix minimum)",
