@@ -25,7 +25,7 @@ def _torch() -> Any:
     return torch
 
 
-def entropy_from_logits(logits: "torch.Tensor", chunk_size: int = 1024) -> "torch.Tensor":
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) over the last dimension, computed in fp32 chunks of rows.
 
     Returns a float32 tensor of shape ``logits.shape[:-1]`` on the logits' device. Peak extra memory is
@@ -50,7 +50,7 @@ def entropy_from_logits(logits: "torch.Tensor", chunk_size: int = 1024) -> "torc
     return out.reshape(shape)
 
 
-def gather_logprobs(logits: "torch.Tensor", token_ids: "torch.Tensor", chunk_size: int = 1024) -> "torch.Tensor":
+def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log softmax(logits)[token_ids] over the last dimension, in fp32 chunks of rows.
 
     ``logits``: ``[..., V]``; ``token_ids``: ``[...]`` (same leading shape). Differentiable: use it in the loss
@@ -120,7 +120,8 @@ class HostSnapshot:
 
     CPU tensors and numpy arrays are copied at once (the caller may reuse its buffers when ``record()``
     returns). CUDA tensors are copied with ``non_blocking=True`` into pinned memory and an event is recorded
-    on the current stream; :meth:`get` waits on that event in the writer thread, never in the caller's.
+    on the current stream; :meth:`get` waits on that event in the writer thread, never in the caller's (the
+    recorder's full-queue path checks :meth:`ready` first).
     """
 
     __slots__ = ("_array", "_tensor", "_event", "nbytes", "dtype_kind", "pooled")
@@ -169,10 +170,18 @@ class HostSnapshot:
             pool.put(self._array)
         self._array = None
 
+    def ready(self) -> bool:
+        """Whether the host copy is complete; never waits (a CUDA event query, not a synchronisation).
+
+        The recorder asks this when its queue is full: a record whose copy is still in flight goes to the
+        writer thread (which waits for it) instead of being reduced in the caller's thread.
+        """
+        return self._array is not None or self._event is None or bool(self._event.query())
+
     def get(self) -> np.ndarray:
-        """The host array (waits for the device copy if there is one)."""
+        """The host array (waits for the device copy if there is one: call it off the training thread)."""
         if self._array is None:
-            if self._event is not None:
+            if self._event is not None and not self._event.query():
                 self._event.synchronize()
             self._array = self._tensor.numpy()
             self._tensor = None

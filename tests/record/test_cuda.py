@@ -10,9 +10,10 @@ import torch
 
 import rldiag
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@needs_cuda
 def test_record_on_cuda_never_syncs_and_matches_cpu(tmp_path) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T = 64, 256
@@ -38,3 +39,62 @@ def test_record_on_cuda_never_syncs_and_matches_cpu(tmp_path) -> None:
         for x, y in zip(a[name].to_list(), b[name].to_list()):
             assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-6), name
     assert np.isfinite(a["entropy/mean"].to_numpy()).all()
+
+
+def _batch(device: str, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, T = 64, 2048  # 1.2 MB a record: more than the smallest queue holds
+    logp = -torch.rand(B, T, device=device, generator=g) * 3
+    return {"logprobs": logp, "old_logprobs": (logp + 0.1 * torch.randn(B, T, device=device, generator=g)).clamp(max=0),
+            "advantages": torch.randn(B, device=device, generator=g),
+            "mask": torch.rand(B, T, device=device, generator=g) < 0.9}
+
+
+def _full_queue_run(path, device: str, steps: int = 6) -> dict:
+    """A recorder whose queue holds less than one record and never waits: every record takes the full path."""
+    with rldiag.Recorder(path, queue_max_bytes=1 << 20, max_block_seconds=0.0) as rec:
+        for step in range(steps):
+            rec.record(step=step, **_batch(device, step))
+    return rec.stats  # after close: every record is processed
+
+
+@needs_cuda
+def test_full_queue_with_cuda_inputs_never_syncs_and_keeps_every_statistic(tmp_path) -> None:
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call in the caller's thread raises
+    try:
+        gpu = _full_queue_run(tmp_path / "gpu", "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _full_queue_run(tmp_path / "cpu", "cpu")
+    a = rldiag.open_run(tmp_path / "gpu").step_metrics()
+    b = rldiag.open_run(tmp_path / "cpu").step_metrics()
+    assert a["tokens/count"].to_list() == b["tokens/count"].to_list()  # statistics are never dropped
+    assert gpu["rows_written"] == 0 and gpu["rows_dropped"] > 0
+    assert a["ratio/mean"].to_numpy() == pytest.approx(b["ratio/mean"].to_numpy(), rel=1e-6)
+
+
+def test_full_queue_path_hands_copies_in_flight_to_the_writer(tmp_path, monkeypatch) -> None:
+    """Without a GPU: snapshots that report a copy still in flight take the path CUDA inputs take, and the
+    caller's thread never reads them (on a GPU, that read is the synchronisation)."""
+    import threading
+
+    from rldiag.record import recorder as recorder_mod
+    from rldiag.record.tensors import HostSnapshot
+
+    main = threading.current_thread()
+    real_get = HostSnapshot.get
+
+    def get(self):
+        assert threading.current_thread() is not main, "a snapshot was read in the caller's thread"
+        return real_get(self)
+
+    monkeypatch.setattr(HostSnapshot, "ready", lambda self: False)
+    monkeypatch.setattr(HostSnapshot, "get", get)
+    monkeypatch.setattr(recorder_mod, "build_batch", lambda *a, **k: pytest.fail("reduced in the caller's thread"))
+    stats = _full_queue_run(tmp_path / "inflight", "cpu")
+    monkeypatch.undo()
+    _full_queue_run(tmp_path / "ref", "cpu")
+    a = rldiag.open_run(tmp_path / "inflight").step_metrics()
+    b = rldiag.open_run(tmp_path / "ref").step_metrics()
+    assert a.equals(b)  # the same statistics, computed by the writer
+    assert stats["rows_written"] == 0 and stats["rows_dropped"] == int(a["tokens/count"].sum())
