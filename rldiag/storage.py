@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, BinaryIO, Final, Union
+from typing import Any, BinaryIO, Final, TypeGuard, Union
 
 __all__ = [
     "Entry",
@@ -249,7 +249,7 @@ def location(path: str | os.PathLike[str] | RemotePath, storage_options: Mapping
     return RemotePath(fs, str(key), protocol)
 
 
-def is_remote(path: Any) -> bool:
+def is_remote(path: Any) -> TypeGuard[RemotePath]:
     """Whether ``path`` is a :class:`RemotePath`."""
     return isinstance(path, RemotePath)
 

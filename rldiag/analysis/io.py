@@ -38,7 +38,7 @@ RunFormatWarning = runformat.RunFormatWarning  # its home is rldiag.runformat; t
 
 @dataclass
 class _FileInfo:
-    path: Path
+    path: storage.Location
     size: int
     mtime: float
     rows: int
@@ -69,9 +69,9 @@ INDEX_VERSION = 2
 _NO_CUTOFF = 2**63 - 1
 
 
-def _index_location(run_path: Path) -> Path:
+def _index_location(run_path: storage.Location) -> storage.Location:
     own = run_path / INDEX_DIR
-    if storage.is_remote(run_path) or os.access(run_path, os.W_OK):
+    if isinstance(run_path, storage.RemotePath) or os.access(run_path, os.W_OK):
         return own / "steps.parquet"
     import hashlib
 
@@ -89,7 +89,8 @@ class Run:
     rank filters) are read from the files when asked for.
     """
 
-    path: Path
+    path: storage.Location
+    """The run folder: a local path or a :class:`rldiag.storage.RemotePath` (``str()`` gives its URI)."""
     manifest: dict[str, Any]
     config: RecorderConfig
     problems: list[Problem] = field(default_factory=list)
@@ -165,11 +166,11 @@ class Run:
         self._writer_infos = infos
         data: dict[str, dict[str, Any]] = {}
         for info in self._stats_files.values():
-            w = info.writer
-            if w is None or info.steps is None:
+            parsed = info.writer
+            if parsed is None or info.steps is None:
                 continue
-            d = data.setdefault(w[0], {"rank": w[1], "start": w[2], "lo": info.steps[0], "hi": info.steps[1],
-                                       "t": info.mtime})
+            d = data.setdefault(parsed[0], {"rank": parsed[1], "start": parsed[2], "lo": info.steps[0],
+                                            "hi": info.steps[1], "t": info.mtime})
             d["lo"], d["hi"], d["t"] = min(d["lo"], info.steps[0]), max(d["hi"], info.steps[1]), max(d["t"], info.mtime)
         known = set(data)
         self.resume = runformat.resolve_attempts(
@@ -209,7 +210,7 @@ class Run:
                     continue
                 except (runformat.RunFormatError, OSError) as exc:
                     bad.append(runformat.RunFormatError(str(exc) if isinstance(exc, runformat.RunFormatError)
-                                                        else f"{e.path}: {exc}", path=e.path))  # type: ignore[arg-type]
+                                                        else f"{e.path}: {exc}", path=e.path))
                     info = None
                 self._writer_cache[e.name] = cached = (key, info)
             if cached[1] is not None:
@@ -287,7 +288,7 @@ class Run:
                 if e is None or e.size != size:
                     raise ValueError(f"{name} changed since the index was written")
                 steps = None if lo is None else (int(lo), int(hi))
-                infos[name] = _FileInfo(e.path, e.size, e.mtime, int(rows), None, steps)  # type: ignore[arg-type]
+                infos[name] = _FileInfo(e.path, e.size, e.mtime, int(rows), None, steps)
             table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             validate_stats(table)
         except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
@@ -306,7 +307,7 @@ class Run:
         meta = {schema.PARQUET_META_KEY: json.dumps({
             "schema_version": schema.SCHEMA_VERSION, "index_version": INDEX_VERSION, "files": files,
             "cutoff": self._applied}).encode()}
-        if storage.is_remote(path):  # one whole-object write: no rename needed
+        if isinstance(path, storage.RemotePath):  # one whole-object write: no rename needed
             buf = pa.BufferOutputStream()
             pq.write_table(self._compact.replace_schema_metadata(meta), buf, compression="zstd")
             try:
@@ -324,13 +325,13 @@ class Run:
         except OSError:
             pass  # a read-only location: the index stays in memory
 
-    def _skip(self, key: str, path: Path, exc: BaseException) -> None:
+    def _skip(self, key: str, path: storage.Location, exc: BaseException) -> None:
         self._bad.add(key)
         msg = f"skipped unreadable file {path} ({type(exc).__name__}: {exc}); the rest of the run is read"
         self.problems.append(Problem(str(path), msg))
         warnings.warn(msg, RunFormatWarning, stacklevel=3)
 
-    def _read_stats_file(self, p: Path, *, check: bool = True,
+    def _read_stats_file(self, p: storage.Location, *, check: bool = True,
                          loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
                          entry: storage.Entry | None = None) -> _FileInfo | None:
         """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
@@ -373,11 +374,11 @@ class Run:
         """Sufficient statistics per (step, rank, micro), as stored (histograms as sparse lists)."""
         return pl.from_arrow(self.stats_table()).sort(["step", "rank", "micro"])
 
-    def token_files(self) -> list[Path]:
+    def token_files(self) -> list[storage.Location]:
         """Published token files, sorted by name (with superseded rows: see :meth:`token_limits`)."""
         return [self._token_files[k].path for k in sorted(self._token_files)]
 
-    def token_limits(self) -> dict[Path, int]:
+    def token_limits(self) -> dict[storage.Location, int]:
         """Token files some of whose rows a restarted writer superseded -> the first superseded step (the file's
         rows at that step and later count nowhere)."""
         out = {}
@@ -438,7 +439,7 @@ class Run:
             return []
         key = (st.st_size, st.st_mtime_ns)
         if self._alerts_cache is None or self._alerts_cache[0] != key:
-            self._alerts_cache = (key, runformat.read_alerts(path))
+            self._alerts_cache = (key, runformat.read_alerts(path))  # type: ignore[arg-type]
         return self._alerts_cache[1]
 
     def file_steps(self, names: Sequence[str]) -> set[int]:
@@ -455,7 +456,7 @@ class Run:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The tokenizer saved in the run (``tokenizer/``), or None."""
-        if storage.is_remote(self.path):
+        if isinstance(self.path, storage.RemotePath):
             return None  # a tokenizer is loaded from a local folder: pass --tokenizer
         own = self.path / runformat.TOKENIZER_DIR
         return own if own.is_dir() else None
@@ -702,7 +703,7 @@ class Run:
         }
 
 
-def _load_stats(p: Path) -> tuple[pa.Table | None, dict[str, Any], Exception | None]:
+def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], Exception | None]:
     """A statistics file read and validated: (table in STATS_SCHEMA, its rldiag metadata, None), or
     (None, {}, the error) for a file that is unreadable, too new or incomplete."""
     try:

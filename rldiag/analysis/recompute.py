@@ -186,7 +186,7 @@ def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
     return table
 
 
-def row_groups(files: Iterable[Path]) -> int:
+def row_groups(files: Iterable[storage.Location]) -> int:
     """Number of Parquet row groups in ``files``: the tables :func:`iter_file_stats` yields."""
     return sum(_metadata(f).num_row_groups for f in files)
 
@@ -227,7 +227,7 @@ class _GroupResult:
     """Why the row group could not be read (damaged file); the result is otherwise empty."""
 
 
-def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, limit: int | None, names: list[str],
+def _group_job(path: storage.Location, meta: pq.FileMetaData, g: int, last: bool, limit: int | None, names: list[str],
                steps: pa.Array | None, cfg: RecorderConfig, hists: bool) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
     pf = pq.ParquetFile(storage.parquet_source(path), metadata=meta)
@@ -263,9 +263,10 @@ def _group_job(path: Path, meta: pq.FileMetaData, g: int, last: bool, limit: int
     return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False)
 
 
-def iter_file_stats(files: Iterable[Path], cfg: RecorderConfig, *, steps: set[int] | None = None,
+def iter_file_stats(files: Iterable[storage.Location], cfg: RecorderConfig, *, steps: set[int] | None = None,
                     config_only: bool = False, threads: int | None = None,
-                    limits: Mapping[Path, int] | None = None, executor: Any = None) -> Iterator[pa.Table]:
+                    limits: Mapping[storage.Location, int] | None = None,
+                    executor: Any = None) -> Iterator[pa.Table]:
     """Statistics of the records in ``files``, in file order, one table per Parquet row group.
 
     Each row group is read and computed by one of ``threads`` workers (default: one per core, at most
