@@ -54,10 +54,11 @@ TRAINERS: dict[str, Importer] = {
                  "SkyRL trainer.dump_data_batch pickles: <export_path>/dumped_data/global_step_N_training_input.pkl",
                  "SkyRL export_path, its dumped_data folder, or one .pkl file"),
         Importer("areal", "rldiag.importers.areal", "import_areal",
-                 "AReaL rollout dumps with per-token versions (staleness)",
+                 "AReaL rollout dumps: checked, then refused (text and versions per sample, no per-token values)",
                  "AReaL dump folder (or one file)"),
         Importer("verl", "rldiag.importers.verl", "import_verl",
-                 "verl trainer.rollout_data_dir dumps: <dir>/{step}.jsonl",
+                 "verl trainer.rollout_data_dir dumps: checked, then refused (text and a score per sample, "
+                 "no per-token values)",
                  "verl rollout_data_dir (or one {step}.jsonl file)"),
     )
 }

@@ -249,6 +249,10 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
                 policy.problem(f"{where}, column {names.get(fname, fname)}[{i + offset}]",
                                f"{float(arr[i])!r} is outside the float32 range", "value outside float32 range")
                 return None
+    if seq.reward is not None and np.isfinite(seq.reward) and abs(seq.reward) > f32:
+        policy.problem(f"{where}, column {names.get('reward', 'reward')}", f"{seq.reward!r} is outside the float32 "
+                       "range", "value outside float32 range")
+        return None
     bad = np.zeros(n, dtype=bool)
     for fname in _LOGP_FIELDS:
         arr = getattr(seq, fname)
@@ -479,6 +483,8 @@ def parse_jsonl(path: Path, policy: Policy, parse: Callable[[dict[str, Any], str
         if k is not None:
             hk = short(k, 200)
             if hk in seen:
+                if policy.strict:
+                    raise error(f"{where}: repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)")
                 policy.problem(where, f"repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)",
                                "duplicate record")
                 continue

@@ -56,7 +56,7 @@ REQUIRED_KEYS = ("token_loss_mask", "advantages", "generation_logprobs", "prev_l
 """Keys every line must have (NeMo-RL versions before these were logged cannot be imported)."""
 _FILE = re.compile(r"^train_data_step(\d{1,18})\.jsonl$")
 _NAMES = {"logp": "prev_logprobs", "old_logp": "prev_logprobs", "rollout_logp": "generation_logprobs",
-          "adv": "advantages", "token_ids": "token_ids"}
+          "adv": "advantages", "reward": "rewards", "token_ids": "token_ids"}
 
 
 def import_nemo_rl(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,

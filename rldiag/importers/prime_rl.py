@@ -195,6 +195,9 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     micro = rec.get("micro_step")
     if micro is not None and not check_int(micro, 0, 2**31 - 1):
         raise PrimeRLImportError(f"{where}, column micro_step: {short(micro)} is not a non-negative integer")
+    for k in ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs"):
+        if not isinstance(rec[k], list):
+            raise PrimeRLImportError(f"{where}, column {k}: must be a list, got {short(rec[k])}")
     lengths = {k: len(rec[k]) for k in TOKEN_KEYS if isinstance(rec.get(k), list)}
     for k in TOKEN_KEYS:
         if rec.get(k) is not None and not isinstance(rec[k], list):

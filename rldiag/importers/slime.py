@@ -55,7 +55,8 @@ __all__ = ["FORMAT", "import_slime", "load_payload"]
 
 _FILE = re.compile(r"^(?:\D*?)(\d{1,18})\.pt$")
 _NAMES = {"logp": "log_probs", "old_logp": "log_probs", "rollout_logp": "rollout_log_probs",
-          "ref_logp": "ref_log_probs", "adv": "advantages", "entropy": "entropy", "token_ids": "tokens"}
+          "ref_logp": "ref_log_probs", "adv": "advantages", "reward": "rewards", "entropy": "entropy",
+          "token_ids": "tokens"}
 
 
 def import_slime(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,

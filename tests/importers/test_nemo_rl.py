@@ -11,9 +11,13 @@ plus ``idx``.
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rldiag
 from rldiag.cli import main
@@ -101,3 +105,39 @@ def test_an_old_dump_without_masks_is_refused(tmp_path):
          "input_lengths": [2], "idx": 0}) + "\n")
     with pytest.raises(ImportInputError, match="lacks .*token_loss_mask"):
         import_nemo_rl(tmp_path, tmp_path / "run")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), errors=st.sampled_from(["strict", "lenient"]))
+def test_random_bad_values_never_give_anything_but_a_clear_error(data, errors):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_step(root / "logs", 4, batch=3)
+        path = root / "logs" / "train_data_step4.jsonl"
+        lines = path.read_text().splitlines()
+        i = data.draw(st.integers(0, len(lines) - 1))
+        rec = json.loads(lines[i])
+        key = data.draw(st.sampled_from(sorted(rec)))
+        if data.draw(st.booleans()) and isinstance(rec[key], list) and rec[key] and isinstance(rec[key][0], list):
+            j = data.draw(st.integers(0, len(rec[key][0]) - 1))
+            rec[key][0][j] = data.draw(_JSON)
+        else:
+            rec[key] = data.draw(_JSON)
+        lines[i] = json.dumps(rec)
+        path.write_text("\n".join(lines) + "\n")
+        report = ImportReport(trainer="nemo-rl", source="x")
+        try:
+            import_nemo_rl(root / "logs", root / "run", errors=errors, report=report)
+        except ImportInputError as exc:
+            assert str(exc).startswith(str(root / "logs")) and "\n" not in str(exc)
+            assert sorted(p.name for p in root.iterdir()) == ["logs"]
+            return
+        assert rldiag.open_run(root / "run").tokens().collect().height == report.tokens

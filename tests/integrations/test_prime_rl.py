@@ -340,7 +340,7 @@ _KEYS = ["step", "rank", "micro_step", "export_sequence_idx", "token_ids", "loss
          "inference_logprobs", "trainer_logprobs", "entropy", "rl_weights", "ce_weights", "ref_kl_weights", "env_name"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), errors=st.sampled_from(["strict", "lenient"]))
 def test_random_bad_records_never_give_anything_but_a_clear_error(data, errors):
     with tempfile.TemporaryDirectory() as tmp:
