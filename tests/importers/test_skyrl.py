@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import pickle
 import sys
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rldiag
 from rldiag.cli import main
@@ -118,3 +122,13 @@ def test_newer_layout_and_a_planted_pickle(tmp_path, capsys):
     with pytest.raises(ImportInputError, match="not a readable SkyRL batch pickle"):
         import_skyrl(bad, tmp_path / "run2")
     assert not (tmp_path / "run2").exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=200), prefix=st.sampled_from([b"", b"\x80\x04\x95", b"\x80\x02c", b"PK\x03\x04"]))
+def test_random_bytes_are_a_one_line_error(tmp_path, blob, prefix):
+    d = Path(tempfile.mkdtemp(dir=tmp_path))
+    (d / "global_step_1_training_input.pkl").write_bytes(prefix + blob)
+    with pytest.raises(ImportInputError) as err:
+        import_skyrl(d, d / "run")
+    assert "\n" not in str(err.value) and not (d / "run").exists()

@@ -10,8 +10,13 @@ as Python values and the train fields ``log_probs``, ``rollout_log_probs`` (a li
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rldiag
 from rldiag.cli import main
@@ -93,3 +98,13 @@ def test_bad_samples_and_files(tmp_path, capsys):
     with pytest.raises(ImportInputError, match="not a readable"):
         import_slime(tmp_path / "e", tmp_path / "run2")
     assert not (tmp_path / "run2").exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=200), prefix=st.sampled_from([b"", b"\x80\x02}q\x00", b"PK\x03\x04"]))
+def test_random_bytes_are_a_one_line_error(tmp_path, blob, prefix):
+    d = Path(tempfile.mkdtemp(dir=tmp_path))
+    (d / "3.pt").write_bytes(prefix + blob)
+    with pytest.raises(ImportInputError) as err:
+        import_slime(d, d / "run")
+    assert "\n" not in str(err.value) and not (d / "run").exists()
