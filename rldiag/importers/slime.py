@@ -79,6 +79,12 @@ def _list(src: Path) -> list[DumpFile]:
     if not files:
         raise ImportInputError(f"{folder}: no {{rollout_id}}.pt files (slime writes them with "
                                "--save-debug-train-data)")
+    steps: dict[int, Path] = {}
+    for f in files:
+        if f.step in steps:
+            raise ImportInputError(f"{f.path}: rollout {f.step} also in {steps[f.step]} (a copied file?); import one "
+                                   "run's files")
+        steps[f.step] = f.path
     return sorted(files, key=lambda f: f.step)
 
 

@@ -70,6 +70,11 @@ def test_import_slime_rollouts(tmp_path):
     assert row["entropy/mean"] == pytest.approx(ent.mean(), rel=1e-5)
     assert row["reward/mean"] == pytest.approx(np.mean([x["rewards"] for x in s]))
     assert report.tokens == run.tokens().collect().height
+    # a copied file of the same rollout is refused, not counted twice
+    folder = tmp_path / "dump" / "train_data"
+    (folder / "train_1.pt").write_bytes((folder / "1.pt").read_bytes())
+    with pytest.raises(ImportInputError, match="rollout 1 also in"):
+        import_slime(tmp_path / "dump", tmp_path / "run2")
 
 
 def test_bad_samples_and_files(tmp_path, capsys):
