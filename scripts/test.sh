@@ -14,6 +14,9 @@ $PY -m pip install -q --disable-pip-version-check ray==2.60.0 tensordict==0.15.3
 # pins of the real third-party software the tests run against (S3 server, trackers, Ray)
 $PY -m pip install -q --disable-pip-version-check "moto[server]==5.2.1" s3fs==2026.9.0 prometheus_client==0.26.0 \
   tensorboard==2.21.0 mlflow-skinny==3.17.2 wandb==0.31.0 trackio==0.43.0 ruff==0.17.6 mypy==2.4.1
+# SkyRL's own dump code writes the importer test's pickles (it declares Python 3.12; its batch module runs on 3.11)
+$PY -m pip install -q --disable-pip-version-check --no-deps jaxtyping==0.3.11
+$PY -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python skyrl-train==0.3.1
 # a real browser for the dashboard tests; real Prometheus and Alertmanager for the alerting tests
 NEED=""
 command -v chromedriver >/dev/null 2>&1 || NEED="$NEED chromium chromium-driver"
