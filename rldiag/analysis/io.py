@@ -388,6 +388,16 @@ class Run:
                 out[info.path] = cut
         return out
 
+    def token_step_ranges(self) -> dict[storage.Location, tuple[int, int]]:
+        """Token file -> its smallest and largest step (from the statistics file of the same segment, which holds
+        the same records); files without a known range are left out."""
+        out = {}
+        for name, info in self._token_files.items():
+            stats = self._stats_files.get(name)
+            if stats is not None and stats.steps is not None:
+                out[info.path] = stats.steps
+        return out
+
     def tokens(self) -> pl.LazyFrame:
         """Token rows of the published segments (columns of :mod:`rldiag.schema`), lazily; rows that a restarted
         writer superseded are left out."""
@@ -612,7 +622,8 @@ class Run:
 
             chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
             stats = ray_engine.bucket_stats(self.token_files(), self.token_limits(), self.config, chosen, by=by,
-                                            buckets=buckets, width=width, address=ray_address)
+                                            buckets=buckets, width=width, address=ray_address,
+                                            ranges=self.token_step_ranges())
         else:
             lf = self.tokens()
             if steps is not None:
@@ -636,7 +647,7 @@ class Run:
 
             chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
             return ray_engine.lens(self.token_files(), self.token_limits(), self.config, chosen, objectives, params,
-                                   address=ray_address)
+                                   address=ray_address, ranges=self.token_step_ranges())
         from rldiag.analysis.lens import lens
 
         return lens(self, objectives, steps, params)

@@ -79,10 +79,12 @@ class Trainer:
             half = {k: v[: B // 2] for k, v in record.items()}
             rest = {k: v[B // 2:] for k, v in record.items()}
             self.rec.record(step=step, **half)
-            self.rec.flush()  # the step's first micro-batch is on S3: a kill from here on is mid-step
-            time.sleep(pause)
+            if pause:  # the rank that will be killed publishes each micro-batch: a kill from here on is mid-step
+                self.rec.flush()
+                time.sleep(pause)
             self.rec.record(step=step, **rest)
-            self.rec.flush()
+            if pause:
+                self.rec.flush()
             (self.ckpt / f"r{self.rank}-done-{step}").touch()
         self.rec.close()
         return until
@@ -143,11 +145,10 @@ def test_a_restarted_rank_on_s3_merges_like_one_process_of_the_surviving_records
 def test_analysis_on_ray_equals_the_local_engine(job, ray_cluster) -> None:
     run = rldiag.open_run(job)
     cfg = run.config.replace(eps_high=0.35, eps_low=0.1)
-    for kw in ({"config": cfg}, {"from_tokens": True}, {"config": cfg, "by_rank": True}):
+    for kw in ({"config": cfg, "by_rank": True}, {"from_tokens": True}):
         local = run.step_metrics(**kw)
         remote = run.step_metrics(**kw, engine="ray", ray_address=ray_cluster)
         assert remote.equals(local), kw  # the same row-group jobs, joined in the same order: bit-identical
-    assert run.bucket_metrics(engine="ray").equals(run.bucket_metrics())
     assert run.bucket_metrics(by="pos", width=3, steps=[2, 5, 7], engine="ray").equals(
         run.bucket_metrics(by="pos", width=3, steps=[2, 5, 7]))
     _same_metrics(run.lens(engine="ray"), run.lens(), rtol=1e-12)
@@ -157,17 +158,10 @@ def test_analysis_on_ray_equals_the_local_engine(job, ray_cluster) -> None:
 
 
 def test_cli_engine_ray_prints_what_the_local_engine_prints(job, ray_cluster, capsys) -> None:
-    import io
-
-    import polars as pl
-
     from rldiag.cli import main
 
-    summaries, lenses = [], []
+    outs = []
     for extra in ([], ["--engine", "ray", "--ray-address", ray_cluster]):
         assert main(["summarize", job, "--eps-high", "0.35", "--format", "csv", *extra]) == 0
-        summaries.append(capsys.readouterr().out)
-        assert main(["lens", job, "--objectives", "ppo,cispo", "--format", "csv", "--steps", "3:6", *extra]) == 0
-        lenses.append(pl.read_csv(io.StringIO(capsys.readouterr().out)))
-    assert summaries[0] == summaries[1]
-    _same_metrics(lenses[1], lenses[0], rtol=1e-12)  # whole steps per task: sums in another order, 1e-16 apart
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].count("\n") == STEPS + 1
