@@ -28,7 +28,7 @@ from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Precomputed
-from rldiag.record.writer import Job, Writer, WriterError, build_batch
+from rldiag.record.writer import Job, Writer, WriterError, build_batch, check_values, resolve_problems
 from rldiag.stats import kernel
 
 log = logging.getLogger("rldiag")
@@ -51,7 +51,10 @@ _ARGS: dict[str, tuple[str, str, bool]] = {
     "turns": (schema.TURN, "B|BT", False),
     "stages": (schema.STAGE, "B|BT", False),
 }
+_INTEGER_ARGS = ("group_ids", "token_ids", "versions", "turns", "stages")
 _LOGPROB_ARGS = ("logprobs", "old_logprobs", "rollout_logprobs", "ref_logprobs", "teacher_logprobs", "base_logprobs")
+
+_COLUMN_ARGS = {col: arg for arg, (col, _, _) in _ARGS.items()}
 
 _LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -232,6 +235,8 @@ class Recorder:
         self._writer = Writer(self.run_dir, self.writer_id, self.rank, cfg, on_step=self._on_step)
         self._pool = BufferPool(max_bytes=min(cfg.queue_max_bytes, 512 * 2**20))
         self._writer.pool = self._pool
+        self._writer.arg_names = _COLUMN_ARGS
+        self._warned: set[str] = set()
         self._writer.start()
         if alerts:
             from rldiag.alerts import online_from_arg  # the alerts package wires itself in
@@ -283,7 +288,25 @@ class Recorder:
         }
         shape = self._validate(step, args)
         invalid = self._check_dtypes(args)
+        self._unmask(args, shape)
         est = sum(self._nbytes(v) for v in args.values() if v is not None)
+        fits = self._writer.queued_bytes + est <= self.config.queue_max_bytes
+        if not fits and self.config.max_block_seconds > 0:
+            fits = self._writer.wait_for_space(est, self.config.max_block_seconds)
+        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2], pool=self._pool)
+                 for k, v in args.items() if v is not None}
+        arrays = {k: s._array for k, s in snaps.items()}
+        checked = all(a is not None for a in arrays.values())
+        if checked:  # host inputs: what their values mean is checked here, so an error names the call
+            problems = check_values(arrays, shape, self.config.logp_tolerance)  # type: ignore[arg-type]
+            if problems:
+                bad, drop, counts = resolve_problems(problems, arrays, strict=self.config.errors == "strict",  # type: ignore[arg-type]
+                                               names=_COLUMN_ARGS, where=f"the record at step {step}")
+                invalid |= bad
+                for col in drop:
+                    del snaps[col]
+                self._writer.count(self._writer.invalid_values, counts)
+                self._warn_values(problems)
         with self._lock:
             step = int(step)
             micro = self._micro.get(step, 0)
@@ -294,12 +317,7 @@ class Recorder:
             if self._first_step is None:
                 self._first_step = step
                 self._write_writer_file()
-        fits = self._writer.queued_bytes + est <= self.config.queue_max_bytes
-        if not fits and self.config.max_block_seconds > 0:
-            fits = self._writer.wait_for_space(est, self.config.max_block_seconds)
-        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2], pool=self._pool)
-                 for k, v in args.items() if v is not None}
-        job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid,
+        job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid, checked=checked,
                   nbytes=sum(s.nbytes for s in snaps.values()))
         if not fits and not all(s.ready() for s in snaps.values()):
             # Device inputs still being copied: reducing them here would wait for the GPU in the caller's thread.
@@ -402,15 +420,19 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         """Counters of this recorder: records, token rows written and dropped, writer failures, files.
 
-        ``publish_failures`` counts failed publications (a full disk: token rows are then dropped and the
-        statistics retried); ``records_lost`` counts statistics rows given up after nothing could be written
-        for too long; ``buffered_bytes`` is the memory held by processed, unpublished rows.
+        ``nonfinite`` counts NaN/Inf values per argument (masked-in tokens); ``invalid_values`` the values a
+        lenient recorder refused per argument (positive log-probs, negative entropies, a mask that is not 0/1,
+        fractional or out-of-range ids). ``publish_failures`` counts failed publications (a full disk: token
+        rows are then dropped and the statistics retried); ``records_lost`` counts statistics rows given up
+        after nothing could be written for too long; ``buffered_bytes`` is the memory held by processed,
+        unpublished rows.
         """
         w = self._writer
         return {"records": w.records, "rows_written": w.rows_written, "rows_dropped": w.rows_dropped,
                 "failures": w.failures, "files": list(w.published), "queued_bytes": w.queued_bytes,
                 "publish_failures": w.publish_failures, "records_lost": w.records_lost,
-                "buffered_bytes": w.buffered_bytes}
+                "buffered_bytes": w.buffered_bytes, "nonfinite": dict(w.nonfinite),
+                "invalid_values": dict(w.invalid_values)}
 
     # ---- internals --------------------------------------------------------------------------------
     def _on_step(self, step: int, table: pa.Table) -> None:
@@ -422,13 +444,32 @@ class Recorder:
         if self.alerts is not None:
             self.alerts.observe_stats(step, table)
 
+    def _file_counters(self) -> dict[str, Any]:
+        """What went missing or was refused, kept in the writer file (rewritten at close and on a signal)."""
+        w = getattr(self, "_writer", None)
+        if w is None:
+            return {}
+        return {"rows_written": w.rows_written, "rows_dropped": w.rows_dropped, "publish_failures": w.publish_failures,
+                "records_lost": w.records_lost, "nonfinite": dict(w.nonfinite),
+                "invalid_values": dict(w.invalid_values)}
+
     def _write_writer_file(self) -> None:
         runformat.write_writer_file(self.run_dir, self.writer_id, {
             "writer": self.writer_id, "rank": self.rank, "world_size": self.world_size, "host": os.uname().nodename,
             "pid": os.getpid(), "started": self._started, "first_step": self._first_step,
             "schema_version": schema.SCHEMA_VERSION, "config": self.config.to_dict(),
             "closed": getattr(self, "_closed_at", None),
+            "counters": self._file_counters(),
         })
+
+    def _warn_values(self, problems: list[Any]) -> None:
+        """Lenient mode: one warning per argument whose values were refused (all are counted in stats)."""
+        for p in problems:
+            arg = _COLUMN_ARGS.get(p.column, p.column)
+            if arg not in self._warned:
+                self._warned.add(arg)
+                warnings.warn(f"rldiag: {arg} {p.message}; counted in Recorder.stats['invalid_values'] and left out "
+                              "(further cases are counted, not warned)", RuntimeWarning, stacklevel=4)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -484,8 +525,8 @@ class Recorder:
             raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        if not 0 <= step < 2**63:
+            raise ValueError(f"step must be in [0, 2**63) (it is stored as int64), got {step}")
         for req in ("logprobs", "old_logprobs", "advantages"):
             if args[req] is None:
                 raise ValueError(f"record() needs {req}")
@@ -511,14 +552,21 @@ class Recorder:
         return B, T
 
     def _check_dtypes(self, args: dict[str, Any]) -> bool:
+        """Refuse dtypes that mean nothing here (naming the argument and the dtype); True when a float input
+        came as integers or booleans in lenient mode (the record's tokens then count as invalid)."""
         bad = []
-        for name in _LOGPROB_ARGS + ("advantages",):
-            v = args[name]
+        for name, v in args.items():
             if v is None:
                 continue
-            floating = v.is_floating_point() if is_torch(v) else np.asarray(v).dtype.kind == "f"
-            if not floating:
-                bad.append(name)
+            kind, dtname = _dtype_of(v)
+            if kind not in "biuf":
+                want = ("integers" if name in _INTEGER_ARGS else "booleans or 0/1 integers" if name == "mask"
+                        else "floating point numbers")
+                hint = (" (map labels to integers, e.g. np.unique(labels, return_inverse=True)[1])"
+                        if name in _INTEGER_ARGS and kind in "USO" else "")
+                raise TypeError(f"{name} has dtype {dtname}: it must hold {want}{hint}")
+            if name in _LOGPROB_ARGS + ("advantages",) and kind != "f":
+                bad.append(f"{name} ({dtname})")
         if not bad:
             return False
         msg = (f"{', '.join(bad)} must be floating point (log-probabilities and advantages), got an integer "
@@ -527,3 +575,47 @@ class Recorder:
             raise TypeError(msg)
         warnings.warn(msg + "; the record's tokens are counted as invalid", RuntimeWarning, stacklevel=3)
         return True
+
+    def _unmask(self, args: dict[str, Any], shape: tuple[int, int]) -> None:
+        """numpy masked arrays: a masked token is left out (folded into ``mask``); per-sequence inputs with
+        masked entries are refused (there is no token mask to fold them into)."""
+        B, T = shape
+        keep = None
+        for name, v in args.items():
+            if not isinstance(v, np.ma.MaskedArray):
+                continue
+            m = np.ma.getmaskarray(v)
+            if name == "mask":
+                args[name] = np.asarray(v.filled(0))
+                continue
+            if shape_of(v) == (B, T):
+                keep = ~m if keep is None else keep & ~m
+            elif m.any():
+                raise ValueError(f"{name} is a masked array with {int(m.sum())} masked entries: per-sequence "
+                                 "inputs cannot be masked (fill them, or leave those responses out)")
+            args[name] = np.asarray(v.data)
+        if keep is None:
+            return
+        mask = args["mask"]
+        if mask is None:
+            args["mask"] = keep
+        elif is_torch(mask):
+            if mask.device.type != "cpu":
+                raise TypeError("mask is a device tensor but other inputs are numpy masked arrays: pass the mask "
+                                "as a numpy array")
+            args["mask"] = mask.numpy().astype(bool) & keep
+        else:
+            args["mask"] = (np.asarray(mask) != 0) & keep
+
+
+def _dtype_of(v: Any) -> tuple[str, str]:
+    """(numpy dtype kind, dtype name) of a tensor or array-like, without copying or syncing."""
+    if is_torch(v):
+        name = str(v.dtype).replace("torch.", "")
+        if v.is_complex():
+            return "c", name
+        if v.is_floating_point():
+            return "f", name
+        return ("b" if name == "bool" else "u" if name.startswith("uint") else "i"), name
+    dt = v.dtype if isinstance(v, np.ndarray) else np.asarray(v).dtype
+    return dt.kind, str(dt)

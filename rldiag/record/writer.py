@@ -59,6 +59,8 @@ class Job:
     inputs: dict[str, HostSnapshot]
     """Host snapshots by token-row column name (``logp``, ``old_logp``, ``adv``, ``mask``...)."""
     invalid: bool = False
+    checked: bool = True
+    """The inputs' values were checked at the call (host inputs); False: the writer checks them (device)."""
     drop_rows: bool = False
     """The queue was full: compute the statistics, write no token rows (counted as dropped)."""
     nbytes: int = 0
@@ -94,6 +96,118 @@ RETRY_MAX_SECONDS = 30.0
 
 class WriterError(RuntimeError):
     """The writer thread failed (disk full, permission denied...). Files already published are intact."""
+
+
+LOGPROB_COLUMNS = (schema.LOGP, schema.OLD_LOGP, schema.ROLLOUT_LOGP, schema.REF_LOGP, schema.TEACHER_LOGP,
+                   schema.BASE_LOGP)
+"""Token columns holding log-probabilities: at most ``RecorderConfig.logp_tolerance``."""
+KERNEL_CHECKED = (schema.LOGP, schema.OLD_LOGP)
+"""Log-prob columns whose positive values the statistics kernel itself counts as invalid tokens."""
+ENTROPY_TOLERANCE = 1e-4
+"""Entropy (nats) below ``-ENTROPY_TOLERANCE`` is not float rounding: the input is not an entropy."""
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    schema.GROUP: (-(2**63), 2**63 - 1), schema.TOKEN_ID: (0, 2**31 - 1), schema.VERSION: (-(2**63), 2**63 - 1),
+    schema.TURN: (-(2**31), 2**31 - 1), schema.STAGE: (-(2**31), 2**31 - 1),
+}
+"""Integer token columns and the values their stored dtype holds (token ids: a vocabulary index)."""
+
+
+@dataclass
+class ValueProblem:
+    """An input whose values do not mean what the argument says (found by :func:`check_values`)."""
+
+    column: str
+    message: str
+    """What is wrong, without the argument name: ``"has 3 masked-in values above 0.0001 (largest 0.7)"``."""
+    count: int
+    bad: np.ndarray | None = None
+    """Per-token problems: where (a lenient recorder blanks those values)."""
+    drop: bool = False
+    """A lenient recorder leaves this input out of the record (ids it cannot store); neither ``bad`` nor
+    ``drop``: the whole record is unusable (a mask that is not a mask)."""
+
+
+def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tolerance: float) -> list[ValueProblem]:
+    """Check what the values of one record's host arrays mean (by token-row column name).
+
+    A mask must hold 0/1 (a float loss-weight mask is not a mask); integer inputs must be integral and fit
+    their column; log-probs must be at most ``logp_tolerance`` and entropies at least ``-ENTROPY_TOLERANCE``
+    on masked-in tokens. Cheap when the record is fine: one min or max per input; masked counts are taken
+    only when that reduction shows a problem. NaN and Inf are not problems here (they are counted per input
+    by the writer).
+    """
+    out: list[ValueProblem] = []
+    B, T = shape
+    mask = arrays.get("mask")
+
+    def masked_in(bad: np.ndarray) -> np.ndarray:  # only on the slow path: a problem was seen
+        return bad if mask is None else bad & (mask.reshape(B, T) != 0)
+
+    if mask is not None:
+        if mask.dtype.kind != "b" and mask.size:
+            lo, hi = mask.min(), mask.max()
+            if not (lo >= 0 and hi <= 1) or (mask.dtype.kind == "f" and np.count_nonzero((mask != 0) & (mask != 1))):
+                n = int(np.count_nonzero((mask != 0) & (mask != 1)))
+                out.append(ValueProblem("mask", f"must hold 0/1 or booleans, got {n} other values (in [{lo:g}, "
+                                        f"{hi:g}]); pass (weights > 0) as the mask", n))
+    for col in LOGPROB_COLUMNS:
+        a = arrays.get(col)
+        if a is None or not a.size or a.max() <= logp_tolerance:
+            continue
+        a2 = a.reshape(B, T)
+        bad = masked_in((a2 > logp_tolerance) & (a2 < np.inf))  # NaN and +Inf are counted as non-finite
+        n = int(np.count_nonzero(bad))
+        if n:
+            top = float(a.reshape(B, T)[bad].max())
+            out.append(ValueProblem(col, f"has {n} masked-in values above {logp_tolerance:g} (largest {top:.4g}); "
+                                         "log-probabilities cannot be positive: pass log-probs, not logits or "
+                                         "probabilities", n, bad))
+    ent = arrays.get(schema.ENTROPY)
+    if ent is not None and ent.size and not ent.min() >= -ENTROPY_TOLERANCE:
+        bad = masked_in(ent.reshape(B, T) < -ENTROPY_TOLERANCE)
+        n = int(np.count_nonzero(bad))
+        if n:
+            low = float(ent.reshape(B, T)[bad].min())
+            out.append(ValueProblem(schema.ENTROPY, f"has {n} masked-in negative values (smallest {low:.4g}); an "
+                                                    "entropy is >= 0", n, bad))
+    for col, (lo_ok, hi_ok) in INTEGER_RANGES.items():
+        a = arrays.get(col)
+        if a is None or not a.size or a.dtype.kind == "b":
+            continue
+        if a.dtype.kind == "f":
+            frac = int(np.count_nonzero(a != np.trunc(a)))  # NaN != NaN: counted here too
+            if frac:
+                out.append(ValueProblem(col, f"must hold integers, got {frac} fractional or non-finite values "
+                                             f"(e.g. {float(a.reshape(-1)[np.flatnonzero(a != np.trunc(a))[0]])!r})",
+                                        frac, drop=True))
+                continue
+        lo, hi = a.min(), a.max()
+        if lo < lo_ok or hi > hi_ok:
+            n = int(np.count_nonzero((a < lo_ok) | (a > hi_ok)))
+            out.append(ValueProblem(col, f"has {n} values outside [{lo_ok}, {hi_ok}] (in [{lo}, {hi}])", n, drop=True))
+    return out
+
+
+def resolve_problems(problems: list[ValueProblem], arrays: dict[str, np.ndarray], *, strict: bool,
+                     names: dict[str, str], where: str) -> tuple[bool, set[str], dict[str, int]]:
+    """Act on :func:`check_values`' findings: raise (strict), or (lenient) blank per-token problems and tell
+    which inputs to leave out and whether the whole record is unusable. Returns (record invalid, columns to
+    leave out, {argument: values concerned})."""
+    if strict and problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(f"{names.get(p.column, p.column)} {p.message}{more}; {where} was not recorded")
+    invalid, drop, counts = False, set(), {}
+    for p in problems:
+        counts[names.get(p.column, p.column)] = p.count
+        if p.drop:
+            drop.add(p.column)
+        elif p.bad is None:
+            invalid = True
+        elif p.column not in KERNEL_CHECKED:  # the kernel counts positive logp/old_logp as invalid itself
+            a = arrays[p.column]
+            a.reshape(p.bad.shape)[p.bad] = np.nan  # left out of that input's statistics, counted
+    return invalid, drop, counts
 
 
 def _sample_mask(cfg: RecorderConfig, step: int, rank: int, micro: int, n_seq: int) -> np.ndarray:
@@ -203,6 +317,13 @@ class Writer(threading.Thread):
         self._token_backoff = 0.0
         self._tokens_done = False
         self.records_lost = 0
+        self.arg_names: dict[str, str] = {}
+        """Token-row column -> the record() argument it comes from (set by the recorder, for messages)."""
+        self._count_lock = threading.Lock()
+        self.nonfinite: dict[str, int] = {}
+        """NaN/Inf values per argument (masked-in tokens; per sequence for group-level inputs)."""
+        self.invalid_values: dict[str, int] = {}
+        """Values refused per argument in lenient mode (out of range, not 0/1, fractional ids...)."""
         """Statistics rows given up because nothing could be published for too long (full disk)."""
         self.publish_failures = 0
 
@@ -294,6 +415,16 @@ class Writer(threading.Thread):
             stats, flat, cov, tb, cols, dropped = pre.stats, pre.flat, pre.cov, pre.batch, pre.cols, pre.dropped
             written = 0
         else:
+            if not job.checked:  # device inputs: their values are first seen here
+                arrays = {k: v.get() for k, v in job.inputs.items()}
+                where = f"the record at step {job.step} (micro {job.micro})"
+                problems = check_values(arrays, job.shape, self.cfg.logp_tolerance)
+                bad, drop, counts = resolve_problems(problems, arrays, strict=self.cfg.errors == "strict",
+                                                     names=self.arg_names, where=where)
+                job.invalid |= bad
+                for col in drop:
+                    job.inputs.pop(col, None)
+                self.count(self.invalid_values, counts)
             tb, flat, cols = build_batch(job, job.step)
             if self.pool is not None:  # every column was gathered out of the snapshots
                 for snap in job.inputs.values():
@@ -303,6 +434,8 @@ class Writer(threading.Thread):
             dropped = 0
             written = 0
         B = job.shape[0]
+        self.count(self.nonfinite, {self.arg_names.get(k, k): int(np.count_nonzero(~np.isfinite(c)))
+                                    for k, c in cols.items() if c.dtype.kind == "f"})
         n_bad = stats.scalars[0, kernel.SCALARS.index("n_invalid")]
         if self.cfg.errors == "strict" and n_bad > 0:
             raise ValueError(
@@ -402,6 +535,13 @@ class Writer(threading.Thread):
         self._oldest = None
         self._failing = False
         self._backoff = 0.0
+
+    def count(self, counter: dict[str, int], counts: dict[str, int]) -> None:
+        """Add ``counts`` to one of the per-argument counters (the recorder's thread and this one both do)."""
+        with self._count_lock:
+            for k, n in counts.items():
+                if n:
+                    counter[k] = counter.get(k, 0) + n
 
     @property
     def buffered_bytes(self) -> int:

@@ -50,7 +50,7 @@ def test_strict_rejects_integer_logprobs_lenient_counts_them(tmp_path) -> None:
     assert info["tokens"] == 0 and info["tokens_invalid"] == 6
 
 
-def test_positive_logprobs_strict_raises_on_next_call_lenient_counts(tmp_path) -> None:
+def test_positive_logprobs_strict_raises_at_the_call_lenient_counts(tmp_path) -> None:
     rng = np.random.default_rng(0)
     good = _rec(rng)
     bad = {k: v.copy() for k, v in good.items()}
@@ -58,9 +58,8 @@ def test_positive_logprobs_strict_raises_on_next_call_lenient_counts(tmp_path) -
     bad["logprobs"][0, 0] = 0.5  # a logit, not a log-prob
     rec = rldiag.Recorder(tmp_path / "s")
     rec.record(step=0, **good)
-    rec.record(step=1, **bad)
-    with pytest.raises(WriterError, match="log-probs above"):
-        rec.flush()
+    with pytest.raises(ValueError, match=r"logprobs has 1 masked-in values above 0.0001 \(largest 0.5\)"):
+        rec.record(step=1, **bad)
     rec.record(step=2, **good)
     rec.close()
     run = rldiag.open_run(tmp_path / "s")
@@ -213,3 +212,158 @@ def test_entropy_and_gather_helpers_match_torch() -> None:
     assert torch.allclose(lp, ref_lp, atol=1e-5)
     with pytest.raises(ValueError, match="token_ids has shape"):
         rldiag.gather_logprobs(logits, ids[:, :2])
+
+
+# ---- what the values mean (issue 16): named at the call, counted in lenient mode ---------------------------
+def _full(rng, B=4, T=8):
+    r = make_record(rng, B, T)
+    r["mask"] = np.ones((B, T), bool)
+    r["token_ids"] = np.arange(B * T, dtype=np.int64).reshape(B, T)
+    r["versions"] = np.full(B, 3, np.int64)
+    return r
+
+
+def _spoil(r: dict, arg: str):
+    r = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+    if arg == "mask":
+        r["mask"] = np.where(r["mask"], 0.5, 0.0).astype(np.float32)  # a loss-weight mask
+    elif arg == "group_ids":
+        r["group_ids"] = r["group_ids"].astype(np.float64) + 0.5
+    elif arg == "token_ids":
+        r["token_ids"][0, 0] = 2**31 + 5
+    elif arg == "versions":
+        r["versions"] = r["versions"].astype(np.float64)
+        r["versions"][1] = np.nan
+    elif arg == "entropy":
+        r["entropy"][0, 1] = -0.5
+    else:  # a log-prob input
+        r[arg][1, 2] = 0.7
+    return r
+
+
+BAD_VALUES = {
+    "mask": r"mask must hold 0/1 or booleans, got 32 other values",
+    "group_ids": r"group_ids must hold integers, got 4 fractional",
+    "token_ids": r"token_ids has 1 values outside \[0, 2147483647\]",
+    "versions": r"versions must hold integers, got 1 fractional or non-finite",
+    "entropy": r"entropy has 1 masked-in negative values \(smallest -0.5\)",
+    "rollout_logprobs": r"rollout_logprobs has 1 masked-in values above 0.0001 \(largest 0.7\)",
+    "ref_logprobs": r"ref_logprobs has 1 masked-in values above",
+    "teacher_logprobs": r"teacher_logprobs has 1 masked-in values above",
+    "base_logprobs": r"base_logprobs has 1 masked-in values above",
+    "old_logprobs": r"old_logprobs has 1 masked-in values above",
+}
+
+
+@pytest.mark.parametrize("arg", sorted(BAD_VALUES))
+def test_meaningless_values_are_refused_at_the_call_naming_the_argument(tmp_path, arg) -> None:
+    rng = np.random.default_rng(11)
+    r = _full(rng)
+    r["teacher_logprobs"] = r["ref_logprobs"].copy()
+    r["base_logprobs"] = r["ref_logprobs"].copy()
+    with rldiag.Recorder(tmp_path / "s", handle_signals=False) as rec:
+        rec.record(step=0, **r)
+        with pytest.raises(ValueError, match=BAD_VALUES[arg]):
+            rec.record(step=1, **_spoil(r, arg))
+    assert rldiag.open_run(tmp_path / "s").steps() == [0]
+
+
+def test_lenient_counts_refused_values_per_argument_and_keeps_the_rest(tmp_path) -> None:
+    rng = np.random.default_rng(12)
+    r = _full(rng)
+    bad = _spoil(_spoil(_spoil(r, "group_ids"), "entropy"), "rollout_logprobs")
+    with rldiag.Recorder(tmp_path / "l", errors="lenient", handle_signals=False) as rec:
+        with pytest.warns(RuntimeWarning, match="group_ids must hold integers"):
+            rec.record(step=0, **bad)
+        rec.record(step=1, **r)
+        rec.flush()
+        s = rec.stats
+    assert s["invalid_values"] == {"group_ids": 4, "entropy": 1, "rollout_logprobs": 1}
+    run = rldiag.open_run(tmp_path / "l")
+    info = run.info()
+    assert info["tokens"] == 64 and info["tokens_invalid"] == 0  # ratio statistics of both records kept
+    toks = run.tokens().collect()
+    assert toks.filter(toks["step"] == 0)["group"].null_count() == 32  # fractional ids left out, not truncated
+    assert toks.filter(toks["step"] == 0)["entropy"].is_nan().sum() == 1
+    writer = json.loads(next((tmp_path / "l" / "writers").glob("*.json")).read_text())
+    assert writer["counters"]["invalid_values"]["entropy"] == 1
+
+
+def test_loss_weight_mask_is_not_read_as_all_ones_in_lenient_mode(tmp_path) -> None:
+    rng = np.random.default_rng(13)
+    r = _spoil(_full(rng), "mask")
+    with rldiag.Recorder(tmp_path / "l", errors="lenient", handle_signals=False) as rec, \
+            pytest.warns(RuntimeWarning, match="mask must hold 0/1"):
+        rec.record(step=0, **r)
+    info = rldiag.open_run(tmp_path / "l").info()
+    assert info["tokens"] == 0 and info["tokens_invalid"] == 32 and rec.stats["invalid_values"] == {"mask": 32}
+
+
+def test_nan_is_counted_per_input(tmp_path) -> None:
+    rng = np.random.default_rng(14)
+    r = _full(rng)
+    r["entropy"][0, :3] = np.nan
+    r["rollout_logprobs"][1, 0] = np.nan
+    r["ref_logprobs"][2, 0] = np.inf
+    r["rewards"][3] = np.nan
+    r["mask"][0, 2] = False  # a NaN under the mask is not counted
+    with rldiag.Recorder(tmp_path / "r", handle_signals=False) as rec:
+        rec.record(step=0, **r)
+        rec.flush()
+        assert rec.stats["nonfinite"] == {"entropy": 2, "rollout_logprobs": 1, "ref_logprobs": 1, "rewards": 1}
+
+
+@pytest.mark.parametrize(("value", "pattern"), [
+    (np.zeros((4, 8), np.complex128), r"logprobs has dtype complex128: it must hold floating point numbers"),
+    (np.full((4, 8), "x"), r"logprobs has dtype <U1"),
+    (np.zeros((4, 8), "datetime64[s]"), r"logprobs has dtype datetime64\[s\]"),
+    (np.zeros((4, 8), object), r"logprobs has dtype object"),
+    (torch.zeros((4, 8), dtype=torch.complex64), r"logprobs has dtype complex64"),
+])
+def test_dtype_errors_name_the_actual_dtype(tmp_path, value, pattern) -> None:
+    r = _full(np.random.default_rng(15))
+    r["logprobs"] = value
+    with rldiag.Recorder(tmp_path / "r", errors="lenient", handle_signals=False) as rec:
+        with pytest.raises(TypeError, match=pattern):
+            rec.record(step=0, **r)
+
+
+def test_string_group_ids_and_huge_step_are_refused_at_the_call(tmp_path) -> None:
+    r = _full(np.random.default_rng(16))
+    with rldiag.Recorder(tmp_path / "r", handle_signals=False) as rec:
+        with pytest.raises(TypeError, match=r"group_ids has dtype <U1: it must hold integers \(map labels"):
+            rec.record(step=0, **{**r, "group_ids": np.array(list("abcd"))})
+        with pytest.raises(ValueError, match=r"step must be in \[0, 2\*\*63\)"):
+            rec.record(step=2**63, **r)
+        rec.record(step=2**63 - 1, **r)
+    assert rldiag.open_run(tmp_path / "r").steps() == [2**63 - 1]
+
+
+def test_numpy_masked_arrays_are_honoured_or_refused(tmp_path) -> None:
+    r = _full(np.random.default_rng(17))
+    lp = np.ma.masked_array(r["logprobs"], mask=np.zeros((4, 8), bool))
+    lp.mask[0, :5] = True
+    lp.data[0, :5] = 9.0  # garbage under the mask: never read
+    with rldiag.Recorder(tmp_path / "r", handle_signals=False) as rec:
+        rec.record(step=0, **{**r, "logprobs": lp})
+        rew = np.ma.masked_array(r["rewards"], mask=[False, True, False, False])
+        with pytest.raises(ValueError, match="rewards is a masked array with 1 masked entries"):
+            rec.record(step=1, **{**r, "rewards": rew})
+    info = rldiag.open_run(tmp_path / "r").info()
+    assert info["tokens"] == 27 and info["tokens_invalid"] == 0
+
+
+def test_values_of_device_inputs_are_checked_by_the_writer(tmp_path) -> None:
+    """Device tensors are checked where their host copy lands (the writer), named at the next call."""
+    from rldiag.record.tensors import HostSnapshot
+    from rldiag.record.writer import Job
+
+    r = _spoil(_full(np.random.default_rng(18)), "entropy")
+    rec = rldiag.Recorder(tmp_path / "r", handle_signals=False)
+    snaps = {col: HostSnapshot(r[arg], float_cast=True) for arg, col in
+             (("logprobs", "logp"), ("old_logprobs", "old_logp"), ("advantages", "adv"), ("entropy", "entropy"))}
+    rec._writer.put(Job(step=7, micro=0, shape=(4, 8), inputs=snaps, checked=False))
+    with pytest.raises(WriterError, match=r"entropy has 1 masked-in negative values .* step 7 \(micro 0\)"):
+        rec.flush()
+    rec.close()
+    assert rldiag.open_run(tmp_path / "r").steps() == []
