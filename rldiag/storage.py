@@ -267,7 +267,8 @@ class Entry:
 def list_files(folder: Location) -> list[Entry]:
     """The regular files directly in ``folder`` (one listing request on object storage), sorted by name.
 
-    Locally, symbolic links, sockets, FIFOs and folders are left out; a missing folder gives ``[]``.
+    Locally, symbolic links, sockets, FIFOs and folders are left out, a folder that is itself a symbolic link
+    is not listed (``[]``), and so is a missing one.
     """
     if isinstance(folder, RemotePath):
         try:
@@ -284,6 +285,8 @@ def list_files(folder: Location) -> list[Entry]:
     folder = Path(folder)
     out = []
     try:
+        if stat_mod.S_ISLNK(os.lstat(folder).st_mode):
+            return []  # a linked stats/, tokens/ or writers/ would lead out of the run folder
         with os.scandir(folder) as it:
             for e in it:
                 try:

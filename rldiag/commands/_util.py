@@ -18,7 +18,7 @@ def open_run_or_fail(path: str) -> Any:
 
     try:
         return open_run(path)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # missing, not a run, a link, no backend for the URI
         raise CLIError(str(exc)) from None
 
 

@@ -351,3 +351,25 @@ def test_any_sequence_of_restarts_gives_the_metrics_of_the_surviving_records(tmp
     want = _reference(base / "ref", survivors)
     _same_metrics(run.step_metrics(), want.step_metrics())
     assert run.tokens().select(pl.len()).collect().item() == want.tokens().select(pl.len()).collect().item()
+
+
+def test_links_and_fifos_in_a_run_are_never_followed_or_waited_on(run_dir, tmp_path) -> None:
+    """A run folder is data from elsewhere: a symbolic link never leads out of it and a FIFO never blocks."""
+    _attempt(run_dir, range(2), attempt=0)
+    outside = tmp_path / "outside"
+    _attempt(outside, range(5, 7), attempt=1)
+    foreign = sorted((outside / "stats").glob("*.parquet"))[0]
+    (run_dir / "stats" / "r00000-evil-1-1-000000.parquet").symlink_to(foreign)  # a linked segment
+    os.mkfifo(run_dir / "stats" / "r00000-fifo-1-2-000000.parquet")  # a FIFO named like a segment
+    os.mkfifo(run_dir / "writers" / "r00000-fifo-1-2.json")
+    run = rldiag.open_run(run_dir)  # returns: nothing waits on the FIFOs
+    assert run.steps() == [0, 1] and run.info()["stats_files"] == 1
+    # a writers/ folder that is a link is not listed; a manifest that is a link is not read
+    shutil_target = tmp_path / "w"
+    (run_dir / "writers").rename(shutil_target)
+    (run_dir / "writers").symlink_to(outside / "writers")
+    assert rldiag.open_run(run_dir).info()["resume_points"] == []
+    (run_dir / "manifest.json").rename(tmp_path / "m.json")
+    (run_dir / "manifest.json").symlink_to(outside / "manifest.json")
+    with pytest.raises(OSError, match="symbolic link"):
+        rldiag.open_run(run_dir)
