@@ -49,6 +49,7 @@ from rldiag.alerts.sinks import (
     WebhookSink,
 )
 from rldiag.runformat import ALERTS_FILE
+from rldiag.storage import is_remote, is_uri, location
 
 __all__ = ["AlertConfig", "OnlineAlerts", "make_online_alerts", "online_from_arg", "run_label"]
 
@@ -111,8 +112,8 @@ class AlertConfig:
             sinks.append(LoggingSink())
         elif self.console:
             sinks.append(ConsoleSink())
-        if self.jsonl and run_dir is not None:
-            sinks.append(JsonlSink(Path(run_dir) / ALERTS_FILE))
+        if self.jsonl and run_dir is not None and not is_uri(run_dir) and not is_remote(run_dir):
+            sinks.append(JsonlSink(Path(run_dir) / ALERTS_FILE))  # object stores cannot append: no history there
         sinks += [WebhookSink(u, min_severity=self.min_severity) for u in self.webhooks]
         sinks += [SlackSink(u, min_severity=self.min_severity) for u in self.slack_webhooks]
         sinks += [CallbackSink(fn, min_severity=self.min_severity) for fn in self.callbacks]
@@ -179,7 +180,7 @@ class OnlineAlerts:
         clock: Callable[[], float] = time.time,
     ):
         self.rules = coerce_rules(rules)
-        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.run_dir = None if run_dir is None else location(run_dir)
         if sinks is None:
             sinks = AlertConfig().build_sinks(self.run_dir)
         self.notifier = Notifier(sinks)

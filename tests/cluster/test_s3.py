@@ -210,3 +210,12 @@ def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
     args = argparse.Namespace(path=s3_run, tokenizer=None, port=8050, poll=2.0, auth=None, host="127.0.0.1",
                               debug=False)
     assert build(args) is not None
+
+
+def test_a_recorder_with_online_alerts_records_to_s3(s3_run) -> None:
+    with rldiag.Recorder(s3_run, alerts=True, roll_steps=2) as rec:
+        for step in range(4):
+            rec.record(step=step, **_step_record(step))
+    run = rldiag.open_run(s3_run)
+    assert run.steps() == [0, 1, 2, 3] and not run.problems
+    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: no alert history written there
