@@ -143,6 +143,7 @@ class Run:
                 continue
             try:
                 meta = _parquet_metadata(p)
+                _check_token_schema(meta.schema.to_arrow_schema())
                 self._token_files[p.name] = _FileInfo(p, e.size, e.mtime, meta.num_rows)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                 self._skip("tokens/" + p.name, p, exc)
@@ -726,9 +727,37 @@ def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], E
             raise ValueError(f"statistics columns missing: {missing[:5]}")
         table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
         validate_stats(table)
+        _check_bucket_lengths(table, meta)
         return table, meta, None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
         return None, {}, exc
+
+
+def _check_token_schema(arrow_schema: pa.Schema) -> None:
+    """A token file must hold exactly the token columns, each of its type (one odd file must not break the
+    scan of every other)."""
+    got = {f.name: f.type for f in arrow_schema}
+    odd = [n for n, t in schema.TOKEN_DTYPES.items() if got.get(n) != t and not (
+        pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)]
+    extra = sorted(set(got) - set(schema.TOKEN_DTYPES))
+    for key, value in (arrow_schema.metadata or {}).items():
+        value.decode("utf-8")  # polars refuses a file whose key-value metadata is not text: skip it alone
+    if odd or extra:
+        raise ValueError(f"token columns missing or of another type: {odd[:5]}" + (f", unknown columns: {extra[:5]}"
+                                                                                  if extra else ""))
+
+
+def _check_bucket_lengths(table: pa.Table, meta: dict[str, Any]) -> None:
+    """Bucket vectors hold the file's own ``n_buckets`` values (a damaged file must not refuse the whole run)."""
+    nb = (meta.get("config") or {}).get("n_buckets") if isinstance(meta, dict) else None
+    if not isinstance(nb, int) or not table.num_rows:
+        return
+    for name in ("b_n", "b_s", "b_s2"):
+        if name in table.column_names:
+            lengths = pc.list_value_length(table.column(name))
+            if pc.any(pc.not_equal(lengths, nb)).as_py():
+                raise ValueError(f"statistics column {name} holds vectors whose length is not the file's "
+                                 f"n_buckets={nb}")
 
 
 def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tuple[str, ...]) -> np.ndarray:
