@@ -37,6 +37,7 @@ from rldiag.alerts.engine import Engine, Notification, RuleStatus, read_history
 from rldiag.alerts.follow import RunFollower
 from rldiag.alerts.rules import Rule, RuleSet, coerce_rules
 from rldiag.alerts.sinks import (
+    AlertmanagerSink,
     CallbackSink,
     ConsoleSink,
     InFlight,
@@ -80,8 +81,12 @@ class AlertConfig:
     """True: one line per event on stderr; "logging": through the ``rldiag.alerts`` logger; False: off."""
     jsonl: bool = True
     """Append events to ``<run_dir>/alerts.jsonl`` (the dashboard and restarts read it)."""
+    alertmanager: tuple[str, ...] = ()
+    """Alertmanager addresses (``http://127.0.0.1:9093``): alerts posted to its ingest API ``/api/v2/alerts``."""
+    dashboard_url: str | None = None
+    """The rldiag dashboard's address: Alertmanager alerts link to the run's page at the alert's step."""
     webhooks: tuple[str, ...] = ()
-    """Alertmanager-style webhook URLs."""
+    """URLs that receive the body Alertmanager sends to its webhook receivers (version 4)."""
     slack_webhooks: tuple[str, ...] = ()
     """Slack incoming-webhook URLs."""
     callbacks: tuple[Callable[[Notification], Any], ...] = ()
@@ -98,7 +103,7 @@ class AlertConfig:
     """Network and callback sinks ignore alerts below this severity."""
 
     def __post_init__(self) -> None:
-        for name in ("webhooks", "slack_webhooks", "callbacks", "sinks", "stop_on"):
+        for name in ("alertmanager", "webhooks", "slack_webhooks", "callbacks", "sinks", "stop_on"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or callable(value) or isinstance(value, Sink):
                 value = (value,)
@@ -114,6 +119,8 @@ class AlertConfig:
             sinks.append(ConsoleSink())
         if self.jsonl and run_dir is not None and not is_uri(run_dir) and not is_remote(run_dir):
             sinks.append(JsonlSink(Path(run_dir) / ALERTS_FILE))  # object stores cannot append: no history there
+        sinks += [AlertmanagerSink(u, min_severity=self.min_severity, dashboard_url=self.dashboard_url)
+                  for u in self.alertmanager]
         sinks += [WebhookSink(u, min_severity=self.min_severity) for u in self.webhooks]
         sinks += [SlackSink(u, min_severity=self.min_severity) for u in self.slack_webhooks]
         sinks += [CallbackSink(fn, min_severity=self.min_severity) for fn in self.callbacks]

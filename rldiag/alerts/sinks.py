@@ -3,8 +3,11 @@
 - :class:`ConsoleSink` (a line on stderr) and :class:`LoggingSink` (the ``rldiag.alerts`` logger);
 - :class:`JsonlSink`: the run's append-only ``alerts.jsonl`` (whole lines, flushed and fsync'ed; the
   dashboard and a restarted evaluator read it);
-- :class:`WebhookSink` (Alertmanager-style JSON) and :class:`SlackSink` (Slack incoming-webhook text +
-  blocks), each with its own worker thread, a bounded queue and retries with exponential backoff;
+- :class:`AlertmanagerSink`: Alertmanager's ingest API (``POST /api/v2/alerts``, a bare JSON array of
+  alerts), re-sending what is firing before Alertmanager's resolve timeout and ending what resolved;
+- :class:`WebhookSink` (the body Alertmanager *sends* to its webhook receivers, for tools that expect that
+  format) and :class:`SlackSink` (Slack incoming-webhook text + blocks), each with its own worker thread, a
+  bounded queue and retries with exponential backoff;
 - :class:`CallbackSink`: a Python function, called on its own worker thread;
 - :class:`StopTrainingSink`: sets a flag the recorder turns into :class:`StopTraining` on its next call.
 
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -28,6 +32,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,11 +47,13 @@ __all__ = [
     "LoggingSink",
     "JsonlSink",
     "QueuedSink",
+    "AlertmanagerSink",
     "WebhookSink",
     "SlackSink",
     "CallbackSink",
     "StopTrainingSink",
     "Notifier",
+    "alertmanager_alert",
     "alertmanager_payload",
     "slack_payload",
 ]
@@ -232,7 +239,7 @@ class InFlight:
         self._cond = threading.Condition()
         self.count = 0
 
-    def put(self, q: "queue.Queue[Any]", item: Any) -> bool:
+    def put(self, q: queue.Queue[Any], item: Any) -> bool:
         with self._cond:
             self.count += 1
         try:
@@ -384,7 +391,10 @@ class _HTTPSink(QueuedSink):
         raise NotImplementedError
 
     def deliver(self, n: Notification) -> None:
-        body = json.dumps(self.payload(n), allow_nan=False).encode()
+        self._post(self.payload(n))
+
+    def _post(self, obj: Any) -> None:
+        body = json.dumps(obj, allow_nan=False).encode()
         req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
@@ -399,7 +409,11 @@ class _HTTPSink(QueuedSink):
 
 
 def alertmanager_payload(n: Notification, *, receiver: str = "rldiag") -> dict[str, Any]:
-    """An Alertmanager webhook body (version 4) carrying one alert."""
+    """The body Alertmanager *sends* to a webhook receiver (version 4), carrying one alert.
+
+    Alertmanager itself does not accept this: it ingests :func:`alertmanager_alert` objects in a bare JSON
+    array (:class:`AlertmanagerSink`).
+    """
     doc = n.to_json()
     alert = {
         "status": n.status,
@@ -426,7 +440,9 @@ def alertmanager_payload(n: Notification, *, receiver: str = "rldiag") -> dict[s
 
 
 class WebhookSink(_HTTPSink):
-    """POST Alertmanager-style JSON (``{"version": "4", "status", "alerts": [...]}``) to ``url``."""
+    """POST the body Alertmanager sends to its webhook receivers (``{"version": "4", "status", "alerts": [...]}``)
+    to ``url``: for tools that consume Alertmanager's receiver format. To feed Alertmanager itself use
+    :class:`AlertmanagerSink`."""
 
     name = "webhook"
 
@@ -435,6 +451,152 @@ class WebhookSink(_HTTPSink):
 
     def payload(self, n: Notification) -> dict[str, Any]:
         return alertmanager_payload(n)
+
+
+_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _label_name(name: str) -> str:
+    """A Prometheus/Alertmanager label name (``[a-zA-Z_][a-zA-Z0-9_]*``) for an rldiag label key."""
+    out = _LABEL_NAME.sub("_", name) or "_"
+    return "_" + out if out[0].isdigit() else out
+
+
+def dashboard_link(dashboard_url: str, run: str, step: int | None) -> str:
+    """The dashboard page of ``run`` at ``step``: ``<dashboard_url>/tokens?run=<run>&step=<step>``."""
+    query = [("run", run)] + ([("step", str(step))] if step is not None else [])
+    return dashboard_url.rstrip("/") + "/tokens?" + urllib.parse.urlencode(query)
+
+
+def alertmanager_alert(n: Notification, *, now: float, valid_for: float = 240.0,
+                       dashboard_url: str | None = None, extra_labels: Mapping[str, str] | None = None,
+                       ) -> dict[str, Any]:
+    """One alert as Alertmanager's ingest API (``POST /api/v2/alerts``) takes it.
+
+    Labels: the rule's labels (``alertname``, ``severity``, ``run``, ``group`` and the rule file's own, with
+    ``rank`` among them where a rule sets it) plus ``extra_labels``. A resolved alert ends at its
+    resolve time; a firing one ends ``valid_for`` seconds after ``now`` unless it is re-sent before (the
+    sink re-sends every ``resend_interval``), as Prometheus does, so a watcher that dies leaves no alert
+    firing forever. ``dashboard_url`` adds a ``dashboard`` annotation and the ``generatorURL``: the page of
+    the run at the alert's step.
+    """
+    labels = {_label_name(k): str(v) for k, v in {**n.labels, **(extra_labels or {})}.items()}
+    annotations = {k: str(v) for k, v in n.annotations.items() if v not in (None, "")}
+    annotations.update(summary=n.summary, step=str(n.step), start_step=str(n.start_step))
+    if n.value is not None:
+        annotations["value"] = f"{n.value:.6g}"
+    if n.threshold is not None:
+        annotations["threshold"] = f"{n.threshold:.6g}"
+    doc = n.to_json()
+    ends = doc["ends_at"] if n.event == EVENT_RESOLVED and n.ends_at is not None else None
+    if ends is None:
+        ends = datetime.fromtimestamp(now + valid_for, tz=UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+    alert: dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": doc["starts_at"],
+                             "endsAt": ends}
+    if dashboard_url:
+        link = dashboard_link(dashboard_url, n.run, n.step)
+        annotations["dashboard"] = link
+        alert["generatorURL"] = link
+    return alert
+
+
+def _alertmanager_url(url: str) -> str:
+    """``http://host:9093`` or ``http://host:9093/prefix`` -> ``.../api/v2/alerts`` (a full URL is kept)."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/api/v2/alerts"):
+        path += "/api/v2/alerts"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class AlertmanagerSink(_HTTPSink):
+    """Feed Alertmanager through its ingest API: ``POST <url>/api/v2/alerts`` with a JSON array of alerts.
+
+    ``url`` is Alertmanager's address (``http://127.0.0.1:9093``; a URL already ending in
+    ``/api/v2/alerts`` is used as is). Firing alerts are re-sent every ``resend_interval`` seconds (default
+    60) and each carries ``endsAt = now + valid_for`` (default 4 x ``resend_interval``, below Alertmanager's
+    default 5-minute ``resolve_timeout``), so Alertmanager keeps them firing while the watcher lives and
+    ends them soon after it stops; a resolved alert is posted with its end time, which resolves it at once.
+    Replayed episodes (a watcher catching up on history) are not sent. ``dashboard_url``: the dashboard's
+    address, for a link to the run at the alert's step (annotation ``dashboard`` and ``generatorURL``).
+    ``extra_labels`` are added to every alert.
+
+    >>> sink = AlertmanagerSink("http://127.0.0.1:9093", dashboard_url="http://127.0.0.1:8050")  # doctest: +SKIP
+    """
+
+    name = "alertmanager"
+
+    def __init__(self, url: str, *, dashboard_url: str | None = None, resend_interval: float = 60.0,
+                 valid_for: float | None = None, extra_labels: Mapping[str, str] | None = None,
+                 live_only: bool = True, clock: Callable[[], float] = time.time, **kw: Any):
+        if not resend_interval > 0:
+            raise ValueError(f"resend_interval must be positive, got {resend_interval}")
+        if dashboard_url is not None:
+            dparts = urllib.parse.urlsplit(dashboard_url)
+            if dparts.scheme not in ("http", "https") or not dparts.netloc:
+                raise ValueError(f"a dashboard URL must be http:// or https://, got {dashboard_url!r}")
+        self.dashboard_url = dashboard_url
+        self.resend_interval = float(resend_interval)
+        self.valid_for = 4.0 * self.resend_interval if valid_for is None else float(valid_for)
+        if not self.valid_for > self.resend_interval:
+            raise ValueError(f"valid_for ({self.valid_for}) must exceed resend_interval ({self.resend_interval})")
+        self.extra_labels = dict(extra_labels or {})
+        self.clock = clock
+        self.resends = 0
+        self._active: dict[str, Notification] = {}
+        self._active_lock = threading.Lock()
+        super().__init__(_alertmanager_url(url), live_only=live_only, **kw)
+
+    def _alert(self, n: Notification) -> dict[str, Any]:
+        return alertmanager_alert(n, now=self.clock(), valid_for=self.valid_for, dashboard_url=self.dashboard_url,
+                                  extra_labels=self.extra_labels)
+
+    def deliver(self, n: Notification) -> None:
+        with self._active_lock:
+            if n.event == EVENT_RESOLVED:
+                self._active.pop(n.fingerprint, None)
+            else:
+                self._active[n.fingerprint] = n
+        self._post([self._alert(n)])
+
+    @property
+    def active(self) -> list[Notification]:
+        """The alerts this sink keeps firing in Alertmanager (re-sent every ``resend_interval``)."""
+        with self._active_lock:
+            return list(self._active.values())
+
+    def resend(self) -> None:
+        """Post every firing alert again (one request; a failure is counted and logged, not retried)."""
+        alerts = self.active
+        if not alerts:
+            return
+        try:
+            self._post([self._alert(n) for n in alerts])
+            self.resends += 1
+        except Exception as exc:
+            self.stats.failed += 1
+            self.stats.last_error = str(exc)
+            log.warning("rldiag alerts: sink %s could not re-send %d firing alert(s): %s", self.name,
+                        len(alerts), exc)
+
+    def _work(self) -> None:
+        due = time.monotonic() + self.resend_interval
+        while True:
+            try:
+                n = self._queue.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                n = False  # type: ignore[assignment]
+            if n is None:
+                return
+            if n is not False:
+                try:
+                    self._deliver_with_retries(n)
+                finally:
+                    self._inflight.done()
+            if time.monotonic() >= due and not self._stop.is_set():
+                self.resend()
+                due = time.monotonic() + self.resend_interval
 
 
 def _clip(text: str, limit: int) -> str:

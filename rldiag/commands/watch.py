@@ -3,8 +3,12 @@
 Follows a run written by this machine or by another one onto a shared filesystem: every ``--interval``
 seconds it rescans the run, evaluates the steps completed since (on every rank) and sends what changed to
 the sinks. Events are appended to ``RUN/alerts.jsonl`` (the dashboard reads it), which is also the history
-a restarted watcher resumes from without notifying twice. ``--once`` evaluates what is there, prints every
-rule's state and exits 1 when anything is firing (0 otherwise), for scripts and CI.
+a restarted watcher resumes from without notifying twice (a renamed copy of a run keeps its history: nothing
+is appended again). ``--once`` evaluates what is there, prints every rule's state and exits.
+
+Exit status: 0 nothing at or above --fail-on is firing and every notification was delivered; 1 an alert at
+or above --fail-on (default critical) is firing; 4 a notification could not be delivered (a sink failed or
+dropped it); 5 both; 2 a usage error.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from rldiag.alerts.engine import Engine, Notification, State, read_history
 from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
-from rldiag.alerts.sinks import ConsoleSink, JsonlSink, Notifier, Sink, SlackSink, WebhookSink
+from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, JsonlSink, Notifier, Sink, SlackSink, WebhookSink
 
 EXIT_OK = 0
 EXIT_FIRING = 1
+"""An alert at or above ``--fail-on`` is firing."""
+EXIT_DELIVERY = 4
+"""A sink failed or dropped a notification (added to EXIT_FIRING: 5 means both)."""
+FAIL_ON = (*SEVERITIES, "never")
 
 
 def register(subparsers: Any) -> None:
@@ -37,23 +45,32 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("run", metavar="RUN", help="run directory (written by rldiag.Recorder)")
     p.add_argument("--rules", metavar="FILE", help="TOML rule file laid over the default pack")
+    p.add_argument("--alertmanager", metavar="URL", action="append", default=[],
+                   help="send alerts to Alertmanager's ingest API at URL (e.g. http://127.0.0.1:9093; "
+                        "POST /api/v2/alerts), re-sent while firing, ended when resolved (repeatable)")
+    p.add_argument("--dashboard-url", metavar="URL",
+                   help="the rldiag dashboard's address: Alertmanager alerts link to the run's page at the step")
     p.add_argument("--webhook", metavar="URL", action="append", default=[],
-                   help="POST Alertmanager-style JSON to URL (repeatable)")
+                   help="POST the body Alertmanager sends to its webhook receivers (version 4) to URL, for "
+                        "tools that consume that format; Alertmanager itself takes --alertmanager (repeatable)")
     p.add_argument("--slack-webhook", metavar="URL", action="append", default=[],
                    help="POST Slack messages (text + blocks) to an incoming-webhook URL (repeatable)")
     p.add_argument("--once", action="store_true",
-                   help="evaluate what is there, print the rule states, exit 1 if anything fires")
+                   help="evaluate what is there, print the rule states and exit (see the exit status below)")
+    p.add_argument("--fail-on", choices=FAIL_ON, default="critical",
+                   help="exit 1 when an alert of this severity or above is firing at exit (default critical: "
+                        "warn-level alerts do not fail a CI job; 'never' ignores alerts)")
     p.add_argument("--interval", metavar="S", type=float, default=10.0,
                    help="seconds between rescans when following (default 10)")
     p.add_argument("--min-severity", choices=SEVERITIES, default="info",
-                   help="webhooks ignore less severe alerts (default info)")
+                   help="Alertmanager, webhooks and Slack ignore less severe alerts (default info)")
     p.add_argument("--no-history", action="store_true",
                    help="neither resume from nor append to RUN/alerts.jsonl (e.g. when the recorder's "
                         "online alerts already write it)")
     p.add_argument("--exit-on-close", action="store_true",
-                   help="stop following once the run is closed and fully evaluated (exit 1 if firing)")
+                   help="stop following once the run is closed and fully evaluated (exit status as with --once)")
     p.add_argument("--send-timeout", metavar="S", type=float, default=30.0,
-                   help="at exit, wait at most S seconds for webhooks to deliver (default 30)")
+                   help="at exit, wait at most S seconds for network sinks to deliver (default 30)")
     p.add_argument("-q", "--quiet", action="store_true", help="no event lines on stderr")
     p.add_argument("--cliff-lam", metavar="L", type=float,
                    help="the run's reward-extrapolation lambda: adds cliff/headroom (from teacher and base "
@@ -74,8 +91,10 @@ class Watcher:
                  clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None,
                  augment: Callable[[Any, Any], Any] | None = None):
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
-        events = read_history(self.run_dir / ALERTS_FILE) if history else []
-        self.engine = Engine(rules, run=run_label(self.run_dir), history=events)
+        self.engine = Engine(rules, run=run_label(self.run_dir))
+        if history:
+            events = own_history(read_history(self.run_dir / ALERTS_FILE), self.engine)
+            self.engine = Engine(rules, run=self.engine.run, history=events)
         self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
         self.notifier = Notifier(sinks)
         self.clock = clock
@@ -99,6 +118,36 @@ class Watcher:
         self.notifier.flush(timeout)
         self.notifier.close(1.0)
         return self.notifier.stats()
+
+
+def own_history(events: Sequence[Any], engine: Engine) -> list[Any]:
+    """The history events of a run as this engine identifies them.
+
+    A run copied or renamed keeps the ``alerts.jsonl`` written under its old name, whose fingerprints
+    carry the old ``run`` label: matched by rule name instead, they are recognised, and watching the copy
+    appends nothing that is already there.
+    """
+    names = {r.name for r in engine.rules}
+    out = []
+    for ev in events:
+        rule = ev.get("rule") if isinstance(ev, dict) else None
+        if rule in names and ev.get("fingerprint") != engine.fingerprint(rule):
+            ev = {**ev, "fingerprint": engine.fingerprint(rule)}
+        out.append(ev)
+    return out
+
+
+def exit_status(engine: Engine, stats: dict[str, dict[str, Any]], fail_on: str) -> int:
+    """EXIT_FIRING if an alert at or above ``fail_on`` fires, plus EXIT_DELIVERY if a sink failed or dropped."""
+    code = EXIT_OK
+    if fail_on != "never":
+        floor = SEVERITIES.index(fail_on)
+        severity = {r.name: r.severity for r in engine.rules}
+        if any(SEVERITIES.index(severity.get(name, SEVERITIES[-1])) >= floor for name in engine.firing()):
+            code |= EXIT_FIRING
+    if any(st["failed"] or st["dropped"] for st in stats.values()):
+        code |= EXIT_DELIVERY
+    return code
 
 
 def format_status(engine: Engine) -> str:
@@ -136,6 +185,8 @@ def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
 
     sinks: list[Sink] = []
     try:
+        sinks += [AlertmanagerSink(u, min_severity=args.min_severity, dashboard_url=args.dashboard_url)
+                  for u in args.alertmanager]
         sinks += [WebhookSink(u, min_severity=args.min_severity) for u in args.webhook]
         sinks += [SlackSink(u, min_severity=args.min_severity) for u in args.slack_webhook]
     except ValueError as exc:
@@ -191,4 +242,4 @@ def run(args: argparse.Namespace) -> int:
         if st["failed"] or st["dropped"]:
             print(f"rldiag watch: sink {name}: {st['sent']} sent, {st['failed']} failed, {st['dropped']} dropped"
                   + (f" (last error: {st['last_error']})" if st["last_error"] else ""), file=sys.stderr)
-    return EXIT_FIRING if watcher.engine.firing() else EXIT_OK
+    return exit_status(watcher.engine, stats, args.fail_on)

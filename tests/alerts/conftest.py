@@ -135,3 +135,93 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# real third-party servers, started on 127.0.0.1 by the test suite
+
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 10.0) -> Any:
+    """A JSON request to a server on 127.0.0.1 (no proxy)."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def wait_http(url: str, proc: Any, timeout: float = 30.0) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            with opener.open(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+class Alertmanager:
+    """Debian's prometheus-alertmanager on 127.0.0.1 (no gossip), with a receiver that sends nothing."""
+
+    def __init__(self, tmp: Any):
+        import subprocess
+
+        self.port = free_port()
+        cfg = tmp / "alertmanager.yml"
+        cfg.write_text("route:\n  receiver: blackhole\n  group_wait: 1s\nreceivers:\n  - name: blackhole\n")
+        self.log = open(tmp / "alertmanager.log", "wb")
+        self.proc = subprocess.Popen(
+            [ALERTMANAGER, f"--config.file={cfg}", f"--storage.path={tmp / 'am-data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_http(f"{self.url}/-/ready", self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alerts(self, **query: str) -> list[dict[str, Any]]:
+        from urllib.parse import urlencode
+
+        return http_json("GET", f"{self.url}/api/v2/alerts" + ("?" + urlencode(query) if query else ""))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alertmanager]:
+    import os
+
+    if not os.access(ALERTMANAGER, os.X_OK):
+        pytest.skip(f"{ALERTMANAGER} is not installed (Debian package prometheus-alertmanager)")
+    am = Alertmanager(tmp_path_factory.mktemp("alertmanager"))
+    yield am
+    am.close()

@@ -289,3 +289,86 @@ def test_callback_sink_runs_off_thread_and_counts_errors() -> None:
 def test_webhook_url_must_be_http(url: str) -> None:
     with pytest.raises(ValueError, match="http"):
         WebhookSink(url)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alertmanager's ingest API, against the real Alertmanager (Debian's prometheus-alertmanager)
+
+
+def _kl_rule_engine(run: str = "exp-am") -> Engine:
+    rule = Rule("kl_spike_critical", (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),),
+                severity="critical", summary="k3 {value:.3f} > {threshold} at step {step}", doc="why it matters",
+                source="Schulman", group="kl_spike", labels={"rank": "0"})
+    return Engine(RuleSet([rule]), run=run)
+
+
+def _held(am: object, name: str) -> list[dict]:  # type: ignore[type-arg]
+    return [a for a in am.alerts() if a["labels"].get("alertname") == name]  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_alertmanager_sink_fires_resolves_and_is_silenced(alertmanager: object) -> None:
+    import time
+
+    from rldiag.alerts.sinks import AlertmanagerSink
+    from tests.alerts.conftest import http_json
+
+    am = alertmanager
+    sink = AlertmanagerSink(am.url, dashboard_url="http://127.0.0.1:8050", resend_interval=0.5)  # type: ignore[attr-defined]
+    assert sink.url == f"{am.url}/api/v2/alerts"  # type: ignore[attr-defined]
+    eng, notifier = _kl_rule_engine(), Notifier([sink])
+    now = time.time()
+    notifier.dispatch(eng.update(pl.DataFrame({"step": [1, 2, 3], "kl/k3": [0.01, 0.02, 0.09]}), now=now))
+    assert notifier.flush(10) and sink.stats.failed == 0, sink.stats
+    held = _held(am, "kl_spike_critical")
+    assert len(held) == 1, am.alerts()  # type: ignore[attr-defined]
+    a = held[0]
+    assert a["labels"] == {"alertname": "kl_spike_critical", "severity": "critical", "run": "exp-am",
+                           "group": "kl_spike", "rank": "0"}
+    assert a["annotations"]["summary"] == "k3 0.090 > 0.05 at step 3"
+    assert a["annotations"]["description"] == "why it matters" and a["annotations"]["step"] == "3"
+    link = "http://127.0.0.1:8050/tokens?run=exp-am&step=3"
+    assert a["annotations"]["dashboard"] == link and a["generatorURL"] == link
+    assert a["status"]["state"] == "active"
+    # firing alerts are re-sent before they would expire: endsAt moves forward
+    first_end = a["endsAt"]
+    deadline = time.monotonic() + 10
+    while sink.resends < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sink.resends >= 2 and _held(am, "kl_spike_critical")[0]["endsAt"] > first_end
+    # a silence set through Alertmanager's API silences it
+    sil = http_json("POST", f"{am.url}/api/v2/silences", {  # type: ignore[attr-defined]
+        "matchers": [{"name": "alertname", "value": "kl_spike_critical", "isRegex": False, "isEqual": True},
+                     {"name": "run", "value": "exp-am", "isRegex": False, "isEqual": True}],
+        "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)),
+        "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600)),
+        "createdBy": "rldiag tests", "comment": "silenced by the test"})
+    a = _held(am, "kl_spike_critical")[0]
+    assert a["status"]["state"] == "suppressed" and a["status"]["silencedBy"] == [sil["silenceID"]]
+    # the rule resolves: the alert ends in Alertmanager
+    notifier.dispatch(eng.update(pl.DataFrame({"step": [4, 5], "kl/k3": [0.02, 0.01]}), now=time.time()))
+    assert notifier.flush(10) and sink.stats.failed == 0
+    assert sink.active == []
+    time.sleep(0.2)
+    assert _held(am, "kl_spike_critical") == []
+    sink.close(2)
+
+
+@pytest.mark.slow
+def test_alertmanager_rejects_the_receiver_format_but_takes_ours(alertmanager: object) -> None:
+    """The receiver-format body (what --webhook posts) is refused by the ingest API: 400, counted as failed."""
+    import time
+
+    from rldiag.alerts.sinks import AlertmanagerSink
+
+    eng = _kl_rule_engine("exp-wh")
+    events = eng.update(pl.DataFrame({"step": [1], "kl/k3": [0.09]}), now=time.time())
+    wrong = WebhookSink(f"{alertmanager.url}/api/v2/alerts", max_retries=0)  # type: ignore[attr-defined]
+    right = AlertmanagerSink(alertmanager.url)  # type: ignore[attr-defined]
+    Notifier([wrong, right]).dispatch(events)
+    assert wrong.flush(10) and right.flush(10)
+    assert wrong.stats.failed == 1 and "HTTP 400" in (wrong.stats.last_error or "")
+    assert right.stats.sent == 1 and right.stats.failed == 0
+    assert len(_held(alertmanager, "kl_spike_critical")) == 1
+    wrong.close(1)
+    right.close(1)

@@ -19,7 +19,7 @@ from rldiag.alerts import RuleSet, load_rules, read_history
 from rldiag.cli import main
 from rldiag.commands.watch import Watcher
 from rldiag.alerts.sinks import WebhookSink
-from tests.alerts.conftest import Receiver
+from tests.alerts.conftest import Alertmanager, Receiver  # noqa: F401 (fixture type)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,7 +161,7 @@ def test_end_to_end_real_training_collapse(tmp_path: Path, receiver: Receiver) -
     finally:
         hanging.close()
         failing.close()
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 5, proc.stderr  # a critical alert fires (1) and deliveries failed (4)
     assert "entropy_collapse" in proc.stdout
     assert "sink webhook#2" in proc.stderr or "sink webhook" in proc.stderr  # the hung endpoint is reported
     assert "sink slack" in proc.stderr and "failed" in proc.stderr
@@ -201,10 +201,68 @@ def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(tmp_path: 
     old = 1_000_000.0  # the files are ancient: an open run would be stalled
     for p in (run / "stats").glob("*"):
         os.utime(p, (old, old))
-    assert main(["watch", str(run), "--once", "--no-history", "-q"]) == 1
+    assert main(["watch", str(run), "--once", "--no-history", "-q"]) == 0  # a warn alert: not a failure by default
     assert "stalled_run                  warn      firing" in capsys.readouterr().out
+    assert main(["watch", str(run), "--once", "--no-history", "-q", "--fail-on", "warn"]) == 1
     mark_closed(run)
     assert main(["watch", str(run), "--no-history", "-q", "--exit-on-close", "--interval", "0.01"]) == 0
     out = capsys.readouterr().out
     assert "30 steps evaluated, last step 29 (closed)" in out  # once closed, the last step counts too
     assert "stalled_run                  warn      inactive" in out
+
+
+def test_fail_on_and_delivery_failures_in_the_exit_status(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit status: 1 when an alert at or above --fail-on fires (default critical), 4 when a delivery
+    failed, 5 both; warn-level alerts alone do not fail by default."""
+    from tests.alerts.conftest import free_port
+
+    run = tmp_path / "exp1"
+    write_run(run)  # entropy_collapse (critical) fires at the end
+    base = ["watch", str(run), "--once", "--no-history", "-q"]
+    assert main(base) == 1
+    assert main([*base, "--fail-on", "never"]) == 0
+    warn_rules = tmp_path / "warn.toml"
+    warn_rules.write_text('[rules.entropy_collapse]\nseverity = "warn"\n')
+    assert main([*base, "--rules", str(warn_rules)]) == 0  # a warn-level alert does not fail a CI job
+    assert main([*base, "--rules", str(warn_rules), "--fail-on", "warn"]) == 1
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    capsys.readouterr()
+    assert main([*base, "--alertmanager", dead, "--send-timeout", "1"]) == 5
+    assert main([*base, "--rules", str(warn_rules), "--alertmanager", dead, "--send-timeout", "1"]) == 4
+    err = capsys.readouterr().err
+    assert "rldiag watch: sink alertmanager: 0 sent" in err and "Connection refused" in err
+
+
+def test_watch_is_idempotent_on_a_renamed_copy(tmp_path: Path) -> None:
+    """A copy of a run keeps the history written under its old name; watching it appends nothing."""
+    import shutil
+
+    run = tmp_path / "exp1"
+    write_run(run)
+    assert main(["watch", str(run), "--once", "-q"]) == 1
+    before = (run / "alerts.jsonl").read_bytes()
+    assert before
+    copy = tmp_path / "exp1-copy"
+    shutil.copytree(run, copy)
+    assert main(["watch", str(copy), "--once", "-q"]) == 1
+    assert main(["watch", str(copy), "--once", "-q"]) == 1
+    assert (copy / "alerts.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_watch_once_feeds_a_real_alertmanager(tmp_path: Path, alertmanager: object) -> None:
+    """`rldiag watch RUN --once --alertmanager URL`: what fires now is in Alertmanager with its labels;
+    finished episodes of the past are not sent."""
+    run = tmp_path / "exp1"
+    write_run(run)
+    code = main(["watch", str(run), "--once", "-q", "--alertmanager", alertmanager.url,  # type: ignore[attr-defined]
+                 "--dashboard-url", "http://127.0.0.1:8050"])
+    assert code == 1
+    held = {a["labels"]["alertname"]: a for a in alertmanager.alerts()}  # type: ignore[attr-defined]
+    assert "entropy_collapse" in held and "kl_spike_critical" not in held
+    a = held["entropy_collapse"]
+    assert a["labels"] == {"alertname": "entropy_collapse", "severity": "critical", "run": "exp1",
+                           "group": a["labels"]["group"]}
+    assert a["annotations"]["step"] == "20" and a["annotations"]["metric"] == "entropy/mean"
+    assert a["generatorURL"] == "http://127.0.0.1:8050/tokens?run=exp1&step=20"
