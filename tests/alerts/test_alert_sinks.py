@@ -13,8 +13,8 @@ import pytest
 
 from rldiag.alerts import (
     CallbackSink,
-    ConsoleSink,
     Condition,
+    ConsoleSink,
     Engine,
     JsonlSink,
     LoggingSink,

@@ -16,9 +16,9 @@ import pytest
 
 import rldiag
 from rldiag.alerts import RuleSet, load_rules, read_history
+from rldiag.alerts.sinks import WebhookSink
 from rldiag.cli import main
 from rldiag.commands.watch import Watcher
-from rldiag.alerts.sinks import WebhookSink
 from tests.alerts.conftest import Alertmanager, Receiver  # noqa: F401 (fixture type)
 
 ROOT = Path(__file__).resolve().parents[2]
