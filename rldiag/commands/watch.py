@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
         description=(__doc__ or "").split("\n\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="run directory (written by rldiag.Recorder)")
+    p.add_argument("run", metavar="RUN", nargs="+", help="run directories (written by rldiag.Recorder)")
     p.add_argument("--rules", metavar="FILE", help="TOML rule file laid over the default pack")
     p.add_argument("--alertmanager", metavar="URL", action="append", default=[],
                    help="send alerts to Alertmanager's ingest API at URL (e.g. http://127.0.0.1:9093; "
@@ -71,6 +71,11 @@ def register(subparsers: Any) -> None:
                    help="stop following once the run is closed and fully evaluated (exit status as with --once)")
     p.add_argument("--send-timeout", metavar="S", type=float, default=30.0,
                    help="at exit, wait at most S seconds for network sinks to deliver (default 30)")
+    p.add_argument("--metrics-port", metavar="P", type=int,
+                   help="serve each run's latest headline metrics and alert states for Prometheus on "
+                        "http://127.0.0.1:P/metrics (labelled by run; needs prometheus_client)")
+    p.add_argument("--metrics-host", metavar="ADDR", default="127.0.0.1",
+                   help="address the metrics endpoint binds (default 127.0.0.1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no event lines on stderr")
     p.add_argument("--cliff-lam", metavar="L", type=float,
                    help="the run's reward-extrapolation lambda: adds cliff/headroom (from teacher and base "
@@ -89,7 +94,7 @@ class Watcher:
 
     def __init__(self, run_dir: str | Path, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
                  clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None,
-                 augment: Callable[[Any, Any], Any] | None = None):
+                 augment: Callable[[Any, Any], Any] | None = None, metrics: Any = None):
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         self.engine = Engine(rules, run=run_label(self.run_dir))
         if history:
@@ -98,12 +103,24 @@ class Watcher:
         self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
         self.notifier = Notifier(sinks)
         self.clock = clock
+        self.metrics = metrics
+        self._served_step: int | None = None
 
     def poll(self) -> list[Notification]:
         """Rescan, evaluate newly complete steps, check for a stall and repeats, dispatch; returns the events."""
         events = self.follower.poll(self.clock())
         self.notifier.dispatch(events)
+        if self.metrics is not None:
+            self._serve()
         return events
+
+    def _serve(self) -> None:
+        """Hand the last evaluated step's metrics and the rule states to the metrics server."""
+        step = self.engine.last_step
+        if step is not None and step != self._served_step and self.follower.run is not None:
+            self.metrics.update_frame(self.engine.run, self.follower.run.step_metrics(steps=[step]))
+            self._served_step = step
+        self.metrics.set_alerts(self.engine.run, self.engine.status())
 
     def follow(self, interval: float, stop: threading.Event, *, exit_on_close: bool = False) -> None:
         """Poll every ``interval`` seconds until ``stop`` is set (or the run is closed, if asked)."""
@@ -180,21 +197,24 @@ def cliff_augment(lam: float, threshold: float) -> Callable[[Any, Any], Any]:
     return augment
 
 
-def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
+def build_sinks(args: argparse.Namespace, run_dir: Path | None, *, network: bool = True) -> list[Sink]:
+    """The sinks the arguments ask for: network sinks (``run_dir`` None) or the run's own (console, history)."""
     from rldiag.cli import CLIError
 
     sinks: list[Sink] = []
-    try:
-        sinks += [AlertmanagerSink(u, min_severity=args.min_severity, dashboard_url=args.dashboard_url)
-                  for u in args.alertmanager]
-        sinks += [WebhookSink(u, min_severity=args.min_severity) for u in args.webhook]
-        sinks += [SlackSink(u, min_severity=args.min_severity) for u in args.slack_webhook]
-    except ValueError as exc:
-        for s in sinks:
-            s.close(0.0)
-        raise CLIError(str(exc)) from None
+    if run_dir is None:
+        try:
+            sinks += [AlertmanagerSink(u, min_severity=args.min_severity, dashboard_url=args.dashboard_url)
+                      for u in args.alertmanager]
+            sinks += [WebhookSink(u, min_severity=args.min_severity) for u in args.webhook]
+            sinks += [SlackSink(u, min_severity=args.min_severity) for u in args.slack_webhook]
+        except ValueError as exc:
+            for s in sinks:
+                s.close(0.0)
+            raise CLIError(str(exc)) from None
+        return sinks
     if not args.quiet:
-        sinks.insert(0, ConsoleSink(sys.stderr))
+        sinks.append(ConsoleSink(sys.stderr))
     if not args.no_history and not storage.is_remote(run_dir):  # object stores cannot append to a file
         sinks.insert(0, JsonlSink(run_dir / ALERTS_FILE))
     return sinks
@@ -203,7 +223,11 @@ def build_sinks(args: argparse.Namespace, run_dir: Path) -> list[Sink]:
 def run(args: argparse.Namespace) -> int:
     from rldiag.cli import CLIError
 
-    run_dir = storage.location(args.run)
+    run_dirs = [storage.location(r) for r in args.run]
+    labels = [run_label(r) for r in run_dirs]
+    if len(set(labels)) != len(labels):
+        raise CLIError(f"two runs share the name {next(x for x in labels if labels.count(x) > 1)!r}; "
+                       "alerts and metrics are labelled by the run's folder name")
     if args.interval <= 0:
         raise CLIError(f"--interval must be positive, got {args.interval}")
     try:
@@ -213,33 +237,63 @@ def run(args: argparse.Namespace) -> int:
     if args.once:
         import rldiag
 
-        try:
-            rldiag.open_run(run_dir)
-        except (FileNotFoundError, ValueError) as exc:
-            raise CLIError(f"cannot read run {run_dir}: {exc}") from None
+        for run_dir in run_dirs:
+            try:
+                rldiag.open_run(run_dir)
+            except (FileNotFoundError, ValueError) as exc:
+                raise CLIError(f"cannot read run {run_dir}: {exc}") from None
     augment = None
     if args.cliff_lam is not None:
         if not args.cliff_lam > 0:
             raise CLIError(f"--cliff-lam must be positive, got {args.cliff_lam}")
         augment = cliff_augment(args.cliff_lam, args.cliff_threshold)
-    sinks = build_sinks(args, run_dir)
-    watcher = Watcher(run_dir, rules, sinks, history=not args.no_history, augment=augment)
+    metrics = None
+    if args.metrics_port is not None:
+        from rldiag.export.prometheus import MetricsServer
+
+        try:
+            metrics = MetricsServer(args.metrics_port, args.metrics_host)
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+        except OSError as exc:
+            raise CLIError(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc}") from None
+        print(f"rldiag watch: serving metrics on {metrics.url}", file=sys.stderr)
+    shared = build_sinks(args, None)
+    watchers = []
+    for run_dir in run_dirs:
+        own = build_sinks(args, run_dir, network=False)
+        watchers.append(Watcher(run_dir, rules, own + shared, history=not args.no_history, augment=augment,
+                                metrics=metrics))
     stop = threading.Event()
     try:
         if args.once:
-            watcher.poll()
+            for w in watchers:
+                w.poll()
         else:
-            if not watcher.follower.ensure_open():
-                print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
+            for w, run_dir in zip(watchers, run_dirs):
+                if not w.follower.ensure_open():
+                    print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
             try:
-                watcher.follow(args.interval, stop, exit_on_close=args.exit_on_close)
+                while not stop.is_set():
+                    for w in watchers:
+                        w.poll()
+                    if args.exit_on_close and all(w.engine.closed for w in watchers):
+                        break
+                    stop.wait(args.interval)
             except KeyboardInterrupt:
                 pass
     finally:
-        stats = watcher.close(args.send_timeout)
-    print(format_status(watcher.engine))
+        for w in watchers:
+            w.close(args.send_timeout)
+        if metrics is not None:
+            metrics.close()
+    unique: list[Sink] = []
+    for w in watchers:
+        unique += [s for s in w.notifier.sinks if all(s is not u for u in unique)]
+    stats = Notifier(unique).stats()
+    print("\n\n".join(format_status(w.engine) for w in watchers))
     for name, st in stats.items():
         if st["failed"] or st["dropped"]:
             print(f"rldiag watch: sink {name}: {st['sent']} sent, {st['failed']} failed, {st['dropped']} dropped"
                   + (f" (last error: {st['last_error']})" if st["last_error"] else ""), file=sys.stderr)
-    return exit_status(watcher.engine, stats, args.fail_on)
+    return max(exit_status(w.engine, stats, args.fail_on) for w in watchers)

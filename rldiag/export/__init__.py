@@ -1,0 +1,1 @@
+"""Meet the tools people already run: Prometheus exposition and experiment-tracker exporters."""
