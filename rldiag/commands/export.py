@@ -1,0 +1,86 @@
+"""``rldiag export RUN --to TRACKER [TARGET]``: write a run's step metrics into an experiment tracker.
+
+  rldiag export runs/exp1 --to tensorboard tb/exp1          # event files; then: tensorboard --logdir tb
+  rldiag export runs/exp1 --to mlflow sqlite:///mlflow.db   # an MLflow run tagged rldiag.run=exp1
+
+Every step metric (or those named with --metric) is written at the run's own steps; TensorBoard also gets
+the per-step log-ratio and entropy histograms. Only complete steps are written (on a live run, the step
+in progress waits). Running it again writes only the steps the tracker does not hold yet. --follow keeps
+exporting the steps of a live run as they complete, until the run is closed (or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from rldiag import storage
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a run's step metrics (and histograms) into TensorBoard or MLflow",
+        description=(__doc__ or "").split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--to", nargs="+", metavar=("TRACKER", "TARGET"), required=True,
+                   help="tensorboard DIR | mlflow URI")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="export only this metric (repeatable; default: every step metric)")
+    p.add_argument("--follow", action="store_true", help="keep exporting new steps until the run is closed")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S",
+                   help="seconds between rescans with --follow (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import rldiag
+    from rldiag.alerts.follow import complete_steps, run_closed
+    from rldiag.alerts.online import run_label
+    from rldiag.cli import CLIError
+    from rldiag.export.trackers import export_steps, make_exporter, select_metrics
+
+    if len(args.to) > 2:
+        raise CLIError(f"--to takes a tracker and its target, got {' '.join(args.to)}")
+    kind, target = args.to[0], (args.to[1] if len(args.to) > 1 else None)
+    if args.interval <= 0:
+        raise CLIError(f"--interval must be positive, got {args.interval}")
+    run_dir = storage.location(args.run)
+    try:
+        r = rldiag.open_run(run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"cannot read run {run_dir}: {exc}") from None
+    if args.metric and r.steps():
+        try:
+            select_metrics(r.step_metrics(steps=r.steps()[:1]).columns, args.metric)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    try:
+        exporter = make_exporter(kind, target, run_label(run_dir))
+    except (ImportError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    total = 0
+    try:
+        while True:
+            closed = run_closed(r)
+            steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may still grow
+            try:
+                total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+            if not args.follow or closed:
+                break
+            time.sleep(args.interval)
+            r.refresh()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exporter.close()
+    print(f"rldiag export: {total} step(s) of {r.name} written to {kind}"
+          + (f" {target}" if target else "") + (f" (last step {exporter.last_step()})"
+                                                if exporter.last_step() is not None else ""), file=sys.stderr)
+    return 0

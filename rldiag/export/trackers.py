@@ -1,0 +1,283 @@
+"""Write a run's step metrics (and histograms) into the experiment trackers people already use.
+
+``rldiag export RUN --to tensorboard DIR | mlflow URI`` and ``Recorder(..., log_to=...)`` use these
+exporters. Each writes every step metric (or a chosen set) at the run's own steps; where the tracker has
+histograms (TensorBoard), the per-step log-ratio and entropy histograms too. Re-running an export writes
+only the steps the tracker does not hold yet (each exporter reads back its last step), so points are never
+duplicated. Each tracker is an optional extra; a missing one gives a one-line message naming the extra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Exporter", "TensorBoardExporter", "MlflowExporter", "make_exporter", "step_histograms",
+           "HISTOGRAMS", "TRACKERS"]
+
+HISTOGRAMS: dict[str, str] = {"h_lr": "hist/log_ratio", "h_ent": "hist/entropy"}
+"""Statistics histograms exported, and the tag each gets: the signed log-ratio and the entropy."""
+
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def _missing(extra: str, module: str) -> ImportError:
+    return ImportError(f"exporting to {extra} needs the {module} package: pip install 'rldiag[{extra}]'")
+
+
+def bucket_limits(n_bins: int) -> np.ndarray:
+    """Upper edge of each histogram bin (rldiag.stats.hist layout): magnitude or signed bins."""
+    from rldiag.stats import hist
+
+    mag = np.concatenate([hist._MAG_EDGES, [np.finfo(np.float64).max]])  # underflow..overflow upper edges
+    if n_bins == hist.N_MAG:
+        return mag
+    if n_bins == hist.N_SIGNED:
+        lower_mag = np.concatenate([[0.0], hist._MAG_EDGES])  # lower edge of each magnitude bin
+        return np.concatenate([-lower_mag[::-1], mag])
+    raise ValueError(f"no histogram layout with {n_bins} bins")
+
+
+def step_histograms(stats_table: Any, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+    """Dense per-step counts of the exported histograms, summed over ranks and micro-batches."""
+    from rldiag.stats.kernel import HISTS
+
+    if not steps or stats_table.num_rows == 0:
+        return {}
+    want = {int(s): i for i, s in enumerate(sorted(set(int(s) for s in steps)))}
+    step_col = np.asarray(stats_table.column("step").to_numpy(zero_copy_only=False), dtype=np.int64)
+    out: dict[int, dict[str, np.ndarray]] = {s: {} for s in want}
+    for name in HISTOGRAMS:
+        if f"{name}.idx" not in stats_table.column_names:
+            continue
+        n_bins = HISTS[name]
+        dense = np.zeros((len(want), n_bins))
+        idx_col = stats_table.column(f"{name}.idx").to_pylist()
+        cnt_col = stats_table.column(f"{name}.cnt").to_pylist()
+        for row, step in enumerate(step_col):
+            g = want.get(int(step))
+            if g is None or idx_col[row] is None:
+                continue
+            np.add.at(dense[g], np.asarray(idx_col[row], dtype=np.int64), np.asarray(cnt_col[row], dtype=float))
+        for s, g in want.items():
+            out[s][name] = dense[g]
+    return out
+
+
+class Exporter:
+    """One tracker destination. Subclasses implement :meth:`last_step`, :meth:`write` and :meth:`close`."""
+
+    name = "exporter"
+    histograms = False
+    """Whether the tracker takes histograms (then :meth:`write` gets them)."""
+
+    def last_step(self) -> int | None:
+        """The newest step the tracker already holds for this run (None: nothing yet)."""
+        raise NotImplementedError
+
+    def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
+        """Write one step's metrics (finite values only) and, if supported, histograms."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make what was written visible to readers."""
+
+    def close(self) -> None:
+        """Flush and release (idempotent)."""
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out[k] = f
+    return out
+
+
+class TensorBoardExporter(Exporter):
+    """Event files in ``logdir`` (``tensorboard`` package; no torch needed): a scalar per metric, the
+    metric's rldiag name as tag, and ``hist/log_ratio`` / ``hist/entropy`` histograms.
+
+    A second export into the same ``logdir`` reads the steps already there (TensorBoard's
+    ``EventAccumulator``) and writes only newer ones.
+    """
+
+    name = "tensorboard"
+    histograms = True
+
+    def __init__(self, logdir: str | Path):
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError:
+            raise _missing("tensorboard", "tensorboard") from None
+        self.logdir = Path(logdir)
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        self._last = self._read_last_step()
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(self.logdir))
+        self._closed = False
+
+    def _read_last_step(self) -> int | None:
+        if not self.logdir.is_dir() or not any(self.logdir.glob("events.out.tfevents.*")):
+            return None
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(self.logdir), size_guidance={"scalars": 0, "histograms": 1})
+        acc.Reload()
+        steps = [e.step for tag in acc.Tags().get("scalars", []) for e in acc.Scalars(tag)]
+        return max(steps) if steps else None
+
+    def last_step(self) -> int | None:
+        return self._last
+
+    def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
+        pb = self._summary_pb2
+        values = [pb.Summary.Value(tag=k, simple_value=v) for k, v in _finite(metrics).items()]
+        for name, counts in (hists or {}).items():
+            tag = HISTOGRAMS.get(name, name)
+            total = float(counts.sum())
+            if total <= 0:
+                continue
+            limits = bucket_limits(len(counts))
+            nz = np.nonzero(counts)[0]
+            lo, hi = int(nz[0]), int(nz[-1])
+            mids = _mids(len(counts))
+            proto = pb.HistogramProto(
+                min=float(mids[lo]), max=float(mids[hi]), num=total, sum=float((mids * counts).sum()),
+                sum_squares=float((mids * mids * counts).sum()),
+                bucket_limit=[float(x) for x in limits[lo:hi + 1]], bucket=[float(c) for c in counts[lo:hi + 1]])
+            values.append(pb.Summary.Value(tag=tag, histo=proto))
+        import time
+
+        event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=pb.Summary(value=values))
+        self._writer.add_event(event)
+        self._last = int(step) if self._last is None else max(self._last, int(step))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+
+def _mids(n_bins: int) -> np.ndarray:
+    from rldiag.stats import hist
+
+    return np.asarray(hist.representative(n_bins), dtype=np.float64)
+
+
+class MlflowExporter(Exporter):
+    """An MLflow run (``mlflow-skinny``): one metric per rldiag metric, at the run's steps.
+
+    ``uri`` is the tracking URI (``sqlite:///mlflow.db``, a server ``http://127.0.0.1:5000``). The MLflow run
+    is found again by its tag ``rldiag.run`` in ``experiment`` (created when absent), so a second export
+    continues it and writes only newer steps. Metric names keep rldiag's ``/`` (MLflow's SQLite and server
+    stores accept it; its file store does not, which is why a file URI is refused). No histograms: MLflow has
+    none.
+    """
+
+    name = "mlflow"
+
+    def __init__(self, uri: str, run: str, *, experiment: str = "rldiag"):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise _missing("mlflow", "mlflow-skinny") from None
+        if uri.startswith("file:") or "://" not in uri:
+            raise ValueError(f"MLflow URI {uri!r}: use a database (sqlite:///path/mlflow.db) or a tracking server "
+                             "(http://...); MLflow's file store cannot hold rldiag's metric names (they contain '/')")
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`rldiag.run` = '{_quote(run)}'",
+                                        max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, tags={"rldiag.run": run},
+                                                 run_name=run).info.run_id
+        self._last = self._read_last_step()
+        self._closed = False
+
+    def _read_last_step(self) -> int | None:
+        run = self.client.get_run(self.run_id)
+        keys = list(run.data.metrics)
+        if not keys:
+            return None
+        hist = self.client.get_metric_history(self.run_id, keys[0])
+        return max((m.step for m in hist), default=None)
+
+    def last_step(self) -> int | None:
+        return self._last
+
+    def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, v, ts, int(step)) for k, v in _finite(metrics).items()]
+        for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        self._last = int(step) if self._last is None else max(self._last, int(step))
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "\\'")
+
+
+def make_exporter(kind: str, target: str | None, run: str) -> Exporter:
+    """An exporter by tracker name (``tensorboard`` DIR, ``mlflow`` URI)."""
+    if kind == "tensorboard":
+        if not target:
+            raise ValueError("--to tensorboard needs a log directory: --to tensorboard DIR")
+        return TensorBoardExporter(target)
+    if kind == "mlflow":
+        if not target:
+            raise ValueError("--to mlflow needs a tracking URI: --to mlflow sqlite:///mlflow.db")
+        return MlflowExporter(target, run)
+    raise ValueError(f"unknown tracker {kind!r}; use one of {', '.join(TRACKERS)}")
+
+
+
+
+def select_metrics(columns: Iterable[str], chosen: Sequence[str] | None) -> list[str]:
+    """The metric columns to export: all (but ``step``) or the chosen ones (each must exist)."""
+    cols = [c for c in columns if c != "step"]
+    if not chosen:
+        return cols
+    missing = [c for c in chosen if c not in cols]
+    if missing:
+        raise ValueError(f"unknown metric {missing[0]!r}; the run has e.g. {', '.join(cols[:6])}")
+    return list(chosen)
+
+
+def export_steps(run: Any, exporter: Exporter, *, metrics: Sequence[str] | None = None,
+                 steps: Sequence[int] | None = None) -> int:
+    """Write the run's steps newer than what ``exporter`` holds; returns how many steps were written."""
+    last = exporter.last_step()
+    todo = [s for s in (run.steps() if steps is None else steps) if last is None or s > last]
+    if not todo:
+        return 0
+    frame = run.step_metrics(steps=todo).sort("step")
+    names = select_metrics(frame.columns, metrics)
+    hists = step_histograms(run.stats_table(), todo) if exporter.histograms else {}
+    for row in frame.select(["step", *names]).iter_rows(named=True):
+        step = int(row.pop("step"))
+        exporter.write(step, row, hists.get(step))
+    exporter.flush()
+    return len(todo)

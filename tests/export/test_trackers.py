@@ -1,0 +1,118 @@
+"""`rldiag export` read back by the trackers' own readers: TensorBoard's EventAccumulator, MLflow's client."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rldiag
+from rldiag.cli import main
+from tests.alerts.test_watch import write_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "exp1"
+    write_run(path, steps=12, spike=5, collapse_from=None)
+    return path
+
+
+def _accumulator(logdir: Path):  # type: ignore[no-untyped-def]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_histograms_and_no_duplicates(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    tb = tmp_path / "tb"
+    assert main(["export", str(run_dir), "--to", "tensorboard", str(tb)]) == 0
+    assert main(["export", str(run_dir), "--to", "tensorboard", str(tb)]) == 0  # nothing written twice
+    acc = _accumulator(tb)
+    metrics = rldiag.open_run(run_dir).step_metrics().sort("step")
+    kl = acc.Scalars("kl/k3")
+    assert [e.step for e in kl] == metrics["step"].to_list()
+    assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)  # float32 in events
+    finite = [c for c in metrics.columns if c != "step" and metrics[c].is_not_nan().all() and
+              metrics[c].is_not_null().all()]
+    assert set(finite) <= set(acc.Tags()["scalars"])
+    for tag in ("hist/log_ratio", "hist/entropy"):
+        hists = acc.Histograms(tag)
+        assert [h.step for h in hists] == metrics["step"].to_list()
+        assert all(h.histogram_value.num == 16 * 24 for h in hists)  # every token of the step, once
+    # the spike step's log-ratios spread far wider than a quiet step's
+    spread = {h.step: h.histogram_value.max - h.histogram_value.min for h in acc.Histograms("hist/log_ratio")}
+    assert spread[5] > 10 * spread[4]
+
+
+def test_chosen_metrics_only(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    tb = tmp_path / "tb"
+    assert main(["export", str(run_dir), "--to", "tensorboard", str(tb), "--metric", "kl/k3",
+                 "--metric", "entropy/mean"]) == 0
+    assert sorted(_accumulator(tb).Tags()["scalars"]) == ["entropy/mean", "kl/k3"]
+
+
+def test_mlflow_sqlite_store_slash_names_and_no_duplicates(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["export", str(run_dir), "--to", "mlflow", uri]) == 0
+    assert main(["export", str(run_dir), "--to", "mlflow", uri]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("rldiag")
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.data.tags["rldiag.run"] == "exp1"
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "kl/k3"))
+    metrics = rldiag.open_run(run_dir).step_metrics().sort("step")
+    assert [s for s, _ in hist] == metrics["step"].to_list()  # once per step
+    assert all(math.isclose(v, ref, rel_tol=1e-12) for (_, v), ref in zip(hist, metrics["kl/k3"].to_list()))
+
+
+def test_missing_target_and_file_store_refused(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(run_dir), "--to", "tensorboard"]) == 2
+    assert main(["export", str(run_dir), "--to", "mlflow", "file:///tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a log directory" in err and "file store" in err
+
+
+@pytest.mark.slow
+def test_follow_streams_a_live_run(tmp_path: Path) -> None:
+    """`export --follow` in another process exports each step of a run being recorded, once, and stops
+    when the recorder closes the run."""
+    pytest.importorskip("tensorboard")
+    run, tb = tmp_path / "live", tmp_path / "tb"
+    rng = np.random.default_rng(0)
+    rec = rldiag.Recorder(run)
+    old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+    rec.record(step=0, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+    rec.flush()
+    proc = subprocess.Popen([sys.executable, "-m", "rldiag", "export", str(run), "--to", "tensorboard", str(tb),
+                             "--follow", "--interval", "0.2"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for s in range(1, 6):
+            time.sleep(0.5)
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+            rec.flush()
+        rec.close()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert [e.step for e in _accumulator(tb).Scalars("ratio/mean")] == [0, 1, 2, 3, 4, 5]
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 1  # one writer across the whole follow
