@@ -10,36 +10,52 @@ duplicated. Each tracker is an optional extra; a missing one gives a one-line me
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Exporter", "TensorBoardExporter", "MlflowExporter", "make_exporter", "step_histograms",
-           "HISTOGRAMS", "TRACKERS"]
+__all__ = ["Exporter", "TensorBoardExporter", "MlflowExporter", "WandbExporter", "TrackioExporter",
+           "make_exporter", "step_histograms", "export_steps", "HISTOGRAMS", "TRACKERS"]
 
 HISTOGRAMS: dict[str, str] = {"h_lr": "hist/log_ratio", "h_ent": "hist/entropy"}
 """Statistics histograms exported, and the tag each gets: the signed log-ratio and the entropy."""
 
-TRACKERS = ("tensorboard", "mlflow")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 
 
 def _missing(extra: str, module: str) -> ImportError:
     return ImportError(f"exporting to {extra} needs the {module} package: pip install 'rldiag[{extra}]'")
 
 
-def bucket_limits(n_bins: int) -> np.ndarray:
-    """Upper edge of each histogram bin (rldiag.stats.hist layout): magnitude or signed bins."""
+def bin_edges(n_bins: int) -> np.ndarray:
+    """The ``n_bins + 1`` edges of a histogram of rldiag.stats.hist (magnitude or signed layout); the open
+    overflow bins are closed at ``2**11`` (twice the last finite edge) so trackers can draw them."""
     from rldiag.stats import hist
 
-    mag = np.concatenate([hist._MAG_EDGES, [np.finfo(np.float64).max]])  # underflow..overflow upper edges
+    top = 2.0 ** (hist.MAX_EXP + 1)
+    mag = np.concatenate([[0.0], hist._MAG_EDGES, [top]])  # underflow, log bins, overflow
     if n_bins == hist.N_MAG:
         return mag
     if n_bins == hist.N_SIGNED:
-        lower_mag = np.concatenate([[0.0], hist._MAG_EDGES])  # lower edge of each magnitude bin
-        return np.concatenate([-lower_mag[::-1], mag])
+        return np.concatenate([-mag[::-1], mag[1:]])
     raise ValueError(f"no histogram layout with {n_bins} bins")
+
+
+def bucket_limits(n_bins: int) -> np.ndarray:
+    """Upper edge of each histogram bin (TensorBoard's ``bucket_limit``)."""
+    return bin_edges(n_bins)[1:]
+
+
+def trimmed(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(counts, edges)`` of the occupied range of a dense histogram (None when it is empty)."""
+    nz = np.nonzero(counts)[0]
+    if not len(nz):
+        return None
+    lo, hi = int(nz[0]), int(nz[-1])
+    return counts[lo:hi + 1], bin_edges(len(counts))[lo:hi + 2]
 
 
 def step_histograms(stats_table: Any, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
@@ -143,19 +159,16 @@ class TensorBoardExporter(Exporter):
         pb = self._summary_pb2
         values = [pb.Summary.Value(tag=k, simple_value=v) for k, v in _finite(metrics).items()]
         for name, counts in (hists or {}).items():
-            tag = HISTOGRAMS.get(name, name)
-            total = float(counts.sum())
-            if total <= 0:
+            t = trimmed(counts)
+            if t is None:
                 continue
-            limits = bucket_limits(len(counts))
-            nz = np.nonzero(counts)[0]
-            lo, hi = int(nz[0]), int(nz[-1])
-            mids = _mids(len(counts))
+            c, edges = t
+            mids = _mids(len(counts))[np.nonzero(counts)[0][0]:][:len(c)]
             proto = pb.HistogramProto(
-                min=float(mids[lo]), max=float(mids[hi]), num=total, sum=float((mids * counts).sum()),
-                sum_squares=float((mids * mids * counts).sum()),
-                bucket_limit=[float(x) for x in limits[lo:hi + 1]], bucket=[float(c) for c in counts[lo:hi + 1]])
-            values.append(pb.Summary.Value(tag=tag, histo=proto))
+                min=float(edges[0]), max=float(edges[-1]), num=float(c.sum()), sum=float((mids * c).sum()),
+                sum_squares=float((mids * mids * c).sum()),
+                bucket_limit=[float(x) for x in edges[1:]], bucket=[float(x) for x in c])
+            values.append(pb.Summary.Value(tag=HISTOGRAMS.get(name, name), histo=proto))
         import time
 
         event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=pb.Summary(value=values))
@@ -240,8 +253,103 @@ def _quote(s: str) -> str:
     return s.replace("'", "\\'")
 
 
+class WandbExporter(Exporter):
+    """A W&B run (``wandb``): ``wandb.log`` at the run's steps, ``hist/log_ratio`` and ``hist/entropy`` as
+    ``wandb.Histogram``. The W&B run id is derived from the rldiag run name (``rldiag-<name>``) and resumed, so a
+    second export continues it; the last exported step is kept beside the W&B files
+    (``<dir>/rldiag-export-<id>.json``) because an offline run cannot be queried. ``WANDB_MODE=offline``
+    writes locally (``wandb sync`` uploads later).
+    """
+
+    name = "wandb"
+    histograms = True
+
+    def __init__(self, run: str, *, project: str = "rldiag", dir: str | Path | None = None):
+        try:
+            import wandb
+        except ImportError:
+            raise _missing("wandb", "wandb") from None
+        self._wandb = wandb
+        self.dir = Path(dir) if dir is not None else Path.cwd()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.id = "rldiag-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in run)[:100]
+        self._state = self.dir / f"rldiag-export-{self.id}.json"
+        self._last: int | None = None
+        if self._state.exists():
+            import json
+
+            self._last = json.loads(self._state.read_text()).get("last_step")
+        self.run = wandb.init(project=project, id=self.id, name=run, dir=str(self.dir), resume="allow",
+                              config={"rldiag.run": run})
+        self._closed = False
+
+    def last_step(self) -> int | None:
+        return self._last
+
+    def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
+        data: dict[str, Any] = dict(_finite(metrics))
+        for name, counts in (hists or {}).items():
+            t = trimmed(counts)
+            if t is not None:
+                data[HISTOGRAMS.get(name, name)] = self._wandb.Histogram(np_histogram=(t[0], t[1]))
+        self.run.log(data, step=int(step))
+        self._last = int(step) if self._last is None else max(self._last, int(step))
+
+    def flush(self) -> None:
+        import json
+
+        if self._last is not None:
+            tmp = self._state.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"last_step": self._last}))
+            os.replace(tmp, self._state)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.run.finish()
+            self.flush()
+
+
+class TrackioExporter(Exporter):
+    """A trackio run (``trackio``, local by default: ``TRACKIO_DIR``): ``trackio.log`` at the run's steps, the
+    histograms as ``trackio.Histogram``. The trackio run is named after the rldiag run and resumed; its last
+    step is read back from trackio's own store."""
+
+    name = "trackio"
+    histograms = True
+
+    def __init__(self, run: str, *, project: str = "rldiag"):
+        try:
+            import trackio
+            from trackio.sqlite_storage import SQLiteStorage
+        except ImportError:
+            raise _missing("trackio", "trackio") from None
+        self._trackio = trackio
+        self.project, self.name_ = project, run
+        self._last = SQLiteStorage.get_max_step_for_run(project, run)
+        self.run = trackio.init(project=project, name=run, resume="allow")
+        self._closed = False
+
+    def last_step(self) -> int | None:
+        return None if self._last is None else int(self._last)
+
+    def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
+        data: dict[str, Any] = dict(_finite(metrics))
+        for name, counts in (hists or {}).items():
+            t = trimmed(counts)
+            if t is not None:
+                data[HISTOGRAMS.get(name, name)] = self._trackio.Histogram(np_histogram=(t[0], t[1]))
+        self.run.log(data, step=int(step))
+        self._last = int(step) if self._last is None else max(int(self._last), int(step))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.run.finish()
+
+
 def make_exporter(kind: str, target: str | None, run: str) -> Exporter:
-    """An exporter by tracker name (``tensorboard`` DIR, ``mlflow`` URI)."""
+    """An exporter by tracker name: ``tensorboard`` DIR, ``mlflow`` URI, ``wandb`` [DIR], ``trackio`` [PROJECT]."""
     if kind == "tensorboard":
         if not target:
             raise ValueError("--to tensorboard needs a log directory: --to tensorboard DIR")
@@ -250,9 +358,11 @@ def make_exporter(kind: str, target: str | None, run: str) -> Exporter:
         if not target:
             raise ValueError("--to mlflow needs a tracking URI: --to mlflow sqlite:///mlflow.db")
         return MlflowExporter(target, run)
+    if kind == "wandb":
+        return WandbExporter(run, dir=target)
+    if kind == "trackio":
+        return TrackioExporter(run, project=target or "rldiag")
     raise ValueError(f"unknown tracker {kind!r}; use one of {', '.join(TRACKERS)}")
-
-
 
 
 def select_metrics(columns: Iterable[str], chosen: Sequence[str] | None) -> list[str]:
