@@ -171,7 +171,7 @@ def test_wandb_offline(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     hist = [h for f in sorted(out.glob("wandb/offline-run-*/run-*.wandb")) for h in _wandb_history(f)]
     metrics = rldiag.open_run(run_dir).step_metrics().sort("step")
     assert [s for s, _ in hist] == metrics["step"].to_list()  # each step once
-    for (step, items), ref in zip(hist, metrics.iter_rows(named=True)):
+    for (_, items), ref in zip(hist, metrics.iter_rows(named=True)):
         assert items["kl/k3"] == pytest.approx(ref["kl/k3"], rel=1e-12)
         assert sum(items["hist/log_ratio/values"]) == 16 * 24  # type: ignore[arg-type]
         assert len(items["hist/entropy/bins"]) == len(items["hist/entropy/values"]) + 1  # type: ignore[arg-type]
