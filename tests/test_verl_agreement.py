@@ -43,8 +43,8 @@ def batch(seed: int, *, mismatch_outliers: bool = True) -> dict[str, torch.Tenso
     move = 0.15 * torch.distributions.StudentT(3.0).sample((B, T))
     move = move + (torch.rand(B, T, generator=g) < 0.02) * 1.3  # a few tokens with r around e^1.3 > c
     logp = (old + move.clamp(-2.5, 2.5)).clamp(max=-1e-4)
-    ref = logp + (torch.rand(B, T, generator=g) * 5 - 2.5)
-    rollout = old + 0.08 * torch.randn(B, T, generator=g)
+    ref = (logp + (torch.rand(B, T, generator=g) * 5 - 2.5)).clamp(max=0)  # log-probs: the recorder refuses > 0
+    rollout = (old + 0.08 * torch.randn(B, T, generator=g)).clamp(max=0)
     if mismatch_outliers:
         rollout = rollout - (torch.rand(B, T, generator=g) < 0.01) * 1.0  # w = exp(old - rollout) ~ e > 2
     adv = torch.randn(B, generator=g)[:, None].expand(B, T).contiguous()

@@ -100,6 +100,7 @@ class Run:
     _bad: set[str] = field(default_factory=set)
     _stats_cache: pa.Table | None = None
     _compact: pa.Table | None = None
+    _live_view: pa.Table | None = None
     _indexed: set[str] = field(default_factory=set)
     _index_loaded: bool = False
     _alerts_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
@@ -157,7 +158,25 @@ class Run:
         if (new or changed) and (len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES
                                  or (changed and self._indexed)):
             self._save_index()
+        self._live_view = self._with_live_tails()
         return new
+
+    def _with_live_tails(self) -> pa.Table | None:
+        """The compacted table plus the writers' live tails (statistics not in a segment yet; local runs), or
+        None when there are none. Never folded into ``_compact`` or the index: segments replace them."""
+        if storage.is_remote(self.path):
+            return None
+        from rldiag.record.writer import read_live
+
+        tails = [self._surviving(name, t) for name, t in read_live(Path(self.path), self._stats_files)]
+        tails = [t for t in tails if t.num_rows]
+        if not tails:
+            return None
+        fresh = pa.concat_tables(tails)
+        base = self._compact if self._compact is not None else STATS_SCHEMA.empty_table()
+        hit = pc.is_in(base.column("step"), pc.unique(fresh.column("step")))
+        redo = aggregate.compact(pa.concat_tables([base.filter(hit), fresh]))
+        return pa.concat_tables([base.filter(pc.invert(hit)), redo]).sort_by("step")
 
     # ---- restarts ---------------------------------------------------------------------------------
     def _update_resume(self) -> list[tuple[int, int]]:
@@ -250,7 +269,7 @@ class Run:
             rows = self._surviving(name, table.filter(pc.and_(pc.greater_equal(step, lo), pc.less(step, hi))))
             if rows.num_rows:
                 parts.append(rows)
-        base = self.compact_table()
+        base = self._compact if self._compact is not None else STATS_SCHEMA.empty_table()
         step = base.column("step")
         keep = base.filter(pc.or_(pc.less(step, lo), pc.greater_equal(step, hi)))
         if parts:
@@ -369,6 +388,8 @@ class Run:
 
     def compact_table(self) -> pa.Table:
         """Statistics merged per step (all ranks and records): one row per step."""
+        if self._live_view is not None:
+            return self._live_view
         return self._compact if self._compact is not None else STATS_SCHEMA.empty_table()
 
     def step_stats(self) -> pl.DataFrame:

@@ -164,6 +164,9 @@ class Recorder:
             (the default one ends the process with the same status as without rldiag). ``False`` leaves signal
             handling alone. Only possible when the recorder is created in the main thread.
         signal_timeout: the most seconds a signal waits for the writer before the previous handler runs.
+        live_seconds: readers see a step within about this many seconds of ``record()``: the writer rewrites a
+            small live tail (``live/<writer>.parquet``: the statistics not yet in a segment) at most this often,
+            while segments keep rolling by ``roll_steps``/``roll_seconds`` (few files). ``None``: segments only.
         storage_options: options of the fsspec filesystem when ``run_dir`` is a URI (``s3://bucket/runs/x``);
             without them the backend's usual configuration is used (for S3 the ``AWS_*`` variables).
 
@@ -187,6 +190,7 @@ class Recorder:
         name: str | None = None,
         handle_signals: bool = True,
         signal_timeout: float = 5.0,
+        live_seconds: float | None = 1.0,
         storage_options: dict[str, Any] | None = None,
         **config_overrides: Any,
     ) -> None:
@@ -236,6 +240,9 @@ class Recorder:
         self._pool = BufferPool(max_bytes=min(cfg.queue_max_bytes, 512 * 2**20))
         self._writer.pool = self._pool
         self._writer.arg_names = _COLUMN_ARGS
+        if live_seconds is not None and not live_seconds > 0:
+            raise ValueError(f"live_seconds must be > 0 seconds or None, got {live_seconds!r}")
+        self._writer.live_seconds = None if storage.is_remote(self.run_dir) else live_seconds  # local runs only
         self._warned: set[str] = set()
         self._writer.start()
         if alerts:

@@ -9,6 +9,7 @@ renamed into place, so a crash leaves only whole files behind.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import threading
 import time
@@ -92,6 +93,49 @@ STATS_BUFFER_MAX_BYTES = 64 * 2**20
 records); past it the oldest are given up, counted in ``Writer.records_lost``."""
 RETRY_MAX_SECONDS = 30.0
 """Longest wait between two publication attempts after a failure (the wait doubles from 0.5 s)."""
+
+
+LIVE_DIR = "live"
+"""``live/<writer>.parquet``: the statistics rows a writer holds but has not published in a segment yet,
+rewritten (atomically) at most every ``live_seconds``, removed once they are in a segment."""
+LIVE_META_KEY = b"rldiag.live"
+"""Metadata of a live tail: ``{"writer": ..., "segment": N}``, the segment its rows will be published in."""
+LIVE_MAX_BYTES = 4 * 2**20
+"""A writer holding more unpublished statistics than this publishes a segment (bounds the live rewrite)."""
+
+
+def read_live(run_dir: Path, published: Any) -> list[tuple[str, pa.Table]]:
+    """The live tails of a local run that a reader holding the segments ``published`` (names) may add.
+
+    Returns ``(segment name the rows will have, statistics table)`` pairs. A tail is used only when its
+    segment is not published yet and the one before it is (so rows are never counted twice, whatever the
+    order in which writer and reader act); regular files only, bounded in size; a bad tail is ignored (it is
+    a hint, replaced within a second; the segments stay the record).
+    """
+    from rldiag.stats.table import STATS_SCHEMA, validate
+
+    out: list[tuple[str, pa.Table]] = []
+    try:
+        entries = list(os.scandir(Path(run_dir) / LIVE_DIR))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if (e.name.startswith(".") or not e.name.endswith(".parquet") or not e.is_file(follow_symlinks=False)
+                    or e.stat(follow_symlinks=False).st_size > 2 * LIVE_MAX_BYTES):
+                continue
+            table = pq.read_table(e.path)
+            meta = json.loads((table.schema.metadata or {})[LIVE_META_KEY])
+            seg = int(meta["segment"])
+            name = segment_name(str(meta["writer"]), seg)
+            if name in published or (seg > 0 and segment_name(str(meta["writer"]), seg - 1) not in published):
+                continue
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+            validate(table)
+            out.append((name, table))
+        except Exception:  # noqa: BLE001 - gone (published meanwhile) or damaged: the segments are the record
+            continue
+    return out
 
 
 class WriterError(RuntimeError):
@@ -326,6 +370,11 @@ class Writer(threading.Thread):
         """Values refused per argument in lenient mode (out of range, not 0/1, fractional ids...)."""
         """Statistics rows given up because nothing could be published for too long (full disk)."""
         self.publish_failures = 0
+        self.live_seconds: float | None = 1.0
+        """Rewrite the live tail at most this often while unpublished statistics exist (None: never)."""
+        self._live_dirty = False
+        self._live_at = 0.0
+        self._live_path = self.run_dir / LIVE_DIR / f"{wid}.parquet"
 
     # ---- producer side -------------------------------------------------------------------------
     def put(self, job: Job) -> None:
@@ -370,6 +419,8 @@ class Writer(threading.Thread):
                         due = self._oldest + self.cfg.roll_seconds
                         if self._failing:
                             due = max(due, self._retry_at)
+                        if self._live_dirty and self.live_seconds is not None:
+                            due = min(due, self._live_at + self.live_seconds)
                         timeout = max(0.0, due - time.monotonic())
                     if not self._cv.wait(timeout) and self._oldest is not None:
                         break  # timed out: publish what is buffered
@@ -379,7 +430,10 @@ class Writer(threading.Thread):
                 self.records_lost += sum(t.num_rows for t in self._stats_parts)  # could not be published
                 return
             if item == "tick":
-                self._safe(self._publish)
+                if self._should_roll():
+                    self._safe(self._publish)
+                else:
+                    self._write_live()
                 continue
             if isinstance(item, _Barrier):
                 if item.publish:
@@ -396,6 +450,35 @@ class Writer(threading.Thread):
                     self._cv.notify_all()
             if self._should_roll():
                 self._safe(self._publish)
+            elif self._live_dirty and self.live_seconds is not None and (
+                    time.monotonic() >= self._live_at + self.live_seconds):
+                self._write_live()
+
+    def _write_live(self) -> None:
+        """Rewrite ``live/<writer>.parquet`` with the statistics not yet in a segment (no fsync: a hint)."""
+        if not self._live_dirty or not self._stats_parts or self.live_seconds is None:
+            return
+        self._live_dirty = False
+        self._live_at = time.monotonic()
+        table = pa.concat_tables(self._stats_parts)
+        meta = dict(self._meta)
+        meta[LIVE_META_KEY] = json.dumps({"writer": self.wid, "segment": self._segment}).encode()
+        tmp = self._live_path.with_name(f".{self._live_path.name}{schema.TMP_SUFFIX}")
+        try:
+            self._live_path.parent.mkdir(exist_ok=True)
+            pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+            os.replace(tmp, self._live_path)
+        except Exception:  # noqa: BLE001 - a full disk...: the segments are what counts
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _drop_live(self) -> None:
+        try:
+            self._live_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def _safe(self, fn: Callable[[], None]) -> None:
         try:
@@ -468,6 +551,7 @@ class Writer(threading.Thread):
         self.records += 1
         if self._oldest is None:
             self._oldest = time.monotonic()
+        self._live_dirty = True
         if self._on_step is not None:
             self._on_step(job.step, table)
 
@@ -477,6 +561,7 @@ class Writer(threading.Thread):
         if self._failing and time.monotonic() < self._retry_at:
             return False
         return (
+            (self.live_seconds is not None and sum(t.nbytes for t in self._stats_parts) > LIVE_MAX_BYTES) or
             len(self._buffer_steps) >= self.cfg.roll_steps
             or self._buffer_rows >= self.cfg.roll_rows
             or (self._oldest is not None and time.monotonic() - self._oldest >= self.cfg.roll_seconds)
@@ -535,6 +620,8 @@ class Writer(threading.Thread):
         self._oldest = None
         self._failing = False
         self._backoff = 0.0
+        self._live_dirty = False
+        self._drop_live()  # its rows are in the segment now (readers that saw both keep the segment's)
 
     def count(self, counter: dict[str, int], counts: dict[str, int]) -> None:
         """Add ``counts`` to one of the per-argument counters (the recorder's thread and this one both do)."""

@@ -46,7 +46,7 @@ def record_run(path: Path, *, steps: int = 12, start: int = 0, full: bool = True
             if full:
                 kw = dict(
                     entropy=np.abs(rng.normal(2.0 / (1 + 0.1 * step), 0.5, size=(B, T))).astype(np.float32),
-                    rollout_logprobs=(old + rng.normal(0, 0.01, size=(B, T))).astype(np.float32),
+                    rollout_logprobs=np.minimum(old + rng.normal(0, 0.01, size=(B, T)), 0).astype(np.float32),
                     group_ids=np.repeat(np.arange(B // 4), 4) + 100 * micro,
                     rewards=rng.integers(0, 2, size=B).astype(np.float32),
                     token_ids=rng.integers(0, token_ids_vocab, size=(B, T)).astype(np.int64),

@@ -151,3 +151,69 @@ def test_strict_full_disk_raises_at_next_call_and_keeps_statistics(tmp_path: Pat
     rec.record(step=1, **make_record(rng, 4, 8, extras=False))
     rec.close()
     assert rldiag.open_run(tmp_path / "run").steps() == [0, 1]
+
+
+# ---- live tail (issue 17 "Live means seconds") ----------------------------------------------------------------
+def _wait_for(fn, limit: float = 20.0):
+    """Poll ``fn`` until it returns something true (the limit only stops a broken test from hanging)."""
+    import time
+
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.05)
+    return fn()
+
+
+def test_a_step_reaches_readers_before_any_segment_is_published(tmp_path: Path) -> None:
+    rng = np.random.default_rng(20)
+    run_dir = tmp_path / "run"
+    recs = [make_record(rng, 8, 16) for _ in range(3)]
+    rec = rldiag.Recorder(run_dir, handle_signals=False)  # default roll policy: 200 steps or 30 s
+    rec.record(step=0, **recs[0])
+    reader = rldiag.open_run(run_dir)
+    assert _wait_for(lambda: reader.refresh() == [] and reader.steps() == [0])
+    assert not list((run_dir / "stats").glob("*.parquet"))  # seen through the live tail alone
+    rec.record(step=0, **recs[1])  # the step grows, and a new one arrives
+    rec.record(step=1, **recs[2])
+    n0 = int(recs[0]["mask"].sum() + recs[1]["mask"].sum())
+    assert _wait_for(lambda: (reader.refresh() == [] and reader.steps() == [0, 1]
+                              and reader.step_metrics(steps=[0])["tokens/count"][0] == n0))
+    live = reader.step_metrics()
+    rec.close()  # the segment replaces the tail: the reader that saw both counts each record once
+    assert len(reader.refresh()) == 1
+    final = reader.step_metrics()
+    assert final.equals(live)
+    assert final.equals(rldiag.open_run(run_dir).step_metrics())
+    assert not list((run_dir / "live").iterdir())
+
+
+def test_live_tail_can_be_turned_off(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    rec = rldiag.Recorder(tmp_path / "run", live_seconds=None, handle_signals=False)
+    rec.record(step=0, **make_record(rng, 4, 8))
+    rec._writer.barrier(publish=False)
+    assert rldiag.open_run(tmp_path / "run").steps() == []
+    rec.close()
+    assert rldiag.open_run(tmp_path / "run").steps() == [0]
+
+
+def test_a_stale_or_crafted_live_tail_is_never_counted_twice(tmp_path: Path) -> None:
+    """A tail left by a killed writer whose rows are also in a segment (or a copy of it) is not added."""
+    import shutil
+
+    rng = np.random.default_rng(22)
+    run_dir = tmp_path / "run"
+    rec = rldiag.Recorder(run_dir, handle_signals=False)
+    rec.record(step=0, **make_record(rng, 4, 8))
+    live = _wait_for(lambda: list((run_dir / "live").glob("*.parquet")))
+    saved = tmp_path / "tail.parquet"
+    shutil.copy(live[0], saved)
+    rec.close()
+    expected = rldiag.open_run(run_dir).step_metrics()
+    shutil.copy(saved, live[0])  # the tail of segment 0, which is published
+    (run_dir / "live" / "junk.parquet").write_bytes(b"not parquet")
+    os.mkfifo(run_dir / "live" / "fifo.parquet")
+    assert rldiag.open_run(run_dir).step_metrics().equals(expected)
