@@ -157,6 +157,9 @@ class Recorder:
         clip_low, clip_high: the trainer's eps_low / eps_high (override ``config``).
         config: a :class:`RecorderConfig`; keyword overrides of its fields are accepted too.
         alerts: online alerting (``True`` for the default rules, a rule-file path, or an alerts object).
+        log_to: live export to trackers, off the training thread (``"tensorboard:DIR"``, ``"mlflow:URI"``,
+            ``"wandb"``, ``"trackio"``, an exporter or a list; rank 0 only): :mod:`rldiag.export.live`.
+        metrics_port: serve the latest step's headline metrics for Prometheus on 127.0.0.1 (rank 0 only).
         rank, world_size: default to torch.distributed's (or RANK / WORLD_SIZE, else 0 / 1).
         name: run name stored in the manifest (default: the directory name).
         handle_signals: on SIGTERM and SIGHUP (how schedulers stop a job), publish what is buffered and mark
@@ -185,6 +188,8 @@ class Recorder:
         *,
         config: RecorderConfig | None = None,
         alerts: Any = None,
+        log_to: Any = None,
+        metrics_port: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         name: str | None = None,
@@ -232,6 +237,7 @@ class Recorder:
         self._recent_lock = threading.Lock()
         self.records_dropped_rows = 0
         self.alerts = None
+        self.exports: Any = None
         self.raise_on_stop = True
         """record() raises :class:`rldiag.alerts.StopTraining` once a stop-training alert fired. Integrations
         that stop the trainer themselves at the end of a step (TRL) turn this off, so that the micro-batches
@@ -250,6 +256,10 @@ class Recorder:
 
             self.alerts = online_from_arg(alerts, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size,
                                           config=cfg)
+        if (log_to or metrics_port is not None) and self.rank == 0:
+            from rldiag.export.live import LiveExport  # trackers and Prometheus, on their own thread
+
+            self.exports = LiveExport(log_to, metrics_port=metrics_port, run=self.run_dir.name)
         _LIVE.add(self)
         if self._signals:
             _install(SIGNALS)
@@ -375,6 +385,8 @@ class Recorder:
                 self.alerts.close()
             except Exception as exc:  # noqa: BLE001
                 log.warning("rldiag: closing alerts failed: %s", exc)
+        if self.exports is not None:
+            self.exports.close()
         _LIVE.discard(self)
         if self._signals and not any(r._signals and r._pid == self._pid for r in _LIVE):
             _uninstall()
@@ -450,6 +462,8 @@ class Recorder:
                 self._recent.popitem(last=False)
         if self.alerts is not None:
             self.alerts.observe_stats(step, table)
+        if self.exports is not None:
+            self.exports.observe_stats(step, table)
 
     def _file_counters(self) -> dict[str, Any]:
         """What went missing or was refused, kept in the writer file (rewritten at close and on a signal)."""

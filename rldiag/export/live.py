@@ -1,0 +1,136 @@
+"""Live export from the recorder: ``Recorder(..., log_to=..., metrics_port=...)``.
+
+The recorder's writer thread hands each processed statistics table to :meth:`LiveExport.observe_stats`, which
+only enqueues (a full queue drops the table and counts it). A worker thread of its own finalizes a step once a
+newer one arrives (or at close), writes its metrics and histograms to the trackers and updates the Prometheus
+endpoint, so neither training nor the writer ever waits for a tracker.
+
+On a multi-rank run only rank 0 exports, with rank 0's own statistics; ``rldiag export RUN --follow`` exports
+the merged numbers of every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from rldiag.export.trackers import Exporter, make_exporter, step_histograms
+
+__all__ = ["LiveExport", "parse_log_to"]
+
+log = logging.getLogger("rldiag.export")
+
+
+def parse_log_to(log_to: Any, run: str) -> list[Exporter]:
+    """Exporters from ``log_to``: an :class:`Exporter`, a string ``"tensorboard:DIR"``, ``"mlflow:URI"``,
+    ``"wandb"`` / ``"wandb:DIR"``, ``"trackio"`` / ``"trackio:PROJECT"``, or a list of those."""
+    if log_to is None or log_to is False:
+        return []
+    items: Sequence[Any] = [log_to] if isinstance(log_to, (str, Exporter)) else list(log_to)
+    out: list[Exporter] = []
+    for item in items:
+        if isinstance(item, Exporter):
+            out.append(item)
+        elif isinstance(item, str):
+            kind, _, target = item.partition(":")
+            out.append(make_exporter(kind, target or None, run))
+        else:
+            raise TypeError(f"log_to takes exporters or strings like 'tensorboard:DIR'; got {type(item).__name__}")
+    return out
+
+
+class LiveExport:
+    """Per-step export to trackers and a Prometheus endpoint, on its own thread.
+
+    ``log_to``: see :func:`parse_log_to`. ``metrics_port``: serve the latest step's headline metrics on
+    ``http://127.0.0.1:PORT/metrics`` (:class:`rldiag.export.prometheus.MetricsServer`).
+    """
+
+    def __init__(self, log_to: Any = None, *, metrics_port: int | None = None, run: str = "run",
+                 queue_size: int = 64):
+        self.run = run
+        self.exporters = parse_log_to(log_to, run)
+        self.server = None
+        if metrics_port is not None:
+            from rldiag.export.prometheus import MetricsServer
+
+            self.server = MetricsServer(metrics_port)
+        self.dropped = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._pending_step: int | None = None
+        self._parts: list[Any] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="rldiag-export", daemon=True)
+        self._thread.start()
+
+    def observe_stats(self, step: int, table: Any) -> None:
+        """Enqueue one processed statistics table (never blocks; a full queue drops it, counted)."""
+        if self._closed:
+            return
+        try:
+            self._queue.put_nowait((int(step), table))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("rldiag export: queue full, %d step tables dropped so far", self.dropped)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._finish_step()
+                return
+            step, table = item
+            if self._pending_step is not None and step != self._pending_step:
+                self._finish_step()
+            self._pending_step = step
+            self._parts.append(table)
+
+    def _finish_step(self) -> None:
+        if self._pending_step is None or not self._parts:
+            return
+        step, parts = self._pending_step, self._parts
+        self._pending_step, self._parts = None, []
+        try:
+            import pyarrow as pa
+
+            from rldiag.metrics.aggregate import metrics_of
+
+            table = pa.concat_tables(parts)
+            row = metrics_of(table).row(0, named=True)
+            row.pop("step", None)
+            hists = None
+            for exp in self.exporters:
+                last = exp.last_step()
+                if last is not None and step <= last:
+                    continue  # already there (a restarted run)
+                if exp.histograms and hists is None:
+                    hists = step_histograms(table, [step]).get(step, {})
+                exp.write(step, row, hists if exp.histograms else None)
+                exp.flush()
+            if self.server is not None:
+                self.server.update(self.run, step, row)
+        except Exception as exc:  # an exporter must never take the recorder down
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("rldiag export: step %s not exported: %s", step, self.last_error)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Export the last step, close the trackers and the endpoint (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        for exp in self.exporters:
+            try:
+                exp.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("rldiag export: closing %s failed: %s", exp.name, exc)
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,41 @@
+"""Recorder(log_to=..., metrics_port=...): trackers and a Prometheus endpoint fed off the training thread."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rldiag
+from tests.alerts.conftest import free_port
+
+
+def test_recorder_log_to_tensorboard_and_metrics_port(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, tb, port = tmp_path / "live", tmp_path / "tb", free_port()
+    rng = np.random.default_rng(0)
+    with rldiag.Recorder(run, log_to=f"tensorboard:{tb}", metrics_port=port) as rec:
+        for s in range(6):
+            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+            lp = np.minimum(old + rng.normal(0, 0.05, old.shape), 0).astype(np.float32)
+            for _ in range(2):  # two micro-batches per step: exported once, merged
+                rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        rec.flush()
+        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://127.0.0.1:{port}/metrics").read().decode()
+    samples = {(s.name, s.labels.get("metric")): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.labels.get("run") == "live"}
+    assert samples[("rldiag_step", None)] >= 4  # the writer's latest finished step (the last one waits for close)
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    metrics = rldiag.open_run(run).step_metrics().sort("step")
+    kl = acc.Scalars("kl/k3")
+    assert [e.step for e in kl] == list(range(6))
+    assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
+    assert [h.histogram_value.num for h in acc.Histograms("hist/log_ratio")] == [64] * 6
