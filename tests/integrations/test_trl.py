@@ -211,3 +211,22 @@ def test_reference_kl_equals_trl_kl(tmp_path: Path) -> None:
     for row in m.iter_rows(named=True):
         assert row["kl/ref_k3"] == pytest.approx(logged[row["step"]]["kl"], abs=1e-6)
     assert m["kl/ref_k3"].max() > 1e-4  # the policy moved away from the reference
+
+
+def test_attach_keeps_trl_metric_names(tmp_path: Path) -> None:
+    """TRL names profiling metrics after type(trainer).__name__: attach() must leave them GRPOTrainer.*"""
+    from trl.extras.profiling import profiling_context
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    attach(trainer, tmp_path / "run")
+    assert type(trainer).__name__ == "GRPOTrainer" and type(trainer).__qualname__ == "GRPOTrainer"
+    assert profiling_context(trainer, "compute_loss").name == "GRPOTrainer.compute_loss"
+
+    class MyTrainer(trl.GRPOTrainer):
+        pass
+
+    mine = _trainer(tmp_path / "b", cls=MyTrainer, max_steps=1)
+    attach(mine, tmp_path / "run2")
+    assert profiling_context(mine, "x").name == "MyTrainer.x" and isinstance(mine, MyTrainer)
+    trainer.rldiag_recorder.close()  # type: ignore[attr-defined]
+    mine.rldiag_recorder.close()  # type: ignore[attr-defined]

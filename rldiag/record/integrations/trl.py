@@ -275,7 +275,8 @@ def attach(
 
     ``recorder_kwargs`` go to :class:`~rldiag.Recorder` (``alerts=True``, ``token_sample_rate=0.1``...);
     ``clip_low`` / ``clip_high`` default to the trainer's. The trainer's class is swapped for a subclass that
-    adds the recording hooks; nothing else about it changes.
+    adds the recording hooks and keeps the class's name, so TRL's metric names (profiling included:
+    ``GRPOTrainer.*``) do not change; nothing else about it changes.
 
     Example::
 
@@ -297,7 +298,10 @@ def attach(
     if not issubclass(cls, _RLDiagMixin):
         sub = _SUBCLASSES.get(cls)
         if sub is None:
-            sub = type(f"RLDiag{cls.__name__}", (_RLDiagMixin, cls), {"__module__": __name__})
+            # Same name, qualname and module as the trainer's class: TRL names its profiling metrics and log
+            # lines after type(trainer).__name__ ("GRPOTrainer.compute_loss"), which must not change.
+            sub = type(cls.__name__, (_RLDiagMixin, cls),
+                       {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
             _SUBCLASSES[cls] = sub
         trainer.__class__ = sub
     trainer._rldiag_setup(recorder, log_metrics)  # type: ignore[attr-defined]
