@@ -470,3 +470,41 @@ def test_documented_overrides_reach_the_ray_workers_environment():
     actor = cfg.actor_rollout_ref.actor
     assert actor.policy_loss.loss_mode == "rldiag" and actor.calculate_entropy is True
     assert cfg.actor_rollout_ref.rollout.calculate_log_probs is True  # rollout log-probs are on by default
+
+
+def test_without_loss_agg_mode_the_delegate_default_applies(tmp_path):
+    """verl's gspo aggregates seq-mean-token-mean by default; the rldiag loss must not force token-mean."""
+    rv.configure(tmp_path / "run", delegate="gspo")
+    rv.set_step(1)
+    cfg = actor_config()
+    old, lp, adv, mask = random_inputs(3)
+    loss, _ = rv.policy_loss(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, config=cfg)
+    gspo = core_algos.get_policy_loss_fn("gspo")
+    ref, _ = gspo(old_log_prob=old, log_prob=lp.detach(), advantages=adv, response_mask=mask, config=cfg)
+    token_mean, _ = gspo(old, lp.detach(), adv, mask, "token-mean", cfg)
+    assert torch.equal(loss.detach(), ref) and not torch.allclose(ref, token_mean)
+
+
+def test_hooks_that_cannot_load_warn_once_naming_the_module():
+    """verl's engine workers need uvicorn: without it (in a fresh process) the hooks warn once, naming it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['uvicorn'] = None  # an import of uvicorn fails as if it were not installed\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from rldiag.record.integrations import verl as rv\n"
+        "    assert rv.install_worker_hooks() is False\n"
+        "mine = [str(x.message) for x in w if 'rldiag' in str(x.message)]\n"
+        "print(len(mine)); print(mine[0] if mine else '')\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, message = out.stdout.strip().splitlines()[-2:]
+    assert count == "1"
+    assert "worker hooks are inactive" in message and "'uvicorn'" in message

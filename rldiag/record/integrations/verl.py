@@ -286,24 +286,28 @@ def policy_loss(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
+    loss_agg_mode: str | None = None,
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl policy loss ``"rldiag"``: record the inputs, then return the delegate loss's result unchanged."""
+    """verl policy loss ``"rldiag"``: record the inputs, then return the delegate loss's result unchanged.
+
+    ``loss_agg_mode`` is passed on only when given: without it the delegate's own default applies (gspo's
+    ``seq-mean-token-mean``, not ``token-mean``)."""
     delegate = _delegate_name()
     _check_delegate(delegate)
     _state.loss_calls += 1
     if _should_record():
         # verl releases before the rollout-correction rework passed rollout_log_probs to the loss itself
         _record(old_log_prob, log_prob, advantages, response_mask, config, kwargs.get("rollout_log_probs"))
+    if loss_agg_mode is not None:
+        kwargs["loss_agg_mode"] = loss_agg_mode
     return get_policy_loss_fn(delegate)(
         old_log_prob=old_log_prob,
         log_prob=log_prob,
         advantages=advantages,
         response_mask=response_mask,
-        loss_agg_mode=loss_agg_mode,
         config=config,
         rollout_is_weights=rollout_is_weights,
         **kwargs,
@@ -424,7 +428,12 @@ def install_worker_hooks() -> bool:
     try:
         from verl.workers import engine_workers as ew
     except Exception as exc:  # ImportError, or a version whose import fails on this machine
-        logger.info("rldiag: verl engine workers not importable (%r); recording without worker hooks", exc)
+        missing = getattr(exc, "name", None)
+        what = f"the module {missing!r} is missing" if missing else f"{type(exc).__name__}: {exc}"
+        _warn_once("hooks", f"rldiag: verl's worker hooks are inactive: verl.workers.engine_workers cannot be "
+                            f"imported ({what}); the policy loss records log-probs, advantages and mask only, "
+                            "without entropy, rollout log-probs, groups or verl's global step (install the "
+                            "missing module, or call rldiag.record.integrations.verl.set_step)")
         return False
     _wrap(ew.TrainingWorker, "train_mini_batch", _train_mini_batch_wrapper)
     _wrap(ew.TrainingWorker, "infer_batch", _infer_batch_wrapper)
