@@ -1,7 +1,5 @@
-"""The OpenRLHF adaptor, against a module with the signature of OpenRLHF's ``PolicyLoss``.
-
-OpenRLHF does not install here (it needs flash-attn), so ``PolicyLossLike`` below stands in for
-``openrlhf.models.loss.PolicyLoss``: same ``forward`` parameters (recent releases), a PPO clipped loss.
+"""The OpenRLHF adaptor: against a module with the signature of OpenRLHF's ``PolicyLoss`` and, when
+``openrlhf==0.11.2`` is installed (``--no-deps``), against OpenRLHF's own ``PolicyLoss`` (see the fixture).
 """
 
 from __future__ import annotations
@@ -133,3 +131,81 @@ def test_argument_errors():
         attach(PolicyLossLike(), "unused", arguments={"logp": "log_probs"})
     with pytest.raises(TypeError, match="existing recorder"):
         attach(PolicyLossLike(), object(), clip_high=0.3)
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenRLHF's own PolicyLoss (openrlhf 0.11.2 installed with --no-deps)
+
+
+@pytest.fixture
+def openrlhf_loss(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``openrlhf.models.loss`` as OpenRLHF ships it: ``deepspeed`` stubbed, and the ``openrlhf.models`` package
+    ``__init__`` (which imports the flash-attn model code) bypassed; loss.py and utils.py run unchanged."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed (pip install openrlhf==0.11.2 --no-deps)")
+    models_dir = list(spec.submodule_search_locations)[0] + "/models"
+    ds = types.ModuleType("deepspeed")
+    ds.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+    monkeypatch.setitem(sys.modules, "deepspeed", ds)
+    pkg = types.ModuleType("openrlhf.models")
+    pkg.__path__ = [models_dir]  # type: ignore[attr-defined]
+    pkg.__spec__ = importlib.machinery.ModuleSpec("openrlhf.models", None, is_package=True)
+    monkeypatch.setitem(sys.modules, "openrlhf.models", pkg)
+    for name in ("openrlhf.models.loss", "openrlhf.models.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module("openrlhf.models.loss")
+
+
+def test_real_policy_loss_metrics_equal_openrlhf_and_loss_unchanged(tmp_path, openrlhf_loss) -> None:
+    loss_fn = openrlhf_loss.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level="token",
+                                       is_correction_threshold=(0.0, 100.0))
+    lp, old, adv, mask, rollout = inputs(1)
+    rollout = rollout.clamp(max=0)
+    lp2 = lp.detach().clone().requires_grad_(True)
+    ref = loss_fn(lp2, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    run = tmp_path / "run"
+    with attach(loss_fn, run, clip_low=0.2, clip_high=0.28) as handle:
+        handle.set_step(1)
+        out = loss_fn(lp, old, adv, action_mask=mask, rollout_log_probs=rollout)
+    out[0].backward()
+    ref[0].backward()
+    assert torch.equal(out[0].detach(), ref[0].detach()) and torch.equal(lp.grad, lp2.grad)
+    _, clip_ratio, ppo_kl, vllm_kl, _ = ref
+    m = rldiag.open_run(run).step_metrics().row(0, named=True)
+    assert clip_ratio.item() > 0.05  # the comparison can fail: clipping happened
+    assert m["clip/region"] == pytest.approx(clip_ratio.item(), abs=1e-6)
+    assert m["kl/k1"] == pytest.approx(ppo_kl.item(), rel=1e-5)
+    assert m["mismatch/k1"] == pytest.approx(vllm_kl.item(), rel=1e-4)
+
+
+def test_attach_actor_counts_worker_steps(tmp_path, openrlhf_loss) -> None:
+    """In OpenRLHF the worker's ppo_train(kl_ctl) runs once per global step and gets no step: count calls."""
+    from rldiag.record.integrations.openrlhf import attach_actor
+
+    class ActorPPOTrainerLike:  # the worker-side shape: actor_loss_fn, and ppo_train running micro-batches
+        def __init__(self) -> None:
+            self.actor_loss_fn = openrlhf_loss.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28)
+            self.seed = 0
+
+        def ppo_train(self, kl_ctl: float) -> dict:
+            for _ in range(3):  # micro-batches of one step
+                lp, old, adv, mask, _ = inputs(self.seed)
+                self.seed += 1
+                self.actor_loss_fn(lp, old, adv, action_mask=mask)
+            return {"kl_ctl": kl_ctl}
+
+    trainer = ActorPPOTrainerLike()
+    handle = attach_actor(trainer, tmp_path / "run", first_step=5)  # a run resumed at step 5
+    for _ in range(3):
+        assert trainer.ppo_train(0.0) == {"kl_ctl": 0.0}
+    handle.close()
+    run = rldiag.open_run(tmp_path / "run")
+    assert run.steps() == [5, 6, 7]
+    assert run.tokens().collect().group_by("step").agg(pl.col("micro").n_unique())["micro"].to_list() == [3, 3, 3]

@@ -1,19 +1,29 @@
-"""OpenRLHF integration: record the arguments of a ``PolicyLoss``-style module through a forward hook.
+"""OpenRLHF integration: record the arguments of OpenRLHF's ``PolicyLoss`` through a forward hook.
 
-OpenRLHF's actor loss is an ``nn.Module`` called as
-``policy_loss(log_probs, old_log_probs, advantages, action_mask=..., ...)`` (newer releases add
-``rollout_log_probs``). :func:`attach` registers a forward hook (``with_kwargs=True``) that hands those
-tensors to an :class:`rldiag.Recorder`; the module, its loss and its gradient are untouched::
+OpenRLHF's actor loss is an ``nn.Module`` (``openrlhf.models.loss.PolicyLoss``) called as
+``actor_loss_fn(log_probs, old_log_probs, advantages, action_mask=..., rollout_log_probs=..., ...)``. A forward
+hook (``with_kwargs=True``) hands those tensors to an :class:`rldiag.Recorder`; the module, its loss and its
+gradient are untouched.
 
-    from rldiag.record.integrations.openrlhf import attach
+Where the step is. In OpenRLHF 0.11 the global step lives on the Ray driver: ``PPOTrainer.ppo_train(global_steps)``
+calls ``PolicyModelActor.fit.remote(kl_ctl)`` on every actor worker, and the worker's
+``ActorPPOTrainer.ppo_train(kl_ctl)`` (which owns ``actor_loss_fn`` and runs every micro-batch of that step)
+receives no step at all; there is no ``trainer.global_step`` in the worker. So :func:`attach_actor` counts
+``ppo_train`` calls in the worker: call *n* is step ``first_step + n - 1`` (pass the step a resumed run starts
+from). Inside the actor worker, after its ``ActorPPOTrainer`` is built
+(``PolicyModelActor.init_model_from_pretrained``)::
 
-    handle = attach(trainer.actor_loss_fn, "runs/exp1", step_fn=lambda: trainer.global_step,
-                    clip_low=args.eps_clip_low_high[0], clip_high=args.eps_clip_low_high[1])
-    ...  # train as usual
-    handle.close()
+    from rldiag.record.integrations.openrlhf import attach_actor
 
-OpenRLHF itself does not install on this project's test machines (it needs flash-attn), so the adaptor is
-tested against a module with the same ``forward`` signature, not against OpenRLHF's class.
+    handle = attach_actor(self.trainer, "/shared/runs/exp1", rank=torch.distributed.get_rank(),
+                          world_size=torch.distributed.get_world_size())
+
+:func:`attach` hooks any module of that signature, with the step from ``step_fn`` or
+:meth:`OpenRLHFRecorder.set_step`.
+
+Tested against OpenRLHF's own ``PolicyLoss`` (``openrlhf==0.11.2`` installed with ``--no-deps``; its
+``openrlhf.models.loss`` and ``openrlhf.models.utils`` loaded with ``deepspeed`` stubbed and the package's
+``__init__``, which imports the flash-attn model code, bypassed).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["attach", "OpenRLHFRecorder", "DEFAULT_ARGUMENTS"]
+__all__ = ["attach", "attach_actor", "OpenRLHFRecorder", "DEFAULT_ARGUMENTS"]
 
 DEFAULT_ARGUMENTS: Mapping[str, str] = {
     "logprobs": "log_probs",
@@ -97,7 +107,7 @@ class OpenRLHFRecorder:
         if self._owns:
             self.recorder.close()
 
-    def __enter__(self) -> "OpenRLHFRecorder":
+    def __enter__(self) -> OpenRLHFRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -154,3 +164,38 @@ def attach(
     return OpenRLHFRecorder(
         policy_loss, recorder, owns_recorder=owns, step_fn=step_fn, extras_fn=extras_fn, arguments=names
     )
+
+
+def attach_actor(
+    trainer: Any,
+    run: str | os.PathLike[str] | Any,
+    *,
+    first_step: int = 1,
+    extras_fn: Callable[[], Mapping[str, Any] | None] | None = None,
+    **recorder_kwargs: Any,
+) -> OpenRLHFRecorder:
+    """Record OpenRLHF's actor worker: hook ``trainer.actor_loss_fn`` and count steps in ``trainer.ppo_train``.
+
+    ``trainer`` is the worker's ``ActorPPOTrainer`` (it has ``actor_loss_fn`` and ``ppo_train``). Every call of
+    ``ppo_train`` is one global step of the driver (``PolicyModelActor.fit`` runs it once per step): the loss
+    calls inside the *n*-th are recorded under ``first_step + n - 1``. ``clip_low`` / ``clip_high`` default to
+    the loss module's ``clip_eps_low`` / ``clip_eps_high``. Other arguments as in :func:`attach`.
+    """
+    loss_fn = getattr(trainer, "actor_loss_fn", None)
+    ppo_train = getattr(trainer, "ppo_train", None)
+    if loss_fn is None or not callable(ppo_train):
+        raise TypeError(f"attach_actor() needs OpenRLHF's ActorPPOTrainer (actor_loss_fn and ppo_train), "
+                        f"got {type(trainer).__name__}")
+    if isinstance(run, (str, os.PathLike)):
+        recorder_kwargs.setdefault("clip_low", float(getattr(loss_fn, "clip_eps_low", 0.2)))
+        recorder_kwargs.setdefault("clip_high", float(getattr(loss_fn, "clip_eps_high", 0.2)))
+    handle = attach(loss_fn, run, extras_fn=extras_fn, **recorder_kwargs)
+    calls = [0]
+
+    def counted_ppo_train(*args: Any, **kwargs: Any) -> Any:
+        handle.set_step(int(first_step) + calls[0])
+        calls[0] += 1
+        return ppo_train(*args, **kwargs)
+
+    trainer.ppo_train = counted_ppo_train  # an instance attribute: the class is untouched
+    return handle
