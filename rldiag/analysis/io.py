@@ -749,6 +749,7 @@ def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], E
         table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
         validate_stats(table)
         _check_bucket_lengths(table, meta)
+        _check_counts(table)
         return table, meta, None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
         return None, {}, exc
@@ -766,6 +767,16 @@ def _check_token_schema(arrow_schema: pa.Schema) -> None:
     if odd or extra:
         raise ValueError(f"token columns missing or of another type: {odd[:5]}" + (f", unknown columns: {extra[:5]}"
                                                                                   if extra else ""))
+
+
+def _check_counts(table: pa.Table) -> None:
+    """Token counts are finite and >= 0 (a NaN or infinite count made ``info`` raise for the whole run)."""
+    for name in ("n", "n_masked", "n_nonfinite", "n_invalid", "rows_written", "rows_dropped"):
+        if name in table.column_names and table.num_rows:
+            col = table.column(name)
+            ok = pc.and_(pc.is_finite(col), pc.greater_equal(col, 0))
+            if not pc.all(pc.fill_null(ok, False)).as_py():
+                raise ValueError(f"statistics column {name} holds a count that is negative, NaN or infinite")
 
 
 def _check_bucket_lengths(table: pa.Table, meta: dict[str, Any]) -> None:

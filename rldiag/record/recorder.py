@@ -18,7 +18,6 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,7 @@ import pyarrow as pa
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
-from rldiag.record.writer import Precomputed
-from rldiag.record.writer import Job, Writer, WriterError, build_batch, check_values, resolve_problems
+from rldiag.record.writer import Job, Precomputed, Writer, WriterError, build_batch, check_values, resolve_problems
 from rldiag.stats import kernel
 
 log = logging.getLogger("rldiag")
@@ -56,7 +54,7 @@ _LOGPROB_ARGS = ("logprobs", "old_logprobs", "rollout_logprobs", "ref_logprobs",
 
 _COLUMN_ARGS = {col: arg for arg, (col, _, _) in _ARGS.items()}
 
-_LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
 SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
                                  if s is not None)
@@ -223,6 +221,7 @@ class Recorder:
         self._signals = bool(handle_signals)
         self._signal_timeout = float(signal_timeout)
         self._signalled: int | None = None
+        self._closed_at: float | None = None
         self.run_dir = storage.location(run_dir, storage_options)
         self.manifest = runformat.create_run_dir(self.run_dir, cfg, self.world_size, name)
         self.writer_id = runformat.writer_id(self.rank)
@@ -392,7 +391,7 @@ class Recorder:
             _uninstall()
         self._raise_pending(force=True)
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,9 +14,10 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,8 @@ import pyarrow.parquet as pq
 
 from rldiag import schema, storage
 from rldiag.config import RecorderConfig
-from rldiag.runformat import file_metadata, segment_name
 from rldiag.record.tensors import HostSnapshot
+from rldiag.runformat import file_metadata, segment_name
 from rldiag.stats import kernel
 from rldiag.stats.table import to_table
 
@@ -374,7 +375,7 @@ class Writer(threading.Thread):
         """Rewrite the live tail at most this often while unpublished statistics exist (None: never)."""
         self._live_dirty = False
         self._live_at = 0.0
-        self._live_path = self.run_dir / LIVE_DIR / f"{wid}.parquet"
+        self._live_path = Path(str(self.run_dir)) / LIVE_DIR / f"{wid}.parquet"  # local runs only (recorder)
 
     # ---- producer side -------------------------------------------------------------------------
     def put(self, job: Job) -> None:
@@ -429,7 +430,7 @@ class Writer(threading.Thread):
                 self._safe(self._publish)
                 self.records_lost += sum(t.num_rows for t in self._stats_parts)  # could not be published
                 return
-            if item == "tick":
+            if isinstance(item, str):  # "tick": a roll or live-tail time came
                 if self._should_roll():
                     self._safe(self._publish)
                 else:

@@ -206,7 +206,7 @@ def verl_batch(seed: int, b: int = 8, p: int = 5, t: int = 7, rollout: bool = Tr
         test_entropy=torch.rand(b, t, generator=g) * 3,
     )
     if rollout:
-        tensors["rollout_log_probs"] = old + 0.05 * torch.randn(b, t, generator=g)
+        tensors["rollout_log_probs"] = (old + 0.05 * torch.randn(b, t, generator=g)).clamp(max=0)
     uids = np.array([f"prompt-{i // 2}" for i in range(b)], dtype=object)
     td = left_right_2_no_padding(DataProto.from_dict(tensors=tensors, non_tensors={"uid": uids}).to_tensordict())
     return td, tensors
