@@ -237,3 +237,24 @@ def test_two_ranks_rank0_evaluates_merged_statistics(tmp_path: Path) -> None:
     assert events[0]["value"] == merged.filter(merged["step"] == 6)["kl/k3"].item()
     rank0 = rldiag.open_run(run).step_metrics(ranks=[0])
     assert rank0.filter(rank0["step"] == 6)["kl/k3"].item() < 0.03  # rank 0 alone would not have fired
+
+
+def test_restart_from_an_earlier_checkpoint_does_not_renotify(tmp_path: Path) -> None:
+    """Steps 0-14 recorded (a KL spike at 12), then a restart from the checkpoint of step 10 records 10-19 with
+    the same spike: the alert that fired before the restart is not notified again."""
+    run = tmp_path / "run"
+    rules = load_rules().without("stalled_run")
+    seen: list[tuple[str, str, int]] = []
+    cfg = AlertConfig(rules=rules, console=False, callbacks=(lambda n: seen.append((n.rule, n.event, n.step)),))
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(15), spike={12})
+    assert ("kl_spike", "firing", 12) in seen
+    first = read_history(run / "alerts.jsonl")
+    seen.clear()
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(10, 20), spike={12})
+        rec.flush()
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+    assert not [e for e in seen if e[0] == "kl_spike" and e[1] == "firing"], seen
+    later = read_history(run / "alerts.jsonl")[len(first):]
+    assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
