@@ -508,3 +508,20 @@ def test_hooks_that_cannot_load_warn_once_naming_the_module():
     count, message = out.stdout.strip().splitlines()[-2:]
     assert count == "1"
     assert "worker hooks are inactive" in message and "'uvicorn'" in message
+
+
+@needs_engine_workers
+def test_headline_metrics_reach_verls_metric_dict(tmp_path):
+    """train_mini_batch's output carries rldiag/* (what verl's trainer reduces and hands to its trackers)."""
+    from rldiag.metrics.registry import HEADLINE
+
+    rv.configure(tmp_path / "run")
+    worker = stand_in_worker(actor_config())
+    out = worker.train_mini_batch(update_batch(4, epochs=1)[0])
+    rv.close()
+    metrics = tu.get(out, "metrics")
+    ours = {k[len("rldiag/"):]: v for k, v in metrics.items() if k.startswith("rldiag/")}
+    row = rldiag.open_run(tmp_path / "run").step_metrics().row(0, named=True)
+    assert "clip/region" in ours and "kl/k3" in ours and set(ours) <= set(HEADLINE)
+    for name, value in ours.items():
+        assert value == [pytest.approx(row[name], rel=1e-12, abs=1e-15)], name

@@ -459,11 +459,39 @@ def _train_mini_batch_wrapper(original: Callable[..., Any]) -> Callable[..., Any
         previous = getattr(_local, "worker", None)
         _local.worker = self
         try:
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
         finally:
             _local.worker = previous
+        return _with_headline_metrics(out)
 
     return train_mini_batch
+
+
+def _with_headline_metrics(output: Any) -> Any:
+    """Add ``rldiag/<metric>`` of the step just trained to the metrics verl's worker returns to its trainer.
+
+    verl's trainer reduces the workers' metric lists (a mean over data-parallel ranks) and logs them with its
+    own trackers, so W&B / TensorBoard / the console show rldiag's headline metrics beside ``actor/*``. The
+    values are this rank's exact statistics of the step (waiting once per step for the recorder's writer).
+    """
+    rec = _state.recorder
+    if output is None or rec is None:
+        return output
+    try:
+        from verl.utils import tensordict_utils as tu
+
+        from rldiag.metrics.registry import HEADLINE
+
+        metrics = tu.get(output, "metrics")
+        if not isinstance(metrics, dict):
+            return output
+        local = rec.local_metrics(wait=True)
+        extra = {f"rldiag/{name}": [float(local[name])] for name in HEADLINE
+                 if name in local and local[name] == local[name] and abs(local[name]) != float("inf")}
+        tu.assign_non_tensor(output, metrics={**metrics, **extra})
+    except Exception as exc:  # never break verl's update over a log line
+        _warn_once("headline", f"rldiag: could not add rldiag/* metrics to verl's metrics ({exc!r})")
+    return output
 
 
 def _infer_batch_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
