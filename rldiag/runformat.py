@@ -45,7 +45,7 @@ from rldiag.config import RecorderConfig
 
 __all__ = [
     "SCHEMA_VERSION", "PARQUET_META_KEY", "RunFormatWarning", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR",
-    "TOKENS_DIR", "ALERTS_FILE",
+    "TOKENS_DIR", "ALERTS_FILE", "LIVE_DIR", "LIVE_META_KEY", "LIVE_MAX_BYTES",
     "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
     "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
     "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
@@ -392,17 +392,32 @@ def run_closed(path: storage.Location, *, count_gone: bool = False) -> bool:
     return all(w.closed is not None or (count_gone and w.process_gone()) for w in latest.values())
 
 
+LIVE_DIR = "live"
+"""``live/<writer>.parquet``: the statistics rows a writer holds but has not published in a segment yet,
+rewritten (atomically) at most every ``live_seconds``, removed once they are in a segment."""
+LIVE_META_KEY = b"rldiag.live"
+"""Metadata of a live tail: ``{"writer": ..., "segment": N}``, the segment its rows will be published in."""
+LIVE_MAX_BYTES = 4 * 2**20
+"""A writer holding more unpublished statistics than this publishes a segment (bounds the live rewrite)."""
+
+
 def newest_data_time(path: storage.Location) -> float | None:
-    """When data last landed: modification time of the newest published statistics segment (None before any).
+    """When data last landed: modification time of the newest published statistics segment or live tail
+    (None before any).
 
     Statistics are what every metric and alert is computed from, and a segment's statistics file is
     published after its token file, so token files need not be looked at.
     """
-    try:
-        entries = storage.list_files(storage.location(path) / STATS_DIR)
-    except OSError:
-        return None
-    return max((e.mtime for e in entries if is_published(e.name)), default=None)
+    newest: float | None = None
+    for folder in (STATS_DIR, LIVE_DIR):  # a live tail is newer data than the last segment
+        try:
+            entries = storage.list_files(storage.location(path) / folder)
+        except OSError:
+            continue
+        times = [e.mtime for e in entries if is_published(e.name)]
+        if times:
+            newest = max(times) if newest is None else max(newest, max(times))
+    return newest
 
 
 def run_status(*, closed: bool, last_data_time: float | None, now: float,

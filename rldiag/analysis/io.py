@@ -166,9 +166,8 @@ class Run:
         None when there are none. Never folded into ``_compact`` or the index: segments replace them."""
         if storage.is_remote(self.path):
             return None
-        from rldiag.record.writer import read_live
 
-        tails = [self._surviving(name, t) for name, t in read_live(Path(self.path), self._stats_files)]
+        tails = [self._surviving(name, t) for name, t in _read_live(Path(self.path), self._stats_files)]
         tails = [t for t in tails if t.num_rows]
         if not tails:
             return None
@@ -762,7 +761,7 @@ def _check_token_schema(arrow_schema: pa.Schema) -> None:
     odd = [n for n, t in schema.TOKEN_DTYPES.items() if got.get(n) != t and not (
         pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)]
     extra = sorted(set(got) - set(schema.TOKEN_DTYPES))
-    for key, value in (arrow_schema.metadata or {}).items():
+    for _key, value in (arrow_schema.metadata or {}).items():
         value.decode("utf-8")  # polars refuses a file whose key-value metadata is not text: skip it alone
     if odd or extra:
         raise ValueError(f"token columns missing or of another type: {odd[:5]}" + (f", unknown columns: {extra[:5]}"
@@ -854,3 +853,35 @@ def open_run(path: str | os.PathLike[str] | storage.RemotePath, *,
     run = Run(path=p, manifest=manifest, config=RecorderConfig.from_dict(manifest.get("config", {})))
     run.refresh()
     return run
+
+
+def _read_live(run_dir: Path, published: Any) -> list[tuple[str, pa.Table]]:
+    """The live tails of a local run that a reader holding the segments ``published`` (names) may add.
+
+    Returns ``(segment name the rows will have, statistics table)`` pairs. A tail is used only when its
+    segment is not published yet and the one before it is (so rows are never counted twice, whatever the
+    order in which writer and reader act); regular files only, bounded in size; a bad tail is ignored (it is
+    a hint, replaced within a second; the segments stay the record).
+    """
+    out: list[tuple[str, pa.Table]] = []
+    try:
+        entries = list(os.scandir(Path(run_dir) / runformat.LIVE_DIR))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if (e.name.startswith(".") or not e.name.endswith(".parquet") or not e.is_file(follow_symlinks=False)
+                    or e.stat(follow_symlinks=False).st_size > 2 * runformat.LIVE_MAX_BYTES):
+                continue
+            table = pq.read_table(e.path)
+            meta = json.loads((table.schema.metadata or {})[runformat.LIVE_META_KEY])
+            seg = int(meta["segment"])
+            name = runformat.segment_name(str(meta["writer"]), seg)
+            if name in published or (seg > 0 and runformat.segment_name(str(meta["writer"]), seg - 1) not in published):
+                continue
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+            validate_stats(table)
+            out.append((name, table))
+        except Exception:  # noqa: BLE001 - gone (published meanwhile) or damaged: the segments are the record
+            continue
+    return out

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from rldiag import schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.record.tensors import HostSnapshot
-from rldiag.runformat import file_metadata, segment_name
+from rldiag.runformat import LIVE_DIR, LIVE_MAX_BYTES, LIVE_META_KEY, file_metadata, segment_name
 from rldiag.stats import kernel
 from rldiag.stats.table import to_table
 
@@ -94,49 +94,6 @@ STATS_BUFFER_MAX_BYTES = 64 * 2**20
 records); past it the oldest are given up, counted in ``Writer.records_lost``."""
 RETRY_MAX_SECONDS = 30.0
 """Longest wait between two publication attempts after a failure (the wait doubles from 0.5 s)."""
-
-
-LIVE_DIR = "live"
-"""``live/<writer>.parquet``: the statistics rows a writer holds but has not published in a segment yet,
-rewritten (atomically) at most every ``live_seconds``, removed once they are in a segment."""
-LIVE_META_KEY = b"rldiag.live"
-"""Metadata of a live tail: ``{"writer": ..., "segment": N}``, the segment its rows will be published in."""
-LIVE_MAX_BYTES = 4 * 2**20
-"""A writer holding more unpublished statistics than this publishes a segment (bounds the live rewrite)."""
-
-
-def read_live(run_dir: Path, published: Any) -> list[tuple[str, pa.Table]]:
-    """The live tails of a local run that a reader holding the segments ``published`` (names) may add.
-
-    Returns ``(segment name the rows will have, statistics table)`` pairs. A tail is used only when its
-    segment is not published yet and the one before it is (so rows are never counted twice, whatever the
-    order in which writer and reader act); regular files only, bounded in size; a bad tail is ignored (it is
-    a hint, replaced within a second; the segments stay the record).
-    """
-    from rldiag.stats.table import STATS_SCHEMA, validate
-
-    out: list[tuple[str, pa.Table]] = []
-    try:
-        entries = list(os.scandir(Path(run_dir) / LIVE_DIR))
-    except OSError:
-        return out
-    for e in entries:
-        try:
-            if (e.name.startswith(".") or not e.name.endswith(".parquet") or not e.is_file(follow_symlinks=False)
-                    or e.stat(follow_symlinks=False).st_size > 2 * LIVE_MAX_BYTES):
-                continue
-            table = pq.read_table(e.path)
-            meta = json.loads((table.schema.metadata or {})[LIVE_META_KEY])
-            seg = int(meta["segment"])
-            name = segment_name(str(meta["writer"]), seg)
-            if name in published or (seg > 0 and segment_name(str(meta["writer"]), seg - 1) not in published):
-                continue
-            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
-            validate(table)
-            out.append((name, table))
-        except Exception:  # noqa: BLE001 - gone (published meanwhile) or damaged: the segments are the record
-            continue
-    return out
 
 
 class WriterError(RuntimeError):
