@@ -50,7 +50,7 @@ from rldiag.alerts.sinks import (
     WebhookSink,
 )
 from rldiag.runformat import ALERTS_FILE
-from rldiag.storage import is_remote, is_uri, location
+from rldiag.storage import Location, is_remote, is_uri, location
 
 __all__ = ["AlertConfig", "OnlineAlerts", "make_online_alerts", "online_from_arg", "run_label"]
 
@@ -58,7 +58,7 @@ log = logging.getLogger("rldiag.alerts")
 
 
 
-def run_label(run_dir: str | Path | None) -> str:
+def run_label(run_dir: str | Location | None) -> str:
     """The ``run`` label of a run directory: its base name (stable across machines sharing a filesystem)."""
     if run_dir is None:
         return "run"
@@ -109,7 +109,7 @@ class AlertConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
 
-    def build_sinks(self, run_dir: str | Path | None) -> list[Sink]:
+    def build_sinks(self, run_dir: str | Location | None) -> list[Sink]:
         from rldiag.alerts.rules import SEVERITIES
 
         sinks: list[Sink] = []
@@ -327,7 +327,7 @@ class OnlineAlerts:
                 self._guard(self._finish)
                 return
             if isinstance(item, (_Obs, _Stats)):
-                self._guard(lambda: self._handle(item))
+                self._guard(lambda item=item: self._handle(item))  # type: ignore[misc]
                 self._done()
             self._guard(self._tick)
             try:

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from rldiag import storage
@@ -92,8 +91,8 @@ class Watcher:
     :func:`rldiag.open_run`).
     """
 
-    def __init__(self, run_dir: str | Path, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
-                 clock: Callable[[], float] = time.time, open_run: Callable[[Path], Any] | None = None,
+    def __init__(self, run_dir: str | storage.Location, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
+                 clock: Callable[[], float] = time.time, open_run: Callable[[storage.Location], Any] | None = None,
                  augment: Callable[[Any, Any], Any] | None = None, metrics: Any = None):
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         self.engine = Engine(rules, run=run_label(self.run_dir))
@@ -197,7 +196,7 @@ def cliff_augment(lam: float, threshold: float) -> Callable[[Any, Any], Any]:
     return augment
 
 
-def build_sinks(args: argparse.Namespace, run_dir: Path | None, *, network: bool = True) -> list[Sink]:
+def build_sinks(args: argparse.Namespace, run_dir: storage.Location | None, *, network: bool = True) -> list[Sink]:
     """The sinks the arguments ask for: network sinks (``run_dir`` None) or the run's own (console, history)."""
     from rldiag.cli import CLIError
 

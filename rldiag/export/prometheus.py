@@ -95,7 +95,7 @@ class MetricsServer:
                 yield from (metric, step, firing, state)
 
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector())  # type: ignore[arg-type]
+        self.registry.register(_Collector())
         self._server, self._thread = pc.start_http_server(int(port), addr=host, registry=self.registry)
         self.host = host
         self.port = int(self._server.server_address[1])
