@@ -1,7 +1,7 @@
 """Imports go one way (docs/architecture.md):
 
-    config -> storage -> runformat -> schema -> stats -> metrics -> record | analysis | importers -> alerts ->
-    commands, cli, report, demo, integrations, app
+    config -> storage -> runformat -> schema -> stats -> metrics -> export -> record | analysis | importers
+    -> alerts -> commands, cli, report, demo, integrations, app
 
 A module may import its own package and any lower layer, never a higher layer nor a sibling package of its
 own layer (the recorder never reads runs, the reader never writes them). The graph is built with ``ast`` from
@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rldiag.schema",),
     ("rldiag.stats",),
     ("rldiag.metrics",),
+    ("rldiag.export",),  # trackers and Prometheus: fed by the recorder (log_to=) and the watch/export commands
     ("rldiag.record", "rldiag.analysis", "rldiag.importers"),
     ("rldiag.alerts",),
     ("rldiag.commands", "rldiag.cli", "rldiag.__main__", "rldiag.report", "rldiag.demo",
