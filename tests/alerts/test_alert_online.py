@@ -258,3 +258,18 @@ def test_restart_from_an_earlier_checkpoint_does_not_renotify(tmp_path: Path) ->
     assert not [e for e in seen if e[0] == "kl_spike" and e[1] == "firing"], seen
     later = read_history(run / "alerts.jsonl")[len(first):]
     assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
+
+
+def test_every_firing_is_printed(tmp_path: Path) -> None:
+    """The console gets each episode of a rule, not only its first firing."""
+    import io
+
+    from rldiag.alerts.sinks import ConsoleSink
+
+    stream = io.StringIO()
+    cfg = AlertConfig(rules=load_rules().without("stalled_run"), console=False, sinks=(ConsoleSink(stream),))
+    with rldiag.Recorder(tmp_path / "run", alerts=cfg) as rec:
+        record_steps(rec, range(30), spike={5, 12, 20})
+    lines = [x for x in stream.getvalue().splitlines() if " kl_spike " in x]
+    assert [x.split()[2] + "@" + x.split("step=")[1].split(":")[0] for x in lines] == [
+        "FIRING@5", "RESOLVED@6", "FIRING@12", "RESOLVED@13", "FIRING@20", "RESOLVED@21"]
