@@ -13,7 +13,11 @@ $PY -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
 $PY -m pip install -q --disable-pip-version-check ray==2.60.0 tensordict==0.15.3 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 pylatexenc==2.11 orjson fastapi==0.165.0 uvicorn==0.54.0
 # pins of the real third-party software the tests run against (S3 server, trackers, Ray)
 $PY -m pip install -q --disable-pip-version-check "moto[server]==5.2.1" s3fs==2026.9.0 prometheus_client==0.26.0 \
-  tensorboard==2.21.0 mlflow-skinny==3.17.2 wandb==0.31.0 trackio==0.43.0 ruff==0.17.6 mypy==2.4.1
+  tensorboard==2.21.0 mlflow-skinny==3.17.2 sqlalchemy==2.1.9 alembic==1.20.1 wandb==0.31.0 trackio==0.43.0 \
+  ruff==0.17.6 mypy==2.4.1
+# OpenRLHF's real PolicyLoss is the reference of its adaptor test (its GPU-only imports are stubbed there)
+$PY -m pip install -q --disable-pip-version-check --no-deps openrlhf==0.11.2
+$PY -m pip install -q --disable-pip-version-check peft==0.21.2
 # SkyRL's own dump code writes the importer test's pickles (it declares Python 3.12; its batch module runs on 3.11)
 $PY -m pip install -q --disable-pip-version-check --no-deps jaxtyping==0.3.11
 $PY -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python skyrl-train==0.3.1
