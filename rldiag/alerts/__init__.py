@@ -1,7 +1,7 @@
 """Alerts: rules as data, a pure state machine, and sinks, run online by the recorder or by ``rldiag watch``.
 
 >>> from rldiag.alerts import load_rules, Engine
->>> rules = load_rules()                     # the default pack (metrics-spec section 4)
+>>> rules = load_rules()                     # the default pack (docs/alerts.md)
 >>> sorted(rules.names)[:3]
 ['clip_spike', 'dead_groups', 'dead_groups_critical']
 
@@ -36,6 +36,7 @@ from rldiag.alerts.rules import (
     parse_rules,
 )
 from rldiag.alerts.sinks import (
+    AlertmanagerSink,
     CallbackSink,
     ConsoleSink,
     JsonlSink,
@@ -51,6 +52,7 @@ from rldiag.alerts.sinks import (
 
 __all__ = [
     "AlertConfig",
+    "AlertmanagerSink",
     "CallbackSink",
     "Condition",
     "ConsoleSink",
