@@ -34,10 +34,12 @@ def _states(out: str) -> dict[str, str]:
                                                     (1.2, "firing", "firing")])
 def test_cliff_rules_follow_the_headroom(tmp_path, capsys, factor, warn, critical) -> None:
     star = _distill_run(tmp_path / "run")
-    code = main(["watch", str(tmp_path / "run"), "--once", "--no-history", "-q", "--cliff-lam", str(factor * star)])
+    args = ["watch", str(tmp_path / "run"), "--once", "--no-history", "-q", "--cliff-lam", str(factor * star)]
+    code = main([*args, "--fail-on", "warn"])
     states = _states(capsys.readouterr().out)
     assert states["extrapolation_cliff"] == warn and states["extrapolation_cliff_critical"] == critical
     assert code == (1 if warn == "firing" else 0)
+    assert main(args) == (1 if critical == "firing" else 0)  # the default fails on critical alerts only
 
 
 def test_without_cliff_lam_the_rules_stay_quiet(tmp_path, capsys) -> None:
