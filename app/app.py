@@ -66,8 +66,10 @@ def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
     """A warning to print when the server listens beyond this machine (None on loopback)."""
     if host in LOOPBACK_HOSTS:
         return None
-    msg = (f"warning: the dashboard listens on {host}, so anyone who can reach this machine's port can read "
-           "these runs (token ids, decoded text, configs).")
+    msg = (
+        f"warning: the dashboard listens on {host}, so anyone who can reach this machine's port can read "
+        "these runs (token ids, decoded text, configs)."
+    )
     if auth is None:
         msg += " Add --auth USER:PASSWORD, or bind to 127.0.0.1 and use an SSH tunnel."
     else:
@@ -91,8 +93,9 @@ def install_basic_auth(server: Any, user: str, password: str, realm: str = "rldi
                 given = b""
             if hmac.compare_digest(given, expected):
                 return None
-        return flask.Response("authentication required\n", 401,
-                              {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'})
+        return flask.Response(
+            "authentication required\n", 401, {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
+        )
 
     # Run before Dash's own hooks so nothing (not even the first-request setup) happens unauthenticated.
     server.before_request_funcs.setdefault(None, []).insert(0, check)
@@ -118,18 +121,38 @@ def shell(poll_seconds: float) -> html.Div:
         [
             html.Header(
                 [
-                    html.Div([html.Span("rldiag", className="brand"),
-                              html.Span("RL training diagnostics", className="brand-sub")], className="brand-box"),
+                    html.Div(
+                        [
+                            html.Span("rldiag", className="brand"),
+                            html.Span("RL training diagnostics", className="brand-sub"),
+                        ],
+                        className="brand-box",
+                    ),
                     html.Nav(id=ids.NAV, className="nav"),
                     html.Div(
                         [
-                            dcc.Checklist(id=ids.LIVE_TOGGLE, options=[{"label": " live", "value": "live"}],
-                                          value=["live"], className="live-toggle", persistence=True),
+                            dcc.Checklist(
+                                id=ids.LIVE_TOGGLE,
+                                options=[{"label": " live", "value": "live"}],
+                                value=["live"],
+                                className="live-toggle",
+                                persistence=True,
+                            ),
                             html.Span(id=ids.LIVE_BADGE, className="badge"),
                             html.Label("smoothing", htmlFor=ids.SMOOTHING, className="smooth-label"),
-                            html.Div(dcc.Slider(id=ids.SMOOTHING, min=0, max=0.99, step=0.01, value=0.6,
-                                                marks=None, tooltip={"placement": "bottom"}, persistence=True),
-                                     className="smooth-slider"),
+                            html.Div(
+                                dcc.Slider(
+                                    id=ids.SMOOTHING,
+                                    min=0,
+                                    max=0.99,
+                                    step=0.01,
+                                    value=0.6,
+                                    marks=None,
+                                    tooltip={"placement": "bottom"},
+                                    persistence=True,
+                                ),
+                                className="smooth-slider",
+                            ),
                         ],
                         className="controls",
                     ),
@@ -170,8 +193,13 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
     zoom_match = {"type": ids.PANEL_ZOOM, "page": MATCH, "key": MATCH, "metrics": MATCH}
     # In the browser: turn plotly's relayout events into the zoom range the server must aggregate. Reading the
     # figure here costs nothing; sent to the server it would cost the whole figure on every event.
-    app.clientside_callback(ZOOM_JS, Output(zoom_match, "data"), Input(panel_match, "relayoutData"),
-                            State(panel_match, "figure"), prevent_initial_call=True)
+    app.clientside_callback(
+        ZOOM_JS,
+        Output(zoom_match, "data"),
+        Input(panel_match, "relayoutData"),
+        State(panel_match, "figure"),
+        prevent_initial_call=True,
+    )
 
     @app.callback(
         Output(panel_match, "figure"),
@@ -180,8 +208,9 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         Input(zoom_match, "data"),
         State(panel_match, "id"),
     )
-    def _panel(runs: list[str] | None, smoothing: float | None, zoom: dict[str, Any] | None,
-               panel_id: dict[str, str]) -> Any:
+    def _panel(
+        runs: list[str] | None, smoothing: float | None, zoom: dict[str, Any] | None, panel_id: dict[str, str]
+    ) -> Any:
         return render_panel(panel_id, runs or [], smoothing or 0.0, zoom_range(zoom))
 
     @app.callback(
@@ -226,8 +255,14 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         State(ids.LIVE_TOGGLE, "value"),
         prevent_initial_call=True,
     )
-    def _tick(_n: int, runs: list[str] | None, panel_ids: list[dict[str, str]], smoothing: float | None,
-              version: int | None, live: list[str] | None) -> tuple[Any, ...]:
+    def _tick(
+        _n: int,
+        runs: list[str] | None,
+        panel_ids: list[dict[str, str]],
+        smoothing: float | None,
+        version: int | None,
+        live: list[str] | None,
+    ) -> tuple[Any, ...]:
         return live_tick(runs or [], panel_ids, smoothing or 0.0, version or 0, paused="live" not in (live or []))
 
 
@@ -262,8 +297,9 @@ def zoom_range(zoom: dict[str, Any] | None) -> tuple[float, float] | None:
     return (lo, hi) if lo == lo and hi == hi else None
 
 
-def render_panel(panel_id: dict[str, str], runs: list[str], smoothing: float,
-                 x_range: tuple[float, float] | None) -> dict[str, Any]:
+def render_panel(
+    panel_id: dict[str, str], runs: list[str], smoothing: float, x_range: tuple[float, float] | None
+) -> dict[str, Any]:
     """Figure spec of one registry line panel for the runs on screen (runs that do not resolve are skipped)."""
     metrics = [m for m in panel_id.get("metrics", "").split(",") if m]
     cat = data.catalog()
@@ -277,9 +313,16 @@ def render_panel(panel_id: dict[str, str], runs: list[str], smoothing: float,
         return figures.empty_figure("no run selected").to_plotly_json()
     spec = panels.spec_of(metrics[0]) if metrics else None
     return figures.metric_panel_spec(
-        frames, metrics, title=panels.panel_title(metrics), unit=getattr(spec, "unit", "") or None,
-        smoothing=smoothing, x_range=x_range, alerts=alerts, hlines=panels.reference_lines(metrics),
-        height=280, no_data=panels.no_data_note(metrics),
+        frames,
+        metrics,
+        title=panels.panel_title(metrics),
+        unit=getattr(spec, "unit", "") or None,
+        smoothing=smoothing,
+        x_range=x_range,
+        alerts=alerts,
+        hlines=panels.reference_lines(metrics),
+        height=280,
+        no_data=panels.no_data_note(metrics),
     )
 
 
@@ -378,8 +421,9 @@ def create_app(
     if path is None:
         path = sample_logs_path()
         if path is None:
-            raise FileNotFoundError("no PATH given and no bundled sample runs found: run `rldiag demo` "
-                                    "or pass a run folder")
+            raise FileNotFoundError(
+                "no PATH given and no bundled sample runs found: run `rldiag demo` or pass a run folder"
+            )
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     cat = data.Catalog(path, tokenizer=tokenizer, stall_seconds=stall_seconds)

@@ -246,8 +246,12 @@ class RunState:
         closed = self.is_closed()
         newest = None if closed else self.run.newest_data_time()
         last = max(self._last_step_seen_at, newest or 0.0)
-        return runformat.run_status(closed=closed, last_data_time=last, now=time.time() if now is None else now,
-                                    stall_seconds=self.stall_seconds)
+        return runformat.run_status(
+            closed=closed,
+            last_data_time=last,
+            now=time.time() if now is None else now,
+            stall_seconds=self.stall_seconds,
+        )
 
     # -- alerts ------------------------------------------------------------------------------------
     def alerts(self) -> list[dict[str, Any]]:

@@ -26,14 +26,23 @@ SERIES_TRACES = ("lo", "hi", "raw", "ema")
 TRACES_PER_SERIES = len(SERIES_TRACES)
 
 PALETTE = (
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
     "#bcbd22",
 )
 SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
 STEP_AXIS = "step"
 _MARGIN = dict(l=55, r=15, t=36, b=20)
-_AXIS = dict(automargin=True, gridcolor="#ebeef2", linecolor="#c9ced6", zerolinecolor="#c9ced6", ticks="",
-             showline=False)
+_AXIS = dict(
+    automargin=True, gridcolor="#ebeef2", linecolor="#c9ced6", zerolinecolor="#c9ced6", ticks="", showline=False
+)
 _FONT = dict(family="system-ui, -apple-system, Segoe UI, sans-serif", size=12)
 
 
@@ -77,8 +86,7 @@ def base_layout(title: str = "", *, height: int = 300, x_title: str = STEP_AXIS,
         hoverlabel=dict(bgcolor="#ffffff"),
         hovermode="x unified",
         legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0, font=dict(size=11)),
-        xaxis=dict(_AXIS, title=dict(text=x_title, standoff=4), showspikes=True, spikemode="across",
-                   spikethickness=1),
+        xaxis=dict(_AXIS, title=dict(text=x_title, standoff=4), showspikes=True, spikemode="across", spikethickness=1),
         yaxis=dict(_AXIS),
         uirevision="keep",
     )
@@ -92,8 +100,17 @@ def empty_figure(message: str, *, height: int = 260) -> go.Figure:
     layout.update(
         xaxis=dict(visible=False),
         yaxis=dict(visible=False),
-        annotations=[dict(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                          font=dict(size=13, color="#666"))],
+        annotations=[
+            dict(
+                text=message,
+                showarrow=False,
+                xref="paper",
+                yref="paper",
+                x=0.5,
+                y=0.5,
+                font=dict(size=13, color="#666"),
+            )
+        ],
     )
     return go.Figure(layout=layout)
 
@@ -169,13 +186,43 @@ def metric_panel_spec(
         data.append(marker)
         layout["yaxis2"] = dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True)
     for value, label in hlines:
-        shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=value, y1=value,
-                           line=dict(color="#999", width=1, dash="dot")))
-        annotations.append(dict(text=label, xref="paper", x=1, xanchor="right", yref="y", y=value,
-                                yanchor="bottom", showarrow=False, font=dict(size=10, color="#777")))
+        shapes.append(
+            dict(
+                type="line",
+                xref="paper",
+                x0=0,
+                x1=1,
+                yref="y",
+                y0=value,
+                y1=value,
+                line=dict(color="#999", width=1, dash="dot"),
+            )
+        )
+        annotations.append(
+            dict(
+                text=label,
+                xref="paper",
+                x=1,
+                xanchor="right",
+                yref="y",
+                y=value,
+                yanchor="bottom",
+                showarrow=False,
+                font=dict(size=10, color="#777"),
+            )
+        )
     if y_lo == math.inf:
-        annotations.append(dict(text=no_data, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                                font=dict(size=13, color="#666")))
+        annotations.append(
+            dict(
+                text=no_data,
+                showarrow=False,
+                xref="paper",
+                yref="paper",
+                x=0.5,
+                y=0.5,
+                font=dict(size=13, color="#666"),
+            )
+        )
         layout["yaxis"]["range"] = [0, 1]
     layout["shapes"], layout["annotations"] = shapes, annotations
     layout["meta"] = {"aggregated": aggregated, "metrics": list(metrics), "runs": list(frames)}
@@ -203,22 +250,52 @@ def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
 def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, unit: str | None) -> list[dict]:
     hover = f"{label}: %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
     x = _jlist(env.x)
-    band = dict(type="scatter", mode="lines", x=x, legendgroup=group, showlegend=False, hoverinfo="skip",
-                line=dict(width=0, color=color))
+    band = dict(
+        type="scatter",
+        mode="lines",
+        x=x,
+        legendgroup=group,
+        showlegend=False,
+        hoverinfo="skip",
+        line=dict(width=0, color=color),
+    )
     lo = dict(band, name=f"{label} min", y=_jlist(env.lo))
     hi = dict(band, name=f"{label} max", y=_jlist(env.hi), fill="tonexty", fillcolor=_rgba(color, 0.18))
     has_smooth = smooth is not None
-    raw = dict(type="scatter", mode="lines", name=label if not has_smooth else f"{label} (raw)",
-               x=x, y=_jlist(env.mean), legendgroup=group, showlegend=not has_smooth,
-               line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45)),
-               hovertemplate=hover)
+    raw = dict(
+        type="scatter",
+        mode="lines",
+        name=label if not has_smooth else f"{label} (raw)",
+        x=x,
+        y=_jlist(env.mean),
+        legendgroup=group,
+        showlegend=not has_smooth,
+        line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45)),
+        hovertemplate=hover,
+    )
     if has_smooth:
-        sm = dict(type="scatter", mode="lines", name=label, x=_jlist(smooth.x),
-                  y=_jlist(smooth.mean), legendgroup=group, line=dict(width=2, color=color),
-                  hovertemplate=f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>")
+        sm = dict(
+            type="scatter",
+            mode="lines",
+            name=label,
+            x=_jlist(smooth.x),
+            y=_jlist(smooth.mean),
+            legendgroup=group,
+            line=dict(width=2, color=color),
+            hovertemplate=f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>",
+        )
     else:
-        sm = dict(type="scatter", mode="lines", name=f"{label} (EMA)", x=[], y=[], legendgroup=group,
-                  showlegend=False, line=dict(width=2, color=color), hoverinfo="skip")
+        sm = dict(
+            type="scatter",
+            mode="lines",
+            name=f"{label} (EMA)",
+            x=[],
+            y=[],
+            legendgroup=group,
+            showlegend=False,
+            line=dict(width=2, color=color),
+            hoverinfo="skip",
+        )
     return [lo, hi, raw, sm]
 
 
@@ -239,9 +316,19 @@ def _alert_marker_trace(alerts: Mapping[str, Sequence[Mapping[str, Any]]], *, mu
             runs.append(run_id)
     if not xs:
         return None
-    return dict(type="scatter", mode="markers", x=xs, y=[0.97] * len(xs), yaxis="y2", text=texts, customdata=runs,
-                marker=dict(symbol="triangle-down", size=9, color=colors), name="alerts", showlegend=False,
-                hovertemplate="%{text}<extra></extra>")
+    return dict(
+        type="scatter",
+        mode="markers",
+        x=xs,
+        y=[0.97] * len(xs),
+        yaxis="y2",
+        text=texts,
+        customdata=runs,
+        marker=dict(symbol="triangle-down", size=9, color=colors),
+        name="alerts",
+        showlegend=False,
+        hovertemplate="%{text}<extra></extra>",
+    )
 
 
 def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list[dict]]:
@@ -257,10 +344,21 @@ def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[lis
             marks.append((rank.get(sev, 3), float(step), sev, str(ev.get("rule", ""))))
     marks.sort()
     shapes, annotations = [], []
-    for _, step, sev, rule in marks[:200]:
+    for _, step, sev, _rule in marks[:200]:
         color = SEVERITY_COLORS.get(sev, "#999")
-        shapes.append(dict(type="line", xref="x", x0=step, x1=step, yref="paper", y0=0, y1=1,
-                           line=dict(color=color, width=1, dash="dash"), opacity=0.7))
+        shapes.append(
+            dict(
+                type="line",
+                xref="x",
+                x0=step,
+                x1=step,
+                yref="paper",
+                y0=0,
+                y1=1,
+                line=dict(color=color, width=1, dash="dash"),
+                opacity=0.7,
+            )
+        )
     return shapes, annotations
 
 
@@ -343,11 +441,19 @@ def ratio_heatmap(
         share = np.where(totals > 0, counts / totals, np.nan)
         z = np.where(share > 0, np.log10(share), np.nan)
     # float32 and no per-cell customdata: the figure of a 2,000-step run stays a few hundred kB
-    data: list[dict[str, Any]] = [dict(
-        type="heatmap", x=_arr(steps), y=_arr(np.log10(centers)), z=_arr(z).astype(np.float32),
-        colorscale="Viridis", zmin=-6, zmax=0, colorbar=dict(title=dict(text="log10 share"), thickness=12),
-        hovertemplate="step %{x}<br>log10 |log-ratio| ≈ %{y:.2f}<br>log10 share %{z:.2f}<extra></extra>",
-    )]
+    data: list[dict[str, Any]] = [
+        dict(
+            type="heatmap",
+            x=_arr(steps),
+            y=_arr(np.log10(centers)),
+            z=_arr(z).astype(np.float32),
+            colorscale="Viridis",
+            zmin=-6,
+            zmax=0,
+            colorbar=dict(title=dict(text="log10 share"), thickness=12),
+            hovertemplate="step %{x}<br>log10 |log-ratio| ≈ %{y:.2f}<br>log10 share %{z:.2f}<extra></extra>",
+        )
+    ]
     colors = ("#111111", "#ff851b", "#ff4136", "#b10dc9")
     dashes = ("dot", "solid", "solid", "dash")
     bx = _arr(steps if band_steps is None else band_steps)
@@ -355,21 +461,39 @@ def ratio_heatmap(
         v = np.asarray(values, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             logv = np.where(v > 0, np.log10(v), np.nan)
-        data.append(dict(type="scatter", mode="lines", x=bx, y=_arr(logv), customdata=_arr(v),
-                         name=label, line=dict(color=colors[i % len(colors)], width=1.5, dash=dashes[i % 4]),
-                         hovertemplate=f"{label}: %{{customdata:.3g}}<extra></extra>"))
+        data.append(
+            dict(
+                type="scatter",
+                mode="lines",
+                x=bx,
+                y=_arr(logv),
+                customdata=_arr(v),
+                name=label,
+                line=dict(color=colors[i % len(colors)], width=1.5, dash=dashes[i % 4]),
+                hovertemplate=f"{label}: %{{customdata:.3g}}<extra></extra>",
+            )
+        )
     lo, hi = int(np.floor(np.log10(centers[0]))), int(np.ceil(np.log10(centers[-1])))
     ticks = list(range(lo, hi + 1))
     layout = base_layout(title, height=height)
-    layout["yaxis"] = dict(_AXIS, title=dict(text="|logp - old_logp| (nats, log scale)"), tickvals=ticks,
-                           ticktext=[f"1e{t}" if t not in (0, 1) else str(10 ** t) for t in ticks])
+    layout["yaxis"] = dict(
+        _AXIS,
+        title=dict(text="|logp - old_logp| (nats, log scale)"),
+        tickvals=ticks,
+        ticktext=[f"1e{t}" if t not in (0, 1) else str(10**t) for t in ticks],
+    )
     layout["hovermode"] = "closest"
     return go.Figure(data=data, layout=layout)
 
 
 # --- stacked shares ---------------------------------------------------------------------------------
 def stacked_shares(
-    frame: pl.DataFrame, metrics: Sequence[str], *, title: str, height: int = 300, labels: Mapping[str, str] | None = None
+    frame: pl.DataFrame,
+    metrics: Sequence[str],
+    *,
+    title: str,
+    height: int = 300,
+    labels: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Stacked area of share metrics over steps (e.g. the four DISPO regimes, which sum to about 1)."""
     present = [m for m in metrics if m in frame.columns and frame[m].is_not_null().any()]
@@ -378,9 +502,18 @@ def stacked_shares(
     x = _arr(frame["step"].to_numpy())
     data = []
     for i, m in enumerate(present):
-        data.append(dict(type="scatter", mode="lines", x=x, y=_arr(_column(frame, m)), stackgroup="one",
-                         name=(labels or {}).get(m, m), line=dict(width=0.5, color=PALETTE[i % len(PALETTE)]),
-                         hovertemplate=f"{m}: %{{y:.3f}}<extra></extra>"))
+        data.append(
+            dict(
+                type="scatter",
+                mode="lines",
+                x=x,
+                y=_arr(_column(frame, m)),
+                stackgroup="one",
+                name=(labels or {}).get(m, m),
+                line=dict(width=0.5, color=PALETTE[i % len(PALETTE)]),
+                hovertemplate=f"{m}: %{{y:.3f}}<extra></extra>",
+            )
+        )
     layout = base_layout(title, height=height)
     layout["yaxis"] = dict(_AXIS, title=dict(text="share of tokens"), range=[0, 1])
     return go.Figure(data=data, layout=layout)
@@ -403,10 +536,18 @@ def lens_lines(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.F
     if not objectives:
         return empty_figure(f"the lens has no {quantity!r} columns")
     x = _arr(frame["step"].to_numpy())
-    data = [dict(type="scatter", mode="lines", x=x, y=_arr(_column(frame, f"lens/{o}/{quantity}")),
-                 name=o, line=dict(width=1.5, color=PALETTE[i % len(PALETTE)]),
-                 hovertemplate=f"{o}: %{{y:.4g}}<extra></extra>")
-            for i, o in enumerate(objectives)]
+    data = [
+        dict(
+            type="scatter",
+            mode="lines",
+            x=x,
+            y=_arr(_column(frame, f"lens/{o}/{quantity}")),
+            name=o,
+            line=dict(width=1.5, color=PALETTE[i % len(PALETTE)]),
+            hovertemplate=f"{o}: %{{y:.4g}}<extra></extra>",
+        )
+        for i, o in enumerate(objectives)
+    ]
     return go.Figure(data=data, layout=base_layout(f"objective lens: {quantity} per step", height=height))
 
 
@@ -415,14 +556,13 @@ def lens_bars(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.Fi
     objectives = lens_objectives(frame, quantity)
     if not objectives or frame.height == 0:
         return empty_figure(f"the lens has no {quantity!r} columns")
-    means = [float(np.nanmean(_column(frame, f"lens/{o}/{quantity}"))) if frame.height else float("nan")
-             for o in objectives]
+    means = [
+        float(np.nanmean(_column(frame, f"lens/{o}/{quantity}"))) if frame.height else float("nan") for o in objectives
+    ]
     last = [float(_column(frame, f"lens/{o}/{quantity}")[-1]) for o in objectives]
     data = [
-        dict(type="bar", x=objectives, y=_arr(np.array(means)), name="mean over steps",
-             marker=dict(color="#1f77b4")),
-        dict(type="bar", x=objectives, y=_arr(np.array(last)), name="last step",
-             marker=dict(color="#ff7f0e")),
+        dict(type="bar", x=objectives, y=_arr(np.array(means)), name="mean over steps", marker=dict(color="#1f77b4")),
+        dict(type="bar", x=objectives, y=_arr(np.array(last)), name="last step", marker=dict(color="#ff7f0e")),
     ]
     layout = base_layout(f"objective lens: {quantity} by objective", height=height, x_title="objective")
     layout.update(barmode="group", hovermode="closest")
@@ -442,20 +582,52 @@ def law_figure(
     grid = np.linspace(0.0, max(float(np.nanmax(h[ok])) * 1.05, 1e-3), 200)
     ceiling = b - a
     data = [
-        dict(type="scatter", mode="markers", x=_arr(h[ok]), y=_arr(r[ok]), name="steps",
-             marker=dict(size=5, color="#1f77b4", opacity=0.6),
-             hovertemplate="H %{x:.3f}<br>R %{y:.3f}<extra></extra>"),
-        dict(type="scatter", mode="lines", x=_arr(grid), y=_arr(-a * np.exp(grid) + b),
-             name=f"fit R = -{a:.3g}·exp(H) + {b:.3g} (R² {r2:.2f})", line=dict(color="#d62728", width=2)),
+        dict(
+            type="scatter",
+            mode="markers",
+            x=_arr(h[ok]),
+            y=_arr(r[ok]),
+            name="steps",
+            marker=dict(size=5, color="#1f77b4", opacity=0.6),
+            hovertemplate="H %{x:.3f}<br>R %{y:.3f}<extra></extra>",
+        ),
+        dict(
+            type="scatter",
+            mode="lines",
+            x=_arr(grid),
+            y=_arr(-a * np.exp(grid) + b),
+            name=f"fit R = -{a:.3g}·exp(H) + {b:.3g} (R² {r2:.2f})",
+            line=dict(color="#d62728", width=2),
+        ),
     ]
     layout = base_layout("entropy-performance law", height=height, x_title="entropy/mean (nats)")
     layout["yaxis"] = dict(_AXIS, title=dict(text=reward_name))
     layout["hovermode"] = "closest"
-    layout["shapes"] = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=ceiling, y1=ceiling,
-                             line=dict(color="#2ca02c", dash="dash", width=1.5))]
-    layout["annotations"] = [dict(text=f"ceiling at H→0: {ceiling:.4g}", xref="paper", x=1, xanchor="right",
-                                  yref="y", y=ceiling, yanchor="bottom", showarrow=False,
-                                  font=dict(color="#2ca02c", size=11))]
+    layout["shapes"] = [
+        dict(
+            type="line",
+            xref="paper",
+            x0=0,
+            x1=1,
+            yref="y",
+            y0=ceiling,
+            y1=ceiling,
+            line=dict(color="#2ca02c", dash="dash", width=1.5),
+        )
+    ]
+    layout["annotations"] = [
+        dict(
+            text=f"ceiling at H→0: {ceiling:.4g}",
+            xref="paper",
+            x=1,
+            xanchor="right",
+            yref="y",
+            y=ceiling,
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(color="#2ca02c", size=11),
+        )
+    ]
     return go.Figure(data=data, layout=layout)
 
 
@@ -465,19 +637,26 @@ def bucket_heatmap(frame: pl.DataFrame, quantity: str, *, by: str, height: int =
     if frame.height == 0 or quantity not in frame.columns:
         return empty_figure(f"no {by} buckets with {quantity!r} in this run")
     bucket_col = "bucket" if "bucket" in frame.columns else by
-    wide = (frame.select("step", bucket_col, quantity)
-            .pivot(on=bucket_col, index="step", values=quantity, aggregate_function="first")
-            .sort("step"))
+    wide = (
+        frame.select("step", bucket_col, quantity)
+        .pivot(on=bucket_col, index="step", values=quantity, aggregate_function="first")
+        .sort("step")
+    )
     buckets = sorted((c for c in wide.columns if c != "step"), key=_bucket_key)
     z = np.column_stack([_column(wide, c) for c in buckets]).T if buckets else np.empty((0, 0))
     diverging = quantity.startswith("ratio_mean") or quantity == "ratio/mean"
-    data = [dict(
-        type="heatmap", x=_arr(wide["step"].to_numpy()), y=[str(b) for b in buckets],
-        z=_arr(z),
-        colorscale="RdBu_r" if diverging else "Viridis", zmid=1.0 if diverging else None,
-        colorbar=dict(title=dict(text=quantity), thickness=12),
-        hovertemplate=f"step %{{x}}<br>{by} bucket %{{y}}<br>{quantity} %{{z:.4g}}<extra></extra>",
-    )]
+    data = [
+        dict(
+            type="heatmap",
+            x=_arr(wide["step"].to_numpy()),
+            y=[str(b) for b in buckets],
+            z=_arr(z),
+            colorscale="RdBu_r" if diverging else "Viridis",
+            zmid=1.0 if diverging else None,
+            colorbar=dict(title=dict(text=quantity), thickness=12),
+            hovertemplate=f"step %{{x}}<br>{by} bucket %{{y}}<br>{quantity} %{{z:.4g}}<extra></extra>",
+        )
+    ]
     layout = base_layout(f"{quantity} by {by} bucket", height=height)
     layout["yaxis"] = dict(_AXIS, title=dict(text=f"{by} bucket"), type="category")
     layout["hovermode"] = "closest"

@@ -53,8 +53,11 @@ def resolve_runs(requested: Any, *, multi: bool = True) -> tuple[list[str], str 
         return (all_ids[:1], None if all_ids else f"no runs found under {cat.root}")
     good = cat.valid_ids(wanted)
     bad = [w for w in wanted if w not in good]
-    msg = ("unknown run id (runs resolve only under the served folder): " + ", ".join(repr(b) for b in bad)
-           if bad else None)
+    msg = (
+        "unknown run id (runs resolve only under the served folder): " + ", ".join(repr(b) for b in bad)
+        if bad
+        else None
+    )
     return (good if multi else good[:1]), msg
 
 
@@ -62,17 +65,30 @@ def notice(text: str, kind: str = "info") -> html.Div:
     return html.Div(text, className=f"notice notice-{kind}")
 
 
-def run_header(title: str, runs: list[str], *, error: str | None = None, multi: bool = True,
-               intro: str | None = None) -> html.Div:
+def run_header(
+    title: str, runs: list[str], *, error: str | None = None, multi: bool = True, intro: str | None = None
+) -> html.Div:
     """Page title, the run picker (mirrors ``?run=``) and an optional error line."""
     options = [{"label": r, "value": r} for r in data.catalog().run_ids()]
     children: list[Any] = [
-        html.Div([
-            html.H2(title, className="page-title"),
-            html.Div(dcc.Dropdown(id=ids.RUN_PICKER, options=options, value=runs if multi else (runs[:1] or None),
-                                  multi=multi, clearable=False, placeholder="choose a run",
-                                  className="run-picker"), className="run-picker-box"),
-        ], className="page-head"),
+        html.Div(
+            [
+                html.H2(title, className="page-title"),
+                html.Div(
+                    dcc.Dropdown(
+                        id=ids.RUN_PICKER,
+                        options=options,
+                        value=runs if multi else (runs[:1] or None),
+                        multi=multi,
+                        clearable=False,
+                        placeholder="choose a run",
+                        className="run-picker",
+                    ),
+                    className="run-picker-box",
+                ),
+            ],
+            className="page-head",
+        ),
     ]
     if intro:
         children.append(html.P(intro, className="intro"))
@@ -101,8 +117,12 @@ def panel_card(page: str, panel: Panel, *, height: int = 280) -> html.Div:
     """A registry line panel: the graph (filled by the shell's panel callback) and its help."""
     return html.Div(
         [
-            dcc.Graph(id=ids.panel(page, panel.key, panel.metrics), config=GRAPH_CONFIG,
-                      style={"height": f"{height}px"}, figure={"layout": {"height": height}}),
+            dcc.Graph(
+                id=ids.panel(page, panel.key, panel.metrics),
+                config=GRAPH_CONFIG,
+                style={"height": f"{height}px"},
+                figure={"layout": {"height": height}},
+            ),
             dcc.Store(id=ids.panel_zoom(page, panel.key, panel.metrics), data=None),
             help_details(panel.help),
         ],
@@ -123,5 +143,9 @@ def section(title: str, *children: Any, note: str | None = None) -> html.Section
 
 def clickable_graph(key: str, *, height: int = 380) -> dcc.Graph:
     """A graph whose clicked x-value opens the Tokens page at that step."""
-    return dcc.Graph(id=ids.clickable(key), config=GRAPH_CONFIG, style={"height": f"{height}px"},
-                     figure={"layout": {"height": height}})
+    return dcc.Graph(
+        id=ids.clickable(key),
+        config=GRAPH_CONFIG,
+        style={"height": f"{height}px"},
+        figure={"layout": {"height": height}},
+    )

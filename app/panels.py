@@ -113,8 +113,16 @@ def _split(family: str, specs: Sequence[Any], limit: int, *, suffix: str = "") -
             chunk = group[start : start + limit]
             unit = str(getattr(chunk[0], "unit", "") or "")
             key = f"{family}-{len(panels)}{suffix}"
-            panels.append(Panel(key, family, panel_title(s.name for s in chunk), unit,
-                                tuple(s.name for s in chunk), tuple(_help(s) for s in chunk)))
+            panels.append(
+                Panel(
+                    key,
+                    family,
+                    panel_title(s.name for s in chunk),
+                    unit,
+                    tuple(s.name for s in chunk),
+                    tuple(_help(s) for s in chunk),
+                )
+            )
     return panels
 
 

@@ -116,12 +116,32 @@ def pick(frame: pl.DataFrame, ranking: str, *, k: int = 10, context: int = CONTE
         lo, hi = np.searchsorted(sorted_key, key[i], "left"), np.searchsorted(sorted_key, key[i], "right")
         rows = order[lo:hi]
         at = int(np.flatnonzero(rows == i)[0])
-        window = rows[max(at - context, 0): at + context + 1]
-        ctx = [ContextToken(pos=int(pos[j]), token_id=_tok(tok, j), logratio=float(lr[j]), entropy=float(ent[j]),
-                            selected=bool(j == i)) for j in window]
-        picks.append(TokenPick(score=float(score[i]), seq=int(seq[i]), rank=int(rank[i]), micro=int(micro[i]),
-                               pos=int(pos[i]), token_id=_tok(tok, i), logratio=float(lr[i]),
-                               entropy=float(ent[i]), adv=float(adv[i]), cov=float(cov[i]), context=ctx))
+        window = rows[max(at - context, 0) : at + context + 1]
+        ctx = [
+            ContextToken(
+                pos=int(pos[j]),
+                token_id=_tok(tok, j),
+                logratio=float(lr[j]),
+                entropy=float(ent[j]),
+                selected=bool(j == i),
+            )
+            for j in window
+        ]
+        picks.append(
+            TokenPick(
+                score=float(score[i]),
+                seq=int(seq[i]),
+                rank=int(rank[i]),
+                micro=int(micro[i]),
+                pos=int(pos[i]),
+                token_id=_tok(tok, i),
+                logratio=float(lr[i]),
+                entropy=float(ent[i]),
+                adv=float(adv[i]),
+                cov=float(cov[i]),
+                context=ctx,
+            )
+        )
     return picks
 
 
@@ -149,8 +169,13 @@ def decode(picks: list[TokenPick], decoder: Any) -> list[TokenPick]:
 def summary(frame: pl.DataFrame) -> dict[str, float]:
     """Counts of the step shown above the tables."""
     lr = _col(frame, schema.LOGP) - _col(frame, schema.OLD_LOGP)
-    seqs = frame.select(pl.struct([c for c in (schema.RANK, schema.MICRO, schema.SEQ) if c in frame.columns])
-                        .n_unique()).item() if frame.height else 0
+    seqs = (
+        frame.select(
+            pl.struct([c for c in (schema.RANK, schema.MICRO, schema.SEQ) if c in frame.columns]).n_unique()
+        ).item()
+        if frame.height
+        else 0
+    )
     return {
         "tokens": float(frame.height),
         "sequences": float(seqs),

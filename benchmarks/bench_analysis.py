@@ -51,11 +51,17 @@ def make_stats_run(path: Path, steps: int, ranks: int, micros: int, tokens_per_r
             N = n_seq * seqlen
             lp = -rng.exponential(1, N)
             tb = kernel.TokenBatch(
-                rec_off=np.arange(0, n_seq + 1, per_rec), seq_off=np.arange(0, N + 1, seqlen),
-                steps=np.repeat(np.arange(s0, s0 + n_rec // micros), micros), logp=lp,
-                old_logp=np.minimum(lp + rng.normal(0, 0.05, N), 0), adv=np.repeat(rng.normal(size=n_seq), seqlen),
-                pos=np.tile(np.arange(seqlen), n_seq), entropy=rng.exponential(1, N),
-                group=np.arange(n_seq) // 4, reward=rng.random(n_seq))
+                rec_off=np.arange(0, n_seq + 1, per_rec),
+                seq_off=np.arange(0, N + 1, seqlen),
+                steps=np.repeat(np.arange(s0, s0 + n_rec // micros), micros),
+                logp=lp,
+                old_logp=np.minimum(lp + rng.normal(0, 0.05, N), 0),
+                adv=np.repeat(rng.normal(size=n_seq), seqlen),
+                pos=np.tile(np.arange(seqlen), n_seq),
+                entropy=rng.exponential(1, N),
+                group=np.arange(n_seq) // 4,
+                reward=rng.random(n_seq),
+            )
             st = kernel.compute(tb, cfg)
             table = to_table(st, tb.steps, np.full(n_rec, rank), np.tile(np.arange(micros), n_rec // micros))
             pq.write_table(table, path / "stats" / f"r{rank:05d}-bench-{s0:08d}.parquet", compression="zstd")
@@ -81,18 +87,21 @@ def make_token_run(path: Path, rows: int, steps: int = 2000, file_rows: int = 4_
         lp = (-rng.exponential(1, n)).astype(np.float32)
         cols = {
             "step": np.repeat(np.arange(step, step + n_steps), n // n_steps + 1)[:n].astype(np.int64),
-            "rank": np.zeros(n, np.int32), "micro": np.zeros(n, np.int32),
+            "rank": np.zeros(n, np.int32),
+            "micro": np.zeros(n, np.int32),
             "seq": np.repeat(np.arange(n_seq), seqlen).astype(np.int64),
             "group": np.repeat(np.arange(n_seq) // 8, seqlen).astype(np.int64),
             "pos": np.tile(np.arange(seqlen), n_seq).astype(np.int32),
-            "logp": lp, "old_logp": np.minimum(lp + rng.normal(0, 0.05, n).astype(np.float32), 0),
+            "logp": lp,
+            "old_logp": np.minimum(lp + rng.normal(0, 0.05, n).astype(np.float32), 0),
             "adv": np.repeat(rng.normal(size=n_seq), seqlen).astype(np.float32),
             "entropy": rng.exponential(1, n).astype(np.float32),
         }
         # keep sequences whole within a step
         cols["step"] = (step + (cols["seq"] * n_steps) // n_seq).astype(np.int64)
-        table = pa.table({k: pa.array(cols.get(k), type=t) if k in cols else pa.nulls(n, t)
-                          for k, t in schema.TOKEN_DTYPES.items()})
+        table = pa.table(
+            {k: pa.array(cols.get(k), type=t) if k in cols else pa.nulls(n, t) for k, t in schema.TOKEN_DTYPES.items()}
+        )
         name = f"r00000-bench-{i:06d}.parquet"
         pq.write_table(table, path / "tokens" / name, **parquet_options(table, cfg.compression))
         pq.write_table(stats_of_table(table, cfg, sort=False), path / "stats" / name)
@@ -116,8 +125,10 @@ def bench_stats(args: argparse.Namespace) -> None:
     try:
         t = time.perf_counter()
         make_stats_run(tmp / "run", args.steps, args.ranks, args.micros)
-        print(f"generated {args.steps} steps x {args.ranks} ranks x {args.micros} micro-batches in "
-              f"{time.perf_counter() - t:.1f} s")
+        print(
+            f"generated {args.steps} steps x {args.ranks} ranks x {args.micros} micro-batches in "
+            f"{time.perf_counter() - t:.1f} s"
+        )
         files = sorted((tmp / "run" / "stats").glob("*.parquet"))
         t = time.perf_counter()
         bare = pa.concat_tables([pq.read_table(f) for f in files])
@@ -132,8 +143,10 @@ def bench_stats(args: argparse.Namespace) -> None:
         print(f"open_run, cold (reads, validates, : {t_open:6.3f} s")
         print("  compacts per step, writes index)")
         print(f"step_metrics, all {df.width - 1} metrics    : {t_metrics:6.3f} s ({df.height} steps)")
-        print(f"open + step_metrics               : {t_open + t_metrics:6.3f} s  (target < 1 s); "
-              f"ratio to bare read {(t_open + t_metrics) / t_bare:.2f}")
+        print(
+            f"open + step_metrics               : {t_open + t_metrics:6.3f} s  (target < 1 s); "
+            f"ratio to bare read {(t_open + t_metrics) / t_bare:.2f}"
+        )
         t = time.perf_counter()
         run.step_metrics()
         print(f"step_metrics again (same Run)     : {time.perf_counter() - t:6.3f} s")
@@ -142,8 +155,10 @@ def bench_stats(args: argparse.Namespace) -> None:
         df2 = warm.step_metrics()
         t_warm = time.perf_counter() - t
         assert df2.equals(df)
-        print(f"open + step_metrics, run index    : {t_warm:6.3f} s  (target < 1 s); ratio to bare read "
-              f"{t_warm / t_bare:.3f}")
+        print(
+            f"open + step_metrics, run index    : {t_warm:6.3f} s  (target < 1 s); ratio to bare read "
+            f"{t_warm / t_bare:.3f}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -156,14 +171,17 @@ def bench_recompute(args: argparse.Namespace) -> None:
         n = sum(pq.read_metadata(f).num_rows for f in files)
         t = time.perf_counter()
         run.step_metrics(steps=[0], config=run.config.replace(eps_high=0.28), from_tokens=True)
-        print(f"first call in the process (loads the compiled kernels from numba's cache): "
-              f"{time.perf_counter() - t:.2f} s, not counted below")
+        print(
+            f"first call in the process (loads the compiled kernels from numba's cache): "
+            f"{time.perf_counter() - t:.2f} s, not counted below"
+        )
         cfg = run.config.replace(eps_high=0.28)
         bare, conf, full = [], [], []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            pl.scan_parquet(files).group_by("step").agg(pl.col("logp").sum(), pl.col("old_logp").sum(),
-                                                         pl.col("adv").sum()).collect()
+            pl.scan_parquet(files).group_by("step").agg(
+                pl.col("logp").sum(), pl.col("old_logp").sum(), pl.col("adv").sum()
+            ).collect()
             bare.append(time.perf_counter() - t)
             t = time.perf_counter()
             df = run.step_metrics(config=cfg)
@@ -175,13 +193,19 @@ def bench_recompute(args: argparse.Namespace) -> None:
         t_bare, t_conf, t_full = (float(np.median(x)) for x in (bare, conf, full))
         print(f"{n:,} token rows, {len(files)} files; median of {args.repeat} interleaved repeats")
         print(f"bare polars group-by-step sum          : {t_bare:6.2f} s ({n / t_bare / 1e6:6.1f} M rows/s)")
-        print(f"config recompute (clip-dependent stats): {t_conf:6.2f} s ({n / t_conf / 1e6:6.1f} M tokens/s); "
-              f"ratio to bare {t_conf / t_bare:.1f}x")
-        print(f"every statistic from token rows        : {t_full:6.2f} s ({n / t_full / 1e6:6.1f} M tokens/s); "
-              f"ratio to bare {t_full / t_bare:.1f}x")
-        print("  (both give all %d metrics; targets: >= 30 M tokens/s, within 8x of the bare sum)" % (df.width - 1))
-        print(f"peak RSS of this process               : "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        print(
+            f"config recompute (clip-dependent stats): {t_conf:6.2f} s ({n / t_conf / 1e6:6.1f} M tokens/s); "
+            f"ratio to bare {t_conf / t_bare:.1f}x"
+        )
+        print(
+            f"every statistic from token rows        : {t_full:6.2f} s ({n / t_full / 1e6:6.1f} M tokens/s); "
+            f"ratio to bare {t_full / t_bare:.1f}x"
+        )
+        print(f"  (both give all {df.width - 1} metrics; targets: >= 30 M tokens/s, within 8x of the bare sum)")
+        print(
+            f"peak RSS of this process               : "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        )
     finally:
         if not args.dir and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -190,21 +214,34 @@ def bench_recompute(args: argparse.Namespace) -> None:
 def bench_memory(args: argparse.Namespace) -> None:
     tmp = token_run(args)
     try:
-        base = subprocess.run([sys.executable, "-c", "import resource, rldiag, rldiag.analysis.io, numba; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                              capture_output=True, text=True, check=True).stdout.split()
-        for label, call in (("config recompute", "config=r.config.replace(eps_high=0.28)"),
-                            ("every statistic from token rows",
-                             "config=r.config.replace(eps_high=0.28), from_tokens=True")):
-            code = ("import resource, time, rldiag; r = rldiag.open_run(%r); t = time.perf_counter(); "
-                    "df = r.step_metrics(%s); "
-                    "print(f'{time.perf_counter() - t:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')"
-                    % (str(tmp / "run"), call))
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout.split()
-            print(f"{label} of {args.rows:,} token rows, fresh process: {float(out[0]):.1f} s "
-                  f"({args.rows / float(out[0]) / 1e6:.1f} M tokens/s), peak RSS {int(out[1]) / 2**20:.2f} GiB "
-                  f"(import baseline {int(base[0]) / 2**20:.2f} GiB; target < 2 GB)")
+        base = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import resource, rldiag, rldiag.analysis.io, numba; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        for label, call in (
+            ("config recompute", "config=r.config.replace(eps_high=0.28)"),
+            ("every statistic from token rows", "config=r.config.replace(eps_high=0.28), from_tokens=True"),
+        ):
+            code = (
+                f"import resource, time, rldiag; r = rldiag.open_run({str(tmp / 'run')!r}); t = time.perf_counter(); "
+                f"df = r.step_metrics({call}); "
+                "print(f'{time.perf_counter() - t:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')"
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            ).stdout.split()
+            print(
+                f"{label} of {args.rows:,} token rows, fresh process: {float(out[0]):.1f} s "
+                f"({args.rows / float(out[0]) / 1e6:.1f} M tokens/s), peak RSS {int(out[1]) / 2**20:.2f} GiB "
+                f"(import baseline {int(base[0]) / 2**20:.2f} GiB; target < 2 GB)"
+            )
     finally:
         if not args.dir and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -94,24 +94,55 @@ def _segment(args: tuple[Path, Config, int, int, int]) -> int:
     rep = np.repeat(np.arange(n_seq), cfg.seq_len)
 
     tb = kernel.TokenBatch(
-        rec_off=np.arange(0, n_seq + 1, seqs_per_rec), seq_off=np.arange(0, N + 1, cfg.seq_len), steps=steps_rec,
-        logp=logp, old_logp=old, adv=adv_seq[rep], pos=pos, entropy=entropy, rollout_logp=rollout,
-        version=version[rep], group=group, reward=reward,
+        rec_off=np.arange(0, n_seq + 1, seqs_per_rec),
+        seq_off=np.arange(0, N + 1, cfg.seq_len),
+        steps=steps_rec,
+        logp=logp,
+        old_logp=old,
+        adv=adv_seq[rep],
+        pos=pos,
+        entropy=entropy,
+        rollout_logp=rollout,
+        version=version[rep],
+        group=group,
+        reward=reward,
     )
     st = kernel.compute(tb, rcfg)
     stats = to_table(st, steps_rec, np.zeros(n_rec), np.tile(np.arange(cfg.micros), s1 - s0))
     cols = {
         schema.STEP: np.repeat(steps_rec, seqs_per_rec * cfg.seq_len).astype(np.int64),
-        schema.RANK: np.zeros(N, np.int32), schema.MICRO: micro_tok.astype(np.int32),
-        schema.SEQ: (micro_tok * seqs_per_rec + seq_in_rec).astype(np.int64), schema.GROUP: group[rep].astype(np.int64),
-        schema.POS: pos, schema.LOGP: logp, schema.OLD_LOGP: old, schema.ROLLOUT_LOGP: rollout, schema.ADV: adv_seq[rep],
-        schema.ENTROPY: entropy, schema.TOKEN_ID: rng.integers(0, 32_000, N).astype(np.int32),
-        schema.REWARD: reward[rep], schema.VERSION: version[rep].astype(np.int64), schema.COV: st.cov.astype(np.float32),
+        schema.RANK: np.zeros(N, np.int32),
+        schema.MICRO: micro_tok.astype(np.int32),
+        schema.SEQ: (micro_tok * seqs_per_rec + seq_in_rec).astype(np.int64),
+        schema.GROUP: group[rep].astype(np.int64),
+        schema.POS: pos,
+        schema.LOGP: logp,
+        schema.OLD_LOGP: old,
+        schema.ROLLOUT_LOGP: rollout,
+        schema.ADV: adv_seq[rep],
+        schema.ENTROPY: entropy,
+        schema.TOKEN_ID: rng.integers(0, 32_000, N).astype(np.int32),
+        schema.REWARD: reward[rep],
+        schema.VERSION: version[rep].astype(np.int64),
+        schema.COV: st.cov.astype(np.float32),
     }
-    tokens = pa.table({name: (pa.array(cols[name], type=dt) if name in cols else pa.nulls(N, type=dt))
-                       for name, dt in schema.TOKEN_DTYPES.items()})
-    meta = {schema.PARQUET_META_KEY: json.dumps({"schema_version": schema.SCHEMA_VERSION, "rldiag_version": __version__,
-                                                 "writer": WRITER, "rank": 0, "config": rcfg.to_dict()}).encode()}
+    tokens = pa.table(
+        {
+            name: (pa.array(cols[name], type=dt) if name in cols else pa.nulls(N, type=dt))
+            for name, dt in schema.TOKEN_DTYPES.items()
+        }
+    )
+    meta = {
+        schema.PARQUET_META_KEY: json.dumps(
+            {
+                "schema_version": schema.SCHEMA_VERSION,
+                "rldiag_version": __version__,
+                "writer": WRITER,
+                "rank": 0,
+                "config": rcfg.to_dict(),
+            }
+        ).encode()
+    }
     name = segment_name(WRITER, seg)
     pq.write_table(tokens.replace_schema_metadata(meta), path / schema.TOKENS_DIR / name, compression=rcfg.compression)
     pq.write_table(stats.replace_schema_metadata(meta), path / schema.STATS_DIR / name, compression="zstd")
@@ -122,11 +153,25 @@ def generate(path: Path, cfg: Config) -> float:
     """Write the run; returns seconds taken."""
     t0 = time.perf_counter()
     create_run_dir(path, RecorderConfig(), 1, "bench-dashboard")
-    write_writer_file(path, WRITER, {"writer": WRITER, "rank": 0, "world_size": 1, "host": "bench", "pid": 1,
-                                     "started": time.time(), "first_step": 0, "closed": True})
+    write_writer_file(
+        path,
+        WRITER,
+        {
+            "writer": WRITER,
+            "rank": 0,
+            "world_size": 1,
+            "host": "bench",
+            "pid": 1,
+            "started": time.time(),
+            "first_step": 0,
+            "closed": True,
+        },
+    )
     steps_per_seg = max(cfg.roll_rows // cfg.tokens_per_step, 1)
-    jobs = [(path, cfg, i, s0, min(s0 + steps_per_seg, cfg.steps))
-            for i, s0 in enumerate(range(0, cfg.steps, steps_per_seg))]
+    jobs = [
+        (path, cfg, i, s0, min(s0 + steps_per_seg, cfg.steps))
+        for i, s0 in enumerate(range(0, cfg.steps, steps_per_seg))
+    ]
     with mp.get_context("spawn").Pool(2) as pool:
         rows = sum(pool.imap_unordered(_segment, jobs))
     print(f"generated {rows:,} token rows, {cfg.steps} steps, {len(jobs)} segments in {time.perf_counter() - t0:.1f} s")
@@ -182,9 +227,11 @@ def main() -> None:
         cat._states.clear()  # forget the run: the next build opens it and finalizes every metric again
         cold = timed(build_overview)
         warm = timed(build_overview, cfg.repeats)
-        print(f"overview ({len(panel_ids)} panels): first request after start {first * 1e3:.0f} ms (imports, "
-              f"numba cache load); run not cached {cold * 1e3:.0f} ms ({cold / baseline:.1f}x baseline); "
-              f"cached {warm * 1e3:.0f} ms ({warm / baseline:.2f}x)")
+        print(
+            f"overview ({len(panel_ids)} panels): first request after start {first * 1e3:.0f} ms (imports, "
+            f"numba cache load); run not cached {cold * 1e3:.0f} ms ({cold / baseline:.1f}x baseline); "
+            f"cached {warm * 1e3:.0f} ms ({warm / baseline:.2f}x)"
+        )
 
         idle = timed(lambda: live_tick(["big"], panel_ids, 0.6, 0), cfg.repeats)
         ticks = []
@@ -192,8 +239,12 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for k in range(cfg.repeats):
             old = -rng.exponential(1.0, (100, 250)).astype(np.float32)
-            rec.record(step=cfg.steps + k, logprobs=np.minimum(old + 0.01, 0), old_logprobs=old,
-                       advantages=rng.normal(size=100).astype(np.float32))
+            rec.record(
+                step=cfg.steps + k,
+                logprobs=np.minimum(old + 0.01, 0),
+                old_logprobs=old,
+                advantages=rng.normal(size=100).astype(np.float32),
+            )
             rec.flush()  # the step's segment is published: the next poll finds it
             t0 = time.perf_counter()
             extends, *_ = live_tick(["big"], panel_ids, 0.6, k)
@@ -201,8 +252,10 @@ def main() -> None:
             ticks.append(time.perf_counter() - t0)
         rec.close()
         tick = statistics.median(ticks)
-        print(f"live tick, one new step: {tick * 1e3:.1f} ms ({tick / baseline:.2f}x baseline); "
-              f"nothing new: {idle * 1e3:.2f} ms")
+        print(
+            f"live tick, one new step: {tick * 1e3:.1f} ms ({tick / baseline:.2f}x baseline); "
+            f"nothing new: {idle * 1e3:.2f} ms"
+        )
 
         tokens_page = importlib.import_module("app.pages.tokens")
         mid = cfg.steps // 2
@@ -212,12 +265,16 @@ def main() -> None:
         steps_used = len(st.analysis_steps())
         buckets = timed(lambda: st.bucket_metrics("pos"))
         lens = timed(st.lens)
-        print(f"positions page table (bucket_metrics on {steps_used} steps): {buckets:.2f} s; objective lens: "
-              f"{lens:.2f} s (analysis layer; first use includes numba cache loading)")
+        print(
+            f"positions page table (bucket_metrics on {steps_used} steps): {buckets:.2f} s; objective lens: "
+            f"{lens:.2f} s (analysis layer; first use includes numba cache loading)"
+        )
         n_files = sum(1 for _ in (run_dir / schema.TOKENS_DIR).glob("*.parquet"))
-        print(f"tokens page, one step of {cfg.tokens_per_step:,} rows in a {cfg.steps * cfg.tokens_per_step:,}-row run "
-              f"({n_files} token files): first {tok_first * 1e3:.0f} ms, median {tok * 1e3:.0f} ms "
-              f"({tok / baseline:.1f}x baseline)")
+        print(
+            f"tokens page, one step of {cfg.tokens_per_step:,} rows in a {cfg.steps * cfg.tokens_per_step:,}-row run "
+            f"({n_files} token files): first {tok_first * 1e3:.0f} ms, median {tok * 1e3:.0f} ms "
+            f"({tok / baseline:.1f}x baseline)"
+        )
         for sub in (schema.STATS_DIR, schema.TOKENS_DIR, schema.WRITERS_DIR):  # leave the run as generated
             for f in (run_dir / sub).glob(f"{rec.writer_id}*"):
                 f.unlink()

@@ -49,20 +49,26 @@ def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed
         pos = np.concatenate([np.arange(k) for k in lengths])
         old = -rng.exponential(0.8, n)
         cols = {
-            schema.STEP: np.full(n, step, np.int64), schema.RANK: np.zeros(n, np.int32),
-            schema.MICRO: (seq // 64).astype(np.int32), schema.SEQ: seq.astype(np.int64),
+            schema.STEP: np.full(n, step, np.int64),
+            schema.RANK: np.zeros(n, np.int32),
+            schema.MICRO: (seq // 64).astype(np.int32),
+            schema.SEQ: seq.astype(np.int64),
             schema.POS: pos.astype(np.int32),
             schema.LOGP: np.minimum(old + rng.standard_t(3, n) * 0.05, 0).astype(np.float32),
             schema.OLD_LOGP: old.astype(np.float32),
             schema.ROLLOUT_LOGP: np.minimum(old + rng.normal(0, 0.03, n), 0).astype(np.float32),
             schema.ADV: np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32),
         }
-        buf.append(pa.table({k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t)
-                             for k, t in schema.TOKEN_DTYPES.items()}))
+        buf.append(
+            pa.table(
+                {k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t) for k, t in schema.TOKEN_DTYPES.items()}
+            )
+        )
         buffered += n
         if buffered >= file_rows or step == steps - 1:
-            pq.write_table(pa.concat_tables(buf), path / schema.TOKENS_DIR / f"r00000-bench-{part:06d}.parquet",
-                           compression="lz4")
+            pq.write_table(
+                pa.concat_tables(buf), path / schema.TOKENS_DIR / f"r00000-bench-{part:06d}.parquet", compression="lz4"
+            )
             written += buffered
             buf, buffered, part = [], 0, part + 1
     return written
@@ -87,15 +93,20 @@ class Watch:
         self.growth = max(self.peak, rss()) - self.before
 """
 
-_BASELINE = _WATCH + """
+_BASELINE = (
+    _WATCH
+    + """
 import polars as pl, rldiag
 files = [str(f) for f in rldiag.open_run({run!r}).token_files()]
 with Watch() as w:
     pl.scan_parquet(files).group_by("step").agg(pl.col("logp").sum()).collect(engine="streaming")
 print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth)
 """
+)
 
-_LENS = _WATCH + """
+_LENS = (
+    _WATCH
+    + """
 import rldiag
 from rldiag.analysis.lens import lens
 run = rldiag.open_run({run!r})
@@ -103,6 +114,7 @@ with Watch() as w:
     df = lens(run, objectives={objectives!r})
 print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth, df.height, df.width)
 """
+)
 
 _IMPORTS = """
 import resource, polars, rldiag, rldiag.analysis.io, rldiag.analysis.lens
@@ -150,23 +162,40 @@ def main() -> None:
         tb, tl = min(base_t), min(lens_t)
         gib = 2**20  # ru_maxrss is in KiB on Linux
         result = {
-            "rows": n, "files": len(files), "bytes": size, "cpus": os.cpu_count(),
-            "load_avg_1min": os.getloadavg()[0], "baseline_s": base_t, "lens_s": lens_t,
-            "baseline_rows_per_s": n / tb, "lens_rows_per_s": n / tl, "time_ratio": tl / tb,
-            "baseline_peak_rss_gib": max(base_rss) / gib, "lens_peak_rss_gib": max(lens_rss) / gib,
-            "import_rss_gib": imports / gib, "baseline_rss_growth_gib": max(base_growth) / 2**30,
+            "rows": n,
+            "files": len(files),
+            "bytes": size,
+            "cpus": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0],
+            "baseline_s": base_t,
+            "lens_s": lens_t,
+            "baseline_rows_per_s": n / tb,
+            "lens_rows_per_s": n / tl,
+            "time_ratio": tl / tb,
+            "baseline_peak_rss_gib": max(base_rss) / gib,
+            "lens_peak_rss_gib": max(lens_rss) / gib,
+            "import_rss_gib": imports / gib,
+            "baseline_rss_growth_gib": max(base_growth) / 2**30,
             "lens_rss_growth_gib": max(lens_growth) / 2**30,
             "output": [int(height), int(width)],
         }
-        print(f"{n:,} token rows in {len(files)} files ({size / 2**30:.2f} GiB), {os.cpu_count()} CPUs, "
-              f"load average {result['load_avg_1min']:.1f}")
+        print(
+            f"{n:,} token rows in {len(files)} files ({size / 2**30:.2f} GiB), {os.cpu_count()} CPUs, "
+            f"load average {result['load_avg_1min']:.1f}"
+        )
         bg, lg = max(base_growth) / 2**30, max(lens_growth) / 2**30
-        print(f"bare polars group-by-step sum : {tb:7.2f} s  {n / tb / 1e6:7.1f} M rows/s  "
-              f"peak RSS {max(base_rss) / gib:.2f} GiB (the call added {bg:.2f} GiB)")
-        print(f"lens, {'all' if objectives is None else len(objectives)} objectives  : {tl:7.2f} s  "
-              f"{n / tl / 1e6:7.1f} M rows/s  peak RSS {max(lens_rss) / gib:.2f} GiB (the call added {lg:.2f} GiB)")
-        print(f"ratio lens / bare             : {tl / tb:7.1f}x time, {max(lens_rss) / max(base_rss):.2f}x peak RSS, "
-              f"{lg / bg if bg > 0 else float('nan'):.2f}x RSS added (imports alone peak at {imports / gib:.2f} GiB)")
+        print(
+            f"bare polars group-by-step sum : {tb:7.2f} s  {n / tb / 1e6:7.1f} M rows/s  "
+            f"peak RSS {max(base_rss) / gib:.2f} GiB (the call added {bg:.2f} GiB)"
+        )
+        print(
+            f"lens, {'all' if objectives is None else len(objectives)} objectives  : {tl:7.2f} s  "
+            f"{n / tl / 1e6:7.1f} M rows/s  peak RSS {max(lens_rss) / gib:.2f} GiB (the call added {lg:.2f} GiB)"
+        )
+        print(
+            f"ratio lens / bare             : {tl / tb:7.1f}x time, {max(lens_rss) / max(base_rss):.2f}x peak RSS, "
+            f"{lg / bg if bg > 0 else float('nan'):.2f}x RSS added (imports alone peak at {imports / gib:.2f} GiB)"
+        )
         print(json.dumps(result))
     finally:
         if not args.dir:

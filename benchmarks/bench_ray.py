@@ -30,8 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray node on 127.0.0.1
 
-import rldiag  # noqa: E402
 from bench_analysis import make_token_run  # noqa: E402
+
+import rldiag  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -52,13 +53,19 @@ def bytes_per_token(tmp: Path) -> tuple[float, float]:
         for step in range(steps):
             logp = -rng.exponential(1, (B, T)).astype(np.float32)
             old = np.minimum(logp + rng.normal(0, 0.05, (B, T)), 0).astype(np.float32)
-            rec.record(step=step, logprobs=logp, old_logprobs=old, advantages=rng.normal(size=B).astype(np.float32),
-                       mask=np.arange(T)[None, :] < rng.integers(64, T + 1, B)[:, None],
-                       entropy=rng.exponential(1, (B, T)).astype(np.float32),
-                       rollout_logprobs=np.minimum(old + rng.normal(0, 0.02, (B, T)), 0).astype(np.float32),
-                       ref_logprobs=np.minimum(logp + rng.normal(0, 0.1, (B, T)), 0).astype(np.float32),
-                       group_ids=np.arange(B) // 8, rewards=rng.random(B).astype(np.float32),
-                       token_ids=rng.integers(0, 150_000, (B, T)))
+            rec.record(
+                step=step,
+                logprobs=logp,
+                old_logprobs=old,
+                advantages=rng.normal(size=B).astype(np.float32),
+                mask=np.arange(T)[None, :] < rng.integers(64, T + 1, B)[:, None],
+                entropy=rng.exponential(1, (B, T)).astype(np.float32),
+                rollout_logprobs=np.minimum(old + rng.normal(0, 0.02, (B, T)), 0).astype(np.float32),
+                ref_logprobs=np.minimum(logp + rng.normal(0, 0.1, (B, T)), 0).astype(np.float32),
+                group_ids=np.arange(B) // 8,
+                rewards=rng.random(B).astype(np.float32),
+                token_ids=rng.integers(0, 150_000, (B, T)),
+            )
     run = rldiag.open_run(path)
     rows = run.info()["token_rows_written"]
     tok = sum(f.stat().st_size for f in (path / "tokens").glob("*.parquet"))
@@ -83,8 +90,10 @@ def main() -> None:
 
     n_rg = row_groups(run.token_files())
     rows = run.tokens().select("step").collect().height
-    print(f"run: {rows:,} token rows, {len(run.steps())} steps, {len(run.token_files())} files, {n_rg} row groups "
-          f"(generated in {time.perf_counter() - t:.1f} s); {os.cpu_count()} cores")
+    print(
+        f"run: {rows:,} token rows, {len(run.steps())} steps, {len(run.token_files())} files, {n_rg} row groups "
+        f"(generated in {time.perf_counter() - t:.1f} s); {os.cpu_count()} cores"
+    )
 
     t_local, want = timed(lambda: run.step_metrics(from_tokens=True), args.repeats)
     print(f"local engine        {t_local:7.3f} s  {rows / t_local / 1e6:6.1f} M tokens/s  1.00x")
@@ -98,19 +107,25 @@ def main() -> None:
         ray.shutdown()
         same = got.equals(want)
         results[k] = t_ray
-        print(f"ray, {k} worker(s)    {t_ray:7.3f} s  {rows / t_ray / 1e6:6.1f} M tokens/s  {t_ray / t_local:4.2f}x "
-              f"the local engine  (Ray start {start:.1f} s; result {'bit-identical' if same else 'DIFFERENT'})")
+        print(
+            f"ray, {k} worker(s)    {t_ray:7.3f} s  {rows / t_ray / 1e6:6.1f} M tokens/s  {t_ray / t_local:4.2f}x "
+            f"the local engine  (Ray start {start:.1f} s; result {'bit-identical' if same else 'DIFFERENT'})"
+        )
     if 1 in results:
         per_token = results[1] / rows
         print(f"one Ray worker: {per_token * 1e9:.0f} ns per token row (read + kernel + transfer)")
     cores = os.cpu_count() or 1
     for k, t_ray in results.items():
         par = min(k, cores)
-        print(f"overhead per row group, {k} worker(s): {(t_ray - t_local * min(cores, 8) / par) / n_rg * 1e3:+.1f} ms "
-              f"(ray time minus the local engine's scaled to {par} core(s), over {n_rg} row groups)")
+        print(
+            f"overhead per row group, {k} worker(s): {(t_ray - t_local * min(cores, 8) / par) / n_rg * 1e3:+.1f} ms "
+            f"(ray time minus the local engine's scaled to {par} core(s), over {n_rg} row groups)"
+        )
     tok, sta = bytes_per_token(tmp)
-    print(f"stored: {tok:.2f} bytes per token row in token files, {sta:.3f} in statistics files "
-          "(Recorder, every optional column, default compression)")
+    print(
+        f"stored: {tok:.2f} bytes per token row in token files, {sta:.3f} in statistics files "
+        "(Recorder, every optional column, default compression)"
+    )
 
 
 if __name__ == "__main__":

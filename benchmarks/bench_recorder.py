@@ -28,8 +28,13 @@ def _batch(seed: int = 0, B: int = 256, T: int = 2048) -> dict:
     g = torch.Generator().manual_seed(seed)
     logp = -torch.empty(B, T).exponential_(generator=g)
     old = (logp + 0.05 * torch.randn(B, T, generator=g)).clamp(max=0)
-    return dict(logprobs=logp, old_logprobs=old, advantages=torch.randn(B, generator=g),
-                mask=torch.rand(B, T, generator=g) < 0.9, entropy=torch.rand(B, T, generator=g) * 3)
+    return dict(
+        logprobs=logp,
+        old_logprobs=old,
+        advantages=torch.randn(B, generator=g),
+        mask=torch.rand(B, T, generator=g) < 0.9,
+        entropy=torch.rand(B, T, generator=g) * 3,
+    )
 
 
 def _median_time(fn, n: int) -> float:
@@ -85,7 +90,6 @@ def main() -> None:
         t_burst = _median_time(record, args.batches)  # back to back: fresh buffers every call
         t0 = time.perf_counter()
         rec.flush()
-        n_rows = rec.stats["rows_written"]
         rec.close()
         # writer throughput: records enqueued back to back, until everything is published
         rec = rldiag.Recorder(tmp / "run2", queue_max_bytes=8 * 2**30)
@@ -121,11 +125,15 @@ def main() -> None:
         print(f"rldiag record() back to back (no idle writer) : {t_burst * 1e3:8.2f} ms")
         print(f"  ratio to TensorBoard   : {t_rec / t_tb:6.3f}  (target <= 0.5, goal 0.25)")
         print(f"  ratio to one exp pass  : {t_rec / t_exp:6.2f}  (target <= 6)")
-        print(f"writer throughput        : {rows / dt / 1e6:6.2f} M token rows/s end to end "
-              f"({args.batches} batches, {rows:,} rows, {dt:.2f} s)")
+        print(
+            f"writer throughput        : {rows / dt / 1e6:6.2f} M token rows/s end to end "
+            f"({args.batches} batches, {rows:,} rows, {dt:.2f} s)"
+        )
         print(f"drops at 1 batch/s       : {drops_1hz} token rows")
-        print(f"flooding producer        : peak queued {peak / 2**20:.0f} MiB of a {bound / 2**20:.0f} MiB bound, "
-              f"{dropped:,} token rows dropped (statistics kept)")
+        print(
+            f"flooding producer        : peak queued {peak / 2**20:.0f} MiB of a {bound / 2**20:.0f} MiB bound, "
+            f"{dropped:,} token rows dropped (statistics kept)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -167,4 +167,3 @@ class RecorderConfig:
             v = getattr(self, k.field)
             out.append(float(v if k.element is None else v[k.element]))
         return tuple(out)
-

@@ -44,14 +44,48 @@ from rldiag import __version__, storage
 from rldiag.config import RecorderConfig
 
 __all__ = [
-    "SCHEMA_VERSION", "PARQUET_META_KEY", "RunFormatWarning", "MANIFEST_NAME", "WRITERS_DIR", "STATS_DIR",
-    "TOKENS_DIR", "ALERTS_FILE", "LIVE_DIR", "LIVE_META_KEY", "LIVE_MAX_BYTES",
-    "TOKENIZER_DIR", "INDEX_DIR", "TMP_SUFFIX", "SEGMENT_SUFFIX", "STALL_SECONDS", "RunFormatError",
-    "WriterInfo", "writer_id", "segment_name", "is_published", "published_files", "tmp_path",
-    "atomic_write_bytes", "is_run_dir", "create_run_dir", "read_manifest", "write_writer_file",
-    "read_writer_file", "read_writers", "latest_writers", "run_closed", "newest_data_time", "run_status",
-    "file_metadata", "read_file_metadata", "read_alerts", "ALERT_KEYS",
-    "parse_segment_name", "AttemptData", "Resume", "resolve_attempts",
+    "SCHEMA_VERSION",
+    "PARQUET_META_KEY",
+    "RunFormatWarning",
+    "MANIFEST_NAME",
+    "WRITERS_DIR",
+    "STATS_DIR",
+    "TOKENS_DIR",
+    "ALERTS_FILE",
+    "LIVE_DIR",
+    "LIVE_META_KEY",
+    "LIVE_MAX_BYTES",
+    "TOKENIZER_DIR",
+    "INDEX_DIR",
+    "TMP_SUFFIX",
+    "SEGMENT_SUFFIX",
+    "STALL_SECONDS",
+    "RunFormatError",
+    "WriterInfo",
+    "writer_id",
+    "segment_name",
+    "is_published",
+    "published_files",
+    "tmp_path",
+    "atomic_write_bytes",
+    "is_run_dir",
+    "create_run_dir",
+    "read_manifest",
+    "write_writer_file",
+    "read_writer_file",
+    "read_writers",
+    "latest_writers",
+    "run_closed",
+    "newest_data_time",
+    "run_status",
+    "file_metadata",
+    "read_file_metadata",
+    "read_alerts",
+    "ALERT_KEYS",
+    "parse_segment_name",
+    "AttemptData",
+    "Resume",
+    "resolve_attempts",
 ]
 
 # --- versions and names ------------------------------------------------------------------------------
@@ -248,8 +282,9 @@ def read_manifest(path: storage.Location) -> dict[str, Any]:
             "or build one with `rldiag import`)"
         ) from None
     if not isinstance(manifest, dict):
-        raise RunFormatError(f"{manifest_path} is a JSON {type(manifest).__name__}, not an object; "
-                             "it was not written by rldiag")
+        raise RunFormatError(
+            f"{manifest_path} is a JSON {type(manifest).__name__}, not an object; it was not written by rldiag"
+        )
     version = manifest.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise RunFormatError(f"{manifest_path} has no integer schema_version; it was not written by rldiag")
@@ -304,8 +339,9 @@ def write_writer_file(path: storage.Location, wid: str, info: dict[str, Any]) ->
     atomic_write_bytes(storage.location(path) / WRITERS_DIR / f"{wid}.json", json.dumps(info, indent=2).encode())
 
 
-def _int(d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: storage.Location,
-         required: bool = False) -> int | None:
+def _int(
+    d: Mapping[str, Any], key: str, *, lo: int, hi: int, where: storage.Location, required: bool = False
+) -> int | None:
     v = d.get(key)
     if v is None and not required:
         return None
@@ -357,8 +393,11 @@ def read_writers(path: storage.Location) -> tuple[list[WriterInfo], list[RunForm
     """Every readable writer file of the run at ``path`` (sorted by name) and the problems of the others."""
     infos: list[WriterInfo] = []
     problems: list[RunFormatError] = []
-    for p in [e.path for e in storage.list_files(storage.location(path) / WRITERS_DIR)
-              if e.name.endswith(".json") and not e.name.startswith(".")]:
+    for p in [
+        e.path
+        for e in storage.list_files(storage.location(path) / WRITERS_DIR)
+        if e.name.endswith(".json") and not e.name.startswith(".")
+    ]:
         try:
             infos.append(read_writer_file(p))
         except FileNotFoundError:
@@ -420,8 +459,9 @@ def newest_data_time(path: storage.Location) -> float | None:
     return newest
 
 
-def run_status(*, closed: bool, last_data_time: float | None, now: float,
-               stall_seconds: float = STALL_SECONDS) -> Literal["finished", "live", "stalled"]:
+def run_status(
+    *, closed: bool, last_data_time: float | None, now: float, stall_seconds: float = STALL_SECONDS
+) -> Literal["finished", "live", "stalled"]:
     """``finished`` when closed, ``stalled`` when open with no new data for ``stall_seconds``, else ``live``."""
     if closed:
         return "finished"
@@ -433,8 +473,13 @@ def run_status(*, closed: bool, last_data_time: float | None, now: float,
 # --- Parquet file metadata -----------------------------------------------------------------------------
 def file_metadata(wid: str, rank: int, cfg: RecorderConfig) -> dict[bytes, bytes]:
     """The schema metadata every Parquet segment of writer ``wid`` carries (makes the file self-describing)."""
-    blob = {"schema_version": SCHEMA_VERSION, "rldiag_version": __version__, "writer": wid, "rank": rank,
-            "config": cfg.to_dict()}
+    blob = {
+        "schema_version": SCHEMA_VERSION,
+        "rldiag_version": __version__,
+        "writer": wid,
+        "rank": rank,
+        "config": cfg.to_dict(),
+    }
     return {PARQUET_META_KEY: json.dumps(blob).encode()}
 
 
@@ -568,11 +613,18 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
     """
     by_writer: dict[str, dict[str, Any]] = {}
     for d in data:
-        by_writer[d.writer] = {"rank": d.rank, "start": d.start_ns / 1e9, "first": d.first_step,
-                               "last": d.last_step, "published": d.last_publish, "info": None}
+        by_writer[d.writer] = {
+            "rank": d.rank,
+            "start": d.start_ns / 1e9,
+            "first": d.first_step,
+            "last": d.last_step,
+            "published": d.last_publish,
+            "info": None,
+        }
     for w in writers:
-        e = by_writer.setdefault(w.writer, {"rank": w.rank, "start": w.started, "first": None, "last": None,
-                                            "published": None, "info": None})
+        e = by_writer.setdefault(
+            w.writer, {"rank": w.rank, "start": w.started, "first": None, "last": None, "published": None, "info": None}
+        )
         e["info"] = w
         if w.first_step is not None:
             e["first"] = w.first_step if e["first"] is None else min(e["first"], w.first_step)
@@ -588,10 +640,18 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
             if bound is not None:
                 out.cutoff[wid] = bound
                 if e["last"] is not None and e["last"] >= bound:
-                    later = min((w for w in order[order.index(wid) + 1:] if by_writer[w]["first"] == bound),
-                                key=order.index)
-                    out.superseded.append({"rank": rank, "writer": wid, "from_step": max(bound, e["first"]),
-                                           "to_step": e["last"], "by": later})
+                    later = min(
+                        (w for w in order[order.index(wid) + 1 :] if by_writer[w]["first"] == bound), key=order.index
+                    )
+                    out.superseded.append(
+                        {
+                            "rank": rank,
+                            "writer": wid,
+                            "from_step": max(bound, e["first"]),
+                            "to_step": e["last"],
+                            "by": later,
+                        }
+                    )
             if e["first"] is not None:
                 bound = e["first"] if bound is None else min(bound, e["first"])
         reached: int | None = None  # the newest surviving step of the attempts so far
@@ -606,16 +666,23 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
             last = min(last, cut - 1) if cut is not None else last
             if last >= e["first"]:
                 reached = last if reached is None else max(reached, last)
-            for later in order[i + 1:]:
+            for later in order[i + 1 :]:
                 l_e = by_writer[later]
-                both_live = (e["info"] is not None and l_e["info"] is not None and e["info"].closed is None
-                             and l_e["info"].closed is None and e["info"].pid != l_e["info"].pid
-                             and _alive_here(e["info"]) and _alive_here(l_e["info"]))
+                both_live = (
+                    e["info"] is not None
+                    and l_e["info"] is not None
+                    and e["info"].closed is None
+                    and l_e["info"].closed is None
+                    and e["info"].pid != l_e["info"].pid
+                    and _alive_here(e["info"])
+                    and _alive_here(l_e["info"])
+                )
                 overlap = e["published"] is not None and e["published"] > l_e["start"]
                 if both_live or overlap:
                     why = "both processes are running" if both_live else "the first published after the second started"
                     out.problems.append(
                         f"rank {rank}: two writers were live at once ({wid} and {later}: {why}); the later one's "
                         f"records supersede the earlier one's from its first step on, which may hide data: "
-                        "give each process of a job its own rank")
+                        "give each process of a job its own rank"
+                    )
     return out

@@ -50,8 +50,17 @@ COV: Final = "cov"
 KEY_COLUMNS: Final[tuple[str, ...]] = (STEP, RANK, MICRO, SEQ, POS)
 REQUIRED_VALUE_COLUMNS: Final[tuple[str, ...]] = (LOGP, OLD_LOGP, ADV)
 OPTIONAL_COLUMNS: Final[tuple[str, ...]] = (
-    GROUP, TURN, STAGE, ROLLOUT_LOGP, REF_LOGP, TEACHER_LOGP, BASE_LOGP,
-    ENTROPY, TOKEN_ID, REWARD, VERSION,
+    GROUP,
+    TURN,
+    STAGE,
+    ROLLOUT_LOGP,
+    REF_LOGP,
+    TEACHER_LOGP,
+    BASE_LOGP,
+    ENTROPY,
+    TOKEN_ID,
+    REWARD,
+    VERSION,
 )
 
 TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {

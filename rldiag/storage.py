@@ -52,9 +52,16 @@ __all__ = [
 ]
 
 _URI_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_PACKAGES: Final = {"s3": "s3fs (pip install rldiag[s3])", "s3a": "s3fs (pip install rldiag[s3])",
-                    "gs": "gcsfs (pip install rldiag[gcs])", "gcs": "gcsfs (pip install rldiag[gcs])",
-                    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "hdfs": "pyarrow with libhdfs"}
+_PACKAGES: Final = {
+    "s3": "s3fs (pip install rldiag[s3])",
+    "s3a": "s3fs (pip install rldiag[s3])",
+    "gs": "gcsfs (pip install rldiag[gcs])",
+    "gcs": "gcsfs (pip install rldiag[gcs])",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "hdfs": "pyarrow with libhdfs",
+}
 
 
 def is_uri(text: Any) -> bool:
@@ -223,8 +230,7 @@ def _filesystem(protocol: str, storage_options: Mapping[str, Any] | None) -> Any
     return _FILESYSTEMS[key]
 
 
-def location(path: str | os.PathLike[str] | RemotePath, storage_options: Mapping[str, Any] | None = None
-             ) -> Location:
+def location(path: str | os.PathLike[str] | RemotePath, storage_options: Mapping[str, Any] | None = None) -> Location:
     """A local :class:`~pathlib.Path` or a :class:`RemotePath` for a path or URI (``file://`` is local).
 
     ``storage_options`` go to the fsspec filesystem (for S3 e.g. ``{"endpoint_url": ..., "key": ...}``);
@@ -239,7 +245,7 @@ def location(path: str | os.PathLike[str] | RemotePath, storage_options: Mapping
     if m is None:
         return Path(text)
     protocol = m.group(1).lower()
-    rest = text[m.end():]
+    rest = text[m.end() :]
     if protocol == "file":
         return Path(rest if rest.startswith("/") else "/" + rest)
     fs = _filesystem(protocol, storage_options)

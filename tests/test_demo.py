@@ -61,8 +61,15 @@ def test_tokenizer_and_model_are_built_locally_and_deterministic() -> None:
 
 # ---- CLI arguments -----------------------------------------------------------------------------------
 def _args(**kw: object) -> argparse.Namespace:
-    base = {"out": "x", "steps": DemoConfig.steps, "seed": 0, "change_step": None, "healthy": False,
-            "no_alerts": False, "quiet": True}
+    base = {
+        "out": "x",
+        "steps": DemoConfig.steps,
+        "seed": 0,
+        "change_step": None,
+        "healthy": False,
+        "no_alerts": False,
+        "quiet": True,
+    }
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -79,8 +86,9 @@ def test_config_from_args() -> None:
             demo_cmd.config_from_args(bad)
 
 
-def test_serve_hook_without_dashboard(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                      tmp_path: Path) -> None:
+def test_serve_hook_without_dashboard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     monkeypatch.setitem(sys.modules, "app.app", None)  # `from app.app import ...` now raises ImportError
     assert demo_cmd.start_dashboard(tmp_path, "127.0.0.1", 8050) is None
     err = capsys.readouterr().err
@@ -134,8 +142,7 @@ def test_samples_share_the_healthy_phase() -> None:
 
 # ---- training for real -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_cli_runs_is_deterministic_and_changes_regime(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_cli_runs_is_deterministic_and_changes_regime(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("trl")
     import polars as pl
     from polars.testing import assert_frame_equal

@@ -26,9 +26,9 @@ def _modules() -> list[str]:
     return [pkg.__name__ for pkg in (rldiag, app)] + sorted(names)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n.startswith(HEAVY) else n for n in _modules()
-])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(HEAVY) else n for n in _modules()]
+)
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=False)

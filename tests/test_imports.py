@@ -28,8 +28,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rldiag.export",),  # trackers and Prometheus: fed by the recorder (log_to=) and the watch/export commands
     ("rldiag.record", "rldiag.analysis", "rldiag.importers"),
     ("rldiag.alerts",),
-    ("rldiag.commands", "rldiag.cli", "rldiag.__main__", "rldiag.report", "rldiag.demo",
-     "rldiag.record.integrations", "app"),
+    (
+        "rldiag.commands",
+        "rldiag.cli",
+        "rldiag.__main__",
+        "rldiag.report",
+        "rldiag.demo",
+        "rldiag.record.integrations",
+        "app",
+    ),
 )
 """Packages (or modules) by layer, lowest first. The longest matching prefix decides a module's package."""
 SEPARATE: frozenset[int] = frozenset({6})
@@ -38,7 +45,8 @@ SEPARATE: frozenset[int] = frozenset({6})
 ALLOWED: dict[tuple[str, str], str] = {
     ("rldiag.record.recorder", "rldiag.alerts"): (
         "Recorder(alerts=True | path | config) builds the online evaluator; the import is function-local and runs "
-        "only when alerts are asked for, so recording never loads the alerts package otherwise"),
+        "only when alerts are asked for, so recording never loads the alerts package otherwise"
+    ),
     ("rldiag.importers", "rldiag.record"): "an importer writes its run through the Recorder",
     ("rldiag.record.importer", "rldiag.importers"): "the importers' old import path, kept as a re-export",
 }
@@ -74,7 +82,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
@@ -189,11 +198,14 @@ def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
 
 
-@pytest.mark.parametrize("source, edge", [
-    ("from rldiag.analysis.io import open_run\n", "rldiag.analysis.io"),  # module level
-    ("def f():\n    from rldiag.alerts import engine\n", "rldiag.alerts.engine"),  # function-local
-    ("def f():\n    import rldiag.analysis.lens\n", "rldiag.analysis.lens"),
-])
+@pytest.mark.parametrize(
+    "source, edge",
+    [
+        ("from rldiag.analysis.io import open_run\n", "rldiag.analysis.io"),  # module level
+        ("def f():\n    from rldiag.alerts import engine\n", "rldiag.alerts.engine"),  # function-local
+        ("def f():\n    import rldiag.analysis.lens\n", "rldiag.analysis.lens"),
+    ],
+)
 def test_the_checker_sees_backward_edges(tmp_path: Path, source: str, edge: str) -> None:
     """A backward edge written any of these ways is caught (the checker itself can fail)."""
     path = tmp_path / "m.py"

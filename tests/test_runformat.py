@@ -50,8 +50,12 @@ def test_eight_ranks_creating_one_run_at_once_all_succeed_with_one_manifest() ->
                 p.join()
             assert [r for r in results if r[0] == "error"] == []
             assert len({r[1] for r in results}) == 1  # every rank reads the one winner's manifest
-            assert sorted(os.listdir(root / f"run{i}")) == [rf.MANIFEST_NAME, rf.STATS_DIR, rf.TOKENS_DIR,
-                                                             rf.WRITERS_DIR]  # no temporary file left
+            assert sorted(os.listdir(root / f"run{i}")) == [
+                rf.MANIFEST_NAME,
+                rf.STATS_DIR,
+                rf.TOKENS_DIR,
+                rf.WRITERS_DIR,
+            ]  # no temporary file left
     finally:
         shutil.rmtree(root)
 
@@ -70,14 +74,17 @@ def test_create_is_idempotent_and_refuses_foreign_directories(tmp_path: Path) ->
         rf.create_run_dir(tmp_path / "file", RecorderConfig(), 1, None)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{", "corrupt"),
-    ("[1, 2]", "not an object"),
-    ('{"schema_version": "1"}', "no integer schema_version"),
-    ('{"schema_version": 99, "rldiag_version": "9.0"}', "newer than this rldiag"),
-    ('{"schema_version": 1, "config": [1]}', "'config' is a list"),
-    (" " * (rf.MAX_MANIFEST_BYTES + 1), "larger than"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "corrupt"),
+        ("[1, 2]", "not an object"),
+        ('{"schema_version": "1"}', "no integer schema_version"),
+        ('{"schema_version": 99, "rldiag_version": "9.0"}', "newer than this rldiag"),
+        ('{"schema_version": 1, "config": [1]}', "'config' is a list"),
+        (" " * (rf.MAX_MANIFEST_BYTES + 1), "larger than"),
+    ],
+)
 def test_bad_manifests_are_refused_with_the_file_named(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / rf.MANIFEST_NAME).write_text(content)
     with pytest.raises(rf.RunFormatError, match=message) as err:
@@ -115,8 +122,15 @@ def test_writer_files_are_parsed_with_bounds(tmp_path: Path) -> None:
             rf.read_writer_file(p)
     infos, problems = rf.read_writers(tmp_path)
     assert [i.writer for i in infos] == ["a"]
-    assert sorted(p.path.name for p in problems if p.path) == ["b.json", "c.json", "d.json", "e.json", "f.json",
-                                                               "g.json", "h.json"]
+    assert sorted(p.path.name for p in problems if p.path) == [
+        "b.json",
+        "c.json",
+        "d.json",
+        "e.json",
+        "f.json",
+        "g.json",
+        "h.json",
+    ]
     assert any("larger than" in str(p) for p in problems)
 
 
@@ -157,9 +171,14 @@ def test_file_metadata_round_trips_and_bad_blobs_are_refused() -> None:
     got = rf.read_file_metadata(meta)
     assert got["writer"] == "w" and got["rank"] == 3 and got["config"]["eps_high"] == 0.28
     assert rf.read_file_metadata(None) == {} and rf.read_file_metadata({b"other": b"1"}) == {}
-    for blob, message in [(b"{", "not JSON"), (b"[]", "not an object"), (b'{"schema_version": 2}', "newer"),
-                          (b'{"config": 3}', "not an object"), (b'{"config": {"eps_low": -1}}', "RecorderConfig"),
-                          (b'{"schema_version": true}', "non-integer")]:
+    for blob, message in [
+        (b"{", "not JSON"),
+        (b"[]", "not an object"),
+        (b'{"schema_version": 2}', "newer"),
+        (b'{"config": 3}', "not an object"),
+        (b'{"config": {"eps_low": -1}}', "RecorderConfig"),
+        (b'{"schema_version": true}', "non-integer"),
+    ]:
         with pytest.raises(rf.RunFormatError, match=message):
             rf.read_file_metadata({rf.PARQUET_META_KEY: blob})
 
@@ -169,8 +188,14 @@ def test_alerts_jsonl_one_parser_skips_torn_and_foreign_lines(tmp_path: Path) ->
     path = tmp_path / rf.ALERTS_FILE
     assert rf.read_alerts(path) == []
     good = {"event": "firing", "rule": "kl", "fingerprint": "f", "step": 3}
-    lines = [json.dumps(good), "[1]", json.dumps({"event": "firing", "rule": "x", "step": 1}),  # no fingerprint
-             "x" * (rf.MAX_ALERT_LINE_BYTES + 1), json.dumps({**good, "step": 4}), '{"event": "fir']
+    lines = [
+        json.dumps(good),
+        "[1]",
+        json.dumps({"event": "firing", "rule": "x", "step": 1}),  # no fingerprint
+        "x" * (rf.MAX_ALERT_LINE_BYTES + 1),
+        json.dumps({**good, "step": 4}),
+        '{"event": "fir',
+    ]
     path.write_text("\n".join(lines))
     assert [e["step"] for e in rf.read_alerts(path)] == [3, 4]
 
@@ -183,8 +208,11 @@ def test_alert_history_is_read_by_the_run_format_parser() -> None:
 
 
 # --- runs written before this module ----------------------------------------------------------------------
-@pytest.mark.parametrize("path", [SAMPLES / "healthy", SAMPLES / "collapse", REPO_SAMPLES / "healthy",
-                                  REPO_SAMPLES / "collapse"], ids=lambda p: f"{p.parent.parent.name}-{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    [SAMPLES / "healthy", SAMPLES / "collapse", REPO_SAMPLES / "healthy", REPO_SAMPLES / "collapse"],
+    ids=lambda p: f"{p.parent.parent.name}-{p.name}",
+)
 def test_committed_sample_runs_still_open(path: Path) -> None:
     run = rldiag.open_run(path)
     assert run.problems == [] and len(run.steps()) > 10

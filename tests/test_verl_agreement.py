@@ -56,14 +56,25 @@ def batch(seed: int, *, mismatch_outliers: bool = True) -> dict[str, torch.Tenso
 
 def verl_metrics(x: dict[str, torch.Tensor]) -> dict[str, float]:
     """The numbers verl logs for this batch, from verl's own functions."""
-    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_mini_batch_size=1, ppo_micro_batch_size_per_gpu=1,
-                      clip_ratio=EPS_LOW, clip_ratio_low=EPS_LOW, clip_ratio_high=EPS_HIGH, clip_ratio_c=DUAL_C)
+    cfg = ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_mini_batch_size=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=EPS_LOW,
+        clip_ratio_low=EPS_LOW,
+        clip_ratio_high=EPS_HIGH,
+        clip_ratio_c=DUAL_C,
+    )
     _, pg = compute_policy_loss_vanilla(x["old"], x["logp"], x["adv"], x["mask"], "token-mean", cfg)
     kld = kl_penalty(x["logp"], x["ref"], "low_var_kl")
     assert kld[x["mask"]].abs().max() < 10, "inputs must stay inside verl's [-10, 10] clamp"
     _, _, corr = compute_rollout_correction_and_rejection_mask(
-        old_log_prob=x["old"], rollout_log_prob=x["rollout"], response_mask=x["mask"].float(),
-        rollout_is="token", rollout_is_threshold=TIS_CAP,
+        old_log_prob=x["old"],
+        rollout_log_prob=x["rollout"],
+        response_mask=x["mask"].float(),
+        rollout_is="token",
+        rollout_is_threshold=TIS_CAP,
     )
     return {
         "pg_clipfrac": pg["actor/pg_clipfrac"],
@@ -85,10 +96,16 @@ def record(run_dir, x: dict[str, torch.Tensor], *, ranks: int, micro: int, step:
     rows = torch.arange(B).chunk(ranks * micro)
     for r in range(ranks):
         with rldiag.Recorder(run_dir, config=cfg, rank=r, world_size=ranks) as rec:
-            for idx in rows[r * micro:(r + 1) * micro]:
-                rec.record(step=step, logprobs=x["logp"][idx], old_logprobs=x["old"][idx],
-                           advantages=x["adv"][idx], mask=x["mask"][idx], ref_logprobs=x["ref"][idx],
-                           rollout_logprobs=x["rollout"][idx])
+            for idx in rows[r * micro : (r + 1) * micro]:
+                rec.record(
+                    step=step,
+                    logprobs=x["logp"][idx],
+                    old_logprobs=x["old"][idx],
+                    advantages=x["adv"][idx],
+                    mask=x["mask"][idx],
+                    ref_logprobs=x["ref"][idx],
+                    rollout_logprobs=x["rollout"][idx],
+                )
     df = rldiag.open_run(run_dir).step_metrics()
     assert df["step"].to_list() == [step]
     return df.row(0, named=True)

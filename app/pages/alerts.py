@@ -19,13 +19,22 @@ HISTORY_LIMIT = 500
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run, multi=False)
-    return html.Div([
-        ui.run_header("Alerts", runs, error=error, multi=False,
-                      intro="Rules of rldiag's alert engine (states inactive → pending → firing → resolved). "
-                            "History is read from the run's alerts.jsonl; click a step to see its tokens."),
-        ui.section("current state", html.Div(id=ids.ALERTS_STATES)),
-        ui.section("history", html.Div(id=ids.ALERTS_HISTORY), note=f"newest first, at most {HISTORY_LIMIT} events"),
-    ])
+    return html.Div(
+        [
+            ui.run_header(
+                "Alerts",
+                runs,
+                error=error,
+                multi=False,
+                intro="Rules of rldiag's alert engine (states inactive → pending → firing → resolved). "
+                "History is read from the run's alerts.jsonl; click a step to see its tokens.",
+            ),
+            ui.section("current state", html.Div(id=ids.ALERTS_STATES)),
+            ui.section(
+                "history", html.Div(id=ids.ALERTS_HISTORY), note=f"newest first, at most {HISTORY_LIMIT} events"
+            ),
+        ]
+    )
 
 
 def _time(t: Any) -> str:
@@ -47,20 +56,36 @@ def _step_link(run_id: str, step: Any) -> Any:
 def states_table(run_id: str, events: list[dict[str, Any]]) -> Any:
     states = data.alert_states(events)
     if not states:
-        return ui.notice("No alert events recorded for this run (alerts.jsonl is absent or empty). Record with "
-                         "rldiag.Recorder(..., alerts=True) or run `rldiag watch` to evaluate the rules.")
+        return ui.notice(
+            "No alert events recorded for this run (alerts.jsonl is absent or empty). Record with "
+            "rldiag.Recorder(..., alerts=True) or run `rldiag watch` to evaluate the rules."
+        )
     rows = []
     for rule, ev in sorted(states.items(), key=lambda kv: (str(kv[1]["state"]) != "firing", kv[0])):
         state = str(ev["state"] or "")
-        rows.append(html.Tr([
-            html.Td(rule), html.Td(html.Span(state, className=f"badge badge-{state}")),
-            html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
-            html.Td(_step_link(run_id, ev["step"])), html.Td(_step_link(run_id, ev["start_step"])),
-            html.Td(str(ev["metric"] or "")), html.Td(_num(ev["value"])), html.Td(_num(ev["threshold"])),
-            html.Td(str(ev["summary"] or "")),
-        ]))
-    head = html.Thead(html.Tr([html.Th(h) for h in ("rule", "state", "severity", "step", "since step", "metric",
-                                                    "value", "threshold", "summary")]))
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(rule),
+                    html.Td(html.Span(state, className=f"badge badge-{state}")),
+                    html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
+                    html.Td(_step_link(run_id, ev["step"])),
+                    html.Td(_step_link(run_id, ev["start_step"])),
+                    html.Td(str(ev["metric"] or "")),
+                    html.Td(_num(ev["value"])),
+                    html.Td(_num(ev["threshold"])),
+                    html.Td(str(ev["summary"] or "")),
+                ]
+            )
+        )
+    head = html.Thead(
+        html.Tr(
+            [
+                html.Th(h)
+                for h in ("rule", "state", "severity", "step", "since step", "metric", "value", "threshold", "summary")
+            ]
+        )
+    )
     return html.Table([head, html.Tbody(rows)], className="table")
 
 
@@ -71,14 +96,20 @@ def history_table(run_id: str, events: list[dict[str, Any]]) -> Any:
     for raw in list(reversed(events))[:HISTORY_LIMIT]:
         ev = data.normalize_alert(raw)
         state = str(ev["state"] or "")
-        rows.append(html.Tr([
-            html.Td(_time(ev["time"])), html.Td(str(ev["rule"] or "")),
-            html.Td(html.Span(state, className=f"badge badge-{state}")),
-            html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
-            html.Td(_step_link(run_id, ev["step"])), html.Td(_num(ev["value"])), html.Td(str(ev["summary"] or "")),
-        ]))
-    head = html.Thead(html.Tr([html.Th(h) for h in ("time", "rule", "event", "severity", "step", "value",
-                                                    "summary")]))
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(_time(ev["time"])),
+                    html.Td(str(ev["rule"] or "")),
+                    html.Td(html.Span(state, className=f"badge badge-{state}")),
+                    html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
+                    html.Td(_step_link(run_id, ev["step"])),
+                    html.Td(_num(ev["value"])),
+                    html.Td(str(ev["summary"] or "")),
+                ]
+            )
+        )
+    head = html.Thead(html.Tr([html.Th(h) for h in ("time", "rule", "event", "severity", "step", "value", "summary")]))
     return html.Table([head, html.Tbody(rows)], className="table")
 
 

@@ -17,12 +17,17 @@ dash.register_page(__name__, path="/cliff", name="Cliff calculator", title="rldi
 DEFAULTS = {"p": 0.96, "b": 0.90, "c": 2.0, "lam": None}
 
 
-def _number(id_: str, label: str, value: float | None, *, lo: float, hi: float | None, step: float, help_: str) -> html.Div:
-    return html.Div([
-        html.Label(label, htmlFor=id_, className="field-label"),
-        dcc.Input(id=id_, type="number", value=value, min=lo, max=hi, step=step, debounce=True, className="num"),
-        html.Span(help_, className="muted field-help"),
-    ], className="field")
+def _number(
+    id_: str, label: str, value: float | None, *, lo: float, hi: float | None, step: float, help_: str
+) -> html.Div:
+    return html.Div(
+        [
+            html.Label(label, htmlFor=id_, className="field-label"),
+            dcc.Input(id=id_, type="number", value=value, min=lo, max=hi, step=step, debounce=True, className="num"),
+            html.Span(help_, className="muted field-help"),
+        ],
+        className="field",
+    )
 
 
 def layout(p: Any = None, b: Any = None, c: Any = None, lam: Any = None, **_query: Any) -> html.Div:
@@ -32,25 +37,63 @@ def layout(p: Any = None, b: Any = None, c: Any = None, lam: Any = None, **_quer
         except (TypeError, ValueError):
             return default
 
-    return html.Div([
-        html.Div(html.H2("Cliff calculator", className="page-title"), className="page-head"),
-        html.P("On-policy distillation with reward extrapolation drives the policy toward "
-               "base^(1-λ)·teacher^λ. Past λ* a base-relative ratio leaves the clip range [1/c, c] and the "
-               "clipped objective stops constraining the update: the extrapolation cliff. rldiag's λ* is a "
-               "derivation (metrics-spec §3), not the paper's own equations.", className="intro"),
-        html.Div([
-            _number(ids.CLIFF_P, "p — teacher modal probability", num(p, DEFAULTS["p"]), lo=0.0, hi=1.0, step=0.001,
-                    help_="at the binding (near-deterministic) position"),
-            _number(ids.CLIFF_B, "b — warm-start (base) mass", num(b, DEFAULTS["b"]), lo=0.0, hi=1.0, step=0.001,
-                    help_="of the same token under the base model"),
-            _number(ids.CLIFF_C, "c — IS clip strength", num(c, DEFAULTS["c"]), lo=1.0, hi=None, step=0.1,
-                    help_="ratios are clipped to [1/c, c]; c = 1/(1-ε) for a PPO ε"),
-            _number(ids.CLIFF_LAM, "λ — your extrapolation weight (optional)", num(lam, DEFAULTS["lam"]), lo=0.0,
-                    hi=None, step=0.01, help_="shows the headroom λ/λ*"),
-        ], className="fields"),
-        html.Div(id=ids.CLIFF_RESULT, className="cliff-result"),
-        html.Div(dcc.Graph(id=ids.CLIFF_FIGURE, config=ui.GRAPH_CONFIG, style={"height": "420px"}), className="card"),
-    ])
+    return html.Div(
+        [
+            html.Div(html.H2("Cliff calculator", className="page-title"), className="page-head"),
+            html.P(
+                "On-policy distillation with reward extrapolation drives the policy toward "
+                "base^(1-λ)·teacher^λ. Past λ* a base-relative ratio leaves the clip range [1/c, c] and the "
+                "clipped objective stops constraining the update: the extrapolation cliff. rldiag's λ* is a "
+                "derivation (metrics-spec §3), not the paper's own equations.",
+                className="intro",
+            ),
+            html.Div(
+                [
+                    _number(
+                        ids.CLIFF_P,
+                        "p — teacher modal probability",
+                        num(p, DEFAULTS["p"]),
+                        lo=0.0,
+                        hi=1.0,
+                        step=0.001,
+                        help_="at the binding (near-deterministic) position",
+                    ),
+                    _number(
+                        ids.CLIFF_B,
+                        "b — warm-start (base) mass",
+                        num(b, DEFAULTS["b"]),
+                        lo=0.0,
+                        hi=1.0,
+                        step=0.001,
+                        help_="of the same token under the base model",
+                    ),
+                    _number(
+                        ids.CLIFF_C,
+                        "c — IS clip strength",
+                        num(c, DEFAULTS["c"]),
+                        lo=1.0,
+                        hi=None,
+                        step=0.1,
+                        help_="ratios are clipped to [1/c, c]; c = 1/(1-ε) for a PPO ε",
+                    ),
+                    _number(
+                        ids.CLIFF_LAM,
+                        "λ — your extrapolation weight (optional)",
+                        num(lam, DEFAULTS["lam"]),
+                        lo=0.0,
+                        hi=None,
+                        step=0.01,
+                        help_="shows the headroom λ/λ*",
+                    ),
+                ],
+                className="fields",
+            ),
+            html.Div(id=ids.CLIFF_RESULT, className="cliff-result"),
+            html.Div(
+                dcc.Graph(id=ids.CLIFF_FIGURE, config=ui.GRAPH_CONFIG, style={"height": "420px"}), className="card"
+            ),
+        ]
+    )
 
 
 def cliff_view(p: Any, b: Any, c: Any, lam: Any) -> tuple[Any, Any]:
@@ -66,7 +109,8 @@ def cliff_view(p: Any, b: Any, c: Any, lam: Any) -> tuple[Any, Any]:
         mod = importlib.import_module("rldiag.analysis.cliff")
     except ImportError:
         return figures.empty_figure("cliff calculator not available"), ui.notice(
-            "rldiag.analysis.cliff is not available in this version.", "error")
+            "rldiag.analysis.cliff is not available in this version.", "error"
+        )
     try:
         star = float(mod.lambda_star(p, b, c))
         fig = mod.cliff_figure(p, b, c, lam=lam)

@@ -25,25 +25,42 @@ def reward_metrics() -> list[str]:
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
-    children: list[Any] = [ui.run_header(
-        "Entropy", runs, error=error,
-        intro="Policy entropy and what drives it: the covariance of log-prob and advantage predicts the "
-              "entropy change (Entropy Mechanism paper); a positive covariance while entropy falls is an "
-              "early collapse signal.")]
+    children: list[Any] = [
+        ui.run_header(
+            "Entropy",
+            runs,
+            error=error,
+            intro="Policy entropy and what drives it: the covariance of log-prob and advantage predicts the "
+            "entropy change (Entropy Mechanism paper); a positive covariance while entropy falls is an "
+            "early collapse signal.",
+        )
+    ]
     if not runs:
         return html.Div(children)
     children.append(ui.section("entropy", ui.panel_grid(PAGE, panels.page_panels(PAGE))))
     options = [{"label": m, "value": m} for m in reward_metrics()]
-    children.append(ui.section(
-        "entropy-performance law",
-        html.Div([html.Span("performance series: ", className="muted"),
-                  dcc.Dropdown(id=ids.LAW_REWARD, options=options, value=options[0]["value"] if options else None,
-                               clearable=False, className="inline-dropdown")], className="toolbar"),
-        html.Div(id=ids.LAW_NOTE, className="law-note"),
-        html.Div(dcc.Graph(id=ids.LAW_FIGURE, config=ui.GRAPH_CONFIG, style={"height": "360px"}), className="card"),
-        note="Fit of R = -a·exp(H) + b over the run's steps (first selected run); the ceiling b - a is the "
-             "performance predicted when entropy is exhausted.",
-    ))
+    children.append(
+        ui.section(
+            "entropy-performance law",
+            html.Div(
+                [
+                    html.Span("performance series: ", className="muted"),
+                    dcc.Dropdown(
+                        id=ids.LAW_REWARD,
+                        options=options,
+                        value=options[0]["value"] if options else None,
+                        clearable=False,
+                        className="inline-dropdown",
+                    ),
+                ],
+                className="toolbar",
+            ),
+            html.Div(id=ids.LAW_NOTE, className="law-note"),
+            html.Div(dcc.Graph(id=ids.LAW_FIGURE, config=ui.GRAPH_CONFIG, style={"height": "360px"}), className="card"),
+            note="Fit of R = -a·exp(H) + b over the run's steps (first selected run); the ceiling b - a is the "
+            "performance predicted when entropy is exhausted.",
+        )
+    )
     return html.Div(children)
 
 
@@ -73,9 +90,14 @@ def law_view(run_id: str, metric: str) -> tuple[Any, str]:
     r2 = _field(result, "r2", "r_squared")
     if a is None or b is None:
         return figures.empty_figure("cannot fit the law"), "the fit returned no coefficients"
-    fig = figures.law_figure(data.to_numpy(frame, ENTROPY_METRIC), data.to_numpy(frame, metric),
-                             a=float(a), b=float(b), r2=float(r2 if r2 is not None else float("nan")),
-                             reward_name=metric)
+    fig = figures.law_figure(
+        data.to_numpy(frame, ENTROPY_METRIC),
+        data.to_numpy(frame, metric),
+        a=float(a),
+        b=float(b),
+        r2=float(r2 if r2 is not None else float("nan")),
+        reward_name=metric,
+    )
     ceiling = _field(result, "ceiling")
     reached = _field(result, "reached")
     gain = _field(result, "gain_reached")

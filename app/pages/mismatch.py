@@ -13,8 +13,10 @@ from app import layout as ui
 dash.register_page(__name__, path="/mismatch", name="Mismatch & staleness", title="rldiag · Mismatch", order=5)
 
 PAGE = "mismatch"
-NEEDS = {"mismatch": "rollout_logp (the inference engine's log-probs)", "staleness": "version (the policy "
-         "version that generated each token)"}
+NEEDS = {
+    "mismatch": "rollout_logp (the inference engine's log-probs)",
+    "staleness": "version (the policy version that generated each token)",
+}
 
 
 def has_data(run_id: str, family: str) -> bool:
@@ -28,10 +30,15 @@ def has_data(run_id: str, family: str) -> bool:
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
-    children: list[Any] = [ui.run_header(
-        "Mismatch & staleness", runs, error=error,
-        intro="logp - rollout_logp = (old_logp - rollout_logp) + (logp - old_logp): the engine/trainer "
-              "discrepancy times the staleness. This page shows the first factor and the policy lag.")]
+    children: list[Any] = [
+        ui.run_header(
+            "Mismatch & staleness",
+            runs,
+            error=error,
+            intro="logp - rollout_logp = (old_logp - rollout_logp) + (logp - old_logp): the engine/trainer "
+            "discrepancy times the staleness. This page shows the first factor and the policy lag.",
+        )
+    ]
     if not runs:
         return html.Div(children)
     by_family: dict[str, list[panels.Panel]] = {}
@@ -40,8 +47,12 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
     for fam, ps in by_family.items():
         missing = [r for r in runs if not has_data(r, fam)]
         if len(missing) == len(runs):
-            children.append(ui.section(fam, ui.notice(
-                f"{', '.join(runs)}: no {fam} data — record {NEEDS.get(fam, 'its inputs')} to see it.")))
+            children.append(
+                ui.section(
+                    fam,
+                    ui.notice(f"{', '.join(runs)}: no {fam} data — record {NEEDS.get(fam, 'its inputs')} to see it."),
+                )
+            )
             continue
         note = f"no {fam} data in: {', '.join(missing)}" if missing else None
         children.append(ui.section(fam, ui.panel_grid(PAGE, ps), note=note))

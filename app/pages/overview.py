@@ -23,8 +23,13 @@ def alert_line(runs: list[str]) -> html.Div | None:
         for rule, ev in data.alert_states(cat.state(run_id).alerts()).items():
             if str(ev["state"]).lower() == "firing":
                 text = f"{rule} (step {ev['step']})" if len(runs) == 1 else f"{run_id}: {rule} (step {ev['step']})"
-                chips.append(dash.dcc.Link(text, href="/alerts" + ui.run_query([run_id]),
-                                           className=f"alert-chip sev-{ev.get('severity') or 'warn'}"))
+                chips.append(
+                    dash.dcc.Link(
+                        text,
+                        href="/alerts" + ui.run_query([run_id]),
+                        className=f"alert-chip sev-{ev.get('severity') or 'warn'}",
+                    )
+                )
     if not chips:
         return None
     return html.Div([html.Span("firing: ", className="muted"), *chips], className="alert-line")
@@ -32,11 +37,16 @@ def alert_line(runs: list[str]) -> html.Div | None:
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
-    children: list[Any] = [ui.run_header(
-        "Overview", runs, error=error,
-        intro="Headline metrics of each family (flagged in the metric registry). Dashed vertical lines: alerts "
-              "that started firing. Click a point to inspect that step's tokens; drag to zoom (the server "
-              "re-aggregates the zoomed range).")]
+    children: list[Any] = [
+        ui.run_header(
+            "Overview",
+            runs,
+            error=error,
+            intro="Headline metrics of each family (flagged in the metric registry). Dashed vertical lines: alerts "
+            "that started firing. Click a point to inspect that step's tokens; drag to zoom (the server "
+            "re-aggregates the zoomed range).",
+        )
+    ]
     if runs:
         line = alert_line(runs)
         if line is not None:

@@ -19,25 +19,41 @@ KEYS = {"step", "bucket", "pos", "stage", "turn", "bucket_lo", "bucket_hi", "lo"
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
-    children: list[Any] = [ui.run_header(
-        "Positions & stages", runs, error=error,
-        intro="Per bucket of token position (deciles of the longest response), denoising stage or turn: "
-              "GRPO-Guard's left shift of the ratio below 1 and its per-timestep variance spread show here "
-              "before they show in the step means.")]
+    children: list[Any] = [
+        ui.run_header(
+            "Positions & stages",
+            runs,
+            error=error,
+            intro="Per bucket of token position (deciles of the longest response), denoising stage or turn: "
+            "GRPO-Guard's left shift of the ratio below 1 and its per-timestep variance spread show here "
+            "before they show in the step means.",
+        )
+    ]
     if not runs:
         return html.Div(children)
-    children.append(ui.section(
-        "by bucket",
-        html.Div([
-            dcc.RadioItems(id=ids.BUCKET_BY, options=[{"label": l, "value": v} for l, v in BY], value="pos",
-                           inline=True, className="radio"),
-            dcc.Dropdown(id=ids.BUCKET_QUANTITY, options=[], value=None, clearable=False,
-                         className="inline-dropdown"),
-            html.Div(id=ids.BUCKET_NOTE, className="muted"),
-        ], className="toolbar"),
-        dcc.Loading(html.Div(ui.clickable_graph(ids.BUCKET_HEATMAP, height=420), className="card"), type="dot"),
-        note="First selected run. Click a cell to open that step's tokens.",
-    ))
+    children.append(
+        ui.section(
+            "by bucket",
+            html.Div(
+                [
+                    dcc.RadioItems(
+                        id=ids.BUCKET_BY,
+                        options=[{"label": label, "value": v} for label, v in BY],
+                        value="pos",
+                        inline=True,
+                        className="radio",
+                    ),
+                    dcc.Dropdown(
+                        id=ids.BUCKET_QUANTITY, options=[], value=None, clearable=False, className="inline-dropdown"
+                    ),
+                    html.Div(id=ids.BUCKET_NOTE, className="muted"),
+                ],
+                className="toolbar",
+            ),
+            dcc.Loading(html.Div(ui.clickable_graph(ids.BUCKET_HEATMAP, height=420), className="card"), type="dot"),
+            note="First selected run. Click a cell to open that step's tokens.",
+        )
+    )
     children.append(ui.section("stage scalars", ui.panel_grid(PAGE, panels.page_panels(PAGE))))
     return html.Div(children)
 
@@ -88,5 +104,3 @@ def coverage_note(run_id: str, frame: Any) -> str:
     used, total = frame["step"].n_unique(), st.metrics().height
     part = f"{used} of {total} steps, evenly spaced" if used < total else f"all {total} steps"
     return f"{run_id}: {part}"
-
-

@@ -20,15 +20,25 @@ BANDS = ("ratio/logabs_p50", "ratio/logabs_p99", "ratio/logabs_p999")
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
-    children: list[Any] = [ui.run_header(
-        "Ratios & trust region", runs, error=error,
-        intro="How far the policy moved from the one that sampled: the |log-ratio| distribution of every step "
-              "(heatmap, first selected run) with its p50/p99/p99.9 bands, then each ratio, ESS, KL and "
-              "sequence-level metric of the registry.")]
+    children: list[Any] = [
+        ui.run_header(
+            "Ratios & trust region",
+            runs,
+            error=error,
+            intro="How far the policy moved from the one that sampled: the |log-ratio| distribution of every step "
+            "(heatmap, first selected run) with its p50/p99/p99.9 bands, then each ratio, ESS, KL and "
+            "sequence-level metric of the registry.",
+        )
+    ]
     if runs:
-        children.append(ui.section("log-ratio distribution", ui.clickable_graph(ids.RATIO_HEATMAP, height=400),
-                                   note="Colour: log10 of the share of the step's tokens in each bin. Steps are "
-                                        "merged (histograms add) when there are more than fit the width."))
+        children.append(
+            ui.section(
+                "log-ratio distribution",
+                ui.clickable_graph(ids.RATIO_HEATMAP, height=400),
+                note="Colour: log10 of the share of the step's tokens in each bin. Steps are "
+                "merged (histograms add) when there are more than fit the width.",
+            )
+        )
         by_family: dict[str, list[panels.Panel]] = {}
         for p in panels.page_panels(PAGE):
             by_family.setdefault(p.family, []).append(p)
@@ -53,8 +63,9 @@ def heatmap_figure(runs: list[str]) -> Any:
             # a tail quantile's spike must survive: keep each bucket's maximum
             env = downsample(steps_all, data.to_numpy(frame, name))
             bands[name.split("/", 1)[1]], band_x = env.hi, env.x
-    return figures.ratio_heatmap(x, centers, merged, bands=bands, band_steps=band_x,
-                                 title=f"|log-ratio| per step — {good[0]}")
+    return figures.ratio_heatmap(
+        x, centers, merged, bands=bands, band_steps=band_x, title=f"|log-ratio| per step — {good[0]}"
+    )
 
 
 @callback(

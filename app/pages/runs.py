@@ -21,12 +21,19 @@ def layout(**_query: Any) -> html.Div:
     cat = data.catalog()
     return html.Div(
         [
-            html.Div([html.H2("Runs", className="page-title"),
-                      html.Span(f"served folder: {cat.root}", className="muted")], className="page-head"),
+            html.Div(
+                [html.H2("Runs", className="page-title"), html.Span(f"served folder: {cat.root}", className="muted")],
+                className="page-head",
+            ),
             html.Div(
                 [
-                    dcc.Input(id=ids.RUNS_FILTER, type="text", debounce=True, placeholder="filter: name or glob (grpo*, *lr3e-6*)",
-                              className="filter"),
+                    dcc.Input(
+                        id=ids.RUNS_FILTER,
+                        type="text",
+                        debounce=True,
+                        placeholder="filter: name or glob (grpo*, *lr3e-6*)",
+                        className="filter",
+                    ),
                     html.Button("refresh", id=ids.RUNS_REFRESH, n_clicks=0, className="button"),
                     dcc.Link("compare selected →", id=ids.RUNS_COMPARE, href="/overview", className="button primary"),
                 ],
@@ -82,23 +89,39 @@ def runs_table(run_ids: list[str], *, selected: list[str], pattern: str | None =
         return html.P("No runs here yet. Record one with rldiag.Recorder, or run `rldiag demo`.", className="muted")
     if not shown:
         return html.P("No run matches the filter.", className="muted")
-    head = html.Thead(html.Tr([html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens",
-                                                    "firing alerts")]))
+    head = html.Thead(
+        html.Tr([html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens", "firing alerts")])
+    )
     rows = []
     for rid in shown:
         s = summary(rid)
         status = s["status"]
-        rows.append(html.Tr([
-            html.Td(dcc.Checklist(id={"type": SELECT, "run": rid}, options=[{"label": "", "value": rid}],
-                                  value=[rid] if rid in selected else [], className="row-check")),
-            html.Td(dcc.Link(rid, href="/overview" + run_query([rid]), className="run-link")),
-            html.Td(html.Span(status, className=f"badge badge-{status}")),
-            html.Td(str(s.get("steps", "–"))),
-            html.Td("–" if s.get("last_step") is None else str(s["last_step"])),
-            html.Td(_fmt_count(s.get("tokens", float("nan")))),
-            html.Td([dcc.Link(r, href="/alerts" + run_query([rid]), className="alert-chip")
-                     for r in s.get("firing", [])] or (s.get("error") or "none")),
-        ]))
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(
+                        dcc.Checklist(
+                            id={"type": SELECT, "run": rid},
+                            options=[{"label": "", "value": rid}],
+                            value=[rid] if rid in selected else [],
+                            className="row-check",
+                        )
+                    ),
+                    html.Td(dcc.Link(rid, href="/overview" + run_query([rid]), className="run-link")),
+                    html.Td(html.Span(status, className=f"badge badge-{status}")),
+                    html.Td(str(s.get("steps", "–"))),
+                    html.Td("–" if s.get("last_step") is None else str(s["last_step"])),
+                    html.Td(_fmt_count(s.get("tokens", float("nan")))),
+                    html.Td(
+                        [
+                            dcc.Link(r, href="/alerts" + run_query([rid]), className="alert-chip")
+                            for r in s.get("firing", [])
+                        ]
+                        or (s.get("error") or "none")
+                    ),
+                ]
+            )
+        )
     return html.Table([head, html.Tbody(rows)], className="table runs")
 
 
@@ -119,4 +142,3 @@ def refresh_table(pattern: str | None, _clicks: int, _ticks: int, checked: list[
 def compare_link(checked: list[list[str]]) -> str:
     selected = [r for values in (checked or []) for r in (values or [])]
     return "/overview" + run_query(selected)
-

@@ -32,10 +32,17 @@ def _step(value: Any) -> int | None:
 
 def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run, multi=False)
-    children: list[Any] = [ui.run_header("Tokens", runs, error=error, multi=False,
-                                         intro="Pick a step (or click a point on any chart). Each row is one "
-                                               "token; the strip beside it is its sequence around it, coloured "
-                                               "by log-ratio (blue: r < 1, red: r > 1) or by entropy.")]
+    children: list[Any] = [
+        ui.run_header(
+            "Tokens",
+            runs,
+            error=error,
+            multi=False,
+            intro="Pick a step (or click a point on any chart). Each row is one "
+            "token; the strip beside it is its sequence around it, coloured "
+            "by log-ratio (blue: r < 1, red: r > 1) or by entropy.",
+        )
+    ]
     if not runs:
         return html.Div(children)
     st = data.catalog().state(runs[0])
@@ -43,16 +50,27 @@ def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
     chosen = _step(step)
     if chosen is None and frame.height:
         chosen = int(frame["step"].max())
-    children.append(html.Div([
-        html.Label("step", htmlFor=ids.TOKENS_STEP, className="muted"),
-        dcc.Input(id=ids.TOKENS_STEP, type="number", value=chosen, debounce=True, className="step-input"),
-        html.Label("colour by", className="muted"),
-        dcc.RadioItems(id=ids.TOKENS_COLOR, options=[{"label": "log-ratio", "value": "logratio"},
-                                                     {"label": "entropy", "value": "entropy"}],
-                       value="logratio", inline=True, className="radio"),
-        html.Label("rows", htmlFor=ids.TOKENS_K, className="muted"),
-        dcc.Dropdown(id=ids.TOKENS_K, options=[5, 10, 20, 50], value=10, clearable=False, className="k-dropdown"),
-    ], className="toolbar"))
+    children.append(
+        html.Div(
+            [
+                html.Label("step", htmlFor=ids.TOKENS_STEP, className="muted"),
+                dcc.Input(id=ids.TOKENS_STEP, type="number", value=chosen, debounce=True, className="step-input"),
+                html.Label("colour by", className="muted"),
+                dcc.RadioItems(
+                    id=ids.TOKENS_COLOR,
+                    options=[{"label": "log-ratio", "value": "logratio"}, {"label": "entropy", "value": "entropy"}],
+                    value="logratio",
+                    inline=True,
+                    className="radio",
+                ),
+                html.Label("rows", htmlFor=ids.TOKENS_K, className="muted"),
+                dcc.Dropdown(
+                    id=ids.TOKENS_K, options=[5, 10, 20, 50], value=10, clearable=False, className="k-dropdown"
+                ),
+            ],
+            className="toolbar",
+        )
+    )
     children.append(suggestions(runs[0], frame))
     children.append(html.Div(id=ids.TOKENS_SUMMARY, className="muted"))
     children.append(dcc.Loading(html.Div(id=ids.TOKENS_BODY), type="dot"))
@@ -67,17 +85,28 @@ def suggestions(run_id: str, frame: Any) -> html.Div:
         steps = frame["step"].to_numpy()
         ok = np.flatnonzero(np.isfinite(v))
         for i in ok[np.argsort(-v[ok])][:5]:
-            links.append(dcc.Link(f"{int(steps[i])} ({v[i]:.3g})", href="/tokens" + ui.run_query([run_id], step=int(steps[i])),
-                                  className="chip"))
+            links.append(
+                dcc.Link(
+                    f"{int(steps[i])} ({v[i]:.3g})",
+                    href="/tokens" + ui.run_query([run_id], step=int(steps[i])),
+                    className="chip",
+                )
+            )
     fired = data.firing_events(data.catalog().state(run_id).alerts())
     for ev in fired[-5:]:
         if ev["step"] is not None:
-            links.append(dcc.Link(f"{ev['step']} ({ev['rule']})", href="/tokens" + ui.run_query([run_id], step=ev["step"]),
-                                  className="chip chip-alert"))
+            links.append(
+                dcc.Link(
+                    f"{ev['step']} ({ev['rule']})",
+                    href="/tokens" + ui.run_query([run_id], step=ev["step"]),
+                    className="chip chip-alert",
+                )
+            )
     if not links:
         return html.Div()
-    return html.Div([html.Span(f"worst steps by {SUGGEST_METRIC} / alerts: ", className="muted"), *links],
-                    className="suggest")
+    return html.Div(
+        [html.Span(f"worst steps by {SUGGEST_METRIC} / alerts: ", className="muted"), *links], className="suggest"
+    )
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -111,29 +140,50 @@ def _shown(text: str) -> str:
 def context_strip(pick: tv.TokenPick, by: str) -> html.Div:
     spans = []
     for c in pick.context:
-        spans.append(html.Span(
-            _shown(c.text), className="tok tok-selected" if c.selected else "tok",
-            style={"backgroundColor": color_for(c, by)},
-            title=f"pos {c.pos} · id {c.token_id} · log-ratio {_fmt(c.logratio)} · entropy {_fmt(c.entropy)}",
-        ))
+        spans.append(
+            html.Span(
+                _shown(c.text),
+                className="tok tok-selected" if c.selected else "tok",
+                style={"backgroundColor": color_for(c, by)},
+                title=f"pos {c.pos} · id {c.token_id} · log-ratio {_fmt(c.logratio)} · entropy {_fmt(c.entropy)}",
+            )
+        )
     return html.Div(spans, className="ctx")
 
 
 def pick_table(ranking: str, picks: list[tv.TokenPick], by: str) -> html.Div:
-    head = html.Thead(html.Tr([html.Th(h) for h in
-                               ("#", "token", "score", "log-ratio", "ratio", "entropy", "adv", "cov", "seq", "pos",
-                                "context")]))
+    head = html.Thead(
+        html.Tr(
+            [
+                html.Th(h)
+                for h in ("#", "token", "score", "log-ratio", "ratio", "entropy", "adv", "cov", "seq", "pos", "context")
+            ]
+        )
+    )
     rows = []
     for n, p in enumerate(picks, 1):
         ratio = math.exp(p.logratio) if math.isfinite(p.logratio) and p.logratio < 700 else float("nan")
-        rows.append(html.Tr([
-            html.Td(str(n)), html.Td(html.Span(_shown(p.text), className="tok tok-selected")),
-            html.Td(_fmt(p.score, ".4g")), html.Td(_fmt(p.logratio, ".4g")), html.Td(_fmt(ratio, ".4g")),
-            html.Td(_fmt(p.entropy)), html.Td(_fmt(p.adv)), html.Td(_fmt(p.cov)), html.Td(str(p.seq)),
-            html.Td(str(p.pos)), html.Td(context_strip(p, by)),
-        ]))
-    return html.Div([html.H3(tv.RANKINGS[ranking]), html.Table([head, html.Tbody(rows)], className="table tokens")],
-                    className="section")
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(str(n)),
+                    html.Td(html.Span(_shown(p.text), className="tok tok-selected")),
+                    html.Td(_fmt(p.score, ".4g")),
+                    html.Td(_fmt(p.logratio, ".4g")),
+                    html.Td(_fmt(ratio, ".4g")),
+                    html.Td(_fmt(p.entropy)),
+                    html.Td(_fmt(p.adv)),
+                    html.Td(_fmt(p.cov)),
+                    html.Td(str(p.seq)),
+                    html.Td(str(p.pos)),
+                    html.Td(context_strip(p, by)),
+                ]
+            )
+        )
+    return html.Div(
+        [html.H3(tv.RANKINGS[ranking]), html.Table([head, html.Tbody(rows)], className="table tokens")],
+        className="section",
+    )
 
 
 def token_body(run_id: str, step: int | None, by: str, k: int) -> tuple[Any, str]:
@@ -144,21 +194,29 @@ def token_body(run_id: str, step: int | None, by: str, k: int) -> tuple[Any, str
     st = cat.state(run_id)
     frame = st.tokens_at(step)
     if frame.height == 0:
-        return ui.notice(f"No token rows for step {step} of {run_id}: the step does not exist, or its token rows "
-                         "were not recorded (token_sample_rate < 1 or rows dropped under load)."), ""
+        return ui.notice(
+            f"No token rows for step {step} of {run_id}: the step does not exist, or its token rows "
+            "were not recorded (token_sample_rate < 1 or rows dropped under load)."
+        ), ""
     have = tv.available(frame)
     decoder = cat.decoder_for(run_id)
     sections = []
     for ranking in tv.RANKINGS:
         if not have[ranking]:
-            sections.append(html.Div([html.H3(tv.RANKINGS[ranking]),
-                                      ui.notice(f"this run did not record the {ranking} column")], className="section"))
+            sections.append(
+                html.Div(
+                    [html.H3(tv.RANKINGS[ranking]), ui.notice(f"this run did not record the {ranking} column")],
+                    className="section",
+                )
+            )
             continue
         picks = tv.decode(tv.pick(frame, ranking, k=k), decoder)
         sections.append(pick_table(ranking, picks, by))
     s = tv.summary(frame)
-    line = (f"{run_id} · step {step}: {int(s['tokens'])} token rows in {int(s['sequences'])} sequences; "
-            f"max |log-ratio| {_fmt(s['max_abs_logratio'])}")
+    line = (
+        f"{run_id} · step {step}: {int(s['tokens'])} token rows in {int(s['sequences'])} sequences; "
+        f"max |log-ratio| {_fmt(s['max_abs_logratio'])}"
+    )
     if decoder.error:
         line += f" · {decoder.error}"
     elif decoder.path is None:

@@ -28,7 +28,7 @@ import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -168,7 +168,7 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
             ref = cs.baseline
         else:
             prev = cs.recent
-            cs = replace(cs, recent=(prev + (value,))[-cond.window:])
+            cs = replace(cs, recent=(prev + (value,))[-cond.window :])
             if len(prev) < cond.needed_periods:
                 return cs, _Result(False, value=value)
             ref = statistics.median(prev)
@@ -178,10 +178,10 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
         hold = _cmp(value, cond.op, res) and above_floor
     else:  # trend
         hist = cs.recent + (value,)
-        cs = replace(cs, recent=hist[-cond.steps:])
+        cs = replace(cs, recent=hist[-cond.steps :])
         if len(hist) < cond.steps + 1:
             return cs, _Result(False, value=value)
-        hist = hist[-(cond.steps + 1):]
+        hist = hist[-(cond.steps + 1) :]
         sign = 1.0 if cond.direction == "rising" else -1.0
         first, last = hist[0], hist[-1]
         if cond.mode == "monotone":
@@ -195,11 +195,12 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
             enough = enough and (last >= cond.floor if sign > 0 else last <= cond.floor)
         trip = moved and enough
         thr, res, ref = first, None, first
-    trips = (cs.trips + (trip,))[-cond.n:]
+    trips = (cs.trips + (trip,))[-cond.n :]
     cs = replace(cs, trips=trips)
     met = sum(trips) >= cond.for_
-    return cs, _Result(True, trip=trip, met=met, hold=hold or trip, value=value, threshold=thr, resolve=res,
-                       reference=ref)
+    return cs, _Result(
+        True, trip=trip, met=met, hold=hold or trip, value=value, threshold=thr, resolve=res, reference=ref
+    )
 
 
 def advance(
@@ -231,29 +232,48 @@ def advance(
     met_now = combine(r.met for _, r in evaluated)
     trip_now = combine(r.trip for _, r in evaluated)
     hold_now = combine(r.hold for _, r in evaluated)
-    window = (state.met + (met_now,))[-rule.n:]
+    window = (state.met + (met_now,))[-rule.n :]
     rule_met = sum(window) >= rule.for_
     # Report the condition that matters: the first met, else the first tripping, else the first evaluated.
-    cond, shown = next(((c, r) for c, r in evaluated if r.met),
-                       next(((c, r) for c, r in evaluated if r.trip), evaluated[0]))
-    state = replace(state, met=window, last_value=shown.value, last_metric=cond.metric,
-                    last_threshold=shown.threshold, last_reference=shown.reference)
+    cond, shown = next(
+        ((c, r) for c, r in evaluated if r.met), next(((c, r) for c, r in evaluated if r.trip), evaluated[0])
+    )
+    state = replace(
+        state,
+        met=window,
+        last_value=shown.value,
+        last_metric=cond.metric,
+        last_threshold=shown.threshold,
+        last_reference=shown.reference,
+    )
 
     def transition(event: Literal["firing", "resolved"], start: int) -> Transition:
-        return Transition(event, step, start, shown.value, cond.metric, shown.threshold, shown.resolve,
-                          shown.reference, None if cond.kind == "trend" else cond.op)
+        return Transition(
+            event,
+            step,
+            start,
+            shown.value,
+            cond.metric,
+            shown.threshold,
+            shown.resolve,
+            shown.reference,
+            None if cond.kind == "trend" else cond.op,
+        )
 
     if state.state == State.FIRING:
         streak = 0 if hold_now else state.clear_streak + 1
         if streak >= rule.clear_steps:
             start = state.start_step if state.start_step is not None else step
-            return (replace(state, state=State.RESOLVED, clear_streak=0, end_step=step, pending_since=None),
-                    transition("resolved", start))
+            return (
+                replace(state, state=State.RESOLVED, clear_streak=0, end_step=step, pending_since=None),
+                transition("resolved", start),
+            )
         return replace(state, clear_streak=streak), None
     if rule_met:
-        return (replace(state, state=State.FIRING, start_step=step, end_step=None, clear_streak=0,
-                        pending_since=None),
-                transition("firing", step))
+        return (
+            replace(state, state=State.FIRING, start_step=step, end_step=None, clear_streak=0, pending_since=None),
+            transition("firing", step),
+        )
     if trip_now or met_now:
         since = state.pending_since if state.state == State.PENDING else step
         return replace(state, state=State.PENDING, pending_since=since), None
@@ -269,7 +289,7 @@ def advance(
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def fingerprint(labels: Mapping[str, str]) -> str:
@@ -361,14 +381,23 @@ class Notification:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Notification:
         return cls(
-            event=d["event"], rule=d["rule"], severity=d["severity"], fingerprint=d["fingerprint"],
-            run=d.get("run", ""), step=int(d["step"]), start_step=int(d.get("start_step", d["step"])),
-            value=_from_json_num(d.get("value")), metric=d.get("metric"),
-            threshold=_from_json_num(d.get("threshold")), summary=d.get("summary", ""),
-            labels=dict(d.get("labels", {})), annotations=dict(d.get("annotations", {})),
+            event=d["event"],
+            rule=d["rule"],
+            severity=d["severity"],
+            fingerprint=d["fingerprint"],
+            run=d.get("run", ""),
+            step=int(d["step"]),
+            start_step=int(d.get("start_step", d["step"])),
+            value=_from_json_num(d.get("value")),
+            metric=d.get("metric"),
+            threshold=_from_json_num(d.get("threshold")),
+            summary=d.get("summary", ""),
+            labels=dict(d.get("labels", {})),
+            annotations=dict(d.get("annotations", {})),
             starts_at=float(d.get("starts_at_unix", d.get("time", 0.0))),
             ends_at=None if d.get("ends_at_unix") is None else float(d["ends_at_unix"]),
-            time=float(d.get("time", 0.0)), replay=bool(d.get("replay", False)),
+            time=float(d.get("time", 0.0)),
+            replay=bool(d.get("replay", False)),
         )
 
 
@@ -438,8 +467,9 @@ class Engine:
     ):
         self.rules = coerce_rules(rules)
         self.run = run
-        self.repeat_interval = (self.rules.settings.repeat_interval if repeat_interval is None
-                                else float(repeat_interval))
+        self.repeat_interval = (
+            self.rules.settings.repeat_interval if repeat_interval is None else float(repeat_interval)
+        )
         self._metric_rules = [r for r in self.rules if r.kind == "metric"]
         self._stall_rules = [r for r in self.rules if r.kind == "stall"]
         self._states: dict[str, RuleState] = {r.name: initial_state(r) for r in self._metric_rules}
@@ -484,13 +514,11 @@ class Engine:
                     data_time: float | None = float(ev["time"]) - float(ev["value"])
                 except (KeyError, TypeError, ValueError):
                     data_time = None
-                self._stalls[name] = _Stall(int(ev["step"]), starts, self._last_notified.get(key, starts),
-                                            data_time)
+                self._stalls[name] = _Stall(int(ev["step"]), starts, self._last_notified.get(key, starts), data_time)
 
     # ---------------------------------------------------------------- labels / events
     def _make_labels(self, rule: Rule) -> dict[str, str]:
-        labels = {"alertname": rule.name, "severity": rule.severity, "run": self.run,
-                  "group": rule.group or rule.name}
+        labels = {"alertname": rule.name, "severity": rule.severity, "run": self.run, "group": rule.group or rule.name}
         labels.update(rule.labels)
         return labels
 
@@ -498,40 +526,78 @@ class Engine:
         return self._fp[rule]
 
     def _notification(
-        self, rule: Rule, event: str, *, step: int, start_step: int, value: float | None,
-        metric: str | None, threshold: float | None, resolve: float | None, reference: float | None,
-        op: str | None, starts_at: float, ends_at: float | None, now: float,
+        self,
+        rule: Rule,
+        event: str,
+        *,
+        step: int,
+        start_step: int,
+        value: float | None,
+        metric: str | None,
+        threshold: float | None,
+        resolve: float | None,
+        reference: float | None,
+        op: str | None,
+        starts_at: float,
+        ends_at: float | None,
+        now: float,
     ) -> Notification:
         fields = {
-            "rule": rule.name, "severity": rule.severity, "run": self.run, "metric": metric or "",
-            "value": _num(value), "threshold": _num(threshold), "resolve": _num(resolve), "op": op or "",
-            "step": step, "start_step": start_step, "reference": _num(reference),
+            "rule": rule.name,
+            "severity": rule.severity,
+            "run": self.run,
+            "metric": metric or "",
+            "value": _num(value),
+            "threshold": _num(threshold),
+            "resolve": _num(resolve),
+            "op": op or "",
+            "step": step,
+            "start_step": start_step,
+            "reference": _num(reference),
             "status": "resolved" if event == EVENT_RESOLVED else "firing",
         }
         if event == EVENT_RESOLVED:
-            template = (_RESOLVED_METRIC if rule.kind == "metric" else _RESOLVED_STALL)
+            template = _RESOLVED_METRIC if rule.kind == "metric" else _RESOLVED_STALL
         else:
             template = rule.summary or (_DEFAULT_METRIC if rule.kind == "metric" else _DEFAULT_STALL)
         summary = render_template(template, fields)
-        annotations = {"summary": summary, "description": " ".join(rule.doc.split()),
-                       "source": rule.source, "expr": rule.describe()}
+        annotations = {
+            "summary": summary,
+            "description": " ".join(rule.doc.split()),
+            "source": rule.source,
+            "expr": rule.describe(),
+        }
         if metric:
             annotations["metric"] = metric
         return Notification(
-            event=event, rule=rule.name, severity=rule.severity, fingerprint=self._fp[rule.name],
-            run=self.run, step=step, start_step=start_step, value=_num(value), metric=metric,
-            threshold=_num(threshold), summary=summary, labels=dict(self._labels[rule.name]),
-            annotations=annotations, starts_at=starts_at, ends_at=ends_at, time=now,
+            event=event,
+            rule=rule.name,
+            severity=rule.severity,
+            fingerprint=self._fp[rule.name],
+            run=self.run,
+            step=step,
+            start_step=start_step,
+            value=_num(value),
+            metric=metric,
+            threshold=_num(threshold),
+            summary=summary,
+            labels=dict(self._labels[rule.name]),
+            annotations=annotations,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            time=now,
         )
 
     # ---------------------------------------------------------------- evaluation
-    def observe(self, step: int, values: Mapping[str, float], *, now: float,
-                data_time: float | None = None) -> list[Notification]:
+    def observe(
+        self, step: int, values: Mapping[str, float], *, now: float, data_time: float | None = None
+    ) -> list[Notification]:
         """Evaluate one step (ignored unless newer than the last); returns the events to send."""
         return self._observe(int(step), values, now=now, data_time=data_time)
 
-    def _observe(self, step: int, values: Mapping[str, float], *, now: float,
-                 data_time: float | None) -> list[Notification]:
+    def _observe(
+        self, step: int, values: Mapping[str, float], *, now: float, data_time: float | None
+    ) -> list[Notification]:
         if self.last_step is not None and step <= self.last_step:
             return []
         self.last_step = step
@@ -556,19 +622,45 @@ class Engine:
                 self._episodes[rule.name] = _Episode(tr.start_step, starts_at, last)
                 if past is not None:
                     continue
-                out.append(self._notification(
-                    rule, EVENT_FIRING, step=step, start_step=tr.start_step, value=tr.value, metric=tr.metric,
-                    threshold=tr.threshold, resolve=tr.resolve, reference=tr.reference, op=tr.op,
-                    starts_at=starts_at, ends_at=None, now=now))
+                out.append(
+                    self._notification(
+                        rule,
+                        EVENT_FIRING,
+                        step=step,
+                        start_step=tr.start_step,
+                        value=tr.value,
+                        metric=tr.metric,
+                        threshold=tr.threshold,
+                        resolve=tr.resolve,
+                        reference=tr.reference,
+                        op=tr.op,
+                        starts_at=starts_at,
+                        ends_at=None,
+                        now=now,
+                    )
+                )
             else:
                 ep = self._episodes.pop(rule.name, None)
                 if past is not None:
                     continue
                 starts_at = ep.starts_at if ep is not None else now
-                out.append(self._notification(
-                    rule, EVENT_RESOLVED, step=step, start_step=tr.start_step, value=tr.value, metric=tr.metric,
-                    threshold=tr.threshold, resolve=tr.resolve, reference=tr.reference, op=tr.op,
-                    starts_at=starts_at, ends_at=now, now=now))
+                out.append(
+                    self._notification(
+                        rule,
+                        EVENT_RESOLVED,
+                        step=step,
+                        start_step=tr.start_step,
+                        value=tr.value,
+                        metric=tr.metric,
+                        threshold=tr.threshold,
+                        resolve=tr.resolve,
+                        reference=tr.reference,
+                        op=tr.op,
+                        starts_at=starts_at,
+                        ends_at=now,
+                        now=now,
+                    )
+                )
         return out
 
     def _saw_data(self, t: float) -> None:
@@ -586,8 +678,9 @@ class Engine:
                 out.extend(self._end_stall(name, now=now))
         return out
 
-    def update(self, frame: pl.DataFrame, *, now: float, data_time: float | None = None,
-               backfill: bool = False) -> list[Notification]:
+    def update(
+        self, frame: pl.DataFrame, *, now: float, data_time: float | None = None, backfill: bool = False
+    ) -> list[Notification]:
         """Evaluate the steps of ``frame`` newer than the last evaluated one, in step order.
 
         ``frame`` has a ``step`` column and one column per metric (registry names); missing columns
@@ -610,10 +703,23 @@ class Engine:
             for rule in self._stall_rules:
                 if rule.name not in self._stalls and idle >= rule.stall_after:
                     self._stalls[rule.name] = _Stall(self.last_step, now, now, self.last_data_time)
-                    out.append(self._notification(
-                        rule, EVENT_FIRING, step=self.last_step, start_step=self.last_step, value=idle,
-                        metric=None, threshold=rule.stall_after, resolve=None, reference=None, op=None,
-                        starts_at=now, ends_at=None, now=now))
+                    out.append(
+                        self._notification(
+                            rule,
+                            EVENT_FIRING,
+                            step=self.last_step,
+                            start_step=self.last_step,
+                            value=idle,
+                            metric=None,
+                            threshold=rule.stall_after,
+                            resolve=None,
+                            reference=None,
+                            op=None,
+                            starts_at=now,
+                            ends_at=None,
+                            now=now,
+                        )
+                    )
         for rule in self._metric_rules:
             ep = self._episodes.get(rule.name)
             if ep is None:
@@ -622,11 +728,23 @@ class Engine:
             if now - ep.last_notified >= interval:
                 ep.last_notified = now
                 st = self._states[rule.name]
-                out.append(self._notification(
-                    rule, EVENT_REPEAT, step=st.last_step if st.last_step is not None else ep.start_step,
-                    start_step=ep.start_step, value=st.last_value, metric=st.last_metric,
-                    threshold=st.last_threshold, resolve=None, reference=st.last_reference, op=None,
-                    starts_at=ep.starts_at, ends_at=None, now=now))
+                out.append(
+                    self._notification(
+                        rule,
+                        EVENT_REPEAT,
+                        step=st.last_step if st.last_step is not None else ep.start_step,
+                        start_step=ep.start_step,
+                        value=st.last_value,
+                        metric=st.last_metric,
+                        threshold=st.last_threshold,
+                        resolve=None,
+                        reference=st.last_reference,
+                        op=None,
+                        starts_at=ep.starts_at,
+                        ends_at=None,
+                        now=now,
+                    )
+                )
         for rule in self._stall_rules:
             stall = self._stalls.get(rule.name)
             if stall is None:
@@ -635,20 +753,46 @@ class Engine:
             if now - stall.last_notified >= interval:
                 stall.last_notified = now
                 idle = now - self.last_data_time if self.last_data_time is not None else None
-                out.append(self._notification(
-                    rule, EVENT_REPEAT, step=stall.step, start_step=stall.step, value=idle, metric=None,
-                    threshold=rule.stall_after, resolve=None, reference=None, op=None,
-                    starts_at=stall.starts_at, ends_at=None, now=now))
+                out.append(
+                    self._notification(
+                        rule,
+                        EVENT_REPEAT,
+                        step=stall.step,
+                        start_step=stall.step,
+                        value=idle,
+                        metric=None,
+                        threshold=rule.stall_after,
+                        resolve=None,
+                        reference=None,
+                        op=None,
+                        starts_at=stall.starts_at,
+                        ends_at=None,
+                        now=now,
+                    )
+                )
         return out
 
     def _end_stall(self, name: str, *, now: float) -> list[Notification]:
         stall = self._stalls.pop(name)
         rule = self.rules[name]
         idle = now - self.last_data_time if self.last_data_time is not None else None
-        return [self._notification(
-            rule, EVENT_RESOLVED, step=stall.step, start_step=stall.step, value=idle, metric=None,
-            threshold=rule.stall_after, resolve=None, reference=None, op=None, starts_at=stall.starts_at,
-            ends_at=now, now=now)]
+        return [
+            self._notification(
+                rule,
+                EVENT_RESOLVED,
+                step=stall.step,
+                start_step=stall.step,
+                value=idle,
+                metric=None,
+                threshold=rule.stall_after,
+                resolve=None,
+                reference=None,
+                op=None,
+                starts_at=stall.starts_at,
+                ends_at=now,
+                now=now,
+            )
+        ]
 
     def close(self, now: float) -> list[Notification]:
         """The run was closed: it can no longer stall; a stalled-run alert resolves."""
@@ -678,15 +822,31 @@ class Engine:
             if rule.kind == "stall":
                 stall = self._stalls.get(rule.name)
                 out[rule.name] = RuleStatus(
-                    rule.name, rule.severity, State.FIRING if stall else State.INACTIVE,
-                    self.last_step, stall.step if stall else None, None, None, rule.stall_after,
-                    self._fp[rule.name])
+                    rule.name,
+                    rule.severity,
+                    State.FIRING if stall else State.INACTIVE,
+                    self.last_step,
+                    stall.step if stall else None,
+                    None,
+                    None,
+                    rule.stall_after,
+                    self._fp[rule.name],
+                )
                 continue
             st = self._states[rule.name]
             # A stall hides what a rule would say about new data, but not that it was firing when data stopped.
             state = State.NODATA if self._stalls and st.state != State.FIRING else st.state
-            out[rule.name] = RuleStatus(rule.name, rule.severity, state, st.last_step, st.start_step,
-                                        st.last_value, st.last_metric, st.last_threshold, self._fp[rule.name])
+            out[rule.name] = RuleStatus(
+                rule.name,
+                rule.severity,
+                state,
+                st.last_step,
+                st.start_step,
+                st.last_value,
+                st.last_metric,
+                st.last_threshold,
+                self._fp[rule.name],
+            )
         return out
 
     def firing(self) -> list[str]:

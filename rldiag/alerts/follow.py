@@ -61,9 +61,14 @@ class RunFollower:
     (no manifest) is retried at the next poll.
     """
 
-    def __init__(self, run_dir: str | Path, engine: Engine, *,
-                 open_run: Callable[[storage.Location], Any] | None = None,
-                 augment: Callable[[Any, Any], Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        engine: Engine,
+        *,
+        open_run: Callable[[storage.Location], Any] | None = None,
+        augment: Callable[[Any, Any], Any] | None = None,
+    ):
         self.run_dir = storage.location(run_dir)
         self.engine = engine
         self._open_run = open_run
@@ -104,8 +109,7 @@ class RunFollower:
             if self.augment is not None:
                 frame = self.augment(self.run, frame)
             data_time = newest_mtime(self.run_dir)
-            events += self.engine.update(frame, now=now, data_time=min(now, data_time or now),
-                                         backfill=self.polls == 0)
+            events += self.engine.update(frame, now=now, data_time=min(now, data_time or now), backfill=self.polls == 0)
         if is_closed and not self.engine.closed:
             events += self.engine.close(now)
         elif not is_closed and self.engine.closed:

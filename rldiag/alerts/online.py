@@ -57,7 +57,6 @@ __all__ = ["AlertConfig", "OnlineAlerts", "make_online_alerts", "online_from_arg
 log = logging.getLogger("rldiag.alerts")
 
 
-
 def run_label(run_dir: str | Location | None) -> str:
     """The ``run`` label of a run directory: its base name (stable across machines sharing a filesystem)."""
     if run_dir is None:
@@ -119,8 +118,10 @@ class AlertConfig:
             sinks.append(ConsoleSink())
         if self.jsonl and run_dir is not None and not is_uri(run_dir) and not is_remote(run_dir):
             sinks.append(JsonlSink(Path(run_dir) / ALERTS_FILE))  # object stores cannot append: no history there
-        sinks += [AlertmanagerSink(u, min_severity=self.min_severity, dashboard_url=self.dashboard_url)
-                  for u in self.alertmanager]
+        sinks += [
+            AlertmanagerSink(u, min_severity=self.min_severity, dashboard_url=self.dashboard_url)
+            for u in self.alertmanager
+        ]
         sinks += [WebhookSink(u, min_severity=self.min_severity) for u in self.webhooks]
         sinks += [SlackSink(u, min_severity=self.min_severity) for u in self.slack_webhooks]
         sinks += [CallbackSink(fn, min_severity=self.min_severity) for fn in self.callbacks]
@@ -199,7 +200,8 @@ class OnlineAlerts:
         if self.world_size > 1 and self.run_dir is None:
             raise ValueError("a multi-rank OnlineAlerts reads every rank's statistics from run_dir; give run_dir")
         self._follower: RunFollower | None = (
-            RunFollower(self.run_dir, self.engine) if self.world_size > 1 and self.run_dir is not None else None)
+            RunFollower(self.run_dir, self.engine) if self.world_size > 1 and self.run_dir is not None else None
+        )
         self._last_poll = -math.inf
         self._pending_step: int | None = None
         self._pending_parts: list[Any] = []
@@ -218,8 +220,14 @@ class OnlineAlerts:
     @classmethod
     def from_config(cls, config: AlertConfig, run_dir: str | Path | None, **kw: Any) -> OnlineAlerts:
         """An evaluator with the rules and sinks of ``config``."""
-        return cls(config.rules, config.build_sinks(run_dir), run_dir, repeat_interval=config.repeat_interval,
-                   resume=config.resume, **kw)
+        return cls(
+            config.rules,
+            config.build_sinks(run_dir),
+            run_dir,
+            repeat_interval=config.repeat_interval,
+            resume=config.resume,
+            **kw,
+        )
 
     # ---------------------------------------------------------------- caller side (training thread)
     def observe(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -280,8 +288,12 @@ class OnlineAlerts:
         self.notifier.close(left)
         failures = {k: v for k, v in self.notifier.stats().items() if v["failed"] or v["dropped"]}
         if failures or self.counters.dropped or self.counters.errors:
-            log.warning("rldiag alerts: closed with failures: sinks=%s dropped_steps=%d evaluator_errors=%d",
-                        failures, self.counters.dropped, self.counters.errors)
+            log.warning(
+                "rldiag alerts: closed with failures: sinks=%s dropped_steps=%d evaluator_errors=%d",
+                failures,
+                self.counters.dropped,
+                self.counters.errors,
+            )
 
     def __enter__(self) -> OnlineAlerts:
         return self
@@ -300,9 +312,15 @@ class OnlineAlerts:
     def stats(self) -> dict[str, Any]:
         """Counters: observed/dropped steps, evaluator errors, and per-sink sent/failed/dropped/retries."""
         c = self.counters
-        return {"observed": c.observed, "dropped": c.dropped, "errors": c.errors,
-                "late_records": c.late_records, "replayed_steps": c.replayed_steps, "last_error": c.last_error,
-                "sinks": self.notifier.stats()}
+        return {
+            "observed": c.observed,
+            "dropped": c.dropped,
+            "errors": c.errors,
+            "late_records": c.late_records,
+            "replayed_steps": c.replayed_steps,
+            "last_error": c.last_error,
+            "sinks": self.notifier.stats(),
+        }
 
     # ---------------------------------------------------------------- worker thread
     def _done(self) -> None:
@@ -414,8 +432,9 @@ class OnlineAlerts:
         self.notifier.dispatch(events)
 
 
-def make_online_alerts(alerts: Any, run_dir: str | Path | None, *, run: str | None = None,
-                       **kw: Any) -> OnlineAlerts | None:
+def make_online_alerts(
+    alerts: Any, run_dir: str | Path | None, *, run: str | None = None, **kw: Any
+) -> OnlineAlerts | None:
     """Turn the ``alerts=`` argument of ``Recorder`` into an :class:`OnlineAlerts` (or None).
 
     - ``None`` / ``False``: no alerts;
@@ -434,17 +453,20 @@ def make_online_alerts(alerts: Any, run_dir: str | Path | None, *, run: str | No
     elif isinstance(alerts, AlertConfig):
         config = alerts
     elif isinstance(alerts, (str, Path, RuleSet)) or (
-            isinstance(alerts, Sequence) and all(isinstance(r, Rule) for r in alerts)):
+        isinstance(alerts, Sequence) and all(isinstance(r, Rule) for r in alerts)
+    ):
         config = AlertConfig(rules=alerts)
     else:
-        raise TypeError("alerts= takes True, a rule-file path, a RuleSet, a list of Rule, an AlertConfig or "
-                        f"an OnlineAlerts; got {type(alerts).__name__}")
+        raise TypeError(
+            "alerts= takes True, a rule-file path, a RuleSet, a list of Rule, an AlertConfig or "
+            f"an OnlineAlerts; got {type(alerts).__name__}"
+        )
     return OnlineAlerts.from_config(config, run_dir, run=run, **kw)
 
 
-
-def online_from_arg(alerts: Any, *, run_dir: str | Path | None, rank: int = 0, world_size: int = 1,
-                    config: Any = None, **kw: Any) -> OnlineAlerts | None:
+def online_from_arg(
+    alerts: Any, *, run_dir: str | Path | None, rank: int = 0, world_size: int = 1, config: Any = None, **kw: Any
+) -> OnlineAlerts | None:
     """What ``Recorder(..., alerts=...)`` calls: an evaluator on rank 0, None elsewhere or when off.
 
     ``alerts`` takes every form :func:`make_online_alerts` accepts. On a multi-rank run rank 0 evaluates

@@ -75,8 +75,20 @@ DEFAULT_REPEAT_INTERVAL: Final[float] = 4 * 3600.0
 DEFAULT_STALL_AFTER: Final[float] = 600.0
 
 TEMPLATE_FIELDS: Final[frozenset[str]] = frozenset(
-    {"rule", "severity", "run", "metric", "value", "threshold", "resolve", "op", "step", "start_step",
-     "reference", "status"}
+    {
+        "rule",
+        "severity",
+        "run",
+        "metric",
+        "value",
+        "threshold",
+        "resolve",
+        "op",
+        "step",
+        "start_step",
+        "reference",
+        "status",
+    }
 )
 """The only names a summary template may use."""
 
@@ -329,11 +341,17 @@ def validate_condition(cond: Condition, where: str, metrics: frozenset[str] | No
     if cond.kind != "trend" and cond.resolve is not None:
         higher_is_bad = cond.op in (">", ">=")
         if higher_is_bad and cond.resolve > cond.threshold:
-            fail("resolve", f"with op {cond.op!r} the resolve threshold ({cond.resolve:g}) must not exceed "
-                            f"the fire threshold ({cond.threshold:g})")
+            fail(
+                "resolve",
+                f"with op {cond.op!r} the resolve threshold ({cond.resolve:g}) must not exceed "
+                f"the fire threshold ({cond.threshold:g})",
+            )
         if not higher_is_bad and cond.resolve < cond.threshold:
-            fail("resolve", f"with op {cond.op!r} the resolve threshold ({cond.resolve:g}) must not be below "
-                            f"the fire threshold ({cond.threshold:g})")
+            fail(
+                "resolve",
+                f"with op {cond.op!r} the resolve threshold ({cond.resolve:g}) must not be below "
+                f"the fire threshold ({cond.threshold:g})",
+            )
     if cond.kind == "baseline" and not 1 <= cond.baseline_steps <= 10_000:
         fail("baseline_steps", f"must be in [1, 10000], got {cond.baseline_steps}")
     if cond.kind == "rolling":
@@ -492,12 +510,38 @@ def format_duration(seconds: float) -> str:
 # TOML parsing
 
 _COND_KEYS: Final = {
-    "metric", "op", "threshold", "resolve", "kind", "for", "within", "baseline_steps", "window",
-    "min_periods", "floor", "direction", "steps", "mode", "min_change",
+    "metric",
+    "op",
+    "threshold",
+    "resolve",
+    "kind",
+    "for",
+    "within",
+    "baseline_steps",
+    "window",
+    "min_periods",
+    "floor",
+    "direction",
+    "steps",
+    "mode",
+    "min_change",
 }
 _RULE_KEYS: Final = {
-    "severity", "match", "conditions", "keep_firing_for", "summary", "doc", "source", "group", "labels",
-    "repeat_interval", "kind", "after", "enabled", "for", "within",
+    "severity",
+    "match",
+    "conditions",
+    "keep_firing_for",
+    "summary",
+    "doc",
+    "source",
+    "group",
+    "labels",
+    "repeat_interval",
+    "kind",
+    "after",
+    "enabled",
+    "for",
+    "within",
 }
 # `for` and `within` of a single-condition rule written flat apply to the rule (the same thing there).
 _FLAT_COND_KEYS: Final = _COND_KEYS - {"for", "within"}
@@ -614,12 +658,15 @@ def _rule_from(name: str, table: Mapping[str, Any], origin: str, metrics: frozen
         rule = Rule(kind="stall", stall_after=f.duration("after", DEFAULT_STALL_AFTER), **common)
     else:
         if "after" in table:
-            raise f.fail("after", "only stall rules (kind = \"stall\") take `after`")
+            raise f.fail("after", 'only stall rules (kind = "stall") take `after`')
         flat_keys = [k for k in table if k in _FLAT_COND_KEYS]
         if "conditions" in table:
             if flat_keys:
-                raise f.fail(flat_keys[0], "give either `conditions` or the condition fields of a single "
-                                           "condition at the rule level, not both")
+                raise f.fail(
+                    flat_keys[0],
+                    "give either `conditions` or the condition fields of a single "
+                    "condition at the rule level, not both",
+                )
             raw = table["conditions"]
             if not isinstance(raw, list) or not raw:
                 raise f.fail("conditions", "expected a non-empty array of tables ([[rules.NAME.conditions]])")
@@ -651,8 +698,10 @@ def _merge_override(base: Mapping[str, Any], override: Mapping[str, Any], where:
     elif "conditions" in base:
         flat = [k for k in override if k in _FLAT_COND_KEYS]
         if flat:
-            raise RuleError(f"{where}, field {flat[0]!r}: the default rule has several conditions; "
-                            f"give the whole `conditions` array to change them")
+            raise RuleError(
+                f"{where}, field {flat[0]!r}: the default rule has several conditions; "
+                f"give the whole `conditions` array to change them"
+            )
     merged.update(override)
     return merged
 
@@ -697,8 +746,9 @@ def parse_rules(
     known = known_metrics() if metrics == "registry" else metrics
     unknown = [k for k in data if k not in _TOP_KEYS]
     if unknown:
-        raise RuleError(f"{prefix}{_unknown('top-level key', unknown[0], sorted(_TOP_KEYS))} "
-                        f"(rules go in [rules.NAME] tables)")
+        raise RuleError(
+            f"{prefix}{_unknown('top-level key', unknown[0], sorted(_TOP_KEYS))} (rules go in [rules.NAME] tables)"
+        )
     rules_tbl = data.get("rules", {})
     if not isinstance(rules_tbl, Mapping):
         raise RuleError(f"{prefix}`rules` must be a table of [rules.NAME] tables")

@@ -83,8 +83,14 @@ class SinkStats:
     last_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(sent=self.sent, failed=self.failed, dropped=self.dropped, retries=self.retries,
-                    skipped=self.skipped, last_error=self.last_error)
+        return dict(
+            sent=self.sent,
+            failed=self.failed,
+            dropped=self.dropped,
+            retries=self.retries,
+            skipped=self.skipped,
+            last_error=self.last_error,
+        )
 
 
 class Sink:
@@ -96,8 +102,13 @@ class Sink:
 
     name = "sink"
 
-    def __init__(self, *, min_severity: str = "info", live_only: bool = False,
-                 events: Iterable[str] = ("firing", "repeat", "resolved")):
+    def __init__(
+        self,
+        *,
+        min_severity: str = "info",
+        live_only: bool = False,
+        events: Iterable[str] = ("firing", "repeat", "resolved"),
+    ):
         if min_severity not in SEVERITIES:
             raise ValueError(f"min_severity must be one of {', '.join(SEVERITIES)}, got {min_severity!r}")
         self.min_severity = min_severity
@@ -274,8 +285,15 @@ class QueuedSink(Sink):
     ``max_backoff``) between tries, then counts it in ``stats.failed`` and moves on.
     """
 
-    def __init__(self, *, queue_size: int = 1000, max_retries: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 30.0, **kw: Any):
+    def __init__(
+        self,
+        *,
+        queue_size: int = 1000,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        **kw: Any,
+    ):
         super().__init__(**kw)
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
@@ -299,8 +317,9 @@ class QueuedSink(Sink):
         if not self._inflight.put(self._queue, n):
             self.stats.dropped += 1
             if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
-                log.warning("rldiag alerts: sink %s queue full, %d notifications dropped so far",
-                            self.name, self.stats.dropped)
+                log.warning(
+                    "rldiag alerts: sink %s queue full, %d notifications dropped so far", self.name, self.stats.dropped
+                )
 
     def _work(self) -> None:
         while True:
@@ -323,7 +342,7 @@ class QueuedSink(Sink):
                 self.stats.last_error = str(exc)
                 if attempt >= self.max_retries or self._stop.is_set():
                     break
-                delay = min(self.backoff * (2 ** attempt), self.max_backoff)
+                delay = min(self.backoff * (2**attempt), self.max_backoff)
                 attempt += 1
                 self.stats.retries += 1
                 if self._stop.wait(delay):
@@ -332,8 +351,14 @@ class QueuedSink(Sink):
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 break
         self.stats.failed += 1
-        log.warning("rldiag alerts: sink %s gave up on %s %s after %d attempt(s): %s",
-                    self.name, n.event, n.rule, attempt + 1, self.stats.last_error)
+        log.warning(
+            "rldiag alerts: sink %s gave up on %s %s after %d attempt(s): %s",
+            self.name,
+            n.event,
+            n.rule,
+            attempt + 1,
+            self.stats.last_error,
+        )
 
     def flush(self, timeout: float | None = None) -> bool:
         return self._inflight.wait(timeout)
@@ -373,15 +398,13 @@ def _is_loopback(host: str | None) -> bool:
 
 
 class _HTTPSink(QueuedSink):
-    def __init__(self, url: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None,
-                 **kw: Any):
+    def __init__(self, url: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None, **kw: Any):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"a webhook URL must be http:// or https://, got {url!r}")
         self.url = url
         self.timeout = timeout
-        self.headers = {"Content-Type": "application/json", "User-Agent": "rldiag-alerts",
-                        **(headers or {})}
+        self.headers = {"Content-Type": "application/json", "User-Agent": "rldiag-alerts", **(headers or {})}
         # Loopback targets never go through an environment proxy (it could not reach them anyway).
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
         self._opener = urllib.request.build_opener(*handlers)
@@ -418,8 +441,12 @@ def alertmanager_payload(n: Notification, *, receiver: str = "rldiag") -> dict[s
     alert = {
         "status": n.status,
         "labels": dict(n.labels),
-        "annotations": {**n.annotations, "step": str(n.step), "start_step": str(n.start_step),
-                        "value": "" if n.value is None else repr(n.value)},
+        "annotations": {
+            **n.annotations,
+            "step": str(n.step),
+            "start_step": str(n.start_step),
+            "value": "" if n.value is None else repr(n.value),
+        },
         "startsAt": doc["starts_at"],
         "endsAt": doc["ends_at"] if n.ends_at is not None else _ZERO_TIME,
         "generatorURL": "",
@@ -427,7 +454,7 @@ def alertmanager_payload(n: Notification, *, receiver: str = "rldiag") -> dict[s
     }
     return {
         "version": "4",
-        "groupKey": f"{{}}:{{alertname=\"{n.rule}\", run=\"{n.run}\"}}",
+        "groupKey": f'{{}}:{{alertname="{n.rule}", run="{n.run}"}}',
         "truncatedAlerts": 0,
         "status": n.status,
         "receiver": receiver,
@@ -468,9 +495,14 @@ def dashboard_link(dashboard_url: str, run: str, step: int | None) -> str:
     return dashboard_url.rstrip("/") + "/tokens?" + urllib.parse.urlencode(query)
 
 
-def alertmanager_alert(n: Notification, *, now: float, valid_for: float = 240.0,
-                       dashboard_url: str | None = None, extra_labels: Mapping[str, str] | None = None,
-                       ) -> dict[str, Any]:
+def alertmanager_alert(
+    n: Notification,
+    *,
+    now: float,
+    valid_for: float = 240.0,
+    dashboard_url: str | None = None,
+    extra_labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """One alert as Alertmanager's ingest API (``POST /api/v2/alerts``) takes it.
 
     Labels: the rule's labels (``alertname``, ``severity``, ``run``, ``group`` and the rule file's own, with
@@ -490,10 +522,8 @@ def alertmanager_alert(n: Notification, *, now: float, valid_for: float = 240.0,
     doc = n.to_json()
     ends = doc["ends_at"] if n.event == EVENT_RESOLVED and n.ends_at is not None else None
     if ends is None:
-        ends = datetime.fromtimestamp(now + valid_for, tz=UTC).isoformat(
-            timespec="milliseconds").replace("+00:00", "Z")
-    alert: dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": doc["starts_at"],
-                             "endsAt": ends}
+        ends = datetime.fromtimestamp(now + valid_for, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    alert: dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": doc["starts_at"], "endsAt": ends}
     if dashboard_url:
         link = dashboard_link(dashboard_url, n.run, n.step)
         annotations["dashboard"] = link
@@ -527,9 +557,18 @@ class AlertmanagerSink(_HTTPSink):
 
     name = "alertmanager"
 
-    def __init__(self, url: str, *, dashboard_url: str | None = None, resend_interval: float = 60.0,
-                 valid_for: float | None = None, extra_labels: Mapping[str, str] | None = None,
-                 live_only: bool = True, clock: Callable[[], float] = time.time, **kw: Any):
+    def __init__(
+        self,
+        url: str,
+        *,
+        dashboard_url: str | None = None,
+        resend_interval: float = 60.0,
+        valid_for: float | None = None,
+        extra_labels: Mapping[str, str] | None = None,
+        live_only: bool = True,
+        clock: Callable[[], float] = time.time,
+        **kw: Any,
+    ):
         if not resend_interval > 0:
             raise ValueError(f"resend_interval must be positive, got {resend_interval}")
         if dashboard_url is not None:
@@ -549,8 +588,13 @@ class AlertmanagerSink(_HTTPSink):
         super().__init__(_alertmanager_url(url), live_only=live_only, **kw)
 
     def _alert(self, n: Notification) -> dict[str, Any]:
-        return alertmanager_alert(n, now=self.clock(), valid_for=self.valid_for, dashboard_url=self.dashboard_url,
-                                  extra_labels=self.extra_labels)
+        return alertmanager_alert(
+            n,
+            now=self.clock(),
+            valid_for=self.valid_for,
+            dashboard_url=self.dashboard_url,
+            extra_labels=self.extra_labels,
+        )
 
     def deliver(self, n: Notification) -> None:
         with self._active_lock:
@@ -577,8 +621,7 @@ class AlertmanagerSink(_HTTPSink):
         except Exception as exc:
             self.stats.failed += 1
             self.stats.last_error = str(exc)
-            log.warning("rldiag alerts: sink %s could not re-send %d firing alert(s): %s", self.name,
-                        len(alerts), exc)
+            log.warning("rldiag alerts: sink %s could not re-send %d firing alert(s): %s", self.name, len(alerts), exc)
 
     def _work(self) -> None:
         due = time.monotonic() + self.resend_interval

@@ -154,8 +154,14 @@ def _lambda_star_expr(p: pl.Expr, b: pl.Expr, c: float) -> pl.Expr:
 # --- K-ary ---------------------------------------------------------------------------------------------------------
 
 
-def lambda_star_kary(teacher: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray,
-                     c: float | None = None, *, eps: float | None = None, lam_max: float = 1e6) -> float:
+def lambda_star_kary(
+    teacher: Sequence[float] | np.ndarray,
+    base: Sequence[float] | np.ndarray,
+    c: float | None = None,
+    *,
+    eps: float | None = None,
+    lam_max: float = 1e6,
+) -> float:
     """lambda* for full teacher and base distributions at one position (numeric).
 
     pi*_k(lambda) is proportional to base_k^(1-lambda) teacher_k^lambda; lambda* is the smallest lambda at which a
@@ -212,8 +218,15 @@ def severity(headroom: float) -> str:
     return "critical" if headroom >= CRITICAL_HEADROOM else "warn" if headroom >= WARN_HEADROOM else "ok"
 
 
-def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, c: float | None = None,
-                 eps: float | None = None, steps: Sequence[int] | None = None) -> pl.DataFrame:
+def cliff_report(
+    run: Any,
+    lam: float | None = None,
+    threshold: float = 0.9,
+    *,
+    c: float | None = None,
+    eps: float | None = None,
+    steps: Sequence[int] | None = None,
+) -> pl.DataFrame:
     """Per step: p and b at the binding near-deterministic positions, lambda* and, given ``lam``, the headroom.
 
     Token rows carry only the sampled token's log-probs. A position binds when the teacher is near-deterministic
@@ -229,8 +242,10 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
     DataFrame, eps 0.2 by default).
     """
     if not 0.5 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0.5, 1), got {threshold}: below 0.5 the sampled token need not "
-                         "be the teacher's mode")
+        raise ValueError(
+            f"threshold must be in [0.5, 1), got {threshold}: below 0.5 the sampled token need not "
+            "be the teacher's mode"
+        )
     if isinstance(run, pl.DataFrame):
         lf = run.lazy()
     elif isinstance(run, pl.LazyFrame):
@@ -276,8 +291,16 @@ def cliff_report(run: Any, lam: float | None = None, threshold: float = 0.9, *, 
     if lam is not None:
         out = out.with_columns((float(lam) / pl.col(LAMBDA_STAR)).alias(HEADROOM))
         out = out.with_columns(pl.col(HEADROOM).map_elements(severity, return_dtype=pl.String).alias("cliff/severity"))
-    cols = [schema.STEP, "cliff/n_tokens", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c", LAMBDA_STAR,
-            LAMBDA_STAR_MIN]
+    cols = [
+        schema.STEP,
+        "cliff/n_tokens",
+        "cliff/n_positions",
+        "cliff/p",
+        "cliff/b",
+        "cliff/c",
+        LAMBDA_STAR,
+        LAMBDA_STAR_MIN,
+    ]
     if lam is not None:
         cols += [HEADROOM, "cliff/severity"]
     return out.select(cols).with_columns(pl.col(pl.Float64).fill_null(float("nan")))
@@ -297,29 +320,61 @@ def cliff_figure(p: float, b: float, c: float, lam: float | None = None) -> go.F
     q = q_of_lambda(p, b, grid)
     safe = (q >= q_min) & (q <= q_max)
     fig = go.Figure()
-    fig.add_hrect(y0=q_min, y1=q_max, fillcolor="rgba(44,160,44,0.12)", line_width=0,
-                  annotation_text="clip-safe: q/b and (1-q)/(1-b) in [1/c, c]", annotation_position="top left")
-    fig.add_trace(go.Scatter(x=grid, y=np.where(safe, q, np.nan), mode="lines", name="q(λ), clip-safe",
-                             line=dict(color="#1f77b4", width=2.5)))
-    fig.add_trace(go.Scatter(x=grid, y=np.where(safe, np.nan, q), mode="lines", name="q(λ), outside",
-                             line=dict(color="#d62728", width=2.5)))
-    fig.add_trace(go.Scatter(x=[0.0, 1.0], y=[b, p], mode="markers", name="base (λ=0), teacher (λ=1)",
-                             marker=dict(size=8, color="#444")))
+    fig.add_hrect(
+        y0=q_min,
+        y1=q_max,
+        fillcolor="rgba(44,160,44,0.12)",
+        line_width=0,
+        annotation_text="clip-safe: q/b and (1-q)/(1-b) in [1/c, c]",
+        annotation_position="top left",
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=grid,
+            y=np.where(safe, q, np.nan),
+            mode="lines",
+            name="q(λ), clip-safe",
+            line=dict(color="#1f77b4", width=2.5),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=grid,
+            y=np.where(safe, np.nan, q),
+            mode="lines",
+            name="q(λ), outside",
+            line=dict(color="#d62728", width=2.5),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[0.0, 1.0], y=[b, p], mode="markers", name="base (λ=0), teacher (λ=1)", marker=dict(size=8, color="#444")
+        )
+    )
     if math.isfinite(star):
-        fig.add_vline(x=star, line=dict(color="#d62728", dash="dash"), annotation_text=f"λ* = {star:.4f}",
-                      annotation_position="bottom right")
+        fig.add_vline(
+            x=star,
+            line=dict(color="#d62728", dash="dash"),
+            annotation_text=f"λ* = {star:.4f}",
+            annotation_position="bottom right",
+        )
     if lam is not None:
         color = {"critical": "#d62728", "warn": "#ff7f0e", "ok": "#2ca02c"}[severity(lam / star if star else math.inf)]
-        fig.add_vline(x=lam, line=dict(color=color, width=2), annotation_text=f"λ = {lam:g}",
-                      annotation_position="top right")
+        fig.add_vline(
+            x=lam, line=dict(color=color, width=2), annotation_text=f"λ = {lam:g}", annotation_position="top right"
+        )
     lo = min(float(np.nanmin(q)), q_min, b, p)
     hi = max(float(np.nanmax(q)), q_max, b, p)
     pad = 0.05 * max(hi - lo, 1e-3)
     fig.update_layout(
         title=f"extrapolation cliff: p = {p:g}, b = {b:g}, c = {c:g} (rldiag's derivation)",
-        xaxis_title="reward-extrapolation coefficient λ", yaxis_title="modal mass q of the fixed point",
-        yaxis_range=[max(lo - pad, 0.0), min(hi + pad, 1.0)], template="plotly_white", hovermode="x",
-        legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=20, t=50, b=40),
+        xaxis_title="reward-extrapolation coefficient λ",
+        yaxis_title="modal mass q of the fixed point",
+        yaxis_range=[max(lo - pad, 0.0), min(hi + pad, 1.0)],
+        template="plotly_white",
+        hovermode="x",
+        legend=dict(orientation="h", y=-0.2),
+        margin=dict(l=60, r=20, t=50, b=40),
     )
     return fig
 
@@ -342,9 +397,19 @@ class SimResult:
     """Whether every ratio lies in [1/c, c]: the trained policy stayed clip-safe."""
 
 
-def simulate(teacher: Sequence[float], base: Sequence[float], lam: float, c: float, *,
-             mode: Literal["exact", "sampled"] = "exact", iters: int | None = None, lr: float = 0.5, batch: int = 2048,
-             epochs: int = 4, seed: int = 0) -> SimResult:
+def simulate(
+    teacher: Sequence[float],
+    base: Sequence[float],
+    lam: float,
+    c: float,
+    *,
+    mode: Literal["exact", "sampled"] = "exact",
+    iters: int | None = None,
+    lr: float = 0.5,
+    batch: int = 2048,
+    epochs: int = 4,
+    seed: int = 0,
+) -> SimResult:
     """Train a categorical policy by on-policy distillation with reward extrapolation ``lam``.
 
     The per-token reward is s_k - log pi_k with s = lam log teacher + (1 - lam) log base, whose maximiser is
@@ -390,12 +455,14 @@ def simulate(teacher: Sequence[float], base: Sequence[float], lam: float, c: flo
             tail.append(softmax(theta))
     policy = softmax(theta) if mode == "exact" else np.mean(tail, axis=0)
     ratio = policy / bs
-    return SimResult(lam, policy, float(ratio.min()), float(ratio.max()),
-                     bool(ratio.min() >= 1.0 / c and ratio.max() <= c))
+    return SimResult(
+        lam, policy, float(ratio.min()), float(ratio.max()), bool(ratio.min() >= 1.0 / c and ratio.max() <= c)
+    )
 
 
-def simulated_boundary(teacher: Sequence[float], base: Sequence[float], c: float, lo: float, hi: float, *,
-                       tol: float = 1e-6, **sim: Any) -> float:
+def simulated_boundary(
+    teacher: Sequence[float], base: Sequence[float], c: float, lo: float, hi: float, *, tol: float = 1e-6, **sim: Any
+) -> float:
     """Bisection on lambda in [lo, hi] for where the trained policy (:func:`simulate`) leaves the clip-safe
     region; ``lo`` must stay inside and ``hi`` must leave."""
     if not simulate(teacher, base, lo, c, **sim).inside or simulate(teacher, base, hi, c, **sim).inside:
@@ -412,10 +479,20 @@ def simulated_boundary(teacher: Sequence[float], base: Sequence[float], c: float
 def simulation_table() -> str:
     """The simulation table of docs/cliff.md (``python -m rldiag.analysis.cliff``; about a minute)."""
     tail6 = ([0.97, 0.01, 0.01, 0.005, 0.003, 0.002], [0.9, 0.04, 0.03, 0.015, 0.01, 0.005])
-    cases = [([0.96, 0.04], [0.90, 0.10], 2.0), ([0.999, 0.001], [0.99, 0.01], 5.0), ([0.96, 0.04], [0.90, 0.10], 5.0),
-             ([0.96, 0.04], [0.90, 0.10], c_from_eps(0.2)), (*tail6, 1.25), (*tail6, 2.0), (*tail6, 5.0)]
-    lines = ["| K | p | b | c | closed form | K-ary solver | simulated, exact | simulated, sampled | "
-             "inside at 0.99 λ* / outside at 1.01 λ* (exact; sampled) |", "|---|---|---|---|---|---|---|---|---|"]
+    cases = [
+        ([0.96, 0.04], [0.90, 0.10], 2.0),
+        ([0.999, 0.001], [0.99, 0.01], 5.0),
+        ([0.96, 0.04], [0.90, 0.10], 5.0),
+        ([0.96, 0.04], [0.90, 0.10], c_from_eps(0.2)),
+        (*tail6, 1.25),
+        (*tail6, 2.0),
+        (*tail6, 5.0),
+    ]
+    lines = [
+        "| K | p | b | c | closed form | K-ary solver | simulated, exact | simulated, sampled | "
+        "inside at 0.99 λ* / outside at 1.01 λ* (exact; sampled) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for t, b, c in cases:
         star = lambda_star_kary(t, b, c)
         closed = lambda_star(t[0], b[0], c)
@@ -427,8 +504,10 @@ def simulation_table() -> str:
             above = simulate(t, b, 1.01 * star, c, mode=mode, seed=1).inside
             flags.append(f"{'yes' if below else 'NO'} / {'yes' if not above else 'NO'}")
         closed_text = f"{closed:.6f}" if len(t) == 2 else f"{closed:.4f} (pooled Bernoulli)"
-        lines.append(f"| {len(t)} | {t[0]:g} | {b[0]:g} | {c:g} | {closed_text} | {star:.6f} | {exact:.6f} | "
-                     f"{sampled:.5f} | {'; '.join(flags)} |")
+        lines.append(
+            f"| {len(t)} | {t[0]:g} | {b[0]:g} | {c:g} | {closed_text} | {star:.6f} | {exact:.6f} | "
+            f"{sampled:.5f} | {'; '.join(flags)} |"
+        )
     return "\n".join(lines)
 
 

@@ -155,8 +155,9 @@ class Run:
             self._fold([self._surviving(name, self._stats_tables[name]) for name in new])
         for lo, hi in changed:
             self._rebuild(lo, hi)
-        if (new or changed) and (len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES
-                                 or (changed and self._indexed)):
+        if (new or changed) and (
+            len(self._stats_files) - len(self._indexed) >= INDEX_MIN_FILES or (changed and self._indexed)
+        ):
             self._save_index()
         self._live_view = self._with_live_tails()
         return new
@@ -188,13 +189,16 @@ class Run:
             parsed = info.writer
             if parsed is None or info.steps is None:
                 continue
-            d = data.setdefault(parsed[0], {"rank": parsed[1], "start": parsed[2], "lo": info.steps[0],
-                                            "hi": info.steps[1], "t": info.mtime})
+            d = data.setdefault(
+                parsed[0],
+                {"rank": parsed[1], "start": parsed[2], "lo": info.steps[0], "hi": info.steps[1], "t": info.mtime},
+            )
             d["lo"], d["hi"], d["t"] = min(d["lo"], info.steps[0]), max(d["hi"], info.steps[1]), max(d["t"], info.mtime)
         known = set(data)
         self.resume = runformat.resolve_attempts(
             [runformat.AttemptData(w, d["rank"], d["start"], d["lo"], d["hi"], d["t"]) for w, d in data.items()],
-            [i for i in infos if i.writer in known or i.first_step is not None])
+            [i for i in infos if i.writer in known or i.first_step is not None],
+        )
         for exc in bad:
             msg = f"unreadable writer file: {exc}"
             if not any(p.message == msg for p in self.problems):
@@ -228,8 +232,11 @@ class Run:
                 except FileNotFoundError:
                     continue
                 except (runformat.RunFormatError, OSError) as exc:
-                    bad.append(runformat.RunFormatError(str(exc) if isinstance(exc, runformat.RunFormatError)
-                                                        else f"{e.path}: {exc}", path=e.path))
+                    bad.append(
+                        runformat.RunFormatError(
+                            str(exc) if isinstance(exc, runformat.RunFormatError) else f"{e.path}: {exc}", path=e.path
+                        )
+                    )
                     info = None
                 self._writer_cache[e.name] = cached = (key, info)
             if cached[1] is not None:
@@ -321,11 +328,19 @@ class Run:
         if self._compact is None:
             return
         path = _index_location(self.path)
-        files = {name: [info.size, info.rows, *(info.steps or (None, None))]
-                 for name, info in self._stats_files.items()}
-        meta = {schema.PARQUET_META_KEY: json.dumps({
-            "schema_version": schema.SCHEMA_VERSION, "index_version": INDEX_VERSION, "files": files,
-            "cutoff": self._applied}).encode()}
+        files = {
+            name: [info.size, info.rows, *(info.steps or (None, None))] for name, info in self._stats_files.items()
+        }
+        meta = {
+            schema.PARQUET_META_KEY: json.dumps(
+                {
+                    "schema_version": schema.SCHEMA_VERSION,
+                    "index_version": INDEX_VERSION,
+                    "files": files,
+                    "cutoff": self._applied,
+                }
+            ).encode()
+        }
         if isinstance(path, storage.RemotePath):  # one whole-object write: no rename needed
             buf = pa.BufferOutputStream()
             pq.write_table(self._compact.replace_schema_metadata(meta), buf, compression="zstd")
@@ -350,9 +365,14 @@ class Run:
         self.problems.append(Problem(str(path), msg))
         warnings.warn(msg, RunFormatWarning, stacklevel=3)
 
-    def _read_stats_file(self, p: storage.Location, *, check: bool = True,
-                         loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
-                         entry: storage.Entry | None = None) -> _FileInfo | None:
+    def _read_stats_file(
+        self,
+        p: storage.Location,
+        *,
+        check: bool = True,
+        loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
+        entry: storage.Entry | None = None,
+    ) -> _FileInfo | None:
         """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
         table, meta, exc = loaded if loaded is not None else _load_stats(p)
         if table is None:
@@ -360,8 +380,10 @@ class Run:
             return None
         cfg = meta.get("config")
         if check and cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
-            msg = (f"{p} was recorded with other clip settings than the manifest ({cfg}); its config-dependent "
-                   "statistics (clip fractions, balance) mix settings: use run.step_metrics(config=...) to recompute")
+            msg = (
+                f"{p} was recorded with other clip settings than the manifest ({cfg}); its config-dependent "
+                "statistics (clip fractions, balance) mix settings: use run.step_metrics(config=...) to recompute"
+            )
             self.problems.append(Problem(str(p), msg))
             warnings.warn(msg, RunFormatWarning, stacklevel=3)
         self._stats_tables[p.name] = table
@@ -424,8 +446,9 @@ class Run:
         writer superseded are left out."""
         files = self.token_files()
         if not files:
-            return pl.LazyFrame(schema={k: pl.from_arrow(pa.array([], v)).dtype
-                                        for k, v in schema.TOKEN_DTYPES.items()})
+            return pl.LazyFrame(
+                schema={k: pl.from_arrow(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()}
+            )
         return scan_tokens(files, self.token_limits())
 
     def steps(self) -> list[int]:
@@ -503,8 +526,9 @@ class Run:
         return written < masked
 
     # ---- metrics ----------------------------------------------------------------------------------
-    def _filtered(self, ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,
-                  compact: bool = False) -> pa.Table:
+    def _filtered(
+        self, ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *, compact: bool = False
+    ) -> pa.Table:
         t = self.compact_table() if compact else self.stats_table()
         mask = None
         if ranks is not None:
@@ -512,8 +536,10 @@ class Run:
         if steps is not None:
             if isinstance(steps, slice):
                 col = t.column("step")
-                m = pc.and_(pc.greater_equal(col, steps.start if steps.start is not None else -(2**62)),
-                            pc.less(col, steps.stop if steps.stop is not None else 2**62))
+                m = pc.and_(
+                    pc.greater_equal(col, steps.start if steps.start is not None else -(2**62)),
+                    pc.less(col, steps.stop if steps.stop is not None else 2**62),
+                )
             else:
                 m = pc.is_in(t.column("step"), pa.array(list(steps), pa.int64()))
             mask = m if mask is None else pc.and_(mask, m)
@@ -563,26 +589,45 @@ class Run:
         # a setting that decides which tokens count (logp_tolerance) changes every statistic, not only the
         # clip-dependent ones
         every = from_tokens or affected_stats(self.config.stat_fields_changed(config)) == STATS.keys()
-        return self._recomputed(table, config, names, by, ranks, steps, everything=every, engine=engine,
-                                ray_address=ray_address)
+        return self._recomputed(
+            table, config, names, by, ranks, steps, everything=every, engine=engine, ray_address=ray_address
+        )
 
-    def _recomputed(self, stored: pa.Table, config: RecorderConfig, names: list[str], by: tuple[str, ...],
-                    ranks: Sequence[int] | None, steps: Sequence[int] | slice | None, *,
-                    everything: bool = False, engine: str = "local", ray_address: str | None = None) -> pl.DataFrame:
+    def _recomputed(
+        self,
+        stored: pa.Table,
+        config: RecorderConfig,
+        names: list[str],
+        by: tuple[str, ...],
+        ranks: Sequence[int] | None,
+        steps: Sequence[int] | slice | None,
+        *,
+        everything: bool = False,
+        engine: str = "local",
+        ray_address: str | None = None,
+    ) -> pl.DataFrame:
         from rldiag.analysis.recompute import iter_file_stats, row_groups
 
         if self.token_rows_sampled:
             warnings.warn(
                 f"token rows of {self.path} cover only part of the tokens (sampled or dropped): "
-                + ("every statistic is recomputed from those rows only" if everything else
-                   "metrics that depend on the clip settings are recomputed from those rows only; the others "
-                   "stay exact"),
-                RunFormatWarning, stacklevel=3)
+                + (
+                    "every statistic is recomputed from those rows only"
+                    if everything
+                    else "metrics that depend on the clip settings are recomputed from those rows only; the others "
+                    "stay exact"
+                ),
+                RunFormatWarning,
+                stacklevel=3,
+            )
         step_set = None
         if steps is not None:
             all_steps = np.array(self.steps())
-            step_set = set(all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
-                            if isinstance(steps, slice) else list(steps))
+            step_set = set(
+                all_steps[(all_steps >= (steps.start or -(2**62))) & (all_steps < (steps.stop or 2**62))]
+                if isinstance(steps, slice)
+                else list(steps)
+            )
         from rldiag.analysis.progress import progress
 
         files = self.token_files()
@@ -591,10 +636,10 @@ class Run:
             from rldiag.analysis import ray_engine
 
             executor = ray_engine.RowGroupExecutor(ray_address)
-        stats_iter = iter_file_stats(files, config, steps=step_set, config_only=not everything,
-                                     limits=self.token_limits(), executor=executor)
-        parts = list(progress(stats_iter, row_groups(files),
-                              "rldiag: recomputing from token rows"))
+        stats_iter = iter_file_stats(
+            files, config, steps=step_set, config_only=not everything, limits=self.token_limits(), executor=executor
+        )
+        parts = list(progress(stats_iter, row_groups(files), "rldiag: recomputing from token rows"))
         fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
         if ranks is not None:
             fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
@@ -606,8 +651,11 @@ class Run:
         # damaged file) gets NaN rather than the statistics of part of its records
         out_stats = dict(merged_stored.stats)
         idx = _align(merged_stored.keys, merged_fresh.keys, by)
-        fresh_rows = np.where(idx >= 0, merged_fresh.stats["rows_written"][np.maximum(idx, 0)], 0.0) \
-            if merged_fresh.n_groups else np.zeros(idx.size)
+        fresh_rows = (
+            np.where(idx >= 0, merged_fresh.stats["rows_written"][np.maximum(idx, 0)], 0.0)
+            if merged_fresh.n_groups
+            else np.zeros(idx.size)
+        )
         idx = np.where(fresh_rows >= merged_stored.stats["rows_written"], idx, -1)
         same = idx.size == merged_fresh.n_groups and bool(np.all(idx == np.arange(idx.size)))
         for s in dep:
@@ -622,9 +670,16 @@ class Run:
             out_stats[s] = arr
         return aggregate.finalize(aggregate.Merged(keys=merged_stored.keys, stats=out_stats), names)
 
-    def bucket_metrics(self, by: str = "pos", buckets: int = 10, *, width: int | None = None,
-                       steps: Sequence[int] | None = None, engine: str = "local",
-                       ray_address: str | None = None) -> pl.DataFrame:
+    def bucket_metrics(
+        self,
+        by: str = "pos",
+        buckets: int = 10,
+        *,
+        width: int | None = None,
+        steps: Sequence[int] | None = None,
+        engine: str = "local",
+        ray_address: str | None = None,
+    ) -> pl.DataFrame:
         """The position/stage table of metrics-spec section 2, from token rows.
 
         One row per (step, bucket) with ``n``, ``ratio/mean``, ``ratio/std``, ``clip/region``,
@@ -642,24 +697,40 @@ class Run:
             from rldiag.analysis import ray_engine
 
             chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
-            stats = ray_engine.bucket_stats(self.token_files(), self.token_limits(), self.config, chosen, by=by,
-                                            buckets=buckets, width=width, address=ray_address,
-                                            ranges=self.token_step_ranges())
+            stats = ray_engine.bucket_stats(
+                self.token_files(),
+                self.token_limits(),
+                self.config,
+                chosen,
+                by=by,
+                buckets=buckets,
+                width=width,
+                address=ray_address,
+                ranges=self.token_step_ranges(),
+            )
         else:
             lf = self.tokens()
             if steps is not None:
                 lf = lf.filter(pl.col("step").is_in(list(steps)))
             stats = bucket_stats(lf, self.config, by, buckets, width)
         if stats.num_rows == 0:
-            return pl.DataFrame(schema={"step": pl.Int64, "bucket": pl.Int64, "n": pl.Float64} |
-                                {n: pl.Float64 for n in names})
+            return pl.DataFrame(
+                schema={"step": pl.Int64, "bucket": pl.Int64, "n": pl.Float64} | {n: pl.Float64 for n in names}
+            )
         merged = aggregate.merge(stats, by=("step", "bucket"), stats=needed_stats(names) | {"n"})
         out = aggregate.finalize(merged, names).with_columns(pl.Series("n", merged.stats["n"]))
         return out.select(cols)
 
     # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------
-    def lens(self, objectives: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-             params: Any = None, *, engine: str = "local", ray_address: str | None = None) -> pl.DataFrame:
+    def lens(
+        self,
+        objectives: Sequence[str] | None = None,
+        steps: Sequence[int] | None = None,
+        params: Any = None,
+        *,
+        engine: str = "local",
+        ray_address: str | None = None,
+    ) -> pl.DataFrame:
         """How each clipping objective of the literature would have treated this run's tokens, per step
         (``engine="ray"``: Ray tasks over groups of whole steps, :mod:`rldiag.analysis.ray_engine`)."""
         _check_engine(engine)
@@ -667,8 +738,16 @@ class Run:
             from rldiag.analysis import ray_engine
 
             chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
-            return ray_engine.lens(self.token_files(), self.token_limits(), self.config, chosen, objectives, params,
-                                   address=ray_address, ranges=self.token_step_ranges())
+            return ray_engine.lens(
+                self.token_files(),
+                self.token_limits(),
+                self.config,
+                chosen,
+                objectives,
+                params,
+                address=ray_address,
+                ranges=self.token_step_ranges(),
+            )
         from rldiag.analysis.lens import lens
 
         return lens(self, objectives, steps, params)
@@ -727,8 +806,16 @@ class Run:
             "bytes": sum(f.size for f in self._stats_files.values()) + sum(f.size for f in self._token_files.values()),
             "last_write": last_write,
             "seconds_since_last_write": None if last_write is None else time.time() - last_write,
-            "resume_points": [{"writer": w.writer, "rank": w.rank, "started": w.started,
-                               "first_step": w.first_step, "closed": w.closed} for w in writers],
+            "resume_points": [
+                {
+                    "writer": w.writer,
+                    "rank": w.rank,
+                    "started": w.started,
+                    "first_step": w.first_step,
+                    "closed": w.closed,
+                }
+                for w in writers
+            ],
             "superseded": list(self.resume.superseded),
             "gaps": list(self.resume.gaps),
             "problems": [p.message for p in self.problems],
@@ -758,14 +845,19 @@ def _check_token_schema(arrow_schema: pa.Schema) -> None:
     """A token file must hold exactly the token columns, each of its type (one odd file must not break the
     scan of every other)."""
     got = {f.name: f.type for f in arrow_schema}
-    odd = [n for n, t in schema.TOKEN_DTYPES.items() if got.get(n) != t and not (
-        pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)]
+    odd = [
+        n
+        for n, t in schema.TOKEN_DTYPES.items()
+        if got.get(n) != t and not (pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)
+    ]
     extra = sorted(set(got) - set(schema.TOKEN_DTYPES))
     for _key, value in (arrow_schema.metadata or {}).items():
         value.decode("utf-8")  # polars refuses a file whose key-value metadata is not text: skip it alone
     if odd or extra:
-        raise ValueError(f"token columns missing or of another type: {odd[:5]}" + (f", unknown columns: {extra[:5]}"
-                                                                                  if extra else ""))
+        raise ValueError(
+            f"token columns missing or of another type: {odd[:5]}"
+            + (f", unknown columns: {extra[:5]}" if extra else "")
+        )
 
 
 def _check_counts(table: pa.Table) -> None:
@@ -787,8 +879,9 @@ def _check_bucket_lengths(table: pa.Table, meta: dict[str, Any]) -> None:
         if name in table.column_names:
             lengths = pc.list_value_length(table.column(name))
             if pc.any(pc.not_equal(lengths, nb)).as_py():
-                raise ValueError(f"statistics column {name} holds vectors whose length is not the file's "
-                                 f"n_buckets={nb}")
+                raise ValueError(
+                    f"statistics column {name} holds vectors whose length is not the file's n_buckets={nb}"
+                )
 
 
 def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tuple[str, ...]) -> np.ndarray:
@@ -836,8 +929,9 @@ def _check_engine(engine: str) -> None:
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
 
 
-def open_run(path: str | os.PathLike[str] | storage.RemotePath, *,
-             storage_options: dict[str, Any] | None = None) -> Run:
+def open_run(
+    path: str | os.PathLike[str] | storage.RemotePath, *, storage_options: dict[str, Any] | None = None
+) -> Run:
     """Open a run written by :class:`rldiag.Recorder` (also while it is being written): a local folder or a
     URI (``s3://bucket/runs/exp1``, ``gs://...``; see :mod:`rldiag.storage`).
 
@@ -870,8 +964,12 @@ def _read_live(run_dir: Path, published: Any) -> list[tuple[str, pa.Table]]:
         return out
     for e in entries:
         try:
-            if (e.name.startswith(".") or not e.name.endswith(".parquet") or not e.is_file(follow_symlinks=False)
-                    or e.stat(follow_symlinks=False).st_size > 2 * runformat.LIVE_MAX_BYTES):
+            if (
+                e.name.startswith(".")
+                or not e.name.endswith(".parquet")
+                or not e.is_file(follow_symlinks=False)
+                or e.stat(follow_symlinks=False).st_size > 2 * runformat.LIVE_MAX_BYTES
+            ):
                 continue
             table = pq.read_table(e.path)
             meta = json.loads((table.schema.metadata or {})[runformat.LIVE_META_KEY])

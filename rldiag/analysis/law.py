@@ -58,14 +58,21 @@ class LawFit:
     def as_dict(self) -> dict[str, float]:
         """The public ``law/*`` quantities."""
         return {
-            "law/a": self.a, "law/b": self.b, "law/r2": self.r2, "law/ceiling": self.ceiling,
-            "law/reached": self.reached, "law/gain_reached": self.gain_reached,
-            "law/sign_agreement": self.sign_agreement, "law/n": float(self.n), "law/n_sign": float(self.n_sign),
+            "law/a": self.a,
+            "law/b": self.b,
+            "law/r2": self.r2,
+            "law/ceiling": self.ceiling,
+            "law/reached": self.reached,
+            "law/gain_reached": self.gain_reached,
+            "law/sign_agreement": self.sign_agreement,
+            "law/n": float(self.n),
+            "law/n_sign": float(self.n_sign),
         }
 
 
-def fit_law(frame: Any, metric: str = DEFAULT_METRIC, *, entropy: str = ENTROPY, cov: str = COV,
-            window: int = 5) -> LawFit:
+def fit_law(
+    frame: Any, metric: str = DEFAULT_METRIC, *, entropy: str = ENTROPY, cov: str = COV, window: int = 5
+) -> LawFit:
     """Least-squares fit of R on [-exp(H), 1] over a run's steps, and the mechanism check.
 
     ``frame`` is a step-metrics DataFrame (``step``, ``entropy``, ``metric`` and optionally ``cov`` columns) or a
@@ -99,7 +106,7 @@ def fit_law(frame: Any, metric: str = DEFAULT_METRIC, *, entropy: str = ENTROPY,
     ss_tot = float(np.sum((R[ok] - R[ok].mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
     ceiling = b - a
-    r_now = float(R[ok][-max(1, window):].mean())
+    r_now = float(R[ok][-max(1, window) :].mean())
     r_first = float(R[ok][0])
     reached = r_now / ceiling if ceiling > 0 else math.nan
     gain_reached = (r_now - r_first) / (ceiling - r_first) if ceiling != r_first else math.nan

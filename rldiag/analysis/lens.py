@@ -386,8 +386,13 @@ def _ratio_table(tok: pl.LazyFrame, p: LensParams, objs: Sequence[str]) -> pl.La
     """Pass 1: sums per (step, side, rb[, wb][, dk]); the columns every token-level objective reads."""
     r, aa = pl.col(_R), pl.col(_AA)
     keys: list[pl.Expr] = [pl.col(schema.STEP), _SIDE, _bucket(r, _ratio_edges(p, objs)).alias("rb")]
-    aggs = [pl.len().cast(_F64).alias("n"), r.sum().alias("r"), (r * aa).sum().alias("ra"),
-            aa.sum().alias("a"), (r * r).sum().alias("r2")]
+    aggs = [
+        pl.len().cast(_F64).alias("n"),
+        r.sum().alias("r"),
+        (r * aa).sum().alias("ra"),
+        aa.sum().alias("a"),
+        (r * r).sum().alias("r2"),
+    ]
     if "dcpo" in objs:
         keys.append(_dcpo_kept(p.dcpo).alias("dk"))
     if "tis" in objs or "mis" in objs:
@@ -446,8 +451,13 @@ def _table_sums(obj: str, p: LensParams, R: _Cut, W: _Cut | None) -> list[pl.Exp
     kept, valid = _clip_kept(R, _lo(ip.eps_low), _hi(ip.eps_high)), pl.col("wb").is_not_null()
     if obj == "tis":
         below = W.le(ip.cap)  # min(w, C) r: w r below the cap, C r above it
-        return _sums(obj, kept, pl.when(below).then(pl.col("rw")).otherwise(ip.cap * r),
-                     pl.when(below).then(pl.col("rwa")).otherwise(ip.cap * ra), valid)
+        return _sums(
+            obj,
+            kept,
+            pl.when(below).then(pl.col("rw")).otherwise(ip.cap * r),
+            pl.when(below).then(pl.col("rwa")).otherwise(ip.cap * ra),
+            valid,
+        )
     if obj == "mis":
         kept = kept & W.ge(1.0 / ip.cap) & W.le(ip.cap)
         return _sums(obj, kept, pl.col("rw"), pl.col("rwa"), valid)
@@ -521,8 +531,12 @@ def _sequence_table(tok: pl.LazyFrame, seq_keys: list[str], p: LensParams, ctpo:
         bound = (pl.col(schema.POS).cast(_F64) + 1.0).sqrt()
         kept = ~ctpo_clipped(L, adv, bound, p.ctpo.low, p.ctpo.high)
         keys.append(kept.alias("ck"))
-        aggs += [L.exp().sum().alias("eL"), (L.exp() * aa).sum().alias("eLa"),
-                 pl.col(_START).sum().alias("starts"), (~pl.col(_ORDER_OK)).sum().alias("bad")]
+        aggs += [
+            L.exp().sum().alias("eL"),
+            (L.exp() * aa).sum().alias("eLa"),
+            pl.col(_START).sum().alias("starts"),
+            (~pl.col(_ORDER_OK)).sum().alias("bad"),
+        ]
     return lf.group_by(keys).agg(aggs)
 
 
@@ -531,8 +545,11 @@ def _gspo_sums(table: pl.DataFrame, seq_keys: list[str], p: GSPOParams) -> pl.Da
     sequence dropped; s_i > 0, so max(s_i A_t, 0) = s_i max(A_t, 0)."""
     a, side = pl.col("a"), pl.col("side")
     per_seq = table.group_by(seq_keys).agg(
-        pl.col("n").sum(), pl.col("lr").sum(), (side.cast(_F64) * a).sum().alias("sadv"),
-        a.filter(side == 1).sum().alias("padv"), a.sum(),
+        pl.col("n").sum(),
+        pl.col("lr").sum(),
+        (side.cast(_F64) * a).sum().alias("sadv"),
+        a.filter(side == 1).sum().alias("padv"),
+        a.sum(),
     )
     s = (pl.col("lr") / pl.col("n")).exp()
     a_mean = pl.col("sadv") / pl.col("n")
@@ -563,8 +580,12 @@ def _ttb_sums(tok: pl.LazyFrame, ess: pl.DataFrame) -> pl.LazyFrame:
     per_side = (
         tok.join(ess.lazy().select(schema.STEP, pl.col("ess").alias("_ess")), on=schema.STEP, how="inner")
         .group_by(schema.STEP, _SIDE)
-        .agg(pl.len().cast(_F64).alias("n"), tw.sum().alias("w"), (tw * pl.col(_AA)).sum().alias("wa"),
-             pl.col(_AA).sum().alias("a"))
+        .agg(
+            pl.len().cast(_F64).alias("n"),
+            tw.sum().alias("w"),
+            (tw * pl.col(_AA)).sum().alias("wa"),
+            pl.col(_AA).sum().alias("a"),
+        )
     )
     return per_side.group_by(schema.STEP).agg(_sums("ttb", _ALL, pl.col("w"), pl.col("wa")))
 
@@ -600,15 +621,30 @@ def _prepare(lf: pl.LazyFrame, seq_keys: list[str], has_pos: bool, has_rollout: 
     """
     if not has_rollout:
         lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(schema.ROLLOUT_LOGP))
-    keep = list(dict.fromkeys([*seq_keys, schema.STEP, *([schema.POS] if has_pos else []), schema.LOGP,
-                               schema.OLD_LOGP, schema.ADV, schema.ROLLOUT_LOGP]))
+    keep = list(
+        dict.fromkeys(
+            [
+                *seq_keys,
+                schema.STEP,
+                *([schema.POS] if has_pos else []),
+                schema.LOGP,
+                schema.OLD_LOGP,
+                schema.ADV,
+                schema.ROLLOUT_LOGP,
+            ]
+        )
+    )
     lp, olp = pl.col(schema.LOGP).cast(_F64), pl.col(schema.OLD_LOGP).cast(_F64)
     adv = pl.col(schema.ADV).cast(_F64)
     return (
         lf.select(keep)
         .filter(token_valid(lp, olp, adv, tol))
-        .with_columns((lp - olp).alias(_LR), adv.alias(_ADV), adv.abs().alias(_AA),
-                      (olp - pl.col(schema.ROLLOUT_LOGP).cast(_F64)).exp().alias(_W))
+        .with_columns(
+            (lp - olp).alias(_LR),
+            adv.alias(_ADV),
+            adv.abs().alias(_AA),
+            (olp - pl.col(schema.ROLLOUT_LOGP).cast(_F64)).exp().alias(_W),
+        )
         .with_columns(pl.col(_LR).exp().alias(_R))
     )
 
@@ -646,8 +682,9 @@ _STREAMING: dict[str, Any] = {"engine": "streaming"}
 _TOKEN_LEVEL = ("ppo", "dapo", "dual_clip", "dcpo", "cispo", "sapo", "tis", "mis")
 
 
-def _resolve(run_or_frame: Any, params: LensParams | Mapping[str, Any] | None
-             ) -> tuple[pl.LazyFrame, LensParams, float]:
+def _resolve(
+    run_or_frame: Any, params: LensParams | Mapping[str, Any] | None
+) -> tuple[pl.LazyFrame, LensParams, float]:
     """(token rows, parameters, logp tolerance) from a Run (its config) or a frame (the defaults)."""
     tol = RecorderConfig().logp_tolerance
     base = LensParams()
@@ -705,8 +742,9 @@ def lens(
     return pl.concat(parts).sort(schema.STEP)
 
 
-def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tuple[list[str], bool, bool],
-                tol: float) -> pl.DataFrame:
+def _lens_chunk(
+    lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tuple[list[str], bool, bool], tol: float
+) -> pl.DataFrame:
     """:func:`lens` on the token rows of some whole steps."""
     seq_keys, has_pos, has_rollout = shape
     tok = _prepare(lf, seq_keys, has_pos, has_rollout, tol)
@@ -716,8 +754,12 @@ def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tu
     table = _ratio_table(tok, params, objs).collect(**_STREAMING)
     R = _Cut("rb", tuple(_ratio_edges(params, objs)))
     W = _Cut("wb", tuple(_w_edges(params)))
-    aggs = [pl.col("n").sum(), pl.col("a").sum().alias("aadv"), pl.col("r").sum().alias("sr"),
-            pl.col("r2").sum().alias("sr2")]
+    aggs = [
+        pl.col("n").sum(),
+        pl.col("a").sum().alias("aadv"),
+        pl.col("r").sum().alias("sr"),
+        pl.col("r2").sum().alias("sr2"),
+    ]
     for o in objs:
         if o in _TOKEN_LEVEL:
             aggs += _table_sums(o, params, R, W)
@@ -734,8 +776,9 @@ def _lens_chunk(lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tu
     if "ttb" in objs:
         ess_expr = batch_ess(pl.col("sr"), pl.col("sr2"), pl.col("n"))
         ess = frame.select(schema.STEP, pl.when(pl.col("sr2") > 0).then(ess_expr).otherwise(float("nan")).alias("ess"))
-        frame = frame.join(ess, on=schema.STEP).join(_ttb_sums(tok, ess).collect(**_STREAMING), on=schema.STEP,
-                                                      how="left")
+        frame = frame.join(ess, on=schema.STEP).join(
+            _ttb_sums(tok, ess).collect(**_STREAMING), on=schema.STEP, how="left"
+        )
     if "bapo" in objs:
         frame = frame.join(_bapo_choose(table, params.bapo, R), on=schema.STEP, how="left")
 

@@ -10,8 +10,9 @@ from typing import TextIO, TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int, label: str, *, stream: TextIO | None = None,
-             min_seconds: float = 1.0) -> Iterator[T]:
+def progress(
+    items: Iterable[T], total: int, label: str, *, stream: TextIO | None = None, min_seconds: float = 1.0
+) -> Iterator[T]:
     """Yield ``items``; after ``min_seconds`` draw ``label [#####     ] i/total`` on a terminal."""
     out = sys.stderr if stream is None else stream
     tty = bool(getattr(out, "isatty", lambda: False)())

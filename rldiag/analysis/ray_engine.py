@@ -32,8 +32,9 @@ from rldiag.config import RecorderConfig
 
 __all__ = ["require_ray", "connect", "RowGroupExecutor", "TokenSource", "bucket_stats", "lens", "step_chunks"]
 
-_MISSING = ("engine='ray' needs Ray, which is not installed: pip install 'rldiag[ray]' (or use the default "
-            "engine='local')")
+_MISSING = (
+    "engine='ray' needs Ray, which is not installed: pip install 'rldiag[ray]' (or use the default engine='local')"
+)
 
 
 def require_ray() -> Any:
@@ -130,25 +131,42 @@ def _lens_task(source: TokenSource, steps: list[int], objectives: Sequence[str] 
     return local_lens(source, objectives, steps, params)
 
 
-def _run_chunks(fn: Any, source: TokenSource, steps: Sequence[int], address: str | None, *args: Any,
-                ranges: Mapping[Any, tuple[int, int]] | None = None, chunks_per_cpu: int = 2) -> list[Any]:
+def _run_chunks(
+    fn: Any,
+    source: TokenSource,
+    steps: Sequence[int],
+    address: str | None,
+    *args: Any,
+    ranges: Mapping[Any, tuple[int, int]] | None = None,
+    chunks_per_cpu: int = 2,
+) -> list[Any]:
     """One task per group of whole steps; each scans only the files whose step range meets its steps."""
     ray = connect(address)
     remote = ray.remote(num_cpus=1)(fn)
     refs = []
     for chunk in step_chunks(steps, chunks_per_cpu * _cluster_cpus(ray)):
         lo, hi = chunk[0], chunk[-1]
-        files = tuple(f for f in source.files if ranges is None or f not in ranges
-                      or not (ranges[f][1] < lo or ranges[f][0] > hi))
+        files = tuple(
+            f for f in source.files if ranges is None or f not in ranges or not (ranges[f][1] < lo or ranges[f][0] > hi)
+        )
         if files:
             part = TokenSource(files, {f: c for f, c in source.limits.items() if f in files}, source.config)
             refs.append(remote.remote(part, chunk, *args))
     return ray.get(refs)
 
 
-def bucket_stats(files: Sequence[Any], limits: Mapping[Any, int], config: RecorderConfig, steps: Sequence[int], *,
-                 by: str, buckets: int, width: int | None, address: str | None = None,
-                 ranges: Mapping[Any, tuple[int, int]] | None = None) -> pa.Table:
+def bucket_stats(
+    files: Sequence[Any],
+    limits: Mapping[Any, int],
+    config: RecorderConfig,
+    steps: Sequence[int],
+    *,
+    by: str,
+    buckets: int,
+    width: int | None,
+    address: str | None = None,
+    ranges: Mapping[Any, tuple[int, int]] | None = None,
+) -> pa.Table:
     """The statistics rows of :func:`rldiag.analysis.recompute.bucket_stats`, computed by Ray tasks over groups
     of whole steps (in step order, so merging them equals the local engine's merge). ``ranges``: each file's
     smallest and largest step, when known, so a task opens only the files that hold its steps."""
@@ -156,15 +174,24 @@ def bucket_stats(files: Sequence[Any], limits: Mapping[Any, int], config: Record
 
     if not files or not steps:
         return STATS_SCHEMA.empty_table()
-    parts = _run_chunks(_bucket_task, TokenSource(tuple(files), dict(limits), config), steps, address, by, buckets,
-                        width, ranges=ranges)
+    parts = _run_chunks(
+        _bucket_task, TokenSource(tuple(files), dict(limits), config), steps, address, by, buckets, width, ranges=ranges
+    )
     parts = [p for p in parts if p.num_rows]
     return pa.concat_tables(parts, promote_options="default") if parts else STATS_SCHEMA.empty_table()
 
 
-def lens(files: Sequence[Any], limits: Mapping[Any, int], config: RecorderConfig, steps: Sequence[int],
-         objectives: Sequence[str] | None = None, params: Any = None, *, address: str | None = None,
-         ranges: Mapping[Any, tuple[int, int]] | None = None) -> pl.DataFrame:
+def lens(
+    files: Sequence[Any],
+    limits: Mapping[Any, int],
+    config: RecorderConfig,
+    steps: Sequence[int],
+    objectives: Sequence[str] | None = None,
+    params: Any = None,
+    *,
+    address: str | None = None,
+    ranges: Mapping[Any, tuple[int, int]] | None = None,
+) -> pl.DataFrame:
     """:func:`rldiag.analysis.lens.lens` of a run's token rows, by Ray tasks over groups of whole steps (each
     opening only the files whose step range, when known, meets its steps)."""
     from rldiag.analysis.lens import lens as local_lens
@@ -172,8 +199,7 @@ def lens(files: Sequence[Any], limits: Mapping[Any, int], config: RecorderConfig
     source = TokenSource(tuple(files), dict(limits), config)
     if not files or not steps:
         return local_lens(source, objectives, steps, params)
-    parts = [p for p in _run_chunks(_lens_task, source, steps, address, objectives, params, ranges=ranges)
-             if p.height]
+    parts = [p for p in _run_chunks(_lens_task, source, steps, address, objectives, params, ranges=ranges) if p.height]
     if not parts:
         return local_lens(source, objectives, [], params)
     return pl.concat(parts).sort("step")

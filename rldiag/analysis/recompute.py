@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -34,8 +33,18 @@ from rldiag.stats import kernel
 from rldiag.stats.table import STATS_SCHEMA, to_table
 
 _RECORD_KEYS = (schema.STEP, schema.RANK, schema.MICRO)
-_VALUE_COLS = (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.ROLLOUT_LOGP, schema.REF_LOGP,
-               schema.VERSION, schema.STAGE, schema.GROUP, schema.REWARD)
+_VALUE_COLS = (
+    schema.LOGP,
+    schema.OLD_LOGP,
+    schema.ADV,
+    schema.ENTROPY,
+    schema.ROLLOUT_LOGP,
+    schema.REF_LOGP,
+    schema.VERSION,
+    schema.STAGE,
+    schema.GROUP,
+    schema.REWARD,
+)
 _CONFIG_FREE_COLS = (schema.REF_LOGP, schema.VERSION, schema.GROUP, schema.REWARD)
 """Columns that only config-independent statistics read (reference KL, staleness, groups, rewards)."""
 
@@ -75,8 +84,9 @@ def _layout(k0, k1, k2, k3, seq):  # pragma: no cover - compiled
     return seq_off[: n_seq + 1].copy(), rec_off[: n_rec + 1].copy()
 
 
-def batch_from_tokens(table: pa.Table, record_keys: tuple[str, ...] = _RECORD_KEYS,
-                      sort: bool = True) -> tuple[kernel.TokenBatch, dict[str, np.ndarray]]:
+def batch_from_tokens(
+    table: pa.Table, record_keys: tuple[str, ...] = _RECORD_KEYS, sort: bool = True
+) -> tuple[kernel.TokenBatch, dict[str, np.ndarray]]:
     """Kernel layout of token rows: records are runs of ``record_keys``, sequences runs of ``seq``.
 
     Returns the batch and the key values of each record. With ``sort=False`` the rows must already come in
@@ -96,22 +106,34 @@ def batch_from_tokens(table: pa.Table, record_keys: tuple[str, ...] = _RECORD_KE
     reward = _col(table, schema.REWARD)
     rec_keys = {name: v[rec_first].astype(np.int64) for name, v in keys.items()}
     batch = kernel.TokenBatch(
-        rec_off=rec_off, seq_off=seq_tok,
+        rec_off=rec_off,
+        seq_off=seq_tok,
         steps=rec_keys.get(schema.STEP, np.zeros(rec_first.size, np.int64)),
-        logp=_col(table, schema.LOGP), old_logp=_col(table, schema.OLD_LOGP), adv=_col(table, schema.ADV),
+        logp=_col(table, schema.LOGP),
+        old_logp=_col(table, schema.OLD_LOGP),
+        adv=_col(table, schema.ADV),
         pos=table.column(schema.POS).to_numpy(),
-        entropy=_col(table, schema.ENTROPY), rollout_logp=_col(table, schema.ROLLOUT_LOGP),
-        ref_logp=_col(table, schema.REF_LOGP), version=_col(table, schema.VERSION, np.int64),
+        entropy=_col(table, schema.ENTROPY),
+        rollout_logp=_col(table, schema.ROLLOUT_LOGP),
+        ref_logp=_col(table, schema.REF_LOGP),
+        version=_col(table, schema.VERSION, np.int64),
         stage=_col(table, schema.STAGE, np.int64) if "bucket" not in record_keys else None,
-        group=None if group is None else group[first], reward=None if reward is None else reward[first],
+        group=None if group is None else group[first],
+        reward=None if reward is None else reward[first],
     )
     if batch.logp is None or batch.old_logp is None or batch.adv is None:
         raise ValueError("token rows need the columns logp, old_logp and adv (metrics-spec section 1)")
     return batch, rec_keys
 
 
-def stats_of_table(table: pa.Table, cfg: RecorderConfig, record_keys: tuple[str, ...] = _RECORD_KEYS, *,
-                   sort: bool = True, hists: bool = True) -> pa.Table:
+def stats_of_table(
+    table: pa.Table,
+    cfg: RecorderConfig,
+    record_keys: tuple[str, ...] = _RECORD_KEYS,
+    *,
+    sort: bool = True,
+    hists: bool = True,
+) -> pa.Table:
     """Statistics rows (``STATS_SCHEMA`` plus any extra record keys) of the records in ``table``."""
     if table.num_rows == 0:
         return STATS_SCHEMA.empty_table()
@@ -119,7 +141,9 @@ def stats_of_table(table: pa.Table, cfg: RecorderConfig, record_keys: tuple[str,
     stats = kernel.compute(batch, cfg, hists=hists, cov=False)
     n = batch.n_records
     out = to_table(
-        stats, keys.get(schema.STEP, np.zeros(n)), keys.get(schema.RANK, np.zeros(n)),
+        stats,
+        keys.get(schema.STEP, np.zeros(n)),
+        keys.get(schema.RANK, np.zeros(n)),
         keys.get(schema.MICRO, np.zeros(n)),
         overrides={"rows_written": stats.scalars[:, kernel.SCALARS.index("n_masked")]},
     )
@@ -174,8 +198,14 @@ def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
         st = col.statistics
         if st is not None and st.has_null_count and st.null_count == meta.num_rows and name not in schema.KEY_COLUMNS:
             continue
-        if (name in schema.KEY_COLUMNS and st is not None and st.has_min_max and st.has_null_count
-                and st.null_count == 0 and st.min == st.max):
+        if (
+            name in schema.KEY_COLUMNS
+            and st is not None
+            and st.has_min_max
+            and st.has_null_count
+            and st.null_count == 0
+            and st.min == st.max
+        ):
             const[name] = st.min
             continue
         read.append(name)
@@ -227,8 +257,17 @@ class _GroupResult:
     """Why the row group could not be read (damaged file); the result is otherwise empty."""
 
 
-def _group_job(path: storage.Location, meta: pq.FileMetaData, g: int, last: bool, limit: int | None, names: list[str],
-               steps: pa.Array | None, cfg: RecorderConfig, hists: bool) -> _GroupResult:
+def _group_job(
+    path: storage.Location,
+    meta: pq.FileMetaData,
+    g: int,
+    last: bool,
+    limit: int | None,
+    names: list[str],
+    steps: pa.Array | None,
+    cfg: RecorderConfig,
+    hists: bool,
+) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
     pf = pq.ParquetFile(storage.parquet_source(path), metadata=meta)
     if steps is not None and len(steps) == 0:
@@ -245,8 +284,13 @@ def _group_job(path: storage.Location, meta: pq.FileMetaData, g: int, last: bool
     try:
         table = _read_row_group(pf, g, names)
     except Exception as exc:  # noqa: BLE001 - a damaged page: reported, the rest of the run is computed
-        return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False,
-                            f"{path} row group {g}: {type(exc).__name__}: {exc}")
+        return _GroupResult(
+            pf.schema_arrow.empty_table(),
+            STATS_SCHEMA.empty_table(),
+            None,
+            False,
+            f"{path} row group {g}: {type(exc).__name__}: {exc}",
+        )
     if steps is not None:
         table = table.filter(pc.is_in(table.column(schema.STEP), steps))
     if limit is not None:
@@ -263,10 +307,16 @@ def _group_job(path: storage.Location, meta: pq.FileMetaData, g: int, last: bool
     return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False)
 
 
-def iter_file_stats(files: Iterable[storage.Location], cfg: RecorderConfig, *, steps: set[int] | None = None,
-                    config_only: bool = False, threads: int | None = None,
-                    limits: Mapping[storage.Location, int] | None = None,
-                    executor: Any = None) -> Iterator[pa.Table]:
+def iter_file_stats(
+    files: Iterable[storage.Location],
+    cfg: RecorderConfig,
+    *,
+    steps: set[int] | None = None,
+    config_only: bool = False,
+    threads: int | None = None,
+    limits: Mapping[storage.Location, int] | None = None,
+    executor: Any = None,
+) -> Iterator[pa.Table]:
     """Statistics of the records in ``files``, in file order, one table per Parquet row group.
 
     Each row group is read and computed by one of ``threads`` workers (default: one per core, at most
@@ -302,7 +352,7 @@ def iter_file_stats(files: Iterable[storage.Location], cfg: RecorderConfig, *, s
         table = pa.concat_tables(parts, promote_options="default").combine_chunks()
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
-    with (ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor)) as pool:
+    with ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor) as pool:
         pending: deque[tuple[Any, bool]] = deque()  # (future of a _GroupResult, last row group of its file)
         it = iter(jobs)
         for job in it:
@@ -320,9 +370,12 @@ def iter_file_stats(files: Iterable[storage.Location], cfg: RecorderConfig, *, s
             if res.error is not None:
                 from rldiag.runformat import RunFormatWarning
 
-                warnings.warn(f"skipped an unreadable part of a token file ({res.error}); the records in it and "
-                              "the ones it cuts are left out of the recompute (their steps read NaN)",
-                              RunFormatWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipped an unreadable part of a token file ({res.error}); the records in it and "
+                    "the ones it cuts are left out of the recompute (their steps read NaN)",
+                    RunFormatWarning,
+                    stacklevel=2,
+                )
                 # the record cut by the damaged part is incomplete; records never span files
                 open_rows, after_error = [], not last
                 yield STATS_SCHEMA.empty_table()
@@ -347,8 +400,9 @@ def scan_tokens(files: Sequence[Any], limits: dict[Any, int] | None = None) -> p
     limits = limits or {}
     whole = [f for f in files if f not in limits]
     parts = [_scan(whole)] if whole else []
-    parts += [_scan([f]).filter(pl.col(schema.STEP) < cut)
-              for f, cut in sorted(limits.items(), key=lambda x: str(x[0]))]
+    parts += [
+        _scan([f]).filter(pl.col(schema.STEP) < cut) for f, cut in sorted(limits.items(), key=lambda x: str(x[0]))
+    ]
     return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
 
 
@@ -361,7 +415,7 @@ def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int
     step's longest response). Merging them by (step, bucket) gives :meth:`Run.bucket_metrics`."""
     if by == "pos":
         if width is not None:
-            bucket = (pl.col("pos") // width)
+            bucket = pl.col("pos") // width
         else:
             longest = pl.col("pos").max().over("step") + 1
             bucket = ((pl.col("pos") * buckets) // longest).clip(0, buckets - 1)

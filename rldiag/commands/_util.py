@@ -24,10 +24,17 @@ def open_run_or_fail(path: str) -> Any:
 
 def add_engine_args(p: Any) -> None:
     """``--engine local|ray`` and ``--ray-address`` for a command that reads token rows."""
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="where token rows are read and computed: this process (default) or a Ray cluster")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where token rows are read and computed: this process (default) or a Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else a local Ray)",
+    )
 
 
 def engine_kwargs(args: Any) -> dict[str, Any]:

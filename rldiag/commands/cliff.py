@@ -12,11 +12,13 @@ from rldiag.commands._util import clean_json, fmt, open_run_or_fail, print_table
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "cliff", help="extrapolation cliff of on-policy distillation: lambda*(p, b, c), or per step of a run",
+        "cliff",
+        help="extrapolation cliff of on-policy distillation: lambda*(p, b, c), or per step of a run",
         description="lambda*(p, b, c) is rldiag's derivation of the clip-safety threshold (see docs/cliff.md). "
-                    "Numbers: rldiag cliff --p 0.96 --b 0.9 --c 2 [--eps 0.2] [--lam 0.7]. "
-                    "K-ary: --teacher 0.97,0.02,0.01 --base 0.9,0.06,0.04 --c 2. "
-                    "A run (teacher_logprobs and base_logprobs recorded): rldiag cliff RUN --lam 1.5.")
+        "Numbers: rldiag cliff --p 0.96 --b 0.9 --c 2 [--eps 0.2] [--lam 0.7]. "
+        "K-ary: --teacher 0.97,0.02,0.01 --base 0.9,0.06,0.04 --c 2. "
+        "A run (teacher_logprobs and base_logprobs recorded): rldiag cliff RUN --lam 1.5.",
+    )
     p.add_argument("run", nargs="?", help="run directory (per-step report)")
     p.add_argument("--p", type=float, help="teacher modal probability")
     p.add_argument("--b", type=float, help="warm-start (base) mass on the teacher's modal token")
@@ -24,10 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, help="clip range (eps form: c = 1/(1-eps))")
     p.add_argument("--teacher", help="full teacher distribution at a position, comma-separated (K-ary solver)")
     p.add_argument("--base", help="full base distribution at the same position, comma-separated")
-    p.add_argument("--lam", type=float,
-                   help="the reward-extrapolation coefficient lambda in use: reports the headroom lambda/lambda*")
-    p.add_argument("--threshold", type=float, default=0.9,
-                   help="run: teacher modal probability above which a position binds (default 0.9)")
+    p.add_argument(
+        "--lam",
+        type=float,
+        help="the reward-extrapolation coefficient lambda in use: reports the headroom lambda/lambda*",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="run: teacher modal probability above which a position binds (default 0.9)",
+    )
     p.add_argument("--steps", help="run: step range A:B (B exclusive)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=run)
@@ -56,15 +65,25 @@ def run(args: argparse.Namespace) -> int:
         t, b = _dist(args.teacher, "--teacher"), _dist(args.base, "--base")
         for form, kw in (("ratio", {"c": args.c}), ("eps", {"eps": args.eps})):
             if next(iter(kw.values())) is not None:
-                rows.append({"form": form, "c": kw.get("c") or cliff.c_from_eps(args.eps),
-                             "lambda_star": cliff.lambda_star_kary(t, b, **kw)})
+                rows.append(
+                    {
+                        "form": form,
+                        "c": kw.get("c") or cliff.c_from_eps(args.eps),
+                        "lambda_star": cliff.lambda_star_kary(t, b, **kw),
+                    }
+                )
     else:
         if args.p is None or args.b is None:
             raise CLIError("give --p and --b (or --teacher and --base, or a run directory)")
         for form, kw in (("ratio", {"c": args.c}), ("eps", {"eps": args.eps})):
             if next(iter(kw.values())) is not None:
-                rows.append({"form": form, "c": kw.get("c") or cliff.c_from_eps(args.eps),
-                             "lambda_star": cliff.lambda_star(args.p, args.b, **kw)})
+                rows.append(
+                    {
+                        "form": form,
+                        "c": kw.get("c") or cliff.c_from_eps(args.eps),
+                        "lambda_star": cliff.lambda_star(args.p, args.b, **kw),
+                    }
+                )
     for row in rows:
         if args.lam is not None:
             star = row["lambda_star"]
@@ -105,8 +124,10 @@ def _run_report(args: argparse.Namespace) -> int:
     if args.format != "table":  # json: NaN -> null, strict JSON
         write_frame(rep, args.format)
         return 0
-    print(f"{r.name}: extrapolation cliff per step (c = {rep['cliff/c'][0]:.6g}, binding positions: teacher "
-          f"modal probability > {args.threshold}); lambda* is rldiag's derivation (docs/cliff.md)")
+    print(
+        f"{r.name}: extrapolation cliff per step (c = {rep['cliff/c'][0]:.6g}, binding positions: teacher "
+        f"modal probability > {args.threshold}); lambda* is rldiag's derivation (docs/cliff.md)"
+    )
     print_table(rep.to_dicts(), [c for c in rep.columns if c != "cliff/c"])
     if args.lam is not None and "cliff/severity" in rep.columns:
         worst = max(rep["cliff/severity"].to_list(), key=["ok", "warn", "critical"].index)

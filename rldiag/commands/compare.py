@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format != "table":
         write_frame(pl.DataFrame(rows), args.format)
         return 0
-    print("last value of each metric; diverge@ = step of the largest relative gap |a-b|/(|a|+|b|) to "
-          f"{labels[0]} over common steps")
+    print(
+        "last value of each metric; diverge@ = step of the largest relative gap |a-b|/(|a|+|b|) to "
+        f"{labels[0]} over common steps"
+    )
     print_table(rows, cols)
     return 0

@@ -28,13 +28,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("path", metavar="PATH", nargs="?", help="a run or a folder of runs (default: the sample runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
-    p.add_argument("--auth", metavar="USER:PASSWORD",
-                   help="require HTTP basic authentication (or set RLDIAG_DASHBOARD_AUTH, which keeps the "
-                        "password out of the process list)")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="local tokenizer folder (transformers AutoTokenizer) to decode token ids")
-    p.add_argument("--poll", metavar="S", type=float, default=2.0,
-                   help="seconds between live updates (default 2)")
+    p.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help="require HTTP basic authentication (or set RLDIAG_DASHBOARD_AUTH, which keeps the "
+        "password out of the process list)",
+    )
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="local tokenizer folder (transformers AutoTokenizer) to decode token ids"
+    )
+    p.add_argument("--poll", metavar="S", type=float, default=2.0, help="seconds between live updates (default 2)")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloader off)")
     p.set_defaults(func=run)
 

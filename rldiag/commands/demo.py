@@ -32,14 +32,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=d.out, help=f"run directory to write (default {d.out})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, prompts and sampling (default {d.seed})")
-    p.add_argument("--change-step", type=int, default=None, metavar="N",
-                   help=f"last healthy step; the regime changes after it (default {d.change_step}, scaled "
-                        f"by --steps/{d.steps} when --steps is given)")
+    p.add_argument(
+        "--change-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"last healthy step; the regime changes after it (default {d.change_step}, scaled "
+        f"by --steps/{d.steps} when --steps is given)",
+    )
     p.add_argument("--healthy", action="store_true", help="no change of regime: the healthy run")
     p.add_argument("--no-alerts", action="store_true", help="do not evaluate alert rules while training")
     p.add_argument("--quiet", action="store_true", help="only the summary")
-    p.add_argument("--serve", action="store_true",
-                   help="open the dashboard on the run while it trains (and keep serving until Ctrl-C)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="open the dashboard on the run while it trains (and keep serving until Ctrl-C)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="dashboard address with --serve (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050, help="dashboard port with --serve (default 8050)")
     p.set_defaults(func=run)
@@ -62,8 +70,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         change = max(1, round(args.steps * d.change_step / d.steps))
     if change < 0 or (change and change >= args.steps):
         raise CLIError(f"--change-step must be between 1 and --steps - 1 ({args.steps - 1}); got {change}")
-    return DemoConfig(out=args.out, steps=args.steps, seed=args.seed, change_step=change,
-                      alerts=not args.no_alerts, quiet=args.quiet)
+    return DemoConfig(
+        out=args.out, steps=args.steps, seed=args.seed, change_step=change, alerts=not args.no_alerts, quiet=args.quiet
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     on_start = (lambda run_dir: start_dashboard(run_dir, args.host, args.port)) if args.serve else None
     if not cfg.quiet:
         what = "healthy throughout" if not cfg.change_step else f"regime change after step {cfg.change_step}"
-        print(f"rldiag demo: GRPO on a tiny Llama, {cfg.steps} steps, seed {cfg.seed}, {what} -> {cfg.out}",
-              flush=True)
+        print(f"rldiag demo: GRPO on a tiny Llama, {cfg.steps} steps, seed {cfg.seed}, {what} -> {cfg.out}", flush=True)
     try:
         run_dir = main(cfg, on_start=on_start)
     except FileExistsError as exc:
@@ -103,8 +111,10 @@ def _check_installed() -> None:
         except ImportError:
             missing.append(mod)
     if missing:
-        raise CLIError(f"the demo needs {', '.join(missing)}: pip install 'rldiag[demo]' "
-                       "(and torch==2.13.0 first for the CPU build)")
+        raise CLIError(
+            f"the demo needs {', '.join(missing)}: pip install 'rldiag[demo]' "
+            "(and torch==2.13.0 first for the CPU build)"
+        )
 
 
 def _check_port(host: str, port: int) -> None:
@@ -123,16 +133,23 @@ def start_dashboard(run_dir: Path, host: str, port: int) -> threading.Thread | N
     try:
         from app.app import create_app
     except ImportError as exc:
-        print(f"rldiag demo: --serve: the dashboard is not available here ({exc}); training continues. "
-              f"Afterwards: rldiag dashboard {run_dir}", file=sys.stderr, flush=True)
+        print(
+            f"rldiag demo: --serve: the dashboard is not available here ({exc}); training continues. "
+            f"Afterwards: rldiag dashboard {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     dash_app = create_app(str(run_dir), poll_seconds=2.0)
     thread = threading.Thread(
-        target=dash_app.run, kwargs={"host": host, "port": port, "debug": False, "use_reloader": False},
-        name="rldiag-dashboard", daemon=True,
+        target=dash_app.run,
+        kwargs={"host": host, "port": port, "debug": False, "use_reloader": False},
+        name="rldiag-dashboard",
+        daemon=True,
     )
     thread.start()
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    print(f"rldiag demo: dashboard at http://{shown}:{port}/ (updates live while training)", file=sys.stderr,
-          flush=True)
+    print(
+        f"rldiag demo: dashboard at http://{shown}:{port}/ (updates live while training)", file=sys.stderr, flush=True
+    )
     return thread

@@ -27,13 +27,18 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--to", nargs="+", metavar=("TRACKER", "TARGET"), required=True,
-                   help="tensorboard DIR | mlflow URI")
-    p.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="export only this metric (repeatable; default: every step metric)")
+    p.add_argument("--to", nargs="+", metavar=("TRACKER", "TARGET"), required=True, help="tensorboard DIR | mlflow URI")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export only this metric (repeatable; default: every step metric)",
+    )
     p.add_argument("--follow", action="store_true", help="keep exporting new steps until the run is closed")
-    p.add_argument("--interval", type=float, default=5.0, metavar="S",
-                   help="seconds between rescans with --follow (default 5)")
+    p.add_argument(
+        "--interval", type=float, default=5.0, metavar="S", help="seconds between rescans with --follow (default 5)"
+    )
     p.set_defaults(func=run)
 
 
@@ -80,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         exporter.close()
-    print(f"rldiag export: {total} step(s) of {r.name} written to {kind}"
-          + (f" {target}" if target else "") + (f" (last step {exporter.last_step()})"
-                                                if exporter.last_step() is not None else ""), file=sys.stderr)
+    print(
+        f"rldiag export: {total} step(s) of {r.name} written to {kind}"
+        + (f" {target}" if target else "")
+        + (f" (last step {exporter.last_step()})" if exporter.last_step() is not None else ""),
+        file=sys.stderr,
+    )
     return 0

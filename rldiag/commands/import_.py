@@ -17,21 +17,30 @@ from rldiag.cli import CLIError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="new run directory (must not exist, or be empty)")
-    p.add_argument("--errors", choices=("strict", "lenient"), default="strict",
-                   help="strict: stop at the first bad value (file, row, column); lenient: skip and count bad "
-                        "rows/records (default: strict)")
+    p.add_argument(
+        "--errors",
+        choices=("strict", "lenient"),
+        default="strict",
+        help="strict: stop at the first bad value (file, row, column); lenient: skip and count bad "
+        "rows/records (default: strict)",
+    )
     p.add_argument("--eps-low", type=float, default=0.2, help="the trainer's lower clip (clip/* metrics)")
     p.add_argument("--eps-high", type=float, default=0.2, help="the trainer's upper clip (clip/* metrics)")
-    p.add_argument("--tis-cap", type=float, default=2.0,
-                   help="importance-ratio cap C counted by mismatch/tis_frac and mismatch/mis_frac")
+    p.add_argument(
+        "--tis-cap",
+        type=float,
+        default=2.0,
+        help="importance-ratio cap C counted by mismatch/tis_frac and mismatch/mis_frac",
+    )
     p.add_argument("--quiet", action="store_true", help="print only errors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from rldiag.importers import TRAINERS
 
-    p = sub.add_parser("import", help="build an rldiag run (with statistics) from token rows or another trainer's "
-                                      "dumps")
+    p = sub.add_parser(
+        "import", help="build an rldiag run (with statistics) from token rows or another trainer's dumps"
+    )
     kinds = p.add_subparsers(dest="kind", metavar="KIND")
     t = kinds.add_parser("tokens", help="a Parquet or CSV file with rldiag's token-row columns (docs/run-format.md)")
     t.add_argument("file")
@@ -43,11 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         tp = kinds.add_parser(imp.name, help=imp.help)
         tp.add_argument("source", help=imp.source_help)
         _common(tp)
-        tp.add_argument("--follow", action="store_true",
-                        help="keep importing new dump files as the trainer writes them (Ctrl-C to stop)")
+        tp.add_argument(
+            "--follow",
+            action="store_true",
+            help="keep importing new dump files as the trainer writes them (Ctrl-C to stop)",
+        )
         tp.add_argument("--poll", type=float, default=2.0, help="--follow: seconds between looks (default 2)")
-        tp.add_argument("--idle-exit", type=float, default=None,
-                        help="--follow: stop after this many seconds without a new file")
+        tp.add_argument(
+            "--idle-exit", type=float, default=None, help="--follow: stop after this many seconds without a new file"
+        )
         tp.set_defaults(func=run_trainer, trainer=imp.name)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
@@ -78,8 +91,10 @@ def _guard(what: str, fn: Any) -> Any:
 def run_tokens(args: argparse.Namespace) -> int:
     from rldiag.importers.tokens import import_token_file
 
-    report = _guard(f"importing {args.file}", lambda: import_token_file(args.file, args.run, config=_config(args),
-                                                                         errors=args.errors))
+    report = _guard(
+        f"importing {args.file}",
+        lambda: import_token_file(args.file, args.run, config=_config(args), errors=args.errors),
+    )
     if not args.quiet:
         print(report.summary())
         print(f"try `rldiag summarize {args.run}`")
@@ -94,14 +109,25 @@ def run_trainer(args: argparse.Namespace) -> int:
     if args.follow:
         from rldiag.importers.follow import follow
 
-        report = _guard(f"following {args.source}", lambda: follow(
-            imp.name, args.source, args.run, config=cfg, errors=args.errors, poll=args.poll,
-            idle_exit=args.idle_exit, log=None if args.quiet else sys.stdout))
+        report = _guard(
+            f"following {args.source}",
+            lambda: follow(
+                imp.name,
+                args.source,
+                args.run,
+                config=cfg,
+                errors=args.errors,
+                poll=args.poll,
+                idle_exit=args.idle_exit,
+                log=None if args.quiet else sys.stdout,
+            ),
+        )
     else:
         report = ImportReport(trainer=imp.name, source=args.source)
         fn = _guard(f"the {imp.name} importer", imp.load)
-        _guard(f"importing {args.source}", lambda: fn(args.source, args.run, config=cfg, errors=args.errors,
-                                                       report=report))
+        _guard(
+            f"importing {args.source}", lambda: fn(args.source, args.run, config=cfg, errors=args.errors, report=report)
+        )
     if not args.quiet:
         print(report.summary())
         print(f"try `rldiag summarize {args.run}`")

@@ -27,37 +27,53 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(clean_json(info), indent=2))
         return 0
     print(f"run          {info['name']}  ({info['path']})")
-    print(f"format       v{info['schema_version']} written by rldiag {info['rldiag_version']}, created "
-          f"{_when(info['created'])}")
+    print(
+        f"format       v{info['schema_version']} written by rldiag {info['rldiag_version']}, created "
+        f"{_when(info['created'])}"
+    )
     span = f"  ({info['first_step']} .. {info['last_step']})" if info["steps"] else ""
     print(f"steps        {info['steps']}{span}")
     print(f"ranks        {info['ranks']}  (world size {info['world_size']})")
     print(f"records      {info['records']}")
-    print(f"tokens       {info['tokens']:,} valid of {info['tokens_masked_in']:,} masked-in "
-          f"({info['tokens_nonfinite']:,} non-finite, {info['tokens_invalid']:,} invalid)")
-    print(f"token rows   {info['token_rows_written']:,} written, {info['token_rows_dropped']:,} dropped "
-          f"(sample rate {info['config']['token_sample_rate']})")
-    print(f"files        {info['stats_files']} statistics, {info['token_files']} token files, "
-          f"{info['bytes'] / 2**20:.1f} MiB")
+    print(
+        f"tokens       {info['tokens']:,} valid of {info['tokens_masked_in']:,} masked-in "
+        f"({info['tokens_nonfinite']:,} non-finite, {info['tokens_invalid']:,} invalid)"
+    )
+    print(
+        f"token rows   {info['token_rows_written']:,} written, {info['token_rows_dropped']:,} dropped "
+        f"(sample rate {info['config']['token_sample_rate']})"
+    )
+    print(
+        f"files        {info['stats_files']} statistics, {info['token_files']} token files, "
+        f"{info['bytes'] / 2**20:.1f} MiB"
+    )
     last = info["seconds_since_last_write"]
     print(f"last write   {_when(info['last_write'])}" + (f"  ({last:.0f} s ago)" if last is not None else ""))
     cfg = info["config"]
-    print(f"clip         eps_low {cfg['eps_low']}, eps_high {cfg['eps_high']}, dual-clip c {cfg['dual_clip_c']}, "
-          f"TIS cap {cfg['tis_cap']}")
+    print(
+        f"clip         eps_low {cfg['eps_low']}, eps_high {cfg['eps_high']}, dual-clip c {cfg['dual_clip_c']}, "
+        f"TIS cap {cfg['tis_cap']}"
+    )
     print(f"writers      {len(info['resume_points'])} (resume points):")
     for w in info["resume_points"]:
         state = "closed" if w.get("closed") is not None else "open or crashed"
-        print(f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {state}  "
-              f"{w['writer']}")
+        print(
+            f"  rank {w['rank']}  started {_when(w['started'])}  first step {w['first_step']}  {state}  {w['writer']}"
+        )
     if info["superseded"]:
-        print(f"superseded   records a restart replaced (on disk, counted nowhere; {info['records_superseded']} "
-              "records):")
+        print(
+            f"superseded   records a restart replaced (on disk, counted nowhere; {info['records_superseded']} records):"
+        )
         for x in info["superseded"]:
-            print(f"  rank {x['rank']}  steps {x['from_step']} .. {x['to_step']} of {x['writer']}  "
-                  f"(restarted by {x['by']})")
+            print(
+                f"  rank {x['rank']}  steps {x['from_step']} .. {x['to_step']} of {x['writer']}  "
+                f"(restarted by {x['by']})"
+            )
     for g in info["gaps"]:
-        print(f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} were never recorded "
-              f"(restart {g['writer']} began later than the rank had stopped)")
+        print(
+            f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} were never recorded "
+            f"(restart {g['writer']} began later than the rank had stopped)"
+        )
     if info["problems"]:
         print(f"problems     {len(info['problems'])}:")
         for p in info["problems"]:

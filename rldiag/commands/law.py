@@ -38,10 +38,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{r.name}: {args.metric} = -a exp(entropy/mean) + b over {fit.n} steps")
     print(f"  a = {fmt(fit.a)}, b = {fmt(fit.b)}, R^2 = {fmt(fit.r2)}")
-    print(f"  ceiling at entropy exhaustion b - a = {fmt(fit.ceiling)}; reached {fmt(fit.reached)} of it "
-          f"(current {args.metric} / ceiling), {fmt(fit.gain_reached)} of the gain from the first step")
-    print(f"  mechanism: sign(-entropy/cov) matched the next entropy change in {fmt(fit.sign_agreement)} "
-          f"of {fit.n_sign} steps")
+    print(
+        f"  ceiling at entropy exhaustion b - a = {fmt(fit.ceiling)}; reached {fmt(fit.reached)} of it "
+        f"(current {args.metric} / ceiling), {fmt(fit.gain_reached)} of the gain from the first step"
+    )
+    print(
+        f"  mechanism: sign(-entropy/cov) matched the next entropy change in {fmt(fit.sign_agreement)} "
+        f"of {fit.n_sign} steps"
+    )
     if args.per_step:
         write_frame(fit.steps, "table")
     return 0

@@ -15,13 +15,24 @@ from rldiag.commands._util import add_engine_args, engine_kwargs, open_run_or_fa
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lens", help="objective lens: PPO, DAPO, CISPO, GSPO, BAPO, ... replayed on the run's tokens")
     p.add_argument("run", help="run directory")
-    p.add_argument("--objectives", help="comma-separated subset (default: all): "
-                   "ppo,dapo,dual_clip,dcpo,cispo,sapo,gspo,ctpo,tis,mis,bapo,ttb")
+    p.add_argument(
+        "--objectives",
+        help="comma-separated subset (default: all): ppo,dapo,dual_clip,dcpo,cispo,sapo,gspo,ctpo,tis,mis,bapo,ttb",
+    )
     p.add_argument("--steps", help="step range A:B (B exclusive)")
-    p.add_argument("--set", action="append", default=[], metavar="OBJ.FIELD=VALUE",
-                   help="override a parameter, e.g. --set dapo.eps_high=0.3 (repeatable)")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="table: one line per objective (mean over steps, last step); csv/json: one row per step")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OBJ.FIELD=VALUE",
+        help="override a parameter, e.g. --set dapo.eps_high=0.3 (repeatable)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table: one line per objective (mean over steps, last step); csv/json: one row per step",
+    )
     p.add_argument("--per-step", action="store_true", help="table format: one line per step and objective")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -53,9 +64,11 @@ def summary(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
             row[q] = values.fill_nan(None).mean()
             row[f"{q}@last"] = values[-1]
         if o == "bapo":
-            row["note"] = (f"last bounds [{frame[column('bapo', 'clip_low')][-1]:g}, "
-                           f"{frame[column('bapo', 'clip_high')][-1]:g}], saturated in "
-                           f"{int(frame[column('bapo', 'saturated')].sum())}/{frame.height} steps")
+            row["note"] = (
+                f"last bounds [{frame[column('bapo', 'clip_low')][-1]:g}, "
+                f"{frame[column('bapo', 'clip_high')][-1]:g}], saturated in "
+                f"{int(frame[column('bapo', 'saturated')].sum())}/{frame.height} steps"
+            )
         elif o == "ttb":
             row["note"] = f"mean ESS {frame[column('ttb', 'ess')].fill_nan(None).mean():.4f}"
         rows.append(row)
@@ -71,7 +84,8 @@ def long_rows(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]
             row = {"step": rec["step"], "objective": o, **{q: rec[column(o, q)] for q in QUANTITIES}}
             if o == "bapo":
                 row["note"] = f"[{rec[column('bapo', 'clip_low')]:g}, {rec[column('bapo', 'clip_high')]:g}]" + (
-                    " saturated" if rec[column("bapo", "saturated")] else "")
+                    " saturated" if rec[column("bapo", "saturated")] else ""
+                )
             elif o == "ttb":
                 row["note"] = f"ESS {rec[column('ttb', 'ess')]:.4f}"
             rows.append(row)
@@ -95,17 +109,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         frame = lens(r, objectives=objectives, steps=steps, params=params)
     if frame.height == 0:
-        raise CLIError(f"{args.run} has no token rows" + (f" in steps {args.steps}" if args.steps else "")
-                       + " (the lens needs token rows: token_sample_rate > 0)")
+        raise CLIError(
+            f"{args.run} has no token rows"
+            + (f" in steps {args.steps}" if args.steps else "")
+            + " (the lens needs token rows: token_sample_rate > 0)"
+        )
     if args.format != "table":  # json: NaN -> null, strict JSON
         write_frame(frame, args.format)
         return 0
-    print(f"{r.name}: objective lens over {frame.height} steps ({frame['step'][0]} .. {frame['step'][-1]})"
-          + ("; token rows are sampled" if getattr(r, "token_rows_sampled", False) else ""))
+    print(
+        f"{r.name}: objective lens over {frame.height} steps ({frame['step'][0]} .. {frame['step'][-1]})"
+        + ("; token rows are sampled" if getattr(r, "token_rows_sampled", False) else "")
+    )
     if args.per_step:
         print_table(long_rows(frame, objectives), ["step", "objective", *QUANTITIES, "note"])
     else:
         print("mean over steps, and the last step (@last)")
-        print_table(summary(frame, objectives),
-                    ["objective", *[c for q in QUANTITIES for c in (q, f"{q}@last")], "note"])
+        print_table(
+            summary(frame, objectives), ["objective", *[c for q in QUANTITIES for c in (q, f"{q}@last")], "note"]
+        )
     return 0

@@ -23,15 +23,22 @@ from rldiag.commands._util import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summarize", help="metrics of a run: a summary per metric, or the per-step table")
     p.add_argument("run", nargs="?", help="run directory")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="table: one line per metric (first, last, min, max); csv/json: one row per step")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table: one line per metric (first, last, min, max); csv/json: one row per step",
+    )
     p.add_argument("--metrics", help="comma-separated names or globs, e.g. 'clip/*,entropy/mean'")
     p.add_argument("--steps", help="step range A:B (B exclusive)")
     p.add_argument("--per-step", action="store_true", help="print the per-step table in table format too")
     p.add_argument("--eps-low", type=float, help="recompute with another eps_low (from token rows)")
     p.add_argument("--eps-high", type=float, help="recompute with another eps_high (from token rows)")
-    p.add_argument("--from-tokens", action="store_true",
-                   help="recompute every statistic from the token rows, not only those the clip settings change")
+    p.add_argument(
+        "--from-tokens",
+        action="store_true",
+        help="recompute every statistic from the token rows, not only those the clip settings change",
+    )
     p.add_argument("--list", action="store_true", help="list the metric names and exit")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -44,12 +51,30 @@ def summary_rows(df: pl.DataFrame, names: list[str]) -> list[dict]:
         v = df[name].to_numpy()
         ok = np.isfinite(v)
         if not ok.any():
-            rows.append({"metric": name, "first": math.nan, "last": math.nan, "min": math.nan, "min@": None,
-                         "max": math.nan, "max@": None})
+            rows.append(
+                {
+                    "metric": name,
+                    "first": math.nan,
+                    "last": math.nan,
+                    "min": math.nan,
+                    "min@": None,
+                    "max": math.nan,
+                    "max@": None,
+                }
+            )
             continue
         fv, st = v[ok], steps[ok]
-        rows.append({"metric": name, "first": float(fv[0]), "last": float(fv[-1]), "min": float(fv.min()),
-                     "min@": int(st[fv.argmin()]), "max": float(fv.max()), "max@": int(st[fv.argmax()])})
+        rows.append(
+            {
+                "metric": name,
+                "first": float(fv[0]),
+                "last": float(fv[-1]),
+                "min": float(fv.min()),
+                "min@": int(st[fv.argmin()]),
+                "max": float(fv.max()),
+                "max@": int(st[fv.argmax()]),
+            }
+        )
     return rows
 
 
@@ -57,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from rldiag.metrics.registry import REGISTRY
 
     if args.list:
-        print_table([{"metric": s.name, "unit": s.unit or "-", "better": s.direction, "doc": s.doc}
-                     for s in REGISTRY.values()], ["metric", "unit", "better", "doc"])
+        print_table(
+            [{"metric": s.name, "unit": s.unit or "-", "better": s.direction, "doc": s.doc} for s in REGISTRY.values()],
+            ["metric", "unit", "better", "doc"],
+        )
         return 0
     if not args.run:
         raise CLIError("give a run directory (or --list)")
@@ -68,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     if args.eps_low is not None or args.eps_high is not None:
         changes = {k: v for k, v in (("eps_low", args.eps_low), ("eps_high", args.eps_high)) if v is not None}
         config = r.config.replace(**changes)
-    df = r.step_metrics(steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens,
-                        **engine_kwargs(args))
+    df = r.step_metrics(
+        steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens, **engine_kwargs(args)
+    )
     if df.height == 0:
         raise CLIError(f"{args.run} has no steps" + (f" in {args.steps}" if args.steps else "") + " yet")
     if args.format != "table" or args.per_step:

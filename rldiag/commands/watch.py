@@ -44,43 +44,101 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("run", metavar="RUN", nargs="+", help="run directories (written by rldiag.Recorder)")
     p.add_argument("--rules", metavar="FILE", help="TOML rule file laid over the default pack")
-    p.add_argument("--alertmanager", metavar="URL", action="append", default=[],
-                   help="send alerts to Alertmanager's ingest API at URL (e.g. http://127.0.0.1:9093; "
-                        "POST /api/v2/alerts), re-sent while firing, ended when resolved (repeatable)")
-    p.add_argument("--dashboard-url", metavar="URL",
-                   help="the rldiag dashboard's address: Alertmanager alerts link to the run's page at the step")
-    p.add_argument("--webhook", metavar="URL", action="append", default=[],
-                   help="POST the body Alertmanager sends to its webhook receivers (version 4) to URL, for "
-                        "tools that consume that format; Alertmanager itself takes --alertmanager (repeatable)")
-    p.add_argument("--slack-webhook", metavar="URL", action="append", default=[],
-                   help="POST Slack messages (text + blocks) to an incoming-webhook URL (repeatable)")
-    p.add_argument("--once", action="store_true",
-                   help="evaluate what is there, print the rule states and exit (see the exit status below)")
-    p.add_argument("--fail-on", choices=FAIL_ON, default="critical",
-                   help="exit 1 when an alert of this severity or above is firing at exit (default critical: "
-                        "warn-level alerts do not fail a CI job; 'never' ignores alerts)")
-    p.add_argument("--interval", metavar="S", type=float, default=10.0,
-                   help="seconds between rescans when following (default 10)")
-    p.add_argument("--min-severity", choices=SEVERITIES, default="info",
-                   help="Alertmanager, webhooks and Slack ignore less severe alerts (default info)")
-    p.add_argument("--no-history", action="store_true",
-                   help="neither resume from nor append to RUN/alerts.jsonl (e.g. when the recorder's "
-                        "online alerts already write it)")
-    p.add_argument("--exit-on-close", action="store_true",
-                   help="stop following once the run is closed and fully evaluated (exit status as with --once)")
-    p.add_argument("--send-timeout", metavar="S", type=float, default=30.0,
-                   help="at exit, wait at most S seconds for network sinks to deliver (default 30)")
-    p.add_argument("--metrics-port", metavar="P", type=int,
-                   help="serve each run's latest headline metrics and alert states for Prometheus on "
-                        "http://127.0.0.1:P/metrics (labelled by run; needs prometheus_client)")
-    p.add_argument("--metrics-host", metavar="ADDR", default="127.0.0.1",
-                   help="address the metrics endpoint binds (default 127.0.0.1)")
+    p.add_argument(
+        "--alertmanager",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="send alerts to Alertmanager's ingest API at URL (e.g. http://127.0.0.1:9093; "
+        "POST /api/v2/alerts), re-sent while firing, ended when resolved (repeatable)",
+    )
+    p.add_argument(
+        "--dashboard-url",
+        metavar="URL",
+        help="the rldiag dashboard's address: Alertmanager alerts link to the run's page at the step",
+    )
+    p.add_argument(
+        "--webhook",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="POST the body Alertmanager sends to its webhook receivers (version 4) to URL, for "
+        "tools that consume that format; Alertmanager itself takes --alertmanager (repeatable)",
+    )
+    p.add_argument(
+        "--slack-webhook",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="POST Slack messages (text + blocks) to an incoming-webhook URL (repeatable)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="evaluate what is there, print the rule states and exit (see the exit status below)",
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=FAIL_ON,
+        default="critical",
+        help="exit 1 when an alert of this severity or above is firing at exit (default critical: "
+        "warn-level alerts do not fail a CI job; 'never' ignores alerts)",
+    )
+    p.add_argument(
+        "--interval", metavar="S", type=float, default=10.0, help="seconds between rescans when following (default 10)"
+    )
+    p.add_argument(
+        "--min-severity",
+        choices=SEVERITIES,
+        default="info",
+        help="Alertmanager, webhooks and Slack ignore less severe alerts (default info)",
+    )
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        help="neither resume from nor append to RUN/alerts.jsonl (e.g. when the recorder's "
+        "online alerts already write it)",
+    )
+    p.add_argument(
+        "--exit-on-close",
+        action="store_true",
+        help="stop following once the run is closed and fully evaluated (exit status as with --once)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="at exit, wait at most S seconds for network sinks to deliver (default 30)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        metavar="P",
+        type=int,
+        help="serve each run's latest headline metrics and alert states for Prometheus on "
+        "http://127.0.0.1:P/metrics (labelled by run; needs prometheus_client)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        metavar="ADDR",
+        default="127.0.0.1",
+        help="address the metrics endpoint binds (default 127.0.0.1)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no event lines on stderr")
-    p.add_argument("--cliff-lam", metavar="L", type=float,
-                   help="the run's reward-extrapolation lambda: adds cliff/headroom (from teacher and base "
-                        "log-probs in the token rows) so the extrapolation_cliff rules can fire")
-    p.add_argument("--cliff-threshold", metavar="P", type=float, default=0.9,
-                   help="teacher modal probability above which a position binds (default 0.9)")
+    p.add_argument(
+        "--cliff-lam",
+        metavar="L",
+        type=float,
+        help="the run's reward-extrapolation lambda: adds cliff/headroom (from teacher and base "
+        "log-probs in the token rows) so the extrapolation_cliff rules can fire",
+    )
+    p.add_argument(
+        "--cliff-threshold",
+        metavar="P",
+        type=float,
+        default=0.9,
+        help="teacher modal probability above which a position binds (default 0.9)",
+    )
     p.set_defaults(func=run)
 
 
@@ -91,9 +149,18 @@ class Watcher:
     :func:`rldiag.open_run`).
     """
 
-    def __init__(self, run_dir: str | storage.Location, rules: RuleSet, sinks: Sequence[Sink], *, history: bool = True,
-                 clock: Callable[[], float] = time.time, open_run: Callable[[storage.Location], Any] | None = None,
-                 augment: Callable[[Any, Any], Any] | None = None, metrics: Any = None):
+    def __init__(
+        self,
+        run_dir: str | storage.Location,
+        rules: RuleSet,
+        sinks: Sequence[Sink],
+        *,
+        history: bool = True,
+        clock: Callable[[], float] = time.time,
+        open_run: Callable[[storage.Location], Any] | None = None,
+        augment: Callable[[Any, Any], Any] | None = None,
+        metrics: Any = None,
+    ):
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         self.engine = Engine(rules, run=run_label(self.run_dir))
         if history:
@@ -203,8 +270,10 @@ def build_sinks(args: argparse.Namespace, run_dir: storage.Location | None, *, n
     sinks: list[Sink] = []
     if run_dir is None:
         try:
-            sinks += [AlertmanagerSink(u, min_severity=args.min_severity, dashboard_url=args.dashboard_url)
-                      for u in args.alertmanager]
+            sinks += [
+                AlertmanagerSink(u, min_severity=args.min_severity, dashboard_url=args.dashboard_url)
+                for u in args.alertmanager
+            ]
             sinks += [WebhookSink(u, min_severity=args.min_severity) for u in args.webhook]
             sinks += [SlackSink(u, min_severity=args.min_severity) for u in args.slack_webhook]
         except ValueError as exc:
@@ -225,8 +294,10 @@ def run(args: argparse.Namespace) -> int:
     run_dirs = [storage.location(r) for r in args.run]
     labels = [run_label(r) for r in run_dirs]
     if len(set(labels)) != len(labels):
-        raise CLIError(f"two runs share the name {next(x for x in labels if labels.count(x) > 1)!r}; "
-                       "alerts and metrics are labelled by the run's folder name")
+        raise CLIError(
+            f"two runs share the name {next(x for x in labels if labels.count(x) > 1)!r}; "
+            "alerts and metrics are labelled by the run's folder name"
+        )
     if args.interval <= 0:
         raise CLIError(f"--interval must be positive, got {args.interval}")
     try:
@@ -261,8 +332,9 @@ def run(args: argparse.Namespace) -> int:
     watchers = []
     for run_dir in run_dirs:
         own = build_sinks(args, run_dir, network=False)
-        watchers.append(Watcher(run_dir, rules, own + shared, history=not args.no_history, augment=augment,
-                                metrics=metrics))
+        watchers.append(
+            Watcher(run_dir, rules, own + shared, history=not args.no_history, augment=augment, metrics=metrics)
+        )
     stop = threading.Event()
     try:
         if args.once:
@@ -293,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n\n".join(format_status(w.engine) for w in watchers))
     for name, st in stats.items():
         if st["failed"] or st["dropped"]:
-            print(f"rldiag watch: sink {name}: {st['sent']} sent, {st['failed']} failed, {st['dropped']} dropped"
-                  + (f" (last error: {st['last_error']})" if st["last_error"] else ""), file=sys.stderr)
+            print(
+                f"rldiag watch: sink {name}: {st['sent']} sent, {st['failed']} failed, {st['dropped']} dropped"
+                + (f" (last error: {st['last_error']})" if st["last_error"] else ""),
+                file=sys.stderr,
+            )
     return max(exit_status(w.engine, stats, args.fail_on) for w in watchers)

@@ -30,8 +30,17 @@ def facts(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     run = rldiag.open_run(run_dir)
-    m = run.step_metrics(metrics=["reward/mean", "entropy/mean", "clip/region", "ratio/max",
-                                  "ratio/logabs_p999", "kl/k3", "group/nonzero_frac"])
+    m = run.step_metrics(
+        metrics=[
+            "reward/mean",
+            "entropy/mean",
+            "clip/region",
+            "ratio/max",
+            "ratio/logabs_p999",
+            "kl/k3",
+            "group/nonzero_frac",
+        ]
+    )
     if m.height == 0:
         raise ValueError(f"{run_dir} holds no recorded steps")
     info_path = run_dir / INFO_FILE
@@ -64,9 +73,12 @@ def facts(run_dir: str | Path) -> dict[str, Any]:
     for e in alerts:
         first_alert.setdefault(str(e["rule"]), int(e["step"]))
     return {
-        "steps": int(len(steps)), "first_step": int(steps[0]), "last_step": int(steps[-1]),
+        "steps": int(len(steps)),
+        "first_step": int(steps[0]),
+        "last_step": int(steps[-1]),
         "regime_change_step": change,
-        "entropy_start": baseline, "entropy_end": float(ent[-1]),
+        "entropy_start": baseline,
+        "entropy_end": float(ent[-1]),
         "entropy_at_change": float(ent[steps == change][0]) if change and (steps == change).any() else math.nan,
         "entropy_collapsed_at": collapsed_at,
         "reward_start": stat("reward/mean", slice(0, 10), np.mean),
@@ -94,27 +106,39 @@ def summarize(run_dir: str | Path) -> str:
     secs = f" in {f['train_seconds']:.0f} s" if f.get("train_seconds") is not None else ""
     lines.append(f"  steps        {f['first_step']}..{f['last_step']} ({f['steps']} recorded){secs}")
     if f["regime_change_step"]:
-        lines.append(f"  regime       healthy until step {f['regime_change_step']}, then a higher learning rate "
-                     "and stale rollouts reused many times")
+        lines.append(
+            f"  regime       healthy until step {f['regime_change_step']}, then a higher learning rate "
+            "and stale rollouts reused many times"
+        )
     else:
         lines.append("  regime       healthy throughout (no change of regime)")
-    lines.append(f"  reward       {f['reward_start']:.2f} (first 10 steps) -> {f['reward_healthy_end']:.2f} "
-                 f"(last 10 healthy steps) -> {f['reward_end']:.2f} (last 20 steps)")
-    collapse = (f"collapsed at step {f['entropy_collapsed_at']} (below {COLLAPSE_FRACTION:.0%} of the start "
-                f"for {COLLAPSE_FOR} steps)" if f["entropy_collapsed_at"] is not None else "no collapse")
-    lines.append(f"  entropy      {f['entropy_start']:.2f} nats at the start, {f['entropy_end']:.3f} at the end: "
-                 f"{collapse}")
-    lines.append(f"  clipping     {f['clip_healthy_mean']:.2%} of tokens per step while healthy; peak "
-                 f"{f['clip_max']:.1%} at step {f['clip_max_step']}")
+    lines.append(
+        f"  reward       {f['reward_start']:.2f} (first 10 steps) -> {f['reward_healthy_end']:.2f} "
+        f"(last 10 healthy steps) -> {f['reward_end']:.2f} (last 20 steps)"
+    )
+    collapse = (
+        f"collapsed at step {f['entropy_collapsed_at']} (below {COLLAPSE_FRACTION:.0%} of the start "
+        f"for {COLLAPSE_FOR} steps)"
+        if f["entropy_collapsed_at"] is not None
+        else "no collapse"
+    )
+    lines.append(
+        f"  entropy      {f['entropy_start']:.2f} nats at the start, {f['entropy_end']:.3f} at the end: {collapse}"
+    )
+    lines.append(
+        f"  clipping     {f['clip_healthy_mean']:.2%} of tokens per step while healthy; peak "
+        f"{f['clip_max']:.1%} at step {f['clip_max_step']}"
+    )
     tail = f"  ratio tail   |log r| p99.9 up to {f['logabs_p999_healthy_max']:.2f} while healthy"
     if f["regime_change_step"]:
         tail += f", {f['logabs_p999_max']:.2f} after the change (ln 10 = 2.30)"
     lines.append(tail + f"; largest ratio {f['ratio_max']:.3g} at step {f['ratio_max_step']}")
-    lines.append(f"  groups       {f['live_groups_end']:.0%} of prompt groups still carry a gradient "
-                 "(last 10 steps)")
+    lines.append(f"  groups       {f['live_groups_end']:.0%} of prompt groups still carry a gradient (last 10 steps)")
     if f["alerts_firing"]:
-        parts = [f"{rule} (step {f['alerts_first_step'][rule]})" for rule in sorted(
-            f["alerts_first_step"], key=lambda r: f["alerts_first_step"][r])]
+        parts = [
+            f"{rule} (step {f['alerts_first_step'][rule]})"
+            for rule in sorted(f["alerts_first_step"], key=lambda r: f["alerts_first_step"][r])
+        ]
         lines.append("  alerts       " + ", ".join(parts))
     else:
         lines.append("  alerts       none fired")

@@ -52,9 +52,10 @@ from trl import GRPOConfig  # noqa: E402
 from rldiag.alerts import AlertConfig  # noqa: E402
 from rldiag.demo.config import DEMO_MARKER, INFO_FILE, DemoConfig  # noqa: E402
 from rldiag.demo.model import build_model, build_tokenizer  # noqa: E402
-from rldiag.schema import TOKENIZER_DIR  # noqa: E402
 from rldiag.demo.task import ALPHABET, SEPARATOR, make_prompts, make_reward  # noqa: E402
 from rldiag.record.integrations.trl import RLDiagGRPOTrainer  # noqa: E402
+from rldiag.schema import TOKENIZER_DIR  # noqa: E402
+
 
 class RegimeChange(TrainerCallback):
     """After step ``change_step``: multiply the learning rate, reuse each rollout batch ``stale_iterations`` times.
@@ -77,8 +78,11 @@ class RegimeChange(TrainerCallback):
             self.trainer.num_iterations = self.cfg.stale_iterations
             self.applied_at = int(state.global_step)
             if not self.cfg.quiet:
-                print(f"  -- after step {state.global_step}: learning rate {self.cfg.lr:g} -> {new_lr:g}, each "
-                      f"rollout batch now reused {self.cfg.stale_iterations}x --", flush=True)
+                print(
+                    f"  -- after step {state.global_step}: learning rate {self.cfg.lr:g} -> {new_lr:g}, each "
+                    f"rollout batch now reused {self.cfg.stale_iterations}x --",
+                    flush=True,
+                )
         return control
 
 
@@ -92,10 +96,13 @@ class Progress(TrainerCallback):
         logs = logs or {}
         step = state.global_step
         if "rldiag/entropy/mean" in logs and (step % self.every == 0 or step == self.total):
-            print(f"  step {step:4d}/{self.total}  entropy {logs['rldiag/entropy/mean']:6.3f}  "
-                  f"clipped {logs.get('rldiag/clip/region', float('nan')):6.1%}  "
-                  f"ratio max {logs.get('rldiag/ratio/max', float('nan')):7.3g}  "
-                  f"[{time.time() - self.start:5.1f} s]", flush=True)
+            print(
+                f"  step {step:4d}/{self.total}  entropy {logs['rldiag/entropy/mean']:6.3f}  "
+                f"clipped {logs.get('rldiag/clip/region', float('nan')):6.1%}  "
+                f"ratio max {logs.get('rldiag/ratio/max', float('nan')):7.3g}  "
+                f"[{time.time() - self.start:5.1f} s]",
+                flush=True,
+            )
         return control
 
 
@@ -207,9 +214,15 @@ def main(cfg: DemoConfig, on_start: Callable[[Path], Any] | None = None) -> Path
     seconds = time.time() - started
 
     # ---- 6. what this run was, for the summary and the dashboard ----------------------------------------
-    info = {"config": dataclasses.asdict(cfg), "regime_change_step": regime.applied_at,
-            "train_seconds": round(seconds, 1), "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": _version("trl")}
+    info = {
+        "config": dataclasses.asdict(cfg),
+        "regime_change_step": regime.applied_at,
+        "train_seconds": round(seconds, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": _version("trl"),
+    }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     # the dashboard decodes token ids with a run's own `tokenizer/` folder when it has one
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))

@@ -49,8 +49,7 @@ class LiveExport:
     ``http://127.0.0.1:PORT/metrics`` (:class:`rldiag.export.prometheus.MetricsServer`).
     """
 
-    def __init__(self, log_to: Any = None, *, metrics_port: int | None = None, run: str = "run",
-                 queue_size: int = 64):
+    def __init__(self, log_to: Any = None, *, metrics_port: int | None = None, run: str = "run", queue_size: int = 64):
         self.run = run
         self.exporters = parse_log_to(log_to, run)
         self.server = None

@@ -40,8 +40,9 @@ def _require() -> Any:
     try:
         import prometheus_client
     except ImportError:
-        raise ImportError("serving metrics to Prometheus needs prometheus_client: "
-                          "pip install 'rldiag[prometheus]'") from None
+        raise ImportError(
+            "serving metrics to Prometheus needs prometheus_client: pip install 'rldiag[prometheus]'"
+        ) from None
     return prometheus_client
 
 
@@ -76,17 +77,22 @@ class MetricsServer:
                 with server._lock:
                     values = {r: (s, dict(v)) for r, (s, v) in server._values.items()}
                     alerts = {r: dict(a) for r, a in server._alerts.items()}
-                metric = GaugeMetricFamily("rldiag_metric", "rldiag metric at the run's last evaluated step",
-                                           labels=["run", "metric"])
+                metric = GaugeMetricFamily(
+                    "rldiag_metric", "rldiag metric at the run's last evaluated step", labels=["run", "metric"]
+                )
                 step = GaugeMetricFamily("rldiag_step", "the run's last evaluated step", labels=["run"])
                 for run, (s, vals) in sorted(values.items()):
                     step.add_metric([run], float(s))
                     for name, v in vals.items():
                         metric.add_metric([run, name], v)
-                firing = GaugeMetricFamily("rldiag_alert_firing", "1 while the alert rule fires",
-                                           labels=["run", "alertname", "severity"])
-                state = GaugeMetricFamily("rldiag_alert_state", "1 for the alert rule's current state",
-                                          labels=["run", "alertname", "severity", "state"])
+                firing = GaugeMetricFamily(
+                    "rldiag_alert_firing", "1 while the alert rule fires", labels=["run", "alertname", "severity"]
+                )
+                state = GaugeMetricFamily(
+                    "rldiag_alert_state",
+                    "1 for the alert rule's current state",
+                    labels=["run", "alertname", "severity", "state"],
+                )
                 for run, rules in sorted(alerts.items()):
                     for rule, (sev, st) in sorted(rules.items()):
                         firing.add_metric([run, rule, sev], 1.0 if st == "firing" else 0.0)

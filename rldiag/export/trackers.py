@@ -17,8 +17,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Exporter", "TensorBoardExporter", "MlflowExporter", "WandbExporter", "TrackioExporter",
-           "make_exporter", "step_histograms", "export_steps", "HISTOGRAMS", "TRACKERS"]
+__all__ = [
+    "Exporter",
+    "TensorBoardExporter",
+    "MlflowExporter",
+    "WandbExporter",
+    "TrackioExporter",
+    "make_exporter",
+    "step_histograms",
+    "export_steps",
+    "HISTOGRAMS",
+    "TRACKERS",
+]
 
 HISTOGRAMS: dict[str, str] = {"h_lr": "hist/log_ratio", "h_ent": "hist/entropy"}
 """Statistics histograms exported, and the tag each gets: the signed log-ratio and the entropy."""
@@ -55,7 +65,7 @@ def trimmed(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if not len(nz):
         return None
     lo, hi = int(nz[0]), int(nz[-1])
-    return counts[lo:hi + 1], bin_edges(len(counts))[lo:hi + 2]
+    return counts[lo : hi + 1], bin_edges(len(counts))[lo : hi + 2]
 
 
 def step_histograms(stats_table: Any, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
@@ -163,11 +173,16 @@ class TensorBoardExporter(Exporter):
             if t is None:
                 continue
             c, edges = t
-            mids = _mids(len(counts))[np.nonzero(counts)[0][0]:][:len(c)]
+            mids = _mids(len(counts))[np.nonzero(counts)[0][0] :][: len(c)]
             proto = pb.HistogramProto(
-                min=float(edges[0]), max=float(edges[-1]), num=float(c.sum()), sum=float((mids * c).sum()),
+                min=float(edges[0]),
+                max=float(edges[-1]),
+                num=float(c.sum()),
+                sum=float((mids * c).sum()),
                 sum_squares=float((mids * mids * c).sum()),
-                bucket_limit=[float(x) for x in edges[1:]], bucket=[float(x) for x in c])
+                bucket_limit=[float(x) for x in edges[1:]],
+                bucket=[float(x) for x in c],
+            )
             values.append(pb.Summary.Value(tag=HISTOGRAMS.get(name, name), histo=proto))
         import time
 
@@ -208,18 +223,20 @@ class MlflowExporter(Exporter):
         except ImportError:
             raise _missing("mlflow", "mlflow-skinny") from None
         if uri.startswith("file:") or "://" not in uri:
-            raise ValueError(f"MLflow URI {uri!r}: use a database (sqlite:///path/mlflow.db) or a tracking server "
-                             "(http://...); MLflow's file store cannot hold rldiag's metric names (they contain '/')")
+            raise ValueError(
+                f"MLflow URI {uri!r}: use a database (sqlite:///path/mlflow.db) or a tracking server "
+                "(http://...); MLflow's file store cannot hold rldiag's metric names (they contain '/')"
+            )
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`rldiag.run` = '{_quote(run)}'",
-                                        max_results=1)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`rldiag.run` = '{_quote(run)}'", max_results=1
+        )
         if found:
             self.run_id = found[0].info.run_id
         else:
-            self.run_id = self.client.create_run(self.experiment_id, tags={"rldiag.run": run},
-                                                 run_name=run).info.run_id
+            self.run_id = self.client.create_run(self.experiment_id, tags={"rldiag.run": run}, run_name=run).info.run_id
         self._last = self._read_last_step()
         self._closed = False
 
@@ -242,7 +259,7 @@ class MlflowExporter(Exporter):
         ts = int(time.time() * 1000)
         batch = [Metric(k, v, ts, int(step)) for k, v in _finite(metrics).items()]
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
         self._last = int(step) if self._last is None else max(self._last, int(step))
 
     def close(self) -> None:
@@ -279,8 +296,9 @@ class WandbExporter(Exporter):
             import json
 
             self._last = json.loads(self._state.read_text()).get("last_step")
-        self.run = wandb.init(project=project, id=self.id, name=run, dir=str(self.dir), resume="allow",
-                              config={"rldiag.run": run})
+        self.run = wandb.init(
+            project=project, id=self.id, name=run, dir=str(self.dir), resume="allow", config={"rldiag.run": run}
+        )
         self._closed = False
 
     def last_step(self) -> int | None:
@@ -376,8 +394,9 @@ def select_metrics(columns: Iterable[str], chosen: Sequence[str] | None) -> list
     return list(chosen)
 
 
-def export_steps(run: Any, exporter: Exporter, *, metrics: Sequence[str] | None = None,
-                 steps: Sequence[int] | None = None) -> int:
+def export_steps(
+    run: Any, exporter: Exporter, *, metrics: Sequence[str] | None = None, steps: Sequence[int] | None = None
+) -> int:
     """Write the run's steps newer than what ``exporter`` holds; returns how many steps were written."""
     last = exporter.last_step()
     todo = [s for s in (run.steps() if steps is None else steps) if last is None or s > last]

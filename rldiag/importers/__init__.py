@@ -41,25 +41,49 @@ class Importer:
 TRAINERS: dict[str, Importer] = {
     imp.name: imp
     for imp in (
-        Importer("prime-rl", "rldiag.importers.prime_rl", "import_prime_rl",
-                 "prime-rl token exports: <output_dir>/token_exports/step_N/rank_R.jsonl",
-                 "prime-rl output directory (or its token_exports folder)"),
-        Importer("nemo-rl", "rldiag.importers.nemo_rl", "import_nemo_rl",
-                 "NeMo-RL GRPO training data: <log_dir>/train_data_step{N}.jsonl",
-                 "NeMo-RL log directory (or one train_data_step{N}.jsonl file)"),
-        Importer("slime", "rldiag.importers.slime", "import_slime",
-                 "slime --save-debug-train-data files: <dir>/{rollout_id}.pt",
-                 "folder of slime's train debug .pt files (or one file)"),
-        Importer("skyrl", "rldiag.importers.skyrl", "import_skyrl",
-                 "SkyRL trainer.dump_data_batch pickles: <export_path>/dumped_data/global_step_N_training_input.pkl",
-                 "SkyRL export_path, its dumped_data folder, or one .pkl file"),
-        Importer("areal", "rldiag.importers.areal", "import_areal",
-                 "AReaL rollout dumps: checked, then refused (text and versions per sample, no per-token values)",
-                 "AReaL dump folder (or one file)"),
-        Importer("verl", "rldiag.importers.verl", "import_verl",
-                 "verl trainer.rollout_data_dir dumps: checked, then refused (text and a score per sample, "
-                 "no per-token values)",
-                 "verl rollout_data_dir (or one {step}.jsonl file)"),
+        Importer(
+            "prime-rl",
+            "rldiag.importers.prime_rl",
+            "import_prime_rl",
+            "prime-rl token exports: <output_dir>/token_exports/step_N/rank_R.jsonl",
+            "prime-rl output directory (or its token_exports folder)",
+        ),
+        Importer(
+            "nemo-rl",
+            "rldiag.importers.nemo_rl",
+            "import_nemo_rl",
+            "NeMo-RL GRPO training data: <log_dir>/train_data_step{N}.jsonl",
+            "NeMo-RL log directory (or one train_data_step{N}.jsonl file)",
+        ),
+        Importer(
+            "slime",
+            "rldiag.importers.slime",
+            "import_slime",
+            "slime --save-debug-train-data files: <dir>/{rollout_id}.pt",
+            "folder of slime's train debug .pt files (or one file)",
+        ),
+        Importer(
+            "skyrl",
+            "rldiag.importers.skyrl",
+            "import_skyrl",
+            "SkyRL trainer.dump_data_batch pickles: <export_path>/dumped_data/global_step_N_training_input.pkl",
+            "SkyRL export_path, its dumped_data folder, or one .pkl file",
+        ),
+        Importer(
+            "areal",
+            "rldiag.importers.areal",
+            "import_areal",
+            "AReaL rollout dumps: checked, then refused (text and versions per sample, no per-token values)",
+            "AReaL dump folder (or one file)",
+        ),
+        Importer(
+            "verl",
+            "rldiag.importers.verl",
+            "import_verl",
+            "verl trainer.rollout_data_dir dumps: checked, then refused (text and a score per sample, "
+            "no per-token values)",
+            "verl rollout_data_dir (or one {step}.jsonl file)",
+        ),
     )
 }
 """Trainers with an importer, by the name ``rldiag import`` takes."""

@@ -79,18 +79,30 @@ class ImportReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         return {
-            "trainer": self.trainer, "source": self.source, "run": self.run, "errors": self.errors,
-            "rows_read": self.rows_read, "files": self.files, "sequences": self.sequences, "tokens": self.tokens,
-            "steps": len(self.steps), "ranks": sorted(self.ranks), "skipped": dict(self.skipped),
-            "first": dict(self.first), "missing": dict(self.missing), "notes": self.notes,
+            "trainer": self.trainer,
+            "source": self.source,
+            "run": self.run,
+            "errors": self.errors,
+            "rows_read": self.rows_read,
+            "files": self.files,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "steps": len(self.steps),
+            "ranks": sorted(self.ranks),
+            "skipped": dict(self.skipped),
+            "first": dict(self.first),
+            "missing": dict(self.missing),
+            "notes": self.notes,
             "imported_at": time.time(),
         }
 
     def summary(self) -> str:
         """A few human-readable lines: counts, then what was skipped or missing."""
-        head = (f"imported {self.tokens:,} token rows ({self.sequences:,} sequences, {len(self.steps):,} steps, "
-                f"{len(self.ranks) or 1} rank(s)) from {self.rows_read:,} {self._unit()} in {self.files:,} file(s) "
-                f"into {self.run}")
+        head = (
+            f"imported {self.tokens:,} token rows ({self.sequences:,} sequences, {len(self.steps):,} steps, "
+            f"{len(self.ranks) or 1} rank(s)) from {self.rows_read:,} {self._unit()} in {self.files:,} file(s) "
+            f"into {self.run}"
+        )
         lines = [head]
         for reason, n in sorted(self.skipped.items()):
             lines.append(f"  skipped {n:,}: {reason} (first at {self.first.get(reason, '?')})")
@@ -218,12 +230,20 @@ class Sequence:
 
 _LOGP_FIELDS = ("logp", "old_logp", "rollout_logp", "ref_logp")
 _OPTIONAL = ("rollout_logp", "ref_logp", "entropy", "token_ids", "versions", "turns", "stages")
-_ARG = {"rollout_logp": "rollout_logprobs", "ref_logp": "ref_logprobs", "entropy": "entropy",
-        "token_ids": "token_ids", "versions": "versions", "turns": "turns", "stages": "stages"}
+_ARG = {
+    "rollout_logp": "rollout_logprobs",
+    "ref_logp": "ref_logprobs",
+    "entropy": "entropy",
+    "token_ids": "token_ids",
+    "versions": "versions",
+    "turns": "turns",
+    "stages": "stages",
+}
 
 
-def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Policy,
-                   tolerance: float, offset: int = 0) -> Sequence | None:
+def clean_sequence(
+    seq: Sequence, where: str, names: dict[str, str], policy: Policy, tolerance: float, offset: int = 0
+) -> Sequence | None:
     """Check a sequence's values; returns it (positive log-probs masked out in lenient mode) or ``None``.
 
     ``names`` maps rldiag's field names to the source's column names, for messages. Lengths must agree;
@@ -235,8 +255,11 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
     for fname in ("logp", "old_logp", "adv") + _OPTIONAL:
         arr = getattr(seq, fname)
         if arr is not None and arr.shape != (n,):
-            policy.problem(f"{where}, column {names.get(fname, fname)}", f"{arr.size} values but the loss mask "
-                           f"has {n}", "per-token lists of different lengths")
+            policy.problem(
+                f"{where}, column {names.get(fname, fname)}",
+                f"{arr.size} values but the loss mask has {n}",
+                "per-token lists of different lengths",
+            )
             return None
     f32 = float(np.finfo(np.float32).max)
     for fname in ("logp", "old_logp", "adv", "rollout_logp", "ref_logp", "entropy"):
@@ -246,12 +269,18 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
                 huge = seq.mask & np.isfinite(arr) & (np.abs(arr) > f32)
             if huge.any():
                 i = int(np.flatnonzero(huge)[0])
-                policy.problem(f"{where}, column {names.get(fname, fname)}[{i + offset}]",
-                               f"{float(arr[i])!r} is outside the float32 range", "value outside float32 range")
+                policy.problem(
+                    f"{where}, column {names.get(fname, fname)}[{i + offset}]",
+                    f"{float(arr[i])!r} is outside the float32 range",
+                    "value outside float32 range",
+                )
                 return None
     if seq.reward is not None and np.isfinite(seq.reward) and abs(seq.reward) > f32:
-        policy.problem(f"{where}, column {names.get('reward', 'reward')}", f"{seq.reward!r} is outside the float32 "
-                       "range", "value outside float32 range")
+        policy.problem(
+            f"{where}, column {names.get('reward', 'reward')}",
+            f"{seq.reward!r} is outside the float32 range",
+            "value outside float32 range",
+        )
         return None
     bad = np.zeros(n, dtype=bool)
     for fname in _LOGP_FIELDS:
@@ -263,18 +292,25 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
         if pos.any():
             i = int(np.flatnonzero(pos)[0])
             col = names.get(fname, fname)
-            policy.problem(f"{where}, column {col}[{i + offset}]", f"{float(arr[i])!r} is a positive log-probability "
-                           f"({int(pos.sum())} such token(s)); log-probabilities cannot be positive",
-                           "positive log-probability (tokens)", int(pos.sum()))
+            policy.problem(
+                f"{where}, column {col}[{i + offset}]",
+                f"{float(arr[i])!r} is a positive log-probability "
+                f"({int(pos.sum())} such token(s)); log-probabilities cannot be positive",
+                "positive log-probability (tokens)",
+                int(pos.sum()),
+            )
             bad |= pos
     if seq.entropy is not None:
         with np.errstate(invalid="ignore"):
             neg = seq.mask & (seq.entropy < 0) & ~bad
         if neg.any():
             i = int(np.flatnonzero(neg)[0])
-            policy.problem(f"{where}, column {names.get('entropy', 'entropy')}[{i + offset}]",
-                           f"{float(seq.entropy[i])!r} is "
-                           "a negative entropy", "negative entropy (tokens)", int(neg.sum()))
+            policy.problem(
+                f"{where}, column {names.get('entropy', 'entropy')}[{i + offset}]",
+                f"{float(seq.entropy[i])!r} is a negative entropy",
+                "negative entropy (tokens)",
+                int(neg.sum()),
+            )
             bad |= neg
     if bad.any():
         seq.mask = seq.mask & ~bad
@@ -294,8 +330,9 @@ def clean_sequence(seq: Sequence, where: str, names: dict[str, str], policy: Pol
 def import_config(config: RecorderConfig) -> RecorderConfig:
     """The recorder settings of an import: ``record()`` waits for the writer instead of dropping token rows
     (an import must hold every row it reports), and segments roll every 1M rows to bound memory."""
-    return config.replace(max_block_seconds=max(config.max_block_seconds, 3600.0),
-                          roll_rows=min(config.roll_rows, 1 << 20))
+    return config.replace(
+        max_block_seconds=max(config.max_block_seconds, 3600.0), roll_rows=min(config.roll_rows, 1 << 20)
+    )
 
 
 class RunBuilder:
@@ -305,8 +342,16 @@ class RunBuilder:
     its padded grid would pass ``max_cells``.
     """
 
-    def __init__(self, run_dir: Path, config: RecorderConfig, report: ImportReport, *, world_size: int = 1,
-                 name: str | None = None, max_cells: int = 1 << 22) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: RecorderConfig,
+        report: ImportReport,
+        *,
+        world_size: int = 1,
+        name: str | None = None,
+        max_cells: int = 1 << 22,
+    ) -> None:
         self.run_dir = run_dir
         self.config = import_config(config)
         self.report = report
@@ -319,8 +364,11 @@ class RunBuilder:
     def add(self, seq: Sequence) -> None:
         """Queue one sequence (already cleaned)."""
         buf = self._buf.setdefault(seq.rank, [])
-        if buf and (buf[0].step != seq.step or buf[0].micro != seq.micro
-                    or (len(buf) + 1) * max(max(s.mask.size for s in buf), seq.mask.size) > self.max_cells):
+        if buf and (
+            buf[0].step != seq.step
+            or buf[0].micro != seq.micro
+            or (len(buf) + 1) * max(max(s.mask.size for s in buf), seq.mask.size) > self.max_cells
+        ):
             self._emit(seq.rank)
         self._buf.setdefault(seq.rank, []).append(seq)
 
@@ -370,8 +418,9 @@ class RunBuilder:
         opt: dict[str, np.ndarray] = {}
         for f in _OPTIONAL:
             if all(getattr(s, f) is not None for s in seqs):
-                opt[f] = np.zeros((b, t), dtype=np.int64 if f in ("token_ids", "versions", "turns", "stages")
-                                  else np.float32)
+                opt[f] = np.zeros(
+                    (b, t), dtype=np.int64 if f in ("token_ids", "versions", "turns", "stages") else np.float32
+                )
         for i, s in enumerate(seqs):
             n = s.mask.size
             mask[i, :n] = s.mask
@@ -388,8 +437,14 @@ class RunBuilder:
             kwargs["rewards"] = np.array([s.reward for s in seqs], dtype=np.float32)
         if all(s.group is not None for s in seqs):
             kwargs["group_ids"] = np.array([s.group for s in seqs], dtype=np.int64)
-        self._recorder(rank).record(step=int(seqs[0].step), logprobs=grids["logp"], old_logprobs=grids["old_logp"],
-                                    advantages=grids["adv"], mask=mask, **kwargs)
+        self._recorder(rank).record(
+            step=int(seqs[0].step),
+            logprobs=grids["logp"],
+            old_logprobs=grids["old_logp"],
+            advantages=grids["adv"],
+            mask=mask,
+            **kwargs,
+        )
         self.report.tokens += int(mask.sum())
         self.report.sequences += b
         self.report.steps.add(int(seqs[0].step))
@@ -453,9 +508,14 @@ def jsonl_records(path: Path, policy: Policy) -> Iterator[tuple[str, dict[str, A
             yield where, None, exc
 
 
-def parse_jsonl(path: Path, policy: Policy, parse: Callable[[dict[str, Any], str], Sequence | None], *,
-                key: Callable[[dict[str, Any]], Any] | None = None,
-                error: type[ImportInputError] = ImportInputError) -> Iterator[Sequence]:
+def parse_jsonl(
+    path: Path,
+    policy: Policy,
+    parse: Callable[[dict[str, Any], str], Sequence | None],
+    *,
+    key: Callable[[dict[str, Any]], Any] | None = None,
+    error: type[ImportInputError] = ImportInputError,
+) -> Iterator[Sequence]:
     """Sequences of a JSONL dump, one record a line, under the error policy.
 
     ``parse(record, where)`` returns a sequence (or None: nothing trained) and raises
@@ -485,8 +545,11 @@ def parse_jsonl(path: Path, policy: Policy, parse: Callable[[dict[str, Any], str
             if hk in seen:
                 if policy.strict:
                     raise error(f"{where}: repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)")
-                policy.problem(where, f"repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)",
-                               "duplicate record")
+                policy.problem(
+                    where,
+                    f"repeats the record {short(k)} of {seen[hk]} (a copied or doubled record)",
+                    "duplicate record",
+                )
                 continue
             seen[hk] = where
         yield seq
@@ -520,7 +583,7 @@ def _stale_staging(parent: Path, name: str) -> Iterator[Path]:
         return
     for p in entries:
         if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
-            pid = p.name[len(prefix):]
+            pid = p.name[len(prefix) :]
             if pid.isdigit() and not _alive(int(pid)):
                 yield p
 
@@ -597,9 +660,15 @@ class DumpFormat:
     ready: Callable[[DumpFile], bool] = lambda f: True
 
 
-def import_dump(fmt: DumpFormat, source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                report: ImportReport | None = None) -> Path:
+def import_dump(
+    fmt: DumpFormat,
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Import every file of a dump into the new run ``run_dir`` (staged, published at the end)."""
     cfg = config or RecorderConfig()
     mode: ErrorPolicy = errors or cfg.errors
@@ -620,8 +689,10 @@ def import_dump(fmt: DumpFormat, source: str | os.PathLike[str], run_dir: str | 
         finally:
             builder.close()
         if rep.tokens == 0:
-            raise ImportInputError(f"{source}: no trained tokens to import ({rep.rows_read:,} records read; "
-                                   f"skipped: {dict(rep.skipped) or 'none'})")
+            raise ImportInputError(
+                f"{source}: no trained tokens to import ({rep.rows_read:,} records read; "
+                f"skipped: {dict(rep.skipped) or 'none'})"
+            )
     return target
 
 

@@ -29,8 +29,9 @@ def survey(files: list[DumpFile], policy: Policy, required: tuple[str, ...]) -> 
                 if missing:
                     exc = ImportInputError(f"{where}: lacks {missing} (has {sorted(rec)[:12]})")
             if exc is not None:
-                policy.problem(where, str(exc).split(": ", 1)[-1] if str(exc).startswith(where) else str(exc),
-                               "bad record")
+                policy.problem(
+                    where, str(exc).split(": ", 1)[-1] if str(exc).startswith(where) else str(exc), "bad record"
+                )
                 continue
             samples += 1
             keys.update(rec or {})

@@ -43,16 +43,26 @@ def list_files(src: Path) -> list[DumpFile]:
     if not src.is_dir():
         raise ImportInputError(f"{src}: no such file or directory")
     root = src / "rollout" if (src / "rollout").is_dir() else src
-    files = [DumpFile(p, int(d.name)) for d in root.iterdir() if d.is_dir() and re.fullmatch(r"\d{1,18}", d.name)
-             for p in d.iterdir() if _FILE.match(p.name) and p.is_file() and not p.is_symlink()]
+    files = [
+        DumpFile(p, int(d.name))
+        for d in root.iterdir()
+        if d.is_dir() and re.fullmatch(r"\d{1,18}", d.name)
+        for p in d.iterdir()
+        if _FILE.match(p.name) and p.is_file() and not p.is_symlink()
+    ]
     if not files:
         raise ImportInputError(f"{root}: no <version>/<task_id>.jsonl files (AReaL's rollout dump)")
     return sorted(files, key=lambda f: (f.step, f.path.name))
 
 
-def import_areal(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                 config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                 report: ImportReport | None = None) -> Path:
+def import_areal(
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Check an AReaL rollout dump and explain why it cannot become a run (it has no per-token values).
 
     Always raises :class:`ImportInputError`.
@@ -61,6 +71,12 @@ def import_areal(source: str | os.PathLike[str], run_dir: str | os.PathLike[str]
     policy = Policy(errors or (config.errors if config else "strict"), rep)
     files = list_files(Path(source))
     samples, keys = survey(files, policy, REQUIRED_KEYS)
-    refuse(Path(source), "AReaL", files, samples, keys,
-           "Record AReaL live instead, passing its per-token `versions` to Recorder.record for staleness/*.")
+    refuse(
+        Path(source),
+        "AReaL",
+        files,
+        samples,
+        keys,
+        "Record AReaL live instead, passing its per-token `versions` to Recorder.record for staleness/*.",
+    )
     raise AssertionError("unreachable")  # pragma: no cover

@@ -40,10 +40,18 @@ def dump_format(trainer: str) -> DumpFormat:
     return fmt
 
 
-def follow(trainer: str, source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-           config: RecorderConfig | None = None, errors: ErrorPolicy = "strict", poll: float = 2.0,
-           idle_exit: float | None = None, stop: threading.Event | None = None,
-           log: IO[str] | None = None) -> ImportReport:
+def follow(
+    trainer: str,
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy = "strict",
+    poll: float = 2.0,
+    idle_exit: float | None = None,
+    stop: threading.Event | None = None,
+    log: IO[str] | None = None,
+) -> ImportReport:
     """Import ``source`` into ``run_dir`` and keep importing new files until ``stop`` is set, ``idle_exit``
     seconds pass without a new file, or Ctrl-C. Returns the report."""
     fmt = dump_format(trainer)
@@ -105,5 +113,3 @@ def follow(trainer: str, source: str | os.PathLike[str], run_dir: str | os.PathL
     finally:
         builder.close()
     return report
-
-

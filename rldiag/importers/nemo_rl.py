@@ -55,13 +55,24 @@ __all__ = ["FORMAT", "REQUIRED_KEYS", "import_nemo_rl"]
 REQUIRED_KEYS = ("token_loss_mask", "advantages", "generation_logprobs", "prev_logprobs")
 """Keys every line must have (NeMo-RL versions before these were logged cannot be imported)."""
 _FILE = re.compile(r"^train_data_step(\d{1,18})\.jsonl$")
-_NAMES = {"logp": "prev_logprobs", "old_logp": "prev_logprobs", "rollout_logp": "generation_logprobs",
-          "adv": "advantages", "reward": "rewards", "token_ids": "token_ids"}
+_NAMES = {
+    "logp": "prev_logprobs",
+    "old_logp": "prev_logprobs",
+    "rollout_logp": "generation_logprobs",
+    "adv": "advantages",
+    "reward": "rewards",
+    "token_ids": "token_ids",
+}
 
 
-def import_nemo_rl(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                   config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                   report: ImportReport | None = None) -> Path:
+def import_nemo_rl(
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Build the run ``run_dir`` from NeMo-RL's ``train_data_step{N}.jsonl`` files under ``source`` (a log
     directory, searched one level deep, or one file); returns its path.
 
@@ -80,10 +91,14 @@ def _list(src: Path) -> list[DumpFile]:
         raise ImportInputError(f"{src}: no such file or directory")
     found = [p for p in src.iterdir() if _FILE.match(p.name)]
     if not found:  # the logger's base_log_dir is often one level down (exp_001/)
-        found = [p for d in src.iterdir() if d.is_dir() and not d.is_symlink() for p in d.iterdir()
-                 if _FILE.match(p.name)]
-    files = [DumpFile(p, int(_FILE.match(p.name).group(1))) for p in found  # type: ignore[union-attr]
-             if p.is_file() and not p.is_symlink()]
+        found = [
+            p for d in src.iterdir() if d.is_dir() and not d.is_symlink() for p in d.iterdir() if _FILE.match(p.name)
+        ]
+    files = [
+        DumpFile(p, int(_FILE.match(p.name).group(1)))
+        for p in found  # type: ignore[union-attr]
+        if p.is_file() and not p.is_symlink()
+    ]
     if not files:
         raise ImportInputError(f"{src}: no train_data_step{{N}}.jsonl files (NeMo-RL writes them to its log dir)")
     steps: dict[int, Path] = {}
@@ -114,22 +129,25 @@ def _read_file(f: DumpFile, policy: Policy, tolerance: float) -> Iterator[Sequen
 def _parse(rec: dict[str, Any], where: str, step: int, policy: Policy, tolerance: float) -> Sequence | None:
     missing = [k for k in REQUIRED_KEYS if k not in rec]
     if missing:
-        raise ImportInputError(f"{where}: lacks {missing} (has {sorted(rec)[:12]}); NeMo-RL versions that do not "
-                               "log token_loss_mask, advantages and both log-probs cannot be imported")
+        raise ImportInputError(
+            f"{where}: lacks {missing} (has {sorted(rec)[:12]}); NeMo-RL versions that do not "
+            "log token_loss_mask, advantages and both log-probs cannot be imported"
+        )
     mask = bool_list(_one(rec, "token_loss_mask", where), "token_loss_mask", where)
     n = mask.size
     if "input_lengths" in rec:
         length = _one(rec, "input_lengths", where)
         if not check_int(length, 0, n):
             raise ImportInputError(f"{where}, column input_lengths: {short(length)} is not an integer in [0, {n}]")
-        mask[int(length):] = False
+        mask[int(length) :] = False
     if "sample_loss_mask" in rec:
         sm = _one(rec, "sample_loss_mask", where)
         if not is_number(sm):
             raise ImportInputError(f"{where}, column sample_loss_mask: {short(sm)} is not a number")
         if sm == 0:
             policy.report.notes["samples with sample_loss_mask 0 (not trained)"] = (
-                policy.report.notes.get("samples with sample_loss_mask 0 (not trained)", 0) + 1)
+                policy.report.notes.get("samples with sample_loss_mask 0 (not trained)", 0) + 1
+            )
             return None
     lists = {k: _one(rec, k, where) for k in ("advantages", "generation_logprobs", "prev_logprobs")}
     for k, v in lists.items():
@@ -153,10 +171,18 @@ def _parse(rec: dict[str, Any], where: str, step: int, policy: Policy, tolerance
         if not is_number(r):
             raise ImportInputError(f"{where}, column rewards: {short(r)} is not a number")
         reward = float(r)
-    seq = Sequence(step=step, rank=0, mask=sub, logp=old, old_logp=old.copy(),
-                   adv=float_list(lists["advantages"][lo:hi], "advantages", where),
-                   rollout_logp=float_list(lists["generation_logprobs"][lo:hi], "generation_logprobs", where),
-                   token_ids=token_ids, turns=turns, reward=reward)
+    seq = Sequence(
+        step=step,
+        rank=0,
+        mask=sub,
+        logp=old,
+        old_logp=old.copy(),
+        adv=float_list(lists["advantages"][lo:hi], "advantages", where),
+        rollout_logp=float_list(lists["generation_logprobs"][lo:hi], "generation_logprobs", where),
+        token_ids=token_ids,
+        turns=turns,
+        reward=reward,
+    )
     if not np.isfinite(seq.adv[sub]).all():
         i = lo + int(np.flatnonzero(sub & ~np.isfinite(seq.adv))[0])
         raise ImportInputError(f"{where}, column advantages[{i}]: not a finite number")

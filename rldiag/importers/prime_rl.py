@@ -59,14 +59,28 @@ __all__ = ["REQUIRED_KEYS", "TOKEN_KEYS", "PrimeRLImportError", "find_files", "i
 
 REQUIRED_KEYS = ("token_ids", "loss_mask", "advantages", "inference_logprobs", "trainer_logprobs", "step", "rank")
 """Keys every record must have."""
-TOKEN_KEYS = ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs", "entropy", "rl_weights",
-              "ce_weights", "ref_kl_weights")
+TOKEN_KEYS = (
+    "token_ids",
+    "loss_mask",
+    "inference_logprobs",
+    "trainer_logprobs",
+    "entropy",
+    "rl_weights",
+    "ce_weights",
+    "ref_kl_weights",
+)
 """Per-token lists that must all have the same length (when present)."""
 
 _STEP_DIR = re.compile(r"^step_(\d{1,18})$")
 _RANK_FILE = re.compile(r"^rank_(\d{1,5})\.jsonl$")
-_NAMES = {"logp": "trainer_logprobs", "old_logp": "trainer_logprobs", "rollout_logp": "inference_logprobs",
-          "adv": "advantages", "entropy": "entropy", "token_ids": "token_ids"}
+_NAMES = {
+    "logp": "trainer_logprobs",
+    "old_logp": "trainer_logprobs",
+    "rollout_logp": "inference_logprobs",
+    "adv": "advantages",
+    "entropy": "entropy",
+    "token_ids": "token_ids",
+}
 
 
 class PrimeRLImportError(ImportInputError):
@@ -111,8 +125,10 @@ def import_prime_rl(
         finally:
             builder.close()
         if rep.tokens == 0:
-            raise PrimeRLImportError(f"{src_dir}: no trained tokens to import ({rep.rows_read:,} records read; "
-                                     f"skipped: {dict(rep.skipped) or 'none'})")
+            raise PrimeRLImportError(
+                f"{src_dir}: no trained tokens to import ({rep.rows_read:,} records read; "
+                f"skipped: {dict(rep.skipped) or 'none'})"
+            )
         if envs:
             rep.notes["env_name -> stage"] = {name: code for name, code in sorted(envs.items(), key=lambda kv: kv[1])}
     return target
@@ -124,7 +140,8 @@ def find_files(src: Path) -> dict[int, list[tuple[int, Path]]]:
         raise PrimeRLImportError(f"{src}: not a directory (expected prime-rl's output_dir or its token_exports/)")
     root = src / "token_exports" if (src / "token_exports").is_dir() else src
     step_dirs = sorted(
-        (int(m.group(1)), p) for p in root.iterdir()
+        (int(m.group(1)), p)
+        for p in root.iterdir()
         if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()
     )
     if not step_dirs:
@@ -151,8 +168,9 @@ def find_files(src: Path) -> dict[int, list[tuple[int, Path]]]:
     return dict(sorted(by_rank.items()))
 
 
-def _read(path: Path, folder_step: int, rank: int, policy: Policy, tolerance: float,
-          envs: dict[str, int]) -> Iterator[Sequence]:
+def _read(
+    path: Path, folder_step: int, rank: int, policy: Policy, tolerance: float, envs: dict[str, int]
+) -> Iterator[Sequence]:
     def parse(rec: dict[str, Any], where: str) -> Sequence | None:
         return _parse(rec, where, folder_step, rank, tolerance, policy, envs)
 
@@ -179,8 +197,15 @@ def _weights(rec: dict[str, Any], key: str, where: str) -> np.ndarray | None:
     return arr
 
 
-def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, tolerance: float, policy: Policy,
-           envs: dict[str, int]) -> Sequence | None:
+def _parse(
+    rec: dict[str, Any],
+    where: str,
+    folder_step: int,
+    file_rank: int,
+    tolerance: float,
+    policy: Policy,
+    envs: dict[str, int],
+) -> Sequence | None:
     missing = [k for k in REQUIRED_KEYS if k not in rec]
     if missing:
         raise PrimeRLImportError(f"{where}: record lacks required key(s) {missing} (has {sorted(rec)[:12]})")
@@ -190,8 +215,9 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     if step != folder_step:
         raise PrimeRLImportError(f"{where}, column step: {step} does not match the folder step_{folder_step}")
     if not check_int(rank, 0, 65_535) or rank != file_rank:
-        raise PrimeRLImportError(f"{where}, column rank: {short(rank)} does not match the file name "
-                                 f"rank_{file_rank}.jsonl")
+        raise PrimeRLImportError(
+            f"{where}, column rank: {short(rank)} does not match the file name rank_{file_rank}.jsonl"
+        )
     micro = rec.get("micro_step")
     if micro is not None and not check_int(micro, 0, 2**31 - 1):
         raise PrimeRLImportError(f"{where}, column micro_step: {short(micro)} is not a non-negative integer")
@@ -206,8 +232,7 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     if isinstance(adv, list):
         lengths["advantages"] = len(adv)
     elif not is_number(adv):
-        raise PrimeRLImportError(f"{where}, column advantages: must be a list of numbers or a number, got "
-                                 f"{short(adv)}")
+        raise PrimeRLImportError(f"{where}, column advantages: must be a list of numbers or a number, got {short(adv)}")
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
         raise PrimeRLImportError(f"{where}: per-token lists have different lengths ({detail})")
@@ -225,11 +250,13 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
         if ref_w is not None:
             member |= ref_w != 0
         rl = loss_mask & member
-    outside = int(np.count_nonzero(loss_mask & ~rl)) + (int(np.count_nonzero((ce_w != 0) & ~loss_mask))
-                                                        if ce_w is not None else 0)
+    outside = int(np.count_nonzero(loss_mask & ~rl)) + (
+        int(np.count_nonzero((ce_w != 0) & ~loss_mask)) if ce_w is not None else 0
+    )
     if outside:
         policy.report.notes["tokens outside the RL stream (zero rl weight, CE only)"] = (
-            policy.report.notes.get("tokens outside the RL stream (zero rl weight, CE only)", 0) + outside)
+            policy.report.notes.get("tokens outside the RL stream (zero rl weight, CE only)", 0) + outside
+        )
     span = trained_span(rl)
     if span is None:
         return None
@@ -237,17 +264,27 @@ def _parse(rec: dict[str, Any], where: str, folder_step: int, file_rank: int, to
     token_ids = int_list(rec["token_ids"][lo:hi], "token_ids", where, 0, 2**31 - 1)
     logp = float_list(rec["trainer_logprobs"][lo:hi], "trainer_logprobs", where)
     rollout = float_list(rec["inference_logprobs"][lo:hi], "inference_logprobs", where)
-    advantages = (float_list(adv[lo:hi], "advantages", where) if isinstance(adv, list)
-                  else np.full(hi - lo, float(adv)))
+    advantages = float_list(adv[lo:hi], "advantages", where) if isinstance(adv, list) else np.full(hi - lo, float(adv))
     entropy = float_list(rec["entropy"][lo:hi], "entropy", where) if rec.get("entropy") is not None else None
     env = rec.get("env_name")
     stages = None
     if isinstance(env, str) and env:
         code = envs.setdefault(env[:200], len(envs))
         stages = np.full(hi - lo, code, dtype=np.int64)
-    seq = Sequence(step=int(step), rank=int(rank), mask=sub, logp=logp, old_logp=logp.copy(),
-                   adv=advantages, rollout_logp=rollout, entropy=entropy, token_ids=token_ids,
-                   turns=turns, stages=stages, micro=int(micro) if micro is not None else None)
+    seq = Sequence(
+        step=int(step),
+        rank=int(rank),
+        mask=sub,
+        logp=logp,
+        old_logp=logp.copy(),
+        adv=advantages,
+        rollout_logp=rollout,
+        entropy=entropy,
+        token_ids=token_ids,
+        turns=turns,
+        stages=stages,
+        micro=int(micro) if micro is not None else None,
+    )
     return clean_sequence(seq, where, _NAMES, policy, tolerance, offset=lo)
 
 
@@ -255,8 +292,10 @@ def _list(src: Path) -> list[DumpFile]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # --follow waits for STABLE instead of warning about it
         files = find_files(src)
-    return sorted((DumpFile(path, step, rank) for rank, entries in files.items() for step, path in entries),
-                  key=lambda f: (f.step, f.rank))
+    return sorted(
+        (DumpFile(path, step, rank) for rank, entries in files.items() for step, path in entries),
+        key=lambda f: (f.step, f.rank),
+    )
 
 
 def _read_file(f: DumpFile, policy: Policy, tolerance: float) -> Iterator[Sequence]:

@@ -51,15 +51,26 @@ from rldiag.importers._core import (
 __all__ = ["FORMAT", "import_skyrl", "load_batch"]
 
 _FILE = re.compile(r"^global_step_(\d{1,18})_training_input\.pkl$")
-_NAMES = {"logp": "action_log_probs", "old_logp": "action_log_probs", "rollout_logp": "rollout_logprobs",
-          "ref_logp": "base_action_log_probs", "adv": "advantages", "token_ids": "sequences"}
+_NAMES = {
+    "logp": "action_log_probs",
+    "old_logp": "action_log_probs",
+    "rollout_logp": "rollout_logprobs",
+    "ref_logp": "base_action_log_probs",
+    "adv": "advantages",
+    "token_ids": "sequences",
+}
 MAX_FILE_BYTES = 64 << 30
 """A pickle larger than this is refused (it is loaded whole)."""
 
 
-def import_skyrl(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                 config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                 report: ImportReport | None = None) -> Path:
+def import_skyrl(
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Build the run ``run_dir`` from SkyRL's dumped training batches under ``source`` (``export_path``, its
     ``dumped_data`` folder, or one ``.pkl``); returns its path."""
     return import_dump(FORMAT, source, run_dir, config=config, errors=errors, report=report)
@@ -74,11 +85,16 @@ def _list(src: Path) -> list[DumpFile]:
     if not src.is_dir():
         raise ImportInputError(f"{src}: no such file or directory")
     folder = src / "dumped_data" if (src / "dumped_data").is_dir() else src
-    files = [DumpFile(p, int(m.group(1))) for p in folder.iterdir()
-             if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()]
+    files = [
+        DumpFile(p, int(m.group(1)))
+        for p in folder.iterdir()
+        if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()
+    ]
     if not files:
-        raise ImportInputError(f"{folder}: no global_step_N_training_input.pkl files (SkyRL writes them with "
-                               "trainer.dump_data_batch=true to <export_path>/dumped_data/)")
+        raise ImportInputError(
+            f"{folder}: no global_step_N_training_input.pkl files (SkyRL writes them with "
+            "trainer.dump_data_batch=true to <export_path>/dumped_data/)"
+        )
     return sorted(files, key=lambda f: f.step)
 
 
@@ -130,8 +146,21 @@ class _Unpickler(pickle.Unpickler):
             import copyreg
 
             return copyreg._reconstructor  # type: ignore[attr-defined]
-        if module == "builtins" and name in ("object", "dict", "list", "tuple", "set", "frozenset", "int", "float",
-                                             "bool", "str", "bytes", "slice", "complex"):
+        if module == "builtins" and name in (
+            "object",
+            "dict",
+            "list",
+            "tuple",
+            "set",
+            "frozenset",
+            "int",
+            "float",
+            "bool",
+            "str",
+            "bytes",
+            "slice",
+            "complex",
+        ):
             import builtins
 
             return getattr(builtins, name)
@@ -213,12 +242,14 @@ def _open(f: DumpFile) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | 
     b, r = old.shape
     for key in ("advantages", "loss_mask", "response_mask", "rollout_logprobs", "base_action_log_probs"):
         if key in batch and batch[key].shape != (b, r):
-            raise ImportInputError(f"{f.path}, column {key}: shape {list(batch[key].shape)}, action_log_probs has "
-                                   f"{[b, r]}")
+            raise ImportInputError(
+                f"{f.path}, column {key}: shape {list(batch[key].shape)}, action_log_probs has {[b, r]}"
+            )
     seqs = batch.get("sequences")
     if seqs is not None and (seqs.ndim != 2 or seqs.shape[0] != b or seqs.shape[1] < r):
-        raise ImportInputError(f"{f.path}, column sequences: shape {list(seqs.shape)} cannot hold {r} response "
-                               "tokens per row")
+        raise ImportInputError(
+            f"{f.path}, column sequences: shape {list(seqs.shape)} cannot hold {r} response tokens per row"
+        )
     mask_all = batch["loss_mask"] != 0
     if "response_mask" in batch:
         mask_all &= batch["response_mask"] != 0
@@ -246,16 +277,25 @@ def _read_file(f: DumpFile, policy: Policy, tolerance: float) -> Iterator[Sequen
         lo, hi, sub, turns = span
         token_ids = None
         if seqs is not None:
-            ids = seqs[i, seqs.shape[1] - r + lo: seqs.shape[1] - r + hi].astype(np.int64)
+            ids = seqs[i, seqs.shape[1] - r + lo : seqs.shape[1] - r + hi].astype(np.int64)
             if (ids < 0).any() or (ids > 2**31 - 1).any():
                 policy.problem(where, "column sequences: token ids outside [0, 2^31)", "bad record")
                 continue
             token_ids = ids
         rollout = batch["rollout_logprobs"][i, lo:hi] if "rollout_logprobs" in batch else None
         ref = batch["base_action_log_probs"][i, lo:hi] if "base_action_log_probs" in batch else None
-        seq = Sequence(step=f.step, rank=0, mask=sub, logp=old[i, lo:hi].copy(), old_logp=old[i, lo:hi].copy(),
-                       adv=batch["advantages"][i, lo:hi].astype(np.float64), rollout_logp=rollout, ref_logp=ref,
-                       token_ids=token_ids, turns=turns)
+        seq = Sequence(
+            step=f.step,
+            rank=0,
+            mask=sub,
+            logp=old[i, lo:hi].copy(),
+            old_logp=old[i, lo:hi].copy(),
+            adv=batch["advantages"][i, lo:hi].astype(np.float64),
+            rollout_logp=rollout,
+            ref_logp=ref,
+            token_ids=token_ids,
+            turns=turns,
+        )
         cleaned = clean_sequence(seq, where, _NAMES, policy, tolerance, offset=lo)
         if cleaned is not None:
             yield cleaned

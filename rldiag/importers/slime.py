@@ -54,14 +54,26 @@ from rldiag.importers._core import (
 __all__ = ["FORMAT", "import_slime", "load_payload"]
 
 _FILE = re.compile(r"^(?:\D*?)(\d{1,18})\.pt$")
-_NAMES = {"logp": "log_probs", "old_logp": "log_probs", "rollout_logp": "rollout_log_probs",
-          "ref_logp": "ref_log_probs", "adv": "advantages", "reward": "rewards", "entropy": "entropy",
-          "token_ids": "tokens"}
+_NAMES = {
+    "logp": "log_probs",
+    "old_logp": "log_probs",
+    "rollout_logp": "rollout_log_probs",
+    "ref_logp": "ref_log_probs",
+    "adv": "advantages",
+    "reward": "rewards",
+    "entropy": "entropy",
+    "token_ids": "tokens",
+}
 
 
-def import_slime(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                 config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                 report: ImportReport | None = None) -> Path:
+def import_slime(
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Build the run ``run_dir`` from slime's train debug files under ``source`` (a folder of
     ``{rollout_id}.pt`` files, or one file); returns its path."""
     return import_dump(FORMAT, source, run_dir, config=config, errors=errors, report=report)
@@ -74,16 +86,19 @@ def _list(src: Path) -> list[DumpFile]:
     if not src.is_dir():
         raise ImportInputError(f"{src}: no such file or directory")
     folder = src / "train_data" if (src / "train_data").is_dir() else src
-    files = [DumpFile(p, int(m.group(1))) for p in folder.iterdir()
-             if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()]
+    files = [
+        DumpFile(p, int(m.group(1)))
+        for p in folder.iterdir()
+        if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()
+    ]
     if not files:
-        raise ImportInputError(f"{folder}: no {{rollout_id}}.pt files (slime writes them with "
-                               "--save-debug-train-data)")
+        raise ImportInputError(f"{folder}: no {{rollout_id}}.pt files (slime writes them with --save-debug-train-data)")
     steps: dict[int, Path] = {}
     for f in files:
         if f.step in steps:
-            raise ImportInputError(f"{f.path}: rollout {f.step} also in {steps[f.step]} (a copied file?); import one "
-                                   "run's files")
+            raise ImportInputError(
+                f"{f.path}: rollout {f.step} also in {steps[f.step]} (a copied file?); import one run's files"
+            )
         steps[f.step] = f.path
     return sorted(files, key=lambda f: f.step)
 
@@ -116,8 +131,9 @@ def _vector(value: Any, key: str, where: str, n: int) -> np.ndarray:
     if isinstance(value, list) and not all(v is None or is_number(v) for v in value):
         raise ImportInputError(f"{where}, column {key}: not a list of numbers")
     try:
-        arr = np.asarray([np.nan if v is None else v for v in value] if isinstance(value, list) else value,
-                         dtype=np.float64)
+        arr = np.asarray(
+            [np.nan if v is None else v for v in value] if isinstance(value, list) else value, dtype=np.float64
+        )
     except (TypeError, ValueError, OverflowError):
         raise ImportInputError(f"{where}, column {key}: not numbers ({type(value).__name__})") from None
     if arr.shape != (n,):
@@ -130,8 +146,10 @@ def _read_file(f: DumpFile, policy: Policy, tolerance: float) -> Iterator[Sequen
         payload = load_payload(f.path)
         version = payload.get("format_version")
         if version != 2:
-            raise ImportInputError(f"{f.path}: format_version {short(version)}; this importer reads slime's version 2 "
-                                   "payload (top-level `samples`)")
+            raise ImportInputError(
+                f"{f.path}: format_version {short(version)}; this importer reads slime's version 2 "
+                "payload (top-level `samples`)"
+            )
         samples = payload.get("samples")
         if not isinstance(samples, list):
             raise ImportInputError(f"{f.path}: `samples` is not a list")
@@ -196,10 +214,15 @@ def _parse(sample: Any, where: str, step: int, policy: Policy, tolerance: float)
     token_ids = None
     if sample.get("tokens") is not None:
         tokens = _vector(sample["tokens"], "tokens", where, len(sample["tokens"]))
-        if tokens.size < n or not np.isfinite(tokens).all() or (tokens < 0).any() or (tokens > 2**31 - 1).any() \
-                or (tokens != np.floor(tokens)).any():
+        if (
+            tokens.size < n
+            or not np.isfinite(tokens).all()
+            or (tokens < 0).any()
+            or (tokens > 2**31 - 1).any()
+            or (tokens != np.floor(tokens)).any()
+        ):
             raise ImportInputError(f"{where}, column tokens: not {n}+ token ids in [0, 2^31)")
-        token_ids = tokens[tokens.size - n + lo: tokens.size - n + hi].astype(np.int64)
+        token_ids = tokens[tokens.size - n + lo : tokens.size - n + hi].astype(np.int64)
     reward = None
     r = sample.get("rewards")
     if r is not None:
@@ -207,9 +230,20 @@ def _parse(sample: Any, where: str, step: int, policy: Policy, tolerance: float)
         if not is_number(r):
             raise ImportInputError(f"{where}, column rewards: {short(r)} is not a number")
         reward = float(r)
-    seq = Sequence(step=step, rank=int(rank), mask=sub, logp=old, old_logp=old.copy(), adv=opt("advantages"),  # type: ignore[arg-type]
-                   rollout_logp=opt("rollout_log_probs"), ref_logp=opt("ref_log_probs"), entropy=opt("entropy"),
-                   token_ids=token_ids, turns=turns, reward=reward)
+    seq = Sequence(
+        step=step,
+        rank=int(rank),
+        mask=sub,
+        logp=old,
+        old_logp=old.copy(),
+        adv=opt("advantages"),  # type: ignore[arg-type]
+        rollout_logp=opt("rollout_log_probs"),
+        ref_logp=opt("ref_log_probs"),
+        entropy=opt("entropy"),
+        token_ids=token_ids,
+        turns=turns,
+        reward=reward,
+    )
     return clean_sequence(seq, where, _NAMES, policy, tolerance, offset=lo)
 
 

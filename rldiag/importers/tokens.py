@@ -46,21 +46,50 @@ __all__ = ["clean_token_rows", "import_token_file", "import_tokens", "read_token
 
 _I64 = 2**63 - 1
 INT_COLUMNS: dict[str, tuple[int, int]] = {
-    schema.STEP: (0, MAX_STEP), schema.RANK: (0, MAX_RANK), schema.MICRO: (0, 2**31 - 1),
-    schema.SEQ: (-_I64, _I64), schema.POS: (0, MAX_POS), schema.GROUP: (-_I64, _I64),
-    schema.TURN: (0, 2**31 - 1), schema.STAGE: (0, 2**31 - 1), schema.TOKEN_ID: (0, 2**31 - 1),
+    schema.STEP: (0, MAX_STEP),
+    schema.RANK: (0, MAX_RANK),
+    schema.MICRO: (0, 2**31 - 1),
+    schema.SEQ: (-_I64, _I64),
+    schema.POS: (0, MAX_POS),
+    schema.GROUP: (-_I64, _I64),
+    schema.TURN: (0, 2**31 - 1),
+    schema.STAGE: (0, 2**31 - 1),
+    schema.TOKEN_ID: (0, 2**31 - 1),
     schema.VERSION: (0, MAX_STEP),
 }
 """Integer columns and their accepted ranges."""
-FLOAT_COLUMNS = (schema.LOGP, schema.OLD_LOGP, schema.ROLLOUT_LOGP, schema.REF_LOGP, schema.TEACHER_LOGP,
-                 schema.BASE_LOGP, schema.ADV, schema.ENTROPY, schema.REWARD)
-LOGP_COLUMNS = (schema.LOGP, schema.OLD_LOGP, schema.ROLLOUT_LOGP, schema.REF_LOGP, schema.TEACHER_LOGP,
-                schema.BASE_LOGP)
+FLOAT_COLUMNS = (
+    schema.LOGP,
+    schema.OLD_LOGP,
+    schema.ROLLOUT_LOGP,
+    schema.REF_LOGP,
+    schema.TEACHER_LOGP,
+    schema.BASE_LOGP,
+    schema.ADV,
+    schema.ENTROPY,
+    schema.REWARD,
+)
+LOGP_COLUMNS = (
+    schema.LOGP,
+    schema.OLD_LOGP,
+    schema.ROLLOUT_LOGP,
+    schema.REF_LOGP,
+    schema.TEACHER_LOGP,
+    schema.BASE_LOGP,
+)
 _ARG_OF = {
-    schema.LOGP: "logprobs", schema.OLD_LOGP: "old_logprobs", schema.ADV: "advantages",
-    schema.ENTROPY: "entropy", schema.ROLLOUT_LOGP: "rollout_logprobs", schema.REF_LOGP: "ref_logprobs",
-    schema.TEACHER_LOGP: "teacher_logprobs", schema.BASE_LOGP: "base_logprobs", schema.TOKEN_ID: "token_ids",
-    schema.VERSION: "versions", schema.TURN: "turns", schema.STAGE: "stages",
+    schema.LOGP: "logprobs",
+    schema.OLD_LOGP: "old_logprobs",
+    schema.ADV: "advantages",
+    schema.ENTROPY: "entropy",
+    schema.ROLLOUT_LOGP: "rollout_logprobs",
+    schema.REF_LOGP: "ref_logprobs",
+    schema.TEACHER_LOGP: "teacher_logprobs",
+    schema.BASE_LOGP: "base_logprobs",
+    schema.TOKEN_ID: "token_ids",
+    schema.VERSION: "versions",
+    schema.TURN: "turns",
+    schema.STAGE: "stages",
 }
 _PER_SEQ = {schema.GROUP: "group_ids", schema.REWARD: "rewards"}
 _ROW = "_row"
@@ -76,8 +105,9 @@ def read_token_file(path: str | os.PathLike[str]) -> pl.DataFrame:
         if suffix == ".parquet" or p.is_dir():
             df = pl.read_parquet(p)
         elif suffix in (".csv", ".tsv"):
-            df = pl.read_csv(p, separator="\t" if suffix == ".tsv" else ",", infer_schema=False,
-                             truncate_ragged_lines=False)
+            df = pl.read_csv(
+                p, separator="\t" if suffix == ".tsv" else ",", infer_schema=False, truncate_ragged_lines=False
+            )
         else:
             raise ImportInputError(f"{p}: unknown file type {suffix!r}; give a .parquet, .csv or .tsv file")
     except ImportInputError:
@@ -91,8 +121,10 @@ def read_token_file(path: str | os.PathLike[str]) -> pl.DataFrame:
             "optionally rank, micro, seq, pos and the other columns of docs/run-format.md"
         )
     if schema.SEQ not in df.columns and schema.POS not in df.columns:
-        raise ImportInputError(f"{p}: needs a `seq` column (response id) or a `pos` column (position, 0 at each "
-                               "response start) to tell responses apart")
+        raise ImportInputError(
+            f"{p}: needs a `seq` column (response id) or a `pos` column (position, 0 at each "
+            "response start) to tell responses apart"
+        )
     if df.height == 0:
         raise ImportInputError(f"{p}: holds no token rows")
     return df
@@ -116,9 +148,13 @@ def _int_column(s: pl.Series, lo: int, hi: int) -> tuple[pl.Series, pl.Series, s
         floats = text.cast(pl.Float64, strict=False)
         ok = (floats.is_finite() & (floats == floats.floor()) & (floats.abs() < 2.0**53)).fill_null(False)
         frame = pl.DataFrame({"i": ints, "f": floats, "ok": ok})
-        vals = frame.select(pl.when(pl.col("i").is_not_null()).then(pl.col("i"))
-                            .when(pl.col("ok")).then(pl.col("f").cast(pl.Int64, strict=False))
-                            .otherwise(None)).to_series()
+        vals = frame.select(
+            pl.when(pl.col("i").is_not_null())
+            .then(pl.col("i"))
+            .when(pl.col("ok"))
+            .then(pl.col("f").cast(pl.Int64, strict=False))
+            .otherwise(None)
+        ).to_series()
         bad = vals.is_null() | (vals < lo) | (vals > hi)
         return vals, bad.fill_null(True), what
     return pl.Series([None] * s.len(), dtype=pl.Int64), pl.Series([True] * s.len()), f"{what} (a {dt} column)"
@@ -142,12 +178,12 @@ def _float_column(s: pl.Series) -> tuple[pl.Series, pl.Series, str]:
         empty = text.is_null() | (text == "")
         bad = vals.is_null() & ~empty
         return vals.fill_null(float("nan")), bad, "is not a number"
-    return (pl.Series([float("nan")] * s.len()), pl.Series([True] * s.len()),
-            f"is not a number (a {dt} column)")
+    return (pl.Series([float("nan")] * s.len()), pl.Series([True] * s.len()), f"is not a number (a {dt} column)")
 
 
-def clean_token_rows(df: pl.DataFrame, source: str, policy: Policy, *, tolerance: float = 1e-4,
-                     csv: bool = False) -> pl.DataFrame:
+def clean_token_rows(
+    df: pl.DataFrame, source: str, policy: Policy, *, tolerance: float = 1e-4, csv: bool = False
+) -> pl.DataFrame:
     """Typed, checked token rows with ``seq``/``pos``/``rank``/``micro`` filled in, sorted for recording.
 
     Raises :class:`ImportInputError` for the first bad value (strict) or drops bad rows and counts them in
@@ -175,8 +211,11 @@ def clean_token_rows(df: pl.DataFrame, source: str, policy: Policy, *, tolerance
             vals, bad, what = _float_column(df[col])
             cols[col] = vals
             flag(bad, col, what)
-            flag((vals.is_finite() & (vals.abs() > float(np.finfo(np.float32).max))).fill_null(False), col,
-                 "is outside the float32 range")
+            flag(
+                (vals.is_finite() & (vals.abs() > float(np.finfo(np.float32).max))).fill_null(False),
+                col,
+                "is outside the float32 range",
+            )
             if col in LOGP_COLUMNS:
                 # polars orders NaN above every number: test it apart
                 flag(((vals > tolerance) & vals.is_not_nan()).fill_null(False), col, "is a positive log-probability")
@@ -201,30 +240,49 @@ def clean_token_rows(df: pl.DataFrame, source: str, policy: Policy, *, tolerance
         first_of = out.filter(pl.Series(dup)).group_by(key).agg(pl.col(_ROW).min().alias("_first"))
         later = out.join(first_of, on=key, how="inner").filter(pl.col(_ROW) != pl.col("_first")).sort(_ROW)
         r = later.row(0, named=True)
-        msg = (f"shares (step {r[schema.STEP]}, rank {r[schema.RANK]}, seq {r[schema.SEQ]}, pos {r[schema.POS]}) "
-               f"with row {r['_first'] + 1}; rows must be unique per token (a multi-rank export needs a `rank` "
-               f"column)")
-        policy.problem(f"{_where(source, r[_ROW], csv)}, columns step/rank/seq/pos", msg,
-                       "duplicate (step, rank, seq, pos)", later.height)
+        msg = (
+            f"shares (step {r[schema.STEP]}, rank {r[schema.RANK]}, seq {r[schema.SEQ]}, pos {r[schema.POS]}) "
+            f"with row {r['_first'] + 1}; rows must be unique per token (a multi-rank export needs a `rank` "
+            f"column)"
+        )
+        policy.problem(
+            f"{_where(source, r[_ROW], csv)}, columns step/rank/seq/pos",
+            msg,
+            "duplicate (step, rank, seq, pos)",
+            later.height,
+        )
         out = out.join(later.select(_ROW), on=_ROW, how="anti")
 
     rec_key = [schema.RANK, schema.STEP, schema.MICRO]
-    size = out.group_by(rec_key).agg(pl.col(schema.SEQ).n_unique().alias("_b"),
-                                     (pl.col(schema.POS).max() + 1).alias("_t"), pl.col(_ROW).min().alias("_r"))
+    size = out.group_by(rec_key).agg(
+        pl.col(schema.SEQ).n_unique().alias("_b"),
+        (pl.col(schema.POS).max() + 1).alias("_t"),
+        pl.col(_ROW).min().alias("_r"),
+    )
     size = size.filter(pl.col("_b") * pl.col("_t") > MAX_CELLS).sort("_r")
     if size.height:
         r = size.row(0, named=True)
         n = out.join(size.select(rec_key), on=rec_key, how="semi").height
-        policy.problem(f"{_where(source, r['_r'], csv)}, column pos",
-                       f"the record (step {r[schema.STEP]}, rank {r[schema.RANK]}, micro {r[schema.MICRO]}) spans "
-                       f"{r['_b']} responses x {r['_t']} positions, too large to import in one piece; split it "
-                       "with a `micro` column or check `pos`", "record too large", n)
+        policy.problem(
+            f"{_where(source, r['_r'], csv)}, column pos",
+            f"the record (step {r[schema.STEP]}, rank {r[schema.RANK]}, micro {r[schema.MICRO]}) spans "
+            f"{r['_b']} responses x {r['_t']} positions, too large to import in one piece; split it "
+            "with a `micro` column or check `pos`",
+            "record too large",
+            n,
+        )
         out = out.join(size.select(rec_key), on=rec_key, how="anti")
     return out.sort([schema.RANK, schema.STEP, schema.MICRO, schema.SEQ, schema.POS])
 
 
-def _drop_or_raise(out: pl.DataFrame, raw: pl.DataFrame, bad_rows: list[tuple[np.ndarray, str, str]],
-                   source: str, policy: Policy, csv: bool) -> pl.DataFrame:
+def _drop_or_raise(
+    out: pl.DataFrame,
+    raw: pl.DataFrame,
+    bad_rows: list[tuple[np.ndarray, str, str]],
+    source: str,
+    policy: Policy,
+    csv: bool,
+) -> pl.DataFrame:
     if not bad_rows:
         return out
     any_bad = np.zeros(out.height, dtype=bool)
@@ -244,9 +302,14 @@ def _drop_or_raise(out: pl.DataFrame, raw: pl.DataFrame, bad_rows: list[tuple[np
     return out.filter(pl.Series(~any_bad))
 
 
-def import_token_file(path: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                      config: RecorderConfig | None = None, errors: ErrorPolicy = "strict",
-                      name: str | None = None) -> ImportReport:
+def import_token_file(
+    path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy = "strict",
+    name: str | None = None,
+) -> ImportReport:
     """Import a Parquet/CSV file of token rows into the new run ``run_dir``; returns the report.
 
     ``report.tokens`` is the number of token rows the run holds. ``run_dir`` must not exist or be empty; the
@@ -260,8 +323,14 @@ def import_token_file(path: str | os.PathLike[str], run_dir: str | os.PathLike[s
     return report
 
 
-def import_tokens(df: pl.DataFrame, run_dir: str | os.PathLike[str], *, config: RecorderConfig | None = None,
-                  name: str | None = None, errors: ErrorPolicy = "strict") -> Path:
+def import_tokens(
+    df: pl.DataFrame,
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    name: str | None = None,
+    errors: ErrorPolicy = "strict",
+) -> Path:
     """Record the token rows of ``df`` into the new run ``run_dir`` and return its path."""
     report = ImportReport(trainer="tokens", source="<frame>", errors=errors, rows_read=df.height)
     if df.height == 0:
@@ -270,16 +339,26 @@ def import_tokens(df: pl.DataFrame, run_dir: str | os.PathLike[str], *, config: 
     return Path(run_dir)
 
 
-def _import_frame(df: pl.DataFrame, run_dir: str | os.PathLike[str], report: ImportReport, *,
-                  config: RecorderConfig | None, errors: ErrorPolicy, name: str | None, csv: bool) -> None:
+def _import_frame(
+    df: pl.DataFrame,
+    run_dir: str | os.PathLike[str],
+    report: ImportReport,
+    *,
+    config: RecorderConfig | None,
+    errors: ErrorPolicy,
+    name: str | None,
+    csv: bool,
+) -> None:
     from rldiag.record.recorder import Recorder
 
     cfg = import_config(config or RecorderConfig())
     policy = Policy(errors, report)
     rows = clean_token_rows(df, report.source, policy, tolerance=cfg.logp_tolerance, csv=csv)
     if rows.height == 0:
-        raise ImportInputError(f"{report.source}: no valid token rows left to import ({report.rows_read:,} read, "
-                               f"all skipped: {dict(report.skipped)})")
+        raise ImportInputError(
+            f"{report.source}: no valid token rows left to import ({report.rows_read:,} read, "
+            f"all skipped: {dict(report.skipped)})"
+        )
     target = Path(run_dir)
     with staged_run(target, report) as staging:
         ranks = rows[schema.RANK].unique().sort().to_list()
@@ -294,8 +373,9 @@ def _import_frame(df: pl.DataFrame, run_dir: str | os.PathLike[str], report: Imp
                     report.sequences += int(args["mask"].shape[0])
                     report.steps.add(int(step))
             if rec.stats["rows_dropped"]:
-                raise RuntimeError(f"the recorder dropped {rec.stats['rows_dropped']:,} token rows; the import is "
-                                   "incomplete")
+                raise RuntimeError(
+                    f"the recorder dropped {rec.stats['rows_dropped']:,} token rows; the import is incomplete"
+                )
             report.ranks.add(int(rank))
 
 
@@ -313,8 +393,7 @@ def _grid(df: pl.DataFrame) -> dict[str, Any]:
         if col in (schema.TOKEN_ID, schema.VERSION, schema.TURN, schema.STAGE):
             if s.null_count() == len(s):
                 continue
-            grid = np.zeros((B, T), dtype=np.int32 if col in (schema.TURN, schema.STAGE, schema.TOKEN_ID)
-                            else np.int64)
+            grid = np.zeros((B, T), dtype=np.int32 if col in (schema.TURN, schema.STAGE, schema.TOKEN_ID) else np.int64)
             grid[seq_idx, pos] = s.fill_null(0).to_numpy()
         else:
             values = s.to_numpy().astype(np.float32)

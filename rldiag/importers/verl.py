@@ -43,16 +43,24 @@ def list_files(src: Path) -> list[DumpFile]:
         return [DumpFile(src, int(m.group(1)))]
     if not src.is_dir():
         raise ImportInputError(f"{src}: no such file or directory")
-    files = [DumpFile(p, int(m.group(1))) for p in src.iterdir()
-             if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()]
+    files = [
+        DumpFile(p, int(m.group(1)))
+        for p in src.iterdir()
+        if (m := _FILE.match(p.name)) and p.is_file() and not p.is_symlink()
+    ]
     if not files:
         raise ImportInputError(f"{src}: no {{step}}.jsonl files (verl's trainer.rollout_data_dir)")
     return sorted(files, key=lambda f: f.step)
 
 
-def import_verl(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], *,
-                config: RecorderConfig | None = None, errors: ErrorPolicy | None = None,
-                report: ImportReport | None = None) -> Path:
+def import_verl(
+    source: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    config: RecorderConfig | None = None,
+    errors: ErrorPolicy | None = None,
+    report: ImportReport | None = None,
+) -> Path:
     """Check a verl rollout_data_dir and explain why it cannot become a run (it has no per-token values).
 
     Always raises :class:`ImportInputError`: with the file, line and column of a malformed line (strict), or
@@ -62,6 +70,12 @@ def import_verl(source: str | os.PathLike[str], run_dir: str | os.PathLike[str],
     policy = Policy(errors or (config.errors if config else "strict"), rep)
     files = list_files(Path(source))
     samples, keys = survey(files, policy, REQUIRED_KEYS)
-    refuse(Path(source), "verl", files, samples, keys,
-           "Record verl live with rldiag's policy loss instead (docs/integrations.md, verl).")
+    refuse(
+        Path(source),
+        "verl",
+        files,
+        samples,
+        keys,
+        "Record verl live with rldiag's policy loss instead (docs/integrations.md, verl).",
+    )
     raise AssertionError("unreachable")  # pragma: no cover

@@ -75,8 +75,9 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a[keep], b[keep]], axis=1)
 
 
-def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None, *,
-          keep_sets: bool = False) -> Merged:
+def merge(
+    table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None, *, keep_sets: bool = False
+) -> Merged:
     """Merge the statistics rows of ``table`` by the key columns ``by``.
 
     ``stats`` limits the work to the statistics named (default: all that the registry needs).
@@ -122,8 +123,10 @@ def merge(table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] |
         lengths, vals = _list_parts(table.column(name))
         nb = int(lengths.max()) if lengths.size else 0
         if nb and (lengths != nb).any():
-            raise ValueError(f"statistics column {name} mixes bucket counts {sorted(set(lengths.tolist()))}; "
-                             "the run was recorded with different n_buckets settings")
+            raise ValueError(
+                f"statistics column {name} mixes bucket counts {sorted(set(lengths.tolist()))}; "
+                "the run was recorded with different n_buckets settings"
+            )
         mat = vals.reshape(-1, nb) if nb else np.zeros((table.num_rows, 0))
         acc = np.zeros((g, nb))
         np.add.at(acc, inv, mat)
@@ -167,8 +170,13 @@ def compact(table: pa.Table) -> pa.Table:
             raise OverflowError(f"histogram {name} has a bin with more than 2**32 tokens in one step")
         hists[name] = h
     assert merged.set_values is not None
-    bs = BatchStats(scalars=scalars, hists=hists, vectors={n: merged.stats[n] for n in VECTORS},
-                    sets=merged.set_values, cov=np.zeros(0))
+    bs = BatchStats(
+        scalars=scalars,
+        hists=hists,
+        vectors={n: merged.stats[n] for n in VECTORS},
+        sets=merged.set_values,
+        cov=np.zeros(0),
+    )
     return to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
 
 

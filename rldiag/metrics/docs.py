@@ -16,11 +16,21 @@ from rldiag.stats import hist
 from rldiag.stats.kernel import STATS
 
 _FAMILY_TITLES = {
-    "ratio": "Ratio and trust region", "ess": "Effective sample size", "kl": "KL estimators (current vs old)",
-    "clip": "Clipping (sign-aware)", "regime": "Regimes (DISPO)", "balance": "Positive/negative balance (BAPO)",
-    "entropy": "Entropy and its driver", "adv": "Advantages", "group": "Prompt groups", "reward": "Rewards",
-    "seq": "Sequence level", "tokens": "Counts", "mismatch": "Training-inference mismatch",
-    "staleness": "Staleness", "stage": "Position and stage",
+    "ratio": "Ratio and trust region",
+    "ess": "Effective sample size",
+    "kl": "KL estimators (current vs old)",
+    "clip": "Clipping (sign-aware)",
+    "regime": "Regimes (DISPO)",
+    "balance": "Positive/negative balance (BAPO)",
+    "entropy": "Entropy and its driver",
+    "adv": "Advantages",
+    "group": "Prompt groups",
+    "reward": "Rewards",
+    "seq": "Sequence level",
+    "tokens": "Counts",
+    "mismatch": "Training-inference mismatch",
+    "staleness": "Staleness",
+    "stage": "Position and stage",
 }
 
 
@@ -53,8 +63,7 @@ def _alert_defaults() -> dict[str, list[str]]:
             if c.get("k_of_n"):
                 extra.append(f"{c['k_of_n'][0]} of {c['k_of_n'][1]} steps")
             sev = rule.get("severity", "warn")
-            out.setdefault(metric, []).append(f"{txt}{' (' + ', '.join(extra) + ')' if extra else ''}: "
-                                              f"{sev} `{name}`")
+            out.setdefault(metric, []).append(f"{txt}{' (' + ', '.join(extra) + ')' if extra else ''}: {sev} `{name}`")
     return out
 
 
@@ -92,8 +101,12 @@ def render() -> str:
     ]
     for fam in FAMILY_ORDER:
         specs = [s for s in REGISTRY.values() if s.family == fam]
-        lines += [f"## {_FAMILY_TITLES.get(fam, fam)}", "",
-                  "| name | formula | inputs | source | alert default | better |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {_FAMILY_TITLES.get(fam, fam)}",
+            "",
+            "| name | formula | inputs | source | alert default | better |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in specs:
             formula = _md(s.formula) + (" **derived**" if s.derived else "")
             inputs = ", ".join(f"`{i}`" for i in s.inputs)
@@ -104,12 +117,17 @@ def render() -> str:
         for s in specs:
             lines.append(f"- `{s.name}`: {s.doc}" + (f" Error bound: {s.error_bound}." if s.error_bound else ""))
         lines.append("")
-    lines += ["## Advanced analytics (from token rows)", "",
-              "Computed on demand from the token rows rather than from the stored statistics (the call is in the",
-              "last column); see [lens.md](lens.md), [cliff.md](cliff.md) and [law.md](law.md). The objective lens",
-              f"reports {', '.join('`' + q + '`' for q in LENS_QUANTITIES)} for every objective "
-              f"({', '.join('`' + o + '`' for o in LENS_OBJECTIVES)}): `lens/<objective>/<quantity>`.", "",
-              "| name | formula | source | alert default | better | computed by |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Advanced analytics (from token rows)",
+        "",
+        "Computed on demand from the token rows rather than from the stored statistics (the call is in the",
+        "last column); see [lens.md](lens.md), [cliff.md](cliff.md) and [law.md](law.md). The objective lens",
+        f"reports {', '.join('`' + q + '`' for q in LENS_QUANTITIES)} for every objective "
+        f"({', '.join('`' + o + '`' for o in LENS_OBJECTIVES)}): `lens/<objective>/<quantity>`.",
+        "",
+        "| name | formula | source | alert default | better | computed by |",
+        "|---|---|---|---|---|---|",
+    ]
     shown_lens: set[str] = set()
     for s in ANALYSES.values():
         parts = s.name.split("/")
@@ -130,10 +148,15 @@ def render() -> str:
         src = "-" if name.startswith("lens/<") else (_md(s.source) or "-")
         lines.append(f"| `{name}` | {formula} | {src} | {alert} | {better} | `{s.computed_by}` |")
     lines.append("")
-    lines += ["## Sufficient statistics", "",
-              "Stored per (step, rank, micro) in `stats/*.parquet`; `config` marks those that depend on the clip",
-              "settings (recomputed from token rows by `run.step_metrics(config=...)`).", "",
-              "| statistic | merge | meaning |", "|---|---|---|"]
+    lines += [
+        "## Sufficient statistics",
+        "",
+        "Stored per (step, rank, micro) in `stats/*.parquet`; `config` marks those that depend on the clip",
+        "settings (recomputed from token rows by `run.step_metrics(config=...)`).",
+        "",
+        "| statistic | merge | meaning |",
+        "|---|---|---|",
+    ]
     for st in STATS.values():
         lines.append(f"| `{st.name}` | {st.merge}{' (config)' if st.config_dependent else ''} | {_md(st.doc)} |")
     lines.append("")

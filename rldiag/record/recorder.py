@@ -56,8 +56,9 @@ _COLUMN_ARGS = {col: arg for arg, (col, _, _) in _ARGS.items()}
 
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
-SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
-                                 if s is not None)
+SIGNALS: tuple[int, ...] = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None
+)
 """Signals on which recorders publish what they hold before the process's previous handler runs: the
 ones schedulers send to stop a job (SLURM, Kubernetes and torchrun send SIGTERM, then SIGKILL after a grace
 period; a closed terminal or ssh session sends SIGHUP)."""
@@ -253,8 +254,9 @@ class Recorder:
         if alerts:
             from rldiag.alerts import online_from_arg  # the alerts package wires itself in
 
-            self.alerts = online_from_arg(alerts, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size,
-                                          config=cfg)
+            self.alerts = online_from_arg(
+                alerts, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size, config=cfg
+            )
         if (log_to or metrics_port is not None) and self.rank == 0:
             from rldiag.export.live import LiveExport  # trackers and Prometheus, on their own thread
 
@@ -297,10 +299,21 @@ class Recorder:
         if self.alerts is not None and self.raise_on_stop:
             self.alerts.check()  # raises rldiag.alerts.StopTraining once a stop-training alert fired
         args = {
-            "logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
-            "entropy": entropy, "rollout_logprobs": rollout_logprobs, "ref_logprobs": ref_logprobs,
-            "teacher_logprobs": teacher_logprobs, "base_logprobs": base_logprobs, "group_ids": group_ids,
-            "rewards": rewards, "token_ids": token_ids, "versions": versions, "turns": turns, "stages": stages,
+            "logprobs": logprobs,
+            "old_logprobs": old_logprobs,
+            "advantages": advantages,
+            "mask": mask,
+            "entropy": entropy,
+            "rollout_logprobs": rollout_logprobs,
+            "ref_logprobs": ref_logprobs,
+            "teacher_logprobs": teacher_logprobs,
+            "base_logprobs": base_logprobs,
+            "group_ids": group_ids,
+            "rewards": rewards,
+            "token_ids": token_ids,
+            "versions": versions,
+            "turns": turns,
+            "stages": stages,
         }
         shape = self._validate(step, args)
         invalid = self._check_dtypes(args)
@@ -309,15 +322,23 @@ class Recorder:
         fits = self._writer.queued_bytes + est <= self.config.queue_max_bytes
         if not fits and self.config.max_block_seconds > 0:
             fits = self._writer.wait_for_space(est, self.config.max_block_seconds)
-        snaps = {_ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2], pool=self._pool)
-                 for k, v in args.items() if v is not None}
+        snaps = {
+            _ARGS[k][0]: HostSnapshot(v, float_cast=_ARGS[k][2], pool=self._pool)
+            for k, v in args.items()
+            if v is not None
+        }
         arrays = {k: s._array for k, s in snaps.items()}
         checked = all(a is not None for a in arrays.values())
         if checked:  # host inputs: what their values mean is checked here, so an error names the call
             problems = check_values(arrays, shape, self.config.logp_tolerance)  # type: ignore[arg-type]
             if problems:
-                bad, drop, counts = resolve_problems(problems, arrays, strict=self.config.errors == "strict",  # type: ignore[arg-type]
-                                               names=_COLUMN_ARGS, where=f"the record at step {step}")
+                bad, drop, counts = resolve_problems(
+                    problems,
+                    arrays,
+                    strict=self.config.errors == "strict",  # type: ignore[arg-type]
+                    names=_COLUMN_ARGS,
+                    where=f"the record at step {step}",
+                )
                 invalid |= bad
                 for col in drop:
                     del snaps[col]
@@ -333,8 +354,15 @@ class Recorder:
             if self._first_step is None:
                 self._first_step = step
                 self._write_writer_file()
-        job = Job(step=step, micro=micro, shape=shape, inputs=snaps, invalid=invalid, checked=checked,
-                  nbytes=sum(s.nbytes for s in snaps.values()))
+        job = Job(
+            step=step,
+            micro=micro,
+            shape=shape,
+            inputs=snaps,
+            invalid=invalid,
+            checked=checked,
+            nbytes=sum(s.nbytes for s in snaps.values()),
+        )
         if not fits and not all(s.ready() for s in snaps.values()):
             # Device inputs still being copied: reducing them here would wait for the GPU in the caller's thread.
             # The writer reduces them (statistics kept, token rows dropped and counted); past twice the queue
@@ -348,8 +376,15 @@ class Recorder:
             stats = kernel.compute(tb, self.config)
             dropped = int(flat.size)
             self.records_dropped_rows += dropped
-            job = Job(step=step, micro=micro, shape=shape, inputs={}, invalid=invalid, nbytes=0,
-                      precomputed=Precomputed(stats, flat, stats.cov, tb, cols, dropped))
+            job = Job(
+                step=step,
+                micro=micro,
+                shape=shape,
+                inputs={},
+                invalid=invalid,
+                nbytes=0,
+                precomputed=Precomputed(stats, flat, stats.cov, tb, cols, dropped),
+            )
         self._writer.put(job)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -446,11 +481,19 @@ class Recorder:
         unpublished rows.
         """
         w = self._writer
-        return {"records": w.records, "rows_written": w.rows_written, "rows_dropped": w.rows_dropped,
-                "failures": w.failures, "files": list(w.published), "queued_bytes": w.queued_bytes,
-                "publish_failures": w.publish_failures, "records_lost": w.records_lost,
-                "buffered_bytes": w.buffered_bytes, "nonfinite": dict(w.nonfinite),
-                "invalid_values": dict(w.invalid_values)}
+        return {
+            "records": w.records,
+            "rows_written": w.rows_written,
+            "rows_dropped": w.rows_dropped,
+            "failures": w.failures,
+            "files": list(w.published),
+            "queued_bytes": w.queued_bytes,
+            "publish_failures": w.publish_failures,
+            "records_lost": w.records_lost,
+            "buffered_bytes": w.buffered_bytes,
+            "nonfinite": dict(w.nonfinite),
+            "invalid_values": dict(w.invalid_values),
+        }
 
     # ---- internals --------------------------------------------------------------------------------
     def _on_step(self, step: int, table: pa.Table) -> None:
@@ -469,18 +512,33 @@ class Recorder:
         w = getattr(self, "_writer", None)
         if w is None:
             return {}
-        return {"rows_written": w.rows_written, "rows_dropped": w.rows_dropped, "publish_failures": w.publish_failures,
-                "records_lost": w.records_lost, "nonfinite": dict(w.nonfinite),
-                "invalid_values": dict(w.invalid_values)}
+        return {
+            "rows_written": w.rows_written,
+            "rows_dropped": w.rows_dropped,
+            "publish_failures": w.publish_failures,
+            "records_lost": w.records_lost,
+            "nonfinite": dict(w.nonfinite),
+            "invalid_values": dict(w.invalid_values),
+        }
 
     def _write_writer_file(self) -> None:
-        runformat.write_writer_file(self.run_dir, self.writer_id, {
-            "writer": self.writer_id, "rank": self.rank, "world_size": self.world_size, "host": os.uname().nodename,
-            "pid": os.getpid(), "started": self._started, "first_step": self._first_step,
-            "schema_version": schema.SCHEMA_VERSION, "config": self.config.to_dict(),
-            "closed": getattr(self, "_closed_at", None),
-            "counters": self._file_counters(),
-        })
+        runformat.write_writer_file(
+            self.run_dir,
+            self.writer_id,
+            {
+                "writer": self.writer_id,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "host": os.uname().nodename,
+                "pid": os.getpid(),
+                "started": self._started,
+                "first_step": self._first_step,
+                "schema_version": schema.SCHEMA_VERSION,
+                "config": self.config.to_dict(),
+                "closed": getattr(self, "_closed_at", None),
+                "counters": self._file_counters(),
+            },
+        )
 
     def _warn_values(self, problems: list[Any]) -> None:
         """Lenient mode: one warning per argument whose values were refused (all are counted in stats)."""
@@ -488,8 +546,12 @@ class Recorder:
             arg = _COLUMN_ARGS.get(p.column, p.column)
             if arg not in self._warned:
                 self._warned.add(arg)
-                warnings.warn(f"rldiag: {arg} {p.message}; counted in Recorder.stats['invalid_values'] and left out "
-                              "(further cases are counted, not warned)", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"rldiag: {arg} {p.message}; counted in Recorder.stats['invalid_values'] and left out "
+                    "(further cases are counted, not warned)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -510,8 +572,12 @@ class Recorder:
         self._closed_at = time.time()
         self._write_writer_file()
         if not done:
-            log.warning("rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be "
-                        "lost", self.run_dir, self._signal_timeout, signum)
+            log.warning(
+                "rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be lost",
+                self.run_dir,
+                self._signal_timeout,
+                signum,
+            )
 
     def _reopen_after_signal(self) -> None:
         """The process went on recording after a signal: the writer file no longer says closed."""
@@ -531,8 +597,12 @@ class Recorder:
             ) from err
         if not self._reported_error:
             self._reported_error = True
-            warnings.warn(f"rldiag writer for {self.run_dir} failed ({w.error_text}); recording continues, "
-                          f"{w.failures} failure(s) so far", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"rldiag writer for {self.run_dir} failed ({w.error_text}); recording continues, "
+                f"{w.failures} failure(s) so far",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _nbytes(x: Any) -> int:
@@ -562,8 +632,11 @@ class Recorder:
                 continue
             kind = _ARGS[name][1]
             shp = shape_of(value)
-            ok = (shp == (B, T) and "BT" in kind) or (shp == (B,) and "B" in kind.split("|")) or (
-                name == "advantages" and shp == (B, 1))
+            ok = (
+                (shp == (B, T) and "BT" in kind)
+                or (shp == (B,) and "B" in kind.split("|"))
+                or (name == "advantages" and shp == (B, 1))
+            )
             if not ok:
                 want = {"BT": f"[{B}, {T}]", "B": f"[{B}]", "B|BT": f"[{B}] or [{B}, {T}]"}[kind]
                 raise ValueError(
@@ -580,17 +653,27 @@ class Recorder:
                 continue
             kind, dtname = _dtype_of(v)
             if kind not in "biuf":
-                want = ("integers" if name in _INTEGER_ARGS else "booleans or 0/1 integers" if name == "mask"
-                        else "floating point numbers")
-                hint = (" (map labels to integers, e.g. np.unique(labels, return_inverse=True)[1])"
-                        if name in _INTEGER_ARGS and kind in "USO" else "")
+                want = (
+                    "integers"
+                    if name in _INTEGER_ARGS
+                    else "booleans or 0/1 integers"
+                    if name == "mask"
+                    else "floating point numbers"
+                )
+                hint = (
+                    " (map labels to integers, e.g. np.unique(labels, return_inverse=True)[1])"
+                    if name in _INTEGER_ARGS and kind in "USO"
+                    else ""
+                )
                 raise TypeError(f"{name} has dtype {dtname}: it must hold {want}{hint}")
             if name in _LOGPROB_ARGS + ("advantages",) and kind != "f":
                 bad.append(f"{name} ({dtname})")
         if not bad:
             return False
-        msg = (f"{', '.join(bad)} must be floating point (log-probabilities and advantages), got an integer "
-               "or boolean dtype")
+        msg = (
+            f"{', '.join(bad)} must be floating point (log-probabilities and advantages), got an integer "
+            "or boolean dtype"
+        )
         if self.config.errors == "strict":
             raise TypeError(msg)
         warnings.warn(msg + "; the record's tokens are counted as invalid", RuntimeWarning, stacklevel=3)
@@ -611,8 +694,10 @@ class Recorder:
             if shape_of(v) == (B, T):
                 keep = ~m if keep is None else keep & ~m
             elif m.any():
-                raise ValueError(f"{name} is a masked array with {int(m.sum())} masked entries: per-sequence "
-                                 "inputs cannot be masked (fill them, or leave those responses out)")
+                raise ValueError(
+                    f"{name} is a masked array with {int(m.sum())} masked entries: per-sequence "
+                    "inputs cannot be masked (fill them, or leave those responses out)"
+                )
             args[name] = np.asarray(v.data)
         if keep is None:
             return
@@ -621,8 +706,9 @@ class Recorder:
             args["mask"] = keep
         elif is_torch(mask):
             if mask.device.type != "cpu":
-                raise TypeError("mask is a device tensor but other inputs are numpy masked arrays: pass the mask "
-                                "as a numpy array")
+                raise TypeError(
+                    "mask is a device tensor but other inputs are numpy masked arrays: pass the mask as a numpy array"
+                )
             args["mask"] = mask.numpy().astype(bool) & keep
         else:
             args["mask"] = (np.asarray(mask) != 0) & keep

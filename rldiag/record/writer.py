@@ -100,16 +100,25 @@ class WriterError(RuntimeError):
     """The writer thread failed (disk full, permission denied...). Files already published are intact."""
 
 
-LOGPROB_COLUMNS = (schema.LOGP, schema.OLD_LOGP, schema.ROLLOUT_LOGP, schema.REF_LOGP, schema.TEACHER_LOGP,
-                   schema.BASE_LOGP)
+LOGPROB_COLUMNS = (
+    schema.LOGP,
+    schema.OLD_LOGP,
+    schema.ROLLOUT_LOGP,
+    schema.REF_LOGP,
+    schema.TEACHER_LOGP,
+    schema.BASE_LOGP,
+)
 """Token columns holding log-probabilities: at most ``RecorderConfig.logp_tolerance``."""
 KERNEL_CHECKED = (schema.LOGP, schema.OLD_LOGP)
 """Log-prob columns whose positive values the statistics kernel itself counts as invalid tokens."""
 ENTROPY_TOLERANCE = 1e-4
 """Entropy (nats) below ``-ENTROPY_TOLERANCE`` is not float rounding: the input is not an entropy."""
 INTEGER_RANGES: dict[str, tuple[int, int]] = {
-    schema.GROUP: (-(2**63), 2**63 - 1), schema.TOKEN_ID: (0, 2**31 - 1), schema.VERSION: (-(2**63), 2**63 - 1),
-    schema.TURN: (-(2**31), 2**31 - 1), schema.STAGE: (-(2**31), 2**31 - 1),
+    schema.GROUP: (-(2**63), 2**63 - 1),
+    schema.TOKEN_ID: (0, 2**31 - 1),
+    schema.VERSION: (-(2**63), 2**63 - 1),
+    schema.TURN: (-(2**31), 2**31 - 1),
+    schema.STAGE: (-(2**31), 2**31 - 1),
 }
 """Integer token columns and the values their stored dtype holds (token ids: a vocabulary index)."""
 
@@ -150,8 +159,14 @@ def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tol
             lo, hi = mask.min(), mask.max()
             if not (lo >= 0 and hi <= 1) or (mask.dtype.kind == "f" and np.count_nonzero((mask != 0) & (mask != 1))):
                 n = int(np.count_nonzero((mask != 0) & (mask != 1)))
-                out.append(ValueProblem("mask", f"must hold 0/1 or booleans, got {n} other values (in [{lo:g}, "
-                                        f"{hi:g}]); pass (weights > 0) as the mask", n))
+                out.append(
+                    ValueProblem(
+                        "mask",
+                        f"must hold 0/1 or booleans, got {n} other values (in [{lo:g}, "
+                        f"{hi:g}]); pass (weights > 0) as the mask",
+                        n,
+                    )
+                )
     for col in LOGPROB_COLUMNS:
         a = arrays.get(col)
         if a is None or not a.size or a.max() <= logp_tolerance:
@@ -161,17 +176,30 @@ def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tol
         n = int(np.count_nonzero(bad))
         if n:
             top = float(a.reshape(B, T)[bad].max())
-            out.append(ValueProblem(col, f"has {n} masked-in values above {logp_tolerance:g} (largest {top:.4g}); "
-                                         "log-probabilities cannot be positive: pass log-probs, not logits or "
-                                         "probabilities", n, bad))
+            out.append(
+                ValueProblem(
+                    col,
+                    f"has {n} masked-in values above {logp_tolerance:g} (largest {top:.4g}); "
+                    "log-probabilities cannot be positive: pass log-probs, not logits or "
+                    "probabilities",
+                    n,
+                    bad,
+                )
+            )
     ent = arrays.get(schema.ENTROPY)
     if ent is not None and ent.size and not ent.min() >= -ENTROPY_TOLERANCE:
         bad = masked_in(ent.reshape(B, T) < -ENTROPY_TOLERANCE)
         n = int(np.count_nonzero(bad))
         if n:
             low = float(ent.reshape(B, T)[bad].min())
-            out.append(ValueProblem(schema.ENTROPY, f"has {n} masked-in negative values (smallest {low:.4g}); an "
-                                                    "entropy is >= 0", n, bad))
+            out.append(
+                ValueProblem(
+                    schema.ENTROPY,
+                    f"has {n} masked-in negative values (smallest {low:.4g}); an entropy is >= 0",
+                    n,
+                    bad,
+                )
+            )
     for col, (lo_ok, hi_ok) in INTEGER_RANGES.items():
         a = arrays.get(col)
         if a is None or not a.size or a.dtype.kind == "b":
@@ -179,9 +207,15 @@ def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tol
         if a.dtype.kind == "f":
             frac = int(np.count_nonzero(a != np.trunc(a)))  # NaN != NaN: counted here too
             if frac:
-                out.append(ValueProblem(col, f"must hold integers, got {frac} fractional or non-finite values "
-                                             f"(e.g. {float(a.reshape(-1)[np.flatnonzero(a != np.trunc(a))[0]])!r})",
-                                        frac, drop=True))
+                out.append(
+                    ValueProblem(
+                        col,
+                        f"must hold integers, got {frac} fractional or non-finite values "
+                        f"(e.g. {float(a.reshape(-1)[np.flatnonzero(a != np.trunc(a))[0]])!r})",
+                        frac,
+                        drop=True,
+                    )
+                )
                 continue
         lo, hi = a.min(), a.max()
         if lo < lo_ok or hi > hi_ok:
@@ -190,8 +224,9 @@ def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tol
     return out
 
 
-def resolve_problems(problems: list[ValueProblem], arrays: dict[str, np.ndarray], *, strict: bool,
-                     names: dict[str, str], where: str) -> tuple[bool, set[str], dict[str, int]]:
+def resolve_problems(
+    problems: list[ValueProblem], arrays: dict[str, np.ndarray], *, strict: bool, names: dict[str, str], where: str
+) -> tuple[bool, set[str], dict[str, int]]:
     """Act on :func:`check_values`' findings: raise (strict), or (lenient) blank per-token problems and tell
     which inputs to leave out and whether the whole record is unusable. Returns (record invalid, columns to
     leave out, {argument: values concerned})."""
@@ -236,18 +271,34 @@ def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dic
             a = np.broadcast_to(a.reshape(B, 1), (B, T))
         cols[name] = a.reshape(-1)[flat]
     tb = kernel.TokenBatch(
-        rec_off=np.array([0, B]), seq_off=np.concatenate([[0], np.cumsum(counts)]), steps=np.array([step]),
-        logp=cols["logp"], old_logp=cols["old_logp"], adv=cols["adv"], pos=flat % T,
-        entropy=cols.get("entropy"), rollout_logp=cols.get("rollout_logp"), ref_logp=cols.get("ref_logp"),
-        version=cols.get("version"), stage=cols.get("stage"), group=cols.get("group"), reward=cols.get("reward"),
+        rec_off=np.array([0, B]),
+        seq_off=np.concatenate([[0], np.cumsum(counts)]),
+        steps=np.array([step]),
+        logp=cols["logp"],
+        old_logp=cols["old_logp"],
+        adv=cols["adv"],
+        pos=flat % T,
+        entropy=cols.get("entropy"),
+        rollout_logp=cols.get("rollout_logp"),
+        ref_logp=cols.get("ref_logp"),
+        version=cols.get("version"),
+        stage=cols.get("stage"),
+        group=cols.get("group"),
+        reward=cols.get("reward"),
         invalid=np.array([job.invalid]),
     )
     return tb, flat, cols
 
 
 def token_table(
-    job: Job, rank: int, seq_base: int, tb: kernel.TokenBatch, flat: np.ndarray, cols: dict[str, np.ndarray],
-    cov: np.ndarray, keep_seq: np.ndarray,
+    job: Job,
+    rank: int,
+    seq_base: int,
+    tb: kernel.TokenBatch,
+    flat: np.ndarray,
+    cols: dict[str, np.ndarray],
+    cov: np.ndarray,
+    keep_seq: np.ndarray,
 ) -> pa.Table:
     """Token rows of the sampled sequences of one record, in (seq, pos) order, all schema columns present."""
     B, T = job.shape
@@ -283,8 +334,14 @@ def token_table(
 class Writer(threading.Thread):
     """Background thread of one :class:`~rldiag.record.recorder.Recorder`."""
 
-    def __init__(self, run_dir: Path, wid: str, rank: int, cfg: RecorderConfig,
-                 on_step: Callable[[int, pa.Table], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        wid: str,
+        rank: int,
+        cfg: RecorderConfig,
+        on_step: Callable[[int, pa.Table], None] | None = None,
+    ) -> None:
         super().__init__(name=f"rldiag-writer-{wid}", daemon=True)
         self.run_dir = storage.location(run_dir)
         self.wid = wid
@@ -408,8 +465,11 @@ class Writer(threading.Thread):
                     self._cv.notify_all()
             if self._should_roll():
                 self._safe(self._publish)
-            elif self._live_dirty and self.live_seconds is not None and (
-                    time.monotonic() >= self._live_at + self.live_seconds):
+            elif (
+                self._live_dirty
+                and self.live_seconds is not None
+                and (time.monotonic() >= self._live_at + self.live_seconds)
+            ):
                 self._write_live()
 
     def _write_live(self) -> None:
@@ -460,8 +520,9 @@ class Writer(threading.Thread):
                 arrays = {k: v.get() for k, v in job.inputs.items()}
                 where = f"the record at step {job.step} (micro {job.micro})"
                 problems = check_values(arrays, job.shape, self.cfg.logp_tolerance)
-                bad, drop, counts = resolve_problems(problems, arrays, strict=self.cfg.errors == "strict",
-                                                     names=self.arg_names, where=where)
+                bad, drop, counts = resolve_problems(
+                    problems, arrays, strict=self.cfg.errors == "strict", names=self.arg_names, where=where
+                )
                 job.invalid |= bad
                 for col in drop:
                     job.inputs.pop(col, None)
@@ -475,8 +536,14 @@ class Writer(threading.Thread):
             dropped = 0
             written = 0
         B = job.shape[0]
-        self.count(self.nonfinite, {self.arg_names.get(k, k): int(np.count_nonzero(~np.isfinite(c)))
-                                    for k, c in cols.items() if c.dtype.kind == "f"})
+        self.count(
+            self.nonfinite,
+            {
+                self.arg_names.get(k, k): int(np.count_nonzero(~np.isfinite(c)))
+                for k, c in cols.items()
+                if c.dtype.kind == "f"
+            },
+        )
         n_bad = stats.scalars[0, kernel.SCALARS.index("n_invalid")]
         if self.cfg.errors == "strict" and n_bad > 0:
             raise ValueError(
@@ -519,8 +586,8 @@ class Writer(threading.Thread):
         if self._failing and time.monotonic() < self._retry_at:
             return False
         return (
-            (self.live_seconds is not None and sum(t.nbytes for t in self._stats_parts) > LIVE_MAX_BYTES) or
-            len(self._buffer_steps) >= self.cfg.roll_steps
+            (self.live_seconds is not None and sum(t.nbytes for t in self._stats_parts) > LIVE_MAX_BYTES)
+            or len(self._buffer_steps) >= self.cfg.roll_steps
             or self._buffer_rows >= self.cfg.roll_rows
             or (self._oldest is not None and time.monotonic() - self._oldest >= self.cfg.roll_seconds)
         )

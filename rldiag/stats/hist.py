@@ -29,9 +29,7 @@ RELATIVE_ERROR: Final[float] = 2.0 ** (1.0 / (2 * BINS_PER_OCTAVE)) - 1.0
 
 _MAG_EDGES = 2.0 ** (np.arange(MIN_EXP * BINS_PER_OCTAVE, MAX_EXP * BINS_PER_OCTAVE + 1) / BINS_PER_OCTAVE)
 # Representative value of each magnitude bin: geometric midpoint; underflow and overflow get a fixed value.
-_MAG_MID = np.concatenate(
-    [[2.0 ** (MIN_EXP - 1)], np.sqrt(_MAG_EDGES[:-1] * _MAG_EDGES[1:]), [2.0 ** (MAX_EXP + 0.5)]]
-)
+_MAG_MID = np.concatenate([[2.0 ** (MIN_EXP - 1)], np.sqrt(_MAG_EDGES[:-1] * _MAG_EDGES[1:]), [2.0 ** (MAX_EXP + 0.5)]])
 _SIGNED_MID = np.concatenate([-_MAG_MID[::-1], _MAG_MID])
 
 
@@ -40,8 +38,9 @@ _SIGNED_MID = np.concatenate([-_MAG_MID[::-1], _MAG_MID])
 # mantissa give it up to one edge (no 1/1024-wide slice of [1, 2) holds two edges), and one comparison with
 # the next edge 2**((j+1)/8) settles it.
 MANT_BITS: Final[int] = 10
-MANT_BIN: Final[np.ndarray] = np.floor(
-    BINS_PER_OCTAVE * np.log2(1.0 + np.arange(2**MANT_BITS) / 2**MANT_BITS)).astype(np.int64)
+MANT_BIN: Final[np.ndarray] = np.floor(BINS_PER_OCTAVE * np.log2(1.0 + np.arange(2**MANT_BITS) / 2**MANT_BITS)).astype(
+    np.int64
+)
 """Bin inside the octave of the mantissa slice [1 + i/1024, 1 + (i+1)/1024), up to the edge test."""
 OCTAVE_EDGES: Final[np.ndarray] = 2.0 ** (np.arange(BINS_PER_OCTAVE + 2) / BINS_PER_OCTAVE)
 """Edges 2**(j/8) of the bins inside an octave (the doubles nearest them)."""

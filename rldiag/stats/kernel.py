@@ -88,8 +88,12 @@ _DECLS: Final[tuple[StatDecl, ...]] = (
     StatDecl("max_gspo", "max", "largest s_i"),
     StatDecl("n_gspo_clip", "sum", "sequences outside the GSPO sequence clip (eps_low, eps_high)", True),
     StatDecl("max_cum_abs", "max", "largest |L_t|, L_t the cumulative lr within a sequence"),
-    StatDecl("n_ctpo_clip", "sum", "tokens whose gradient CTPO's clip removes (adv > 0 and L_t above its bound, "
-             "or adv < 0 and L_t below)", True),
+    StatDecl(
+        "n_ctpo_clip",
+        "sum",
+        "tokens whose gradient CTPO's clip removes (adv > 0 and L_t above its bound, or adv < 0 and L_t below)",
+        True,
+    ),
     StatDecl("n_minprefix", "sum", "tokens with an earlier valid token in their sequence"),
     StatDecl("n_ref", "sum", "valid tokens with a finite ref_logp"),
     StatDecl("s_ref_k3", "sum", "sum of exp(x) - x - 1, x = ref_logp - logp"),
@@ -121,9 +125,7 @@ STATS: Final[dict[str, StatDecl]] = {d.name: d for d in _DECLS}
 
 SCALARS: Final[tuple[str, ...]] = tuple(d.name for d in _DECLS if d.merge in ("sum", "min", "max", "lse"))
 HISTS: Final[dict[str, int]] = {
-    d.name: (hist.N_SIGNED if d.merge == "hist_signed" else hist.N_MAG)
-    for d in _DECLS
-    if d.merge.startswith("hist")
+    d.name: (hist.N_SIGNED if d.merge == "hist_signed" else hist.N_MAG) for d in _DECLS if d.merge.startswith("hist")
 }
 VECTORS: Final[tuple[str, ...]] = tuple(d.name for d in _DECLS if d.merge == "vec_sum")
 SETS: Final[tuple[str, ...]] = tuple(d.name for d in _DECLS if d.merge == "set")
@@ -220,8 +222,30 @@ def _expm1(x: float) -> float:  # pragma: no cover - compiled
     kf = (xc * _INV_LN2 + _ROUND) - _ROUND
     r = (xc - kf * _LN2_HI) - kf * _LN2_LO
     c = _EXPM1_COEF
-    p = r * (c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * (c[5] + r * (c[6] + r * (c[7] + r * (
-        c[8] + r * (c[9] + r * (c[10] + r * (c[11] + r * c[12]))))))))))))
+    p = r * (
+        c[0]
+        + r
+        * (
+            c[1]
+            + r
+            * (
+                c[2]
+                + r
+                * (
+                    c[3]
+                    + r
+                    * (
+                        c[4]
+                        + r
+                        * (
+                            c[5]
+                            + r * (c[6] + r * (c[7] + r * (c[8] + r * (c[9] + r * (c[10] + r * (c[11] + r * c[12]))))))
+                        )
+                    )
+                )
+            )
+        )
+    )
     two_k = np.int64((np.int64(kf) + 1023) << 52).view(np.float64)
     out = (two_k - 1.0) + two_k * p
     out = np.inf if x > _EXP_OVERFLOW else out  # type: ignore[assignment]
@@ -285,6 +309,8 @@ def _top_positive_sum(vals, m, k):  # pragma: no cover - compiled
 # results that changed with the arrays' addresses). Only the sequence scan (cumulative log-ratio, prefix
 # minimum, histogram increments, bucket sums) is serial.
 W: Final[int] = 8
+
+
 def _lane(**extra: Any) -> Any:
     """``numba.njit`` with the options of every kernel loop (``inline="always"`` for the small named passes)."""
     return numba.njit(nogil=True, cache=True, error_model="numpy", **extra)
@@ -578,8 +604,31 @@ def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
 
 
 @_lane(inline="always")
-def _scan_pass(seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
-               h_lr, h_min, bk, L_s, seq_L, seq_len, seq_A, seq_flag):  # pragma: no cover - compiled
+def _scan_pass(
+    seq_off,
+    s0,
+    s1,
+    t0,
+    ok_s,
+    lr_s,
+    a_s,
+    rm1_s,
+    bin_s,
+    pos,
+    stage,
+    has_stage,
+    btab,
+    nb,
+    want_hist,
+    h_lr,
+    h_min,
+    bk,
+    L_s,
+    seq_L,
+    seq_len,
+    seq_A,
+    seq_flag,
+):  # pragma: no cover - compiled
     """The serial scan over a record's sequences, in token order: the cumulative log-ratio L_s, the
     histograms of lr (bins in bin_s) and of its exclusive prefix minimum, the bucket sums ``bk`` (by stage
     or by position through ``btab``), each sequence's total log-ratio, length and advantage sum, and the
@@ -698,8 +747,30 @@ def _covariance_pass(m, ok_s, lp, t0, a_s, n, band_lo, band_hi, top_frac, c_s, r
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, pos, flags, cfg,
-            S, H_lr, H_ent, H_absd, H_min, BK, cov_out, seq_flag):  # pragma: no cover - compiled
+def _kernel(
+    rec_off,
+    seq_off,
+    steps,
+    lp,
+    olp,
+    adv,
+    ent,
+    roll,
+    ref,
+    ver,
+    stage,
+    pos,
+    flags,
+    cfg,
+    S,
+    H_lr,
+    H_ent,
+    H_absd,
+    H_min,
+    BK,
+    cov_out,
+    seq_flag,
+):  # pragma: no cover - compiled
     """The statistics of every record: the passes above, in order, on the record's tokens.
 
     ``flags`` holds the :data:`FLAGS` (which optional inputs are present, which outputs are wanted), ``cfg``
@@ -764,12 +835,33 @@ def _kernel(rec_off, seq_off, steps, lp, olp, adv, ent, roll, ref, ver, stage, p
         seq_len = np.zeros(s1 - s0)
         seq_A = np.zeros(s1 - s0)
         row[I_NSEQV], row[I_NMINP] = _scan_pass(
-            seq_off, s0, s1, t0, ok_s, lr_s, a_s, rm1_s, bin_s, pos, stage, has_stage, btab, nb, want_hist,
-            H_lr[R], H_min[R], BK[R], L_s, seq_L, seq_len, seq_A, seq_flag)
+            seq_off,
+            s0,
+            s1,
+            t0,
+            ok_s,
+            lr_s,
+            a_s,
+            rm1_s,
+            bin_s,
+            pos,
+            stage,
+            has_stage,
+            btab,
+            nb,
+            want_hist,
+            H_lr[R],
+            H_min[R],
+            BK[R],
+            L_s,
+            seq_L,
+            seq_len,
+            seq_A,
+            seq_flag,
+        )
         row[I_MCUM], row[I_CTPO] = _cum_pass(m, L_s, a_s, pos, t0, cfg[C_CTPO_A], cfg[C_CTPO_B])
         _sequence_pass(seq_L, seq_len, seq_A, lo_thr, hi_thr, row)
-        _covariance_pass(m, ok_s, lp, t0, a_s, n, cfg[C_COV_BAND_LO], cfg[C_COV_BAND_HI], cfg[C_COV_TOP_FRAC],
-                         c_s, row)
+        _covariance_pass(m, ok_s, lp, t0, a_s, n, cfg[C_COV_BAND_LO], cfg[C_COV_BAND_HI], cfg[C_COV_TOP_FRAC], c_s, row)
         if want_cov:
             for j in range(m):
                 cov_out[t0 + j] = c_s[j]
@@ -883,20 +975,39 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
     want_cov = cov
     cov_out = np.full(n_tok if cov else 0, np.nan)
     seq_flag = np.zeros((n_seq, 3), dtype=np.uint8)
-    present = {"entropy": batch.entropy is not None, "rollout": batch.rollout_logp is not None,
-               "ref": batch.ref_logp is not None, "version": batch.version is not None,
-               "stage": batch.stage is not None, "hists": hists, "cov": want_cov}
+    present = {
+        "entropy": batch.entropy is not None,
+        "rollout": batch.rollout_logp is not None,
+        "ref": batch.ref_logp is not None,
+        "version": batch.version is not None,
+        "stage": batch.stage is not None,
+        "hists": hists,
+        "cov": want_cov,
+    }
     flags = np.array([present[f] for f in FLAGS], dtype=np.int64)
     _kernel(
         np.ascontiguousarray(batch.rec_off, dtype=np.int64),
         np.ascontiguousarray(batch.seq_off, dtype=np.int64),
         np.ascontiguousarray(batch.steps, dtype=np.int64),
-        _f32(batch.logp), _f32(batch.old_logp), _f32(batch.adv), _f32(batch.entropy),
-        _f32(batch.rollout_logp), _f32(batch.ref_logp),
+        _f32(batch.logp),
+        _f32(batch.old_logp),
+        _f32(batch.adv),
+        _f32(batch.entropy),
+        _f32(batch.rollout_logp),
+        _f32(batch.ref_logp),
         _EMPTY_I if batch.version is None else np.ascontiguousarray(batch.version, dtype=np.int64),
         _EMPTY_I if batch.stage is None else np.ascontiguousarray(batch.stage, dtype=np.int64),
         np.ascontiguousarray(batch.pos, dtype=np.int32),
-        flags, config_array(cfg), S, H["h_lr"], H["h_ent"], H["h_absd"], H["h_minprefix"], BK, cov_out, seq_flag,
+        flags,
+        config_array(cfg),
+        S,
+        H["h_lr"],
+        H["h_ent"],
+        H["h_absd"],
+        H["h_minprefix"],
+        BK,
+        cov_out,
+        seq_flag,
     )
     seq_rec = np.repeat(np.arange(n_rec), np.diff(batch.rec_off))
     # rewards: over sequences with at least one masked-in token
@@ -943,8 +1054,12 @@ def _split_unique(rec: np.ndarray, vals: np.ndarray, n_rec: int) -> list[np.ndar
 def warmup() -> None:
     """Compile the kernel (cached on disk after the first process) on a tiny batch."""
     b = TokenBatch(
-        rec_off=np.array([0, 1]), seq_off=np.array([0, 2]), steps=np.array([0]),
-        logp=np.array([-1.0, -2.0]), old_logp=np.array([-1.0, -2.1]), adv=np.array([1.0, 1.0]),
+        rec_off=np.array([0, 1]),
+        seq_off=np.array([0, 2]),
+        steps=np.array([0]),
+        logp=np.array([-1.0, -2.0]),
+        old_logp=np.array([-1.0, -2.1]),
+        adv=np.array([1.0, 1.0]),
         pos=np.array([0, 1]),
     )
     compute(b, RecorderConfig())

@@ -55,7 +55,10 @@ def _int_lists(lists: list[np.ndarray]) -> pa.Array:
 
 
 def to_table(
-    stats: BatchStats, steps: np.ndarray, ranks: np.ndarray, micros: np.ndarray,
+    stats: BatchStats,
+    steps: np.ndarray,
+    ranks: np.ndarray,
+    micros: np.ndarray,
     overrides: dict[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Statistics of records as a table with :data:`STATS_SCHEMA` (``overrides`` replaces scalar columns)."""

@@ -75,8 +75,9 @@ def _policy(cfg: ToyConfig) -> Any:
             super().__init__()
             self.prompt = nn.Embedding(cfg.vocab, cfg.hidden)
             self.pos = nn.Embedding(cfg.length, cfg.hidden)
-            self.mlp = nn.Sequential(nn.Tanh(), nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(),
-                                     nn.Linear(cfg.hidden, cfg.vocab))
+            self.mlp = nn.Sequential(
+                nn.Tanh(), nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, cfg.vocab)
+            )
 
         def forward(self, prompts: torch.Tensor) -> torch.Tensor:
             """Logits [B, length, vocab] of every response position for prompts [B]."""
@@ -133,10 +134,17 @@ def train(run_dir: str | Path, cfg: ToyConfig, *, alerts: Any = None) -> list[di
                     loss.backward()
                     opt.step()
                     if epoch == cfg.epochs - 1:
-                        rec.record(step=step, logprobs=logp.detach(), old_logprobs=old_logp[idx],
-                                   advantages=adv[idx], entropy=entropy.detach(), group_ids=groups[idx],
-                                   rollout_logprobs=rollout_logp[idx],
-                                   rewards=rewards[idx], token_ids=actions[idx])
+                        rec.record(
+                            step=step,
+                            logprobs=logp.detach(),
+                            old_logprobs=old_logp[idx],
+                            advantages=adv[idx],
+                            entropy=entropy.detach(),
+                            group_ids=groups[idx],
+                            rollout_logprobs=rollout_logp[idx],
+                            rewards=rewards[idx],
+                            token_ids=actions[idx],
+                        )
             log.append({"step": step, "reward": float(rewards.mean()), "entropy": float(entropy.detach().mean())})
     return log
 
@@ -171,17 +179,22 @@ def measure(out: str | Path, seeds: int = 5, steps: int | None = None) -> dict[s
                 if n.event == "firing":
                     fires.setdefault(n.rule, []).append(n.step)
             entropy = metrics["entropy/mean"].to_list()
-            result[run_dir.name] = {"kind": name, "seed": seed, "steps": len(entropy),
-                                    "collapse": collapse_step(entropy), "fires": fires,
-                                    "final_entropy": entropy[-1], "first_entropy": entropy[0]}
+            result[run_dir.name] = {
+                "kind": name,
+                "seed": seed,
+                "steps": len(entropy),
+                "collapse": collapse_step(entropy),
+                "fires": fires,
+                "final_entropy": entropy[-1],
+                "first_entropy": entropy[0],
+            }
     return result
 
 
 def report(result: dict[str, Any]) -> str:
     """Markdown tables: lead time per rule on the collapsing runs, firing episodes on the healthy ones."""
     rules = sorted({r for v in result.values() for r in v["fires"]})
-    lines = ["| run | collapse step | " + " | ".join(f"`{r}`" for r in rules) + " |",
-             "|---|---|" + "---|" * len(rules)]
+    lines = ["| run | collapse step | " + " | ".join(f"`{r}`" for r in rules) + " |", "|---|---|" + "---|" * len(rules)]
     for name, v in result.items():
         cells = []
         for r in rules:

@@ -97,8 +97,9 @@ class Receiver:
                     self.end_headers()
                     return
                 with receiver.cond:
-                    receiver.received.append({"path": self.path, "headers": dict(self.headers),
-                                              "json": json.loads(body)})
+                    receiver.received.append(
+                        {"path": self.path, "headers": dict(self.headers), "json": json.loads(body)}
+                    )
                     receiver.cond.notify_all()
                 self.send_response(204)
                 self.end_headers()
@@ -193,9 +194,16 @@ class Alertmanager:
         cfg.write_text("route:\n  receiver: blackhole\n  group_wait: 1s\nreceivers:\n  - name: blackhole\n")
         self.log = open(tmp / "alertmanager.log", "wb")
         self.proc = subprocess.Popen(
-            [ALERTMANAGER, f"--config.file={cfg}", f"--storage.path={tmp / 'am-data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                ALERTMANAGER,
+                f"--config.file={cfg}",
+                f"--storage.path={tmp / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_http(f"{self.url}/-/ready", self.proc)
 
     @property

@@ -48,8 +48,10 @@ def test_entropy_collapse_decay_warns_early_then_critical() -> None:
 def test_entropy_collapse_low_frac_alone() -> None:
     f = with_values(healthy_frame(), "entropy/low_frac", {80: 0.95, 81: 0.85, 82: 0.7})
     evs = Engine(default_rules()).update(f, now=0.0)
-    assert [(n.rule, n.event, n.step) for n in evs] == [("entropy_collapse", "firing", 80),
-                                                       ("entropy_collapse", "resolved", 82)]
+    assert [(n.rule, n.event, n.step) for n in evs] == [
+        ("entropy_collapse", "firing", 80),
+        ("entropy_collapse", "resolved", 82),
+    ]
 
 
 def test_entropy_collapse_early_needs_positive_cov() -> None:
@@ -60,8 +62,9 @@ def test_entropy_collapse_early_needs_positive_cov() -> None:
     assert "entropy_collapse_early" not in fired(f)
 
 
-@pytest.mark.parametrize("metric, bad", [("ratio/logabs_p999", math.log(10) + 0.5), ("ratio/tail_alpha", 1.5),
-                                         ("ratio/m2", 0.2)])
+@pytest.mark.parametrize(
+    "metric, bad", [("ratio/logabs_p999", math.log(10) + 0.5), ("ratio/tail_alpha", 1.5), ("ratio/m2", 0.2)]
+)
 def test_ratio_tail_two_of_three(metric: str, bad: float) -> None:
     assert fired(with_values(healthy_frame(), metric, {70: bad})) == {}  # one outlier step
     assert fired(with_values(healthy_frame(), metric, {70: bad, 72: bad})) == {"ratio_tail": [72]}
@@ -74,8 +77,10 @@ def test_ratio_tail_mixed_conditions_count_together() -> None:
 
 def test_ess_two_levels() -> None:
     assert fired(with_values(healthy_frame(), "ess/token", {40: 0.85})) == {"ess_collapse": [40]}
-    assert fired(with_values(healthy_frame(), "ess/token", {40: 0.4})) == {"ess_collapse": [40],
-                                                                          "ess_collapse_critical": [40]}
+    assert fired(with_values(healthy_frame(), "ess/token", {40: 0.4})) == {
+        "ess_collapse": [40],
+        "ess_collapse_critical": [40],
+    }
 
 
 def test_clip_spike_fixed_and_relative() -> None:
@@ -94,27 +99,32 @@ def test_kl_two_levels() -> None:
 def test_mismatch_drift() -> None:
     assert fired(with_values(healthy_frame(), "mismatch/tis_frac", {100: 0.02})) == {"mismatch_drift": [100]}
     flat = {95 + i: 2e-4 for i in range(5)}  # a level, then five rises in a row (x1.2 each: +149%)
-    rising = flat | {100 + i: 2e-4 * 1.2 ** i for i in range(6)}
+    rising = flat | {100 + i: 2e-4 * 1.2**i for i in range(6)}
     assert fired(with_values(healthy_frame(), "mismatch/k3", rising)) == {"mismatch_drift": [105]}
-    four = flat | {100 + i: 2e-4 * 1.2 ** i for i in range(5)}
+    four = flat | {100 + i: 2e-4 * 1.2**i for i in range(5)}
     assert fired(with_values(healthy_frame(), "mismatch/k3", four)) == {}
     # the same relative rise at a negligible level is noise
-    tiny = {95 + i: 2e-6 for i in range(5)} | {100 + i: 2e-6 * 1.2 ** i for i in range(6)}
+    tiny = {95 + i: 2e-6 for i in range(5)} | {100 + i: 2e-6 * 1.2**i for i in range(6)}
     assert fired(with_values(healthy_frame(), "mismatch/k3", tiny)) == {}
 
 
 def test_dead_groups_two_levels() -> None:
     assert fired(with_values(healthy_frame(), "group/nonzero_frac", {20: 0.45})) == {"dead_groups": [20]}
     assert fired(with_values(healthy_frame(), "group/nonzero_frac", {20: 0.2})) == {
-        "dead_groups": [20], "dead_groups_critical": [20]}
+        "dead_groups": [20],
+        "dead_groups_critical": [20],
+    }
 
 
 def test_negative_dominance_warn_and_critical_for_3() -> None:
     assert fired(with_values(healthy_frame(), "balance/pos_share", {20: 0.35})) == {"negative_dominance": [20]}
     assert fired(with_values(healthy_frame(), "balance/pos_share", {20: 0.25, 21: 0.25})) == {
-        "negative_dominance": [20]}
+        "negative_dominance": [20]
+    }
     assert fired(with_values(healthy_frame(), "balance/pos_share", {20: 0.25, 21: 0.25, 22: 0.25})) == {
-        "negative_dominance": [20], "negative_dominance_critical": [22]}
+        "negative_dominance": [20],
+        "negative_dominance_critical": [22],
+    }
 
 
 def test_stalled_run() -> None:

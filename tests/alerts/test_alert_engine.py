@@ -16,8 +16,9 @@ NAN = math.nan
 
 
 def frame(metric: str, values: list[float], start: int = 0) -> pl.DataFrame:
-    return pl.DataFrame({"step": list(range(start, start + len(values))), metric: values},
-                        schema={"step": pl.Int64, metric: pl.Float64})
+    return pl.DataFrame(
+        {"step": list(range(start, start + len(values))), metric: values}, schema={"step": pl.Int64, metric: pl.Float64}
+    )
 
 
 def one(rule: Rule, repeat: float = 3600.0) -> Engine:
@@ -72,10 +73,15 @@ def test_k_of_n_and_its_resolve_span() -> None:
     assert events(eng2, "kl/k3", [0, 2, 0, 0, 2, 0, 0]) == []
 
 
-@pytest.mark.parametrize("op, values, expected", [
-    (">", [1.0, 1.5], [("firing", 1)]), (">=", [0.5, 1.0], [("firing", 1)]),
-    ("<", [1.0, 0.5], [("firing", 1)]), ("<=", [1.5, 1.0], [("firing", 1)]),
-])
+@pytest.mark.parametrize(
+    "op, values, expected",
+    [
+        (">", [1.0, 1.5], [("firing", 1)]),
+        (">=", [0.5, 1.0], [("firing", 1)]),
+        ("<", [1.0, 0.5], [("firing", 1)]),
+        ("<=", [1.5, 1.0], [("firing", 1)]),
+    ],
+)
 def test_operators(op: str, values: list[float], expected: list[tuple[str, int]]) -> None:
     assert events(one(Rule("r", (thr(op=op),))), "kl/k3", values) == expected
 
@@ -140,12 +146,16 @@ def test_compound_any_and_all() -> None:
     f = pl.DataFrame({"step": [0, 1, 2, 3, 4], "kl/k3": [0, 0, 2, 0, 0], "clip/region": [0.6, 0, 0.6, 0.6, 0]})
     any_ = one(Rule("r", (a, b), match="any"))
     assert [(n.event, n.step, n.metric) for n in any_.update(f, now=0)] == [
-        ("firing", 2, "kl/k3"), ("resolved", 4, "kl/k3")]
+        ("firing", 2, "kl/k3"),
+        ("resolved", 4, "kl/k3"),
+    ]
     all_ = one(Rule("r", (a, b), match="all"))
     assert all_.update(f, now=0) == []
     f2 = f.with_columns(pl.Series("kl/k3", [0.0, 0, 2, 2, 0]))
     assert [(n.event, n.step) for n in one(Rule("r", (a, b), match="all")).update(f2, now=0)] == [
-        ("firing", 3), ("resolved", 4)]
+        ("firing", 3),
+        ("resolved", 4),
+    ]
     # all-of with one condition missing is not evaluated
     f3 = f2.with_columns(pl.Series("clip/region", [NAN] * 5))
     assert one(Rule("r", (a, b), match="all")).update(f3, now=0) == []
@@ -165,18 +175,40 @@ def test_advance_is_pure() -> None:
 
 
 def test_notification_fields() -> None:
-    rule = Rule("kl", (thr(threshold=0.015, resolve=0.01),), severity="critical", summary="k3 {value:.3f} > {threshold}",
-                doc="why", source="where", group="kl", labels={"team": "rl"})
+    rule = Rule(
+        "kl",
+        (thr(threshold=0.015, resolve=0.01),),
+        severity="critical",
+        summary="k3 {value:.3f} > {threshold}",
+        doc="why",
+        source="where",
+        group="kl",
+        labels={"team": "rl"},
+    )
     eng = one(rule)
     (n,) = eng.update(frame("kl/k3", [0.0, 0.02]), now=123.0)
     assert (n.event, n.status, n.rule, n.severity, n.step, n.start_step) == ("firing", "firing", "kl", "critical", 1, 1)
-    assert (n.value, n.metric, n.threshold, n.starts_at, n.ends_at, n.time) == (0.02, "kl/k3", 0.015, 123.0, None, 123.0)
+    assert (n.value, n.metric, n.threshold, n.starts_at, n.ends_at, n.time) == (
+        0.02,
+        "kl/k3",
+        0.015,
+        123.0,
+        None,
+        123.0,
+    )
     assert n.summary == "k3 0.020 > 0.015"
     assert n.labels == {"alertname": "kl", "severity": "critical", "run": "t", "group": "kl", "team": "rl"}
     assert n.annotations["description"] == "why" and n.annotations["source"] == "where"
     assert len(n.fingerprint) == 16 and n.fingerprint == eng.fingerprint("kl")
     (r,) = eng.update(frame("kl/k3", [0.0], start=2), now=130.0)
-    assert (r.event, r.status, r.starts_at, r.ends_at, r.start_step, r.step) == ("resolved", "resolved", 123.0, 130.0, 1, 2)
+    assert (r.event, r.status, r.starts_at, r.ends_at, r.start_step, r.step) == (
+        "resolved",
+        "resolved",
+        123.0,
+        130.0,
+        1,
+        2,
+    )
     assert r.fingerprint == n.fingerprint and r.summary.startswith("resolved at step 2")
     assert Notification.from_json(r.to_json()) == r
 
@@ -200,7 +232,13 @@ def test_repeat_interval_while_firing() -> None:
 
 
 def test_stall_fires_nodata_and_resolves() -> None:
-    rules = RuleSet((Rule("r", (thr(),)), Rule("q", (Condition("clip/region", op=">", threshold=1.0),)), Rule("stalled", kind="stall", stall_after=600.0)))
+    rules = RuleSet(
+        (
+            Rule("r", (thr(),)),
+            Rule("q", (Condition("clip/region", op=">", threshold=1.0),)),
+            Rule("stalled", kind="stall", stall_after=600.0),
+        )
+    )
     eng = Engine(rules, run="t")
     assert eng.tick(0.0) == []  # no step yet: not stalled
     eng.update(pl.DataFrame({"step": [0, 1], "kl/k3": [0.0, 2.0], "clip/region": [0.0, 0.0]}), now=1000.0)
@@ -233,9 +271,14 @@ def test_closed_run_never_stalls_and_close_resolves_stall() -> None:
 
 series_st = st.lists(st.one_of(st.floats(-1.0, 3.0), st.just(NAN)), min_size=1, max_size=80)
 rule_st = st.builds(
-    lambda f, extra, keep, res: Rule("r", (thr(threshold=1.0, resolve=res),), for_=f, within=f + extra,
-                                     keep_firing_for=keep),
-    st.integers(1, 4), st.integers(0, 2), st.integers(0, 3), st.sampled_from([None, 0.8, 0.5]))
+    lambda f, extra, keep, res: Rule(
+        "r", (thr(threshold=1.0, resolve=res),), for_=f, within=f + extra, keep_firing_for=keep
+    ),
+    st.integers(1, 4),
+    st.integers(0, 2),
+    st.integers(0, 3),
+    st.sampled_from([None, 0.8, 0.5]),
+)
 
 
 def key(evs: list[Notification]) -> list[tuple[object, ...]]:
@@ -252,7 +295,7 @@ def test_batching_and_reevaluation_do_not_change_events(rule: Rule, values: list
     got = []
     i = 0
     for c in cuts * (len(values) // max(1, sum(cuts)) + 1):
-        got += stepwise.update(frame("kl/k3", values[i:i + c], start=i), now=0.0)
+        got += stepwise.update(frame("kl/k3", values[i : i + c], start=i), now=0.0)
         i += c
         if i >= len(values):
             break
@@ -280,8 +323,9 @@ def test_restart_from_history_resumes_without_renotifying(rule: Rule, values: li
 
 
 def test_restart_keeps_repeat_schedule_and_stall() -> None:
-    rules = RuleSet((Rule("r", (thr(),)), Rule("stalled", kind="stall", stall_after=60.0)),
-                    Settings(repeat_interval=100.0))
+    rules = RuleSet(
+        (Rule("r", (thr(),)), Rule("stalled", kind="stall", stall_after=60.0)), Settings(repeat_interval=100.0)
+    )
     a = Engine(rules, run="t")
     hist = a.update(frame("kl/k3", [2.0]), now=0.0) + a.tick(70.0) + a.tick(100.0)
     assert [(n.rule, n.event) for n in hist] == [("r", "firing"), ("stalled", "firing"), ("r", "repeat")]
@@ -298,8 +342,11 @@ def test_restart_keeps_repeat_schedule_and_stall() -> None:
 def test_backfill_marks_finished_episodes_as_replay() -> None:
     eng = one(Rule("r", (thr(),)))
     evs = eng.update(frame("kl/k3", [2, 0, 0, 2]), now=0.0, backfill=True)
-    assert [(n.event, n.step, n.replay) for n in evs] == [("firing", 0, True), ("resolved", 1, True),
-                                                         ("firing", 3, False)]
+    assert [(n.event, n.step, n.replay) for n in evs] == [
+        ("firing", 0, True),
+        ("resolved", 1, True),
+        ("firing", 3, False),
+    ]
 
 
 # ---------------------------------------------------------------- no flapping (property)
@@ -319,9 +366,9 @@ def test_hysteresis_and_for_prevent_flapping(rule: Rule, values: list[float]) ->
     for ev in evs:
         t = ev.step
         if ev.event == "firing":  # at least `for` of the last `within` values were above the fire threshold
-            assert sum(v > fire for v in values[max(0, t - n + 1):t + 1]) >= k
+            assert sum(v > fire for v in values[max(0, t - n + 1) : t + 1]) >= k
         else:  # the last clear_steps values were all on the good side of the resolve threshold
-            window = values[t - rule.clear_steps + 1:t + 1]
+            window = values[t - rule.clear_steps + 1 : t + 1]
             assert len(window) == rule.clear_steps and all(v <= res for v in window)
     # between a resolve and the next fire there are at least `for` steps
     for a, b in zip(evs, evs[1:]):

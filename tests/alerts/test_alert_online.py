@@ -57,8 +57,9 @@ STALL = Rule("stalled", kind="stall", stall_after=600.0)
 
 def test_observe_is_evaluated_in_the_background(tmp_path: Path, clock: Clock) -> None:
     col = Collect()
-    alerts = OnlineAlerts(RuleSet((KL,)), [col, JsonlSink(tmp_path / "alerts.jsonl")], tmp_path, clock=clock,
-                          resume=False)
+    alerts = OnlineAlerts(
+        RuleSet((KL,)), [col, JsonlSink(tmp_path / "alerts.jsonl")], tmp_path, clock=clock, resume=False
+    )
     for step, v in enumerate([0.0, 0.1, 0.1, 0.0]):
         alerts.observe(step, {"kl/k3": v, "unused": 1.0})
     assert alerts.flush(30.0)
@@ -73,8 +74,9 @@ def test_observe_is_evaluated_in_the_background(tmp_path: Path, clock: Clock) ->
 
 def test_stall_and_repeat_from_the_tick_thread(clock: Clock) -> None:
     col = Collect()
-    alerts = OnlineAlerts(RuleSet((KL, STALL), Settings(repeat_interval=3600.0)), [col], clock=clock,
-                          tick_interval=0.01)
+    alerts = OnlineAlerts(
+        RuleSet((KL, STALL), Settings(repeat_interval=3600.0)), [col], clock=clock, tick_interval=0.01
+    )
     alerts.observe(0, {"kl/k3": 0.1})
     assert col.wait_for(lambda g: len(g) == 1)
     clock.advance(600.0)
@@ -137,8 +139,9 @@ def test_make_online_alerts_forms(tmp_path: Path) -> None:
     b = make_online_alerts(str(rules), tmp_path / "b")
     assert b is not None and b.rules.names == ("x",)
     b.close()
-    c = make_online_alerts(AlertConfig(rules=[KL], console=False, stop_on=("critical",),
-                                       webhooks="http://127.0.0.1:9/x"), tmp_path / "c")
+    c = make_online_alerts(
+        AlertConfig(rules=[KL], console=False, stop_on=("critical",), webhooks="http://127.0.0.1:9/x"), tmp_path / "c"
+    )
     assert c is not None and [s.name for s in c.notifier.sinks] == ["jsonl", "webhook", "stop"]
     c.close(timeout=0.1)
     d = OnlineAlerts(RuleSet((KL,)), [])
@@ -152,8 +155,15 @@ def test_make_online_alerts_forms(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- wired into a real Recorder
 
 
-def record_steps(rec: rldiag.Recorder, steps: range, *, spike: set[int] = frozenset(), entropy: float = 1.5,
-                 seed: int = 0, micro: int = 2) -> None:
+def record_steps(
+    rec: rldiag.Recorder,
+    steps: range,
+    *,
+    spike: set[int] = frozenset(),
+    entropy: float = 1.5,
+    seed: int = 0,
+    micro: int = 2,
+) -> None:
     rng = np.random.default_rng(seed)
     for s in steps:
         for _ in range(micro):
@@ -205,7 +215,9 @@ def test_resumed_run_replays_disk_for_baselines_without_renotifying(tmp_path: Pa
         record_steps(rec, range(15), spike={5}, entropy=1.5)
     first = read_history(run / "alerts.jsonl")
     assert [(e["rule"], e["event"], e["step"]) for e in first if e["rule"] == "kl_spike"] == [
-        ("kl_spike", "firing", 5), ("kl_spike", "resolved", 6)]
+        ("kl_spike", "firing", 5),
+        ("kl_spike", "resolved", 6),
+    ]
     # the trainer restarts; entropy is now far below the run's own baseline (steps 0-9 of the first session)
     with rldiag.Recorder(run, alerts=cfg) as rec:
         record_steps(rec, range(15, 30), entropy=0.2, seed=1)
@@ -214,7 +226,7 @@ def test_resumed_run_replays_disk_for_baselines_without_renotifying(tmp_path: Pa
         assert rec.alerts.stats()["replayed_steps"] == 15
     events = read_history(run / "alerts.jsonl")
     assert events[: len(first)] == first
-    later = events[len(first):]
+    later = events[len(first) :]
     assert not [e for e in later if e["step"] < 15]  # nothing of the first session is sent again
     collapse = [(e["event"], e["step"]) for e in later if e["rule"] == "entropy_collapse"]
     assert collapse == [("firing", 17)]  # 3 steps below 30% of the first session's baseline
@@ -256,7 +268,7 @@ def test_restart_from_an_earlier_checkpoint_does_not_renotify(tmp_path: Path) ->
         rec.flush()
         assert rec.alerts is not None and rec.alerts.flush(30.0)
     assert not [e for e in seen if e[0] == "kl_spike" and e[1] == "firing"], seen
-    later = read_history(run / "alerts.jsonl")[len(first):]
+    later = read_history(run / "alerts.jsonl")[len(first) :]
     assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
 
 
@@ -272,4 +284,10 @@ def test_every_firing_is_printed(tmp_path: Path) -> None:
         record_steps(rec, range(30), spike={5, 12, 20})
     lines = [x for x in stream.getvalue().splitlines() if " kl_spike " in x]
     assert [x.split()[2] + "@" + x.split("step=")[1].split(":")[0] for x in lines] == [
-        "FIRING@5", "RESOLVED@6", "FIRING@12", "RESOLVED@13", "FIRING@20", "RESOLVED@21"]
+        "FIRING@5",
+        "RESOLVED@6",
+        "FIRING@12",
+        "RESOLVED@13",
+        "FIRING@20",
+        "RESOLVED@21",
+    ]

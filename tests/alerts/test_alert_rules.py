@@ -33,10 +33,24 @@ def cond(rules: RuleSet, rule: str, metric: str, kind: str = "threshold") -> Con
 def test_default_pack_is_metrics_spec_section_4() -> None:
     r = default_rules()
     assert set(r.names) == {
-        "nonfinite", "entropy_collapse", "entropy_collapse_early", "ratio_tail", "ess_collapse",
-        "ess_collapse_critical", "clip_spike", "kl_spike", "kl_spike_critical", "mismatch_drift", "dead_groups",
-        "dead_groups_critical", "negative_dominance", "negative_dominance_critical", "stalled_run",
-        "extrapolation_cliff", "extrapolation_cliff_critical"}  # section 3's cliff alert
+        "nonfinite",
+        "entropy_collapse",
+        "entropy_collapse_early",
+        "ratio_tail",
+        "ess_collapse",
+        "ess_collapse_critical",
+        "clip_spike",
+        "kl_spike",
+        "kl_spike_critical",
+        "mismatch_drift",
+        "dead_groups",
+        "dead_groups_critical",
+        "negative_dominance",
+        "negative_dominance_critical",
+        "stalled_run",
+        "extrapolation_cliff",
+        "extrapolation_cliff_critical",
+    }  # section 3's cliff alert
     c = cond(r, "extrapolation_cliff", "cliff/headroom")
     assert (c.op, c.threshold, r["extrapolation_cliff"].severity) == (">=", 0.95, "warn")
     c = cond(r, "extrapolation_cliff_critical", "cliff/headroom")
@@ -62,12 +76,17 @@ def test_default_pack_is_metrics_spec_section_4() -> None:
     t = r["ratio_tail"]
     assert (t.match, t.for_, t.within, t.severity) == ("any", 2, 3, "critical")
     assert cond(r, "ratio_tail", "ratio/logabs_p999").threshold == pytest.approx(math.log(10))
-    assert (cond(r, "ratio_tail", "ratio/tail_alpha").op, cond(r, "ratio_tail", "ratio/tail_alpha").threshold) == ("<", 2)
+    assert (cond(r, "ratio_tail", "ratio/tail_alpha").op, cond(r, "ratio_tail", "ratio/tail_alpha").threshold) == (
+        "<",
+        2,
+    )
     assert cond(r, "ratio_tail", "ratio/m2").threshold == 0.1
     # two-level rules
     for name, metric, op, thr, sev in [
-        ("ess_collapse", "ess/token", "<", 0.9, "warn"), ("ess_collapse_critical", "ess/token", "<", 0.5, "critical"),
-        ("kl_spike", "kl/k3", ">", 0.015, "warn"), ("kl_spike_critical", "kl/k3", ">", 0.05, "critical"),
+        ("ess_collapse", "ess/token", "<", 0.9, "warn"),
+        ("ess_collapse_critical", "ess/token", "<", 0.5, "critical"),
+        ("kl_spike", "kl/k3", ">", 0.015, "warn"),
+        ("kl_spike_critical", "kl/k3", ">", 0.05, "critical"),
         ("dead_groups", "group/nonzero_frac", "<", 0.5, "warn"),
         ("dead_groups_critical", "group/nonzero_frac", "<", 0.3, "critical"),
         ("negative_dominance", "balance/pos_share", "<", 0.4, "warn"),
@@ -110,18 +129,26 @@ def test_resolve_thresholds_give_hysteresis() -> None:
 
 
 def test_override_by_name_keeps_other_fields(tmp_path: Path) -> None:
-    r = load_rules(write(tmp_path, """
+    r = load_rules(
+        write(
+            tmp_path,
+            """
         [rules.kl_spike]
         threshold = 0.02
         severity = "critical"
-    """))
+    """,
+        )
+    )
     c = r["kl_spike"].conditions[0]
     assert (c.threshold, c.resolve, c.metric, r["kl_spike"].severity) == (0.02, 0.01, "kl/k3", "critical")
     assert r["kl_spike_critical"] == default_rules()["kl_spike_critical"]
 
 
 def test_disable_two_ways_and_custom_rule(tmp_path: Path) -> None:
-    r = load_rules(write(tmp_path, """
+    r = load_rules(
+        write(
+            tmp_path,
+            """
         disable = ["clip_spike"]
         [settings]
         repeat_interval = "30m"
@@ -138,7 +165,9 @@ def test_disable_two_ways_and_custom_rule(tmp_path: Path) -> None:
         keep_firing_for = 1
         summary = "ratio max {value:.2f} at {step}"
         labels = { team = "rl" }
-    """))
+    """,
+        )
+    )
     assert "clip_spike" not in r and "kl_spike" not in r and "kl_spike_critical" in r
     m = r["max_ratio"]
     assert (m.severity, m.for_, m.within, m.keep_firing_for, dict(m.labels)) == ("info", 2, 4, 1, {"team": "rl"})
@@ -147,7 +176,10 @@ def test_disable_two_ways_and_custom_rule(tmp_path: Path) -> None:
 
 
 def test_include_defaults_false_and_compound_replacement(tmp_path: Path) -> None:
-    r = load_rules(write(tmp_path, """
+    r = load_rules(
+        write(
+            tmp_path,
+            """
         include_defaults = false
         [rules.only]
         match = "all"
@@ -159,48 +191,62 @@ def test_include_defaults_false_and_compound_replacement(tmp_path: Path) -> None
         kind = "rolling"
         threshold = 2
         window = 5
-    """))
+    """,
+        )
+    )
     assert r.names == ("only",)
     assert [c.kind for c in r["only"].conditions] == ["threshold", "rolling"]
-    r2 = load_rules(write(tmp_path, """
+    r2 = load_rules(
+        write(
+            tmp_path,
+            """
         [rules.clip_spike]
         [[rules.clip_spike.conditions]]
         metric = "clip/region"
         threshold = 0.3
-    """))
+    """,
+        )
+    )
     assert len(r2["clip_spike"].conditions) == 1 and r2["clip_spike"].conditions[0].threshold == 0.3
 
 
-@pytest.mark.parametrize("text, needles", [
-    ('[rules.kl_spike]\ntreshold = 0.1\n', ["kl_spike", "treshold", "threshold"]),
-    ('[rules.kl_spike]\nthreshold = "high"\n', ["kl_spike", "'threshold'", "number"]),
-    ('[rules.kl_spike]\nop = "=>"\n', ["kl_spike", "'op'"]),
-    ('[rules.kl_spike]\nresolve = 0.5\n', ["kl_spike", "'resolve'", "must not exceed"]),
-    ('[rules.x]\nmetric = "kl/k33"\n', ["rule 'x'", "'metric'", "kl/k3"]),
-    ('[rules.x]\nmetric = "kl/k3"\nseverity = "page"\n', ["rule 'x'", "'severity'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nfor = 0\n', ["rule 'x'", "'for'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nfor = 3\nwithin = 2\n', ["rule 'x'", "'within'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value.__class__}"\n', ["rule 'x'", "'summary'", "not allowed"]),
-    ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value[0]}"\n', ["rule 'x'", "'summary'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value:999999999}"\n', ["rule 'x'", "'summary'", "format spec"]),
-    ('[rules.x]\nmetric = "kl/k3"\nsummary = "{0}"\n', ["rule 'x'", "'summary'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nkind = "rolling"\nwindow = 0\n', ["rule 'x'", "'window'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nkind = "trend"\ndirection = "up"\n', ["rule 'x'", "'direction'"]),
-    ('[rules.x]\nkind = "stall"\nafter = "soon"\n', ["rule 'x'", "'after'"]),
-    ('[rules.x]\nkind = "stall"\nmetric = "kl/k3"\n', ["rule 'x'", "'metric'", "no conditions"]),
-    ('[rules.x]\nmetric = "kl/k3"\nrepeat_interval = -1\n', ["rule 'x'", "'repeat_interval'"]),
-    ('[rules.entropy_collapse]\nthreshold = 0.2\n', ["entropy_collapse", "'threshold'", "conditions"]),
-    ('[rules.x]\nmatch = "any"\n[[rules.x.conditions]]\nmetric = "kl/k3"\nseverity = "warn"\n',
-     ["rule 'x', conditions[0]", "'severity'", "rule field"]),
-    ('[rules.x]\n[[rules.x.conditions]]\nmetric = "kl/k3"\n[[rules.x.conditions]]\nmetric = "kl/k3"\nop = "!"\n',
-     ["conditions[1]", "'op'"]),
-    ('disable = ["klspike"]\n', ["disable", "klspike", "kl_spike"]),
-    ('[rulez.x]\nmetric = "kl/k3"\n', ["rulez", "rules"]),
-    ('[settings]\nrepeat = "1h"\n', ["settings", "repeat"]),
-    ('[rules.kl_spike]\nenabled = "no"\n', ["kl_spike", "'enabled'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nlabels = { "bad-name" = "v" }\n', ["rule 'x'", "'labels'"]),
-    ('[rules.x]\nmetric = "kl/k3"\nthreshold = nan\n', ["rule 'x'", "'threshold'", "finite"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("[rules.kl_spike]\ntreshold = 0.1\n", ["kl_spike", "treshold", "threshold"]),
+        ('[rules.kl_spike]\nthreshold = "high"\n', ["kl_spike", "'threshold'", "number"]),
+        ('[rules.kl_spike]\nop = "=>"\n', ["kl_spike", "'op'"]),
+        ("[rules.kl_spike]\nresolve = 0.5\n", ["kl_spike", "'resolve'", "must not exceed"]),
+        ('[rules.x]\nmetric = "kl/k33"\n', ["rule 'x'", "'metric'", "kl/k3"]),
+        ('[rules.x]\nmetric = "kl/k3"\nseverity = "page"\n', ["rule 'x'", "'severity'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nfor = 0\n', ["rule 'x'", "'for'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nfor = 3\nwithin = 2\n', ["rule 'x'", "'within'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value.__class__}"\n', ["rule 'x'", "'summary'", "not allowed"]),
+        ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value[0]}"\n', ["rule 'x'", "'summary'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nsummary = "{value:999999999}"\n', ["rule 'x'", "'summary'", "format spec"]),
+        ('[rules.x]\nmetric = "kl/k3"\nsummary = "{0}"\n', ["rule 'x'", "'summary'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nkind = "rolling"\nwindow = 0\n', ["rule 'x'", "'window'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nkind = "trend"\ndirection = "up"\n', ["rule 'x'", "'direction'"]),
+        ('[rules.x]\nkind = "stall"\nafter = "soon"\n', ["rule 'x'", "'after'"]),
+        ('[rules.x]\nkind = "stall"\nmetric = "kl/k3"\n', ["rule 'x'", "'metric'", "no conditions"]),
+        ('[rules.x]\nmetric = "kl/k3"\nrepeat_interval = -1\n', ["rule 'x'", "'repeat_interval'"]),
+        ("[rules.entropy_collapse]\nthreshold = 0.2\n", ["entropy_collapse", "'threshold'", "conditions"]),
+        (
+            '[rules.x]\nmatch = "any"\n[[rules.x.conditions]]\nmetric = "kl/k3"\nseverity = "warn"\n',
+            ["rule 'x', conditions[0]", "'severity'", "rule field"],
+        ),
+        (
+            '[rules.x]\n[[rules.x.conditions]]\nmetric = "kl/k3"\n[[rules.x.conditions]]\nmetric = "kl/k3"\nop = "!"\n',
+            ["conditions[1]", "'op'"],
+        ),
+        ('disable = ["klspike"]\n', ["disable", "klspike", "kl_spike"]),
+        ('[rulez.x]\nmetric = "kl/k3"\n', ["rulez", "rules"]),
+        ('[settings]\nrepeat = "1h"\n', ["settings", "repeat"]),
+        ('[rules.kl_spike]\nenabled = "no"\n', ["kl_spike", "'enabled'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nlabels = { "bad-name" = "v" }\n', ["rule 'x'", "'labels'"]),
+        ('[rules.x]\nmetric = "kl/k3"\nthreshold = nan\n', ["rule 'x'", "'threshold'", "finite"]),
+    ],
+)
 def test_rule_file_errors_name_rule_and_field(tmp_path: Path, text: str, needles: list[str]) -> None:
     path = write(tmp_path, text)
     with pytest.raises(RuleError) as info:
@@ -235,9 +281,10 @@ def test_python_api_replace_and_without() -> None:
 
 
 def test_render_template_fields_and_specs() -> None:
-    out = render_template("{rule}: {metric}={value:.3f} > {threshold:g} at {step} ({status!r})",
-                          {"rule": "kl", "metric": "kl/k3", "value": 0.12345, "threshold": 0.015, "step": 7,
-                           "status": "firing"})
+    out = render_template(
+        "{rule}: {metric}={value:.3f} > {threshold:g} at {step} ({status!r})",
+        {"rule": "kl", "metric": "kl/k3", "value": 0.12345, "threshold": 0.015, "step": 7, "status": "firing"},
+    )
     assert out == "kl: kl/k3=0.123 > 0.015 at 7 ('firing')"
     assert render_template("{value:.2f} {{literal}}", {"value": None}) == "n/a {literal}"
     assert render_template("{value:d}", {"value": 1.5}) == "1.5"  # a spec that does not fit prints the value
@@ -250,14 +297,28 @@ def test_any_accepted_template_renders(template: str) -> None:
         check_template(template)
     except RuleError:
         return
-    fields = {"value": 1.5, "metric": "m", "step": 3, "threshold": 0.1, "rule": "r", "severity": "warn",
-              "run": "x", "resolve": 0.05, "op": ">", "start_step": 1, "reference": None, "status": "firing"}
+    fields = {
+        "value": 1.5,
+        "metric": "m",
+        "step": 3,
+        "threshold": 0.1,
+        "rule": "r",
+        "severity": "warn",
+        "run": "x",
+        "resolve": 0.05,
+        "op": ">",
+        "start_step": 1,
+        "reference": None,
+        "status": "firing",
+    }
     out = render_template(template, fields)
     assert isinstance(out, str) and len(out) < 2000
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("4h", 14400), ("1h30m", 5400),
-                                           (600, 600), (1.5, 1.5), ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90), ("10m", 600), ("4h", 14400), ("1h30m", 5400), (600, 600), (1.5, 1.5), ("250ms", 0.25)],
+)
 def test_parse_duration(text: object, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 

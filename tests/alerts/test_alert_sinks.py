@@ -35,9 +35,15 @@ T0 = 1_700_000_000.0
 
 def episode() -> list[Notification]:
     """A firing, a repeat and a resolve of one critical rule."""
-    rule = Rule("kl_spike_critical", (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),),
-                severity="critical", summary="k3 {value:.3f} > {threshold}", doc="why it matters",
-                source="Schulman", group="kl_spike")
+    rule = Rule(
+        "kl_spike_critical",
+        (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),),
+        severity="critical",
+        summary="k3 {value:.3f} > {threshold}",
+        doc="why it matters",
+        source="Schulman",
+        group="kl_spike",
+    )
     eng = Engine(RuleSet((rule,)), run="exp1", repeat_interval=60.0)
     f = pl.DataFrame({"step": [10, 11, 12], "kl/k3": [0.01, 0.08, 0.07]})
     evs = eng.update(f, now=T0) + eng.tick(T0 + 60.0)
@@ -165,8 +171,7 @@ def test_webhook_alertmanager_payload_field_by_field(receiver: Receiver) -> None
     (a,) = fire["alerts"]
     assert set(a) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
     assert a["status"] == "firing"
-    assert a["labels"] == {"alertname": "kl_spike_critical", "severity": "critical", "run": "exp1",
-                           "group": "kl_spike"}
+    assert a["labels"] == {"alertname": "kl_spike_critical", "severity": "critical", "run": "exp1", "group": "kl_spike"}
     assert a["annotations"]["summary"] == "k3 0.080 > 0.05"
     assert a["annotations"]["description"] == "why it matters" and a["annotations"]["source"] == "Schulman"
     assert a["annotations"]["step"] == "11" and a["annotations"]["metric"] == "kl/k3"
@@ -191,8 +196,12 @@ def test_slack_payload_text_and_blocks(receiver: Receiver) -> None:
     header, summary, fields, context = fire["blocks"]
     assert header == {"type": "header", "text": {"type": "plain_text", "text": "FIRING: kl_spike_critical"}}
     assert summary["text"] == {"type": "mrkdwn", "text": "k3 0.080 > 0.05"}
-    assert [f["text"] for f in fields["fields"]] == ["*Run*\nexp1", "*Step*\n11", "*Severity*\ncritical",
-                                                    "*Value*\n`kl/k3` = 0.08"]
+    assert [f["text"] for f in fields["fields"]] == [
+        "*Run*\nexp1",
+        "*Step*\n11",
+        "*Severity*\ncritical",
+        "*Value*\n`kl/k3` = 0.08",
+    ]
     assert context["type"] == "context" and evs[0].fingerprint in context["elements"][0]["text"]
     assert resolve["text"].startswith("[RESOLVED] critical kl_spike_critical (run exp1, step 13)")
 
@@ -296,9 +305,16 @@ def test_webhook_url_must_be_http(url: str) -> None:
 
 
 def _kl_rule_engine(run: str = "exp-am") -> Engine:
-    rule = Rule("kl_spike_critical", (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),),
-                severity="critical", summary="k3 {value:.3f} > {threshold} at step {step}", doc="why it matters",
-                source="Schulman", group="kl_spike", labels={"rank": "0"})
+    rule = Rule(
+        "kl_spike_critical",
+        (Condition("kl/k3", op=">", threshold=0.05, resolve=0.03),),
+        severity="critical",
+        summary="k3 {value:.3f} > {threshold} at step {step}",
+        doc="why it matters",
+        source="Schulman",
+        group="kl_spike",
+        labels={"rank": "0"},
+    )
     return Engine(RuleSet([rule]), run=run)
 
 
@@ -323,8 +339,13 @@ def test_alertmanager_sink_fires_resolves_and_is_silenced(alertmanager: object) 
     held = _held(am, "kl_spike_critical")
     assert len(held) == 1, am.alerts()  # type: ignore[attr-defined]
     a = held[0]
-    assert a["labels"] == {"alertname": "kl_spike_critical", "severity": "critical", "run": "exp-am",
-                           "group": "kl_spike", "rank": "0"}
+    assert a["labels"] == {
+        "alertname": "kl_spike_critical",
+        "severity": "critical",
+        "run": "exp-am",
+        "group": "kl_spike",
+        "rank": "0",
+    }
     assert a["annotations"]["summary"] == "k3 0.090 > 0.05 at step 3"
     assert a["annotations"]["description"] == "why it matters" and a["annotations"]["step"] == "3"
     link = "http://127.0.0.1:8050/tokens?run=exp-am&step=3"
@@ -337,12 +358,20 @@ def test_alertmanager_sink_fires_resolves_and_is_silenced(alertmanager: object) 
         time.sleep(0.1)
     assert sink.resends >= 2 and _held(am, "kl_spike_critical")[0]["endsAt"] > first_end
     # a silence set through Alertmanager's API silences it
-    sil = http_json("POST", f"{am.url}/api/v2/silences", {  # type: ignore[attr-defined]
-        "matchers": [{"name": "alertname", "value": "kl_spike_critical", "isRegex": False, "isEqual": True},
-                     {"name": "run", "value": "exp-am", "isRegex": False, "isEqual": True}],
-        "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)),
-        "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600)),
-        "createdBy": "rldiag tests", "comment": "silenced by the test"})
+    sil = http_json(
+        "POST",
+        f"{am.url}/api/v2/silences",
+        {  # type: ignore[attr-defined]
+            "matchers": [
+                {"name": "alertname", "value": "kl_spike_critical", "isRegex": False, "isEqual": True},
+                {"name": "run", "value": "exp-am", "isRegex": False, "isEqual": True},
+            ],
+            "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)),
+            "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600)),
+            "createdBy": "rldiag tests",
+            "comment": "silenced by the test",
+        },
+    )
     a = _held(am, "kl_spike_critical")[0]
     assert a["status"]["state"] == "suppressed" and a["status"]["silencedBy"] == [sil["silenceID"]]
     # the rule resolves: the alert ends in Alertmanager

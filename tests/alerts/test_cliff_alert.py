@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,14 @@ def _distill_run(path: Path) -> float:
     with rldiag.Recorder(path) as rec:
         for step in range(4):
             logp = np.log(rng.uniform(0.3, 0.99, (B, T))).astype(np.float32)
-            rec.record(step=step, logprobs=logp, old_logprobs=logp, advantages=np.ones(B, np.float32),
-                       teacher_logprobs=np.full((B, T), np.log(0.96), np.float32),
-                       base_logprobs=np.full((B, T), np.log(0.90), np.float32))
+            rec.record(
+                step=step,
+                logprobs=logp,
+                old_logprobs=logp,
+                advantages=np.ones(B, np.float32),
+                teacher_logprobs=np.full((B, T), np.log(0.96), np.float32),
+                base_logprobs=np.full((B, T), np.log(0.90), np.float32),
+            )
     return float(lambda_star(0.96, 0.90, 1 / (1 - 0.2)))  # the run's eps_low gives c
 
 
@@ -30,8 +34,9 @@ def _states(out: str) -> dict[str, str]:
     return {r[0]: r[2] for r in rows}
 
 
-@pytest.mark.parametrize("factor, warn, critical", [(0.5, "inactive", "inactive"), (0.97, "firing", "inactive"),
-                                                    (1.2, "firing", "firing")])
+@pytest.mark.parametrize(
+    "factor, warn, critical", [(0.5, "inactive", "inactive"), (0.97, "firing", "inactive"), (1.2, "firing", "firing")]
+)
 def test_cliff_rules_follow_the_headroom(tmp_path, capsys, factor, warn, critical) -> None:
     star = _distill_run(tmp_path / "run")
     args = ["watch", str(tmp_path / "run"), "--once", "--no-history", "-q", "--cliff-lam", str(factor * star)]

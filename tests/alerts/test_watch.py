@@ -24,8 +24,9 @@ from tests.alerts.conftest import Alertmanager, Receiver  # noqa: F401 (fixture 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_run(path: Path, steps: int = 30, *, spike: int | None = 10, collapse_from: int | None = 18,
-              **rec_kw: object) -> None:
+def write_run(
+    path: Path, steps: int = 30, *, spike: int | None = 10, collapse_from: int | None = 18, **rec_kw: object
+) -> None:
     """A run recorded by rldiag.Recorder: a KL spike at ``spike`` and entropy collapsing from ``collapse_from``."""
     rng = np.random.default_rng(0)
     with rldiag.Recorder(path, **rec_kw) as rec:  # type: ignore[arg-type]
@@ -33,12 +34,18 @@ def write_run(path: Path, steps: int = 30, *, spike: int | None = 10, collapse_f
             old = np.log(rng.uniform(0.05, 0.95, (16, 24))).astype(np.float32)
             lp = np.minimum(old + rng.normal(0, 0.6 if s == spike else 0.01, old.shape), 0).astype(np.float32)
             ent = 0.2 if collapse_from is not None and s >= collapse_from else 1.5
-            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=rng.normal(0, 1, 16).astype(np.float32),
-                       entropy=np.full(old.shape, ent, np.float32))
+            rec.record(
+                step=s,
+                logprobs=lp,
+                old_logprobs=old,
+                advantages=rng.normal(0, 1, 16).astype(np.float32),
+                entropy=np.full(old.shape, ent, np.float32),
+            )
 
 
-def test_once_exit_codes_payloads_and_history(tmp_path: Path, receiver: Receiver,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_once_exit_codes_payloads_and_history(
+    tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "exp1"
     write_run(run)
     code = main(["watch", str(run), "--once", "--webhook", receiver.url])
@@ -57,8 +64,9 @@ def test_once_exit_codes_payloads_and_history(tmp_path: Path, receiver: Receiver
     names = sorted(a["labels"]["alertname"] for r in receiver.received for a in r["json"]["alerts"])
     assert names == sorted(e["rule"] for e in hist if e["event"] == "firing" and not e["replay"])
     assert "entropy_collapse" in names and "kl_spike_critical" not in names
-    body = next(r["json"] for r in receiver.received if r["json"]["alerts"][0]["labels"]["alertname"] ==
-                "entropy_collapse")
+    body = next(
+        r["json"] for r in receiver.received if r["json"]["alerts"][0]["labels"]["alertname"] == "entropy_collapse"
+    )
     a = body["alerts"][0]
     assert body["status"] == a["status"] == "firing" and a["labels"]["run"] == "exp1"
     assert a["labels"]["severity"] == "critical" and a["annotations"]["step"] == "20"
@@ -98,6 +106,7 @@ def test_follow_a_growing_run(tmp_path: Path, receiver: Receiver) -> None:
     watcher = None
     stop = threading.Event()
     try:
+
         def record(s: int, drift: float) -> None:
             old = np.log(rng.uniform(0.05, 0.95, (8, 16))).astype(np.float32)
             lp = np.minimum(old + rng.normal(0, drift, old.shape), 0).astype(np.float32)
@@ -113,8 +122,14 @@ def test_follow_a_growing_run(tmp_path: Path, receiver: Receiver) -> None:
             rec.flush()
         # step 4 is complete once step 5 is published; the watcher sees it on a later poll
         assert receiver.wait_received(2)
-        got = [(r["json"]["status"], r["json"]["alerts"][0]["labels"]["alertname"],
-                r["json"]["alerts"][0]["annotations"]["step"]) for r in receiver.received]
+        got = [
+            (
+                r["json"]["status"],
+                r["json"]["alerts"][0]["labels"]["alertname"],
+                r["json"]["alerts"][0]["annotations"]["step"],
+            )
+            for r in receiver.received
+        ]
         assert ("firing", "kl_spike_critical", "4") in got
         assert receiver.wait_received(4)
         got = [(r["json"]["status"], r["json"]["alerts"][0]["labels"]["alertname"]) for r in receiver.received]
@@ -131,9 +146,13 @@ def test_cli_subprocess_follows_and_stops_on_sigint(tmp_path: Path, receiver: Re
     run = tmp_path / "sub"
     write_run(run)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rldiag", "watch", str(run), "--interval", "0.2",
-                             "--webhook", receiver.url], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rldiag", "watch", str(run), "--interval", "0.2", "--webhook", receiver.url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert receiver.wait_received(1, timeout=120)
     finally:
@@ -155,9 +174,27 @@ def test_end_to_end_real_training_collapse(tmp_path: Path, receiver: Receiver) -
     hanging.mode, failing.mode = "hang", "500"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "rldiag", "watch", str(run), "--once", "--webhook", receiver.url,
-             "--webhook", hanging.url, "--slack-webhook", failing.url, "--send-timeout", "5"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "rldiag",
+                "watch",
+                str(run),
+                "--once",
+                "--webhook",
+                receiver.url,
+                "--webhook",
+                hanging.url,
+                "--slack-webhook",
+                failing.url,
+                "--send-timeout",
+                "5",
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         hanging.close()
         failing.close()
@@ -172,7 +209,9 @@ def test_end_to_end_real_training_collapse(tmp_path: Path, receiver: Receiver) -
     a = collapse[0]["alerts"][0]
     metrics = rldiag.open_run(run).step_metrics()
     step = int(a["annotations"]["step"])
-    assert float(a["annotations"]["value"]) == pytest.approx(metrics.filter(metrics["step"] == step)["entropy/mean"].item())
+    assert float(a["annotations"]["value"]) == pytest.approx(
+        metrics.filter(metrics["step"] == step)["entropy/mean"].item()
+    )
     base = float(np.median(metrics["entropy/mean"].to_numpy()[:10]))
     ent = metrics["entropy/mean"].to_numpy()
     assert all(ent[step - i] < 0.3 * base for i in range(3))  # fired after 3 steps below 30% of the baseline
@@ -189,8 +228,9 @@ def mark_closed(run: Path) -> None:
         w.write_text(json.dumps(info))
 
 
-def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "done"
     write_run(run, spike=None, collapse_from=None)
     for w in (run / "writers").glob("*.json"):  # as if the process had died without closing the recorder
@@ -211,8 +251,7 @@ def test_closed_run_is_fully_evaluated_never_stalls_and_exit_on_close(tmp_path: 
     assert "stalled_run                  warn      inactive" in out
 
 
-def test_fail_on_and_delivery_failures_in_the_exit_status(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_fail_on_and_delivery_failures_in_the_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Exit status: 1 when an alert at or above --fail-on fires (default critical), 4 when a delivery
     failed, 5 both; warn-level alerts alone do not fail by default."""
     from tests.alerts.conftest import free_port
@@ -256,13 +295,27 @@ def test_watch_once_feeds_a_real_alertmanager(tmp_path: Path, alertmanager: obje
     finished episodes of the past are not sent."""
     run = tmp_path / "exp1"
     write_run(run)
-    code = main(["watch", str(run), "--once", "-q", "--alertmanager", alertmanager.url,  # type: ignore[attr-defined]
-                 "--dashboard-url", "http://127.0.0.1:8050"])
+    code = main(
+        [
+            "watch",
+            str(run),
+            "--once",
+            "-q",
+            "--alertmanager",
+            alertmanager.url,  # type: ignore[attr-defined]
+            "--dashboard-url",
+            "http://127.0.0.1:8050",
+        ]
+    )
     assert code == 1
     held = {a["labels"]["alertname"]: a for a in alertmanager.alerts()}  # type: ignore[attr-defined]
     assert "entropy_collapse" in held and "kl_spike_critical" not in held
     a = held["entropy_collapse"]
-    assert a["labels"] == {"alertname": "entropy_collapse", "severity": "critical", "run": "exp1",
-                           "group": a["labels"]["group"]}
+    assert a["labels"] == {
+        "alertname": "entropy_collapse",
+        "severity": "critical",
+        "run": "exp1",
+        "group": a["labels"]["group"],
+    }
     assert a["annotations"]["step"] == "20" and a["annotations"]["metric"] == "entropy/mean"
     assert a["generatorURL"] == "http://127.0.0.1:8050/tokens?run=exp1&step=20"

@@ -16,8 +16,9 @@ def logit(x):
     return math.log(x / (1 - x))
 
 
-@pytest.mark.parametrize(("p", "b", "c", "want"), [(0.96, 0.90, 2, 0.7618), (0.999, 0.99, 5, 0.6997),
-                                                   (0.96, 0.90, 5, 1.7277)])
+@pytest.mark.parametrize(
+    ("p", "b", "c", "want"), [(0.96, 0.90, 2, 0.7618), (0.999, 0.99, 5, 0.6997), (0.96, 0.90, 5, 1.7277)]
+)
 def test_spec_sanity_values(p, b, c, want):
     assert round(C.lambda_star(p, b, c), 4) == want
     assert C.lambda_star_kary([p, 1 - p], [b, 1 - b], c) == pytest.approx(C.lambda_star(p, b, c), abs=1e-6)
@@ -108,16 +109,33 @@ def opd_tokens(rng, steps=3, n=400):
     for s in range(steps):
         p = np.where(rng.random(n) < 0.6, rng.uniform(0.92, 0.999, n), rng.uniform(0.05, 0.8, n))
         b = np.clip(p - rng.uniform(0.01, 0.05, n), 0.01, 0.99)
-        parts.append(pl.DataFrame({"step": np.full(n, s, np.int64), "teacher_logp": np.log(p).astype(np.float32),
-                                   "base_logp": np.log(b).astype(np.float32)}))
+        parts.append(
+            pl.DataFrame(
+                {
+                    "step": np.full(n, s, np.int64),
+                    "teacher_logp": np.log(p).astype(np.float32),
+                    "base_logp": np.log(b).astype(np.float32),
+                }
+            )
+        )
     return pl.concat(parts)
 
 
 def test_report_estimates_p_and_b_at_binding_positions():
     frame = opd_tokens(np.random.default_rng(0))
     rep = C.cliff_report(frame, lam=0.5, threshold=0.9, c=2.0)
-    assert rep.columns == ["step", "cliff/n_tokens", "cliff/n_positions", "cliff/p", "cliff/b", "cliff/c",
-                           "cliff/lambda_star", "cliff/lambda_star_min", "cliff/headroom", "cliff/severity"]
+    assert rep.columns == [
+        "step",
+        "cliff/n_tokens",
+        "cliff/n_positions",
+        "cliff/p",
+        "cliff/b",
+        "cliff/c",
+        "cliff/lambda_star",
+        "cliff/lambda_star_min",
+        "cliff/headroom",
+        "cliff/severity",
+    ]
     for row, (_, part) in zip(rep.iter_rows(named=True), frame.group_by("step", maintain_order=True)):
         p = np.exp(part["teacher_logp"].cast(pl.Float64).to_numpy())
         b = np.exp(part["base_logp"].cast(pl.Float64).to_numpy())
@@ -131,8 +149,15 @@ def test_report_estimates_p_and_b_at_binding_positions():
 
 
 def test_severity_thresholds():
-    assert [C.severity(h) for h in (0.5, 0.95, 0.999, 1.0, 3.0, math.inf, math.nan)] == \
-        ["ok", "warn", "warn", "critical", "critical", "critical", "unknown"]
+    assert [C.severity(h) for h in (0.5, 0.95, 0.999, 1.0, 3.0, math.inf, math.nan)] == [
+        "ok",
+        "warn",
+        "warn",
+        "critical",
+        "critical",
+        "critical",
+        "unknown",
+    ]
 
 
 def test_report_errors():
@@ -157,10 +182,14 @@ def test_report_on_a_recorded_run(run_dir):
             teacher = np.log(np.where(rng.random((B, T)) < 0.7, 0.97, 0.3))
             base = teacher - rng.uniform(0.02, 0.06, (B, T))
             logp = base + rng.normal(0, 0.01, (B, T))
-            rec.record(step=step, logprobs=np.minimum(logp, 0).astype(np.float32),
-                       old_logprobs=np.minimum(logp, 0).astype(np.float32),
-                       advantages=rng.normal(size=B).astype(np.float32),
-                       teacher_logprobs=teacher.astype(np.float32), base_logprobs=base.astype(np.float32))
+            rec.record(
+                step=step,
+                logprobs=np.minimum(logp, 0).astype(np.float32),
+                old_logprobs=np.minimum(logp, 0).astype(np.float32),
+                advantages=rng.normal(size=B).astype(np.float32),
+                teacher_logprobs=teacher.astype(np.float32),
+                base_logprobs=base.astype(np.float32),
+            )
     run = rldiag.open_run(run_dir)
     rep = C.cliff_report(run, lam=1.5)
     assert rep["step"].to_list() == [0, 1, 2]
@@ -200,6 +229,7 @@ def test_cli_numbers(capsys):
     assert "eps form (c = 1.25)" in out and "derivation" in out
     assert main(["cliff", "--teacher", "0.96,0.04", "--base", "0.9,0.1", "--c", "2", "--format", "json"]) == 0
     import json
+
     assert json.loads(capsys.readouterr().out)[0]["lambda_star"] == pytest.approx(0.761819, abs=1e-6)
     assert main(["cliff", "--p", "0.96", "--b", "0.9"]) == 2
     assert "--c (ratio form) or --eps" in capsys.readouterr().err
@@ -216,12 +246,19 @@ def test_cli_run(run_dir, capsys):
         for step in range(2):
             teacher = np.log(np.full((2, 6), 0.97))
             lp = np.full((2, 6), -0.1, np.float32)
-            rec.record(step=step, logprobs=lp, old_logprobs=lp, advantages=rng.normal(size=2).astype(np.float32),
-                       teacher_logprobs=teacher.astype(np.float32), base_logprobs=(teacher - 0.05).astype(np.float32))
+            rec.record(
+                step=step,
+                logprobs=lp,
+                old_logprobs=lp,
+                advantages=rng.normal(size=2).astype(np.float32),
+                teacher_logprobs=teacher.astype(np.float32),
+                base_logprobs=(teacher - 0.05).astype(np.float32),
+            )
     assert main(["cliff", str(run_dir), "--lam", "0.1", "--c", "2"]) == 0
     out = capsys.readouterr().out
     assert "cliff/lambda_star" in out and "worst: ok" in out
     assert main(["cliff", str(run_dir), "--lam", "5", "--format", "json"]) == 0
     import json
+
     rows = json.loads(capsys.readouterr().out)
     assert [r["cliff/severity"] for r in rows] == ["critical", "critical"]

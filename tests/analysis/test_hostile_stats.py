@@ -115,7 +115,8 @@ def test_cli_summarize_survives_a_crafted_bin_index(tmp_path) -> None:
     run_dir = _copy_run(tmp_path)
     victim = sorted((run_dir / schema.STATS_DIR).glob("*.parquet"))[0]
     _rewrite(victim, "h_ent.idx", lambda rows: [[65535] * len(r) for r in rows])
-    out = subprocess.run([sys.executable, "-m", "rldiag", "summarize", str(run_dir)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "rldiag", "summarize", str(run_dir)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert victim.name in out.stderr

@@ -183,8 +183,14 @@ def _reference(path: Path, survivors, world: int = 1) -> rldiag.analysis.io.Run:
 def _same_metrics(got, want, rtol: float = 1e-9) -> None:
     assert got["step"].to_list() == want["step"].to_list()
     for c in want.columns:
-        np.testing.assert_allclose(got[c].to_numpy().astype(float), want[c].to_numpy().astype(float), rtol=rtol,
-                                   atol=1e-12, equal_nan=True, err_msg=c)
+        np.testing.assert_allclose(
+            got[c].to_numpy().astype(float),
+            want[c].to_numpy().astype(float),
+            rtol=rtol,
+            atol=1e-12,
+            equal_nan=True,
+            err_msg=c,
+        )
 
 
 def test_restart_supersedes_the_earlier_records_from_its_first_step(run_dir, tmp_path) -> None:
@@ -198,14 +204,18 @@ def test_restart_supersedes_the_earlier_records_from_its_first_step(run_dir, tmp
         assert r.step_metrics()["tokens/count"].to_list() == [64.0] * 6
         assert r.stats_table().num_rows == 6
         assert r.tokens().group_by("step").len().sort("step").collect()["len"].to_list() == [64] * 6
-        assert r.bucket_metrics(by="pos", buckets=2).group_by("step").agg(pl.col("n").sum()).sort("step")[
-            "n"].to_list() == [64.0] * 6
+        assert (
+            r.bucket_metrics(by="pos", buckets=2).group_by("step").agg(pl.col("n").sum()).sort("step")["n"].to_list()
+            == [64.0] * 6
+        )
         assert r.lens(steps=[2, 3]).height > 0
     want = _reference(tmp_path / "ref", [(s, 0, 0) for s in (0, 1)] + [(s, 1, 0) for s in range(2, 6)])
     _same_metrics(run.step_metrics(), want.step_metrics())
     _same_metrics(run.step_metrics(from_tokens=True), want.step_metrics(from_tokens=True))
-    _same_metrics(run.step_metrics(config=run.config.replace(eps_high=0.4)),
-                  want.step_metrics(config=run.config.replace(eps_high=0.4)))
+    _same_metrics(
+        run.step_metrics(config=run.config.replace(eps_high=0.4)),
+        want.step_metrics(config=run.config.replace(eps_high=0.4)),
+    )
     _same_metrics(run.bucket_metrics(by="pos", buckets=3), want.bucket_metrics(by="pos", buckets=3))
     info = run.info()
     assert [(x["rank"], x["from_step"], x["to_step"]) for x in info["superseded"]] == [(0, 2, 3)]
@@ -308,8 +318,9 @@ def test_sigkill_mid_step_then_restart_from_a_checkpoint(run_dir, tmp_path) -> N
     script.write_text(RESTART_CHILD)
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root)
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "0", root, "0"], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), "0", root, "0"], stdout=subprocess.PIPE, text=True, env=env
+    )
     flushed = -1
     deadline = time.monotonic() + 120
     while flushed < 6 and time.monotonic() < deadline:
@@ -320,8 +331,13 @@ def test_sigkill_mid_step_then_restart_from_a_checkpoint(run_dir, tmp_path) -> N
     proc.wait()
     assert flushed >= 6
     # the job restarts from its checkpoint at step 4: steps 4.. of the killed attempt are superseded
-    subprocess.run([sys.executable, str(script), str(run_dir), "4", root, "1"], check=True, env=env,
-                   stdout=subprocess.DEVNULL, timeout=120)
+    subprocess.run(
+        [sys.executable, str(script), str(run_dir), "4", root, "1"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+    )
     run = rldiag.open_run(run_dir)
     survivors = [(s, a, 0) for s in range(4) for a in (0, 100)] + [(s, a, 0) for s in range(4, 10) for a in (1, 101)]
     want = _reference(tmp_path / "ref", survivors)
@@ -343,7 +359,7 @@ def test_any_sequence_of_restarts_gives_the_metrics_of_the_surviving_records(tmp
         _attempt(run_dir, range(start, start + n), attempt=i)
     survivors = []
     for j, (start, n) in enumerate(attempts):
-        later = [s for s, _ in attempts[j + 1:]]
+        later = [s for s, _ in attempts[j + 1 :]]
         for s in range(start, start + n):
             if all(s < f for f in later):
                 survivors.append((s, j, 0))

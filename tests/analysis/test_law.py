@@ -51,8 +51,9 @@ def test_reached_and_gain():
 def test_mechanism_sign_agreement():
     H = np.array([1.0, 0.9, 0.95, 0.8, 0.8, 0.7])
     cov = np.array([0.2, -0.1, 0.3, 0.1, 0.05, np.nan])  # predicted changes: -, +, -, -, -
-    frame = pl.DataFrame({"step": np.arange(6), "entropy/mean": H, "reward/mean": np.linspace(0, 1, 6),
-                          "entropy/cov": cov})
+    frame = pl.DataFrame(
+        {"step": np.arange(6), "entropy/mean": H, "reward/mean": np.linspace(0, 1, 6), "entropy/cov": cov}
+    )
     fit = fit_law(frame)
     # observed changes: -0.1, +0.05, -0.15, 0 (not counted), -0.1; all four counted agree
     assert (fit.n_sign, fit.sign_agreement) == (4, 1.0)
@@ -64,8 +65,9 @@ def test_mechanism_sign_agreement():
 
 def test_steps_with_gaps_and_nan_are_skipped():
     frame = synthetic()
-    holes = frame.with_columns(pl.when(pl.col("step") % 7 == 0).then(float("nan")).otherwise(pl.col("reward/mean"))
-                               .alias("reward/mean"))
+    holes = frame.with_columns(
+        pl.when(pl.col("step") % 7 == 0).then(float("nan")).otherwise(pl.col("reward/mean")).alias("reward/mean")
+    )
     fit = fit_law(holes.sample(fraction=1.0, shuffle=True, seed=1))  # order does not matter: sorted by step
     assert fit.a == pytest.approx(0.35, rel=1e-9) and fit.n == 80 - 12
 
@@ -89,8 +91,14 @@ def test_on_a_recorded_run(run_dir):
         for step in range(8):
             logp = -rng.exponential(0.5, (B, T)).astype(np.float32)
             ent = np.full((B, T), 1.0 - 0.1 * step, np.float32)
-            rec.record(step=step, logprobs=logp, old_logprobs=logp, advantages=rng.normal(size=B).astype(np.float32),
-                       entropy=ent, rewards=(0.9 - 0.3 * np.exp(1.0 - 0.1 * step) + np.zeros(B)).astype(np.float32))
+            rec.record(
+                step=step,
+                logprobs=logp,
+                old_logprobs=logp,
+                advantages=rng.normal(size=B).astype(np.float32),
+                entropy=ent,
+                rewards=(0.9 - 0.3 * np.exp(1.0 - 0.1 * step) + np.zeros(B)).astype(np.float32),
+            )
     fit = fit_law(rldiag.open_run(run_dir))
     assert fit.a == pytest.approx(0.3, rel=1e-4) and fit.b == pytest.approx(0.9, rel=1e-4)
     assert fit.n == 8 and 0 <= fit.n_sign <= 7
@@ -106,9 +114,14 @@ def test_cli(run_dir, capsys):
     with rldiag.Recorder(run_dir) as rec:
         for step in range(6):
             lp = -rng.exponential(0.5, (4, 8)).astype(np.float32)
-            rec.record(step=step, logprobs=lp, old_logprobs=lp, advantages=rng.normal(size=4).astype(np.float32),
-                       entropy=np.full((4, 8), 1.0 - 0.1 * step, np.float32),
-                       rewards=np.full(4, 0.9 - 0.2 * np.exp(1.0 - 0.1 * step), np.float32))
+            rec.record(
+                step=step,
+                logprobs=lp,
+                old_logprobs=lp,
+                advantages=rng.normal(size=4).astype(np.float32),
+                entropy=np.full((4, 8), 1.0 - 0.1 * step, np.float32),
+                rewards=np.full(4, 0.9 - 0.2 * np.exp(1.0 - 0.1 * step), np.float32),
+            )
     assert main(["law", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "a = 0.2000, b = 0.9000" in out and "ceiling" in out and "mechanism" in out

@@ -97,6 +97,7 @@ def reference_step(t: dict[str, np.ndarray], p: L.LensParams) -> dict[str, float
         put(obj, _quantities(kept, w, adv, valid) if valid.any() else dict.fromkeys(L.QUANTITIES, NAN))
 
     bp = p.bapo
+
     def grid(start, stop):
         return [round(start + k * bp.step, 10) for k in range(int(round((stop - start) / bp.step)) + 1)]
 
@@ -112,8 +113,9 @@ def reference_step(t: dict[str, np.ndarray], p: L.LensParams) -> dict[str, float
     else:
         saturated = 1.0
     put("bapo", _quantities(kept, w, adv))
-    out.update({L.column("bapo", "clip_low"): lo, L.column("bapo", "clip_high"): hi,
-                L.column("bapo", "saturated"): saturated})
+    out.update(
+        {L.column("bapo", "clip_low"): lo, L.column("bapo", "clip_high"): hi, L.column("bapo", "saturated"): saturated}
+    )
 
     ess = r.sum() ** 2 / (len(r) * (r**2).sum())
     put("ttb", _quantities(np.ones_like(r, bool), np.minimum(r, ess), adv))
@@ -123,8 +125,13 @@ def reference_step(t: dict[str, np.ndarray], p: L.LensParams) -> dict[str, float
 
 def reference(frame: pl.DataFrame, p: L.LensParams) -> pl.DataFrame:
     rows = []
-    finite = frame.filter(pl.col("logp").is_finite() & pl.col("old_logp").is_finite() & pl.col("adv").is_finite()
-                          & (pl.col("logp") <= 1e-4) & (pl.col("old_logp") <= 1e-4))
+    finite = frame.filter(
+        pl.col("logp").is_finite()
+        & pl.col("old_logp").is_finite()
+        & pl.col("adv").is_finite()
+        & (pl.col("logp") <= 1e-4)
+        & (pl.col("old_logp") <= 1e-4)
+    )
     for (step,), part in finite.sort("step").group_by("step", maintain_order=True):
         t = {c: part[c].cast(pl.Float64).fill_null(NAN).to_numpy() for c in part.columns}
         rows.append({"step": step, **reference_step(t, p)})
@@ -149,12 +156,21 @@ def random_tokens(seed: int = 0, steps: int = 3, seqs: int = 6, max_len: int = 4
             adv = np.full(n, rng.normal()) if s % 3 else rng.normal(size=n)  # GRPO-style and per-token
             if s == 2:
                 adv[:] = 0.0
-            parts.append(pl.DataFrame({
-                "step": np.full(n, step, np.int64), "rank": np.full(n, s % 2, np.int32),
-                "micro": np.zeros(n, np.int32), "seq": np.full(n, s, np.int64), "pos": np.arange(n, dtype=np.int32),
-                "logp": lp.astype(np.float32), "old_logp": old.astype(np.float32), "adv": adv.astype(np.float32),
-                "rollout_logp": roll.astype(np.float32),
-            }))
+            parts.append(
+                pl.DataFrame(
+                    {
+                        "step": np.full(n, step, np.int64),
+                        "rank": np.full(n, s % 2, np.int32),
+                        "micro": np.zeros(n, np.int32),
+                        "seq": np.full(n, s, np.int64),
+                        "pos": np.arange(n, dtype=np.int32),
+                        "logp": lp.astype(np.float32),
+                        "old_logp": old.astype(np.float32),
+                        "adv": adv.astype(np.float32),
+                        "rollout_logp": roll.astype(np.float32),
+                    }
+                )
+            )
     return pl.concat(parts)
 
 
@@ -171,10 +187,16 @@ def assert_frames_close(got: pl.DataFrame, want: pl.DataFrame, rtol: float = 1e-
 def hand_batch(pairs, step=0, old_logp=-2.0):
     """One sequence of tokens with the given (ratio, advantage) pairs."""
     r = np.array([p[0] for p in pairs], float)
-    return pl.DataFrame({
-        "step": [step] * len(pairs), "seq": [0] * len(pairs), "pos": list(range(len(pairs))),
-        "logp": np.log(r) + old_logp, "old_logp": [old_logp] * len(pairs), "adv": [float(p[1]) for p in pairs],
-    })
+    return pl.DataFrame(
+        {
+            "step": [step] * len(pairs),
+            "seq": [0] * len(pairs),
+            "pos": list(range(len(pairs))),
+            "logp": np.log(r) + old_logp,
+            "old_logp": [old_logp] * len(pairs),
+            "adv": [float(p[1]) for p in pairs],
+        }
+    )
 
 
 HAND = [(1.0, 1), (1.25, 1), (1.5, 1), (0.7, -1), (0.9, -1), (3.5, -1)]
@@ -227,8 +249,16 @@ def test_clip_boundaries_are_inclusive_like_ppo():
 
 def test_gspo_ctpo_ttb_on_hand_batches():
     # one sequence with mean log-ratio 0.25 > log(1 + 4e-4) and A > 0: GSPO drops it
-    lp = pl.DataFrame({"step": [0, 0], "seq": [0, 0], "pos": [0, 1], "logp": [-1.0, -0.5], "old_logp": [-1.0, -1.0],
-                       "adv": [1.0, 1.0]})
+    lp = pl.DataFrame(
+        {
+            "step": [0, 0],
+            "seq": [0, 0],
+            "pos": [0, 1],
+            "logp": [-1.0, -0.5],
+            "old_logp": [-1.0, -1.0],
+            "adv": [1.0, 1.0],
+        }
+    )
     got = L.lens(lp, objectives=["gspo", "ctpo", "ttb"]).row(0, named=True)
     assert got["lens/gspo/kept_frac"] == 0.0
     # CTPO: L_0 = 0 kept, L_1 = 0.5 > 0.05*sqrt(2) dropped
@@ -242,11 +272,17 @@ def test_gspo_ctpo_ttb_on_hand_batches():
 
 
 def test_tis_mis_use_the_rollout_weight():
-    frame = pl.DataFrame({
-        "step": [0, 0, 0], "seq": [0, 0, 0], "pos": [0, 1, 2], "logp": [-1.0, -1.0, -1.0],
-        "old_logp": [-1.0, -1.0, -1.0], "adv": [1.0, 1.0, -1.0],
-        "rollout_logp": [-1.0 - math.log(3.0), -1.0, -1.0 + math.log(4.0)],  # w = 3, 1, 1/4
-    })
+    frame = pl.DataFrame(
+        {
+            "step": [0, 0, 0],
+            "seq": [0, 0, 0],
+            "pos": [0, 1, 2],
+            "logp": [-1.0, -1.0, -1.0],
+            "old_logp": [-1.0, -1.0, -1.0],
+            "adv": [1.0, 1.0, -1.0],
+            "rollout_logp": [-1.0 - math.log(3.0), -1.0, -1.0 + math.log(4.0)],  # w = 3, 1, 1/4
+        }
+    )
     got = L.lens(frame, objectives=["tis", "mis"]).row(0, named=True)
     assert got["lens/tis/kept_frac"] == 1.0
     assert got["lens/tis/weight_mean"] == pytest.approx((2.0 + 1.0 + 0.25) / 3)  # min(w, 2)
@@ -268,11 +304,19 @@ def test_every_objective_matches_the_numpy_reference(seed):
 
 def test_reference_holds_with_other_parameters_and_large_shifts():
     frame = random_tokens(7, shift=0.6)
-    params = L.LensParams().replace({
-        "ppo": {"eps_low": 0.1, "eps_high": 0.3}, "dual_clip": {"c": 2.0}, "dcpo": {"eps_low": 0.3},
-        "sapo": {"tau_pos": 2.0}, "gspo": {"eps_low": 0.05, "eps_high": 0.05}, "ctpo": {"low": 0.3, "high": 0.2},
-        "tis": {"cap": 1.5}, "mis": {"cap": 3.0}, "bapo": {"high_max": 3.0, "step": 0.1},
-    })
+    params = L.LensParams().replace(
+        {
+            "ppo": {"eps_low": 0.1, "eps_high": 0.3},
+            "dual_clip": {"c": 2.0},
+            "dcpo": {"eps_low": 0.3},
+            "sapo": {"tau_pos": 2.0},
+            "gspo": {"eps_low": 0.05, "eps_high": 0.05},
+            "ctpo": {"low": 0.3, "high": 0.2},
+            "tis": {"cap": 1.5},
+            "mis": {"cap": 3.0},
+            "bapo": {"high_max": 3.0, "step": 0.1},
+        }
+    )
     assert_frames_close(L.lens(frame, params=params), reference(frame, params))
 
 
@@ -294,12 +338,17 @@ def test_masked_positions_are_skipped_by_ctpo_like_the_recorder():
 
 def test_non_finite_and_invalid_tokens_are_excluded():
     frame = random_tokens(5)
-    bad = pl.concat([
-        frame,
-        frame.head(3).with_columns(pl.lit(float("nan"), pl.Float32).alias("logp"),
-                                   pl.lit(10_000, pl.Int64).alias("seq")),
-        frame.head(2).with_columns(pl.lit(0.5, pl.Float32).alias("old_logp"), pl.lit(10_001, pl.Int64).alias("seq")),
-    ])
+    bad = pl.concat(
+        [
+            frame,
+            frame.head(3).with_columns(
+                pl.lit(float("nan"), pl.Float32).alias("logp"), pl.lit(10_000, pl.Int64).alias("seq")
+            ),
+            frame.head(2).with_columns(
+                pl.lit(0.5, pl.Float32).alias("old_logp"), pl.lit(10_001, pl.Int64).alias("seq")
+            ),
+        ]
+    )
     assert_frames_close(L.lens(bad), L.lens(frame))
 
 
@@ -316,7 +365,7 @@ def test_ppo_kept_frac_is_one_minus_the_clip_region():
     frame = random_tokens(8, shift=0.4)
     r = (frame["logp"].cast(pl.Float64) - frame["old_logp"].cast(pl.Float64)).exp().to_numpy()
     adv = frame["adv"].to_numpy()
-    region = (((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0)))
+    region = ((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0))
     per_step = pl.DataFrame({"step": frame["step"], "c": region}).group_by("step").agg(pl.col("c").mean())
     want = 1 - per_step.sort("step")["c"]
     np.testing.assert_allclose(L.lens(frame, objectives=["ppo"])["lens/ppo/kept_frac"].to_numpy(), want.to_numpy())
@@ -345,9 +394,13 @@ def test_a_run_supplies_its_config():
     run = SimpleNamespace(tokens=lambda: frame.lazy(), config=cfg)
     objs = ["ppo", "cispo", "dual_clip", "ctpo", "tis", "dapo"]
     got = L.lens(run, objectives=objs)
-    params = L.LensParams(ppo=L.ClipParams(0.1, 0.1), cispo=L.CISPOParams(0.3),
-                          dual_clip=L.DualClipParams(0.1, 0.1, 2.5), ctpo=L.CTPOParams(0.1, 0.2),
-                          tis=L.ISParams(1.5, 0.1, 0.1))
+    params = L.LensParams(
+        ppo=L.ClipParams(0.1, 0.1),
+        cispo=L.CISPOParams(0.3),
+        dual_clip=L.DualClipParams(0.1, 0.1, 2.5),
+        ctpo=L.CTPOParams(0.1, 0.2),
+        tis=L.ISParams(1.5, 0.1, 0.1),
+    )
     assert_frames_close(got, L.lens(frame, objectives=objs, params=params))
     assert_frames_close(got.select("step", *L.columns(["dapo"])), L.lens(frame, objectives=["dapo"]))
     assert not np.allclose(got["lens/ppo/kept_frac"], L.lens(frame, objectives=["ppo"])["lens/ppo/kept_frac"])
@@ -408,11 +461,27 @@ def test_cli(run_dir, capsys):
     assert main(["lens", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "objective lens over 3 steps" in out and all(o in out for o in L.OBJECTIVES)
-    assert main(["lens", str(run_dir), "--objectives", "dapo,ppo", "--steps", "1:3", "--format", "json",
-                 "--set", "dapo.eps_high=0.5"]) == 0
+    assert (
+        main(
+            [
+                "lens",
+                str(run_dir),
+                "--objectives",
+                "dapo,ppo",
+                "--steps",
+                "1:3",
+                "--format",
+                "json",
+                "--set",
+                "dapo.eps_high=0.5",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
-    want = L.lens(rldiag.open_run(run_dir), objectives=["ppo", "dapo"], steps=[1, 2],
-                  params={"dapo": {"eps_high": 0.5}})
+    want = L.lens(
+        rldiag.open_run(run_dir), objectives=["ppo", "dapo"], steps=[1, 2], params={"dapo": {"eps_high": 0.5}}
+    )
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["lens/dapo/kept_frac"] for r in rows] == pytest.approx(want["lens/dapo/kept_frac"].to_list())
     assert main(["lens", str(run_dir), "--per-step", "--objectives", "bapo"]) == 0

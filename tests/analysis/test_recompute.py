@@ -53,7 +53,8 @@ def test_every_statistic_from_token_rows_equals_the_stored_ones(tmp_path, capsys
     _same(run.step_metrics(from_tokens=True), run.step_metrics())
     assert main(["summarize", str(tmp_path / "a"), "--from-tokens", "--metrics", "ratio/*", "--format", "json"]) == 0
     assert [r["ratio/mean"] for r in json.loads(capsys.readouterr().out)] == pytest.approx(
-        run.step_metrics()["ratio/mean"].to_list(), rel=1e-9)
+        run.step_metrics()["ratio/mean"].to_list(), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("group_rows", [1, 7, 37, 160])
@@ -107,8 +108,10 @@ def test_recompute_by_rank_and_for_some_steps(tmp_path) -> None:
     got = a.step_metrics(config=a.config.replace(eps_high=0.28), by_rank=True)
     assert got.height == 7
     _same(got, want)
-    _same(a.step_metrics(config=a.config.replace(eps_high=0.28), by_rank=True, ranks=[3]),
-          want.filter(pl.col("rank") == 3))
+    _same(
+        a.step_metrics(config=a.config.replace(eps_high=0.28), by_rank=True, ranks=[3]),
+        want.filter(pl.col("rank") == 3),
+    )
 
 
 def test_damaged_token_row_group_is_skipped_with_a_warning(tmp_path) -> None:
@@ -131,7 +134,7 @@ def test_damaged_token_row_group_is_skipped_with_a_warning(tmp_path) -> None:
     start = min(bad.column(i).data_page_offset for i in range(bad.num_columns))
     size = sum(bad.column(i).total_compressed_size for i in range(bad.num_columns))
     data = bytearray(f.read_bytes())
-    data[start:start + size // 2] = b"\xff" * (size // 2)
+    data[start : start + size // 2] = b"\xff" * (size // 2)
     f.write_bytes(bytes(data))
     cfg = run.config.replace(eps_high=0.28)
     with pytest.warns(RunFormatWarning, match="row group 2"):
@@ -208,8 +211,9 @@ def test_import_bad_input_is_clear(tmp_path, capsys) -> None:
     assert not (tmp_path / "x").exists()
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "keep").write_text("keep")
-    good = pl.DataFrame({"step": [0, 0], "seq": [0, 0], "logp": [-1.0, -2.0], "old_logp": [-1.0, -2.0],
-                         "adv": [1.0, 1.0]})
+    good = pl.DataFrame(
+        {"step": [0, 0], "seq": [0, 0], "logp": [-1.0, -2.0], "old_logp": [-1.0, -2.0], "adv": [1.0, 1.0]}
+    )
     good.write_parquet(tmp_path / "g.parquet")
     assert main(["import", "tokens", str(tmp_path / "g.parquet"), str(tmp_path / "y")]) == 2
     assert (tmp_path / "y" / "keep").read_text() == "keep"
@@ -223,8 +227,14 @@ def test_cli_info_summarize_compare(tmp_path, capsys) -> None:
     assert "steps        3  (0 .. 2)" in out and "problems     none" in out
     assert main(["summarize", str(tmp_path / "a"), "--metrics", "clip/*", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 3 and set(rows[0]) == {"step", "clip/low", "clip/high", "clip/region", "clip/symmetric",
-                                                "clip/dual"}
+    assert len(rows) == 3 and set(rows[0]) == {
+        "step",
+        "clip/low",
+        "clip/high",
+        "clip/region",
+        "clip/symmetric",
+        "clip/dual",
+    }
     assert main(["summarize", str(tmp_path / "a"), "--steps", "1:3", "--format", "csv"]) == 0
     assert capsys.readouterr().out.count("\n") == 3
     assert main(["summarize", str(tmp_path / "a"), "--metrics", "nothing*"]) == 2
@@ -238,8 +248,12 @@ def test_cli_info_summarize_compare(tmp_path, capsys) -> None:
 
 def test_console_script_entry_point(tmp_path) -> None:
     _record(tmp_path / "a", _records(steps=1))
-    out = subprocess.run([sys.executable, "-m", "rldiag", "summarize", str(tmp_path / "a"), "--metrics",
-                          "ratio/mean"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "rldiag", "summarize", str(tmp_path / "a"), "--metrics", "ratio/mean"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "ratio/mean" in out
 
 
@@ -255,8 +269,10 @@ def test_run_methods_delegate_to_advanced_analytics(tmp_path) -> None:
     run = rldiag.open_run(tmp_path / "a")
     lens = run.lens()
     assert lens.height == 2 and "lens/ppo/kept_frac" in lens.columns
-    assert np.allclose(1 - lens["lens/ppo/kept_frac"].to_numpy(),
-                       run.step_metrics(config=run.config.replace(eps_high=run.config.eps_low))["clip/region"].to_numpy())
+    assert np.allclose(
+        1 - lens["lens/ppo/kept_frac"].to_numpy(),
+        run.step_metrics(config=run.config.replace(eps_high=run.config.eps_low))["clip/region"].to_numpy(),
+    )
 
 
 def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys) -> None:
@@ -271,8 +287,11 @@ def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch, ca
     with pytest.raises(ValueError, match="engine must be 'local' or 'ray'"):
         run.step_metrics(from_tokens=True, engine="spark")
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is not installed
-    for call in (lambda: run.step_metrics(from_tokens=True, engine="ray"), lambda: run.lens(engine="ray"),
-                 lambda: run.bucket_metrics(engine="ray")):
+    for call in (
+        lambda: run.step_metrics(from_tokens=True, engine="ray"),
+        lambda: run.lens(engine="ray"),
+        lambda: run.bucket_metrics(engine="ray"),
+    ):
         with pytest.raises(ImportError, match=r"pip install 'rldiag\[ray\]'"):
             call()
     assert main(["summarize", str(tmp_path / "run"), "--from-tokens", "--engine", "ray"]) == 2

@@ -39,8 +39,14 @@ def pytest_setup_options():
     from selenium.webdriver.chrome.options import Options
 
     options = Options()
-    for flag in ("--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1500,1100",
-                 "--force-device-scale-factor=1", "--lang=en-US"):
+    for flag in (
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1500,1100",
+        "--force-device-scale-factor=1",
+        "--lang=en-US",
+    ):
         options.add_argument(flag)
     if os.path.exists("/usr/bin/chromium") and not os.environ.get("DASH_TEST_CHROMEPATH"):
         options.binary_location = "/usr/bin/chromium"

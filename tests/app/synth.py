@@ -18,8 +18,18 @@ B, T = 8, 24
 VOCAB = 50
 
 
-def record_run(path: Path, *, steps: int = 12, start: int = 0, full: bool = True, seed: int = 0,
-               close: bool = True, rec=None, token_ids_vocab: int = VOCAB, alerts: bool = False):
+def record_run(
+    path: Path,
+    *,
+    steps: int = 12,
+    start: int = 0,
+    full: bool = True,
+    seed: int = 0,
+    close: bool = True,
+    rec=None,
+    token_ids_vocab: int = VOCAB,
+    alerts: bool = False,
+):
     """Record ``steps`` steps (two micro-batches each) into ``path``; returns the recorder if not closed.
 
     ``alerts=True`` runs rldiag's default rules online, so ``alerts.jsonl`` fills as on a real run.

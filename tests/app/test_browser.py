@@ -108,8 +108,10 @@ def test_live_run_extends_its_charts(dash_duo, tmp_path: Path):
     dash_duo.driver.get(dash_duo.server_url + "/overview?run=run")
     dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
     _settle(dash_duo)
-    count_js = ("const g = document.querySelector('.js-plotly-plot');"
-                "return g && g._fullData && g._fullData[2] ? g._fullData[2].x.length : -1;")
+    count_js = (
+        "const g = document.querySelector('.js-plotly-plot');"
+        "return g && g._fullData && g._fullData[2] ? g._fullData[2].x.length : -1;"
+    )
     assert dash_duo.driver.execute_script(count_js) == 3
 
     def write_more() -> None:
@@ -142,8 +144,7 @@ def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_pat
     dash_duo.driver.get(dash_duo.server_url + "/overview?run=long")
     graph = dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
     _settle(dash_duo)
-    raw_x = ("const d = document.querySelector('.js-plotly-plot')._fullData[2].x;"
-             "return Array.from(d);")
+    raw_x = "const d = document.querySelector('.js-plotly-plot')._fullData[2].x;return Array.from(d);"
     before = dash_duo.driver.execute_script(raw_x)
     assert len(before) <= 602 and any(x != int(x) for x in before)  # bucket centres: aggregated
     dash_duo.zoom_in_graph_by_ratio(graph, start_fraction=0.4, zoom_box_fraction=0.1)

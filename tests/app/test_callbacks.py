@@ -55,7 +55,9 @@ def test_every_page_layout_renders_for_a_run(ctx):
 
 def test_layout_refuses_a_traversal_run_id_and_names_it_as_text(ctx):
     tree = page("overview").layout(run="../../etc")
-    errors = [c for c in walk(tree) if isinstance(c, html.Div) and "notice-error" in (getattr(c, "className", None) or "")]
+    errors = [
+        c for c in walk(tree) if isinstance(c, html.Div) and "notice-error" in (getattr(c, "className", None) or "")
+    ]
     assert errors and "'../../etc'" in errors[0].children
     assert not [c for c in walk(tree) if isinstance(c, dcc.Graph)]
     assert shell.layout.resolve_runs(["../../etc"])[0] == []
@@ -153,8 +155,17 @@ def test_mismatch_page_says_what_to_record_when_data_is_missing(ctx):
 
 
 def test_alert_tables_link_steps_and_escape_nothing(ctx, runs_root: Path):
-    events = [{"event": "firing", "rule": "kl_spike", "severity": "warn", "step": 5, "start_step": 5,
-               "summary": HOSTILE, "time": 1.7e9}]
+    events = [
+        {
+            "event": "firing",
+            "rule": "kl_spike",
+            "severity": "warn",
+            "step": 5,
+            "start_step": 5,
+            "summary": HOSTILE,
+            "time": 1.7e9,
+        }
+    ]
     states = page("alerts").states_table("grpo_full", events)
     links = [c for c in walk(states) if isinstance(c, dcc.Link)]
     assert links[0].href == "/tokens?run=grpo_full&step=5"
@@ -229,8 +240,18 @@ def test_dependencies_are_json_and_every_page_is_registered(make_app):
     deps = app.server.test_client().get("/_dash-dependencies").json
     assert any("extendData" in d["output"] for d in deps)
     paths = {p["path"] for p in dash.page_registry.values()}
-    assert {"/", "/overview", "/ratios", "/clipping", "/entropy", "/mismatch", "/positions", "/tokens",
-            "/cliff", "/alerts"} <= paths
+    assert {
+        "/",
+        "/overview",
+        "/ratios",
+        "/clipping",
+        "/entropy",
+        "/mismatch",
+        "/positions",
+        "/tokens",
+        "/cliff",
+        "/alerts",
+    } <= paths
     json.dumps(deps)
 
 

@@ -32,12 +32,15 @@ def no_serve(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["dashboard", "/no/such/dir"], "does not exist"),
-    (["dashboard", "--auth", "alice"], "USER:PASSWORD"),
-    (["dashboard", "--tokenizer", "/no/such/tok"], "is not a folder"),
-    (["dashboard", "--port", "0"], "--port"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dashboard", "/no/such/dir"], "does not exist"),
+        (["dashboard", "--auth", "alice"], "USER:PASSWORD"),
+        (["dashboard", "--tokenizer", "/no/such/tok"], "is not a folder"),
+        (["dashboard", "--port", "0"], "--port"),
+    ],
+)
 def test_bad_arguments_say_what_to_do(argv, message, capsys, runs_root: Path, no_serve):
     if argv[1].startswith("--"):
         argv = [argv[0], str(runs_root), *argv[1:]]
@@ -67,9 +70,14 @@ def test_auth_can_come_from_the_environment(monkeypatch, capsys, runs_root: Path
 def test_a_real_server_on_loopback_requires_the_password(runs_root: Path, tmp_path: Path):
     port = _free_port()
     env = {**os.environ, "RLDIAG_DASHBOARD_AUTH": "alice:s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "rldiag", "dashboard", str(runs_root), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rldiag", "dashboard", str(runs_root), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 60
@@ -82,8 +90,9 @@ def test_a_real_server_on_loopback_requires_the_password(runs_root: Path, tmp_pa
             except OSError:
                 time.sleep(0.3)
         assert status == 401
-        req = urllib.request.Request(url, headers={
-            "Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()})
+        req = urllib.request.Request(
+            url, headers={"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert resp.status == 200 and b"rldiag" in resp.read()
     finally:

@@ -22,10 +22,22 @@ def test_discovery_finds_nested_runs_and_a_single_run_folder(runs_root: Path):
     assert data.discover(runs_root / "grpo_full") == {"grpo_full": (runs_root / "grpo_full").resolve()}
 
 
-@pytest.mark.parametrize("bad", [
-    "../grpo_full", "..", "sweep/../../etc", "/etc/passwd", "sweep//minimal", "./grpo_full", "a\\..\\b",
-    "grpo_full\x00", "", "C:/x", "sweep/minimal/..",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../grpo_full",
+        "..",
+        "sweep/../../etc",
+        "/etc/passwd",
+        "sweep//minimal",
+        "./grpo_full",
+        "a\\..\\b",
+        "grpo_full\x00",
+        "",
+        "C:/x",
+        "sweep/minimal/..",
+    ],
+)
 def test_traversal_and_malformed_run_ids_are_refused(runs_root: Path, bad: str):
     cat = data.Catalog(runs_root)
     with pytest.raises(data.UnknownRun):
@@ -100,8 +112,16 @@ def test_a_writer_whose_process_is_gone_ends_the_run(tmp_path: Path):
 def test_alerts_jsonl_is_parsed_tolerantly(tmp_path: Path):
     path = tmp_path / "alerts.jsonl"
     events = [
-        {"event": "firing", "rule": "kl_spike", "severity": "warn", "step": 5, "start_step": 5, "value": 0.02,
-         "summary": HOSTILE, "time": 1.0},
+        {
+            "event": "firing",
+            "rule": "kl_spike",
+            "severity": "warn",
+            "step": 5,
+            "start_step": 5,
+            "value": 0.02,
+            "summary": HOSTILE,
+            "time": 1.0,
+        },
         {"event": "repeat", "rule": "kl_spike", "severity": "warn", "step": 9, "start_step": 5, "time": 2.0},
         {"event": "firing", "rule": "ess_collapse", "severity": "critical", "step": 6, "time": 3.0},
         {"event": "resolved", "rule": "ess_collapse", "severity": "critical", "step": 8, "time": 4.0},
@@ -123,7 +143,8 @@ def test_alerts_are_reread_only_when_the_file_changes(tmp_path: Path):
     st = data.Catalog(tmp_path).state("r")
     assert st.alerts() == []
     (tmp_path / "r" / "alerts.jsonl").write_text(
-        json.dumps({"event": "firing", "rule": "x", "step": 0, "fingerprint": "f"}) + "\n")
+        json.dumps({"event": "firing", "rule": "x", "step": 0, "fingerprint": "f"}) + "\n"
+    )
     assert len(st.alerts()) == 1
     first = st.alerts()
     assert st.alerts() is first

@@ -52,7 +52,7 @@ def test_raw_stays_visible_under_smoothing_and_ema_is_over_full_resolution():
 
 def test_spike_survives_in_the_envelope_of_a_long_downsampled_run():
     fig = figures.metric_panel({"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t", buckets=100)
-    lo, hi, raw = fig.data[0], fig.data[1], fig.data[2]
+    hi, raw = fig.data[1], fig.data[2]
     assert len(raw.x) <= 102 and fig.layout.meta["aggregated"]
     assert np.nanmax(_ys(hi)) == 30.0
     assert hi.fill == "tonexty"  # the band fills down to the min trace
@@ -60,8 +60,9 @@ def test_spike_survives_in_the_envelope_of_a_long_downsampled_run():
 
 
 def test_zoom_range_reaggregates_at_full_resolution():
-    fig = figures.metric_panel({"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t",
-                               buckets=100, x_range=(12_300, 12_390))
+    fig = figures.metric_panel(
+        {"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t", buckets=100, x_range=(12_300, 12_390)
+    )
     assert not fig.layout.meta["aggregated"]
     assert list(fig.layout.xaxis.range) == [12_300, 12_390]
     assert 30.0 in _ys(fig.data[2])
@@ -99,8 +100,9 @@ def test_nan_and_inf_are_sent_as_gaps():
 def test_extend_payload_targets_the_right_traces_and_continues_the_ema():
     full_a, full_b = _frame(n=10), _frame(n=12, offset=1.0)
     fresh = {"a": full_a.tail(2), "b": full_b.tail(3)}
-    update, idx = figures.extend_payload(fresh, {"a": full_a, "b": full_b}, ["a", "b"], ["ratio/max", "ratio/mean"],
-                                         smoothing=0.6)
+    update, idx = figures.extend_payload(
+        fresh, {"a": full_a, "b": full_b}, ["a", "b"], ["ratio/max", "ratio/mean"], smoothing=0.6
+    )
     per = figures.TRACES_PER_SERIES
     # run b, metric ratio/mean is series 3: its traces start at 3 * 4
     assert idx[-4:] == [3 * per, 3 * per + 1, 3 * per + 2, 3 * per + 3]
@@ -126,7 +128,7 @@ def test_ratio_heatmap_trims_empty_bins_and_normalises_per_step():
     assert len(heat.y) == 3
     np.testing.assert_allclose(heat.y, np.log10(centers[3:6]))
     z = np.asarray(heat.z, dtype=float)
-    share = np.nansum(10 ** z, axis=0)
+    share = np.nansum(10**z, axis=0)
     np.testing.assert_allclose(share[[0, 1, 3]], 1.0)
     assert math.isnan(share[2]) or share[2] == 0  # a step with no tokens has no colour
     assert fig.data[1].name == "p99"
@@ -144,8 +146,14 @@ def test_bucket_heatmap_pivots_steps_by_buckets():
 
 
 def test_lens_figures_read_objectives_from_column_names():
-    f = pl.DataFrame({"step": [0, 1], "lens/ppo/kept_frac": [0.9, 0.8], "lens/cispo/kept_frac": [1.0, 1.0],
-                      "lens/ppo/weight_mean": [1.0, 1.0]})
+    f = pl.DataFrame(
+        {
+            "step": [0, 1],
+            "lens/ppo/kept_frac": [0.9, 0.8],
+            "lens/cispo/kept_frac": [1.0, 1.0],
+            "lens/ppo/weight_mean": [1.0, 1.0],
+        }
+    )
     assert figures.lens_objectives(f, "kept_frac") == ["ppo", "cispo"]
     lines = figures.lens_lines(f, "kept_frac")
     assert [t.name for t in lines.data] == ["ppo", "cispo"]

@@ -53,7 +53,9 @@ def toy_step(params: np.ndarray, rank: int, step: int, attempt: int) -> tuple[di
     record = {
         "logprobs": (new[tokens] - logz_new).astype(np.float32),
         "old_logprobs": (logits_old[tokens] - logz_old).astype(np.float32),
-        "advantages": adv.astype(np.float32), "mask": mask, "group_ids": groups.astype(np.int64),
+        "advantages": adv.astype(np.float32),
+        "mask": mask,
+        "group_ids": groups.astype(np.int64),
         "rewards": reward.astype(np.float32),
         "entropy": np.full((B, T), -(p_new * np.log(p_new)).sum(), dtype=np.float32),
     }
@@ -77,7 +79,7 @@ class Trainer:
             np.save(self.ckpt / f"r{self.rank}-s{step}.npy", self.params)  # the checkpoint a restart loads
             record, self.params = toy_step(self.params, self.rank, step, self.attempt)
             half = {k: v[: B // 2] for k, v in record.items()}
-            rest = {k: v[B // 2:] for k, v in record.items()}
+            rest = {k: v[B // 2 :] for k, v in record.items()}
             self.rec.record(step=step, **half)
             if pause:  # the rank that will be killed publishes each micro-batch: a kill from here on is mid-step
                 self.rec.flush()
@@ -99,7 +101,7 @@ def _reference(path: Path) -> rldiag.analysis.io.Run:
                 attempt = 1 if rank == KILLED and step >= RESTART else 0
                 record, params = toy_step(params, rank, step, attempt)
                 rec.record(step=step, **{k: v[: B // 2] for k, v in record.items()})
-                rec.record(step=step, **{k: v[B // 2:] for k, v in record.items()})
+                rec.record(step=step, **{k: v[B // 2 :] for k, v in record.items()})
     return rldiag.open_run(path)
 
 
@@ -150,7 +152,8 @@ def test_analysis_on_ray_equals_the_local_engine(job, ray_cluster) -> None:
         remote = run.step_metrics(**kw, engine="ray", ray_address=ray_cluster)
         assert remote.equals(local), kw  # the same row-group jobs, joined in the same order: bit-identical
     assert run.bucket_metrics(by="pos", width=3, steps=[2, 5, 7], engine="ray").equals(
-        run.bucket_metrics(by="pos", width=3, steps=[2, 5, 7]))
+        run.bucket_metrics(by="pos", width=3, steps=[2, 5, 7])
+    )
     _same_metrics(run.lens(engine="ray"), run.lens(), rtol=1e-12)
     # the cluster had two nodes throughout
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}

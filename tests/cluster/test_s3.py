@@ -24,13 +24,13 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _keys(uri: str) -> list[str]:
-    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    bucket, prefix = uri[len("s3://") :].split("/", 1)
     out = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"][len(prefix) + 1:] for o in out.get("Contents", []))
+    return sorted(o["Key"][len(prefix) + 1 :] for o in out.get("Contents", []))
 
 
 def _put(uri: str, rel: str, data: bytes) -> None:
-    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    bucket, prefix = uri[len("s3://") :].split("/", 1)
     boto3.client("s3").put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
 
 
@@ -100,8 +100,9 @@ def test_sigkill_mid_run_on_s3_leaves_only_whole_objects(s3_run, s3_server, tmp_
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, **s3_server.env)
-    proc = subprocess.Popen([sys.executable, str(script), s3_run, ROOT, "0", "1", "100000"], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), s3_run, ROOT, "0", "1", "100000"], stdout=subprocess.PIPE, text=True, env=env
+    )
     flushed = -1
     deadline = time.monotonic() + 120
     while flushed < 5 and time.monotonic() < deadline:
@@ -122,8 +123,12 @@ def test_two_ranks_record_one_s3_run_at_once(s3_run, s3_server, tmp_path) -> Non
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, **s3_server.env)
-    procs = [subprocess.Popen([sys.executable, str(script), s3_run, ROOT, str(r), "2", "6"], env=env,
-                              stdout=subprocess.DEVNULL) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), s3_run, ROOT, str(r), "2", "6"], env=env, stdout=subprocess.DEVNULL
+        )
+        for r in range(2)
+    ]
     assert [p.wait(120) for p in procs] == [0, 0]
     run = rldiag.open_run(s3_run)
     assert run.ranks == [0, 1] and run.is_closed() and not run.problems
@@ -179,8 +184,10 @@ def test_dashboard_loads_a_live_s3_run_with_bounded_requests_per_tick(s3_run, s3
     assert state.tokens_at(5).height == 64
     # the cost of a tick does not grow with the files already read: listings plus the new segment only
     assert costs[12] == costs[2] and idle[0] == idle[1] == idle[2] < costs[12]
-    print(f"\nS3 requests per dashboard tick: {costs[12]} with one new segment, {idle[0]} with none "
-          f"(after {len(list(state.run.token_files()))} segments)")
+    print(
+        f"\nS3 requests per dashboard tick: {costs[12]} with one new segment, {idle[0]} with none "
+        f"(after {len(list(state.run.token_files()))} segments)"
+    )
 
 
 def test_watch_once_on_an_s3_run(s3_run, capsys) -> None:
@@ -207,8 +214,9 @@ def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
     cat = Catalog(f"s3://{bucket}/runs")
     assert cat.run_ids() == ["exp1"]
     assert cat.state("exp1").metrics()["step"].to_list() == [0, 1, 2]
-    args = argparse.Namespace(path=s3_run, tokenizer=None, port=8050, poll=2.0, auth=None, host="127.0.0.1",
-                              debug=False)
+    args = argparse.Namespace(
+        path=s3_run, tokenizer=None, port=8050, poll=2.0, auth=None, host="127.0.0.1", debug=False
+    )
     assert build(args) is not None
 
 

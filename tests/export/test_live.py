@@ -27,10 +27,18 @@ def test_recorder_log_to_tensorboard_and_metrics_port(tmp_path: Path) -> None:
             for _ in range(2):  # two micro-batches per step: exported once, merged
                 rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
         rec.flush()
-        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"http://127.0.0.1:{port}/metrics").read().decode()
-    samples = {(s.name, s.labels.get("metric")): s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.labels.get("run") == "live"}
+        text = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            .open(f"http://127.0.0.1:{port}/metrics")
+            .read()
+            .decode()
+        )
+    samples = {
+        (s.name, s.labels.get("metric")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.labels.get("run") == "live"
+    }
     assert samples[("rldiag_step", None)] >= 4  # the writer's latest finished step (the last one waits for close)
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()

@@ -34,8 +34,11 @@ def test_metrics_server_text_format() -> None:
         text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(srv.url).read().decode()
     finally:
         srv.close()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
     assert samples[("rldiag_metric", (("metric", "kl/k3"), ("run", "exp1")))] == 0.25
     assert samples[("rldiag_step", (("run", "exp1"),))] == 7.0
     assert not any(k[0] == "rldiag_metric" and ("metric", "entropy/mean") in k[1] for k in samples)  # NaN left out
@@ -55,15 +58,41 @@ def test_prometheus_scrapes_watch(tmp_path: Path) -> None:
     write_run(runs[1], spike=None, collapse_from=None)
     mport, pport = free_port(), free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rldiag\n    static_configs:\n"
-                   f"      - targets: ['127.0.0.1:{mport}']\n")
+    cfg.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rldiag\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{mport}']\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    watch = subprocess.Popen([sys.executable, "-m", "rldiag", "watch", *map(str, runs), "--metrics-port",
-                              str(mport), "--interval", "0.5", "--no-history", "-q"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rldiag",
+            "watch",
+            *map(str, runs),
+            "--metrics-port",
+            str(mport),
+            "--interval",
+            "0.5",
+            "--no-history",
+            "-q",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     plog = open(tmp_path / "prometheus.log", "wb")
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{pport}"], stdout=plog, stderr=subprocess.STDOUT)
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{pport}",
+        ],
+        stdout=plog,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{pport}"
     try:
         wait_http(f"{url}/-/ready", prom)
@@ -82,8 +111,10 @@ def test_prometheus_scrapes_watch(tmp_path: Path) -> None:
             assert r["metric"]["job"] == "rldiag"
         steps = {r["metric"]["run"]: float(r["value"][1]) for r in _query(url, "rldiag_step")}
         assert steps == {"exp1": 29.0, "ok": 29.0}
-        firing = {r["metric"]["run"]: float(r["value"][1])
-                  for r in _query(url, 'rldiag_alert_firing{alertname="entropy_collapse"}')}
+        firing = {
+            r["metric"]["run"]: float(r["value"][1])
+            for r in _query(url, 'rldiag_alert_firing{alertname="entropy_collapse"}')
+        }
         assert firing == {"exp1": 1.0, "ok": 0.0}
     finally:
         prom.terminate()

@@ -44,8 +44,9 @@ def test_tensorboard_scalars_histograms_and_no_duplicates(run_dir: Path, tmp_pat
     kl = acc.Scalars("kl/k3")
     assert [e.step for e in kl] == metrics["step"].to_list()
     assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)  # float32 in events
-    finite = [c for c in metrics.columns if c != "step" and metrics[c].is_not_nan().all() and
-              metrics[c].is_not_null().all()]
+    finite = [
+        c for c in metrics.columns if c != "step" and metrics[c].is_not_nan().all() and metrics[c].is_not_null().all()
+    ]
     assert set(finite) <= set(acc.Tags()["scalars"])
     for tag in ("hist/log_ratio", "hist/entropy"):
         hists = acc.Histograms(tag)
@@ -59,8 +60,10 @@ def test_tensorboard_scalars_histograms_and_no_duplicates(run_dir: Path, tmp_pat
 def test_chosen_metrics_only(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
-    assert main(["export", str(run_dir), "--to", "tensorboard", str(tb), "--metric", "kl/k3",
-                 "--metric", "entropy/mean"]) == 0
+    assert (
+        main(["export", str(run_dir), "--to", "tensorboard", str(tb), "--metric", "kl/k3", "--metric", "entropy/mean"])
+        == 0
+    )
     assert sorted(_accumulator(tb).Tags()["scalars"]) == ["entropy/mean", "kl/k3"]
 
 
@@ -100,9 +103,24 @@ def test_follow_streams_a_live_run(tmp_path: Path) -> None:
     old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
     rec.record(step=0, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
     rec.flush()
-    proc = subprocess.Popen([sys.executable, "-m", "rldiag", "export", str(run), "--to", "tensorboard", str(tb),
-                             "--follow", "--interval", "0.2"], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rldiag",
+            "export",
+            str(run),
+            "--to",
+            "tensorboard",
+            str(tb),
+            "--follow",
+            "--interval",
+            "0.2",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for s in range(1, 6):
             time.sleep(0.5)
@@ -137,12 +155,12 @@ def _wandb_history(run_file: Path) -> list[tuple[int, dict[str, object]]]:
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if kind == 0 and length == 0:
             pos += left - 7
             continue
-        chunk = data[pos:pos + length]
+        chunk = data[pos : pos + length]
         pos += length
         if kind in (2, 3):
             parts += chunk
@@ -184,15 +202,25 @@ def test_trackio_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(2):  # the second export writes nothing new
-        proc = subprocess.run([sys.executable, "-m", "rldiag", "export", str(run_dir), "--to", "trackio", "proj"],
-                              env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rldiag", "export", str(run_dir), "--to", "trackio", "proj"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
-    code = ("import json,sys; from trackio.sqlite_storage import SQLiteStorage as S; "
-            "print(json.dumps(S.get_logs('proj', 'exp1')))")
+    code = (
+        "import json,sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+        "print(json.dumps(S.get_logs('proj', 'exp1')))"
+    )
     import json
 
-    logs = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                     timeout=60, check=True).stdout)
+    logs = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    )
     metrics = rldiag.open_run(run_dir).step_metrics().sort("step")
     assert [r["step"] for r in logs] == metrics["step"].to_list()
     assert [r["kl/k3"] for r in logs] == pytest.approx(metrics["kl/k3"].to_list(), rel=1e-12)

@@ -37,11 +37,37 @@ LIST_COLS = ("b_n", "b_s", "b_s2", "groups_all", "groups_nonzero")
 SCALAR_COLS = ("n", "n_masked", "n_nonfinite", "n_invalid", "rows_written", "rows_dropped")
 TOKEN_COLS = ("step", "seq", "pos", "logp", "group", "token_id")
 
-STATS_DAMAGES = ("bin_index", "bin_negative", "count_list_length", "count_value", "vector_length", "set_values",
-                 "scalar_value", "key_value", "null_key", "meta_json", "meta_type", "meta_deep", "meta_config",
-                 "drop_column", "column_type", "extra_column", "truncate", "random_bytes", "empty")
-TOKEN_DAMAGES = ("drop_column", "column_type", "key_value", "meta_json", "truncate", "random_bytes", "empty",
-                 "rename_column")
+STATS_DAMAGES = (
+    "bin_index",
+    "bin_negative",
+    "count_list_length",
+    "count_value",
+    "vector_length",
+    "set_values",
+    "scalar_value",
+    "key_value",
+    "null_key",
+    "meta_json",
+    "meta_type",
+    "meta_deep",
+    "meta_config",
+    "drop_column",
+    "column_type",
+    "extra_column",
+    "truncate",
+    "random_bytes",
+    "empty",
+)
+TOKEN_DAMAGES = (
+    "drop_column",
+    "column_type",
+    "key_value",
+    "meta_json",
+    "truncate",
+    "random_bytes",
+    "empty",
+    "rename_column",
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +109,14 @@ def _damage(path: Path, kind: str, draw: dict) -> None:
     big = draw["big"]
     if kind == "bin_index":
         col = f"{draw['hist']}.idx"
-        t = _set(t, col, pa.array([[big % 2**16] * len(x) if x else [big % 2**16] for x in t[col].to_pylist()],
-                                  type=t.schema.field(col).type))
+        t = _set(
+            t,
+            col,
+            pa.array(
+                [[big % 2**16] * len(x) if x else [big % 2**16] for x in t[col].to_pylist()],
+                type=t.schema.field(col).type,
+            ),
+        )
         cnt = f"{draw['hist']}.cnt"
         t = _set(t, cnt, pa.array([[1] * max(len(x), 1) for x in t[cnt].to_pylist()], type=t.schema.field(cnt).type))
     elif kind == "bin_negative":
@@ -99,8 +131,17 @@ def _damage(path: Path, kind: str, draw: dict) -> None:
         col = f"{draw['hist']}.cnt"
         typ = t.schema.field(col).type
         v = -big if pa.types.is_signed_integer(typ.value_type) or pa.types.is_floating(typ.value_type) else big
-        t = _set(t, col, pa.array([[v % 2**31 if not pa.types.is_floating(typ.value_type) and v > 0 else v] * len(x)
-                                   for x in t[col].to_pylist()], type=typ))
+        t = _set(
+            t,
+            col,
+            pa.array(
+                [
+                    [v % 2**31 if not pa.types.is_floating(typ.value_type) and v > 0 else v] * len(x)
+                    for x in t[col].to_pylist()
+                ],
+                type=typ,
+            ),
+        )
     elif kind == "vector_length":
         col = draw["list"]
         typ = t.schema.field(col).type
@@ -152,8 +193,9 @@ def _damage(path: Path, kind: str, draw: dict) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["eps_low", "n_buckets", "x"]),
-                                                                 inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["eps_low", "n_buckets", "x"]), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -162,15 +204,23 @@ json_values = st.recursive(
 def damages(draw):
     folder = draw(st.sampled_from([schema.STATS_DIR, schema.TOKENS_DIR]))
     kind = draw(st.sampled_from(STATS_DAMAGES if folder == schema.STATS_DIR else TOKEN_DAMAGES))
-    return folder, kind, {
-        "segment": draw(st.integers(0, N_STEPS - 1)), "hist": draw(st.sampled_from(HIST_COLS)),
-        "list": draw(st.sampled_from(LIST_COLS)), "scalar": draw(st.sampled_from(SCALAR_COLS)),
-        "key": draw(st.sampled_from(TOKEN_COLS if folder == schema.TOKENS_DIR else ("step", "rank", "micro"))),
-        "big": draw(st.sampled_from([242, 245, 65535, 2**31 - 1, 2**40, 2**62])),
-        "float": draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, 1e300, -1e300])),
-        "cut": draw(st.integers(0, 10**6)), "seed": draw(st.integers(0, 2**16)),
-        "junk": draw(st.binary(max_size=40)), "json": draw(json_values),
-    }
+    return (
+        folder,
+        kind,
+        {
+            "segment": draw(st.integers(0, N_STEPS - 1)),
+            "hist": draw(st.sampled_from(HIST_COLS)),
+            "list": draw(st.sampled_from(LIST_COLS)),
+            "scalar": draw(st.sampled_from(SCALAR_COLS)),
+            "key": draw(st.sampled_from(TOKEN_COLS if folder == schema.TOKENS_DIR else ("step", "rank", "micro"))),
+            "big": draw(st.sampled_from([242, 245, 65535, 2**31 - 1, 2**40, 2**62])),
+            "float": draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, 1e300, -1e300])),
+            "cut": draw(st.integers(0, 10**6)),
+            "seed": draw(st.integers(0, 2**16)),
+            "junk": draw(st.binary(max_size=40)),
+            "json": draw(json_values),
+        },
+    )
 
 
 def _read_everything(run_dir: Path) -> tuple[rldiag.analysis.io.Run, list[int]]:
@@ -201,8 +251,11 @@ def test_a_damaged_file_is_skipped_and_named_never_a_crash(good_run, tmp_path_fa
         assert named, (kind, [p.message for p in run.problems])
 
 
-CLI_CASES = [(schema.STATS_DIR, "bin_index", {"big": 65535}), (schema.STATS_DIR, "meta_deep", {}),
-             (schema.TOKENS_DIR, "column_type", {"cut": 3})]
+CLI_CASES = [
+    (schema.STATS_DIR, "bin_index", {"big": 65535}),
+    (schema.STATS_DIR, "meta_deep", {}),
+    (schema.TOKENS_DIR, "column_type", {"cut": 3}),
+]
 """The CLI cases (a subprocess each: about 4 s): the segfault of issue 16, deep JSON metadata, a token file of
 another schema."""
 
@@ -212,13 +265,26 @@ another schema."""
 def test_cli_survives_damaged_files(good_run, tmp_path, folder, kind, extra) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(good_run, run_dir, ignore=shutil.ignore_patterns(".rldiag-index*"))
-    draw = {"segment": 1, "hist": "h_lr", "list": "b_n", "scalar": "n", "key": "step", "big": 245,
-            "float": float("nan"), "cut": 7, "seed": 1, "junk": b"\xff", "json": None, **extra}
+    draw = {
+        "segment": 1,
+        "hist": "h_lr",
+        "list": "b_n",
+        "scalar": "n",
+        "key": "step",
+        "big": 245,
+        "float": float("nan"),
+        "cut": 7,
+        "seed": 1,
+        "junk": b"\xff",
+        "json": None,
+        **extra,
+    }
     victim = _segments(run_dir, folder)[1]
     _damage(victim, kind, draw)
     for cmd in (["summarize", str(run_dir)], ["info", str(run_dir)]):
-        res = subprocess.run([sys.executable, "-m", "rldiag", *cmd], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "rldiag", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode in (0, 1), (cmd, res.returncode, res.stderr[-2000:])
         assert "Traceback" not in res.stderr, (cmd, res.stderr[-2000:])
         if folder == schema.STATS_DIR and cmd[0] == "info":

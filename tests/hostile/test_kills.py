@@ -49,8 +49,13 @@ def test_sigkill_loses_no_flushed_step(tmp_path: Path) -> None:
     survived, lost = 0, 0
     for i in range(KILLS):
         run_dir = tmp_path / f"run{i}"
-        proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(i)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(run_dir), str(i)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         flushed: list[int] = []
         try:
             target = rnd.randint(2, 6)

@@ -40,20 +40,27 @@ def write_step(folder, step, batch=6, seed=0):
     for i in range(batch):
         n = int(lengths[i])
         ids[i, :n] = rng.integers(1, 500, n)
-        mask[i, prompt[i]:n] = 1
+        mask[i, prompt[i] : n] = 1
         lp = -rng.exponential(1.0, n)
         lp[0] = 0.0
         prev[i, 1:n] = lp[1:]
         gen[i, 1:n] = np.minimum(lp[1:] + rng.normal(0, 0.05, n - 1), 0)
-        adv[i, prompt[i]:n] = rewards[i] - rewards.mean()
-    log_data = {"content": [[{"role": "user", "content": "q"}]] * batch, "rewards": rewards.tolist(),
-                "input_lengths": lengths.tolist(), "token_ids": ids.tolist(), "token_loss_mask": mask.tolist(),
-                "sample_loss_mask": [1.0] * batch, "advantages": adv.tolist(),
-                "generation_logprobs": gen.tolist(), "prev_logprobs": prev.tolist()}
+        adv[i, prompt[i] : n] = rewards[i] - rewards.mean()
+    log_data = {
+        "content": [[{"role": "user", "content": "q"}]] * batch,
+        "rewards": rewards.tolist(),
+        "input_lengths": lengths.tolist(),
+        "token_ids": ids.tolist(),
+        "token_loss_mask": mask.tolist(),
+        "sample_loss_mask": [1.0] * batch,
+        "advantages": adv.tolist(),
+        "generation_logprobs": gen.tolist(),
+        "prev_logprobs": prev.tolist(),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"train_data_step{step}.jsonl", "w") as f:
         for i in range(batch):
-            sample = {k: v[i:i + 1] for k, v in log_data.items()}
+            sample = {k: v[i : i + 1] for k, v in log_data.items()}
             f.write(json.dumps({**sample, "idx": i}, default=str) + "\n")
     return log_data
 
@@ -100,16 +107,29 @@ def test_bad_lines_named_and_lenient_counts(tmp_path, capsys):
 
 
 def test_an_old_dump_without_masks_is_refused(tmp_path):
-    (tmp_path / "train_data_step0.jsonl").write_text(json.dumps(
-        {"content": ["x"], "rewards": [1.0], "generation_logprobs": [[0.0, -1.0]], "prev_logprobs": [[0.0, -1.0]],
-         "input_lengths": [2], "idx": 0}) + "\n")
+    (tmp_path / "train_data_step0.jsonl").write_text(
+        json.dumps(
+            {
+                "content": ["x"],
+                "rewards": [1.0],
+                "generation_logprobs": [[0.0, -1.0]],
+                "prev_logprobs": [[0.0, -1.0]],
+                "input_lengths": [2],
+                "idx": 0,
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(ImportInputError, match="lacks .*token_loss_mask"):
         import_nemo_rl(tmp_path, tmp_path / "run")
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=8,
 )

@@ -31,14 +31,18 @@ def batch_tensors(b=4, r=6, s=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     loss_mask = torch.ones(b, r, dtype=torch.long)
     loss_mask[0, :2] = 0  # left padding of a short response
-    loss_mask[1, 3] = 0   # a tool-output token
+    loss_mask[1, 3] = 0  # a tool-output token
     old = -torch.rand(b, r, generator=g) * 3
-    return {"sequences": torch.randint(1, 1000, (b, s), generator=g),
-            "attention_mask": torch.ones(b, s, dtype=torch.long),
-            "loss_mask": loss_mask, "response_mask": torch.ones(b, r, dtype=torch.long), "action_log_probs": old,
-            "base_action_log_probs": old - 0.1 * torch.rand(b, r, generator=g),
-            "advantages": torch.randn(b, 1, generator=g).expand(b, r).contiguous(),
-            "rollout_logprobs": torch.clamp(old + 0.05 * torch.randn(b, r, generator=g), max=0.0)}
+    return {
+        "sequences": torch.randint(1, 1000, (b, s), generator=g),
+        "attention_mask": torch.ones(b, s, dtype=torch.long),
+        "loss_mask": loss_mask,
+        "response_mask": torch.ones(b, r, dtype=torch.long),
+        "action_log_probs": old,
+        "base_action_log_probs": old - 0.1 * torch.rand(b, r, generator=g),
+        "advantages": torch.randn(b, 1, generator=g).expand(b, r).contiguous(),
+        "rollout_logprobs": torch.clamp(old + 0.05 * torch.randn(b, r, generator=g), max=0.0),
+    }
 
 
 def test_pickles_written_by_skyrl_train(tmp_path):
@@ -89,15 +93,30 @@ def _new_layout_pickle(path, tensors):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules[mod.__name__] = mod
     try:
-        state = {"batch_dict": {k: {"format": "numpy", "data": v.numpy().tobytes(), "shape": tuple(v.shape),
-                                    "dtype": str(v.numpy().dtype)} for k, v in tensors.items()},
-                 "batch_size": 4, "device": torch.device("cpu"), "metadata": {"response_length": 6}}
+        state = {
+            "batch_dict": {
+                k: {
+                    "format": "numpy",
+                    "data": v.numpy().tobytes(),
+                    "shape": tuple(v.shape),
+                    "dtype": str(v.numpy().dtype),
+                }
+                for k, v in tensors.items()
+            },
+            "batch_size": 4,
+            "device": torch.device("cpu"),
+            "metadata": {"response_length": 6},
+        }
         TrainingInputBatch.__reduce__ = lambda self: (_rebuild_tensor_batch, (TrainingInputBatch, state))
         with open(path, "wb") as f:
             pickle.dump(TrainingInputBatch(), f)
     finally:
-        for name in ("skyrl.backends.skyrl_train.training_batch", "skyrl.backends.skyrl_train", "skyrl.backends",
-                     "skyrl"):
+        for name in (
+            "skyrl.backends.skyrl_train.training_batch",
+            "skyrl.backends.skyrl_train",
+            "skyrl.backends",
+            "skyrl",
+        ):
             sys.modules.pop(name, None)
 
 

@@ -35,19 +35,33 @@ def write_rollout(folder, rollout_id, n=6, dp=2, seed=0):
         mask = [1] * resp
         if i == 1:
             mask[1] = 0  # a tool-output token
-        samples.append({
-            "data_parallel_rank": i % dp, "sample_index": i, "rollout_position": i,
-            "tokens": torch.randint(1, 500, (prompt + resp,), generator=g).tolist(), "response_lengths": resp,
-            "total_lengths": prompt + resp, "loss_masks": mask, "rewards": float(i % 2), "truncated": 0,
-            "log_probs": old,
-            "rollout_log_probs": torch.clamp(old + 0.02 * torch.randn(resp, generator=g), max=0).tolist(),
-            "ref_log_probs": old - 0.1, "advantages": torch.full((resp,), float(i % 2) - 0.5),
-            "returns": torch.zeros(resp), "entropy": torch.rand(resp, generator=g),
-        })
-    payload = {"format_version": 2, "rollout_id": rollout_id, "rank": 0, "samples": samples,
-               "dp_shards": [{"rank": r, "data_parallel_rank": r, "sample_indices": list(range(r, n, dp))}
-                             for r in range(dp)],
-               "raw_reward": [s["rewards"] for s in samples]}
+        samples.append(
+            {
+                "data_parallel_rank": i % dp,
+                "sample_index": i,
+                "rollout_position": i,
+                "tokens": torch.randint(1, 500, (prompt + resp,), generator=g).tolist(),
+                "response_lengths": resp,
+                "total_lengths": prompt + resp,
+                "loss_masks": mask,
+                "rewards": float(i % 2),
+                "truncated": 0,
+                "log_probs": old,
+                "rollout_log_probs": torch.clamp(old + 0.02 * torch.randn(resp, generator=g), max=0).tolist(),
+                "ref_log_probs": old - 0.1,
+                "advantages": torch.full((resp,), float(i % 2) - 0.5),
+                "returns": torch.zeros(resp),
+                "entropy": torch.rand(resp, generator=g),
+            }
+        )
+    payload = {
+        "format_version": 2,
+        "rollout_id": rollout_id,
+        "rank": 0,
+        "samples": samples,
+        "dp_shards": [{"rank": r, "data_parallel_rank": r, "sample_indices": list(range(r, n, dp))} for r in range(dp)],
+        "raw_reward": [s["rewards"] for s in samples],
+    }
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(payload, folder / f"{rollout_id}.pt")
     return samples

@@ -22,8 +22,13 @@ from rldiag.importers.verl import import_verl
 def test_verl_dump_is_read_and_refused_with_what_it_lacks(tmp_path, capsys):
     for step in (1, 2):
         with open(tmp_path / f"{step}.jsonl", "w") as f:
-            f.writelines(json.dumps({"input": "q", "output": "a", "gts": "4", "score": 1.0, "step": step, "acc": 1},
-                                   ensure_ascii=False) + "\n" for i in range(3))
+            f.writelines(
+                json.dumps(
+                    {"input": "q", "output": "a", "gts": "4", "score": 1.0, "step": step, "acc": 1}, ensure_ascii=False
+                )
+                + "\n"
+                for i in range(3)
+            )
     with pytest.raises(ImportInputError, match=r"6 samples over 2 step\(s\).*no per-token log-probs"):
         import_verl(tmp_path, tmp_path / "run")
     (tmp_path / "3.jsonl").write_text('{"input": "q"}\n')
@@ -36,8 +41,21 @@ def test_verl_dump_is_read_and_refused_with_what_it_lacks(tmp_path, capsys):
 def test_areal_dump_is_read_and_refused_with_what_it_lacks(tmp_path):
     folder = tmp_path / "rollout" / "7"
     folder.mkdir(parents=True)
-    (folder / "12.jsonl").write_text(json.dumps(
-        {"task_id": 12, "sample_idx": 0, "seqlen": 9, "prompt_len": 4, "head_version": 6, "tail_version": 7,
-         "reward": 1.0, "prompt": "p", "completion": "c"}) + "\n")
+    (folder / "12.jsonl").write_text(
+        json.dumps(
+            {
+                "task_id": 12,
+                "sample_idx": 0,
+                "seqlen": 9,
+                "prompt_len": 4,
+                "head_version": 6,
+                "tail_version": 7,
+                "reward": 1.0,
+                "prompt": "p",
+                "completion": "c",
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(ImportInputError, match=r"1 samples over 1 step.*versions"):
         import_areal(tmp_path, tmp_path / "run")

@@ -25,9 +25,18 @@ def rows(n_steps=3, n_seq=4, length=5, seed=0, rank=None) -> pl.DataFrame:
         for seq in range(n_seq):
             for pos in range(length):
                 lp = -float(rng.exponential())
-                out.append({"step": step, "seq": seq, "pos": pos, "logp": lp,
-                            "old_logp": lp - float(rng.normal(0, 0.05)) - 0.01 * 0,
-                            "adv": float(seq % 2 - 0.5), "entropy": float(rng.uniform(0, 2)), "group": seq // 2})
+                out.append(
+                    {
+                        "step": step,
+                        "seq": seq,
+                        "pos": pos,
+                        "logp": lp,
+                        "old_logp": lp - float(rng.normal(0, 0.05)) - 0.01 * 0,
+                        "adv": float(seq % 2 - 0.5),
+                        "entropy": float(rng.uniform(0, 2)),
+                        "group": seq // 2,
+                    }
+                )
     df = pl.DataFrame(out)
     df = df.with_columns(pl.min_horizontal(pl.col("old_logp"), pl.lit(-1e-3)).alias("old_logp"))
     if rank is not None:
@@ -74,8 +83,10 @@ def test_one_slightly_positive_log_prob_among_many(tmp_path, capsys):
     df.write_csv(tmp_path / "t.csv")
     assert main(["import", "tokens", str(tmp_path / "t.csv"), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"rldiag import: error: {tmp_path / 't.csv'}: row 1001 (line 1002), column logp: '0.001' is a "
-                   "positive log-probability\n")
+    assert err == (
+        f"rldiag import: error: {tmp_path / 't.csv'}: row 1001 (line 1002), column logp: '0.001' is a "
+        "positive log-probability\n"
+    )
     assert listing(tmp_path) == ["t.csv"]  # no partial run
     assert main(["import", "tokens", str(tmp_path / "t.csv"), str(tmp_path / "run"), "--errors", "lenient"]) == 0
     out = capsys.readouterr().out
@@ -84,20 +95,24 @@ def test_one_slightly_positive_log_prob_among_many(tmp_path, capsys):
     assert run.steps() == list(range(30)) and run.tokens().collect().height == 1649
 
 
-@pytest.mark.parametrize("cell,column,message", [
-    ("", "step", "is not an integer"),
-    ("1e40", "step", "is not an integer"),
-    ("123456789012345678901234567890", "seq", "is not an integer"),
-    ("-3", "pos", "is not an integer"),
-    ("2.5", "step", "is not an integer"),
-    ("abc", "logp", "is not a number"),
-    ("-1.0", "entropy", "is a negative entropy"),
-    ("99999999999", "rank", "is not an integer"),
-])
+@pytest.mark.parametrize(
+    "cell,column,message",
+    [
+        ("", "step", "is not an integer"),
+        ("1e40", "step", "is not an integer"),
+        ("123456789012345678901234567890", "seq", "is not an integer"),
+        ("-3", "pos", "is not an integer"),
+        ("2.5", "step", "is not an integer"),
+        ("abc", "logp", "is not a number"),
+        ("-1.0", "entropy", "is a negative entropy"),
+        ("99999999999", "rank", "is not an integer"),
+    ],
+)
 def test_bad_cells_name_file_row_and_column(tmp_path, cell, column, message):
     df = rows(n_steps=1, rank=0).with_columns(pl.all().cast(pl.String))
-    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(pl.lit(cell)).otherwise(pl.col(column))
-                         .alias(column))
+    df = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 7).then(pl.lit(cell)).otherwise(pl.col(column)).alias(column)
+    )
     df.write_csv(tmp_path / "t.csv")
     with pytest.raises(ImportInputError) as err:
         import_token_file(tmp_path / "t.csv", tmp_path / "run")
@@ -138,8 +153,9 @@ def test_wrong_column_types_in_parquet(tmp_path):
 
 
 def test_missing_float_values_are_nan_not_errors(tmp_path):
-    df = rows(n_steps=1).with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("logp"))
-                                      .alias("logp"))
+    df = rows(n_steps=1).with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("logp")).alias("logp")
+    )
     df.write_csv(tmp_path / "t.csv")
     report = import_token_file(tmp_path / "t.csv", tmp_path / "run")
     row = rldiag.open_run(tmp_path / "run").step_metrics().row(0, named=True)
@@ -164,8 +180,14 @@ def test_existing_target_is_kept(tmp_path):
 
 
 _CELLS = st.one_of(
-    st.none(), st.just(""), st.just("nan"), st.just("inf"), st.just("-inf"), st.just("1e400"),
-    st.text(max_size=6), st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.none(),
+    st.just(""),
+    st.just("nan"),
+    st.just("inf"),
+    st.just("-inf"),
+    st.just("1e400"),
+    st.text(max_size=6),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
 )
 
@@ -179,8 +201,9 @@ def test_random_bad_cells_never_give_anything_but_a_clear_error(data, errors):
         col = data.draw(st.sampled_from(df.columns))
         i = data.draw(st.integers(0, df.height - 1))
         cell = data.draw(_CELLS)
-        df = df.with_columns(pl.when(pl.int_range(pl.len()) == i).then(pl.lit(cell, dtype=pl.String))
-                             .otherwise(pl.col(col)).alias(col))
+        df = df.with_columns(
+            pl.when(pl.int_range(pl.len()) == i).then(pl.lit(cell, dtype=pl.String)).otherwise(pl.col(col)).alias(col)
+        )
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "t.csv")
         df.write_csv(src)

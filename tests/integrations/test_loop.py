@@ -42,8 +42,16 @@ def test_logprobs_and_record_returns_differentiable_logprobs_and_records_entropy
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[0, 3:] = False
     with rldiag.Recorder(tmp_path / "run") as rec:
-        logp = logprobs_and_record(rec, step=2, logits=logits, tokens=tokens, old_logprobs=old, advantages=adv,
-                                   mask=mask, group_ids=torch.tensor([0, 0, 1]))
+        logp = logprobs_and_record(
+            rec,
+            step=2,
+            logits=logits,
+            tokens=tokens,
+            old_logprobs=old,
+            advantages=adv,
+            mask=mask,
+            group_ids=torch.tensor([0, 0, 1]),
+        )
     logp.sum().backward()
     assert logits.grad is not None
     p = torch.softmax(logits.detach().double(), -1)
@@ -61,8 +69,15 @@ def test_logprobs_and_record_returns_differentiable_logprobs_and_records_entropy
 
 def test_logprobs_and_record_checks_shapes(tmp_path):
     with rldiag.Recorder(tmp_path / "run") as rec, pytest.raises(ValueError, match="tokens"):
-        logprobs_and_record(rec, step=0, logits=torch.zeros(2, 4, 7), tokens=torch.zeros(2, 5, dtype=torch.long),
-                            old_logprobs=torch.zeros(2, 4), advantages=torch.zeros(2), mask=None)
+        logprobs_and_record(
+            rec,
+            step=0,
+            logits=torch.zeros(2, 4, 7),
+            tokens=torch.zeros(2, 5, dtype=torch.long),
+            old_logprobs=torch.zeros(2, 4),
+            advantages=torch.zeros(2),
+            mask=None,
+        )
 
 
 def test_cleanrl_style_example_trains_and_records(tmp_path):

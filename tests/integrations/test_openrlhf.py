@@ -20,8 +20,17 @@ class PolicyLossLike(nn.Module):
         super().__init__()
         self.clip_eps_low, self.clip_eps_high = clip_eps_low, clip_eps_high
 
-    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
-                batch_num_tokens=None, global_batch_size=None):
+    def forward(
+        self,
+        log_probs,
+        old_log_probs,
+        advantages,
+        action_mask=None,
+        rollout_log_probs=None,
+        dp_size=1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    ):
         ratio = (log_probs - old_log_probs).exp()
         surr1 = ratio * advantages
         surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * advantages
@@ -58,8 +67,7 @@ def test_records_positional_and_keyword_calls_and_leaves_the_loss_alone(tmp_path
         loss_fn(lp2, old2, adv2, action_mask=mask2)  # keywords, no rollout log-probs
         loss_fn(log_probs=lp2, old_log_probs=old2, advantages=adv2, action_mask=mask2)
     df = tokens(tmp_path / "run")
-    assert df.group_by("step").len().sort("step")["len"].to_list() == [int(mask.sum() + mask2.sum()),
-                                                                       int(mask2.sum())]
+    assert df.group_by("step").len().sort("step")["len"].to_list() == [int(mask.sum() + mask2.sum()), int(mask2.sum())]
     first = df.filter((pl.col("step") == 3) & (pl.col("micro") == 0))
     m = mask.numpy()
     np.testing.assert_array_equal(first["logp"].to_numpy(), lp.detach().numpy()[m])
@@ -115,8 +123,12 @@ def test_a_module_with_other_names_needs_a_mapping(tmp_path):
         attach(Renamed(), tmp_path / "bad")
     lp, old, adv, mask, _ = inputs(5)
     module = Renamed()
-    with attach(module, tmp_path / "run", step_fn=lambda: 2, arguments={
-        "logprobs": "new_lp", "old_logprobs": "behaviour_lp", "advantages": "adv", "mask": "mask"}):
+    with attach(
+        module,
+        tmp_path / "run",
+        step_fn=lambda: 2,
+        arguments={"logprobs": "new_lp", "old_logprobs": "behaviour_lp", "advantages": "adv", "mask": "mask"},
+    ):
         module(lp, old, adv, mask)
         Renamed()(lp, old, adv, mask)  # another instance: not hooked
     df = tokens(tmp_path / "run")
@@ -164,8 +176,9 @@ def openrlhf_loss(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-d
 
 
 def test_real_policy_loss_metrics_equal_openrlhf_and_loss_unchanged(tmp_path, openrlhf_loss) -> None:
-    loss_fn = openrlhf_loss.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level="token",
-                                       is_correction_threshold=(0.0, 100.0))
+    loss_fn = openrlhf_loss.PolicyLoss(
+        clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level="token", is_correction_threshold=(0.0, 100.0)
+    )
     lp, old, adv, mask, rollout = inputs(1)
     rollout = rollout.clamp(max=0)
     lp2 = lp.detach().clone().requires_grad_(True)

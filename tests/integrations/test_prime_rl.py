@@ -32,13 +32,14 @@ def _f(values) -> list:
     return [None if not math.isfinite(v) else float(np.float32(v)) for v in values]
 
 
-def make_sequence(rng, step, rank, micro_step, micro_idx, export_idx, *, multi_turn=False, rl_weights=False,
-                  env="math") -> dict:
+def make_sequence(
+    rng, step, rank, micro_step, micro_idx, export_idx, *, multi_turn=False, rl_weights=False, env="math"
+) -> dict:
     prompt, resp = int(rng.integers(3, 8)), int(rng.integers(2, 12))
     n = prompt + resp
     mask = [False] * prompt + [True] * resp
     if multi_turn and resp > 5:
-        mask[prompt + 2: prompt + 4] = [False, False]  # a tool result inside the response
+        mask[prompt + 2 : prompt + 4] = [False, False]  # a tool result inside the response
     trainer = -rng.exponential(1.0, n)
     inference = -np.abs(trainer + rng.normal(0, 0.1, n))
     adv = float(rng.normal())
@@ -49,22 +50,45 @@ def make_sequence(rng, step, rank, micro_step, micro_idx, export_idx, *, multi_t
         rlw[prompt] = 0.0  # the first response token belongs to the CE component only
     nones = [None] * n
     return {
-        "schema_version": 1, "step": step, "rank": rank, "micro_step": micro_step,
-        "micro_sequence_idx": micro_idx, "export_sequence_idx": export_idx, "env_name": env,
-        "token_ids": rng.integers(0, 1000, n).tolist(), "position_ids": list(range(n)), "loss_mask": mask,
-        "advantages": _f([adv] * n), "inference_logprobs": _f(inference), "trainer_logprobs": _f(trainer),
-        "entropy": _f(rng.uniform(0, 3, n)), "mismatch_kl": _f(np.exp(log_ratio) - log_ratio - 1),
-        "log_importance_ratio": _f(log_ratio), "importance_ratio": _f(np.exp(log_ratio)),
-        "prob_delta": _f(np.exp(trainer) - np.exp(inference)), "is_masked": [False] * n,
-        "is_masked_high": [False] * n, "is_masked_low": [False] * n,
+        "schema_version": 1,
+        "step": step,
+        "rank": rank,
+        "micro_step": micro_step,
+        "micro_sequence_idx": micro_idx,
+        "export_sequence_idx": export_idx,
+        "env_name": env,
+        "token_ids": rng.integers(0, 1000, n).tolist(),
+        "position_ids": list(range(n)),
+        "loss_mask": mask,
+        "advantages": _f([adv] * n),
+        "inference_logprobs": _f(inference),
+        "trainer_logprobs": _f(trainer),
+        "entropy": _f(rng.uniform(0, 3, n)),
+        "mismatch_kl": _f(np.exp(log_ratio) - log_ratio - 1),
+        "log_importance_ratio": _f(log_ratio),
+        "importance_ratio": _f(np.exp(log_ratio)),
+        "prob_delta": _f(np.exp(trainer) - np.exp(inference)),
+        "is_masked": [False] * n,
+        "is_masked_high": [False] * n,
+        "is_masked_low": [False] * n,
         "rl_weights": rlw if rlw is not None else nones,
         "ce_weights": [0.0 if w else 1.0 for w in rlw] if rlw is not None else nones,
         "ref_kl_weights": nones,
     }
 
 
-def write_exports(root, steps=(1, 2, 10), ranks=(0, 1), per_file=5, seed=0, stable=False, multi_turn=False,
-                  micro_steps=1, rl_weights=False, envs=("math",)):
+def write_exports(
+    root,
+    steps=(1, 2, 10),
+    ranks=(0, 1),
+    per_file=5,
+    seed=0,
+    stable=False,
+    multi_turn=False,
+    micro_steps=1,
+    rl_weights=False,
+    envs=("math",),
+):
     rng = np.random.default_rng(seed)
     records = []
     for step in steps:
@@ -74,8 +98,19 @@ def write_exports(root, steps=(1, 2, 10), ranks=(0, 1), per_file=5, seed=0, stab
             seqs, k = [], 0
             for micro in range(micro_steps):
                 for j in range(per_file):
-                    seqs.append(make_sequence(rng, step, rank, micro, j, k, multi_turn=multi_turn,
-                                              rl_weights=rl_weights, env=envs[k % len(envs)]))
+                    seqs.append(
+                        make_sequence(
+                            rng,
+                            step,
+                            rank,
+                            micro,
+                            j,
+                            k,
+                            multi_turn=multi_turn,
+                            rl_weights=rl_weights,
+                            env=envs[k % len(envs)],
+                        )
+                    )
                     k += 1
             text = "".join(json.dumps(s, separators=(",", ":"), allow_nan=False) + "\n" for s in seqs)
             (folder / f"rank_{rank}.jsonl").write_text(text)
@@ -113,15 +148,20 @@ def test_imports_every_step_and_rank_with_the_documented_mapping(tmp_path):
             want = np.concatenate([trained(r, "trainer_logprobs") for r in recs])
             np.testing.assert_allclose(got["logp"].to_numpy(), want, rtol=1e-6)
             np.testing.assert_allclose(got["old_logp"].to_numpy(), want, rtol=1e-6)
-            np.testing.assert_allclose(got["rollout_logp"].to_numpy(),
-                                       np.concatenate([trained(r, "inference_logprobs") for r in recs]), rtol=1e-6)
-            np.testing.assert_allclose(got["entropy"].to_numpy(),
-                                       np.concatenate([trained(r, "entropy") for r in recs]), rtol=1e-6)
-            np.testing.assert_array_equal(got["token_id"].to_numpy(),
-                                          np.concatenate([trained(r, "token_ids") for r in recs]))
+            np.testing.assert_allclose(
+                got["rollout_logp"].to_numpy(),
+                np.concatenate([trained(r, "inference_logprobs") for r in recs]),
+                rtol=1e-6,
+            )
+            np.testing.assert_allclose(
+                got["entropy"].to_numpy(), np.concatenate([trained(r, "entropy") for r in recs]), rtol=1e-6
+            )
+            np.testing.assert_array_equal(
+                got["token_id"].to_numpy(), np.concatenate([trained(r, "token_ids") for r in recs])
+            )
     # positions start at the first trained token; a trained run after a gap is the next turn
     recs = [r for r in records if r["step"] == 1 and r["rank"] == 0]
-    idx, multi = next((i, r) for i, r in enumerate(recs) if not all(r["loss_mask"][r["loss_mask"].index(True):]))
+    idx, multi = next((i, r) for i, r in enumerate(recs) if not all(r["loss_mask"][r["loss_mask"].index(True) :]))
     first = multi["loss_mask"].index(True)
     got = df.filter((pl.col("step") == 1) & (pl.col("rank") == 0)).sort(["seq", "pos"])
     rows = got.filter(pl.col("seq") == got["seq"].unique(maintain_order=True)[idx])
@@ -142,10 +182,12 @@ def test_metrics_follow_from_the_mapping(tmp_path):
     assert row["mismatch/k1"] == pytest.approx(np.mean(-d), rel=1e-5)
     assert row["mismatch/k3"] == pytest.approx(np.mean(np.exp(d) - 1 - d), rel=1e-4)
     # ... which is prime-rl's own mismatch_kl/all/mean: the token mean of its per-token mismatch_kl
-    assert row["mismatch/k3"] == pytest.approx(np.mean(np.concatenate([trained(r, "mismatch_kl") for r in records])),
-                                               rel=1e-4)
-    assert row["entropy/mean"] == pytest.approx(np.mean(np.concatenate([trained(r, "entropy") for r in records])),
-                                                rel=1e-5)
+    assert row["mismatch/k3"] == pytest.approx(
+        np.mean(np.concatenate([trained(r, "mismatch_kl") for r in records])), rel=1e-4
+    )
+    assert row["entropy/mean"] == pytest.approx(
+        np.mean(np.concatenate([trained(r, "entropy") for r in records])), rel=1e-5
+    )
     assert row["seq/count"] == len(records)
     assert math.isnan(row["group/nonzero_frac"])
     assert math.isnan(row["reward/mean"])  # the export has no reward
@@ -154,12 +196,16 @@ def test_metrics_follow_from_the_mapping(tmp_path):
 def test_rl_weights_decide_which_tokens_are_rl_tokens(tmp_path):
     records = write_exports(tmp_path / "out", steps=(3,), ranks=(0,), per_file=12, seed=2, rl_weights=True)
     report = ImportReport(trainer="prime-rl", source="x")
-    row = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report)).step_metrics().row(
-        0, named=True)
+    row = (
+        rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report))
+        .step_metrics()
+        .row(0, named=True)
+    )
     kl = [trained(r, "mismatch_kl") for r in records]
     want = np.mean(np.concatenate(kl))
-    everything = np.mean(np.concatenate([np.array(r["mismatch_kl"], dtype=float)[np.array(r["loss_mask"])]
-                                         for r in records]))
+    everything = np.mean(
+        np.concatenate([np.array(r["mismatch_kl"], dtype=float)[np.array(r["loss_mask"])] for r in records])
+    )
     assert row["mismatch/k3"] == pytest.approx(want, rel=1e-4)
     assert abs(want - everything) > 1e-4 * abs(want)  # the test would fail if zero-weight tokens counted
     assert row["tokens/count"] == sum(len(k) for k in kl) == report.tokens
@@ -167,8 +213,7 @@ def test_rl_weights_decide_which_tokens_are_rl_tokens(tmp_path):
 
 
 def test_micro_step_and_env_name_are_kept(tmp_path):
-    records = write_exports(tmp_path / "out", steps=(5,), ranks=(0,), per_file=3, micro_steps=3,
-                            envs=("math", "code"))
+    records = write_exports(tmp_path / "out", steps=(5,), ranks=(0,), per_file=3, micro_steps=3, envs=("math", "code"))
     report = ImportReport(trainer="prime-rl", source="x")
     run = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report))
     tok = run.tokens().collect()
@@ -180,10 +225,12 @@ def test_micro_step_and_env_name_are_kept(tmp_path):
     for code, env in enumerate(("math", "code")):
         recs = [r for r in records if r["env_name"] == env]
         row = table.row(code, named=True)
-        assert row["mismatch/k3"] == pytest.approx(np.mean(np.concatenate([trained(r, "mismatch_kl") for r in recs])),
-                                                   rel=1e-4)
-        assert row["entropy/mean"] == pytest.approx(np.mean(np.concatenate([trained(r, "entropy") for r in recs])),
-                                                    rel=1e-5)
+        assert row["mismatch/k3"] == pytest.approx(
+            np.mean(np.concatenate([trained(r, "mismatch_kl") for r in recs])), rel=1e-4
+        )
+        assert row["entropy/mean"] == pytest.approx(
+            np.mean(np.concatenate([trained(r, "entropy") for r in recs])), rel=1e-5
+        )
 
 
 def test_config_is_used_and_the_token_exports_folder_is_accepted(tmp_path):
@@ -223,8 +270,7 @@ BAD = [
     (lambda r: json.dumps({**r, "step": 8}), "does not match the folder"),
     (lambda r: json.dumps({**r, "token_ids": [10**30] * len(r["token_ids"])}), "column token_ids"),
     (lambda r: json.dumps({**r, "trainer_logprobs": ["x"] * len(r["trainer_logprobs"])}), "not a number"),
-    (lambda r: json.dumps({**r, "trainer_logprobs": [1e400 if False else 10**400] * len(r["loss_mask"])}),
-     "too large"),
+    (lambda r: json.dumps({**r, "trainer_logprobs": [1e400 if False else 10**400] * len(r["loss_mask"])}), "too large"),
     (lambda r: json.dumps({**r, "loss_mask": [2] * len(r["loss_mask"])}), "column loss_mask"),
     (lambda r: json.dumps({**r, "inference_logprobs": [0.5] * len(r["loss_mask"])}), "positive"),
     (lambda r: json.dumps({**r, "entropy": [-1.0] * len(r["loss_mask"])}), "negative entropy"),
@@ -241,8 +287,12 @@ BAD = [
 @pytest.mark.parametrize("mutate,message", BAD)
 def test_bad_input_names_file_and_line_and_leaves_nothing_behind(tmp_path, mutate, message):
     path = bad_file(tmp_path, mutate)
-    with pytest.raises(PrimeRLImportError if "repeats" not in message and "positive" not in message
-                       and "negative" not in message else ValueError, match=message) as err:
+    with pytest.raises(
+        PrimeRLImportError
+        if "repeats" not in message and "positive" not in message and "negative" not in message
+        else ValueError,
+        match=message,
+    ) as err:
         import_prime_rl(tmp_path / "out", tmp_path / "run")
     assert str(err.value).startswith(f"{path}:2")
     assert "\n" not in str(err.value)
@@ -309,8 +359,11 @@ def test_null_log_probs_count_as_non_finite_and_are_reported(tmp_path):
 
     bad_file(tmp_path, null_two)
     report = ImportReport(trainer="prime-rl", source="x")
-    row = rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report)).step_metrics().row(
-        0, named=True)
+    row = (
+        rldiag.open_run(import_prime_rl(tmp_path / "out", tmp_path / "run", report=report))
+        .step_metrics()
+        .row(0, named=True)
+    )
     assert row["ratio/nonfinite"] == 1
     assert report.missing == {"trainer_logprobs": 1, "inference_logprobs": 1}
     assert "inference_logprobs: stored as NaN" in report.summary().replace("missing ", "")
@@ -331,13 +384,30 @@ def test_cli_one_line_error_then_a_retry_works(tmp_path, capsys):
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=8,
 )
-_KEYS = ["step", "rank", "micro_step", "export_sequence_idx", "token_ids", "loss_mask", "advantages",
-         "inference_logprobs", "trainer_logprobs", "entropy", "rl_weights", "ce_weights", "ref_kl_weights", "env_name"]
+_KEYS = [
+    "step",
+    "rank",
+    "micro_step",
+    "export_sequence_idx",
+    "token_ids",
+    "loss_mask",
+    "advantages",
+    "inference_logprobs",
+    "trainer_logprobs",
+    "entropy",
+    "rl_weights",
+    "ce_weights",
+    "ref_kl_weights",
+    "env_name",
+]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

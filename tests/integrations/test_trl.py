@@ -31,8 +31,12 @@ from rldiag.record.integrations.trl import RLDiagGRPOTrainer, attach, detach_rec
 pytestmark = pytest.mark.slow
 
 ALPHABET = "abcd"
-PAIRS = [("clip/low", "clip_ratio/low_mean"), ("clip/high", "clip_ratio/high_mean"),
-         ("clip/region", "clip_ratio/region_mean"), ("entropy/mean", "entropy")]
+PAIRS = [
+    ("clip/low", "clip_ratio/low_mean"),
+    ("clip/high", "clip_ratio/high_mean"),
+    ("clip/region", "clip_ratio/region_mean"),
+    ("entropy/mean", "entropy"),
+]
 
 
 def _reward(prompts: list[str], completions: list[str], **_: object) -> list[float]:
@@ -40,24 +44,52 @@ def _reward(prompts: list[str], completions: list[str], **_: object) -> list[flo
     return [sum(a == b for a, b in zip(c, p[:-1])) / 3 for p, c in zip(prompts, completions)]
 
 
-def _trainer(tmp_path: Path, *, cls: type = trl.GRPOTrainer, max_steps: int = 6, num_iterations: int = 3,
-             grad_accum: int = 1, lr: float = 5e-2, beta: float = 0.0, config: dict | None = None,
-             **kwargs: object) -> trl.GRPOTrainer:
+def _trainer(
+    tmp_path: Path,
+    *,
+    cls: type = trl.GRPOTrainer,
+    max_steps: int = 6,
+    num_iterations: int = 3,
+    grad_accum: int = 1,
+    lr: float = 5e-2,
+    beta: float = 0.0,
+    config: dict | None = None,
+    **kwargs: object,
+) -> trl.GRPOTrainer:
     tok = build_tokenizer(ALPHABET + "=")
     rng = random.Random(0)
     prompts = ["".join(rng.choice(ALPHABET) for _ in range(3)) + "=" for _ in range(64)]
     args = trl.GRPOConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=6, max_steps=max_steps, use_cpu=True, report_to=[], save_strategy="no",
-        beta=beta, num_iterations=num_iterations, learning_rate=lr, logging_steps=1, seed=0, disable_tqdm=True,
-        gradient_accumulation_steps=grad_accum, lr_scheduler_type="constant", **(config or {}),
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=max_steps,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        beta=beta,
+        num_iterations=num_iterations,
+        learning_rate=lr,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        gradient_accumulation_steps=grad_accum,
+        lr_scheduler_type="constant",
+        **(config or {}),
     )
     model = build_model(tok, seed=0)
     if beta != 0.0:  # TRL loads the reference model from the policy's path: give it a local one
         model.save_pretrained(tmp_path / "base")
         model = type(model).from_pretrained(tmp_path / "base")
-    trainer = cls(model=model, reward_funcs=_reward, args=args,
-                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tok, **kwargs)
+    trainer = cls(
+        model=model,
+        reward_funcs=_reward,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+        processing_class=tok,
+        **kwargs,
+    )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     return trainer
@@ -128,15 +160,26 @@ def test_groups_rewards_and_advantages_stay_aligned(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     trainer = _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=run_dir, max_steps=3, num_iterations=1)
     trainer.train()
-    seqs = (rldiag.open_run(run_dir).tokens().group_by("step", "micro", "seq")
-            .agg(pl.col("group").first(), pl.col("reward").first(), pl.col("adv").first(),
-                 pl.col("version").first(), pl.col("logp").len().alias("n")).collect())
+    seqs = (
+        rldiag.open_run(run_dir)
+        .tokens()
+        .group_by("step", "micro", "seq")
+        .agg(
+            pl.col("group").first(),
+            pl.col("reward").first(),
+            pl.col("adv").first(),
+            pl.col("version").first(),
+            pl.col("logp").len().alias("n"),
+        )
+        .collect()
+    )
     assert seqs.height == 3 * 8
     sizes = seqs.group_by("step", "group").len()
     assert sizes["len"].to_list() == [4] * sizes.height  # num_generations completions per prompt group
     assert seqs["group"].n_unique() == 3 * 2  # unique over the run
-    g = seqs.with_columns(mean=pl.col("reward").mean().over("step", "group"),
-                          std=pl.col("reward").std().over("step", "group"))
+    g = seqs.with_columns(
+        mean=pl.col("reward").mean().over("step", "group"), std=pl.col("reward").std().over("step", "group")
+    )
     expected = ((g["reward"] - g["mean"]) / (g["std"] + 1e-4)).to_numpy()
     np.testing.assert_allclose(g["adv"].to_numpy(), expected, atol=1e-4)
     assert (seqs["version"] == seqs["step"]).all()  # num_iterations=1: every rollout is fresh
@@ -171,9 +214,13 @@ def test_critical_alert_stops_training(tmp_path: Path) -> None:
     )
     from rldiag.alerts import AlertConfig
 
-    trainer = _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=tmp_path / "run", max_steps=40,
-                       rldiag_options={"alerts": AlertConfig(rules=str(rules), console=False,
-                                                             stop_on=("critical",))})
+    trainer = _trainer(
+        tmp_path,
+        cls=RLDiagGRPOTrainer,
+        rldiag_run_dir=tmp_path / "run",
+        max_steps=40,
+        rldiag_options={"alerts": AlertConfig(rules=str(rules), console=False, stop_on=("critical",))},
+    )
     trainer.train()
     assert trainer.rldiag_recorder.should_stop
     assert trainer.state.global_step < 40
@@ -194,7 +241,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert rldiag.open_run(tmp_path / "run").steps() == []
 
 
-
 def test_reference_kl_equals_trl_kl(tmp_path: Path) -> None:
     """With beta != 0 TRL scores a reference model; rldiag's kl/ref_k3 is TRL's logged `kl`.
 
@@ -202,8 +248,14 @@ def test_reference_kl_equals_trl_kl(tmp_path: Path) -> None:
     then a different number on reused rollouts; with the correction off the two are the same estimator.
     """
     run_dir = tmp_path / "run"
-    trainer = _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=run_dir, max_steps=4, beta=0.04,
-                       config={"use_bias_correction_kl": False})
+    trainer = _trainer(
+        tmp_path,
+        cls=RLDiagGRPOTrainer,
+        rldiag_run_dir=run_dir,
+        max_steps=4,
+        beta=0.04,
+        config={"use_bias_correction_kl": False},
+    )
     trainer.train()
     logged = _logged(trainer)
     m = rldiag.open_run(run_dir).step_metrics()

@@ -48,8 +48,15 @@ def _fresh_state(monkeypatch):
 
 
 def actor_config(loss_mode: str = rv.LOSS_NAME, **kw) -> ActorConfig:
-    args = dict(strategy="fsdp", rollout_n=2, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2,
-                clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+    args = dict(
+        strategy="fsdp",
+        rollout_n=2,
+        ppo_mini_batch_size=2,
+        ppo_micro_batch_size_per_gpu=2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+    )
     args.update(kw)
     return ActorConfig(**args)
 
@@ -126,8 +133,16 @@ def test_rollout_log_probs_passed_to_the_loss_are_recorded(tmp_path):
     seen = {}
 
     @core_algos.register_policy_loss("test_spy_rollout")
-    def spy(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-            rollout_log_probs=None, **kwargs):
+    def spy(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode="token-mean",
+        config=None,
+        rollout_log_probs=None,
+        **kwargs,
+    ):
         seen["rollout"] = rollout_log_probs
         return log_prob.sum(), {}
 
@@ -191,15 +206,20 @@ def verl_batch(seed: int, b: int = 8, p: int = 5, t: int = 7, rollout: bool = Tr
     attn = torch.zeros(b, p + t, dtype=torch.long)
     for i in range(b):
         pl_, rl_ = int(prompt_lens[i]), int(resp_lens[i])
-        prompts[i, p - pl_:] = torch.randint(1, 50, (pl_,), generator=g)
+        prompts[i, p - pl_ :] = torch.randint(1, 50, (pl_,), generator=g)
         responses[i, :rl_] = torch.randint(1, 50, (rl_,), generator=g)
-        attn[i, p - pl_: p + rl_] = 1
+        attn[i, p - pl_ : p + rl_] = 1
     response_mask = attn[:, p:].clone()
     old = -torch.rand(b, t, generator=g) * 2
     tensors = dict(
-        input_ids=torch.cat([prompts, responses], 1), attention_mask=attn,
-        position_ids=(attn.cumsum(-1) - 1).clamp(min=0), prompts=prompts, responses=responses,
-        response_mask=response_mask, old_log_probs=old, advantages=torch.randn(b, t, generator=g),
+        input_ids=torch.cat([prompts, responses], 1),
+        attention_mask=attn,
+        position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+        prompts=prompts,
+        responses=responses,
+        response_mask=response_mask,
+        old_log_probs=old,
+        advantages=torch.randn(b, t, generator=g),
         token_level_scores=torch.zeros(b, t).scatter_(1, (resp_lens - 1)[:, None], torch.rand(b, 1, generator=g)),
         # what the stand-in engine's model returns for this batch (unknown keys are ignored by verl's loss)
         test_log_probs=(old + 0.2 * torch.randn(b, t, generator=g)).clamp(max=0),
@@ -222,7 +242,7 @@ def model_output_for(data) -> dict:
         resp_len = int(attn[i, p:].sum())
         for key, src in (("log_probs", "test_log_probs"), ("entropy", "test_entropy")):
             full = torch.zeros(seq_len)
-            full[seq_len - resp_len - 1: seq_len - 1] = data[src][i, :resp_len]  # logits at j predict token j+1
+            full[seq_len - resp_len - 1 : seq_len - 1] = data[src][i, :resp_len]  # logits at j predict token j+1
             values[key].append(full)
     return {k: torch.nested.as_nested_tensor(v, layout=torch.jagged) for k, v in values.items()}
 
@@ -254,8 +274,13 @@ def test_ppo_loss_micro_batch_extras_are_recorded(tmp_path):
     df = read_tokens(tmp_path / "run")
     m = tensors["response_mask"].bool().numpy()
     assert len(df) == int(m.sum())
-    for col, key in (("logp", "test_log_probs"), ("old_logp", "old_log_probs"), ("adv", "advantages"),
-                     ("entropy", "test_entropy"), ("rollout_logp", "rollout_log_probs")):
+    for col, key in (
+        ("logp", "test_log_probs"),
+        ("old_logp", "old_log_probs"),
+        ("adv", "advantages"),
+        ("entropy", "test_entropy"),
+        ("rollout_logp", "rollout_log_probs"),
+    ):
         np.testing.assert_allclose(df[col].to_numpy(), tensors[key].numpy()[m], rtol=0, atol=0, err_msg=col)
     np.testing.assert_array_equal(df["token_id"].to_numpy(), tensors["responses"].numpy()[m])
     seq_reward = tensors["token_level_scores"].sum(-1).numpy()
@@ -272,7 +297,12 @@ def test_extras_with_a_shape_verl_did_not_promise_are_dropped(tmp_path):
     td, _ = verl_batch(2)
     rv._local.micro = ({"entropy": torch.zeros(3)}, td)  # an entropy verl cannot pad to the response
     try:
-        old, lp, adv, mask = (torch.zeros(8, 7), torch.zeros(8, 7), torch.zeros(8, 7), torch.ones(8, 7, dtype=torch.bool))
+        old, lp, adv, mask = (
+            torch.zeros(8, 7),
+            torch.zeros(8, 7),
+            torch.zeros(8, 7),
+            torch.ones(8, 7, dtype=torch.bool),
+        )
         with pytest.warns(RuntimeWarning, match="could not read"):
             rv.policy_loss(old, lp, adv, mask, "token-mean", actor_config())
     finally:
@@ -316,7 +346,7 @@ class StandInEngine:
             loss, metrics = loss_function(model_output=model_output_for(micro), data=micro, dp_group=None)
             self.loss_calls.append(float(loss))
             outputs.append(metrics)
-        return {"loss": self.loss_calls[-len(outputs):], "model_output": {}, "metrics": {}}
+        return {"loss": self.loss_calls[-len(outputs) :], "model_output": {}, "metrics": {}}
 
     def train_batch(self, data, loss_function):
         return self._run(data, loss_function)
@@ -328,13 +358,23 @@ class StandInEngine:
 def stand_in_worker(cfg, micro_batch_size=2):
     worker = types.SimpleNamespace(
         engine=StandInEngine(micro_batch_size),
-        engine_config=types.SimpleNamespace(forward_only=False, use_dynamic_bsz=False, max_token_len_per_gpu=None,
-                                            micro_batch_size_per_gpu=micro_batch_size, use_fused_kernels=False,
-                                            infer_max_token_len_per_gpu=None,
-                                            infer_micro_batch_size_per_gpu=micro_batch_size),
+        engine_config=types.SimpleNamespace(
+            forward_only=False,
+            use_dynamic_bsz=False,
+            max_token_len_per_gpu=None,
+            micro_batch_size_per_gpu=micro_batch_size,
+            use_fused_kernels=False,
+            infer_max_token_len_per_gpu=None,
+            infer_micro_batch_size_per_gpu=micro_batch_size,
+        ),
         model_config={},
-        profiler=types.SimpleNamespace(step=lambda: None, rank=0, check_enable=lambda: False,
-                                       check_this_step=lambda: False, check_this_rank=lambda: False),
+        profiler=types.SimpleNamespace(
+            step=lambda: None,
+            rank=0,
+            check_enable=lambda: False,
+            check_this_step=lambda: False,
+            check_this_rank=lambda: False,
+        ),
         loss_fn=None,
         _postprocess_output=lambda output, **kw: tu.get_tensordict({}, {"metrics": output["metrics"]}),
     )
@@ -348,8 +388,9 @@ def stand_in_worker(cfg, micro_batch_size=2):
 def update_batch(seed, mini_batch_size=4, epochs=2):
     td, tensors = verl_batch(seed)
     del td["input_ids"]  # the mini-batch loop would all-gather token counts over a process group
-    tu.assign_non_tensor(td, mini_batch_size=mini_batch_size, epochs=epochs, seed=1,
-                         dataloader_kwargs={"shuffle": False})
+    tu.assign_non_tensor(
+        td, mini_batch_size=mini_batch_size, epochs=epochs, seed=1, dataloader_kwargs={"shuffle": False}
+    )
     return td, tensors
 
 
@@ -358,8 +399,12 @@ def test_hooks_are_installed_on_verl_workers_and_keep_dispatch_attributes():
     from verl.single_controller.base.decorator import MAGIC_ATTR
 
     assert rv.install_worker_hooks()
-    for cls, name in ((ew.TrainingWorker, "train_mini_batch"), (ew.TrainingWorker, "infer_batch"),
-                      (ew.TrainingWorker, "set_loss_fn"), (ew.ActorRolloutRefWorker, "update_weights")):
+    for cls, name in (
+        (ew.TrainingWorker, "train_mini_batch"),
+        (ew.TrainingWorker, "infer_batch"),
+        (ew.TrainingWorker, "set_loss_fn"),
+        (ew.ActorRolloutRefWorker, "update_weights"),
+    ):
         method = getattr(cls, name)
         assert method.__rldiag_wrapped__
         assert getattr(method, MAGIC_ATTR)["dispatch_mode"] is not None
@@ -453,14 +498,14 @@ def test_documented_overrides_reach_the_ray_workers_environment():
     """verl's own Hydra config accepts the documented overrides and main_ppo's runtime env carries them."""
     import os
 
+    import verl
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
-    import verl
-
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None
+    ):
         cfg = compose(config_name="ppo_trainer", overrides=DOCUMENTED_OVERRIDES)
     # what verl.trainer.main_ppo.run_ppo passes to ray.init
     runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.runtime_env)
@@ -500,10 +545,17 @@ def test_hooks_that_cannot_load_warn_once_naming_the_module():
         "    from rldiag.record.integrations import verl as rv\n"
         "    assert rv.install_worker_hooks() is False\n"
         "mine = [str(x.message) for x in w if 'rldiag' in str(x.message)]\n"
-        "print(len(mine)); print(mine[0] if mine else '')\n")
+        "print(len(mine)); print(mine[0] if mine else '')\n"
+    )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     count, message = out.stdout.strip().splitlines()[-2:]
     assert count == "1"
@@ -520,7 +572,7 @@ def test_headline_metrics_reach_verls_metric_dict(tmp_path):
     out = worker.train_mini_batch(update_batch(4, epochs=1)[0])
     rv.close()
     metrics = tu.get(out, "metrics")
-    ours = {k[len("rldiag/"):]: v for k, v in metrics.items() if k.startswith("rldiag/")}
+    ours = {k[len("rldiag/") :]: v for k, v in metrics.items() if k.startswith("rldiag/")}
     row = rldiag.open_run(tmp_path / "run").step_metrics().row(0, named=True)
     assert "clip/region" in ours and "kl/k3" in ours and set(ours) <= set(HEADLINE)
     for name, value in ours.items():

@@ -13,9 +13,19 @@ import numpy as np
 EPS_LOW, EPS_HIGH, C_DUAL, C_TIS = 0.2, 0.28, 3.0, 2.0
 
 
-def make_record(rng: np.random.Generator, B: int, T: int, *, heavy: bool = True, nan_frac: float = 0.0,
-                groups: int | None = None, zero_group: bool = True, extras: bool = True, group_offset: int = 0,
-                version_step: int | None = None) -> dict:
+def make_record(
+    rng: np.random.Generator,
+    B: int,
+    T: int,
+    *,
+    heavy: bool = True,
+    nan_frac: float = 0.0,
+    groups: int | None = None,
+    zero_group: bool = True,
+    extras: bool = True,
+    group_offset: int = 0,
+    version_step: int | None = None,
+) -> dict:
     """A random record with heavy-tailed ratios, ragged masks, optional NaNs, empty groups and extras."""
     logp = -rng.exponential(1.0, (B, T))
     noise = rng.standard_t(2, (B, T)) * 0.15 if heavy else rng.normal(0, 0.1, (B, T))
@@ -27,13 +37,19 @@ def make_record(rng: np.random.Generator, B: int, T: int, *, heavy: bool = True,
     adv = rng.normal(0, 1, B)
     if zero_group:
         adv[group == group_offset] = 0.0  # a dead group
-    rec = {"logprobs": logp.astype(np.float32), "old_logprobs": old.astype(np.float32),
-           "advantages": adv.astype(np.float32), "mask": mask, "group_ids": group.astype(np.int64),
-           "rewards": rng.random(B).astype(np.float32)}
+    rec = {
+        "logprobs": logp.astype(np.float32),
+        "old_logprobs": old.astype(np.float32),
+        "advantages": adv.astype(np.float32),
+        "mask": mask,
+        "group_ids": group.astype(np.int64),
+        "rewards": rng.random(B).astype(np.float32),
+    }
     if extras:
         rec["entropy"] = rng.exponential(0.5, (B, T)).astype(np.float32)
-        rec["rollout_logprobs"] = np.minimum(old + rng.normal(0, 0.05, (B, T)) + rng.standard_t(3, (B, T)) * 0.02,
-                                             0).astype(np.float32)
+        rec["rollout_logprobs"] = np.minimum(
+            old + rng.normal(0, 0.05, (B, T)) + rng.standard_t(3, (B, T)) * 0.02, 0
+        ).astype(np.float32)
         rec["ref_logprobs"] = np.minimum(logp + rng.normal(0, 0.1, (B, T)), 0).astype(np.float32)
         if version_step is not None:
             rec["versions"] = (version_step - rng.integers(0, 4, B)).astype(np.int64)
@@ -58,9 +74,16 @@ def _flat(records: list[dict]) -> dict:
         n_nonfinite += int((mask & ~fin).sum())
         valid = mask & fin
         for b in range(B):
-            seq_info.append((ri, b, None if "group_ids" not in r else int(r["group_ids"][b]),
-                             None if "rewards" not in r else float(r["rewards"][b]), bool(mask[b].any()),
-                             bool((valid[b] & (adv[b] != 0)).any())))
+            seq_info.append(
+                (
+                    ri,
+                    b,
+                    None if "group_ids" not in r else int(r["group_ids"][b]),
+                    None if "rewards" not in r else float(r["rewards"][b]),
+                    bool(mask[b].any()),
+                    bool((valid[b] & (adv[b] != 0)).any()),
+                )
+            )
             for t in range(T):
                 if not valid[b, t]:
                     continue
@@ -228,5 +251,13 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
     return {k: float(v) for k, v in m.items()}
 
 
-HIST_METRICS = ("ratio/logabs_p50", "ratio/logabs_p99", "ratio/logabs_p999", "entropy/p10", "entropy/p50",
-                "entropy/p90", "mismatch/logabs_p99", "seq/minprefix_ratio_p5")
+HIST_METRICS = (
+    "ratio/logabs_p50",
+    "ratio/logabs_p99",
+    "ratio/logabs_p999",
+    "entropy/p10",
+    "entropy/p50",
+    "entropy/p90",
+    "mismatch/logabs_p99",
+    "seq/minprefix_ratio_p5",
+)

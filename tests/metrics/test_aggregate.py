@@ -22,8 +22,10 @@ from tests.metrics.test_registry import RECORD_LOCAL, _stats_table
 def test_merge_over_ranks_files_and_order_is_exact(seed: int, n_ranks: int, data) -> None:
     """Any assignment of records to ranks, any row order, any grouping of the merge: same metrics."""
     rng = np.random.default_rng(seed)
-    records = [make_record(rng, int(rng.integers(1, 6)), int(rng.integers(1, 12)), group_offset=10 * i,
-                           nan_frac=0.05) for i in range(int(rng.integers(1, 7)))]
+    records = [
+        make_record(rng, int(rng.integers(1, 6)), int(rng.integers(1, 12)), group_offset=10 * i, nan_frac=0.05)
+        for i in range(int(rng.integers(1, 7)))
+    ]
     single = _stats_table(records, step=3)
     ranks = data.draw(st.lists(st.integers(0, n_ranks - 1), min_size=len(records), max_size=len(records)))
     parts = [_stats_table([r], step=3, rank=k, micro0=i) for i, (r, k) in enumerate(zip(records, ranks))]
@@ -67,8 +69,9 @@ def test_compacted_rows_merge_like_the_rows_they_replace() -> None:
     got = aggregate.finalize(aggregate.merge(pa.concat_tables([aggregate.compact(old), new])))
     assert got["step"].to_list() == [0, 1, 2]
     for name in REGISTRY:
-        np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-12, equal_nan=True,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name].to_numpy(), want[name].to_numpy(), rtol=1e-12, equal_nan=True, err_msg=name
+        )
     assert set(aggregate.merge(old, stats=set(STATS)).stats) == set(STATS)
 
 

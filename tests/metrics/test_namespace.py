@@ -32,8 +32,9 @@ def test_every_analysis_column_is_a_registry_entry() -> None:
 def test_law_quantities_are_registered(tmp_path: Path) -> None:
     steps = np.arange(30)
     ent = np.linspace(1.0, 0.2, 30)
-    frame = pl.DataFrame({"step": steps, "entropy/mean": ent, "reward/mean": -0.5 * np.exp(ent) + 1.0,
-                          "entropy/cov": np.full(30, 0.01)})
+    frame = pl.DataFrame(
+        {"step": steps, "entropy/mean": ent, "reward/mean": -0.5 * np.exp(ent) + 1.0, "entropy/cov": np.full(30, 0.01)}
+    )
     assert set(law.fit_law(frame).as_dict()) <= set(ANALYSES)
 
 
@@ -46,12 +47,16 @@ def test_alert_rules_know_the_analysis_metrics() -> None:
 def test_cliff_thresholds_are_the_rule_files() -> None:
     from rldiag.alerts.rules import default_rules
 
-    by_severity = {r.severity: r.conditions[0].threshold for r in default_rules().rules
-                   if r.conditions and r.conditions[0].metric == cliff.HEADROOM}
+    by_severity = {
+        r.severity: r.conditions[0].threshold
+        for r in default_rules().rules
+        if r.conditions and r.conditions[0].metric == cliff.HEADROOM
+    }
     assert (cliff.WARN_HEADROOM, cliff.CRITICAL_HEADROOM) == (by_severity["warn"], by_severity["critical"])
     warn, crit = cliff.headroom_thresholds(
         '[rules.w]\nmetric = "cliff/headroom"\nseverity = "warn"\nthreshold = 0.5\n'
-        '[rules.c]\nmetric = "cliff/headroom"\nseverity = "critical"\nthreshold = 0.7\n')
+        '[rules.c]\nmetric = "cliff/headroom"\nseverity = "critical"\nthreshold = 0.7\n'
+    )
     assert (warn, crit) == (0.5, 0.7)
     with pytest.raises(ValueError, match="no warn and critical rule"):
         cliff.headroom_thresholds('[rules.w]\nmetric = "x"\nseverity = "warn"\nthreshold = 0.5\n')
@@ -65,8 +70,13 @@ def test_one_ctpo_definition_kernel_and_lens_agree(tmp_path: Path) -> None:
             B, T = 8, 30
             lp = -rng.exponential(0.5, (B, T))
             olp = np.minimum(lp + rng.normal(0, 0.08, (B, T)), 0)
-            rec.record(step=step, logprobs=lp, old_logprobs=olp, advantages=rng.normal(size=B),
-                       mask=np.arange(T)[None, :] < rng.integers(3, T, B)[:, None])
+            rec.record(
+                step=step,
+                logprobs=lp,
+                old_logprobs=olp,
+                advantages=rng.normal(size=B),
+                mask=np.arange(T)[None, :] < rng.integers(3, T, B)[:, None],
+            )
     run = rldiag.open_run(tmp_path / "run")
     stored = run.step_metrics(metrics=["seq/ctpo_clip"])["seq/ctpo_clip"].to_numpy()
     kept = run.lens(objectives=["ctpo"])["lens/ctpo/kept_frac"].to_numpy()

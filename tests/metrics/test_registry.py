@@ -26,9 +26,18 @@ def _stats_table(records: list[dict], step: int, rank: int = 0, micro0: int = 0)
     tables = []
     for i, rec in enumerate(records):
         B, T = rec["logprobs"].shape
-        names = {"logprobs": "logp", "old_logprobs": "old_logp", "advantages": "adv", "mask": "mask",
-                 "entropy": "entropy", "rollout_logprobs": "rollout_logp", "ref_logprobs": "ref_logp",
-                 "group_ids": "group", "rewards": "reward", "versions": "version"}
+        names = {
+            "logprobs": "logp",
+            "old_logprobs": "old_logp",
+            "advantages": "adv",
+            "mask": "mask",
+            "entropy": "entropy",
+            "rollout_logprobs": "rollout_logp",
+            "ref_logprobs": "ref_logp",
+            "group_ids": "group",
+            "rewards": "reward",
+            "versions": "version",
+        }
         snaps = {names[k]: HostSnapshot(v, float_cast=True) for k, v in rec.items()}
         job = Job(step=step, micro=micro0 + i, shape=(B, T), inputs=snaps)
         tb, _, _ = build_batch(job, step)
@@ -69,8 +78,10 @@ def test_every_metric_matches_numpy_reference(seed: int, tmp_path) -> None:
     steps = {}
     with rldiag.Recorder(tmp_path / "run", config=CFG) as rec:
         for step in range(3):
-            records = [make_record(rng, 12, 40, nan_frac=0.02 if step == 1 else 0.0, group_offset=100 * i,
-                                   version_step=step) for i in range(3)]
+            records = [
+                make_record(rng, 12, 40, nan_frac=0.02 if step == 1 else 0.0, group_offset=100 * i, version_step=step)
+                for i in range(3)
+            ]
             for r in records:
                 rec.record(step=step, **r)
             steps[step] = records
@@ -110,8 +121,12 @@ def test_empty_and_all_masked_records(tmp_path) -> None:
     r["mask"] = np.zeros((4, 8), bool)
     with rldiag.Recorder(tmp_path / "run", config=CFG) as rec:
         rec.record(step=0, **r)
-        rec.record(step=1, logprobs=np.zeros((0, 5), np.float32), old_logprobs=np.zeros((0, 5), np.float32),
-                   advantages=np.zeros(0, np.float32))
+        rec.record(
+            step=1,
+            logprobs=np.zeros((0, 5), np.float32),
+            old_logprobs=np.zeros((0, 5), np.float32),
+            advantages=np.zeros(0, np.float32),
+        )
     df = rldiag.open_run(tmp_path / "run").step_metrics()
     assert df["tokens/count"].to_list() == [0.0, 0.0]
     assert math.isnan(df["ratio/mean"][0]) and math.isnan(df["entropy/mean"][0])

@@ -59,9 +59,11 @@ def bad_calls(draw):
 def test_bad_input_never_damages_what_is_written(tmp_path_factory, calls, lenient) -> None:
     run_dir = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)
-    good = dict(logprobs=-rng.exponential(1, (3, 5)).astype(np.float32),
-                old_logprobs=-rng.exponential(1, (3, 5)).astype(np.float32),
-                advantages=rng.normal(size=3).astype(np.float32))
+    good = dict(
+        logprobs=-rng.exponential(1, (3, 5)).astype(np.float32),
+        old_logprobs=-rng.exponential(1, (3, 5)).astype(np.float32),
+        advantages=rng.normal(size=3).astype(np.float32),
+    )
     rec = rldiag.Recorder(run_dir, errors="lenient" if lenient else "strict")
     rec.record(step=0, **good)
     rec.flush()

@@ -31,8 +31,14 @@ def test_record_on_cuda_never_syncs_and_matches_cpu(tmp_path) -> None:
             torch.cuda.set_sync_debug_mode("default")
     with rldiag.Recorder(tmp_path / "cpu") as rec:
         for step in range(3):
-            rec.record(step=step, logprobs=logp.cpu(), old_logprobs=old.cpu(), advantages=adv.cpu(),
-                       mask=mask.cpu(), entropy=ent.float().cpu())
+            rec.record(
+                step=step,
+                logprobs=logp.cpu(),
+                old_logprobs=old.cpu(),
+                advantages=adv.cpu(),
+                mask=mask.cpu(),
+                entropy=ent.float().cpu(),
+            )
     a = rldiag.open_run(tmp_path / "gpu").step_metrics()
     b = rldiag.open_run(tmp_path / "cpu").step_metrics()
     for name in a.columns:
@@ -45,9 +51,12 @@ def _batch(device: str, seed: int) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     B, T = 64, 2048  # 1.2 MB a record: more than the smallest queue holds
     logp = -torch.rand(B, T, device=device, generator=g) * 3
-    return {"logprobs": logp, "old_logprobs": (logp + 0.1 * torch.randn(B, T, device=device, generator=g)).clamp(max=0),
-            "advantages": torch.randn(B, device=device, generator=g),
-            "mask": torch.rand(B, T, device=device, generator=g) < 0.9}
+    return {
+        "logprobs": logp,
+        "old_logprobs": (logp + 0.1 * torch.randn(B, T, device=device, generator=g)).clamp(max=0),
+        "advantages": torch.randn(B, device=device, generator=g),
+        "mask": torch.rand(B, T, device=device, generator=g) < 0.9,
+    }
 
 
 def _full_queue_run(path, device: str, steps: int = 6) -> dict:

@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 def _batches(seed: int, steps: int) -> list[list[dict]]:
     rng = np.random.default_rng(seed)
-    return [[make_record(rng, 8, 24, group_offset=100 * s + 10 * i, version_step=s) for i in range(2)]
-            for s in range(steps)]
+    return [
+        [make_record(rng, 8, 24, group_offset=100 * s + 10 * i, version_step=s) for i in range(2)] for s in range(steps)
+    ]
 
 
 def _worker(rank: int, port: int, run_dir: str, seed: int, steps: int) -> None:
@@ -53,4 +54,6 @@ def test_two_gloo_ranks_merge_to_single_process_statistics(tmp_path) -> None:
             assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-9, abs=1e-12), name
     per_rank = d.step_metrics(by_rank=True)
     assert per_rank.height == 2 * steps
-    assert d.step_metrics(ranks=[1])["tokens/count"].sum() == per_rank.filter(per_rank["rank"] == 1)["tokens/count"].sum()
+    assert (
+        d.step_metrics(ranks=[1])["tokens/count"].sum() == per_rank.filter(per_rank["rank"] == 1)["tokens/count"].sum()
+    )

@@ -23,23 +23,42 @@ def _rec(rng, B=4, T=8):
 def test_shape_mismatch_names_argument_and_shapes(run_dir) -> None:
     with rldiag.Recorder(run_dir) as rec:
         with pytest.raises(ValueError, match=r"old_logprobs has shape \[4, 7\] but logprobs has shape \[4, 8\]"):
-            rec.record(step=0, logprobs=np.zeros((4, 8), np.float32), old_logprobs=np.zeros((4, 7), np.float32),
-                       advantages=np.zeros(4, np.float32))
+            rec.record(
+                step=0,
+                logprobs=np.zeros((4, 8), np.float32),
+                old_logprobs=np.zeros((4, 7), np.float32),
+                advantages=np.zeros(4, np.float32),
+            )
         with pytest.raises(ValueError, match=r"advantages .* must be \[4\] or \[4, 8\]"):
-            rec.record(step=0, logprobs=np.zeros((4, 8), np.float32), old_logprobs=np.zeros((4, 8), np.float32),
-                       advantages=np.zeros(5, np.float32))
+            rec.record(
+                step=0,
+                logprobs=np.zeros((4, 8), np.float32),
+                old_logprobs=np.zeros((4, 8), np.float32),
+                advantages=np.zeros(5, np.float32),
+            )
         with pytest.raises(ValueError, match=r"logprobs must be \[B, T\]"):
-            rec.record(step=0, logprobs=np.zeros(8, np.float32), old_logprobs=np.zeros(8, np.float32),
-                       advantages=np.zeros(1, np.float32))
+            rec.record(
+                step=0,
+                logprobs=np.zeros(8, np.float32),
+                old_logprobs=np.zeros(8, np.float32),
+                advantages=np.zeros(1, np.float32),
+            )
         with pytest.raises(TypeError, match="step must be"):
-            rec.record(step=torch.tensor(1), logprobs=np.zeros((1, 2), np.float32),
-                       old_logprobs=np.zeros((1, 2), np.float32), advantages=np.zeros(1, np.float32))
+            rec.record(
+                step=torch.tensor(1),
+                logprobs=np.zeros((1, 2), np.float32),
+                old_logprobs=np.zeros((1, 2), np.float32),
+                advantages=np.zeros(1, np.float32),
+            )
     assert rldiag.open_run(run_dir).steps() == []
 
 
 def test_strict_rejects_integer_logprobs_lenient_counts_them(tmp_path) -> None:
-    bad = dict(logprobs=np.zeros((2, 3), np.int64), old_logprobs=np.zeros((2, 3), np.float32),
-               advantages=np.ones(2, np.float32))
+    bad = dict(
+        logprobs=np.zeros((2, 3), np.int64),
+        old_logprobs=np.zeros((2, 3), np.float32),
+        advantages=np.ones(2, np.float32),
+    )
     with rldiag.Recorder(tmp_path / "s") as rec:
         with pytest.raises(TypeError, match="must be floating point"):
             rec.record(step=0, **bad)
@@ -292,8 +311,10 @@ def test_lenient_counts_refused_values_per_argument_and_keeps_the_rest(tmp_path)
 def test_loss_weight_mask_is_not_read_as_all_ones_in_lenient_mode(tmp_path) -> None:
     rng = np.random.default_rng(13)
     r = _spoil(_full(rng), "mask")
-    with rldiag.Recorder(tmp_path / "l", errors="lenient", handle_signals=False) as rec, \
-            pytest.warns(RuntimeWarning, match="mask must hold 0/1"):
+    with (
+        rldiag.Recorder(tmp_path / "l", errors="lenient", handle_signals=False) as rec,
+        pytest.warns(RuntimeWarning, match="mask must hold 0/1"),
+    ):
         rec.record(step=0, **r)
     info = rldiag.open_run(tmp_path / "l").info()
     assert info["tokens"] == 0 and info["tokens_invalid"] == 32 and rec.stats["invalid_values"] == {"mask": 32}
@@ -313,13 +334,16 @@ def test_nan_is_counted_per_input(tmp_path) -> None:
         assert rec.stats["nonfinite"] == {"entropy": 2, "rollout_logprobs": 1, "ref_logprobs": 1, "rewards": 1}
 
 
-@pytest.mark.parametrize(("value", "pattern"), [
-    (np.zeros((4, 8), np.complex128), r"logprobs has dtype complex128: it must hold floating point numbers"),
-    (np.full((4, 8), "x"), r"logprobs has dtype <U1"),
-    (np.zeros((4, 8), "datetime64[s]"), r"logprobs has dtype datetime64\[s\]"),
-    (np.zeros((4, 8), object), r"logprobs has dtype object"),
-    (torch.zeros((4, 8), dtype=torch.complex64), r"logprobs has dtype complex64"),
-])
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        (np.zeros((4, 8), np.complex128), r"logprobs has dtype complex128: it must hold floating point numbers"),
+        (np.full((4, 8), "x"), r"logprobs has dtype <U1"),
+        (np.zeros((4, 8), "datetime64[s]"), r"logprobs has dtype datetime64\[s\]"),
+        (np.zeros((4, 8), object), r"logprobs has dtype object"),
+        (torch.zeros((4, 8), dtype=torch.complex64), r"logprobs has dtype complex64"),
+    ],
+)
 def test_dtype_errors_name_the_actual_dtype(tmp_path, value, pattern) -> None:
     r = _full(np.random.default_rng(15))
     r["logprobs"] = value
@@ -360,8 +384,15 @@ def test_values_of_device_inputs_are_checked_by_the_writer(tmp_path) -> None:
 
     r = _spoil(_full(np.random.default_rng(18)), "entropy")
     rec = rldiag.Recorder(tmp_path / "r", handle_signals=False)
-    snaps = {col: HostSnapshot(r[arg], float_cast=True) for arg, col in
-             (("logprobs", "logp"), ("old_logprobs", "old_logp"), ("advantages", "adv"), ("entropy", "entropy"))}
+    snaps = {
+        col: HostSnapshot(r[arg], float_cast=True)
+        for arg, col in (
+            ("logprobs", "logp"),
+            ("old_logprobs", "old_logp"),
+            ("advantages", "adv"),
+            ("entropy", "entropy"),
+        )
+    }
     rec._writer.put(Job(step=7, micro=0, shape=(4, 8), inputs=snaps, checked=False))
     with pytest.raises(WriterError, match=r"entropy has 1 masked-in negative values .* step 7 \(micro 0\)"):
         rec.flush()

@@ -62,8 +62,14 @@ def _run_and_signal(tmp_path: Path, mode: str, sig: int) -> tuple[int, Path, Pat
     script = tmp_path / "child.py"
     script.write_text(_CHILD.format(root=str(ROOT)))
     env = dict(os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache")))
-    proc = subprocess.Popen([sys.executable, str(script), mode, str(run_dir), str(marker)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode, str(run_dir), str(marker)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")

@@ -131,8 +131,9 @@ def test_injected_enospc_drops_tokens_not_statistics(tmp_path: Path, monkeypatch
     assert not list((tmp_path / "run" / "tokens").glob("*"))  # no half file, no temporary left behind
 
 
-def test_strict_full_disk_raises_at_next_call_and_keeps_statistics(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strict_full_disk_raises_at_next_call_and_keeps_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_replace = os.replace
     full = [True]
 
@@ -179,8 +180,13 @@ def test_a_step_reaches_readers_before_any_segment_is_published(tmp_path: Path) 
     rec.record(step=0, **recs[1])  # the step grows, and a new one arrives
     rec.record(step=1, **recs[2])
     n0 = int(recs[0]["mask"].sum() + recs[1]["mask"].sum())
-    assert _wait_for(lambda: (reader.refresh() == [] and reader.steps() == [0, 1]
-                              and reader.step_metrics(steps=[0])["tokens/count"][0] == n0))
+    assert _wait_for(
+        lambda: (
+            reader.refresh() == []
+            and reader.steps() == [0, 1]
+            and reader.step_metrics(steps=[0])["tokens/count"][0] == n0
+        )
+    )
     live = reader.step_metrics()
     rec.close()  # the segment replaces the tail: the reader that saw both counts each record once
     assert len(reader.refresh()) == 1

@@ -16,10 +16,24 @@ from rldiag.config import KERNEL_INPUTS, STAT_FIELDS, RecorderConfig
 from rldiag.stats import kernel
 
 CHANGED: dict[str, Any] = {
-    "eps_low": 0.1, "eps_high": 0.28, "dual_clip_c": 1.5, "tis_cap": 1.2, "entropy_low": 0.8,
-    "cov_band": (0.01, 0.5), "cov_top_frac": 0.2, "ctpo_bounds": (0.01, 0.02), "n_buckets": 4,
-    "token_sample_rate": 0.5, "sample_seed": 3, "roll_steps": 7, "roll_rows": 1000, "roll_seconds": 5.0,
-    "queue_max_bytes": 2**21, "max_block_seconds": 1.0, "errors": "strict", "logp_tolerance": 0.3,
+    "eps_low": 0.1,
+    "eps_high": 0.28,
+    "dual_clip_c": 1.5,
+    "tis_cap": 1.2,
+    "entropy_low": 0.8,
+    "cov_band": (0.01, 0.5),
+    "cov_top_frac": 0.2,
+    "ctpo_bounds": (0.01, 0.02),
+    "n_buckets": 4,
+    "token_sample_rate": 0.5,
+    "sample_seed": 3,
+    "roll_steps": 7,
+    "roll_rows": 1000,
+    "roll_seconds": 5.0,
+    "queue_max_bytes": 2**21,
+    "max_block_seconds": 1.0,
+    "errors": "strict",
+    "logp_tolerance": 0.3,
     "compression": "zstd",
 }
 """A different value for every RecorderConfig field (the test fails when a field is added without one)."""
@@ -39,11 +53,19 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 lp[rng.random((B, T)) < 0.05] = 0.2  # above the default tolerance, below 0.3
                 olp = np.minimum(lp + rng.normal(0, 0.3, (B, T)), 0).astype(np.float32)
                 mask = np.arange(T)[None, :] < rng.integers(5, T, B)[:, None]
-                rec.record(step=step, logprobs=lp, old_logprobs=olp, advantages=rng.normal(size=B),
-                           mask=mask, entropy=rng.exponential(1.0, (B, T)),
-                           rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)),
-                           ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
-                           group_ids=np.arange(B) // 3, rewards=rng.random(B), versions=np.full(B, max(step - 1, 0)))
+                rec.record(
+                    step=step,
+                    logprobs=lp,
+                    old_logprobs=olp,
+                    advantages=rng.normal(size=B),
+                    mask=mask,
+                    entropy=rng.exponential(1.0, (B, T)),
+                    rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)),
+                    ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
+                    group_ids=np.arange(B) // 3,
+                    rewards=rng.random(B),
+                    versions=np.full(B, max(step - 1, 0)),
+                )
     return path
 
 
@@ -71,8 +93,9 @@ def test_config_recompute_equals_from_tokens_recompute_for_each_field(run_dir: P
     full = run.step_metrics(config=cfg, from_tokens=True)
     assert fast.columns == full.columns
     for name in fast.columns:
-        np.testing.assert_allclose(fast[name].to_numpy(), full[name].to_numpy(), rtol=1e-12, atol=0,
-                                   equal_nan=True, err_msg=f"{field}: {name}")
+        np.testing.assert_allclose(
+            fast[name].to_numpy(), full[name].to_numpy(), rtol=1e-12, atol=0, equal_nan=True, err_msg=f"{field}: {name}"
+        )
     stored = run.step_metrics()
     if field in STAT_FIELDS:
         assert not _frames_equal(stored, full), f"changing {field} changed no metric: pick another value"

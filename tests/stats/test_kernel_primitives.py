@@ -35,8 +35,15 @@ def test_bin_edges_are_exact_and_kernel_matches_numpy() -> None:
     assert np.array_equal(hist.mag_index(edges), np.arange(1, edges.size + 1))
     assert np.array_equal(hist.mag_index(np.nextafter(edges, 0)), np.arange(0, edges.size))
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_t(2, 200_000) * 10.0 ** rng.uniform(-9, 4, 200_000), edges, -edges,
-                        np.nextafter(edges, 0), [0.0, -0.0, np.inf, -np.inf, 1e-300, 1e300]])
+    x = np.concatenate(
+        [
+            rng.standard_t(2, 200_000) * 10.0 ** rng.uniform(-9, 4, 200_000),
+            edges,
+            -edges,
+            np.nextafter(edges, 0),
+            [0.0, -0.0, np.inf, -np.inf, 1e-300, 1e300],
+        ]
+    )
     assert np.array_equal(_mag_all(x), hist.mag_index(x))
     assert np.array_equal(_signed_all(x), hist.signed_index(x))
     # away from the edges the bins are floor(8 log2 |x|) shifted, as documented
@@ -80,9 +87,14 @@ def test_statistics_do_not_depend_on_memory_alignment() -> None:
     n_seq, T = 37, 29
     n = n_seq * T
     lp = -rng.exponential(1.0, n)
-    cols = {"logp": lp, "old_logp": lp + rng.normal(0, 0.2, n), "adv": np.repeat(rng.normal(size=n_seq), T),
-            "entropy": rng.exponential(1.0, n), "rollout_logp": lp + rng.normal(0, 0.1, n),
-            "ref_logp": lp + rng.normal(0, 0.3, n)}
+    cols = {
+        "logp": lp,
+        "old_logp": lp + rng.normal(0, 0.2, n),
+        "adv": np.repeat(rng.normal(size=n_seq), T),
+        "entropy": rng.exponential(1.0, n),
+        "rollout_logp": lp + rng.normal(0, 0.1, n),
+        "ref_logp": lp + rng.normal(0, 0.3, n),
+    }
     cols["old_logp"] = np.minimum(cols["old_logp"], 0)
     cols["rollout_logp"] = np.minimum(cols["rollout_logp"], 0)
     cols["logp"][::17] = np.nan
@@ -91,10 +103,15 @@ def test_statistics_do_not_depend_on_memory_alignment() -> None:
         placed = {}
         for k, v in cols.items():
             buf = np.empty(n + 32, np.float32)
-            buf[off:off + n] = v
-            placed[k] = buf[off:off + n]
-        tb = kernel.TokenBatch(rec_off=np.array([0, 20, n_seq]), seq_off=np.arange(0, n + 1, T),
-                               steps=np.array([0, 0]), pos=np.tile(np.arange(T), n_seq), **placed)
+            buf[off : off + n] = v
+            placed[k] = buf[off : off + n]
+        tb = kernel.TokenBatch(
+            rec_off=np.array([0, 20, n_seq]),
+            seq_off=np.arange(0, n + 1, T),
+            steps=np.array([0, 0]),
+            pos=np.tile(np.arange(T), n_seq),
+            **placed,
+        )
         return kernel.compute(tb, RecorderConfig())
 
     ref = at_offset(0)

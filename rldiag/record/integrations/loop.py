@@ -27,13 +27,13 @@ def logprobs_and_record(
     recorder: Any,
     *,
     step: int,
-    logits: "torch.Tensor",
-    tokens: "torch.Tensor",
-    old_logprobs: "torch.Tensor",
-    advantages: "torch.Tensor",
-    mask: "torch.Tensor",
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
     **extras: Any,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """Log-probs of ``tokens`` under ``logits`` ([B, T, V] -> [B, T], differentiable), recorded with entropy.
 
     ``extras`` go to :meth:`rldiag.Recorder.record` unchanged (``rollout_logprobs``, ``group_ids``,

@@ -184,8 +184,10 @@ def attach_actor(
     loss_fn = getattr(trainer, "actor_loss_fn", None)
     ppo_train = getattr(trainer, "ppo_train", None)
     if loss_fn is None or not callable(ppo_train):
-        raise TypeError(f"attach_actor() needs OpenRLHF's ActorPPOTrainer (actor_loss_fn and ppo_train), "
-                        f"got {type(trainer).__name__}")
+        raise TypeError(
+            f"attach_actor() needs OpenRLHF's ActorPPOTrainer (actor_loss_fn and ppo_train), "
+            f"got {type(trainer).__name__}"
+        )
     if isinstance(run, (str, os.PathLike)):
         recorder_kwargs.setdefault("clip_low", float(getattr(loss_fn, "clip_eps_low", 0.2)))
         recorder_kwargs.setdefault("clip_high", float(getattr(loss_fn, "clip_eps_high", 0.2)))

@@ -255,8 +255,12 @@ def _make_recorder(trainer: Any, run_dir: str | os.PathLike[str], options: dict[
     options.setdefault("clip_low", float(trainer.epsilon_low))
     options.setdefault("clip_high", float(trainer.epsilon_high))
     if trainer.loss_type == "cispo" or trainer.importance_sampling_level != "token":
-        log.info("rldiag: TRL loss_type=%s importance_sampling_level=%s: rldiag's clip/* are the token-level "
-                 "PPO clip fractions, not this loss's", trainer.loss_type, trainer.importance_sampling_level)
+        log.info(
+            "rldiag: TRL loss_type=%s importance_sampling_level=%s: rldiag's clip/* are the token-level "
+            "PPO clip fractions, not this loss's",
+            trainer.loss_type,
+            trainer.importance_sampling_level,
+        )
     return Recorder(run_dir, **options)
 
 
@@ -300,8 +304,9 @@ def attach(
         if sub is None:
             # Same name, qualname and module as the trainer's class: TRL names its profiling metrics and log
             # lines after type(trainer).__name__ ("GRPOTrainer.compute_loss"), which must not change.
-            sub = type(cls.__name__, (_RLDiagMixin, cls),
-                       {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            sub = type(
+                cls.__name__, (_RLDiagMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            )
             _SUBCLASSES[cls] = sub
         trainer.__class__ = sub
     trainer._rldiag_setup(recorder, log_metrics)  # type: ignore[attr-defined]

@@ -27,7 +27,8 @@ What is recorded, per micro-batch and data-parallel rank:
 
 The worker hooks are small wrappers around four methods of ``verl.workers.engine_workers``
 (``TrainingWorker.train_mini_batch`` / ``infer_batch`` / ``set_loss_fn`` and
-``ActorRolloutRefWorker.update_weights``); they only note context and call the original. When that module cannot be imported, the registered loss still records
+``ActorRolloutRefWorker.update_weights``); they only note context and call the original. When that module
+cannot be imported, the registered loss still records
 the four core tensors; the step then comes from :func:`set_step`, or counts loss calls (with a warning).
 
 Recording never changes the loss, its gradient or verl's metrics. Settings are read from the environment
@@ -248,9 +249,7 @@ def _get_or_create_recorder(verl_config: Any, rank: int, world_size: int) -> Any
             )
         from rldiag.record.recorder import Recorder
 
-        _state.recorder = Recorder(
-            run_dir, config=_recorder_config(verl_config), rank=rank, world_size=world_size
-        )
+        _state.recorder = Recorder(run_dir, config=_recorder_config(verl_config), rank=rank, world_size=world_size)
         _state.owns_recorder = True
         return _state.recorder
 
@@ -371,12 +370,17 @@ def _micro_batch_extras(shape: tuple[int, ...]) -> dict[str, Any]:
         if uids is not None and len(uids) == shape[0]:
             out["group_ids"] = torch.tensor([_stable_id(u) for u in uids], dtype=torch.int64)
     except Exception as exc:  # never let an unexpected verl layout stop training
-        _warn_once("extras", f"rldiag: could not read extra columns from verl's micro-batch ({exc!r}); "
-                             "recording log-probs, advantages and mask only")
+        _warn_once(
+            "extras",
+            f"rldiag: could not read extra columns from verl's micro-batch ({exc!r}); "
+            "recording log-probs, advantages and mask only",
+        )
         return {}
     for key in [k for k, v in out.items() if k not in ("rewards", "group_ids") and tuple(v.shape) != shape]:
-        _warn_once(f"shape-{key}", f"rldiag: verl's {key} has shape {tuple(out[key].shape)}, log_prob {shape}; "
-                                   f"{key} is not recorded")
+        _warn_once(
+            f"shape-{key}",
+            f"rldiag: verl's {key} has shape {tuple(out[key].shape)}, log_prob {shape}; {key} is not recorded",
+        )
         del out[key]
     for key in [k for k in ("rewards", "group_ids") if k in out and out[k].shape[0] != shape[0]]:
         del out[key]
@@ -430,10 +434,13 @@ def install_worker_hooks() -> bool:
     except Exception as exc:  # ImportError, or a version whose import fails on this machine
         missing = getattr(exc, "name", None)
         what = f"the module {missing!r} is missing" if missing else f"{type(exc).__name__}: {exc}"
-        _warn_once("hooks", f"rldiag: verl's worker hooks are inactive: verl.workers.engine_workers cannot be "
-                            f"imported ({what}); the policy loss records log-probs, advantages and mask only, "
-                            "without entropy, rollout log-probs, groups or verl's global step (install the "
-                            "missing module, or call rldiag.record.integrations.verl.set_step)")
+        _warn_once(
+            "hooks",
+            f"rldiag: verl's worker hooks are inactive: verl.workers.engine_workers cannot be "
+            f"imported ({what}); the policy loss records log-probs, advantages and mask only, "
+            "without entropy, rollout log-probs, groups or verl's global step (install the "
+            "missing module, or call rldiag.record.integrations.verl.set_step)",
+        )
         return False
     _wrap(ew.TrainingWorker, "train_mini_batch", _train_mini_batch_wrapper)
     _wrap(ew.TrainingWorker, "infer_batch", _infer_batch_wrapper)
@@ -486,8 +493,11 @@ def _with_headline_metrics(output: Any) -> Any:
         if not isinstance(metrics, dict):
             return output
         local = rec.local_metrics(wait=True)
-        extra = {f"rldiag/{name}": [float(local[name])] for name in HEADLINE
-                 if name in local and local[name] == local[name] and abs(local[name]) != float("inf")}
+        extra = {
+            f"rldiag/{name}": [float(local[name])]
+            for name in HEADLINE
+            if name in local and local[name] == local[name] and abs(local[name]) != float("inf")
+        }
         tu.assign_non_tensor(output, metrics={**metrics, **extra})
     except Exception as exc:  # never break verl's update over a log line
         _warn_once("headline", f"rldiag: could not add rldiag/* metrics to verl's metrics ({exc!r})")
