@@ -30,4 +30,7 @@ if [ -n "$NEED" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $NEED >/dev/null
 fi
+# the project's lint and format settings (pyproject.toml) hold over the whole tree
+$PY -m ruff check rldiag app tests benchmarks
+$PY -m ruff format --check rldiag app tests benchmarks
 exec $PY -m pytest -n 2 --headless "$@"
