@@ -27,7 +27,7 @@ import polars as pl
 from rldiag import runformat, schema, storage
 
 STALL_SECONDS = runformat.STALL_SECONDS
-"""A run that is still open and has had no new step for this long is *stalled* (metrics-spec §4)."""
+"""A run that is still open and has had no new step for this long is *stalled* (docs/alerts.md)."""
 MAX_TOKEN_STEPS = 200
 """Token-row analyses (objective lens, position buckets) use at most this many steps of a long run..."""
 TOKEN_ROW_BUDGET = 1_500_000

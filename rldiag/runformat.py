@@ -113,7 +113,7 @@ TMP_SUFFIX: Final = ".tmp"
 SEGMENT_SUFFIX: Final = ".parquet"
 """Suffix of a published segment; readers list only these."""
 STALL_SECONDS: Final[float] = 600.0
-"""A run that is open and has had no new data for this long is *stalled* (metrics-spec section 4)."""
+"""A run that is open and has had no new data for this long is *stalled* (docs/alerts.md)."""
 
 MAX_MANIFEST_BYTES: Final = 1 << 20
 """A manifest or writer file larger than this is refused (they are a few hundred bytes)."""

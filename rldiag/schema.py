@@ -1,7 +1,7 @@
 """Column names, dtypes and the schema version of an rldiag run.
 
 This is the only module that spells a token-row column name; everything else imports the constants.
-The meanings are those of ``metrics-spec.md`` section 1.
+The meanings are those of docs/run-format.md (token columns).
 """
 
 from __future__ import annotations
@@ -85,6 +85,6 @@ TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {
     VERSION: pa.int64(),
     COV: pa.float32(),
 }
-"""Arrow dtype of every token-row column (metrics-spec section 1)."""
+"""Arrow dtype of every token-row column (docs/run-format.md, token columns)."""
 
 TOKEN_COLUMN_ORDER: Final[tuple[str, ...]] = tuple(TOKEN_DTYPES)

@@ -44,7 +44,7 @@ def layout(p: Any = None, b: Any = None, c: Any = None, lam: Any = None, **_quer
                 "On-policy distillation with reward extrapolation drives the policy toward "
                 "base^(1-λ)·teacher^λ. Past λ* a base-relative ratio leaves the clip range [1/c, c] and the "
                 "clipped objective stops constraining the update: the extrapolation cliff. rldiag's λ* is a "
-                "derivation (metrics-spec §3), not the paper's own equations.",
+                "derivation (docs/cliff.md), not the paper's own equations.",
                 className="intro",
             ),
             html.Div(

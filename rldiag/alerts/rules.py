@@ -1,7 +1,7 @@
 """Alert rules as data: frozen dataclasses, a TOML loader and a safe summary template.
 
-A *rule* watches one or more *conditions* on step metrics (names of the metric registry, metrics-spec
-section 2) and carries everything the engine needs: comparison, fire and resolve thresholds (hysteresis),
+A *rule* watches one or more *conditions* on step metrics (names of the metric registry,
+docs/metrics.md) and carries everything the engine needs: comparison, fire and resolve thresholds (hysteresis),
 how many steps a condition must hold (``for``, or ``for`` of ``within`` steps: "2 of 3"), how long a rule
 keeps firing once clear (``keep_firing_for``), severity and a summary template. Nothing in a rule is code:
 templates accept only named fields (``{value}``, ``{metric}``, ...), never attribute or index access.
@@ -305,7 +305,7 @@ def known_metrics() -> frozenset[str] | None:
     """Names of the metric registry, or None while the registry is not importable."""
     from rldiag.metrics.registry import METRICS
 
-    # lens/*, cliff/* and law/* come from token rows (metrics-spec section 3): `rldiag watch --cliff-lam` adds
+    # lens/*, cliff/* and law/* come from token rows (docs/metrics.md, analyses): `rldiag watch --cliff-lam` adds
     # cliff/* to the frame
     return frozenset(METRICS)
 
@@ -794,7 +794,7 @@ def parse_rules(
 
 
 def default_rules(*, metrics: frozenset[str] | None | Literal["registry"] = "registry") -> RuleSet:
-    """The default rule pack of metrics-spec section 4 (``rldiag/alerts/default_rules.toml``)."""
+    """The default rule pack of docs/alerts.md (``rldiag/alerts/default_rules.toml``)."""
     return parse_rules(_default_tables(), origin="default_rules.toml", metrics=metrics)
 
 

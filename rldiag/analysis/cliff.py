@@ -1,4 +1,4 @@
-"""The extrapolation cliff of on-policy distillation with reward extrapolation (metrics-spec section 3).
+"""The extrapolation cliff of on-policy distillation with reward extrapolation (docs/metrics.md, analyses).
 
 "The Extrapolation Cliff in On-Policy Distillation of Near-Deterministic Structured Outputs" states a
 closed-form, base-relative clip-safety threshold lambda*(p, b, c). Its equations were not available to us; the

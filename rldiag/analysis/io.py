@@ -680,7 +680,7 @@ class Run:
         engine: str = "local",
         ray_address: str | None = None,
     ) -> pl.DataFrame:
-        """The position/stage table of metrics-spec section 2, from token rows.
+        """The position/stage table of docs/metrics.md, from token rows.
 
         One row per (step, bucket) with ``n``, ``ratio/mean``, ``ratio/std``, ``clip/region``,
         ``entropy/mean``, ``mismatch/k3``. ``by="pos"``: deciles (``buckets``) of the step's longest response,

@@ -1,4 +1,4 @@
-"""The entropy-performance law R = -a exp(H) + b and the entropy mechanism check (metrics-spec section 3).
+"""The entropy-performance law R = -a exp(H) + b and the entropy mechanism check (docs/metrics.md, analyses).
 
 "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models" fits downstream performance R
 against mean policy entropy H as R = -a exp(H) + b: performance is bought with entropy, and the ceiling at

@@ -1,6 +1,6 @@
 """Objective lens: how each policy-gradient objective of the literature would have treated a run's tokens.
 
-metrics-spec section 3. For every step and objective it reports, over the step's valid tokens:
+docs/metrics.md, analyses. For every step and objective it reports, over the step's valid tokens:
 
 ``lens/<objective>/kept_frac``
     share of tokens whose gradient the objective keeps (not clipped, masked or dropped);
@@ -168,7 +168,7 @@ class TtBParams:
 
 @dataclass(frozen=True)
 class LensParams:
-    """Parameters of every objective; defaults follow metrics-spec section 3.
+    """Parameters of every objective; defaults follow docs/metrics.md, analyses.
 
     ``LensParams.from_config(run.config)`` takes the run's eps_low/eps_high (PPO, CISPO, TIS/MIS), dual-clip c
     and TIS cap instead of the spec defaults; ``params.replace({"dapo": {"eps_high": 0.3}})`` overrides fields.
@@ -294,7 +294,7 @@ def columns(objectives: Iterable[str] | None = None) -> list[str]:
 _R, _LR, _ADV, _AA, _W, _L = "_r", "_lr", "_adv", "_aa", "_w", "_L"
 _START, _ORDER_OK = "_start", "_order_ok"
 _F64 = pl.Float64
-_SEQ_KEYS = (schema.STEP, schema.SEQ)  # metrics-spec: seq is unique within a step
+_SEQ_KEYS = (schema.STEP, schema.SEQ)  # the run format: seq is unique within a step
 _ALL = pl.col("n").is_not_null()  # a per-row True (pl.lit(True) is one scalar inside a group)
 _SIDE = pl.col(_ADV).sign().cast(pl.Int8).alias("side")
 _POS_SIDE = pl.col("side") == 1
@@ -712,7 +712,7 @@ def lens(
     *,
     chunk_rows: int = 4_000_000,
 ) -> pl.DataFrame:
-    """Evaluate the objectives of metrics-spec section 3 on a run's token rows, per step.
+    """Evaluate the objectives of docs/metrics.md, analyses on a run's token rows, per step.
 
     ``run_or_frame`` is a :class:`rldiag.analysis.io.Run` (its config sets the PPO, dual-clip, CISPO and TIS/MIS
     parameters, see :meth:`LensParams.from_config`), or token rows as a polars LazyFrame or DataFrame with the

@@ -122,7 +122,7 @@ def batch_from_tokens(
         reward=None if reward is None else reward[first],
     )
     if batch.logp is None or batch.old_logp is None or batch.adv is None:
-        raise ValueError("token rows need the columns logp, old_logp and adv (metrics-spec section 1)")
+        raise ValueError("token rows need the columns logp, old_logp and adv (docs/run-format.md, token columns)")
     return batch, rec_keys
 
 

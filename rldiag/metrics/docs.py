@@ -86,7 +86,7 @@ def render() -> str:
         "tokens of the whole step (all ranks, all micro-batches). Each metric is finalized from sufficient",
         "statistics that merge exactly (docs/run-format.md), never from averages of averages.",
         "",
-        "**derived** marks a formula that was reconstructed rather than read from the cited paper (metrics-spec).",
+        "**derived** marks a formula that was reconstructed rather than read from the cited paper.",
         "",
         "## Quantiles",
         "",

@@ -1,8 +1,8 @@
 """The metric registry: one :class:`MetricSpec` per public metric name.
 
-:data:`REGISTRY` holds the core metrics of metrics-spec section 2: each names the sufficient statistics it needs
+:data:`REGISTRY` holds the core metrics of docs/metrics.md: each names the sufficient statistics it needs
 (declared in :data:`rldiag.stats.kernel.STATS`) and how to finalize them into one value per step
-(``run.step_metrics()``). :data:`ANALYSES` holds the metrics of metrics-spec section 3 that are computed from
+(``run.step_metrics()``). :data:`ANALYSES` holds the metrics of docs/metrics.md, analyses that are computed from
 token rows on demand (``lens/*``, ``cliff/*``, ``law/*``: ``run.lens()``, ``run.cliff()``, ``run.law()``);
 :data:`METRICS` is both. The analysis layer, the CLI, the alerts, the dashboard and the generated
 docs/metrics.md all read this registry; a formula is written here and nowhere else.
@@ -33,13 +33,13 @@ class MetricSpec:
     """A metric: public name, the statistics it needs, how it is finalized, and how to read it."""
 
     name: str
-    """Public name (metrics-spec), e.g. ``ratio/mean``."""
+    """Public name, e.g. ``ratio/mean``."""
     needs: tuple[str, ...]
     """Sufficient statistics (``rldiag.stats.kernel.STATS`` names) the finalizer reads."""
     finalize: Callable[[Stats], np.ndarray]
     """Merged statistics -> one float per step (NaN where undefined)."""
     formula: str
-    """The formula as metrics-spec writes it."""
+    """The formula as docs/metrics.md states it."""
     doc: str
     """One line: what it tells a person debugging a run."""
     unit: str = ""
@@ -48,7 +48,7 @@ class MetricSpec:
     bounds: tuple[float | None, float | None] = (None, None)
     source: str = ""
     derived: bool = False
-    """True where metrics-spec marks the formula as a derivation rather than a paper's own."""
+    """True where docs/metrics.md marks the formula as a derivation rather than a paper's own."""
     inputs: tuple[str, ...] = ("logp", "old_logp", "adv")
     """Token-row columns it needs (optional ones make it NaN when absent)."""
     headline: bool = False
@@ -849,7 +849,7 @@ _NATS = (
 _SPECS = tuple(dataclasses.replace(s, unit="nats") if s.name in _NATS and not s.unit else s for s in _SPECS)
 
 REGISTRY: Final[dict[str, MetricSpec]] = {spec.name: spec for spec in _SPECS}
-"""Every core metric, by public name, in the order of metrics-spec section 2."""
+"""Every core metric, by public name, in the order of docs/metrics.md."""
 
 HEADLINE: Final[tuple[str, ...]] = tuple(s.name for s in _SPECS if s.headline)
 """Metrics shown first: in trainer logs, the CLI summary and the dashboard overview."""
@@ -857,7 +857,7 @@ HEADLINE: Final[tuple[str, ...]] = tuple(s.name for s in _SPECS if s.headline)
 FAMILY_ORDER: Final[tuple[str, ...]] = tuple(dict.fromkeys(s.family for s in _SPECS))
 
 
-# ---- metrics computed from token rows on demand (metrics-spec section 3) ---------------------------------------
+# ---- metrics computed from token rows on demand (docs/metrics.md, analyses) ---------------------------------------
 def _from_token_rows(s: Stats) -> np.ndarray:
     raise TypeError(
         "this metric is computed from token rows by its analysis (MetricSpec.computed_by), "

@@ -24,7 +24,7 @@ def finite(x: Any) -> Any:
 
 
 def token_valid(logp: Any, old_logp: Any, adv: Any, tol: Any) -> Any:
-    """Whether a token counts anywhere (metrics-spec section 1): its ``logp``, ``old_logp`` and ``adv`` are
+    """Whether a token counts anywhere (docs/run-format.md, token columns): its ``logp``, ``old_logp`` and ``adv`` are
     finite and neither log-prob is above ``tol`` (``RecorderConfig.logp_tolerance``: a log-probability cannot
     be positive beyond float rounding)."""
     # finite(x) spelled out: the kernel compiles this function on its own, without the module's globals

@@ -127,7 +127,7 @@ def quantiles(counts: np.ndarray, q: float) -> np.ndarray:
 def hill_alpha(signed_counts: np.ndarray, min_tail: int = 20) -> np.ndarray:
     """Hill tail index of r = exp(lr) from a signed histogram of lr, one value per row.
 
-    metrics-spec `ratio/tail_alpha`: with ln X = lr for the tokens with r > 1 (n_tail of them) and
+    `ratio/tail_alpha` (docs/metrics.md): with ln X = lr for the tokens with r > 1 (n_tail of them) and
     k = floor(sqrt(n_tail)) clamped to [10, n_tail - 1], xi = mean of the k largest lr - the (k+1)-th largest,
     alpha = 1/xi; NaN when fewer than ``min_tail`` tokens have r > 1. Order statistics are read from the
     histogram with the values of a bin spread evenly over it (each bin spans a factor 2**(1/8) in lr), so the

@@ -1,6 +1,6 @@
 """The statistics kernel: records (micro-batches at one step) -> their sufficient statistics.
 
-This is the single implementation of every per-token statistic of metrics-spec section 2. The recorder runs
+This is the single implementation of every per-token statistic of docs/metrics.md. The recorder runs
 it in its background thread on host copies of the tensors; the analysis layer runs it on token rows read back
 from Parquet (recompute with another configuration, ``rldiag import``). Per record it runs a few small
 vectorizable passes and one sequence scan (see the comment above ``_valid_pass``), compiled with numba
@@ -8,7 +8,7 @@ vectorizable passes and one sequence scan (see the comment above ``_valid_pass``
 
 Every statistic is declared in :data:`STATS` with how it merges (sum, min, max, log-sum-exp, histogram
 counts, vector sum, set union), so the statistics of micro-batches, ranks and files combine exactly (the
-metrics-spec exactness rule). Metric specs in :mod:`rldiag.metrics.registry` name the statistics they need.
+exactness rule of docs/metrics.md). Metric specs in :mod:`rldiag.metrics.registry` name the statistics they need.
 
 Token layout: the masked-in tokens of all records, concatenated, each sequence's tokens contiguous and in
 position order; ``seq_off`` gives each sequence's token range and ``rec_off`` each record's sequence range.
