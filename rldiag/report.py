@@ -38,8 +38,21 @@ from rldiag import __version__, runformat, schema
 from rldiag.metrics.registry import HEADLINE, REGISTRY, MetricSpec
 
 __all__ = [
-    "Episode", "Finding", "Panel", "ReportError", "Summary", "TokenPick", "WorstStep", "build_report",
-    "check_out", "episodes_from_events", "panels", "summarize_run", "token_picks", "visible", "write_report",
+    "Episode",
+    "Finding",
+    "Panel",
+    "ReportError",
+    "Summary",
+    "TokenPick",
+    "WorstStep",
+    "build_report",
+    "check_out",
+    "episodes_from_events",
+    "panels",
+    "summarize_run",
+    "token_picks",
+    "visible",
+    "write_report",
 ]
 
 Verdict = Literal["ok", "warn", "critical"]
@@ -212,8 +225,9 @@ class Summary:
         return "\n".join([self.headline, *(f"- {s}" for s in self.sentences)])
 
 
-def episodes_from_events(events: Sequence[Mapping[str, Any]], metrics: pl.DataFrame | None = None,
-                         rules: Any = None) -> list[Episode]:
+def episodes_from_events(
+    events: Sequence[Mapping[str, Any]], metrics: pl.DataFrame | None = None, rules: Any = None
+) -> list[Episode]:
     """Firing/resolved events (alerts.jsonl lines, oldest first) -> episodes, with onset and peak from ``metrics``.
 
     ``rules`` (a :class:`rldiag.alerts.RuleSet`, default: the default pack) tells how many steps a rule needs
@@ -237,13 +251,20 @@ def episodes_from_events(events: Sequence[Mapping[str, Any]], metrics: pl.DataFr
         if kind == "firing":
             labels = ev.get("labels") if isinstance(ev.get("labels"), Mapping) else {}
             ann = ev.get("annotations") if isinstance(ev.get("annotations"), Mapping) else {}
-            ep = Episode(rule=rule, severity=str(ev.get("severity") or "warn"),
-                         group=str((labels or {}).get("group") or rule), metric=(str(ev["metric"]) if ev.get("metric")
-                                                                                else None),
-                         start_step=start, end_step=None, value=_num(ev.get("value")),
-                         threshold=_num(ev.get("threshold")), summary=str(ev.get("summary") or ""),
-                         description=str((ann or {}).get("description") or ""), expr=str((ann or {}).get("expr") or ""),
-                         onset_step=start)
+            ep = Episode(
+                rule=rule,
+                severity=str(ev.get("severity") or "warn"),
+                group=str((labels or {}).get("group") or rule),
+                metric=(str(ev["metric"]) if ev.get("metric") else None),
+                start_step=start,
+                end_step=None,
+                value=_num(ev.get("value")),
+                threshold=_num(ev.get("threshold")),
+                summary=str(ev.get("summary") or ""),
+                description=str((ann or {}).get("description") or ""),
+                expr=str((ann or {}).get("expr") or ""),
+                onset_step=start,
+            )
             open_[key] = ep
             eps.append(ep)
         elif kind == "resolved" and key in open_:
@@ -295,7 +316,7 @@ def _locate(ep: Episode, metrics: pl.DataFrame, rule: Any) -> None:
     if ok.any() and ep.bad_side is not None:
         k = int(np.nanargmax(window) if ep.bad_side == ">" else np.nanargmin(window))
         ep.peak_step, ep.peak_value = int(steps[j + k]), float(window[k])
-    before = vals[max(j - 20, 0): j]
+    before = vals[max(j - 20, 0) : j]
     before = before[np.isfinite(before)]
     ep.before = float(np.median(before)) if before.size else math.nan
 
@@ -311,8 +332,15 @@ def _findings(eps: list[Episode], last_step: int | None) -> list[Finding]:
         lead = min(leads, key=lambda e: (e.onset_step, e.start_step))
         ends = [e.end_step for e in leads]
         end = None if any(x is None for x in ends) else max(int(x) for x in ends if x is not None)
-        f = Finding(group=group, title=_humanize(group), severity=lead.severity, episodes=members, lead=lead,
-                    onset_step=lead.onset_step, end_step=end)
+        f = Finding(
+            group=group,
+            title=_humanize(group),
+            severity=lead.severity,
+            episodes=members,
+            lead=lead,
+            onset_step=lead.onset_step,
+            end_step=end,
+        )
         same = [e for e in leads if e.metric == lead.metric and e.peak_step is not None]
         if same:  # the worst value over every episode of the lead's rule and metric, not only the first
             side = lead.bad_side
@@ -336,8 +364,10 @@ def _metric_phrase(ep: Episode, peak_step: int | None = None, peak_value: float 
     if peak_step is None:
         return f"{ep.metric} = {_fmt(ep.value, unit)} (threshold {_fmt(ep.threshold, unit)})"
     start = f" from {_fmt(ep.before, unit)}" if math.isfinite(ep.before) else ""
-    return (f"{ep.metric} {verb}{start} to {_fmt(peak_value, unit)} at step {peak_step} "
-            f"({where} the threshold {_fmt(ep.threshold, unit)})")
+    return (
+        f"{ep.metric} {verb}{start} to {_fmt(peak_value, unit)} at step {peak_step} "
+        f"({where} the threshold {_fmt(ep.threshold, unit)})"
+    )
 
 
 def _steps_before(metrics: pl.DataFrame, metric: str, onset: int, n: int = 10) -> np.ndarray:
@@ -345,12 +375,16 @@ def _steps_before(metrics: pl.DataFrame, metric: str, onset: int, n: int = 10) -
     return m[metric].cast(pl.Float64).fill_null(math.nan).to_numpy() if metric in m.columns else np.zeros(0)
 
 
-_TOKEN_PHRASE = {"logratio": "the tokens that moved most", "cov": "the tokens with the largest covariance contribution",
-                 "entropy": "the lowest-entropy tokens"}
+_TOKEN_PHRASE = {
+    "logratio": "the tokens that moved most",
+    "cov": "the tokens with the largest covariance contribution",
+    "entropy": "the lowest-entropy tokens",
+}
 
 
-def _sentence(f: Finding, metrics: pl.DataFrame, last_step: int | None,
-              tokens: Mapping[tuple[int, str], list[TokenPick]]) -> str:
+def _sentence(
+    f: Finding, metrics: pl.DataFrame, last_step: int | None, tokens: Mapping[tuple[int, str], list[TokenPick]]
+) -> str:
     lead = f.lead
     if f.severity != "critical":
         rules = sorted({e.rule for e in f.episodes})
@@ -358,8 +392,10 @@ def _sentence(f: Finding, metrics: pl.DataFrame, last_step: int | None,
         more = f" and {len(f.episodes) - 6} more" if len(f.episodes) > 6 else ""
         n = len(f.episodes)
         times = "once" if n == 1 else f"{n} times"
-        s = (f"Warning {', '.join(rules)} fired {times} (steps {spans}{more})"
-             f"{'; the last was still firing at the end' if f.end_step is None else ''}")
+        s = (
+            f"Warning {', '.join(rules)} fired {times} (steps {spans}{more})"
+            f"{'; the last was still firing at the end' if f.end_step is None else ''}"
+        )
         if lead.metric and lead.peak_step is not None:
             s += f"; {_metric_phrase(lead, f.peak_step, f.peak_value)}"
         return s + "; no critical rule of this group fired."
@@ -369,8 +405,7 @@ def _sentence(f: Finding, metrics: pl.DataFrame, last_step: int | None,
         s += f": {_metric_phrase(lead, f.peak_step, f.peak_value)}"
     elif lead.summary:
         s += f": {lead.summary}"
-    s += (f"; still firing at the last step ({last_step})" if f.end_step is None
-          else f"; resolved at step {f.end_step}")
+    s += f"; still firing at the last step ({last_step})" if f.end_step is None else f"; resolved at step {f.end_step}"
     # the tokens behind it, at the onset step: ranked the way the group's metrics are built
     group_metrics = [e.metric for e in sorted(f.episodes, key=lambda e: e.start_step) if e.metric]
     rankings = [r for r in (_ranking_for(m) for m in group_metrics) if r is not None]
@@ -391,8 +426,10 @@ def _sentence(f: Finding, metrics: pl.DataFrame, last_step: int | None,
         _, where = _side_words(e.bad_side)
         spec = REGISTRY.get(e.metric)
         what = f"; {spec.doc.rstrip('.')}" if spec else ""
-        drivers.append(f"{e.metric} was {where} {_fmt(e.threshold)} on {n_bad} of the {prev.size} steps before "
-                       f"(the {e.rule} warning fired at step {e.start_step}{what})")
+        drivers.append(
+            f"{e.metric} was {where} {_fmt(e.threshold)} on {n_bad} of the {prev.size} steps before "
+            f"(the {e.rule} warning fired at step {e.start_step}{what})"
+        )
     shown = ""
     if picks:
         texts = Counter(p.text for p in picks).most_common(3)
@@ -405,14 +442,20 @@ def _sentence(f: Finding, metrics: pl.DataFrame, last_step: int | None,
         if drivers:
             s += "; driven by " + "; ".join(drivers)
         if picks and ranking:
-            s += f". {_TOKEN_PHRASE[ranking][0].upper()}{_TOKEN_PHRASE[ranking][1:]} at step {f.onset_step}: {shown} " \
-                 "(table below)"
+            s += (
+                f". {_TOKEN_PHRASE[ranking][0].upper()}{_TOKEN_PHRASE[ranking][1:]} at step {f.onset_step}: {shown} "
+                "(table below)"
+            )
     return s + "."
 
 
-def summarize_run(run: Any, *, events: Sequence[Mapping[str, Any]] | None = None,
-                  metrics: pl.DataFrame | None = None,
-                  tokens: Mapping[tuple[int, str], list[TokenPick]] | None = None) -> Summary:
+def summarize_run(
+    run: Any,
+    *,
+    events: Sequence[Mapping[str, Any]] | None = None,
+    metrics: pl.DataFrame | None = None,
+    tokens: Mapping[tuple[int, str], list[TokenPick]] | None = None,
+) -> Summary:
     """The plain-language summary of ``run`` (an open :class:`rldiag.Run`).
 
     ``events``: the alert history (default: the run's alerts.jsonl, or, when it has none, the default rules
@@ -438,15 +481,24 @@ def summarize_run(run: Any, *, events: Sequence[Mapping[str, Any]] | None = None
         headline = f"What went wrong ({span}): " + ", ".join(parts) + "."
     elif findings:
         verdict = "warn"
-        headline = (f"No critical alert fired over {span}; {len(findings)} warning rule group"
-                    f"{'s' if len(findings) != 1 else ''} fired (below).")
+        headline = (
+            f"No critical alert fired over {span}; {len(findings)} warning rule group"
+            f"{'s' if len(findings) != 1 else ''} fired (below)."
+        )
     else:
         verdict = "ok"
         headline = f"No alert fired over {span}: nothing alarming in the run's metrics."
-    sentences = [f.sentence for f in sorted(findings, key=lambda f: (f.onset_step,
-                                                                      -_SEVERITY_RANK.get(f.severity, 0)))]
-    return Summary(run=run.name, verdict=verdict, headline=headline, findings=findings, sentences=sentences,
-                   first_step=first, last_step=last, history=history)
+    sentences = [f.sentence for f in sorted(findings, key=lambda f: (f.onset_step, -_SEVERITY_RANK.get(f.severity, 0)))]
+    return Summary(
+        run=run.name,
+        verdict=verdict,
+        headline=headline,
+        findings=findings,
+        sentences=sentences,
+        first_step=first,
+        last_step=last,
+        history=history,
+    )
 
 
 def _history(run: Any, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str]:
@@ -460,8 +512,10 @@ def _history(run: Any, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str
         return [], "no steps to evaluate"
     engine = Engine(default_rules(), run=run.name)
     notes = engine.update(metrics, now=0.0)
-    note = (f"no {runformat.ALERTS_FILE} in the run: the default rules, evaluated over its stored metrics for this "
-            f"report ({len(notes)} events)")
+    note = (
+        f"no {runformat.ALERTS_FILE} in the run: the default rules, evaluated over its stored metrics for this "
+        f"report ({len(notes)} events)"
+    )
     return [n.to_json() for n in notes], note
 
 
@@ -547,7 +601,10 @@ def _deviating_steps(metrics: pl.DataFrame, k: int) -> list[tuple[int, str]]:
                 break
             s = int(steps[i])
             if s not in best or dev[i] > best[s][0]:
-                best[s] = (float(dev[i]), f"{name} = {_fmt(float(v[i]), spec.unit)} (run median {_fmt(med, spec.unit)})")
+                best[s] = (
+                    float(dev[i]),
+                    f"{name} = {_fmt(float(v[i]), spec.unit)} (run median {_fmt(med, spec.unit)})",
+                )
     return [(s, r) for s, (_, r) in sorted(best.items(), key=lambda kv: -kv[1][0])]
 
 
@@ -579,10 +636,14 @@ def token_picks(rows: pl.DataFrame, ranking: str, *, k: int = 5, context: int = 
     cov = _col(rows, schema.COV)
     rank, micro, seq, pos = (_ints(rows, c) for c in (schema.RANK, schema.MICRO, schema.SEQ, schema.POS))
     if not np.isfinite(cov).any():
-        rec = rows.select(schema.RANK, schema.MICRO).with_columns(
-            _lp=pl.Series(logp), _a=pl.Series(adv)).with_columns(
-            _mlp=pl.col("_lp").mean().over(schema.RANK, schema.MICRO),
-            _ma=pl.col("_a").mean().over(schema.RANK, schema.MICRO))
+        rec = (
+            rows.select(schema.RANK, schema.MICRO)
+            .with_columns(_lp=pl.Series(logp), _a=pl.Series(adv))
+            .with_columns(
+                _mlp=pl.col("_lp").mean().over(schema.RANK, schema.MICRO),
+                _ma=pl.col("_a").mean().over(schema.RANK, schema.MICRO),
+            )
+        )
         cov = ((rec["_a"] - rec["_ma"]) * (rec["_lp"] - rec["_mlp"])).fill_null(math.nan).to_numpy()
     key = {"logratio": -np.abs(lr), "cov": -cov, "entropy": ent}[ranking]
     score = {"logratio": np.abs(lr), "cov": cov, "entropy": ent}[ranking]
@@ -608,11 +669,24 @@ def token_picks(rows: pl.DataFrame, ranking: str, *, k: int = 5, context: int = 
         lo, hi = np.searchsorted(sorted_key, seq_key[i], "left"), np.searchsorted(sorted_key, seq_key[i], "right")
         members = order[lo:hi]
         at = int(np.flatnonzero(members == i)[0])
-        window = members[max(at - context, 0): at + context + 1]
-        picks.append(TokenPick(ranking=ranking, score=float(score[i]), step=step, rank=int(rank[i]),
-                               micro=int(micro[i]), seq=int(seq[i]), pos=int(pos[i]), token_id=tid(i),
-                               logratio=float(lr[i]), entropy=float(ent[i]), adv=float(adv[i]), cov=float(cov[i]),
-                               context=[(tid(j), "", bool(j == i)) for j in window]))
+        window = members[max(at - context, 0) : at + context + 1]
+        picks.append(
+            TokenPick(
+                ranking=ranking,
+                score=float(score[i]),
+                step=step,
+                rank=int(rank[i]),
+                micro=int(micro[i]),
+                seq=int(seq[i]),
+                pos=int(pos[i]),
+                token_id=tid(i),
+                logratio=float(lr[i]),
+                entropy=float(ent[i]),
+                adv=float(adv[i]),
+                cov=float(cov[i]),
+                context=[(tid(j), "", bool(j == i)) for j in window],
+            )
+        )
     return picks
 
 
@@ -670,8 +744,9 @@ def _decoder(run: Any) -> tuple[Callable[[list[int | None]], list[str]], str]:
     return decode, "decoded with the run's own tokenizer/ folder"
 
 
-def _worst_tokens(run: Any, steps: list[int], *, k: int, context: int
-                  ) -> tuple[dict[tuple[int, str], list[TokenPick]], str]:
+def _worst_tokens(
+    run: Any, steps: list[int], *, k: int, context: int
+) -> tuple[dict[tuple[int, str], list[TokenPick]], str]:
     """Worst tokens of each step by every ranking the rows support, decoded; and a note on the token rows."""
     if not steps:
         return {}, ""
@@ -690,8 +765,7 @@ def _worst_tokens(run: Any, steps: list[int], *, k: int, context: int
             picks = token_picks(part, ranking, k=k, context=context)
             if picks:
                 out[(int(step), ranking)] = picks
-    ids = [p.token_id for ps in out.values() for p in ps] + [c[0] for ps in out.values() for p in ps
-                                                               for c in p.context]
+    ids = [p.token_id for ps in out.values() for p in ps] + [c[0] for ps in out.values() for p in ps for c in p.context]
     texts = iter(decode(ids))
     for ps in out.values():
         for p in ps:
@@ -724,9 +798,15 @@ def panels() -> list[Panel]:
     out = []
     for name in HEADLINE:
         spec = REGISTRY[name]
-        comp = [s.name for s in REGISTRY.values()
-                if s.family == spec.family and not s.headline and s.unit == spec.unit and s.bounds == spec.bounds
-                and s.direction == spec.direction]
+        comp = [
+            s.name
+            for s in REGISTRY.values()
+            if s.family == spec.family
+            and not s.headline
+            and s.unit == spec.unit
+            and s.bounds == spec.bounds
+            and s.direction == spec.direction
+        ]
         out.append(Panel(name, (name, *comp)))
     return out
 
@@ -787,11 +867,17 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
             x, yy = _decimate(steps, y, max_points)
             colour = d.colour if compare else _LINE_COLOURS[mi % len(_LINE_COLOURS)]
             label = f"{_ptext(d.label)} · {name}" if compare else name
-            fig.add_trace(go.Scatter(
-                x=x, y=[float(v) if math.isfinite(v) else None for v in yy], mode="lines", name=label,
-                line={"color": colour, "dash": _DASHES[mi % len(_DASHES)] if compare else "solid", "width": 1.6},
-                legendrank=1000 + 100 * ri + mi,
-                hovertemplate=f"{label}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[float(v) if math.isfinite(v) else None for v in yy],
+                    mode="lines",
+                    name=label,
+                    line={"color": colour, "dash": _DASHES[mi % len(_DASHES)] if compare else "solid", "width": 1.6},
+                    legendrank=1000 + 100 * ri + mi,
+                    hovertemplate=f"{label}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
+                )
+            )
         # alerts on this panel's metrics: a marker where each episode fired, shading while critical ones fired
         fired = [e for e in episodes_from_events(d.events) if e.metric in panel.metrics]
         if fired:
@@ -802,26 +888,43 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
                 texts.append(_ptext(f"{d.label}: {e.summary}") if compare else _ptext(e.summary))
                 colours.append(d.colour if compare else _SEVERITY_COLOURS.get(e.severity, "#7f8c8d"))
                 symbols.append("x" if e.severity == "critical" else "triangle-up")
-            fig.add_trace(go.Scatter(
-                x=xs, y=ys, mode="markers", name=f"alerts ({_ptext(d.label)})" if compare else "alerts fired",
-                marker={"color": colours, "symbol": symbols, "size": 9, "line": {"width": 1, "color": "#333"}},
-                legendrank=1000 + 100 * ri + 99,
-                hovertext=texts, hoverinfo="text"))
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="markers",
+                    name=f"alerts ({_ptext(d.label)})" if compare else "alerts fired",
+                    marker={"color": colours, "symbol": symbols, "size": 9, "line": {"width": 1, "color": "#333"}},
+                    legendrank=1000 + 100 * ri + 99,
+                    hovertext=texts,
+                    hoverinfo="text",
+                )
+            )
             if not compare:
                 last = int(steps[-1]) if steps.size else 0
                 for e in fired:
                     if e.severity == "critical":
-                        fig.add_vrect(x0=e.start_step, x1=e.end_step if e.end_step is not None else last,
-                                      fillcolor=_SEVERITY_COLOURS["critical"], opacity=0.08, line_width=0)
+                        fig.add_vrect(
+                            x0=e.start_step,
+                            x1=e.end_step if e.end_step is not None else last,
+                            fillcolor=_SEVERITY_COLOURS["critical"],
+                            opacity=0.08,
+                            line_width=0,
+                        )
     if not any_values:
         return None
     spec = panel.spec
     unit = f" ({spec.unit})" if spec.unit else ""
     fig.update_layout(
-        template="plotly_white", height=300, margin={"l": 55, "r": 15, "t": 36, "b": 30},
+        template="plotly_white",
+        height=300,
+        margin={"l": 55, "r": 15, "t": 36, "b": 30},
         title={"text": f"{_ptext(panel.metric)}{_ptext(unit)}", "font": {"size": 14}, "x": 0.01},
-        legend={"orientation": "h", "y": -0.18, "font": {"size": 10}}, hovermode="closest",
-        xaxis={"title": {"text": ""}}, showlegend=True)
+        legend={"orientation": "h", "y": -0.18, "font": {"size": 10}},
+        hovermode="closest",
+        xaxis={"title": {"text": ""}},
+        showlegend=True,
+    )
     return fig
 
 
@@ -855,10 +958,13 @@ def _summary_html(d: _RunData, compare: bool) -> str:
     s = d.summary
     swatch = f'<span class="swatch" style="background:{d.colour}"></span>' if compare else ""
     items = "".join(f"<li>{_esc(x)}</li>" for x in s.sentences)
-    return (f'<div class="run-summary" data-run="{_html.escape(d.label, quote=True)}">'
-            f"<h3>{swatch}{_esc(d.label)} {_verdict_badge(s.verdict)}</h3>"
-            f'<p class="headline">{_esc(s.headline)}</p>' + (f"<ul>{items}</ul>" if items else "")
-            + f'<p class="note">Alerts from {_esc(s.history)}.</p></div>')
+    return (
+        f'<div class="run-summary" data-run="{_html.escape(visible(d.label), quote=True)}">'
+        f"<h3>{swatch}{_esc(d.label)} {_verdict_badge(s.verdict)}</h3>"
+        f'<p class="headline">{_esc(s.headline)}</p>'
+        + (f"<ul>{items}</ul>" if items else "")
+        + f'<p class="note">Alerts from {_esc(s.history)}.</p></div>'
+    )
 
 
 def _glance_html(data: list[_RunData]) -> str:
@@ -868,17 +974,26 @@ def _glance_html(data: list[_RunData]) -> str:
         spec = REGISTRY[name]
         cells = []
         for d in data:
-            v = d.metrics[name].cast(pl.Float64).fill_null(math.nan).to_numpy() if name in d.metrics.columns else \
-                np.zeros(0)
+            v = (
+                d.metrics[name].cast(pl.Float64).fill_null(math.nan).to_numpy()
+                if name in d.metrics.columns
+                else np.zeros(0)
+            )
             a, b = v[:10], v[-10:]
             a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-            cells.append(f'<td class="num">{_fmt(float(np.median(a)), spec.unit) if a.size else "not recorded"}</td>'
-                         f'<td class="num">{_fmt(float(np.median(b)), spec.unit) if b.size else "-"}</td>')
+            cells.append(
+                f'<td class="num">{_fmt(float(np.median(a)), spec.unit) if a.size else "not recorded"}</td>'
+                f'<td class="num">{_fmt(float(np.median(b)), spec.unit) if b.size else "-"}</td>'
+            )
         better = {"lower": "lower is better", "higher": "higher is better"}.get(spec.direction, "")
-        rows.append(f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(spec.doc)}"
-                    f"{' (' + better + ')' if better else ''}</td>{''.join(cells)}</tr>")
-    return (f"<table><tr><th>metric</th><th>meaning</th>{head}</tr>{''.join(rows)}</table>"
-            '<p class="note">Medians; a metric whose inputs were not recorded shows "not recorded".</p>')
+        rows.append(
+            f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(spec.doc)}"
+            f"{' (' + better + ')' if better else ''}</td>{''.join(cells)}</tr>"
+        )
+    return (
+        f"<table><tr><th>metric</th><th>meaning</th>{head}</tr>{''.join(rows)}</table>"
+        '<p class="note">Medians; a metric whose inputs were not recorded shows "not recorded".</p>'
+    )
 
 
 def _alerts_html(d: _RunData) -> str:
@@ -892,18 +1007,20 @@ def _alerts_html(d: _RunData) -> str:
         end = str(e.end_step) if e.end_step is not None else "still firing"
         peak = f"{_fmt(e.peak_value, unit)} at {e.peak_step}" if e.peak_step is not None else "-"
         rows.append(
-            f'<tr><td class="sev-{_html.escape(e.severity, quote=True)}">{_esc(e.severity)}</td>'
+            f'<tr><td class="sev-{_html.escape(visible(e.severity), quote=True)}">{_esc(e.severity)}</td>'
             f"<td><code>{_esc(e.rule)}</code></td><td class='num'>{e.onset_step}</td>"
             f"<td class='num'>{e.start_step}</td><td class='num'>{_esc(end)}</td>"
             f"<td><code>{_esc(e.metric or '-')}</code></td><td class='num'>{_fmt(e.value, unit)}</td>"
             f"<td class='num'>{_fmt(e.threshold, unit)}</td><td class='num'>{_esc(peak)}</td>"
             f"<td>{_esc(e.summary)}<details><summary>rule</summary><code>{_esc(e.expr)}</code><br>"
-            f"{_esc(e.description)}</details></td></tr>")
-    return (f"<h3>{_esc(d.label)}</h3><p class='note'>From {_esc(d.summary.history)}. <b>onset</b>: first step of the "
-            "consecutive bad steps the rule needed; <b>fired</b>: the alert's step.</p>"
-            "<table><tr><th>severity</th><th>rule</th><th>onset</th><th>fired</th><th>resolved</th><th>metric</th>"
-            "<th>value</th><th>threshold</th><th>worst (step)</th><th>message</th></tr>"
-            + "".join(rows) + "</table>")
+            f"{_esc(e.description)}</details></td></tr>"
+        )
+    return (
+        f"<h3>{_esc(d.label)}</h3><p class='note'>From {_esc(d.summary.history)}. <b>onset</b>: first step of the "
+        "consecutive bad steps the rule needed; <b>fired</b>: the alert's step.</p>"
+        "<table><tr><th>severity</th><th>rule</th><th>onset</th><th>fired</th><th>resolved</th><th>metric</th>"
+        "<th>value</th><th>threshold</th><th>worst (step)</th><th>message</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _tokens_html(d: _RunData) -> str:
@@ -914,8 +1031,10 @@ def _tokens_html(d: _RunData) -> str:
         out.append("<p>No step stands out.</p>")
         return "".join(out)
     for ws in d.worst:
-        out.append(f'<details class="worst-step" open data-step="{ws.step}"><summary><b>step {ws.step}</b>: '
-                   f"{_esc('; '.join(ws.reasons))}</summary>")
+        out.append(
+            f'<details class="worst-step" open data-step="{ws.step}"><summary><b>step {ws.step}</b>: '
+            f"{_esc('; '.join(ws.reasons))}</summary>"
+        )
         shown = False
         for ranking, title in TOKEN_RANKINGS.items():
             picks = d.tokens.get((ws.step, ranking))
@@ -925,17 +1044,23 @@ def _tokens_html(d: _RunData) -> str:
             rows = []
             for p in picks:
                 ctx = "".join(
-                    f'<span class="{"tk sel" if sel else "tk"}">{_esc(text)}</span>' for _, text, sel in p.context)
-                rows.append(f"<tr><td class='num'>{_fmt(p.score)}</td><td>{_esc(p.text)}</td>"
-                            f"<td class='num'>{'' if p.token_id is None else p.token_id}</td>"
-                            f"<td class='num'>{p.rank}/{p.micro}/{p.seq}</td><td class='num'>{p.pos}</td>"
-                            f"<td class='num'>{_fmt(p.logratio)}</td><td class='num'>{_fmt(p.entropy)}</td>"
-                            f"<td class='num'>{_fmt(p.adv)}</td><td class='num'>{_fmt(p.cov)}</td>"
-                            f"<td class='ctx'>{ctx}</td></tr>")
-            out.append(f"<p class='note'>{_esc(title)}</p><table class='tokens' data-ranking='{ranking}'><tr>"
-                       "<th>score</th><th>token</th><th>id</th><th>rank/micro/seq</th><th>pos</th><th>log-ratio</th>"
-                       "<th>entropy</th><th>adv</th><th>cov</th><th>context (token highlighted)</th></tr>"
-                       + "".join(rows) + "</table>")
+                    f'<span class="{"tk sel" if sel else "tk"}">{_esc(text)}</span>' for _, text, sel in p.context
+                )
+                rows.append(
+                    f"<tr><td class='num'>{_fmt(p.score)}</td><td>{_esc(p.text)}</td>"
+                    f"<td class='num'>{'' if p.token_id is None else p.token_id}</td>"
+                    f"<td class='num'>{p.rank}/{p.micro}/{p.seq}</td><td class='num'>{p.pos}</td>"
+                    f"<td class='num'>{_fmt(p.logratio)}</td><td class='num'>{_fmt(p.entropy)}</td>"
+                    f"<td class='num'>{_fmt(p.adv)}</td><td class='num'>{_fmt(p.cov)}</td>"
+                    f"<td class='ctx'>{ctx}</td></tr>"
+                )
+            out.append(
+                f"<p class='note'>{_esc(title)}</p><table class='tokens' data-ranking='{ranking}'><tr>"
+                "<th>score</th><th>token</th><th>id</th><th>rank/micro/seq</th><th>pos</th><th>log-ratio</th>"
+                "<th>entropy</th><th>adv</th><th>cov</th><th>context (token highlighted)</th></tr>"
+                + "".join(rows)
+                + "</table>"
+            )
         if not shown:
             out.append('<p class="note">No token rows for this step.</p>')
         out.append("</details>")
@@ -970,7 +1095,8 @@ def _prepare(run: Any, label: str, colour: str, *, top_steps: int, top_tokens: i
 def _divergence(a: _RunData, b: _RunData, tol: float = 0.01) -> str:
     """First common step where a headline metric of ``b`` differs from ``a`` by more than ``tol`` (relative)."""
     j = a.metrics.select("step", *[n for n in HEADLINE if n in a.metrics.columns]).join(
-        b.metrics.select("step", *[n for n in HEADLINE if n in b.metrics.columns]), on="step", suffix="__b")
+        b.metrics.select("step", *[n for n in HEADLINE if n in b.metrics.columns]), on="step", suffix="__b"
+    )
     if j.height == 0:
         return f"{b.label} and {a.label} share no step."
     steps = j["step"].to_numpy()
@@ -987,16 +1113,27 @@ def _divergence(a: _RunData, b: _RunData, tol: float = 0.01) -> str:
             i = int(hit[0])
             first = (i, int(steps[i]), name, float(x[i]), float(y[i]))
     if first is None:
-        return (f"{b.label} and {a.label} agree within {tol:.0%} on every headline metric over their "
-                f"{j.height} common steps.")
+        return (
+            f"{b.label} and {a.label} agree within {tol:.0%} on every headline metric over their "
+            f"{j.height} common steps."
+        )
     i, step, name, xv, yv = first
     same = f" agree on every headline metric until step {int(steps[i - 1])}; they" if i > 0 else ""
-    return (f"{a.label} and {b.label}{same} first differ by more than {tol:.0%} at step {step} "
-            f"({name}: {_fmt(xv)} vs {_fmt(yv)}).")
+    return (
+        f"{a.label} and {b.label}{same} first differ by more than {tol:.0%} at step {step} "
+        f"({name}: {_fmt(xv)} vs {_fmt(yv)})."
+    )
 
 
-def build_report(run: Any, compare: Sequence[Any] = (), *, top_steps: int = 6, top_tokens: int = 5,
-                 context: int = 6, max_points: int = 2000) -> str:
+def build_report(
+    run: Any,
+    compare: Sequence[Any] = (),
+    *,
+    top_steps: int = 6,
+    top_tokens: int = 5,
+    context: int = 6,
+    max_points: int = 2000,
+) -> str:
     """The report of ``run`` (a path or an open :class:`rldiag.Run`), with ``compare`` runs on the same panels,
     as one self-contained HTML document (plotly.js inlined; no network needed to view it).
 
@@ -1021,8 +1158,10 @@ def build_report(run: Any, compare: Sequence[Any] = (), *, top_steps: int = 6, t
         while label in labels:
             label += "'"
         labels.append(label)
-    data = [_prepare(r, lab, RUN_COLOURS[i % len(RUN_COLOURS)], top_steps=top_steps, top_tokens=top_tokens,
-                     context=context) for i, (r, lab) in enumerate(zip(runs, labels))]
+    data = [
+        _prepare(r, lab, RUN_COLOURS[i % len(RUN_COLOURS)], top_steps=top_steps, top_tokens=top_tokens, context=context)
+        for i, (r, lab) in enumerate(zip(runs, labels))
+    ]
     compare_mode = len(data) > 1
     config = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["sendDataToCloud"]}
     figs, missing = [], []
@@ -1031,35 +1170,53 @@ def build_report(run: Any, compare: Sequence[Any] = (), *, top_steps: int = 6, t
         spec = panel.spec
         if fig is None:
             extra = [c for c in spec.inputs if c not in ("logp", "old_logp", "adv")]
-            missing.append(f"<li><code>{_esc(panel.metric)}</code>: not recorded"
-                           f"{' (needs ' + ', '.join(extra) + ')' if extra else ''}</li>")
+            missing.append(
+                f"<li><code>{_esc(panel.metric)}</code>: not recorded"
+                f"{' (needs ' + ', '.join(extra) + ')' if extra else ''}</li>"
+            )
             continue
         div = pio.to_html(fig, include_plotlyjs=False, full_html=False, config=config, div_id=f"panel-{i}")
         comp = f" With {', '.join(panel.metrics[1:])}." if len(panel.metrics) > 1 else ""
-        figs.append(f'<div class="panel" data-metric="{_html.escape(panel.metric, quote=True)}">{div}'
-                    f"<p>{_esc(spec.doc)}{_esc(comp)}</p></div>")
+        figs.append(
+            f'<div class="panel" data-metric="{_html.escape(visible(panel.metric), quote=True)}">{div}'
+            f"<p>{_esc(spec.doc)}{_esc(comp)}</p></div>"
+        )
     title = " vs ".join(labels)
     runs_meta = "; ".join(
         f"{d.label}: {d.run.path} (steps {d.summary.first_step}-{d.summary.last_step}, "
-        f"{len(d.run.ranks)} rank{'s' if len(d.run.ranks) != 1 else ''})" for d in data)
+        f"{len(d.run.ranks)} rank{'s' if len(d.run.ranks) != 1 else ''})"
+        for d in data
+    )
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     legend = ""
     if compare_mode:
-        legend = "<p>" + " ".join(f'<span class="swatch" style="background:{d.colour}"></span>{_esc(d.label)}'
-                                  for d in data) + " (dash styles tell a panel's metrics apart)</p>"
+        legend = (
+            "<p>"
+            + " ".join(f'<span class="swatch" style="background:{d.colour}"></span>{_esc(d.label)}' for d in data)
+            + " (dash styles tell a panel's metrics apart)</p>"
+        )
     else:
-        legend = ('<p class="note">Markers: where an alert on the panel\'s metric fired (x critical, triangle '
-                  "warn); red shading: while a critical one fired.</p>")
+        legend = (
+            '<p class="note">Markers: where an alert on the panel\'s metric fired (x critical, triangle '
+            "warn); red shading: while a critical one fired.</p>"
+        )
     diverge = ""
     if compare_mode:
         diverge = "<ul>" + "".join(f"<li>{_esc(_divergence(data[0], d))}</li>" for d in data[1:]) + "</ul>"
     body = [
-        (f"<header><h1>rldiag report: {_esc(title)}</h1><div class='meta'>{_esc(runs_meta)}<br>generated {when} by "
-         f"rldiag {_esc(__version__)}; self-contained (plotly.js inlined, no network)</div></header><main>"),
-        "<section id='summary'><h2>Summary</h2>" + "".join(_summary_html(d, compare_mode) for d in data)
-        + diverge + "</section>",
-        "<section id='panels'><h2>Headline metrics</h2>" + legend + f"<div class='grid'>{''.join(figs)}</div>"
-        + (f"<ul class='note'>{''.join(missing)}</ul>" if missing else "") + "</section>",
+        (
+            f"<header><h1>rldiag report: {_esc(title)}</h1><div class='meta'>{_esc(runs_meta)}<br>generated {when} by "
+            f"rldiag {_esc(__version__)}; self-contained (plotly.js inlined, no network)</div></header><main>"
+        ),
+        "<section id='summary'><h2>Summary</h2>"
+        + "".join(_summary_html(d, compare_mode) for d in data)
+        + diverge
+        + "</section>",
+        "<section id='panels'><h2>Headline metrics</h2>"
+        + legend
+        + f"<div class='grid'>{''.join(figs)}</div>"
+        + (f"<ul class='note'>{''.join(missing)}</ul>" if missing else "")
+        + "</section>",
         "<section id='glance'><h2>At a glance</h2>" + _glance_html(data) + "</section>",
         "<section id='alerts'><h2>Alerts</h2>" + "".join(_alerts_html(d) for d in data) + "</section>",
         "<section id='tokens'><h2>Worst steps and their worst tokens</h2><p class='note'>Steps: each finding's "
@@ -1067,11 +1224,12 @@ def build_report(run: Any, compare: Sequence[Any] = (), *, top_steps: int = 6, t
         "median.</p>" + "".join(_tokens_html(d) for d in data) + "</section>",
         "</main>",
     ]
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>rldiag report: {_esc(title)}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-            + "".join(body) + "</body></html>")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>rldiag report: {_esc(title)}</title><style>{_CSS}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>" + "".join(body) + "</body></html>"
+    )
 
 
 def check_out(out: str | os.PathLike[str], *, force: bool = False) -> Path:
@@ -1090,8 +1248,9 @@ def check_out(out: str | os.PathLike[str], *, force: bool = False) -> Path:
     return p
 
 
-def write_report(run: Any, out: str | os.PathLike[str], *, compare: Sequence[Any] = (), force: bool = False,
-                 **options: Any) -> Path:
+def write_report(
+    run: Any, out: str | os.PathLike[str], *, compare: Sequence[Any] = (), force: bool = False, **options: Any
+) -> Path:
     """Write :func:`build_report` to ``out`` atomically (a temporary file in the same folder, then a rename).
 
     Refuses to replace an existing ``out`` unless ``force``. Returns the path written.
