@@ -752,8 +752,34 @@ class Run:
 
         return lens(self, objectives, steps, params)
 
-    def cliff(self, lam: float | None = None, threshold: float = 0.9, **kw: Any) -> Any:
-        """Extrapolation-cliff report per step (needs ``teacher_logp`` and ``base_logp``)."""
+    def cliff(
+        self,
+        lam: float | None = None,
+        threshold: float = 0.9,
+        *,
+        engine: str = "local",
+        ray_address: str | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Extrapolation-cliff report per step (needs ``teacher_logp`` and ``base_logp``); ``engine="ray"``: Ray
+        tasks over groups of whole steps (each step is computed whole in one task, so the rows are the same)."""
+        _check_engine(engine)
+        if engine == "ray":
+            from rldiag.analysis import ray_engine
+
+            steps = kw.pop("steps", None)
+            chosen = self.steps() if steps is None else sorted({int(x) for x in steps})
+            return ray_engine.cliff(
+                self.token_files(),
+                self.token_limits(),
+                self.config,
+                chosen,
+                lam,
+                threshold,
+                address=ray_address,
+                ranges=self.token_step_ranges(),
+                **kw,
+            )
         from rldiag.analysis.cliff import cliff_report
 
         return cliff_report(self, lam, threshold, **kw)

@@ -203,3 +203,34 @@ def lens(
     if not parts:
         return local_lens(source, objectives, [], params)
     return pl.concat(parts).sort("step")
+
+
+def _cliff_task(source: TokenSource, steps: list[int], lam: float | None, threshold: float, kw: Any) -> pl.DataFrame:
+    from rldiag.analysis.cliff import cliff_report
+
+    return cliff_report(source, lam, threshold, steps=steps, **kw)
+
+
+def cliff(
+    files: Sequence[Any],
+    limits: Mapping[Any, int],
+    config: RecorderConfig,
+    steps: Sequence[int],
+    lam: float | None = None,
+    threshold: float = 0.9,
+    *,
+    address: str | None = None,
+    ranges: Mapping[Any, tuple[int, int]] | None = None,
+    **kw: Any,
+) -> pl.DataFrame:
+    """:func:`rldiag.analysis.cliff.cliff_report` of a run's token rows by Ray tasks over groups of whole steps
+    (every step is computed whole in one task, so the rows equal the local engine's)."""
+    from rldiag.analysis.cliff import cliff_report
+
+    source = TokenSource(tuple(files), dict(limits), config)
+    if not files or not steps:
+        return cliff_report(source, lam, threshold, steps=list(steps), **kw)
+    parts = [p for p in _run_chunks(_cliff_task, source, steps, address, lam, threshold, kw, ranges=ranges) if p.height]
+    if not parts:
+        return cliff_report(source, lam, threshold, steps=[], **kw)
+    return pl.concat(parts).sort("step")

@@ -7,7 +7,16 @@ import json
 import math
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import clean_json, fmt, open_run_or_fail, print_table, steps_in, write_frame
+from rldiag.commands._util import (
+    add_engine_args,
+    clean_json,
+    engine_kwargs,
+    fmt,
+    open_run_or_fail,
+    print_table,
+    steps_in,
+    write_frame,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", help="run: step range A:B (B exclusive)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
@@ -116,7 +126,11 @@ def _run_report(args: argparse.Namespace) -> int:
     if args.c is not None and args.eps is not None:
         raise CLIError("give --c or --eps for a run, not both")
     try:
-        rep = cliff.cliff_report(r, lam=args.lam, threshold=args.threshold, c=args.c, eps=args.eps, steps=steps)
+        engine = engine_kwargs(args)
+        if engine["engine"] == "ray":
+            rep = r.cliff(args.lam, args.threshold, c=args.c, eps=args.eps, steps=steps, **engine)
+        else:
+            rep = cliff.cliff_report(r, lam=args.lam, threshold=args.threshold, c=args.c, eps=args.eps, steps=steps)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     if rep.height == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rldiag import storage
 from rldiag.config import RecorderConfig
 
 ErrorPolicy = Literal["strict", "lenient"]
@@ -600,14 +602,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def import_target(run_dir: str | os.PathLike[str] | storage.RemotePath) -> Path | storage.RemotePath:
+    """The run an import writes: a local folder, or a run URI (``s3://...``, staged locally, uploaded at the end)."""
+    loc = storage.location(run_dir)
+    return loc if storage.is_remote(loc) else Path(run_dir)
+
+
 @contextmanager
-def staged_run(run_dir: str | os.PathLike[str], report: ImportReport) -> Iterator[Path]:
+def _staged_remote(target: storage.RemotePath, report: ImportReport) -> Iterator[Path]:
+    """Stage in a local temporary folder, then upload every file with one whole-object write each, the
+    manifest last: until it lands, readers see no run at the target, so a failure midway exposes nothing."""
+    if target.exists() and any(True for _ in target.iterdir()):
+        raise ImportInputError(f"{target} already exists and is not empty; import into a new run")
+    report.run = str(target)
+    staging = Path(tempfile.mkdtemp(prefix="rldiag-import-"))
+    try:
+        yield staging
+        if not any(staging.iterdir()):
+            raise ImportInputError(f"{report.source}: no token rows to import")
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        files = sorted(
+            (p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "manifest.json", str(p))
+        )
+        for p in files:
+            dest = target
+            for part in p.relative_to(staging).parts:
+                dest = dest / part
+            dest.write_bytes(p.read_bytes())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_run(run_dir: str | os.PathLike[str] | storage.RemotePath, report: ImportReport) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``run_dir``; on success rename it to ``run_dir``, else delete it.
 
     Staging folders left by an import that was killed (its process is gone) are removed first, so a retry
-    works. The report is stored in the run as ``.rldiag-import.json``.
+    works. The report is stored in the run as ``.rldiag-import.json``. A run URI (``s3://...``) is staged in a
+    local temporary folder and uploaded when the import succeeded (the manifest last).
     """
-    target = Path(run_dir)
+    loc = import_target(run_dir)
+    if storage.is_remote(loc):
+        with _staged_remote(loc, report) as staging:
+            yield staging
+        return
+    target = import_target(run_dir)
     check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_staging(target.parent, target.name):

@@ -47,6 +47,7 @@ from rldiag.importers._core import (
     check_int,
     clean_sequence,
     float_list,
+    import_target,
     int_list,
     is_number,
     parse_jsonl,
@@ -112,7 +113,7 @@ def import_prime_rl(
     rep.errors = mode
     policy = Policy(mode, rep)
     files = find_files(Path(src_dir))
-    target = Path(run_dir)
+    target = import_target(run_dir)
     envs: dict[str, int] = {}
     with staged_run(target, rep) as staging:
         builder = RunBuilder(staging, cfg, rep, world_size=max(files) + 1, name=target.name)

@@ -37,6 +37,7 @@ from rldiag.importers._core import (
     ImportReport,
     Policy,
     import_config,
+    import_target,
     one_line,
     short,
     staged_run,
@@ -359,7 +360,7 @@ def _import_frame(
             f"{report.source}: no valid token rows left to import ({report.rows_read:,} read, "
             f"all skipped: {dict(report.skipped)})"
         )
-    target = Path(run_dir)
+    target = import_target(run_dir)
     with staged_run(target, report) as staging:
         ranks = rows[schema.RANK].unique().sort().to_list()
         world = int(max(ranks)) + 1

@@ -168,3 +168,32 @@ def test_cli_engine_ray_prints_what_the_local_engine_prints(job, ray_cluster, ca
         assert main(["summarize", job, "--eps-high", "0.35", "--format", "csv", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].count("\n") == STEPS + 1
+
+
+def test_cliff_on_ray_equals_the_local_engine(ray_cluster, tmp_path, capsys) -> None:
+    from rldiag.cli import main
+
+    rng = np.random.default_rng(1)
+    with rldiag.Recorder(tmp_path / "distill", roll_steps=2, handle_signals=False) as rec:
+        for step in range(6):
+            logp = np.log(rng.uniform(0.3, 0.99, (8, 16))).astype(np.float32)
+            rec.record(
+                step=step,
+                logprobs=logp,
+                old_logprobs=logp,
+                advantages=np.ones(8, np.float32),
+                teacher_logprobs=np.log(rng.uniform(0.85, 0.999, (8, 16))).astype(np.float32),
+                base_logprobs=np.log(rng.uniform(0.5, 0.95, (8, 16))).astype(np.float32),
+            )
+    run = rldiag.open_run(tmp_path / "distill")
+    local = run.cliff(2.0, steps=[1, 2, 4])
+    assert local.height == 3
+    remote = run.cliff(2.0, steps=[1, 2, 4], engine="ray", ray_address=ray_cluster)
+    assert remote["cliff/severity"].to_list() == local["cliff/severity"].to_list()
+    numeric = [c for c, t in local.schema.items() if t.is_numeric()]
+    _same_metrics(remote.select(numeric), local.select(numeric), rtol=1e-12)  # polars sums: order may differ
+    outs = []
+    for extra in ([], ["--engine", "ray", "--ray-address", ray_cluster]):
+        assert main(["cliff", str(tmp_path / "distill"), "--lam", "2", *extra]) == 0  # the table: 4 digits
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "worst: critical" in outs[0]
