@@ -248,7 +248,10 @@ def test_a_damaged_file_is_skipped_and_named_never_a_crash(good_run, tmp_path_fa
     others = set(range(N_STEPS)) - {draw["segment"]}
     assert others <= set(steps), (kind, steps, [p.message for p in run.problems])
     if folder == schema.STATS_DIR and draw["segment"] not in steps:
-        assert named, (kind, [p.message for p in run.problems])
+        # a step rewritten to another legal step is data, not damage: its rows are read under that step
+        moved = -draw["big"] if draw["cut"] % 2 else draw["big"]
+        relabelled = kind == "key_value" and draw["key"] == "step" and moved in steps
+        assert named or relabelled, (kind, [p.message for p in run.problems])
 
 
 CLI_CASES = [
