@@ -525,6 +525,26 @@ class Engine:
     def fingerprint(self, rule: str) -> str:
         return self._fp[rule]
 
+    def _transition_notification(
+        self, rule: Rule, event: str, tr: Transition, step: int, starts_at: float, ends_at: float | None, now: float
+    ) -> Notification:
+        """The notification of a rule's transition ``tr`` (its values, threshold and comparison) at ``step``."""
+        return self._notification(
+            rule,
+            event,
+            step=step,
+            start_step=tr.start_step,
+            value=tr.value,
+            metric=tr.metric,
+            threshold=tr.threshold,
+            resolve=tr.resolve,
+            reference=tr.reference,
+            op=tr.op,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            now=now,
+        )
+
     def _notification(
         self,
         rule: Rule,
@@ -622,45 +642,13 @@ class Engine:
                 self._episodes[rule.name] = _Episode(tr.start_step, starts_at, last)
                 if past is not None:
                     continue
-                out.append(
-                    self._notification(
-                        rule,
-                        EVENT_FIRING,
-                        step=step,
-                        start_step=tr.start_step,
-                        value=tr.value,
-                        metric=tr.metric,
-                        threshold=tr.threshold,
-                        resolve=tr.resolve,
-                        reference=tr.reference,
-                        op=tr.op,
-                        starts_at=starts_at,
-                        ends_at=None,
-                        now=now,
-                    )
-                )
+                out.append(self._transition_notification(rule, EVENT_FIRING, tr, step, starts_at, None, now))
             else:
                 ep = self._episodes.pop(rule.name, None)
                 if past is not None:
                     continue
                 starts_at = ep.starts_at if ep is not None else now
-                out.append(
-                    self._notification(
-                        rule,
-                        EVENT_RESOLVED,
-                        step=step,
-                        start_step=tr.start_step,
-                        value=tr.value,
-                        metric=tr.metric,
-                        threshold=tr.threshold,
-                        resolve=tr.resolve,
-                        reference=tr.reference,
-                        op=tr.op,
-                        starts_at=starts_at,
-                        ends_at=now,
-                        now=now,
-                    )
-                )
+                out.append(self._transition_notification(rule, EVENT_RESOLVED, tr, step, starts_at, now, now))
         return out
 
     def _saw_data(self, t: float) -> None:
