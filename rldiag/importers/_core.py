@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -682,6 +683,19 @@ class DumpFile:
     path: Path
     step: int
     rank: int = 0
+
+
+def named_dump_file(src: Path, pattern: re.Pattern[str], what: str) -> list[DumpFile] | None:
+    """``[src]`` when ``src`` is a file named like ``pattern`` (its first group is the step), None when it is a
+    folder; a file of another name or a missing path is an :class:`ImportInputError` (``what``: the file kind)."""
+    if src.is_file():
+        m = pattern.match(src.name)
+        if not m:
+            raise ImportInputError(f"{src}: not a {what} file")
+        return [DumpFile(src, int(m.group(1)))]
+    if not src.is_dir():
+        raise ImportInputError(f"{src}: no such file or directory")
+    return None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from rldiag.importers._core import (
     import_dump,
     int_list,
     is_number,
+    named_dump_file,
     parse_jsonl,
     short,
     trained_span,
@@ -82,13 +83,9 @@ def import_nemo_rl(
 
 
 def _list(src: Path) -> list[DumpFile]:
-    if src.is_file():
-        m = _FILE.match(src.name)
-        if not m:
-            raise ImportInputError(f"{src}: not a NeMo-RL train_data_step{{N}}.jsonl file")
-        return [DumpFile(src, int(m.group(1)))]
-    if not src.is_dir():
-        raise ImportInputError(f"{src}: no such file or directory")
+    one = named_dump_file(src, _FILE, "NeMo-RL train_data_step{N}.jsonl")
+    if one is not None:
+        return one
     found = [p for p in src.iterdir() if _FILE.match(p.name)]
     if not found:  # the logger's base_log_dir is often one level down (exp_001/)
         found = [

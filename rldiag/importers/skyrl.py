@@ -45,6 +45,7 @@ from rldiag.importers._core import (
     clean_sequence,
     import_dump,
     load_checked,
+    named_dump_file,
     trained_span,
 )
 
@@ -77,13 +78,9 @@ def import_skyrl(
 
 
 def _list(src: Path) -> list[DumpFile]:
-    if src.is_file():
-        m = _FILE.match(src.name)
-        if not m:
-            raise ImportInputError(f"{src}: not a SkyRL global_step_N_training_input.pkl file")
-        return [DumpFile(src, int(m.group(1)))]
-    if not src.is_dir():
-        raise ImportInputError(f"{src}: no such file or directory")
+    one = named_dump_file(src, _FILE, "SkyRL global_step_N_training_input.pkl")
+    if one is not None:
+        return one
     folder = src / "dumped_data" if (src / "dumped_data").is_dir() else src
     files = [
         DumpFile(p, int(m.group(1)))

@@ -25,6 +25,7 @@ from rldiag.importers._core import (
     ImportInputError,
     ImportReport,
     Policy,
+    named_dump_file,
 )
 from rldiag.importers._textdumps import refuse, survey
 
@@ -36,13 +37,9 @@ REQUIRED_KEYS = ("input", "output", "score", "step")
 
 def list_files(src: Path) -> list[DumpFile]:
     """The ``{step}.jsonl`` files of a rollout_data_dir (or one such file), in step order."""
-    if src.is_file():
-        m = _FILE.match(src.name)
-        if not m:
-            raise ImportInputError(f"{src}: not a verl {{step}}.jsonl dump file")
-        return [DumpFile(src, int(m.group(1)))]
-    if not src.is_dir():
-        raise ImportInputError(f"{src}: no such file or directory")
+    one = named_dump_file(src, _FILE, "verl {step}.jsonl dump")
+    if one is not None:
+        return one
     files = [
         DumpFile(p, int(m.group(1)))
         for p in src.iterdir()
