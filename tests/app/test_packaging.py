@@ -25,8 +25,16 @@ def test_app_runs_from_the_installed_wheel(tmp_path: Path, runs_root: Path):
     )
     wheel = next(wheels.glob("rldiag-*.whl"))
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
+    # the test's own packages (dash, polars...) come from this interpreter's site folders, listed in a .pth
+    # file: `system_site_packages` would give the *base* interpreter's, which lack them when the suite runs
+    # inside a virtual environment. Paths from a .pth file come after the new venv's own site-packages (so the
+    # installed wheel wins), and .pth files inside them are not run (so an editable install of the source tree
+    # cannot shadow the wheel).
+    site_dir = next((env_dir / "lib").glob("python*/site-packages"))
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (site_dir / "outer-site.pth").write_text("\n".join(outer) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
         check=True,
