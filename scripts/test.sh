@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # CPU build of torch (a bare `pip install torch` would pull a multi-GB CUDA build)
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
-$PY -m pip install -q --disable-pip-version-check -e ".[demo,test]"
+# fsspec, s3fs and datasets pin one another exactly: resolved together here, with versions that exist
+$PY -m pip install -q --disable-pip-version-check -e ".[demo,test]" datasets==5.2.0 s3fs==2026.9.0 fsspec==2026.9.0
 # verl's own functions are the reference of the agreement tests; its pins do not fit, so no deps
 $PY -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
 $PY -m pip install -q --disable-pip-version-check ray==2.60.0 tensordict==0.15.3 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 pylatexenc==2.11 orjson fastapi==0.165.0 uvicorn==0.54.0
