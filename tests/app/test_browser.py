@@ -147,17 +147,21 @@ def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_pat
     raw_x = "const d = document.querySelector('.js-plotly-plot')._fullData[2].x;return Array.from(d);"
     before = dash_duo.driver.execute_script(raw_x)
     assert len(before) <= 602 and any(x != int(x) for x in before)  # bucket centres: aggregated
-    dash_duo.zoom_in_graph_by_ratio(graph, start_fraction=0.4, zoom_box_fraction=0.1)
-    deadline = time.time() + 20
     after = before
 
     def raw_steps(x: list[float]) -> bool:
         return all(v == int(v) for v in x) and len(x) < 300
 
-    # wait for the server's answer to the zoom (a relayout under load may first redraw other buckets)
-    while time.time() < deadline and not raw_steps(after):
-        time.sleep(0.3)
-        after = dash_duo.driver.execute_script(raw_x)
+    # wait for the server's answer to the zoom (a relayout under load may first redraw other buckets); a drag
+    # that the page missed while busy (the data did not change at all) is made once more
+    for _attempt in range(2):
+        dash_duo.zoom_in_graph_by_ratio(graph, start_fraction=0.4, zoom_box_fraction=0.1)
+        deadline = time.time() + 30
+        while time.time() < deadline and not raw_steps(after):
+            time.sleep(0.3)
+            after = dash_duo.driver.execute_script(raw_x)
+        if raw_steps(after) or after != before:
+            break
     assert all(x == int(x) for x in after) and len(after) < 300  # raw steps of the zoomed range only
     dash_duo.driver.set_window_size(1200, 1000)  # autosize must not throw the zoomed data away
     time.sleep(2)
