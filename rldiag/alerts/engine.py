@@ -525,6 +525,26 @@ class Engine:
     def fingerprint(self, rule: str) -> str:
         return self._fp[rule]
 
+    def _stall_notification(
+        self, rule: Rule, event: str, step: int, idle: float | None, starts_at: float, ends_at: float | None, now: float
+    ) -> Notification:
+        """The notification of a stalled-run rule: the value is the time without new data (seconds)."""
+        return self._notification(
+            rule,
+            event,
+            step=step,
+            start_step=step,
+            value=idle,
+            metric=None,
+            threshold=rule.stall_after,
+            resolve=None,
+            reference=None,
+            op=None,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            now=now,
+        )
+
     def _transition_notification(
         self, rule: Rule, event: str, tr: Transition, step: int, starts_at: float, ends_at: float | None, now: float
     ) -> Notification:
@@ -691,23 +711,7 @@ class Engine:
             for rule in self._stall_rules:
                 if rule.name not in self._stalls and idle >= rule.stall_after:
                     self._stalls[rule.name] = _Stall(self.last_step, now, now, self.last_data_time)
-                    out.append(
-                        self._notification(
-                            rule,
-                            EVENT_FIRING,
-                            step=self.last_step,
-                            start_step=self.last_step,
-                            value=idle,
-                            metric=None,
-                            threshold=rule.stall_after,
-                            resolve=None,
-                            reference=None,
-                            op=None,
-                            starts_at=now,
-                            ends_at=None,
-                            now=now,
-                        )
-                    )
+                    out.append(self._stall_notification(rule, EVENT_FIRING, self.last_step, idle, now, None, now))
         for rule in self._metric_rules:
             ep = self._episodes.get(rule.name)
             if ep is None:
@@ -741,46 +745,14 @@ class Engine:
             if now - stall.last_notified >= interval:
                 stall.last_notified = now
                 idle = now - self.last_data_time if self.last_data_time is not None else None
-                out.append(
-                    self._notification(
-                        rule,
-                        EVENT_REPEAT,
-                        step=stall.step,
-                        start_step=stall.step,
-                        value=idle,
-                        metric=None,
-                        threshold=rule.stall_after,
-                        resolve=None,
-                        reference=None,
-                        op=None,
-                        starts_at=stall.starts_at,
-                        ends_at=None,
-                        now=now,
-                    )
-                )
+                out.append(self._stall_notification(rule, EVENT_REPEAT, stall.step, idle, stall.starts_at, None, now))
         return out
 
     def _end_stall(self, name: str, *, now: float) -> list[Notification]:
         stall = self._stalls.pop(name)
         rule = self.rules[name]
         idle = now - self.last_data_time if self.last_data_time is not None else None
-        return [
-            self._notification(
-                rule,
-                EVENT_RESOLVED,
-                step=stall.step,
-                start_step=stall.step,
-                value=idle,
-                metric=None,
-                threshold=rule.stall_after,
-                resolve=None,
-                reference=None,
-                op=None,
-                starts_at=stall.starts_at,
-                ends_at=now,
-                now=now,
-            )
-        ]
+        return [self._stall_notification(rule, EVENT_RESOLVED, stall.step, idle, stall.starts_at, now, now)]
 
     def close(self, now: float) -> list[Notification]:
         """The run was closed: it can no longer stall; a stalled-run alert resolves."""
