@@ -28,7 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rldiag import schema, storage
+from rldiag.analysis.progress import progress
 from rldiag.config import RecorderConfig
+from rldiag.metrics import aggregate
+from rldiag.metrics.registry import needed_stats
 from rldiag.stats import kernel
 from rldiag.stats.table import STATS_SCHEMA, to_table
 
@@ -437,3 +440,80 @@ def _scan(files: list[Any]) -> pl.LazyFrame:
 
     fs = PyFileSystem(FSSpecHandler(files[0].fs))
     return pl.scan_pyarrow_dataset(ds.dataset([f.key for f in files], filesystem=fs, format="parquet"))
+
+
+def step_metrics_from_tokens(
+    stored: pa.Table,
+    files: Sequence[Any],
+    config: RecorderConfig,
+    names: Sequence[str],
+    by: tuple[str, ...],
+    *,
+    limits: Mapping[Any, int] | None = None,
+    ranks: Sequence[int] | None = None,
+    steps: set[int] | None = None,
+    everything: bool = False,
+    executor: Any = None,
+) -> pl.DataFrame:
+    """Step metrics (as :meth:`Run.step_metrics` returns them) with statistics recomputed from token rows.
+
+    The statistics that depend on ``config`` (every statistic when ``everything``) are recomputed from the token
+    rows of ``files`` (rows at or after ``limits[file]`` left out); the others come from the stored statistics
+    ``stored``. Fresh statistics are aligned to the stored groups (``by``): a group whose token rows were not all
+    read (no rows, a damaged file) gets NaN rather than the statistics of part of its records. ``executor``: a
+    :class:`rldiag.analysis.ray_engine.RowGroupExecutor` to run the row groups on Ray (None: local threads).
+    """
+    stats_iter = iter_file_stats(
+        list(files), config, steps=steps, config_only=not everything, limits=dict(limits or {}), executor=executor
+    )
+    parts = list(progress(stats_iter, row_groups(list(files)), "rldiag: recomputing from token rows"))
+    fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
+    if ranks is not None:
+        fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
+    need = needed_stats(list(names))
+    dep = set(need) if everything else {s for s in need if kernel.STATS[s].config_dependent}
+    merged_stored = aggregate.merge(stored, by=by, stats=(need - dep) | {"rows_written"})
+    merged_fresh = aggregate.merge(fresh, by=by, stats=dep | {"rows_written"})
+    out_stats = dict(merged_stored.stats)
+    idx = _align(merged_stored.keys, merged_fresh.keys, by)
+    fresh_rows = (
+        np.where(idx >= 0, merged_fresh.stats["rows_written"][np.maximum(idx, 0)], 0.0)
+        if merged_fresh.n_groups
+        else np.zeros(idx.size)
+    )
+    idx = np.where(fresh_rows >= merged_stored.stats["rows_written"], idx, -1)
+    same = idx.size == merged_fresh.n_groups and bool(np.all(idx == np.arange(idx.size)))
+    for s in dep:
+        src = merged_fresh.stats.get(s)
+        if same and src is not None:
+            out_stats[s] = src  # the usual case: every stored group has token rows
+            continue
+        shape = (merged_stored.n_groups,) + (src.shape[1:] if src is not None else ())
+        arr = np.full(shape, np.nan)
+        if src is not None and src.size:
+            arr[idx >= 0] = src[idx[idx >= 0]]
+        out_stats[s] = arr
+    return aggregate.finalize(aggregate.Merged(keys=merged_stored.keys, stats=out_stats), list(names))
+
+
+def _align(target: dict[str, np.ndarray], source: dict[str, np.ndarray], by: tuple[str, ...]) -> np.ndarray:
+    """For each group of ``target``, the index of the group with the same keys in ``source`` (-1 where there
+    is none). Both sides are sorted by ``by`` (as ``aggregate.merge`` returns them); the integer keys are
+    combined into one int64 that keeps that order, and looked up by binary search."""
+    present = [d for d in (target, source) if d[by[0]].size]
+    if not present:
+        return np.zeros(0, dtype=np.int64)
+    lo = min(int(d[k].min()) for d in present for k in by)
+    span = [max(int(d[k].max()) for d in present) - lo + 1 for k in by]
+
+    def combined(d: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.zeros(d[by[0]].size, dtype=np.int64)
+        for k, n in zip(by, span):
+            out = out * n + (d[k].astype(np.int64) - lo)
+        return out
+
+    t, src = combined(target), combined(source)
+    pos = np.searchsorted(src, t)
+    hit = pos < src.size
+    hit[hit] = src[pos[hit]] == t[hit]
+    return np.where(hit, pos, -1)

@@ -122,17 +122,19 @@ def test_sigkill_mid_run_leaves_readable_files_and_every_flushed_step(run_dir, t
 
 
 def test_run_index_is_used_extended_and_rebuilt(run_dir, monkeypatch) -> None:
-    from rldiag.analysis import io
+    from rldiag.analysis import io, scan
 
-    monkeypatch.setattr(io, "INDEX_MIN_FILES", 3)
+    monkeypatch.setattr(scan, "INDEX_MIN_FILES", 3)
     _write(run_dir, 8)  # roll_steps=2: 4 segments
     first = rldiag.open_run(run_dir)
     want = first.step_metrics()
     index = run_dir / io.INDEX_DIR / "steps.parquet"
     assert index.exists()
     reads = []
-    orig = io.Run._read_stats_file
-    monkeypatch.setattr(io.Run, "_read_stats_file", lambda self, p, **kw: reads.append(p.name) or orig(self, p, **kw))
+    orig = scan.RunFiles._read_stats_file
+    monkeypatch.setattr(
+        scan.RunFiles, "_read_stats_file", lambda self, p, **kw: reads.append(p.name) or orig(self, p, **kw)
+    )
     again = rldiag.open_run(run_dir)
     assert reads == [] and again.step_metrics().equals(want)
     assert again.info()["records"] == 8 and again.info()["stats_files"] == 4
@@ -226,9 +228,9 @@ def test_restart_supersedes_the_earlier_records_from_its_first_step(run_dir, tmp
 
 
 def test_run_index_respects_a_restart(run_dir, tmp_path, monkeypatch) -> None:
-    from rldiag.analysis import io
+    from rldiag.analysis import io, scan
 
-    monkeypatch.setattr(io, "INDEX_MIN_FILES", 1)
+    monkeypatch.setattr(scan, "INDEX_MIN_FILES", 1)
     _attempt(run_dir, range(6), attempt=0)
     rldiag.open_run(run_dir)  # writes the index with all six records of attempt 0
     assert (run_dir / io.INDEX_DIR / "steps.parquet").exists()

@@ -1,0 +1,578 @@
+"""The files of a run: listing, the run index, restarts, live tails, and validation of what is read.
+
+:class:`RunFiles` is the scanning half of :class:`rldiag.analysis.io.Run`: it lists the published segments (one
+listing per folder, so a live run on object storage costs a bounded number of requests per refresh), reads
+and validates each new statistics file (skipping and naming a damaged one), applies the restart rule of
+:mod:`rldiag.runformat` (a later writer attempt supersedes its rank's earlier records from its first step on),
+keeps the statistics merged per step (the *compacted* table, saved as the run index), and adds the writers'
+live tails. Everything that reads a run goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rldiag import runformat, schema, storage
+from rldiag.config import RecorderConfig
+from rldiag.metrics import aggregate
+from rldiag.stats.table import STATS_SCHEMA
+from rldiag.stats.table import validate as validate_stats
+
+RunFormatWarning = runformat.RunFormatWarning
+
+
+@dataclass
+class FileInfo:
+    path: storage.Location
+    size: int
+    mtime: float
+    rows: int
+    config: dict[str, Any] | None = None
+    steps: tuple[int, int] | None = None
+    """Smallest and largest step in the file (None when it holds no rows)."""
+
+    @property
+    def writer(self) -> tuple[str, int, int] | None:
+        """(writer id, rank, start ns) parsed from the segment name (None for a name rldiag did not give)."""
+        return runformat.parse_segment_name(self.path.name)
+
+
+@dataclass
+class Problem:
+    """Something wrong with a run that did not stop reading it."""
+
+    path: str
+    message: str
+
+
+INDEX_DIR = runformat.INDEX_DIR
+"""Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
+INDEX_MIN_FILES = 16
+"""The index is (re)written once this many statistics files are not in it yet."""
+INDEX_VERSION = 2
+"""Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with)."""
+_NO_CUTOFF = 2**63 - 1
+
+
+def _index_location(run_path: storage.Location) -> storage.Location:
+    own = run_path / INDEX_DIR
+    if isinstance(run_path, storage.RemotePath) or os.access(run_path, os.W_OK):
+        return own / "steps.parquet"
+    import hashlib
+
+    digest = hashlib.sha1(str(run_path.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rldiag" / digest / "steps.parquet"
+
+
+@dataclass
+class RunFiles:
+    """The published files of one run folder and what was read from them (see the module docstring).
+
+    Published files are immutable and merging is associative, so the statistics of files already seen are kept
+    merged per step (:meth:`compact_table`) and new files merge into them; per-record rows
+    (:meth:`stats_table`) are read from the files when asked for.
+    """
+
+    path: storage.Location
+    config: RecorderConfig
+    problems: list[Problem] = field(default_factory=list)
+    """What is wrong with the run but did not stop reading it (skipped files, restart conflicts)."""
+    stats_files: dict[str, FileInfo] = field(default_factory=dict)
+    stats_tables: dict[str, pa.Table] = field(default_factory=dict)
+    token_infos: dict[str, FileInfo] = field(default_factory=dict)
+    bad: set[str] = field(default_factory=set)
+    """Names of the files skipped as unreadable (token files as ``tokens/<name>``)."""
+    compact: pa.Table | None = None
+    """Statistics merged per step, from the published segments (never the live tails)."""
+    live_view: pa.Table | None = None
+    """:attr:`compact` plus the live tails, or None when there are none."""
+    resume: runformat.Resume = field(default_factory=runformat.Resume)
+    """How restarted writers combine: the records that later attempts superseded, gaps, problems."""
+    writer_infos: list[runformat.WriterInfo] = field(default_factory=list)
+    _stats_cache: pa.Table | None = None
+    _indexed: set[str] = field(default_factory=set)
+    _index_loaded: bool = False
+    _applied: dict[str, int] = field(default_factory=dict)
+    """The restart cutoffs the compacted table was built with (writer -> first superseded step)."""
+    _writer_cache: dict[str, tuple[tuple[int, float], runformat.WriterInfo | None]] = field(default_factory=dict)
+
+    # ---- scanning ---------------------------------------------------------------------------------
+    def refresh(self) -> list[str]:
+        """Read segments published since the last scan; returns their names (statistics files).
+
+        Costs one listing of ``stats/``, ``tokens/`` and ``writers/`` (three requests on object storage), plus
+        reading the new segments and the writer files that changed.
+        """
+        listed = {e.name: e for e in storage.list_files(self.path / schema.STATS_DIR) if runformat.is_published(e.name)}
+        if not self._index_loaded:
+            self._index_loaded = True
+            self._load_index(listed)
+        new: list[str] = []
+        tables: list[pa.Table] = []
+        todo = [e.path for name, e in listed.items() if name not in self.stats_files and name not in self.bad]
+        # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
+                loaded = list(pool.map(_load_stats, todo))
+        else:
+            loaded = [_load_stats(p) for p in todo]
+        for p, got in zip(todo, loaded):
+            info = self._read_stats_file(p, loaded=got, entry=listed[p.name])
+            if info is not None:
+                self.stats_files[p.name] = info
+                tables.append(self.stats_tables[p.name])
+                new.append(p.name)
+        tdir = self.path / schema.TOKENS_DIR
+        for e in storage.list_files(tdir):
+            p = e.path
+            if not runformat.is_published(e.name) or p.name in self.token_infos or ("tokens/" + p.name) in self.bad:
+                continue
+            try:
+                meta = _parquet_metadata(p)
+                _check_token_schema(meta.schema.to_arrow_schema())
+                self.token_infos[p.name] = FileInfo(p, e.size, e.mtime, meta.num_rows)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
+                self._skip("tokens/" + p.name, p, exc)
+        changed = self._update_resume()
+        if new or changed:
+            self._stats_cache = None
+        if new:
+            self._fold([self.surviving(name, self.stats_tables[name]) for name in new])
+        for lo, hi in changed:
+            self._rebuild(lo, hi)
+        if (new or changed) and (
+            len(self.stats_files) - len(self._indexed) >= INDEX_MIN_FILES or (changed and self._indexed)
+        ):
+            self._save_index()
+        self.live_view = self._with_live_tails()
+        return new
+
+    def _with_live_tails(self) -> pa.Table | None:
+        """The compacted table plus the writers' live tails (statistics not in a segment yet; local runs), or
+        None when there are none. Never folded into ``_compact`` or the index: segments replace them."""
+        if isinstance(self.path, storage.RemotePath):
+            return None
+        tails = [self.surviving(name, t) for name, t in _read_live(self.path, self.stats_files)]
+        tails = [t for t in tails if t.num_rows]
+        if not tails:
+            return None
+        fresh = pa.concat_tables(tails)
+        base = self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
+        hit = pc.is_in(base.column("step"), pc.unique(fresh.column("step")))
+        redo = aggregate.compact(pa.concat_tables([base.filter(hit), fresh]))
+        return pa.concat_tables([base.filter(pc.invert(hit)), redo]).sort_by("step")
+
+    # ---- restarts ---------------------------------------------------------------------------------
+    def _update_resume(self) -> list[tuple[int, int]]:
+        """Apply the restart rule (:func:`rldiag.runformat.resolve_attempts`) to the files seen so far; returns
+        the step ranges ``[lo, hi)`` whose compacted statistics must be rebuilt because a cutoff changed."""
+        infos, bad = self.read_writers()
+        self.writer_infos = infos
+        data: dict[str, dict[str, Any]] = {}
+        for info in self.stats_files.values():
+            parsed = info.writer
+            if parsed is None or info.steps is None:
+                continue
+            d = data.setdefault(
+                parsed[0],
+                {"rank": parsed[1], "start": parsed[2], "lo": info.steps[0], "hi": info.steps[1], "t": info.mtime},
+            )
+            d["lo"], d["hi"], d["t"] = min(d["lo"], info.steps[0]), max(d["hi"], info.steps[1]), max(d["t"], info.mtime)
+        known = set(data)
+        self.resume = runformat.resolve_attempts(
+            [runformat.AttemptData(w, d["rank"], d["start"], d["lo"], d["hi"], d["t"]) for w, d in data.items()],
+            [i for i in infos if i.writer in known or i.first_step is not None],
+        )
+        for exc in bad:
+            msg = f"unreadable writer file: {exc}"
+            if not any(p.message == msg for p in self.problems):
+                self.problems.append(Problem(str(exc.path), msg))
+        for msg in self.resume.problems:
+            if not any(p.message == msg for p in self.problems):
+                self.problems.append(Problem(str(self.path / runformat.WRITERS_DIR), msg))
+                warnings.warn(msg, RunFormatWarning, stacklevel=4)
+        ranges = []
+        for w in known | set(self._applied) | set(self.resume.cutoff):
+            old, new = self._applied.get(w, _NO_CUTOFF), self.resume.cutoff.get(w, _NO_CUTOFF)
+            if old != new and w in known:
+                ranges.append((min(old, new), max(old, new)))
+        self._applied = {w: c for w, c in self.resume.cutoff.items() if w in known}
+        return ranges
+
+    def read_writers(self) -> tuple[list[runformat.WriterInfo], list[runformat.RunFormatError]]:
+        """The writer files (one listing; a file is read again only when its size or time changed)."""
+        infos: list[runformat.WriterInfo] = []
+        bad: list[runformat.RunFormatError] = []
+        seen = set()
+        for e in storage.list_files(self.path / runformat.WRITERS_DIR):
+            if not e.name.endswith(".json") or e.name.startswith("."):
+                continue
+            seen.add(e.name)
+            key = (e.size, e.mtime)
+            cached = self._writer_cache.get(e.name)
+            if cached is None or cached[0] != key:
+                try:
+                    info: runformat.WriterInfo | None = runformat.read_writer_file(e.path)
+                except FileNotFoundError:
+                    continue
+                except (runformat.RunFormatError, OSError) as exc:
+                    bad.append(
+                        runformat.RunFormatError(
+                            str(exc) if isinstance(exc, runformat.RunFormatError) else f"{e.path}: {exc}", path=e.path
+                        )
+                    )
+                    info = None
+                self._writer_cache[e.name] = cached = (key, info)
+            if cached[1] is not None:
+                infos.append(cached[1])
+        for name in set(self._writer_cache) - seen:
+            del self._writer_cache[name]
+        return infos, bad
+
+    def cutoff(self, name: str) -> int | None:
+        info = self.stats_files.get(name) or self.token_infos.get(name)
+        w = runformat.parse_segment_name(name) if info is None else info.writer
+        return None if w is None else self.resume.cutoff.get(w[0])
+
+    def surviving(self, name: str, table: pa.Table) -> pa.Table:
+        """The rows of a statistics file that a later attempt of their rank did not supersede."""
+        cut = self.cutoff(name)
+        if cut is None:
+            return table
+        return table.filter(pc.less(table.column("step"), pa.scalar(cut, pa.int64())))
+
+    def table(self, name: str) -> pa.Table | None:
+        if name not in self.stats_tables:
+            self._read_stats_file(self.stats_files[name].path, check=False)
+        return self.stats_tables.get(name)
+
+    def _rebuild(self, lo: int, hi: int) -> None:
+        """Recompute the compacted statistics of steps ``lo <= step < hi`` from the surviving records."""
+        parts = []
+        for name, info in sorted(self.stats_files.items()):
+            if info.steps is None or info.steps[1] < lo or info.steps[0] >= hi:
+                continue
+            table = self.table(name)
+            if table is None:
+                continue
+            step = table.column("step")
+            rows = self.surviving(name, table.filter(pc.and_(pc.greater_equal(step, lo), pc.less(step, hi))))
+            if rows.num_rows:
+                parts.append(rows)
+        base = self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
+        step = base.column("step")
+        keep = base.filter(pc.or_(pc.less(step, lo), pc.greater_equal(step, hi)))
+        if parts:
+            keep = pa.concat_tables([keep, aggregate.compact(pa.concat_tables(parts))]).sort_by("step")
+        self.compact = keep
+
+    def _fold(self, tables: list[pa.Table]) -> None:
+        """Merge new statistics rows into the compacted table, touching only the steps they hold."""
+        fresh = pa.concat_tables(tables)
+        if self.compact is None or self.compact.num_rows == 0:
+            self.compact = aggregate.compact(fresh)
+            return
+        steps = pc.unique(fresh.column("step"))
+        hit = pc.is_in(self.compact.column("step"), steps)
+        keep = self.compact.filter(pc.invert(hit))
+        redo = aggregate.compact(pa.concat_tables([self.compact.filter(hit), fresh]))
+        self.compact = pa.concat_tables([keep, redo]).sort_by("step")
+
+    def _load_index(self, listed: dict[str, storage.Entry]) -> None:
+        path = _index_location(self.path)
+        try:
+            table = _read_parquet(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return
+        except Exception:  # noqa: BLE001 - a damaged index is rebuilt from the files
+            return
+        try:
+            meta = json.loads((table.schema.metadata or {})[schema.PARQUET_META_KEY])
+            if meta.get("index_version") != INDEX_VERSION:
+                raise ValueError("an index of an older rldiag")
+            files: dict[str, list[float]] = meta["files"]
+            cutoffs = {str(k): int(v) for k, v in meta["cutoff"].items()}
+            infos = {}
+            for name, (size, rows, lo, hi) in files.items():
+                e = listed.get(name)
+                if e is None or e.size != size:
+                    raise ValueError(f"{name} changed since the index was written")
+                steps = None if lo is None else (int(lo), int(hi))
+                infos[name] = FileInfo(e.path, e.size, e.mtime, int(rows), None, steps)
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+            validate_stats(table)
+        except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
+            return
+        self.compact = table
+        self.stats_files.update(infos)
+        self._indexed = set(infos)
+        self._applied = cutoffs
+
+    def _save_index(self) -> None:
+        if self.compact is None:
+            return
+        path = _index_location(self.path)
+        files = {name: [info.size, info.rows, *(info.steps or (None, None))] for name, info in self.stats_files.items()}
+        meta = {
+            schema.PARQUET_META_KEY: json.dumps(
+                {
+                    "schema_version": schema.SCHEMA_VERSION,
+                    "index_version": INDEX_VERSION,
+                    "files": files,
+                    "cutoff": self._applied,
+                }
+            ).encode()
+        }
+        if isinstance(path, storage.RemotePath):  # one whole-object write: no rename needed
+            buf = pa.BufferOutputStream()
+            pq.write_table(self.compact.replace_schema_metadata(meta), buf, compression="zstd")
+            try:
+                storage.write_whole(path, buf.getvalue().to_pybytes())
+                self._indexed = set(files)
+            except OSError:
+                pass
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}{schema.TMP_SUFFIX}")
+            pq.write_table(self.compact.replace_schema_metadata(meta), tmp, compression="zstd")
+            os.replace(tmp, path)
+            self._indexed = set(files)
+        except OSError:
+            pass  # a read-only location: the index stays in memory
+
+    def _skip(self, key: str, path: storage.Location, exc: BaseException) -> None:
+        self.bad.add(key)
+        msg = f"skipped unreadable file {path} ({type(exc).__name__}: {exc}); the rest of the run is read"
+        self.problems.append(Problem(str(path), msg))
+        warnings.warn(msg, RunFormatWarning, stacklevel=3)
+
+    def _read_stats_file(
+        self,
+        p: storage.Location,
+        *,
+        check: bool = True,
+        loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
+        entry: storage.Entry | None = None,
+    ) -> FileInfo | None:
+        """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
+        table, meta, exc = loaded if loaded is not None else _load_stats(p)
+        if table is None:
+            self._skip(p.name, p, exc or ValueError("unreadable"))
+            return None
+        cfg = meta.get("config")
+        if check and cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
+            msg = (
+                f"{p} was recorded with other clip settings than the manifest ({cfg}); its config-dependent "
+                "statistics (clip fractions, balance) mix settings: use run.step_metrics(config=...) to recompute"
+            )
+            self.problems.append(Problem(str(p), msg))
+            warnings.warn(msg, RunFormatWarning, stacklevel=3)
+        self.stats_tables[p.name] = table
+        st = entry if entry is not None else self.stats_files.get(p.name)
+        size, mtime = (st.size, st.mtime) if st is not None else (p.stat().st_size, p.stat().st_mtime)
+        steps = None
+        if table.num_rows:
+            mm = pc.min_max(table.column("step"))
+            steps = (int(mm["min"].as_py()), int(mm["max"].as_py()))
+        return FileInfo(p, size, mtime, table.num_rows, cfg, steps)
+
+    def stats_table(self) -> pa.Table:
+        """All statistics rows, one per record (step, rank, micro), read from the files (cached); records that
+        a restarted writer superseded (:attr:`resume`) are left out."""
+        if self._stats_cache is None:
+            for name in sorted(self.stats_files):
+                if name not in self.stats_tables:
+                    self._read_stats_file(self.stats_files[name].path, check=False)
+            tables = [self.surviving(k, self.stats_tables[k]) for k in sorted(self.stats_tables)]
+            self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
+        return self._stats_cache
+
+    def compact_table(self) -> pa.Table:
+        """Statistics merged per step (all ranks and records): one row per step."""
+        if self.live_view is not None:
+            return self.live_view
+        return self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
+
+    def token_files(self) -> list[storage.Location]:
+        """Published token files, sorted by name (with superseded rows: see :meth:`token_limits`)."""
+        return [self.token_infos[k].path for k in sorted(self.token_infos)]
+
+    def token_limits(self) -> dict[storage.Location, int]:
+        """Token files some of whose rows a restarted writer superseded -> the first superseded step (the file's
+        rows at that step and later count nowhere)."""
+        out = {}
+        for name, info in self.token_infos.items():
+            cut = self.cutoff(name)
+            if cut is not None:
+                out[info.path] = cut
+        return out
+
+    def token_step_ranges(self) -> dict[storage.Location, tuple[int, int]]:
+        """Token file -> its smallest and largest step (from the statistics file of the same segment, which holds
+        the same records); files without a known range are left out."""
+        out = {}
+        for name, info in self.token_infos.items():
+            stats = self.stats_files.get(name)
+            if stats is not None and stats.steps is not None:
+                out[info.path] = stats.steps
+        return out
+
+    def file_steps(self, names: Sequence[str]) -> set[int]:
+        """The steps that the named statistics files (as :meth:`refresh` returns them) hold."""
+        out: set[int] = set()
+        for name in names:
+            if name not in self.stats_tables and name in self.stats_files:
+                self._read_stats_file(self.stats_files[name].path, check=False)
+            table = self.stats_tables.get(name)
+            if table is not None:
+                out.update(pc.unique(table.column("step")).to_pylist())
+        return out
+
+    @property
+    def ranks(self) -> list[int]:
+        """Ranks that wrote statistics (from the writers' file names, ``r<rank>-...``)."""
+        ranks = set()
+        for name in self.stats_files:
+            head = name.split("-", 1)[0]
+            if head.startswith("r") and head[1:].isdigit():
+                ranks.add(int(head[1:]))
+            else:
+                return sorted(set(self.stats_table().column("rank").to_numpy().tolist()))
+        return sorted(ranks)
+
+    def superseded_records(self) -> int:
+        """How many statistics records a later attempt of their rank superseded."""
+        n = 0
+        for name in self.stats_files:
+            if self.cutoff(name) is not None:
+                table = self.table(name)
+                if table is not None:
+                    n += table.num_rows - self.surviving(name, table).num_rows
+        return n
+
+
+def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], Exception | None]:
+    """A statistics file read and validated: (table in STATS_SCHEMA, its rldiag metadata, None), or
+    (None, {}, the error) for a file that is unreadable, too new or incomplete."""
+    try:
+        table = _read_parquet(p)
+        meta = runformat.read_file_metadata(table.schema.metadata)
+        present = set(table.column_names)
+        missing = [f.name for f in STATS_SCHEMA if f.name not in present]
+        if missing:
+            raise ValueError(f"statistics columns missing: {missing[:5]}")
+        table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+        validate_stats(table)
+        _check_bucket_lengths(table, meta)
+        _check_counts(table)
+        return table, meta, None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
+        return None, {}, exc
+
+
+def _check_token_schema(arrow_schema: pa.Schema) -> None:
+    """A token file must hold exactly the token columns, each of its type (one odd file must not break the
+    scan of every other)."""
+    got = {f.name: f.type for f in arrow_schema}
+    odd = [
+        n
+        for n, t in schema.TOKEN_DTYPES.items()
+        if got.get(n) != t and not (pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)
+    ]
+    extra = sorted(set(got) - set(schema.TOKEN_DTYPES))
+    for _key, value in (arrow_schema.metadata or {}).items():
+        value.decode("utf-8")  # polars refuses a file whose key-value metadata is not text: skip it alone
+    if odd or extra:
+        raise ValueError(
+            f"token columns missing or of another type: {odd[:5]}"
+            + (f", unknown columns: {extra[:5]}" if extra else "")
+        )
+
+
+def _check_counts(table: pa.Table) -> None:
+    """Token counts are finite and >= 0 (a NaN or infinite count made ``info`` raise for the whole run)."""
+    for name in ("n", "n_masked", "n_nonfinite", "n_invalid", "rows_written", "rows_dropped"):
+        if name in table.column_names and table.num_rows:
+            col = table.column(name)
+            ok = pc.and_(pc.is_finite(col), pc.greater_equal(col, 0))
+            if not pc.all(pc.fill_null(ok, False)).as_py():
+                raise ValueError(f"statistics column {name} holds a count that is negative, NaN or infinite")
+
+
+def _check_bucket_lengths(table: pa.Table, meta: dict[str, Any]) -> None:
+    """Bucket vectors hold the file's own ``n_buckets`` values (a damaged file must not refuse the whole run)."""
+    nb = (meta.get("config") or {}).get("n_buckets") if isinstance(meta, dict) else None
+    if not isinstance(nb, int) or not table.num_rows:
+        return
+    for name in ("b_n", "b_s", "b_s2"):
+        if name in table.column_names:
+            lengths = pc.list_value_length(table.column(name))
+            if pc.any(pc.not_equal(lengths, nb)).as_py():
+                raise ValueError(
+                    f"statistics column {name} holds vectors whose length is not the file's n_buckets={nb}"
+                )
+
+
+def _read_parquet(p: Any) -> pa.Table:
+    """A whole Parquet file (a regular local file, or an object read through fsspec)."""
+    src = storage.parquet_source(p)
+    if isinstance(src, str):
+        return pq.read_table(src)
+    with src:
+        return pq.read_table(src)
+
+
+def _parquet_metadata(p: Any) -> pq.FileMetaData:
+    src = storage.parquet_source(p)
+    if isinstance(src, str):
+        return pq.read_metadata(src)
+    with src:
+        return pq.read_metadata(src)
+
+
+def _read_live(run_dir: Path, published: Any) -> list[tuple[str, pa.Table]]:
+    """The live tails of a local run that a reader holding the segments ``published`` (names) may add.
+
+    Returns ``(segment name the rows will have, statistics table)`` pairs. A tail is used only when its
+    segment is not published yet and the one before it is (so rows are never counted twice, whatever the
+    order in which writer and reader act); regular files only, bounded in size; a bad tail is ignored (it is
+    a hint, replaced within a second; the segments stay the record).
+    """
+    out: list[tuple[str, pa.Table]] = []
+    try:
+        entries = list(os.scandir(Path(run_dir) / runformat.LIVE_DIR))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if (
+                e.name.startswith(".")
+                or not e.name.endswith(".parquet")
+                or not e.is_file(follow_symlinks=False)
+                or e.stat(follow_symlinks=False).st_size > 2 * runformat.LIVE_MAX_BYTES
+            ):
+                continue
+            table = pq.read_table(e.path)
+            meta = json.loads((table.schema.metadata or {})[runformat.LIVE_META_KEY])
+            seg = int(meta["segment"])
+            name = runformat.segment_name(str(meta["writer"]), seg)
+            if name in published or (seg > 0 and runformat.segment_name(str(meta["writer"]), seg - 1) not in published):
+                continue
+            table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+            validate_stats(table)
+            out.append((name, table))
+        except Exception:  # noqa: BLE001 - gone (published meanwhile) or damaged: the segments are the record
+            continue
+    return out
