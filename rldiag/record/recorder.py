@@ -235,7 +235,6 @@ class Recorder:
         self._reported_error = False
         self._recent: OrderedDict[int, list[pa.Table]] = OrderedDict()
         self._recent_lock = threading.Lock()
-        self.records_dropped_rows = 0
         self.alerts = None
         self.exports: Any = None
         self.raise_on_stop = True
@@ -375,7 +374,6 @@ class Recorder:
             tb, flat, cols = build_batch(job, step)
             stats = kernel.compute(tb, self.config)
             dropped = int(flat.size)
-            self.records_dropped_rows += dropped
             job = Job(
                 step=step,
                 micro=micro,
