@@ -110,6 +110,7 @@ NAV_PAGES = (
     ("Entropy", "/entropy"),
     ("Mismatch & staleness", "/mismatch"),
     ("Positions & stages", "/positions"),
+    ("Ranks", "/ranks"),
     ("Tokens", "/tokens"),
     ("Cliff calculator", "/cliff"),
     ("Alerts", "/alerts"),
@@ -444,4 +445,7 @@ def create_app(
         auth = parse_auth(auth)
     if auth is not None:
         install_basic_auth(app.server, *auth)
+    from app import security  # bounded requests, quiet request log (docs/security.md)
+
+    security.harden(app)
     return app

@@ -12,6 +12,7 @@ inside a request and the most recently configured one outside (tests, benchmarks
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -24,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
+from app import security
 from rldiag import runformat, schema, storage
 
 STALL_SECONDS = runformat.STALL_SECONDS
@@ -35,6 +37,10 @@ TOKEN_ROW_BUDGET = 1_500_000
 MIN_TOKEN_STEPS = 20
 _SKIP_DIRS = {runformat.TOKENS_DIR, runformat.STATS_DIR, runformat.WRITERS_DIR, runformat.TOKENIZER_DIR, "__pycache__"}
 _MAX_DEPTH = 4
+DISCOVERY_MAX_AGE = 2.0
+"""Seconds a discovery (folder walk) is reused by default."""
+RESCAN_SECONDS = 1.0
+"""A folder is never walked twice within this many seconds, whatever asks (unknown ids, refresh clicks)."""
 
 
 class UnknownRun(LookupError):
@@ -106,7 +112,10 @@ class Catalog:
         self.stall_seconds = stall_seconds
         self._lock = threading.Lock()
         self._paths: dict[str, storage.Location] = {}
+        self._sorted: list[str] = []
         self._scanned_at = 0.0
+        self.walks = 0
+        """How many times the folder was walked (discovery), for tests and benchmarks."""
         self._states: dict[str, RunState] = {}
         self.decoder = TokenDecoder(self.tokenizer_path)
         self._run_decoders: dict[Path, TokenDecoder] = {}
@@ -121,20 +130,29 @@ class Catalog:
         with self._lock:
             return self._run_decoders.setdefault(own, TokenDecoder(own))
 
-    # Discovery is a directory walk: cache it briefly so a page with ten callbacks walks once.
-    def run_ids(self, *, max_age: float = 2.0) -> list[str]:
-        """Sorted ids of the runs under the served folder."""
+    # Discovery is a directory walk: cache it so a page with ten callbacks (or a request naming hundreds of
+    # unknown ids) walks at most once per RESCAN_SECONDS.
+    def run_ids(self, *, max_age: float = DISCOVERY_MAX_AGE) -> list[str]:
+        """Sorted ids of the runs under the served folder (discovery at most ``max_age`` seconds old, and never
+        repeated within :data:`RESCAN_SECONDS`)."""
         with self._lock:
-            if time.monotonic() - self._scanned_at > max_age:
+            age = time.monotonic() - self._scanned_at
+            if age > max(max_age, RESCAN_SECONDS) or not self._scanned_at:
                 self._paths = discover(self.root)
+                self._sorted = sorted(self._paths)
                 self._scanned_at = time.monotonic()
-            return sorted(self._paths)
+                self.walks += 1
+            return list(self._sorted)
 
     def resolve(self, run_id: str) -> storage.Location:
-        """The directory of ``run_id``; raises :class:`UnknownRun` unless it is a run under the root."""
+        """The directory of ``run_id``; raises :class:`UnknownRun` unless it is a run under the root.
+
+        An id not found re-walks the folder (a run may have been created since), at most once per
+        :data:`RESCAN_SECONDS` however many unknown ids arrive.
+        """
         check_run_id(run_id)
-        if run_id not in self.run_ids():
-            self.run_ids(max_age=0.0)  # a run may have been created since the last walk
+        if run_id not in self._paths or not self._scanned_at:
+            self.run_ids(max_age=0.0)
         path = self._paths.get(run_id)
         if path is None:
             raise UnknownRun(f"no run {run_id!r} under {self.root}")
@@ -153,14 +171,19 @@ class Catalog:
                 self._states[run_id] = st
             return st
 
-    def valid_ids(self, run_ids: Iterable[str] | str | None) -> list[str]:
-        """The ids among ``run_ids`` that resolve, in order, without duplicates (others are dropped)."""
+    def valid_ids(self, run_ids: Iterable[str] | str | None, *, limit: int = security.MAX_RUN_IDS) -> list[str]:
+        """The ids among ``run_ids`` that resolve, in order, without duplicates (others are dropped).
+
+        Bounded: at most ``limit`` ids are returned and at most :data:`app.security.MAX_ID_CHECKS` are looked at.
+        """
         if run_ids is None:
             return []
         if isinstance(run_ids, str):
             run_ids = [run_ids]
         out: list[str] = []
-        for rid in run_ids:
+        for n, rid in enumerate(run_ids):
+            if n >= security.MAX_ID_CHECKS or len(out) >= limit:
+                break
             try:
                 self.resolve(rid)
             except UnknownRun:
@@ -297,6 +320,16 @@ class RunState:
         mag = hist.fold(np.asarray(merged.stats["h_lr"], dtype=np.float64))
         return merged.keys[schema.STEP], hist.representative(hist.N_MAG), mag.T
 
+    def rank_metrics(self, metric: str) -> pl.DataFrame:
+        """One metric per (step, rank): columns ``step``, ``rank``, ``metric`` (cached per data version)."""
+
+        def build() -> pl.DataFrame:
+            with self._lock:
+                frame = self.run.step_metrics(metrics=[metric], by_rank=True)
+            return frame.select(schema.STEP, "rank", metric).sort(schema.STEP, "rank")
+
+        return cast(pl.DataFrame, self.cached(("rank_metrics", metric), build))
+
     def lens(self) -> pl.DataFrame:
         """The objective lens on :meth:`analysis_steps`."""
         return self.run.lens(steps=self.analysis_steps())
@@ -309,21 +342,50 @@ class RunState:
 ALERT_FIELDS = ("time", "rule", "severity", "state", "step", "start_step", "metric", "value", "threshold", "summary")
 
 
+MAX_ALERT_TEXT = 2000
+"""Longest rule name, summary or other text field of an alert event that is shown (longer ones are cut)."""
+_MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z: the last second a datetime can show
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    return (v if isinstance(v, str) else str(v))[:MAX_ALERT_TEXT]
+
+
+def _number(v: Any) -> float | int | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int):
+        return v if abs(v) < 2**63 else None
+    return v
+
+
+def _step_of(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else None
+
+
 def normalize_alert(event: dict[str, Any]) -> dict[str, Any]:
     """One ``alerts.jsonl`` event (``Notification.to_json``) with the fields the Alerts page shows; its
-    ``event`` (firing, repeat, resolved) becomes ``state``, missing fields are None."""
-    step = event.get("step")
+    ``event`` (firing, repeat, resolved) becomes ``state``, missing fields are None.
+
+    The file is data from outside: a field of the wrong type or out of range (``"time": 1e20``, a list as the
+    rule, a step of 2**70) becomes None (or text) instead of failing the page.
+    """
+    t = _number(event.get("time"))
+    if t is not None and not (math.isfinite(t) and 0 <= t <= _MAX_TIMESTAMP):
+        t = None
     return {
-        "time": event.get("time"),
-        "rule": event.get("rule"),
-        "severity": event.get("severity"),
-        "state": event.get("event"),
-        "start_step": event.get("start_step"),
-        "step": int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
-        "metric": event.get("metric"),
-        "value": event.get("value"),
-        "threshold": event.get("threshold"),
-        "summary": event.get("summary"),
+        "time": t,
+        "rule": _text(event.get("rule")),
+        "severity": _text(event.get("severity")),
+        "state": _text(event.get("event")),
+        "start_step": _step_of(event.get("start_step")),
+        "step": _step_of(event.get("step")),
+        "metric": _text(event.get("metric")),
+        "value": _number(event.get("value")),
+        "threshold": _number(event.get("threshold")),
+        "summary": _text(event.get("summary")),
     }
 
 

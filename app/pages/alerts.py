@@ -11,10 +11,13 @@ from dash import Input, Output, callback, dcc, html
 
 from app import data, ids
 from app import layout as ui
+from app.security import visible
 
 dash.register_page(__name__, path="/alerts", name="Alerts", title="rldiag · Alerts", order=9)
 
 HISTORY_LIMIT = 500
+STATES = frozenset({"inactive", "pending", "firing", "resolved", "repeat"})
+SEVERITIES = frozenset({"info", "warn", "warning", "critical", "error"})
 
 
 def layout(run: Any = None, **_query: Any) -> html.Div:
@@ -39,8 +42,24 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
 
 def _time(t: Any) -> str:
     if isinstance(t, (int, float)) and math.isfinite(t):
-        return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):  # a time no calendar shows (1e20): show the number
+            return f"{t:.6g}"
     return "" if t is None else str(t)
+
+
+def _txt(v: Any) -> str:
+    """A text field of an event, with control and bidi characters visibly escaped."""
+    return "" if v is None else visible(str(v))
+
+
+def _state_class(state: str) -> str:
+    return state if state in STATES else "other"
+
+
+def _sev_class(severity: Any) -> str:
+    return str(severity) if severity in SEVERITIES else "other"
 
 
 def _num(v: Any) -> str:
@@ -66,15 +85,15 @@ def states_table(run_id: str, events: list[dict[str, Any]]) -> Any:
         rows.append(
             html.Tr(
                 [
-                    html.Td(rule),
-                    html.Td(html.Span(state, className=f"badge badge-{state}")),
-                    html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
+                    html.Td(visible(rule)),
+                    html.Td(html.Span(visible(state), className=f"badge badge-{_state_class(state)}")),
+                    html.Td(html.Span(_txt(ev["severity"]), className=f"sev-{_sev_class(ev['severity'])}")),
                     html.Td(_step_link(run_id, ev["step"])),
                     html.Td(_step_link(run_id, ev["start_step"])),
-                    html.Td(str(ev["metric"] or "")),
+                    html.Td(_txt(ev["metric"])),
                     html.Td(_num(ev["value"])),
                     html.Td(_num(ev["threshold"])),
-                    html.Td(str(ev["summary"] or "")),
+                    html.Td(_txt(ev["summary"])),
                 ]
             )
         )
@@ -100,12 +119,12 @@ def history_table(run_id: str, events: list[dict[str, Any]]) -> Any:
             html.Tr(
                 [
                     html.Td(_time(ev["time"])),
-                    html.Td(str(ev["rule"] or "")),
-                    html.Td(html.Span(state, className=f"badge badge-{state}")),
-                    html.Td(html.Span(str(ev["severity"] or ""), className=f"sev-{ev['severity']}")),
+                    html.Td(_txt(ev["rule"])),
+                    html.Td(html.Span(visible(state), className=f"badge badge-{_state_class(state)}")),
+                    html.Td(html.Span(_txt(ev["severity"]), className=f"sev-{_sev_class(ev['severity'])}")),
                     html.Td(_step_link(run_id, ev["step"])),
                     html.Td(_num(ev["value"])),
-                    html.Td(str(ev["summary"] or "")),
+                    html.Td(_txt(ev["summary"])),
                 ]
             )
         )

@@ -7,7 +7,7 @@ tokenizer (``rldiag dashboard --tokenizer DIR``) or is shown as ids; either way 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import dash
 import numpy as np
@@ -16,18 +16,24 @@ from dash import Input, Output, callback, dcc, html
 from app import data, ids
 from app import layout as ui
 from app import tokens as tv
+from app.security import clamp, visible
 
 dash.register_page(__name__, path="/tokens", name="Tokens", title="rldiag · Tokens", order=7)
 
+K_CHOICES = (5, 10, 20, 50)
+DEFAULT_K = 10
+MAX_K = max(K_CHOICES)
+"""Rows per ranking, bounded on the server whatever a request sends (``k=10**9`` is 50 rows)."""
 SUGGEST_METRIC = "ratio/logabs_p999"
 """Steps suggested when none is given: the largest tail of |log-ratio| (a registry metric)."""
 
 
 def _step(value: Any) -> int | None:
     try:
-        return int(float(value)) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        step = int(float(value)) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: "inf", 1e400
         return None
+    return step if step is None or 0 <= step < 2**63 else None
 
 
 def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
@@ -49,7 +55,7 @@ def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
     frame = st.metrics()
     chosen = _step(step)
     if chosen is None and frame.height:
-        chosen = int(frame["step"].max())
+        chosen = int(cast(int, frame["step"].max()))
     children.append(
         html.Div(
             [
@@ -65,7 +71,7 @@ def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
                 ),
                 html.Label("rows", htmlFor=ids.TOKENS_K, className="muted"),
                 dcc.Dropdown(
-                    id=ids.TOKENS_K, options=[5, 10, 20, 50], value=10, clearable=False, className="k-dropdown"
+                    id=ids.TOKENS_K, options=list(K_CHOICES), value=DEFAULT_K, clearable=False, className="k-dropdown"
                 ),
             ],
             className="toolbar",
@@ -130,11 +136,12 @@ def color_for(tok: tv.ContextToken, by: str) -> str:
 
 
 def _shown(text: str) -> str:
-    # Whitespace tokens would be invisible: show them as visible marks (still plain text).
-    visible = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    # Whitespace tokens would be invisible: show them as visible marks; control and bidi characters (which
+    # would reorder the text around them) as escapes. Still plain text.
+    shown = visible(text, whitespace=True)
     if not text.strip():
-        visible = visible.replace(" ", "·")
-    return visible or "∅"
+        shown = shown.replace(" ", "·")
+    return shown or "∅"
 
 
 def context_strip(pick: tv.TokenPick, by: str) -> html.Div:
@@ -214,7 +221,7 @@ def token_body(run_id: str, step: int | None, by: str, k: int) -> tuple[Any, str
         sections.append(pick_table(ranking, picks, by))
     s = tv.summary(frame)
     line = (
-        f"{run_id} · step {step}: {int(s['tokens'])} token rows in {int(s['sequences'])} sequences; "
+        f"{visible(run_id)} · step {step}: {int(s['tokens'])} token rows in {int(s['sequences'])} sequences; "
         f"max |log-ratio| {_fmt(s['max_abs_logratio'])}"
     )
     if decoder.error:
@@ -236,4 +243,4 @@ def update_tokens(runs: list[str] | None, step: Any, by: str, k: int) -> tuple[A
     good = data.catalog().valid_ids(runs or [])
     if not good:
         return ui.notice("no run selected"), ""
-    return token_body(good[0], _step(step), by or "logratio", int(k or 10))
+    return token_body(good[0], _step(step), by or "logratio", clamp(k, 1, MAX_K, DEFAULT_K))

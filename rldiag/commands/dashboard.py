@@ -38,7 +38,12 @@ def register(subparsers: Any) -> None:
         "--tokenizer", metavar="DIR", help="local tokenizer folder (transformers AutoTokenizer) to decode token ids"
     )
     p.add_argument("--poll", metavar="S", type=float, default=2.0, help="seconds between live updates (default 2)")
-    p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloader off)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="Dash debug mode (dev tools, reloader off); only with --auth on a loopback --host",
+    )
+    p.add_argument("--verbose", action="store_true", help="print the web server's log line of every request")
     p.set_defaults(func=run)
 
 
@@ -67,10 +72,20 @@ def build(args: argparse.Namespace) -> Any:
         auth = parse_auth(auth_value(args))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if getattr(args, "debug", False):
+        from app.security import debug_refusal
+
+        refusal = debug_refusal(args.host, auth)
+        if refusal:
+            raise CLIError(refusal)
     try:
-        return create_app(args.path, auth=auth, tokenizer=args.tokenizer, poll_seconds=args.poll)
+        app = create_app(args.path, auth=auth, tokenizer=args.tokenizer, poll_seconds=args.poll)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
+    from app.security import request_log
+
+    request_log(bool(getattr(args, "verbose", False)))
+    return app
 
 
 def auth_value(args: argparse.Namespace) -> str | None:
