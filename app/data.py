@@ -287,15 +287,19 @@ class RunState:
         """All token rows of one step (the recorder may have sampled sequences; see the run config)."""
         return self.run.tokens().filter(pl.col(schema.STEP) == step).collect()
 
-    def analysis_steps(self, limit: int | None = None) -> list[int]:
+    def analysis_steps(self, limit: int | None = None, x_range: tuple[float, float] | None = None) -> list[int]:
         """Steps that token-row analyses (lens, buckets) use: all of them, or evenly spaced ones (first and
         last included) on long runs, so a page never scans tens of millions of rows.
 
         Default ``limit``: as many steps as fit :data:`TOKEN_ROW_BUDGET` rows, between
-        :data:`MIN_TOKEN_STEPS` and :data:`MAX_TOKEN_STEPS`.
+        :data:`MIN_TOKEN_STEPS` and :data:`MAX_TOKEN_STEPS`. ``x_range`` (a zoom) chooses among the steps in
+        that range only, so zooming in shows more of them, down to every step.
         """
         frame = self.metrics()
         steps = frame[schema.STEP].to_list()
+        if x_range is not None:
+            lo, hi = sorted(x_range)
+            steps = [s for s in steps if lo <= s <= hi]
         if limit is None:
             mean = frame["tokens/count"].cast(pl.Float64).mean() if "tokens/count" in frame.columns else None
             per_step = float(mean) if isinstance(mean, (int, float)) and mean == mean else 0.0
@@ -334,9 +338,12 @@ class RunState:
         """The objective lens on :meth:`analysis_steps`."""
         return self.run.lens(steps=self.analysis_steps())
 
-    def bucket_metrics(self, by: str) -> pl.DataFrame:
-        """``run.bucket_metrics(by=...)`` (deciles for positions) on :meth:`analysis_steps`."""
-        return self.run.bucket_metrics(by=by, buckets=10, steps=self.analysis_steps())
+    def bucket_metrics(self, by: str, x_range: tuple[float, float] | None = None) -> pl.DataFrame:
+        """``run.bucket_metrics(by=...)`` (deciles for positions) on :meth:`analysis_steps` (of the zoomed range),
+        cached per data version and step selection."""
+        steps = self.analysis_steps(x_range=x_range)
+        key = ("buckets", by, len(steps), steps[0] if steps else None, steps[-1] if steps else None)
+        return cast(pl.DataFrame, self.cached(key, lambda: self.run.bucket_metrics(by=by, buckets=10, steps=steps)))
 
 
 ALERT_FIELDS = ("time", "rule", "severity", "state", "step", "start_step", "metric", "value", "threshold", "summary")

@@ -7,12 +7,14 @@ from typing import Any
 import dash
 from dash import html
 
-from app import data, panels
+from app import buckets, data, panels
 from app import layout as ui
 
 dash.register_page(__name__, path="/mismatch", name="Mismatch & staleness", title="rldiag · Mismatch", order=5)
 
 PAGE = "mismatch"
+VIEW = buckets.MISMATCH
+buckets.register(VIEW)
 NEEDS = {
     "mismatch": "rollout_logp (the inference engine's log-probs)",
     "staleness": "version (the policy version that generated each token)",
@@ -56,4 +58,14 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
             continue
         note = f"no {fam} data in: {', '.join(missing)}" if missing else None
         children.append(ui.section(fam, ui.panel_grid(PAGE, ps), note=note))
+    children.append(
+        ui.section(
+            "by rollout probability and routing agreement",
+            VIEW.layout(runs),
+            note="Step x bucket tables of Run.bucket_metrics: by the rollout engine's token probability "
+            "(by='prob': where in the distribution the trainer and the engine disagree) and by the share of "
+            "a token's experts both routed alike (by='route', mixture-of-experts runs). One heatmap per run; "
+            "drag to zoom, click a cell for that step's tokens.",
+        )
+    )
     return html.Div(children)
