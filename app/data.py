@@ -35,6 +35,8 @@ MAX_TOKEN_STEPS = 200
 TOKEN_ROW_BUDGET = 1_500_000
 """... and at most about this many token rows (measured: ~2 s for the position table on 2 cores)."""
 MIN_TOKEN_STEPS = 20
+MAX_CACHED_VIEWS = 64
+"""Derived views (heatmaps, bucket tables of zoomed ranges) cached per run before the cache starts over."""
 _SKIP_DIRS = {runformat.TOKENS_DIR, runformat.STATS_DIR, runformat.WRITERS_DIR, runformat.TOKENIZER_DIR, "__pycache__"}
 _MAX_DEPTH = 4
 DISCOVERY_MAX_AGE = 2.0
@@ -216,6 +218,18 @@ class RunState:
     version: int = 0
     """Bumped whenever new steps are read, so derived caches (heatmaps, buckets) know they are stale."""
 
+    def manifest(self) -> dict[str, Any]:
+        """The run's manifest (from the opened run, or read alone without opening it; {} when unreadable)."""
+        with self._lock:
+            if self._run is not None:
+                return dict(getattr(self._run, "manifest", {}) or {})
+            if "manifest" not in self._cache:
+                try:
+                    self._cache["manifest"] = runformat.read_manifest(self.path)
+                except (OSError, ValueError):
+                    self._cache["manifest"] = {}
+            return cast(dict[str, Any], self._cache["manifest"])
+
     @property
     def run(self) -> Any:
         with self._lock:
@@ -255,6 +269,8 @@ class RunState:
         """``build()`` once per data version (cleared when new steps land)."""
         with self._lock:
             if key not in self._cache:
+                if len(self._cache) >= MAX_CACHED_VIEWS:  # zooms add entries: keep the memory bounded
+                    self._cache.clear()
                 self._cache[key] = build()
             return self._cache[key]
 

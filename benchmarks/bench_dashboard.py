@@ -31,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,13 +179,116 @@ def generate(path: Path, cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
-def timed(fn, repeats: int = 1) -> float:
-    samples = []
+def timed(fn: Callable[[], object], repeats: int = 1) -> float:
+    samples: list[float] = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def _encode(component: object) -> int:
+    """Bytes of a layout or figure as Dash sends it."""
+    from plotly.io.json import to_json_plotly
+
+    return len(to_json_plotly(component))
+
+
+def scale(work: Path, *, long_steps: int, runs: int, repeats: int) -> None:
+    """Issue 15's scale targets: a run of ``long_steps`` steps and a folder of ``runs`` runs.
+
+    Baselines, in the same process: a bare read of the long run's statistics files, and a bare read of every
+    statistics file of the folder (one ``read_table`` per run). Measured: the Runs page over the folder (layout
+    built and encoded, nothing cached: a fresh catalog), the same page's refresh (cached), the Overview of the
+    long run uncached and cached, and a live tick on it with one new step.
+    """
+    import importlib
+
+    import rldiag
+    from app import data, ids, panels
+    from app.app import create_app, live_tick, render_panel
+
+    long_dir = work / "scale-long" / "long"
+    if not (long_dir / schema.MANIFEST_NAME).exists():
+        generate(long_dir, Config(steps=long_steps, tokens_per_step=200, micros=1, seq_len=100))
+    folder = work / "scale-folder"
+    if not (folder / f"run{runs - 1:03d}" / schema.MANIFEST_NAME).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        generate(folder / "run000", Config(steps=100, tokens_per_step=1_000, micros=2, seq_len=100))
+        for i in range(1, runs):
+            shutil.copytree(folder / "run000", folder / f"run{i:03d}")
+            manifest = folder / f"run{i:03d}" / schema.MANIFEST_NAME
+            m = json.loads(manifest.read_text())
+            m["name"], m["config"]["eps_high"] = f"run{i:03d}", [0.28, 0.3][i % 2]
+            manifest.write_text(json.dumps(m))
+
+    long_files = sorted((long_dir / schema.STATS_DIR).glob("*.parquet"))
+    base_long = timed(lambda: pq.read_table(long_files), repeats)
+    folder_files = [sorted((d / schema.STATS_DIR).glob("*.parquet")) for d in sorted(folder.iterdir())]
+    base_folder = timed(lambda: [pq.read_table(f) for f in folder_files], 1)
+    print(
+        f"baselines: bare read of the {long_steps:,}-step run's statistics {base_long * 1e3:.0f} ms; of the "
+        f"{runs} runs' statistics {base_folder * 1e3:.0f} ms"
+    )
+
+    app = create_app(folder)
+    with app.server.test_request_context():
+        runs_page = importlib.import_module("app.pages.runs")
+        cold = timed(lambda: _encode(runs_page.layout()))
+        cat = data.catalog()
+        cat._states.clear()
+        cat._scanned_at = 0.0
+        cold2 = timed(lambda: _encode(runs_page.layout()))
+        warm = timed(lambda: _encode(runs_page.refresh_table(None, 0, 1, [], None, None)), repeats)
+        print(
+            f"runs page, {runs} runs: not cached {cold2 * 1e3:.0f} ms ({cold2 / base_folder:.1f}x the folder's bare "
+            f"read; first after start {cold * 1e3:.0f} ms); refresh, cached {warm * 1e3:.0f} ms "
+            f"({warm / base_folder:.2f}x)"
+        )
+
+    panel_ids = [ids.panel("overview", p.key, p.metrics) for p in panels.overview_panels()]
+    app = create_app(long_dir.parent)
+    with app.server.test_request_context():
+        cat = data.catalog()
+
+        def overview() -> None:
+            _encode(importlib.import_module("app.pages.overview").layout(run="long"))
+            for pid in panel_ids:
+                _encode(render_panel(pid, ["long"], 0.6, None))
+
+        cold_samples: list[float] = []
+        for _ in range(repeats):
+            cat._states.clear()
+            cold_samples.append(timed(overview))
+        warm = timed(overview, repeats)
+        c = statistics.median(cold_samples)
+        print(
+            f"overview of {long_steps:,} steps ({len(panel_ids)} panels): not cached {c * 1e3:.0f} ms "
+            f"({c / base_long:.1f}x bare read); cached {warm * 1e3:.0f} ms ({warm / base_long:.2f}x)"
+        )
+        rec = rldiag.Recorder(long_dir, roll_steps=1)
+        rng = np.random.default_rng(0)
+        ticks = []
+        for k in range(repeats):
+            old = -rng.exponential(1.0, (2, 100)).astype(np.float32)
+            rec.record(
+                step=long_steps + k,
+                logprobs=np.minimum(old + 0.01, 0),
+                old_logprobs=old,
+                advantages=rng.normal(size=2).astype(np.float32),
+            )
+            rec.flush()
+            t0 = time.perf_counter()
+            extends, *_ = live_tick(["long"], panel_ids, 0.6, k)
+            _encode(extends)
+            ticks.append(time.perf_counter() - t0)
+        rec.close()
+        tick = statistics.median(ticks)
+        print(f"live tick on the {long_steps:,}-step run, one new step: {tick * 1e3:.1f} ms ({tick / base_long:.2f}x)")
+        for sub in (schema.STATS_DIR, schema.TOKENS_DIR, schema.WRITERS_DIR, "live"):
+            for f in (long_dir / sub).glob(f"{rec.writer_id}*"):
+                f.unlink()
 
 
 def main() -> None:
@@ -193,7 +297,22 @@ def main() -> None:
     ap.add_argument("--tokens-per-step", type=int, default=Config.tokens_per_step)
     ap.add_argument("--workdir", type=Path, default=None, help="where the run is written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the generated run")
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the scale targets: a 100,000-step run and a folder of 200 runs (--long-steps, --runs)",
+    )
+    ap.add_argument("--long-steps", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=200)
     a = ap.parse_args()
+    if a.scale:
+        work = a.workdir or Path(tempfile.mkdtemp(prefix="rldiag-bench-scale-"))
+        try:
+            scale(work, long_steps=a.long_steps, runs=a.runs, repeats=Config.repeats)
+        finally:
+            if not a.keep and a.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     cfg = Config(steps=a.steps, tokens_per_step=a.tokens_per_step)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="rldiag-bench-dashboard-"))
     run_dir = work / "big"

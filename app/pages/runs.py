@@ -1,28 +1,47 @@
-"""Runs: every run under the served folder, its status, size and firing alerts; pick several to compare."""
+"""Runs: every run under the served folder, its status, size, firing alerts, config and tags; filter and group
+them, and draw a group's mean and min/max band of one metric (seeds); pick several to compare."""
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from typing import Any
+from typing import Any, cast
 
 import dash
 from dash import ALL, Input, Output, State, callback, dcc, html
 
-from app import data, ids
+from app import data, groups, ids
+from app import layout as ui
 from app.layout import run_query
+from app.security import visible
 
 dash.register_page(__name__, path="/", name="Runs", title="rldiag · Runs", order=0)
 
 SELECT = "run-select"
+COLUMNS = "runs-columns"
+GROUP_BY = "runs-group-by"
+BAND_METRIC = "runs-band-metric"
+BAND = "runs-band"
+BAND_NOTE = "runs-band-note"
+MAX_ROWS = 500
+"""Most runs the table lists (the filter narrows the rest down)."""
+DEFAULT_COLUMNS = 4
+"""Attribute columns shown at first: the first few that differ between runs."""
+BAND_METRICS = ("reward/mean", "entropy/mean", "ratio/logabs_p999", "kl/k3", "clip/frac", "tokens/count")
 
 
 def layout(**_query: Any) -> html.Div:
     cat = data.catalog()
+    run_ids = cat.run_ids()
+    attrs = attributes(run_ids)
+    keys = sorted({k for a in attrs.values() for k in a})
+    shown = groups.varying(attrs)[:DEFAULT_COLUMNS]
     return html.Div(
         [
             html.Div(
-                [html.H2("Runs", className="page-title"), html.Span(f"served folder: {cat.root}", className="muted")],
+                [
+                    html.H2("Runs", className="page-title"),
+                    html.Span(f"served folder: {visible(str(cat.root))}", className="muted"),
+                ],
                 className="page-head",
             ),
             html.Div(
@@ -31,7 +50,7 @@ def layout(**_query: Any) -> html.Div:
                         id=ids.RUNS_FILTER,
                         type="text",
                         debounce=True,
-                        placeholder="filter: name or glob (grpo*, *lr3e-6*)",
+                        placeholder="filter: name or glob, and key=value (grpo* eps_high=0.28 seed!=3)",
                         className="filter",
                     ),
                     html.Button("refresh", id=ids.RUNS_REFRESH, n_clicks=0, className="button"),
@@ -39,18 +58,85 @@ def layout(**_query: Any) -> html.Div:
                 ],
                 className="toolbar",
             ),
-            html.Div(id=ids.RUNS_TABLE, children=runs_table(cat.run_ids(), selected=[])),
+            html.Div(
+                [
+                    html.Label("columns", htmlFor=COLUMNS, className="muted"),
+                    dcc.Dropdown(
+                        id=COLUMNS,
+                        options=[{"label": k, "value": k} for k in keys],
+                        value=shown,
+                        multi=True,
+                        placeholder="config and tags as columns",
+                        className="inline-dropdown wide-dropdown",
+                    ),
+                    html.Label("group by", htmlFor=GROUP_BY, className="muted"),
+                    dcc.Dropdown(
+                        id=GROUP_BY,
+                        options=[{"label": groups.NAME_GROUP, "value": groups.NAME_GROUP}]
+                        + [{"label": k, "value": k} for k in keys],
+                        value=None,
+                        placeholder="no grouping",
+                        className="inline-dropdown",
+                    ),
+                ],
+                className="toolbar",
+            ),
+            html.Div(id=ids.RUNS_TABLE, children=runs_table(run_ids, selected=[], columns=shown, attrs=attrs)),
+            ui.section(
+                "group band",
+                html.Div(
+                    [
+                        html.Label("metric", htmlFor=BAND_METRIC, className="muted"),
+                        dcc.Dropdown(
+                            id=BAND_METRIC,
+                            options=[{"label": m, "value": m} for m in band_metrics()],
+                            value=BAND_METRICS[0],
+                            clearable=False,
+                            searchable=True,
+                            className="inline-dropdown",
+                        ),
+                        html.Div(id=BAND_NOTE, className="muted"),
+                    ],
+                    className="toolbar",
+                ),
+                html.Div(
+                    dcc.Loading(
+                        dcc.Graph(id=BAND, config=cast(Any, ui.GRAPH_CONFIG), style={"height": "360px"}), type="dot"
+                    ),
+                    className="card",
+                ),
+                note="Choose a group-by above: each group's runs (seeds, say) drawn as their mean and min/max band "
+                "of the metric, over the runs the filter shows.",
+            ),
         ]
     )
 
 
-def matches(run_id: str, pattern: str | None) -> bool:
-    """Case-insensitive glob when the pattern has wildcards, substring otherwise."""
-    if not pattern:
-        return True
-    p = pattern.strip().lower()
-    rid = run_id.lower()
-    return fnmatch.fnmatchcase(rid, p) if any(c in p for c in "*?[") else p in rid
+def band_metrics() -> list[str]:
+    """The registry's metric names, the usual band metrics first."""
+    from app import panels
+
+    names = list(panels.registry())
+    first = [m for m in BAND_METRICS if m in names]
+    return first + [m for m in names if m not in first]
+
+
+def attributes(run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Run id -> its attributes (config, tags) from the manifest, read without opening the run."""
+    cat = data.catalog()
+    out = {}
+    for r in run_ids:
+        try:
+            out[r] = groups.attributes(cat.state(r).manifest())
+        except data.UnknownRun:
+            continue
+    return out
+
+
+def matches(run_id: str, pattern: str | None, attrs: dict[str, Any] | None = None) -> bool:
+    """Case-insensitive glob when the pattern has wildcards, substring otherwise; ``key=value`` terms test
+    the run's attributes (:func:`app.groups.matches`)."""
+    return groups.matches(run_id, attrs or {}, pattern)
 
 
 def summary(run_id: str) -> dict[str, Any]:
@@ -68,7 +154,7 @@ def summary(run_id: str) -> dict[str, Any]:
         "run": run_id,
         "status": st.status(),
         "steps": steps,
-        "last_step": int(frame["step"].max()) if steps else None,
+        "last_step": int(cast(int, frame["step"].max())) if steps else None,
         "tokens": tokens,
         "firing": firing,
     }
@@ -83,46 +169,74 @@ def _fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def runs_table(run_ids: list[str], *, selected: list[str], pattern: str | None = None) -> Any:
-    shown = [r for r in run_ids if matches(r, pattern)]
+def runs_table(
+    run_ids: list[str],
+    *,
+    selected: list[str],
+    pattern: str | None = None,
+    columns: list[str] | None = None,
+    group_by: str | None = None,
+    attrs: dict[str, dict[str, Any]] | None = None,
+) -> Any:
     if not run_ids:
         return html.P("No runs here yet. Record one with rldiag.Recorder, or run `rldiag demo`.", className="muted")
+    attrs = attributes(run_ids) if attrs is None else attrs
+    shown = [r for r in run_ids if matches(r, pattern, attrs.get(r))]
     if not shown:
         return html.P("No run matches the filter.", className="muted")
+    more = len(shown) - MAX_ROWS
+    shown = shown[:MAX_ROWS]
+    columns = [c for c in (columns or []) if isinstance(c, str)][:20]
     head = html.Thead(
-        html.Tr([html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens", "firing alerts")])
-    )
-    rows = []
-    for rid in shown:
-        s = summary(rid)
-        status = s["status"]
-        rows.append(
-            html.Tr(
-                [
-                    html.Td(
-                        dcc.Checklist(
-                            id={"type": SELECT, "run": rid},
-                            options=[{"label": "", "value": rid}],
-                            value=[rid] if rid in selected else [],
-                            className="row-check",
-                        )
-                    ),
-                    html.Td(dcc.Link(rid, href="/overview" + run_query([rid]), className="run-link")),
-                    html.Td(html.Span(status, className=f"badge badge-{status}")),
-                    html.Td(str(s.get("steps", "–"))),
-                    html.Td("–" if s.get("last_step") is None else str(s["last_step"])),
-                    html.Td(_fmt_count(s.get("tokens", float("nan")))),
-                    html.Td(
-                        [
-                            dcc.Link(r, href="/alerts" + run_query([rid]), className="alert-chip")
-                            for r in s.get("firing", [])
-                        ]
-                        or (s.get("error") or "none")
-                    ),
-                ]
-            )
+        html.Tr(
+            [html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens", "firing alerts")]
+            + [html.Th(c, className="attr") for c in columns]
         )
-    return html.Table([head, html.Tbody(rows)], className="table runs")
+    )
+    rows: list[Any] = []
+    for label, members in groups.group_runs(shown, attrs, group_by).items():
+        if group_by:
+            rows.append(
+                html.Tr(
+                    html.Td(f"{visible(label)} · {len(members)} run(s)", colSpan=7 + len(columns)),
+                    className="group-row",
+                )
+            )
+        rows.extend(_row(rid, selected, columns, attrs.get(rid, {})) for rid in members)
+    parts: list[Any] = [head, html.Tbody(rows)]
+    if more > 0:
+        parts.append(html.Caption(f"{more} more run(s) not listed: narrow the filter.", className="muted"))
+    return html.Table(parts, className="table runs")
+
+
+def _row(rid: str, selected: list[str], columns: list[str], attrs: dict[str, Any]) -> html.Tr:
+    s = summary(rid)
+    status = s["status"]
+    return html.Tr(
+        [
+            html.Td(
+                dcc.Checklist(
+                    id={"type": SELECT, "run": rid},
+                    options=[{"label": "", "value": rid}],
+                    value=[rid] if rid in selected else [],
+                    className="row-check",
+                )
+            ),
+            html.Td(dcc.Link(visible(rid), href="/overview" + run_query([rid]), className="run-link")),
+            html.Td(html.Span(status, className=f"badge badge-{status}")),
+            html.Td(str(s.get("steps", "–"))),
+            html.Td("–" if s.get("last_step") is None else str(s["last_step"])),
+            html.Td(_fmt_count(s.get("tokens", float("nan")))),
+            html.Td(
+                [
+                    dcc.Link(visible(r), href="/alerts" + run_query([rid]), className="alert-chip")
+                    for r in s.get("firing", [])
+                ]
+                or visible(s.get("error") or "none")
+            ),
+        ]
+        + [html.Td(visible(groups.fmt(attrs.get(c))), className="attr") for c in columns]
+    )
 
 
 @callback(
@@ -131,14 +245,53 @@ def runs_table(run_ids: list[str], *, selected: list[str], pattern: str | None =
     Input(ids.RUNS_REFRESH, "n_clicks"),
     Input(ids.LIVE_INTERVAL, "n_intervals"),
     State({"type": SELECT, "run": ALL}, "value"),
+    Input(COLUMNS, "value"),
+    Input(GROUP_BY, "value"),
     prevent_initial_call=True,
 )
-def refresh_table(pattern: str | None, _clicks: int, _ticks: int, checked: list[list[str]]) -> Any:
+def refresh_table(
+    pattern: str | None,
+    _clicks: int,
+    _ticks: int,
+    checked: list[list[str]],
+    columns: list[str] | None,
+    group_by: str | None,
+) -> Any:
     selected = [r for values in (checked or []) for r in (values or [])]
-    return runs_table(data.catalog().run_ids(max_age=0.0), selected=selected, pattern=pattern)
+    return runs_table(data.catalog().run_ids(), selected=selected, pattern=pattern, columns=columns, group_by=group_by)
+
+
+@callback(
+    Output(BAND, "figure"),
+    Output(BAND_NOTE, "children"),
+    Input(ids.RUNS_FILTER, "value"),
+    Input(GROUP_BY, "value"),
+    Input(BAND_METRIC, "value"),
+    Input(ids.RUNS_REFRESH, "n_clicks"),
+)
+def update_band(pattern: str | None, group_by: str | None, metric: str | None, _clicks: int) -> tuple[Any, str]:
+    from app.figures import empty_figure
+
+    if not group_by:
+        return empty_figure("choose a group-by to draw each group's band"), ""
+    cat = data.catalog()
+    run_ids = cat.run_ids()
+    attrs = attributes(run_ids)
+    shown = [r for r in run_ids if matches(r, pattern, attrs.get(r))][:MAX_ROWS]
+    grouped = groups.group_runs(shown, attrs, group_by)
+    if not metric:
+        return empty_figure("choose a metric"), ""
+    frames = {label: groups.frames_of(members) for label, members in grouped.items()}
+    note = f"{len(grouped)} group(s) of {len(shown)} run(s)"
+    if len(grouped) > groups.MAX_GROUPS:
+        note += f"; the {groups.MAX_GROUPS} largest are drawn"
+    return groups.band_figure(frames, metric), note
+
+
+def selected_runs(checked: list[list[str]] | None) -> list[str]:
+    return [r for values in (checked or []) for r in (values or [])]
 
 
 @callback(Output(ids.RUNS_COMPARE, "href"), Input({"type": SELECT, "run": ALL}, "value"))
 def compare_link(checked: list[list[str]]) -> str:
-    selected = [r for values in (checked or []) for r in (values or [])]
-    return "/overview" + run_query(selected)
+    return "/overview" + run_query(selected_runs(checked))
