@@ -307,7 +307,7 @@ def render_panel(
     frames, alerts = {}, {}
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
-        frames[run_id] = st.metrics()
+        frames[run_id] = st.metrics(metrics)  # only this panel's columns are finalized on first use
         if panel_id.get("page") == "overview":
             alerts[run_id] = data.firing_events(st.alerts())
     if not frames:
@@ -360,7 +360,7 @@ def live_tick(
         except data.UnknownRun:
             continue
         fresh[run_id] = st.update()
-        full[run_id] = st.metrics()
+        full[run_id] = st.metrics(m for pid in panel_ids for m in pid.get("metrics", "").split(",") if m)
         statuses.append(st.status())
     badge, badge_class = _badge(statuses, paused)
     got_new = any(f.height for f in fresh.values())

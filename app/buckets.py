@@ -59,7 +59,7 @@ def table(run_id: str, by: str, x_range: tuple[float, float] | None = None) -> p
 def coverage(run_id: str, frame: pl.DataFrame, x_range: tuple[float, float] | None) -> str:
     """Which steps a table covers: all, or how many of the run's (or of the zoomed range's)."""
     st = data.catalog().state(run_id)
-    steps = st.metrics()["step"]
+    steps = st.metrics(data.ALWAYS)["step"]
     if x_range is not None:
         lo, hi = sorted(x_range)
         steps = steps.filter((steps >= lo) & (steps <= hi))

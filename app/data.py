@@ -35,6 +35,8 @@ MAX_TOKEN_STEPS = 200
 TOKEN_ROW_BUDGET = 1_500_000
 """... and at most about this many token rows (measured: ~2 s for the position table on 2 cores)."""
 MIN_TOKEN_STEPS = 20
+ALWAYS = ("tokens/count",)
+"""Metrics every cached run finalizes (the Runs page's token count; the token-row budget)."""
 MAX_CACHED_VIEWS = 64
 """Derived views (heatmaps, bucket tables of zoomed ranges) cached per run before the cache starts over."""
 _SKIP_DIRS = {runformat.TOKENS_DIR, runformat.STATS_DIR, runformat.WRITERS_DIR, runformat.TOKENIZER_DIR, "__pycache__"}
@@ -212,6 +214,8 @@ class RunState:
     stall_seconds: float = STALL_SECONDS
     _run: Any = None
     _metrics: pl.DataFrame | None = None
+    _names: set[str] = field(default_factory=set)
+    _complete: bool = False
     _last_step_seen_at: float = field(default_factory=time.time)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _cache: dict[Any, Any] = field(default_factory=dict)
@@ -237,33 +241,64 @@ class RunState:
                 self._run = (self.opener or _open)(self.path)
             return self._run
 
-    def metrics(self) -> pl.DataFrame:
-        """Step metrics of every step read so far (``step`` + one Float64 column per metric), sorted."""
+    def metrics(self, names: Iterable[str] | None = None) -> pl.DataFrame:
+        """Step metrics of every step read so far (``step`` + one Float64 column per metric), sorted.
+
+        ``names``: the metrics the caller needs; only those (and ``tokens/count``) are finalized the first
+        time, the others when a later caller asks for them (a 100,000-step run's Hill index and quantiles cost
+        seconds that the Overview does not need). Without ``names``, every metric. The frame may hold more
+        columns than asked for.
+        """
+        from rldiag.metrics.registry import REGISTRY
+
+        wanted = None if names is None else [n for n in dict.fromkeys(names) if n in REGISTRY]
         with self._lock:
             if self._metrics is None:
-                self._metrics = self.run.step_metrics().sort(schema.STEP)
+                if wanted is None:
+                    frame = self.run.step_metrics()
+                else:
+                    frame = self.run.step_metrics(metrics=list(dict.fromkeys([*ALWAYS, *wanted])))
+                self._metrics = frame.sort(schema.STEP)
+                self._names = set(self._metrics.columns) - {schema.STEP}
+                self._complete = wanted is None
                 self._last_step_seen_at = self.run.newest_data_time() or time.time()
+                return self._metrics
+            if self._complete:
+                return self._metrics
+            missing = list(REGISTRY) if wanted is None else [n for n in wanted if n not in self._names]
+            missing = [n for n in missing if n not in self._names]
+            if missing:
+                # the same files as the cached columns (only update() reads new ones): the same steps
+                extra = self.run.step_metrics(metrics=missing).sort(schema.STEP)
+                self._metrics = self._metrics.join(extra, on=schema.STEP, how="left")
+                self._names |= set(missing)
+            if wanted is None:
+                self._complete = True
             return self._metrics
 
     def update(self) -> pl.DataFrame:
-        """Read files that appeared since the last call; returns the metric rows of the new steps only."""
+        """Read files that appeared since the last call; returns the metric rows of the new steps only (the
+        columns computed so far)."""
         with self._lock:
-            current = self.metrics()
+            current = self.metrics(ALWAYS) if self._metrics is None else self._metrics
             new_files = self.run.refresh()
-            known = set(current[schema.STEP].to_list())
             # A step published in parts (ranks, micro-batches in a later segment) grows: recompute every step
             # a new file holds, not only the unseen ones, so the charts show its full numbers.
-            touched = set(self.run.steps()) - known
-            touched |= self.run.file_steps(new_files)
+            touched = set(self.run.file_steps(new_files))
+            steps_np = np.asarray(self.run.compact_table().column(schema.STEP).to_numpy(), dtype=np.int64)
+            known = current[schema.STEP].to_numpy()
+            if len(steps_np) != len(known) or not np.array_equal(steps_np, known):  # O(n) compare, no sets
+                touched |= set(steps_np[~np.isin(steps_np, known)].tolist())
             if not touched:
                 return current.clear()
-            fresh = self.run.step_metrics(steps=sorted(touched)).sort(schema.STEP)
+            names = sorted(self._names)
+            fresh = self.run.step_metrics(steps=sorted(touched), metrics=names).sort(schema.STEP)
             kept = current.filter(~pl.col(schema.STEP).is_in(fresh[schema.STEP].to_list()))
-            self._metrics = pl.concat([kept, fresh], how="diagonal_relaxed").sort(schema.STEP)
+            self._metrics = pl.concat([kept, fresh.select(current.columns)], how="vertical_relaxed").sort(schema.STEP)
             self._last_step_seen_at = time.time()
             self.version += 1
             self._cache.clear()
-            return fresh
+            return fresh.select(current.columns)
 
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` once per data version (cleared when new steps land)."""
@@ -311,7 +346,7 @@ class RunState:
         :data:`MIN_TOKEN_STEPS` and :data:`MAX_TOKEN_STEPS`. ``x_range`` (a zoom) chooses among the steps in
         that range only, so zooming in shows more of them, down to every step.
         """
-        frame = self.metrics()
+        frame = self.metrics(ALWAYS)
         steps = frame[schema.STEP].to_list()
         if x_range is not None:
             lo, hi = sorted(x_range)

@@ -237,13 +237,13 @@ def band_figure(groups: Mapping[str, Mapping[str, pl.DataFrame]], metric: str, *
     return fig
 
 
-def frames_of(run_ids: Sequence[str]) -> dict[str, pl.DataFrame]:
-    """Cached step metrics of runs (those that fail to open are left out)."""
+def frames_of(run_ids: Sequence[str], metric: str) -> dict[str, pl.DataFrame]:
+    """Cached step metrics (``metric`` at least) of runs (those that fail to open are left out)."""
     cat = data.catalog()
     out = {}
     for r in run_ids:
         try:
-            out[r] = cat.state(r).metrics()
+            out[r] = cat.state(r).metrics([metric])
         except Exception:  # an unreadable run is named on the Runs table; the band leaves it out
             continue
     return out

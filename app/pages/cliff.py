@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any
+from typing import Any, cast
 
 import dash
 from dash import Input, Output, callback, dcc, html
@@ -90,7 +90,8 @@ def layout(p: Any = None, b: Any = None, c: Any = None, lam: Any = None, **_quer
             ),
             html.Div(id=ids.CLIFF_RESULT, className="cliff-result"),
             html.Div(
-                dcc.Graph(id=ids.CLIFF_FIGURE, config=ui.GRAPH_CONFIG, style={"height": "420px"}), className="card"
+                dcc.Graph(id=ids.CLIFF_FIGURE, config=cast(Any, ui.GRAPH_CONFIG), style={"height": "420px"}),
+                className="card",
             ),
         ]
     )

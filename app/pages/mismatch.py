@@ -23,8 +23,9 @@ NEEDS = {
 
 def has_data(run_id: str, family: str) -> bool:
     """True when any metric of ``family`` has a finite value in the run."""
-    frame = data.catalog().state(run_id).metrics()
-    for spec in panels.families().get(family, []):
+    specs = panels.families().get(family, [])
+    frame = data.catalog().state(run_id).metrics(s.name for s in specs)
+    for spec in specs:
         if spec.name in frame.columns and bool(frame[spec.name].is_finite().any()):
             return True
     return False

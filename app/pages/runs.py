@@ -144,7 +144,7 @@ def summary(run_id: str) -> dict[str, Any]:
     st = data.catalog().state(run_id)
     try:
         st.update()
-        frame = st.metrics()
+        frame = st.metrics(data.ALWAYS)
     except Exception as exc:  # an unreadable run is listed with its error, never hides the others
         return {"run": run_id, "status": "error", "error": str(exc)}
     steps = frame.height
@@ -281,7 +281,7 @@ def update_band(pattern: str | None, group_by: str | None, metric: str | None, _
     grouped = groups.group_runs(shown, attrs, group_by)
     if not metric:
         return empty_figure("choose a metric"), ""
-    frames = {label: groups.frames_of(members) for label, members in grouped.items()}
+    frames = {label: groups.frames_of(members, metric) for label, members in grouped.items()}
     note = f"{len(grouped)} group(s) of {len(shown)} run(s)"
     if len(grouped) > groups.MAX_GROUPS:
         note += f"; the {groups.MAX_GROUPS} largest are drawn"

@@ -52,7 +52,7 @@ def layout(run: Any = None, step: Any = None, **_query: Any) -> html.Div:
     if not runs:
         return html.Div(children)
     st = data.catalog().state(runs[0])
-    frame = st.metrics()
+    frame = st.metrics([SUGGEST_METRIC])
     chosen = _step(step)
     if chosen is None and frame.height:
         chosen = int(cast(int, frame["step"].max()))

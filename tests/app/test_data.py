@@ -176,3 +176,32 @@ def test_analysis_steps_are_evenly_spread_with_both_ends(tmp_path: Path):
     picked = st.analysis_steps(limit=7)
     assert picked[0] == 0 and picked[-1] == 29 and len(picked) == 7
     assert st.analysis_steps(limit=100) == list(range(30))
+
+
+def test_metrics_are_finalized_only_when_asked_for(tmp_path: Path):
+    rec = record_run(tmp_path / "r", steps=3, close=False)
+    st = data.Catalog(tmp_path).state("r")
+    asked = []
+    real = st.run.step_metrics
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("metrics"))
+        return real(*args, **kwargs)
+
+    st.run.step_metrics = spy
+    first = st.metrics(["ratio/mean"])
+    assert set(first.columns) == {"step", "tokens/count", "ratio/mean"}
+    assert asked == [["tokens/count", "ratio/mean"]]
+    more = st.metrics(["kl/k3", "ratio/mean", "no/such-metric"])
+    assert asked[-1] == ["kl/k3"] and {"kl/k3", "ratio/mean"} <= set(more.columns)
+    # new steps get exactly the columns computed so far, and match a full computation
+    record_run(tmp_path / "r", steps=2, start=3, close=False, rec=rec)
+    fresh = st.update()
+    rec.close()
+    assert fresh["step"].to_list() == [3, 4] and set(fresh.columns) == set(more.columns)
+    full = st.metrics()
+    reference = real().sort("step")
+    assert len(full.columns) == reference.width
+    np.testing.assert_allclose(
+        full.select(reference.columns).to_numpy().astype(float), reference.to_numpy().astype(float), equal_nan=True
+    )
