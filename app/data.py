@@ -123,6 +123,8 @@ class Catalog:
         self._states: dict[str, RunState] = {}
         self.decoder = TokenDecoder(self.tokenizer_path)
         self._run_decoders: dict[Path, TokenDecoder] = {}
+        self._warm_queue: list[str] = []
+        self._warm_thread: threading.Thread | None = None
 
     def decoder_for(self, run_id: str) -> TokenDecoder:
         """The tokenizer given with ``--tokenizer``, else the run's own ``tokenizer/`` folder, else ids."""
@@ -174,6 +176,30 @@ class Catalog:
                 st = RunState(run_id, path, opener=self._opener, stall_seconds=self.stall_seconds)
                 self._states[run_id] = st
             return st
+
+    def warm(self, run_ids: Iterable[str]) -> None:
+        """Open these runs and finalize their token counts in one background thread, in order (a page that
+        lists hundreds of runs shows the ones ready and fills in the others on its next refresh)."""
+        with self._lock:
+            for rid in run_ids:
+                if rid not in self._warm_queue:
+                    self._warm_queue.append(rid)
+            if self._warm_thread is not None and self._warm_thread.is_alive():
+                return
+            self._warm_thread = threading.Thread(target=self._warm_work, name="rldiag-warm", daemon=True)
+            self._warm_thread.start()
+
+    def _warm_work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._warm_queue:
+                    self._warm_thread = None
+                    return
+                rid = self._warm_queue.pop(0)
+            try:
+                self.state(rid).metrics(ALWAYS)
+            except Exception:  # an unreadable run is shown with its error when a page asks for it
+                continue
 
     def valid_ids(self, run_ids: Iterable[str] | str | None, *, limit: int = security.MAX_RUN_IDS) -> list[str]:
         """The ids among ``run_ids`` that resolve, in order, without duplicates (others are dropped).
@@ -275,6 +301,11 @@ class RunState:
             if wanted is None:
                 self._complete = True
             return self._metrics
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the run is open and its step metrics are cached (a summary of it costs no file read)."""
+        return self._metrics is not None
 
     def update(self) -> pl.DataFrame:
         """Read files that appeared since the last call; returns the metric rows of the new steps only (the

@@ -4,6 +4,7 @@ them, and draw a group's mean and min/max band of one metric (seeds); pick sever
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, cast
 
 import dash
@@ -24,6 +25,8 @@ BAND = "runs-band"
 BAND_NOTE = "runs-band-note"
 MAX_ROWS = 500
 """Most runs the table lists (the filter narrows the rest down)."""
+LOAD_BUDGET_SECONDS = 0.5
+"""Time one render of the table spends opening runs not cached yet; the rest load in the background."""
 DEFAULT_COLUMNS = 4
 """Attribute columns shown at first: the first few that differ between runs."""
 BAND_METRICS = ("reward/mean", "entropy/mean", "ratio/logabs_p999", "kl/k3", "clip/frac", "tokens/count")
@@ -139,9 +142,17 @@ def matches(run_id: str, pattern: str | None, attrs: dict[str, Any] | None = Non
     return groups.matches(run_id, attrs or {}, pattern)
 
 
-def summary(run_id: str) -> dict[str, Any]:
-    """Status, steps, tokens, last step and firing alerts of one run (from cached step metrics)."""
-    st = data.catalog().state(run_id)
+def summary(run_id: str, deadline: float | None = None) -> dict[str, Any]:
+    """Status, steps, tokens, last step and firing alerts of one run (from cached step metrics).
+
+    A run not loaded yet when ``deadline`` (``time.monotonic()``) has passed is handed to the catalog's
+    background loader and shown as ``loading``.
+    """
+    cat = data.catalog()
+    st = cat.state(run_id)
+    if deadline is not None and not st.loaded and time.monotonic() > deadline:
+        cat.warm([run_id])
+        return {"run": run_id, "status": "loading"}
     try:
         st.update()
         frame = st.metrics(data.ALWAYS)
@@ -194,6 +205,8 @@ def runs_table(
         )
     )
     rows: list[Any] = []
+    deadline = time.monotonic() + LOAD_BUDGET_SECONDS
+    loading = 0
     for label, members in groups.group_runs(shown, attrs, group_by).items():
         if group_by:
             rows.append(
@@ -202,16 +215,23 @@ def runs_table(
                     className="group-row",
                 )
             )
-        rows.extend(_row(rid, selected, columns, attrs.get(rid, {})) for rid in members)
+        for rid in members:
+            s = summary(rid, deadline)
+            loading += s["status"] == "loading"
+            rows.append(_row(s, selected, columns, attrs.get(rid, {})))
     parts: list[Any] = [head, html.Tbody(rows)]
+    notes = []
+    if loading:
+        notes.append(f"{loading} run(s) still loading: they fill in on the next refresh.")
     if more > 0:
-        parts.append(html.Caption(f"{more} more run(s) not listed: narrow the filter.", className="muted"))
+        notes.append(f"{more} more run(s) not listed: narrow the filter.")
+    if notes:
+        parts.append(html.Caption(" ".join(notes), className="muted"))
     return html.Table(parts, className="table runs")
 
 
-def _row(rid: str, selected: list[str], columns: list[str], attrs: dict[str, Any]) -> html.Tr:
-    s = summary(rid)
-    status = s["status"]
+def _row(s: dict[str, Any], selected: list[str], columns: list[str], attrs: dict[str, Any]) -> html.Tr:
+    rid, status = s["run"], s["status"]
     return html.Tr(
         [
             html.Td(

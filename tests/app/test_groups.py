@@ -109,3 +109,23 @@ def test_runs_page_columns_groups_and_band(seeds_root: Path, make_app):
         np.testing.assert_allclose(np.asarray(means[0].y, dtype=float), expected)
         empty, _ = runs.update_band(None, None, "ratio/mean", 0)
         assert "choose a group-by" in str(empty.layout.annotations[0].text)
+
+
+def test_runs_not_loaded_in_time_fill_in_from_the_background(seeds_root: Path, make_app, monkeypatch):
+    import time
+
+    app = make_app(seeds_root)
+    with app.server.test_request_context():
+        runs = importlib.import_module("app.pages.runs")
+        cat = app.server.extensions["rldiag"]
+        cat._states.clear()
+        monkeypatch.setattr(runs, "LOAD_BUDGET_SECONDS", -1.0)  # no time at all: everything loads behind
+        table = runs.refresh_table(None, 0, 0, [], [], None)
+        assert "4 run(s) still loading" in str(table.children[2].children)
+        assert str(table).count("badge-loading") == 4
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(cat.state(r).loaded for r in cat.run_ids()):
+            time.sleep(0.1)
+        table = runs.refresh_table(None, 0, 1, [], [], None)
+        assert "badge-loading" not in str(table) and len(table.children) == 2
+        assert str(table).count("badge-finished") == 4
