@@ -284,6 +284,13 @@ class RunFiles:
             self.compact = aggregate.compact(fresh)
             return
         steps = pc.unique(fresh.column("step"))
+        if pc.min(steps).as_py() > pc.max(self.compact.column("step")).as_py():
+            # only steps past the last one (a live run's tick): append them, nothing to re-merge or re-sort
+            tail = aggregate.compact(fresh).sort_by("step")
+            self.compact = pa.concat_tables([self.compact, tail])
+            if self.compact.column("step").num_chunks > 64:  # keep the per-tick chunks from piling up
+                self.compact = self.compact.combine_chunks()
+            return
         hit = pc.is_in(self.compact.column("step"), steps)
         keep = self.compact.filter(pc.invert(hit))
         redo = aggregate.compact(pa.concat_tables([self.compact.filter(hit), fresh]))
