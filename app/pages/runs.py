@@ -23,6 +23,9 @@ GROUP_BY = "runs-group-by"
 BAND_METRIC = "runs-band-metric"
 BAND = "runs-band"
 BAND_NOTE = "runs-band-note"
+FILL = "runs-fill"
+"""A fast interval, enabled only while some runs of the table are still loading."""
+FILL_SECONDS = 1.0
 MAX_ROWS = 500
 """Most runs the table lists (the filter narrows the rest down)."""
 LOAD_BUDGET_SECONDS = 0.5
@@ -38,6 +41,7 @@ def layout(**_query: Any) -> html.Div:
     attrs = attributes(run_ids)
     keys = sorted({k for a in attrs.values() for k in a})
     shown = groups.varying(attrs)[:DEFAULT_COLUMNS]
+    table = runs_table(run_ids, selected=[], columns=shown, attrs=attrs)
     return html.Div(
         [
             html.Div(
@@ -84,7 +88,8 @@ def layout(**_query: Any) -> html.Div:
                 ],
                 className="toolbar",
             ),
-            html.Div(id=ids.RUNS_TABLE, children=runs_table(run_ids, selected=[], columns=shown, attrs=attrs)),
+            html.Div(id=ids.RUNS_TABLE, children=table),
+            dcc.Interval(id=FILL, interval=int(FILL_SECONDS * 1000), disabled=not still_loading(table)),
             ui.section(
                 "group band",
                 html.Div(
@@ -252,21 +257,28 @@ def _row(s: dict[str, Any], selected: list[str], columns: list[str], attrs: dict
                     dcc.Link(visible(r), href="/alerts" + run_query([rid]), className="alert-chip")
                     for r in s.get("firing", [])
                 ]
-                or visible(s.get("error") or "none")
+                or visible(s.get("error") or ("–" if status == "loading" else "none"))
             ),
         ]
         + [html.Td(visible(groups.fmt(attrs.get(c))), className="attr") for c in columns]
     )
 
 
+def still_loading(table: Any) -> bool:
+    """Whether a table from :func:`runs_table` shows runs that are still loading."""
+    return "still loading" in str(getattr(table, "children", ""))
+
+
 @callback(
     Output(ids.RUNS_TABLE, "children"),
+    Output(FILL, "disabled"),
     Input(ids.RUNS_FILTER, "value"),
     Input(ids.RUNS_REFRESH, "n_clicks"),
     Input(ids.LIVE_INTERVAL, "n_intervals"),
     State({"type": SELECT, "run": ALL}, "value"),
     Input(COLUMNS, "value"),
     Input(GROUP_BY, "value"),
+    Input(FILL, "n_intervals"),
     prevent_initial_call=True,
 )
 def refresh_table(
@@ -276,9 +288,11 @@ def refresh_table(
     checked: list[list[str]],
     columns: list[str] | None,
     group_by: str | None,
-) -> Any:
+    _fill: int | None = None,
+) -> tuple[Any, bool]:
     selected = [r for values in (checked or []) for r in (values or [])]
-    return runs_table(data.catalog().run_ids(), selected=selected, pattern=pattern, columns=columns, group_by=group_by)
+    table = runs_table(data.catalog().run_ids(), selected=selected, pattern=pattern, columns=columns, group_by=group_by)
+    return table, not still_loading(table)
 
 
 @callback(

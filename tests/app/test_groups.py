@@ -95,7 +95,8 @@ def test_runs_page_columns_groups_and_band(seeds_root: Path, make_app):
         runs = importlib.import_module("app.pages.runs")
         page = str(runs.layout())
         assert "tags.lr" in page and "tags.seed" in page
-        table = runs.refresh_table("seed1", 0, 0, [], ["tags.lr", "tags.seed"], "tags.lr")
+        table, fill_off = runs.refresh_table("seed1", 0, 0, [], ["tags.lr", "tags.seed"], "tags.lr")
+        assert fill_off
         body = table.children[1].children
         group_rows = [r for r in body if getattr(r, "className", "") == "group-row"]
         assert [r.children.children for r in group_rows] == ["tags.lr=lr1 · 1 run(s)", "tags.lr=lr2 · 1 run(s)"]
@@ -120,12 +121,12 @@ def test_runs_not_loaded_in_time_fill_in_from_the_background(seeds_root: Path, m
         cat = app.server.extensions["rldiag"]
         cat._states.clear()
         monkeypatch.setattr(runs, "LOAD_BUDGET_SECONDS", -1.0)  # no time at all: everything loads behind
-        table = runs.refresh_table(None, 0, 0, [], [], None)
-        assert "4 run(s) still loading" in str(table.children[2].children)
+        table, fill_off = runs.refresh_table(None, 0, 0, [], [], None)
+        assert "4 run(s) still loading" in str(table.children[2].children) and not fill_off
         assert str(table).count("badge-loading") == 4
         deadline = time.time() + 60
         while time.time() < deadline and not all(cat.state(r).loaded for r in cat.run_ids()):
             time.sleep(0.1)
-        table = runs.refresh_table(None, 0, 1, [], [], None)
-        assert "badge-loading" not in str(table) and len(table.children) == 2
+        table, fill_off = runs.refresh_table(None, 0, 1, [], [], None)
+        assert "badge-loading" not in str(table) and len(table.children) == 2 and fill_off
         assert str(table).count("badge-finished") == 4
