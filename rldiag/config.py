@@ -41,6 +41,12 @@ KERNEL_INPUTS: Final[tuple[KernelInput, ...]] = (
     KernelInput("ctpo_b", "ctpo_bounds", 1),
     KernelInput("n_buckets", "n_buckets"),
     KernelInput("logp_tolerance", "logp_tolerance", every_stat=True),
+    KernelInput("icepop_lo", "icepop_band", 0),
+    KernelInput("icepop_hi", "icepop_band", 1),
+    KernelInput("geo_lo", "geo_bounds", 0),
+    KernelInput("geo_hi", "geo_bounds", 1),
+    KernelInput("correct_reward", "correct_reward"),
+    KernelInput("lowprob", "lowprob"),
 )
 """Every configuration value the statistics kernel reads, in the order of its config array: the one
 declaration from which :func:`rldiag.stats.kernel.config_array` and :attr:`RecorderConfig.STAT_FIELDS` (the
@@ -100,6 +106,19 @@ class RecorderConfig:
     """Log-probs above this are invalid (a log-probability cannot be positive beyond float rounding)."""
     compression: str = "lz4"
     """Parquet compression codec of the token files (lz4: fastest to write; zstd: about 10% smaller)."""
+    icepop_band: tuple[float, float] = (0.5, 5.0)
+    """IcePop band (alpha, beta): a token whose mismatch weight w leaves [alpha, beta] is dropped
+    (`mismatch/icepop_frac`, `removed/icepop/*`). Default: verl's IcePop presets
+    (``RolloutCorrectionConfig.decoupled_token_icepop`` / ``bypass_pg_token_icepop`` in
+    verl/trainer/config/algorithm.py: threshold_lower 0.5, threshold 5.0)."""
+    geo_bounds: tuple[float, float] = (0.999, 1.002)
+    """Geo-MIS bounds (lo, hi): a sequence whose geometric-mean weight exp(mean d) leaves [lo, hi] is dropped
+    (`mismatch/geo_mask_frac`, `removed/geo/*`); NeMo-RL's reference bounds."""
+    correct_reward: float = 1.0
+    """A sequence with reward >= this counts as correct (`removed/<c>/correct_frac`)."""
+    lowprob: float = 0.1
+    """Sampler probability exp(rollout_logp) below which a token counts as low-probability
+    (`mismatch/lowprob_k3_share`)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -115,6 +134,14 @@ class RecorderConfig:
             problems.append(f"token_sample_rate={self.token_sample_rate!r} must be in (0, 1]")
         if not (0.0 < self.cov_top_frac <= 1.0):
             problems.append(f"cov_top_frac={self.cov_top_frac!r} must be in (0, 1]")
+        for name in ("icepop_band", "geo_bounds"):
+            lo, hi = (tuple(getattr(self, name)) + (math.nan, math.nan))[:2]
+            if not (0.0 < lo < hi < math.inf) or len(tuple(getattr(self, name))) != 2:
+                problems.append(f"{name}={getattr(self, name)!r} must be two finite numbers 0 < lo < hi")
+        if not math.isfinite(self.correct_reward):
+            problems.append(f"correct_reward={self.correct_reward!r} must be a finite number")
+        if not (0.0 < self.lowprob <= 1.0):
+            problems.append(f"lowprob={self.lowprob!r} must be in (0, 1]")
         if self.errors not in ("strict", "lenient"):
             problems.append(f"errors={self.errors!r} must be 'strict' or 'lenient'")
         if not (1 <= self.n_buckets <= 64):

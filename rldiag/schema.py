@@ -45,6 +45,7 @@ ENTROPY: Final = "entropy"
 TOKEN_ID: Final = "token_id"
 REWARD: Final = "reward"
 VERSION: Final = "version"
+ROUTE_AGREE: Final = "route_agree"
 COV: Final = "cov"
 
 KEY_COLUMNS: Final[tuple[str, ...]] = (STEP, RANK, MICRO, SEQ, POS)
@@ -61,6 +62,7 @@ OPTIONAL_COLUMNS: Final[tuple[str, ...]] = (
     TOKEN_ID,
     REWARD,
     VERSION,
+    ROUTE_AGREE,
 )
 
 TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {
@@ -83,6 +85,7 @@ TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {
     TOKEN_ID: pa.int32(),
     REWARD: pa.float32(),
     VERSION: pa.int64(),
+    ROUTE_AGREE: pa.float32(),
     COV: pa.float32(),
 }
 """Arrow dtype of every token-row column (docs/run-format.md, token columns)."""

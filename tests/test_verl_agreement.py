@@ -25,7 +25,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("verl.trainer.ppo.core_algos")
 
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty  # noqa: E402
-from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask  # noqa: E402
+from verl.trainer.ppo.rollout_corr_helper import (  # noqa: E402
+    compute_rollout_correction_and_rejection_mask,
+    compute_rollout_correction_weights,
+    compute_rollout_rejection_mask,
+)
 from verl.utils.torch_functional import masked_mean  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
@@ -166,3 +170,92 @@ def test_the_comparison_detects_a_wrong_setting(tmp_path):
     assert abs(wrong["clip/region"] - theirs["pg_clipfrac"]) * n >= 1
     assert not math.isclose(wrong["clip/region"], theirs["pg_clipfrac"], rel_tol=1e-3)
     assert np.isfinite(wrong["kl/k1"])
+
+
+# ---- second-generation diagnostics (docs/metrics.md: mismatch/*, removed/*) against verl's rollout correction --
+GEO = (0.98, 1.02)
+"""Wider than the default Geo-MIS bounds, so that about half of these sequences are dropped (not all)."""
+
+
+def wide_batch(seed: int) -> dict[str, torch.Tensor]:
+    """:func:`batch` with sampler outliers both ways: some IS weights above IcePop's 5, some below 1/2, and
+    a binary reward per response."""
+    x = batch(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    u = torch.rand(B, T, generator=g)
+    d = (x["old"] - x["rollout"]) + 2.2 * (u < 0.01) - 1.2 * ((u >= 0.01) & (u < 0.02))
+    x["rollout"] = (x["old"] - d).clamp(max=0)
+    x["reward"] = (torch.rand(B, generator=g) < 0.5).float()
+    return x
+
+
+def verl_second_generation(x: dict[str, torch.Tensor]) -> dict[str, float]:
+    """verl's own masks and metrics for the same batch; rldiag's removed/* quantities computed from the tokens
+    verl's functions truncate or drop."""
+    valid = x["mask"].float()
+    lr = x["old"] - x["rollout"]  # verl's log_ratio: log(pi_train / pi_rollout)
+    out: dict[str, float] = {}
+    tis_w, _ = compute_rollout_correction_weights(lr, valid, rollout_is="token", rollout_is_threshold=TIS_CAP)
+    ice_w, ice = compute_rollout_correction_weights(lr, valid, rollout_is="token", rollout_is_threshold="0.5_5.0")
+    rs_mask, rs = compute_rollout_rejection_mask(
+        lr,
+        valid,
+        rollout_rs="token_k1,seq_sum_k1",
+        rollout_rs_threshold=f"{1 / TIS_CAP}_{TIS_CAP},0.0001_10000",
+    )
+    geo_mask, geo = compute_rollout_rejection_mask(
+        lr, valid, rollout_rs="seq_mean_k1", rollout_rs_threshold=f"{1 / GEO[1]}_{1 / GEO[0]}"
+    )
+    out["mismatch/icepop_frac"] = ice["rollout_is_oob_ratio"]
+    out["mismatch/extreme_frac"] = rs["rollout_rs_token_k1_masked_fraction"]  # |d| > ln 2 is MIS at C = 2
+    out["mismatch/seq_logratio_absmax"] = max(
+        abs(rs["rollout_rs_seq_sum_k1_max"]), abs(rs["rollout_rs_seq_sum_k1_min"])
+    )
+    out["mismatch/geo_mask_frac"] = geo["rollout_rs_seq_mean_k1_seq_masked_fraction"]
+    v = x["mask"]
+    removed = {
+        "tis": v & (tis_w < torch.exp(lr) * valid),  # truncated to the cap by verl's TIS
+        "mis": v & (rs_mask == 0),  # verl's token_k1 rejection with bounds [1/C, C] (this call's only token option)
+        "icepop": v & (ice_w == 0),
+        "geo": v & (geo_mask == 0),
+    }
+    a = x["adv"].double()
+    total = a.abs()[v].sum()
+    for c, rm in removed.items():
+        mass = a.abs()[rm].sum()
+        out[f"removed/{c}/adv_mass"] = float(mass / total)
+        out[f"removed/{c}/pos_share"] = float(a[rm & (a > 0)].sum() / mass)
+        rows = rm.any(dim=1)
+        out[f"removed/{c}/correct_frac"] = float((x["reward"][rows] >= 1.0).double().mean())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ranks,micro", [(1, 1), (2, 2)])
+def test_second_generation_equals_verls_rollout_correction(tmp_path, seed, ranks, micro):
+    x = wide_batch(seed)
+    cfg = rldiag.RecorderConfig(
+        eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip_c=DUAL_C, tis_cap=TIS_CAP, icepop_band=(0.5, 5.0), geo_bounds=GEO
+    )
+    rows = torch.arange(B).chunk(ranks * micro)
+    for r in range(ranks):
+        with rldiag.Recorder(tmp_path / "run", config=cfg, rank=r, world_size=ranks) as rec:
+            for idx in rows[r * micro : (r + 1) * micro]:
+                rec.record(
+                    step=1,
+                    logprobs=x["logp"][idx],
+                    old_logprobs=x["old"][idx],
+                    advantages=x["adv"][idx],
+                    mask=x["mask"][idx],
+                    rollout_logprobs=x["rollout"][idx],
+                    rewards=x["reward"][idx],
+                )
+    ours = rldiag.open_run(tmp_path / "run").step_metrics().row(0, named=True)
+    theirs = verl_second_generation(x)
+    # every quantity is exercised: something is removed by each correction, not everything
+    for c in ("tis", "mis", "icepop", "geo"):
+        assert 0.0 < theirs[f"removed/{c}/adv_mass"] < 0.9, c
+    assert 0.05 < theirs["mismatch/geo_mask_frac"] < 0.95 and theirs["mismatch/icepop_frac"] > 0.002
+    assert abs(theirs["mismatch/seq_logratio_absmax"]) < 20  # inside verl's clamp, where both are the plain sum
+    for name, want in theirs.items():
+        assert ours[name] == pytest.approx(want, rel=2e-5, abs=1e-7), name

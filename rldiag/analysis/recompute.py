@@ -47,9 +47,10 @@ _VALUE_COLS = (
     schema.STAGE,
     schema.GROUP,
     schema.REWARD,
+    schema.ROUTE_AGREE,
 )
-_CONFIG_FREE_COLS = (schema.REF_LOGP, schema.VERSION, schema.GROUP, schema.REWARD)
-"""Columns that only config-independent statistics read (reference KL, staleness, groups, rewards)."""
+_CONFIG_FREE_COLS = (schema.REF_LOGP, schema.VERSION, schema.GROUP, schema.ROUTE_AGREE)
+"""Columns that only config-independent statistics read (reference KL, staleness, groups, MoE routing)."""
 
 
 def _col(table: pa.Table, name: str, dtype: type = np.float32) -> np.ndarray | None:
@@ -123,6 +124,7 @@ def batch_from_tokens(
         stage=_col(table, schema.STAGE, np.int64) if "bucket" not in record_keys else None,
         group=None if group is None else group[first],
         reward=None if reward is None else reward[first],
+        route_agree=_col(table, schema.ROUTE_AGREE),
     )
     if batch.logp is None or batch.old_logp is None or batch.adv is None:
         raise ValueError("token rows need the columns logp, old_logp and adv (docs/run-format.md, token columns)")

@@ -3,7 +3,7 @@
 The file holds one row per token with rldiag's token-row columns (docs/run-format.md): ``step``, ``logp``,
 ``old_logp``, ``adv`` and ``seq`` or ``pos`` are required; ``rank``, ``micro``, ``group``, ``turn``,
 ``stage``, ``rollout_logp``, ``ref_logp``, ``teacher_logp``, ``base_logp``, ``entropy``, ``token_id``,
-``reward`` and ``version`` are optional. The rows go through :class:`~rldiag.record.recorder.Recorder`
+``reward``, ``version`` and ``route_agree`` are optional. The rows go through :class:`~rldiag.record.recorder.Recorder`
 like live data, so the statistics come from the one kernel and the run is first-class.
 
 Every value is checked before anything is written (see :mod:`rldiag.importers._core` for the error
@@ -69,6 +69,7 @@ FLOAT_COLUMNS = (
     schema.ADV,
     schema.ENTROPY,
     schema.REWARD,
+    schema.ROUTE_AGREE,
 )
 LOGP_COLUMNS = (
     schema.LOGP,
@@ -91,6 +92,7 @@ _ARG_OF = {
     schema.VERSION: "versions",
     schema.TURN: "turns",
     schema.STAGE: "stages",
+    schema.ROUTE_AGREE: "route_agree",
 }
 _PER_SEQ = {schema.GROUP: "group_ids", schema.REWARD: "rewards"}
 _ROW = "_row"

@@ -30,6 +30,8 @@ _FAMILY_TITLES = {
     "tokens": "Counts",
     "mismatch": "Training-inference mismatch",
     "staleness": "Staleness",
+    "removed": "What mismatch corrections remove",
+    "moe": "MoE routing consistency",
     "stage": "Position and stage",
 }
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from rldiag.stats import hist
 from rldiag.stats.definitions import batch_ess
-from rldiag.stats.kernel import STATS
+from rldiag.stats.kernel import CORRECTIONS, STATS
 
 Direction = Literal["lower", "higher", "neutral"]
 Stats = Mapping[str, np.ndarray]
@@ -164,6 +164,75 @@ _HQ_BOUND = (
     f"histogram quantile: within a factor 2**(1/16) (+-{hist.RELATIVE_ERROR:.1%}) of the exact inverted-CDF "
     "quantile for magnitudes in [2**-20, 2**10]; absolute error < 1e-6 below"
 )
+
+_RO = _R + ("rollout_logp",)
+_LNW_BOUND = (
+    "the histogram holds d = ln w: ln of the estimate is within a factor 2**(1/16) (+-"
+    f"{hist.RELATIVE_ERROR:.1%}) of ln of the exact inverted-CDF quantile for |ln w| in [2**-20, 2**10] (so w "
+    "is within a factor exp(0.044 |ln w|): 0.4% at w = 1.1); |ln w| < 1e-6 below"
+)
+_CORRECTION_TEXT: Final[dict[str, tuple[str, str]]] = {
+    "tis": ("tokens with w > C (TIS truncates them to C)", "TIS"),
+    "mis": ("tokens with w outside [1/C, C] (MIS drops them)", "MIS"),
+    "icepop": ("tokens with w outside icepop_band (IcePop drops them)", "IcePop"),
+    "geo": ("the valid tokens of sequences with exp(mean d) outside geo_bounds (Geo-MIS drops them)", "Geo-MIS"),
+}
+
+
+def _removed_specs() -> list[MetricSpec]:
+    """``removed/<c>/adv_mass``, ``pos_share`` and ``correct_frac`` for each correction (kernel.CORRECTIONS)."""
+    out = []
+    for c in CORRECTIONS:
+        what, label = _CORRECTION_TEXT[c]
+        count = "n_seq_mm" if c == "geo" else "n_mm"
+        a, p, n, ok = f"s_rm_{c}_abs", f"s_rm_{c}_pos", f"n_rmseq_{c}", f"n_rmseq_{c}_ok"
+
+        def adv_mass(s: Stats, a: str = a, count: str = count) -> np.ndarray:
+            return np.where(np.asarray(s[count]) > 0, _div(s[a], s["s_absadv"]), np.nan)
+
+        def pos_share(s: Stats, a: str = a, p: str = p) -> np.ndarray:
+            return _div(s[p], s[a])
+
+        def correct_frac(s: Stats, n: str = n, ok: str = ok) -> np.ndarray:
+            return _div(s[ok], s[n])
+
+        seqs = "the sequences it drops" if c == "geo" else "sequences with a token it removes"
+        out += [
+            _m(
+                f"removed/{c}/adv_mass",
+                (a, "s_absadv", count),
+                adv_mass,
+                f"sum of |A| over {what} / sum of |A| over valid tokens",
+                f"Share of the advantage mass (the learning signal) that {label} removes or truncates.",
+                source="NeMo-RL masked_correct_pct; prime-rl masked_advantage_{positive,negative}",
+                derived=True,
+                direction="lower",
+                bounds=(0.0, 1.0),
+                inputs=_RO,
+            ),
+            _m(
+                f"removed/{c}/pos_share",
+                (p, a),
+                pos_share,
+                f"share of the |A| mass {label} removes that has A > 0",
+                f"Whether {label} removes mostly positive or negative advantages.",
+                source="Ant Group's IcePop follow-up: the mask rate falls while the gap widens",
+                bounds=(0.0, 1.0),
+                inputs=_RO,
+            ),
+            _m(
+                f"removed/{c}/correct_frac",
+                (ok, n),
+                correct_frac,
+                f"among {seqs} (with a finite reward), share with reward >= correct_reward (default 1.0)",
+                f"Whether {label} removes tokens of correct answers.",
+                source="NeMo-RL masked_correct_pct",
+                bounds=(0.0, 1.0),
+                inputs=_RO + ("reward",),
+            ),
+        ]
+    return out
+
 
 _SPECS: tuple[MetricSpec, ...] = (
     # ---- ratio and trust region ------------------------------------------------------------------
@@ -719,6 +788,171 @@ _SPECS: tuple[MetricSpec, ...] = (
         inputs=_R + ("rollout_logp",),
         error_bound=_HQ_BOUND,
     ),
+    # ---- second-generation mismatch (docs/metrics.md: d = old_logp - rollout_logp, w = exp(d)) ---------
+    _m(
+        "mismatch/extreme_frac",
+        ("n_mm_extreme", "n_mm"),
+        lambda s: _div(s["n_mm_extreme"], s["n_mm"]),
+        "mean(|d| > ln 2): tokens whose trainer/sampler probability ratio leaves [1/2, 2]",
+        "Share of tokens on which trainer and sampler disagree by more than a factor 2.",
+        source="AReaL R3 (PR #1207) rollout_train_extreme_frac_tau2",
+        direction="lower",
+        bounds=(0.0, 1.0),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/mult_err",
+        ("s_mm_multm1", "n_mm"),
+        lambda s: 1.0 + _div(s["s_mm_multm1"], s["n_mm"]),
+        "mean(exp(|d|))",
+        "Multiplicative probability error of the sampler: about 1 is healthy, above 1.05 suspect.",
+        source="NeMo-RL token_mult_prob_error",
+        direction="lower",
+        bounds=(1.0, None),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/kl_ent_ratio",
+        ("s_mm_k3", "n_mm", "s_ent", "n_ent"),
+        lambda s: _div(_div(s["s_mm_k3"], s["n_mm"]), _div(s["s_ent"], s["n_ent"])),
+        "mismatch/k3 / entropy/mean",
+        "Training-inference KL relative to the policy's entropy: mismatch that matters more as entropy falls.",
+        source="prime-rl kl_ent_ratio",
+        direction="lower",
+        bounds=(0.0, None),
+        inputs=_RO + ("entropy",),
+    ),
+    _m(
+        "mismatch/ratio_p01",
+        ("h_d", "n_mm"),
+        _hq("h_d", 0.01, "n_mm", np.exp),
+        "p1 of w (histogram of d = ln w)",
+        "Low tail of the mismatch weights: the sampler far more confident than the trainer.",
+        source="distributions asked for in TRL #5231, prime-rl #648",
+        direction="higher",
+        bounds=(0.0, None),
+        inputs=_RO,
+        error_bound=_LNW_BOUND,
+    ),
+    _m(
+        "mismatch/ratio_p99",
+        ("h_d", "n_mm"),
+        _hq("h_d", 0.99, "n_mm", np.exp),
+        "p99 of w (histogram of d = ln w)",
+        "High tail of the mismatch weights: the trainer far more confident than the sampler.",
+        source="distributions asked for in TRL #5231, prime-rl #648",
+        direction="lower",
+        bounds=(0.0, None),
+        inputs=_RO,
+        error_bound=_LNW_BOUND,
+    ),
+    _m(
+        "mismatch/icepop_frac",
+        ("n_icepop", "n_mm"),
+        lambda s: _div(s["n_icepop"], s["n_mm"]),
+        "mean(w < alpha or w > beta), (alpha, beta) = icepop_band (default (0.5, 5.0))",
+        "Tokens IcePop would drop; = verl rollout_is_oob_ratio with rollout_is_threshold 'alpha_beta'.",
+        source="IcePop (Ring-1T, arXiv 2510.18855); verl rollout_corr_helper.compute_rollout_correction_weights "
+        "(rollout_is_oob_ratio); default band: verl RolloutCorrectionConfig.decoupled_token_icepop "
+        "(verl/trainer/config/algorithm.py)",
+        direction="lower",
+        bounds=(0.0, 1.0),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/seq_logratio_absmax",
+        ("max_seq_absd", "n_seq_mm"),
+        lambda s: _finite_or_nan(s["max_seq_absd"], s["n_seq_mm"]),
+        "max over sequences of |sum over T_i of d|",
+        "Largest sequence-level log importance weight: above 20 sequence IS breaks down (verl clamps there).",
+        source="verl rollout_corr_helper (SAFETY_BOUND = 20); FP16-vs-BF16 (arXiv 2510.26788)",
+        direction="lower",
+        bounds=(0.0, None),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/seq_logratio_p99",
+        ("h_seq_absd", "n_seq_mm"),
+        _hq("h_seq_absd", 0.99, "n_seq_mm"),
+        "p99 over sequences of |sum over T_i of d|",
+        "Tail of the sequence-level log importance weights.",
+        source="FP16-vs-BF16 (arXiv 2510.26788)",
+        direction="lower",
+        bounds=(0.0, None),
+        inputs=_RO,
+        error_bound=_HQ_BOUND,
+    ),
+    _m(
+        "mismatch/geo_mask_frac",
+        ("n_geo", "n_seq_mm"),
+        lambda s: _div(s["n_geo"], s["n_seq_mm"]),
+        "share of sequences with g_i = exp(mean over T_i of d) outside geo_bounds (default (0.999, 1.002))",
+        "Sequences Geo-MIS would drop; = verl rollout_rs_seq_masked_fraction of rollout_rs 'seq_mean_k1' with "
+        "threshold '1/hi_1/lo'.",
+        source='Geo-MIS, "When Speed Kills Stability"; NeMo-RL reference bounds; verl '
+        "rollout_corr_helper.compute_rollout_rejection_mask",
+        direction="lower",
+        bounds=(0.0, 1.0),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/seq_mult_err_max",
+        ("max_seq_mult", "n_seq_mm"),
+        lambda s: _finite_or_nan(s["max_seq_mult"], s["n_seq_mm"]),
+        "max over sequences of mean over T_i of exp(|d|)",
+        "Worst sequence's multiplicative probability error.",
+        source="NeMo-RL seq_mult_prob_error",
+        direction="lower",
+        bounds=(1.0, None),
+        inputs=_RO,
+    ),
+    _m(
+        "mismatch/lowprob_k3_share",
+        ("s_mm_k3_low", "s_mm_k3", "n_mm"),
+        lambda s: np.where(np.asarray(s["n_mm"]) > 0, _div(s["s_mm_k3_low"], s["s_mm_k3"]), np.nan),
+        "share of the step's sum of (w - 1 - d) carried by tokens with exp(rollout_logp) < lowprob (default 0.1)",
+        "How much of the mismatch sits in low-probability tokens.",
+        source='"Taming the Tail" (arXiv 2512.23087)',
+        derived=True,
+        bounds=(0.0, 1.0),
+        inputs=_RO,
+    ),
+    *_removed_specs(),
+    # ---- MoE routing consistency --------------------------------------------------------------------
+    _m(
+        "moe/route_agree_mean",
+        ("s_route", "n_route"),
+        lambda s: _div(s["s_route"], s["n_route"]),
+        "mean(route_agree)",
+        "Share of expert choices on which trainer and sampler route alike (1 = identical routing).",
+        source="R3 routing replay (AReaL #1207); NeMo-RL fallback fraction and prime-rl replace rate are special cases",
+        direction="higher",
+        bounds=(0.0, 1.0),
+        inputs=_R + ("route_agree",),
+    ),
+    _m(
+        "moe/route_mismatch_frac",
+        ("n_route_mis", "n_route"),
+        lambda s: _div(s["n_route_mis"], s["n_route"]),
+        "mean(route_agree < 1)",
+        "Share of tokens routed differently by trainer and sampler in at least one slot.",
+        source="R3 routing replay (AReaL #1207)",
+        direction="lower",
+        bounds=(0.0, 1.0),
+        inputs=_R + ("route_agree",),
+    ),
+    _m(
+        "moe/mismatch_k3_ratio",
+        ("s_mm_k3_rmis", "n_mm_rmis", "s_mm_k3_ragree", "n_mm_ragree"),
+        lambda s: _div(_div(s["s_mm_k3_rmis"], s["n_mm_rmis"]), _div(s["s_mm_k3_ragree"], s["n_mm_ragree"])),
+        "mismatch k3 over tokens with route_agree < 1 / mismatch k3 over tokens with route_agree = 1",
+        "How much more trainer/sampler mismatch the differently routed tokens carry.",
+        source="the join of routing with ratio tails Megatron-LM #4168 asks for",
+        derived=True,
+        direction="lower",
+        bounds=(0.0, None),
+        inputs=_RO + ("route_agree",),
+    ),
     _m(
         "staleness/mean",
         ("s_stale", "n_ver"),
@@ -844,6 +1078,8 @@ _NATS = (
     "mismatch/k1",
     "mismatch/k3",
     "mismatch/logabs_p99",
+    "mismatch/seq_logratio_absmax",
+    "mismatch/seq_logratio_p99",
     "seq/cum_logratio_absmax",
 )
 _SPECS = tuple(dataclasses.replace(s, unit="nats") if s.name in _NATS and not s.unit else s for s in _SPECS)

@@ -48,6 +48,7 @@ _ARGS: dict[str, tuple[str, str, bool]] = {
     "versions": (schema.VERSION, "B|BT", False),
     "turns": (schema.TURN, "B|BT", False),
     "stages": (schema.STAGE, "B|BT", False),
+    "route_agree": (schema.ROUTE_AGREE, "BT", True),
 }
 _INTEGER_ARGS = ("group_ids", "token_ids", "versions", "turns", "stages")
 _LOGPROB_ARGS = ("logprobs", "old_logprobs", "rollout_logprobs", "ref_logprobs", "teacher_logprobs", "base_logprobs")
@@ -283,12 +284,15 @@ class Recorder:
         versions: Any = None,
         turns: Any = None,
         stages: Any = None,
+        route_agree: Any = None,
     ) -> None:
         """Record one micro-batch of ``B`` responses of length ``T`` at optimizer step ``step``.
 
         Tensors (any device) or numpy arrays. ``logprobs``, ``old_logprobs``, ``mask`` and the other per-token
         inputs are ``[B, T]``; ``advantages``, ``versions``, ``turns``, ``stages`` are ``[B]`` or ``[B, T]``;
-        ``group_ids`` and ``rewards`` are ``[B]``. ``mask`` defaults to all tokens valid. Never synchronises
+        ``group_ids`` and ``rewards`` are ``[B]``. ``route_agree`` (MoE) is ``[B, T]``: the share of each token's
+        expert choices, over all MoE layers and top-k slots, on which the trainer's router agrees with the
+        sampler's (1 = same routing), in [0, 1]. ``mask`` defaults to all tokens valid. Never synchronises
         a GPU; the inputs may be reused by the caller as soon as it returns.
         """
         self._check_open()
@@ -313,6 +317,7 @@ class Recorder:
             "versions": versions,
             "turns": turns,
             "stages": stages,
+            "route_agree": route_agree,
         }
         shape = self._validate(step, args)
         invalid = self._check_dtypes(args)

@@ -200,6 +200,20 @@ def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tol
                     bad,
                 )
             )
+    ra = arrays.get(schema.ROUTE_AGREE)
+    if ra is not None and ra.size and not (ra.min() >= 0.0 and ra.max() <= 1.0):  # NaN fails both: a problem
+        bad = masked_in(~((ra.reshape(B, T) >= 0.0) & (ra.reshape(B, T) <= 1.0)))
+        n = int(np.count_nonzero(bad))
+        if n:
+            out.append(
+                ValueProblem(
+                    schema.ROUTE_AGREE,
+                    f"has {n} masked-in values that are not finite numbers in [0, 1] (e.g. "
+                    f"{float(ra.reshape(B, T)[bad][0])!r}); it is a share of expert choices",
+                    n,
+                    bad,
+                )
+            )
     for col, (lo_ok, hi_ok) in INTEGER_RANGES.items():
         a = arrays.get(col)
         if a is None or not a.size or a.dtype.kind == "b":
@@ -286,6 +300,7 @@ def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dic
         group=cols.get("group"),
         reward=cols.get("reward"),
         invalid=np.array([job.invalid]),
+        route_agree=cols.get(schema.ROUTE_AGREE),
     )
     return tb, flat, cols
 

@@ -106,12 +106,47 @@ _DECLS: Final[tuple[StatDecl, ...]] = (
     StatDecl("max_w", "max", "largest mismatch weight w"),
     StatDecl("n_tis", "sum", "w > C", True),
     StatDecl("n_mis", "sum", "w > C or w < 1/C", True),
+    # second-generation mismatch diagnostics (docs/metrics.md: mismatch, removed, moe)
+    StatDecl("n_mm_extreme", "sum", "|d| > ln 2: w outside [1/2, 2]"),
+    StatDecl("s_mm_multm1", "sum", "sum of exp(|d|) - 1"),
+    StatDecl("n_icepop", "sum", "w outside icepop_band", True),
+    StatDecl("s_mm_k3_low", "sum", "sum of w - 1 - d over tokens with exp(rollout_logp) < lowprob", True),
+    StatDecl("s_absadv", "sum", "sum of |adv| over valid tokens"),
+    StatDecl("s_rm_tis_abs", "sum", "sum of |adv| over tokens with w > C (TIS truncates them)", True),
+    StatDecl("s_rm_tis_pos", "sum", "sum of adv > 0 over tokens with w > C", True),
+    StatDecl("s_rm_mis_abs", "sum", "sum of |adv| over tokens with w outside [1/C, C] (MIS drops them)", True),
+    StatDecl("s_rm_mis_pos", "sum", "sum of adv > 0 over tokens with w outside [1/C, C]", True),
+    StatDecl("s_rm_icepop_abs", "sum", "sum of |adv| over tokens with w outside icepop_band", True),
+    StatDecl("s_rm_icepop_pos", "sum", "sum of adv > 0 over tokens with w outside icepop_band", True),
+    StatDecl("n_seq_mm", "sum", "sequences with a valid token of finite d"),
+    StatDecl("max_seq_absd", "max", "largest |sum of d| over a sequence's tokens"),
+    StatDecl("max_seq_mult", "max", "largest mean of exp(|d|) over a sequence's tokens"),
+    StatDecl("n_geo", "sum", "sequences with exp(mean d) outside geo_bounds (Geo-MIS drops them)", True),
+    StatDecl("s_rm_geo_abs", "sum", "sum of |adv| over the valid tokens of those sequences", True),
+    StatDecl("s_rm_geo_pos", "sum", "sum of adv > 0 over the valid tokens of those sequences", True),
+    StatDecl("n_rmseq_tis", "sum", "sequences with a finite reward and a token TIS truncates", True),
+    StatDecl("n_rmseq_tis_ok", "sum", "... of them with reward >= correct_reward", True),
+    StatDecl("n_rmseq_mis", "sum", "sequences with a finite reward and a token MIS drops", True),
+    StatDecl("n_rmseq_mis_ok", "sum", "... of them with reward >= correct_reward", True),
+    StatDecl("n_rmseq_icepop", "sum", "sequences with a finite reward and a token IcePop drops", True),
+    StatDecl("n_rmseq_icepop_ok", "sum", "... of them with reward >= correct_reward", True),
+    StatDecl("n_rmseq_geo", "sum", "sequences with a finite reward that Geo-MIS drops", True),
+    StatDecl("n_rmseq_geo_ok", "sum", "... of them with reward >= correct_reward", True),
+    StatDecl("n_route", "sum", "valid tokens with a finite route_agree"),
+    StatDecl("s_route", "sum", "sum of route_agree"),
+    StatDecl("n_route_mis", "sum", "route_agree < 1"),
+    StatDecl("n_mm_rmis", "sum", "tokens with route_agree < 1 and a finite d"),
+    StatDecl("s_mm_k3_rmis", "sum", "sum of w - 1 - d over them"),
+    StatDecl("n_mm_ragree", "sum", "tokens with route_agree = 1 and a finite d"),
+    StatDecl("s_mm_k3_ragree", "sum", "sum of w - 1 - d over them"),
     StatDecl("n_ver", "sum", "valid tokens with a policy version"),
     StatDecl("s_stale", "sum", "sum of step - version"),
     StatDecl("max_stale", "max", "largest step - version"),
     StatDecl("h_lr", "hist_signed", "histogram of lr (signed log-spaced bins, rldiag.stats.hist)"),
     StatDecl("h_ent", "hist_mag", "histogram of entropy"),
     StatDecl("h_absd", "hist_mag", "histogram of |d|, d = old_logp - rollout_logp"),
+    StatDecl("h_d", "hist_signed", "histogram of d = ln w (the mismatch weight's quantiles)"),
+    StatDecl("h_seq_absd", "hist_mag", "histogram over sequences of |sum of d|"),
     StatDecl("h_minprefix", "hist_signed", "histogram of the exclusive prefix minimum of lr in a sequence"),
     StatDecl("b_n", "vec_sum", "valid tokens per position/stage bucket", True),
     StatDecl("b_s", "vec_sum", "sum of r - 1 per bucket", True),
@@ -156,6 +191,30 @@ I_NREF, I_SREF = _i("n_ref"), _i("s_ref_k3")
 I_NMM, I_MMD, I_MMK3, I_MMW, I_MMW2 = _i("n_mm"), _i("s_mm_d"), _i("s_mm_k3"), _i("s_mm_wm1"), _i("s_mm_wm1sq")
 I_MINW, I_MAXW, I_TIS, I_MIS = _i("min_w"), _i("max_w"), _i("n_tis"), _i("n_mis")
 I_NVER, I_SSTALE, I_MSTALE = _i("n_ver"), _i("s_stale"), _i("max_stale")
+I_MMEXT, I_MMMULT, I_ICE, I_MMK3LOW, I_SABSADV = (
+    _i("n_mm_extreme"),
+    _i("s_mm_multm1"),
+    _i("n_icepop"),
+    _i("s_mm_k3_low"),
+    _i("s_absadv"),
+)
+I_RM_TIS_A, I_RM_TIS_P, I_RM_MIS_A, I_RM_MIS_P = (
+    _i("s_rm_tis_abs"),
+    _i("s_rm_tis_pos"),
+    _i("s_rm_mis_abs"),
+    _i("s_rm_mis_pos"),
+)
+I_RM_ICE_A, I_RM_ICE_P, I_RM_GEO_A, I_RM_GEO_P = (
+    _i("s_rm_icepop_abs"),
+    _i("s_rm_icepop_pos"),
+    _i("s_rm_geo_abs"),
+    _i("s_rm_geo_pos"),
+)
+I_NSEQMM, I_MSEQD, I_MSEQMULT, I_NGEO = _i("n_seq_mm"), _i("max_seq_absd"), _i("max_seq_mult"), _i("n_geo")
+I_NROUTE, I_SROUTE, I_NRMIS = _i("n_route"), _i("s_route"), _i("n_route_mis")
+I_NK3RM, I_SK3RM, I_NK3RA, I_SK3RA = _i("n_mm_rmis"), _i("s_mm_k3_rmis"), _i("n_mm_ragree"), _i("s_mm_k3_ragree")
+CORRECTIONS: Final[tuple[str, ...]] = ("tis", "mis", "icepop", "geo")
+"""What the mismatch corrections remove (``removed/<c>/*``), in the order of their bits in the sequence flags."""
 
 # Config slots (rldiag.config.KERNEL_INPUTS) and input flags as module constants, so numba folds them.
 _SLOT = {k.slot: i for i, k in enumerate(KERNEL_INPUTS)}
@@ -164,9 +223,12 @@ C_DUAL_CLIP_C, C_TIS_CAP = _SLOT["dual_clip_c"], _SLOT["tis_cap"]
 C_ENTROPY_LOW, C_COV_BAND_LO, C_COV_BAND_HI = _SLOT["entropy_low"], _SLOT["cov_band_lo"], _SLOT["cov_band_hi"]
 C_COV_TOP_FRAC, C_CTPO_A, C_CTPO_B = _SLOT["cov_top_frac"], _SLOT["ctpo_a"], _SLOT["ctpo_b"]
 C_N_BUCKETS, C_LOGP_TOLERANCE = _SLOT["n_buckets"], _SLOT["logp_tolerance"]
-FLAGS: Final[tuple[str, ...]] = ("entropy", "rollout", "ref", "version", "stage", "hists", "cov")
+C_ICEPOP_LO, C_ICEPOP_HI, C_GEO_LO, C_GEO_HI = _SLOT["icepop_lo"], _SLOT["icepop_hi"], _SLOT["geo_lo"], _SLOT["geo_hi"]
+C_CORRECT_REWARD, C_LOWPROB = _SLOT["correct_reward"], _SLOT["lowprob"]
+FLAGS: Final[tuple[str, ...]] = ("entropy", "rollout", "ref", "version", "stage", "hists", "cov", "route")
 """The kernel's flags: which optional inputs are present, and whether histograms and products are wanted."""
-F_ENTROPY, F_ROLLOUT, F_REF, F_VERSION, F_STAGE, F_HISTS, F_COV = range(len(FLAGS))
+F_ENTROPY, F_ROLLOUT, F_REF, F_VERSION, F_STAGE, F_HISTS, F_COV, F_ROUTE = range(len(FLAGS))
+_LN2 = math.log(2.0)
 
 # The shared definitions (rldiag.stats.definitions), compiled into the kernel from their one source.
 _finite = numba.njit(inline="always")(definitions.finite)
@@ -404,7 +466,8 @@ def _ratio_pass(m, lr_s, rm1_s, row):  # pragma: no cover - compiled
 @_lane()
 def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no cover - compiled
     """Writes n_clip_low, n_clip_high, n_clip_sym, n_dual, n_pos_up, n_pos_down, n_neg_up, n_neg_down,
-    n_adv_pos, n_adv_zero, s_bal_pos, s_bal_neg (invalid tokens have a = 0 and r = 1: they count nowhere)."""
+    n_adv_pos, n_adv_zero, s_bal_pos, s_bal_neg, s_absadv (invalid tokens have a = 0 and r = 1: they count
+    nowhere)."""
     c_lo = c_hi = c_sym = c_dual = n_pu = n_pd = n_nu = n_nd = n_apos = n_azero = 0
     for j in range(m):
         ok = ok_s[j]
@@ -424,7 +487,7 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
         n_pd += ap & (r < 1.0)
         n_nu += an & (r > 1.0)
         n_nd += an & (r < 1.0)
-    acc = np.zeros((2, W))
+    acc = np.zeros((3, W))
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
@@ -433,6 +496,7 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
                 r = rm1_s[j] + 1.0
                 acc[0, lane] += max(min(r, hi_thr) * a, 0.0)
                 acc[1, lane] += max(-max(r, lo_thr) * a, 0.0)
+                acc[2, lane] += abs(a)
     row[I_CLO] = c_lo
     row[I_CHI] = c_hi
     row[I_CSYM] = c_sym
@@ -445,6 +509,7 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
     row[I_NAZERO] = n_azero
     row[I_BPOS] = _lane_total(acc, 0)
     row[I_BNEG] = _lane_total(acc, 1)
+    row[I_SABSADV] = _lane_total(acc, 2)
 
 
 @_lane()
@@ -516,6 +581,157 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no c
     row[I_NMM], row[I_MMD] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
     row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
     row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
+
+
+@_lane()
+def _mismatch_hist_pass(m, d_s, bins, h_d, h_absd):  # pragma: no cover - compiled
+    """Adds the used tokens' d (NaN marks the others) to the signed histogram h_d and |d| to h_absd: one
+    signed binning, folded for the magnitude (the same bins as binning |d| directly)."""
+    _bins_pass(m, d_s, True, bins)
+    for j in range(m):
+        b = bins[j]
+        if b >= 0:
+            h_d[b] += 1
+            h_absd[b - _NMAG if b >= _NMAG else _NMAG - 1 - b] += 1
+
+
+@_lane()
+def _removal_pass(m, d_s, w_s, a_s, roll, t0, cap, ice_lo, ice_hi, ln_low, rm_s, row):  # pragma: no cover - compiled
+    """What the mismatch corrections remove, token by token (d_s and w_s = expm1(d) from the mismatch pass,
+    NaN d for unused tokens): writes n_mm_extreme, s_mm_multm1, n_icepop, s_mm_k3_low and the removed
+    advantage masses of TIS (w > C), MIS (w outside [1/C, C]) and IcePop (w outside [ice_lo, ice_hi]);
+    rm_s[j] gets the bits 1 (TIS), 2 (MIS), 4 (IcePop) for the sequence flags."""
+    inv_cap = 1.0 / cap
+    acc = np.zeros((8, W))
+    n_ext = n_ice = 0
+    for j0 in range(0, m, W):
+        for lane in range(W):
+            j = j0 + lane
+            if j < m:
+                d0 = d_s[j]
+                use = d0 == d0
+                d = d0 if use else 0.0
+                y = w_s[j]
+                w = y + 1.0
+                a = a_s[j]
+                aa = abs(a)
+                ap = max(a, 0.0)
+                tis = use & (w > cap)
+                mis = use & ((w > cap) | (w < inv_cap))
+                ice = use & ((w < ice_lo) | (w > ice_hi))
+                low = use & (np.float64(roll[t0 + j]) < ln_low)
+                n_ext += use & (abs(d) > _LN2)
+                n_ice += ice
+                acc[0, lane] += (y if d >= 0.0 else -y / w) if use else 0.0  # exp(|d|) - 1
+                acc[1, lane] += (y - d) if low else 0.0
+                acc[2, lane] += aa if tis else 0.0
+                acc[3, lane] += ap if tis else 0.0
+                acc[4, lane] += aa if mis else 0.0
+                acc[5, lane] += ap if mis else 0.0
+                acc[6, lane] += aa if ice else 0.0
+                acc[7, lane] += ap if ice else 0.0
+                rm_s[j] = tis + 2 * mis + 4 * ice
+    row[I_MMEXT] = n_ext
+    row[I_ICE] = n_ice
+    row[I_MMMULT] = _lane_total(acc, 0)
+    row[I_MMK3LOW] = _lane_total(acc, 1)
+    row[I_RM_TIS_A] = _lane_total(acc, 2)
+    row[I_RM_TIS_P] = _lane_total(acc, 3)
+    row[I_RM_MIS_A] = _lane_total(acc, 4)
+    row[I_RM_MIS_P] = _lane_total(acc, 5)
+    row[I_RM_ICE_A] = _lane_total(acc, 6)
+    row[I_RM_ICE_P] = _lane_total(acc, 7)
+
+
+@_lane()
+def _seq_mismatch_pass(
+    seq_off, s0, s1, t0, d_s, w_s, a_s, rm_s, geo_lo, geo_hi, want_hist, h_seq, seq_flag, row
+):  # pragma: no cover - compiled
+    """Sequence-level mismatch, over each sequence's tokens with a finite d: writes n_seq_mm, max_seq_absd
+    (and |sum d| into h_seq), max_seq_mult (mean exp(|d|)), n_geo and the advantage mass of the sequences
+    Geo-MIS drops (exp(mean d) outside [geo_lo, geo_hi]); seq_flag[s, 3] gets the sequence's removal bits
+    (1 TIS, 2 MIS, 4 IcePop, 8 Geo-MIS)."""
+    n_seq_mm = 0
+    n_geo = 0
+    mx = -np.inf
+    mult_max = -np.inf
+    g_abs = 0.0
+    g_pos = 0.0
+    for s in range(s0, s1):
+        S = 0.0
+        M = 0.0
+        A_abs = 0.0
+        A_pos = 0.0
+        cnt = 0
+        bits = 0
+        for t in range(seq_off[s], seq_off[s + 1]):
+            j = t - t0
+            a = a_s[j]  # 0 for invalid tokens
+            A_abs += abs(a)
+            A_pos += max(a, 0.0)
+            d = d_s[j]
+            if d == d:
+                y = w_s[j]
+                S += d
+                M += y if d >= 0.0 else -y / (y + 1.0)
+                cnt += 1
+                bits |= rm_s[j]
+        if cnt == 0:
+            continue
+        n_seq_mm += 1
+        aS = abs(S)
+        mx = max(mx, aS)
+        if want_hist:
+            h_seq[_mag(aS)] += 1
+        mult_max = max(mult_max, 1.0 + M / cnt)
+        g = math.exp(S / cnt)
+        if g < geo_lo or g > geo_hi:
+            n_geo += 1
+            g_abs += A_abs
+            g_pos += A_pos
+            bits |= 8
+        seq_flag[s, 3] = bits
+    row[I_NSEQMM] = n_seq_mm
+    row[I_MSEQD] = mx
+    row[I_MSEQMULT] = mult_max
+    row[I_NGEO] = n_geo
+    row[I_RM_GEO_A] = g_abs
+    row[I_RM_GEO_P] = g_pos
+
+
+@_lane()
+def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cover - compiled
+    """MoE routing agreement of the valid tokens with a finite route_agree: writes n_route, s_route,
+    n_route_mis (< 1) and, with the mismatch pass's d_s/w_s, the k3 sums of the disagreeing (< 1) and agreeing
+    (= 1) tokens with a finite d."""
+    acc = np.zeros((3, W))
+    n_r = n_mis = n_km = n_ka = 0
+    for j0 in range(0, m, W):
+        for lane in range(W):
+            j = j0 + lane
+            if j < m:
+                r = np.float64(route[t0 + j])
+                use = ok_s[j] & (r - r == 0)
+                d = d_s[j] if has_roll else np.nan
+                du = use & (d == d)
+                k3 = (w_s[j] - d) if du else 0.0
+                mis = use & (r < 1.0)
+                km = du & (r < 1.0)
+                ka = du & (r >= 1.0)
+                n_r += use
+                n_mis += mis
+                n_km += km
+                n_ka += ka
+                acc[0, lane] += r if use else 0.0
+                acc[1, lane] += k3 if km else 0.0
+                acc[2, lane] += k3 if ka else 0.0
+    row[I_NROUTE] = n_r
+    row[I_SROUTE] = _lane_total(acc, 0)
+    row[I_NRMIS] = n_mis
+    row[I_NK3RM] = n_km
+    row[I_SK3RM] = _lane_total(acc, 1)
+    row[I_NK3RA] = n_ka
+    row[I_SK3RA] = _lane_total(acc, 2)
 
 
 @_lane(inline="always")
@@ -760,6 +976,7 @@ def _kernel(
     ver,
     stage,
     pos,
+    route,
     flags,
     cfg,
     S,
@@ -767,6 +984,8 @@ def _kernel(
     H_ent,
     H_absd,
     H_min,
+    H_d,
+    H_seqd,
     BK,
     cov_out,
     seq_flag,
@@ -778,7 +997,7 @@ def _kernel(
     (columns :data:`SCALARS`), H_* (histograms), BK (bucket sums), cov_out (per-token products) and seq_flag.
     """
     has_ent, has_roll, has_ref = flags[F_ENTROPY], flags[F_ROLLOUT], flags[F_REF]
-    has_ver, has_stage = flags[F_VERSION], flags[F_STAGE]
+    has_ver, has_stage, has_route = flags[F_VERSION], flags[F_STAGE], flags[F_ROUTE]
     want_hist, want_cov = flags[F_HISTS], flags[F_COV]
     lo_thr = 1.0 - cfg[C_EPS_LOW]
     hi_thr = 1.0 + cfg[C_EPS_HIGH]
@@ -798,6 +1017,8 @@ def _kernel(
     bin_s = np.empty(longest_rec, dtype=np.int64)
     L_s = np.empty(longest_rec)
     w_s = np.empty(longest_rec)
+    rm_s = np.zeros(longest_rec, dtype=np.int64)
+    ln_low = math.log(cfg[C_LOWPROB])
     no_btab = np.empty(0, dtype=np.int64)
     for R in range(n_rec):
         row = S[R]
@@ -825,7 +1046,28 @@ def _kernel(
         if has_roll:
             _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, row)
             if want_hist:
-                _hist_pass(m, d_s, bin_s, H_absd[R])
+                _mismatch_hist_pass(m, d_s, bin_s, H_d[R], H_absd[R])
+            _removal_pass(
+                m, d_s, w_s, a_s, roll, t0, cfg[C_TIS_CAP], cfg[C_ICEPOP_LO], cfg[C_ICEPOP_HI], ln_low, rm_s, row
+            )
+            _seq_mismatch_pass(
+                seq_off,
+                s0,
+                s1,
+                t0,
+                d_s,
+                w_s,
+                a_s,
+                rm_s,
+                cfg[C_GEO_LO],
+                cfg[C_GEO_HI],
+                want_hist,
+                H_seqd[R],
+                seq_flag,
+                row,
+            )
+        if has_route:
+            _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row)
         if has_ver:
             _staleness_pass(ver, t0, m, ok_s, steps[R], row)
         btab = no_btab if has_stage else _bucket_table(m, ok_s, pos, t0, nb)
@@ -913,6 +1155,8 @@ class TokenBatch:
     reward: np.ndarray | None = None
     invalid: np.ndarray | None = None
     """Per record: lenient mode saw a wrong dtype, so all its tokens count as invalid."""
+    route_agree: np.ndarray | None = None
+    """Per token: share of the token's MoE expert choices on which trainer and sampler agree."""
 
     @property
     def n_records(self) -> int:
@@ -974,7 +1218,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
     BK = np.zeros((n_rec, 3, cfg.n_buckets))
     want_cov = cov
     cov_out = np.full(n_tok if cov else 0, np.nan)
-    seq_flag = np.zeros((n_seq, 3), dtype=np.uint8)
+    seq_flag = np.zeros((n_seq, 4), dtype=np.uint8)
     present = {
         "entropy": batch.entropy is not None,
         "rollout": batch.rollout_logp is not None,
@@ -983,6 +1227,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         "stage": batch.stage is not None,
         "hists": hists,
         "cov": want_cov,
+        "route": batch.route_agree is not None,
     }
     flags = np.array([present[f] for f in FLAGS], dtype=np.int64)
     _kernel(
@@ -998,6 +1243,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         _EMPTY_I if batch.version is None else np.ascontiguousarray(batch.version, dtype=np.int64),
         _EMPTY_I if batch.stage is None else np.ascontiguousarray(batch.stage, dtype=np.int64),
         np.ascontiguousarray(batch.pos, dtype=np.int32),
+        _f32(batch.route_agree),
         flags,
         config_array(cfg),
         S,
@@ -1005,6 +1251,8 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         H["h_ent"],
         H["h_absd"],
         H["h_minprefix"],
+        H["h_d"],
+        H["h_seq_absd"],
         BK,
         cov_out,
         seq_flag,
@@ -1017,6 +1265,12 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         S[:, _i("n_seq_reward")] = np.bincount(seq_rec[ok], minlength=n_rec)
         S[:, _i("s_reward")] = np.bincount(seq_rec[ok], weights=rw[ok], minlength=n_rec)
         S[:, _i("s_reward2")] = np.bincount(seq_rec[ok], weights=rw[ok] ** 2, minlength=n_rec)
+        if batch.rollout_logp is not None:  # removal_pass / seq_mismatch_pass set the bits of column 3
+            correct = ok & (rw >= cfg.correct_reward)
+            for bit, c in enumerate(CORRECTIONS):
+                hit = (seq_flag[:, 3] >> bit) & 1 == 1
+                S[:, _i(f"n_rmseq_{c}")] = np.bincount(seq_rec[ok & hit], minlength=n_rec)
+                S[:, _i(f"n_rmseq_{c}_ok")] = np.bincount(seq_rec[correct & hit], minlength=n_rec)
     sets: dict[str, list[np.ndarray]] = {name: [_EMPTY_I] * n_rec for name in SETS}
     if batch.group is not None:
         g = np.asarray(batch.group, dtype=np.int64)

@@ -132,7 +132,7 @@ def test_hanging_and_failing_webhooks_do_not_block_evaluation(tmp_path: Path, re
 def test_make_online_alerts_forms(tmp_path: Path) -> None:
     assert make_online_alerts(None, tmp_path) is None and make_online_alerts(False, tmp_path) is None
     a = make_online_alerts(True, tmp_path / "a")
-    assert a is not None and {s.name for s in a.notifier.sinks} == {"console", "jsonl"} and len(a.rules) == 17
+    assert a is not None and {s.name for s in a.notifier.sinks} == {"console", "jsonl"} and len(a.rules) == 24
     a.close()
     rules = tmp_path / "r.toml"
     rules.write_text('include_defaults = false\n[rules.x]\nmetric = "kl/k3"\nthreshold = 1\n')

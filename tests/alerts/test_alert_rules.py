@@ -50,6 +50,14 @@ def test_default_pack_is_metrics_spec_section_4() -> None:
         "stalled_run",
         "extrapolation_cliff",
         "extrapolation_cliff_critical",
+        # second-generation diagnostics (tests/alerts/test_section5_rules.py)
+        "mismatch_error",
+        "extreme_mismatch",
+        "extreme_mismatch_critical",
+        "hidden_widening_gap",
+        "hidden_widening_gap_tis",
+        "seq_is_breakdown",
+        "routing_drift",
     }  # section 3's cliff alert
     c = cond(r, "extrapolation_cliff", "cliff/headroom")
     assert (c.op, c.threshold, r["extrapolation_cliff"].severity) == (">=", 0.95, "warn")

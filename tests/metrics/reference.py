@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 EPS_LOW, EPS_HIGH, C_DUAL, C_TIS = 0.2, 0.28, 3.0, 2.0
+ICEPOP, GEO, CORRECT, LOWPROB = (0.5, 5.0), (0.999, 1.002), 1.0, 0.1
+"""The RecorderConfig defaults of the second-generation diagnostics (docs/metrics.md, mismatch/removed/moe)."""
 
 
 def make_record(
@@ -25,6 +27,7 @@ def make_record(
     extras: bool = True,
     group_offset: int = 0,
     version_step: int | None = None,
+    heavy_mismatch: bool = False,
 ) -> dict:
     """A random record with heavy-tailed ratios, ragged masks, optional NaNs, empty groups and extras."""
     logp = -rng.exponential(1.0, (B, T))
@@ -45,12 +48,23 @@ def make_record(
         "group_ids": group.astype(np.int64),
         "rewards": rng.random(B).astype(np.float32),
     }
+    rec["rewards"][rec["rewards"] > 0.6] = 1.0  # some correct answers (reward >= CORRECT)
     if extras:
         rec["entropy"] = rng.exponential(0.5, (B, T)).astype(np.float32)
         rec["rollout_logprobs"] = np.minimum(
             old + rng.normal(0, 0.05, (B, T)) + rng.standard_t(3, (B, T)) * 0.02, 0
         ).astype(np.float32)
         rec["ref_logprobs"] = np.minimum(logp + rng.normal(0, 0.1, (B, T)), 0).astype(np.float32)
+        # MoE routing agreement: most tokens route alike (1), some share a few slots; from a generator of its
+        # own (seeded by the record's log-probs), so the main stream, and every other test's data, is unchanged
+        g = np.random.default_rng(int(np.abs(logp).sum() * 1e6) % 2**32)
+        if heavy_mismatch:  # sampler outliers both ways: TIS, MIS, IcePop and the extreme share all fire
+            jump = np.where(g.random((B, T)) < 0.5, -1.0, 1.0) * g.exponential(1.2, (B, T)) * (g.random((B, T)) < 0.08)
+            rec["rollout_logprobs"] = np.minimum(rec["rollout_logprobs"] + jump, 0).astype(np.float32)
+            rec["rollout_logprobs"][g.random((B, T)) < 0.02] = np.nan  # tokens the sampler gave no log-prob
+        rec["route_agree"] = np.where(g.random((B, T)) < 0.7, 1.0, g.choice([0.0, 0.5, 0.75], (B, T))).astype(
+            np.float32
+        )
         if version_step is not None:
             rec["versions"] = (version_step - rng.integers(0, 4, B)).astype(np.int64)
     if nan_frac:
@@ -62,7 +76,9 @@ def make_record(
 
 def _flat(records: list[dict]) -> dict:
     """Valid tokens of a step, flattened, with per-token record/sequence/position ids."""
-    out: dict[str, list] = {k: [] for k in ("lp", "olp", "adv", "ent", "roll", "ref", "rec", "seq", "pos", "ver")}
+    out: dict[str, list] = {
+        k: [] for k in ("lp", "olp", "adv", "ent", "roll", "ref", "rec", "seq", "pos", "ver", "route")
+    }
     seq_info = []  # (record, row, group, reward, any_masked)
     n_nonfinite = 0
     for ri, r in enumerate(records):
@@ -94,6 +110,7 @@ def _flat(records: list[dict]) -> dict:
                 out["roll"].append(r["rollout_logprobs"][b, t] if "rollout_logprobs" in r else np.nan)
                 out["ref"].append(r["ref_logprobs"][b, t] if "ref_logprobs" in r else np.nan)
                 out["ver"].append(r["versions"][b] if "versions" in r else np.nan)
+                out["route"].append(r["route_agree"][b, t] if "route_agree" in r else np.nan)
                 out["rec"].append(ri)
                 out["seq"].append(len(seq_info) - 1)
                 out["pos"].append(t)
@@ -215,6 +232,7 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
     else:
         for k in ("k1", "k3", "is_min", "is_max", "tis_frac", "mis_frac", "ess"):
             m[f"mismatch/{k}"] = nan
+    m.update(reference_second_generation(f))
     v = f["ver"][np.isfinite(f["ver"])]
     m["staleness/mean"] = float(np.mean(step - v)) if v.size else nan
     m["staleness/max"] = float(np.max(step - v)) if v.size else nan
@@ -251,7 +269,89 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
     return {k: float(v) for k, v in m.items()}
 
 
+def reference_second_generation(
+    f: dict,
+    *,
+    cap: float = C_TIS,
+    icepop: tuple[float, float] = ICEPOP,
+    geo: tuple[float, float] = GEO,
+    correct: float = CORRECT,
+    lowprob: float = LOWPROB,
+) -> dict[str, float]:
+    """docs/metrics.md's second-generation diagnostics (mismatch, removed, moe) from the valid tokens ``f`` of
+    one step (:func:`_flat`), straight from the formulas (defaults: RecorderConfig's bands and bounds)."""
+    ICEPOP, GEO, CORRECT, LOWPROB, C_TIS = icepop, geo, correct, lowprob, cap  # noqa: N806
+    m: dict[str, float] = {}
+    nan = float("nan")
+    a, seq = f["adv"], f["seq"].astype(int)
+    d_all = f["olp"] - f["roll"]
+    ok = np.isfinite(d_all)
+    d = d_all[ok]
+    w = np.exp(d)
+    k3 = w - 1 - d
+    names = ["extreme_frac", "mult_err", "kl_ent_ratio", "ratio_p01", "ratio_p99", "icepop_frac"]
+    names += ["seq_logratio_absmax", "seq_logratio_p99", "geo_mask_frac", "seq_mult_err_max", "lowprob_k3_share"]
+    removed = {c: np.zeros(a.size, bool) for c in ("tis", "mis", "icepop", "geo")}
+    if d.size:
+        e = f["ent"][np.isfinite(f["ent"])]
+        m["mismatch/extreme_frac"] = np.mean(np.abs(d) > math.log(2))
+        m["mismatch/mult_err"] = np.mean(np.exp(np.abs(d)))
+        m["mismatch/kl_ent_ratio"] = k3.mean() / e.mean() if e.size and e.mean() > 0 else nan
+        m["_exact/mismatch/ratio_p01"] = np.quantile(w, 0.01, method="inverted_cdf")
+        m["_exact/mismatch/ratio_p99"] = np.quantile(w, 0.99, method="inverted_cdf")
+        m["mismatch/icepop_frac"] = np.mean((w < ICEPOP[0]) | (w > ICEPOP[1]))
+        sums, mults, geo_seqs = [], [], []
+        for s_id in np.unique(seq[ok]):
+            ds = d_all[ok & (seq == s_id)]
+            sums.append(abs(ds.sum()))
+            mults.append(np.exp(np.abs(ds)).mean())
+            g = np.exp(ds.mean())
+            if g < GEO[0] or g > GEO[1]:
+                geo_seqs.append(s_id)
+        m["mismatch/seq_logratio_absmax"] = max(sums)
+        m["_exact/mismatch/seq_logratio_p99"] = np.quantile(sums, 0.99, method="inverted_cdf")
+        m["mismatch/geo_mask_frac"] = len(geo_seqs) / len(sums)
+        m["mismatch/seq_mult_err_max"] = max(mults)
+        low = np.exp(f["roll"][ok]) < LOWPROB
+        m["mismatch/lowprob_k3_share"] = k3[low].sum() / k3.sum() if k3.sum() > 0 else nan
+        w_all = np.where(ok, np.exp(np.where(ok, d_all, 0.0)), 1.0)
+        removed["tis"] = ok & (w_all > C_TIS)
+        removed["mis"] = ok & ((w_all > C_TIS) | (w_all < 1 / C_TIS))
+        removed["icepop"] = ok & ((w_all < ICEPOP[0]) | (w_all > ICEPOP[1]))
+        removed["geo"] = np.isin(seq, geo_seqs)
+    else:
+        for k in names:
+            m[f"mismatch/{k}"] = nan
+        m["_exact/mismatch/ratio_p01"] = m["_exact/mismatch/ratio_p99"] = nan
+        m["_exact/mismatch/seq_logratio_p99"] = nan
+    total = np.abs(a).sum()
+    info = f["seq_info"]
+    for c, rm in removed.items():
+        mass = np.abs(a[rm]).sum()
+        m[f"removed/{c}/adv_mass"] = (mass / total if total > 0 else nan) if d.size else nan
+        m[f"removed/{c}/pos_share"] = a[rm & (a > 0)].sum() / mass if mass > 0 else nan
+        hit = [info[s_id][3] for s_id in np.unique(seq[rm]) if info[s_id][3] is not None]
+        hit = [r for r in hit if math.isfinite(r)]
+        m[f"removed/{c}/correct_frac"] = np.mean(np.array(hit) >= CORRECT) if hit else nan
+    ra = f["route"]
+    rok = np.isfinite(ra)
+    m["moe/route_agree_mean"] = ra[rok].mean() if rok.any() else nan
+    m["moe/route_mismatch_frac"] = np.mean(ra[rok] < 1) if rok.any() else nan
+    k3_all = np.where(ok, np.exp(np.where(ok, d_all, 0.0)) - 1 - np.where(ok, d_all, 0.0), np.nan)
+    dis, agr = rok & ok & (ra < 1), rok & ok & (ra == 1)
+    num = k3_all[dis].mean() if dis.any() else nan
+    den = k3_all[agr].mean() if agr.any() else nan
+    m["moe/mismatch_k3_ratio"] = num / den if den > 0 else nan
+    return m
+
+
+SECOND_GEN_LNW = ("mismatch/ratio_p01", "mismatch/ratio_p99")
+"""Histogram metrics whose bound holds on ln of the value (the histogram holds d = ln w)."""
+
 HIST_METRICS = (
+    "mismatch/ratio_p01",
+    "mismatch/ratio_p99",
+    "mismatch/seq_logratio_p99",
     "ratio/logabs_p50",
     "ratio/logabs_p99",
     "ratio/logabs_p999",

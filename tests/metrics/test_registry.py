@@ -15,7 +15,7 @@ from rldiag.record.tensors import HostSnapshot
 from rldiag.record.writer import Job, build_batch
 from rldiag.stats import hist, kernel
 from rldiag.stats.table import to_table
-from tests.metrics.reference import HIST_METRICS, make_record, reference_metrics
+from tests.metrics.reference import HIST_METRICS, SECOND_GEN_LNW, make_record, reference_metrics
 
 CFG = RecorderConfig(eps_low=0.2, eps_high=0.28)
 RECORD_LOCAL = {"entropy/cov_band_frac", "entropy/cov_top_share", "stage/ratio_mean_min", "stage/ratio_std_spread"}
@@ -37,6 +37,7 @@ def _stats_table(records: list[dict], step: int, rank: int = 0, micro0: int = 0)
             "group_ids": "group",
             "rewards": "reward",
             "versions": "version",
+            "route_agree": "route_agree",
         }
         snaps = {names[k]: HostSnapshot(v, float_cast=True) for k, v in rec.items()}
         job = Job(step=step, micro=micro0 + i, shape=(B, T), inputs=snaps)
@@ -54,7 +55,7 @@ def _check(got: dict[str, float], ref: dict[str, float], names=None) -> None:
             e = ref[f"_exact/{name}"]
             if math.isnan(e):
                 assert math.isnan(g), name
-            elif name == "seq/minprefix_ratio_p5":  # the bound holds on ln r, the histogrammed value
+            elif name == "seq/minprefix_ratio_p5" or name in SECOND_GEN_LNW:  # the bound holds on ln of it
                 assert abs(math.log(g) / math.log(e) - 1) <= hist.RELATIVE_ERROR + 1e-12, (name, g, e)
             elif abs(e) < 2.0**-20:
                 assert abs(g) < 2.0**-19, (name, g, e)

@@ -35,6 +35,10 @@ CHANGED: dict[str, Any] = {
     "errors": "strict",
     "logp_tolerance": 0.3,
     "compression": "zstd",
+    "icepop_band": (0.8, 1.25),
+    "geo_bounds": (0.9, 1.1),
+    "correct_reward": 0.5,
+    "lowprob": 0.5,
 }
 """A different value for every RecorderConfig field (the test fails when a field is added without one)."""
 
@@ -63,8 +67,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     rollout_logprobs=olp + rng.normal(0, 0.3, (B, T)),
                     ref_logprobs=lp + rng.normal(0, 0.2, (B, T)),
                     group_ids=np.arange(B) // 3,
-                    rewards=rng.random(B),
+                    rewards=np.where(rng.random(B) < 0.4, 1.0, rng.random(B)),
                     versions=np.full(B, max(step - 1, 0)),
+                    route_agree=np.where(rng.random((B, T)) < 0.6, 1.0, rng.random((B, T))),
                 )
     return path
 
