@@ -20,6 +20,7 @@ from dash.exceptions import PreventUpdate
 
 from app import data, figures, ids
 from app import layout as ui
+from app.security import plot_text
 
 KEYS = {"step", "bucket", "pos", "stage", "turn", "prob", "route", "bucket_lo", "bucket_hi", "lo", "hi"}
 """Key columns of a bucket table (everything else numeric is a quantity)."""
@@ -173,7 +174,14 @@ class BucketView:
         if quantity is None:
             return figures.empty_figure("no quantities")
         fig = figures.bucket_heatmap(frame, quantity, by=by)
-        fig.update_layout(title=dict(text=f"{quantity} by {by} — {run_id} ({coverage(run_id, frame, x_range)})"))
+        fig.update_layout(
+            title=dict(
+                text=f"{plot_text(run_id)}<br><span style='font-size:11px'>{plot_text(quantity)} by {by} · "
+                f"{coverage(run_id, frame, x_range)}</span>",
+                y=0.97,
+            ),
+            margin=dict(t=52),
+        )
         return fig
 
 

@@ -25,6 +25,7 @@ import polars as pl
 from app import data
 from app.downsample import DEFAULT_BUCKETS
 from app.figures import PALETTE, empty_figure
+from app.security import plot_text
 
 NAME_GROUP = "name without seed"
 """Group-by choice: the run id with a trailing seed (``seed3``, ``s3``, ``-3``) removed."""
@@ -178,6 +179,11 @@ def band(
     return steps[starts], m, b_lo, b_hi, np.maximum.reduceat(count, starts)
 
 
+def has_values(frame: pl.DataFrame, metric: str) -> bool:
+    """Whether ``frame`` has a finite value of ``metric``."""
+    return metric in frame.columns and bool(frame[metric].cast(pl.Float64).is_finite().any())
+
+
 def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
@@ -192,7 +198,8 @@ def band_figure(groups: Mapping[str, Mapping[str, pl.DataFrame]], metric: str, *
         if not len(x) or not np.isfinite(mean).any():
             continue
         color = PALETTE[i % len(PALETTE)]
-        name = f"{label or 'all runs'} ({len(frames)} run{'s' if len(frames) != 1 else ''})"
+        shown = plot_text(label or "all runs")
+        name = f"{shown} ({len(frames)} run{'s' if len(frames) != 1 else ''})"
         traces.append(
             go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0, color=color), hoverinfo="skip", showlegend=False)
         )
@@ -216,8 +223,8 @@ def band_figure(groups: Mapping[str, Mapping[str, pl.DataFrame]], metric: str, *
                 mode="lines",
                 name=name,
                 line=dict(width=2, color=color),
-                hovertemplate=f"{label or 'all runs'}<br>step %{{x}}<br>mean %{{y:.4g}}"
-                "<br>min %{customdata[0]:.4g} · max %{customdata[1]:.4g}<br>runs %{customdata[2]}<extra></extra>",
+                hovertemplate="step %{x}<br>mean %{y:.4g}<br>min %{customdata[0]:.4g} · max %{customdata[1]:.4g}"
+                "<br>runs %{customdata[2]}",
             )
         )
     if not traces:

@@ -15,6 +15,7 @@ Werkzeug's request log (one line per request: 50 lines a minute per open page wh
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import unicodedata
@@ -116,6 +117,12 @@ _VISIBLE_WS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 def _escape(ch: str) -> str:
     cp = ord(ch)
     return f"\\x{cp:02x}" if cp < 0x100 else (f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}")
+
+
+def plot_text(text: str) -> str:
+    """Text from a run for a plotly title, legend or hover label: plotly reads a subset of HTML there
+    (``<b>``, ``<a href>``, ``<br>``), so markup is escaped, and invisible characters are made visible."""
+    return html.escape(visible(str(text)), quote=False)
 
 
 def visible(text: str, *, whitespace: bool = False) -> str:

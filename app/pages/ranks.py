@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 from app import data, figures, ids, panels
 from app import layout as ui
 from app.downsample import DEFAULT_BUCKETS
+from app.security import plot_text
 
 dash.register_page(__name__, path="/ranks", name="Ranks", title="rldiag · Ranks", order=7)
 
@@ -277,7 +278,7 @@ def run_figure(run_id: str, metric: str | None, x_range: tuple[float, float] | N
         frame = st.rank_metrics(metric)
     except ValueError as exc:
         return figures.empty_figure(str(exc))
-    return rank_figure(frame, metric, title=f"{metric} per rank — {run_id}", x_range=x_range)
+    return rank_figure(frame, metric, title=f"{metric} per rank — {plot_text(run_id)}", x_range=x_range)
 
 
 @callback(

@@ -317,6 +317,9 @@ def update_band(pattern: str | None, group_by: str | None, metric: str | None, _
         return empty_figure("choose a metric"), ""
     frames = {label: groups.frames_of(members, metric) for label, members in grouped.items()}
     note = f"{len(grouped)} group(s) of {len(shown)} run(s)"
+    empty = [label for label, fr in frames.items() if not any(groups.has_values(f, metric) for f in fr.values())]
+    if empty:
+        note += f"; no {metric} data in " + ", ".join(visible(e) for e in empty[:5]) + ("…" if len(empty) > 5 else "")
     if len(grouped) > groups.MAX_GROUPS:
         note += f"; the {groups.MAX_GROUPS} largest are drawn"
     return groups.band_figure(frames, metric), note
