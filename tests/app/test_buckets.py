@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dash.exceptions import PreventUpdate
 from synth import record_run
@@ -81,3 +82,35 @@ def test_mismatch_page_has_prob_and_route_tables_or_says_why_not(ctx, buckets):
             assert value is not None
             fig = buckets.MISMATCH.figure("grpo_full", by, value, None, zoomed=False)
             assert fig.data[0].type == "heatmap"
+
+
+def test_ratio_heatmap_and_lens_for_every_selected_run(ctx):
+    ratios = importlib.import_module("app.pages.ratios")
+    clipping = importlib.import_module("app.pages.clipping")
+    perrun = importlib.import_module("app.perrun")
+    both = ["grpo_full", "sweep/minimal"]
+    for module, graph_type in ((ratios, perrun.RATIO_GRAPH), (clipping, perrun.LENS_LINES)):
+        page = str(module.layout(run=both))
+        assert all(f"'type': '{graph_type}', 'run': '{r}'" in page for r in both), module.__name__
+    for run in both:
+        fig = perrun.ratio_figure(run)
+        assert fig.data[0].type == "heatmap" and run in fig.layout.title.text
+        lines, bars = perrun.lens_figures(run, "kept_frac")
+        assert len(lines.data) > 3 and bars.data[0].type == "bar" and run in lines.layout.title.text
+
+
+def test_ratio_heatmap_zoom_merges_the_ranges_histograms_again(tmp_path: Path, make_app):
+    perrun = importlib.import_module("app.perrun")
+    record_run(tmp_path / "runs" / "long", steps=30, full=False)
+    app = make_app(tmp_path / "runs")
+    with app.server.test_request_context():
+        st = app.server.extensions["rldiag"].state("long")
+        steps, _, counts = st.lr_histogram()
+        whole = perrun.ratio_figure("long")
+        zoom = perrun.ratio_figure("long", (10.0, 19.0))
+        assert list(whole.data[0].x) == list(steps)
+        assert list(zoom.data[0].x) == list(range(10, 20)) and list(zoom.layout.xaxis.range) == [10.0, 19.0]
+        # every token of the zoomed steps is in the figure: the shares of each column sum to one
+        share = 10 ** np.nan_to_num(np.asarray(zoom.data[0].z, dtype=float), nan=-np.inf)
+        np.testing.assert_allclose(share.sum(axis=0), 1.0, rtol=1e-5)
+        assert counts[:, 10:20].sum() > 0
