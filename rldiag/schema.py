@@ -90,4 +90,8 @@ TOKEN_DTYPES: Final[dict[str, pa.DataType]] = {
 }
 """Arrow dtype of every token-row column (docs/run-format.md, token columns)."""
 
+LATER_TOKEN_COLUMNS: Final[frozenset[str]] = frozenset({ROUTE_AGREE})
+"""Token columns added after the first run format: a token file of an older rldiag lacks them and reads them as
+null (not recorded). A column added later is listed here, so runs written before it keep opening."""
+
 TOKEN_COLUMN_ORDER: Final[tuple[str, ...]] = tuple(TOKEN_DTYPES)

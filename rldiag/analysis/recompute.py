@@ -433,15 +433,24 @@ def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int
     return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"))
 
 
+_TOKEN_SCHEMA = pl.Schema({k: pl.Series(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})
+
+
 def _scan(files: list[Any]) -> pl.LazyFrame:
     """A lazy scan of token files: polars' own reader locally, a pyarrow dataset over fsspec remotely."""
     if not storage.is_remote(files[0]):
-        return pl.scan_parquet([str(f) for f in files])
+        # token files of an older rldiag lack the columns added since (schema.LATER_TOKEN_COLUMNS): read as null
+        return pl.scan_parquet([str(f) for f in files], schema=_TOKEN_SCHEMA, missing_columns="insert")
     import pyarrow.dataset as ds
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs = PyFileSystem(FSSpecHandler(files[0].fs))
-    return pl.scan_pyarrow_dataset(ds.dataset([f.key for f in files], filesystem=fs, format="parquet"))
+    dataset = ds.dataset([f.key for f in files], filesystem=fs, format="parquet", schema=_arrow_token_schema())
+    return pl.scan_pyarrow_dataset(dataset)
+
+
+def _arrow_token_schema() -> pa.Schema:
+    return pa.schema([pa.field(k, v) for k, v in schema.TOKEN_DTYPES.items()])
 
 
 def step_metrics_from_tokens(

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
-from rldiag.stats.table import STATS_SCHEMA
+from rldiag.stats.table import STATS_SCHEMA, with_later_columns
 from rldiag.stats.table import validate as validate_stats
 
 RunFormatWarning = runformat.RunFormatWarning
@@ -476,11 +476,7 @@ def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], E
     try:
         table = _read_parquet(p)
         meta = runformat.read_file_metadata(table.schema.metadata)
-        present = set(table.column_names)
-        missing = [f.name for f in STATS_SCHEMA if f.name not in present]
-        if missing:
-            raise ValueError(f"statistics columns missing: {missing[:5]}")
-        table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
+        table = with_later_columns(table).cast(STATS_SCHEMA)
         validate_stats(table)
         _check_bucket_lengths(table, meta)
         _check_counts(table)
@@ -496,7 +492,9 @@ def _check_token_schema(arrow_schema: pa.Schema) -> None:
     odd = [
         n
         for n, t in schema.TOKEN_DTYPES.items()
-        if got.get(n) != t and not (pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)
+        if got.get(n) != t
+        and not (pa.types.is_dictionary(got.get(n, pa.null())) and got[n].value_type == t)
+        and not (n not in got and n in schema.LATER_TOKEN_COLUMNS)  # a file of an older rldiag
     ]
     extra = sorted(set(got) - set(schema.TOKEN_DTYPES))
     for _key, value in (arrow_schema.metadata or {}).items():

@@ -30,6 +30,44 @@ def stats_schema() -> pa.Schema:
 
 STATS_SCHEMA = stats_schema()
 
+LATER_STATS_COLUMNS: frozenset[str] = frozenset(
+    [
+        # metrics-spec section 5 (mismatch, what corrections remove, MoE routing)
+        "n_mm_extreme", "s_mm_multm1", "n_icepop", "s_mm_k3_low", "s_absadv",
+        "s_rm_tis_abs", "s_rm_tis_pos", "s_rm_mis_abs", "s_rm_mis_pos", "s_rm_icepop_abs", "s_rm_icepop_pos",
+        "n_seq_mm", "max_seq_absd", "max_seq_mult", "n_geo", "s_rm_geo_abs", "s_rm_geo_pos",
+        "n_rmseq_tis", "n_rmseq_tis_ok", "n_rmseq_mis", "n_rmseq_mis_ok", "n_rmseq_icepop", "n_rmseq_icepop_ok",
+        "n_rmseq_geo", "n_rmseq_geo_ok", "n_route", "s_route", "n_route_mis", "n_mm_rmis", "s_mm_k3_rmis",
+        "n_mm_ragree", "s_mm_k3_ragree", "h_d.idx", "h_d.cnt", "h_seq_absd.idx", "h_seq_absd.cnt",
+    ]
+)  # fmt: skip
+"""Statistics columns added after the first run format. A statistics file of an older rldiag lacks them: it is
+read with them *not recorded* (:func:`with_later_columns`), so its steps give NaN for the metrics built on them
+and every other metric as before. A statistics column added later is listed here (a test checks it)."""
+
+
+def with_later_columns(table: pa.Table) -> pa.Table:
+    """``table`` with the :data:`LATER_STATS_COLUMNS` it lacks added as not recorded (NaN scalars, empty
+    histograms and sets), in :data:`STATS_SCHEMA` order; raises ``ValueError`` naming any other column missing
+    (a damaged file, not an older one)."""
+    present = set(table.column_names)
+    missing = [f.name for f in STATS_SCHEMA if f.name not in present]
+    if not missing:
+        return table.select(STATS_SCHEMA.names)
+    damaged = [m for m in missing if m not in LATER_STATS_COLUMNS]
+    if damaged:
+        raise ValueError(f"statistics columns missing: {damaged[:5]}")
+    n = table.num_rows
+    for name in missing:
+        field = STATS_SCHEMA.field(name)
+        if pa.types.is_list(field.type):
+            offsets = pa.array(np.zeros(n + 1, dtype=np.int32))
+            col = pa.ListArray.from_arrays(offsets, pa.array([], field.type.value_type))
+        else:
+            col = pa.array(np.full(n, np.nan), field.type)
+        table = table.append_column(field, col)
+    return table.select(STATS_SCHEMA.names)
+
 
 def _sparse_lists(dense: np.ndarray) -> tuple[pa.Array, pa.Array]:
     """Dense ``[n, bins]`` counts -> (list<uint16> indices, list<uint32> counts) of the non-empty bins."""
