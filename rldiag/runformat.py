@@ -11,6 +11,7 @@ A run directory holds::
     writers/<writer>.json    one per writer process: rank, host, pid, start, config, closed (WRITERS_DIR)
     stats/<writer>-<seg>.parquet    statistics rows of one published segment (STATS_DIR)
     tokens/<writer>-<seg>.parquet   token rows of the same segment, when any were written (TOKENS_DIR)
+    scalars/<writer>-<n>.parquet    custom scalars logged with Recorder.log (SCALARS_DIR; rldiag.record.scalars)
     alerts.jsonl             alert events, one JSON object a line, append-only (ALERTS_FILE)
     tokenizer/               optional tokenizer saved with the run (TOKENIZER_DIR)
     .rldiag-index/           the reader's cache of merged statistics (INDEX_DIR; may be deleted)
@@ -51,6 +52,7 @@ __all__ = [
     "WRITERS_DIR",
     "STATS_DIR",
     "TOKENS_DIR",
+    "SCALARS_DIR",
     "ALERTS_FILE",
     "LIVE_DIR",
     "LIVE_META_KEY",
@@ -101,6 +103,8 @@ STATS_DIR: Final = "stats"
 """Statistics segments: one row per record (step, rank, micro)."""
 TOKENS_DIR: Final = "tokens"
 """Token-row segments (the same names as their statistics segments)."""
+SCALARS_DIR: Final = "scalars"
+"""Custom scalars (``Recorder.log``): ``scalars/<writer>-<n>.parquet``, published whole by the writer thread."""
 ALERTS_FILE: Final = "alerts.jsonl"
 """Alert events of the run, one JSON object per line (``Notification.to_json``), append-only."""
 TOKENIZER_DIR: Final = "tokenizer"
@@ -119,7 +123,9 @@ MAX_MANIFEST_BYTES: Final = 1 << 20
 """A manifest or writer file larger than this is refused (they are a few hundred bytes)."""
 MAX_ALERT_LINE_BYTES: Final = 1 << 20
 """A line of ``alerts.jsonl`` longer than this is skipped."""
-_RUN_ENTRIES: Final = frozenset({MANIFEST_NAME, STATS_DIR, TOKENS_DIR, WRITERS_DIR, ALERTS_FILE, TOKENIZER_DIR})
+_RUN_ENTRIES: Final = frozenset(
+    {MANIFEST_NAME, STATS_DIR, TOKENS_DIR, SCALARS_DIR, WRITERS_DIR, ALERTS_FILE, TOKENIZER_DIR}
+)
 
 
 class RunFormatWarning(UserWarning):

@@ -27,12 +27,12 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from rldiag.alerts.rules import Condition, Rule, RuleSet, coerce_rules, render_template
+from rldiag.alerts.rules import CUSTOM_PREFIX, Condition, Rule, RuleSet, coerce_rules, render_template
 from rldiag.runformat import read_alerts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,9 +52,10 @@ __all__ = [
     "fingerprint",
 ]
 
-EVENT_FIRING = "firing"
-EVENT_RESOLVED = "resolved"
-EVENT_REPEAT = "repeat"
+EventName = Literal["firing", "resolved", "repeat"]
+EVENT_FIRING: Final = "firing"
+EVENT_RESOLVED: Final = "resolved"
+EVENT_REPEAT: Final = "repeat"
 HISTORY_VERSION = 1
 
 _DEFAULT_METRIC = "{rule}: {metric} = {value:.4g} at step {step}"
@@ -403,7 +404,7 @@ class Notification:
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """The events of an alerts.jsonl file, oldest first; a torn or foreign line is skipped."""
-    return read_alerts(path)  # type: ignore[arg-type] - a local path or a URI
+    return read_alerts(path)  # type: ignore[arg-type]  # a local path or a URI
 
 
 @dataclass(frozen=True)
@@ -436,11 +437,6 @@ class _Stall:
     data_time: float | None = None
 
 
-@dataclass
-class _Batch:
-    events: list[Notification] = field(default_factory=list)
-
-
 class Engine:
     """Evaluates a rule set over the steps of one run and produces notifications.
 
@@ -467,8 +463,8 @@ class Engine:
     ):
         self.rules = coerce_rules(rules)
         self.run = run
-        self.repeat_interval = (
-            self.rules.settings.repeat_interval if repeat_interval is None else float(repeat_interval)
+        self.repeat_interval: float = (
+            float(self.rules.settings.repeat_interval) if repeat_interval is None else float(repeat_interval)
         )
         self._metric_rules = [r for r in self.rules if r.kind == "metric"]
         self._stall_rules = [r for r in self.rules if r.kind == "stall"]
@@ -526,7 +522,14 @@ class Engine:
         return self._fp[rule]
 
     def _stall_notification(
-        self, rule: Rule, event: str, step: int, idle: float | None, starts_at: float, ends_at: float | None, now: float
+        self,
+        rule: Rule,
+        event: EventName,
+        step: int,
+        idle: float | None,
+        starts_at: float,
+        ends_at: float | None,
+        now: float,
     ) -> Notification:
         """The notification of a stalled-run rule: the value is the time without new data (seconds)."""
         return self._notification(
@@ -546,7 +549,14 @@ class Engine:
         )
 
     def _transition_notification(
-        self, rule: Rule, event: str, tr: Transition, step: int, starts_at: float, ends_at: float | None, now: float
+        self,
+        rule: Rule,
+        event: EventName,
+        tr: Transition,
+        step: int,
+        starts_at: float,
+        ends_at: float | None,
+        now: float,
     ) -> Notification:
         """The notification of a rule's transition ``tr`` (its values, threshold and comparison) at ``step``."""
         return self._notification(
@@ -568,7 +578,7 @@ class Engine:
     def _notification(
         self,
         rule: Rule,
-        event: str,
+        event: EventName,
         *,
         step: int,
         start_step: int,
@@ -744,8 +754,8 @@ class Engine:
             interval = rule.repeat_interval or self.repeat_interval
             if now - stall.last_notified >= interval:
                 stall.last_notified = now
-                idle = now - self.last_data_time if self.last_data_time is not None else None
-                out.append(self._stall_notification(rule, EVENT_REPEAT, stall.step, idle, stall.starts_at, None, now))
+                silent = now - self.last_data_time if self.last_data_time is not None else None
+                out.append(self._stall_notification(rule, EVENT_REPEAT, stall.step, silent, stall.starts_at, None, now))
         return out
 
     def _end_stall(self, name: str, *, now: float) -> list[Notification]:
@@ -827,8 +837,13 @@ def _rows(frame: pl.DataFrame, metrics: Sequence[str]) -> Iterator[tuple[int, di
     """(step, {metric: value}) per row of ``frame`` in step order, only the metrics rules use."""
     if "step" not in frame.columns:
         raise ValueError(f"a step-metrics frame needs a 'step' column; it has {frame.columns[:8]}")
-    cols = [m for m in metrics if m in frame.columns]
-    sub = frame.select(["step", *cols]).filter(frame["step"].is_not_null()).sort("step")
+    import polars as pl
+
+    # a rule's `custom:<name>` reads the custom scalar's column, which step_metrics() names `<name>`
+    source = {m: m if m in frame.columns else m[len(CUSTOM_PREFIX) :] for m in metrics}
+    cols = [m for m in metrics if source[m] in frame.columns and (m in frame.columns or m.startswith(CUSTOM_PREFIX))]
+    sub = frame.select([pl.col("step"), *(pl.col(source[m]).alias(m) for m in cols)])
+    sub = sub.filter(sub["step"].is_not_null()).sort("step")
     for row in sub.iter_rows():
         step = int(row[0])
         yield step, {name: (math.nan if v is None else float(v)) for name, v in zip(cols, row[1:])}

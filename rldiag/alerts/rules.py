@@ -41,6 +41,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from rldiag.record.scalars import CUSTOM_PREFIX, check_name
+
 __all__ = [
     "SEVERITIES",
     "Condition",
@@ -318,8 +320,15 @@ def validate_condition(cond: Condition, where: str, metrics: frozenset[str] | No
 
     if not isinstance(cond.metric, str) or not cond.metric:
         fail("metric", "a metric name is required")
-    if metrics is not None and cond.metric not in metrics:
-        fail("metric", _unknown("metric", cond.metric, metrics))
+    if cond.metric.startswith(CUSTOM_PREFIX):  # a custom scalar (Recorder.log): any name it may have
+        try:
+            check_name(cond.metric[len(CUSTOM_PREFIX) :])
+        except (TypeError, ValueError) as exc:
+            fail("metric", str(exc))
+    elif metrics is not None and cond.metric not in metrics:
+        fail(
+            "metric", _unknown("metric", cond.metric, metrics) + f" (a custom scalar is named '{CUSTOM_PREFIX}<name>')"
+        )
     if cond.kind not in KINDS:
         fail("kind", f"must be one of {', '.join(KINDS)}, got {cond.kind!r}")
     if cond.op not in OPS:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -25,6 +25,7 @@ from rldiag.analysis.scan import INDEX_DIR, INDEX_MIN_FILES, Problem, RunFiles
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
 from rldiag.metrics.registry import REGISTRY, needed_stats
+from rldiag.record.scalars import ScalarFiles
 from rldiag.runformat import read_manifest
 from rldiag.stats.kernel import STATS, affected_stats
 
@@ -55,9 +56,12 @@ class Run:
     files: RunFiles = field(init=False)
     """The run's published files and what was read from them."""
     _alerts_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = field(default=None, init=False)
+    custom: ScalarFiles = field(init=False)
+    """The run's custom scalars (``Recorder.log``, ``scalars/``): :meth:`custom_metrics` reads them."""
 
     def __post_init__(self) -> None:
         self.files = RunFiles(self.path, self.config)
+        self.custom = ScalarFiles(self.path)
 
     @property
     def problems(self) -> list[Problem]:
@@ -73,9 +77,11 @@ class Run:
         """Read segments published since the last scan; returns their names (statistics files).
 
         Costs one listing of ``stats/``, ``tokens/`` and ``writers/`` (three requests on object storage), plus
-        reading the new segments and the writer files that changed.
+        reading the new segments and the writer files that changed; custom scalar files are listed too.
         """
-        return self.files.refresh()
+        new = self.files.refresh()
+        self.custom.refresh()
+        return new
 
     # ---- raw access -------------------------------------------------------------------------------
     def stats_table(self) -> pa.Table:
@@ -226,6 +232,24 @@ class Run:
                 ``RAY_ADDRESS``, else a local Ray).
         """
         _check_engine(engine)
+        custom = self.custom.names() if metrics is None else [m for m in metrics if m in self.custom.names()]
+        if custom:  # custom scalars (Recorder.log) joined under their names; see custom_metrics()
+            frame = self.step_metrics(
+                ranks,
+                steps,
+                config=config,
+                metrics=[m for m in metrics or REGISTRY if m not in custom],
+                by_rank=by_rank,
+                from_tokens=from_tokens,
+                engine=engine,
+                ray_address=ray_address,
+            )
+            extra = self.custom_metrics(custom, steps=steps, ranks=ranks, by_rank=by_rank)
+            keys = ["step", "rank"] if by_rank else ["step"]
+            extra = extra.with_columns([pl.col(k).cast(frame.schema[k]) for k in keys])
+            return frame.join(extra, on=keys, how="left").with_columns(
+                [pl.col(c).fill_null(float("nan")) for c in custom]
+            )
         names = list(REGISTRY) if metrics is None else list(metrics)
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
@@ -240,6 +264,36 @@ class Run:
         every = from_tokens or affected_stats(self.config.stat_fields_changed(config)) == STATS.keys()
         return self._recomputed(
             table, config, names, by, ranks, steps, everything=every, engine=engine, ray_address=ray_address
+        )
+
+    def custom_metrics(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        steps: Sequence[int] | slice | None = None,
+        ranks: Sequence[int] | None = None,
+        reduce: Literal["mean", "sum", "min", "max"] = "mean",
+        by_rank: bool = False,
+    ) -> pl.DataFrame:
+        """The custom scalars logged with ``Recorder.log``: ``step`` plus one Float64 column per name (NaN where
+        a step has no value of it), one row per step where any was logged (:mod:`rldiag.record.scalars`).
+
+        A restarted writer's values supersede the earlier attempt's as for statistics; the later of two calls
+        at a step wins; ranks are combined by ``reduce`` (``"mean"``, ``"sum"``, ``"min"``, ``"max"``), or one
+        row per (step, rank) with ``by_rank``. ``self.custom.names()`` lists the names.
+
+        >>> open_run("runs/exp1").custom_metrics(["loss"])   # doctest: +SKIP
+        """
+        unknown = [n for n in names or () if n not in self.custom.names()]
+        if unknown:
+            raise ValueError(f"no custom scalar {unknown[0]!r} in {self.path} (logged: {self.custom.names()[:10]})")
+        return self.custom.frame(
+            self.files.resume.cutoff,
+            names=names,
+            steps=steps,
+            ranks=ranks,
+            reduce=reduce,
+            by_rank=by_rank,
         )
 
     def _recomputed(

@@ -18,6 +18,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import pyarrow as pa
 
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
+from rldiag.record.scalars import ScalarLog
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Job, Precomputed, Writer, WriterError, build_batch, check_values, resolve_problems
 from rldiag.stats import kernel
@@ -246,6 +248,8 @@ class Recorder:
         self._pool = BufferPool(max_bytes=min(cfg.queue_max_bytes, 512 * 2**20))
         self._writer.pool = self._pool
         self._writer.arg_names = _COLUMN_ARGS
+        self._scalars = ScalarLog(self.rank)
+        self._writer.scalars = self._scalars
         if live_seconds is not None and not live_seconds > 0:
             raise ValueError(f"live_seconds must be > 0 seconds or None, got {live_seconds!r}")
         self._writer.live_seconds = None if storage.is_remote(self.run_dir) else live_seconds  # local runs only
@@ -389,6 +393,24 @@ class Recorder:
                 precomputed=Precomputed(stats, flat, stats.cov, tb, cols, dropped),
             )
         self._writer.put(job)
+
+    def log(self, step: int, values: Mapping[str, Any]) -> None:
+        """Log your own scalars at ``step`` (``rec.log(step, {"loss": 0.41, "lr": 3e-4, "eval/acc": 0.7})``).
+
+        Values are Python or numpy numbers or one-element tensors (a device tensor is read on the writer
+        thread: no GPU sync here), stored exactly (float64) and published with the run's segments, on
+        ``flush()`` and at ``close()``. A name logged twice at a step keeps the later value; several ranks
+        logging a name at a step give their mean in ``Run.custom_metrics()`` (and in ``step_metrics()``, which
+        adds custom scalars under their names). Names of rldiag's metrics are refused. Alert rules name a
+        custom scalar ``custom:<name>``. See :mod:`rldiag.record.scalars`.
+        """
+        self._check_open()
+        self._raise_pending()
+        self._scalars.add(step, values)
+        with self._lock:
+            if self._first_step is None:  # a resume point, as for record()
+                self._first_step = int(step)
+                self._write_writer_file()
 
     def flush(self, timeout: float | None = None) -> None:
         """Barrier: everything recorded so far is in published files when it returns."""

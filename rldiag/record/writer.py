@@ -364,6 +364,8 @@ class Writer(threading.Thread):
         self.cfg = cfg
         self._on_step = on_step
         self.pool: Any = None
+        self.scalars: Any = None
+        """The recorder's :class:`rldiag.record.scalars.ScalarLog`: published first whenever this thread publishes."""
         self._cv = threading.Condition()
         self._queue: collections.deque[Job | _Barrier | None] = collections.deque()
         self.queued_bytes = 0
@@ -626,6 +628,8 @@ class Writer(threading.Thread):
             raise
 
     def _publish(self) -> None:
+        if self.scalars is not None and self.scalars.pending:  # custom scalars (Recorder.log), their own files
+            self._safe(lambda: self.scalars.publish(self.run_dir, self.wid, self._meta))  # kept on failure
         if not self._stats_parts:
             self._oldest = None
             return
