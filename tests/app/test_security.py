@@ -236,3 +236,22 @@ def test_request_log_is_off_unless_verbose(verbose: bool, runs_root: Path):
     request_lines = [line for line in (out + err).splitlines() if '"GET /_dash-layout' in line]
     assert "open http://127.0.0.1" in err
     assert len(request_lines) == (3 if verbose else 0), err[-2000:]
+
+
+def test_every_app_is_quiet_by_default_the_demo_included(make_app):
+    """``rldiag demo --serve`` builds its server with create_app too: the filter is on without any flag."""
+    import logging
+
+    from app.security import request_log
+
+    make_app()
+    logger = logging.getLogger("werkzeug")
+    line = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '%s - - [%s] "%s" 200 -', None, None)
+    line.args = ("127.0.0.1", "28/Nov/2026 08:00:00", "GET / HTTP/1.1")
+    error = logging.LogRecord("werkzeug", logging.ERROR, __file__, 1, "Error on request", None, None)
+    assert not logger.filter(line) and logger.filter(error)
+    request_log(True)
+    try:
+        assert logger.filter(line)
+    finally:
+        request_log(False)
