@@ -596,67 +596,27 @@ def _mismatch_hist_pass(m, d_s, bins, h_d, h_absd):  # pragma: no cover - compil
 
 
 @_lane()
-def _removal_pass(m, d_s, w_s, a_s, roll, t0, cap, ice_lo, ice_hi, ln_low, rm_s, row):  # pragma: no cover - compiled
-    """What the mismatch corrections remove, token by token (d_s and w_s = expm1(d) from the mismatch pass,
-    NaN d for unused tokens): writes n_mm_extreme, s_mm_multm1, n_icepop, s_mm_k3_low and the removed
-    advantage masses of TIS (w > C), MIS (w outside [1/C, C]) and IcePop (w outside [ice_lo, ice_hi]);
-    rm_s[j] gets the bits 1 (TIS), 2 (MIS), 4 (IcePop) for the sequence flags."""
-    inv_cap = 1.0 / cap
-    acc = np.zeros((8, W))
-    n_ext = n_ice = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                d0 = d_s[j]
-                use = d0 == d0
-                d = d0 if use else 0.0
-                y = w_s[j]
-                w = y + 1.0
-                a = a_s[j]
-                aa = abs(a)
-                ap = max(a, 0.0)
-                tis = use & (w > cap)
-                mis = use & ((w > cap) | (w < inv_cap))
-                ice = use & ((w < ice_lo) | (w > ice_hi))
-                low = use & (np.float64(roll[t0 + j]) < ln_low)
-                n_ext += use & (abs(d) > _LN2)
-                n_ice += ice
-                acc[0, lane] += (y if d >= 0.0 else -y / w) if use else 0.0  # exp(|d|) - 1
-                acc[1, lane] += (y - d) if low else 0.0
-                acc[2, lane] += aa if tis else 0.0
-                acc[3, lane] += ap if tis else 0.0
-                acc[4, lane] += aa if mis else 0.0
-                acc[5, lane] += ap if mis else 0.0
-                acc[6, lane] += aa if ice else 0.0
-                acc[7, lane] += ap if ice else 0.0
-                rm_s[j] = tis + 2 * mis + 4 * ice
-    row[I_MMEXT] = n_ext
-    row[I_ICE] = n_ice
-    row[I_MMMULT] = _lane_total(acc, 0)
-    row[I_MMK3LOW] = _lane_total(acc, 1)
-    row[I_RM_TIS_A] = _lane_total(acc, 2)
-    row[I_RM_TIS_P] = _lane_total(acc, 3)
-    row[I_RM_MIS_A] = _lane_total(acc, 4)
-    row[I_RM_MIS_P] = _lane_total(acc, 5)
-    row[I_RM_ICE_A] = _lane_total(acc, 6)
-    row[I_RM_ICE_P] = _lane_total(acc, 7)
-
-
-@_lane()
-def _seq_mismatch_pass(
-    seq_off, s0, s1, t0, d_s, w_s, a_s, rm_s, geo_lo, geo_hi, want_hist, h_seq, seq_flag, row
+def _correction_pass(
+    seq_off, s0, s1, t0, d_s, w_s, a_s, roll, cfg, ln_low, want_hist, h_seq, seq_flag, row
 ):  # pragma: no cover - compiled
-    """Sequence-level mismatch, over each sequence's tokens with a finite d: writes n_seq_mm, max_seq_absd
-    (and |sum d| into h_seq), max_seq_mult (mean exp(|d|)), n_geo and the advantage mass of the sequences
-    Geo-MIS drops (exp(mean d) outside [geo_lo, geo_hi]); seq_flag[s, 3] gets the sequence's removal bits
-    (1 TIS, 2 MIS, 4 IcePop, 8 Geo-MIS)."""
-    n_seq_mm = 0
-    n_geo = 0
+    """What the mismatch corrections see and remove, in one scan over the record's sequences (d_s and w_s =
+    expm1(d) from the mismatch pass, NaN d for unused tokens; one pass, no scratch: the earlier two-pass
+    version was bound by memory traffic). Token level: n_mm_extreme, s_mm_multm1 (exp(|d|) - 1),
+    n_icepop, s_mm_k3_low and the advantage masses that TIS (w > C), MIS (w outside [1/C, C]) and IcePop
+    (w outside icepop_band) remove. Sequence level, over each sequence's tokens with a finite d: n_seq_mm,
+    max_seq_absd (|sum d| also into h_seq), max_seq_mult (mean exp(|d|)), n_geo and the advantage mass of
+    the sequences Geo-MIS drops (exp(mean d) outside geo_bounds). seq_flag[s, 3] gets the sequence's removal
+    bits (1 TIS, 2 MIS, 4 IcePop, 8 Geo-MIS) for the correct_frac counts."""
+    cap = cfg[C_TIS_CAP]
+    inv_cap = 1.0 / cap
+    ice_lo, ice_hi = cfg[C_ICEPOP_LO], cfg[C_ICEPOP_HI]
+    geo_lo, geo_hi = cfg[C_GEO_LO], cfg[C_GEO_HI]
+    n_ext = n_ice = n_seq_mm = n_geo = 0
+    mult = 0.0
+    k3low = 0.0
+    rm = np.zeros(8)  # |A| and positive A removed by TIS, MIS, IcePop, Geo-MIS
     mx = -np.inf
     mult_max = -np.inf
-    g_abs = 0.0
-    g_pos = 0.0
     for s in range(s0, s1):
         S = 0.0
         M = 0.0
@@ -672,10 +632,33 @@ def _seq_mismatch_pass(
             d = d_s[j]
             if d == d:
                 y = w_s[j]
+                w = y + 1.0
                 S += d
-                M += y if d >= 0.0 else -y / (y + 1.0)
+                M += max(y, -y / w)  # exp(|d|) - 1: y for d >= 0, 1/w - 1 for d < 0
                 cnt += 1
-                bits |= rm_s[j]
+                n_ext += abs(d) > _LN2
+                low = np.float64(roll[t]) < ln_low
+                k3low += (y - d) if low else 0.0
+                tis = w > cap
+                mis = tis | (w < inv_cap)
+                ice = (w < ice_lo) | (w > ice_hi)
+                n_ice += ice
+                if mis | ice:  # few tokens: their masses in a branch
+                    aa = abs(a)
+                    ap = max(a, 0.0)
+                    if tis:
+                        rm[0] += aa
+                        rm[1] += ap
+                        bits |= 1
+                    if mis:
+                        rm[2] += aa
+                        rm[3] += ap
+                        bits |= 2
+                    if ice:
+                        rm[4] += aa
+                        rm[5] += ap
+                        bits |= 4
+        mult += M
         if cnt == 0:
             continue
         n_seq_mm += 1
@@ -687,16 +670,22 @@ def _seq_mismatch_pass(
         g = math.exp(S / cnt)
         if g < geo_lo or g > geo_hi:
             n_geo += 1
-            g_abs += A_abs
-            g_pos += A_pos
+            rm[6] += A_abs
+            rm[7] += A_pos
             bits |= 8
         seq_flag[s, 3] = bits
+    row[I_MMEXT] = n_ext
+    row[I_ICE] = n_ice
+    row[I_MMMULT] = mult
+    row[I_MMK3LOW] = k3low
+    row[I_RM_TIS_A], row[I_RM_TIS_P] = rm[0], rm[1]
+    row[I_RM_MIS_A], row[I_RM_MIS_P] = rm[2], rm[3]
+    row[I_RM_ICE_A], row[I_RM_ICE_P] = rm[4], rm[5]
+    row[I_RM_GEO_A], row[I_RM_GEO_P] = rm[6], rm[7]
     row[I_NSEQMM] = n_seq_mm
     row[I_MSEQD] = mx
     row[I_MSEQMULT] = mult_max
     row[I_NGEO] = n_geo
-    row[I_RM_GEO_A] = g_abs
-    row[I_RM_GEO_P] = g_pos
 
 
 @_lane()
@@ -1017,7 +1006,6 @@ def _kernel(
     bin_s = np.empty(longest_rec, dtype=np.int64)
     L_s = np.empty(longest_rec)
     w_s = np.empty(longest_rec)
-    rm_s = np.zeros(longest_rec, dtype=np.int64)
     ln_low = math.log(cfg[C_LOWPROB])
     no_btab = np.empty(0, dtype=np.int64)
     for R in range(n_rec):
@@ -1047,25 +1035,7 @@ def _kernel(
             _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, row)
             if want_hist:
                 _mismatch_hist_pass(m, d_s, bin_s, H_d[R], H_absd[R])
-            _removal_pass(
-                m, d_s, w_s, a_s, roll, t0, cfg[C_TIS_CAP], cfg[C_ICEPOP_LO], cfg[C_ICEPOP_HI], ln_low, rm_s, row
-            )
-            _seq_mismatch_pass(
-                seq_off,
-                s0,
-                s1,
-                t0,
-                d_s,
-                w_s,
-                a_s,
-                rm_s,
-                cfg[C_GEO_LO],
-                cfg[C_GEO_HI],
-                want_hist,
-                H_seqd[R],
-                seq_flag,
-                row,
-            )
+            _correction_pass(seq_off, s0, s1, t0, d_s, w_s, a_s, roll, cfg, ln_low, want_hist, H_seqd[R], seq_flag, row)
         if has_route:
             _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row)
         if has_ver:
