@@ -69,8 +69,14 @@ def ratio_figure(run_id: str, x_range: tuple[float, float] | None = None) -> Any
             env = downsample(steps_all, data.to_numpy(frame, name), x_range=x_range)  # a bucket keeps its max
             bands[name.split("/", 1)[1]], band_x = env.hi, env.x
     fig = figures.ratio_heatmap(
-        x, centers, merged, bands=bands, band_steps=band_x, title=f"|log-ratio| per step — {plot_text(run_id)}"
+        x,
+        centers,
+        merged,
+        bands=bands,
+        band_steps=band_x,
+        title=f"{plot_text(run_id)}<br><span style='font-size:11px'>|log-ratio| per step</span>",
     )
+    fig.update_layout(margin=dict(t=52))
     if x_range is not None:
         fig.update_xaxes(range=list(sorted(x_range)))
     return fig
@@ -150,8 +156,11 @@ def lens_figures(run_id: str, quantity: str) -> tuple[Any, Any]:
     part = f"{frame.height} of {total} steps" if frame.height < total else f"all {total} steps"
     lines, bars = figures.lens_lines(frame, quantity), figures.lens_bars(frame, quantity)
     for fig in (lines, bars):
-        old = fig.layout.title.text or ""
-        fig.update_layout(title=dict(text=f"{plot_text(run_id)} ({part}) · {old}"))
+        what = fig.layout.title.text or ""
+        fig.update_layout(
+            title=dict(text=f"{plot_text(run_id)}<br><span style='font-size:11px'>{what} · {part}</span>", y=0.97),
+            margin=dict(t=52),
+        )
     return lines, bars
 
 
