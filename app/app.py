@@ -16,7 +16,7 @@ import hmac
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 import dash
@@ -140,33 +140,70 @@ def shell(poll_seconds: float) -> html.Div:
                                 persistence=True,
                             ),
                             html.Span(id=ids.LIVE_BADGE, className="badge"),
-                            html.Label("smoothing", htmlFor=ids.SMOOTHING, className="smooth-label"),
-                            html.Div(
-                                dcc.Slider(
-                                    id=ids.SMOOTHING,
-                                    min=0,
-                                    max=0.99,
-                                    step=0.01,
-                                    value=0.6,
-                                    marks=None,
-                                    tooltip={"placement": "bottom"},
-                                    persistence=True,
-                                ),
-                                className="smooth-slider",
-                            ),
                         ],
                         className="controls",
                     ),
+                    view_bar(),
                 ],
                 className="header",
             ),
             dcc.Location(id=ids.REDIRECT, refresh="callback-nav"),
             dcc.Interval(id=ids.LIVE_INTERVAL, interval=int(poll_seconds * 1000), n_intervals=0),
-            dcc.Store(id=ids.LIVE_STATE, data={}),
             dcc.Store(id=ids.PAGE_RUNS, data=[]),
             dcc.Store(id=ids.DATA_VERSION, data=0),
+            dcc.Store(id=ids.LIVE_PAYLOAD, data=None),
+            dcc.Download(id=ids.PANEL_DOWNLOAD),
             html.Main(dash.page_container, className="main"),
         ]
+    )
+
+
+def view_bar() -> html.Div:
+    """How every line panel is drawn: smoothing (its value shown), x axis, on-policy steps, metric search."""
+    return html.Div(
+        [
+            dcc.Input(
+                id=ids.METRIC_SEARCH,
+                type="search",
+                placeholder="search metrics",
+                debounce=False,
+                className="metric-search",
+                autoComplete="off",
+            ),
+            html.Span(id=ids.SEARCH_NOTE, className="search-note"),
+            html.Label("x", htmlFor=ids.X_AXIS, className="smooth-label"),
+            dcc.Dropdown(
+                id=ids.X_AXIS,
+                options=[{"label": label, "value": value} for value, label in figures.X_MODES.items()],
+                value="step",
+                clearable=False,
+                searchable=False,
+                className="x-axis",
+                persistence=True,
+            ),
+            dcc.Checklist(
+                id=ids.ONPOLICY,
+                options=[{"label": " hide on-policy steps", "value": "hide"}],
+                value=[],
+                className="live-toggle",
+                persistence=True,
+            ),
+            html.Label("smoothing", htmlFor=ids.SMOOTHING, className="smooth-label"),
+            html.Div(
+                dcc.Slider(
+                    id=ids.SMOOTHING,
+                    min=0,
+                    max=0.99,
+                    step=0.01,
+                    value=0.6,
+                    marks=None,
+                    persistence=True,
+                ),
+                className="smooth-slider",
+            ),
+            html.Span(id=ids.SMOOTHING_VALUE, className="smooth-value"),
+        ],
+        className="view-bar",
     )
 
 
@@ -181,6 +218,14 @@ def nav_links(pathname: str | None, search: str | None) -> list[Any]:
 
 
 # --- callbacks of the shell -------------------------------------------------------------------------------
+def _all(kind: str) -> dict[str, Any]:
+    return {"type": kind, "page": ALL, "key": ALL, "metrics": ALL}
+
+
+def _match(kind: str) -> dict[str, Any]:
+    return {"type": kind, "page": MATCH, "key": MATCH, "metrics": MATCH}
+
+
 def _register_shell_callbacks(app: dash.Dash) -> None:
     @app.callback(Output(ids.NAV, "children"), Input(PAGE_LOCATION, "pathname"), Input(PAGE_LOCATION, "search"))
     def _nav(pathname: str | None, search: str | None) -> list[Any]:
@@ -190,29 +235,73 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
     def _page_runs(search: str | None) -> list[str]:
         return layout.resolve_runs(query_runs(search))[0]
 
-    panel_match = {"type": ids.PANEL, "page": MATCH, "key": MATCH, "metrics": MATCH}
-    zoom_match = {"type": ids.PANEL_ZOOM, "page": MATCH, "key": MATCH, "metrics": MATCH}
     # In the browser: turn plotly's relayout events into the zoom range the server must aggregate. Reading the
     # figure here costs nothing; sent to the server it would cost the whole figure on every event.
     app.clientside_callback(
         ZOOM_JS,
-        Output(zoom_match, "data"),
-        Input(panel_match, "relayoutData"),
-        State(panel_match, "figure"),
+        Output(_match(ids.PANEL_ZOOM), "data"),
+        Input(_match(ids.PANEL), "relayoutData"),
+        State(_match(ids.PANEL), "figure"),
         prevent_initial_call=True,
     )
+    app.clientside_callback(
+        "function(v) { return v === undefined || v === null ? '' : Number(v).toFixed(2); }",
+        Output(ids.SMOOTHING_VALUE, "children"),
+        Input(ids.SMOOTHING, "value"),
+    )
+    app.clientside_callback(
+        SEARCH_JS,
+        Output(_all(ids.PANEL_CARD), "style"),
+        Input(ids.METRIC_SEARCH, "value"),
+        State(_all(ids.PANEL_CARD), "id"),
+    )
+
+    @app.callback(Output(ids.SEARCH_NOTE, "children"), Input(ids.METRIC_SEARCH, "value"))
+    def _search_note(term: str | None) -> Any:
+        return search_note(term)
 
     @app.callback(
-        Output(panel_match, "figure"),
+        Output(_match(ids.PANEL), "figure"),
+        Output(_match(ids.PANEL_SIG), "data"),
         Input(ids.PAGE_RUNS, "data"),
         Input(ids.SMOOTHING, "value"),
-        Input(zoom_match, "data"),
-        State(panel_match, "id"),
+        Input(ids.X_AXIS, "value"),
+        Input(ids.ONPOLICY, "value"),
+        Input(_match(ids.PANEL_ZOOM), "data"),
+        Input(_match(ids.PANEL_OPTS), "value"),
+        State(_match(ids.PANEL), "id"),
     )
     def _panel(
-        runs: list[str] | None, smoothing: float | None, zoom: dict[str, Any] | None, panel_id: dict[str, str]
-    ) -> Any:
-        return render_panel(panel_id, runs or [], smoothing or 0.0, zoom_range(zoom))
+        runs: list[str] | None,
+        smoothing: float | None,
+        x_mode: str | None,
+        onpolicy: list[str] | None,
+        zoom: dict[str, Any] | None,
+        opts: list[str] | None,
+        panel_id: dict[str, str],
+    ) -> tuple[Any, Any]:
+        spec = render_panel(
+            panel_id,
+            runs or [],
+            smoothing or 0.0,
+            zoom_range(zoom),
+            x_mode=x_mode or "step",
+            log_y="log" in (opts or []),
+            hide_onpolicy="hide" in (onpolicy or []),
+        )
+        return spec, panel_sig(spec)
+
+    @app.callback(
+        Output(ids.PANEL_DOWNLOAD, "data"),
+        Input(_all(ids.PANEL_CSV), "n_clicks"),
+        State(ids.PAGE_RUNS, "data"),
+        State(ids.X_AXIS, "value"),
+        prevent_initial_call=True,
+    )
+    def _csv(clicks: list[int | None], runs: list[str] | None, x_mode: str | None) -> Any:
+        if not ctx.triggered_id or not any(clicks):
+            raise PreventUpdate
+        return panel_download(ctx.triggered_id, runs or [])
 
     @app.callback(
         Output(ids.REDIRECT, "href", allow_duplicate=True),
@@ -230,7 +319,7 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
 
     @app.callback(
         Output(ids.REDIRECT, "href", allow_duplicate=True),
-        Input({"type": ids.PANEL, "page": ALL, "key": ALL, "metrics": ALL}, "clickData"),
+        Input(_all(ids.PANEL), "clickData"),
         Input({"type": ids.CLICKABLE, "key": ALL}, "clickData"),
         State(ids.PAGE_RUNS, "data"),
         prevent_initial_call=True,
@@ -243,15 +332,19 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         return "live" not in (value or [])
 
     @app.callback(
-        Output({"type": ids.PANEL, "page": ALL, "key": ALL, "metrics": ALL}, "extendData"),
-        Output(ids.LIVE_STATE, "data"),
+        Output(ids.LIVE_PAYLOAD, "data"),
         Output(ids.DATA_VERSION, "data"),
         Output(ids.LIVE_BADGE, "children"),
         Output(ids.LIVE_BADGE, "className"),
         Input(ids.LIVE_INTERVAL, "n_intervals"),
         State(ids.PAGE_RUNS, "data"),
-        State({"type": ids.PANEL, "page": ALL, "key": ALL, "metrics": ALL}, "id"),
+        State(_all(ids.PANEL), "id"),
+        State(_all(ids.PANEL_ZOOM), "data"),
+        State(_all(ids.PANEL_OPTS), "value"),
+        State(_all(ids.PANEL_SIG), "data"),
         State(ids.SMOOTHING, "value"),
+        State(ids.X_AXIS, "value"),
+        State(ids.ONPOLICY, "value"),
         State(ids.DATA_VERSION, "data"),
         State(ids.LIVE_TOGGLE, "value"),
         prevent_initial_call=True,
@@ -260,11 +353,90 @@ def _register_shell_callbacks(app: dash.Dash) -> None:
         _n: int,
         runs: list[str] | None,
         panel_ids: list[dict[str, str]],
+        zooms: list[Any],
+        opts: list[Any],
+        sigs: list[Any],
         smoothing: float | None,
+        x_mode: str | None,
+        onpolicy: list[str] | None,
         version: int | None,
         live: list[str] | None,
     ) -> tuple[Any, ...]:
-        return live_tick(runs or [], panel_ids, smoothing or 0.0, version or 0, paused="live" not in (live or []))
+        # the four pattern lists follow the page's component order, one of each per card (layout.panel_card)
+        extends, figs, new_sigs, new_version, badge, badge_class = live_tick(
+            runs or [],
+            panel_ids,
+            smoothing or 0.0,
+            version or 0,
+            paused="live" not in (live or []),
+            sigs=sigs,
+            zooms=zooms,
+            opts=opts,
+            x_mode=x_mode or "step",
+            hide_onpolicy="hide" in (onpolicy or []),
+        )
+        payload = live_payload(panel_ids, sigs, extends, figs, new_sigs)
+        return (payload if payload else no_update), new_version, badge, badge_class
+
+    # In the browser: apply a tick's answer to the panels. Two ticks can be in flight at once and answer out of
+    # order, so an extension is applied only to a panel that still shows what the server extended (its store
+    # holds the same data versions); a new figure always applies (a stale one is redrawn by the next tick).
+    app.clientside_callback(
+        APPLY_JS,
+        Output(_all(ids.PANEL), "extendData"),
+        Output(_all(ids.PANEL), "figure", allow_duplicate=True),
+        Output(_all(ids.PANEL_SIG), "data", allow_duplicate=True),
+        Input(ids.LIVE_PAYLOAD, "data"),
+        State(_all(ids.PANEL), "id"),
+        State(_all(ids.PANEL_SIG), "data"),
+        prevent_initial_call=True,
+    )
+
+
+def panel_key(panel_id: dict[str, str]) -> str:
+    """A line panel's id as one string (the key of a live payload)."""
+    return f"{panel_id.get('page')}|{panel_id.get('key')}|{panel_id.get('metrics')}"
+
+
+def live_payload(
+    panel_ids: list[dict[str, str]], sigs: list[Any], extends: list[Any], figs: list[Any], new_sigs: list[Any]
+) -> dict[str, Any]:
+    """A tick's answer for :data:`APPLY_JS`: per panel key, ``ext`` (extendData, trace indices, the data
+    versions it extends), ``fig`` (figure, sig) or ``sig`` (sig, the versions it replaces)."""
+    out: dict[str, dict[str, Any]] = {"ext": {}, "fig": {}, "sig": {}}
+    for i, pid in enumerate(panel_ids):
+        k = panel_key(pid)
+        base = (sigs[i] or {}).get("v") if i < len(sigs) and sigs[i] else None
+        if figs[i] is not no_update:
+            out["fig"][k] = [figs[i], new_sigs[i]]
+        elif extends[i] is not no_update:
+            out["ext"][k] = [extends[i][0], extends[i][1], base, new_sigs[i]]
+        elif new_sigs[i] is not no_update:
+            out["sig"][k] = [new_sigs[i], base]
+    return out if any(out.values()) else {}
+
+
+APPLY_JS = """
+function(payload, ids, sigs) {
+    const skip = window.dash_clientside.no_update;
+    const ext = [], figs = [], out = [];
+    const same = (a, b) => JSON.stringify(a || null) === JSON.stringify(b || null);
+    ids.forEach((id, i) => {
+        const k = id.page + "|" + id.key + "|" + id.metrics;
+        const cur = (sigs[i] || {}).v;
+        let e = skip, f = skip, s = skip;
+        if (payload && payload.fig && payload.fig[k]) {
+            f = payload.fig[k][0]; s = payload.fig[k][1];
+        } else if (payload && payload.ext && payload.ext[k] && same(cur, payload.ext[k][2])) {
+            e = [payload.ext[k][0], payload.ext[k][1]]; s = payload.ext[k][3];
+        } else if (payload && payload.sig && payload.sig[k] && same(cur, payload.sig[k][1])) {
+            s = payload.sig[k][0];
+        }
+        ext.push(e); figs.push(f); out.push(s);
+    });
+    return [ext, figs, out];
+}
+"""
 
 
 ZOOM_JS = """
@@ -286,6 +458,35 @@ function(relayout, figure) {
 }
 """
 
+SEARCH_JS = """
+function(term, cards) {
+    // Show the panels whose metric names contain every word of the search box (case-insensitive).
+    const words = (term || "").toLowerCase().split(/\\s+/).filter(w => w.length > 0);
+    return cards.map(id => {
+        const names = (id.metrics || "").toLowerCase();
+        return words.every(w => names.includes(w)) ? {} : {display: "none"};
+    });
+}
+"""
+
+
+def search_note(term: str | None, *, limit: int = 8) -> list[Any]:
+    """Metrics of the registry matching the search box, each linked to the page that charts it (the search
+    filters the panels on this page; a metric charted elsewhere is one click away)."""
+    words = [w for w in (term or "").lower().split() if w]
+    if not words:
+        return []
+    hits = [name for name in panels.registry() if all(w in name.lower() for w in words)]
+    if not hits:
+        return ["no metric matches"]
+    links: list[Any] = []
+    for name in hits[:limit]:
+        page = panels.page_of(name)
+        if page is not None:
+            links.append(dcc.Link(name, href=f"/{page}", className="chip"))
+    more = len(hits) - limit
+    return [*links, f" +{more} more" if more > 0 else ""]
+
 
 def zoom_range(zoom: dict[str, Any] | None) -> tuple[float, float] | None:
     """The x range held by a panel's zoom store (None: the whole run)."""
@@ -298,25 +499,49 @@ def zoom_range(zoom: dict[str, Any] | None) -> tuple[float, float] | None:
     return (lo, hi) if lo == lo and hi == hi else None
 
 
+def _panel_metrics(panel_id: dict[str, str]) -> list[str]:
+    return [m for m in panel_id.get("metrics", "").split(",") if m]
+
+
+def _frame_columns(metrics: list[str]) -> list[str]:
+    """The step-metric columns a panel needs: its metrics, and ratio/min, ratio/max for on-policy steps."""
+    extra = ["ratio/min", "ratio/max"] if figures.onpolicy_applies(metrics) else []
+    return list(dict.fromkeys([*metrics, *extra]))
+
+
 def render_panel(
-    panel_id: dict[str, str], runs: list[str], smoothing: float, x_range: tuple[float, float] | None
+    panel_id: dict[str, str],
+    runs: list[str],
+    smoothing: float,
+    x_range: tuple[float, float] | None,
+    *,
+    x_mode: str = "step",
+    log_y: bool = False,
+    hide_onpolicy: bool = False,
 ) -> dict[str, Any]:
-    """Figure spec of one registry line panel for the runs on screen (runs that do not resolve are skipped)."""
-    metrics = [m for m in panel_id.get("metrics", "").split(",") if m]
+    """Figure spec of one registry line panel for the runs on screen (runs that do not resolve are skipped).
+
+    ``layout.meta["live"]`` records, per run, the data version and the last step drawn: a live tick compares
+    them with the run's state to decide between ``extendData`` and a new figure.
+    """
+    metrics = _panel_metrics(panel_id)
     cat = data.catalog()
-    frames, alerts = {}, {}
+    frames, alerts, versions, lasts = {}, {}, {}, {}
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
-        frames[run_id] = st.metrics(metrics)  # only this panel's columns are finalized on first use
+        versions[run_id] = st.version  # before the frame: a step read in between makes the next tick redraw
+        frame = st.metrics(_frame_columns(metrics))  # only this panel's columns are finalized on first use
+        frames[run_id] = frame
+        lasts[run_id] = int(frame["step"].max()) if frame.height else None  # type: ignore[arg-type]
         if panel_id.get("page") == "overview":
             alerts[run_id] = data.firing_events(st.alerts())
     if not frames:
-        return figures.empty_figure("no run selected").to_plotly_json()
+        return cast(dict[str, Any], figures.empty_figure("no run selected").to_plotly_json())
     spec = panels.spec_of(metrics[0]) if metrics else None
-    return figures.metric_panel_spec(
+    out = figures.metric_panel_spec(
         frames,
         metrics,
-        title=panels.panel_title(metrics),
+        title="",  # the card names the panel above the chart, clear of the toolbar and the data
         unit=getattr(spec, "unit", "") or None,
         smoothing=smoothing,
         x_range=x_range,
@@ -324,7 +549,36 @@ def render_panel(
         hlines=panels.reference_lines(metrics),
         height=280,
         no_data=panels.no_data_note(metrics),
+        x_mode=x_mode,
+        log_y=log_y,
+        onpolicy=("hide" if hide_onpolicy else "show") if figures.onpolicy_applies(metrics) else None,
+        run_order=runs,
     )
+    out["layout"]["meta"]["live"] = {"v": versions, "last": lasts}
+    return out
+
+
+def panel_sig(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """What a live tick needs to know about a drawn panel (kept in the panel's ``PANEL_SIG`` store)."""
+    meta = (spec.get("layout") or {}).get("meta") or {}
+    if "live" not in meta:
+        return None
+    return {**meta["live"], "key": meta.get("key"), "alerts": meta.get("alerts")}
+
+
+def panel_download(panel_id: Any, runs: list[str]) -> dict[str, Any]:
+    """``dcc.Download`` data of a panel's numbers: every step of every run on screen, full resolution."""
+    from app import export
+
+    if not isinstance(panel_id, dict):
+        raise PreventUpdate
+    metrics = _panel_metrics(panel_id)
+    cat = data.catalog()
+    frames = {r: cat.state(r).metrics(metrics) for r in cat.valid_ids(runs)}
+    if not frames or not metrics:
+        raise PreventUpdate
+    name = export.csv_name(str(panel_id.get("key", "panel")), list(frames))
+    return cast(dict[str, Any], dcc.send_string(export.panel_csv(frames, metrics), name))
 
 
 def click_target(triggered: Any, click: dict[str, Any] | None, runs: list[str]) -> str:
@@ -332,47 +586,123 @@ def click_target(triggered: Any, click: dict[str, Any] | None, runs: list[str]) 
     if not click or not click.get("points") or not runs or not isinstance(triggered, dict):
         raise PreventUpdate
     point = click["points"][0]
+    custom = point.get("customdata")
+    run = runs[0]
     x = point.get("x")
+    if isinstance(custom, (list, tuple)) and len(custom) == 2 and custom[0] in runs:
+        run, x = custom  # an alert or on-policy marker knows its run and step
+    elif triggered.get("type") == ids.PANEL:
+        if isinstance(custom, (int, float)):
+            x = custom  # the step of a point drawn over tokens seen or wall time
+        per_run = max(len(_panel_metrics(triggered)), 1) * figures.TRACES_PER_SERIES
+        index = int(point.get("curveNumber", 0)) // per_run
+        run = runs[min(index, len(runs) - 1)]
     try:
         step = int(round(float(x)))
     except (TypeError, ValueError):
         raise PreventUpdate from None
-    run = runs[0]
-    if isinstance(point.get("customdata"), str) and point["customdata"] in runs:
-        run = point["customdata"]  # an alert marker knows its run
-    elif triggered.get("type") == ids.PANEL:
-        metrics = [m for m in str(triggered.get("metrics", "")).split(",") if m]
-        per_run = max(len(metrics), 1) * figures.TRACES_PER_SERIES
-        index = int(point.get("curveNumber", 0)) // per_run
-        run = runs[min(index, len(runs) - 1)]
     return "/tokens" + run_query([run], step=step)
 
 
 def live_tick(
-    runs: list[str], panel_ids: list[dict[str, str]], smoothing: float, version: int, *, paused: bool = False
+    runs: list[str],
+    panel_ids: list[dict[str, str]],
+    smoothing: float,
+    version: int,
+    *,
+    paused: bool = False,
+    sigs: list[Any] | None = None,
+    zooms: list[Any] | None = None,
+    opts: list[Any] | None = None,
+    x_mode: str = "step",
+    hide_onpolicy: bool = False,
 ) -> tuple[Any, ...]:
-    """One poll: read new files of the runs on screen and extend every line panel with the new steps."""
+    """One poll: read new files of the runs on screen and bring every line panel up to date.
+
+    A panel whose only change is steps appended after the last one it shows gets ``extendData``; a panel
+    whose layout changed (y range, the no-data note, alert marks, on-policy marks, aggregation), whose older
+    steps grew (a rank or micro-batch published later), or that missed an update gets a new figure.
+    ``sigs`` are the panels' ``PANEL_SIG`` stores (None: trust that every panel shows the data as of the
+    previous tick, as a benchmark does). Returns (extendData per panel, figure per panel, sig per panel, data
+    version, badge text, badge class).
+    """
     cat = data.catalog()
-    fresh, full, statuses = {}, {}, []
-    for run_id in runs:
-        try:
-            st = cat.state(run_id)
-        except data.UnknownRun:
-            continue
+    before, after, fresh, statuses = {}, {}, {}, []
+    for run_id in cat.valid_ids(runs):
+        st = cat.state(run_id)
+        before[run_id] = st.version
         fresh[run_id] = st.update()
-        full[run_id] = st.metrics(m for pid in panel_ids for m in pid.get("metrics", "").split(",") if m)
+        after[run_id] = st.version
         statuses.append(st.status())
     badge, badge_class = _badge(statuses, paused)
     got_new = any(f.height for f in fresh.values())
-    if not got_new:
-        return [no_update] * len(panel_ids), no_update, no_update, badge, badge_class
-    extends: list[Any] = []
-    for pid in panel_ids:
-        metrics = [m for m in pid.get("metrics", "").split(",") if m]
-        payload = figures.extend_payload(fresh, full, runs, metrics, smoothing=smoothing)
-        extends.append(no_update if payload is None else [payload[0], payload[1]])
-    last = {r: (int(full[r]["step"].max()) if full[r].height else None) for r in full}
-    return extends, last, version + 1, badge, badge_class
+    n = len(panel_ids)
+    extends: list[Any] = [no_update] * n
+    figs: list[Any] = [no_update] * n
+    new_sigs: list[Any] = [no_update] * n
+    for i, pid in enumerate(panel_ids):
+        sig = sigs[i] if sigs is not None and i < len(sigs) else None
+        if sigs is not None and not sig:
+            continue  # not drawn yet: its own callback draws the current data
+        data_changed = any(after[r] != (sig["v"].get(r) if sig else before[r]) for r in after) or (
+            sig is not None and set(sig["v"]) != set(after)
+        )
+        alerts_changed = False
+        if sig is not None and pid.get("page") == "overview":
+            now = {r: data.firing_events(cat.state(r).alerts()) for r in after}
+            alerts_changed = figures.alert_key(now) != sig.get("alerts")
+        if not data_changed and not alerts_changed:
+            continue
+        metrics = _panel_metrics(pid)
+        opt = (opts[i] if opts is not None and i < len(opts) else None) or []
+        zoom = zoom_range(zooms[i] if zooms is not None and i < len(zooms) else None)
+        spec = render_panel(pid, runs, smoothing, zoom, x_mode=x_mode, log_y="log" in opt, hide_onpolicy=hide_onpolicy)
+        new_sigs[i] = panel_sig(spec)
+        if not alerts_changed and _appended_only(sig, spec, before, after, fresh):
+            full = {r: cat.state(r).metrics(_frame_columns(metrics)) for r in after}
+            grown = {r: f for r, f in fresh.items() if after[r] != before[r]}
+            payload = figures.extend_payload(
+                grown,
+                full,
+                list(after),
+                metrics,
+                smoothing=smoothing,
+                x_mode=x_mode,
+                hide_onpolicy=hide_onpolicy and figures.onpolicy_applies(metrics),
+            )
+            if payload is not None:
+                extends[i] = [payload[0], payload[1]]
+            continue
+        figs[i] = spec
+    return extends, figs, new_sigs, (version + 1 if got_new else no_update), badge, badge_class
+
+
+def _appended_only(
+    sig: dict[str, Any] | None,
+    spec: dict[str, Any],
+    before: dict[str, int],
+    after: dict[str, int],
+    fresh: dict[str, Any],
+) -> bool:
+    """Whether the panel drawn as ``sig`` becomes ``spec`` by appending this tick's new steps: it showed every
+    run as of just before this tick, only steps after its last one arrived, and the layout is unchanged."""
+    meta = spec["layout"].get("meta") or {}
+    if meta.get("aggregated"):
+        return False  # buckets move as the run grows: redraw
+    if sig is None:
+        return True  # trusted caller (no stores): the panel showed the previous tick's data
+    if meta.get("key") != sig.get("key") or list(meta.get("runs", [])) != list(sig["v"]):
+        return False
+    for r in after:
+        if after[r] == before[r]:
+            continue
+        if sig["v"].get(r) != before[r] or after[r] != before[r] + 1:
+            return False  # the panel missed an update (another tab's tick read it), or two ticks raced
+        last = sig["last"].get(r)
+        steps = fresh[r]["step"]
+        if fresh[r].height and last is not None and int(steps.min()) <= int(last):
+            return False  # a step it shows grew (a rank or micro-batch published later)
+    return True
 
 
 def _badge(statuses: list[str], paused: bool) -> tuple[str, str]:
@@ -387,14 +717,43 @@ def _badge(statuses: list[str], paused: bool) -> tuple[str, str]:
     return ("finished", "badge badge-finished")
 
 
+PRELOAD_MODULES = (
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "polars",
+    "PIL.Image",
+    "rldiag.metrics.registry",
+    "rldiag.alerts.rules",
+)
+"""Imported before the server answers: plotly's JSON encoder looks these up in ``sys.modules`` without importing
+them (``get_module(..., should_load=False)``), so a module that the background preload is still importing
+would be found half-initialized by a request thread (``partially initialized module 'pandas' has no attribute
+'NaT'`` on the first page load)."""
+
+
+def import_before_serving(modules: tuple[str, ...] = PRELOAD_MODULES) -> None:
+    """Import ``modules`` completely, in this thread (absent optional ones are skipped)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def preload(cat: data.Catalog, *, max_runs: int = 20) -> threading.Thread:
-    """Warm the server in the background: imports, the registry, the alert thresholds, and the step
-    metrics of the first runs, so the first page a person opens does not pay for them (~2 s measured)."""
+    """Warm the server: the modules every request needs are imported now, in the caller's thread, before it
+    serves (:func:`import_before_serving`); the registry, the alert thresholds and the step metrics of the
+    first runs load in the background, so the first page a person opens does not pay for them (~2 s
+    measured)."""
+    import_before_serving()
+    panels.registry()
+    panels.reference_lines([])
 
     def work() -> None:
         try:
-            panels.registry()
-            panels.reference_lines([])
             for run_id in cat.run_ids()[:max_runs]:
                 cat.state(run_id).metrics()
         except Exception:  # a broken run is reported when a page opens it; preloading stays silent
@@ -435,7 +794,7 @@ def create_app(
         pages_folder="pages",
         assets_folder=str(PACKAGE_DIR / "assets"),
         title="rldiag",
-        update_title=None,
+        update_title="",  # no "Updating..." title while callbacks run
         suppress_callback_exceptions=True,
     )
     app.server.extensions["rldiag"] = cat

@@ -5,9 +5,10 @@ No I/O, no Dash, no metric math: the numbers arrive finished (from :mod:`rldiag.
 server or a browser.
 
 Line panels have a fixed trace layout that the live updates rely on: for each run (outer) and each metric
-(inner) there are :data:`TRACES_PER_SERIES` traces, in the order of :data:`SERIES_TRACES` (envelope low,
-envelope high filled to it, raw/bucket-mean, EMA). :func:`extend_payload` appends new steps to exactly these
-traces through ``Graph.extendData``.
+(inner) there are :data:`TRACES_PER_SERIES` traces, in the order of :data:`SERIES_TRACES` (the min/max
+envelope as filled polygons, raw/bucket-mean, EMA); alert markers, on-policy marks and threshold legend
+entries come after them. :func:`extend_payload` appends new steps to the raw and EMA traces through
+``Graph.extendData``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import polars as pl
 
 from app.downsample import DEFAULT_BUCKETS, downsample, ema
 
-SERIES_TRACES = ("lo", "hi", "raw", "ema")
+SERIES_TRACES = ("band", "raw", "ema")
 TRACES_PER_SERIES = len(SERIES_TRACES)
 
 PALETTE = (
@@ -37,6 +38,26 @@ PALETTE = (
     "#7f7f7f",
     "#bcbd22",
 )
+LENS_PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#0d2a63",
+    "#fb00d1",
+    "#00a08b",
+    "#b68100",
+    "#511cfb",
+    "#862a16",
+)
+"""Colours of the objective lens: one per objective (the lens has more objectives than :data:`PALETTE` has
+colours, and a repeated colour made two objectives look like one)."""
 SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
 STEP_AXIS = "step"
 _MARGIN = dict(l=55, r=15, t=36, b=20)
@@ -116,12 +137,77 @@ def empty_figure(message: str, *, height: int = 260) -> go.Figure:
 
 
 # --- line panels ---------------------------------------------------------------------------------------
+X_MODES: dict[str, str] = {"step": "step", "tokens": "tokens seen", "time": "wall time (s)"}
+"""What a line panel's x axis can show (value -> axis title)."""
+TIME_COLUMNS = ("time", "wall_time")
+"""Step-metric columns holding a step's wall-clock time (Unix seconds), when the run records one."""
+ONPOLICY_FAMILIES = frozenset({"ratio", "ess", "kl", "seq"})
+"""Families whose panels mark on-policy steps (ratio exactly 1 by construction) and can hide them."""
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+"""Line styles of the metrics of one panel in compare mode, where the colour names the run."""
+MAX_ONPOLICY_MARKS = 5_000
+"""Beyond this many on-policy steps the markers are left out (the hide toggle still works)."""
+
+
 def series_label(run_id: str, metric: str, *, n_runs: int) -> str:
     return metric if n_runs <= 1 else f"{run_id} · {metric}"
 
 
 def _unit_suffix(unit: str | None) -> str:
     return f" [{unit}]" if unit else ""
+
+
+def onpolicy_applies(metrics: Sequence[str]) -> bool:
+    """Whether a panel of ``metrics`` shows ratio-like metrics, which on-policy steps pin at their trivial value."""
+    return any(m.split("/", 1)[0] in ONPOLICY_FAMILIES for m in metrics)
+
+
+def onpolicy_mask(frame: pl.DataFrame) -> np.ndarray:
+    """Steps whose ratio is exactly 1 for every token (``ratio/min == ratio/max == 1``): the first update on
+    freshly sampled data, where logp == old_logp by construction. All False when the columns are absent."""
+    if frame.height == 0 or "ratio/max" not in frame.columns or "ratio/min" not in frame.columns:
+        return np.zeros(frame.height, dtype=bool)
+    return (_column(frame, "ratio/max") == 1.0) & (_column(frame, "ratio/min") == 1.0)
+
+
+def time_column(frame: pl.DataFrame) -> str | None:
+    """The wall-clock column of a step-metrics frame, if the run records one."""
+    return next((c for c in TIME_COLUMNS if c in frame.columns), None)
+
+
+def series_x(frame: pl.DataFrame, x_mode: str = "step") -> np.ndarray:
+    """The x value of every row of ``frame`` (sorted by step): the step, the tokens seen up to and including
+    that step (cumulative ``tokens/count``), or the seconds since the run's first step. A mode the run lacks
+    data for falls back to the step (:func:`x_title` says so)."""
+    steps = frame["step"].to_numpy().astype(np.float64) if frame.height else np.empty(0)
+    if x_mode == "tokens" and "tokens/count" in frame.columns:
+        return np.cumsum(np.nan_to_num(_column(frame, "tokens/count"), nan=0.0))
+    col = time_column(frame) if x_mode == "time" else None
+    if col is not None:
+        t = _column(frame, col)
+        first = t[np.isfinite(t)]
+        t0 = float(first[0]) if first.size else 0.0
+        # a step without a time keeps the previous one: x must stay sorted for the downsampling
+        return np.fmax.accumulate(np.nan_to_num(t - t0, nan=0.0)) if len(t) else t
+    return steps
+
+
+def x_title(frames: Mapping[str, pl.DataFrame], x_mode: str) -> str:
+    """The x axis title: empty for steps (the legend sits right under the ticks), else what the axis counts."""
+    if x_mode == "tokens":
+        return X_MODES["tokens"]
+    if x_mode == "time":
+        if frames and all(time_column(f) is not None for f in frames.values()):
+            return X_MODES["time"]
+        return "step (wall time not recorded in this run)"
+    return ""
+
+
+def _x_of_step(steps: np.ndarray, xs: np.ndarray, step: float) -> float:
+    """x of ``step`` on a run's axis (exact for a recorded step, interpolated between steps)."""
+    if len(steps) == 0:
+        return float(step)
+    return float(np.interp(step, steps, xs))
 
 
 def metric_panel_spec(
@@ -137,6 +223,10 @@ def metric_panel_spec(
     hlines: Sequence[tuple[float, str]] = (),
     height: int = 300,
     no_data: str = "no data",
+    x_mode: str = "step",
+    log_y: bool = False,
+    onpolicy: str | None = None,
+    run_order: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The figure of :func:`metric_panel` as a plain plotly spec (``{"data": [...], "layout": {...}}``).
 
@@ -144,48 +234,82 @@ def metric_panel_spec(
     points of list data, and the traces must be lists (``extendData`` cannot grow binary arrays). Tests
     validate the same spec through :func:`metric_panel`.
 
-    Lines of ``metrics`` over steps for each run in ``frames`` (run id -> step-metrics frame).
+    Lines of ``metrics`` for each run in ``frames`` (run id -> step-metrics frame), over ``x_mode``
+    (:data:`X_MODES`). Long series are downsampled with a min/max envelope (spikes stay visible; a NaN gap
+    stays a gap, never a filled band); ``smoothing`` draws an EMA over the full-resolution series on top of
+    the raw one. ``alerts`` marks firing alerts (``step``, ``severity``, ``rule``) as vertical lines;
+    ``hlines`` draws reference values (value, label), named in the legend. ``onpolicy`` is ``"show"`` (mark
+    on-policy steps at the bottom), ``"hide"`` (leave them out of the lines) or None (a panel they do not
+    concern). In compare mode each run has one colour on every panel: its place in ``run_order`` (default: the
+    order of ``frames``); metrics differ by line style. When no value is finite the traces stay (live updates
+    extend them) and ``no_data`` is written on the chart.
 
-    Long series are downsampled with a min/max envelope (spikes stay visible); ``smoothing`` draws an EMA
-    over the full-resolution series on top of the raw one. ``alerts`` marks firing alerts (``step``,
-    ``severity``, ``rule``) as vertical lines; ``hlines`` draws reference values (value, label).
-    When no value is finite the traces stay (live updates extend them) and ``no_data`` is written on the chart.
+    ``layout.meta`` carries ``key``: what the layout depends on besides the traces (a fixed y range, the
+    no-data note, aggregation, on-policy marks) and ``alerts``; a live update compares them to decide between
+    ``extendData`` and a new figure.
     """
     data: list[dict[str, Any]] = []
     n_runs = len(frames)
+    order = list(run_order or frames)
     aggregated = False
-    idx = 0
     y_lo, y_hi = math.inf, -math.inf
+    onpolicy_marks: list[tuple[str, float, float]] = []
+    axes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run_id, frame in frames.items():
-        x = frame["step"].to_numpy().astype(np.float64) if frame.height else np.empty(0)
-        for metric in metrics:
-            color = PALETTE[idx % len(PALETTE)]
-            idx += 1
-            y = _column(frame, metric)
+        run_color = PALETTE[(order.index(run_id) if run_id in order else len(order)) % len(PALETTE)]
+        x_all = series_x(frame, x_mode)
+        steps_all = frame["step"].to_numpy().astype(np.float64) if frame.height else np.empty(0)
+        axes[run_id] = (steps_all, x_all)
+        keep = np.ones(frame.height, dtype=bool)
+        if onpolicy is not None:
+            on = onpolicy_mask(frame)
+            if onpolicy == "hide":
+                keep = ~on
+            else:
+                onpolicy_marks.extend((run_id, float(s), float(x)) for s, x in zip(steps_all[on], x_all[on]))
+        x, steps = x_all[keep], steps_all[keep]
+        step_env = downsample(x, steps, buckets=buckets, x_range=x_range)
+        for m, metric in enumerate(metrics):
+            if len(order) > 1:
+                color, dash = run_color, DASHES[m % len(DASHES)]
+            else:
+                color, dash = PALETTE[m % len(PALETTE)], "solid"
+            y = _column(frame, metric)[keep]
             env = downsample(x, y, buckets=buckets, x_range=x_range)
             smooth = downsample(x, ema(y, smoothing), buckets=buckets, x_range=x_range) if smoothing else None
             aggregated |= not env.exact
             finite = y[np.isfinite(y)]
+            if log_y:
+                finite = finite[finite > 0]
             if finite.size:
                 y_lo, y_hi = min(y_lo, float(finite.min())), max(y_hi, float(finite.max()))
             label = series_label(run_id, metric, n_runs=n_runs)
             group = f"{run_id}|{metric}"
-            data.extend(_series_traces(env, smooth, label, group, color, unit))
-    # x is always the step: no axis title, so the legend sits right under the tick labels
-    layout = base_layout(title, height=height, x_title="")
+            data.extend(_series_traces(env, smooth, step_env.mean, label, group, color, dash, unit))
+    layout = base_layout(title, height=height, x_title=x_title(frames, x_mode))
     layout["yaxis"] = dict(_AXIS, title=dict(text=unit or ""), zeroline=False)
-    if y_lo == y_hi:
+    if log_y:
+        layout["yaxis"]["type"] = "log"
+    fixed: list[float] | None = None
+    if y_lo == y_hi and not log_y:
         # A constant series: plotly's autorange degenerates (and misplaces the axis title); pad it.
         pad = abs(y_lo) * 0.05 or 1.0
-        layout["yaxis"]["range"] = [y_lo - pad, y_hi + pad]
+        fixed = [y_lo - pad, y_hi + pad]
     if x_range is not None:
         layout["xaxis"]["range"] = list(x_range)
-    shapes, annotations = _alert_marks(alerts or {})
-    marker = _alert_marker_trace(alerts or {}, multi_run=n_runs > 1)
+    shapes = _alert_marks(alerts or {}, axes)
+    annotations: list[dict[str, Any]] = []
+    marker = _alert_marker_trace(alerts or {}, axes, multi_run=n_runs > 1)
     if marker is not None:  # after every series trace: live updates address series by index from 0
         data.append(marker)
+    shown_marks = onpolicy_marks if len(onpolicy_marks) <= MAX_ONPOLICY_MARKS else []
+    if shown_marks:
+        data.append(_onpolicy_trace(shown_marks, multi_run=n_runs > 1))
+    if marker is not None or shown_marks:
         layout["yaxis2"] = dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True)
     for value, label in hlines:
+        if log_y and value <= 0:
+            continue
         shapes.append(
             dict(
                 type="line",
@@ -195,20 +319,19 @@ def metric_panel_spec(
                 yref="y",
                 y0=value,
                 y1=value,
-                line=dict(color="#999", width=1, dash="dot"),
+                line=dict(color="#888", width=1, dash="dot"),
             )
         )
-        annotations.append(
+        # named in the legend, not written over the data or under the toolbar
+        data.append(
             dict(
-                text=label,
-                xref="paper",
-                x=1,
-                xanchor="right",
-                yref="y",
-                y=value,
-                yanchor="bottom",
-                showarrow=False,
-                font=dict(size=10, color="#777"),
+                type="scatter",
+                mode="lines",
+                x=[None],
+                y=[None],
+                name=f"{label}: {value:.4g}",
+                line=dict(color="#888", width=1, dash="dot"),
+                hoverinfo="skip",
             )
         )
     if y_lo == math.inf:
@@ -223,16 +346,37 @@ def metric_panel_spec(
                 font=dict(size=13, color="#666"),
             )
         )
-        layout["yaxis"]["range"] = [0, 1]
+        fixed = None if log_y else [0, 1]
+    if fixed is not None:
+        layout["yaxis"]["range"] = fixed
     layout["shapes"], layout["annotations"] = shapes, annotations
-    layout["meta"] = {"aggregated": aggregated, "metrics": list(metrics), "runs": list(frames)}
-    layout["showlegend"] = len(frames) * len(metrics) > 1  # one series: the title already names it
+    layout["meta"] = {
+        "aggregated": aggregated,
+        "metrics": list(metrics),
+        "runs": list(frames),
+        "key": [fixed, y_lo == math.inf, aggregated, len(shown_marks), len(onpolicy_marks)],
+        "alerts": alert_key(alerts or {}),
+    }
+    n_legend = len(frames) * len(metrics) + len(hlines) + (1 if shown_marks else 0)
+    layout["showlegend"] = n_legend > 1  # one series: the title already names it
     if layout["showlegend"]:
-        # anchored to the bottom of the figure, not of the plot area, with room for two rows under the ticks
-        rows = 1 + (sum(len(series_label(r, m, n_runs=n_runs)) + 6 for r in frames for m in metrics) > 70)
-        layout["margin"] = dict(_MARGIN, b=30 + 20 * rows)
+        # anchored to the bottom of the figure, not of the plot area, with room for the rows under the ticks
+        names = [series_label(r, m, n_runs=n_runs) for r in frames for m in metrics] + [lab for _, lab in hlines]
+        rows = 1 + min(sum(len(n) + 12 for n in names) // 70, 2)
+        layout["margin"] = dict(_MARGIN, b=30 + 20 * rows + (16 if layout["xaxis"]["title"]["text"] else 0))
         layout["legend"] = dict(layout["legend"], yref="container", y=0.0, yanchor="bottom")
     return {"data": data, "layout": layout}
+
+
+def alert_key(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[Any]]:
+    """What the alert marks of a panel depend on, as a JSON-able list (compared by live updates)."""
+    out = []
+    for run_id, events in alerts.items():
+        for ev in events:
+            step = ev.get("step")
+            if isinstance(step, (int, float)) and math.isfinite(step):
+                out.append([run_id, float(step), str(ev.get("severity", "warn")), str(ev.get("rule", ""))])
+    return out
 
 
 def metric_panel(frames: Mapping[str, pl.DataFrame], metrics: Sequence[str], **kwargs: Any) -> go.Figure:
@@ -247,20 +391,46 @@ def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 
-def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, unit: str | None) -> list[dict]:
+def band_polygon(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[list[float | None], list[float | None]]:
+    """The min/max envelope as closed polygons, one per run of finite buckets, separated by None.
+
+    Drawn with ``fill="toself"`` each segment is filled on its own, so a NaN gap stays empty (a ``tonexty``
+    fill between two gapped traces bridges the gap with a shaded area that has no line).
+    """
+    ok = np.isfinite(x) & np.isfinite(lo) & np.isfinite(hi)
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(np.int8), 0]))
+    for start, stop in zip(edges[::2], edges[1::2]):
+        if xs:
+            xs.append(None)
+            ys.append(None)
+        seg = slice(int(start), int(stop))
+        xs.extend(np.r_[x[seg], x[seg][::-1]].tolist())
+        ys.extend(np.r_[hi[seg], lo[seg][::-1]].tolist())
+    return xs, ys
+
+
+def _series_traces(
+    env: Any, smooth: Any, steps: np.ndarray, label: str, group: str, color: str, dash: str, unit: str | None
+) -> list[dict]:
     hover = f"{label}: %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
     x = _jlist(env.x)
+    step_list = _jlist(steps)
+    bx, by = band_polygon(env.x, env.lo, env.hi) if not env.exact else ([], [])
     band = dict(
         type="scatter",
         mode="lines",
-        x=x,
+        x=bx,
+        y=by,
+        name=f"{label} min-max",
         legendgroup=group,
         showlegend=False,
         hoverinfo="skip",
+        fill="toself",
+        fillcolor=_rgba(color, 0.18),
         line=dict(width=0, color=color),
     )
-    lo = dict(band, name=f"{label} min", y=_jlist(env.lo))
-    hi = dict(band, name=f"{label} max", y=_jlist(env.hi), fill="tonexty", fillcolor=_rgba(color, 0.18))
     has_smooth = smooth is not None
     raw = dict(
         type="scatter",
@@ -268,98 +438,117 @@ def _series_traces(env: Any, smooth: Any, label: str, group: str, color: str, un
         name=label if not has_smooth else f"{label} (raw)",
         x=x,
         y=_jlist(env.mean),
+        customdata=step_list,
         legendgroup=group,
         showlegend=not has_smooth,
-        line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45)),
+        line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45), dash=dash),
         hovertemplate=hover,
     )
+    sm = dict(
+        type="scatter",
+        mode="lines",
+        name=label if has_smooth else f"{label} (EMA)",
+        x=_jlist(smooth.x) if has_smooth else [],
+        y=_jlist(smooth.mean) if has_smooth else [],
+        customdata=step_list if has_smooth else [],
+        legendgroup=group,
+        showlegend=has_smooth,
+        line=dict(width=2, color=color, dash=dash),
+    )
     if has_smooth:
-        sm = dict(
-            type="scatter",
-            mode="lines",
-            name=label,
-            x=_jlist(smooth.x),
-            y=_jlist(smooth.mean),
-            legendgroup=group,
-            line=dict(width=2, color=color),
-            hovertemplate=f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>",
-        )
+        sm["hovertemplate"] = f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
     else:
-        sm = dict(
-            type="scatter",
-            mode="lines",
-            name=f"{label} (EMA)",
-            x=[],
-            y=[],
-            legendgroup=group,
-            showlegend=False,
-            line=dict(width=2, color=color),
-            hoverinfo="skip",
-        )
-    return [lo, hi, raw, sm]
+        sm["hoverinfo"] = "skip"
+    return [band, raw, sm]
 
 
-def _alert_marker_trace(alerts: Mapping[str, Sequence[Mapping[str, Any]]], *, multi_run: bool) -> dict | None:
-    """Hoverable markers at the top of the chart naming each alert that started firing (run id in customdata,
-    so a click opens that run's tokens)."""
-    xs, texts, colors, runs = [], [], [], []
+def _alert_points(
+    alerts: Mapping[str, Sequence[Mapping[str, Any]]], axes: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> list[tuple[str, float, float, str, str]]:
+    """(run, step, x, severity, rule) of every alert event with a finite step, x on the panel's axis."""
+    out = []
     for run_id, events in alerts.items():
+        steps, xs = axes.get(run_id, (np.empty(0), np.empty(0)))
         for ev in events:
             step = ev.get("step")
             if not isinstance(step, (int, float)) or not math.isfinite(step):
                 continue
-            sev = str(ev.get("severity", "warn"))
-            where = f"{run_id}: " if multi_run else ""
-            xs.append(float(step))
-            texts.append(f"{where}{ev.get('rule', 'alert')} ({sev}) fired at step {int(step)}")
-            colors.append(SEVERITY_COLORS.get(sev, "#999"))
-            runs.append(run_id)
-    if not xs:
+            x = _x_of_step(steps, xs, float(step))
+            out.append((run_id, float(step), x, str(ev.get("severity", "warn")), str(ev.get("rule", "alert"))))
+    return out
+
+
+def _alert_marker_trace(
+    alerts: Mapping[str, Sequence[Mapping[str, Any]]],
+    axes: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    multi_run: bool,
+) -> dict | None:
+    """Hoverable markers at the top of the chart naming each alert that started firing (``[run id, step]`` in
+    customdata, so a click opens that run's tokens at that step)."""
+    points = _alert_points(alerts, axes)
+    if not points:
         return None
+    texts = [
+        f"{run_id + ': ' if multi_run else ''}{rule} ({sev}) fired at step {int(step)}"
+        for run_id, step, _x, sev, rule in points
+    ]
     return dict(
         type="scatter",
         mode="markers",
-        x=xs,
-        y=[0.97] * len(xs),
+        x=[p[2] for p in points],
+        y=[0.97] * len(points),
         yaxis="y2",
         text=texts,
-        customdata=runs,
-        marker=dict(symbol="triangle-down", size=9, color=colors),
+        customdata=[[p[0], p[1]] for p in points],
+        marker=dict(symbol="triangle-down", size=9, color=[SEVERITY_COLORS.get(p[3], "#999") for p in points]),
         name="alerts",
         showlegend=False,
         hovertemplate="%{text}<extra></extra>",
     )
 
 
-def _alert_marks(alerts: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list[dict]]:
-    """Vertical lines at the steps where an alert started firing (at most 200, most severe first)."""
-    marks: list[tuple[int, float, str, str]] = []
+def _onpolicy_trace(marks: Sequence[tuple[str, float, float]], *, multi_run: bool) -> dict:
+    """Ticks at the bottom of the chart at each on-policy step (ratio = 1 by construction), in the legend so a
+    click there hides them."""
+    texts = [
+        f"{run + ': ' if multi_run else ''}step {int(step)} on-policy (ratio = 1 by construction)"
+        for run, step, _ in marks
+    ]
+    return dict(
+        type="scatter",
+        mode="markers",
+        x=[m[2] for m in marks],
+        y=[0.03] * len(marks),
+        yaxis="y2",
+        text=texts,
+        customdata=[[m[0], m[1]] for m in marks],
+        marker=dict(symbol="line-ns-open", size=7, color="#98a2b3", line=dict(width=1)),
+        name="on-policy step (ratio ≡ 1)",
+        hovertemplate="%{text}<extra></extra>",
+    )
+
+
+def _alert_marks(
+    alerts: Mapping[str, Sequence[Mapping[str, Any]]], axes: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> list[dict]:
+    """Vertical lines at the x of the steps where an alert started firing (at most 200, most severe first)."""
     rank = {"critical": 0, "warn": 1, "info": 2}
-    for events in alerts.values():
-        for ev in events:
-            step = ev.get("step")
-            if step is None or not isinstance(step, (int, float)) or not math.isfinite(step):
-                continue
-            sev = str(ev.get("severity", "warn"))
-            marks.append((rank.get(sev, 3), float(step), sev, str(ev.get("rule", ""))))
-    marks.sort()
-    shapes, annotations = [], []
-    for _, step, sev, _rule in marks[:200]:
-        color = SEVERITY_COLORS.get(sev, "#999")
-        shapes.append(
-            dict(
-                type="line",
-                xref="x",
-                x0=step,
-                x1=step,
-                yref="paper",
-                y0=0,
-                y1=1,
-                line=dict(color=color, width=1, dash="dash"),
-                opacity=0.7,
-            )
+    marks = sorted((rank.get(sev, 3), x, sev) for _run, _step, x, sev, _rule in _alert_points(alerts, axes))
+    return [
+        dict(
+            type="line",
+            xref="x",
+            x0=x,
+            x1=x,
+            yref="paper",
+            y0=0,
+            y1=1,
+            line=dict(color=SEVERITY_COLORS.get(sev, "#999"), width=1, dash="dash"),
+            opacity=0.7,
         )
-    return shapes, annotations
+        for _, x, sev in marks[:200]
+    ]
 
 
 def extend_payload(
@@ -369,38 +558,46 @@ def extend_payload(
     metrics: Sequence[str],
     *,
     smoothing: float = 0.0,
-) -> tuple[dict[str, list[list[float | None]]], list[int]] | None:
-    """``extendData`` for a :func:`metric_panel` built for ``runs`` x ``metrics``.
+    x_mode: str = "step",
+    hide_onpolicy: bool = False,
+) -> tuple[dict[str, list[list[Any]]], list[int]] | None:
+    """``extendData`` for a :func:`metric_panel` built for ``runs`` x ``metrics`` (raw and EMA traces; the
+    envelope band of an exact series is empty and stays so).
 
-    ``fresh`` holds each run's new rows only, ``full`` the whole series (new rows included), which the EMA
-    needs to continue where it was. Returns ``(update, trace_indices)`` or None when nothing is new.
+    ``fresh`` holds each run's appended rows only, ``full`` the whole series (new rows included), which the
+    EMA, the tokens-seen axis and the on-policy filter need. Returns ``(update, trace_indices)`` or None when
+    nothing is new.
     """
-    xs: list[list[float | None]] = []
-    ys: list[list[float | None]] = []
+    xs: list[list[Any]] = []
+    ys: list[list[Any]] = []
+    cds: list[list[Any]] = []
     indices: list[int] = []
     for r, run_id in enumerate(runs):
         new = fresh.get(run_id)
         if new is None or new.height == 0:
             continue
-        x_new = _finite_list(new["step"].to_numpy())
         whole = full[run_id]
+        is_new = np.isin(whole["step"].to_numpy(), new["step"].to_numpy())
+        keep = ~onpolicy_mask(whole) if hide_onpolicy else np.ones(whole.height, dtype=bool)
+        x_new = _finite_list(series_x(whole, x_mode)[is_new & keep])
+        if not x_new:
+            continue
+        steps_new = _finite_list(whole["step"].to_numpy()[is_new & keep])
         for m, metric in enumerate(metrics):
             base = (r * len(metrics) + m) * TRACES_PER_SERIES
-            y_new = _finite_list(_column(new, metric))
-            trace_x = [x_new] * 3
-            trace_y = [y_new] * 3
-            idx = [base, base + 1, base + 2]
+            y_all = _column(whole, metric)
+            xs.append(x_new)
+            ys.append(_finite_list(y_all[is_new & keep]))
+            cds.append(steps_new)
+            indices.append(base + 1)
             if smoothing:
-                smooth = ema(_column(whole, metric), smoothing)[-new.height :]
-                trace_x.append(x_new)
-                trace_y.append(_finite_list(smooth))
-                idx.append(base + 3)
-            xs.extend(trace_x)
-            ys.extend(trace_y)
-            indices.extend(idx)
+                xs.append(x_new)
+                ys.append(_finite_list(ema(y_all[keep], smoothing)[is_new[keep]]))
+                cds.append(steps_new)
+                indices.append(base + 2)
     if not indices:
         return None
-    return {"x": xs, "y": ys}, indices
+    return {"x": xs, "y": ys, "customdata": cds}, indices
 
 
 # --- ratio distribution -----------------------------------------------------------------------------
@@ -543,7 +740,11 @@ def lens_lines(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.F
             x=x,
             y=_arr(_column(frame, f"lens/{o}/{quantity}")),
             name=o,
-            line=dict(width=1.5, color=PALETTE[i % len(PALETTE)]),
+            line=dict(
+                width=1.5,
+                color=LENS_PALETTE[i % len(LENS_PALETTE)],
+                dash=DASHES[(i // len(LENS_PALETTE)) % len(DASHES)],
+            ),
             hovertemplate=f"{o}: %{{y:.4g}}<extra></extra>",
         )
         for i, o in enumerate(objectives)

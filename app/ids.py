@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Final
 
 # --- shell (present on every page) ------------------------------------------------------------------
-URL: Final = "url"
-"""``dcc.Location`` of the app; pages read ``?run=...&step=...`` from it."""
 REDIRECT: Final = "redirect"
 """A second ``dcc.Location`` that only callbacks write to (click a point -> Tokens page)."""
 NAV: Final = "nav"
@@ -22,20 +20,30 @@ SMOOTHING: Final = "smoothing"
 LIVE_TOGGLE: Final = "live-toggle"
 """Checklist with one option, ``live``: unchecked pauses polling."""
 LIVE_INTERVAL: Final = "live-interval"
-LIVE_STATE: Final = "live-state"
-"""``dcc.Store``: ``{run_id: last step shown}`` for the runs on screen."""
 DATA_VERSION: Final = "data-version"
 """``dcc.Store``: bumped when new steps land, so non-line figures (heatmaps) re-render."""
+LIVE_PAYLOAD: Final = "live-payload"
+"""``dcc.Store``: a live tick's answer (extensions, new figures, panel stores), applied in the browser."""
 LIVE_BADGE: Final = "live-badge"
 """Text in the header: live / paused / stalled / finished."""
 PAGE_RUNS: Final = "page-runs"
 """``dcc.Store`` written by a run page's layout: the run ids it shows (already validated)."""
-PAGE_MESSAGE: Final = "page-message"
+SMOOTHING_VALUE: Final = "smoothing-value"
+"""Text beside the smoothing slider: its value."""
+X_AXIS: Final = "x-axis"
+"""Dropdown: what the x axis of every line panel counts (``figures.X_MODES``: step, tokens seen, wall time)."""
+ONPOLICY: Final = "onpolicy"
+"""Checklist with one option, ``hide``: leave on-policy steps (ratio exactly 1) out of ratio-like panels."""
+METRIC_SEARCH: Final = "metric-search"
+"""Search box: shows only the panels whose metric names contain the words typed."""
+SEARCH_NOTE: Final = "search-note"
+"""Beside the search box: matching registry metrics linked to the page that charts them."""
+PANEL_DOWNLOAD: Final = "panel-download"
+"""``dcc.Download`` that sends a panel's numbers as CSV."""
 
 # --- Runs page --------------------------------------------------------------------------------------
 RUNS_FILTER: Final = "runs-filter"
 RUNS_TABLE: Final = "runs-table"
-RUNS_SELECT: Final = "runs-select"
 RUNS_COMPARE: Final = "runs-compare"
 RUNS_REFRESH: Final = "runs-refresh"
 
@@ -49,10 +57,6 @@ LENS_NOTE: Final = "lens-note"
 LAW_REWARD: Final = "law-reward"
 LAW_FIGURE: Final = "law-figure"
 LAW_NOTE: Final = "law-note"
-BUCKET_BY: Final = "bucket-by"
-BUCKET_QUANTITY: Final = "bucket-quantity"
-BUCKET_HEATMAP: Final = "bucket-heatmap"
-BUCKET_NOTE: Final = "bucket-note"
 
 # --- Tokens page ------------------------------------------------------------------------------------
 TOKENS_STEP: Final = "tokens-step"
@@ -78,6 +82,15 @@ PANEL: Final = "panel"
 """Type of a registry-driven line panel: ``{"type": PANEL, "page": ..., "key": ..., "metrics": "a,b"}``."""
 PANEL_ZOOM: Final = "panel-zoom"
 """Type of the ``dcc.Store`` beside each line panel holding its zoomed x range (same keys as the panel)."""
+PANEL_SIG: Final = "panel-sig"
+"""Type of the ``dcc.Store`` beside each line panel: what it shows (data version and last step per run, layout
+key, alert marks), so a live tick knows whether appending steps is enough."""
+PANEL_OPTS: Final = "panel-opts"
+"""Type of each line panel's own options (a checklist: ``log`` for a log-scale y axis)."""
+PANEL_CSV: Final = "panel-csv"
+"""Type of each line panel's *CSV* button."""
+PANEL_CARD: Final = "panel-card"
+"""Type of the card around each line panel (the metric search hides cards)."""
 CLICKABLE: Final = "clickable"
 """Type of any other figure whose clicked x is a step: ``{"type": CLICKABLE, "key": ...}``."""
 
@@ -90,6 +103,11 @@ def panel(page: str, key: str, metrics: list[str] | tuple[str, ...]) -> dict[str
 def panel_zoom(page: str, key: str, metrics: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Id of the zoom store of the panel :func:`panel` ``(page, key, metrics)``."""
     return {**panel(page, key, metrics), "type": PANEL_ZOOM}
+
+
+def panel_part(kind: str, page: str, key: str, metrics: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Id of one of a panel's companions (``PANEL_SIG``, ``PANEL_OPTS``, ``PANEL_CSV``, ``PANEL_CARD``)."""
+    return {**panel(page, key, metrics), "type": kind}
 
 
 def clickable(key: str) -> dict[str, str]:

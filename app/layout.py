@@ -15,7 +15,7 @@ from dash import dcc, html
 from app import data, ids
 from app.panels import HelpItem, Panel
 
-GRAPH_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"], "responsive": True}
+GRAPH_CONFIG: Any = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"], "responsive": True}
 RUN_QUERY_KEYS = ("run",)
 DIRECTION_TEXT = {"lower": "lower is better", "higher": "higher is better", "neutral": ""}
 
@@ -114,18 +114,41 @@ def help_details(items: Sequence[HelpItem]) -> html.Details:
 
 
 def panel_card(page: str, panel: Panel, *, height: int = 280) -> html.Div:
-    """A registry line panel: the graph (filled by the shell's panel callback) and its help."""
+    """A registry line panel: its title, a log-y toggle and a CSV button above the graph (clear of plotly's
+    toolbar and the data), the graph (filled by the shell's panel callback), its stores, and its help."""
+    metrics = panel.metrics
     return html.Div(
         [
+            html.Div(
+                [
+                    html.H4(panel.title, className="panel-title", title=", ".join(metrics)),
+                    dcc.Checklist(
+                        id=ids.panel_part(ids.PANEL_OPTS, page, panel.key, metrics),
+                        options=[{"label": " log y", "value": "log"}],
+                        value=[],
+                        className="panel-opt",
+                    ),
+                    html.Button(
+                        "CSV",
+                        id=ids.panel_part(ids.PANEL_CSV, page, panel.key, metrics),
+                        className="button small",
+                        title="download this panel's numbers (every step of every run shown) as CSV",
+                        n_clicks=0,
+                    ),
+                ],
+                className="panel-head",
+            ),
             dcc.Graph(
-                id=ids.panel(page, panel.key, panel.metrics),
+                id=ids.panel(page, panel.key, metrics),
                 config=GRAPH_CONFIG,
                 style={"height": f"{height}px"},
                 figure={"layout": {"height": height}},
             ),
-            dcc.Store(id=ids.panel_zoom(page, panel.key, panel.metrics), data=None),
+            dcc.Store(id=ids.panel_zoom(page, panel.key, metrics), data=None),
+            dcc.Store(id=ids.panel_part(ids.PANEL_SIG, page, panel.key, metrics), data=None),
             help_details(panel.help),
         ],
+        id=ids.panel_part(ids.PANEL_CARD, page, panel.key, metrics),
         className="card",
     )
 

@@ -107,7 +107,7 @@ def _split(family: str, specs: Sequence[Any], limit: int, *, suffix: str = "") -
         else:
             keyed[key] = [spec]
             groups.append(keyed[key])  # same list object: later specs with this key land in it
-    panels = []
+    panels: list[Panel] = []
     for group in groups:
         for start in range(0, len(group), limit):
             chunk = group[start : start + limit]
@@ -154,6 +154,18 @@ def overview_panels(specs: Mapping[str, Any] | None = None) -> list[Panel]:
         if head:
             out.extend(_split(fam, head, MAX_PER_PANEL, suffix="-overview"))
     return out
+
+
+def page_of(metric: str) -> str | None:
+    """The metric page whose panels chart ``metric`` (the Overview for a headline metric no page lists)."""
+    spec = spec_of(metric)
+    if spec is None or not _is_line_metric(spec):
+        return None
+    fam = family_of(spec)
+    for page, fams in PAGE_FAMILIES.items():
+        if fam in fams:
+            return page
+    return "overview" if getattr(spec, "headline", False) else None
 
 
 REQUIRED_INPUTS = frozenset({"logp", "old_logp", "adv"})

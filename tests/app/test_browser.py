@@ -186,3 +186,103 @@ def test_token_text_is_rendered_as_text_never_html(dash_duo, make_app, tokenizer
     assert spans, "the hostile token should appear, as text"
     assert dash_duo.driver.execute_script("return document.querySelectorAll('.ctx script, td script').length") == 0
     assert dash_duo.driver.execute_script("return window.__rldiag_pwned === undefined")
+
+
+# --- live for real: a recorder in another process, a page opened before its first step ------------------
+_CHILD = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from synth import record_run
+run, steps = Path(sys.argv[1]), int(sys.argv[3])
+rec = record_run(run, steps=0, close=False, alerts=True)  # the run exists, with no step yet
+progress = run.parent / "progress.txt"
+progress.write_text("ready\n")
+while not (run.parent / "go").exists():
+    time.sleep(0.05)
+for s in range(steps):
+    record_run(run, steps=1, start=s, close=False, rec=rec)  # records and flushes step s
+    with progress.open("a") as f:
+        f.write(f"{s}\n")
+    time.sleep(1.0)
+rec.close()
+with progress.open("a") as f:
+    f.write("done\n")
+"""
+
+_LAST_STEPS = """
+return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => {
+    const raw = (g.data || [])[1];
+    const xs = raw && raw.customdata ? Array.from(raw.customdata).filter(v => v !== null) : [];
+    return xs.length ? Math.max(...xs) : -1;
+});
+"""
+
+_ALERT_STEPS = """
+const g = document.querySelector('.js-plotly-plot');
+const t = (g.data || []).find(d => d.name === 'alerts');
+return t ? Array.from(t.customdata).map(c => c[1]) : [];
+"""
+
+
+def _wait_for(check, limit: float) -> bool:
+    """Poll ``check()`` until it holds or ``limit`` seconds passed (the issue's bound, used as a wait limit)."""
+    deadline = time.time() + limit
+    while True:
+        if check():
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def test_page_opened_before_the_first_step_follows_a_recorder_in_another_process(dash_duo, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    from app.app import create_app
+
+    root, steps = tmp_path / "live", 10
+    run = root / "run"
+    root.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(run), str(Path(__file__).parent), str(steps)],
+        cwd=str(Path(__file__).parents[2]),
+    )
+    progress = root / "progress.txt"
+    try:
+        assert _wait_for(lambda: progress.exists() and "ready" in progress.read_text(), 120), "recorder not ready"
+        dash_duo.start_server(create_app(root, poll_seconds=0.5))
+        dash_duo.driver.get(dash_duo.server_url + "/overview?run=run")
+        dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
+        _settle(dash_duo)
+        assert max(dash_duo.driver.execute_script(_LAST_STEPS)) == -1  # opened at step 0: nothing yet
+        assert "no data in this run" in dash_duo.find_element(".js-plotly-plot").text
+        (root / "go").touch()
+        seen_alerts: set[float] = set()
+        for s in range(steps):
+            assert _wait_for(lambda s=s: f"\n{s}\n" in "\n" + progress.read_text(), 60), f"step {s} not recorded"
+            # every panel shows step s within 3 s of its publication
+            assert _wait_for(lambda s=s: min(dash_duo.driver.execute_script(_LAST_STEPS)) >= s, 3.0), (
+                f"step {s} not on every panel within 3 s: {dash_duo.driver.execute_script(_LAST_STEPS)}"
+            )
+            alerts_file = run / "alerts.jsonl"
+            lines = alerts_file.read_text().splitlines() if alerts_file.exists() else []
+            fired = {float(e["step"]) for e in map(json.loads, lines) if e.get("event") == "firing"}
+            assert _wait_for(lambda f=fired: f <= set(dash_duo.driver.execute_script(_ALERT_STEPS)), 3.0), (
+                f"alerts at steps {sorted(fired)} not marked within 3 s after step {s}"
+            )
+            seen_alerts |= fired
+        assert seen_alerts, "the synthetic run fires alerts (the spike at step 7)"
+        # the y axis follows the data: no panel with data kept the [0, 1] range of the empty chart
+        ranges = dash_duo.driver.execute_script(
+            "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => "
+            "[g.layout.yaxis.range, (g.layout.annotations || []).map(a => a.text)]);"
+        )
+        assert not any("no data in this run" in " ".join(a) and r == [0, 1] for r, a in ranges[:1])
+        _screenshot(dash_duo, "live-overview")
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()

@@ -80,7 +80,7 @@ def test_render_panel_draws_selected_runs_and_skips_unknown_ones(ctx):
     pid = ids.panel("overview", "ratio-x", ["ratio/max"])
     fig = go.Figure(shell.render_panel(pid, ["grpo_full", "../nope", "sweep/minimal"], 0.0, None))  # validates
     assert fig.layout.meta["runs"] == ["grpo_full", "sweep/minimal"]
-    raw = fig.data[2]
+    raw = fig.data[1]
     assert max(v for v in raw.y if v is not None) > 20  # the spike of grpo_full
     empty = go.Figure(shell.render_panel(pid, ["../nope"], 0.0, None))
     assert empty.data == ()
@@ -99,8 +99,10 @@ def test_click_on_a_panel_point_links_to_that_runs_tokens():
     per_run = 2 * figures.TRACES_PER_SERIES
     click = {"points": [{"curveNumber": per_run + 3, "x": 6.6}]}
     assert shell.click_target(pid, click, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=7"
-    alert = {"points": [{"curveNumber": 2 * per_run, "x": 4, "customdata": "sweep/b"}]}
-    assert shell.click_target(pid, alert, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=4"
+    marker = {"points": [{"curveNumber": 2 * per_run + 1, "x": 4000.0, "customdata": ["sweep/b", 4]}]}
+    assert shell.click_target(pid, marker, ["a", "sweep/b"]) == "/tokens?run=sweep%2Fb&step=4"
+    by_tokens = {"points": [{"curveNumber": 1, "x": 12345.0, "customdata": 6}]}  # x is tokens seen
+    assert shell.click_target(pid, by_tokens, ["a", "sweep/b"]) == "/tokens?run=a&step=6"
     heat = {"points": [{"curveNumber": 0, "x": 3, "y": 0.1}]}
     assert shell.click_target(ids.clickable("ratio-heatmap"), heat, ["a"]) == "/tokens?run=a&step=3"
     with pytest.raises(PreventUpdate):
@@ -109,25 +111,151 @@ def test_click_on_a_panel_point_links_to_that_runs_tokens():
         shell.click_target(pid, {"points": [{"x": "n/a"}]}, ["a"])
 
 
+def _draw(pids, runs, smoothing=0.5):
+    """The figures and stores a browser holds after the panels' own callbacks ran."""
+    specs = [shell.render_panel(p, runs, smoothing, None) for p in pids]
+    return specs, [shell.panel_sig(s) for s in specs]
+
+
 def test_live_tick_extends_panels_with_new_steps_only(tmp_path: Path):
     rec = record_run(tmp_path / "r", steps=3, close=False)
     app = shell.create_app(tmp_path)
-    pids = [ids.panel("overview", "a", ["ratio/max"]), ids.panel("overview", "b", ["ratio/mean", "kl/k3"])]
+    pids = [ids.panel("overview", "a", ["ratio/max"]), ids.panel("ratios", "b", ["ratio/mean", "kl/k3"])]
     with app.server.test_request_context():
-        shell.render_panel(pids[0], ["r"], 0.5, None)  # the page is on screen: metrics cached
-        extends, last, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0)
-        assert extends == [no_update, no_update] and version is no_update and badge == "live"
+        _, sigs = _draw(pids, ["r"])
+        extends, figs, new_sigs, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0, sigs=sigs)
+        assert extends == figs == new_sigs == [no_update, no_update] and version is no_update and badge == "live"
         record_run(tmp_path / "r", steps=2, start=3, close=False, rec=rec)
-        extends, last, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0)
-        assert last == {"r": 4} and version == 1
+        extends, figs, new_sigs, version, badge, _ = shell.live_tick(["r"], pids, 0.5, 0, sigs=sigs)
+        assert version == 1 and figs == [no_update, no_update]
         update, indices = extends[1]
-        assert indices == list(range(8))
+        assert indices == [1, 2, 4, 5]  # raw and EMA of each metric
         assert update["x"][0] == [3.0, 4.0]
-        extends, *_ = shell.live_tick(["r"], pids, 0.5, 1)
+        assert new_sigs[1]["last"] == {"r": 4}
+        extends, *_ = shell.live_tick(["r"], pids, 0.5, 1, sigs=new_sigs)
         assert extends == [no_update, no_update]
-        _, _, _, badge, cls = shell.live_tick(["r"], pids, 0.5, 1, paused=True)
+        _, _, _, _, badge, cls = shell.live_tick(["r"], pids, 0.5, 1, paused=True, sigs=new_sigs)
         assert badge == "paused" and "paused" in cls
     rec.close()
+
+
+def test_live_tick_redraws_a_panel_that_missed_an_update_or_whose_layout_changed(tmp_path: Path):
+    rec = record_run(tmp_path / "r", steps=0, close=False)  # opened before the first step
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "a", ["ratio/max"])
+    with app.server.test_request_context():
+        specs, sigs = _draw([pid], ["r"])
+        assert specs[0]["layout"]["yaxis"]["range"] == [0, 1]  # the empty chart's axis
+        record_run(tmp_path / "r", steps=2, close=False, rec=rec)
+        extends, figs, new_sigs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        # the no-data note and the fixed range go: a whole figure, not an extension
+        assert extends == [no_update] and figs[0] is not no_update
+        assert "range" not in figs[0]["layout"]["yaxis"] and not figs[0]["layout"]["annotations"]
+        # a browser still holding the first figure (another tab's tick read the new files) is redrawn too
+        record_run(tmp_path / "r", steps=1, start=2, close=False, rec=rec)
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert figs[0] is not no_update and len(figs[0]["data"][1]["x"]) == 3
+    rec.close()
+
+
+def test_live_tick_shows_alerts_that_fire_while_the_chart_is_open(tmp_path: Path):
+    rec = record_run(tmp_path / "r", steps=SPIKE_STEP, close=False, alerts=True)
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "a", ["kl/k3"])
+    with app.server.test_request_context():
+        specs, sigs = _draw([pid], ["r"])
+        before = [s for s in specs[0]["layout"]["shapes"] if s["xref"] == "x"]
+        # the spike fires alerts once the step after it shows the spike step complete
+        record_run(tmp_path / "r", steps=2, start=SPIKE_STEP, close=False, rec=rec)
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert figs[0] is not no_update
+        after = [s["x0"] for s in figs[0]["layout"]["shapes"] if s["xref"] == "x"]
+        assert len(after) > len(before) and float(SPIKE_STEP) in after
+        marker = next(t for t in figs[0]["data"] if t.get("name") == "alerts")
+        assert ["r", float(SPIKE_STEP)] in marker["customdata"]
+    rec.close()
+
+
+def test_live_tick_redraws_a_step_that_grew(tmp_path: Path):
+    """A step published in parts (a rank or micro-batch later) is redrawn with its full numbers."""
+    import numpy as np
+
+    import rldiag
+
+    rec = rldiag.Recorder(tmp_path / "r")
+    rng = np.random.default_rng(0)
+
+    def micro(step: int, n: int) -> None:
+        old = -rng.gamma(1.0, 0.8, size=(n, 10)).astype(np.float32)
+        logp = np.minimum(old + rng.normal(0, 0.05, size=old.shape), 0).astype(np.float32)
+        rec.record(step=step, logprobs=logp, old_logprobs=old, advantages=rng.normal(size=n).astype(np.float32))
+        rec.flush()
+
+    micro(0, 4)
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "t", ["tokens/count"])
+    with app.server.test_request_context():
+        specs, sigs = _draw([pid], ["r"], smoothing=0.0)
+        assert specs[0]["data"][1]["y"] == [40.0]
+        micro(0, 6)  # the same step, a second micro-batch published later
+        extends, figs, new_sigs, *_ = shell.live_tick(["r"], [pid], 0.0, 0, sigs=sigs)
+        assert extends == [no_update] and figs[0]["data"][1]["y"] == [100.0]
+        micro(1, 2)  # a second value: the constant series' padded y range goes, a new figure again
+        extends, figs, new_sigs, *_ = shell.live_tick(["r"], [pid], 0.0, 0, sigs=new_sigs)
+        assert figs[0]["data"][1]["y"] == [100.0, 20.0]
+        micro(2, 3)  # then a new step only: appended
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.0, 0, sigs=new_sigs)
+        assert figs == [no_update] and extends[0][0]["y"] == [[30.0]]
+    rec.close()
+
+
+def test_live_payload_carries_what_each_extension_extends():
+    pids = [ids.panel("overview", "a", ["m"]), ids.panel("overview", "b", ["m"])]
+    sigs = [{"v": {"r": 1}, "last": {"r": 3}}, {"v": {"r": 1}, "last": {"r": 3}}]
+    new = {"v": {"r": 2}, "last": {"r": 4}}
+    payload = shell.live_payload(pids, sigs, [[{"x": [[4]]}, [1]], no_update], [no_update, {"data": []}], [new, new])
+    assert payload["ext"]["overview|a|m"] == [{"x": [[4]]}, [1], {"r": 1}, new]
+    assert payload["fig"]["overview|b|m"] == [{"data": []}, new]
+    assert shell.live_payload(pids, sigs, [no_update] * 2, [no_update] * 2, [no_update] * 2) == {}
+    assert "same(cur, payload.ext[k][2])" in shell.APPLY_JS  # the browser checks the versions before extending
+
+
+def test_preload_imports_what_requests_look_up_before_it_returns():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from app import app, data; cat = data.Catalog(sys.argv[1]); "
+        "t = app.preload(cat); "
+        "m = sys.modules.get('pandas'); assert m is not None and hasattr(m, 'NaT'), 'pandas not imported'; "
+        "t.join(60)"
+    )
+    root = Path(__file__).parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(root / "sample_logs")], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_csv_download_has_every_step_of_every_run(ctx):
+    pid = ids.panel("overview", "ratio-x", ["ratio/max", "kl/k3"])
+    sent = shell.panel_download(pid, ["grpo_full", "sweep/minimal"])
+    assert sent["filename"].endswith(".csv") and "/" not in sent["filename"]
+    lines = sent["content"].splitlines()
+    assert lines[0] == "run,step,tokens_seen,ratio/max,kl/k3"
+    assert len(lines) == 1 + 12 + 10
+    assert lines[1].startswith("grpo_full,0,")
+
+
+def test_search_note_links_metrics_to_their_page():
+    from dash import dcc as _dcc
+
+    with shell.create_app(Path(__file__).parents[2] / "sample_logs").server.test_request_context():
+        note = shell.search_note("kl k3")
+        links = [c for c in note if isinstance(c, _dcc.Link)]
+        assert any(link.children == "kl/k3" and link.href == "/ratios" for link in links)
+        assert shell.search_note("") == [] and shell.search_note("zzzz-nothing") == ["no metric matches"]
+    assert "display" in shell.SEARCH_JS
 
 
 def test_tokens_page_shows_worst_tokens_with_hostile_text_as_plain_text(ctx):

@@ -29,33 +29,60 @@ def _as_list(values) -> list:
     return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
 
 
-def test_panel_has_four_traces_per_run_and_metric_in_a_fixed_order():
+def test_panel_has_three_traces_per_run_and_metric_in_a_fixed_order():
     frames = {"a": _frame(), "b": _frame(offset=0.5)}
-    fig = figures.metric_panel(frames, ["ratio/max", "ratio/mean"], title="t", smoothing=0.5)
+    fig = figures.metric_panel(frames, ["ratio/max", "ratio/mean"], title="t", smoothing=0.5, onpolicy=None)
     assert len(fig.data) == 2 * 2 * figures.TRACES_PER_SERIES
     names = [t.name for t in fig.data]
-    assert names[:4] == ["a · ratio/max min", "a · ratio/max max", "a · ratio/max (raw)", "a · ratio/max"]
-    assert names[12:16] == ["b · ratio/mean min", "b · ratio/mean max", "b · ratio/mean (raw)", "b · ratio/mean"]
+    assert names[:3] == ["a · ratio/max min-max", "a · ratio/max (raw)", "a · ratio/max"]
+    assert names[9:12] == ["b · ratio/mean min-max", "b · ratio/mean (raw)", "b · ratio/mean"]
     assert fig.layout.meta["runs"] == ["a", "b"]
+
+
+def test_in_compare_mode_a_run_has_one_colour_on_every_panel_and_metrics_differ_by_dash():
+    frames = {"a": _frame(), "b": _frame(offset=0.5)}
+    one = figures.metric_panel(frames, ["ratio/max", "ratio/mean"], title="t", run_order=["a", "b"])
+    other = figures.metric_panel({"b": frames["b"]}, ["ratio/max"], title="t", run_order=["a", "b"])
+    raw = {t.name: t.line for t in one.data if t.name.endswith("max") or t.name.endswith("mean")}
+    assert raw["a · ratio/max"].color == raw["a · ratio/mean"].color != raw["b · ratio/max"].color
+    assert raw["a · ratio/max"].dash != raw["a · ratio/mean"].dash
+    # a panel that shows only run b draws it in b's colour, not the first colour of the palette
+    assert other.data[1].line.color == raw["b · ratio/max"].color
+
+
+def test_nan_gaps_stay_gaps_in_the_envelope_band():
+    y = np.sin(np.arange(3000) / 50.0)
+    y[1000:1600] = np.nan  # e.g. the Hill index in a healthy phase
+    f = pl.DataFrame({"step": np.arange(3000), "m": y})
+    fig = figures.metric_panel({"a": f}, ["m"], title="t", buckets=100)
+    band = fig.data[0]
+    assert band.fill == "toself" and fig.layout.meta["aggregated"]
+    xs = [v for v in band.x]
+    # one closed polygon per run of finite buckets, separated by a None: nothing is drawn over [1000, 1600)
+    assert xs.count(None) == 1
+    assert not any(v is not None and 1010 < v < 1590 for v in xs)
+    # an exact series (one point per step) has no band at all
+    exact = figures.metric_panel({"a": f.head(50)}, ["m"], title="t")
+    assert len(exact.data[0].x) == 0
 
 
 def test_raw_stays_visible_under_smoothing_and_ema_is_over_full_resolution():
     frame = _frame(n=40)
     fig = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", smoothing=0.8)
-    raw, sm = fig.data[2], fig.data[3]
+    raw, sm = fig.data[1], fig.data[2]
     assert raw.visible is not False and sm.visible is not False
     np.testing.assert_allclose(_ys(raw), frame["ratio/max"].to_numpy())
     np.testing.assert_allclose(_ys(sm), ema(frame["ratio/max"].to_numpy(), 0.8))
     off = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", smoothing=0.0)
-    assert len(off.data[3].y) == 0 and off.data[2].showlegend
+    assert len(off.data[2].y) == 0 and off.data[1].showlegend
 
 
 def test_spike_survives_in_the_envelope_of_a_long_downsampled_run():
     fig = figures.metric_panel({"a": _frame(n=20_000, spike_at=12_345)}, ["ratio/max"], title="t", buckets=100)
-    hi, raw = fig.data[1], fig.data[2]
+    band, raw = fig.data[0], fig.data[1]
     assert len(raw.x) <= 102 and fig.layout.meta["aggregated"]
-    assert np.nanmax(_ys(hi)) == 30.0
-    assert hi.fill == "tonexty"  # the band fills down to the min trace
+    assert np.nanmax(_ys(band)) == 30.0
+    assert band.fill == "toself"  # the band is a closed polygon: max forward, min back
     assert np.nanmax(_ys(raw)) < 30.0  # the bucket mean alone would have hidden it
 
 
@@ -65,7 +92,7 @@ def test_zoom_range_reaggregates_at_full_resolution():
     )
     assert not fig.layout.meta["aggregated"]
     assert list(fig.layout.xaxis.range) == [12_300, 12_390]
-    assert 30.0 in _ys(fig.data[2])
+    assert 30.0 in _ys(fig.data[1])
 
 
 def test_alerts_are_vertical_lines_at_their_steps():
@@ -76,6 +103,8 @@ def test_alerts_are_vertical_lines_at_their_steps():
     marker = fig.data[-1]  # hoverable, after the series traces so live updates keep their indices
     assert len(fig.data) == figures.TRACES_PER_SERIES + 1
     assert list(marker.x) == [7] and "x (critical) fired at step 7" in marker.text[0] and marker.yaxis == "y2"
+    assert [list(c) for c in marker.customdata] == [["a", 7.0]]  # a click opens run a at step 7
+    assert fig.layout.meta["alerts"] == [["a", 7.0, "critical", "x"]]
 
 
 def test_constant_and_missing_series_get_a_usable_axis():
@@ -87,13 +116,15 @@ def test_constant_and_missing_series_get_a_usable_axis():
     fig = figures.metric_panel({"a": empty}, ["m"], title="t", no_data="record ref_logp")
     assert len(fig.data) == figures.TRACES_PER_SERIES  # live updates can still extend it
     assert any(a.text == "record ref_logp" for a in fig.layout.annotations)
-    assert np.isnan(_ys(fig.data[2])).all()
+    assert np.isnan(_ys(fig.data[1])).all()
+    # the layout key changes when data arrives, which makes a live tick send a new figure (range, note)
+    assert fig.layout.meta["key"] != figures.metric_panel({"a": const}, ["m"], title="t").layout.meta["key"]
 
 
 def test_nan_and_inf_are_sent_as_gaps():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     fig = figures.metric_panel({"a": f}, ["m"], title="t")
-    assert _as_list(fig.data[2].y) == [1.0, None, None]  # Inf is a gap too, never sent as Infinity
+    assert _as_list(fig.data[1].y) == [1.0, None, None]  # Inf is a gap too, never sent as Infinity
     json.loads(fig.to_json())  # strict JSON
 
 
@@ -104,10 +135,10 @@ def test_extend_payload_targets_the_right_traces_and_continues_the_ema():
         fresh, {"a": full_a, "b": full_b}, ["a", "b"], ["ratio/max", "ratio/mean"], smoothing=0.6
     )
     per = figures.TRACES_PER_SERIES
-    # run b, metric ratio/mean is series 3: its traces start at 3 * 4
-    assert idx[-4:] == [3 * per, 3 * per + 1, 3 * per + 2, 3 * per + 3]
-    assert idx[:4] == [0, 1, 2, 3]
-    assert update["x"][0] == [8.0, 9.0]
+    # run b, metric ratio/mean is series 3: its raw and EMA traces are 3 * 3 + 1 and + 2
+    assert idx[-2:] == [3 * per + 1, 3 * per + 2]
+    assert idx[:2] == [1, 2]
+    assert update["x"][0] == [8.0, 9.0] and update["customdata"][0] == [8.0, 9.0]
     np.testing.assert_allclose(update["y"][-1], ema(full_b["ratio/mean"].to_numpy(), 0.6)[-3:])
     assert len(update["x"]) == len(update["y"]) == len(idx)
 
@@ -115,7 +146,7 @@ def test_extend_payload_targets_the_right_traces_and_continues_the_ema():
 def test_extend_payload_without_smoothing_skips_the_ema_trace_and_none_when_nothing_is_new():
     full = _frame(n=5)
     update, idx = figures.extend_payload({"a": full.tail(1)}, {"a": full}, ["a"], ["ratio/max"])
-    assert idx == [0, 1, 2]
+    assert idx == [1]
     assert figures.extend_payload({"a": full.clear()}, {"a": full}, ["a"], ["ratio/max"]) is None
 
 
@@ -184,7 +215,7 @@ def test_the_spec_the_server_sends_is_strict_json_with_gaps_as_null():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     spec = figures.metric_panel_spec({"a": f}, ["m"], title="t")
     sent = json.loads(to_json_plotly(spec))
-    assert sent["data"][2]["y"] == [1.0, None, None]
+    assert sent["data"][1]["y"] == [1.0, None, None]
     assert go_figure_equal(spec, figures.metric_panel({"a": f}, ["m"], title="t"))
 
 
@@ -193,3 +224,58 @@ def go_figure_equal(spec, fig) -> bool:
     from plotly.io.json import to_json_plotly
 
     return to_json_plotly(go.Figure(spec)) == to_json_plotly(fig)  # JSON: NaN == NaN as null
+
+
+def _onpolicy_frame() -> pl.DataFrame:
+    """Every other step on-policy (ratio exactly 1), as a run with two updates per batch records it."""
+    n = 20
+    on = np.arange(n) % 2 == 0
+    rmax = np.where(on, 1.0, 1.2 + 0.01 * np.arange(n))
+    rmin = np.where(on, 1.0, 0.8)
+    return pl.DataFrame({"step": np.arange(n), "ratio/max": rmax, "ratio/min": rmin, "tokens/count": np.full(n, 100.0)})
+
+
+def test_onpolicy_steps_are_marked_or_hidden_on_ratio_panels():
+    f = _onpolicy_frame()
+    assert figures.onpolicy_mask(f).sum() == 10
+    shown = figures.metric_panel({"a": f}, ["ratio/max"], title="t", onpolicy="show")
+    marks = [t for t in shown.data if t.name and t.name.startswith("on-policy")]
+    assert len(marks) == 1 and list(marks[0].x) == list(range(0, 20, 2))
+    assert len(shown.data[1].x) == 20  # the comb is still drawn, with its teeth marked
+    hidden = figures.metric_panel({"a": f}, ["ratio/max"], title="t", onpolicy="hide")
+    assert list(hidden.data[1].x) == list(range(1, 20, 2)) and min(_ys(hidden.data[1])) > 1.1
+    assert not [t for t in hidden.data if t.name and t.name.startswith("on-policy")]
+    # extending a hidden panel leaves new on-policy steps out too
+    update, idx = figures.extend_payload({"a": f.tail(2)}, {"a": f}, ["a"], ["ratio/max"], hide_onpolicy=True)
+    assert update["x"] == [[19.0]]
+    assert figures.onpolicy_applies(["kl/k3"]) and not figures.onpolicy_applies(["entropy/mean"])
+
+
+def test_x_axis_by_tokens_seen_keeps_the_step_for_clicks():
+    f = _onpolicy_frame()
+    fig = figures.metric_panel({"a": f}, ["ratio/max"], title="t", x_mode="tokens")
+    raw = fig.data[1]
+    assert list(raw.x)[:3] == [100.0, 200.0, 300.0] and list(raw.customdata)[:3] == [0.0, 1.0, 2.0]
+    assert fig.layout.xaxis.title.text == "tokens seen"
+    timed = figures.metric_panel({"a": f}, ["ratio/max"], title="t", x_mode="time")
+    assert "not recorded" in timed.layout.xaxis.title.text  # falls back to steps and says so
+    with_time = f.with_columns(time=1000.0 + 2.0 * pl.col("step"))
+    assert list(figures.series_x(with_time, "time"))[:3] == [0.0, 2.0, 4.0]
+
+
+def test_log_scale_and_threshold_lines_named_in_the_legend_not_over_the_data():
+    f = _frame()
+    fig = figures.metric_panel({"a": f}, ["ratio/max"], title="t", log_y=True, hlines=[(5.0, "ratio_spike (warn)")])
+    assert fig.layout.yaxis.type == "log"
+    assert not [a for a in fig.layout.annotations if "ratio_spike" in (a.text or "")]
+    legend = [t for t in fig.data if t.name and "ratio_spike" in t.name]
+    assert legend and legend[0].name == "ratio_spike (warn): 5" and fig.layout.showlegend
+    assert [s.y0 for s in fig.layout.shapes if s.xref == "paper"] == [5.0]
+
+
+def test_lens_colours_are_distinct_for_every_objective():
+    from rldiag.analysis.lens import OBJECTIVES
+
+    f = pl.DataFrame({"step": [0, 1], **{f"lens/{o}/kept_frac": [0.5, 0.6] for o in OBJECTIVES}})
+    colours = [t.line.color for t in figures.lens_lines(f, "kept_frac").data]
+    assert len(colours) == len(OBJECTIVES) == len(set(colours))
