@@ -12,7 +12,8 @@ A run directory holds::
     stats/<writer>-<seg>.parquet    statistics rows of one published segment (STATS_DIR)
     tokens/<writer>-<seg>.parquet   token rows of the same segment, when any were written (TOKENS_DIR)
     scalars/<writer>-<n>.parquet    custom scalars logged with Recorder.log (SCALARS_DIR; rldiag.record.scalars)
-    alerts.jsonl             alert events, one JSON object a line, append-only (ALERTS_FILE)
+    alerts.jsonl             alert events, one JSON object a line, append-only (ALERTS_FILE; local runs)
+    alerts/<source>-<n>.jsonl    the same events on object storage, each object rewritten whole (ALERTS_DIR)
     tokenizer/               optional tokenizer saved with the run (TOKENIZER_DIR)
     .rldiag-index/           the reader's cache of merged statistics (INDEX_DIR; may be deleted)
 
@@ -35,6 +36,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,11 @@ __all__ = [
     "TOKENS_DIR",
     "SCALARS_DIR",
     "ALERTS_FILE",
+    "ALERTS_DIR",
+    "AlertHistoryObjects",
+    "alert_source_id",
+    "alerts_signature",
+    "is_tmp_name",
     "LIVE_DIR",
     "LIVE_META_KEY",
     "LIVE_MAX_BYTES",
@@ -107,6 +114,10 @@ SCALARS_DIR: Final = "scalars"
 """Custom scalars (``Recorder.log``): ``scalars/<writer>-<n>.parquet``, published whole by the writer thread."""
 ALERTS_FILE: Final = "alerts.jsonl"
 """Alert events of the run, one JSON object per line (``Notification.to_json``), append-only."""
+ALERTS_DIR: Final = "alerts"
+"""Alert history where files cannot be appended to (object storage): ``alerts/<source>-<n>.jsonl``, one
+object per evaluator process (``<source>``: :func:`alert_source_id`), each rewritten whole with every event
+of that process so far (:class:`AlertHistoryObjects`); :func:`read_alerts` reads it with ``alerts.jsonl``."""
 TOKENIZER_DIR: Final = "tokenizer"
 """Optional: a transformers tokenizer saved in the run (``tokenizer.save_pretrained``); the dashboard decodes
 token ids with it when no ``--tokenizer`` is given."""
@@ -124,7 +135,7 @@ MAX_MANIFEST_BYTES: Final = 1 << 20
 MAX_ALERT_LINE_BYTES: Final = 1 << 20
 """A line of ``alerts.jsonl`` longer than this is skipped."""
 _RUN_ENTRIES: Final = frozenset(
-    {MANIFEST_NAME, STATS_DIR, TOKENS_DIR, SCALARS_DIR, WRITERS_DIR, ALERTS_FILE, TOKENIZER_DIR}
+    {MANIFEST_NAME, STATS_DIR, TOKENS_DIR, SCALARS_DIR, WRITERS_DIR, ALERTS_FILE, ALERTS_DIR, TOKENIZER_DIR}
 )
 
 
@@ -163,6 +174,12 @@ def published_files(folder: Path) -> list[Path]:
     """The published segments of ``stats/`` or ``tokens/``, sorted by name (empty when the folder is absent);
     regular files only (:func:`rldiag.storage.list_files`; one listing request on object storage)."""
     return [e.path for e in storage.list_files(storage.location(folder)) if is_published(e.name)]  # type: ignore[misc]
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether a file name is a temporary file of a writer (``.<name>[.<pid>].tmp``): never read, removed by
+    ``rldiag info --repair`` once older than its grace period."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 def tmp_path(path: Path) -> Path:
@@ -251,7 +268,7 @@ def create_run_dir(path: storage.Location, cfg: RecorderConfig, world_size: int,
 def _publish_once(final: storage.Location, data: bytes) -> None:
     """Put ``data`` at ``final`` unless a file is already there; never exposes a partial file."""
     if storage.is_remote(final):
-        storage.write_once(cast(storage.RemotePath, final), data)
+        storage.write_once(final, data)
         return
     final = cast(Path, final)  # a local path from here on
     tmp = tmp_path(final)
@@ -519,33 +536,148 @@ def read_file_metadata(metadata: Mapping[bytes, bytes] | None) -> dict[str, Any]
     return meta
 
 
-# --- alerts.jsonl --------------------------------------------------------------------------------------
+# --- alert history: alerts.jsonl (local) and alerts/<source>-<n>.jsonl (object storage) -------------------
 ALERT_KEYS: Final = frozenset({"event", "rule", "fingerprint", "step"})
 """Keys every event of ``alerts.jsonl`` has (``rldiag.alerts.engine.Notification.to_json`` writes them)."""
+MAX_ALERT_OBJECT_BYTES: Final = 64 << 20
+"""An object of ``alerts/`` larger than this is skipped (one holds at most :data:`ALERT_OBJECT_ROLL_BYTES`)."""
+ALERT_OBJECT_ROLL_BYTES: Final = 256 << 10
+"""An evaluator starts its next ``alerts/<source>-<n>.jsonl`` once the current one holds this much, so each
+event rewrites a bounded object."""
+_ALERT_OBJECT_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,200}\.jsonl$")
 
 
-def read_alerts(path: Path) -> list[dict[str, Any]]:
-    """The events of an ``alerts.jsonl`` file, oldest first (``[]`` when it does not exist).
+def alert_source_id(kind: str = "alerts") -> str:
+    """A name for the alert history of one evaluator process: ``<kind>-<host>-<pid>-<start ns, hex>`` (unique
+    per process, like a writer id, so no two processes ever write the same object)."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+    kind = re.sub(r"[^A-Za-z0-9_.]", "_", kind)[:20] or "alerts"
+    return f"{kind}-{host}-{os.getpid()}-{time.time_ns():x}"
 
-    A torn last line (a writer mid-append), a line that is not a JSON object with :data:`ALERT_KEYS`, and an
-    over-long line are skipped.
+
+class AlertHistoryObjects:
+    """The alert history of one evaluator on a store that cannot append (object storage).
+
+    Each :meth:`append` rewrites ``alerts/<source>-<n>.jsonl`` whole (one PUT) with every event this object
+    holds, so a reader sees a whole object or the previous one, never part of a line; after
+    :data:`ALERT_OBJECT_ROLL_BYTES` the next event starts object ``n + 1``. A restarted evaluator has another
+    ``source``, so it never overwrites what the process before it wrote; it reads that history with
+    :func:`read_alerts` and does not notify it again.
+
+    >>> h = AlertHistoryObjects(Path("runs/exp1"), "alerts-host-1-a")     # doctest: +SKIP
+    >>> h.append({"event": "firing", "rule": "kl_spike", "fingerprint": "f", "step": 3})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, run_dir: storage.Location, source: str | None = None, *, roll_bytes: int = ALERT_OBJECT_ROLL_BYTES
+    ) -> None:
+        self.folder = storage.location(run_dir) / ALERTS_DIR
+        self.source = source or alert_source_id()
+        if not _ALERT_OBJECT_RE.match(self.source + ".jsonl"):
+            raise ValueError(f"alert history source {self.source!r}: use letters, digits, '_', '.' and '-' only")
+        self.roll_bytes = int(roll_bytes)
+        self.part = 0
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> storage.Location:
+        """The object the next event goes to."""
+        return self.folder / f"{self.source}-{self.part:04d}.jsonl"
+
+    def append(self, event: Mapping[str, Any]) -> None:
+        """Add one event (a ``Notification.to_json`` dict) and publish the current object whole."""
+        line = (json.dumps(dict(event), separators=(",", ":"), allow_nan=False) + "\n").encode()
+        with self._lock:
+            if self._lines and self._size + len(line) > self.roll_bytes:
+                self.part += 1
+                self._lines, self._size = [], 0
+            self._lines.append(line)
+            self._size += len(line)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)  # a prefix on object storage: nothing to do
+                storage.write_whole(self.path, b"".join(self._lines))
+            except BaseException:
+                self._lines.pop()  # not published: the next append must not carry it as if it were
+                self._size -= len(line)
+                raise
+
+
+def _parse_alert_lines(lines: Iterable[bytes], out: list[dict[str, Any]]) -> None:
+    for raw in lines:
+        if len(raw) > MAX_ALERT_LINE_BYTES:
+            continue
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(d, dict) and ALERT_KEYS <= d.keys():
+            out.append(d)
+
+
+def _alert_objects(run_dir: storage.Location) -> list[storage.Entry]:
+    return [
+        e
+        for e in storage.list_files(storage.location(run_dir) / ALERTS_DIR)
+        if _ALERT_OBJECT_RE.match(e.name) and not e.name.startswith(".")
+    ]
+
+
+def _event_time(ev: Mapping[str, Any]) -> float:
+    t = ev.get("time")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+        return float(t)
+    return -math.inf
+
+
+def read_alerts(path: storage.Location) -> list[dict[str, Any]]:
+    """The alert events of a run, oldest first (``[]`` when there are none).
+
+    ``path`` is the run's ``alerts.jsonl`` (``run_dir / ALERTS_FILE``; any other file is read alone). Both
+    layouts are read: the appended ``alerts.jsonl`` of a local run (and of runs recorded before the objects
+    existed), and the objects ``alerts/*.jsonl`` an evaluator writes on object storage; events from several
+    sources are merged by their ``time`` (the order within a source is kept). A torn last line (a writer
+    mid-append), a line that is not a JSON object with :data:`ALERT_KEYS`, an over-long line and an
+    over-large object are skipped.
     """
     out: list[dict[str, Any]] = []
+    path = storage.location(path)
     try:
-        fh = storage.open_binary(storage.location(path))
+        fh = storage.open_binary(path)
     except (FileNotFoundError, NotADirectoryError):
+        pass
+    else:
+        with fh:
+            _parse_alert_lines(fh, out)
+    if path.name != ALERTS_FILE:
         return out
-    with fh:
-        for raw in fh:
-            if len(raw) > MAX_ALERT_LINE_BYTES:
-                continue
-            try:
-                d = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(d, dict) and ALERT_KEYS <= d.keys():
-                out.append(d)
-    return out
+    objects = _alert_objects(path.parent)
+    if not objects:
+        return out  # a local run: alerts.jsonl alone, in file order
+    for e in objects:
+        if e.size > MAX_ALERT_OBJECT_BYTES:
+            continue
+        try:
+            raw = storage.read_limited(e.path, MAX_ALERT_OBJECT_BYTES + 1)
+        except (FileNotFoundError, OSError):
+            continue
+        _parse_alert_lines(raw.splitlines(keepends=True), out)
+    return sorted(out, key=_event_time)  # stable: each source's own order is kept among equal times
+
+
+def alerts_signature(run_dir: storage.Location) -> tuple[tuple[str, int, float], ...]:
+    """What changes when the run's alert history changes: name, size and time of ``alerts.jsonl`` and of the
+    objects in ``alerts/`` (one stat and one listing; ``()`` when the run has no history)."""
+    run_dir = storage.location(run_dir)
+    sig: list[tuple[str, int, float]] = []
+    try:
+        st = (run_dir / ALERTS_FILE).stat()
+        sig.append((ALERTS_FILE, int(st.st_size), float(st.st_mtime_ns)))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        pass
+    sig += [(e.name, e.size, e.mtime) for e in _alert_objects(run_dir)]
+    return tuple(sig)
 
 
 # --- restarts: which records of a rank survive ---------------------------------------------------------

@@ -200,6 +200,32 @@ def test_alerts_jsonl_one_parser_skips_torn_and_foreign_lines(tmp_path: Path) ->
     assert [e["step"] for e in rf.read_alerts(path)] == [3, 4]
 
 
+def test_alert_history_objects_are_whole_per_source_and_read_with_alerts_jsonl(tmp_path: Path) -> None:
+    """Where files cannot be appended to, each evaluator keeps alerts/<source>-<n>.jsonl, rewritten whole; the
+    reader merges those objects with an old run's alerts.jsonl by time, each source's order kept."""
+
+    def ev(step: int, t: float, rule: str = "kl") -> dict[str, object]:
+        return {"event": "firing", "rule": rule, "fingerprint": rule, "step": step, "time": t}
+
+    (tmp_path / rf.ALERTS_FILE).write_text(json.dumps(ev(1, 10.0, "old")) + "\n")
+    first = rf.AlertHistoryObjects(tmp_path, "alerts-h-1-a", roll_bytes=150)
+    for step, t in ((2, 20.0), (3, 30.0), (4, 40.0)):
+        first.append(ev(step, t))
+    names = sorted(p.name for p in (tmp_path / rf.ALERTS_DIR).iterdir())
+    assert names == ["alerts-h-1-a-0000.jsonl", "alerts-h-1-a-0001.jsonl"]  # rolled: each object stays small
+    assert all(p.stat().st_size <= 150 for p in (tmp_path / rf.ALERTS_DIR).iterdir())
+    restarted = rf.AlertHistoryObjects(tmp_path, rf.alert_source_id())  # a restart: its own objects
+    restarted.append(ev(5, 35.0, "other"))
+    (tmp_path / rf.ALERTS_DIR / "alerts-h-9-z-0000.jsonl").write_bytes(b'{"event": "fir')  # torn/foreign
+    (tmp_path / rf.ALERTS_DIR / ".hidden.jsonl.tmp").write_bytes(json.dumps(ev(9, 1.0)).encode())
+    events = rf.read_alerts(tmp_path / rf.ALERTS_FILE)
+    assert [(e["step"], e["rule"]) for e in events] == [(1, "old"), (2, "kl"), (3, "kl"), (5, "other"), (4, "kl")]
+    assert rf.alerts_signature(tmp_path)[0][0] == rf.ALERTS_FILE and len(rf.alerts_signature(tmp_path)) == 5
+    assert rf.read_alerts(tmp_path / "elsewhere.jsonl") == []  # another file is read alone
+    with pytest.raises(ValueError, match="letters"):
+        rf.AlertHistoryObjects(tmp_path, "../escape")
+
+
 def test_alert_history_is_read_by_the_run_format_parser() -> None:
     from rldiag.alerts.engine import read_history
 

@@ -11,7 +11,6 @@ the run. Evaluating only complete steps keeps the engine exact: it never sees a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from rldiag import runformat, storage
@@ -63,7 +62,7 @@ class RunFollower:
 
     def __init__(
         self,
-        run_dir: str | Path,
+        run_dir: str | storage.Location,
         engine: Engine,
         *,
         open_run: Callable[[storage.Location], Any] | None = None,

@@ -2,8 +2,10 @@
 
 ``observe()`` only enqueues; a background thread runs the :class:`~rldiag.alerts.engine.Engine` and the
 sinks, checks for a stalled run between steps and re-notifies alerts that keep firing. On start it resumes
-from the run directory: the events of ``alerts.jsonl`` are the history, and the steps already on disk (a
-resumed run) are replayed silently so baselines and windows are right and nothing is notified twice.
+from the run directory: the run's alert history is read (``alerts.jsonl`` of a local run; on object storage,
+which cannot append, the objects ``alerts/<source>-<n>.jsonl`` that each evaluator process rewrites whole:
+:func:`history_sink`), and the steps already on disk (a resumed run) are replayed silently so baselines and
+windows are right and nothing is notified twice.
 
 Wiring (what :class:`rldiag.Recorder` does with its ``alerts=`` argument)::
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rldiag.alerts.engine import Engine, Notification, RuleStatus, read_history
+from rldiag.alerts.engine import Engine, Notification, RuleStatus
 from rldiag.alerts.follow import RunFollower
 from rldiag.alerts.rules import Rule, RuleSet, coerce_rules
 from rldiag.alerts.sinks import (
@@ -49,10 +51,18 @@ from rldiag.alerts.sinks import (
     StopTrainingSink,
     WebhookSink,
 )
-from rldiag.runformat import ALERTS_FILE
-from rldiag.storage import Location, is_remote, is_uri, location
+from rldiag.runformat import ALERTS_FILE, AlertHistoryObjects, alert_source_id, read_alerts
+from rldiag.storage import Location, location
 
-__all__ = ["AlertConfig", "OnlineAlerts", "make_online_alerts", "online_from_arg", "run_label"]
+__all__ = [
+    "AlertConfig",
+    "HistoryObjectSink",
+    "OnlineAlerts",
+    "history_sink",
+    "make_online_alerts",
+    "online_from_arg",
+    "run_label",
+]
 
 log = logging.getLogger("rldiag.alerts")
 
@@ -64,6 +74,34 @@ def run_label(run_dir: str | Location | None) -> str:
     from rldiag import storage
 
     return storage.location(run_dir).resolve().name or "run"
+
+
+class HistoryObjectSink(Sink):
+    """The run's alert history on object storage: every event of this process in
+    ``alerts/<source>-<n>.jsonl``, rewritten whole per event (:class:`rldiag.runformat.AlertHistoryObjects`).
+
+    Object stores cannot append, so each evaluator process keeps its own objects; a restarted one writes new
+    ones and reads the old ones as its history (nothing is notified twice).
+    """
+
+    name = "history"
+
+    def __init__(self, run_dir: str | Location, source: str | None = None, **kw: Any):
+        super().__init__(**kw)
+        self.history = AlertHistoryObjects(location(run_dir), source)
+
+    def deliver(self, n: Notification) -> None:
+        self.history.append(n.to_json())
+
+
+def history_sink(run_dir: str | Location, *, kind: str = "alerts") -> Sink:
+    """The sink that keeps the run's alert history: appends to ``alerts.jsonl`` on a local run, whole objects
+    ``alerts/<kind>-<host>-<pid>-<start>-<n>.jsonl`` on object storage (``kind``: ``alerts`` for the online
+    evaluator, ``watch`` for ``rldiag watch``). :func:`rldiag.runformat.read_alerts` reads both."""
+    loc = location(run_dir)
+    if isinstance(loc, Path):
+        return JsonlSink(loc / ALERTS_FILE)
+    return HistoryObjectSink(loc, alert_source_id(kind))
 
 
 @dataclass(frozen=True)
@@ -79,7 +117,8 @@ class AlertConfig:
     console: bool | str = True
     """True: one line per event on stderr; "logging": through the ``rldiag.alerts`` logger; False: off."""
     jsonl: bool = True
-    """Append events to ``<run_dir>/alerts.jsonl`` (the dashboard and restarts read it)."""
+    """Keep the run's alert history (the dashboard and restarts read it): append to ``<run_dir>/alerts.jsonl``,
+    or on object storage write ``alerts/<source>-<n>.jsonl`` objects (:func:`history_sink`)."""
     alertmanager: tuple[str, ...] = ()
     """Alertmanager addresses (``http://127.0.0.1:9093``): alerts posted to its ingest API ``/api/v2/alerts``."""
     dashboard_url: str | None = None
@@ -116,8 +155,8 @@ class AlertConfig:
             sinks.append(LoggingSink())
         elif self.console:
             sinks.append(ConsoleSink())
-        if self.jsonl and run_dir is not None and not is_uri(run_dir) and not is_remote(run_dir):
-            sinks.append(JsonlSink(Path(run_dir) / ALERTS_FILE))  # object stores cannot append: no history there
+        if self.jsonl and run_dir is not None:
+            sinks.append(history_sink(run_dir))
         sinks += [
             AlertmanagerSink(u, min_severity=self.min_severity, dashboard_url=self.dashboard_url)
             for u in self.alertmanager
@@ -177,7 +216,7 @@ class OnlineAlerts:
         self,
         rules: RuleSet | Sequence[Rule] | str | Path | None = None,
         sinks: Sequence[Sink] | None = None,
-        run_dir: str | Path | None = None,
+        run_dir: str | Location | None = None,
         *,
         run: str | None = None,
         repeat_interval: float | None = None,
@@ -193,7 +232,7 @@ class OnlineAlerts:
             sinks = AlertConfig().build_sinks(self.run_dir)
         self.notifier = Notifier(sinks)
         self.run = run if run is not None else run_label(self.run_dir)
-        history = read_history(self.run_dir / ALERTS_FILE) if self.run_dir is not None else []
+        history = read_alerts(self.run_dir / ALERTS_FILE) if self.run_dir is not None else []
         self.engine = Engine(self.rules, run=self.run, history=history, repeat_interval=repeat_interval)
         self._resume = resume and self.run_dir is not None
         self.world_size = int(world_size)
@@ -218,7 +257,7 @@ class OnlineAlerts:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: AlertConfig, run_dir: str | Path | None, **kw: Any) -> OnlineAlerts:
+    def from_config(cls, config: AlertConfig, run_dir: str | Location | None, **kw: Any) -> OnlineAlerts:
         """An evaluator with the rules and sinks of ``config``."""
         return cls(
             config.rules,
@@ -433,7 +472,7 @@ class OnlineAlerts:
 
 
 def make_online_alerts(
-    alerts: Any, run_dir: str | Path | None, *, run: str | None = None, **kw: Any
+    alerts: Any, run_dir: str | Location | None, *, run: str | None = None, **kw: Any
 ) -> OnlineAlerts | None:
     """Turn the ``alerts=`` argument of ``Recorder`` into an :class:`OnlineAlerts` (or None).
 
@@ -465,7 +504,7 @@ def make_online_alerts(
 
 
 def online_from_arg(
-    alerts: Any, *, run_dir: str | Path | None, rank: int = 0, world_size: int = 1, config: Any = None, **kw: Any
+    alerts: Any, *, run_dir: str | Location | None, rank: int = 0, world_size: int = 1, config: Any = None, **kw: Any
 ) -> OnlineAlerts | None:
     """What ``Recorder(..., alerts=...)`` calls: an evaluator on rank 0, None elsewhere or when off.
 

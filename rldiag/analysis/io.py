@@ -55,7 +55,7 @@ class Run:
     config: RecorderConfig
     files: RunFiles = field(init=False)
     """The run's published files and what was read from them."""
-    _alerts_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = field(default=None, init=False)
+    _alerts_cache: tuple[Any, list[dict[str, Any]]] | None = field(default=None, init=False)
     custom: ScalarFiles = field(init=False)
     """The run's custom scalars (``Recorder.log``, ``scalars/``): :meth:`custom_metrics` reads them."""
 
@@ -148,14 +148,11 @@ class Run:
     def alerts(self) -> list[dict[str, Any]]:
         """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none); the file is
         parsed again only when it changed (the same list is returned until then)."""
-        path = self.path / runformat.ALERTS_FILE
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        key = runformat.alerts_signature(self.path)  # alerts.jsonl and, on object storage, alerts/*.jsonl
+        if not key:
             return []
-        key = (st.st_size, st.st_mtime_ns)
         if self._alerts_cache is None or self._alerts_cache[0] != key:
-            self._alerts_cache = (key, runformat.read_alerts(path))  # type: ignore[arg-type]
+            self._alerts_cache = (key, runformat.read_alerts(self.path / runformat.ALERTS_FILE))
         return self._alerts_cache[1]
 
     def file_steps(self, names: Sequence[str]) -> set[int]:

@@ -23,9 +23,9 @@ from typing import Any
 from rldiag import storage
 from rldiag.alerts.engine import Engine, Notification, State, read_history
 from rldiag.alerts.follow import ALERTS_FILE, RunFollower
-from rldiag.alerts.online import run_label
+from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
-from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, JsonlSink, Notifier, Sink, SlackSink, WebhookSink
+from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
 
 EXIT_OK = 0
 EXIT_FIRING = 1
@@ -283,8 +283,8 @@ def build_sinks(args: argparse.Namespace, run_dir: storage.Location | None, *, n
         return sinks
     if not args.quiet:
         sinks.append(ConsoleSink(sys.stderr))
-    if not args.no_history and not storage.is_remote(run_dir):  # object stores cannot append to a file
-        sinks.insert(0, JsonlSink(run_dir / ALERTS_FILE))
+    if not args.no_history:  # alerts.jsonl, or whole objects alerts/watch-...jsonl where files cannot be appended
+        sinks.insert(0, history_sink(run_dir, kind="watch"))
     return sinks
 
 

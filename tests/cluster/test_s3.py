@@ -17,7 +17,7 @@ import pytest
 import rldiag
 from rldiag import storage
 from rldiag.analysis.io import RunFormatWarning
-from rldiag.runformat import RunFormatError
+from rldiag.runformat import RunFormatError, read_alerts
 from tests.analysis.test_io import _attempt, _same_metrics, _step_record
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -201,7 +201,10 @@ def test_watch_once_on_an_s3_run(s3_run, capsys) -> None:
     assert code in (0, 1), out.err
     assert "error" not in out.err.lower()
     assert "rule" in out.out.lower() or out.out.strip()
-    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: the history is not written there
+    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: whole objects in alerts/ instead
+    history = [k for k in _keys(s3_run) if k.startswith("alerts/")]
+    assert history and all(k.startswith("alerts/watch-") and k.endswith("-0000.jsonl") for k in history)
+    assert rldiag.open_run(s3_run).alerts() == read_alerts(storage.location(s3_run) / "alerts.jsonl")
 
 
 def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
@@ -226,4 +229,34 @@ def test_a_recorder_with_online_alerts_records_to_s3(s3_run) -> None:
             rec.record(step=step, **_step_record(step))
     run = rldiag.open_run(s3_run)
     assert run.steps() == [0, 1, 2, 3] and not run.problems
-    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: no alert history written there
+    assert "alerts.jsonl" not in _keys(s3_run)  # object stores cannot append: whole objects in alerts/ instead
+
+
+def test_online_alerts_on_s3_do_not_renotify_after_a_restart(s3_run) -> None:
+    """Steps 0-14 recorded on S3 (a KL spike at 12), then a restart from the checkpoint of step 10 records 10-19
+    with the same spike: the alert that fired before the restart is not notified again (its history is the
+    first process's alerts/ object, which the second process reads and never overwrites)."""
+    from rldiag.alerts import AlertConfig, load_rules
+    from tests.alerts.test_alert_online import record_steps
+
+    rules = load_rules().without("stalled_run")
+    seen: list[tuple[str, str, int]] = []
+    cfg = AlertConfig(rules=rules, console=False, callbacks=(lambda n: seen.append((n.rule, n.event, n.step)),))
+    with rldiag.Recorder(s3_run, alerts=cfg) as rec:
+        record_steps(rec, range(15), spike={12})
+    assert ("kl_spike", "firing", 12) in seen
+    first_objects = [k for k in _keys(s3_run) if k.startswith("alerts/")]
+    assert len(first_objects) == 1 and "alerts.jsonl" not in _keys(s3_run)
+    first = rldiag.open_run(s3_run).alerts()
+    assert ("kl_spike", "firing", 12) in [(e["rule"], e["event"], e["step"]) for e in first]
+    seen.clear()
+    with rldiag.Recorder(s3_run, alerts=cfg) as rec:
+        record_steps(rec, range(10, 20), spike={12})
+        rec.flush()
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+    assert not [e for e in seen if e[0] == "kl_spike" and e[1] == "firing"], seen
+    events = rldiag.open_run(s3_run).alerts()
+    assert events[: len(first)] == first  # the first process's object is untouched
+    later = events[len(first) :]
+    assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
+    assert set(first_objects) < {k for k in _keys(s3_run) if k.startswith("alerts/")} or not later
