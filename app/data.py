@@ -277,8 +277,15 @@ class RunState:
         """
         from rldiag.metrics.registry import REGISTRY
 
-        wanted = None if names is None else [n for n in dict.fromkeys(names) if n in REGISTRY]
+        asked = None if names is None else list(dict.fromkeys(names))
+        wanted = None if asked is None else [n for n in asked if n in REGISTRY]
         with self._lock:
+            if asked is not None and len(wanted or []) < len(asked) and not self._complete:
+                # a name outside the registry (a scalar the run logged itself, say): only the full computation
+                # knows which columns the run has
+                known = set() if self._metrics is None else set(self._metrics.columns)
+                if any(n not in REGISTRY and n not in known for n in asked):
+                    wanted = None
             if self._metrics is None:
                 if wanted is None:
                     frame = self.run.step_metrics()
@@ -291,15 +298,19 @@ class RunState:
                 return self._metrics
             if self._complete:
                 return self._metrics
-            missing = list(REGISTRY) if wanted is None else [n for n in wanted if n not in self._names]
-            missing = [n for n in missing if n not in self._names]
+            # the same files as the cached columns (only update() reads new ones): the same steps
+            if wanted is None:  # everything, the columns outside the registry included
+                full = self.run.step_metrics()
+                extra = full.select(schema.STEP, *[c for c in full.columns if c not in self._metrics.columns])
+                self._metrics = self._metrics.join(extra.sort(schema.STEP), on=schema.STEP, how="left")
+                self._names = set(self._metrics.columns) - {schema.STEP}
+                self._complete = True
+                return self._metrics
+            missing = [n for n in wanted if n not in self._names]
             if missing:
-                # the same files as the cached columns (only update() reads new ones): the same steps
                 extra = self.run.step_metrics(metrics=missing).sort(schema.STEP)
                 self._metrics = self._metrics.join(extra, on=schema.STEP, how="left")
                 self._names |= set(missing)
-            if wanted is None:
-                self._complete = True
             return self._metrics
 
     @property

@@ -192,14 +192,17 @@ def test_metrics_are_finalized_only_when_asked_for(tmp_path: Path):
     first = st.metrics(["ratio/mean"])
     assert set(first.columns) == {"step", "tokens/count", "ratio/mean"}
     assert asked == [["tokens/count", "ratio/mean"]]
-    more = st.metrics(["kl/k3", "ratio/mean", "no/such-metric"])
+    more = st.metrics(["kl/k3", "ratio/mean"])
     assert asked[-1] == ["kl/k3"] and {"kl/k3", "ratio/mean"} <= set(more.columns)
     # new steps get exactly the columns computed so far, and match a full computation
     record_run(tmp_path / "r", steps=2, start=3, close=False, rec=rec)
     fresh = st.update()
     rec.close()
     assert fresh["step"].to_list() == [3, 4] and set(fresh.columns) == set(more.columns)
-    full = st.metrics()
+    calls = len(asked)
+    full = st.metrics(["a-scalar/the-run-logged"])  # not in the registry: the full computation, once
+    assert len(asked) == calls + 1 and asked[-1] is None
+    assert st.metrics() is full and st.metrics(["another/unknown"]) is full and len(asked) == calls + 1
     import rldiag
 
     reference = rldiag.open_run(tmp_path / "r").step_metrics().sort("step")  # read from scratch
