@@ -32,7 +32,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from rldiag.alerts.rules import CUSTOM_PREFIX, Condition, Rule, RuleSet, coerce_rules, render_template
+from rldiag.alerts.rules import (
+    CUSTOM_PREFIX,
+    ON_POLICY_METRICS,
+    TOKEN_COUNT_METRIC,
+    Condition,
+    Rule,
+    RuleSet,
+    coerce_rules,
+    render_template,
+)
 from rldiag.runformat import read_alerts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,6 +130,8 @@ class Transition:
     resolve: float | None
     reference: float | None
     op: str | None
+    summary: str = ""
+    """The deciding condition's own sentence (``Condition.summary``), else empty: the rule's is used."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,9 @@ def _cmp(value: float, op: str, threshold: float) -> bool:
     return value <= threshold
 
 
-def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[ConditionState, _Result]:
+def _eval_condition(
+    cond: Condition, cs: ConditionState, value: float, tokens: float = math.nan
+) -> tuple[ConditionState, _Result]:
     if math.isnan(value) or (cond.kind != "threshold" and not math.isfinite(value)):
         return cs, _Result(False)
     ref: float | None = None
@@ -177,6 +190,9 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
         above_floor = cond.floor is None or _cmp(value, cond.op, cond.floor)
         trip = _cmp(value, cond.op, thr) and above_floor
         hold = _cmp(value, cond.op, res) and above_floor
+        if cond.floor is not None:  # the effective bounds: a multiple of a reference of 0 is not "threshold 0"
+            pick = max if cond.op in (">", ">=") else min
+            thr, res = pick(thr, cond.floor), pick(res, cond.floor)
     else:  # trend
         hist = cs.recent + (value,)
         cs = replace(cs, recent=hist[-cond.steps :])
@@ -196,12 +212,23 @@ def _eval_condition(cond: Condition, cs: ConditionState, value: float) -> tuple[
             enough = enough and (last >= cond.floor if sign > 0 else last <= cond.floor)
         trip = moved and enough
         thr, res, ref = first, None, first
+    if cond.min_tokens and math.isfinite(tokens) and not abs(value) * tokens >= cond.min_tokens:
+        trip = hold = False  # a share of a handful of tokens: noise (an absent count leaves the test as it is)
     trips = (cs.trips + (trip,))[-cond.n :]
     cs = replace(cs, trips=trips)
     met = sum(trips) >= cond.for_
     return cs, _Result(
         True, trip=trip, met=met, hold=hold or trip, value=value, threshold=thr, resolve=res, reference=ref
     )
+
+
+def _value(values: Mapping[str, float], name: str) -> float:
+    """``values[name]`` as a float; NaN when absent or not a number."""
+    raw = values.get(name, math.nan)
+    try:
+        return float(raw) if raw is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def advance(
@@ -216,13 +243,11 @@ def advance(
         raise ValueError(f"rule {rule.name!r} is a {rule.kind} rule; advance() evaluates metric rules")
     conds: list[ConditionState] = []
     results: list[_Result] = []
+    on_policy = rule.skip_on_policy and all(_value(values, m) == 1.0 for m in ON_POLICY_METRICS)
+    tokens = _value(values, TOKEN_COUNT_METRIC)
     for cond, cs in zip(rule.conditions, state.conditions):
-        raw = values.get(cond.metric, math.nan)
-        try:
-            value = float(raw) if raw is not None else math.nan
-        except (TypeError, ValueError):
-            value = math.nan
-        cs, res = _eval_condition(cond, cs, value)
+        value = math.nan if on_policy else _value(values, cond.metric)  # an on-policy step is a missing one
+        cs, res = _eval_condition(cond, cs, value, tokens)
         conds.append(cs)
         results.append(res)
     state = replace(state, conditions=tuple(conds), last_step=step)
@@ -259,6 +284,7 @@ def advance(
             shown.resolve,
             shown.reference,
             None if cond.kind == "trend" else cond.op,
+            cond.summary,
         )
 
     if state.state == State.FIRING:
@@ -573,6 +599,7 @@ class Engine:
             starts_at=starts_at,
             ends_at=ends_at,
             now=now,
+            template=tr.summary or None,
         )
 
     def _notification(
@@ -591,6 +618,7 @@ class Engine:
         starts_at: float,
         ends_at: float | None,
         now: float,
+        template: str | None = None,
     ) -> Notification:
         fields = {
             "rule": rule.name,
@@ -608,8 +636,8 @@ class Engine:
         }
         if event == EVENT_RESOLVED:
             template = _RESOLVED_METRIC if rule.kind == "metric" else _RESOLVED_STALL
-        else:
-            template = rule.summary or (_DEFAULT_METRIC if rule.kind == "metric" else _DEFAULT_STALL)
+        else:  # the deciding condition's sentence, else the rule's
+            template = template or rule.summary or (_DEFAULT_METRIC if rule.kind == "metric" else _DEFAULT_STALL)
         summary = render_template(template, fields)
         annotations = {
             "summary": summary,

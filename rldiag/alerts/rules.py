@@ -72,6 +72,11 @@ MATCHES: Final[tuple[str, ...]] = ("any", "all")
 DIRECTIONS: Final[tuple[str, ...]] = ("rising", "falling")
 TREND_MODES: Final[tuple[str, ...]] = ("monotone", "net")
 
+TOKEN_COUNT_METRIC: Final = "tokens/count"
+"""The token count ``min_tokens`` multiplies a share by."""
+ON_POLICY_METRICS: Final = ("ratio/min", "ratio/max")
+"""Both exactly 1: an on-policy step (``skip_on_policy``)."""
+
 DEFAULT_REPEAT_INTERVAL: Final[float] = 4 * 3600.0
 """Alertmanager's default ``repeat_interval``: re-notify a firing alert every 4 hours."""
 DEFAULT_STALL_AFTER: Final[float] = 600.0
@@ -145,6 +150,11 @@ class Condition:
     steps: int = 5
     mode: Literal["monotone", "net"] = "monotone"
     min_change: float = 0.0
+    min_tokens: int = 0
+    """A share of tokens (``clip/region``...) trips and holds only when it stands for at least this many tokens
+    (``value x tokens/count``): 4 clipped tokens of 128 are 3%, and noise. 0: no such guard."""
+    summary: str = ""
+    """This condition's sentence when it decides the notification (default: the rule's ``summary``)."""
 
     @property
     def resolve_threshold(self) -> float:
@@ -176,6 +186,8 @@ class Condition:
             text = f"{self.metric} {self.op} {self.threshold:g}"
         if self.floor is not None and self.kind in ("baseline", "rolling"):
             text += f" and {self.op} {self.floor:g}"
+        if self.min_tokens:
+            text += f" on >= {self.min_tokens} tokens"
         if self.n > 1 or self.for_ > 1:
             text += f" for {self.for_}" + (f" of {self.n}" if self.n != self.for_ else "") + " steps"
         return text
@@ -204,6 +216,11 @@ class Rule:
     repeat_interval: float | None = None
     kind: Literal["metric", "stall"] = "metric"
     stall_after: float = DEFAULT_STALL_AFTER
+    skip_on_policy: bool = False
+    """A step whose importance ratios are all exactly 1 (``ratio/min`` = ``ratio/max`` = 1: the first update on
+    fresh rollouts, on-policy by construction) says nothing about the update's size: for this rule it is a
+    missing step (it neither fires nor clears it). Without it a run that reuses each rollout batch for k
+    updates resolves and fires its KL or clipping alert again every k steps."""
 
     def __hash__(self) -> int:  # labels is a dict; rules are still usable as dict keys
         return hash((self.name, self.conditions, self.match, self.severity, self.kind))
@@ -225,7 +242,13 @@ class Rule:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c.metric for c in self.conditions))
+        """The metrics the rule reads: its conditions' and those its guards need (``tokens/count``, on-policy)."""
+        names = [c.metric for c in self.conditions]
+        if any(c.min_tokens for c in self.conditions):
+            names.append(TOKEN_COUNT_METRIC)
+        if self.skip_on_policy:
+            names.extend(ON_POLICY_METRICS)
+        return tuple(dict.fromkeys(names))
 
     def describe(self) -> str:
         if self.kind == "stall":
@@ -377,6 +400,13 @@ def validate_condition(cond: Condition, where: str, metrics: frozenset[str] | No
             fail("mode", f"must be one of {', '.join(TREND_MODES)}, got {cond.mode!r}")
         if cond.min_change < 0:
             fail("min_change", f"must be >= 0, got {cond.min_change}")
+    if not 0 <= cond.min_tokens <= 2**40:
+        fail("min_tokens", f"must be a count of tokens >= 0, got {cond.min_tokens}")
+    if cond.summary:
+        try:
+            check_template(cond.summary)
+        except RuleError as exc:
+            fail("summary", str(exc))
 
 
 def validate_rule(rule: Rule, metrics: frozenset[str] | None = None, *, origin: str = "") -> None:
@@ -534,6 +564,7 @@ _COND_KEYS: Final = {
     "steps",
     "mode",
     "min_change",
+    "min_tokens",
 }
 _RULE_KEYS: Final = {
     "severity",
@@ -551,6 +582,7 @@ _RULE_KEYS: Final = {
     "enabled",
     "for",
     "within",
+    "skip_on_policy",
 }
 # `for` and `within` of a single-condition rule written flat apply to the rule (the same thing there).
 _FLAT_COND_KEYS: Final = _COND_KEYS - {"for", "within"}
@@ -618,15 +650,17 @@ def _condition_from(table: Mapping[str, Any], where: str, flat: bool) -> Conditi
         steps=f.integer("steps", d.steps),
         mode=f.text("mode", d.mode),
         min_change=f.number("min_change", d.min_change),
+        min_tokens=f.integer("min_tokens", d.min_tokens),
     )
     if not flat:
         kw["for_"] = f.integer("for", 1)
         kw["within"] = f.integer("within", None)
+        kw["summary"] = f.text("summary", "")
     unknown = [k for k in table if k not in allowed and k not in _RULE_KEYS]
     if unknown:
         raise f.fail(unknown[0], _unknown("field", unknown[0], sorted(allowed)))
     if not flat:
-        stray = [k for k in table if k not in allowed]
+        stray = [k for k in table if k not in allowed and k != "summary"]
         if stray:
             raise f.fail(stray[0], "is a rule field, not a condition field")
     return Condition(**kw)
@@ -660,6 +694,10 @@ def _rule_from(name: str, table: Mapping[str, Any], origin: str, metrics: frozen
         for_=f.integer("for", 1),
         within=f.integer("within", None),
     )
+    if "skip_on_policy" in table:
+        if not isinstance(table["skip_on_policy"], bool):
+            raise f.fail("skip_on_policy", f"expected true or false, got {table['skip_on_policy']!r}")
+        common["skip_on_policy"] = table["skip_on_policy"]
     if kind == "stall":
         extra = [k for k in table if k in _FLAT_COND_KEYS - {"kind"} or k == "conditions"]
         if extra:
