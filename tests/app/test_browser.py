@@ -110,7 +110,7 @@ def test_live_run_extends_its_charts(dash_duo, tmp_path: Path):
     _settle(dash_duo)
     count_js = (
         "const g = document.querySelector('.js-plotly-plot');"
-        "return g && g._fullData && g._fullData[2] ? g._fullData[2].x.length : -1;"
+        "return g && g._fullData && g._fullData[1] ? g._fullData[1].x.length : -1;"
     )
     assert dash_duo.driver.execute_script(count_js) == 3
 
@@ -144,7 +144,7 @@ def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_pat
     dash_duo.driver.get(dash_duo.server_url + "/overview?run=long")
     graph = dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
     _settle(dash_duo)
-    raw_x = "const d = document.querySelector('.js-plotly-plot')._fullData[2].x;return Array.from(d);"
+    raw_x = "const d = document.querySelector('.js-plotly-plot')._fullData[1].x;return Array.from(d);"
     before = dash_duo.driver.execute_script(raw_x)
     assert len(before) <= 602 and any(x != int(x) for x in before)  # bucket centres: aggregated
     after = before
@@ -286,3 +286,47 @@ def test_page_opened_before_the_first_step_follows_a_recorder_in_another_process
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_first_page_load_after_the_server_starts_never_fails(dash_duo, runs_root: Path):
+    """`rldiag dashboard` preloads in a background thread while the first request arrives (it used to race:
+    "partially initialized module 'pandas' has no attribute 'NaT'", a blank "Error loading layout")."""
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[2]
+    for attempt in range(20):
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "rldiag", "dashboard", str(runs_root), "--port", str(port), "--poll", "30"],
+            cwd=str(repo),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+
+            def listening(port: int = port) -> bool:
+                with socket.socket() as s:
+                    return s.connect_ex(("127.0.0.1", port)) == 0
+
+            assert _wait_for(listening, 60), f"try {attempt}: the server did not start"
+            dash_duo.driver.get(f"http://127.0.0.1:{port}/overview?run=grpo_full")  # at once: the race window
+            dash_duo.wait_for_element("#nav a", timeout=30)
+            dash_duo.wait_for_element(".js-plotly-plot", timeout=30)
+            _settle(dash_duo)
+            body = dash_duo.driver.find_element(By.TAG_NAME, "body").text
+            assert "Error loading layout" not in body and "Error loading dependencies" not in body, attempt
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=30)
+        assert "Traceback" not in err and "partially initialized" not in err, f"try {attempt}: {err[-2000:]}"
