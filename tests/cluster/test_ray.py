@@ -126,10 +126,45 @@ def job(ray_cluster, s3_server, tmp_path_factory) -> str:
     assert done == [STEPS] * (WORLD - 1)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(runs[KILLED])
+    _watch_once(uri, ckpt / "rules.toml", "before")  # an alert watcher evaluates the run as it stands
     # the scheduler restarts rank 2 from its checkpoint of step 4, as a new process
     restarted = Trainer.remote(uri, KILLED, str(ckpt), 1, RESTART)
     assert ray.get(restarted.train.remote(STEPS)) == STEPS
+    _watch_once(uri, ckpt / "rules.toml", "after")  # ...and again after the restart, as a new watcher
     return uri
+
+
+WATCHED: dict[str, list[str]] = {}
+"""The notification lines each `rldiag watch --once` of the job printed (before and after the restart)."""
+RULES = """
+include_defaults = false
+[rules.tokens_seen]
+severity = "warn"
+metric = "tokens/count"
+op = ">"
+threshold = 0
+summary = "tokens at step {step}"
+"""
+"""A rule that fires at step 0 and stays firing: a watcher that forgot its history would notify it again."""
+
+
+def _watch_once(uri: str, rules: Path, label: str) -> None:
+    """``rldiag watch URI --once`` in a subprocess (a new process each time, as a restarted watcher is)."""
+    import subprocess
+    import sys
+
+    rules.write_text(RULES)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run(
+        [sys.executable, "-m", "rldiag", "watch", uri, "--once", "--rules", str(rules), "--fail-on", "never"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    WATCHED[label] = [x for x in out.stderr.splitlines() if x.startswith("[rldiag alert]")]
 
 
 def test_a_restarted_rank_on_s3_merges_like_one_process_of_the_surviving_records(job, tmp_path) -> None:
@@ -142,6 +177,16 @@ def test_a_restarted_rank_on_s3_merges_like_one_process_of_the_surviving_records
     _same_metrics(run.step_metrics(), want.step_metrics(), rtol=1e-9)
     _same_metrics(run.step_metrics(by_rank=True), want.step_metrics(by_rank=True), rtol=1e-9)
     assert run.step_metrics()["tokens/count"].to_list() == want.step_metrics()["tokens/count"].to_list()
+
+
+def test_alerts_that_fired_before_the_restart_are_not_repeated(job) -> None:
+    """The watcher after the restart reads the first watcher's history (whole objects in alerts/ on S3) and
+    notifies nothing that fired before; the history holds one firing of the rule, at step 0."""
+    assert any(" FIRING " in x and "tokens_seen" in x and "step=0" in x for x in WATCHED["before"]), WATCHED
+    assert not [x for x in WATCHED["after"] if "tokens_seen" in x], WATCHED["after"]
+    events = rldiag.open_run(job).alerts()
+    firing = [(e["rule"], e["step"]) for e in events if e["event"] == "firing"]
+    assert firing == [("tokens_seen", 0)], events
 
 
 def test_analysis_on_ray_equals_the_local_engine(job, ray_cluster) -> None:
