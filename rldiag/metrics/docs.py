@@ -32,6 +32,11 @@ _FAMILY_TITLES = {
     "staleness": "Staleness",
     "removed": "What mismatch corrections remove",
     "moe": "MoE routing consistency",
+    "logp": "Non-finite inputs: logp",
+    "old_logp": "Non-finite inputs: old_logp",
+    "rollout_logp": "Non-finite inputs: rollout_logp",
+    "ref_logp": "Non-finite inputs: ref_logp",
+    "route_agree": "Non-finite inputs: route_agree",
     "stage": "Position and stage",
 }
 

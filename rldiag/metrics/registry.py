@@ -22,7 +22,7 @@ import numpy as np
 
 from rldiag.stats import hist
 from rldiag.stats.definitions import batch_ess
-from rldiag.stats.kernel import CORRECTIONS, STATS
+from rldiag.stats.kernel import CORRECTIONS, NONFINITE_INPUTS, STATS
 
 Direction = Literal["lower", "higher", "neutral"]
 Stats = Mapping[str, np.ndarray]
@@ -1066,6 +1066,37 @@ _SPECS: tuple[MetricSpec, ...] = (
     ),
 )
 
+
+def _nonfinite_specs() -> list[MetricSpec]:
+    """``<input>/nonfinite``: NaN/Inf values of each input among the masked-in tokens (sequences, for rewards)
+    that record() saw; NaN where no record gave that input (kernel.NONFINITE_INPUTS)."""
+    out = []
+    for col in NONFINITE_INPUTS:
+        nf = f"nf_{col}"
+        always = col in ("logp", "old_logp", "adv")
+
+        def fin(s: Stats, nf: str = nf, col: str = col, always: bool = always) -> np.ndarray:
+            v = np.asarray(s[nf], dtype=np.float64)
+            return v if always else np.where(np.asarray(s[f"ng_{col}"]) > 0, v, np.nan)
+
+        per = "sequences with a masked-in token" if col == "reward" else "masked-in tokens"
+        out.append(
+            _m(
+                f"{col}/nonfinite",
+                (nf,) if always else (nf, f"ng_{col}"),
+                fin,
+                f"count of {per} whose {col} is NaN or Inf",
+                f"Non-finite {col} values record() received (left out of every metric that reads {col}); "
+                "values a lenient recorder refused are blanked to NaN and counted here too.",
+                unit="sequences" if col == "reward" else "tokens",
+                direction="lower",
+                bounds=(0.0, None),
+                inputs=_R if always else _R + (col,),
+            )
+        )
+    return out
+
+
 # Log-probability differences are in nats; metrics with one unit share a dashboard panel.
 _NATS = (
     "ratio/logabs_p50",
@@ -1083,6 +1114,7 @@ _NATS = (
     "seq/cum_logratio_absmax",
 )
 _SPECS = tuple(dataclasses.replace(s, unit="nats") if s.name in _NATS and not s.unit else s for s in _SPECS)
+_SPECS = _SPECS + tuple(_nonfinite_specs())
 
 REGISTRY: Final[dict[str, MetricSpec]] = {spec.name: spec for spec in _SPECS}
 """Every core metric, by public name, in the order of docs/metrics.md."""

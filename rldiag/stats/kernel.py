@@ -139,6 +139,20 @@ _DECLS: Final[tuple[StatDecl, ...]] = (
     StatDecl("s_mm_k3_rmis", "sum", "sum of w - 1 - d over them"),
     StatDecl("n_mm_ragree", "sum", "tokens with route_agree = 1 and a finite d"),
     StatDecl("s_mm_k3_ragree", "sum", "sum of w - 1 - d over them"),
+    # non-finite values per input, among the masked-in tokens record() saw (`<input>/nonfinite`)
+    StatDecl("nf_logp", "sum", "masked-in tokens with a NaN/Inf logp"),
+    StatDecl("nf_old_logp", "sum", "masked-in tokens with a NaN/Inf old_logp"),
+    StatDecl("nf_adv", "sum", "masked-in tokens with a NaN/Inf adv"),
+    StatDecl("nf_entropy", "sum", "masked-in tokens with a NaN/Inf entropy"),
+    StatDecl("ng_entropy", "sum", "masked-in tokens of records that gave entropy"),
+    StatDecl("nf_rollout_logp", "sum", "masked-in tokens with a NaN/Inf rollout_logp"),
+    StatDecl("ng_rollout_logp", "sum", "masked-in tokens of records that gave rollout_logp"),
+    StatDecl("nf_ref_logp", "sum", "masked-in tokens with a NaN/Inf ref_logp"),
+    StatDecl("ng_ref_logp", "sum", "masked-in tokens of records that gave ref_logp"),
+    StatDecl("nf_route_agree", "sum", "masked-in tokens with a NaN/Inf route_agree"),
+    StatDecl("ng_route_agree", "sum", "masked-in tokens of records that gave route_agree"),
+    StatDecl("nf_reward", "sum", "sequences with a masked-in token and a NaN/Inf reward"),
+    StatDecl("ng_reward", "sum", "sequences with a masked-in token, of records that gave rewards"),
     StatDecl("n_ver", "sum", "valid tokens with a policy version"),
     StatDecl("s_stale", "sum", "sum of step - version"),
     StatDecl("max_stale", "max", "largest step - version"),
@@ -213,6 +227,19 @@ I_RM_ICE_A, I_RM_ICE_P, I_RM_GEO_A, I_RM_GEO_P = (
 I_NSEQMM, I_MSEQD, I_MSEQMULT, I_NGEO = _i("n_seq_mm"), _i("max_seq_absd"), _i("max_seq_mult"), _i("n_geo")
 I_NROUTE, I_SROUTE, I_NRMIS = _i("n_route"), _i("s_route"), _i("n_route_mis")
 I_NK3RM, I_SK3RM, I_NK3RA, I_SK3RA = _i("n_mm_rmis"), _i("s_mm_k3_rmis"), _i("n_mm_ragree"), _i("s_mm_k3_ragree")
+I_NFLP, I_NFOLP, I_NFADV, I_NFENT = _i("nf_logp"), _i("nf_old_logp"), _i("nf_adv"), _i("nf_entropy")
+I_NFROLL, I_NFREF, I_NFROUTE = _i("nf_rollout_logp"), _i("nf_ref_logp"), _i("nf_route_agree")
+NONFINITE_INPUTS: Final[tuple[str, ...]] = (
+    "logp",
+    "old_logp",
+    "adv",
+    "entropy",
+    "rollout_logp",
+    "ref_logp",
+    "route_agree",
+    "reward",
+)
+"""Inputs whose NaN/Inf values are counted (``nf_<input>``; optional ones also ``ng_<input>``: given)."""
 CORRECTIONS: Final[tuple[str, ...]] = ("tis", "mis", "icepop", "geo")
 """What the mismatch corrections remove (``removed/<c>/*``), in the order of their bits in the sequence flags."""
 
@@ -392,7 +419,7 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
     Writes n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv into ``row``; returns n."""
     m = t1 - t0
     acc = np.zeros((6, W))
-    n = n_nonfin = n_inv = 0
+    n = n_nonfin = n_inv = nf_lp = nf_olp = nf_a = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
@@ -400,7 +427,11 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
                 x_lp = np.float64(lp[t0 + j])
                 x_olp = np.float64(olp[t0 + j])
                 x_a = np.float64(adv[t0 + j])
-                fin = _finite(x_lp) & _finite(x_olp) & _finite(x_a)
+                f_lp, f_olp, f_a = _finite(x_lp), _finite(x_olp), _finite(x_a)
+                nf_lp += 1 - f_lp
+                nf_olp += 1 - f_olp
+                nf_a += 1 - f_a
+                fin = f_lp & f_olp & f_a
                 ok = _token_valid(x_lp, x_olp, x_a, tol)
                 inv = fin ^ ok  # ok implies fin
                 n += ok
@@ -421,6 +452,9 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
     row[I_N] = n
     row[I_NONFIN] = n_nonfin
     row[I_INVALID] = n_inv
+    row[I_NFLP] = nf_lp
+    row[I_NFOLP] = nf_olp
+    row[I_NFADV] = nf_a
     if n > 0:
         row[I_SLR] = _lane_total(acc, 0)
         row[I_SLR2] = _lane_total(acc, 1)
@@ -428,6 +462,15 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
         row[I_SADV] = _lane_total(acc, 3)
         row[I_SADV2] = _lane_total(acc, 4)
         row[I_SLPADV] = _lane_total(acc, 5)
+    return n
+
+
+@_lane()
+def _nonfinite_count(x, t0, t1):  # pragma: no cover - compiled
+    """NaN/Inf values among x[t0:t1]."""
+    n = 0
+    for t in range(t0, t1):
+        n += 1 - _finite(np.float64(x[t]))
     return n
 
 
@@ -518,13 +561,15 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     with a finite one, else NaN."""
     m = t1 - t0
     acc = np.zeros((1, W))
-    n_ent = n_low = 0
+    n_ent = n_low = n_nf = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
                 e = np.float64(ent[t0 + j])
-                use = ok_s[j] & math.isfinite(e)
+                fin = math.isfinite(e)
+                n_nf += 1 - fin
+                use = ok_s[j] & fin
                 n_ent += use
                 n_low += use & (e < ent_low)
                 acc[0, lane] += e if use else 0.0
@@ -532,24 +577,30 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     row[I_NENT] = n_ent
     row[I_SENT] = _lane_total(acc, 0)
     row[I_NENTLOW] = n_low
+    row[I_NFENT] = n_nf
 
 
 @_lane()
 def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
-    """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum)."""
+    """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum,
+    masked-in tokens with a NaN/Inf x, ... with a NaN/Inf y)."""
     m = t1 - t0
     acc = np.zeros((1, W))
-    n_use = 0
+    n_use = nf_x = nf_y = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
-                d0 = np.float64(x[t0 + j]) - np.float64(y[t0 + j])
+                x0 = np.float64(x[t0 + j])
+                y0 = np.float64(y[t0 + j])
+                d0 = x0 - y0
+                nf_x += 1 - _finite(x0)
+                nf_y += 1 - _finite(y0)
                 use = ok_s[j] & math.isfinite(d0)
                 n_use += use
                 acc[0, lane] += d0 if use else 0.0
                 d_s[j] = d0 if use else np.nan
-    return n_use, _lane_total(acc, 0)
+    return n_use, _lane_total(acc, 0), nf_x, nf_y
 
 
 @_lane()
@@ -569,7 +620,7 @@ def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
 @_lane(inline="always")
 def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compiled
     """Reference KL: writes n_ref and s_ref_k3 (k3 of x = ref_logp - logp)."""
-    row[I_NREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
+    row[I_NREF], _, row[I_NFREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
     row[I_SREF] = _expm1_pass(t1 - t0, d_s, w_s)[2]
 
 
@@ -578,7 +629,7 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no c
     """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
     s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
     m = t1 - t0
-    row[I_NMM], row[I_MMD] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
+    row[I_NMM], row[I_MMD], _, row[I_NFROLL] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
     row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
     row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
 
@@ -690,17 +741,19 @@ def _correction_pass(
 
 @_lane()
 def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cover - compiled
-    """MoE routing agreement of the valid tokens with a finite route_agree: writes n_route, s_route,
+    """MoE routing agreement of the valid tokens with a finite route_agree: writes nf_route_agree, n_route, s_route,
     n_route_mis (< 1) and, with the mismatch pass's d_s/w_s, the k3 sums of the disagreeing (< 1) and agreeing
     (= 1) tokens with a finite d."""
     acc = np.zeros((3, W))
-    n_r = n_mis = n_km = n_ka = 0
+    n_r = n_mis = n_km = n_ka = n_nf = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
                 r = np.float64(route[t0 + j])
-                use = ok_s[j] & (r - r == 0)
+                fin = r - r == 0
+                n_nf += 1 - fin
+                use = ok_s[j] & fin
                 d = d_s[j] if has_roll else np.nan
                 du = use & (d == d)
                 k3 = (w_s[j] - d) if du else 0.0
@@ -715,6 +768,7 @@ def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cove
                 acc[1, lane] += k3 if km else 0.0
                 acc[2, lane] += k3 if ka else 0.0
     row[I_NROUTE] = n_r
+    row[I_NFROUTE] = n_nf
     row[I_SROUTE] = _lane_total(acc, 0)
     row[I_NRMIS] = n_mis
     row[I_NK3RM] = n_km
@@ -1021,7 +1075,15 @@ def _kernel(
         row[I_NMASK] = m
         row[I_NSEQ] = n_seq
         n = _valid_pass(lp, olp, adv, t0, t1, cfg[C_LOGP_TOLERANCE], ok_s, lr_s, a_s, row)
-        if n == 0:
+        if n == 0:  # no pass runs: the optional inputs' non-finite values are still counted
+            if has_ent:
+                row[I_NFENT] = _nonfinite_count(ent, t0, t1)
+            if has_roll:
+                row[I_NFROLL] = _nonfinite_count(roll, t0, t1)
+            if has_ref:
+                row[I_NFREF] = _nonfinite_count(ref, t0, t1)
+            if has_route:
+                row[I_NFROUTE] = _nonfinite_count(route, t0, t1)
             continue
         _ratio_pass(m, lr_s, rm1_s, row)
         _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, cfg[C_DUAL_CLIP_C], row)
@@ -1228,6 +1290,14 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         seq_flag,
     )
     seq_rec = np.repeat(np.arange(n_rec), np.diff(batch.rec_off))
+    for name, given in (
+        ("entropy", batch.entropy),
+        ("rollout_logp", batch.rollout_logp),
+        ("ref_logp", batch.ref_logp),
+        ("route_agree", batch.route_agree),
+    ):
+        if given is not None:
+            S[:, _i(f"ng_{name}")] = S[:, _i("n_masked")]
     # rewards: over sequences with at least one masked-in token
     if batch.reward is not None:
         rw = _f32(batch.reward).astype(np.float64)  # the precision of the token rows, as for every input
@@ -1235,6 +1305,9 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         S[:, _i("n_seq_reward")] = np.bincount(seq_rec[ok], minlength=n_rec)
         S[:, _i("s_reward")] = np.bincount(seq_rec[ok], weights=rw[ok], minlength=n_rec)
         S[:, _i("s_reward2")] = np.bincount(seq_rec[ok], weights=rw[ok] ** 2, minlength=n_rec)
+        masked_in = seq_flag[:, 0] == 1
+        S[:, _i("ng_reward")] = np.bincount(seq_rec[masked_in], minlength=n_rec)
+        S[:, _i("nf_reward")] = np.bincount(seq_rec[masked_in & ~np.isfinite(rw)], minlength=n_rec)
         if batch.rollout_logp is not None:  # removal_pass / seq_mismatch_pass set the bits of column 3
             correct = ok & (rw >= cfg.correct_reward)
             for bit, c in enumerate(CORRECTIONS):

@@ -117,7 +117,42 @@ def _flat(records: list[dict]) -> dict:
     res = {k: np.array(v, dtype=np.float64) for k, v in out.items()}
     res["seq_info"] = seq_info
     res["n_nonfinite"] = n_nonfinite
+    res["nonfinite"] = _nonfinite_per_input(records)
     return res
+
+
+NONFINITE_ARGS = {
+    "logp": "logprobs",
+    "old_logp": "old_logprobs",
+    "adv": "advantages",
+    "entropy": "entropy",
+    "rollout_logp": "rollout_logprobs",
+    "ref_logp": "ref_logprobs",
+    "route_agree": "route_agree",
+    "reward": "rewards",
+}
+"""``<input>/nonfinite`` metric input -> record() argument."""
+
+
+def _nonfinite_per_input(records: list[dict]) -> dict[str, float]:
+    """``<input>/nonfinite``: NaN/Inf values among masked-in tokens (rewards: among sequences with one), NaN for
+    an optional input no record gave."""
+    out: dict[str, float] = {}
+    for col, arg in NONFINITE_ARGS.items():
+        count, given = 0, col in ("logp", "old_logp", "adv")
+        for r in records:
+            B, T = r["logprobs"].shape
+            mask = r.get("mask", np.ones((B, T), bool))
+            if arg not in r:
+                continue
+            given = True
+            x = np.asarray(r[arg], dtype=np.float64)
+            if col == "reward":
+                count += int((mask.any(axis=1) & ~np.isfinite(x)).sum())
+            else:
+                count += int((mask & ~np.isfinite(np.broadcast_to(x.reshape(B, -1), (B, T)))).sum())
+        out[f"{col}/nonfinite"] = float(count) if given else float("nan")
+    return out
 
 
 def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
@@ -233,6 +268,7 @@ def reference_metrics(records: list[dict], step: int = 0) -> dict[str, float]:
         for k in ("k1", "k3", "is_min", "is_max", "tis_frac", "mis_frac", "ess"):
             m[f"mismatch/{k}"] = nan
     m.update(reference_second_generation(f))
+    m.update(f["nonfinite"])
     v = f["ver"][np.isfinite(f["ver"])]
     m["staleness/mean"] = float(np.mean(step - v)) if v.size else nan
     m["staleness/max"] = float(np.max(step - v)) if v.size else nan

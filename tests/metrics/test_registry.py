@@ -110,8 +110,10 @@ def test_nonfinite_tokens_are_counted_and_excluded(tmp_path) -> None:
     a = rldiag.open_run(tmp_path / "a").step_metrics().row(0, named=True)
     b = rldiag.open_run(tmp_path / "b").step_metrics().row(0, named=True)
     assert a["ratio/nonfinite"] == 4 and b["ratio/nonfinite"] == 0
+    assert (a["logp/nonfinite"], a["old_logp/nonfinite"], a["adv/nonfinite"]) == (3, 1, 0)
+    assert math.isnan(a["entropy/nonfinite"])  # not given
     for name in REGISTRY:
-        if name in ("ratio/nonfinite", "seq/count") or name in RECORD_LOCAL:
+        if name.endswith("/nonfinite") or name == "seq/count" or name in RECORD_LOCAL:
             continue
         assert (math.isnan(a[name]) and math.isnan(b[name])) or a[name] == pytest.approx(b[name], rel=1e-9), name
 
