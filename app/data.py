@@ -245,6 +245,8 @@ class RunState:
     _last_step_seen_at: float = field(default_factory=time.time)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _cache: dict[Any, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+    """Page-level memos that outlive a data version (the Runs page's row of a finished run)."""
     version: int = 0
     """Bumped whenever new steps are read, so derived caches (heatmaps, buckets) know they are stale."""
 

@@ -8,7 +8,8 @@ import time
 from typing import Any, cast
 
 import dash
-from dash import ALL, Input, Output, State, callback, dcc, html
+from dash import ALL, Input, Output, State, callback, ctx, dcc, html
+from dash.exceptions import MissingCallbackContextException
 
 from app import data, groups, ids
 from app import layout as ui
@@ -28,6 +29,8 @@ FILL = "runs-fill"
 FILL_SECONDS = 1.0
 MAX_ROWS = 500
 """Most runs the table lists (the filter narrows the rest down)."""
+FINISHED_RECHECK_SECONDS = 30.0
+"""A finished run's row is read again at most this often (a restarted job may add to it)."""
 LOAD_BUDGET_SECONDS = 0.5
 """Time one render of the table spends opening runs not cached yet; the rest load in the background."""
 DEFAULT_COLUMNS = 4
@@ -147,17 +150,28 @@ def matches(run_id: str, pattern: str | None, attrs: dict[str, Any] | None = Non
     return groups.matches(run_id, attrs or {}, pattern)
 
 
-def summary(run_id: str, deadline: float | None = None) -> dict[str, Any]:
+def summary(run_id: str, deadline: float | None = None, *, force: bool = False) -> dict[str, Any]:
     """Status, steps, tokens, last step and firing alerts of one run (from cached step metrics).
 
     A run not loaded yet when ``deadline`` (``time.monotonic()``) has passed is handed to the catalog's
-    background loader and shown as ``loading``.
+    background loader and shown as ``loading``. A run found finished is looked at again only every
+    :data:`FINISHED_RECHECK_SECONDS` (or when ``force``: the refresh button), so a table of hundreds of finished
+    runs costs no file listing per poll.
     """
     cat = data.catalog()
     st = cat.state(run_id)
     if deadline is not None and not st.loaded and time.monotonic() > deadline:
         cat.warm([run_id])
         return {"run": run_id, "status": "loading"}
+    memo = st.memo.get("summary")
+    if memo and not force and memo[1]["status"] == "finished" and time.monotonic() - memo[0] < FINISHED_RECHECK_SECONDS:
+        return cast(dict[str, Any], memo[1])
+    out = _summary(run_id, st)
+    st.memo["summary"] = (time.monotonic(), out)
+    return out
+
+
+def _summary(run_id: str, st: data.RunState) -> dict[str, Any]:
     try:
         st.update()
         frame = st.metrics(data.ALWAYS)
@@ -193,6 +207,7 @@ def runs_table(
     columns: list[str] | None = None,
     group_by: str | None = None,
     attrs: dict[str, dict[str, Any]] | None = None,
+    force: bool = False,
 ) -> Any:
     if not run_ids:
         return html.P("No runs here yet. Record one with rldiag.Recorder, or run `rldiag demo`.", className="muted")
@@ -221,7 +236,7 @@ def runs_table(
                 )
             )
         for rid in members:
-            s = summary(rid, deadline)
+            s = summary(rid, deadline, force=force)
             loading += s["status"] == "loading"
             rows.append(_row(s, selected, columns, attrs.get(rid, {})))
     parts: list[Any] = [head, html.Tbody(rows)]
@@ -264,6 +279,14 @@ def _row(s: dict[str, Any], selected: list[str], columns: list[str], attrs: dict
     )
 
 
+def _triggered() -> Any:
+    """The id that fired the running callback (None outside one: tests, benchmarks)."""
+    try:
+        return ctx.triggered_id
+    except MissingCallbackContextException:
+        return None
+
+
 def still_loading(table: Any) -> bool:
     """Whether a table from :func:`runs_table` shows runs that are still loading."""
     return "still loading" in str(getattr(table, "children", ""))
@@ -291,7 +314,14 @@ def refresh_table(
     _fill: int | None = None,
 ) -> tuple[Any, bool]:
     selected = [r for values in (checked or []) for r in (values or [])]
-    table = runs_table(data.catalog().run_ids(), selected=selected, pattern=pattern, columns=columns, group_by=group_by)
+    table = runs_table(
+        data.catalog().run_ids(),
+        selected=selected,
+        pattern=pattern,
+        columns=columns,
+        group_by=group_by,
+        force=_triggered() == ids.RUNS_REFRESH,
+    )
     return table, not still_loading(table)
 
 

@@ -130,3 +130,20 @@ def test_runs_not_loaded_in_time_fill_in_from_the_background(seeds_root: Path, m
         table, fill_off = runs.refresh_table(None, 0, 1, [], [], None)
         assert "badge-loading" not in str(table) and len(table.children) == 2 and fill_off
         assert str(table).count("badge-finished") == 4
+
+
+def test_finished_runs_are_not_relisted_on_every_poll(seeds_root: Path, make_app):
+    app = make_app(seeds_root)
+    with app.server.test_request_context():
+        runs = importlib.import_module("app.pages.runs")
+        cat = app.server.extensions["rldiag"]
+        runs.runs_table(cat.run_ids(), selected=[])
+        updates = []
+        for rid in cat.run_ids():
+            st = cat.state(rid)
+            real = st.update
+            st.update = lambda real=real, rid=rid: (updates.append(rid), real())[1]
+        runs.runs_table(cat.run_ids(), selected=[])  # a poll: every run is finished, none is read again
+        assert updates == []
+        runs.runs_table(cat.run_ids(), selected=[], force=True)  # the refresh button
+        assert sorted(updates) == sorted(cat.run_ids())
