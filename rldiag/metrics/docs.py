@@ -61,7 +61,10 @@ def _alert_defaults() -> dict[str, list[str]]:
             elif kind == "rolling":
                 txt = f"{c.get('op')} {thr:g} x rolling median ({c.get('window', 20)} steps)"
             elif kind == "trend":
-                txt = f"{c.get('direction', 'rising')} {c.get('steps', 5)} steps in a row"
+                if c.get("mode") == "net":
+                    txt = f"{c.get('direction', 'rising')} (net) over {c.get('steps', 5)} steps"
+                else:
+                    txt = f"{c.get('direction', 'rising')} {c.get('steps', 5)} steps in a row"
             else:
                 txt = f"{c.get('op')} {thr:g}" if thr is not None else str(c.get("op"))
             extra = []
