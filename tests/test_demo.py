@@ -86,6 +86,49 @@ def test_config_from_args() -> None:
             demo_cmd.config_from_args(bad)
 
 
+def test_check_out(tmp_path: Path) -> None:
+    from rldiag.demo.config import check_out
+
+    assert check_out(tmp_path / "new") == tmp_path / "new"  # absent
+    assert check_out(tmp_path) == tmp_path  # empty
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an rldiag demo run; choose another --out"):
+        check_out(tmp_path)
+    with pytest.raises(FileExistsError):
+        check_out(tmp_path / "notes.txt")  # a file
+    (tmp_path / DEMO_MARKER).write_text("")
+    assert check_out(tmp_path) == tmp_path  # an earlier demo run: replaced
+
+
+def test_demo_refuses_a_wrong_out_before_importing_the_trainer(tmp_path: Path) -> None:
+    """The refusal comes from the arguments alone: torch, transformers and TRL are never imported for it."""
+    import subprocess
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code = (
+        "import sys\n"
+        "from rldiag.cli import main\n"
+        f"rc = main(['demo', '--out', {str(tmp_path / 'mine')!r}])\n"
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
+    assert "is not an rldiag demo run; choose another --out" in out.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_help_and_docs_quote_the_measured_time() -> None:
+    from rldiag.demo.config import TIMING
+
+    parser = argparse.ArgumentParser(prog="rldiag")
+    demo_cmd.register(parser.add_subparsers())
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["demo"].format_help().split())  # type: ignore[union-attr]
+    doc = " ".join((ROOT / "docs" / "demo.md").read_text().split())
+    assert TIMING in help_text and TIMING in doc
+    assert "minute or two" not in help_text and "10-30 s" not in doc
+
+
 def test_serve_hook_without_dashboard(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -126,6 +169,17 @@ def test_sample_healthy_run_stays_healthy() -> None:
     assert f["logabs_p999_healthy_max"] < 1.0 and f["ratio_max"] < 2.0
     critical = [e for e in read_history(SAMPLES / "healthy" / "alerts.jsonl") if e.get("severity") == "critical"]
     assert critical == []
+
+
+@needs_samples
+def test_docs_demo_numbers_are_those_of_the_sample_runs() -> None:
+    """docs/demo.md's table is doc_section() of sample_logs/: regenerate it with the command in
+    rldiag/demo/story.py when the sample runs or the default rules change."""
+    from rldiag.demo.story import BEGIN, END, doc_section
+
+    page = (ROOT / "docs" / "demo.md").read_text()
+    shown = page[page.index(BEGIN) : page.index(END) + len(END)]
+    assert shown == doc_section(SAMPLES / "collapse", SAMPLES / "healthy")
 
 
 @needs_samples

@@ -2,8 +2,8 @@
 
 A 2-layer Llama built from a config learns a synthetic task with TRL's GRPOTrainer (no download). It learns
 healthily, then at --change-step the learning rate jumps and each rollout batch is reused many times: the
-ratios grow heavy tails and the entropy collapses, caused by the training itself. About a minute or two on
-two CPU cores; the same --seed gives the same run. Needs the demo extra: pip install 'rldiag[demo]'.
+ratios grow heavy tails and the entropy collapses, caused by the training itself. The same --seed gives the
+same run. Needs the demo extra: pip install 'rldiag[demo]'.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from rldiag.cli import CLIError
 
 
 def register(subparsers: Any) -> None:
-    from rldiag.demo.config import DemoConfig
+    from rldiag.demo.config import TIMING, DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
         "demo",
         help="train a tiny model with GRPO on the CPU, recorded with rldiag (healthy, then a collapse)",
-        description=(__doc__ or "").split("\n\n", 1)[-1],
+        description=(__doc__ or "").split("\n\n", 1)[-1].rstrip() + f"\n\nMeasured: {TIMING}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default=d.out, help=f"run directory to write (default {d.out})")
@@ -76,10 +76,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rldiag.demo.config import check_out
+
     cfg = config_from_args(args)
-    _check_installed()
+    try:  # arguments first: a wrong --out or port is refused before torch and TRL are imported (seconds)
+        check_out(cfg.out)
+    except FileExistsError as exc:
+        raise CLIError(str(exc)) from None
     if args.serve:
         _check_port(args.host, args.port)
+    _check_installed()
     from rldiag.demo.summary import summarize
     from rldiag.demo.train import main
 
@@ -104,12 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_installed() -> None:
-    missing = []
-    for mod in ("torch", "trl", "datasets", "accelerate"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
+    from importlib.util import find_spec
+
+    missing = [mod for mod in ("torch", "trl", "datasets", "accelerate") if find_spec(mod) is None]  # no import
     if missing:
         raise CLIError(
             f"the demo needs {', '.join(missing)}: pip install 'rldiag[demo]' "

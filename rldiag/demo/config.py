@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+TIMING = "38 s of training and 68 s in all (mostly importing torch, transformers and TRL) on a busy 2-core CPU"
+"""How long ``rldiag demo`` took, measured (the default run, one torch thread); ``demo --help`` and docs/demo.md
+quote it (tests/test_demo.py checks both)."""
 DEMO_MARKER = ".rldiag-demo"
 """File that marks a directory as a demo run, so a new demo run may replace it (and nothing else)."""
 INFO_FILE = "demo.json"
@@ -60,3 +64,13 @@ class DemoConfig:
     on machines with more cores."""
     quiet: bool = False
     """Print nothing while training."""
+
+
+def check_out(out: str | Path) -> Path:
+    """``out`` as a path if a demo run may be written there: absent, empty, or an earlier demo run (which the
+    new run replaces); a one-line :class:`FileExistsError` otherwise. Cheap: ``rldiag demo`` calls it before
+    importing torch and TRL, so a wrong ``--out`` is refused at once."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / DEMO_MARKER).exists())):
+        raise FileExistsError(f"{path} exists and is not an rldiag demo run; choose another --out")
+    return path

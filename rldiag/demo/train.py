@@ -50,7 +50,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 from trl import GRPOConfig  # noqa: E402
 
 from rldiag.alerts import AlertConfig  # noqa: E402
-from rldiag.demo.config import DEMO_MARKER, INFO_FILE, DemoConfig  # noqa: E402
+from rldiag.demo.config import DEMO_MARKER, INFO_FILE, DemoConfig, check_out  # noqa: E402
 from rldiag.demo.model import build_model, build_tokenizer  # noqa: E402
 from rldiag.demo.task import ALPHABET, SEPARATOR, make_prompts, make_reward  # noqa: E402
 from rldiag.record.integrations.trl import RLDiagGRPOTrainer  # noqa: E402
@@ -106,21 +106,15 @@ class Progress(TrainerCallback):
         return control
 
 
-def print_first_firing(note: Any) -> None:
-    """Alert callback: one line the first time each rule fires (alerts.jsonl keeps every event)."""
-    if note.event == "firing" and note.rule not in print_first_firing.seen:  # type: ignore[attr-defined]
-        print_first_firing.seen.add(note.rule)  # type: ignore[attr-defined]
+def print_alert(note: Any) -> None:
+    """Alert callback: one line for every firing (alerts.jsonl keeps every event, resolutions included)."""
+    if note.event == "firing":
         print(f"  ! alert {note.severity}: {note.summary}", flush=True)
-
-
-print_first_firing.seen = set()  # type: ignore[attr-defined]
 
 
 def prepare_out(out: Path) -> None:
     """Empty ``out`` for a new run; refuse a directory that holds anything but an earlier demo run."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / DEMO_MARKER).exists()):
-            raise FileExistsError(f"{out} exists and is not an rldiag demo run; choose another --out")
+    if check_out(out).exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / DEMO_MARKER).write_text("made by `rldiag demo`; a new demo run may replace this directory\n")
@@ -181,8 +175,7 @@ def main(cfg: DemoConfig, on_start: Callable[[Path], Any] | None = None) -> Path
     )
     options: dict[str, Any] = {"token_sample_rate": cfg.token_sample_rate}
     if cfg.alerts:
-        print_first_firing.seen = set()  # type: ignore[attr-defined]
-        callbacks = () if cfg.quiet else (print_first_firing,)
+        callbacks = () if cfg.quiet else (print_alert,)
         options["alerts"] = AlertConfig(console=False, callbacks=callbacks)
     trainer = RLDiagGRPOTrainer(
         model=model,
@@ -209,7 +202,8 @@ def main(cfg: DemoConfig, on_start: Callable[[Path], Any] | None = None) -> Path
     try:
         trainer.train()
     finally:
-        trainer.rldiag_recorder.close()  # publishes the last files and the alerts
+        if trainer.rldiag_recorder is not None:  # None only on a rank that does not record
+            trainer.rldiag_recorder.close()  # publishes the last files and the alerts
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.time() - started
 
