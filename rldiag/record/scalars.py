@@ -21,15 +21,19 @@ The rules (docs/run-format.md, "Custom scalars"):
 
 Files: ``scalars/<writer>-<n>.parquet`` (columns ``step``, ``rank``, ``seq``, ``name``, ``value``), published
 whole (temporary name and rename; one PUT on object storage) by the writer thread whenever it publishes a
-statistics segment, on ``flush()`` and at ``close()``; the training thread only appends to a list.
+statistics segment, on ``flush()`` and at ``close()``; the training thread only appends to a list. On a local
+run the values not yet published are also in ``live/<writer>.scalars`` (:data:`LIVE_SUFFIX`), rewritten with
+the statistics' live tail, so readers see them within about a second.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
@@ -54,6 +58,8 @@ __all__ = [
     "ScalarFiles",
 ]
 
+LIVE_SUFFIX: Final = ".scalars"
+"""``live/<writer>.scalars``: the live tail of a writer's unpublished custom scalars (a Parquet file)."""
 SCALARS_DIR: Final = runformat.SCALARS_DIR
 """Folder of the custom-scalar files in a run (``scalars/``)."""
 CUSTOM_PREFIX: Final = "custom:"
@@ -142,6 +148,8 @@ class ScalarLog:
     rank: int
     published: list[str] = field(default_factory=list)
     """Names of the files published so far."""
+    live_path: Path | None = None
+    """The live tail last written (:meth:`write_live`), removed once its values are published."""
     _rows: list[tuple[int, int, str, Any]] = field(default_factory=list)
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -167,15 +175,9 @@ class ScalarLog:
         """Values logged and not yet published."""
         return len(self._rows)
 
-    def publish(self, run_dir: storage.Location, wid: str, metadata: Mapping[bytes, bytes]) -> str | None:
-        """Write the pending values as ``scalars/<wid>-<n>.parquet`` (whole); the file name, or None when there
-        was nothing to write. On failure the values stay pending and the error propagates."""
-        with self._lock:
-            rows = list(self._rows)
-        if not rows:
-            return None
+    def _table(self, rows: list[tuple[int, int, str, Any]], metadata: Mapping[bytes, bytes]) -> pa.Table:
         values = [float(v) if not isinstance(v, float) else v for _, _, _, v in rows]  # device tensors: read now
-        table = pa.table(
+        return pa.table(
             {
                 "step": pa.array([r[0] for r in rows], pa.int64()),
                 "rank": pa.array(np.full(len(rows), self.rank, dtype=np.int32)),
@@ -185,6 +187,15 @@ class ScalarLog:
             },
             schema=SCALAR_SCHEMA,
         ).replace_schema_metadata(dict(metadata))
+
+    def publish(self, run_dir: storage.Location, wid: str, metadata: Mapping[bytes, bytes]) -> str | None:
+        """Write the pending values as ``scalars/<wid>-<n>.parquet`` (whole); the file name, or None when there
+        was nothing to write. On failure the values stay pending and the error propagates."""
+        with self._lock:
+            rows = list(self._rows)
+        if not rows:
+            return None
+        table = self._table(rows, metadata)
         name = runformat.segment_name(wid, len(self.published))
         folder = storage.location(run_dir) / SCALARS_DIR
         if not storage.is_remote(folder):
@@ -195,7 +206,32 @@ class ScalarLog:
         with self._lock:
             del self._rows[: len(rows)]  # values logged while writing stay pending
         self.published.append(name)
+        if self.live_path is not None:  # its values are in the published file now
+            try:
+                self.live_path.unlink(missing_ok=True)
+            except OSError:
+                pass
         return name
+
+    def write_live(self, path: Path, metadata: Mapping[bytes, bytes]) -> None:
+        """Rewrite the live tail ``path`` (``live/<writer>.scalars``, local runs) with the pending values, so
+        readers see them within the writer's live interval; a hint like the statistics' tail (no fsync, errors
+        ignored: the published files are the record)."""
+        with self._lock:
+            rows = list(self._rows)
+        if not rows:
+            return
+        tmp = path.with_name(f".{path.name}{runformat.TMP_SUFFIX}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            pq.write_table(self._table(rows, metadata), tmp, compression="zstd")
+            os.replace(tmp, path)
+            self.live_path = path
+        except Exception:  # noqa: BLE001 - a full disk...: the published files are what counts
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def _empty() -> pa.Table:
@@ -214,9 +250,12 @@ class ScalarFiles:
     tables: dict[str, pa.Table] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     bad: set[str] = field(default_factory=set)
+    live: dict[str, pa.Table] = field(default_factory=dict)
+    """The writers' live tails (local runs), keyed like published files; read again at every refresh."""
 
     def refresh(self) -> list[str]:
-        """Read the files published since the last call; returns their names."""
+        """Read the files published since the last call, and the live tails again; returns the new names."""
+        self.live = _read_live(self.path)
         new = []
         for e in storage.list_files(storage.location(self.path) / SCALARS_DIR):
             if not runformat.is_published(e.name) or e.name in self.tables or e.name in self.bad:
@@ -239,7 +278,7 @@ class ScalarFiles:
         """One row per (step, rank, name) that counts: restarts applied (``cutoff``: writer -> first superseded
         step, :attr:`rldiag.runformat.Resume.cutoff`), a later call of a name at a step over an earlier one."""
         parts = []
-        for fname, t in self.tables.items():
+        for fname, t in [*self.tables.items(), *self.live.items()]:  # a tail repeats published rows: same seq
             parsed = runformat.parse_segment_name(fname)
             assert parsed is not None  # checked when read
             wid, _, start_ns = parsed
@@ -263,7 +302,7 @@ class ScalarFiles:
     def names(self) -> list[str]:
         """Every name logged in the run, sorted."""
         names: set[str] = set()
-        for t in self.tables.values():
+        for t in [*self.tables.values(), *self.live.values()]:
             names.update(pc.unique(t.column("name")).to_pylist())
         return sorted(names)
 
@@ -312,6 +351,24 @@ class ScalarFiles:
         return out.select([*keys, *wanted]).with_columns(
             [pl.col(n).cast(pl.Float64).fill_null(math.nan) for n in wanted]
         )
+
+
+def _read_live(run_dir: storage.Location) -> dict[str, pa.Table]:
+    """The live tails of a local run, under the name of a segment of their writer (for the restart rule)."""
+    out: dict[str, pa.Table] = {}
+    if storage.is_remote(run_dir):
+        return out
+    for e in storage.list_files(Path(str(run_dir)) / runformat.LIVE_DIR):
+        if not e.name.endswith(LIVE_SUFFIX) or e.name.startswith(".") or e.size > runformat.LIVE_MAX_BYTES:
+            continue
+        key = runformat.segment_name(e.name[: -len(LIVE_SUFFIX)], 0)
+        if runformat.parse_segment_name(key) is None:
+            continue
+        try:
+            out[key] = pq.read_table(str(e.path)).select(SCALAR_SCHEMA.names).cast(SCALAR_SCHEMA)
+        except Exception:  # noqa: BLE001 - gone (published meanwhile) or damaged: the published files are the record
+            continue
+    return out
 
 
 def _read_closing(src: Any) -> pa.Table:

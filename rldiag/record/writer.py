@@ -508,6 +508,8 @@ class Writer(threading.Thread):
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+        if self.scalars is not None:  # unpublished custom scalars: live/<writer>.scalars
+            self.scalars.write_live(self._live_path.with_suffix(".scalars"), self._meta)
 
     def _drop_live(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,24 @@ def test_export_to_tensorboard_includes_custom_scalars(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path / "tb")).Reload()
     tag = next(t for t in acc.Tags()["scalars"] if t.endswith("loss"))
     assert [(e.step, e.value) for e in acc.Scalars(tag)] == [(0, 0.5), (1, 1.5), (2, 2.5)]
+
+
+def test_unpublished_scalars_are_seen_live(tmp_path: Path) -> None:
+    rec = rldiag.Recorder(tmp_path / "r", roll_steps=1000, roll_seconds=3600, live_seconds=0.01)
+    try:
+        for s in range(3):
+            _record(rec, s)
+            rec.log(s, {"loss": float(s)})
+        _record(rec, 3)  # the next record rewrites the live tails, which now hold step 2's loss
+        run = None
+        for _ in range(200):  # the writer thread rewrites the tail at most every live_seconds
+            run = rldiag.open_run(tmp_path / "r")
+            if run.custom_metrics()["step"].to_list() == [0, 1, 2]:
+                break
+            time.sleep(0.05)
+        assert run is not None and run.custom_metrics()["loss"].to_list() == [0.0, 1.0, 2.0]
+        assert not (tmp_path / "r" / SCALARS_DIR).exists()  # nothing published yet: read from live/
+    finally:
+        rec.close()
+    assert not list((tmp_path / "r" / "live").glob("*.scalars"))  # published: the tail is gone
+    assert rldiag.open_run(tmp_path / "r").custom_metrics()["loss"].to_list() == [0.0, 1.0, 2.0]
