@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from rldiag import runformat, schema, storage
 from rldiag.analysis import inventory, recompute
-from rldiag.analysis.recompute import BUCKET_METRICS, bucket_stats, scan_tokens
+from rldiag.analysis.recompute import BUCKET_KINDS, bucket_stats, bucket_table, scan_tokens
 from rldiag.analysis.scan import INDEX_DIR, INDEX_MIN_FILES, Problem, RunFiles
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
@@ -362,15 +362,18 @@ class Run:
 
         One row per (step, bucket) with ``n``, ``ratio/mean``, ``ratio/std``, ``clip/region``,
         ``entropy/mean``, ``mismatch/k3``. ``by="pos"``: deciles (``buckets``) of the step's longest response,
-        or fixed ``width`` positions per bucket; ``by="stage"`` or ``"turn"``: the column's values.
+        or fixed ``width`` positions per bucket; ``by="stage"`` or ``"turn"``: the column's values;
+        ``by="route"``: buckets of ``route_agree`` ([0, 0.5), [0.5, 0.75), [0.75, 0.9), [0.9, 1), 1).
+        ``by="prob"``: buckets of the sampler probability exp(rollout_logp) (<= 1e-6, then up to 1e-4, 1e-3,
+        1e-2, 0.1, 0.5, 0.9, 1) with ``n``, ``mismatch/k1``, ``mismatch/k3``, ``mismatch/absd_mean`` (mean |d|)
+        and ``mismatch/extreme_frac``. ``prob`` and ``route`` tables also give each bucket's ``bucket_lo`` and
+        ``bucket_hi``, and are empty when the run lacks the column.
         ``engine="ray"``: Ray tasks over groups of whole steps compute the statistics where they run
         (:mod:`rldiag.analysis.ray_engine`); the result is the same.
         """
-        if by not in ("pos", "stage", "turn"):
-            raise ValueError(f"by must be 'pos', 'stage' or 'turn', got {by!r}")
+        if by not in BUCKET_KINDS:
+            raise ValueError(f"by must be one of {', '.join(map(repr, BUCKET_KINDS))}, got {by!r}")
         _check_engine(engine)
-        names = list(BUCKET_METRICS)
-        cols = ["step", "bucket", "n"] + names
         if engine == "ray":
             from rldiag.analysis import ray_engine
 
@@ -391,13 +394,7 @@ class Run:
             if steps is not None:
                 lf = lf.filter(pl.col("step").is_in(list(steps)))
             stats = bucket_stats(lf, self.config, by, buckets, width)
-        if stats.num_rows == 0:
-            return pl.DataFrame(
-                schema={"step": pl.Int64, "bucket": pl.Int64, "n": pl.Float64} | {n: pl.Float64 for n in names}
-            )
-        merged = aggregate.merge(stats, by=("step", "bucket"), stats=needed_stats(names) | {"n"})
-        out = aggregate.finalize(merged, names).with_columns(pl.Series("n", merged.stats["n"]))
-        return out.select(cols)
+        return bucket_table(stats, by)
 
     # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------
     def lens(

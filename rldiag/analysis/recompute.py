@@ -32,7 +32,7 @@ from rldiag.analysis.progress import progress
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
 from rldiag.metrics.registry import needed_stats
-from rldiag.stats import kernel
+from rldiag.stats import bucket_kernel, kernel
 from rldiag.stats.table import STATS_SCHEMA, to_table
 
 _RECORD_KEYS = (schema.STEP, schema.RANK, schema.MICRO)
@@ -138,8 +138,12 @@ def stats_of_table(
     *,
     sort: bool = True,
     hists: bool = True,
+    absd: bool = False,
 ) -> pa.Table:
-    """Statistics rows (``STATS_SCHEMA`` plus any extra record keys) of the records in ``table``."""
+    """Statistics rows (``STATS_SCHEMA`` plus any extra record keys) of the records in ``table``.
+
+    ``absd``: also the column :data:`rldiag.stats.bucket_kernel.ABSD_STAT` (sum of ``|d|`` of the tokens
+    ``n_mm`` counts), for the probability and routing bucket tables."""
     if table.num_rows == 0:
         return STATS_SCHEMA.empty_table()
     batch, keys = batch_from_tokens(table, record_keys, sort=sort)
@@ -155,6 +159,12 @@ def stats_of_table(
     for k, v in keys.items():
         if k not in _RECORD_KEYS:
             out = out.append_column(k, pa.array(v))
+    if absd:
+        tok_off = batch.seq_off[batch.rec_off]
+        sums = bucket_kernel.absd_sums(
+            tok_off, batch.logp, batch.old_logp, batch.adv, batch.rollout_logp, cfg.logp_tolerance
+        )
+        out = out.append_column(bucket_kernel.ABSD_STAT, pa.array(sums, pa.float64()))
     return out
 
 
@@ -412,12 +422,41 @@ def scan_tokens(files: Sequence[Any], limits: dict[Any, int] | None = None) -> p
 
 
 BUCKET_METRICS = ("ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3")
-"""The metrics of the bucket table (:meth:`Run.bucket_metrics`)."""
+"""The metrics of the position, stage, turn and routing bucket tables (:meth:`Run.bucket_metrics`)."""
+
+PROB_BUCKET_METRICS = ("mismatch/k1", "mismatch/k3", "mismatch/absd_mean", "mismatch/extreme_frac")
+"""The metrics of the probability bucket table (``by="prob"``); ``mismatch/absd_mean`` is mean(|d|)."""
+
+BUCKET_KINDS = ("pos", "stage", "turn", "prob", "route")
+"""What :meth:`Run.bucket_metrics` buckets by."""
+
+_ABSD_MEAN = "mismatch/absd_mean"
+_BUCKET_INPUT = {"prob": schema.ROLLOUT_LOGP, "route": schema.ROUTE_AGREE}
+
+
+def bucket_names(by: str) -> list[str]:
+    """The metric columns of the bucket table ``by``."""
+    return list(PROB_BUCKET_METRICS if by == "prob" else BUCKET_METRICS)
 
 
 def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int, width: int | None) -> pa.Table:
     """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
-    step's longest response). Merging them by (step, bucket) gives :meth:`Run.bucket_metrics`."""
+    step's longest response). Merging them by (step, bucket) (:func:`bucket_table`) gives
+    :meth:`Run.bucket_metrics`. ``by="prob"`` and ``"route"`` use the fixed buckets of
+    :mod:`rldiag.stats.bucket_kernel` and add its sum of ``|d|``; no rows where the run lacks the column."""
+    if by in _BUCKET_INPUT:
+        col = _BUCKET_INPUT[by]
+        if col not in lf.collect_schema().names():
+            return STATS_SCHEMA.empty_table()
+        table = lf.collect().to_arrow()
+        values = _col(table, col)
+        if table.num_rows == 0 or values is None:
+            return STATS_SCHEMA.empty_table()
+        ids = bucket_kernel.buckets(by, values)
+        table = table.append_column("bucket", pa.array(ids)).filter(pa.array(ids >= 0))
+        if table.num_rows == 0:
+            return STATS_SCHEMA.empty_table()
+        return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"), absd=by == "prob")
     if by == "pos":
         if width is not None:
             bucket = pl.col("pos") // width
@@ -431,6 +470,33 @@ def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int
     if table.num_rows == 0:
         return STATS_SCHEMA.empty_table()
     return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"))
+
+
+def bucket_table(stats: pa.Table, by: str) -> pl.DataFrame:
+    """The bucket table (one row per (step, bucket)) of the statistics rows of :func:`bucket_stats`: ``step``,
+    ``bucket`` (for ``prob``/``route`` also ``bucket_lo``, ``bucket_hi``), ``n`` and :func:`bucket_names`."""
+    names = bucket_names(by)
+    fixed = by in _BUCKET_INPUT
+    keys = ["step", "bucket"] + (["bucket_lo", "bucket_hi"] if fixed else [])
+    cols = keys + ["n"] + names
+    if stats.num_rows == 0:
+        return pl.DataFrame(schema={"step": pl.Int64, "bucket": pl.Int64} | {c: pl.Float64 for c in cols[2:]})
+    kernel_names = [n for n in names if n != _ABSD_MEAN]
+    merged = aggregate.merge(stats, by=("step", "bucket"), stats=needed_stats(kernel_names) | {"n", "n_mm"})
+    out = aggregate.finalize(merged, kernel_names).with_columns(pl.Series("n", merged.stats["n"]))
+    if _ABSD_MEAN in names:
+        row_keys = {k: stats.column(k).to_numpy() for k in ("step", "bucket")}
+        idx = _align(row_keys, merged.keys, ("step", "bucket"))  # every row's group
+        total = np.bincount(idx, weights=stats.column(bucket_kernel.ABSD_STAT).to_numpy(), minlength=out.height)
+        n_mm = merged.stats["n_mm"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n_mm > 0, total / np.where(n_mm > 0, n_mm, 1.0), np.nan)
+        out = out.with_columns(pl.Series(_ABSD_MEAN, mean))
+    if fixed:
+        lo, hi = bucket_kernel.bounds(by)
+        b = out["bucket"].to_numpy()
+        out = out.with_columns(pl.Series("bucket_lo", lo[b]), pl.Series("bucket_hi", hi[b]))
+    return out.select(cols)
 
 
 _TOKEN_SCHEMA = pl.Schema({k: pl.Series(pa.array([], v)).dtype for k, v in schema.TOKEN_DTYPES.items()})

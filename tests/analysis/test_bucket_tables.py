@@ -1,0 +1,144 @@
+"""Probability and routing bucket tables (metrics-spec section 5): Run.bucket_metrics(by="prob" / "route")
+against an independent numpy reference over the token rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+import rldiag
+from tests.metrics.reference import make_record
+
+PROB_EDGES = [1e-6, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 0.9, 1.0]
+
+
+def _record_moe(path, steps=3, seed=0, route=True):
+    rng = np.random.default_rng(seed)
+    with rldiag.Recorder(path) as rec:
+        for s in range(steps):
+            for _ in range(2):
+                r = make_record(rng, 8, 24, nan_frac=0.02)
+                r.pop("rollout_logprobs", None)
+                r.pop("route_agree", None)
+                old = r["old_logprobs"].astype(np.float64)
+                # sampler log-probs spread over every probability bucket, some far from the trainer's
+                roll = np.minimum(old + rng.standard_t(2, old.shape) * 0.4, 0.0)
+                low = rng.random(old.shape) < 0.1
+                roll[low] = rng.uniform(-18, -5, low.sum())  # rare tokens: p down to 1e-8
+                roll[0, :3] = np.nan
+                kw = {}
+                if route:
+                    ra = rng.choice([1.0, 0.95, 0.8, 0.6, 0.2, 0.5, 0.9, 0.75], size=old.shape)
+                    kw["route_agree"] = ra.astype(np.float32)
+                rec.record(step=s, rollout_logprobs=roll.astype(np.float32), **r, **kw)
+    return rldiag.open_run(path)
+
+
+def _valid_tokens(run) -> pl.DataFrame:
+    tol = run.config.logp_tolerance
+    return (
+        run.tokens()
+        .collect()
+        .filter(
+            pl.col("logp").is_finite()
+            & pl.col("old_logp").is_finite()
+            & pl.col("adv").is_finite()
+            & (pl.col("logp") <= tol)
+            & (pl.col("old_logp") <= tol)
+        )
+    )
+
+
+def _prob_bucket(p: np.ndarray) -> np.ndarray:
+    b = np.searchsorted(np.array(PROB_EDGES), p, side="left")  # (e[k-1], e[k]] -> k; p <= 1e-6 -> 0
+    return np.minimum(b, len(PROB_EDGES) - 1)
+
+
+def _route_bucket(x: np.ndarray) -> np.ndarray:
+    b = np.searchsorted(np.array([0.0, 0.5, 0.75, 0.9, 1.0]), x, side="right") - 1  # [e[k], e[k+1]) -> k
+    return np.where(np.isfinite(x) & (x >= 0) & (x <= 1), b, -1)
+
+
+def _close(x: float, y: float, rel: float = 1e-9) -> bool:
+    return (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=rel, abs=1e-12)
+
+
+def test_prob_buckets_equal_a_numpy_reference(tmp_path) -> None:
+    run = _record_moe(tmp_path / "r")
+    tab = run.bucket_metrics(by="prob")
+    assert tab.columns == [
+        "step",
+        "bucket",
+        "bucket_lo",
+        "bucket_hi",
+        "n",
+        "mismatch/k1",
+        "mismatch/k3",
+        "mismatch/absd_mean",
+        "mismatch/extreme_frac",
+    ]
+    tok = _valid_tokens(run).filter(pl.col("rollout_logp").is_finite())
+    seen = 0
+    for step in run.steps():
+        t = tok.filter(pl.col("step") == step)
+        roll = t["rollout_logp"].to_numpy().astype(np.float64)
+        d = t["old_logp"].to_numpy().astype(np.float64) - roll
+        b = _prob_bucket(np.exp(roll))
+        for k in np.unique(b):
+            sel = b == k
+            row = tab.filter((pl.col("step") == step) & (pl.col("bucket") == int(k))).row(0, named=True)
+            assert row["n"] == sel.sum()
+            assert _close(row["mismatch/k1"], float(np.mean(-d[sel])))
+            assert _close(row["mismatch/k3"], float(np.mean(np.exp(d[sel]) - 1 - d[sel])), rel=1e-7)
+            assert _close(row["mismatch/absd_mean"], float(np.mean(np.abs(d[sel]))))
+            assert _close(row["mismatch/extreme_frac"], float(np.mean(np.abs(d[sel]) > math.log(2))))
+            assert row["bucket_hi"] == PROB_EDGES[k] and row["bucket_lo"] == (PROB_EDGES[k - 1] if k else 0.0)
+            seen += 1
+        assert tab.filter(pl.col("step") == step).height == np.unique(b).size
+    assert seen >= 3 * 5  # the records spread over most buckets
+    # the buckets partition the step's mismatch tokens: n sums to the step's token count with a finite d
+    per_step = tab.group_by("step").agg(pl.col("n").sum()).sort("step")["n"].to_list()
+    assert per_step == [tok.filter(pl.col("step") == s).height for s in run.steps()]
+
+
+def test_route_buckets_equal_a_numpy_reference(tmp_path) -> None:
+    run = _record_moe(tmp_path / "r")
+    tab = run.bucket_metrics(by="route")
+    assert tab.columns == ["step", "bucket", "bucket_lo", "bucket_hi", "n"] + [
+        "ratio/mean",
+        "ratio/std",
+        "clip/region",
+        "entropy/mean",
+        "mismatch/k3",
+    ]
+    tok = _valid_tokens(run)
+    for step in run.steps():
+        t = tok.filter(pl.col("step") == step)
+        b = _route_bucket(t["route_agree"].to_numpy().astype(np.float64))
+        lr = t["logp"].to_numpy().astype(np.float64) - t["old_logp"].to_numpy()
+        r = np.exp(lr)
+        d = t["old_logp"].to_numpy().astype(np.float64) - t["rollout_logp"].to_numpy()
+        assert set(np.unique(b[b >= 0]).tolist()) == set(tab.filter(pl.col("step") == step)["bucket"].to_list())
+        for k in np.unique(b[b >= 0]):
+            sel = b == k
+            row = tab.filter((pl.col("step") == step) & (pl.col("bucket") == int(k))).row(0, named=True)
+            assert row["n"] == sel.sum()
+            assert _close(row["ratio/mean"], float(r[sel].mean()), rel=1e-7)
+            assert _close(row["ratio/std"], float(r[sel].std()), rel=1e-6)
+            fd = sel & np.isfinite(d)
+            assert _close(row["mismatch/k3"], float(np.mean(np.exp(d[fd]) - 1 - d[fd])), rel=1e-7)
+            assert row["bucket_lo"] == [0.0, 0.5, 0.75, 0.9, 1.0][k]
+            assert row["bucket_hi"] == [0.5, 0.75, 0.9, 1.0, 1.0][k]
+    assert 4 in tab["bucket"].to_list() and 0 in tab["bucket"].to_list()
+
+
+def test_prob_and_route_tables_are_empty_without_their_column(tmp_path) -> None:
+    run = _record_moe(tmp_path / "r", steps=2, route=False)
+    route = run.bucket_metrics(by="route")
+    assert route.height == 0 and "mismatch/k3" in route.columns and "bucket_lo" in route.columns
+    assert run.bucket_metrics(by="prob", steps=[1])["step"].unique().to_list() == [1]
+    with pytest.raises(ValueError, match="by must be one of"):
+        run.bucket_metrics(by="probability")
