@@ -57,6 +57,21 @@ def table(run_id: str, by: str, x_range: tuple[float, float] | None = None) -> p
     return data.catalog().state(run_id).bucket_metrics(by, x_range)
 
 
+def bucket_labels(frame: pl.DataFrame) -> dict[str, str]:
+    """``{bucket id: "lo–hi"}`` for tables whose buckets are value ranges (``bucket_lo``/``bucket_hi``)."""
+    if not {"bucket", "bucket_lo", "bucket_hi"} <= set(frame.columns):
+        return {}
+    rows = frame.select("bucket", "bucket_lo", "bucket_hi").unique(subset="bucket").sort("bucket")
+    out = {}
+    for b, lo, hi in rows.iter_rows():
+        out[str(b)] = f"{_num(lo)}–{_num(hi)}"
+    return out
+
+
+def _num(v: Any) -> str:
+    return "?" if v is None else f"{float(v):.3g}"
+
+
 def coverage(run_id: str, frame: pl.DataFrame, x_range: tuple[float, float] | None) -> str:
     """Which steps a table covers: all, or how many of the run's (or of the zoomed range's)."""
     st = data.catalog().state(run_id)
@@ -174,6 +189,9 @@ class BucketView:
         if quantity is None:
             return figures.empty_figure("no quantities")
         fig = figures.bucket_heatmap(frame, quantity, by=by)
+        labels = bucket_labels(frame)
+        if labels:  # value buckets (probability, routing agreement): name each by its range, not its index
+            fig.update_yaxes(tickvals=list(labels), ticktext=list(labels.values()))
         fig.update_layout(
             title=dict(
                 text=f"{plot_text(run_id)}<br><span style='font-size:11px'>{plot_text(quantity)} by {by} · "

@@ -106,6 +106,9 @@ def test_mismatch_page_has_prob_and_route_tables_or_says_why_not(tmp_path: Path,
             assert expected.height > 0 and value is not None and note == ""
             fig = buckets.MISMATCH.figure("moe", by, value, None, zoomed=False)
             assert fig.data[0].type == "heatmap" and set(fig.data[0].x) == set(run.steps())
+            if "bucket_lo" in expected.columns:  # value buckets are named by their range
+                assert len(fig.layout.yaxis.ticktext) == expected["bucket"].n_unique()
+                assert all("–" in t for t in fig.layout.yaxis.ticktext)
 
 
 def test_ratio_heatmap_and_lens_for_every_selected_run(ctx):
