@@ -142,3 +142,21 @@ def test_prob_and_route_tables_are_empty_without_their_column(tmp_path) -> None:
     assert run.bucket_metrics(by="prob", steps=[1])["step"].unique().to_list() == [1]
     with pytest.raises(ValueError, match="by must be one of"):
         run.bucket_metrics(by="probability")
+
+
+@pytest.mark.parametrize("by", ["prob", "route"])
+def test_steps_computed_in_separate_tasks_give_the_same_table(tmp_path, by) -> None:
+    """What the Ray engine does (ray_engine.bucket_stats): each task computes the statistics rows of a run of
+    whole steps with the local function; the rows, concatenated in step order, give the local table bit for
+    bit."""
+    from rldiag.analysis import ray_engine
+    from rldiag.analysis.recompute import bucket_table
+
+    run = _record_moe(tmp_path / "r", steps=4)
+    source = ray_engine.TokenSource(tuple(run.token_files()), dict(run.token_limits()), run.config)
+    parts = [ray_engine._bucket_task(source, chunk, by, 10, None) for chunk in ray_engine.step_chunks(run.steps(), 3)]
+    import pyarrow as pa
+
+    got = bucket_table(pa.concat_tables([p for p in parts if p.num_rows], promote_options="default"), by)
+    assert got.equals(run.bucket_metrics(by=by))
+    assert got.height > 4
