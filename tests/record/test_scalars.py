@@ -229,3 +229,19 @@ def test_unpublished_scalars_are_seen_live(tmp_path: Path) -> None:
         rec.close()
     assert not list((tmp_path / "r" / "live").glob("*.scalars"))  # published: the tail is gone
     assert rldiag.open_run(tmp_path / "r").custom_metrics()["loss"].to_list() == [0.0, 1.0, 2.0]
+
+
+def test_rldiag_watch_evaluates_a_rule_on_a_custom_scalar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rldiag.cli import main
+
+    with rldiag.Recorder(tmp_path / "r") as rec:
+        for s in range(6):
+            _record(rec, s)
+            rec.log(s, {"loss": 1.0 if s < 3 else 9.0})
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        'include_defaults = false\n[rules.loss_up]\nseverity = "critical"\nmetric = "custom:loss"\nop = ">"\n'
+        'threshold = 5\nsummary = "loss {value:g} above {threshold:g} at step {step}"\n'
+    )
+    assert main(["watch", str(tmp_path / "r"), "--once", "--no-history", "--rules", str(rules)]) == 1
+    assert "loss 9 above 5 at step 3" in capsys.readouterr().err
