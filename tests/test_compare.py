@@ -85,3 +85,17 @@ def test_summaries_leave_on_policy_steps_out_of_ratio_metrics() -> None:
     assert summarize(f, "entropy/mean", "higher") == {"mean": 1.25, "worst": 0.5}  # not a ratio metric: all steps
     assert summarize(f, "ratio/mean", "neutral")["worst"] == 1.4
     assert math.isnan(summarize(f.filter(pl.col("step") == 1), "kl/k3", "lower")["mean"])
+
+
+def test_custom_scalars_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import rldiag
+    from tests.analysis.test_io import _step_record
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        with rldiag.Recorder(tmp_path / name) as rec:
+            for s in range(4):
+                rec.record(step=s, **_step_record(s))
+                rec.log(s, {"loss": scale * s})
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metrics", "loss", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["metric"] == "loss" and row["a mean"] == 1.5 and row["b mean"] == 3.0 and row["diverge@ (b)"] == 3

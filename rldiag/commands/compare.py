@@ -34,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(__doc__ or "").split("\n\n", 1)[-1],
     )
     p.add_argument("runs", nargs="+", help="two or more run directories (the first is the baseline)")
-    p.add_argument("--metrics", help="comma-separated names or globs (default: the headline metrics)")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated names or globs (default: the headline metrics); custom scalars by their exact name",
+    )
     p.add_argument("--steps", help="only the window A:B of steps (B exclusive; A: or :B), in every run")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=run)
@@ -86,6 +89,15 @@ def divergence(a: pl.DataFrame, b: pl.DataFrame, name: str) -> tuple[int | None,
     return int(steps[i]), float(diff[i] / scale)
 
 
+def _metric_names(pattern: str, runs: list[Any]) -> list[str]:
+    """Registry names matching ``pattern`` (globs), plus custom scalars (``Recorder.log``) of every run named
+    exactly."""
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    custom = [p for p in pats if all(p in r.custom.names() for r in runs)]
+    rest = [p for p in pats if p not in custom]
+    return (select_metrics(",".join(rest)) if rest else []) + custom
+
+
 def _label(runs: list[Any]) -> list[str]:
     labels: list[str] = []
     for r in runs:
@@ -102,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise CLIError("compare needs at least two runs")
     runs = [open_run_or_fail(p) for p in args.runs]
-    names = select_metrics(args.metrics) if args.metrics else list(HEADLINE)
+    names = _metric_names(args.metrics, runs) if args.metrics else list(HEADLINE)
     steps = parse_steps(args.steps)
     wanted = list(dict.fromkeys([*names, *_ON_POLICY_COLUMNS]))
     frames = [r.step_metrics(steps=steps, metrics=wanted) for r in runs]
