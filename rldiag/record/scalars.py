@@ -252,10 +252,16 @@ class ScalarFiles:
     bad: set[str] = field(default_factory=set)
     live: dict[str, pa.Table] = field(default_factory=dict)
     """The writers' live tails (local runs), keyed like published files; read again at every refresh."""
+    _version: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict)
+    """What :meth:`rows` and :meth:`names` computed for the files of :attr:`_version` (a dashboard asks often)."""
 
     def refresh(self) -> list[str]:
         """Read the files published since the last call, and the live tails again; returns the new names."""
-        self.live = _read_live(self.path)
+        live = _read_live(self.path)
+        if live or self.live:
+            self._version += 1
+        self.live = live
         new = []
         for e in storage.list_files(storage.location(self.path) / SCALARS_DIR):
             if not runformat.is_published(e.name) or e.name in self.tables or e.name in self.bad:
@@ -272,11 +278,22 @@ class ScalarFiles:
                 continue
             self.tables[e.name] = table
             new.append(e.name)
+        if new:
+            self._version += 1
         return new
 
     def rows(self, cutoff: Mapping[str, int] | None = None) -> pa.Table:
         """One row per (step, rank, name) that counts: restarts applied (``cutoff``: writer -> first superseded
         step, :attr:`rldiag.runformat.Resume.cutoff`), a later call of a name at a step over an earlier one."""
+        key = (self._version, tuple(sorted((cutoff or {}).items())))
+        cached = self._cache.get("rows")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = self._rows(cutoff)
+        self._cache["rows"] = (key, out)
+        return out
+
+    def _rows(self, cutoff: Mapping[str, int] | None) -> pa.Table:
         parts = []
         for fname, t in [*self.tables.items(), *self.live.items()]:  # a tail repeats published rows: same seq
             parsed = runformat.parse_segment_name(fname)
@@ -301,9 +318,13 @@ class ScalarFiles:
 
     def names(self) -> list[str]:
         """Every name logged in the run, sorted."""
+        cached = self._cache.get("names")
+        if cached is not None and cached[0] == self._version:
+            return list(cached[1])
         names: set[str] = set()
         for t in [*self.tables.values(), *self.live.values()]:
             names.update(pc.unique(t.column("name")).to_pylist())
+        self._cache["names"] = (self._version, sorted(names))
         return sorted(names)
 
     def frame(
