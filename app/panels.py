@@ -156,6 +156,19 @@ def overview_panels(specs: Mapping[str, Any] | None = None) -> list[Panel]:
     return out
 
 
+def custom_help(name: str) -> HelpItem:
+    """Help of a custom scalar: the training loop logged it; rldiag knows nothing more about it."""
+    return HelpItem(
+        name=name,
+        doc="a scalar the training loop logged with Recorder.log (rldiag stores it exactly, one value per step; "
+        "several ranks give their mean)",
+        direction="neutral",
+        formula="",
+        source="your training loop",
+        derived=False,
+    )
+
+
 def page_of(metric: str) -> str | None:
     """The metric page whose panels chart ``metric`` (the Overview for a headline metric no page lists)."""
     spec = spec_of(metric)

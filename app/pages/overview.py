@@ -35,6 +35,26 @@ def alert_line(runs: list[str]) -> html.Div | None:
     return html.Div([html.Span("firing: ", className="muted"), *chips], className="alert-line")
 
 
+def custom_names(runs: list[str]) -> list[str]:
+    """Names of the custom scalars (``Recorder.log``) of the runs on screen, in first-seen order."""
+    cat = data.catalog()
+    names: dict[str, None] = {}
+    for run_id in runs:
+        scalars = getattr(cat.state(run_id).run, "custom", None)
+        for name in scalars.names() if scalars is not None else ():
+            names.setdefault(str(name), None)
+    return list(names)
+
+
+def custom_panels(names: list[str]) -> list[panels.Panel]:
+    """One panel per custom scalar (their scales are unrelated: a loss and a learning rate do not share an
+    axis). A name with a comma cannot travel in a panel id and is left out."""
+    return [
+        panels.Panel(f"custom-{i}", "custom", name, "", (name,), (panels.custom_help(name),))
+        for i, name in enumerate(n for n in names if "," not in n)
+    ]
+
+
 def layout(run: Any = None, **_query: Any) -> html.Div:
     runs, error = ui.resolve_runs(run)
     children: list[Any] = [
@@ -53,4 +73,13 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
             children.append(line)
         # One grid: most families have one headline metric, and a section per family would leave half rows.
         children.append(ui.panel_grid(PAGE, panels.overview_panels()))
+        custom = custom_panels(custom_names(runs))
+        if custom:
+            children.append(
+                ui.section(
+                    "Custom",
+                    ui.panel_grid(PAGE, custom),
+                    note="Scalars the training loop logged itself with rec.log(step, {...}), exact per step.",
+                )
+            )
     return html.Div(children)

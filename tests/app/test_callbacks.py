@@ -399,3 +399,28 @@ def test_a_runs_own_tokenizer_folder_decodes_its_tokens(make_app, tokenizer_dir,
             assert "token ids shown" in line or "No token rows" in " ".join(texts(body))
     finally:
         shutil.rmtree(own)
+
+
+def test_custom_scalars_get_a_custom_panel_group_on_the_overview(tmp_path: Path):
+    import numpy as np
+
+    import rldiag
+
+    rec = rldiag.Recorder(tmp_path / "c")
+    rng = np.random.default_rng(0)
+    for s in range(5):
+        old = -rng.gamma(1.0, 0.8, size=(4, 10)).astype(np.float32)
+        rec.record(step=s, logprobs=old, old_logprobs=old, advantages=rng.normal(size=4).astype(np.float32))
+        rec.log(s, {"loss": 1.0 / (s + 1), "eval/acc": 0.1 * s})
+    rec.close()
+    app = shell.create_app(tmp_path)
+    with app.server.test_request_context():
+        tree = page("overview").layout(run="c")
+        assert "Custom" in texts(tree)
+        graphs = [c.id for c in walk(tree) if isinstance(c, dcc.Graph)]
+        custom = [g for g in graphs if g["key"].startswith("custom-")]
+        assert sorted(g["metrics"] for g in custom) == ["eval/acc", "loss"]
+        spec = shell.render_panel(next(g for g in custom if g["metrics"] == "loss"), ["c"], 0.0, None)
+        assert spec["data"][1]["y"] == [1.0, 0.5, 1 / 3, 0.25, 0.2]  # exact, per step
+        # a run without custom scalars has no such section
+        assert "Custom" not in texts(page("overview").layout(run="../nope"))
