@@ -509,6 +509,17 @@ def _frame_columns(metrics: list[str]) -> list[str]:
     return list(dict.fromkeys([*metrics, *extra]))
 
 
+def _run_columns(st: data.RunState, metrics: list[str], x_mode: str) -> list[str]:
+    """:func:`_frame_columns`, plus the run's wall-clock scalar (``rec.log(step, {"time": time.time()})``)
+    when the x axis shows wall time."""
+    cols = _frame_columns(metrics)
+    if x_mode == "time":
+        scalars = getattr(st.run, "custom", None)
+        logged = set(scalars.names()) if scalars is not None else set()
+        cols += [c for c in figures.TIME_COLUMNS if c in logged]
+    return cols
+
+
 def render_panel(
     panel_id: dict[str, str],
     runs: list[str],
@@ -530,7 +541,7 @@ def render_panel(
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
         versions[run_id] = st.version  # before the frame: a step read in between makes the next tick redraw
-        frame = st.metrics(_frame_columns(metrics))  # only this panel's columns are finalized on first use
+        frame = st.metrics(_run_columns(st, metrics, x_mode))  # only these columns are finalized on first use
         frames[run_id] = frame
         lasts[run_id] = int(frame["step"].max()) if frame.height else None  # type: ignore[arg-type]
         if panel_id.get("page") == "overview":
@@ -659,7 +670,7 @@ def live_tick(
         spec = render_panel(pid, runs, smoothing, zoom, x_mode=x_mode, log_y="log" in opt, hide_onpolicy=hide_onpolicy)
         new_sigs[i] = panel_sig(spec)
         if not alerts_changed and _appended_only(sig, spec, before, after, fresh):
-            full = {r: cat.state(r).metrics(_frame_columns(metrics)) for r in after}
+            full = {r: cat.state(r).metrics(_run_columns(cat.state(r), metrics, x_mode)) for r in after}
             grown = {r: f for r, f in fresh.items() if after[r] != before[r]}
             payload = figures.extend_payload(
                 grown,

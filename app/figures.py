@@ -140,7 +140,8 @@ def empty_figure(message: str, *, height: int = 260) -> go.Figure:
 X_MODES: dict[str, str] = {"step": "step", "tokens": "tokens seen", "time": "wall time (s)"}
 """What a line panel's x axis can show (value -> axis title)."""
 TIME_COLUMNS = ("time", "wall_time")
-"""Step-metric columns holding a step's wall-clock time (Unix seconds), when the run records one."""
+"""Step-metric columns holding a step's wall-clock time (Unix seconds): the run's statistics carry none, so
+the x axis by wall time reads a custom scalar of one of these names (``rec.log(step, {"time": time.time()})``)."""
 ONPOLICY_FAMILIES = frozenset({"ratio", "ess", "kl", "seq"})
 """Families whose panels mark on-policy steps (ratio exactly 1 by construction) and can hide them."""
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")

@@ -7,7 +7,7 @@ from typing import Any
 import dash
 from dash import html
 
-from app import data, panels
+from app import data, figures, panels
 from app import layout as ui
 
 dash.register_page(__name__, path="/overview", name="Overview", title="rldiag · Overview", order=1)
@@ -48,10 +48,11 @@ def custom_names(runs: list[str]) -> list[str]:
 
 def custom_panels(names: list[str]) -> list[panels.Panel]:
     """One panel per custom scalar (their scales are unrelated: a loss and a learning rate do not share an
-    axis). A name with a comma cannot travel in a panel id and is left out."""
+    axis). A name with a comma cannot travel in a panel id and is left out; a wall-clock scalar
+    (:data:`app.figures.TIME_COLUMNS`) is the x axis by wall time, not a panel."""
     return [
         panels.Panel(f"custom-{i}", "custom", name, "", (name,), (panels.custom_help(name),))
-        for i, name in enumerate(n for n in names if "," not in n)
+        for i, name in enumerate(n for n in names if "," not in n and n not in figures.TIME_COLUMNS)
     ]
 
 

@@ -411,7 +411,7 @@ def test_custom_scalars_get_a_custom_panel_group_on_the_overview(tmp_path: Path)
     for s in range(5):
         old = -rng.gamma(1.0, 0.8, size=(4, 10)).astype(np.float32)
         rec.record(step=s, logprobs=old, old_logprobs=old, advantages=rng.normal(size=4).astype(np.float32))
-        rec.log(s, {"loss": 1.0 / (s + 1), "eval/acc": 0.1 * s})
+        rec.log(s, {"loss": 1.0 / (s + 1), "eval/acc": 0.1 * s, "time": 1000.0 + 2.0 * s})
     rec.close()
     app = shell.create_app(tmp_path)
     with app.server.test_request_context():
@@ -422,5 +422,10 @@ def test_custom_scalars_get_a_custom_panel_group_on_the_overview(tmp_path: Path)
         assert sorted(g["metrics"] for g in custom) == ["eval/acc", "loss"]
         spec = shell.render_panel(next(g for g in custom if g["metrics"] == "loss"), ["c"], 0.0, None)
         assert spec["data"][1]["y"] == [1.0, 0.5, 1 / 3, 0.25, 0.2]  # exact, per step
+        # the logged wall clock is the x axis by wall time (seconds since the first step), not a panel
+        pid = ids.panel("overview", "k", ["kl/k3"])
+        timed = shell.render_panel(pid, ["c"], 0.0, None, x_mode="time")
+        assert timed["data"][1]["x"] == [0.0, 2.0, 4.0, 6.0, 8.0] and timed["data"][1]["customdata"][1] == 1.0
+        assert timed["layout"]["xaxis"]["title"]["text"] == "wall time (s)"
         # a run without custom scalars has no such section
         assert "Custom" not in texts(page("overview").layout(run="../nope"))
