@@ -28,6 +28,7 @@ the statistics' live tail, so readers see them within about a second.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -79,8 +80,11 @@ SCALAR_SCHEMA: Final = pa.schema(
 )
 """Columns of a ``scalars/*.parquet`` file. ``seq`` orders one writer's calls (the later call wins)."""
 _RESERVED: Final = frozenset({"step", "rank"})
+_checked: set[str] = set()
+"""Names already accepted (a training loop logs the same few names every step)."""
 
 
+@functools.cache
 def _reserved_names() -> frozenset[str]:
     from rldiag.metrics.registry import METRICS
 
@@ -93,6 +97,8 @@ def check_name(name: Any) -> str:
     >>> check_name("eval/acc")
     'eval/acc'
     """
+    if type(name) is str and name in _checked:
+        return name
     if not isinstance(name, str):
         raise TypeError(f"custom scalar names are strings, got {type(name).__name__} {name!r:.60}")
     if not name or name != name.strip() or len(name) > MAX_NAME_LENGTH:
@@ -112,11 +118,15 @@ def check_name(name: Any) -> str:
             f"custom scalar {name!r} has the name of an rldiag metric (docs/metrics.md) or column; log it under "
             f"another name, e.g. 'my/{name}'"
         )
+    if len(_checked) < 10_000:
+        _checked.add(name)
     return name
 
 
 def _value_of(name: str, v: Any) -> Any:
     """A float, or a detached one-element device tensor converted on the writer thread (never syncs a GPU)."""
+    if type(v) is float or type(v) is int:  # the common case, without numpy
+        return float(v)
     if is_torch(v):
         if v.numel() != 1:
             raise ValueError(f"custom scalar {name!r} is a tensor of shape {list(v.shape)}; log one number")
