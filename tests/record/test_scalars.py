@@ -245,3 +245,18 @@ def test_rldiag_watch_evaluates_a_rule_on_a_custom_scalar(tmp_path: Path, capsys
     )
     assert main(["watch", str(tmp_path / "r"), "--once", "--no-history", "--rules", str(rules)]) == 1
     assert "loss 9 above 5 at step 3" in capsys.readouterr().err
+
+
+def test_cuda_scalars_never_sync_in_log(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    loss = torch.full((1,), 0.125, device="cuda", dtype=torch.float64)
+    with rldiag.Recorder(tmp_path / "r") as rec:
+        torch.cuda.set_sync_debug_mode("error")  # a synchronising call in log() raises
+        try:
+            rec.log(1, {"loss": loss, "half": loss.float() * 4})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        loss.fill_(9.0)  # the logged value is a copy: changing the tensor afterwards does not change it
+    assert rldiag.open_run(tmp_path / "r").custom_metrics().row(0) == (1, 0.5, 0.125)
