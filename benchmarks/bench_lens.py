@@ -27,12 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rldiag import schema
+from rldiag.analysis.recompute import stats_of_table
 from rldiag.config import RecorderConfig
 from rldiag.record.layout import create_run_dir
 
 
-def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0) -> int:
-    """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs."""
+def make_run(
+    path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0, extras: bool = False
+) -> int:
+    """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs
+    (``extras``: also entropies and MoE routing agreement, for the bucket tables)."""
     create_run_dir(path, RecorderConfig(), 1, "bench-lens")
     rng = np.random.default_rng(seed)
     per_step = rows // steps
@@ -59,6 +63,9 @@ def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed
             schema.ROLLOUT_LOGP: np.minimum(old + rng.normal(0, 0.03, n), 0).astype(np.float32),
             schema.ADV: np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32),
         }
+        if extras:
+            cols[schema.ENTROPY] = rng.exponential(1.0, n).astype(np.float32)
+            cols[schema.ROUTE_AGREE] = np.minimum(1.0, rng.uniform(0.3, 1.6, n)).astype(np.float32)
         buf.append(
             pa.table(
                 {k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t) for k, t in schema.TOKEN_DTYPES.items()}
@@ -66,9 +73,11 @@ def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed
         )
         buffered += n
         if buffered >= file_rows or step == steps - 1:
-            pq.write_table(
-                pa.concat_tables(buf), path / schema.TOKENS_DIR / f"r00000-bench-{part:06d}.parquet", compression="lz4"
-            )
+            table = pa.concat_tables(buf)
+            name = f"r00000-bench-{part:06d}.parquet"
+            pq.write_table(table, path / schema.TOKENS_DIR / name, compression="lz4")
+            # the segment's statistics file: a token file without one is an orphan that readers leave out
+            pq.write_table(stats_of_table(table, RecorderConfig(), sort=False), path / schema.STATS_DIR / name)
             written += buffered
             buf, buffered, part = [], 0, part + 1
     return written

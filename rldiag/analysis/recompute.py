@@ -439,37 +439,134 @@ def bucket_names(by: str) -> list[str]:
     return list(PROB_BUCKET_METRICS if by == "prob" else BUCKET_METRICS)
 
 
-def bucket_stats(lf: pl.LazyFrame, config: RecorderConfig, by: str, buckets: int, width: int | None) -> pa.Table:
+_BUCKET_VALUES = (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.ROLLOUT_LOGP)
+"""Value columns the bucket tables' statistics read (ratio, clip, entropy, mismatch)."""
+_BUCKET_CHUNK_ROWS = 2_000_000
+"""Token rows per piece of a bucket table: whole steps, about this many rows (memory stays bounded)."""
+
+
+def bucket_read_columns(by: str) -> list[str]:
+    """The token columns :func:`bucket_stats` reads for the table ``by``."""
+    extra = {"stage": [schema.STAGE], "turn": [schema.TURN], "route": [schema.ROUTE_AGREE]}.get(by, [])
+    return list(schema.KEY_COLUMNS) + list(_BUCKET_VALUES) + extra
+
+
+def _bucket_ids(
+    frame: pl.DataFrame, by: str, buckets: int, width: int | None, longest: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket of each row of a piece of whole steps, and which rows have one."""
+    if by in _BUCKET_INPUT:
+        ids = bucket_kernel.buckets(by, frame[_BUCKET_INPUT[by]].fill_null(np.nan).to_numpy())
+        return ids, ids >= 0
+    if by == "pos":
+        pos = frame[schema.POS].to_numpy().astype(np.int64)
+        if width is not None:
+            ids = pos // width
+        else:
+            step = frame[schema.STEP].to_numpy()
+            uniq = np.array(sorted(longest), dtype=np.int64)
+            top = np.array([longest[int(k)] for k in uniq], dtype=np.int64)
+            ids = np.clip((pos * buckets) // top[np.searchsorted(uniq, step)], 0, buckets - 1)
+        return ids, np.ones(ids.size, dtype=bool)
+    col = frame[by].cast(pl.Int64)
+    return col.fill_null(0).to_numpy(), col.is_not_null().to_numpy()
+
+
+def _bucket_piece(frame: pl.DataFrame, config: RecorderConfig, by: str, ids: np.ndarray, keep: np.ndarray) -> pa.Table:
+    """Statistics rows per (step, bucket, rank, micro) of a piece of whole steps with bucket ``ids``."""
+    keys = ("step", "bucket", "rank", "micro")
+    absd = by == "prob"
+    cols = {c: frame[c].to_numpy() for c in schema.KEY_COLUMNS}
+    kept = ids[keep]
+    small = kept.size == 0 or (int(kept.min()) >= 0 and int(kept.max()) < 1 << 20)
+    if small and bucket_kernel.record_ordered(*(cols[c] for c in schema.KEY_COLUMNS)):
+        # the order of the sort below (step, bucket, rank, micro, seq, pos), in one linear pass
+        order = bucket_kernel.step_partition(cols[schema.STEP], np.where(keep, ids, -1))
+        if order.size == 0:
+            return STATS_SCHEMA.empty_table()
+        gathered = {c: bucket_kernel.gather(cols[c], order) for c in schema.KEY_COLUMNS}
+        for c in _BUCKET_VALUES:  # nulls read as NaN (as _col fills them); an all-null column stays absent
+            col = frame[c]
+            if col.null_count() < col.len():
+                gathered[c] = bucket_kernel.gather(col.to_numpy(), order)
+        gathered["bucket"] = bucket_kernel.gather(ids, order)
+        table = pa.table(gathered)
+        return stats_of_table(table, config, record_keys=keys, sort=False, hists=False, absd=absd)
+    table = frame.select(schema.KEY_COLUMNS + _BUCKET_VALUES).to_arrow().append_column("bucket", pa.array(ids))
+    table = table.filter(pa.array(keep))
+    if table.num_rows == 0:
+        return STATS_SCHEMA.empty_table()
+    return stats_of_table(table, config, record_keys=keys, hists=False, absd=absd)
+
+
+def bucket_stats(
+    lf: pl.LazyFrame,
+    config: RecorderConfig,
+    by: str,
+    buckets: int,
+    width: int | None,
+    *,
+    chunk_rows: int = _BUCKET_CHUNK_ROWS,
+) -> pa.Table:
     """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
     step's longest response). Merging them by (step, bucket) (:func:`bucket_table`) gives
     :meth:`Run.bucket_metrics`. ``by="prob"`` and ``"route"`` use the fixed buckets of
-    :mod:`rldiag.stats.bucket_kernel` and add its sum of ``|d|``; no rows where the run lacks the column."""
-    if by in _BUCKET_INPUT:
-        col = _BUCKET_INPUT[by]
-        if col not in lf.collect_schema().names():
-            return STATS_SCHEMA.empty_table()
-        table = lf.collect().to_arrow()
-        values = _col(table, col)
-        if table.num_rows == 0 or values is None:
-            return STATS_SCHEMA.empty_table()
-        ids = bucket_kernel.buckets(by, values)
-        table = table.append_column("bucket", pa.array(ids)).filter(pa.array(ids >= 0))
-        if table.num_rows == 0:
-            return STATS_SCHEMA.empty_table()
-        return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"), absd=by == "prob")
-    if by == "pos":
-        if width is not None:
-            bucket = pl.col("pos") // width
-        else:
-            longest = pl.col("pos").max().over("step") + 1
-            bucket = ((pl.col("pos") * buckets) // longest).clip(0, buckets - 1)
-    else:
-        bucket = pl.col(by)
-    lf = lf.with_columns(bucket.cast(pl.Int64).alias("bucket")).filter(pl.col("bucket").is_not_null())
-    table = lf.collect().to_arrow()
-    if table.num_rows == 0:
+    :mod:`rldiag.stats.bucket_kernel` and add its sum of ``|d|``; no rows where the run lacks the column.
+
+    Streams: a first pass reads the step column (and positions) for each step's row count (and longest
+    response); then pieces of whole steps of about ``chunk_rows`` rows are read (only the columns of
+    :func:`bucket_read_columns`), bucketed and put in (step, bucket, record) order by a counting pass (rows in
+    the recorder's order; otherwise sorted), and computed by the kernel without histograms.
+    """
+    names = lf.collect_schema().names()
+    need = bucket_read_columns(by)
+    if by in _BUCKET_INPUT and _BUCKET_INPUT[by] not in names:
         return STATS_SCHEMA.empty_table()
-    return stats_of_table(table, config, record_keys=("step", "bucket", "rank", "micro"))
+    missing = [c for c in need if c not in names]
+    lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in missing) if missing else lf
+    deciles = by == "pos" and width is None
+    longest_expr = (pl.col(schema.POS).max() + 1) if deciles else pl.lit(0, dtype=pl.Int64)
+    per_step = (
+        lf.group_by(schema.STEP).agg(pl.len().alias("rows"), longest_expr.alias("longest")).sort(schema.STEP).collect()
+    )
+    if per_step.height == 0:
+        return STATS_SCHEMA.empty_table()
+    steps = per_step[schema.STEP].to_numpy()
+    rows = per_step["rows"].to_numpy()
+    longest = dict(zip(steps.tolist(), per_step["longest"].to_list()))
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    while start < steps.size:
+        end = start + 1
+        total = int(rows[start])
+        while end < steps.size and total + int(rows[end]) <= chunk_rows:
+            total += int(rows[end])
+            end += 1
+        ranges.append((int(steps[start]), int(steps[end - 1])))
+        start = end
+
+    def piece(lo: int, hi: int) -> pa.Table:
+        frame = lf.filter(pl.col(schema.STEP).is_between(lo, hi)).select(need).collect()
+        if frame.height == 0:
+            return STATS_SCHEMA.empty_table()
+        ids, keep = _bucket_ids(frame, by, buckets, width, longest)
+        return _bucket_piece(frame, config, by, ids, keep)
+
+    # pieces read and computed by a few threads (polars' reader and the compiled passes release the GIL), at
+    # most threads + 1 in flight, joined in step order
+    threads = min(default_threads(), len(ranges))
+    parts: list[pa.Table] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[Any] = deque()
+        for lo, hi in ranges:
+            pending.append(pool.submit(piece, lo, hi))
+            if len(pending) > threads:
+                parts.append(pending.popleft().result())
+        parts.extend(f.result() for f in pending)
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return STATS_SCHEMA.empty_table()
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def bucket_table(stats: pa.Table, by: str) -> pl.DataFrame:
