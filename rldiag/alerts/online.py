@@ -182,6 +182,10 @@ class _Obs:
     time: float
 
 
+class _Custom(_Obs):
+    """Custom scalars of a step (``Recorder.log``), evaluated with that step's statistics."""
+
+
 @dataclass
 class _Stats:
     step: int
@@ -244,6 +248,7 @@ class OnlineAlerts:
         self._last_poll = -math.inf
         self._pending_step: int | None = None
         self._pending_parts: list[Any] = []
+        self._pending_custom: dict[str, float] = {}
         self._pending_time = 0.0
         self._metric_names = list(dict.fromkeys(m for r in self.rules for m in r.metrics))
         self._clock = clock
@@ -274,6 +279,13 @@ class OnlineAlerts:
         if self._closed:
             return
         self._enqueue(_Obs(int(step), dict(metrics), self._clock()))
+
+    def observe_custom(self, step: int, values: Mapping[str, float]) -> None:
+        """Custom scalars logged at ``step`` (``Recorder.log``): evaluated with the step's statistics by rules
+        that name them ``custom:<name>``. Never blocks."""
+        if self._closed:
+            return
+        self._enqueue(_Custom(int(step), {f"custom:{k}": float(v) for k, v in values.items()}, self._clock()))
 
     def observe_stats(self, step: int, table: Any) -> None:
         """Hand over one record's statistics rows (a pyarrow Table, :mod:`rldiag.stats.table` schema).
@@ -396,6 +408,15 @@ class OnlineAlerts:
         now = self._clock()
         if self._follower is not None:  # multi-rank: the run directory is the source; records are heartbeats
             return
+        if isinstance(item, _Custom):  # joins its step's pending statistics (a later step closes it)
+            if self._pending_step is not None and item.step < self._pending_step:
+                self.counters.late_records += 1
+                return
+            if self._pending_step is None or item.step > self._pending_step:
+                self._evaluate_pending(now)
+                self._pending_step, self._pending_time = item.step, item.time
+            self._pending_custom.update(item.values)
+            return
         if isinstance(item, _Obs):
             self._evaluate_pending(now)
             self.notifier.dispatch(self.engine.observe(item.step, item.values, now=now, data_time=item.time))
@@ -415,7 +436,9 @@ class OnlineAlerts:
             return
         step, parts, t = self._pending_step, self._pending_parts, self._pending_time
         self._pending_step, self._pending_parts = None, []
-        values = self._metrics_of(parts)
+        values = self._metrics_of(parts) if parts else {}
+        values.update(self._pending_custom)
+        self._pending_custom = {}
         self.notifier.dispatch(self.engine.observe(step, values, now=now, data_time=t))
 
     def _metrics_of(self, parts: list[Any]) -> dict[str, float]:

@@ -406,7 +406,9 @@ class Recorder:
         """
         self._check_open()
         self._raise_pending()
-        self._scalars.add(step, values)
+        floats = self._scalars.add(step, values)
+        if self.alerts is not None and floats:  # rules on custom:<name> (device tensors: `rldiag watch` sees them)
+            self.alerts.observe_custom(int(step), floats)
         with self._lock:
             if self._first_step is None:  # a resume point, as for record()
                 self._first_step = int(step)

@@ -164,8 +164,9 @@ class ScalarLog:
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, step: int, values: Mapping[str, Any]) -> None:
-        """Append one call's values (all checked first: a bad step, name or value records none of them)."""
+    def add(self, step: int, values: Mapping[str, Any]) -> dict[str, float]:
+        """Append one call's values (all checked first: a bad step, name or value records none of them); returns
+        those already read as floats (device tensors are read on the writer thread)."""
         if is_torch(step):
             raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
@@ -179,6 +180,7 @@ class ScalarLog:
             for name, value in rows:
                 self._rows.append((int(step), self._seq, name, value))
                 self._seq += 1
+        return {name: value for name, value in rows if isinstance(value, float)}
 
     @property
     def pending(self) -> int:

@@ -260,3 +260,23 @@ def test_cuda_scalars_never_sync_in_log(tmp_path: Path) -> None:
             torch.cuda.set_sync_debug_mode("default")
         loss.fill_(9.0)  # the logged value is a copy: changing the tensor afterwards does not change it
     assert rldiag.open_run(tmp_path / "r").custom_metrics().row(0) == (1, 0.5, 0.125)
+
+
+def test_online_alerts_evaluate_custom_scalars_with_their_step(tmp_path: Path) -> None:
+    from rldiag.alerts import AlertConfig
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        'include_defaults = false\n[rules.loss_up]\nmetric = "custom:loss"\nop = ">"\nthreshold = 5\nfor = 2\n'
+        'summary = "loss {value:g} at step {step}"\n'
+    )
+    seen: list[tuple[str, int, str]] = []
+    config = AlertConfig(
+        rules=str(rules), console=False, callbacks=[lambda n: seen.append((n.event, n.step, n.summary))]
+    )
+    with rldiag.Recorder(tmp_path / "r", alerts=config) as rec:
+        for s in range(8):
+            _record(rec, s)
+            rec.log(s, {"loss": 9.0 if s in (3, 4, 6) else 1.0})
+        rec.alerts.flush(10)  # type: ignore[union-attr]
+    assert [e for e in seen if e[0] == "firing"] == [("firing", 4, "loss 9 at step 4")]
