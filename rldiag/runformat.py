@@ -69,6 +69,7 @@ __all__ = [
     "TMP_SUFFIX",
     "SEGMENT_SUFFIX",
     "STALL_SECONDS",
+    "TMP_GRACE_SECONDS",
     "RunFormatError",
     "WriterInfo",
     "writer_id",
@@ -127,6 +128,9 @@ TMP_SUFFIX: Final = ".tmp"
 """Files are written under this suffix and renamed into place when closed."""
 SEGMENT_SUFFIX: Final = ".parquet"
 """Suffix of a published segment; readers list only these."""
+TMP_GRACE_SECONDS: Final[float] = 3600.0
+"""A temporary file older than this is left over from a write that never finished (a writer renames its
+temporary file within seconds): ``rldiag info`` lists it, ``rldiag info --repair`` removes it."""
 STALL_SECONDS: Final[float] = 600.0
 """A run that is open and has had no new data for this long is *stalled* (docs/alerts.md)."""
 
@@ -668,15 +672,12 @@ def read_alerts(path: storage.Location) -> list[dict[str, Any]]:
 
 def alerts_signature(run_dir: storage.Location) -> tuple[tuple[str, int, float], ...]:
     """What changes when the run's alert history changes: name, size and time of ``alerts.jsonl`` and of the
-    objects in ``alerts/`` (one stat and one listing; ``()`` when the run has no history)."""
-    run_dir = storage.location(run_dir)
-    sig: list[tuple[str, int, float]] = []
-    try:
-        st = (run_dir / ALERTS_FILE).stat()
-        sig.append((ALERTS_FILE, int(st.st_size), float(st.st_mtime_ns)))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        pass
-    sig += [(e.name, e.size, e.mtime) for e in _alert_objects(run_dir)]
+    objects in ``alerts/`` (``()`` when the run has no history). One listing of the run folder, plus one of
+    ``alerts/`` when it exists (the cost of a dashboard tick on object storage)."""
+    files, subs = storage.list_folders(storage.location(run_dir))
+    sig = [(e.name, e.size, e.mtime) for e in files if e.name == ALERTS_FILE]
+    if ALERTS_DIR in subs:
+        sig += [(e.name, e.size, e.mtime) for e in _alert_objects(run_dir)]
     return tuple(sig)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "is_remote",
     "is_uri",
     "list_files",
+    "list_folders",
     "location",
     "open_binary",
     "parquet_source",
@@ -305,6 +306,32 @@ def list_files(folder: Location) -> list[Entry]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(out, key=lambda e: e.name)
+
+
+def list_folders(folder: Location) -> tuple[list[Entry], set[str]]:
+    """The regular files directly in ``folder`` (as :func:`list_files`) and the names of its sub-folders, from one
+    listing request on object storage (a sub-folder there is a prefix holding objects)."""
+    if isinstance(folder, RemotePath):
+        try:
+            infos = folder.fs.ls(folder.key, detail=True, refresh=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], set()
+        files, subs = [], set()
+        for info in infos:
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "file":
+                files.append(Entry(name, int(info.get("size") or 0), _mtime(info), folder / name))
+            elif info.get("type") == "directory":
+                subs.add(name)
+        return sorted(files, key=lambda e: e.name), subs
+    subs = set()
+    try:
+        if not stat_mod.S_ISLNK(os.lstat(folder).st_mode):
+            with os.scandir(folder) as it:
+                subs = {e.name for e in it if e.is_dir(follow_symlinks=False)}
+    except OSError:
+        pass
+    return list_files(folder), subs
 
 
 def _open_local(path: Path) -> int:

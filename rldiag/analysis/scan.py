@@ -41,11 +41,23 @@ class FileInfo:
     config: dict[str, Any] | None = None
     steps: tuple[int, int] | None = None
     """Smallest and largest step in the file (None when it holds no rows)."""
+    meta_writer: str | None = None
+    """The writer id in the file's own metadata (a copied or renamed file keeps it)."""
 
     @property
     def writer(self) -> tuple[str, int, int] | None:
-        """(writer id, rank, start ns) parsed from the segment name (None for a name rldiag did not give)."""
-        return runformat.parse_segment_name(self.path.name)
+        """(writer id, rank, start ns) parsed from the segment name, else from the writer id of the file's
+        metadata (a copy ``x (copy).parquet`` is its writer's), None for a file rldiag did not write."""
+        parsed = runformat.parse_segment_name(self.path.name)
+        if parsed is None and self.meta_writer:
+            parsed = runformat.parse_segment_name(runformat.segment_name(self.meta_writer, 0))
+        return parsed
+
+    @property
+    def canonical(self) -> bool:
+        """Whether the file has the name its writer gave it (a copy or a renamed file has not)."""
+        parsed = runformat.parse_segment_name(self.path.name)
+        return parsed is not None and (self.meta_writer is None or parsed[0] == self.meta_writer)
 
 
 @dataclass
@@ -60,8 +72,11 @@ INDEX_DIR = runformat.INDEX_DIR
 """Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
 INDEX_MIN_FILES = 16
 """The index is (re)written once this many statistics files are not in it yet."""
-INDEX_VERSION = 2
-"""Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with)."""
+INDEX_VERSION = 3
+"""Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with;
+3: each file's writer and the duplicate records left out)."""
+_REPEATED = "__rldiag_repeated_records__"
+"""Key under which :func:`_load_stats` reports the repeated records it removed from a file."""
 _NO_CUTOFF = 2**63 - 1
 
 
@@ -106,6 +121,11 @@ class RunFiles:
     _applied: dict[str, int] = field(default_factory=dict)
     """The restart cutoffs the compacted table was built with (writer -> first superseded step)."""
     _writer_cache: dict[str, tuple[tuple[int, float], runformat.WriterInfo | None]] = field(default_factory=dict)
+    dropped: dict[str, list[tuple[int, int, int]] | None] = field(default_factory=dict)
+    """Duplicate records left out: statistics file -> the (step, rank, micro) keys another file of the same
+    writer holds too and counts (None: all of them, a copy of a whole file). See :meth:`_find_duplicates`."""
+    duplicate_notes: dict[str, str] = field(default_factory=dict)
+    """Statistics file -> what was found duplicated in it (kept with the index, listed as problems)."""
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
@@ -144,11 +164,13 @@ class RunFiles:
                 self.token_infos[p.name] = FileInfo(p, e.size, e.mtime, meta.num_rows)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                 self._skip("tokens/" + p.name, p, exc)
-        changed = self._update_resume()
+        duplicated = self._find_duplicates(new)
+        changed = self._update_resume() + duplicated
         if new or changed:
             self._stats_cache = None
-        if new:
-            self._fold([self.surviving(name, self.stats_tables[name]) for name in new])
+        counted = [t for t in (self.surviving(name, self.stats_tables[name]) for name in new) if t.num_rows]
+        if counted:  # a new file may count nowhere (a whole duplicate, or superseded)
+            self._fold(counted)
         for lo, hi in changed:
             self._rebuild(lo, hi)
         if (new or changed) and (
@@ -246,11 +268,97 @@ class RunFiles:
         return None if w is None else self.resume.cutoff.get(w[0])
 
     def surviving(self, name: str, table: pa.Table) -> pa.Table:
-        """The rows of a statistics file that a later attempt of their rank did not supersede."""
+        """The rows of a statistics file that count: not superseded by a later attempt of their rank, and not
+        a duplicate of a record another file counts (:attr:`dropped`)."""
+        if name in self.dropped:
+            drop = self.dropped[name]
+            if drop is None:
+                return table.slice(0, 0)
+            table = _without_keys(table, set(drop))
+        return self._not_superseded(name, table)
+
+    def _not_superseded(self, name: str, table: pa.Table) -> pa.Table:
         cut = self.cutoff(name)
         if cut is None:
             return table
         return table.filter(pc.less(table.column("step"), pa.scalar(cut, pa.int64())))
+
+    # ---- duplicates ------------------------------------------------------------------------------
+    def _find_duplicates(self, new: Sequence[str]) -> list[tuple[int, int]]:
+        """Detect records that two statistics files of one writer both hold (a copied file ``x (copy).parquet``,
+        a file restored under another name) and decide which copy counts: the file with its writer's own name
+        first, then the smaller name (deterministic whatever the listing order). The others' copies go to
+        :attr:`dropped`, are named in :attr:`problems` and warned about (:class:`RunFormatWarning`); records
+        are never summed twice. Only files whose step ranges overlap are read. Returns the step ranges
+        ``[lo, hi)`` of files already merged whose counted records changed (to rebuild)."""
+        if not new:
+            return []
+        groups: dict[str, list[str]] = {}
+        for name, info in self.stats_files.items():
+            w = info.writer
+            groups.setdefault(w[0] if w is not None else name, []).append(name)
+        fresh = set(new)
+        ranges: list[tuple[int, int]] = []
+        for names in groups.values():
+            if len(names) < 2 or not fresh.intersection(names):
+                continue
+            spans = {n: self.stats_files[n].steps for n in names if self.stats_files[n].steps is not None}
+            contested: dict[str, list[tuple[int, int]]] = {}
+            for a in spans:
+                for b in spans:
+                    lo, hi = max(spans[a][0], spans[b][0]), min(spans[a][1], spans[b][1])  # type: ignore[index]
+                    if a != b and lo <= hi:
+                        contested.setdefault(a, []).append((lo, hi))
+            if not contested:
+                continue
+            order = sorted(contested, key=lambda n: (not self.stats_files[n].canonical, n))
+            owner: dict[tuple[int, int, int], str] = {}
+            for name in order:
+                table = self.table(name)
+                if table is None:
+                    continue
+                keys = _keys_in(table, contested[name])
+                dups = [k for k in keys if k in owner]
+                drop: list[tuple[int, int, int]] | None = sorted(dups) if dups else None
+                if dups and len(dups) == table.num_rows:
+                    drop = None
+                if dups:
+                    winners = sorted({owner[k] for k in dups})
+                    whole = drop is None
+                    msg = (
+                        f"{self.stats_files[name].path} duplicates {', '.join(winners)}: "
+                        + (f"all of its {len(dups)} records" if whole else f"{len(dups)} of its records")
+                        + f" (same writer, step, rank and micro-batch) are there too; they count once, from "
+                        f"{winners[0]}" + (" (this copy counts nowhere: delete it)" if whole else "")
+                    )
+                    old = self.dropped.get(name, ())
+                    if old != drop and name not in fresh:
+                        lo, hi = self.stats_files[name].steps or (0, -1)
+                        ranges.append((lo, hi + 1))
+                    self.dropped[name] = drop
+                    self._note_duplicate(name, msg)
+                elif name in self.dropped:  # a file that lost records before now wins them (a better copy came)
+                    del self.dropped[name]
+                    lo, hi = self.stats_files[name].steps or (0, -1)
+                    ranges.append((lo, hi + 1))
+                for k in keys:
+                    owner.setdefault(k, name)
+        return ranges
+
+    def _note_duplicate(self, name: str, msg: str) -> None:
+        if self.duplicate_notes.get(name) == msg:
+            return
+        self.duplicate_notes[name] = msg
+        self.problems.append(Problem(str(self.stats_files[name].path), msg))
+        warnings.warn(msg, RunFormatWarning, stacklevel=4)
+
+    def duplicate_records(self) -> int:
+        """How many statistics records count nowhere because another file holds them too."""
+        n = 0
+        for name, drop in self.dropped.items():
+            if name in self.stats_files:
+                n += self.stats_files[name].rows if drop is None else len(drop)
+        return n
 
     def table(self, name: str) -> pa.Table | None:
         if name not in self.stats_tables:
@@ -308,15 +416,20 @@ class RunFiles:
             meta = json.loads((table.schema.metadata or {})[schema.PARQUET_META_KEY])
             if meta.get("index_version") != INDEX_VERSION:
                 raise ValueError("an index of an older rldiag")
-            files: dict[str, list[float]] = meta["files"]
+            files: dict[str, list[Any]] = meta["files"]
             cutoffs = {str(k): int(v) for k, v in meta["cutoff"].items()}
+            dropped = {
+                str(k): None if v is None else [(int(a), int(b), int(c)) for a, b, c in v]
+                for k, v in meta["dropped"].items()
+            }
+            notes = {str(k): str(v) for k, v in meta["notes"].items()}
             infos = {}
-            for name, (size, rows, lo, hi) in files.items():
+            for name, (size, rows, lo, hi, wid) in files.items():
                 e = listed.get(name)
                 if e is None or e.size != size:
                     raise ValueError(f"{name} changed since the index was written")
                 steps = None if lo is None else (int(lo), int(hi))
-                infos[name] = FileInfo(e.path, e.size, e.mtime, int(rows), None, steps)
+                infos[name] = FileInfo(e.path, e.size, e.mtime, int(rows), None, steps, wid)
             table = table.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             validate_stats(table)
         except Exception:  # noqa: BLE001 - a stale or damaged index is rebuilt from the files
@@ -325,12 +438,19 @@ class RunFiles:
         self.stats_files.update(infos)
         self._indexed = set(infos)
         self._applied = cutoffs
+        self.dropped.update(dropped)
+        for name, msg in notes.items():
+            if name in self.stats_files:
+                self._note_duplicate(name, msg)
 
     def _save_index(self) -> None:
         if self.compact is None:
             return
         path = _index_location(self.path)
-        files = {name: [info.size, info.rows, *(info.steps or (None, None))] for name, info in self.stats_files.items()}
+        files = {
+            name: [info.size, info.rows, *(info.steps or (None, None)), info.meta_writer]
+            for name, info in self.stats_files.items()
+        }
         meta = {
             schema.PARQUET_META_KEY: json.dumps(
                 {
@@ -338,6 +458,8 @@ class RunFiles:
                     "index_version": INDEX_VERSION,
                     "files": files,
                     "cutoff": self._applied,
+                    "dropped": self.dropped,
+                    "notes": self.duplicate_notes,
                 }
             ).encode()
         }
@@ -378,6 +500,14 @@ class RunFiles:
         if table is None:
             self._skip(p.name, p, exc or ValueError("unreadable"))
             return None
+        if check and meta.get(_REPEATED):
+            msg = (
+                f"{p} holds {meta[_REPEATED]} repeated records (the same step, rank and micro-batch twice); the "
+                "first of each counts, the repeats count nowhere"
+            )
+            self.duplicate_notes[p.name] = msg
+            self.problems.append(Problem(str(p), msg))
+            warnings.warn(msg, RunFormatWarning, stacklevel=3)
         cfg = meta.get("config")
         if check and cfg is not None and RecorderConfig.from_dict(cfg).stats_key() != self.config.stats_key():
             msg = (
@@ -393,7 +523,8 @@ class RunFiles:
         if table.num_rows:
             mm = pc.min_max(table.column("step"))
             steps = (int(mm["min"].as_py()), int(mm["max"].as_py()))
-        return FileInfo(p, size, mtime, table.num_rows, cfg, steps)
+        wid = meta.get("writer")
+        return FileInfo(p, size, mtime, table.num_rows, cfg, steps, wid if isinstance(wid, str) else None)
 
     def stats_table(self) -> pa.Table:
         """All statistics rows, one per record (step, rank, micro), read from the files (cached); records that
@@ -412,9 +543,22 @@ class RunFiles:
             return self.live_view
         return self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
 
+    def token_used(self, name: str) -> bool:
+        """Whether a token file counts: only with its segment's statistics file, read and not a whole duplicate.
+
+        The statistics file is published after the token file, so it is the segment's commit record: a token
+        file without it (a writer killed between the two publishes, a live writer between them, a token file
+        copied alone) is an *orphan* that no reader uses (``rldiag info`` lists it once its writer ended)."""
+        return name in self.stats_files and not (name in self.dropped and self.dropped[name] is None)
+
+    def orphan_tokens(self) -> list[str]:
+        """Token files that no reader uses (:meth:`token_used`), by name."""
+        return sorted(k for k in self.token_infos if not self.token_used(k))
+
     def token_files(self) -> list[storage.Location]:
-        """Published token files, sorted by name (with superseded rows: see :meth:`token_limits`)."""
-        return [self.token_infos[k].path for k in sorted(self.token_infos)]
+        """Published token files that count (:meth:`token_used`), sorted by name (with superseded rows: see
+        :meth:`token_limits`)."""
+        return [self.token_infos[k].path for k in sorted(self.token_infos) if self.token_used(k)]
 
     def token_limits(self) -> dict[storage.Location, int]:
         """Token files some of whose rows a restarted writer superseded -> the first superseded step (the file's
@@ -422,7 +566,7 @@ class RunFiles:
         out = {}
         for name, info in self.token_infos.items():
             cut = self.cutoff(name)
-            if cut is not None:
+            if cut is not None and self.token_used(name):
                 out[info.path] = cut
         return out
 
@@ -432,7 +576,7 @@ class RunFiles:
         out = {}
         for name, info in self.token_infos.items():
             stats = self.stats_files.get(name)
-            if stats is not None and stats.steps is not None:
+            if stats is not None and stats.steps is not None and self.token_used(name):
                 out[info.path] = stats.steps
         return out
 
@@ -466,7 +610,7 @@ class RunFiles:
             if self.cutoff(name) is not None:
                 table = self.table(name)
                 if table is not None:
-                    n += table.num_rows - self.surviving(name, table).num_rows
+                    n += table.num_rows - self._not_superseded(name, table).num_rows
         return n
 
 
@@ -480,9 +624,48 @@ def _load_stats(p: storage.Location) -> tuple[pa.Table | None, dict[str, Any], E
         validate_stats(table)
         _check_bucket_lengths(table, meta)
         _check_counts(table)
+        table, repeated = _first_of_each_record(table)
+        if repeated:
+            meta = {**meta, _REPEATED: repeated}
         return table, meta, None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
         return None, {}, exc
+
+
+def _first_of_each_record(table: pa.Table) -> tuple[pa.Table, int]:
+    """The table with each (step, rank, micro) key once (its first row), and how many repeats were removed."""
+    if table.num_rows < 2:
+        return table, 0
+    keys = pa.table(
+        {
+            "step": table.column("step"),
+            "rank": table.column("rank"),
+            "micro": table.column("micro"),
+            "i": pa.array(range(table.num_rows), pa.int64()),
+        }
+    )
+    first = keys.group_by(["step", "rank", "micro"], use_threads=False).aggregate([("i", "min")])
+    if first.num_rows == table.num_rows:
+        return table, 0
+    return table.take(pc.sort_indices(first.column("i_min"))), table.num_rows - first.num_rows
+
+
+def _keys_in(table: pa.Table, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The (step, rank, micro) keys of the rows whose step lies in one of ``spans`` (inclusive bounds)."""
+    step = table.column("step")
+    mask = None
+    for lo, hi in spans:
+        m = pc.and_(pc.greater_equal(step, lo), pc.less_equal(step, hi))
+        mask = m if mask is None else pc.or_(mask, m)
+    t = table.filter(mask) if mask is not None else table
+    return list(zip(t.column("step").to_pylist(), t.column("rank").to_pylist(), t.column("micro").to_pylist()))
+
+
+def _without_keys(table: pa.Table, keys: set[tuple[int, int, int]]) -> pa.Table:
+    if not keys or not table.num_rows:
+        return table
+    got = zip(table.column("step").to_pylist(), table.column("rank").to_pylist(), table.column("micro").to_pylist())
+    return table.filter(pa.array([k not in keys for k in got], pa.bool_()))
 
 
 def _check_token_schema(arrow_schema: pa.Schema) -> None:

@@ -1,4 +1,9 @@
-"""``rldiag info RUN``: manifest, steps, ranks, tokens, dropped rows, files, problems."""
+"""``rldiag info RUN``: manifest, steps, ranks, tokens, dropped rows, files, problems.
+
+``rldiag info RUN --repair [--dry-run] [--grace S]`` removes what no reader uses and no live writer will
+touch again (temporary files older than the grace period, orphan token files of ended writers, orphan live
+tails; :func:`rldiag.analysis.inventory.repair`) and prints each file removed; local runs and URIs alike.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,27 @@ import datetime as dt
 import json
 
 from rldiag.commands._util import clean_json, open_run_or_fail
+from rldiag.runformat import TMP_GRACE_SECONDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a run holds: steps, ranks, tokens, dropped rows, files, problems")
     p.add_argument("run", help="run directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove what is safe to remove: temporary files older than --grace, orphan token files and live "
+        "tails that no reader uses (never a live writer's files); prints each file removed",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --repair: print what would be removed, remove nothing")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=TMP_GRACE_SECONDS,
+        metavar="S",
+        help=f"with --repair: keep temporary files younger than this (default {TMP_GRACE_SECONDS:.0f} s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -20,7 +40,37 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
 
 
+def _repair(args: argparse.Namespace) -> int:
+    import warnings
+
+    from rldiag.analysis.inventory import repair
+    from rldiag.cli import CLIError
+
+    if args.grace < 0:
+        raise CLIError(f"--grace must be >= 0 seconds, got {args.grace}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the problems are what this command is for; they are printed below
+        r = open_run_or_fail(args.run)
+    done = repair(r, grace=args.grace, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, verb.replace(" ", "_"): [str(x.path) for x in done]}, indent=2))
+        return 0
+    for x in done:
+        print(f"{verb} {x.path}  ({x.kind}: {x.reason})")
+    kept = r.info()["problems"] if not args.dry_run else []
+    print(f"{verb} {len(done)} file(s)" + (f"; {len(kept)} problem(s) left (rldiag info lists them)" if kept else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    repair, dry_run = getattr(args, "repair", False), getattr(args, "dry_run", False)  # callers build Namespaces
+    if dry_run and not repair:
+        from rldiag.cli import CLIError
+
+        raise CLIError("--dry-run goes with --repair")
+    if repair:
+        return _repair(args)
     r = open_run_or_fail(args.run)
     info = r.info()
     if args.json:

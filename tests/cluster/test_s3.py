@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 import rldiag
 from rldiag import storage
 from rldiag.analysis.io import RunFormatWarning
-from rldiag.runformat import RunFormatError, read_alerts
+from rldiag.runformat import RunFormatError, read_alerts, segment_name
 from tests.analysis.test_io import _attempt, _same_metrics, _step_record
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -260,3 +261,29 @@ def test_online_alerts_on_s3_do_not_renotify_after_a_restart(s3_run) -> None:
     later = events[len(first) :]
     assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
     assert set(first_objects) < {k for k in _keys(s3_run) if k.startswith("alerts/")} or not later
+
+
+def test_repair_on_s3_removes_orphans_and_old_temporary_objects(s3_run, capsys) -> None:
+    from rldiag.cli import main
+    from tests.hostile.test_leftovers import _problems
+    from tests.metrics.reference import make_record
+
+    with rldiag.Recorder(s3_run, roll_steps=1, handle_signals=False) as rec:
+        rng = np.random.default_rng(0)
+        for step in range(3):
+            rec.record(step=step, **make_record(rng, 4, 8))
+    keys = _keys(s3_run)
+    wid = next(k for k in keys if k.startswith("writers/"))[len("writers/") : -len(".json")]
+    token = next(k for k in keys if k.startswith("tokens/"))
+    bucket, prefix = s3_run[len("s3://") :].split("/", 1)
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{token}")["Body"].read()
+    orphan = f"tokens/{segment_name(wid, 99)}"
+    _put(s3_run, orphan, body)
+    _put(s3_run, "stats/.half.parquet.1.tmp", b"x")
+    assert any("orphan token file" in p for p in _problems(s3_run))
+    assert main(["info", s3_run, "--repair", "--grace", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 file(s)" in out, out
+    assert orphan not in _keys(s3_run) and "stats/.half.parquet.1.tmp" not in _keys(s3_run)
+    assert set(_keys(s3_run)) == set(keys)  # nothing else touched
+    assert rldiag.open_run(s3_run).steps() == [0, 1, 2]
