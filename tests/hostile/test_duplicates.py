@@ -26,7 +26,7 @@ from rldiag.analysis.io import RunFormatWarning
 from tests.metrics.reference import make_record
 
 N_STEPS, WORLD, MICRO = 4, 2, 2
-EXAMPLES = 30
+EXAMPLES = 15
 """Hypothesis examples per CI run (docs/security.md quotes the count)."""
 
 
