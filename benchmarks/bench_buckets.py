@@ -4,8 +4,11 @@ table reads, over the same files, in the same process.
     python benchmarks/bench_buckets.py --rows 20000000           # the lens benchmark's run shape
     python benchmarks/bench_buckets.py --dir /tmp/bk --by pos,prob
 
-The run is ``bench_lens.make_run`` with entropies and routing agreement (responses of 64..2048 tokens, 100 steps,
-token files of about 4 M rows). Baseline and table alternate ``--repeat`` times; the best of each is kept.
+Run shapes (``--shape``): ``lens`` (default) is ``bench_lens.make_run`` with entropies and routing agreement
+(responses of 64..2048 tokens, 100 steps, token files of about 4 M rows); ``analysis`` is
+``bench_analysis.make_token_run`` (10,000 tokens per step, no rollout log-probs: position buckets only);
+``recorder`` is written by ``rldiag.Recorder``, one record of 128 x 1024 tokens per step, with rollout
+log-probs and routing agreement. Baseline and table alternate ``--repeat`` times; the best of each is kept.
 Prints ratios; never asserts.
 """
 
@@ -23,10 +26,33 @@ import polars as pl
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-import rldiag  # noqa: E402
 from bench_lens import make_run  # noqa: E402
+
+import rldiag  # noqa: E402
 from rldiag import schema  # noqa: E402
 from rldiag.analysis.recompute import bucket_read_columns  # noqa: E402
+
+
+def make_recorder_run(path: Path, rows: int) -> int:
+    """One record of 128 sequences x 1024 tokens per step, written by the recorder."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    steps = max(1, rows // (128 * 1024))
+    with rldiag.Recorder(path) as rec:
+        for step in range(steps):
+            old = -rng.exponential(0.8, (128, 1024)).astype(np.float32)
+            rec.record(
+                step=step,
+                logprobs=np.minimum(old + rng.standard_t(3, old.shape).astype(np.float32) * 0.05, 0),
+                old_logprobs=old,
+                advantages=rng.normal(size=128).astype(np.float32),
+                mask=np.arange(1024)[None, :] < rng.integers(64, 1025, 128)[:, None],
+                entropy=rng.exponential(1.0, old.shape).astype(np.float32),
+                rollout_logprobs=np.minimum(old + rng.normal(0, 0.03, old.shape).astype(np.float32), 0),
+                route_agree=np.minimum(1.0, rng.uniform(0.3, 1.6, old.shape)).astype(np.float32),
+            )
+    return steps * 128 * 1024
 
 
 def main() -> None:
@@ -34,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000_000)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--by", default="pos,prob,route")
+    ap.add_argument("--shape", choices=("lens", "analysis", "recorder"), default="lens")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="generate the run here (reused if present)")
     args = ap.parse_args()
@@ -42,8 +69,16 @@ def main() -> None:
     try:
         if not (path / schema.MANIFEST_NAME).exists():
             t = time.perf_counter()
-            n = make_run(path, args.rows, args.steps, extras=True)
-            print(f"generated {n:,} token rows ({args.steps} steps) in {time.perf_counter() - t:.1f} s")
+            if args.shape == "lens":
+                n = make_run(path, args.rows, args.steps, extras=True)
+            elif args.shape == "analysis":
+                from bench_analysis import make_token_run
+
+                make_token_run(path, args.rows)
+                n = args.rows
+            else:
+                n = make_recorder_run(path, args.rows)
+            print(f"generated {n:,} token positions ({args.shape} shape) in {time.perf_counter() - t:.1f} s")
         run = rldiag.open_run(path)
         files = [str(f) for f in run.token_files()]
         n = sum(pq.read_metadata(f).num_rows for f in files)
