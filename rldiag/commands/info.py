@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     span = f"  ({info['first_step']} .. {info['last_step']})" if info["steps"] else ""
     print(f"steps        {info['steps']}{span}")
     print(f"ranks        {info['ranks']}  (world size {info['world_size']})")
-    print(f"records      {info['records']}")
+    dup = info.get("records_duplicate") or 0
+    note = f"  ({dup} duplicate records counted once, see problems)" if dup else ""
+    print(f"records      {info['records']}{note}")
     print(
         f"tokens       {info['tokens']:,} valid of {info['tokens_masked_in']:,} masked-in "
         f"({info['tokens_nonfinite']:,} non-finite, {info['tokens_invalid']:,} invalid)"
