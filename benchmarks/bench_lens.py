@@ -32,9 +32,7 @@ from rldiag.config import RecorderConfig
 from rldiag.record.layout import create_run_dir
 
 
-def make_run(
-    path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0, extras: bool = False
-) -> int:
+def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0, extras: bool = False) -> int:
     """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs
     (``extras``: also entropies and MoE routing agreement, for the bucket tables)."""
     create_run_dir(path, RecorderConfig(), 1, "bench-lens")

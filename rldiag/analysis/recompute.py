@@ -109,13 +109,16 @@ def batch_from_tokens(
     group = _col(table, schema.GROUP, np.int64)
     reward = _col(table, schema.REWARD)
     rec_keys = {name: v[rec_first].astype(np.int64) for name, v in keys.items()}
+    logp, old_logp, adv = _col(table, schema.LOGP), _col(table, schema.OLD_LOGP), _col(table, schema.ADV)
+    if logp is None or old_logp is None or adv is None:
+        raise ValueError("token rows need the columns logp, old_logp and adv (docs/run-format.md, token columns)")
     batch = kernel.TokenBatch(
         rec_off=rec_off,
         seq_off=seq_tok,
         steps=rec_keys.get(schema.STEP, np.zeros(rec_first.size, np.int64)),
-        logp=_col(table, schema.LOGP),
-        old_logp=_col(table, schema.OLD_LOGP),
-        adv=_col(table, schema.ADV),
+        logp=logp,
+        old_logp=old_logp,
+        adv=adv,
         pos=table.column(schema.POS).to_numpy(),
         entropy=_col(table, schema.ENTROPY),
         rollout_logp=_col(table, schema.ROLLOUT_LOGP),
@@ -126,8 +129,6 @@ def batch_from_tokens(
         reward=None if reward is None else reward[first],
         route_agree=_col(table, schema.ROUTE_AGREE),
     )
-    if batch.logp is None or batch.old_logp is None or batch.adv is None:
-        raise ValueError("token rows need the columns logp, old_logp and adv (docs/run-format.md, token columns)")
     return batch, rec_keys
 
 
