@@ -122,7 +122,7 @@ def _bucket_task(source: TokenSource, steps: list[int], by: str, buckets: int, w
     from rldiag.analysis.recompute import bucket_stats as local_bucket_stats
 
     lf = source.tokens().filter(pl.col("step").is_in(steps))
-    return local_bucket_stats(lf, source.config, by, buckets, width)
+    return local_bucket_stats(lf, source.config, by, buckets, width, threads=1)  # a task holds one CPU
 
 
 def _lens_task(source: TokenSource, steps: list[int], objectives: Sequence[str] | None, params: Any) -> pl.DataFrame:

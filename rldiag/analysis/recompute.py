@@ -508,6 +508,7 @@ def bucket_stats(
     width: int | None,
     *,
     chunk_rows: int = _BUCKET_CHUNK_ROWS,
+    threads: int | None = None,
 ) -> pa.Table:
     """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
     step's longest response). Merging them by (step, bucket) (:func:`bucket_table`) gives
@@ -517,7 +518,8 @@ def bucket_stats(
     Streams: a first pass reads the step column (and positions) for each step's row count (and longest
     response); then pieces of whole steps of about ``chunk_rows`` rows are read (only the columns of
     :func:`bucket_read_columns`), bucketed and put in (step, bucket, record) order by a counting pass (rows in
-    the recorder's order; otherwise sorted), and computed by the kernel without histograms.
+    the recorder's order; otherwise sorted), and computed by the kernel without histograms, by ``threads``
+    workers (default: one per core, at most :data:`MAX_THREADS`).
     """
     names = lf.collect_schema().names()
     need = bucket_read_columns(by)
@@ -555,7 +557,7 @@ def bucket_stats(
 
     # pieces read and computed by a few threads (polars' reader and the compiled passes release the GIL), at
     # most threads + 1 in flight, joined in step order
-    threads = min(default_threads(), len(ranges))
+    threads = min(threads or default_threads(), len(ranges))
     parts: list[pa.Table] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[Any] = deque()
