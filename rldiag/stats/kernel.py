@@ -419,7 +419,7 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
     Writes n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv into ``row``; returns n."""
     m = t1 - t0
     acc = np.zeros((6, W))
-    n = n_nonfin = n_inv = nf_lp = nf_olp = nf_a = 0
+    n = n_nonfin = n_inv = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
@@ -427,11 +427,7 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
                 x_lp = np.float64(lp[t0 + j])
                 x_olp = np.float64(olp[t0 + j])
                 x_a = np.float64(adv[t0 + j])
-                f_lp, f_olp, f_a = _finite(x_lp), _finite(x_olp), _finite(x_a)
-                nf_lp += 1 - f_lp
-                nf_olp += 1 - f_olp
-                nf_a += 1 - f_a
-                fin = f_lp & f_olp & f_a
+                fin = _finite(x_lp) & _finite(x_olp) & _finite(x_a)
                 ok = _token_valid(x_lp, x_olp, x_a, tol)
                 inv = fin ^ ok  # ok implies fin
                 n += ok
@@ -452,9 +448,10 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
     row[I_N] = n
     row[I_NONFIN] = n_nonfin
     row[I_INVALID] = n_inv
-    row[I_NFLP] = nf_lp
-    row[I_NFOLP] = nf_olp
-    row[I_NFADV] = nf_a
+    if n_nonfin > 0:  # rare: which of the three inputs, counted apart only then
+        row[I_NFLP] = _nonfinite_count(lp, t0, t1)
+        row[I_NFOLP] = _nonfinite_count(olp, t0, t1)
+        row[I_NFADV] = _nonfinite_count(adv, t0, t1)
     if n > 0:
         row[I_SLR] = _lane_total(acc, 0)
         row[I_SLR2] = _lane_total(acc, 1)
@@ -561,15 +558,13 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     with a finite one, else NaN."""
     m = t1 - t0
     acc = np.zeros((1, W))
-    n_ent = n_low = n_nf = 0
+    n_ent = n_low = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
                 e = np.float64(ent[t0 + j])
-                fin = math.isfinite(e)
-                n_nf += 1 - fin
-                use = ok_s[j] & fin
+                use = ok_s[j] & math.isfinite(e)
                 n_ent += use
                 n_low += use & (e < ent_low)
                 acc[0, lane] += e if use else 0.0
@@ -577,30 +572,26 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     row[I_NENT] = n_ent
     row[I_SENT] = _lane_total(acc, 0)
     row[I_NENTLOW] = n_low
-    row[I_NFENT] = n_nf
+    if n_ent < m:  # some token without a usable entropy: count the non-finite ones (none to count otherwise)
+        row[I_NFENT] = _nonfinite_count(ent, t0, t1)
 
 
 @_lane()
 def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
-    """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum,
-    masked-in tokens with a NaN/Inf x, ... with a NaN/Inf y)."""
+    """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum)."""
     m = t1 - t0
     acc = np.zeros((1, W))
-    n_use = nf_x = nf_y = 0
+    n_use = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
-                x0 = np.float64(x[t0 + j])
-                y0 = np.float64(y[t0 + j])
-                d0 = x0 - y0
-                nf_x += 1 - _finite(x0)
-                nf_y += 1 - _finite(y0)
+                d0 = np.float64(x[t0 + j]) - np.float64(y[t0 + j])
                 use = ok_s[j] & math.isfinite(d0)
                 n_use += use
                 acc[0, lane] += d0 if use else 0.0
                 d_s[j] = d0 if use else np.nan
-    return n_use, _lane_total(acc, 0), nf_x, nf_y
+    return n_use, _lane_total(acc, 0)
 
 
 @_lane()
@@ -620,7 +611,10 @@ def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
 @_lane(inline="always")
 def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compiled
     """Reference KL: writes n_ref and s_ref_k3 (k3 of x = ref_logp - logp)."""
-    row[I_NREF], _, row[I_NFREF], _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
+    n_ref, _ = _diff_pass(ref, lp, t0, t1, ok_s, d_s)
+    row[I_NREF] = n_ref
+    if n_ref < t1 - t0:  # some token without a usable ref_logp: count the non-finite ones
+        row[I_NFREF] = _nonfinite_count(ref, t0, t1)
     row[I_SREF] = _expm1_pass(t1 - t0, d_s, w_s)[2]
 
 
@@ -629,7 +623,10 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no c
     """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
     s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
     m = t1 - t0
-    row[I_NMM], row[I_MMD], _, row[I_NFROLL] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
+    n_mm, row[I_MMD] = _diff_pass(olp, roll, t0, t1, ok_s, d_s)
+    row[I_NMM] = n_mm
+    if n_mm < m:  # some token without a usable rollout_logp: count the non-finite ones
+        row[I_NFROLL] = _nonfinite_count(roll, t0, t1)
     row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
     row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
 
@@ -745,15 +742,13 @@ def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cove
     n_route_mis (< 1) and, with the mismatch pass's d_s/w_s, the k3 sums of the disagreeing (< 1) and agreeing
     (= 1) tokens with a finite d."""
     acc = np.zeros((3, W))
-    n_r = n_mis = n_km = n_ka = n_nf = 0
+    n_r = n_mis = n_km = n_ka = 0
     for j0 in range(0, m, W):
         for lane in range(W):
             j = j0 + lane
             if j < m:
                 r = np.float64(route[t0 + j])
-                fin = r - r == 0
-                n_nf += 1 - fin
-                use = ok_s[j] & fin
+                use = ok_s[j] & (r - r == 0)
                 d = d_s[j] if has_roll else np.nan
                 du = use & (d == d)
                 k3 = (w_s[j] - d) if du else 0.0
@@ -768,7 +763,8 @@ def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cove
                 acc[1, lane] += k3 if km else 0.0
                 acc[2, lane] += k3 if ka else 0.0
     row[I_NROUTE] = n_r
-    row[I_NFROUTE] = n_nf
+    if n_r < m:  # some token without a usable route_agree: count the non-finite ones
+        row[I_NFROUTE] = _nonfinite_count(route, t0, t0 + m)
     row[I_SROUTE] = _lane_total(acc, 0)
     row[I_NRMIS] = n_mis
     row[I_NK3RM] = n_km
