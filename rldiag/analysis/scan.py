@@ -126,6 +126,7 @@ class RunFiles:
     writer holds too and counts (None: all of them, a copy of a whole file). See :meth:`_find_duplicates`."""
     duplicate_notes: dict[str, str] = field(default_factory=dict)
     """Statistics file -> what was found duplicated in it (kept with the index, listed as problems)."""
+    _dup_winners: dict[str, set[str]] = field(default_factory=dict)
 
     # ---- scanning ---------------------------------------------------------------------------------
     def refresh(self) -> list[str]:
@@ -289,65 +290,85 @@ class RunFiles:
         a file restored under another name) and decide which copy counts: the file with its writer's own name
         first, then the smaller name (deterministic whatever the listing order). The others' copies go to
         :attr:`dropped`, are named in :attr:`problems` and warned about (:class:`RunFormatWarning`); records
-        are never summed twice. Only files whose step ranges overlap are read. Returns the step ranges
-        ``[lo, hi)`` of files already merged whose counted records changed (to rebuild)."""
+        are never summed twice. Each new file is compared with the files of its writer whose step ranges
+        overlap its own (the neighbouring segments: a step may span two), keeping one owner per record, the
+        first in that order. Returns the step ranges ``[lo, hi)`` of files already merged whose counted records
+        changed (to rebuild)."""
+        ranges: list[tuple[int, int]] = []
         if not new:
-            return []
-        groups: dict[str, list[str]] = {}
+            return ranges
+
+        def rank(n: str) -> tuple[bool, str]:
+            return (not self.stats_files[n].canonical, n)
+
+        by_writer: dict[str, list[str]] = {}
         for name, info in self.stats_files.items():
             w = info.writer
-            groups.setdefault(w[0] if w is not None else name, []).append(name)
+            if info.steps is not None:
+                by_writer.setdefault(w[0] if w is not None else name, []).append(name)
         fresh = set(new)
-        ranges: list[tuple[int, int]] = []
-        for names in groups.values():
-            if len(names) < 2 or not fresh.intersection(names):
+        seen: set[str] = set()
+        for name in sorted((n for n in new if n in self.stats_files), key=rank):
+            seen.add(name)
+            info = self.stats_files[name]
+            w = info.writer
+            if info.steps is None:
                 continue
-            spans = {n: self.stats_files[n].steps for n in names if self.stats_files[n].steps is not None}
-            contested: dict[str, list[tuple[int, int]]] = {}
-            for a in spans:
-                for b in spans:
-                    lo, hi = max(spans[a][0], spans[b][0]), min(spans[a][1], spans[b][1])  # type: ignore[index]
-                    if a != b and lo <= hi:
-                        contested.setdefault(a, []).append((lo, hi))
-            if not contested:
+            lo, hi = info.steps
+            spans = {o: self.stats_files[o].steps for o in by_writer.get(w[0] if w is not None else name, [])}
+            others = [
+                o
+                for o, sp in spans.items()
+                if o != name and (o not in fresh or o in seen) and sp is not None and sp[0] <= hi and lo <= sp[1]
+            ]
+            if not others:
                 continue
-            order = sorted(contested, key=lambda n: (not self.stats_files[n].canonical, n))
-            owner: dict[tuple[int, int, int], str] = {}
-            for name in order:
-                table = self.table(name)
-                if table is None:
+            mine = self.table(name)
+            if mine is None:
+                continue
+            for other in sorted(others, key=rank):
+                theirs = self.table(other)
+                if theirs is None:
                     continue
-                keys = _keys_in(table, contested[name])
-                dups = [k for k in keys if k in owner]
-                drop: list[tuple[int, int, int]] | None = sorted(dups) if dups else None
-                if dups and len(dups) == table.num_rows:
-                    drop = None
-                if dups:
-                    winners = sorted({owner[k] for k in dups})
-                    whole = drop is None
-                    msg = (
-                        f"{self.stats_files[name].path} duplicates {', '.join(winners)}: "
-                        + (f"all of its {len(dups)} records" if whole else f"{len(dups)} of its records")
-                        + f" (same writer, step, rank and micro-batch) are there too; they count once, from "
-                        f"{winners[0]}" + (" (this copy counts nowhere: delete it)" if whole else "")
-                    )
-                    old = self.dropped.get(name, ())
-                    if old != drop and name not in fresh:
-                        lo, hi = self.stats_files[name].steps or (0, -1)
-                        ranges.append((lo, hi + 1))
-                    self.dropped[name] = drop
-                    self._note_duplicate(name, msg)
-                elif name in self.dropped:  # a file that lost records before now wins them (a better copy came)
-                    del self.dropped[name]
-                    lo, hi = self.stats_files[name].steps or (0, -1)
-                    ranges.append((lo, hi + 1))
-                for k in keys:
-                    owner.setdefault(k, name)
+                olo, ohi = self.stats_files[other].steps  # type: ignore[misc]
+                span = [(max(lo, olo), min(hi, ohi))]
+                common = set(_keys_in(self.surviving(name, mine), span)) & set(
+                    _keys_in(self.surviving(other, theirs), span)
+                )
+                if not common:
+                    continue
+                loser, winner = (other, name) if rank(name) < rank(other) else (name, other)
+                self._drop(loser, winner, common)
+                if loser != name:
+                    llo, lhi = self.stats_files[loser].steps  # type: ignore[misc]
+                    ranges.append((llo, lhi + 1))
         return ranges
 
-    def _note_duplicate(self, name: str, msg: str) -> None:
-        if self.duplicate_notes.get(name) == msg:
+    def _drop(self, loser: str, winner: str, keys: set[tuple[int, int, int]]) -> None:
+        """Leave ``keys`` of file ``loser`` out (``winner`` counts them) and name it in the problems."""
+        old = self.dropped.get(loser, [])
+        if old is None:
             return
+        merged = sorted(set(old) | keys)
+        whole = len(merged) >= self.stats_files[loser].rows
+        self.dropped[loser] = None if whole else merged
+        winners = self._dup_winners.setdefault(loser, set())
+        winners.add(winner)
+        first = min(winners, key=lambda n: (not self.stats_files[n].canonical, n) if n in self.stats_files else (1, n))
+        msg = (
+            f"{self.stats_files[loser].path} duplicates {', '.join(sorted(winners))}: "
+            + (f"all of its {self.stats_files[loser].rows} records" if whole else f"{len(merged)} of its records")
+            + f" (same writer, step, rank and micro-batch) are there too; they count once, from {first}"
+            + (" (this copy counts nowhere: delete it)" if whole else "")
+        )
+        self._note_duplicate(loser, msg)
+
+    def _note_duplicate(self, name: str, msg: str) -> None:
+        before = self.duplicate_notes.get(name)
+        if before == msg:
+            return
+        if before is not None:  # the file lost more records since: one problem per file, the latest
+            self.problems[:] = [p for p in self.problems if p.message != before]
         self.duplicate_notes[name] = msg
         self.problems.append(Problem(str(self.stats_files[name].path), msg))
         warnings.warn(msg, RunFormatWarning, stacklevel=4)
