@@ -138,3 +138,26 @@ def test_which_copy_counts_is_decided_by_name_not_by_listing_order(base: Path, t
         assert r.info()["records"] == want.info()["records"]
         msgs = r.info()["problems"]
         assert any("0-moved.parquet duplicates" in p and first in p for p in msgs), msgs
+
+
+def test_duplicates_survive_the_run_index(tmp_path: Path) -> None:
+    """A run large enough to keep an index (.rldiag-index): the copies left out are saved with it, so a reader
+    that opens the run from the index counts them once and still names the copy."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    with rldiag.Recorder(run, roll_steps=1, handle_signals=False) as rec:
+        for step in range(20):
+            rec.record(step=step, **make_record(rng, 4, 8))
+    want = rldiag.open_run(run)
+    assert (run / ".rldiag-index" / "steps.parquet").exists()
+    name = sorted(p.name for p in (run / "stats").glob("*.parquet"))[5]
+    _copy(run, name, name[:-8] + " (copy).parquet", tokens=True)
+    _repeat_rows(run, sorted(p.name for p in (run / "stats").glob("*.parquet"))[7], [0])
+    for _ in range(3):  # a fresh read, then reads from the index written with the copies left out
+        with pytest.warns(RunFormatWarning):
+            got = rldiag.open_run(run)
+        assert got.step_metrics().equals(want.step_metrics())
+        assert got.stats_table().num_rows == want.stats_table().num_rows == got.info()["records"]
+        assert got.tokens().collect().height == want.tokens().collect().height
+        assert any("(copy).parquet duplicates" in p for p in got.info()["problems"])
+        got.files._save_index()
