@@ -115,7 +115,8 @@ def leftovers(run: Run, *, grace: float = runformat.TMP_GRACE_SECONDS, now: floa
             why = "its statistics file was never published (the writer stopped between the two publishes)"
         if not done:
             continue  # a live writer between its two publishes: not an orphan yet
-        removable = name not in files.bad and name not in files.stats_files and name not in tails
+        # only a writer's own segment name: a token file copied under another name is listed, never removed
+        removable = wid is not None and name not in files.bad and name not in files.stats_files and name not in tails
         out.append(
             Leftover(
                 info.path,

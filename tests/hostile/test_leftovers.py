@@ -86,6 +86,12 @@ def test_orphan_token_files_count_nowhere_and_are_listed(tmp_path: Path) -> None
     _same_metrics(got.lens(), want.lens(), rtol=0)
     assert any("orphan token file" in p and orphan.name in p for p in got.info()["problems"])
     assert got.info()["token_files"] == want.info()["token_files"] + 1
+    foreign = run / "tokens" / "x (copy).parquet"  # a token file copied alone, under a name no writer gives
+    shutil.copyfile(orphan, foreign)
+    got = rldiag.open_run(run)
+    assert got.tokens().collect().height == rows
+    assert any(str(foreign) in p for p in got.info()["problems"])
+    assert [x.path for x in inventory.repair(got, dry_run=True)] == [orphan]  # listed, never removed
 
 
 def test_info_lists_leftovers_and_repair_removes_only_what_is_safe(tmp_path: Path, capsys) -> None:
