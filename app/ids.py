@@ -41,6 +41,9 @@ SEARCH_NOTE: Final = "search-note"
 PANEL_DOWNLOAD: Final = "panel-download"
 """``dcc.Download`` that sends a panel's numbers as CSV."""
 
+OVERVIEW_FIRING: Final = "overview-firing"
+"""The Overview's line of firing alerts (re-read when a live tick changed the panels)."""
+
 # --- Runs page --------------------------------------------------------------------------------------
 RUNS_FILTER: Final = "runs-filter"
 RUNS_TABLE: Final = "runs-table"

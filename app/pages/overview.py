@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import html
+from dash import Input, Output, State, callback, html
 
-from app import data, figures, panels
+from app import data, figures, ids, panels
 from app import layout as ui
 
 dash.register_page(__name__, path="/overview", name="Overview", title="rldiag · Overview", order=1)
@@ -69,9 +69,7 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
         )
     ]
     if runs:
-        line = alert_line(runs)
-        if line is not None:
-            children.append(line)
+        children.append(html.Div(alert_line(runs), id=ids.OVERVIEW_FIRING))
         # One grid: most families have one headline metric, and a section per family would leave half rows.
         children.append(ui.panel_grid(PAGE, panels.overview_panels()))
         custom = custom_panels(custom_names(runs))
@@ -84,3 +82,15 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
                 )
             )
     return html.Div(children)
+
+
+@callback(
+    Output(ids.OVERVIEW_FIRING, "children"),
+    Input(ids.LIVE_PAYLOAD, "data"),
+    State(ids.PAGE_RUNS, "data"),
+    prevent_initial_call=True,
+)
+def refresh_firing(_payload: Any, runs: list[str] | None) -> Any:
+    """The firing chips follow the alerts: a live tick that changed a panel (new steps, new alert marks) sends
+    a payload, and the chips are read again then."""
+    return alert_line(data.catalog().valid_ids(runs or []))

@@ -243,7 +243,7 @@ def test_page_opened_before_the_first_step_follows_a_recorder_in_another_process
 
     from app.app import create_app
 
-    root, steps = tmp_path / "live", 10
+    root, steps = tmp_path / "live", 11
     run = root / "run"
     root.mkdir()
     child = subprocess.Popen(
@@ -275,6 +275,20 @@ def test_page_opened_before_the_first_step_follows_a_recorder_in_another_process
             )
             seen_alerts |= fired
         assert seen_alerts, "the synthetic run fires alerts (the spike at step 7)"
+        # the line of firing alerts above the charts follows too (negative_dominance fires at the last step)
+        from app import data
+
+        assert _wait_for(lambda: "done" in progress.read_text(), 60)
+
+        events = [json.loads(line) for line in (run / "alerts.jsonl").read_text().splitlines()]
+        firing = [r for r, ev in data.alert_states(events).items() if str(ev["state"]).lower() == "firing"]
+        assert firing, "the synthetic run ends with a firing alert"
+
+        def chips_match() -> bool:
+            text = dash_duo.find_element("#overview-firing").text
+            return all(rule in text for rule in firing)
+
+        assert _wait_for(chips_match, 3.0), (firing, dash_duo.find_element("#overview-firing").text)
         # the y axis follows the data: no panel with data kept the [0, 1] range of the empty chart
         ranges = dash_duo.driver.execute_script(
             "return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => "
