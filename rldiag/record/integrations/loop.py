@@ -20,11 +20,13 @@ from rldiag.record.tensors import entropy_from_logits, gather_logprobs
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from rldiag.record.recorder import Recorder
+
 __all__ = ["logprobs_and_record"]
 
 
 def logprobs_and_record(
-    recorder: Any,
+    recorder: Recorder,
     *,
     step: int,
     logits: torch.Tensor,

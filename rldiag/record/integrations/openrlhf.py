@@ -31,7 +31,12 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from rldiag.record.recorder import Recorder
 
 __all__ = ["attach", "attach_actor", "OpenRLHFRecorder", "DEFAULT_ARGUMENTS"]
 
@@ -52,8 +57,8 @@ class OpenRLHFRecorder:
 
     def __init__(
         self,
-        module: Any,
-        recorder: Any,
+        module: torch.nn.Module,
+        recorder: Recorder,
         *,
         owns_recorder: bool,
         step_fn: Callable[[], int] | None,
@@ -75,18 +80,18 @@ class OpenRLHFRecorder:
         """Record the following calls under ``step`` (when no ``step_fn`` was given)."""
         self.step = int(step)
 
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         inputs = {key: bound.get(name) for key, name in self._arguments.items()}
         if any(inputs[key] is None for key in _REQUIRED):
             missing = [self._arguments[k] for k in _REQUIRED if inputs[k] is None]
             raise TypeError(f"rldiag openrlhf hook: the policy loss was called without {missing}")
         mask = inputs.pop("mask")
+        values = {k: (v.detach() if hasattr(v, "detach") else v) for k, v in inputs.items() if v is not None}
         if mask is None:
             import torch
 
-            mask = torch.ones_like(inputs["logprobs"], dtype=torch.bool)
-        values = {k: (v.detach() if hasattr(v, "detach") else v) for k, v in inputs.items() if v is not None}
+            mask = torch.ones_like(values["logprobs"], dtype=torch.bool)
         if self._extras_fn is not None:
             for key, value in (self._extras_fn() or {}).items():
                 if value is not None:
@@ -115,8 +120,8 @@ class OpenRLHFRecorder:
 
 
 def attach(
-    policy_loss: Any,
-    run: str | os.PathLike[str] | Any,
+    policy_loss: torch.nn.Module,
+    run: str | os.PathLike[str] | Recorder,
     *,
     step_fn: Callable[[], int] | None = None,
     extras_fn: Callable[[], Mapping[str, Any] | None] | None = None,
@@ -167,8 +172,8 @@ def attach(
 
 
 def attach_actor(
-    trainer: Any,
-    run: str | os.PathLike[str] | Any,
+    trainer: Any,  # OpenRLHF's ActorPPOTrainer (untyped; only actor_loss_fn and ppo_train are used)
+    run: str | os.PathLike[str] | Recorder,
     *,
     first_step: int = 1,
     extras_fn: Callable[[], Mapping[str, Any] | None] | None = None,

@@ -34,11 +34,11 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import torch
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from trl import GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(
@@ -46,6 +46,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from rldiag.record.recorder import Recorder
+
+if TYPE_CHECKING:
+    # The mixin only ever runs combined with a GRPOTrainer (RLDiagGRPOTrainer, attach()): type-check it as one,
+    # so its uses of TRL's attributes and its super() calls are checked against trl's own annotations.
+    _TrainerBase = GRPOTrainer
+else:
+    _TrainerBase = object
 
 log = logging.getLogger("rldiag")
 
@@ -77,14 +84,18 @@ class _StopOnAlert(TrainerCallback):
         self.recorder = recorder
         self.stopped_at: int | None = None
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         if self.recorder.should_stop and self.stopped_at is None:
             self.stopped_at = int(state.global_step)
             log.warning("rldiag: a critical alert asked to stop training; stopping after step %d", state.global_step)
             control.should_training_stop = True
         return control
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         # Publish what was recorded so a dashboard or `rldiag summarize` sees the whole run; the recorder stays
         # open in case train() is called again (it closes at exit).
         if not getattr(self.recorder, "_closed", False):
@@ -92,13 +103,13 @@ class _StopOnAlert(TrainerCallback):
         return control
 
 
-class _RLDiagMixin:
+class _RLDiagMixin(_TrainerBase):
     """The recording hooks; combined with a GRPOTrainer class (see :class:`RLDiagGRPOTrainer`)."""
 
     rldiag_recorder: Recorder | None = None
     rldiag_log_metrics: tuple[str, ...] = DEFAULT_LOG_METRICS
-    _rldiag_capture: list[Any] | None = None
-    _rldiag_rewards_per_func: Any = None
+    _rldiag_capture: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] | None = None
+    _rldiag_rewards_per_func: torch.Tensor | None = None
     _rldiag_generations: int = 0
 
     def _rldiag_setup(self, recorder: Recorder, log_metrics: Sequence[str] | None) -> None:
@@ -116,15 +127,23 @@ class _RLDiagMixin:
         self.add_callback(self._rldiag_stop)
 
     # ---- rollout side: remember per-sequence reward, group and version -----------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+    def _calculate_rewards(
+        self,
+        inputs: list[dict[str, Any]],
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids_list: list[list[int]],
+    ) -> torch.Tensor:
+        rewards_per_func: torch.Tensor = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rldiag_rewards_per_func = rewards_per_func
         return rewards_per_func
 
-    def _generate_and_score_completions(self, inputs):  # type: ignore[no-untyped-def]
+    def _generate_and_score_completions(
+        self, inputs: list[dict[str, torch.Tensor | Any]]
+    ) -> dict[str, torch.Tensor | Any]:
         self._rldiag_rewards_per_func = None
         output = super()._generate_and_score_completions(inputs)
-        if self.rldiag_recorder is None or not self.model.training:
+        if self.rldiag_recorder is None or not self._rldiag_training():
             return output
         n_local = output["completion_ids"].size(0)
         start = self.accelerator.process_index * n_local
@@ -134,10 +153,13 @@ class _RLDiagMixin:
         # i // num_generations. Groups are numbered uniquely over the run by counting generation batches (every
         # rank generates in lockstep, so the count agrees across ranks).
         n_global = n_local * self.accelerator.num_processes
-        groups_per_batch = max(n_global // self.num_generations, 1)
+        num_generations = self.num_generations
+        if num_generations is None:  # GRPOConfig defaults it to 8; None cannot group completions by prompt
+            raise ValueError("rldiag needs the trainer's num_generations to group completions by prompt; it is None")
+        groups_per_batch = max(n_global // num_generations, 1)
         version = int(self.state.global_step) + 1  # the first update this rollout feeds (staleness 0 there)
         rows = torch.arange(start, start + n_local, device=device)
-        output[_GROUP_KEY] = rows // self.num_generations + self._rldiag_generations * groups_per_batch
+        output[_GROUP_KEY] = rows // num_generations + self._rldiag_generations * groups_per_batch
         self._rldiag_generations += 1
         output[_VERSION_KEY] = torch.full((n_local,), version, dtype=torch.long, device=device)
         rpf = self._rldiag_rewards_per_func
@@ -150,17 +172,20 @@ class _RLDiagMixin:
         return output
 
     # ---- gradient side -----------------------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _get_per_token_logps_and_entropies(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         # Inside _compute_loss the one call with compute_entropy=True is the policy forward of the loss.
         if self._rldiag_capture is not None and kwargs.get("compute_entropy"):
             self._rldiag_capture.append(result)
         return result
 
-    def _compute_loss(self, model, inputs):  # type: ignore[no-untyped-def]
-        if self.rldiag_recorder is None or not self.model.training:
-            return super()._compute_loss(model, inputs)
-        captured: list[Any] = []
+    def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor | Any]) -> torch.Tensor:
+        if self.rldiag_recorder is None or not self._rldiag_training():
+            loss: torch.Tensor = super()._compute_loss(model, inputs)
+            return loss
+        captured: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
         self._rldiag_capture = captured
         try:
             loss = super()._compute_loss(model, inputs)
@@ -171,7 +196,9 @@ class _RLDiagMixin:
             self._rldiag_record(inputs, logps, entropies)
         return loss
 
-    def _rldiag_record(self, inputs: dict[str, Any], logps: Any, entropies: Any) -> None:
+    def _rldiag_record(
+        self, inputs: dict[str, torch.Tensor | Any], logps: torch.Tensor, entropies: torch.Tensor | None
+    ) -> None:
         logps = logps.detach()
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
@@ -202,14 +229,19 @@ class _RLDiagMixin:
     # ---- logging -----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         rec = self.rldiag_recorder
-        if rec is not None and self.model.training and self.rldiag_log_metrics and "loss" in logs:
+        if rec is not None and self._rldiag_training() and self.rldiag_log_metrics and "loss" in logs:
             # The step just finished is global_step (rldiag numbers steps as TRL logs them).
             metrics = rec.local_metrics(int(self.state.global_step), wait=True)
             for name in self.rldiag_log_metrics:
                 value = metrics.get(name)
                 if value is not None and math.isfinite(value):
                     logs[f"rldiag/{name}"] = value
-        super().log(logs, start_time)  # type: ignore[misc]
+        super().log(logs, start_time)
+
+    def _rldiag_training(self) -> bool:
+        """Whether the model is in training mode (TRL's own test for a training step, not evaluation)."""
+        model = self.model
+        return model is not None and model.training
 
 
 class RLDiagGRPOTrainer(_RLDiagMixin, GRPOTrainer):
@@ -244,14 +276,22 @@ class RLDiagGRPOTrainer(_RLDiagMixin, GRPOTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if rldiag_recorder is None:
-            run_dir = rldiag_run_dir if rldiag_run_dir is not None else Path(self.args.output_dir) / "rldiag"
+            run_dir = rldiag_run_dir if rldiag_run_dir is not None else _default_run_dir(self)
             rldiag_recorder = _make_recorder(self, run_dir, dict(rldiag_options or {}))
         elif rldiag_run_dir is not None or rldiag_options:
             raise TypeError("give either rldiag_recorder or rldiag_run_dir/rldiag_options, not both")
         self._rldiag_setup(rldiag_recorder, rldiag_log_metrics)
 
 
-def _make_recorder(trainer: Any, run_dir: str | os.PathLike[str], options: dict[str, Any]) -> Recorder:
+def _default_run_dir(trainer: GRPOTrainer) -> Path:
+    """``<args.output_dir>/rldiag`` (TrainingArguments sets ``output_dir`` when it is left out)."""
+    output_dir = trainer.args.output_dir
+    if output_dir is None:
+        raise ValueError("no rldiag run directory given and the trainer's args.output_dir is None; pass one")
+    return Path(output_dir) / "rldiag"
+
+
+def _make_recorder(trainer: GRPOTrainer, run_dir: str | os.PathLike[str], options: dict[str, Any]) -> Recorder:
     options.setdefault("clip_low", float(trainer.epsilon_low))
     options.setdefault("clip_high", float(trainer.epsilon_high))
     if trainer.loss_type == "cispo" or trainer.importance_sampling_level != "token":
@@ -294,7 +334,7 @@ def attach(
         raise ValueError("this trainer already records with rldiag (its rldiag_recorder is set)")
     if recorder is None:
         if run_dir is None:
-            run_dir = Path(trainer.args.output_dir) / "rldiag"
+            run_dir = _default_run_dir(trainer)
         recorder = _make_recorder(trainer, run_dir, dict(recorder_kwargs))
     elif run_dir is not None or recorder_kwargs:
         raise TypeError("give either recorder= or run_dir/recorder keyword arguments, not both")
@@ -309,16 +349,17 @@ def attach(
             )
             _SUBCLASSES[cls] = sub
         trainer.__class__ = sub
-    trainer._rldiag_setup(recorder, log_metrics)  # type: ignore[attr-defined]
+    assert isinstance(trainer, _RLDiagMixin)  # the class swap above made it one
+    trainer._rldiag_setup(recorder, log_metrics)
     return recorder
 
 
 def detach_recorder(trainer: GRPOTrainer) -> Recorder | None:
     """Stop recording (the trainer keeps working); returns the recorder, which the caller may close."""
-    rec = getattr(trainer, "rldiag_recorder", None)
-    if rec is None:
+    if not isinstance(trainer, _RLDiagMixin) or trainer.rldiag_recorder is None:
         return None
-    trainer.rldiag_recorder = None  # type: ignore[attr-defined]
+    rec = trainer.rldiag_recorder
+    trainer.rldiag_recorder = None
     cb = getattr(trainer, "_rldiag_stop", None)
     if cb is not None:
         trainer.remove_callback(cb)

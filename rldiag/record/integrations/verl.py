@@ -48,7 +48,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import torch
@@ -60,6 +60,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     ) from exc
 
 from rldiag.config import RecorderConfig
+
+if TYPE_CHECKING:
+    from rldiag.record.recorder import Recorder
 
 __all__ = [
     "LOSS_NAME",
@@ -89,7 +92,7 @@ class _State:
     run_dir: str | None = None
     delegate: str | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    recorder: Any = None
+    recorder: Recorder | None = None
     owns_recorder: bool = False
     explicit_step: int | None = None
     trainer_step: int | None = None  # last global_steps verl sent with update_weights
@@ -109,7 +112,7 @@ def configure(
     *,
     delegate: str | None = None,
     config: dict[str, Any] | None = None,
-    recorder: Any = None,
+    recorder: Recorder | None = None,
 ) -> None:
     """Set the run directory, the delegate loss and recorder settings from Python (instead of the env).
 
@@ -138,7 +141,7 @@ def set_step(step: int | None) -> None:
     _state.explicit_step = None if step is None else int(step)
 
 
-def get_recorder() -> Any:
+def get_recorder() -> Recorder | None:
     """The recorder of this process, or ``None`` before the first recorded call."""
     return _state.recorder
 
@@ -237,7 +240,7 @@ def _dist_position() -> tuple[int, int, bool]:
     return 0, 1, True
 
 
-def _get_or_create_recorder(verl_config: Any, rank: int, world_size: int) -> Any:
+def _get_or_create_recorder(verl_config: Any, rank: int, world_size: int) -> Recorder:
     with _lock:
         if _state.recorder is not None:
             return _state.recorder
@@ -249,9 +252,9 @@ def _get_or_create_recorder(verl_config: Any, rank: int, world_size: int) -> Any
             )
         from rldiag.record.recorder import Recorder
 
-        _state.recorder = Recorder(run_dir, config=_recorder_config(verl_config), rank=rank, world_size=world_size)
-        _state.owns_recorder = True
-        return _state.recorder
+        recorder = Recorder(run_dir, config=_recorder_config(verl_config), rank=rank, world_size=world_size)
+        _state.recorder, _state.owns_recorder = recorder, True
+        return recorder
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -279,7 +282,7 @@ def _current_step() -> int:
 
 
 # ---- the registered loss -------------------------------------------------------------------------------
-@register_policy_loss(LOSS_NAME)  # type: ignore[arg-type]
+@register_policy_loss(LOSS_NAME)
 def policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
