@@ -39,6 +39,9 @@ LATER_STATS_COLUMNS: frozenset[str] = frozenset(
         "n_rmseq_tis", "n_rmseq_tis_ok", "n_rmseq_mis", "n_rmseq_mis_ok", "n_rmseq_icepop", "n_rmseq_icepop_ok",
         "n_rmseq_geo", "n_rmseq_geo_ok", "n_route", "s_route", "n_route_mis", "n_mm_rmis", "s_mm_k3_rmis",
         "n_mm_ragree", "s_mm_k3_ragree", "h_d.idx", "h_d.cnt", "h_seq_absd.idx", "h_seq_absd.cnt",
+        # non-finite values per input (issue 16: <input>/nonfinite)
+        "nf_logp", "nf_old_logp", "nf_adv", "nf_entropy", "ng_entropy", "nf_rollout_logp", "ng_rollout_logp",
+        "nf_ref_logp", "ng_ref_logp", "nf_route_agree", "ng_route_agree", "nf_reward", "ng_reward",
     ]
 )  # fmt: skip
 """Statistics columns added after the first run format. A statistics file of an older rldiag lacks them: it is
