@@ -29,12 +29,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar
 
 import numpy as np
 
 from rldiag import storage
 from rldiag.config import RecorderConfig
+
+if TYPE_CHECKING:
+    from rldiag.record.recorder import Recorder
+
+_T = TypeVar("_T")
 
 ErrorPolicy = Literal["strict", "lenient"]
 
@@ -141,22 +146,22 @@ class Policy:
 
 
 # --- values -------------------------------------------------------------------------------------------
-def is_int(v: Any) -> bool:
+def is_int(v: object) -> TypeGuard[int | np.integer]:
     """A JSON/Python integer (not a bool)."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def is_number(v: Any) -> bool:
+def is_number(v: object) -> TypeGuard[int | float | np.integer | np.floating]:
     """A JSON/Python real number (not a bool)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def check_int(v: Any, lo: int, hi: int) -> bool:
+def check_int(v: object, lo: int, hi: int) -> bool:
     """Whether ``v`` is an integer in [lo, hi]."""
     return is_int(v) and lo <= int(v) <= hi
 
 
-def short(v: Any, limit: int = 60) -> str:
+def short(v: object, limit: int = 60) -> str:
     """``repr`` of a value, cut to ``limit`` characters (a bad value may be a megabyte of digits)."""
     if hasattr(v, "to_list"):  # a polars Series cell (a list column)
         v = v.to_list()
@@ -168,7 +173,7 @@ def short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def float_list(values: Any, key: str, where: str) -> np.ndarray:
+def float_list(values: object, key: str, where: str) -> np.ndarray:
     """A JSON list of numbers (``None`` for missing: NaN) as float64; raises ImportInputError naming ``key``."""
     if not isinstance(values, list):
         raise ImportInputError(f"{where}, column {key}: must be a list of numbers, got {type(values).__name__}")
@@ -186,7 +191,7 @@ def float_list(values: Any, key: str, where: str) -> np.ndarray:
     return out
 
 
-def int_list(values: Any, key: str, where: str, lo: int, hi: int) -> np.ndarray:
+def int_list(values: object, key: str, where: str, lo: int, hi: int) -> np.ndarray:
     """A JSON list of integers in [lo, hi] as int64; raises ImportInputError naming ``key`` and the index."""
     if not isinstance(values, list):
         raise ImportInputError(f"{where}, column {key}: must be a list of integers, got {type(values).__name__}")
@@ -361,7 +366,7 @@ class RunBuilder:
         self.world_size = max(1, world_size)
         self.name = name
         self.max_cells = max_cells
-        self._recs: dict[int, Any] = {}
+        self._recs: dict[int, Recorder] = {}
         self._buf: dict[int, list[Sequence]] = {}
 
     def add(self, seq: Sequence) -> None:
@@ -401,7 +406,7 @@ class RunBuilder:
             if errors:
                 raise errors[0]
 
-    def _recorder(self, rank: int) -> Any:
+    def _recorder(self, rank: int) -> Recorder:
         rec = self._recs.get(rank)
         if rec is None:
             from rldiag.record.recorder import Recorder
@@ -605,8 +610,7 @@ def _alive(pid: int) -> bool:
 
 def import_target(run_dir: str | os.PathLike[str] | storage.RemotePath) -> Path | storage.RemotePath:
     """The run an import writes: a local folder, or a run URI (``s3://...``, staged locally, uploaded at the end)."""
-    loc = storage.location(run_dir)
-    return loc if storage.is_remote(loc) else Path(run_dir)
+    return storage.location(run_dir)
 
 
 @contextmanager
@@ -642,12 +646,11 @@ def staged_run(run_dir: str | os.PathLike[str] | storage.RemotePath, report: Imp
     works. The report is stored in the run as ``.rldiag-import.json``. A run URI (``s3://...``) is staged in a
     local temporary folder and uploaded when the import succeeded (the manifest last).
     """
-    loc = import_target(run_dir)
-    if storage.is_remote(loc):
-        with _staged_remote(loc, report) as staging:
+    target = import_target(run_dir)
+    if isinstance(target, storage.RemotePath):
+        with _staged_remote(target, report) as staging:
             yield staging
         return
-    target = import_target(run_dir)
     check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_staging(target.parent, target.name):
@@ -749,7 +752,7 @@ def import_dump(
     return target
 
 
-def load_checked(path: Path, loader: Callable[[Path], Any], what: str) -> Any:
+def load_checked(path: Path, loader: Callable[[Path], _T], what: str) -> _T:
     """Run a whole-file loader (pickle, torch) and turn any failure into one ImportInputError naming the file."""
     try:
         return loader(path)

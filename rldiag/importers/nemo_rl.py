@@ -92,9 +92,9 @@ def _list(src: Path) -> list[DumpFile]:
             p for d in src.iterdir() if d.is_dir() and not d.is_symlink() for p in d.iterdir() if _FILE.match(p.name)
         ]
     files = [
-        DumpFile(p, int(_FILE.match(p.name).group(1)))
-        for p in found  # type: ignore[union-attr]
-        if p.is_file() and not p.is_symlink()
+        DumpFile(p, int(m.group(1)))
+        for p in found
+        if p.is_file() and not p.is_symlink() and (m := _FILE.match(p.name)) is not None
     ]
     if not files:
         raise ImportInputError(f"{src}: no train_data_step{{N}}.jsonl files (NeMo-RL writes them to its log dir)")

@@ -55,6 +55,7 @@ from rldiag.importers._core import (
     staged_run,
     trained_span,
 )
+from rldiag.storage import RemotePath
 
 __all__ = ["REQUIRED_KEYS", "TOKEN_KEYS", "PrimeRLImportError", "find_files", "import_prime_rl"]
 
@@ -95,8 +96,10 @@ def import_prime_rl(
     config: RecorderConfig | None = None,
     errors: ErrorPolicy | None = None,
     report: ImportReport | None = None,
-) -> Path:
+) -> Path | RemotePath:
     """Build the rldiag run ``run_dir`` from the prime-rl token exports under ``src_dir``; returns its path.
+
+    ``run_dir`` may be a run URI (``s3://...``): the run is staged locally and uploaded when complete.
 
     ``src_dir`` is prime-rl's ``output_dir`` (holding ``token_exports/``) or the ``token_exports`` folder
     itself. ``run_dir`` must not exist yet (or be empty): the run is built beside it and moved into place only
