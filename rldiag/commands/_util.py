@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import polars as pl
 
 from rldiag.cli import CLIError
 
+if TYPE_CHECKING:
+    from rldiag.analysis.io import Run
 
-def open_run_or_fail(path: str) -> Any:
+
+def open_run_or_fail(path: str) -> Run:
+    """The run at ``path`` (a folder or a URI); a :class:`~rldiag.cli.CLIError` saying why it cannot be opened."""
     from rldiag.analysis.io import open_run
 
     try:
@@ -22,7 +27,14 @@ def open_run_or_fail(path: str) -> Any:
         raise CLIError(str(exc)) from None
 
 
-def add_engine_args(p: Any) -> None:
+class EngineKwargs(TypedDict):
+    """The ``engine=`` / ``ray_address=`` keyword arguments of the analysis calls that read token rows."""
+
+    engine: str
+    ray_address: str | None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
     """``--engine local|ray`` and ``--ray-address`` for a command that reads token rows."""
     p.add_argument(
         "--engine",
@@ -37,7 +49,7 @@ def add_engine_args(p: Any) -> None:
     )
 
 
-def engine_kwargs(args: Any) -> dict[str, Any]:
+def engine_kwargs(args: argparse.Namespace) -> EngineKwargs:
     """``engine=`` and ``ray_address=`` for the analysis call; a clear error when Ray is missing."""
     if args.engine == "ray":
         from rldiag.analysis.ray_engine import require_ray
@@ -65,7 +77,7 @@ def parse_steps(text: str | None) -> slice | None:
         raise CLIError(f"--steps must look like 100:200, 100: or :200 (got {text!r})") from None
 
 
-def steps_in(run: Any, text: str | None) -> list[int] | None:
+def steps_in(run: Run, text: str | None) -> list[int] | None:
     """The run's steps within ``A:B`` (see :func:`parse_steps`); None for all of them."""
     sl = parse_steps(text)
     if sl is None:

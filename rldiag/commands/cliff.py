@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from typing import TypedDict
 
 from rldiag.cli import CLIError
 from rldiag.commands._util import (
@@ -59,6 +60,16 @@ def _dist(text: str, flag: str) -> list[float]:
         raise CLIError(f"{flag} takes comma-separated probabilities (got {text!r})") from None
 
 
+class _Row(TypedDict, total=False):
+    """One clip form's line of the numbers report (``headroom`` and ``severity`` only with ``--lam``)."""
+
+    form: str
+    c: float
+    lambda_star: float
+    headroom: float
+    severity: str
+
+
 def run(args: argparse.Namespace) -> int:
     from rldiag.analysis import cliff
 
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_report(args)
     if args.c is None and args.eps is None:
         raise CLIError("give the clip strength: --c (ratio form) or --eps (eps form), or both")
-    rows = []
+    rows: list[_Row] = []
     if args.teacher or args.base:
         if not (args.teacher and args.base):
             raise CLIError("--teacher and --base go together")
@@ -104,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         cols = list(rows[0])
         print(",".join(cols))
-        for row in rows:
-            print(",".join(fmt(row[c]) if isinstance(row[c], float) else str(row[c]) for c in cols))
+        for row in rows:  # every row has the same keys, in the same order
+            print(",".join(fmt(v) if isinstance(v, float) else str(v) for v in row.values()))
     else:
         for row in rows:
             star = row["lambda_star"]

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 from rldiag import storage
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="write a run's step metrics (and histograms) into TensorBoard or MLflow",

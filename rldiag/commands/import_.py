@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from rldiag.cli import CLIError
+
+if TYPE_CHECKING:
+    from rldiag.config import RecorderConfig
+
+_T = TypeVar("_T")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> RecorderConfig:
     from rldiag.config import RecorderConfig
 
     try:
@@ -74,7 +80,7 @@ def _config(args: argparse.Namespace) -> Any:
         raise CLIError(str(exc)) from None
 
 
-def _guard(what: str, fn: Any) -> Any:
+def _guard(what: str, fn: Callable[[], _T]) -> _T:
     """Run an import; any failure becomes one line (CLIError), never a traceback."""
     from rldiag.importers._core import ImportInputError, one_line
 

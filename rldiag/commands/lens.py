@@ -70,7 +70,8 @@ def summary(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
                 f"{int(frame[column('bapo', 'saturated')].sum())}/{frame.height} steps"
             )
         elif o == "ttb":
-            row["note"] = f"mean ESS {frame[column('ttb', 'ess')].fill_nan(None).mean():.4f}"
+            ess = frame[column("ttb", "ess")].fill_nan(None).mean()  # None when every step's ESS is NaN
+            row["note"] = f"mean ESS {ess:.4f}" if isinstance(ess, float) else "mean ESS n/a"
         rows.append(row)
     return rows
 

@@ -18,14 +18,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rldiag import storage
-from rldiag.alerts.engine import Engine, Notification, State, read_history
+from rldiag.alerts.engine import Engine, Notification, State
 from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
+from rldiag.runformat import read_alerts
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from rldiag.analysis.io import Run
 
 EXIT_OK = 0
 EXIT_FIRING = 1
@@ -35,7 +41,7 @@ EXIT_DELIVERY = 4
 FAIL_ON = (*SEVERITIES, "never")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "watch",
         help="evaluate alert rules on a run, once or as it grows",
@@ -164,7 +170,7 @@ class Watcher:
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         self.engine = Engine(rules, run=run_label(self.run_dir))
         if history:
-            events = own_history(read_history(self.run_dir / ALERTS_FILE), self.engine)
+            events = own_history(read_alerts(self.run_dir / ALERTS_FILE), self.engine)  # local or a URI
             self.engine = Engine(rules, run=self.engine.run, history=events)
         self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
         self.notifier = Notifier(sinks)
@@ -248,10 +254,10 @@ def format_status(engine: Engine) -> str:
     return "\n".join(lines)
 
 
-def cliff_augment(lam: float, threshold: float) -> Callable[[Any, Any], Any]:
+def cliff_augment(lam: float, threshold: float) -> Callable[[Run, pl.DataFrame], pl.DataFrame]:
     """A frame augmenter joining cliff/headroom and cliff/lambda_star of the frame's steps (from token rows)."""
 
-    def augment(run: Any, frame: Any) -> Any:
+    def augment(run: Run, frame: pl.DataFrame) -> pl.DataFrame:
         from rldiag.analysis.cliff import HEADROOM, LAMBDA_STAR
 
         steps = frame["step"].to_list()
