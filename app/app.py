@@ -529,11 +529,15 @@ def render_panel(
     x_mode: str = "step",
     log_y: bool = False,
     hide_onpolicy: bool = False,
+    firing: dict[str, list[dict[str, Any]]] | None = None,
+    frames_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Figure spec of one registry line panel for the runs on screen (runs that do not resolve are skipped).
 
     ``layout.meta["live"]`` records, per run, the data version and the last step drawn: a live tick compares
-    them with the run's state to decide between ``extendData`` and a new figure.
+    them with the run's state to decide between ``extendData`` and a new figure. ``firing``: the runs' firing
+    events when the caller read them already (a tick reads them once for all panels); ``frames_out`` receives
+    the frames drawn.
     """
     metrics = _panel_metrics(panel_id)
     cat = data.catalog()
@@ -545,7 +549,9 @@ def render_panel(
         frames[run_id] = frame
         lasts[run_id] = int(frame["step"].max()) if frame.height else None  # type: ignore[arg-type]
         if panel_id.get("page") == "overview":
-            alerts[run_id] = data.firing_events(st.alerts())
+            alerts[run_id] = firing[run_id] if firing and run_id in firing else data.firing_events(st.alerts())
+    if frames_out is not None:
+        frames_out.update(frames)
     if not frames:
         return cast(dict[str, Any], figures.empty_figure("no run selected").to_plotly_json())
     spec = panels.spec_of(metrics[0]) if metrics else None
@@ -648,6 +654,11 @@ def live_tick(
     badge, badge_class = _badge(statuses, paused)
     got_new = any(f.height for f in fresh.values())
     n = len(panel_ids)
+    firing = (
+        {r: data.firing_events(cat.state(r).alerts()) for r in after}
+        if any(p.get("page") == "overview" for p in panel_ids)
+        else {}
+    )
     extends: list[Any] = [no_update] * n
     figs: list[Any] = [no_update] * n
     new_sigs: list[Any] = [no_update] * n
@@ -660,17 +671,26 @@ def live_tick(
         )
         alerts_changed = False
         if sig is not None and pid.get("page") == "overview":
-            now = {r: data.firing_events(cat.state(r).alerts()) for r in after}
-            alerts_changed = figures.alert_key(now) != sig.get("alerts")
+            alerts_changed = figures.alert_key(firing) != sig.get("alerts")
         if not data_changed and not alerts_changed:
             continue
         metrics = _panel_metrics(pid)
+        full: dict[str, Any] = {}
         opt = (opts[i] if opts is not None and i < len(opts) else None) or []
         zoom = zoom_range(zooms[i] if zooms is not None and i < len(zooms) else None)
-        spec = render_panel(pid, runs, smoothing, zoom, x_mode=x_mode, log_y="log" in opt, hide_onpolicy=hide_onpolicy)
+        spec = render_panel(
+            pid,
+            runs,
+            smoothing,
+            zoom,
+            x_mode=x_mode,
+            log_y="log" in opt,
+            hide_onpolicy=hide_onpolicy,
+            firing=firing,
+            frames_out=full,
+        )
         new_sigs[i] = panel_sig(spec)
         if not alerts_changed and _appended_only(sig, spec, before, after, fresh):
-            full = {r: cat.state(r).metrics(_run_columns(cat.state(r), metrics, x_mode)) for r in after}
             grown = {r: f for r, f in fresh.items() if after[r] != before[r]}
             payload = figures.extend_payload(
                 grown,
