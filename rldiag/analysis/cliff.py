@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 from scipy.optimize import brentq
 from scipy.special import logsumexp
@@ -71,10 +72,14 @@ WARN_HEADROOM, CRITICAL_HEADROOM = headroom_thresholds()
 """Headroom at which the cliff alert warns, and at which it is critical (read from the rule file)."""
 
 
+FloatArray: TypeAlias = "npt.NDArray[np.float64]"
+"""A float64 array (0-d for scalar inputs)."""
+
+
 # --- closed form -------------------------------------------------------------------------------------------------
 
 
-def _logit(x: Any) -> Any:
+def _logit(x: FloatArray) -> FloatArray:
     with np.errstate(divide="ignore"):
         return np.log(x) - np.log1p(-x)
 
@@ -96,7 +101,7 @@ def _resolve_c(c: float | None, eps: float | None) -> float:
     return c
 
 
-def clip_safe_band(b: Any, c: float) -> tuple[Any, Any]:
+def clip_safe_band(b: npt.ArrayLike, c: float) -> tuple[FloatArray, FloatArray]:
     """(q_min, q_max): the modal masses whose base-relative ratios q/b and (1-q)/(1-b) both lie in [1/c, c]."""
     b = np.asarray(b, dtype=float)
     q_max = np.minimum(c * b, 1.0 - (1.0 - b) / c)
@@ -104,7 +109,7 @@ def clip_safe_band(b: Any, c: float) -> tuple[Any, Any]:
     return q_min, q_max
 
 
-def q_of_lambda(p: Any, b: Any, lam: Any) -> Any:
+def q_of_lambda(p: npt.ArrayLike, b: npt.ArrayLike, lam: npt.ArrayLike) -> FloatArray:
     """Modal mass of the extrapolated fixed point: logit q = logit b + lam * (logit p - logit b)."""
     p, b, lam = (np.asarray(x, dtype=float) for x in (p, b, lam))
     z = _logit(b) + lam * (_logit(p) - _logit(b))
@@ -112,7 +117,15 @@ def q_of_lambda(p: Any, b: Any, lam: Any) -> Any:
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def lambda_star(p: Any, b: Any, c: float | None = None, *, eps: float | None = None) -> Any:
+@overload
+def lambda_star(p: float, b: float, c: float | None = None, *, eps: float | None = None) -> float: ...
+@overload
+def lambda_star(
+    p: npt.ArrayLike, b: npt.ArrayLike, c: float | None = None, *, eps: float | None = None
+) -> float | FloatArray: ...
+def lambda_star(
+    p: npt.ArrayLike, b: npt.ArrayLike, c: float | None = None, *, eps: float | None = None
+) -> float | FloatArray:
     """Clip-safety threshold lambda*(p, b, c) in closed form (a derivation, see the module docstring).
 
     ``p``: teacher modal probability, ``b``: warm-start (base) mass on the same token, ``c``: IS clip strength

@@ -64,7 +64,11 @@ def engine_kwargs(args: argparse.Namespace) -> EngineKwargs:
 
 
 def parse_steps(text: str | None) -> slice | None:
-    """``A:B`` (B exclusive), ``A:`` or ``:B`` or a single step ``A``."""
+    """``A:B`` (B exclusive), ``A:`` or ``:B`` or a single step ``A``.
+
+    >>> parse_steps("100:200"), parse_steps(":5"), parse_steps("7"), parse_steps(None)
+    (slice(100, 200, None), slice(None, 5, None), slice(7, 8, None), None)
+    """
     if not text:
         return None
     try:
@@ -98,7 +102,12 @@ def select_metrics(pattern: str | None) -> list[str]:
     return names
 
 
-def fmt(v: Any) -> str:
+def fmt(v: object) -> str:
+    """A table cell: floats to 4 decimals (scientific when tiny or huge), ``None`` as ``-``.
+
+    >>> fmt(0.5), fmt(1e-5), fmt(float("nan")), fmt(None), fmt(3)
+    ('0.5000', '1.000e-05', 'nan', '-', '3')
+    """
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -114,6 +123,7 @@ def fmt(v: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Print ``rows`` as an aligned text table of ``columns`` (a missing cell prints as ``-``)."""
     widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) if rows else len(c) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     print("  ".join("-" * widths[c] for c in columns))
@@ -122,6 +132,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def write_frame(df: pl.DataFrame, form: str) -> None:
+    """Print a frame as ``csv``, strict ``json`` (NaN/Inf as null) or a full text table (any other ``form``)."""
     if form == "csv":
         sys.stdout.write(df.write_csv())
     elif form == "json":
@@ -136,7 +147,11 @@ def _json_default(v: Any) -> Any:
 
 
 def clean_json(obj: Any) -> Any:
-    """NaN/Inf -> None so the output is strict JSON."""
+    """NaN/Inf -> None so the output is strict JSON (inside dicts and lists too).
+
+    >>> clean_json({"a": float("nan"), "b": [1.0, float("inf")]})
+    {'a': None, 'b': [1.0, None]}
+    """
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):

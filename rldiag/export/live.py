@@ -14,17 +14,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from rldiag.export.trackers import Exporter, make_exporter, step_histograms
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["LiveExport", "parse_log_to"]
 
 log = logging.getLogger("rldiag.export")
 
+LogTo: TypeAlias = "Exporter | str | Iterable[Exporter | str] | Literal[False] | None"
+"""What ``Recorder(log_to=...)`` takes: an exporter, a ``"kind:target"`` string, a list of those, or nothing."""
 
-def parse_log_to(log_to: Any, run: str) -> list[Exporter]:
+
+def parse_log_to(log_to: LogTo, run: str) -> list[Exporter]:
     """Exporters from ``log_to``: an :class:`Exporter`, a string ``"tensorboard:DIR"``, ``"mlflow:URI"``,
     ``"wandb"`` / ``"wandb:DIR"``, ``"trackio"`` / ``"trackio:PROJECT"``, or a list of those."""
     if log_to is None or log_to is False:
@@ -49,7 +55,9 @@ class LiveExport:
     ``http://127.0.0.1:PORT/metrics`` (:class:`rldiag.export.prometheus.MetricsServer`).
     """
 
-    def __init__(self, log_to: Any = None, *, metrics_port: int | None = None, run: str = "run", queue_size: int = 64):
+    def __init__(
+        self, log_to: LogTo = None, *, metrics_port: int | None = None, run: str = "run", queue_size: int = 64
+    ):
         self.run = run
         self.exporters = parse_log_to(log_to, run)
         self.server = None
@@ -67,7 +75,7 @@ class LiveExport:
         self._thread = threading.Thread(target=self._work, name="rldiag-export", daemon=True)
         self._thread.start()
 
-    def observe_stats(self, step: int, table: Any) -> None:
+    def observe_stats(self, step: int, table: pa.Table) -> None:
         """Enqueue one processed statistics table (never blocks; a full queue drops it, counted)."""
         if self._closed:
             return

@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
 
 __all__ = ["MetricsServer", "metrics_server_available"]
 
@@ -125,7 +128,7 @@ class MetricsServer:
         with self._lock:
             self._values[run] = (int(step), kept)
 
-    def update_frame(self, run: str, frame: Any) -> None:
+    def update_frame(self, run: str, frame: pl.DataFrame | None) -> None:
         """:meth:`update` from the last row of a step-metrics frame (a polars DataFrame with ``step``)."""
         if frame is None or frame.height == 0:
             return

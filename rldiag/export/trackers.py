@@ -13,9 +13,12 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "Exporter",
@@ -68,7 +71,7 @@ def trimmed(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return counts[lo : hi + 1], bin_edges(len(counts))[lo : hi + 2]
 
 
-def step_histograms(stats_table: Any, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+def step_histograms(stats_table: pa.Table, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
     """Dense per-step counts of the exported histograms, summed over ranks and micro-batches."""
     from rldiag.stats.kernel import HISTS
 
