@@ -29,13 +29,20 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import polars as pl
 
 from rldiag import __version__, runformat, schema
 from rldiag.metrics.registry import HEADLINE, REGISTRY, MetricSpec
+
+if TYPE_CHECKING:
+    from rldiag.alerts.rules import Rule, RuleSet
+    from rldiag.analysis.io import Run
+
+RunLike: TypeAlias = "str | os.PathLike[str] | Run"
+"""A run directory (or URI) or an open :class:`rldiag.Run`."""
 
 __all__ = [
     "Episode",
@@ -226,7 +233,7 @@ class Summary:
 
 
 def episodes_from_events(
-    events: Sequence[Mapping[str, Any]], metrics: pl.DataFrame | None = None, rules: Any = None
+    events: Sequence[Mapping[str, Any]], metrics: pl.DataFrame | None = None, rules: RuleSet | None = None
 ) -> list[Episode]:
     """Firing/resolved events (alerts.jsonl lines, oldest first) -> episodes, with onset and peak from ``metrics``.
 
@@ -275,7 +282,7 @@ def episodes_from_events(
     return eps
 
 
-def _needed_steps(rule: Any, ep: Episode) -> int:
+def _needed_steps(rule: Rule | None, ep: Episode) -> int:
     """How many consecutive steps the rule looks back over before firing (1 when unknown)."""
     if rule is None or getattr(rule, "describe", None) is None or rule.describe() != ep.expr:
         return 1
@@ -286,7 +293,7 @@ def _needed_steps(rule: Any, ep: Episode) -> int:
     return n
 
 
-def _locate(ep: Episode, metrics: pl.DataFrame, rule: Any) -> None:
+def _locate(ep: Episode, metrics: pl.DataFrame, rule: Rule | None) -> None:
     if not ep.metric or ep.metric not in metrics.columns:
         return
     steps = metrics["step"].to_numpy()
@@ -450,7 +457,7 @@ def _sentence(
 
 
 def summarize_run(
-    run: Any,
+    run: Run,
     *,
     events: Sequence[Mapping[str, Any]] | None = None,
     metrics: pl.DataFrame | None = None,
@@ -501,10 +508,10 @@ def summarize_run(
     )
 
 
-def _history(run: Any, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str]:
+def _history(run: Run, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str]:
     """The run's alert events; without an alerts.jsonl, the default rules evaluated over ``metrics``."""
     events = run.alerts()
-    if events or (Path(run.path) / runformat.ALERTS_FILE).exists():
+    if events or (run.path / runformat.ALERTS_FILE).exists():  # a local folder or a RemotePath
         return list(events), f"the run's {runformat.ALERTS_FILE} ({len(events)} events)"
     from rldiag.alerts import Engine, default_rules
 
@@ -690,7 +697,7 @@ def token_picks(rows: pl.DataFrame, ranking: str, *, k: int = 5, context: int = 
     return picks
 
 
-def _decoder(run: Any) -> tuple[Callable[[list[int | None]], list[str]], str]:
+def _decoder(run: Run) -> tuple[Callable[[list[int | None]], list[str]], str]:
     """Token ids -> texts with the run's own ``tokenizer/`` folder (never downloads), and a note on how."""
     folder = getattr(run, "tokenizer_dir", None)
     folder = Path(folder) if folder else None
@@ -1067,8 +1074,8 @@ def _tokens_html(d: _RunData) -> str:
     return "".join(out)
 
 
-def _open(run: Any) -> Any:
-    if hasattr(run, "step_metrics"):
+def _open(run: RunLike) -> Run:
+    if not isinstance(run, (str, os.PathLike)):
         return run
     from rldiag.analysis.io import open_run
 
@@ -1078,7 +1085,7 @@ def _open(run: Any) -> Any:
         raise ReportError(" ".join(str(exc).split())) from None
 
 
-def _prepare(run: Any, label: str, colour: str, *, top_steps: int, top_tokens: int, context: int) -> _RunData:
+def _prepare(run: Run, label: str, colour: str, *, top_steps: int, top_tokens: int, context: int) -> _RunData:
     metrics = run.step_metrics()
     if metrics.height == 0:
         raise ReportError(f"{run.path} holds no recorded steps yet: nothing to report")
@@ -1126,8 +1133,8 @@ def _divergence(a: _RunData, b: _RunData, tol: float = 0.01) -> str:
 
 
 def build_report(
-    run: Any,
-    compare: Sequence[Any] = (),
+    run: RunLike,
+    compare: Sequence[RunLike] = (),
     *,
     top_steps: int = 6,
     top_tokens: int = 5,
@@ -1249,7 +1256,7 @@ def check_out(out: str | os.PathLike[str], *, force: bool = False) -> Path:
 
 
 def write_report(
-    run: Any, out: str | os.PathLike[str], *, compare: Sequence[Any] = (), force: bool = False, **options: Any
+    run: RunLike, out: str | os.PathLike[str], *, compare: Sequence[RunLike] = (), force: bool = False, **options: Any
 ) -> Path:
     """Write :func:`build_report` to ``out`` atomically (a temporary file in the same folder, then a rename).
 
