@@ -34,10 +34,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from rldiag.alerts.engine import EVENT_RESOLVED, Notification
 from rldiag.alerts.rules import SEVERITIES
+
+_T = TypeVar("_T")
 
 __all__ = [
     "StopTraining",
@@ -250,7 +252,7 @@ class InFlight:
         self._cond = threading.Condition()
         self.count = 0
 
-    def put(self, q: queue.Queue[Any], item: Any) -> bool:
+    def put(self, q: queue.Queue[_T], item: _T) -> bool:
         with self._cond:
             self.count += 1
         try:
@@ -416,7 +418,7 @@ class _HTTPSink(QueuedSink):
     def deliver(self, n: Notification) -> None:
         self._post(self.payload(n))
 
-    def _post(self, obj: Any) -> None:
+    def _post(self, obj: object) -> None:
         body = json.dumps(obj, allow_nan=False).encode()
         req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
         try:
@@ -686,7 +688,7 @@ class CallbackSink(QueuedSink):
 
     name = "callback"
 
-    def __init__(self, fn: Callable[[Notification], Any], *, max_retries: int = 0, **kw: Any):
+    def __init__(self, fn: Callable[[Notification], object], *, max_retries: int = 0, **kw: Any):
         if not callable(fn):
             raise TypeError(f"CallbackSink needs a callable, got {type(fn).__name__}")
         self.fn = fn
