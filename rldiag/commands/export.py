@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         while True:
             closed = run_closed(r)
+            if closed and args.follow:
+                r.refresh()  # what was published between the last refresh and the close mark
             steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may still grow
             try:
                 total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
