@@ -99,9 +99,10 @@ class RunFollower:
         events: list[Notification] = []
         if not self.ensure_open():
             return events
-        if self.polls:
-            self.run.refresh()
+        # closed first, then the listing: every segment published before the close mark is then seen
         is_closed = run_closed(self.run) if closed is None else closed
+        if self.polls or is_closed:
+            self.run.refresh()
         steps = complete_steps(self.run, after=self.engine.last_step, closed=is_closed)
         if steps:
             frame = self.run.step_metrics(steps=steps)
