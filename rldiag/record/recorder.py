@@ -335,15 +335,16 @@ class Recorder:
             for k, v in args.items()
             if v is not None
         }
-        arrays = {k: s._array for k, s in snaps.items()}
-        checked = all(a is not None for a in arrays.values())
+        host = {k: s._array for k, s in snaps.items()}
+        arrays = {k: a for k, a in host.items() if a is not None}
+        checked = len(arrays) == len(host)
         if checked:  # host inputs: what their values mean is checked here, so an error names the call
-            problems = check_values(arrays, shape, self.config.logp_tolerance)  # type: ignore[arg-type]
+            problems = check_values(arrays, shape, self.config.logp_tolerance)
             if problems:
                 bad, drop, counts = resolve_problems(
                     problems,
                     arrays,
-                    strict=self.config.errors == "strict",  # type: ignore[arg-type]
+                    strict=self.config.errors == "strict",
                     names=_COLUMN_ARGS,
                     where=f"the record at step {step}",
                 )

@@ -183,7 +183,9 @@ class HostSnapshot:
         if self._array is None:
             if self._event is not None and not self._event.query():
                 self._event.synchronize()
-            self._array = self._tensor.numpy()
+            tensor = self._tensor
+            assert tensor is not None  # a snapshot holds its array or the tensor being copied
+            self._array = tensor.numpy()
             self._tensor = None
             self._event = None
         return self._array

@@ -323,6 +323,7 @@ def token_table(
     n = int(sel.sum())
     out: dict[str, pa.Array] = {}
     for name, dtype in schema.TOKEN_DTYPES.items():
+        values: np.ndarray | None
         if name == schema.STEP:
             values = np.full(n, job.step, dtype=np.int64)
         elif name == schema.RANK:
@@ -351,7 +352,7 @@ class Writer(threading.Thread):
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: storage.Location,
         wid: str,
         rank: int,
         cfg: RecorderConfig,
@@ -619,6 +620,7 @@ class Writer(threading.Thread):
             pq.write_table(table, buf, **parquet_options(table, compression))
             storage.write_whole(final, buf.getvalue().to_pybytes())
             return
+        assert isinstance(final, Path)
         tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
         try:
             pq.write_table(table, tmp, **parquet_options(table, compression))
