@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format != "table":
         write_frame(pl.DataFrame(rows).select(cols), args.format)
         return 0
-    spans = ", ".join(f"{label} {int(f['step'].min())}..{int(f['step'].max())}" for label, f in zip(labels, frames))
+    spans = ", ".join(
+        f"{label} {f['step'].to_numpy().min()}..{f['step'].to_numpy().max()}" for label, f in zip(labels, frames)
+    )
     print(
         f"over {'steps ' + args.steps if args.steps else 'whole runs'} ({spans}): mean and worst step value "
         "(max where lower is better, min where higher is better, else farthest from the median); on-policy "
