@@ -34,4 +34,5 @@ fi
 # the project's lint and format settings (pyproject.toml) hold over the whole tree
 $PY -m ruff check rldiag app tests benchmarks
 $PY -m ruff format --check rldiag app tests benchmarks
+$PY -m mypy rldiag app
 exec $PY -m pytest -n 2 --headless "$@"
