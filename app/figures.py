@@ -38,17 +38,7 @@ PALETTE = (
     "#7f7f7f",
     "#bcbd22",
 )
-LENS_PALETTE = (
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#9467bd",
-    "#ff7f0e",
-    "#17becf",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
+LENS_PALETTE = PALETTE + (
     "#0d2a63",
     "#fb00d1",
     "#00a08b",

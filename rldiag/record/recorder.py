@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
-from rldiag.record.scalars import ScalarLog
+from rldiag.record.scalars import ScalarLog, check_step
 from rldiag.record.tensors import BufferPool, HostSnapshot, is_torch, shape_of
 from rldiag.record.writer import Job, Precomputed, Writer, WriterError, build_batch, check_values, resolve_problems
 from rldiag.stats import kernel
@@ -639,12 +639,7 @@ class Recorder:
         return int(np.asarray(x).nbytes) if not hasattr(x, "nbytes") else int(x.nbytes)
 
     def _validate(self, step: Any, args: dict[str, Any]) -> tuple[int, int]:
-        if is_torch(step):
-            raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
-        if not 0 <= step < 2**63:
-            raise ValueError(f"step must be in [0, 2**63) (it is stored as int64), got {step}")
+        check_step(step)
         for req in ("logprobs", "old_logprobs", "advantages"):
             if args[req] is None:
                 raise ValueError(f"record() needs {req}")

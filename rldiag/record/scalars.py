@@ -148,6 +148,17 @@ def _value_of(name: str, v: Any) -> Any:
     return float(a.reshape(()))
 
 
+def check_step(step: Any) -> None:
+    """Refuse a step that is not a Python or numpy int in [0, 2**63), naming the argument (``record()`` and
+    ``log()`` share it); a tensor is refused rather than read (reading it would sync the GPU)."""
+    if is_torch(step):
+        raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
+    if not 0 <= step < 2**63:
+        raise ValueError(f"step must be in [0, 2**63) (it is stored as int64), got {step}")
+
+
 @dataclass
 class ScalarLog:
     """The custom scalars a recorder holds until its writer publishes them (thread-safe).
@@ -167,12 +178,7 @@ class ScalarLog:
     def add(self, step: int, values: Mapping[str, Any]) -> dict[str, float]:
         """Append one call's values (all checked first: a bad step, name or value records none of them); returns
         those already read as floats (device tensors are read on the writer thread)."""
-        if is_torch(step):
-            raise TypeError("step must be a Python int, not a tensor (reading a tensor would sync the GPU)")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"step must be an int (the trainer's global step), got {type(step).__name__}")
-        if not 0 <= step < 2**63:
-            raise ValueError(f"step must be in [0, 2**63) (it is stored as int64), got {step}")
+        check_step(step)
         if not isinstance(values, Mapping):
             raise TypeError(f"log() takes a mapping of names to numbers, got {type(values).__name__}")
         rows = [(check_name(k), _value_of(k, v)) for k, v in values.items()]
