@@ -514,8 +514,7 @@ def _run_columns(st: data.RunState, metrics: list[str], x_mode: str) -> list[str
     when the x axis shows wall time."""
     cols = _frame_columns(metrics)
     if x_mode == "time":
-        scalars = getattr(st.run, "custom", None)
-        logged = set(scalars.names()) if scalars is not None else set()
+        logged = set(st.run.custom.names())
         cols += [c for c in figures.TIME_COLUMNS if c in logged]
     return cols
 

@@ -27,6 +27,7 @@ import polars as pl
 
 from app import security
 from rldiag import runformat, schema, storage
+from rldiag.analysis.io import Run
 
 STALL_SECONDS = runformat.STALL_SECONDS
 """A run that is still open and has had no new step for this long is *stalled* (docs/alerts.md)."""
@@ -238,7 +239,7 @@ class RunState:
     path: storage.Location
     opener: Callable[[storage.Location], Any] | None = None
     stall_seconds: float = STALL_SECONDS
-    _run: Any = None
+    _run: Run | None = None
     _metrics: pl.DataFrame | None = None
     _names: set[str] = field(default_factory=set)
     _complete: bool = False
@@ -254,7 +255,7 @@ class RunState:
         """The run's manifest (from the opened run, or read alone without opening it; {} when unreadable)."""
         with self._lock:
             if self._run is not None:
-                return dict(getattr(self._run, "manifest", {}) or {})
+                return dict(self._run.manifest)
             if "manifest" not in self._cache:
                 try:
                     self._cache["manifest"] = runformat.read_manifest(self.path)
@@ -263,7 +264,7 @@ class RunState:
             return cast(dict[str, Any], self._cache["manifest"])
 
     @property
-    def run(self) -> Any:
+    def run(self) -> Run:
         with self._lock:
             if self._run is None:
                 self._run = (self.opener or _open)(self.path)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+
+from rldiag.alerts.rules import default_rules
+from rldiag.metrics.registry import REGISTRY, MetricSpec
 
 MAX_PER_PANEL = 5
 """More metrics than this with one unit are split over several panels (a legend of ten lines is unreadable)."""
@@ -48,56 +50,46 @@ class Panel:
     help: tuple[HelpItem, ...]
 
 
-def registry() -> Mapping[str, Any]:
-    """The metric registry (:data:`rldiag.metrics.registry.REGISTRY`)."""
-    from rldiag.metrics.registry import REGISTRY
-
+def registry() -> Mapping[str, MetricSpec]:
+    """The metric registry (:data:`rldiag.metrics.registry.REGISTRY`): one float per step each."""
     return REGISTRY
 
 
-def family_of(spec: Any) -> str:
-    fam = getattr(spec, "family", None)
-    return str(fam) if fam else str(spec.name).split("/", 1)[0]
+def family_of(spec: MetricSpec) -> str:
+    return spec.family
 
 
-def _help(spec: Any) -> HelpItem:
+def _help(spec: MetricSpec) -> HelpItem:
     return HelpItem(
-        name=str(spec.name),
-        doc=str(getattr(spec, "doc", "") or ""),
-        direction=str(getattr(spec, "direction", "neutral") or "neutral"),
-        formula=str(getattr(spec, "formula", "") or ""),
-        source=str(getattr(spec, "source", "") or ""),
-        derived=bool(getattr(spec, "derived", False)),
+        name=spec.name,
+        doc=spec.doc,
+        direction=spec.direction,
+        formula=spec.formula,
+        source=spec.source,
+        derived=spec.derived,
     )
 
 
-def _is_line_metric(spec: Any) -> bool:
-    # Registry entries that are not one float per step (tables, per-bucket rows) carry a non-scalar kind.
-    return getattr(spec, "kind", "scalar") in ("scalar", None)
-
-
-def families(specs: Mapping[str, Any] | None = None) -> dict[str, list[Any]]:
+def families(specs: Mapping[str, MetricSpec] | None = None) -> dict[str, list[MetricSpec]]:
     """Registry specs grouped by family, families and metrics in registry order."""
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[MetricSpec]] = {}
     for spec in (specs if specs is not None else registry()).values():
-        if _is_line_metric(spec):
-            out.setdefault(family_of(spec), []).append(spec)
+        out.setdefault(family_of(spec), []).append(spec)
     return out
 
 
-def scale_key(spec: Any) -> str | None:
+def scale_key(spec: MetricSpec) -> str | None:
     """Metrics with the same key share a y-axis: same unit, or shares bounded to [0, 1]; None: own panel."""
-    unit = str(getattr(spec, "unit", "") or "")
-    if unit:
-        return f"unit:{unit}"
-    if tuple(getattr(spec, "bounds", (None, None)) or (None, None)) == (0.0, 1.0):
+    if spec.unit:
+        return f"unit:{spec.unit}"
+    if tuple(spec.bounds) == (0.0, 1.0):
         return "share"
     return None
 
 
-def _split(family: str, specs: Sequence[Any], limit: int, *, suffix: str = "") -> list[Panel]:
-    groups: list[list[Any]] = []
-    keyed: dict[str, list[Any]] = {}
+def _split(family: str, specs: Sequence[MetricSpec], limit: int, *, suffix: str = "") -> list[Panel]:
+    groups: list[list[MetricSpec]] = []
+    keyed: dict[str, list[MetricSpec]] = {}
     for spec in specs:
         key = scale_key(spec)
         if key is None:
@@ -135,7 +127,7 @@ def panel_title(metrics: Iterable[str]) -> str:
     return ", ".join(names)
 
 
-def page_panels(page: str, specs: Mapping[str, Any] | None = None) -> list[Panel]:
+def page_panels(page: str, specs: Mapping[str, MetricSpec] | None = None) -> list[Panel]:
     """Line panels of a metric page, in registry order of families."""
     wanted = PAGE_FAMILIES[page]
     fams = families(specs)
@@ -146,7 +138,7 @@ def page_panels(page: str, specs: Mapping[str, Any] | None = None) -> list[Panel
     return out
 
 
-def overview_panels(specs: Mapping[str, Any] | None = None) -> list[Panel]:
+def overview_panels(specs: Mapping[str, MetricSpec] | None = None) -> list[Panel]:
     """The registry's headline metrics (``MetricSpec.headline``), grouped by family and scale."""
     out = []
     for fam, group in families(specs).items():
@@ -172,13 +164,13 @@ def custom_help(name: str) -> HelpItem:
 def page_of(metric: str) -> str | None:
     """The metric page whose panels chart ``metric`` (the Overview for a headline metric no page lists)."""
     spec = spec_of(metric)
-    if spec is None or not _is_line_metric(spec):
+    if spec is None:
         return None
     fam = family_of(spec)
     for page, fams in PAGE_FAMILIES.items():
         if fam in fams:
             return page
-    return "overview" if getattr(spec, "headline", False) else None
+    return "overview" if spec.headline else None
 
 
 REQUIRED_INPUTS = frozenset({"logp", "old_logp", "adv"})
@@ -188,39 +180,25 @@ def no_data_note(metrics: Sequence[str]) -> str:
     """What to record to see these metrics: their optional inputs from the registry."""
     needs: list[str] = []
     for m in metrics:
-        for col in getattr(spec_of(m), "inputs", ()) or ():
+        spec = spec_of(m)
+        for col in spec.inputs if spec is not None else ():
             if col not in REQUIRED_INPUTS and col not in needs:
                 needs.append(col)
     return "no data in this run" + (f": record {', '.join(needs)}" if needs else "")
 
 
-def spec_of(metric: str) -> Any | None:
+def spec_of(metric: str) -> MetricSpec | None:
     """The registry spec of ``metric`` (None for names the registry does not know, e.g. lens columns)."""
     return registry().get(metric)
 
 
 @lru_cache(maxsize=1)
 def _rule_lines() -> dict[str, tuple[tuple[float, str], ...]]:
-    try:
-        from rldiag.alerts.rules import default_rules
-    except ImportError:
-        return {}
     lines: dict[str, list[tuple[float, str]]] = {}
-    try:
-        rules = default_rules()
-        rule_list = list(getattr(rules, "rules", rules))
-        if isinstance(rules, Mapping):
-            rule_list = list(rules.values())
-        for rule in rule_list:
-            for cond in getattr(rule, "conditions", ()) or ():
-                metric = getattr(cond, "metric", None)
-                threshold = getattr(cond, "threshold", None)
-                kind = getattr(cond, "kind", "threshold")
-                if metric and isinstance(threshold, (int, float)) and kind == "threshold":
-                    label = f"{getattr(rule, 'name', 'alert')} ({getattr(rule, 'severity', '')})"
-                    lines.setdefault(str(metric), []).append((float(threshold), label))
-    except Exception:  # a rule file the app cannot read must not break the charts
-        return {}
+    for rule in default_rules().rules:  # the packaged rule file (its own tests keep it valid)
+        for cond in rule.conditions:
+            if cond.kind == "threshold":
+                lines.setdefault(cond.metric, []).append((float(cond.threshold), f"{rule.name} ({rule.severity})"))
     return {k: tuple(v) for k, v in lines.items()}
 
 
