@@ -271,5 +271,5 @@ def describe(run: Run) -> dict[str, Any]:
         ],
         "superseded": list(files.resume.superseded),
         "gaps": list(files.resume.gaps),
-        "problems": [p.message for p in files.problems] + extra,
+        "problems": [p.message for p in files.problems] + extra + list(run.custom.problems),
     }

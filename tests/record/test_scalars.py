@@ -280,3 +280,18 @@ def test_online_alerts_evaluate_custom_scalars_with_their_step(tmp_path: Path) -
             rec.log(s, {"loss": 9.0 if s in (3, 4, 6) else 1.0})
         rec.alerts.flush(10)  # type: ignore[union-attr]
     assert [e for e in seen if e[0] == "firing"] == [("firing", 4, "loss 9 at step 4")]
+
+
+def test_a_damaged_scalars_file_is_skipped_and_listed_by_info(tmp_path: Path) -> None:
+    with rldiag.Recorder(tmp_path / "r") as rec:
+        for s in range(3):
+            _record(rec, s)
+            rec.log(s, {"loss": float(s)})
+            rec.flush()  # one scalars file per step
+    files = sorted((tmp_path / "r" / SCALARS_DIR).iterdir())
+    assert len(files) == 3
+    files[0].write_bytes(b"not parquet")
+    run = rldiag.open_run(tmp_path / "r")
+    problems = run.info()["problems"]
+    assert any(files[0].name in p and "custom scalars" in p for p in problems), problems
+    assert run.custom_metrics()["step"].to_list() == [1, 2]  # the other files still read
