@@ -42,6 +42,8 @@ PANEL_DOWNLOAD: Final = "panel-download"
 """``dcc.Download`` that sends a panel's numbers as CSV."""
 
 OVERVIEW_FIRING: Final = "overview-firing"
+OVERVIEW_CUSTOM: Final = "overview-custom"
+OVERVIEW_CUSTOM_NAMES: Final = "overview-custom-names"
 """The Overview's line of firing alerts (re-read when a live tick changed the panels)."""
 
 # --- Runs page --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, State, callback, html
+from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import data, figures, ids, panels
 from app import layout as ui
@@ -40,8 +40,7 @@ def custom_names(runs: list[str]) -> list[str]:
     cat = data.catalog()
     names: dict[str, None] = {}
     for run_id in runs:
-        scalars = getattr(cat.state(run_id).run, "custom", None)
-        for name in scalars.names() if scalars is not None else ():
+        for name in cat.state(run_id).run.custom.names():
             names.setdefault(str(name), None)
     return list(names)
 
@@ -72,16 +71,41 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
         children.append(html.Div(alert_line(runs), id=ids.OVERVIEW_FIRING))
         # One grid: most families have one headline metric, and a section per family would leave half rows.
         children.append(ui.panel_grid(PAGE, panels.overview_panels()))
-        custom = custom_panels(custom_names(runs))
-        if custom:
-            children.append(
-                ui.section(
-                    "Custom",
-                    ui.panel_grid(PAGE, custom),
-                    note="Scalars the training loop logged itself with rec.log(step, {...}), exact per step.",
-                )
-            )
+        names = custom_names(runs)
+        children.append(html.Div(custom_section(names), id=ids.OVERVIEW_CUSTOM))
+        children.append(dcc.Store(id=ids.OVERVIEW_CUSTOM_NAMES, data=names))
     return html.Div(children)
+
+
+def custom_section(names: list[str]) -> list[Any]:
+    """The "Custom" section of the Overview for these custom scalar names (empty without any)."""
+    custom = custom_panels(names)
+    if not custom:
+        return []
+    return [
+        ui.section(
+            "Custom",
+            ui.panel_grid(PAGE, custom),
+            note="Scalars the training loop logged itself with rec.log(step, {...}), exact per step.",
+        )
+    ]
+
+
+@callback(
+    Output(ids.OVERVIEW_CUSTOM, "children"),
+    Output(ids.OVERVIEW_CUSTOM_NAMES, "data"),
+    Input(ids.LIVE_PAYLOAD, "data"),
+    State(ids.PAGE_RUNS, "data"),
+    State(ids.OVERVIEW_CUSTOM_NAMES, "data"),
+    prevent_initial_call=True,
+)
+def refresh_custom(_payload: Any, runs: list[str] | None, shown: list[str] | None) -> tuple[Any, Any]:
+    """A scalar first logged while the page is open gets its panel at the next live tick that changed
+    anything (the section is rebuilt only when the set of names changed)."""
+    names = custom_names(data.catalog().valid_ids(runs or []))
+    if names == list(shown or []):
+        return no_update, no_update
+    return custom_section(names), names
 
 
 @callback(

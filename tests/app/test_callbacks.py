@@ -429,3 +429,37 @@ def test_custom_scalars_get_a_custom_panel_group_on_the_overview(tmp_path: Path)
         assert timed["layout"]["xaxis"]["title"]["text"] == "wall time (s)"
         # a run without custom scalars has no such section
         assert "Custom" not in texts(page("overview").layout(run="../nope"))
+
+
+def test_a_scalar_first_logged_while_the_page_is_open_gets_its_panel(tmp_path: Path):
+    import numpy as np
+
+    import rldiag
+    from app import data as app_data
+
+    rec = rldiag.Recorder(tmp_path / "c")
+    rng = np.random.default_rng(0)
+
+    def step(s: int, scalars: dict[str, float]) -> None:
+        old = -rng.gamma(1.0, 0.8, size=(4, 10)).astype(np.float32)
+        rec.record(step=s, logprobs=old, old_logprobs=old, advantages=rng.normal(size=4).astype(np.float32))
+        rec.log(s, scalars)
+        rec.flush()
+
+    step(0, {"loss": 1.0})
+    app = shell.create_app(tmp_path)
+    overview = page("overview")
+    try:
+        with app.server.test_request_context():
+            tree = overview.layout(run="c")
+            store = next(c for c in walk(tree) if isinstance(c, dcc.Store) and c.id == ids.OVERVIEW_CUSTOM_NAMES)
+            assert store.data == ["loss"]
+            assert overview.refresh_custom({}, ["c"], store.data) == (no_update, no_update)
+            step(1, {"loss": 0.5, "eval/acc": 0.3})  # a new name while the page is open
+            app_data.catalog().state("c").update()  # what the live tick does
+            section, names = overview.refresh_custom({}, ["c"], store.data)
+            assert names == ["eval/acc", "loss"]
+            graphs = [c.id for c in walk(html.Div(section)) if isinstance(c, dcc.Graph)]
+            assert sorted(g["metrics"] for g in graphs) == ["eval/acc", "loss"]
+    finally:
+        rec.close()
