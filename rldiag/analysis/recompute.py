@@ -48,9 +48,19 @@ _VALUE_COLS = (
     schema.GROUP,
     schema.REWARD,
     schema.ROUTE_AGREE,
+    schema.TEACHER_LOGP,
+    schema.BASE_LOGP,
 )
-_CONFIG_FREE_COLS = (schema.REF_LOGP, schema.VERSION, schema.GROUP, schema.ROUTE_AGREE)
-"""Columns that only config-independent statistics read (reference KL, staleness, groups, MoE routing)."""
+_CONFIG_FREE_COLS = (
+    schema.REF_LOGP,
+    schema.VERSION,
+    schema.GROUP,
+    schema.ROUTE_AGREE,
+    schema.TEACHER_LOGP,
+    schema.BASE_LOGP,
+)
+"""Columns that only config-independent statistics read (reference KL, staleness, groups, MoE routing, the
+non-finite teacher/base log-probs)."""
 
 
 def _col(table: pa.Table, name: str, dtype: type = np.float32) -> np.ndarray | None:
@@ -128,6 +138,8 @@ def batch_from_tokens(
         group=None if group is None else group[first],
         reward=None if reward is None else reward[first],
         route_agree=_col(table, schema.ROUTE_AGREE),
+        teacher_logp=_col(table, schema.TEACHER_LOGP),
+        base_logp=_col(table, schema.BASE_LOGP),
     )
     return batch, rec_keys
 

@@ -301,6 +301,8 @@ def build_batch(job: Job, step: int) -> tuple[kernel.TokenBatch, np.ndarray, dic
         reward=cols.get("reward"),
         invalid=np.array([job.invalid]),
         route_agree=cols.get(schema.ROUTE_AGREE),
+        teacher_logp=cols.get(schema.TEACHER_LOGP),
+        base_logp=cols.get(schema.BASE_LOGP),
     )
     return tb, flat, cols
 

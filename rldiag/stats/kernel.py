@@ -151,6 +151,10 @@ _DECLS: Final[tuple[StatDecl, ...]] = (
     StatDecl("ng_ref_logp", "sum", "masked-in tokens of records that gave ref_logp"),
     StatDecl("nf_route_agree", "sum", "masked-in tokens with a NaN/Inf route_agree"),
     StatDecl("ng_route_agree", "sum", "masked-in tokens of records that gave route_agree"),
+    StatDecl("nf_teacher_logp", "sum", "masked-in tokens with a NaN/Inf teacher_logp"),
+    StatDecl("ng_teacher_logp", "sum", "masked-in tokens of records that gave teacher_logp"),
+    StatDecl("nf_base_logp", "sum", "masked-in tokens with a NaN/Inf base_logp"),
+    StatDecl("ng_base_logp", "sum", "masked-in tokens of records that gave base_logp"),
     StatDecl("nf_reward", "sum", "sequences with a masked-in token and a NaN/Inf reward"),
     StatDecl("ng_reward", "sum", "sequences with a masked-in token, of records that gave rewards"),
     StatDecl("n_ver", "sum", "valid tokens with a policy version"),
@@ -237,6 +241,8 @@ NONFINITE_INPUTS: Final[tuple[str, ...]] = (
     "rollout_logp",
     "ref_logp",
     "route_agree",
+    "teacher_logp",
+    "base_logp",
     "reward",
 )
 """Inputs whose NaN/Inf values are counted (``nf_<input>``; optional ones also ``ng_<input>``: given)."""
@@ -1185,6 +1191,10 @@ class TokenBatch:
     """Per record: lenient mode saw a wrong dtype, so all its tokens count as invalid."""
     route_agree: np.ndarray | None = None
     """Per token: share of the token's MoE expert choices on which trainer and sampler agree."""
+    teacher_logp: np.ndarray | None = None
+    """Per token: the teacher's log-prob (distillation); only its non-finite values are counted here."""
+    base_logp: np.ndarray | None = None
+    """Per token: the base model's log-prob (extrapolation cliff); only its non-finite values are counted here."""
 
     @property
     def n_records(self) -> int:
@@ -1293,6 +1303,14 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         ("route_agree", batch.route_agree),
     ):
         if given is not None:
+            S[:, _i(f"ng_{name}")] = S[:, _i("n_masked")]
+    # teacher/base log-probs: no kernel pass reads them (the cliff reads the token rows), so only their
+    # non-finite values are counted, per record, over its masked-in tokens
+    tok_off = batch.seq_off[batch.rec_off]
+    for name, given in (("teacher_logp", batch.teacher_logp), ("base_logp", batch.base_logp)):
+        if given is not None:
+            bad = np.concatenate([[0], np.cumsum(~np.isfinite(_f32(given)), dtype=np.int64)])
+            S[:, _i(f"nf_{name}")] = np.diff(bad[tok_off])
             S[:, _i(f"ng_{name}")] = S[:, _i("n_masked")]
     # rewards: over sequences with at least one masked-in token
     if batch.reward is not None:

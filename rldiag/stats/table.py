@@ -42,6 +42,7 @@ LATER_STATS_COLUMNS: frozenset[str] = frozenset(
         # non-finite values per input (issue 16: <input>/nonfinite)
         "nf_logp", "nf_old_logp", "nf_adv", "nf_entropy", "ng_entropy", "nf_rollout_logp", "ng_rollout_logp",
         "nf_ref_logp", "ng_ref_logp", "nf_route_agree", "ng_route_agree", "nf_reward", "ng_reward",
+        "nf_teacher_logp", "ng_teacher_logp", "nf_base_logp", "ng_base_logp",
     ]
 )  # fmt: skip
 """Statistics columns added after the first run format. A statistics file of an older rldiag lacks them: it is

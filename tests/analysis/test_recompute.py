@@ -57,6 +57,25 @@ def test_every_statistic_from_token_rows_equals_the_stored_ones(tmp_path, capsys
     )
 
 
+def test_teacher_and_base_nonfinite_counts_recompute_from_token_rows(tmp_path) -> None:
+    """The teacher's and base model's NaN/Inf log-probs are counted when recorded and again from the token rows."""
+    recs = _records(steps=2)
+    rng = np.random.default_rng(3)
+    for rs in recs:
+        for r in rs:
+            for arg in ("teacher_logprobs", "base_logprobs"):
+                x = -rng.exponential(1.0, r["logprobs"].shape).astype(np.float32)
+                x[rng.random(x.shape) < 0.1] = np.nan
+                r[arg] = x
+    _record(tmp_path / "a", recs)
+    run = rldiag.open_run(tmp_path / "a")
+    stored = run.step_metrics()
+    for col, arg in (("teacher_logp", "teacher_logprobs"), ("base_logp", "base_logprobs")):
+        want = [sum(int((r["mask"] & np.isnan(r[arg])).sum()) for r in rs) for rs in recs]
+        assert stored[f"{col}/nonfinite"].to_list() == want and min(want) > 0
+    _same(run.step_metrics(from_tokens=True), stored)
+
+
 @pytest.mark.parametrize("group_rows", [1, 7, 37, 160])
 def test_records_cut_by_row_groups_are_stitched(tmp_path, group_rows) -> None:
     """Token files with small row groups (records cut anywhere, even one row per group) recompute exactly."""

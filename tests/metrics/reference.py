@@ -129,6 +129,8 @@ NONFINITE_ARGS = {
     "rollout_logp": "rollout_logprobs",
     "ref_logp": "ref_logprobs",
     "route_agree": "route_agree",
+    "teacher_logp": "teacher_logprobs",
+    "base_logp": "base_logprobs",
     "reward": "rewards",
 }
 """``<input>/nonfinite`` metric input -> record() argument."""

@@ -18,11 +18,28 @@ from tests.metrics.test_registry import CFG, _stats_table
 NAMES = [f"{c}/nonfinite" for c in NONFINITE_INPUTS]
 
 
+def _with_teacher_base(rng: np.random.Generator, r: dict) -> dict:
+    """``r`` with a teacher's and a base model's log-probs (on-policy distillation, the extrapolation cliff)."""
+    B, T = r["logprobs"].shape
+    r["teacher_logprobs"] = -rng.exponential(0.5, (B, T)).astype(np.float32)
+    r["base_logprobs"] = -rng.exponential(1.5, (B, T)).astype(np.float32)
+    return r
+
+
 def _poisoned(rng: np.random.Generator, B: int = 10, T: int = 24) -> dict:
     """A record with NaN and Inf in every float input (masked-in and masked-out), every sequence with a token."""
-    r = make_record(rng, B, T)
+    r = _with_teacher_base(rng, make_record(rng, B, T))
     r["mask"] = np.arange(T)[None, :] < rng.integers(1, T + 1, B)[:, None]
-    for arg in ("logprobs", "old_logprobs", "entropy", "rollout_logprobs", "ref_logprobs", "route_agree"):
+    for arg in (
+        "logprobs",
+        "old_logprobs",
+        "entropy",
+        "rollout_logprobs",
+        "ref_logprobs",
+        "route_agree",
+        "teacher_logprobs",
+        "base_logprobs",
+    ):
         x = r[arg].copy()
         x[rng.random((B, T)) < 0.05] = np.nan
         x[rng.random((B, T)) < 0.02] = np.inf if arg in ("entropy", "route_agree") else -np.inf
@@ -63,7 +80,7 @@ def test_absent_inputs_are_nan_and_clean_inputs_zero(tmp_path) -> None:
     rng = np.random.default_rng(0)
     with rldiag.Recorder(tmp_path / "run", config=CFG) as rec:
         rec.record(step=0, **make_record(rng, 6, 10, extras=False))
-        rec.record(step=1, **make_record(rng, 6, 10))
+        rec.record(step=1, **_with_teacher_base(rng, make_record(rng, 6, 10)))
     df = rldiag.open_run(tmp_path / "run").step_metrics()
     first, second = df.row(0, named=True), df.row(1, named=True)
     for col in NONFINITE_INPUTS:

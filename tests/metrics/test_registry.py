@@ -38,6 +38,8 @@ def _stats_table(records: list[dict], step: int, rank: int = 0, micro0: int = 0)
             "rewards": "reward",
             "versions": "version",
             "route_agree": "route_agree",
+            "teacher_logprobs": "teacher_logp",
+            "base_logprobs": "base_logp",
         }
         snaps = {names[k]: HostSnapshot(v, float_cast=True) for k, v in rec.items()}
         job = Job(step=step, micro=micro0 + i, shape=(B, T), inputs=snaps)
