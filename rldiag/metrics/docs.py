@@ -11,9 +11,11 @@ import tomllib
 from importlib import resources
 from typing import Any
 
+from rldiag.analysis.recompute import BUCKET_KINDS, BUCKET_METRICS, PROB_BUCKET_METRICS
 from rldiag.metrics.registry import ANALYSES, FAMILY_ORDER, LENS_OBJECTIVES, LENS_QUANTITIES, REGISTRY
 from rldiag.stats import hist
-from rldiag.stats.kernel import STATS
+from rldiag.stats.bucket_kernel import PROB_EDGES, ROUTE_EDGES
+from rldiag.stats.kernel import NONFINITE_INPUTS, STATS
 
 _FAMILY_TITLES = {
     "ratio": "Ratio and trust region",
@@ -32,13 +34,41 @@ _FAMILY_TITLES = {
     "staleness": "Staleness",
     "removed": "What mismatch corrections remove",
     "moe": "MoE routing consistency",
-    "logp": "Non-finite inputs: logp",
-    "old_logp": "Non-finite inputs: old_logp",
-    "rollout_logp": "Non-finite inputs: rollout_logp",
-    "ref_logp": "Non-finite inputs: ref_logp",
-    "route_agree": "Non-finite inputs: route_agree",
     "stage": "Position and stage",
 }
+for _col in NONFINITE_INPUTS:  # an input with no family of its own: its `<input>/nonfinite` gets a section
+    _FAMILY_TITLES.setdefault(_col, f"Non-finite inputs: {_col}")
+
+
+def _bucket_tables() -> list[str]:
+    """The bucket tables of ``Run.bucket_metrics`` (from token rows), from the code that defines them."""
+    prob = ", ".join(f"{e:g}" for e in PROB_EDGES[1:])
+    route = ", ".join(f"{e:g}" for e in ROUTE_EDGES)
+    cols = ", ".join(f"`{m}`" for m in BUCKET_METRICS)
+    pcols = ", ".join(f"`{m}`" for m in PROB_BUCKET_METRICS)
+    lines = [
+        "## Bucket tables (from token rows)",
+        "",
+        "`run.bucket_metrics(by=...)` (the dashboard's heatmaps; `by` is one of "
+        + ", ".join(f"`{k}`" for k in BUCKET_KINDS)
+        + ") gives one row per (step, bucket) with the token count `n` and each metric computed over the",
+        "bucket's valid tokens with the same definition as the step metric of that name. `stage/ratio_mean_min`",
+        "and `stage/ratio_std_spread` above summarize the position/stage table per step.",
+        "",
+        "| by | buckets | columns |",
+        "|---|---|---|",
+        f"| `pos` | deciles of the step's longest response (`buckets=`), or `width=` positions each | {cols} |",
+        f"| `stage`, `turn` | the column's values | {cols} |",
+        f"| `prob` | sampler probability `exp(rollout_logp)`: at most {PROB_EDGES[0]:g}, then up to each of {prob} "
+        f"(edges in `bucket_lo`, `bucket_hi`) | {pcols}; `mismatch/absd_mean` is mean(abs(d)), "
+        "`d = old_logp - rollout_logp` |",
+        f"| `route` | `route_agree` in [a, b) for the edges {route}, and exactly 1 (edges in `bucket_lo`, "
+        f"`bucket_hi`) | {cols} |",
+        "",
+        "The `prob` and `route` tables are empty for a run without `rollout_logp` or `route_agree`.",
+        "",
+    ]
+    return lines
 
 
 def _alert_defaults() -> dict[str, list[str]]:
@@ -158,6 +188,7 @@ def render() -> str:
         src = "-" if name.startswith("lens/<") else (_md(s.source) or "-")
         lines.append(f"| `{name}` | {formula} | {src} | {alert} | {better} | `{s.computed_by}` |")
     lines.append("")
+    lines += _bucket_tables()
     lines += [
         "## Sufficient statistics",
         "",
