@@ -104,5 +104,27 @@ def run(args: argparse.Namespace) -> int:
         write_frame(df, args.format)
         return 0
     print(f"{r.name}: {df.height} steps ({int(df['step'][0])} .. {int(df['step'][-1])})")
-    print_table(summary_rows(df, names), ["metric", "first", "last", "min", "min@", "max", "max@"])
+    rows = summary_rows(df, names)
+    absent = [] if args.metrics else [row["metric"] for row in rows if row["min@"] is None]
+    print_table(
+        [row for row in rows if row["metric"] not in absent], ["metric", "first", "last", "min", "min@", "max", "max@"]
+    )
+    if absent:
+        print(
+            "NaN on every step (most often: the run did not record their inputs; --metrics lists them): "
+            + _families(absent, names)
+        )
     return 0
+
+
+def _families(absent: list[str], names: list[str]) -> str:
+    """``absent`` metric names, a family written ``family/*`` when none of its metrics has a value."""
+    gone = set(absent)
+    out: list[str] = []
+    for name in absent:
+        fam = name.split("/")[0]
+        members = [n for n in names if n.split("/")[0] == fam]
+        label = f"{fam}/*" if len(members) > 1 and gone.issuperset(members) else name
+        if label not in out:
+            out.append(label)
+    return ", ".join(out)
