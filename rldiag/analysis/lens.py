@@ -16,8 +16,9 @@ plus ``lens/bapo/clip_low``, ``lens/bapo/clip_high``, ``lens/bapo/saturated`` (t
 chosen and whether its target was out of reach), ``lens/ttb/ess`` and ``lens/ttb/reg_weight`` (Trust the Batch's
 ESS cap and its off-policy regulariser weight 1 - ESS).
 
-The whole computation is a handful of streaming polars passes over the token rows; nothing per token is ever
-materialized, so a 50 M-row run is analysed in bounded memory (see ``benchmarks/bench_lens.py``)::
+The token rows are read in chunks of whole steps (only the columns the lens needs) and reduced to per-step sums
+by the compiled passes of :mod:`rldiag.stats.lens_kernel`; memory is bounded by the chunks in flight, not the
+run (see ``benchmarks/bench_lens.py``)::
 
     >>> import polars as pl
     >>> from rldiag.analysis.lens import lens
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +44,9 @@ import polars as pl
 from rldiag import schema
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import LENS_EXTRA, LENS_OBJECTIVES, LENS_QUANTITIES
-from rldiag.stats.definitions import batch_ess, ctpo_clipped, token_valid
+from rldiag.stats import lens_kernel as K
+
+_F64 = pl.Float64
 
 # --- objective parameters ------------------------------------------------------------------------------------
 
@@ -284,20 +289,14 @@ def columns(objectives: Iterable[str] | None = None) -> list[str]:
 
 # --- how it is computed ----------------------------------------------------------------------------------------
 #
-# Pass 1 (one streaming group-by) reduces the tokens to an exact table of sums keyed by (step, sign of A,
-# bucket of r among every ratio bound any objective uses, bucket of the mismatch weight w, DCPO's per-token
-# verdict). Every clip-style objective (PPO, DAPO, dual-clip, DCPO, CISPO, TIS, MIS and each point of BAPO's
-# search) is then a filtered sum over that small table. Pass 2 groups by sequence for GSPO and CTPO (CTPO's
-# cumulative log-ratio comes from a segmented cumulative sum in row order). Pass 3 joins the step's ESS back for
-# Trust the Batch. The passes run per chunk of whole steps, so memory is bounded by the chunk, not the run.
-
-_R, _LR, _ADV, _AA, _W, _L = "_r", "_lr", "_adv", "_aa", "_w", "_L"
-_START, _ORDER_OK = "_start", "_order_ok"
-_F64 = pl.Float64
-_SEQ_KEYS = (schema.STEP, schema.SEQ)  # the run format: seq is unique within a step
-_ALL = pl.col("n").is_not_null()  # a per-row True (pl.lit(True) is one scalar inside a group)
-_SIDE = pl.col(_ADV).sign().cast(pl.Int8).alias("side")
-_POS_SIDE = pl.col("side") == 1
+# The rows of a chunk of whole steps are read as numpy arrays (only the columns the lens needs) and reduced by the
+# compiled passes of rldiag.stats.lens_kernel to per-step sums: one pass for every token-level objective (PPO,
+# DAPO, dual-clip, DCPO, CISPO, SAPO, TIS, MIS, the step's ESS and BAPO's table of sums per (sign of A, ratio
+# bucket)), one for GSPO and CTPO (sequences; rows in the recorder's order are read as they are, others through
+# their sorted order), and one for Trust the Batch once the step's ESS is known. Every quantity is then a ratio of
+# those sums (_finalize); BAPO's search walks its path over the bucket table. Chunks are read and computed by a
+# few threads (polars' reader and the compiled passes release the GIL), so memory is bounded by the chunks in
+# flight, not the run.
 
 
 def _lo(eps: float) -> float:
@@ -321,273 +320,53 @@ def _bapo_path(p: BAPOParams) -> list[tuple[float, float]]:
     return [(lo, highs[0]) for lo in lows] + [(lows[-1], hi) for hi in highs[1:]]
 
 
-def _ratio_edges(p: LensParams, objs: Sequence[str]) -> list[float]:
-    """Every ratio bound the requested objectives compare r with."""
-    edges = {1.0}
-    for o in ("ppo", "dapo", "dual_clip", "tis", "mis"):
-        if o in objs:
-            cp = getattr(p, o)
-            edges |= {_lo(cp.eps_low), _hi(cp.eps_high)}
-    if "dual_clip" in objs:
-        edges.add(p.dual_clip.c)
-    if "cispo" in objs:
-        edges.add(_hi(p.cispo.eps_high))
-    if "bapo" in objs:
-        for lo, hi in _bapo_path(p.bapo):
-            edges |= {lo, hi}
-    return sorted(edges)
+def _thresholds(p: LensParams) -> np.ndarray:
+    """The bounds the token pass compares with (slots ``TH_*`` of :mod:`rldiag.stats.lens_kernel`)."""
+    th = np.zeros(K.N_TH)
+    th[K.TH_PPO_LO], th[K.TH_PPO_HI] = _lo(p.ppo.eps_low), _hi(p.ppo.eps_high)
+    th[K.TH_DAPO_LO], th[K.TH_DAPO_HI] = _lo(p.dapo.eps_low), _hi(p.dapo.eps_high)
+    th[K.TH_DUAL_LO], th[K.TH_DUAL_HI], th[K.TH_DUAL_C] = (
+        _lo(p.dual_clip.eps_low),
+        _hi(p.dual_clip.eps_high),
+        p.dual_clip.c,
+    )
+    th[K.TH_DCPO_EL4], th[K.TH_DCPO_EH4] = 4.0 * p.dcpo.eps_low, 4.0 * p.dcpo.eps_high
+    th[K.TH_CISPO_C] = _hi(p.cispo.eps_high)
+    th[K.TH_SAPO_POS], th[K.TH_SAPO_NEG] = p.sapo.tau_pos, p.sapo.tau_neg
+    th[K.TH_TIS_LO], th[K.TH_TIS_HI], th[K.TH_TIS_CAP] = _lo(p.tis.eps_low), _hi(p.tis.eps_high), p.tis.cap
+    th[K.TH_MIS_LO], th[K.TH_MIS_HI] = _lo(p.mis.eps_low), _hi(p.mis.eps_high)
+    th[K.TH_MIS_LOW_W], th[K.TH_MIS_CAP] = 1.0 / p.mis.cap, p.mis.cap
+    return th
 
 
-def _w_edges(p: LensParams) -> list[float]:
-    return sorted({1.0 / p.mis.cap, p.mis.cap, p.tis.cap})
-
-
-def _bucket(x: pl.Expr, edges: Sequence[float]) -> pl.Expr:
-    """2 * #(edges < x) + [x is an edge]: exact for both strict and non-strict comparisons (see :class:`_Cut`).
-
-    Plain comparisons: ``search_sorted`` against a literal Series is not streamed (its memory grows with the
-    run), and ``cut`` numbers categories through a string cache.
-    """
-    below = pl.sum_horizontal([(x > e).cast(pl.Int32) for e in edges])
-    return 2 * below + x.is_in(list(edges)).cast(pl.Int32)
-
-
-@dataclass(frozen=True)
-class _Cut:
-    """Comparisons of a token value with one of ``edges``, read from its :func:`_bucket` column."""
-
-    column: str
-    edges: tuple[float, ...]
-
-    def le(self, e: float) -> pl.Expr:
-        return pl.col(self.column) <= 2 * self.edges.index(e) + 1
-
-    def ge(self, e: float) -> pl.Expr:
-        return pl.col(self.column) >= 2 * self.edges.index(e) + 1
-
-
-def _dcpo_kept(p: DCPOParams) -> pl.Expr:
-    r, adv = pl.col(_R), pl.col(_ADV)
-    q = pl.col(schema.OLD_LOGP).cast(_F64).exp()
-    lo = 0.5 + 0.5 * (1.0 - 4.0 * p.eps_low / q).clip(lower_bound=0.0).sqrt()
-    hi = 0.5 + 0.5 * (1.0 + 4.0 * p.eps_high / q).sqrt()
-    return ~(((adv > 0) & (r > hi)) | ((adv < 0) & (r < lo)))
-
-
-def _sapo_weight(p: SAPOParams) -> pl.Expr:
-    """4 s (1-s) gates grad r = r grad log pi, so the weight on A grad log pi is 4 s (1-s) r."""
-    r = pl.col(_R)
-    tau = pl.when(pl.col(_ADV) > 0).then(p.tau_pos).otherwise(p.tau_neg)
-    s = 1.0 / (1.0 + (-tau * (r - 1.0)).exp())
-    return 4.0 * s * (1.0 - s) * r
-
-
-def _ratio_table(tok: pl.LazyFrame, p: LensParams, objs: Sequence[str]) -> pl.LazyFrame:
-    """Pass 1: sums per (step, side, rb[, wb][, dk]); the columns every token-level objective reads."""
-    r, aa = pl.col(_R), pl.col(_AA)
-    keys: list[pl.Expr] = [pl.col(schema.STEP), _SIDE, _bucket(r, _ratio_edges(p, objs)).alias("rb")]
-    aggs = [
-        pl.len().cast(_F64).alias("n"),
-        r.sum().alias("r"),
-        (r * aa).sum().alias("ra"),
-        aa.sum().alias("a"),
-        (r * r).sum().alias("r2"),
-    ]
-    if "dcpo" in objs:
-        keys.append(_dcpo_kept(p.dcpo).alias("dk"))
-    if "tis" in objs or "mis" in objs:
-        w = pl.col(_W)
-        keys.append(pl.when(w.is_not_nan()).then(_bucket(w, _w_edges(p))).alias("wb"))
-        aggs += [(r * w).sum().alias("rw"), (r * w * aa).sum().alias("rwa")]
-    if "sapo" in objs:
-        sw = _sapo_weight(p.sapo)
-        aggs += [sw.sum().alias("sw"), (sw * aa).sum().alias("swa")]
-    return tok.group_by(keys).agg(aggs)
-
-
-def _sums(obj: str, kept: pl.Expr, w: pl.Expr, wa: pl.Expr, valid: pl.Expr | None = None) -> list[pl.Expr]:
-    """An objective's sums over table rows (each row a group of tokens): kept count, weight, positive and total
-    gradient mass, kept advantage mass; with ``valid``, its own token count and advantage mass too."""
-    if valid is not None:
-        kept = kept & valid
-    out = [
-        pl.col("n").filter(kept).sum().alias(f"{obj}.kept"),
-        w.filter(kept).sum().alias(f"{obj}.w"),
-        wa.filter(kept & _POS_SIDE).sum().alias(f"{obj}.pos"),
-        wa.filter(kept).sum().alias(f"{obj}.abs"),
-        pl.col("a").filter(kept).sum().alias(f"{obj}.kadv"),
-    ]
-    if valid is not None:
-        out += [pl.col("n").filter(valid).sum().alias(f"{obj}.n"), pl.col("a").filter(valid).sum().alias(f"{obj}.aadv")]
-    return out
-
-
-def _clip_kept(R: _Cut, lo: float, hi: float, c: float | None = None) -> pl.Expr:
-    """Sign-aware PPO clip on table rows: A > 0 keeps r <= hi, A < 0 keeps r >= lo (and r <= c: dual clip)."""
-    side = pl.col("side")
-    neg = R.ge(lo) if c is None else R.ge(lo) & R.le(c)
-    return (side == 0) | ((side == 1) & R.le(hi)) | ((side == -1) & neg)
-
-
-def _table_sums(obj: str, p: LensParams, R: _Cut, W: _Cut | None) -> list[pl.Expr]:
-    """Sums of one token-level objective from the pass-1 table."""
-    r, ra, n, a = pl.col("r"), pl.col("ra"), pl.col("n"), pl.col("a")
-    if obj in ("ppo", "dapo"):
-        cp: ClipParams = getattr(p, obj)
-        return _sums(obj, _clip_kept(R, _lo(cp.eps_low), _hi(cp.eps_high)), r, ra)
-    if obj == "dual_clip":
-        d = p.dual_clip
-        return _sums(obj, _clip_kept(R, _lo(d.eps_low), _hi(d.eps_high), d.c), r, ra)
-    if obj == "dcpo":
-        return _sums(obj, pl.col("dk"), r, ra)
-    if obj == "cispo":
-        C = _hi(p.cispo.eps_high)
-        below = R.le(C)
-        return _sums(obj, _ALL, pl.when(below).then(r).otherwise(C * n), pl.when(below).then(ra).otherwise(C * a))
-    if obj == "sapo":
-        return _sums(obj, _ALL, pl.col("sw"), pl.col("swa"))
-    assert W is not None
-    ip: ISParams = getattr(p, obj)
-    kept, valid = _clip_kept(R, _lo(ip.eps_low), _hi(ip.eps_high)), pl.col("wb").is_not_null()
-    if obj == "tis":
-        below = W.le(ip.cap)  # min(w, C) r: w r below the cap, C r above it
-        return _sums(
-            obj,
-            kept,
-            pl.when(below).then(pl.col("rw")).otherwise(ip.cap * r),
-            pl.when(below).then(pl.col("rwa")).otherwise(ip.cap * ra),
-            valid,
-        )
-    if obj == "mis":
-        kept = kept & W.ge(1.0 / ip.cap) & W.le(ip.cap)
-        return _sums(obj, kept, pl.col("rw"), pl.col("rwa"), valid)
-    raise AssertionError(obj)  # pragma: no cover
-
-
-def _bapo_choose(table: pl.DataFrame, p: BAPOParams, R: _Cut) -> pl.DataFrame:
-    """Walk BAPO's search path per step; returns step, the chosen point's sums (``bapo.*``) and its bounds."""
+def _bapo_choose(table: np.ndarray, p: BAPOParams, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Walk BAPO's search path per step over its table ``[step, side + 1, bucket, (n, r, ra, a)]``; the chosen
+    point's sums (``bapo.*``) and bounds. A > 0 keeps the buckets ``r <= hi``, A < 0 those with ``r >= lo``."""
     path = _bapo_path(p)
-    side, ra = pl.col("side"), pl.col("ra")
-    aggs = []
-    for k, (lo, hi) in enumerate(path):
-        aggs += _sums(f"bapo{k}", _clip_kept(R, lo, hi), pl.col("r"), ra)
-        aggs.append(ra.filter((side == -1) & R.ge(lo)).sum().alias(f"bapo{k}.neg"))
-    per = table.group_by(schema.STEP).agg(aggs).sort(schema.STEP)
-    pos = np.column_stack([per[f"bapo{k}.pos"].to_numpy() for k in range(len(path))])
-    neg = np.column_stack([per[f"bapo{k}.neg"].to_numpy() for k in range(len(path))])
-    met = (neg == 0.0) | (pos >= p.target * neg)
+    index = {float(e): i for i, e in enumerate(edges)}
+    below = np.cumsum(table[:, 2], axis=1)  # positive side, buckets 0..b
+    above = np.cumsum(table[:, 0, ::-1], axis=1)[:, ::-1]  # negative side, buckets b..end
+    zero = table[:, 1].sum(axis=1)
+    k_hi = np.array([2 * index[hi] + 1 for _, hi in path])
+    k_lo = np.array([2 * index[lo] + 1 for lo, _ in path])
+    pos, neg = below[:, k_hi], above[:, k_lo]  # [step, point, sum]
+    kept = pos + neg + zero[:, None, :]
+    pos_mass, neg_mass = pos[:, :, 2], neg[:, :, 2]
+    met = (neg_mass == 0.0) | (pos_mass >= p.target * neg_mass)
     saturated = ~met.any(axis=1)
     choice = np.where(saturated, len(path) - 1, met.argmax(axis=1))
-    rows = np.arange(per.height)
-    out: dict[str, Any] = {schema.STEP: per[schema.STEP]}
-    for q in ("kept", "w", "pos", "abs", "kadv"):
-        cols = np.column_stack([per[f"bapo{k}.{q}"].to_numpy() for k in range(len(path))])
-        out[f"bapo.{q}"] = cols[rows, choice]
-    out[column("bapo", "clip_low")] = np.array([path[c][0] for c in choice], dtype=float)
-    out[column("bapo", "clip_high")] = np.array([path[c][1] for c in choice], dtype=float)
-    out[column("bapo", "saturated")] = saturated.astype(float)
-    return pl.DataFrame(out)
-
-
-# --- pass 2: sequences (GSPO, CTPO) -----------------------------------------------------------------------------
-
-
-def _with_ordered_cumsum(lf: pl.LazyFrame, seq_keys: list[str]) -> pl.LazyFrame:
-    """CTPO's L_t by a segmented cumulative sum in row order: one streaming pass, no window or sort.
-
-    Exact when the rows of each sequence are contiguous and in increasing ``pos`` (the recorder writes them
-    so). ``_start`` marks segment starts and ``_order_ok`` is false on a row whose ``pos`` does not increase;
-    :func:`lens` counts both per step and recomputes a step by window where the fast path was not exact.
-    """
-    changed = pl.lit(False)
-    for k in seq_keys:
-        changed = changed | (pl.col(k) != pl.col(k).shift(1)).fill_null(True)
-    csum = pl.col(_LR).cum_sum()
-    offset = pl.when(changed).then(csum - pl.col(_LR)).otherwise(None).forward_fill()
-    pos = pl.col(schema.POS)
-    order_ok = changed | (pos > pos.shift(1))
-    return lf.with_columns((csum - offset).alias(_L), changed.alias(_START), order_ok.alias(_ORDER_OK))
-
-
-def _with_window_cumsum(lf: pl.LazyFrame, seq_keys: list[str]) -> pl.LazyFrame:
-    """L_t by a window per sequence sorted by ``pos`` (holds the rows of the steps it is given in memory)."""
-    pos = pl.col(schema.POS)
-    return lf.with_columns(
-        pl.col(_LR).cum_sum().over(seq_keys, order_by=schema.POS).alias(_L),
-        (pl.int_range(pl.len()).over(seq_keys) == 0).alias(_START),
-        pos.is_not_null().alias(_ORDER_OK),
-    )
-
-
-def _sequence_table(tok: pl.LazyFrame, seq_keys: list[str], p: LensParams, ctpo: str | None) -> pl.LazyFrame:
-    """Pass 2: sums per (sequence, side[, CTPO verdict]); ``ctpo`` is None, "ordered" or "window"."""
-    aa = pl.col(_AA)
-    keys: list[Any] = [*seq_keys, _SIDE]
-    aggs = [pl.len().cast(_F64).alias("n"), aa.sum().alias("a"), pl.col(_LR).sum().alias("lr")]
-    lf = tok
-    if ctpo is not None:
-        lf = _with_ordered_cumsum(tok, seq_keys) if ctpo == "ordered" else _with_window_cumsum(tok, seq_keys)
-        adv, L = pl.col(_ADV), pl.col(_L)
-        bound = (pl.col(schema.POS).cast(_F64) + 1.0).sqrt()
-        kept = ~ctpo_clipped(L, adv, bound, p.ctpo.low, p.ctpo.high)
-        keys.append(kept.alias("ck"))
-        aggs += [
-            L.exp().sum().alias("eL"),
-            (L.exp() * aa).sum().alias("eLa"),
-            pl.col(_START).sum().alias("starts"),
-            (~pl.col(_ORDER_OK)).sum().alias("bad"),
-        ]
-    return lf.group_by(keys).agg(aggs)
-
-
-def _gspo_sums(table: pl.DataFrame, seq_keys: list[str], p: GSPOParams) -> pl.DataFrame:
-    """GSPO per step from the sequence table: s_i = exp(mean lr), A_i = mean adv, all tokens of a clipped
-    sequence dropped; s_i > 0, so max(s_i A_t, 0) = s_i max(A_t, 0)."""
-    a, side = pl.col("a"), pl.col("side")
-    per_seq = table.group_by(seq_keys).agg(
-        pl.col("n").sum(),
-        pl.col("lr").sum(),
-        (side.cast(_F64) * a).sum().alias("sadv"),
-        a.filter(side == 1).sum().alias("padv"),
-        a.sum(),
-    )
-    s = (pl.col("lr") / pl.col("n")).exp()
-    a_mean = pl.col("sadv") / pl.col("n")
-    kept = ~(((s > _hi(p.eps_high)) & (a_mean > 0)) | ((s < _lo(p.eps_low)) & (a_mean < 0)))
-    k = kept.cast(_F64)
-    return per_seq.group_by(schema.STEP).agg(
-        (k * pl.col("n")).sum().alias("gspo.kept"),
-        (k * pl.col("n") * s).sum().alias("gspo.w"),
-        (k * s * pl.col("padv")).sum().alias("gspo.pos"),
-        (k * s * a).sum().alias("gspo.abs"),
-        (k * a).sum().alias("gspo.kadv"),
-        pl.len().alias("n_seqs"),
-    )
-
-
-def _ctpo_sums(table: pl.DataFrame) -> pl.DataFrame:
-    aggs = _sums("ctpo", pl.col("ck"), pl.col("eL"), pl.col("eLa"))
-    aggs += [pl.col("starts").sum().alias("ctpo.starts"), pl.col("bad").sum().alias("ctpo.bad")]
-    return table.group_by(schema.STEP).agg(aggs)
-
-
-# --- pass 3: Trust the Batch ------------------------------------------------------------------------------------
-
-
-def _ttb_sums(tok: pl.LazyFrame, ess: pl.DataFrame) -> pl.LazyFrame:
-    """Trust the Batch: weight min(r, ESS_step) on every token (the ESS comes from pass 1)."""
-    tw = pl.col(_R).clip(upper_bound=pl.col("_ess"))
-    per_side = (
-        tok.join(ess.lazy().select(schema.STEP, pl.col("ess").alias("_ess")), on=schema.STEP, how="inner")
-        .group_by(schema.STEP, _SIDE)
-        .agg(
-            pl.len().cast(_F64).alias("n"),
-            tw.sum().alias("w"),
-            (tw * pl.col(_AA)).sum().alias("wa"),
-            pl.col(_AA).sum().alias("a"),
-        )
-    )
-    return per_side.group_by(schema.STEP).agg(_sums("ttb", _ALL, pl.col("w"), pl.col("wa")))
+    rows = np.arange(table.shape[0])
+    chosen, chosen_pos = kept[rows, choice], pos_mass[rows, choice]
+    return {
+        "bapo.kept": chosen[:, 0],
+        "bapo.w": chosen[:, 1],
+        "bapo.pos": chosen_pos,
+        "bapo.abs": chosen[:, 2],
+        "bapo.kadv": chosen[:, 3],
+        column("bapo", "clip_low"): np.array([path[c][0] for c in choice], dtype=float),
+        column("bapo", "clip_high"): np.array([path[c][1] for c in choice], dtype=float),
+        column("bapo", "saturated"): saturated.astype(float),
+    }
 
 
 # --- the edge ---------------------------------------------------------------------------------------------------
@@ -603,50 +382,39 @@ def _check_objectives(objectives: Iterable[str] | None) -> list[str]:
     return [o for o in OBJECTIVES if o in objs]
 
 
-def _columns_of(lf: pl.LazyFrame) -> tuple[list[str], bool, bool]:
-    """Checks the required columns; returns (sequence keys present, has ``pos``, has ``rollout_logp``)."""
+@dataclass(frozen=True)
+class _Shape:
+    """Which optional token columns the rows have."""
+
+    seq: bool
+    pos: bool
+    rollout: bool
+
+    def read_columns(self, objs: Sequence[str]) -> list[str]:
+        """The token columns the lens reads for ``objs``."""
+        cols = [schema.STEP, schema.LOGP, schema.OLD_LOGP, schema.ADV]
+        if self.seq and ("gspo" in objs or "ctpo" in objs):
+            cols.append(schema.SEQ)
+            if self.pos and "ctpo" in objs:
+                cols.append(schema.POS)
+        if self.rollout and ("tis" in objs or "mis" in objs):
+            cols.append(schema.ROLLOUT_LOGP)
+        return cols
+
+
+def _columns_of(lf: pl.LazyFrame) -> _Shape:
+    """Checks the required columns; says which optional ones are there."""
     names = lf.collect_schema().names()
     missing = [c for c in (schema.STEP, schema.LOGP, schema.OLD_LOGP, schema.ADV) if c not in names]
     if missing:
         raise ValueError(f"token rows lack required column(s) {', '.join(missing)} (see rldiag.schema)")
-    seq_keys = [k for k in _SEQ_KEYS if k in names] if schema.SEQ in names else []
-    return seq_keys, schema.POS in names, schema.ROLLOUT_LOGP in names
+    return _Shape(schema.SEQ in names, schema.POS in names, schema.ROLLOUT_LOGP in names)
 
 
-def _prepare(lf: pl.LazyFrame, seq_keys: list[str], has_pos: bool, has_rollout: bool, tol: float) -> pl.LazyFrame:
-    """Valid tokens with the derived columns every pass uses (float64 throughout).
-
-    Like the recorder's statistics, tokens with a non-finite logp, old_logp or adv, or a log-prob above ``tol``
-    (the run's ``logp_tolerance``), are left out.
-    """
-    if not has_rollout:
-        lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(schema.ROLLOUT_LOGP))
-    keep = list(
-        dict.fromkeys(
-            [
-                *seq_keys,
-                schema.STEP,
-                *([schema.POS] if has_pos else []),
-                schema.LOGP,
-                schema.OLD_LOGP,
-                schema.ADV,
-                schema.ROLLOUT_LOGP,
-            ]
-        )
-    )
-    lp, olp = pl.col(schema.LOGP).cast(_F64), pl.col(schema.OLD_LOGP).cast(_F64)
-    adv = pl.col(schema.ADV).cast(_F64)
-    return (
-        lf.select(keep)
-        .filter(token_valid(lp, olp, adv, tol))
-        .with_columns(
-            (lp - olp).alias(_LR),
-            adv.alias(_ADV),
-            adv.abs().alias(_AA),
-            (olp - pl.col(schema.ROLLOUT_LOGP).cast(_F64)).exp().alias(_W),
-        )
-        .with_columns(pl.col(_LR).exp().alias(_R))
-    )
+def read_columns(run_or_frame: Any, objectives: Iterable[str] | None = None) -> list[str]:
+    """The token columns :func:`lens` reads for ``objectives`` on these rows (what its cost is measured against)."""
+    lf, _, _ = _resolve(run_or_frame, None)
+    return _columns_of(lf).read_columns(_check_objectives(objectives))
 
 
 def _finalize(obj: str, frame: pl.DataFrame) -> list[pl.Expr]:
@@ -679,7 +447,6 @@ def _steps_in_chunks(counts: pl.DataFrame, max_rows: int) -> list[list[int]]:
 
 
 _STREAMING: dict[str, Any] = {"engine": "streaming"}
-_TOKEN_LEVEL = ("ppo", "dapo", "dual_clip", "dcpo", "cispo", "sapo", "tis", "mis")
 
 
 def _resolve(
@@ -711,6 +478,7 @@ def lens(
     params: LensParams | Mapping[str, Any] | None = None,
     *,
     chunk_rows: int = 4_000_000,
+    threads: int | None = None,
 ) -> pl.DataFrame:
     """Evaluate the objectives of docs/metrics.md, analyses on a run's token rows, per step.
 
@@ -721,8 +489,10 @@ def lens(
     ``params`` is a :class:`LensParams` or a dict of overrides (``{"dapo": {"eps_high": 0.3}}``).
 
     The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (a larger step is a
-    chunk of its own); each chunk is a few streaming queries whose step filter reaches the Parquet scan, so
-    memory is bounded by the chunk, not the run. Returns ``step`` and :func:`columns`, one row per step.
+    chunk of its own): only the columns the lens needs (:func:`read_columns`) are read, with a step filter that
+    reaches the Parquet scan, and reduced by the compiled passes of :mod:`rldiag.stats.lens_kernel`, by
+    ``threads`` workers (default: one per core, at most 8), so memory is bounded by the chunks in flight, not the
+    run. Returns ``step`` and :func:`columns`, one row per step.
     """
     objs = _check_objectives(objectives)
     lf, params, tol = _resolve(run_or_frame, params)
@@ -732,75 +502,121 @@ def lens(
     if steps is not None:
         lf = lf.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
     counts = lf.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
-    parts = [
-        _lens_chunk(lf.filter(pl.col(schema.STEP).is_in(chunk)), objs, params, shape, tol)
-        for chunk in _steps_in_chunks(counts, chunk_rows)
-    ]
+    chunks = _steps_in_chunks(counts, chunk_rows)
+    cols = shape.read_columns(objs)
+
+    def piece(chunk: list[int]) -> pl.DataFrame:
+        frame = lf.filter(pl.col(schema.STEP).is_between(chunk[0], chunk[-1])).select(cols).collect()
+        return _lens_rows(frame, np.array(chunk, dtype=np.int64), objs, params, shape, tol)
+
+    from rldiag.analysis.recompute import default_threads
+
+    workers = max(1, min(threads or default_threads(), len(chunks)))
+    parts: list[pl.DataFrame] = []
+    if workers == 1:
+        parts = [piece(c) for c in chunks]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future[pl.DataFrame]] = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(piece, chunk))
+                if len(pending) > workers:
+                    parts.append(pending.popleft().result())
+            parts.extend(f.result() for f in pending)
     parts = [p for p in parts if p.height]
     if not parts:
         return pl.DataFrame(schema={schema.STEP: pl.Int64, **{c: _F64 for c in columns(objs)}})
     return pl.concat(parts).sort(schema.STEP)
 
 
-def _lens_chunk(
-    lf: pl.LazyFrame, objs: list[str], params: LensParams, shape: tuple[list[str], bool, bool], tol: float
+def _values(frame: pl.DataFrame, names: Sequence[str]) -> list[np.ndarray]:
+    """Float columns as numpy (nulls as NaN): float32 when all are float32 (the run format), else float64."""
+    cols = [frame[c] for c in names]
+    dtype = pl.Float32 if all(c.dtype == pl.Float32 for c in cols) else pl.Float64
+    return [np.ascontiguousarray(c.cast(dtype).fill_null(float("nan")).to_numpy()) for c in cols]
+
+
+def _int_column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    col = frame[name]
+    if col.dtype not in (pl.Int32, pl.Int64):
+        col = col.cast(pl.Int64)
+    return np.ascontiguousarray(col.fill_null(0).to_numpy())
+
+
+def _lens_rows(
+    frame: pl.DataFrame,
+    steps: np.ndarray,
+    objs: list[str],
+    params: LensParams,
+    shape: _Shape,
+    tol: float,
 ) -> pl.DataFrame:
-    """:func:`lens` on the token rows of some whole steps."""
-    seq_keys, has_pos, has_rollout = shape
-    tok = _prepare(lf, seq_keys, has_pos, has_rollout, tol)
-    want_gspo = "gspo" in objs and bool(seq_keys)
-    want_ctpo = "ctpo" in objs and bool(seq_keys) and has_pos
+    """:func:`lens` on the token rows of the whole steps ``steps`` (sorted; ``frame`` may hold other steps
+    too: they are skipped)."""
+    n_steps = steps.size
+    if frame.height == 0 or n_steps == 0:
+        return pl.DataFrame()
+    sidx = K.step_index(_int_column(frame, schema.STEP).astype(np.int64, copy=False), steps)
+    has_roll = schema.ROLLOUT_LOGP in frame.columns
+    names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
+    vals = _values(frame, names)
+    lp, olp, adv = vals[:3]
+    roll = vals[3] if has_roll else lp[:0]
+    flags = np.array([o in objs for o in K.TOKEN_OBJECTIVES] + ["bapo" in objs], dtype=np.bool_)
+    edges = np.array(sorted({e for pt in _bapo_path(params.bapo) for e in pt}), dtype=np.float64)
+    acc = np.zeros((n_steps, K.N_STEP + K.N_SUMS * len(K.TOKEN_OBJECTIVES)))
+    bapo = np.zeros((n_steps, 3, 2 * edges.size + 1, len(K.BAPO_SUMS)) if flags[-1] else (n_steps, 3, 1, 4))
+    r = np.empty(frame.height)
+    K.token_pass(sidx, lp, olp, adv, roll, has_roll, tol, flags, _thresholds(params), edges, acc, bapo, r)
 
-    table = _ratio_table(tok, params, objs).collect(**_STREAMING)
-    R = _Cut("rb", tuple(_ratio_edges(params, objs)))
-    W = _Cut("wb", tuple(_w_edges(params)))
-    aggs = [
-        pl.col("n").sum(),
-        pl.col("a").sum().alias("aadv"),
-        pl.col("r").sum().alias("sr"),
-        pl.col("r2").sum().alias("sr2"),
-    ]
-    for o in objs:
-        if o in _TOKEN_LEVEL:
-            aggs += _table_sums(o, params, R, W)
-    frame = table.group_by(schema.STEP).agg(aggs).sort(schema.STEP)
-    if frame.height == 0:
-        return frame
-
+    present = acc[:, 0] > 0  # steps without a valid token have no row, as before
+    sums: dict[str, np.ndarray] = {schema.STEP: steps}
+    for j, name in enumerate(K.STEP_SUMS):
+        sums[name] = acc[:, j]
+    for k, o in enumerate(K.TOKEN_OBJECTIVES):
+        if o in objs:
+            for j, q in enumerate(K.SUMS[: 7 if o in ("tis", "mis") else 5]):
+                sums[f"{o}.{q}"] = acc[:, K.N_STEP + k * K.N_SUMS + j]
+    want_gspo = "gspo" in objs and shape.seq
+    want_ctpo = "ctpo" in objs and shape.seq and shape.pos
     if want_gspo or want_ctpo:
-        seq = _sequence_table(tok, seq_keys, params, "ordered" if want_ctpo else None).collect(**_STREAMING)
-        frame = frame.join(_gspo_sums(seq, seq_keys, params.gspo), on=schema.STEP, how="left")
-    if want_ctpo:
-        frame = frame.join(_ctpo_sums(seq), on=schema.STEP, how="left")
-        frame = _repair_ctpo(frame, tok, seq_keys, params)
-    if "ttb" in objs:
-        ess_expr = batch_ess(pl.col("sr"), pl.col("sr2"), pl.col("n"))
-        ess = frame.select(schema.STEP, pl.when(pl.col("sr2") > 0).then(ess_expr).otherwise(float("nan")).alias("ess"))
-        frame = frame.join(ess, on=schema.STEP).join(
-            _ttb_sums(tok, ess).collect(**_STREAMING), on=schema.STEP, how="left"
+        seq = _int_column(frame, schema.SEQ)
+        pos = _int_column(frame, schema.POS) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
+        gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
+        args = (
+            want_gspo,
+            want_ctpo,
+            _lo(params.gspo.eps_low),
+            _hi(params.gspo.eps_high),
+            params.ctpo.low,
+            params.ctpo.high,
         )
+        if not K.sequence_pass(sidx, seq, pos, lp, olp, adv, tol, np.zeros(0, np.int64), *args, gacc, cacc):
+            # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
+            order = np.lexsort((pos, seq, sidx))
+            gacc[:], cacc[:] = 0.0, 0.0
+            K.sequence_pass(sidx, seq, pos, lp, olp, adv, tol, order, *args, gacc, cacc)
+        for j, q in enumerate(K.SUMS[:5]):
+            sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
+    if "ttb" in objs:
+        ess = K.ess_of(acc)
+        tacc = np.zeros((n_steps, 5))
+        K.ttb_pass(sidx, adv, r, ess, tacc)
+        for j, q in enumerate(K.SUMS[:5]):
+            sums[f"ttb.{q}"] = tacc[:, j]
+        sums["ess"] = ess
     if "bapo" in objs:
-        frame = frame.join(_bapo_choose(table, params.bapo, R), on=schema.STEP, how="left")
+        sums.update(_bapo_choose(bapo, params.bapo, edges))
+    table = pl.DataFrame(sums).filter(pl.Series(present))
 
     out: list[pl.Expr] = [pl.col(schema.STEP).cast(pl.Int64)]
     for o in objs:
         if (o == "gspo" and not want_gspo) or (o == "ctpo" and not want_ctpo):
             out += [pl.lit(float("nan")).alias(column(o, q)) for q in QUANTITIES]
         else:
-            out += _finalize(o, frame)
+            out += _finalize(o, table)
         if o == "bapo":
             out += [pl.col(column("bapo", q)) for q in EXTRA_COLUMNS["bapo"]]
         if o == "ttb":
             out += [pl.col("ess").alias(column("ttb", "ess")), (1.0 - pl.col("ess")).alias(column("ttb", "reg_weight"))]
-    return frame.select(out).with_columns(pl.col(_F64).fill_null(float("nan")))
-
-
-def _repair_ctpo(frame: pl.DataFrame, tok: pl.LazyFrame, seq_keys: list[str], p: LensParams) -> pl.DataFrame:
-    """Keep the ordered-cumsum CTPO sums of steps where they were exact; recompute the others by window (in
-    memory, but only the rows of this chunk's out-of-order steps)."""
-    exact = (pl.col("ctpo.bad") == 0) & (pl.col("ctpo.starts") == pl.col("n_seqs"))
-    redo = frame.filter(~exact)[schema.STEP].to_list()
-    if not redo:
-        return frame
-    seq = _sequence_table(tok.filter(pl.col(schema.STEP).is_in(redo)), seq_keys, p, "window").collect()
-    return frame.update(_ctpo_sums(seq).drop("ctpo.starts", "ctpo.bad"), on=schema.STEP)
+    return table.select(out).with_columns(pl.col(_F64).fill_null(float("nan")))
