@@ -1,12 +1,15 @@
 """Analysis-layer speed and memory (issue: metric registry), against baselines measured in the same run.
 
     python benchmarks/bench_analysis.py stats      # 10,000 steps x 8 ranks x 4 micro-batches
-    python benchmarks/bench_analysis.py recompute --rows 20000000
+    python benchmarks/bench_analysis.py recompute --rows 20000000 [--shape recorder]
     python benchmarks/bench_analysis.py memory --rows 200000000   # peak RSS of a streaming recompute
 
 stats:     open_run + step_metrics from stored statistics vs a bare read of the statistics files.
-recompute: step_metrics(config=...) and step_metrics(from_tokens=True) from token rows (tokens/s) vs a bare
-           polars group-by-step sum over the same files; token files written as the recorder writes them.
+recompute: step_metrics(config=...) and step_metrics(from_tokens=True) from token rows (tokens/s), each vs a
+           bare polars group-by-step sum of every column it reads (the run's non-null ones among
+           recompute.token_read_columns), over the same files, interleaved in the same process. Run shapes
+           (--shape): "analysis", 10,000 tokens per step in the recorder's file layout; "recorder", written by
+           rldiag.Recorder, one record of 128 x 1024 positions per step (bench_buckets.make_recorder_run).
 memory:    peak RSS (ru_maxrss) of the recompute over a large run, in a fresh process.
 Prints ratios; never asserts.
 """
@@ -115,9 +118,40 @@ def token_run(args: argparse.Namespace) -> Path:
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rldiag-bench-"))
     if not (tmp / "run" / "manifest.json").exists():
         t = time.perf_counter()
-        make_token_run(tmp / "run", args.rows)
-        print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
+        if args.shape == "recorder":
+            sys.path.insert(0, str(Path(__file__).parent))
+            from bench_buckets import make_recorder_run
+
+            n = make_recorder_run(tmp / "run", args.rows)
+            print(f"generated {n:,} token positions (recorder shape) in {time.perf_counter() - t:.1f} s")
+        else:
+            make_token_run(tmp / "run", args.rows)
+            print(f"generated {args.rows:,} token rows in {time.perf_counter() - t:.1f} s")
     return tmp
+
+
+def read_columns(files: list[str], config_only: bool) -> list[str]:
+    """The columns a recompute decodes from ``files``: those it asks for that hold a value somewhere (all-null
+    columns are skipped by their statistics, as the recompute does)."""
+    from rldiag.analysis.recompute import token_read_columns
+
+    out = []
+    for name in token_read_columns(config_only=config_only):
+        for f in files:
+            md = pq.read_metadata(f)
+            i = md.schema.to_arrow_schema().get_field_index(name)
+            groups = (md.row_group(g) for g in range(md.num_row_groups))
+            if i >= 0 and any(rg.column(i).statistics.null_count < rg.num_rows for rg in groups):
+                out.append(name)
+                break
+    return out
+
+
+def bare_sum(files: list[str], columns: list[str]) -> float:
+    """Seconds of a bare polars ``group_by("step")`` sum of ``columns`` over ``files``."""
+    t = time.perf_counter()
+    pl.scan_parquet(files).group_by("step").agg(pl.col(c).sum() for c in columns if c != "step").collect()
+    return time.perf_counter() - t
 
 
 def bench_stats(args: argparse.Namespace) -> None:
@@ -176,32 +210,38 @@ def bench_recompute(args: argparse.Namespace) -> None:
             f"{time.perf_counter() - t:.2f} s, not counted below"
         )
         cfg = run.config.replace(eps_high=0.28)
-        bare, conf, full = [], [], []
+        conf_cols, full_cols = read_columns(files, True), read_columns(files, False)
+        bare3, bare_conf, conf, bare_full, full = [], [], [], [], []
         for _ in range(args.repeat):
-            t = time.perf_counter()
-            pl.scan_parquet(files).group_by("step").agg(
-                pl.col("logp").sum(), pl.col("old_logp").sum(), pl.col("adv").sum()
-            ).collect()
-            bare.append(time.perf_counter() - t)
+            bare3.append(bare_sum(files, ["logp", "old_logp", "adv"]))
+            bare_conf.append(bare_sum(files, conf_cols))
             t = time.perf_counter()
             df = run.step_metrics(config=cfg)
             conf.append(time.perf_counter() - t)
+            bare_full.append(bare_sum(files, full_cols))
             t = time.perf_counter()
             df_full = run.step_metrics(config=cfg, from_tokens=True)
             full.append(time.perf_counter() - t)
         assert df.width == df_full.width
-        t_bare, t_conf, t_full = (float(np.median(x)) for x in (bare, conf, full))
+        med = {
+            k: float(np.median(v))
+            for k, v in (("b3", bare3), ("bc", bare_conf), ("c", conf), ("bf", bare_full), ("f", full))
+        }
+        pairs = {k: np.array(a) / np.array(b) for k, a, b in (("c", conf, bare_conf), ("f", full, bare_full))}
         print(f"{n:,} token rows, {len(files)} files; median of {args.repeat} interleaved repeats")
-        print(f"bare polars group-by-step sum          : {t_bare:6.2f} s ({n / t_bare / 1e6:6.1f} M rows/s)")
-        print(
-            f"config recompute (clip-dependent stats): {t_conf:6.2f} s ({n / t_conf / 1e6:6.1f} M tokens/s); "
-            f"ratio to bare {t_conf / t_bare:.1f}x"
-        )
-        print(
-            f"every statistic from token rows        : {t_full:6.2f} s ({n / t_full / 1e6:6.1f} M tokens/s); "
-            f"ratio to bare {t_full / t_bare:.1f}x"
-        )
-        print(f"  (both give all {df.width - 1} metrics; targets: >= 30 M tokens/s, within 8x of the bare sum)")
+        print(f"bare sum of logp, old_logp, adv (the earlier baseline): {med['b3']:6.2f} s")
+        for key, label, cols in (
+            ("c", "config recompute", conf_cols),
+            ("f", "every statistic from token rows", full_cols),
+        ):
+            b, t_ = med["b" + key], med[key]
+            print(f"{label}: reads {len(cols)} columns ({', '.join(cols)})")
+            print(f"  bare polars group-by-step sum of them: {b:6.2f} s ({n / b / 1e6:6.1f} M rows/s)")
+            print(
+                f"  {label:<37}: {t_:6.2f} s ({n / t_ / 1e6:6.1f} M tokens/s); ratio to its bare sum "
+                f"{t_ / b:.2f}x (per repeat {pairs[key].min():.2f}-{pairs[key].max():.2f}x; target 1.5x)"
+            )
+        print(f"  (both give all {df.width - 1} metrics)")
         print(
             f"peak RSS of this process               : "
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
@@ -257,6 +297,7 @@ def main() -> None:
     ap.add_argument("--dir", help="reuse a generated run in this folder")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--shape", choices=("analysis", "recorder"), default="analysis", help="recompute/memory run shape")
     args = ap.parse_args()
     {"stats": bench_stats, "recompute": bench_recompute, "memory": bench_memory}[args.what](args)
 

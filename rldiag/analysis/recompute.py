@@ -63,6 +63,12 @@ _CONFIG_FREE_COLS = (
 non-finite teacher/base log-probs)."""
 
 
+def token_read_columns(*, config_only: bool = False) -> list[str]:
+    """The token columns :func:`iter_file_stats` asks for (``config_only``: a config recompute's, which leaves
+    :data:`_CONFIG_FREE_COLS` on disk); a row group's all-null ones are then skipped."""
+    return [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
+
+
 def _col(table: pa.Table, name: str, dtype: type = np.float32) -> np.ndarray | None:
     """A column as numpy (no copy for a single-chunk column without nulls); None when absent or all null."""
     if name not in table.column_names:
@@ -367,7 +373,7 @@ def iter_file_stats(
     and computed here, in file order, either way, so the results are the same.
     """
     threads = threads or (executor.parallelism if executor is not None else default_threads())
-    names = [c for c in schema.KEY_COLUMNS + _VALUE_COLS if not (config_only and c in _CONFIG_FREE_COLS)]
+    names = token_read_columns(config_only=config_only)
     wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
     metas = [(storage.location(f), _metadata(f)) for f in files]
     lim = {storage.location(k): v for k, v in (limits or {}).items()}
