@@ -254,7 +254,8 @@ class Run:
         by = ("step", "rank") if by_rank else ("step",)
         table = self._filtered(ranks, steps, compact=ranks is None and not by_rank)
         if not from_tokens and (config is None or config.stats_key() == self.config.stats_key()):
-            return aggregate.finalize(aggregate.merge(table, by=by, stats=needed_stats(names)), names)
+            merged = aggregate.merge(table, by=by, stats=needed_stats(names), sparse_hists=True)
+            return aggregate.finalize(merged, names)
         config = config or self.config
         # a setting that decides which tokens count (logp_tolerance) changes every statistic, not only the
         # clip-dependent ones

@@ -76,11 +76,19 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def merge(
-    table: pa.Table, by: Sequence[str] = ("step",), stats: Iterable[str] | None = None, *, keep_sets: bool = False
+    table: pa.Table,
+    by: Sequence[str] = ("step",),
+    stats: Iterable[str] | None = None,
+    *,
+    keep_sets: bool = False,
+    sparse_hists: bool = False,
 ) -> Merged:
     """Merge the statistics rows of ``table`` by the key columns ``by``.
 
-    ``stats`` limits the work to the statistics named (default: all that the registry needs).
+    ``stats`` limits the work to the statistics named (default: all that the registry needs). With
+    ``sparse_hists``, a table that already holds one row per group, in order (the compacted statistics of a run),
+    gives its histograms as :class:`rldiag.stats.hist.SparseRows` (quantiles without a dense matrix; the same
+    values); otherwise histograms are dense float64 matrices.
     """
     wanted = set(needed_stats()) if stats is None else set(stats)
     set_values: dict[str, list[np.ndarray]] | None = {} if keep_sets else None
@@ -116,7 +124,10 @@ def merge(
             continue
         lengths, idx = _list_parts(table.column(f"{name}.idx"))
         _, cnt = _list_parts(table.column(f"{name}.cnt"))
-        out[name] = hist.densify(inv, g, lengths, idx, cnt, nb)
+        if identity and sparse_hists:
+            out[name] = hist.SparseRows(lengths, idx, cnt, nb)  # type: ignore[assignment]
+        else:
+            out[name] = hist.densify(inv, g, lengths, idx, cnt, nb)
     for name in VECTORS:
         if name not in wanted:
             continue

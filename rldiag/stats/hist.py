@@ -13,7 +13,7 @@ reported as ``2**-21`` (absolute error below 1e-6); values in the overflow bin a
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numba
 import numpy as np
@@ -70,13 +70,17 @@ def signed_index(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, N_MAG - 1 - m, N_MAG + m)
 
 
-def fold(signed_counts: np.ndarray) -> np.ndarray:
+def fold(signed_counts: np.ndarray | SparseRows) -> np.ndarray | SparseRows:
     """Counts of |x| from signed-bin counts ``[..., N_SIGNED]``: negative bin k mirrors positive bin k.
+
+    Sparse rows (:class:`SparseRows`) stay sparse: their bins are mapped when they are read.
 
     >>> h = np.zeros((1, N_SIGNED)); h[0, signed_index(np.array([-0.5, 0.5, 2.0]))] += 1
     >>> int(fold(h)[0, mag_index(np.array([0.5]))[0]])
     2
     """
+    if isinstance(signed_counts, SparseRows):
+        return signed_counts.folded()
     h = np.asarray(signed_counts)
     return h[..., N_MAG:] + h[..., :N_MAG][..., ::-1]
 
@@ -109,11 +113,15 @@ def clear_cache() -> None:
     _CUM.clear()
 
 
-def quantiles(counts: np.ndarray, q: float) -> np.ndarray:
+def quantiles(counts: np.ndarray | SparseRows, q: float) -> np.ndarray:
     """Quantile ``q`` of each row of a 2-D count matrix (NaN for empty rows).
 
-    Inverted-CDF definition: the smallest bin whose cumulative count reaches ``q * n`` (at least 1).
+    Inverted-CDF definition: the smallest bin whose cumulative count reaches ``q * n`` (at least 1). Sparse
+    rows (:class:`SparseRows`) are read in one compiled pass over their entries, without a dense matrix; the
+    result is the same, bit for bit (counts are integers, so every partial sum is exact).
     """
+    if isinstance(counts, SparseRows):
+        return counts.quantiles(q)
     counts = np.atleast_2d(np.asarray(counts, dtype=np.float64))
     cum = _cumsum(counts)
     total = cum[:, -1]
@@ -246,3 +254,111 @@ def sparse_row(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Non-empty bins of a dense count row as (uint16 indices, uint32 counts)."""
     nz = np.flatnonzero(counts)
     return nz.astype(np.uint16), counts[nz].astype(np.uint32)
+
+
+class SparseRows:
+    """Histograms of many rows kept as their non-empty bins (the Arrow list layout of the statistics table).
+
+    What :func:`rldiag.metrics.aggregate.merge` returns for a table that already holds one row per group (the
+    compacted statistics of a run): a quantile is then read from each row's entries in one compiled pass
+    (:meth:`quantiles`) instead of building a dense ``[rows, bins]`` matrix (100,000 steps x 484 bins is
+    387 MB). Anything else that needs the counts gets the dense matrix (``np.asarray(rows)``, computed once).
+
+    The entries are checked when the object is built, exactly as :func:`densify` checks them (they come from
+    files): a bin index outside ``[0, n_bins)`` or lengths that do not add up raise ``ValueError``.
+    """
+
+    def __init__(self, lengths: np.ndarray, idx: np.ndarray, cnt: np.ndarray, n_bins: int, *, fold: bool = False):
+        self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        idx = np.ascontiguousarray(idx)
+        self.idx = idx if idx.dtype.kind in "iu" else idx.astype(np.int64)
+        self.cnt = np.ascontiguousarray(cnt)
+        self.stored_bins = int(n_bins)
+        self.fold = bool(fold)
+        if fold and n_bins != N_SIGNED:
+            raise ValueError(f"only a signed histogram ({N_SIGNED} bins) folds, not {n_bins} bins")
+        rows = np.arange(self.lengths.size, dtype=np.int64)
+        bad = _check_sparse(rows, self.lengths.size, self.lengths, self.idx, self.cnt.size, self.stored_bins)
+        if bad:
+            raise ValueError(f"damaged sparse histogram: {_SPARSE_ERRORS[bad]} (bins {n_bins})")
+        self._dense: np.ndarray | None = None
+
+    @property
+    def n_bins(self) -> int:
+        """Bins of the histogram it stands for (:data:`N_MAG` once folded)."""
+        return N_MAG if self.fold else self.stored_bins
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.lengths.size), self.n_bins)
+
+    def folded(self) -> SparseRows:
+        """The histograms of |x| (see :func:`fold`), still sparse."""
+        out = SparseRows.__new__(SparseRows)
+        out.__dict__.update(self.__dict__)
+        out.fold, out._dense = True, None
+        if self.stored_bins != N_SIGNED or self.fold:
+            raise ValueError(f"only a signed histogram ({N_SIGNED} bins) folds")
+        return out
+
+    def dense(self) -> np.ndarray:
+        """The float64 ``[rows, bins]`` count matrix (computed once)."""
+        if self._dense is None:
+            rows = np.arange(self.lengths.size, dtype=np.int64)
+            d = np.zeros((self.lengths.size, self.stored_bins))
+            _densify(rows, self.lengths, self.idx, self.cnt, d)
+            self._dense = fold(d) if self.fold else d  # type: ignore[assignment]
+        assert self._dense is not None
+        return self._dense
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        d = self.dense()
+        return d if dtype is None else d.astype(dtype, copy=False)
+
+    def quantiles(self, q: float) -> np.ndarray:
+        """Quantile ``q`` of each row, as :func:`quantiles` gives it for the dense matrix."""
+        if self._dense is not None:
+            return quantiles(self._dense, q)
+        out = np.empty(self.lengths.size)
+        _sparse_quantiles(
+            self.lengths, self.idx, self.cnt, self.stored_bins, self.fold, float(q), representative(self.n_bins), out
+        )
+        return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _sparse_quantiles(lengths, idx, cnt, n_bins, fold, q, rep, out):  # pragma: no cover - compiled
+    # per row: add its entries into one scratch row, then the steps of quantiles() on it (a sequential cumulative
+    # sum, the same target, the first bin reaching it); entries were checked by SparseRows
+    nb = rep.size
+    half = n_bins // 2
+    scratch = np.zeros(nb)
+    k = 0
+    for i in range(lengths.size):
+        start = k
+        for _ in range(lengths[i]):
+            b = idx[k]
+            if fold:
+                b = b - half if b >= half else half - 1 - b
+            scratch[b] += cnt[k]
+            k += 1
+        total = 0.0
+        for b in range(nb):
+            total += scratch[b]
+        if total > 0:
+            target = max(np.ceil(q * total - 1e-9), 1.0)
+            cum = 0.0
+            j = nb - 1
+            for b in range(nb):
+                cum += scratch[b]
+                if cum >= target:
+                    j = b
+                    break
+            out[i] = rep[j]
+        else:
+            out[i] = np.nan
+        for kk in range(start, k):  # reset only what this row touched
+            b = idx[kk]
+            if fold:
+                b = b - half if b >= half else half - 1 - b
+            scratch[b] = 0.0

@@ -1,0 +1,110 @@
+"""hist.SparseRows: quantiles read from the sparse entries are the dense path's, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rldiag.metrics import aggregate
+from rldiag.stats import hist
+
+
+def _rows(rng: np.random.Generator, n_rows: int, n_bins: int, *, empty: float = 0.1):
+    lengths, idx, cnt = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for _ in range(n_rows):
+        k = 0 if rng.random() < empty else int(rng.integers(1, min(40, n_bins)))
+        bins = np.sort(rng.choice(n_bins, size=k, replace=False))
+        lengths.append(k)
+        idx.append(bins)
+        cnt.append(rng.integers(1, 2**20, size=k))
+    return (
+        np.array(lengths, np.int64),
+        np.concatenate(idx).astype(np.uint16),
+        np.concatenate(cnt).astype(np.uint32),
+    )
+
+
+def _dense(lengths, idx, cnt, n_bins):
+    return hist.densify(np.arange(lengths.size), lengths.size, lengths, idx, cnt, n_bins)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(0, 30), signed=st.booleans())
+def test_sparse_quantiles_equal_dense_bit_for_bit(seed: int, n_rows: int, signed: bool) -> None:
+    rng = np.random.default_rng(seed)
+    nb = hist.N_SIGNED if signed else hist.N_MAG
+    lengths, idx, cnt = _rows(rng, n_rows, nb)
+    dense = _dense(lengths, idx, cnt, nb)
+    sparse = hist.SparseRows(lengths, idx, cnt, nb)
+    for q in (0.0, 1e-6, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 1.0):
+        np.testing.assert_array_equal(hist.quantiles(sparse, q), hist.quantiles(dense, q))
+        if signed:
+            got = hist.quantiles(hist.fold(sparse), q)
+            np.testing.assert_array_equal(got, hist.quantiles(hist.fold(dense), q))
+    np.testing.assert_array_equal(np.asarray(sparse), dense)
+    if signed:
+        np.testing.assert_array_equal(np.asarray(hist.fold(sparse)), hist.fold(dense))
+        np.testing.assert_array_equal(hist.hill_alpha(sparse), hist.hill_alpha(dense))
+
+
+def test_sparse_rows_with_repeated_bins_in_a_row() -> None:
+    """Entries of one row need not be unique or sorted: they add up like densify's."""
+    lengths = np.array([3, 2])
+    idx = np.array([5, 1, 5, 7, 0], np.uint16)
+    cnt = np.array([2, 1, 3, 1, 1], np.uint32)
+    dense = _dense(lengths, idx, cnt, hist.N_MAG)
+    for q in (0.1, 0.5, 0.9):
+        np.testing.assert_array_equal(
+            hist.SparseRows(lengths, idx, cnt, hist.N_MAG).quantiles(q), hist.quantiles(dense, q)
+        )
+
+
+@pytest.mark.parametrize(
+    ("lengths", "idx", "message"),
+    [
+        (np.array([1, 1]), np.array([0, hist.N_MAG], np.int64), "bin index is out of range"),
+        (np.array([1, 1]), np.array([0, -1], np.int64), "bin index is out of range"),
+        (np.array([1, 2]), np.array([0, 1], np.int64), "do not add up"),
+        (np.array([-1, 3]), np.array([0, 1], np.int64), "negative list length"),
+    ],
+)
+def test_damaged_entries_are_refused_before_any_read(lengths, idx, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        hist.SparseRows(lengths, idx, np.ones(idx.size, np.uint32), hist.N_MAG)
+
+
+def test_merge_gives_sparse_rows_only_for_one_row_per_group() -> None:
+    """aggregate.merge(..., sparse_hists=True): sparse for a compacted table, dense when rows merge; the metrics
+    are the same either way."""
+    from rldiag.metrics.registry import REGISTRY, needed_stats
+    from rldiag.stats.table import STATS_SCHEMA
+
+    rng = np.random.default_rng(3)
+    n = 12
+    cols = {}
+    for f in STATS_SCHEMA:
+        if f.name in ("step", "rank", "micro"):
+            cols[f.name] = pa.array(np.arange(n) // (2 if f.name == "step" else 1) % 100, f.type)
+        elif pa.types.is_list(f.type):
+            cols[f.name] = pa.array([[] for _ in range(n)], f.type)
+        else:
+            cols[f.name] = pa.array(rng.integers(1, 50, n).astype(float), f.type)
+    from rldiag.stats.kernel import HISTS
+
+    for name, nb in HISTS.items():
+        lengths, idx, cnt = _rows(rng, n, nb, empty=0.0)
+        off = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        cols[f"{name}.idx"] = pa.ListArray.from_arrays(off, pa.array(idx))
+        cols[f"{name}.cnt"] = pa.ListArray.from_arrays(off, pa.array(cnt))
+    table = pa.table(cols, schema=STATS_SCHEMA)
+    compacted = aggregate.compact(table)
+    names = list(REGISTRY)
+    sparse = aggregate.merge(compacted, stats=needed_stats(names), sparse_hists=True)
+    dense = aggregate.merge(compacted, stats=needed_stats(names))
+    assert isinstance(sparse.stats["h_lr"], hist.SparseRows) and isinstance(dense.stats["h_lr"], np.ndarray)
+    assert isinstance(aggregate.merge(table, sparse_hists=True).stats["h_lr"], np.ndarray)  # 2 rows per step
+    assert aggregate.finalize(sparse, names).equals(aggregate.finalize(dense, names))
+    assert aggregate.finalize(sparse, names).equals(aggregate.metrics_of(table, names=names))
