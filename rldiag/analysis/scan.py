@@ -72,9 +72,13 @@ INDEX_DIR = runformat.INDEX_DIR
 """Folder (in the run, or in ~/.cache/rldiag when the run is read-only) of the run index."""
 INDEX_MIN_FILES = 16
 """The index is (re)written once this many statistics files are not in it yet."""
-INDEX_VERSION = 3
+INDEX_FILE = "steps.arrow"
+"""File name of the run index: an Arrow IPC file, lz4-compressed buffers (reads 4-10x faster than the same table
+in Parquet; index version 3 and older were ``steps.parquet``)."""
+INDEX_VERSION = 4
 """Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with;
-3: each file's writer and the duplicate records left out)."""
+3: each file's writer and the duplicate records left out; 4: stored as Arrow IPC, :data:`INDEX_FILE`)."""
+_OLD_INDEX_FILE = "steps.parquet"
 _REPEATED = "__rldiag_repeated_records__"
 """Key under which :func:`_load_stats` reports the repeated records it removed from a file."""
 _NO_CUTOFF = 2**63 - 1
@@ -83,11 +87,33 @@ _NO_CUTOFF = 2**63 - 1
 def _index_location(run_path: storage.Location) -> storage.Location:
     own = run_path / INDEX_DIR
     if isinstance(run_path, storage.RemotePath) or os.access(run_path, os.W_OK):
-        return own / "steps.parquet"
+        return own / INDEX_FILE
     import hashlib
 
     digest = hashlib.sha1(str(run_path.resolve()).encode()).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rldiag" / digest / "steps.parquet"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rldiag" / digest / INDEX_FILE
+
+
+def _read_index(path: storage.Location) -> pa.Table:
+    """The run index at ``path``: a regular file (never a link or a FIFO) holding one Arrow IPC table, fully
+    validated by Arrow (offsets, lengths) before any of its values is used."""
+    with storage.open_binary(path) as fh:
+        data = fh.read()
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    table.validate(full=True)
+    return table
+
+
+def _write_index(path: storage.Location, table: pa.Table) -> None:
+    """Publish the index whole (a temporary name and a rename locally, one PUT on object storage)."""
+    buf = pa.BufferOutputStream()
+    with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        w.write_table(table)
+    if not isinstance(path, storage.RemotePath):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_whole(path, buf.getvalue().to_pybytes())
+    if not isinstance(path, storage.RemotePath):
+        (path.parent / _OLD_INDEX_FILE).unlink(missing_ok=True)  # an index of an older rldiag: never read again
 
 
 @dataclass
@@ -428,7 +454,7 @@ class RunFiles:
     def _load_index(self, listed: dict[str, storage.Entry]) -> None:
         path = _index_location(self.path)
         try:
-            table = _read_parquet(path)
+            table = _read_index(path)
         except (FileNotFoundError, IsADirectoryError):
             return
         except Exception:  # noqa: BLE001 - a damaged index is rebuilt from the files
@@ -484,20 +510,8 @@ class RunFiles:
                 }
             ).encode()
         }
-        if isinstance(path, storage.RemotePath):  # one whole-object write: no rename needed
-            buf = pa.BufferOutputStream()
-            pq.write_table(self.compact.replace_schema_metadata(meta), buf, compression="zstd")
-            try:
-                storage.write_whole(path, buf.getvalue().to_pybytes())
-                self._indexed = set(files)
-            except OSError:
-                pass
-            return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}{schema.TMP_SUFFIX}")
-            pq.write_table(self.compact.replace_schema_metadata(meta), tmp, compression="zstd")
-            os.replace(tmp, path)
+            _write_index(path, self.compact.replace_schema_metadata(meta))
             self._indexed = set(files)
         except OSError:
             pass  # a read-only location: the index stays in memory

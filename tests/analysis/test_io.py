@@ -128,7 +128,7 @@ def test_run_index_is_used_extended_and_rebuilt(run_dir, monkeypatch) -> None:
     _write(run_dir, 8)  # roll_steps=2: 4 segments
     first = rldiag.open_run(run_dir)
     want = first.step_metrics()
-    index = run_dir / io.INDEX_DIR / "steps.parquet"
+    index = run_dir / io.INDEX_DIR / scan.INDEX_FILE
     assert index.exists()
     reads = []
     orig = scan.RunFiles._read_stats_file
@@ -233,7 +233,7 @@ def test_run_index_respects_a_restart(run_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(scan, "INDEX_MIN_FILES", 1)
     _attempt(run_dir, range(6), attempt=0)
     rldiag.open_run(run_dir)  # writes the index with all six records of attempt 0
-    assert (run_dir / io.INDEX_DIR / "steps.parquet").exists()
+    assert (run_dir / io.INDEX_DIR / scan.INDEX_FILE).exists()
     _attempt(run_dir, range(3, 5), attempt=1)
     for _ in range(2):  # the stale index is corrected, then the corrected one is read
         run = rldiag.open_run(run_dir)

@@ -149,7 +149,7 @@ def test_duplicates_survive_the_run_index(tmp_path: Path) -> None:
         for step in range(20):
             rec.record(step=step, **make_record(rng, 4, 8))
     want = rldiag.open_run(run)
-    assert (run / ".rldiag-index" / "steps.parquet").exists()
+    assert (run / ".rldiag-index" / "steps.arrow").exists()
     name = sorted(p.name for p in (run / "stats").glob("*.parquet"))[5]
     _copy(run, name, name[:-8] + " (copy).parquet", tokens=True)
     _repeat_rows(run, sorted(p.name for p in (run / "stats").glob("*.parquet"))[7], [0])
