@@ -11,6 +11,7 @@ in flight, so memory stays bounded whatever the size of the run.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import deque
@@ -217,10 +218,14 @@ def _first_record_end(table: pa.Table) -> int:
     return end
 
 
-def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
+def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str], local: str | None = None) -> pa.Table:
     """Row group ``g`` of ``names``, reading only what its column statistics leave open: optional columns
     that are all null there (a run that never recorded them) are left out, and key columns with a single
-    value there (the writer's rank, often the step) are filled with it instead of being decoded."""
+    value there (the writer's rank, often the step) are filled with it instead of being decoded.
+
+    A local file (``local``, its name) is decoded by polars' reader, in this thread: about half the CPU time
+    of pyarrow's on token rows (measured on the benchmark runs); the columns then pass to pyarrow without a
+    copy."""
     meta = pf.metadata.row_group(g)
     read: list[str] = []
     const: dict[str, object] = {}
@@ -243,11 +248,27 @@ def _read_row_group(pf: pq.ParquetFile, g: int, names: list[str]) -> pa.Table:
             const[name] = st.min
             continue
         read.append(name)
-    table = pf.read_row_group(g, columns=read, use_threads=False)  # each worker is one thread already
+    if local is not None:
+        start = sum(pf.metadata.row_group(i).num_rows for i in range(g))
+        frame = pl.scan_parquet(local, parallel="none").slice(start, meta.num_rows).select(read).collect()
+        table = frame.to_arrow() if read else pa.table({})
+        if table.num_rows != meta.num_rows:  # an empty selection, or a reader that disagrees with the footer
+            table = pf.read_row_group(g, columns=read, use_threads=False)
+    else:
+        table = pf.read_row_group(g, columns=read, use_threads=False)  # each worker is one thread already
     for name, value in const.items():
         field = pf.schema_arrow.field(name)
-        table = table.append_column(field, pa.array(np.full(meta.num_rows, value), type=field.type))
+        table = table.append_column(field, _constant(value, str(field.type), meta.num_rows))
     return table
+
+
+@functools.lru_cache(maxsize=8)
+def _constant(value: Any, dtype: str, n: int) -> pa.Array:
+    """A read-only column of ``n`` times ``value``: the same few (a writer's rank, micro-batch 0) recur in every
+    row group, and filling fresh memory for them cost as much as decoding two columns (page faults)."""
+    arr = np.full(n, value, dtype=pa.type_for_alias(dtype).to_pandas_dtype())
+    arr.flags.writeable = False
+    return pa.array(arr)
 
 
 def row_groups(files: Iterable[storage.Location]) -> int:
@@ -303,7 +324,8 @@ def _group_job(
     hists: bool,
 ) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
-    pf = pq.ParquetFile(storage.parquet_source(path), metadata=meta)
+    src = storage.parquet_source(path)
+    pf = pq.ParquetFile(src, metadata=meta)
     if steps is not None and len(steps) == 0:
         return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
     if limit is not None:
@@ -316,7 +338,7 @@ def _group_job(
         if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
             return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
     try:
-        table = _read_row_group(pf, g, names)
+        table = _read_row_group(pf, g, names, local=src if isinstance(src, str) else None)
     except Exception as exc:  # noqa: BLE001 - a damaged page: reported, the rest of the run is computed
         return _GroupResult(
             pf.schema_arrow.empty_table(),
