@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -320,23 +319,138 @@ def _bapo_path(p: BAPOParams) -> list[tuple[float, float]]:
     return [(lo, highs[0]) for lo in lows] + [(lows[-1], hi) for hi in highs[1:]]
 
 
-def _thresholds(p: LensParams) -> np.ndarray:
-    """The bounds the token pass compares with (slots ``TH_*`` of :mod:`rldiag.stats.lens_kernel`)."""
+def _thresholds(p: LensParams, tol: float) -> np.ndarray:
+    """DCPO's and SAPO's parameters for the token pass (slots ``TH_*`` of :mod:`rldiag.stats.lens_kernel`)."""
     th = np.zeros(K.N_TH)
-    th[K.TH_PPO_LO], th[K.TH_PPO_HI] = _lo(p.ppo.eps_low), _hi(p.ppo.eps_high)
-    th[K.TH_DAPO_LO], th[K.TH_DAPO_HI] = _lo(p.dapo.eps_low), _hi(p.dapo.eps_high)
-    th[K.TH_DUAL_LO], th[K.TH_DUAL_HI], th[K.TH_DUAL_C] = (
-        _lo(p.dual_clip.eps_low),
-        _hi(p.dual_clip.eps_high),
-        p.dual_clip.c,
-    )
     th[K.TH_DCPO_EL4], th[K.TH_DCPO_EH4] = 4.0 * p.dcpo.eps_low, 4.0 * p.dcpo.eps_high
-    th[K.TH_CISPO_C] = _hi(p.cispo.eps_high)
+    th[K.TH_DCPO_LO_MAX], th[K.TH_DCPO_HI_MIN] = K.dcpo_shortcut(th[K.TH_DCPO_EL4], th[K.TH_DCPO_EH4], tol)
     th[K.TH_SAPO_POS], th[K.TH_SAPO_NEG] = p.sapo.tau_pos, p.sapo.tau_neg
-    th[K.TH_TIS_LO], th[K.TH_TIS_HI], th[K.TH_TIS_CAP] = _lo(p.tis.eps_low), _hi(p.tis.eps_high), p.tis.cap
-    th[K.TH_MIS_LO], th[K.TH_MIS_HI] = _lo(p.mis.eps_low), _hi(p.mis.eps_high)
-    th[K.TH_MIS_LOW_W], th[K.TH_MIS_CAP] = 1.0 / p.mis.cap, p.mis.cap
     return th
+
+
+_CLIPS = ("ppo", "dapo", "dual_clip", "tis", "mis")
+_TABLE_OBJECTIVES = ("ppo", "dapo", "dual_clip", "cispo", "tis", "mis")
+
+
+def _ratio_edges(p: LensParams, objs: Sequence[str]) -> list[float]:
+    """Every ratio bound the requested objectives compare r with."""
+    edges = {1.0}
+    for o in _CLIPS:
+        if o in objs:
+            cp = getattr(p, o)
+            edges |= {_lo(cp.eps_low), _hi(cp.eps_high)}
+    if "dual_clip" in objs:
+        edges.add(p.dual_clip.c)
+    if "cispo" in objs:
+        edges.add(_hi(p.cispo.eps_high))
+    if "bapo" in objs:
+        for lo, hi in _bapo_path(p.bapo):
+            edges |= {lo, hi}
+    return sorted(edges)
+
+
+def _w_edges(p: LensParams, objs: Sequence[str]) -> list[float]:
+    """The bounds TIS and MIS compare the rollout weight with."""
+    if "tis" not in objs and "mis" not in objs:
+        return []
+    return sorted({1.0 / p.mis.cap, p.mis.cap, p.tis.cap})
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The token pass's table ``[step, side + 1, r bucket, w bucket, TABLE_SUMS]`` and its edges; a comparison of
+    r or w with one of its edges is a comparison of bucket numbers (:func:`rldiag.stats.lens_kernel._bucket`)."""
+
+    sums: np.ndarray
+    r_edges: tuple[float, ...]
+    w_edges: tuple[float, ...]
+
+    def r_at(self, e: float) -> int:
+        return 2 * self.r_edges.index(e) + 1
+
+    def w_at(self, e: float) -> int:
+        return 2 * self.w_edges.index(e) + 1
+
+    def clip_mask(self, lo: float, hi: float, c: float | None = None) -> np.ndarray:
+        """[side + 1, r bucket]: sign-aware PPO clip; A > 0 keeps r <= hi, A < 0 keeps r >= lo (and r <= c)."""
+        b = np.arange(self.sums.shape[2])
+        neg = b >= self.r_at(lo)
+        if c is not None:
+            neg &= b <= self.r_at(c)
+        return np.stack([neg, np.ones_like(neg), b <= self.r_at(hi)])
+
+    def objective(self, mask: np.ndarray, w: int = 1, wa: int = 2) -> dict[str, np.ndarray]:
+        """:data:`SUMS` of the tokens in ``mask`` ([side + 1, r bucket, w bucket]), weight sum ``w``, gradient mass
+        ``wa`` (indices of :data:`TABLE_SUMS`)."""
+        t = np.where(mask[None, :, :, :, None], self.sums, 0.0)
+        return {
+            "kept": t[..., 0].sum(axis=(1, 2, 3)),
+            "w": t[..., w].sum(axis=(1, 2, 3)),
+            "pos": t[:, 2, ..., wa].sum(axis=(1, 2)),
+            "abs": t[..., wa].sum(axis=(1, 2, 3)),
+            "kadv": t[..., 3].sum(axis=(1, 2, 3)),
+        }
+
+
+def _table_sums(table: _Table, p: LensParams, objs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Sums of the clip-style objectives (PPO, DAPO, dual-clip, CISPO, TIS, MIS) from the token pass's table."""
+    out: dict[str, np.ndarray] = {}
+    n_w = table.sums.shape[3]
+    all_w = np.ones(n_w, dtype=bool)
+
+    def put(obj: str, sums: dict[str, np.ndarray]) -> None:
+        out.update({f"{obj}.{q}": v for q, v in sums.items()})
+
+    for o in ("ppo", "dapo"):
+        if o in objs:
+            cp: ClipParams = getattr(p, o)
+            put(o, table.objective(table.clip_mask(_lo(cp.eps_low), _hi(cp.eps_high))[..., None] & all_w))
+    if "dual_clip" in objs:
+        d = p.dual_clip
+        put("dual_clip", table.objective(table.clip_mask(_lo(d.eps_low), _hi(d.eps_high), d.c)[..., None] & all_w))
+    if "cispo" in objs:
+        C = _hi(p.cispo.eps_high)
+        t = table.sums.sum(axis=3)  # [step, side, r bucket, sums]
+        below = (np.arange(t.shape[2]) <= table.r_at(C))[None, None, :]
+        w = np.where(below, t[..., 1], C * t[..., 0])
+        wa = np.where(below, t[..., 2], C * t[..., 3])
+        put(
+            "cispo",
+            {
+                "kept": t[..., 0].sum(axis=(1, 2)),
+                "w": w.sum(axis=(1, 2)),
+                "pos": wa[:, 2].sum(axis=1),
+                "abs": wa.sum(axis=(1, 2)),
+                "kadv": t[..., 3].sum(axis=(1, 2)),
+            },
+        )
+    valid = np.arange(n_w) < n_w - 1  # the last weight bucket: tokens without a rollout weight
+    for o in ("tis", "mis"):
+        if o not in objs:
+            continue
+        ip: ISParams = getattr(p, o)
+        mask = table.clip_mask(_lo(ip.eps_low), _hi(ip.eps_high))[..., None] & valid
+        wb = np.arange(n_w)
+        if o == "tis":  # min(w, C) r: w r below the cap, C r above it
+            t = table.sums
+            below = (wb <= table.w_at(ip.cap))[None, None, None, :]
+            capped = np.stack(
+                [
+                    t[..., 0],
+                    np.where(below, t[..., 4], ip.cap * t[..., 1]),
+                    np.where(below, t[..., 5], ip.cap * t[..., 2]),
+                    t[..., 3],
+                ],
+                axis=-1,
+            )
+            sums = _Table(capped, table.r_edges, table.w_edges).objective(mask, w=1, wa=2)
+        else:
+            mask = mask & (wb >= table.w_at(1.0 / ip.cap)) & (wb <= table.w_at(ip.cap))
+            sums = table.objective(mask, w=4, wa=5)
+        inside = table.sums[:, :, :, valid]
+        sums["n"], sums["aadv"] = inside[..., 0].sum(axis=(1, 2, 3)), inside[..., 3].sum(axis=(1, 2, 3))
+        put(o, sums)
+    return out
 
 
 def _bapo_choose(table: np.ndarray, p: BAPOParams, edges: np.ndarray) -> dict[str, np.ndarray]:
@@ -505,24 +619,22 @@ def lens(
     chunks = _steps_in_chunks(counts, chunk_rows)
     cols = shape.read_columns(objs)
 
-    def piece(chunk: list[int]) -> pl.DataFrame:
-        frame = lf.filter(pl.col(schema.STEP).is_between(chunk[0], chunk[-1])).select(cols).collect()
-        return _lens_rows(frame, np.array(chunk, dtype=np.int64), objs, params, shape, tol)
+    def read(chunk: list[int]) -> pl.DataFrame:
+        return lf.filter(pl.col(schema.STEP).is_between(chunk[0], chunk[-1])).select(cols).collect()
 
     from rldiag.analysis.recompute import default_threads
 
-    workers = max(1, min(threads or default_threads(), len(chunks)))
+    workers = max(1, threads or default_threads())
     parts: list[pl.DataFrame] = []
-    if workers == 1:
-        parts = [piece(c) for c in chunks]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[Future[pl.DataFrame]] = deque()
-            for chunk in chunks:
-                pending.append(pool.submit(piece, chunk))
-                if len(pending) > workers:
-                    parts.append(pending.popleft().result())
-            parts.extend(f.result() for f in pending)
+    # one chunk is read (polars' reader runs on its own threads) while the workers reduce the previous one
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
+        nxt = reader.submit(read, chunks[0]) if chunks else None
+        for k, chunk in enumerate(chunks):
+            assert nxt is not None
+            frame = nxt.result()
+            nxt = reader.submit(read, chunks[k + 1]) if k + 1 < len(chunks) else None
+            steps_arr = np.array(chunk, dtype=np.int64)
+            parts.append(_lens_rows(frame, steps_arr, objs, params, shape, tol, pool if workers > 1 else None, workers))
     parts = [p for p in parts if p.height]
     if not parts:
         return pl.DataFrame(schema={schema.STEP: pl.Int64, **{c: _F64 for c in columns(objs)}})
@@ -543,6 +655,24 @@ def _int_column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return np.ascontiguousarray(col.fill_null(0).to_numpy())
 
 
+_BLOCK_ROWS = 1 << 20
+"""Rows per piece of a chunk that one worker reduces (the pieces' sums are added)."""
+
+
+def _blocks(n: int, workers: int) -> list[tuple[int, int]]:
+    """Row ranges of a chunk of ``n`` rows for ``workers`` threads: about ``_BLOCK_ROWS`` rows each."""
+    k = max(1, min(-(-n // _BLOCK_ROWS), 4 * workers)) if workers > 1 else 1
+    cuts = [n * j // k for j in range(k + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _total(parts: list[np.ndarray]) -> np.ndarray:
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
 def _lens_rows(
     frame: pl.DataFrame,
     steps: np.ndarray,
@@ -550,73 +680,122 @@ def _lens_rows(
     params: LensParams,
     shape: _Shape,
     tol: float,
+    pool: ThreadPoolExecutor | None = None,
+    workers: int = 1,
 ) -> pl.DataFrame:
-    """:func:`lens` on the token rows of the whole steps ``steps`` (sorted; ``frame`` may hold other steps
-    too: they are skipped)."""
+    """:func:`lens` on the token rows of the whole steps ``steps`` (sorted; rows of other steps in ``frame`` are
+    skipped). The token and Trust-the-Batch passes run on pieces of the rows in ``pool``, the sequence pass on
+    all of them beside those."""
     n_steps = steps.size
     if frame.height == 0 or n_steps == 0:
         return pl.DataFrame()
-    sidx = K.step_index(_int_column(frame, schema.STEP).astype(np.int64, copy=False), steps)
+    step = _int_column(frame, schema.STEP).astype(np.int64, copy=False)
     has_roll = schema.ROLLOUT_LOGP in frame.columns
     names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
     vals = _values(frame, names)
     lp, olp, adv = vals[:3]
     roll = vals[3] if has_roll else lp[:0]
-    flags = np.array([o in objs for o in K.TOKEN_OBJECTIVES] + ["bapo" in objs], dtype=np.bool_)
-    edges = np.array(sorted({e for pt in _bapo_path(params.bapo) for e in pt}), dtype=np.float64)
-    acc = np.zeros((n_steps, K.N_STEP + K.N_SUMS * len(K.TOKEN_OBJECTIVES)))
-    bapo = np.zeros((n_steps, 3, 2 * edges.size + 1, len(K.BAPO_SUMS)) if flags[-1] else (n_steps, 3, 1, 4))
+    flags = np.zeros(K.N_FLAGS, dtype=np.bool_)
+    flags[[K.F_DCPO, K.F_SAPO, K.F_TIS, K.F_MIS]] = [o in objs for o in ("dcpo", "sapo", "tis", "mis")]
+    r_edges, w_edges = _ratio_edges(params, objs), _w_edges(params, objs)
+    re, we = np.array(r_edges, dtype=np.float64), np.array(w_edges, dtype=np.float64)
+    table_shape = (n_steps, 3, 2 * re.size + 1, 2 * we.size + 2, len(K.TABLE_SUMS))
+    th = _thresholds(params, tol)
     r = np.empty(frame.height)
-    K.token_pass(sidx, lp, olp, adv, roll, has_roll, tol, flags, _thresholds(params), edges, acc, bapo, r)
+    blocks = _blocks(frame.height, workers if pool is not None else 1)
 
-    present = acc[:, 0] > 0  # steps without a valid token have no row, as before
-    sums: dict[str, np.ndarray] = {schema.STEP: steps}
-    for j, name in enumerate(K.STEP_SUMS):
-        sums[name] = acc[:, j]
-    for k, o in enumerate(K.TOKEN_OBJECTIVES):
-        if o in objs:
-            for j, q in enumerate(K.SUMS[: 7 if o in ("tis", "mis") else 5]):
-                sums[f"{o}.{q}"] = acc[:, K.N_STEP + k * K.N_SUMS + j]
+    def run(fn: Any, *args: Any) -> Future[Any]:
+        if pool is None:
+            done: Future[Any] = Future()
+            done.set_result(fn(*args))
+            return done
+        return pool.submit(fn, *args)
+
+    def token_block(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        table, acc = np.zeros(table_shape), np.zeros((n_steps, len(K.ACC_SUMS)))
+        rb = roll[a:b] if has_roll else roll
+        K.token_pass(
+            step[a:b],
+            steps,
+            lp[a:b],
+            olp[a:b],
+            adv[a:b],
+            rb,
+            has_roll,
+            tol,
+            flags,
+            th,
+            re,
+            we,
+            table,
+            acc,
+            r[a:b],
+        )
+        return table, acc
+
     want_gspo = "gspo" in objs and shape.seq
     want_ctpo = "ctpo" in objs and shape.seq and shape.pos
-    if want_gspo or want_ctpo:
+
+    def sequences() -> tuple[np.ndarray, np.ndarray]:
         seq = _int_column(frame, schema.SEQ)
         pos = _int_column(frame, schema.POS) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
         gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
-        args = (
-            want_gspo,
-            want_ctpo,
-            _lo(params.gspo.eps_low),
-            _hi(params.gspo.eps_high),
-            params.ctpo.low,
-            params.ctpo.high,
-        )
-        if not K.sequence_pass(sidx, seq, pos, lp, olp, adv, tol, np.zeros(0, np.int64), *args, gacc, cacc):
+        g = params.gspo
+        args = (want_gspo, want_ctpo, _lo(g.eps_low), _hi(g.eps_high), params.ctpo.low, params.ctpo.high, gacc, cacc)
+        if not K.sequence_pass(step, steps, seq, pos, lp, olp, adv, tol, np.zeros(0, np.int64), *args):
             # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
-            order = np.lexsort((pos, seq, sidx))
+            order = np.lexsort((pos, seq, step))
             gacc[:], cacc[:] = 0.0, 0.0
-            K.sequence_pass(sidx, seq, pos, lp, olp, adv, tol, order, *args, gacc, cacc)
-        for j, q in enumerate(K.SUMS[:5]):
-            sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
+            K.sequence_pass(step, steps, seq, pos, lp, olp, adv, tol, order, *args)
+        return gacc, cacc
+
+    seq_job = run(sequences) if want_gspo or want_ctpo else None
+    token_jobs = [run(token_block, a, b) for a, b in blocks]
+    table = _Table(_total([j.result()[0] for j in token_jobs]), tuple(r_edges), tuple(w_edges))
+    acc = _total([j.result()[1] for j in token_jobs])
+    by_r = table.sums.sum(axis=3)  # [step, side + 1, r bucket, TABLE_SUMS]
+    sums: dict[str, np.ndarray] = {
+        schema.STEP: steps,
+        "n": by_r[..., 0].sum(axis=(1, 2)),
+        "aadv": by_r[..., 3].sum(axis=(1, 2)),
+        "sr": by_r[..., 1].sum(axis=(1, 2)),
+        "sr2": acc[:, 0],
+    }
+    present = sums["n"] > 0  # steps without a valid token have no row
+    sums.update(_table_sums(table, params, objs))
+    if "dcpo" in objs:
+        sums.update({name: acc[:, j] for j, name in enumerate(K.ACC_SUMS) if name.startswith("dcpo.")})
+    if "sapo" in objs:
+        sums.update({name: acc[:, j] for j, name in enumerate(K.ACC_SUMS) if name.startswith("sapo.")})
+        sums["sapo.kept"], sums["sapo.kadv"] = sums["n"], sums["aadv"]
     if "ttb" in objs:
-        ess = K.ess_of(acc)
-        tacc = np.zeros((n_steps, 5))
-        K.ttb_pass(sidx, adv, r, ess, tacc)
+        ess = K.ess_of(sums["sr"], sums["sr2"], sums["n"])
+
+        def ttb_block(a: int, b: int) -> np.ndarray:
+            tacc = np.zeros((n_steps, 5))
+            K.ttb_pass(step[a:b], steps, adv[a:b], r[a:b], ess, tacc)
+            return tacc
+
+        tacc = _total([j.result() for j in [run(ttb_block, a, b) for a, b in blocks]])
         for j, q in enumerate(K.SUMS[:5]):
             sums[f"ttb.{q}"] = tacc[:, j]
         sums["ess"] = ess
+    if seq_job is not None:
+        gacc, cacc = seq_job.result()
+        for j, q in enumerate(K.SUMS[:5]):
+            sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
     if "bapo" in objs:
-        sums.update(_bapo_choose(bapo, params.bapo, edges))
-    table = pl.DataFrame(sums).filter(pl.Series(present))
+        sums.update(_bapo_choose(by_r[..., :4], params.bapo, re))
+    per_step = pl.DataFrame(sums).filter(pl.Series(present))
 
     out: list[pl.Expr] = [pl.col(schema.STEP).cast(pl.Int64)]
     for o in objs:
         if (o == "gspo" and not want_gspo) or (o == "ctpo" and not want_ctpo):
             out += [pl.lit(float("nan")).alias(column(o, q)) for q in QUANTITIES]
         else:
-            out += _finalize(o, table)
+            out += _finalize(o, per_step)
         if o == "bapo":
             out += [pl.col(column("bapo", q)) for q in EXTRA_COLUMNS["bapo"]]
         if o == "ttb":
             out += [pl.col("ess").alias(column("ttb", "ess")), (1.0 - pl.col("ess")).alias(column("ttb", "reg_weight"))]
-    return table.select(out).with_columns(pl.col(_F64).fill_null(float("nan")))
+    return per_step.select(out).with_columns(pl.col(_F64).fill_null(float("nan")))
