@@ -46,23 +46,49 @@ def _group_index(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, dict[s
     return inv.reshape(-1), {k: uniq[:, i] for i, k in enumerate(by)}, int(uniq.shape[0])
 
 
-def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths per row, flat values) of a list column, from each chunk's offsets and values (no per-row
-    work; one copy to join the chunks)."""
+def _chunk_parts(col: pa.ChunkedArray | pa.Array) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lengths per row, flat values) of each chunk of a list column, from its offsets and values (no per-row
+    work, no copy of the values)."""
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-    lengths: list[np.ndarray] = []
-    values: list[np.ndarray] = []
+    out = []
     for arr in chunks:
         if arr.null_count:
-            lengths.append(pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False))
-            values.append(pc.list_flatten(arr).to_numpy(zero_copy_only=False))
+            lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+            out.append((lengths.astype(np.int64), pc.list_flatten(arr).to_numpy(zero_copy_only=False)))
             continue
         off = arr.offsets.to_numpy()
-        lengths.append(np.diff(off))
-        values.append(arr.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False))
-    if not chunks:
+        values = arr.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False)
+        out.append((np.diff(off).astype(np.int64), values))
+    return out
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths per row, flat values) of a list column (one copy to join the chunks)."""
+    parts = _chunk_parts(col)
+    if not parts:
         return np.zeros(0, np.int64), np.zeros(0)
-    return np.concatenate(lengths).astype(np.int64), np.concatenate(values)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _densify_column(table: pa.Table, name: str, inv: np.ndarray, g: int, nb: int) -> np.ndarray:
+    """The histogram ``name`` of every row added into one dense row per group, chunk by chunk (the values of a
+    table of many files are never joined into one array)."""
+    idx_parts = _chunk_parts(table.column(f"{name}.idx"))
+    cnt_parts = _chunk_parts(table.column(f"{name}.cnt"))
+    if len(idx_parts) != len(cnt_parts) or any(a[0].size != b[0].size for a, b in zip(idx_parts, cnt_parts)):
+        lengths, idx = _list_parts(table.column(f"{name}.idx"))
+        _, cnt = _list_parts(table.column(f"{name}.cnt"))
+        return hist.densify(inv, g, lengths, idx, cnt, nb)
+    out = np.zeros((g, nb))
+    row = 0
+    for (lengths, idx), (_, cnt) in zip(idx_parts, cnt_parts):
+        hist.densify(inv[row : row + lengths.size], g, lengths, idx, cnt, nb, out=out)
+        row += lengths.size
+    if row != inv.size:
+        raise ValueError(f"damaged sparse histogram {name}: {row} rows of lists for {inv.size} rows")
+    return out
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -122,12 +148,12 @@ def merge(
     for name, nb in HISTS.items():
         if name not in wanted:
             continue
-        lengths, idx = _list_parts(table.column(f"{name}.idx"))
-        _, cnt = _list_parts(table.column(f"{name}.cnt"))
         if identity and sparse_hists:
+            lengths, idx = _list_parts(table.column(f"{name}.idx"))
+            _, cnt = _list_parts(table.column(f"{name}.cnt"))
             out[name] = hist.SparseRows(lengths, idx, cnt, nb)  # type: ignore[assignment]
         else:
-            out[name] = hist.densify(inv, g, lengths, idx, cnt, nb)
+            out[name] = _densify_column(table, name, inv, g, nb)
     for name in VECTORS:
         if name not in wanted:
             continue

@@ -183,18 +183,29 @@ def sparse(idx: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def densify(
-    row_group: np.ndarray, n_groups: int, lengths: np.ndarray, idx: np.ndarray, cnt: np.ndarray, n_bins: int
+    row_group: np.ndarray,
+    n_groups: int,
+    lengths: np.ndarray,
+    idx: np.ndarray,
+    cnt: np.ndarray,
+    n_bins: int,
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Merge sparse histograms of many rows into one dense row per group.
 
     ``row_group[i]`` is the group of row i, whose histogram is the slice of ``idx``/``cnt`` of length
-    ``lengths[i]`` (Arrow list layout). Returns a float64 ``[n_groups, n_bins]`` matrix of summed counts.
+    ``lengths[i]`` (Arrow list layout). Returns a float64 ``[n_groups, n_bins]`` matrix of summed counts (added
+    into ``out`` when given: the rows of a table can be densified chunk by chunk, without joining the chunks).
 
     The inputs come from files, so nothing in them is trusted: a bin index outside ``[0, n_bins)``, a group
     outside ``[0, n_groups)``, a negative length or lengths that do not add up to the entries raise
     ``ValueError`` before anything is written (the compiled loop does no bounds checks of its own).
     """
-    out = np.zeros((n_groups, n_bins))
+    if out is None:
+        out = np.zeros((n_groups, n_bins))
+    elif out.shape != (n_groups, n_bins) or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float64 array of shape {(n_groups, n_bins)}")
     idx = np.ascontiguousarray(idx)
     if idx.dtype.kind not in "iu":  # an empty column comes back as float
         idx = idx.astype(np.int64)

@@ -108,3 +108,42 @@ def test_merge_gives_sparse_rows_only_for_one_row_per_group() -> None:
     assert isinstance(aggregate.merge(table, sparse_hists=True).stats["h_lr"], np.ndarray)  # 2 rows per step
     assert aggregate.finalize(sparse, names).equals(aggregate.finalize(dense, names))
     assert aggregate.finalize(sparse, names).equals(aggregate.metrics_of(table, names=names))
+
+
+def test_merge_of_a_table_of_many_chunks_densifies_chunk_by_chunk() -> None:
+    """A table concatenated from many files (many chunks) merges to the same statistics as the same table in one
+    chunk, and a damaged chunk is refused like a damaged table."""
+    from rldiag.stats.kernel import HISTS
+    from rldiag.stats.table import STATS_SCHEMA
+
+    rng = np.random.default_rng(5)
+    parts = []
+    for k in range(4):
+        n = 6
+        cols = {}
+        for f in STATS_SCHEMA:
+            if f.name == "step":
+                cols[f.name] = pa.array(rng.integers(0, 5, n), f.type)
+            elif f.name in ("rank", "micro"):
+                cols[f.name] = pa.array(np.full(n, k), f.type)
+            elif pa.types.is_list(f.type):
+                cols[f.name] = pa.array([[] for _ in range(n)], f.type)
+            else:
+                cols[f.name] = pa.array(rng.integers(1, 50, n).astype(float), f.type)
+        for name, nb in HISTS.items():
+            lengths, idx, cnt = _rows(rng, n, nb)
+            off = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+            cols[f"{name}.idx"] = pa.ListArray.from_arrays(off, pa.array(idx))
+            cols[f"{name}.cnt"] = pa.ListArray.from_arrays(off, pa.array(cnt))
+        parts.append(pa.table(cols, schema=STATS_SCHEMA))
+    chunked = pa.concat_tables(parts)
+    assert chunked.column("h_lr.idx").num_chunks == 4
+    a, b = aggregate.merge(chunked), aggregate.merge(chunked.combine_chunks())
+    for name in HISTS:
+        np.testing.assert_array_equal(a.stats[name], b.stats[name])
+    bad = parts[2].to_pydict()
+    bad["h_ent.idx"][0] = [*bad["h_ent.idx"][0], hist.N_MAG]
+    bad["h_ent.cnt"][0] = [*bad["h_ent.cnt"][0], 1]
+    damaged = pa.concat_tables([parts[0], pa.table(bad, schema=STATS_SCHEMA), parts[3]])
+    with pytest.raises(ValueError, match="bin index is out of range"):
+        aggregate.merge(damaged, stats={"h_ent"})
