@@ -500,14 +500,14 @@ def _bucket_ids(
         ids = bucket_kernel.buckets(by, frame[_BUCKET_INPUT[by]].fill_null(np.nan).to_numpy())
         return ids, ids >= 0
     if by == "pos":
-        pos = frame[schema.POS].to_numpy().astype(np.int64)
         if width is not None:
-            ids = pos // width
+            ids = frame[schema.POS].to_numpy().astype(np.int64) // width
         else:
-            step = frame[schema.STEP].to_numpy()
             uniq = np.array(sorted(longest), dtype=np.int64)
             top = np.array([longest[int(k)] for k in uniq], dtype=np.int64)
-            ids = np.clip((pos * buckets) // top[np.searchsorted(uniq, step)], 0, buckets - 1)
+            ids = bucket_kernel.decile_buckets(
+                frame[schema.STEP].to_numpy(), frame[schema.POS].to_numpy(), uniq, top, buckets
+            )
         return ids, np.ones(ids.size, dtype=bool)
     col = frame[by].cast(pl.Int64)
     return col.fill_null(0).to_numpy(), col.is_not_null().to_numpy()
@@ -521,6 +521,18 @@ def _bucket_piece(frame: pl.DataFrame, config: RecorderConfig, by: str, ids: np.
     kept = ids[keep]
     small = kept.size == 0 or (int(kept.min()) >= 0 and int(kept.max()) < 1 << 20)
     if small and bucket_kernel.record_ordered(*(cols[c] for c in schema.KEY_COLUMNS)):
+        values = {c: _frame_values(frame, c) for c in _BUCKET_VALUES}
+        if all(values[c] is not None for c in schema.REQUIRED_VALUE_COLUMNS):
+            got = bucket_kernel.bucket_records(
+                cols[schema.STEP],
+                cols[schema.RANK],
+                cols[schema.MICRO],
+                np.where(keep, ids, -1),
+                *(values[c] for c in (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.ROLLOUT_LOGP)),
+                config,
+            )
+            if got is not None:
+                return _bucket_records_table(*got, absd=absd)
         # the order of the sort below (step, bucket, rank, micro, seq, pos), in one linear pass
         order = bucket_kernel.step_partition(cols[schema.STEP], np.where(keep, ids, -1))
         if order.size == 0:
@@ -538,6 +550,44 @@ def _bucket_piece(frame: pl.DataFrame, config: RecorderConfig, by: str, ids: np.
     if table.num_rows == 0:
         return STATS_SCHEMA.empty_table()
     return stats_of_table(table, config, record_keys=keys, hists=False, absd=absd)
+
+
+def _frame_values(frame: pl.DataFrame, name: str) -> np.ndarray | None:
+    """A value column of a piece as numpy (nulls as NaN), None when all null (as :func:`_col` reads it)."""
+    col = frame[name]
+    return None if col.null_count() == col.len() else col.to_numpy()
+
+
+def _empty_lists(n: int, type_: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], type_.value_type))
+
+
+def _bucket_records_table(keys: np.ndarray, stats: np.ndarray, absd_sums: np.ndarray, *, absd: bool) -> pa.Table:
+    """Statistics rows (:data:`STATS_SCHEMA`, then ``bucket`` and, for ``absd``, the sum of |d|) of the
+    records of :func:`rldiag.stats.bucket_kernel.bucket_records`: the statistics the bucket tables read
+    (:data:`rldiag.stats.bucket_kernel.BUCKET_STATS`); every other one holds its merge identity, its
+    histograms, vectors and sets are empty."""
+    n = keys.shape[0]
+    have = {name: stats[:, j] for j, name in enumerate(bucket_kernel.BUCKET_STATS)}
+    have["rows_written"] = have["n_masked"]
+    cols: list[pa.Array] = [
+        pa.array(keys[:, 0].astype(np.int64)),
+        pa.array(keys[:, 2].astype(np.int32)),
+        pa.array(keys[:, 3].astype(np.int32)),
+    ]
+    for field in STATS_SCHEMA:
+        if field.name in ("step", "rank", "micro"):
+            continue
+        if pa.types.is_list(field.type):
+            cols.append(_empty_lists(n, field.type))
+        elif field.name in have:
+            cols.append(pa.array(np.ascontiguousarray(have[field.name])))
+        else:
+            cols.append(pa.array(np.full(n, kernel.IDENTITY[kernel.STATS[field.name].merge])))
+    out = pa.Table.from_arrays(cols, schema=STATS_SCHEMA).append_column("bucket", pa.array(keys[:, 1]))
+    if absd:
+        out = out.append_column(bucket_kernel.ABSD_STAT, pa.array(absd_sums, pa.float64()))
+    return out
 
 
 def bucket_stats(

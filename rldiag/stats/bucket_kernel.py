@@ -16,7 +16,8 @@ from typing import Final
 import numba
 import numpy as np
 
-from rldiag.stats import definitions
+from rldiag.config import RecorderConfig
+from rldiag.stats import definitions, kernel
 
 PROB_EDGES: Final[tuple[float, ...]] = (1e-6, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 0.9, 1.0)
 """Edges of the probability buckets: bucket 0 is ``p <= 1e-6``, bucket ``k`` is ``(PROB_EDGES[k-1],
@@ -43,23 +44,33 @@ def bounds(by: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"no fixed bucket bounds for by={by!r}")
 
 
+_LOG_MARGIN = 1e-9
+"""Log-probabilities this close to the log of a probability edge are bucketed through ``exp`` (exactly as
+defined); the others by comparing log-probabilities with the edges' logs, which gives the same bucket: exp and
+log err by about 1e-16 relative, far inside the margin."""
+
+
 @numba.njit(nogil=True, cache=True)
-def _prob_buckets(roll: np.ndarray, edges: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+def _prob_buckets(roll: np.ndarray, edges: np.ndarray, log_edges: np.ndarray) -> np.ndarray:  # pragma: no cover
     n = roll.size
     out = np.empty(n, dtype=np.int64)
     last = edges.size - 1
     for i in range(n):
         x = np.float64(roll[i])
-        if not math.isfinite(x):
-            out[i] = -1
-            continue
-        p = math.exp(x)
         b = 0
-        while b < last and p > edges[b]:
-            b += 1
-        if p > edges[last]:
-            b = last
-        out[i] = b if p > edges[0] else 0
+        near = False
+        for k in range(last):  # the edges below p, in log space
+            b += x > log_edges[k]
+            near |= abs(x - log_edges[k]) <= _LOG_MARGIN
+        if near:  # the definition: p = exp(x) against the edges
+            p = math.exp(x)
+            b = 0
+            while b < last and p > edges[b]:
+                b += 1
+            if p > edges[last]:
+                b = last
+            b = b if p > edges[0] else 0
+        out[i] = b if math.isfinite(x) else -1
     return out
 
 
@@ -82,10 +93,30 @@ def _route_buckets(route: np.ndarray, edges: np.ndarray) -> np.ndarray:  # pragm
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _decile_buckets(step, pos, steps, longest, nb):  # pragma: no cover - compiled
+    n = step.size
+    out = np.empty(n, dtype=np.int64)
+    top = 0
+    for i in range(n):
+        if i == 0 or step[i] != step[i - 1]:
+            top = longest[np.searchsorted(steps, step[i])]
+        b = (np.int64(pos[i]) * nb) // top if top != 0 else 0
+        out[i] = min(max(b, 0), nb - 1)
+    return out
+
+
+def decile_buckets(step: np.ndarray, pos: np.ndarray, steps: np.ndarray, longest: np.ndarray, nb: int) -> np.ndarray:
+    """Position bucket of each row: ``nb`` equal parts of its step's longest response (``longest[k]``: positions
+    of ``steps[k]``, sorted), clipped to [0, nb): ``clip(pos * nb // longest, 0, nb - 1)``."""
+    return _decile_buckets(step, pos, steps.astype(np.int64), longest.astype(np.int64), int(nb))
+
+
 def buckets(by: str, values: np.ndarray) -> np.ndarray:
     """Bucket of each token (-1: none) for ``by="prob"`` (``values`` = rollout_logp) or ``"route"``."""
     if by == "prob":
-        return _prob_buckets(values, np.array(PROB_EDGES))
+        edges = np.array(PROB_EDGES)
+        return _prob_buckets(values, edges, np.log(edges[:-1]))
     if by == "route":
         return _route_buckets(values, np.array(ROUTE_EDGES))
     raise ValueError(f"by must be 'prob' or 'route' here, got {by!r}")
@@ -192,3 +223,231 @@ def _gather(a: np.ndarray, order: np.ndarray) -> np.ndarray:  # pragma: no cover
 def gather(a: np.ndarray, order: np.ndarray) -> np.ndarray:
     """``a[order]`` in one compiled loop (about 4x numpy's fancy indexing on the rows of a step)."""
     return _gather(np.ascontiguousarray(a), order)
+
+
+# --- the bucket tables' statistics, accumulated in place (no reordering of the rows) ---
+BUCKET_STATS: Final[tuple[str, ...]] = (
+    "n",
+    "n_masked",
+    "n_clip_low",
+    "n_clip_high",
+    "n_ent",
+    "s_ent",
+    "s_rm1",
+    "s_rm1sq",
+    "n_mm",
+    "s_mm_d",
+    "s_mm_k3",
+    "n_mm_extreme",
+)
+"""The statistics :func:`bucket_records` computes: every one the bucket tables read (``needed_stats`` of
+``BUCKET_METRICS`` and ``PROB_BUCKET_METRICS``, plus ``n``, ``n_mm`` and ``n_masked``)."""
+
+_MAX_SLOTS = 1 << 16
+"""Most (bucket, rank/micro) records of one step that :func:`bucket_records` accumulates at once."""
+
+_W = kernel.W
+_expm1 = kernel._expm1
+_LN2 = math.log(2.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_records(step, rank, micro, bucket, nb, max_slots):  # pragma: no cover - compiled
+    """Records (step, bucket, rank, micro) with a row, in rows of contiguous steps; -1 when a step has more
+    than ``max_slots`` (bucket, rank/micro) combinations."""
+    n = step.size
+    n_rec = 0
+    i = 0
+    while i < n:
+        j = i
+        n_rm = 1
+        while j < n and step[j] == step[i]:
+            if j > i and (rank[j] != rank[j - 1] or micro[j] != micro[j - 1]):
+                n_rm += 1
+            j += 1
+        if nb * n_rm > max_slots:
+            return -1
+        seen = np.zeros(nb * n_rm, dtype=np.bool_)
+        rm = 0
+        for t in range(i, j):
+            if t > i and (rank[t] != rank[t - 1] or micro[t] != micro[t - 1]):
+                rm += 1
+            b = bucket[t]
+            if b >= 0 and not seen[b * n_rm + rm]:
+                seen[b * n_rm + rm] = True
+                n_rec += 1
+        i = j
+    return n_rec
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _bucket_records(
+    step, rank, micro, bucket, nb, n_rec, lp, olp, adv, ent, roll, has_ent, has_roll, tol, lo_thr, hi_thr
+):  # pragma: no cover - compiled
+    """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|.
+
+    The kernel's passes for these statistics (valid, ratio, clip, entropy, mismatch and the extreme count of
+    the correction pass) with the same operations: per step, the elementwise values in loops of their own
+    (they vectorize, as in the kernel), then one scan in file order that adds each token's values to its
+    record's lane ``j % W`` (j: the token's index within its record), the kernel's order on the rows gathered
+    into (step, bucket, rank, micro, seq, pos) order. So the results are bit-identical, without the gather."""
+    n = step.size
+    keys = np.empty((n_rec, 4), dtype=np.int64)
+    S = np.zeros((n_rec, 12))
+    absd = np.zeros(n_rec)
+    longest = 0
+    i = 0
+    while i < n:
+        j = i
+        while j < n and step[j] == step[i]:
+            j += 1
+        longest = max(longest, j - i)
+        i = j
+    ok_s = np.empty(longest, dtype=np.bool_)
+    x_s = np.empty(longest)
+    a_s = np.empty(longest)
+    y_s = np.empty(longest)
+    d_s = np.empty(longest)
+    du_s = np.empty(longest, dtype=np.bool_)
+    k3_s = np.empty(longest)
+    out = 0
+    i = 0
+    while i < n:
+        j = i
+        n_rm = 1
+        while j < n and step[j] == step[i]:
+            if j > i and (rank[j] != rank[j - 1] or micro[j] != micro[j - 1]):
+                n_rm += 1
+            j += 1
+        m = j - i
+        for u in range(m):
+            t = i + u
+            x_lp = np.float64(lp[t])
+            x_olp = np.float64(olp[t])
+            x_a = np.float64(adv[t])
+            ok = _token_valid(x_lp, x_olp, x_a, tol)
+            ok_s[u] = ok
+            x_s[u] = x_lp - x_olp if ok else 0.0
+            a_s[u] = x_a if ok else 0.0
+        for u in range(m):  # r - 1, in a loop of its own so that it vectorizes
+            y_s[u] = _expm1(x_s[u])
+        if has_roll:
+            for u in range(m):
+                d = np.float64(olp[i + u]) - np.float64(roll[i + u])
+                use = ok_s[u] & math.isfinite(d)
+                du_s[u] = use
+                d_s[u] = d if use else 0.0
+            for u in range(m):  # w - 1 - d
+                k3_s[u] = _expm1(d_s[u]) - d_s[u]
+        ns = nb * n_rm
+        cnt = np.zeros(ns, dtype=np.int64)
+        ints = np.zeros((ns, 6), dtype=np.int64)  # n, clip low, clip high, n_ent, n_mm, extreme
+        acc = np.zeros((ns, 5, _W))  # s_rm1, s_rm1sq, s_ent, s_mm_d, s_mm_k3 by lane
+        sabs = np.zeros(ns)
+        rm_rank = np.empty(n_rm, dtype=np.int64)
+        rm_micro = np.empty(n_rm, dtype=np.int64)
+        rm = 0
+        rm_rank[0] = rank[i]
+        rm_micro[0] = micro[i]
+        for u in range(m):
+            t = i + u
+            if u > 0 and (rank[t] != rank[t - 1] or micro[t] != micro[t - 1]):
+                rm += 1
+                rm_rank[rm] = rank[t]
+                rm_micro[rm] = micro[t]
+            b = bucket[t]
+            if b < 0:
+                continue
+            k = b * n_rm + rm
+            lane = cnt[k] % _W
+            cnt[k] += 1
+            ok = ok_s[u]
+            y = y_s[u]
+            a = a_s[u]
+            r = y + 1.0
+            ints[k, 0] += ok
+            ints[k, 1] += (a < 0.0) & (ok & (r < lo_thr))
+            ints[k, 2] += (a > 0.0) & (ok & (r > hi_thr))
+            acc[k, 0, lane] += y
+            acc[k, 1, lane] += y * y
+            if has_ent:
+                e = np.float64(ent[t])
+                use = ok & math.isfinite(e)
+                ints[k, 3] += use
+                acc[k, 2, lane] += e if use else 0.0
+            if has_roll:
+                use = du_s[u]
+                d = d_s[u]
+                ints[k, 4] += use
+                ints[k, 5] += use & (abs(d) > _LN2)
+                acc[k, 3, lane] += d
+                acc[k, 4, lane] += k3_s[u]
+                sabs[k] += abs(d)
+        for k in range(ns):  # (bucket, rank, micro) order: rank/micro runs come sorted within a step
+            if cnt[k] == 0:
+                continue
+            keys[out, 0] = step[i]
+            keys[out, 1] = k // n_rm
+            keys[out, 2] = rm_rank[k % n_rm]
+            keys[out, 3] = rm_micro[k % n_rm]
+            row = S[out]
+            row[0] = ints[k, 0]
+            row[1] = cnt[k]
+            row[2] = ints[k, 1]
+            row[3] = ints[k, 2]
+            row[4] = ints[k, 3]
+            row[8] = ints[k, 4]
+            row[11] = ints[k, 5]
+            for c, col in ((0, 6), (1, 7), (2, 5), (3, 9), (4, 10)):
+                s = 0.0
+                for lane in range(_W):
+                    s += acc[k, c, lane]
+                row[col] = s
+            absd[out] = sabs[k]
+            out += 1
+        i = j
+    return keys, S, absd
+
+
+def bucket_records(
+    step: np.ndarray,
+    rank: np.ndarray,
+    micro: np.ndarray,
+    bucket: np.ndarray,
+    logp: np.ndarray,
+    old_logp: np.ndarray,
+    adv: np.ndarray,
+    entropy: np.ndarray | None,
+    rollout_logp: np.ndarray | None,
+    cfg: RecorderConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The bucket tables' records of token rows in the recorder's order ((step, rank, micro, seq, pos), steps
+    contiguous) with each row's ``bucket`` (-1: none): ``(keys [n, 4] = step, bucket, rank, micro; stats [n,
+    len(BUCKET_STATS)]; sum of |d| [n])``, records in key order. None when a step has too many (bucket,
+    rank/micro) combinations to accumulate at once (then gather and run the kernel instead)."""
+    nb = int(bucket.max()) + 1 if bucket.size else 0
+    if nb <= 0:
+        return np.zeros((0, 4), dtype=np.int64), np.zeros((0, len(BUCKET_STATS))), np.zeros(0)
+    n_rec = _count_records(step, rank, micro, bucket, nb, _MAX_SLOTS)
+    if n_rec < 0:
+        return None
+    f32 = kernel._f32
+    c = kernel.config_array(cfg)  # the values, and the thresholds, exactly as the kernel derives them
+    return _bucket_records(
+        step,
+        rank,
+        micro,
+        bucket,
+        nb,
+        n_rec,
+        f32(logp),
+        f32(old_logp),
+        f32(adv),
+        f32(entropy),
+        f32(rollout_logp),
+        entropy is not None,
+        rollout_logp is not None,
+        c[kernel.C_LOGP_TOLERANCE],
+        1.0 - c[kernel.C_EPS_LOW],
+        1.0 + c[kernel.C_EPS_HIGH],
+    )
