@@ -548,6 +548,35 @@ def _finalize(obj: str, frame: pl.DataFrame) -> list[pl.Expr]:
     ]
 
 
+def _stored_counts(source: Any, steps: Sequence[int] | None) -> pl.DataFrame | None:
+    """Token rows per step as a run's statistics record them (``rows_written``; no pass over the token rows), or
+    None for a frame. Only the sizes of the chunks depend on them: a step they miss or miscount is still read."""
+    compact = getattr(source, "compact_table", None)
+    if compact is None:
+        return None
+    table = compact()
+    if table.num_rows == 0 or "rows_written" not in table.column_names:
+        return None
+    counts = pl.DataFrame(
+        {
+            schema.STEP: table.column(schema.STEP).to_numpy().astype(np.int64),
+            "len": np.nan_to_num(table.column("rows_written").to_numpy().astype(np.float64)).astype(np.int64),
+        }
+    )
+    if steps is not None:
+        counts = counts.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
+    return counts.sort(schema.STEP)
+
+
+def _step_ranges(chunks: list[list[int]]) -> list[tuple[int | None, int | None]]:
+    """Chunks of steps as step ranges ``(lo, hi]`` that together cover every step (the first is open below, the
+    last above): a step the counts did not know lands in one of them."""
+    if not chunks:
+        return [(None, None)]
+    bounds: list[int | None] = [None] + [c[-1] for c in chunks[:-1]] + [None]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _steps_in_chunks(counts: pl.DataFrame, max_rows: int) -> list[list[int]]:
     chunks: list[list[int]] = [[]]
     rows = 0
@@ -615,12 +644,20 @@ def lens(
     shape = _columns_of(lf)
     if steps is not None:
         lf = lf.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
-    counts = lf.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
-    chunks = _steps_in_chunks(counts, chunk_rows)
+    counts = _stored_counts(run_or_frame, steps)
+    if counts is None:  # token rows of a frame: one pass over the step column
+        counts = lf.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
+    chunks = _step_ranges(_steps_in_chunks(counts, chunk_rows))
     cols = shape.read_columns(objs)
 
-    def read(chunk: list[int]) -> pl.DataFrame:
-        return lf.filter(pl.col(schema.STEP).is_between(chunk[0], chunk[-1])).select(cols).collect()
+    def read(bounds: tuple[int | None, int | None]) -> pl.DataFrame:
+        lo, hi = bounds
+        where = pl.lit(True)
+        if lo is not None:
+            where = where & (pl.col(schema.STEP) > lo)
+        if hi is not None:
+            where = where & (pl.col(schema.STEP) <= hi)
+        return lf.filter(where).select(cols).collect()
 
     from rldiag.analysis.recompute import default_threads
 
@@ -629,12 +666,11 @@ def lens(
     # one chunk is read (polars' reader runs on its own threads) while the workers reduce the previous one
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
         nxt = reader.submit(read, chunks[0]) if chunks else None
-        for k, chunk in enumerate(chunks):
+        for k in range(len(chunks)):
             assert nxt is not None
             frame = nxt.result()
             nxt = reader.submit(read, chunks[k + 1]) if k + 1 < len(chunks) else None
-            steps_arr = np.array(chunk, dtype=np.int64)
-            parts.append(_lens_rows(frame, steps_arr, objs, params, shape, tol, pool if workers > 1 else None, workers))
+            parts.append(_lens_rows(frame, objs, params, shape, tol, pool if workers > 1 else None, workers))
     parts = [p for p in parts if p.height]
     if not parts:
         return pl.DataFrame(schema={schema.STEP: pl.Int64, **{c: _F64 for c in columns(objs)}})
@@ -675,7 +711,6 @@ def _total(parts: list[np.ndarray]) -> np.ndarray:
 
 def _lens_rows(
     frame: pl.DataFrame,
-    steps: np.ndarray,
     objs: list[str],
     params: LensParams,
     shape: _Shape,
@@ -686,10 +721,11 @@ def _lens_rows(
     """:func:`lens` on the token rows of the whole steps ``steps`` (sorted; rows of other steps in ``frame`` are
     skipped). The token and Trust-the-Batch passes run on pieces of the rows in ``pool``, the sequence pass on
     all of them beside those."""
-    n_steps = steps.size
-    if frame.height == 0 or n_steps == 0:
+    if frame.height == 0:
         return pl.DataFrame()
     step = _int_column(frame, schema.STEP).astype(np.int64, copy=False)
+    steps = np.unique(K.step_runs(step))
+    n_steps = steps.size
     has_roll = schema.ROLLOUT_LOGP in frame.columns
     names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
     vals = _values(frame, names)

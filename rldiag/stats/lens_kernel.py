@@ -76,6 +76,23 @@ def _bucket(edges: np.ndarray, x: float) -> int:  # pragma: no cover - compiled
     return b
 
 
+@numba.njit(nogil=True, cache=True)
+def step_runs(step: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """The step of each run of equal steps in row order (its unique values are the rows' steps, found without
+    sorting the rows)."""
+    n = step.size
+    k = 0
+    for i in range(n):
+        k += i == 0 or step[i] != step[i - 1]
+    out = np.empty(k, dtype=np.int64)
+    k = 0
+    for i in range(n):
+        if i == 0 or step[i] != step[i - 1]:
+            out[k] = step[i]
+            k += 1
+    return out
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def token_pass(  # pragma: no cover - compiled
     step: np.ndarray,
