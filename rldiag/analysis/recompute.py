@@ -497,7 +497,7 @@ def _bucket_ids(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bucket of each row of a piece of whole steps, and which rows have one."""
     if by in _BUCKET_INPUT:
-        ids = bucket_kernel.buckets(by, frame[_BUCKET_INPUT[by]].fill_null(np.nan).to_numpy())
+        ids = bucket_kernel.buckets(by, frame[_BUCKET_INPUT[by]].to_numpy())  # nulls read as NaN: no bucket
         return ids, ids >= 0
     if by == "pos":
         if width is not None:
@@ -522,13 +522,18 @@ def _bucket_piece(frame: pl.DataFrame, config: RecorderConfig, by: str, ids: np.
     small = kept.size == 0 or (int(kept.min()) >= 0 and int(kept.max()) < 1 << 20)
     if small and bucket_kernel.record_ordered(*(cols[c] for c in schema.KEY_COLUMNS)):
         values = {c: _frame_values(frame, c) for c in _BUCKET_VALUES}
-        if all(values[c] is not None for c in schema.REQUIRED_VALUE_COLUMNS):
+        lp, olp, adv = values[schema.LOGP], values[schema.OLD_LOGP], values[schema.ADV]
+        if lp is not None and olp is not None and adv is not None:
             got = bucket_kernel.bucket_records(
                 cols[schema.STEP],
                 cols[schema.RANK],
                 cols[schema.MICRO],
                 np.where(keep, ids, -1),
-                *(values[c] for c in (schema.LOGP, schema.OLD_LOGP, schema.ADV, schema.ENTROPY, schema.ROLLOUT_LOGP)),
+                lp,
+                olp,
+                adv,
+                values[schema.ENTROPY],
+                values[schema.ROLLOUT_LOGP],
                 config,
             )
             if got is not None:

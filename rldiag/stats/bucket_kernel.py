@@ -94,7 +94,9 @@ def _route_buckets(route: np.ndarray, edges: np.ndarray) -> np.ndarray:  # pragm
 
 
 @numba.njit(nogil=True, cache=True)
-def _decile_buckets(step, pos, steps, longest, nb):  # pragma: no cover - compiled
+def _decile_buckets(
+    step: np.ndarray, pos: np.ndarray, steps: np.ndarray, longest: np.ndarray, nb: int
+) -> np.ndarray:  # pragma: no cover - compiled
     n = step.size
     out = np.empty(n, dtype=np.int64)
     top = 0
@@ -252,7 +254,9 @@ _LN2 = math.log(2.0)
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_records(step, rank, micro, bucket, nb, max_slots):  # pragma: no cover - compiled
+def _count_records(
+    step: np.ndarray, rank: np.ndarray, micro: np.ndarray, bucket: np.ndarray, nb: int, max_slots: int
+) -> int:  # pragma: no cover - compiled
     """Records (step, bucket, rank, micro) with a row, in rows of contiguous steps; -1 when a step has more
     than ``max_slots`` (bucket, rank/micro) combinations."""
     n = step.size
@@ -282,8 +286,23 @@ def _count_records(step, rank, micro, bucket, nb, max_slots):  # pragma: no cove
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _bucket_records(
-    step, rank, micro, bucket, nb, n_rec, lp, olp, adv, ent, roll, has_ent, has_roll, tol, lo_thr, hi_thr
-):  # pragma: no cover - compiled
+    step: np.ndarray,
+    rank: np.ndarray,
+    micro: np.ndarray,
+    bucket: np.ndarray,
+    nb: int,
+    n_rec: int,
+    lp: np.ndarray,
+    olp: np.ndarray,
+    adv: np.ndarray,
+    ent: np.ndarray,
+    roll: np.ndarray,
+    has_ent: bool,
+    has_roll: bool,
+    tol: float,
+    lo_thr: float,
+    hi_thr: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|.
 
     The kernel's passes for these statistics (valid, ratio, clip, entropy, mismatch and the extreme count of
@@ -359,7 +378,7 @@ def _bucket_records(
             if b < 0:
                 continue
             k = b * n_rm + rm
-            lane = cnt[k] % _W
+            lane = cnt[k] & (_W - 1)  # cnt >= 0; W is a power of two
             cnt[k] += 1
             ok = ok_s[u]
             y = y_s[u]
