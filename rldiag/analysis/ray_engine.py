@@ -128,7 +128,7 @@ def _bucket_task(source: TokenSource, steps: list[int], by: str, buckets: int, w
 def _lens_task(source: TokenSource, steps: list[int], objectives: Sequence[str] | None, params: Any) -> pl.DataFrame:
     from rldiag.analysis.lens import lens as local_lens
 
-    return local_lens(source, objectives, steps, params)
+    return local_lens(source, objectives, steps, params, threads=1)  # a task holds one CPU
 
 
 def _run_chunks(
