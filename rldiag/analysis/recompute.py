@@ -492,9 +492,7 @@ def bucket_read_columns(by: str) -> list[str]:
     return list(schema.KEY_COLUMNS) + list(_BUCKET_VALUES) + extra
 
 
-def _bucket_ids(
-    frame: pl.DataFrame, by: str, buckets: int, width: int | None, longest: dict[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
+def _bucket_ids(frame: pl.DataFrame, by: str, buckets: int, width: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Bucket of each row of a piece of whole steps, and which rows have one."""
     if by in _BUCKET_INPUT:
         ids = bucket_kernel.buckets(by, frame[_BUCKET_INPUT[by]].to_numpy())  # nulls read as NaN: no bucket
@@ -503,8 +501,12 @@ def _bucket_ids(
         if width is not None:
             ids = frame[schema.POS].to_numpy().astype(np.int64) // width
         else:
-            uniq = np.array(sorted(longest), dtype=np.int64)
-            top = np.array([longest[int(k)] for k in uniq], dtype=np.int64)
+            # the step's longest response, from the piece's own rows (it holds whole steps)
+            if frame[schema.POS].null_count():
+                per = frame.group_by(schema.STEP).agg(pl.col(schema.POS).max() + 1).sort(schema.STEP)
+                uniq, top = per[schema.STEP].to_numpy(), per[schema.POS].to_numpy()
+            else:
+                uniq, top = bucket_kernel.step_longest(frame[schema.STEP].to_numpy(), frame[schema.POS].to_numpy())
             ids = bucket_kernel.decile_buckets(
                 frame[schema.STEP].to_numpy(), frame[schema.POS].to_numpy(), uniq, top, buckets
             )
@@ -610,11 +612,13 @@ def bucket_stats(
     :meth:`Run.bucket_metrics`. ``by="prob"`` and ``"route"`` use the fixed buckets of
     :mod:`rldiag.stats.bucket_kernel` and add its sum of ``|d|``; no rows where the run lacks the column.
 
-    Streams: a first pass reads the step column (and positions) for each step's row count (and longest
-    response); then pieces of whole steps of about ``chunk_rows`` rows are read (only the columns of
-    :func:`bucket_read_columns`), bucketed and put in (step, bucket, record) order by a counting pass (rows in
-    the recorder's order; otherwise sorted), and computed by the kernel without histograms, by ``threads``
-    workers (default: one per core, at most :data:`MAX_THREADS`).
+    Streams: a first pass reads the step column for each step's row count; then pieces of whole steps of
+    about ``chunk_rows`` rows are read (only the columns of :func:`bucket_read_columns`; a step's longest
+    response comes from its piece) and bucketed. Rows in the recorder's order are accumulated in place by
+    :func:`rldiag.stats.bucket_kernel.bucket_records`, which fills only the statistics the tables read
+    (:data:`~rldiag.stats.bucket_kernel.BUCKET_STATS`; the others hold their merge identity); other rows are
+    sorted into (step, bucket, record) order and computed by the kernel without histograms. Pieces go to
+    ``threads`` workers (default: one per core, at most :data:`MAX_THREADS`), joined in step order.
     """
     names = lf.collect_schema().names()
     need = bucket_read_columns(by)
@@ -622,16 +626,11 @@ def bucket_stats(
         return STATS_SCHEMA.empty_table()
     missing = [c for c in need if c not in names]
     lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in missing) if missing else lf
-    deciles = by == "pos" and width is None
-    longest_expr = (pl.col(schema.POS).max() + 1) if deciles else pl.lit(0, dtype=pl.Int64)
-    per_step = (
-        lf.group_by(schema.STEP).agg(pl.len().alias("rows"), longest_expr.alias("longest")).sort(schema.STEP).collect()
-    )
+    per_step = lf.group_by(schema.STEP).agg(pl.len().alias("rows")).sort(schema.STEP).collect()
     if per_step.height == 0:
         return STATS_SCHEMA.empty_table()
     steps = per_step[schema.STEP].to_numpy()
     rows = per_step["rows"].to_numpy()
-    longest = dict(zip(steps.tolist(), per_step["longest"].to_list()))
     ranges: list[tuple[int, int]] = []
     start = 0
     while start < steps.size:
@@ -647,7 +646,7 @@ def bucket_stats(
         frame = lf.filter(pl.col(schema.STEP).is_between(lo, hi)).select(need).collect()
         if frame.height == 0:
             return STATS_SCHEMA.empty_table()
-        ids, keep = _bucket_ids(frame, by, buckets, width, longest)
+        ids, keep = _bucket_ids(frame, by, buckets, width)
         return _bucket_piece(frame, config, by, ids, keep)
 
     # pieces read and computed by a few threads (polars' reader and the compiled passes release the GIL), at

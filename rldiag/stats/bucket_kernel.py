@@ -108,6 +108,34 @@ def _decile_buckets(
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _run_longest(step: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    n = step.size
+    rs = np.empty(n, dtype=np.int64)
+    rl = np.empty(n, dtype=np.int64)
+    k = 0
+    for i in range(n):
+        p = np.int64(pos[i]) + 1
+        if i == 0 or step[i] != step[i - 1]:
+            rs[k] = step[i]
+            rl[k] = p
+            k += 1
+        elif p > rl[k - 1]:
+            rl[k - 1] = p
+    return rs[:k].copy(), rl[:k].copy()
+
+
+def step_longest(step: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each step's longest response (``max(pos) + 1``) from its rows (any order): sorted steps and lengths."""
+    rs, rl = _run_longest(step, pos)  # runs of equal steps (one per step in the recorder's order)
+    if rs.size == 0:
+        return rs, rl
+    order = np.argsort(rs, kind="stable")
+    rs, rl = rs[order], rl[order]
+    first = np.flatnonzero(np.concatenate([[True], rs[1:] != rs[:-1]]))
+    return rs[first], np.maximum.reduceat(rl, first)
+
+
 def decile_buckets(step: np.ndarray, pos: np.ndarray, steps: np.ndarray, longest: np.ndarray, nb: int) -> np.ndarray:
     """Position bucket of each row: ``nb`` equal parts of its step's longest response (``longest[k]``: positions
     of ``steps[k]``, sorted), clipped to [0, nb): ``clip(pos * nb // longest, 0, nb - 1)``."""
@@ -322,13 +350,19 @@ def _bucket_records(
             j += 1
         longest = max(longest, j - i)
         i = j
-    ok_s = np.empty(longest, dtype=np.bool_)
+    ok_s = np.empty(longest, dtype=np.int64)
     x_s = np.empty(longest)
-    a_s = np.empty(longest)
     y_s = np.empty(longest)
+    y2_s = np.empty(longest)
+    clo_s = np.empty(longest, dtype=np.int64)
+    chi_s = np.empty(longest, dtype=np.int64)
+    e_s = np.empty(longest)
+    eu_s = np.empty(longest, dtype=np.int64)
     d_s = np.empty(longest)
-    du_s = np.empty(longest, dtype=np.bool_)
+    du_s = np.empty(longest, dtype=np.int64)
+    ext_s = np.empty(longest, dtype=np.int64)
     k3_s = np.empty(longest)
+    a_s = np.empty(longest)
     out = 0
     i = 0
     while i < n:
@@ -350,12 +384,27 @@ def _bucket_records(
             a_s[u] = x_a if ok else 0.0
         for u in range(m):  # r - 1, in a loop of its own so that it vectorizes
             y_s[u] = _expm1(x_s[u])
+        for u in range(m):
+            y = y_s[u]
+            y2_s[u] = y * y
+            a = a_s[u]
+            ok = ok_s[u] != 0
+            r = y + 1.0
+            clo_s[u] = (a < 0.0) & (ok & (r < lo_thr))
+            chi_s[u] = (a > 0.0) & (ok & (r > hi_thr))
+        if has_ent:
+            for u in range(m):
+                e = np.float64(ent[i + u])
+                use = (ok_s[u] != 0) & math.isfinite(e)
+                eu_s[u] = use
+                e_s[u] = e if use else 0.0
         if has_roll:
             for u in range(m):
                 d = np.float64(olp[i + u]) - np.float64(roll[i + u])
-                use = ok_s[u] & math.isfinite(d)
+                use = (ok_s[u] != 0) & math.isfinite(d)
                 du_s[u] = use
                 d_s[u] = d if use else 0.0
+                ext_s[u] = use & (abs(d) > _LN2)
             for u in range(m):  # w - 1 - d
                 k3_s[u] = _expm1(d_s[u]) - d_s[u]
         ns = nb * n_rm
@@ -380,25 +429,18 @@ def _bucket_records(
             k = b * n_rm + rm
             lane = cnt[k] & (_W - 1)  # cnt >= 0; W is a power of two
             cnt[k] += 1
-            ok = ok_s[u]
-            y = y_s[u]
-            a = a_s[u]
-            r = y + 1.0
-            ints[k, 0] += ok
-            ints[k, 1] += (a < 0.0) & (ok & (r < lo_thr))
-            ints[k, 2] += (a > 0.0) & (ok & (r > hi_thr))
-            acc[k, 0, lane] += y
-            acc[k, 1, lane] += y * y
+            ints[k, 0] += ok_s[u]
+            ints[k, 1] += clo_s[u]
+            ints[k, 2] += chi_s[u]
+            acc[k, 0, lane] += y_s[u]
+            acc[k, 1, lane] += y2_s[u]
             if has_ent:
-                e = np.float64(ent[t])
-                use = ok & math.isfinite(e)
-                ints[k, 3] += use
-                acc[k, 2, lane] += e if use else 0.0
+                ints[k, 3] += eu_s[u]
+                acc[k, 2, lane] += e_s[u]
             if has_roll:
-                use = du_s[u]
                 d = d_s[u]
-                ints[k, 4] += use
-                ints[k, 5] += use & (abs(d) > _LN2)
+                ints[k, 4] += du_s[u]
+                ints[k, 5] += ext_s[u]
                 acc[k, 3, lane] += d
                 acc[k, 4, lane] += k3_s[u]
                 sabs[k] += abs(d)
