@@ -737,6 +737,7 @@ def _lens_rows(
     re, we = np.array(r_edges, dtype=np.float64), np.array(w_edges, dtype=np.float64)
     table_shape = (n_steps, 3, 2 * re.size + 1, 2 * we.size + 2, len(K.TABLE_SUMS))
     th = _thresholds(params, tol)
+    r_padded = K.padded(re)
     r = np.empty(frame.height)
     blocks = _blocks(frame.height, workers if pool is not None else 1)
 
@@ -762,6 +763,7 @@ def _lens_rows(
             flags,
             th,
             re,
+            r_padded,
             we,
             table,
             acc,

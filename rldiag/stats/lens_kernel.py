@@ -76,6 +76,20 @@ def _bucket(edges: np.ndarray, x: float) -> int:  # pragma: no cover - compiled
     return b
 
 
+@numba.njit(inline="always")
+def _search_bucket(padded: np.ndarray, n_real: int, x: float) -> int:  # pragma: no cover - compiled
+    """:func:`_bucket` by a branch-free binary search over ``padded`` (the edges, then +inf up to a power of two
+    entries): a fixed number of steps whatever x is, so nothing mispredicts."""
+    base = 0
+    n = padded.size
+    while n > 1:
+        half = n >> 1
+        base = base + half if padded[base + half - 1] < x else base
+        n -= half
+    below = base + int(padded[base] < x)
+    return 2 * below + int(below < n_real and padded[below] == x)
+
+
 @numba.njit(nogil=True, cache=True)
 def step_runs(step: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """The step of each run of equal steps in row order (its unique values are the rows' steps, found without
@@ -106,6 +120,7 @@ def token_pass(  # pragma: no cover - compiled
     flags: np.ndarray,
     th: np.ndarray,
     r_edges: np.ndarray,
+    r_padded: np.ndarray,
     w_edges: np.ndarray,
     table: np.ndarray,
     acc: np.ndarray,
@@ -155,7 +170,7 @@ def token_pass(  # pragma: no cover - compiled
             if w == w:
                 wb = _bucket(w_edges, w)
                 rw = r * w
-        t = table[s, side + 1, _bucket(r_edges, r), wb]
+        t = table[s, side + 1, _search_bucket(r_padded, r_edges.size, r), wb]
         t[0] += 1.0
         t[1] += r
         t[2] += ra
@@ -355,3 +370,11 @@ def dcpo_shortcut(el4: float, eh4: float, tol: float) -> tuple[float, float]:
     lo_max = 0.5 + 0.5 * math.sqrt(v if v > 0.0 else 0.0)
     hi_min = 0.5 + 0.5 * math.sqrt(1.0 + eh4 / q_max)
     return lo_max, hi_min
+
+
+def padded(edges: np.ndarray) -> np.ndarray:
+    """``edges`` followed by +inf up to a power of two entries (at least one +inf), for :func:`_search_bucket`."""
+    size = 1
+    while size <= edges.size:
+        size *= 2
+    return np.concatenate([edges, np.full(size - edges.size, np.inf)])

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -209,3 +210,25 @@ def test_step_runs_finds_every_step():
     step = np.array([3, 3, 1, 1, 3, 7, 7, 1], dtype=np.int64)
     assert np.unique(K.step_runs(step)).tolist() == [1, 3, 7]
     assert K.step_runs(np.zeros(0, np.int64)).size == 0
+
+
+@numba.njit
+def _both_buckets(edges, padded, xs):  # pragma: no cover - compiled
+    out = np.empty((xs.size, 2), np.int64)
+    for i in range(xs.size):
+        out[i, 0] = K._bucket(edges, xs[i])
+        out[i, 1] = K._search_bucket(padded, edges.size, xs[i])
+    return out
+
+
+@pytest.mark.parametrize("n_edges", [0, 1, 2, 3, 7, 8, 25, 31, 32])
+def test_the_branch_free_search_finds_the_counted_bucket(n_edges):
+    rng = np.random.default_rng(n_edges)
+    edges = np.sort(rng.uniform(0, 3, n_edges))
+    near = [edges, np.nextafter(edges, 9), np.nextafter(edges, -9)]
+    xs = np.concatenate([*near, rng.uniform(-1, 4, 1000), [np.inf, -np.inf, 0.0, np.nan]])
+    got = _both_buckets(edges, K.padded(edges), xs)
+    np.testing.assert_array_equal(got[:, 1], got[:, 0])
+    below = (edges[None, :] < xs[:-1, None]).sum(axis=1)
+    on = (edges[None, :] == xs[:-1, None]).sum(axis=1)
+    np.testing.assert_array_equal(got[:-1, 0], 2 * below + on)
