@@ -40,7 +40,7 @@ class Run:
 
     Step metrics come from a per-step *compacted* statistics table: published files are immutable and merging
     is associative, so the statistics of files already seen are kept merged per step (and saved as the run
-    index, ``.rldiag-index/steps.parquet``), and new files merge into them. Per-record rows (``stats_table``,
+    index, ``.rldiag-index/steps.arrow``), and new files merge into them. Per-record rows (``stats_table``,
     rank filters) are read from the files when asked for.
 
     The jobs are split: :class:`rldiag.analysis.scan.RunFiles` (:attr:`files`) lists, validates and indexes the
