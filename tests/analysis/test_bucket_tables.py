@@ -177,3 +177,92 @@ def test_pieces_and_row_order_do_not_change_the_table(tmp_path, by, width) -> No
         assert bucket_table(bucket_stats(lf, run.config, by, 4, width, chunk_rows=rows), by).equals(want)
     shuffled = lf.collect().sample(fraction=1.0, shuffle=True, seed=3).lazy()
     assert bucket_table(bucket_stats(shuffled, run.config, by, 4, width), by).equals(want)
+
+
+def _token_frame(seed: int = 7, steps: int = 4) -> pl.DataFrame:
+    """Token rows in the recorder's order, (step, rank, micro, seq, pos), with two ranks and two micro-batches
+    per step, ragged sequences, stages and turns, invalid tokens (a NaN advantage, a log-prob above 0), NaN
+    entropies and sampler log-probs, and route_agree values on and off the bucket edges."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("step", "rank", "micro", "seq", "pos", "stage", "turn")}
+    vals: dict[str, list[np.ndarray]] = {k: [] for k in ("logp", "old_logp", "adv", "entropy", "rollout_logp")}
+    vals["route_agree"] = []
+    for step in range(steps):
+        for rank in range(2):
+            for micro in range(2):
+                for seq in range(int(rng.integers(2, 6))):
+                    n = int(rng.integers(1, 90))
+                    for k, v in (("step", step), ("rank", rank), ("micro", micro), ("seq", seq)):
+                        cols[k].append(np.full(n, v))
+                    cols["pos"].append(np.arange(n))
+                    cols["stage"].append(np.minimum(np.arange(n) // 25, 3))
+                    cols["turn"].append(np.arange(n) // 40)
+                    old = -rng.exponential(1.0, n)
+                    lp = np.minimum(old + rng.standard_t(2, n) * 0.2, 0.0)
+                    lp[rng.random(n) < 0.03] = 0.5  # above the tolerance: invalid
+                    adv = np.full(n, rng.normal())
+                    adv[rng.random(n) < 0.03] = np.nan
+                    roll = np.minimum(old + rng.standard_t(2, n) * 0.5, 0.0)
+                    roll[rng.random(n) < 0.05] = np.nan
+                    ent = rng.exponential(1.0, n)
+                    ent[rng.random(n) < 0.05] = np.nan
+                    route = rng.choice([1.0, 0.95, 0.9, 0.8, 0.75, 0.6, 0.5, 0.2, 0.0, np.nan], n)
+                    for k, v in (("logp", lp), ("old_logp", old), ("adv", adv), ("entropy", ent)):
+                        vals[k].append(v)
+                    vals["rollout_logp"].append(roll)
+                    vals["route_agree"].append(route)
+    frame = {k: np.concatenate(v) for k, v in cols.items()}
+    frame |= {k: np.concatenate(v).astype(np.float32) for k, v in vals.items()}
+    return pl.DataFrame(frame).with_columns(
+        pl.col("step", "seq").cast(pl.Int64), pl.col("rank", "micro", "pos", "stage", "turn").cast(pl.Int32)
+    )
+
+
+def _fingerprint(tab: pl.DataFrame) -> str:
+    import hashlib
+
+    data = tab.select(pl.all().cast(pl.Float64)).to_numpy()
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()[:16]
+
+
+# the tables of _token_frame() as the kernel computed them before the in-place bucket accumulation
+# (bucket_kernel.bucket_records) replaced the gather: any last-bit change of a table changes its fingerprint
+_FINGERPRINTS = {
+    ("pos", None): "c3cc7f96439bc5b3",
+    ("pos", 16): "d759edd938937a69",
+    ("stage", None): "3c69b298996f259e",
+    ("turn", None): "3462be7785eae6b6",
+    ("prob", None): "6ae967f260a114ad",
+    ("route", None): "344e623cea22fada",
+}
+
+
+@pytest.mark.parametrize(("by", "width"), list(_FINGERPRINTS))
+def test_in_place_accumulation_is_bit_identical_to_the_kernel(by, width) -> None:
+    """Rows in the recorder's order go through bucket_kernel.bucket_records (no gather); shuffled rows through
+    the sort and the kernel. Both give the same table bit for bit (several ranks and micro-batches per step,
+    invalid tokens, NaN inputs), and the table is today's (a fingerprint of its values)."""
+    from rldiag.analysis.recompute import bucket_stats, bucket_table
+    from rldiag.config import RecorderConfig
+    from rldiag.stats import bucket_kernel
+
+    frame = _token_frame()
+    cfg = RecorderConfig()
+    calls = []
+    original = bucket_kernel.bucket_records
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    bucket_kernel.bucket_records = counted
+    try:
+        fast = bucket_table(bucket_stats(frame.lazy(), cfg, by, 4, width), by)
+    finally:
+        bucket_kernel.bucket_records = original
+    assert calls  # the in-place path ran
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=5).lazy()
+    slow = bucket_table(bucket_stats(shuffled, cfg, by, 4, width), by)
+    assert fast.height > 8
+    assert fast.equals(slow)
+    assert _fingerprint(fast) == _FINGERPRINTS[(by, width)]
