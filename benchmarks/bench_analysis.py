@@ -293,21 +293,33 @@ def bench_memory(args: argparse.Namespace) -> None:
             text=True,
             check=True,
         ).stdout.split()
-        for label, call in (
-            ("config recompute", "config=r.config.replace(eps_high=0.28)"),
-            ("every statistic from token rows", "config=r.config.replace(eps_high=0.28), from_tokens=True"),
+        files = [str(f) for f in rldiag.open_run(tmp / "run").token_files()]
+        n = sum(pq.read_metadata(f).num_rows for f in files)
+        for label, call, config_only in (
+            ("config recompute", "config=r.config.replace(eps_high=0.28)", True),
+            ("every statistic from token rows", "config=r.config.replace(eps_high=0.28), from_tokens=True", False),
         ):
+            # the recompute first (its peak RSS), then the bare sum of the columns it reads, in the same process
             code = (
-                f"import resource, time, rldiag; r = rldiag.open_run({str(tmp / 'run')!r}); t = time.perf_counter(); "
-                f"df = r.step_metrics({call}); "
-                "print(f'{time.perf_counter() - t:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')"
+                "import resource, sys, time, rldiag; sys.path.insert(0, 'benchmarks'); "
+                "from bench_analysis import bare_sum; "
+                f"r = rldiag.open_run({str(tmp / 'run')!r}); t = time.perf_counter(); "
+                f"df = r.step_metrics({call}); t = time.perf_counter() - t; "
+                "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                f"b = bare_sum({files!r}, {read_columns(files, config_only)!r}); "
+                "print(f'{t:.2f} {rss} {b:.2f}')"
             )
             out = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).parent.parent,
             ).stdout.split()
+            t, rss, b = float(out[0]), int(out[1]), float(out[2])
             print(
-                f"{label} of {args.rows:,} token rows, fresh process: {float(out[0]):.1f} s "
-                f"({args.rows / float(out[0]) / 1e6:.1f} M tokens/s), peak RSS {int(out[1]) / 2**20:.2f} GiB "
+                f"{label} of {n:,} token rows, fresh process: {t:.1f} s ({n / t / 1e6:.1f} M tokens/s), "
+                f"{t / b:.2f}x the bare sum of its columns ({b:.1f} s, after it); peak RSS {rss / 2**20:.2f} GiB "
                 f"(import baseline {int(base[0]) / 2**20:.2f} GiB; target < 2 GB)"
             )
     finally:
