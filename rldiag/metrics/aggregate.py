@@ -192,29 +192,39 @@ def compact(table: pa.Table) -> pa.Table:
     """Merge statistics rows into one row per step, in the statistics-table schema (rank and micro -1).
 
     Merging is associative, so ``merge(compact(t) + more)`` equals ``merge(t + more)``: the run index stores
-    compacted rows and later files merge into them.
+    compacted rows and later files merge into them. Histograms merge sparse to sparse
+    (:func:`rldiag.stats.hist.merge_sparse`): the same bins and counts as densifying and taking the non-empty
+    bins again, without a ``[steps, bins]`` matrix per histogram.
     """
     from rldiag.stats.kernel import BatchStats
-    from rldiag.stats.table import to_table
+    from rldiag.stats.table import STATS_SCHEMA, to_table
 
-    merged = merge(table, by=("step",), stats=set(STATS), keep_sets=True)
+    merged = merge(table, by=("step",), stats=set(STATS) - set(HISTS), keep_sets=True)
     g = merged.n_groups
     scalars = np.stack([merged.stats[name] for name in SCALARS], axis=1) if g else np.zeros((0, len(SCALARS)))
-    hists = {}
-    for name in HISTS:
-        h = merged.stats[name]
-        if g and h.max(initial=0) >= 2**32:
-            raise OverflowError(f"histogram {name} has a bin with more than 2**32 tokens in one step")
-        hists[name] = h
     assert merged.set_values is not None
     bs = BatchStats(
         scalars=scalars,
-        hists=hists,
+        hists={name: np.zeros((g, 0)) for name in HISTS},  # replaced below by the sparse merge
         vectors={n: merged.stats[n] for n in VECTORS},
         sets=merged.set_values,
         cov=np.zeros(0),
     )
-    return to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
+    out = to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
+    inv, _, _ = _group_index(table, ("step",))
+    for name, nb in HISTS.items():
+        lengths, idx = _list_parts(table.column(f"{name}.idx"))
+        _, cnt = _list_parts(table.column(f"{name}.cnt"))
+        n, bins, counts = hist.merge_sparse(inv, g, lengths, idx, cnt, nb)
+        if counts.size and counts.max() >= 2**32:
+            raise OverflowError(f"histogram {name} has a bin with more than 2**32 tokens in one step")
+        offsets = np.zeros(g + 1, dtype=np.int32)
+        np.cumsum(n, out=offsets[1:])
+        for suffix, values in ((".idx", bins.astype(np.uint16)), (".cnt", counts.astype(np.uint32))):
+            col = f"{name}{suffix}"
+            arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(STATS_SCHEMA.field(col).type)
+            out = out.set_column(out.schema.get_field_index(col), STATS_SCHEMA.field(col), arr)
+    return out
 
 
 def finalize(merged: Merged, names: Sequence[str] | None = None) -> pl.DataFrame:

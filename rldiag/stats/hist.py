@@ -219,6 +219,63 @@ def densify(
     return out
 
 
+def merge_sparse(
+    row_group: np.ndarray, n_groups: int, lengths: np.ndarray, idx: np.ndarray, cnt: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge sparse histograms of many rows into one *sparse* histogram per group, without a dense matrix.
+
+    Inputs as for :func:`densify` (and checked the same way). Returns ``(lengths, bins, counts)`` of the merged
+    rows in the Arrow list layout: per group its non-empty bins in ascending order (int64) and their summed
+    counts (float64, exact integers) -- the bins and counts that :func:`densify` followed by
+    :func:`sparse_row` gives, without the ``[n_groups, n_bins]`` matrix (100,000 steps x 484 bins is 387 MB
+    per histogram, most of a first open's time in page faults).
+    """
+    idx = np.ascontiguousarray(idx)
+    if idx.dtype.kind not in "iu":
+        idx = idx.astype(np.int64)
+    cnt = np.ascontiguousarray(cnt)
+    row_group = np.ascontiguousarray(row_group, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    bad = _check_sparse(row_group, n_groups, lengths, idx, cnt.size, n_bins)
+    if bad:
+        raise ValueError(f"damaged sparse histogram: {_SPARSE_ERRORS[bad]} (bins {n_bins}, groups {n_groups})")
+    order = np.argsort(row_group, kind="stable")
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    if lengths.size:
+        np.cumsum(lengths[:-1], out=starts[1:])
+    out_len = np.zeros(n_groups, dtype=np.int64)
+    out_bin = np.empty(min(idx.size, n_groups * n_bins), dtype=np.int64)
+    out_cnt = np.empty(out_bin.size)
+    k = _merge_sparse(order, row_group, starts, lengths, idx, cnt, n_bins, out_len, out_bin, out_cnt)
+    return out_len, out_bin[:k], out_cnt[:k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_sparse(order, row_group, starts, lengths, idx, cnt, n_bins, out_len, out_bin, out_cnt):  # pragma: no cover
+    # rows in group order (stable); each group's entries added into one scratch row, whose non-zero bins are
+    # emitted in ascending order and reset; the caller has checked every index with _check_sparse
+    scratch = np.zeros(n_bins)
+    k = 0
+    r = 0
+    for g in range(out_len.size):
+        while r < order.size and row_group[order[r]] == g:
+            i = order[r]
+            for e in range(starts[i], starts[i] + lengths[i]):
+                scratch[idx[e]] += cnt[e]
+            r += 1
+        n = 0
+        for b in range(n_bins):
+            v = scratch[b]
+            if v != 0.0:
+                out_bin[k] = b
+                out_cnt[k] = v
+                scratch[b] = 0.0
+                k += 1
+                n += 1
+        out_len[g] = n
+    return k
+
+
 _SPARSE_ERRORS = {
     1: "row and length counts differ",
     2: "a row's group is out of range",

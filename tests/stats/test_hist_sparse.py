@@ -147,3 +147,67 @@ def test_merge_of_a_table_of_many_chunks_densifies_chunk_by_chunk() -> None:
     damaged = pa.concat_tables([parts[0], pa.table(bad, schema=STATS_SCHEMA), parts[3]])
     with pytest.raises(ValueError, match="bin index is out of range"):
         aggregate.merge(damaged, stats={"h_ent"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(0, 40), n_groups=st.integers(1, 8))
+def test_merge_sparse_equals_densify_then_nonzero(seed: int, n_rows: int, n_groups: int) -> None:
+    """The sparse merge of compact() gives, per group, the non-empty bins of the dense merge in ascending order
+    and their counts, exactly; rows of a group may be anywhere (several files)."""
+    rng = np.random.default_rng(seed)
+    nb = hist.N_SIGNED
+    lengths, idx, cnt = _rows(rng, n_rows, nb, empty=0.2)
+    groups = rng.integers(0, n_groups, n_rows)
+    dense = hist.densify(groups, n_groups, lengths, idx, cnt, nb)
+    n, bins, counts = hist.merge_sparse(groups, n_groups, lengths, idx, cnt, nb)
+    rows, cols = np.nonzero(dense)
+    np.testing.assert_array_equal(n, np.bincount(rows, minlength=n_groups))
+    np.testing.assert_array_equal(bins, cols)
+    np.testing.assert_array_equal(counts, dense[rows, cols])
+
+
+def test_merge_sparse_refuses_damaged_entries() -> None:
+    with pytest.raises(ValueError, match="bin index is out of range"):
+        hist.merge_sparse(np.zeros(1), 1, np.array([1]), np.array([hist.N_MAG]), np.ones(1, np.uint32), hist.N_MAG)
+    with pytest.raises(ValueError, match="group is out of range"):
+        hist.merge_sparse(np.array([3]), 1, np.array([1]), np.array([0]), np.ones(1, np.uint32), hist.N_MAG)
+
+
+def _dense_compact(table: pa.Table) -> pa.Table:
+    """compact() as it was before the sparse merge: densify every histogram, then take its non-empty bins."""
+    from rldiag.stats.kernel import HISTS, SCALARS, STATS, VECTORS, BatchStats
+    from rldiag.stats.table import to_table
+
+    merged = aggregate.merge(table, by=("step",), stats=set(STATS), keep_sets=True)
+    g = merged.n_groups
+    scalars = np.stack([merged.stats[n] for n in SCALARS], axis=1) if g else np.zeros((0, len(SCALARS)))
+    assert merged.set_values is not None
+    bs = BatchStats(
+        scalars=scalars,
+        hists={n: merged.stats[n] for n in HISTS},
+        vectors={n: merged.stats[n] for n in VECTORS},
+        sets=merged.set_values,
+        cov=np.zeros(0),
+    )
+    return to_table(bs, merged.keys["step"], np.full(g, -1), np.full(g, -1))
+
+
+def test_compact_of_recorded_runs_equals_the_dense_route(tmp_path) -> None:
+    """compact() over real recorded statistics (several ranks and files, a step spread over files) is the table
+    the dense route gives, bit for bit (Table.equals compares every value)."""
+    import rldiag
+    from tests.analysis.test_io import make_record
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(11)
+    for rank in range(3):
+        with rldiag.Recorder(run, rank=rank, world_size=3, roll_steps=2, handle_signals=False) as rec:
+            for step in range(7):
+                for _ in range(2):
+                    rec.record(step=step, **make_record(rng, 4, 8))
+    table = rldiag.open_run(run).stats_table()
+    assert table.column("h_lr.idx").num_chunks > 1
+    got, want = aggregate.compact(table), _dense_compact(table)
+    assert got.equals(want)
+    empty = table.slice(0, 0)
+    assert aggregate.compact(empty).equals(_dense_compact(empty))
