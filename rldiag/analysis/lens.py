@@ -329,7 +329,6 @@ def _thresholds(p: LensParams, tol: float) -> np.ndarray:
 
 
 _CLIPS = ("ppo", "dapo", "dual_clip", "tis", "mis")
-_TABLE_OBJECTIVES = ("ppo", "dapo", "dual_clip", "cispo", "tis", "mis")
 
 
 def _ratio_edges(p: LensParams, objs: Sequence[str]) -> list[float]:
