@@ -3,8 +3,8 @@
 Every quantity the lens reports is a ratio of sums over a step's valid tokens (``kept``, ``w``, ``pos``,
 ``abs``, ``kadv`` per objective, see :func:`rldiag.analysis.lens._finalize`); these passes compute those sums
 for the rows of some whole steps in a few linear loops, compiled with numba (``nogil``: blocks of rows run at
-once in threads, and their sums add). The rules themselves come from :mod:`rldiag.stats.definitions` (validity, CTPO's clip,
-the batch ESS), compiled here from their one source like the statistics kernel does.
+once in threads, and their sums add). The rules themselves come from :mod:`rldiag.stats.definitions`
+(validity, CTPO's clip, the batch ESS), compiled here from their one source like the statistics kernel does.
 
 * :func:`token_pass`: one pass over the rows. It fills a small table of sums per (step, sign of A, bucket of r
   among every ratio bound the clip-style objectives use, bucket of the rollout weight among the TIS/MIS caps),
@@ -132,8 +132,8 @@ def token_pass(  # pragma: no cover - compiled
     ``table[s, side + 1, rb, wb, j]``, sums :data:`TABLE_SUMS` of the valid tokens of step ``uniq[s]`` by sign of
     A, bucket of r among ``r_edges`` (found by :func:`_search_bucket` in ``r_padded``, :func:`padded`) and bucket of
     the rollout weight ``w = exp(old_logp - rollout_logp)`` among ``w_edges`` (:func:`_bucket`; the last slot
-    ``2 * w_edges.size + 1`` holds tokens without a weight: NaN, or no rollout column). PPO, DAPO, dual-clip, CISPO, TIS, MIS and every point of BAPO's search
-    are sums over parts of this table, read exactly by bucket.
+    ``2 * w_edges.size + 1`` holds tokens without a weight: NaN, or no rollout column). PPO, DAPO, dual-clip,
+    CISPO, TIS, MIS and every point of BAPO's search are sums over parts of this table, read exactly by bucket.
 
     ``acc[s]``: ``sum r^2``, DCPO's five :data:`SUMS` (its bounds depend on the token's prior), SAPO's weight,
     positive and total gradient mass (:data:`ACC_SUMS`). ``r_out[i]``: the ratio of valid row i, NaN for the
