@@ -394,7 +394,8 @@ class Run:
             lf = self.tokens()
             if steps is not None:
                 lf = lf.filter(pl.col("step").is_in(list(steps)))
-            stats = bucket_stats(lf, self.config, by, buckets, width)
+            rows = recompute.stored_step_rows(self.compact_table(), steps)  # sizes the pieces: no pass over steps
+            stats = bucket_stats(lf, self.config, by, buckets, width, step_rows=rows)
         return bucket_table(stats, by)
 
     # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------

@@ -606,19 +606,22 @@ def bucket_stats(
     *,
     chunk_rows: int = _BUCKET_CHUNK_ROWS,
     threads: int | None = None,
+    step_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pa.Table:
     """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
     step's longest response). Merging them by (step, bucket) (:func:`bucket_table`) gives
     :meth:`Run.bucket_metrics`. ``by="prob"`` and ``"route"`` use the fixed buckets of
     :mod:`rldiag.stats.bucket_kernel` and add its sum of ``|d|``; no rows where the run lacks the column.
 
-    Streams: a first pass reads the step column for each step's row count; then pieces of whole steps of
-    about ``chunk_rows`` rows are read (only the columns of :func:`bucket_read_columns`; a step's longest
-    response comes from its piece) and bucketed. Rows in the recorder's order are accumulated in place by
-    :func:`rldiag.stats.bucket_kernel.bucket_records`, which fills only the statistics the tables read
-    (:data:`~rldiag.stats.bucket_kernel.BUCKET_STATS`; the others hold their merge identity); other rows are
-    sorted into (step, bucket, record) order and computed by the kernel without histograms. Pieces go to
-    ``threads`` workers (default: one per core, at most :data:`MAX_THREADS`), joined in step order.
+    Streams: pieces of whole steps of about ``chunk_rows`` rows, sized from ``step_rows`` (sorted steps and
+    their token rows, e.g. :func:`stored_step_rows`; without them a first pass over the step column counts
+    them), are read as step ranges that together cover every step (only the columns of
+    :func:`bucket_read_columns`; a step's longest response comes from its piece) and bucketed. Rows in the
+    recorder's order are accumulated in place by :func:`rldiag.stats.bucket_kernel.bucket_records`, which
+    fills only the statistics the tables read (:data:`~rldiag.stats.bucket_kernel.BUCKET_STATS`; the others
+    hold their merge identity); other rows are sorted into (step, bucket, record) order and computed by the
+    kernel without histograms. Pieces go to ``threads`` workers (default: one per core, at most
+    :data:`MAX_THREADS`), joined in step order.
     """
     names = lf.collect_schema().names()
     need = bucket_read_columns(by)
@@ -626,24 +629,31 @@ def bucket_stats(
         return STATS_SCHEMA.empty_table()
     missing = [c for c in need if c not in names]
     lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in missing) if missing else lf
-    per_step = lf.group_by(schema.STEP).agg(pl.len().alias("rows")).sort(schema.STEP).collect()
-    if per_step.height == 0:
-        return STATS_SCHEMA.empty_table()
-    steps = per_step[schema.STEP].to_numpy()
-    rows = per_step["rows"].to_numpy()
-    ranges: list[tuple[int, int]] = []
-    start = 0
-    while start < steps.size:
-        end = start + 1
-        total = int(rows[start])
-        while end < steps.size and total + int(rows[end]) <= chunk_rows:
-            total += int(rows[end])
-            end += 1
-        ranges.append((int(steps[start]), int(steps[end - 1])))
-        start = end
+    if step_rows is None:
+        per_step = lf.group_by(schema.STEP).agg(pl.len().alias("rows")).sort(schema.STEP).collect()
+        if per_step.height == 0:
+            return STATS_SCHEMA.empty_table()
+        step_rows = (per_step[schema.STEP].to_numpy(), per_step["rows"].to_numpy())
+    steps, rows = step_rows
+    # step ranges (lo, hi] of about chunk_rows rows; the first is open below and the last above, so that a step
+    # the counts miss (stored counts of a run still being written) is read all the same
+    ends: list[int] = []
+    total = 0
+    for k in range(steps.size):
+        if k and total + int(rows[k]) > chunk_rows:
+            ends.append(int(steps[k - 1]))
+            total = 0
+        total += int(rows[k])
+    bounds: list[int | None] = [None, *ends, None]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
 
-    def piece(lo: int, hi: int) -> pa.Table:
-        frame = lf.filter(pl.col(schema.STEP).is_between(lo, hi)).select(need).collect()
+    def piece(lo: int | None, hi: int | None) -> pa.Table:
+        where = pl.lit(True)
+        if lo is not None:
+            where = where & (pl.col(schema.STEP) > lo)
+        if hi is not None:
+            where = where & (pl.col(schema.STEP) <= hi)
+        frame = lf.filter(where).select(need).collect()
         if frame.height == 0:
             return STATS_SCHEMA.empty_table()
         ids, keep = _bucket_ids(frame, by, buckets, width)
@@ -664,6 +674,21 @@ def bucket_stats(
     if not parts:
         return STATS_SCHEMA.empty_table()
     return pa.concat_tables(parts, promote_options="default")
+
+
+def stored_step_rows(compact: pa.Table, steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Token rows per step as a run's statistics record them (``rows_written`` of its per-step table, e.g.
+    ``Run.compact_table()``; only ``steps``), for :func:`bucket_stats`' pieces without a pass over the token
+    rows; None when the table has none. Only the pieces' sizes depend on them."""
+    if compact.num_rows == 0 or "rows_written" not in compact.column_names:
+        return None
+    step = compact.column(schema.STEP).to_numpy().astype(np.int64)
+    rows = np.nan_to_num(compact.column("rows_written").to_numpy().astype(np.float64)).astype(np.int64)
+    if steps is not None:
+        keep = np.isin(step, np.asarray(list(steps), dtype=np.int64))
+        step, rows = step[keep], rows[keep]
+    order = np.argsort(step, kind="stable")
+    return step[order], rows[order]
 
 
 def bucket_table(stats: pa.Table, by: str) -> pl.DataFrame:

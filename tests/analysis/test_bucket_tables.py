@@ -266,3 +266,19 @@ def test_in_place_accumulation_is_bit_identical_to_the_kernel(by, width) -> None
     assert fast.height > 8
     assert fast.equals(slow)
     assert _fingerprint(fast) == _FINGERPRINTS[(by, width)]
+
+
+def test_pieces_sized_from_wrong_step_counts_still_cover_every_step() -> None:
+    """Stored per-step counts only size the pieces (step ranges open at both ends): counts that miss steps or
+    miscount them give the same table as counting the rows."""
+    from rldiag.analysis.recompute import bucket_stats, bucket_table
+    from rldiag.config import RecorderConfig
+
+    frame = _token_frame(steps=6)
+    cfg = RecorderConfig()
+    want = bucket_table(bucket_stats(frame.lazy(), cfg, "pos", 4, None), "pos")
+    for counts in ((np.array([2]), np.array([10])), (np.array([0, 3, 5]), np.array([10**6, 1, 1]))):
+        for chunk in (1, 500, 10**9):
+            got = bucket_stats(frame.lazy(), cfg, "pos", 4, None, chunk_rows=chunk, step_rows=counts)
+            assert bucket_table(got, "pos").equals(want)
+    assert sorted(want["step"].unique().to_list()) == list(range(6))
