@@ -13,7 +13,7 @@ reported as ``2**-21`` (absolute error below 1e-6); values in the overflow bin a
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import numba
 import numpy as np
@@ -70,6 +70,10 @@ def signed_index(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, N_MAG - 1 - m, N_MAG + m)
 
 
+@overload
+def fold(signed_counts: SparseRows) -> SparseRows: ...
+@overload
+def fold(signed_counts: np.ndarray) -> np.ndarray: ...
 def fold(signed_counts: np.ndarray | SparseRows) -> np.ndarray | SparseRows:
     """Counts of |x| from signed-bin counts ``[..., N_SIGNED]``: negative bin k mirrors positive bin k.
 
@@ -375,7 +379,7 @@ class SparseRows:
             rows = np.arange(self.lengths.size, dtype=np.int64)
             d = np.zeros((self.lengths.size, self.stored_bins))
             _densify(rows, self.lengths, self.idx, self.cnt, d)
-            self._dense = fold(d) if self.fold else d  # type: ignore[assignment]
+            self._dense = fold(d) if self.fold else d
         assert self._dense is not None
         return self._dense
 
