@@ -576,6 +576,16 @@ def _step_ranges(chunks: list[list[int]]) -> list[tuple[int | None, int | None]]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _between(lo: int | None, hi: int | None) -> pl.Expr:
+    """``lo < step <= hi``, a missing bound left out."""
+    where = pl.lit(True)
+    if lo is not None:
+        where = where & (pl.col(schema.STEP) > lo)
+    if hi is not None:
+        where = where & (pl.col(schema.STEP) <= hi)
+    return where
+
+
 def _steps_in_chunks(counts: pl.DataFrame, max_rows: int) -> list[list[int]]:
     chunks: list[list[int]] = [[]]
     rows = 0
@@ -641,21 +651,21 @@ def lens(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     shape = _columns_of(lf)
-    if steps is not None:
-        lf = lf.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
-    counts = _stored_counts(run_or_frame, steps)
+    wanted = None if steps is None else sorted({int(s) for s in steps})
+    counts = _stored_counts(run_or_frame, wanted)
     if counts is None:  # token rows of a frame: one pass over the step column
-        counts = lf.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
-    chunks = _step_ranges(_steps_in_chunks(counts, chunk_rows))
+        some = lf if wanted is None else lf.filter(pl.col(schema.STEP).is_in(wanted))
+        counts = some.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
+    chunks = _steps_in_chunks(counts, chunk_rows)
+    if wanted is None:
+        filters = [_between(lo, hi) for lo, hi in _step_ranges(chunks)]
+    else:
+        # chosen steps are read by value (a scan skips the row groups between them); any the counts missed too
+        missing = sorted(set(wanted) - {s for c in chunks for s in c})
+        filters = [pl.col(schema.STEP).is_in(c) for c in chunks + ([missing] if missing else [])]
     cols = shape.read_columns(objs)
 
-    def read(bounds: tuple[int | None, int | None]) -> pl.DataFrame:
-        lo, hi = bounds
-        where = pl.lit(True)
-        if lo is not None:
-            where = where & (pl.col(schema.STEP) > lo)
-        if hi is not None:
-            where = where & (pl.col(schema.STEP) <= hi)
+    def read(where: pl.Expr) -> pl.DataFrame:
         return lf.filter(where).select(cols).collect()
 
     from rldiag.analysis.recompute import default_threads
@@ -664,11 +674,11 @@ def lens(
     parts: list[pl.DataFrame] = []
     # one chunk is read (polars' reader runs on its own threads) while the workers reduce the previous one
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
-        nxt = reader.submit(read, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
+        nxt = reader.submit(read, filters[0]) if filters else None
+        for k in range(len(filters)):
             assert nxt is not None
             frame = nxt.result()
-            nxt = reader.submit(read, chunks[k + 1]) if k + 1 < len(chunks) else None
+            nxt = reader.submit(read, filters[k + 1]) if k + 1 < len(filters) else None
             parts.append(_lens_rows(frame, objs, params, shape, tol, pool if workers > 1 else None, workers))
     parts = [p for p in parts if p.height]
     if not parts:
