@@ -641,8 +641,9 @@ def lens(
     ``params`` is a :class:`LensParams` or a dict of overrides (``{"dapo": {"eps_high": 0.3}}``).
 
     The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (a larger step is a
-    chunk of its own): only the columns the lens needs (:func:`read_columns`) are read, with a step filter that
-    reaches the Parquet scan, and reduced by the compiled passes of :mod:`rldiag.stats.lens_kernel`, by
+    chunk of its own; a run's per-step row counts come from its statistics, a frame's from a pass over ``step``):
+    only the columns the lens needs (:func:`read_columns`) are read, with a step filter that reaches the Parquet
+    scan, and reduced by the compiled passes of :mod:`rldiag.stats.lens_kernel`, by
     ``threads`` workers (default: one per core, at most 8), so memory is bounded by the chunks in flight, not the
     run. Returns ``step`` and :func:`columns`, one row per step.
     """
