@@ -576,6 +576,16 @@ def _step_ranges(chunks: list[list[int]]) -> list[tuple[int | None, int | None]]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+_TABLE_BUDGET = 32 << 20
+"""Bytes of the token pass's tables (one per worker block) a chunk may hold: it bounds a chunk's steps."""
+
+
+def _table_bytes(p: LensParams, objs: Sequence[str]) -> int:
+    """Bytes per step of one block's table and sums (:func:`rldiag.stats.lens_kernel.token_pass`)."""
+    n_r, n_w = len(_ratio_edges(p, objs)), len(_w_edges(p, objs))
+    return 8 * (3 * (2 * n_r + 1) * (2 * n_w + 2) * len(K.TABLE_SUMS) + len(K.ACC_SUMS))
+
+
 def _between(lo: int | None, hi: int | None) -> pl.Expr:
     """``lo < step <= hi``, a missing bound left out."""
     where = pl.lit(True)
@@ -586,11 +596,11 @@ def _between(lo: int | None, hi: int | None) -> pl.Expr:
     return where
 
 
-def _steps_in_chunks(counts: pl.DataFrame, max_rows: int) -> list[list[int]]:
+def _steps_in_chunks(counts: pl.DataFrame, max_rows: int, max_steps: int | None = None) -> list[list[int]]:
     chunks: list[list[int]] = [[]]
     rows = 0
     for step, n in counts.iter_rows():
-        if chunks[-1] and rows + n > max_rows:
+        if chunks[-1] and (rows + n > max_rows or (max_steps is not None and len(chunks[-1]) >= max_steps)):
             chunks.append([])
             rows = 0
         chunks[-1].append(int(step))
@@ -657,21 +667,24 @@ def lens(
     if counts is None:  # token rows of a frame: one pass over the step column
         some = lf if wanted is None else lf.filter(pl.col(schema.STEP).is_in(wanted))
         counts = some.group_by(schema.STEP).agg(pl.len().cast(pl.Int64)).sort(schema.STEP).collect(**_STREAMING)
-    chunks = _steps_in_chunks(counts, chunk_rows)
+    from rldiag.analysis.recompute import default_threads
+
+    workers = max(1, threads or default_threads())
+    # each worker block of a chunk holds a dense table of sums per step: few steps per chunk when steps are small
+    max_steps = max(1, _TABLE_BUDGET // (_table_bytes(params, objs) * (2 * workers if workers > 1 else 1)))
+    chunks = _steps_in_chunks(counts, chunk_rows, max_steps)
     if wanted is None:
         filters = [_between(lo, hi) for lo, hi in _step_ranges(chunks)]
     else:
         # chosen steps are read by value (a scan skips the row groups between them); any the counts missed too
         missing = sorted(set(wanted) - {s for c in chunks for s in c})
-        filters = [pl.col(schema.STEP).is_in(c) for c in chunks + ([missing] if missing else [])]
+        chunks += [missing[i : i + max_steps] for i in range(0, len(missing), max_steps)]
+        filters = [pl.col(schema.STEP).is_in(c) for c in chunks]
     cols = shape.read_columns(objs)
 
     def read(where: pl.Expr) -> pl.DataFrame:
         return lf.filter(where).select(cols).collect()
 
-    from rldiag.analysis.recompute import default_threads
-
-    workers = max(1, threads or default_threads())
     parts: list[pl.DataFrame] = []
     # one chunk is read (polars' reader runs on its own threads) while the workers reduce the previous one
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
@@ -707,7 +720,7 @@ _BLOCK_ROWS = 1 << 20
 
 def _blocks(n: int, workers: int) -> list[tuple[int, int]]:
     """Row ranges of a chunk of ``n`` rows for ``workers`` threads: about ``_BLOCK_ROWS`` rows each."""
-    k = max(1, min(-(-n // _BLOCK_ROWS), 4 * workers)) if workers > 1 else 1
+    k = max(1, min(-(-n // _BLOCK_ROWS), 2 * workers)) if workers > 1 else 1
     cuts = [n * j // k for j in range(k + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 

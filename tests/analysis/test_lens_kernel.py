@@ -232,3 +232,25 @@ def test_the_branch_free_search_finds_the_counted_bucket(n_edges):
     below = (edges[None, :] < xs[:-1, None]).sum(axis=1)
     on = (edges[None, :] == xs[:-1, None]).sum(axis=1)
     np.testing.assert_array_equal(got[:-1, 0], 2 * below + on)
+
+
+def test_small_steps_are_chunked_by_the_table_budget(monkeypatch):
+    """Each worker block holds a dense table per step of its chunk, so a chunk's steps are bounded too (a run of
+    tiny steps must not allocate a table for hundreds of thousands of steps at once)."""
+    frame = ranked_tokens(7, steps=6)
+    want = reference(frame, L.LensParams())
+    seen: list[int] = []
+    rows = L._lens_rows
+
+    def counted(chunk, *args, **kw):
+        seen.append(chunk["step"].n_unique())
+        return rows(chunk, *args, **kw)
+
+    monkeypatch.setattr(L, "_lens_rows", counted)
+    monkeypatch.setattr(L, "_TABLE_BUDGET", 2 * L._table_bytes(L.LensParams(), L.OBJECTIVES))
+    assert_frames_close(L.lens(frame, threads=1), want)
+    assert seen == [2, 2, 2]
+    seen.clear()
+    assert_frames_close(L.lens(frame, steps=[0, 2, 3, 5], threads=1), want.filter(pl.col("step").is_in([0, 2, 3, 5])))
+    assert seen == [2, 2]
+    assert L._steps_in_chunks(pl.DataFrame({"step": [1, 2, 3], "len": [1, 1, 1]}), 100, 2) == [[1, 2], [3]]
