@@ -262,6 +262,26 @@ def _merge_sparse(order, row_group, starts, lengths, idx, cnt, n_bins, out_len, 
     k = 0
     r = 0
     for g in range(out_len.size):
+        if r < order.size and row_group[order[r]] == g and (r + 1 == order.size or row_group[order[r + 1]] != g):
+            # one row in the group whose bins ascend strictly (as written): its non-zero entries are the result
+            i = order[r]
+            s0, s1 = starts[i], starts[i] + lengths[i]
+            ascending = True
+            for e in range(s0 + 1, s1):
+                if idx[e] <= idx[e - 1]:
+                    ascending = False
+                    break
+            if ascending:
+                n = 0
+                for e in range(s0, s1):
+                    if cnt[e] != 0:
+                        out_bin[k] = idx[e]
+                        out_cnt[k] = 0.0 + cnt[e]
+                        k += 1
+                        n += 1
+                out_len[g] = n
+                r += 1
+                continue
         while r < order.size and row_group[order[r]] == g:
             i = order[r]
             for e in range(starts[i], starts[i] + lengths[i]):

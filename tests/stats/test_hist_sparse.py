@@ -211,3 +211,18 @@ def test_compact_of_recorded_runs_equals_the_dense_route(tmp_path) -> None:
     assert got.equals(want)
     empty = table.slice(0, 0)
     assert aggregate.compact(empty).equals(_dense_compact(empty))
+
+
+def test_merge_sparse_of_single_rows_unsorted_or_with_zero_counts() -> None:
+    """A group of one row takes a short path when its bins ascend; rows that do not (repeated or unordered bins)
+    and zero counts give what densify gives."""
+    lengths = np.array([3, 3, 2, 1])
+    idx = np.array([5, 1, 5, 2, 3, 9, 4, 4, 7], np.uint16)
+    cnt = np.array([2, 1, 3, 1, 0, 4, 1, 1, 5], np.uint32)
+    groups = np.array([0, 1, 2, 3])
+    dense = hist.densify(groups, 4, lengths, idx, cnt, hist.N_MAG)
+    n, bins, counts = hist.merge_sparse(groups, 4, lengths, idx, cnt, hist.N_MAG)
+    rows, cols = np.nonzero(dense)
+    np.testing.assert_array_equal(n, np.bincount(rows, minlength=4))
+    np.testing.assert_array_equal(bins, cols)
+    np.testing.assert_array_equal(counts, dense[rows, cols])
