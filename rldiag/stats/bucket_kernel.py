@@ -81,15 +81,11 @@ def _route_buckets(route: np.ndarray, edges: np.ndarray) -> np.ndarray:  # pragm
     top = edges.size - 1  # index of the "== 1" bucket
     for i in range(n):
         x = np.float64(route[i])
-        if not (x >= 0.0 and x <= 1.0):  # NaN and out-of-range values get no bucket
-            out[i] = -1
-        elif x == 1.0:
-            out[i] = top
-        else:
-            b = 0
-            while x >= edges[b + 1]:
-                b += 1
-            out[i] = b
+        b = 0
+        for k in range(1, top):  # the edges at or below x (branch-free: x is often random)
+            b += x >= edges[k]
+        b = top if x == 1.0 else b
+        out[i] = b if (x >= 0.0) & (x <= 1.0) else -1  # NaN and out-of-range values get no bucket
     return out
 
 
