@@ -19,8 +19,11 @@ Example::
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 DEFAULT_BUCKETS = 600
@@ -58,41 +61,59 @@ def downsample(
     ``x`` must be sorted ascending (steps). With ``x_range`` only points inside it are aggregated (zoom);
     the nearest point on each side outside the range is kept too, so the line runs to the plot edges.
     """
+    return downsample_many(x, [y], buckets=buckets, x_range=x_range)[0]
+
+
+def downsample_many(
+    x: np.ndarray,
+    ys: Sequence[np.ndarray],
+    *,
+    buckets: int = DEFAULT_BUCKETS,
+    x_range: tuple[float, float] | None = None,
+) -> list[Envelope]:
+    """:func:`downsample` of several series over the same ``x``: the buckets are found once."""
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
-    xs, ys = _as_float(x), _as_float(y)
-    if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(f"x and y must be 1-d of the same length, got {xs.shape} and {ys.shape}")
+    xs = _as_float(x)
+    cols = [_as_float(y) for y in ys]
+    for ys_ in cols:
+        if xs.shape != ys_.shape or xs.ndim != 1:
+            raise ValueError(f"x and y must be 1-d of the same length, got {xs.shape} and {ys_.shape}")
     if x_range is not None:
         lo_x, hi_x = sorted(float(v) for v in x_range)
         start = max(int(np.searchsorted(xs, lo_x, side="left")) - 1, 0)
         stop = min(int(np.searchsorted(xs, hi_x, side="right")) + 1, len(xs))
-        xs, ys = xs[start:stop], ys[start:stop]
+        xs, cols = xs[start:stop], [c[start:stop] for c in cols]
     n = len(xs)
     if n <= buckets + 2:
-        return Envelope(xs, ys, ys.copy(), ys.copy(), exact=True)
+        return [Envelope(xs, c, c.copy(), c.copy(), exact=True) for c in cols]
 
     # Interior points (first and last are kept exactly) go into buckets of equal x width.
-    ix, iy = xs[1:-1], ys[1:-1]
+    ix = xs[1:-1]
     edges = np.linspace(ix[0], ix[-1], buckets + 1)
     which = np.clip(np.searchsorted(edges, ix, side="right") - 1, 0, buckets - 1)
     starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])  # x sorted -> buckets are contiguous
-    finite = np.isfinite(iy)
-    filled = np.where(finite, iy, 0.0)
-    counts = np.add.reduceat(finite.astype(np.int64), starts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.add.reduceat(filled, starts) / counts
-        bx = np.add.reduceat(ix, starts) / np.diff(np.r_[starts, len(ix)])
-    lo = np.fmin.reduceat(np.where(finite, iy, np.nan), starts)
-    hi = np.fmax.reduceat(np.where(finite, iy, np.nan), starts)
-    mean = np.where(counts > 0, mean, np.nan)
-    return Envelope(
-        x=np.r_[xs[0], bx, xs[-1]],
-        mean=np.r_[ys[0], mean, ys[-1]],
-        lo=np.r_[ys[0], lo, ys[-1]],
-        hi=np.r_[ys[0], hi, ys[-1]],
-        exact=False,
-    )
+    bx = np.add.reduceat(ix, starts) / np.diff(np.r_[starts, len(ix)])
+    out = []
+    for ys_ in cols:
+        iy = ys_[1:-1]
+        finite = np.isfinite(iy)
+        counts = np.add.reduceat(finite.astype(np.int64), starts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.add.reduceat(np.where(finite, iy, 0.0), starts) / counts
+        lo = np.fmin.reduceat(np.where(finite, iy, np.nan), starts)
+        hi = np.fmax.reduceat(np.where(finite, iy, np.nan), starts)
+        mean = np.where(counts > 0, mean, np.nan)
+        out.append(
+            Envelope(
+                x=np.r_[xs[0], bx, xs[-1]],
+                mean=np.r_[ys_[0], mean, ys_[-1]],
+                lo=np.r_[ys_[0], lo, ys_[-1]],
+                hi=np.r_[ys_[0], hi, ys_[-1]],
+                exact=False,
+            )
+        )
+    return out
 
 
 def ema(y: np.ndarray, weight: float) -> np.ndarray:
@@ -105,37 +126,25 @@ def ema(y: np.ndarray, weight: float) -> np.ndarray:
     ys = _as_float(y)
     if weight == 0.0 or len(ys) == 0:
         return ys.copy()
-    out = np.full_like(ys, np.nan)
-    finite = np.flatnonzero(np.isfinite(ys))
-    values = ys[finite]
-    # last_k = w*last_{k-1} + (1-w)*v_k over the finite points; dividing by 1 - w^(k+1) removes the bias
-    # toward the zero the average starts from.
-    out[finite] = _ema_recurrence(values, weight) / (1.0 - weight ** np.arange(1, len(values) + 1))
-    return out
+    return _ema_debiased(ys, float(weight))
 
 
-_BLOCK = 256
-
-
-def _ema_recurrence(values: np.ndarray, w: float) -> np.ndarray:
-    """``last_k = w*last_{k-1} + (1-w)*v_k`` (``last_-1 = 0``) in blocks of 256: within a block it is a
-    lower-triangular matrix of powers ``w^(k-j)`` (all <= 1, so it is stable), blocks chain through the
-    carry. Pure numpy: scipy.signal.lfilter would do it but costs 1.6 s to import on the first live tick."""
-    n = len(values)
-    if n == 0:
-        return values.copy()
-    k = np.arange(min(_BLOCK, n))
-    lag = k[:, None] - k[None, :]
-    powers = np.where(lag >= 0, w ** np.maximum(lag, 0), 0.0)
-    carry_w = w ** (k + 1)
-    out = np.empty(n)
-    carry = 0.0
-    for start in range(0, n, _BLOCK):
-        block = values[start : start + _BLOCK]
-        m = len(block)
-        res = (1.0 - w) * (powers[:m, :m] @ block) + carry * carry_w[:m]
-        out[start : start + m] = res
-        carry = float(res[-1])
+@numba.njit(nogil=True, cache=True)
+def _ema_debiased(ys: np.ndarray, w: float) -> np.ndarray:  # pragma: no cover - compiled
+    """``last_k = w*last_{k-1} + (1-w)*v_k`` over the finite points (``last_-1 = 0``), each divided by
+    ``1 - w^(k+1)`` (the bias toward the zero the average starts from); NaN points stay NaN. One pass: a live
+    tick smooths every panel's whole series (13 panels x 100,000 steps: about 3 ms here)."""
+    out = np.empty_like(ys)
+    last = 0.0
+    wk = 1.0
+    for i in range(ys.size):
+        v = ys[i]
+        if math.isfinite(v):
+            last = w * last + (1.0 - w) * v
+            wk *= w
+            out[i] = last / (1.0 - wk)
+        else:
+            out[i] = math.nan
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 
-from app.downsample import DEFAULT_BUCKETS, downsample, ema
+from app.downsample import DEFAULT_BUCKETS, downsample_many, ema
 
 SERIES_TRACES = ("band", "raw", "ema")
 TRACES_PER_SERIES = len(SERIES_TRACES)
@@ -252,15 +252,18 @@ def metric_panel_spec(
             else:
                 onpolicy_marks.extend((run_id, float(s), float(x)) for s, x in zip(steps_all[on], x_all[on]))
         x, steps = x_all[keep], steps_all[keep]
-        step_env = downsample(x, steps, buckets=buckets, x_range=x_range)
+        ys = [_column(frame, metric)[keep] for metric in metrics]
+        series = [steps, *ys, *([ema(y, smoothing) for y in ys] if smoothing else [])]
+        envs = downsample_many(x, series, buckets=buckets, x_range=x_range)  # the buckets found once per run
+        step_env = envs[0]
         for m, metric in enumerate(metrics):
             if len(order) > 1:
                 color, dash = run_color, DASHES[m % len(DASHES)]
             else:
                 color, dash = PALETTE[m % len(PALETTE)], "solid"
-            y = _column(frame, metric)[keep]
-            env = downsample(x, y, buckets=buckets, x_range=x_range)
-            smooth = downsample(x, ema(y, smoothing), buckets=buckets, x_range=x_range) if smoothing else None
+            y = ys[m]
+            env = envs[1 + m]
+            smooth = envs[1 + len(metrics) + m] if smoothing else None
             aggregated |= not env.exact
             finite = y[np.isfinite(y)]
             if log_y:
