@@ -282,3 +282,26 @@ def test_pieces_sized_from_wrong_step_counts_still_cover_every_step() -> None:
             got = bucket_stats(frame.lazy(), cfg, "pos", 4, None, chunk_rows=chunk, step_rows=counts)
             assert bucket_table(got, "pos").equals(want)
     assert sorted(want["step"].unique().to_list()) == list(range(6))
+
+
+def test_probability_buckets_on_and_around_every_edge_follow_the_definition() -> None:
+    """Probability buckets compare log-probabilities with the edges' logs and use exp only within 1e-9 of an
+    edge: the same buckets as the definition (p = exp(x) against the edges) on, just below and just above
+    every edge's log, and on random log-probabilities."""
+    from rldiag.stats import bucket_kernel
+
+    def definition(x: float) -> int:
+        if not math.isfinite(x):
+            return -1
+        p = math.exp(x)
+        return min(sum(p > e for e in PROB_EDGES[:-1]), len(PROB_EDGES) - 1)
+
+    logs = np.log(np.array(PROB_EDGES))
+    near = [np.nextafter(v, d) for v in logs for d in (-np.inf, np.inf)] + list(logs)
+    f32 = [np.float32(v) for v in near] + [np.nextafter(np.float32(v), np.float32(d)) for v in logs for d in (-1, 1)]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.array(f32, np.float32), rng.uniform(-30, 1, 20_000).astype(np.float32)])
+    x = np.concatenate([x, np.array([0.0, -0.0, 1e-45, -1e-45, np.nan, np.inf, -np.inf], np.float32)])
+    assert bucket_kernel.buckets("prob", x).tolist() == [definition(float(v)) for v in x]
+    x64 = np.array(near)  # float64 values closer to the edges than float32 can be
+    assert bucket_kernel.buckets("prob", x64).tolist() == [definition(float(v)) for v in x64]
