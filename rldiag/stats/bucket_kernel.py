@@ -277,37 +277,6 @@ _expm1 = kernel._expm1
 _LN2 = math.log(2.0)
 
 
-@numba.njit(nogil=True, cache=True)
-def _count_records(
-    step: np.ndarray, rank: np.ndarray, micro: np.ndarray, bucket: np.ndarray, nb: int, max_slots: int
-) -> int:  # pragma: no cover - compiled
-    """Records (step, bucket, rank, micro) with a row, in rows of contiguous steps; -1 when a step has more
-    than ``max_slots`` (bucket, rank/micro) combinations."""
-    n = step.size
-    n_rec = 0
-    i = 0
-    while i < n:
-        j = i
-        n_rm = 1
-        while j < n and step[j] == step[i]:
-            if j > i and (rank[j] != rank[j - 1] or micro[j] != micro[j - 1]):
-                n_rm += 1
-            j += 1
-        if nb * n_rm > max_slots:
-            return -1
-        seen = np.zeros(nb * n_rm, dtype=np.bool_)
-        rm = 0
-        for t in range(i, j):
-            if t > i and (rank[t] != rank[t - 1] or micro[t] != micro[t - 1]):
-                rm += 1
-            b = bucket[t]
-            if b >= 0 and not seen[b * n_rm + rm]:
-                seen[b * n_rm + rm] = True
-                n_rec += 1
-        i = j
-    return n_rec
-
-
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _bucket_records(
     step: np.ndarray,
@@ -315,7 +284,7 @@ def _bucket_records(
     micro: np.ndarray,
     bucket: np.ndarray,
     nb: int,
-    n_rec: int,
+    max_slots: int,
     lp: np.ndarray,
     olp: np.ndarray,
     adv: np.ndarray,
@@ -326,8 +295,9 @@ def _bucket_records(
     tol: float,
     lo_thr: float,
     hi_thr: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:  # pragma: no cover - compiled
+    """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|;
+    False (and nothing) when a step has more than ``max_slots`` (bucket, rank/micro) combinations.
 
     The kernel's passes for these statistics (valid, ratio, clip, entropy, mismatch and the extreme count of
     the correction pass) with the same operations: per step, the elementwise values in loops of their own
@@ -335,9 +305,10 @@ def _bucket_records(
     record's lane ``j % W`` (j: the token's index within its record), the kernel's order on the rows gathered
     into (step, bucket, rank, micro, seq, pos) order. So the results are bit-identical, without the gather."""
     n = step.size
-    keys = np.empty((n_rec, 4), dtype=np.int64)
-    S = np.zeros((n_rec, 12))
-    absd = np.zeros(n_rec)
+    cap = 256  # records; the arrays grow by doubling (no counting pass)
+    keys = np.empty((cap, 4), dtype=np.int64)
+    S = np.zeros((cap, 12))
+    absd = np.zeros(cap)
     longest = 0
     i = 0
     while i < n:
@@ -369,6 +340,8 @@ def _bucket_records(
                 n_rm += 1
             j += 1
         m = j - i
+        if nb * n_rm > max_slots:
+            return keys[:0], S[:0], absd[:0], False
         for u in range(m):
             t = i + u
             x_lp = np.float64(lp[t])
@@ -440,6 +413,18 @@ def _bucket_records(
                 acc[k, 3, lane] += d
                 acc[k, 4, lane] += k3_s[u]
                 sabs[k] += abs(d)
+        used = 0
+        for k in range(ns):
+            used += cnt[k] > 0
+        if out + used > cap:
+            cap = max(2 * cap, out + used)
+            keys2 = np.empty((cap, 4), dtype=np.int64)
+            S2 = np.zeros((cap, 12))
+            absd2 = np.zeros(cap)
+            keys2[:out] = keys[:out]
+            S2[:out] = S[:out]
+            absd2[:out] = absd[:out]
+            keys, S, absd = keys2, S2, absd2
         for k in range(ns):  # (bucket, rank, micro) order: rank/micro runs come sorted within a step
             if cnt[k] == 0:
                 continue
@@ -463,7 +448,7 @@ def _bucket_records(
             absd[out] = sabs[k]
             out += 1
         i = j
-    return keys, S, absd
+    return keys[:out].copy(), S[:out].copy(), absd[:out].copy(), True
 
 
 def bucket_records(
@@ -485,18 +470,15 @@ def bucket_records(
     nb = int(bucket.max()) + 1 if bucket.size else 0
     if nb <= 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros((0, len(BUCKET_STATS))), np.zeros(0)
-    n_rec = _count_records(step, rank, micro, bucket, nb, _MAX_SLOTS)
-    if n_rec < 0:
-        return None
     f32 = kernel._f32
     c = kernel.config_array(cfg)  # the values, and the thresholds, exactly as the kernel derives them
-    return _bucket_records(
+    keys, stats, sums, ok = _bucket_records(
         step,
         rank,
         micro,
         bucket,
         nb,
-        n_rec,
+        _MAX_SLOTS,
         f32(logp),
         f32(old_logp),
         f32(adv),
@@ -508,3 +490,4 @@ def bucket_records(
         1.0 - c[kernel.C_EPS_LOW],
         1.0 + c[kernel.C_EPS_HIGH],
     )
+    return (keys, stats, sums) if ok else None

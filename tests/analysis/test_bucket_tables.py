@@ -305,3 +305,28 @@ def test_probability_buckets_on_and_around_every_edge_follow_the_definition() ->
     assert bucket_kernel.buckets("prob", x).tolist() == [definition(float(v)) for v in x]
     x64 = np.array(near)  # float64 values closer to the edges than float32 can be
     assert bucket_kernel.buckets("prob", x64).tolist() == [definition(float(v)) for v in x64]
+
+
+def test_too_many_buckets_for_in_place_accumulation_fall_back_to_the_kernel() -> None:
+    """A step with more (bucket, rank/micro) combinations than bucket_records accumulates at once (stages up to
+    40,000 here, x 4 rank/micro runs) is gathered and computed by the kernel: the same table as shuffled rows."""
+    from rldiag.analysis.recompute import bucket_stats, bucket_table
+    from rldiag.config import RecorderConfig
+    from rldiag.stats import bucket_kernel
+
+    frame = _token_frame(steps=2).with_columns((pl.col("stage") * 13_333).cast(pl.Int32))
+    cfg = RecorderConfig()
+    assert (
+        bucket_kernel.bucket_records(
+            *(frame[c].to_numpy() for c in ("step", "rank", "micro", "stage", "logp", "old_logp", "adv")),
+            None,
+            None,
+            cfg,
+        )
+        is None
+    )
+    fast = bucket_table(bucket_stats(frame.lazy(), cfg, "stage", 4, None), "stage")
+    slow = bucket_table(
+        bucket_stats(frame.sample(fraction=1.0, shuffle=True, seed=1).lazy(), cfg, "stage", 4, None), "stage"
+    )
+    assert fast.height > 4 and fast.equals(slow)
