@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 
 from rldiag import runformat, schema, storage
 from rldiag.analysis import inventory, recompute
-from rldiag.analysis.recompute import BUCKET_KINDS, bucket_stats, bucket_table, scan_tokens
+from rldiag.analysis.recompute import bucket_stats, bucket_table, scan_tokens
 from rldiag.analysis.scan import INDEX_DIR, INDEX_MIN_FILES, Problem, RunFiles
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
-from rldiag.metrics.registry import REGISTRY, needed_stats
+from rldiag.metrics.registry import BUCKET_KINDS, REGISTRY, needed_stats
 from rldiag.record.scalars import ScalarFiles
 from rldiag.runformat import read_manifest
 from rldiag.stats.kernel import STATS, affected_stats

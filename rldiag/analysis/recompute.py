@@ -32,7 +32,7 @@ from rldiag import schema, storage
 from rldiag.analysis.progress import progress
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
-from rldiag.metrics.registry import needed_stats
+from rldiag.metrics.registry import BUCKET_METRICS, PROB_BUCKET_METRICS, needed_stats
 from rldiag.stats import bucket_kernel, kernel
 from rldiag.stats.table import STATS_SCHEMA, to_table
 
@@ -461,15 +461,6 @@ def scan_tokens(files: Sequence[Any], limits: dict[Any, int] | None = None) -> p
     ]
     return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
 
-
-BUCKET_METRICS = ("ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3")
-"""The metrics of the position, stage, turn and routing bucket tables (:meth:`Run.bucket_metrics`)."""
-
-PROB_BUCKET_METRICS = ("mismatch/k1", "mismatch/k3", "mismatch/absd_mean", "mismatch/extreme_frac")
-"""The metrics of the probability bucket table (``by="prob"``); ``mismatch/absd_mean`` is mean(|d|)."""
-
-BUCKET_KINDS = ("pos", "stage", "turn", "prob", "route")
-"""What :meth:`Run.bucket_metrics` buckets by."""
 
 _ABSD_MEAN = "mismatch/absd_mean"
 _BUCKET_INPUT = {"prob": schema.ROLLOUT_LOGP, "route": schema.ROUTE_AGREE}

@@ -11,8 +11,16 @@ import tomllib
 from importlib import resources
 from typing import Any
 
-from rldiag.analysis.recompute import BUCKET_KINDS, BUCKET_METRICS, PROB_BUCKET_METRICS
-from rldiag.metrics.registry import ANALYSES, FAMILY_ORDER, LENS_OBJECTIVES, LENS_QUANTITIES, REGISTRY
+from rldiag.metrics.registry import (
+    ANALYSES,
+    BUCKET_KINDS,
+    BUCKET_METRICS,
+    FAMILY_ORDER,
+    LENS_OBJECTIVES,
+    LENS_QUANTITIES,
+    PROB_BUCKET_METRICS,
+    REGISTRY,
+)
 from rldiag.stats import hist
 from rldiag.stats.bucket_kernel import PROB_EDGES, ROUTE_EDGES
 from rldiag.stats.kernel import NONFINITE_INPUTS, STATS

@@ -1134,6 +1134,20 @@ def _from_token_rows(s: Stats) -> np.ndarray:
     )
 
 
+BUCKET_KINDS: Final[tuple[str, ...]] = ("pos", "stage", "turn", "prob", "route")
+"""What :meth:`rldiag.analysis.io.Run.bucket_metrics` buckets by (docs/metrics.md, bucket tables)."""
+
+BUCKET_METRICS: Final[tuple[str, ...]] = ("ratio/mean", "ratio/std", "clip/region", "entropy/mean", "mismatch/k3")
+"""The metrics of the position, stage, turn and routing bucket tables."""
+
+PROB_BUCKET_METRICS: Final[tuple[str, ...]] = (
+    "mismatch/k1",
+    "mismatch/k3",
+    "mismatch/absd_mean",
+    "mismatch/extreme_frac",
+)
+"""The metrics of the probability bucket table (``by="prob"``); ``mismatch/absd_mean`` is mean(|d|)."""
+
 LENS_OBJECTIVES: Final[tuple[str, ...]] = (
     "ppo",
     "dapo",
