@@ -223,3 +223,35 @@ def test_a_stale_or_crafted_live_tail_is_never_counted_twice(tmp_path: Path) -> 
     (run_dir / "live" / "junk.parquet").write_bytes(b"not parquet")
     os.mkfifo(run_dir / "live" / "fifo.parquet")
     assert rldiag.open_run(run_dir).step_metrics().equals(expected)
+
+
+def _held(w: writer_mod.Writer) -> int:
+    return sum(t.get_total_buffer_size() for t in w._stats_parts)
+
+
+def test_buffered_statistics_bytes_are_counted_as_parts_come_and_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer keeps the size of its unpublished statistics as a running count (summing it over the parts
+    on every record was quadratic in a segment's records): it matches the parts after records, a publication,
+    dropped token rows and the bound that gives up the oldest records while nothing can be written."""
+    rng = np.random.default_rng(3)
+    rec = rldiag.Recorder(tmp_path / "run", errors="lenient", roll_steps=1000, live_seconds=None, handle_signals=False)
+    w = rec._writer
+    for step in range(6):
+        rec.record(step=step, **make_record(rng, 4, 8))
+    assert w.barrier(publish=False, timeout=60)
+    assert len(w._stats_parts) == 6 and w._stats_bytes == _held(w) > 0
+    rec.flush()
+    assert w._stats_parts == [] and w._stats_bytes == 0
+    for step in range(6, 10):
+        rec.record(step=step, **make_record(rng, 4, 8))
+    assert w.barrier(publish=False, timeout=60)
+    w._drop_buffered_tokens()
+    assert w._stats_bytes == _held(w) > 0
+    monkeypatch.setattr(writer_mod, "STATS_BUFFER_MAX_BYTES", 2 * w._stats_parts[0].get_total_buffer_size())
+    w._bound_stats()
+    assert len(w._stats_parts) == 2 and w._stats_bytes == _held(w) and w.records_lost == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec.close()
