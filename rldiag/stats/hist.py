@@ -210,6 +210,16 @@ def densify(
         out = np.zeros((n_groups, n_bins))
     elif out.shape != (n_groups, n_bins) or out.dtype != np.float64 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float64 array of shape {(n_groups, n_bins)}")
+    row_group, lengths, idx, cnt = _checked_sparse(row_group, n_groups, lengths, idx, cnt, n_bins)
+    _densify(row_group, lengths, idx, cnt, out)
+    return out
+
+
+def _checked_sparse(
+    row_group: np.ndarray, n_groups: int, lengths: np.ndarray, idx: np.ndarray, cnt: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sparse inputs of :func:`densify` and :func:`merge_sparse` as contiguous arrays of the compiled
+    loops' types, after checking every index and length (``ValueError`` naming what is damaged)."""
     idx = np.ascontiguousarray(idx)
     if idx.dtype.kind not in "iu":  # an empty column comes back as float
         idx = idx.astype(np.int64)
@@ -219,8 +229,7 @@ def densify(
     bad = _check_sparse(row_group, n_groups, lengths, idx, cnt.size, n_bins)
     if bad:
         raise ValueError(f"damaged sparse histogram: {_SPARSE_ERRORS[bad]} (bins {n_bins}, groups {n_groups})")
-    _densify(row_group, lengths, idx, cnt, out)
-    return out
+    return row_group, lengths, idx, cnt
 
 
 def merge_sparse(
@@ -234,15 +243,7 @@ def merge_sparse(
     :func:`sparse_row` gives, without the ``[n_groups, n_bins]`` matrix (100,000 steps x 484 bins is 387 MB
     per histogram, most of a first open's time in page faults).
     """
-    idx = np.ascontiguousarray(idx)
-    if idx.dtype.kind not in "iu":
-        idx = idx.astype(np.int64)
-    cnt = np.ascontiguousarray(cnt)
-    row_group = np.ascontiguousarray(row_group, dtype=np.int64)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    bad = _check_sparse(row_group, n_groups, lengths, idx, cnt.size, n_bins)
-    if bad:
-        raise ValueError(f"damaged sparse histogram: {_SPARSE_ERRORS[bad]} (bins {n_bins}, groups {n_groups})")
+    row_group, lengths, idx, cnt = _checked_sparse(row_group, n_groups, lengths, idx, cnt, n_bins)
     order = np.argsort(row_group, kind="stable")
     starts = np.zeros(lengths.size, dtype=np.int64)
     if lengths.size:
