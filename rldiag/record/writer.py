@@ -661,9 +661,10 @@ class Writer(threading.Thread):
         try:
             self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
         except BaseException as exc:
-            self._publish_failed(exc)
-            self._bound_stats()
-            return
+            if not self._give_up_segment_tokens(name, exc):
+                self._publish_failed(exc)
+                self._bound_stats()
+                return
         self._segment += 1
         self.published.append(name)
         self._stats_parts.clear()
@@ -677,6 +678,31 @@ class Writer(threading.Thread):
         self._backoff = 0.0
         self._live_dirty = False
         self._drop_live()  # its rows are in the segment now (readers that saw both keep the segment's)
+
+    def _give_up_segment_tokens(self, name: str, exc: BaseException) -> bool:
+        """The statistics of segment ``name`` failed after its token file was written (on a full disk, that
+        file took the space they need): remove the token file (no reader uses a token file without its
+        statistics), count its rows as dropped, drop token rows for a while, and write the statistics again.
+        Statistics come before token rows. Returns whether the statistics are now written."""
+        path = self.run_dir / schema.TOKENS_DIR / name
+        if not self._tokens_done or storage.is_remote(path) or not isinstance(exc, OSError):
+            return False
+        assert isinstance(path, Path)
+        try:
+            path.unlink()
+        except OSError:
+            return False
+        self._tokens_done = False
+        self._drop_buffered_tokens()
+        self._fail(exc)
+        self.publish_failures += 1
+        self._token_backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._token_backoff))
+        self._drop_tokens_until = time.monotonic() + self._token_backoff
+        try:
+            self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
+        except BaseException:  # noqa: BLE001 - reported by the caller, as the first failure
+            return False
+        return True
 
     def count(self, counter: dict[str, int], counts: dict[str, int]) -> None:
         """Add ``counts`` to one of the per-argument counters (the recorder's thread and this one both do)."""

@@ -255,3 +255,37 @@ def test_buffered_statistics_bytes_are_counted_as_parts_come_and_go(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rec.close()
+
+
+def test_statistics_that_do_not_fit_after_their_token_file_take_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk can have room for a segment's token file and none left for its statistics. The writer then
+    removes that token file (no reader uses it without its statistics), counts its rows as dropped and writes
+    the statistics: no step is lost (before, the statistics of every later record were held, then lost)."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        dst = Path(dst)
+        if dst.parent.name == "stats" and (dst.parent.parent / "tokens" / dst.name).exists():
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))  # the token file took the space
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer_mod.os, "replace", replace)
+    run_dir = tmp_path / "run"
+    rec = rldiag.Recorder(run_dir, errors="lenient", roll_steps=2, live_seconds=None, handle_signals=False)
+    masked, _ = _record_many(rec, 12, B=8, T=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec.close()
+    s = rec.stats
+    assert s["records_lost"] == 0 and s["publish_failures"] > 0
+    run = rldiag.open_run(run_dir)
+    assert run.steps() == list(range(12))
+    assert not run.problems
+    info = run.info()
+    assert info["tokens_masked_in"] == masked
+    assert info["token_rows_dropped"] == s["rows_dropped"] > 0
+    assert info["token_rows_written"] + info["token_rows_dropped"] == masked
+    assert run.tokens().collect().height == info["token_rows_written"]
+    assert not list((run_dir / "tokens").glob(".*"))  # no temporary file left behind
