@@ -272,6 +272,15 @@ QUANTITIES: tuple[str, ...] = tuple(LENS_QUANTITIES)
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {obj: tuple(cols) for obj, cols in LENS_EXTRA.items()}
 """Objective-specific columns besides :data:`QUANTITIES` (registry: ``LENS_EXTRA``)."""
 
+NEEDS: dict[str, tuple[str, ...]] = {
+    "gspo": (schema.SEQ,),
+    "ctpo": (schema.SEQ, schema.POS),
+    "tis": (schema.ROLLOUT_LOGP,),
+    "mis": (schema.ROLLOUT_LOGP,),
+}
+"""Token columns an objective needs besides ``step``, ``logp``, ``old_logp`` and ``adv``; without them its
+columns are NaN."""
+
 
 def column(objective: str, quantity: str) -> str:
     """Public column name, e.g. ``column("dapo", "kept_frac") == "lens/dapo/kept_frac"``."""

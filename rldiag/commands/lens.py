@@ -54,7 +54,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def summary(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
-    from rldiag.analysis.lens import QUANTITIES, column
+    from rldiag.analysis.lens import NEEDS, QUANTITIES, column
 
     rows = []
     for o in objectives:
@@ -72,6 +72,8 @@ def summary(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
         elif o == "ttb":
             ess = frame[column("ttb", "ess")].fill_nan(None).mean()  # None when every step's ESS is NaN
             row["note"] = f"mean ESS {ess:.4f}" if isinstance(ess, float) else "mean ESS n/a"
+        elif row[QUANTITIES[0]] is None and o in NEEDS:
+            row["note"] = "no value: the run's token rows lack " + " or ".join(NEEDS[o])
         rows.append(row)
     return rows
 

@@ -492,3 +492,18 @@ def test_cli(run_dir, capsys):
     assert "OBJECTIVE.FIELD=VALUE" in capsys.readouterr().err
     assert main(["lens", str(run_dir), "--set", "dapo.eps=0.3"]) == 2
     assert "its fields are" in capsys.readouterr().err
+
+
+def test_cli_names_the_column_an_objective_without_values_needs(tmp_path, capsys):
+    import rldiag
+    from rldiag.cli import main
+    from tests.metrics.reference import make_record
+
+    rng = np.random.default_rng(2)
+    with rldiag.Recorder(tmp_path / "run") as rec:
+        for step in range(2):
+            rec.record(step=step, **make_record(rng, 4, 10, extras=False))  # no rollout log-probs
+    assert main(["lens", str(tmp_path / "run"), "--objectives", "tis,mis,ppo"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["tis"].rstrip().endswith("lack rollout_logp") and lines["mis"].rstrip().endswith("lack rollout_logp")
+    assert "lack" not in lines["ppo"]
