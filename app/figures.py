@@ -743,9 +743,8 @@ def lens_bars(frame: pl.DataFrame, quantity: str, *, height: int = 340) -> go.Fi
     objectives = lens_objectives(frame, quantity)
     if not objectives or frame.height == 0:
         return empty_figure(f"the lens has no {quantity!r} columns")
-    means = [
-        float(np.nanmean(_column(frame, f"lens/{o}/{quantity}"))) if frame.height else float("nan") for o in objectives
-    ]
+    cols = [_column(frame, f"lens/{o}/{quantity}") for o in objectives]
+    means = [float(np.nanmean(c)) if np.isfinite(c).any() else float("nan") for c in cols]  # all NaN: no warning
     last = [float(_column(frame, f"lens/{o}/{quantity}")[-1]) for o in objectives]
     data = [
         dict(type="bar", x=objectives, y=_arr(np.array(means)), name="mean over steps", marker=dict(color="#1f77b4")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
+import polars as pl
 from dash import Input, Output, callback, html
 
 from app import data, figures, ids, panels, perrun
@@ -71,10 +72,15 @@ def update_regimes(runs: list[str] | None, _version: int) -> Any:
     if not good:
         return figures.empty_figure("no run selected")
     frame = data.catalog().state(good[0]).metrics()
+    title = f"regimes — {good[0]}"
+    on = figures.onpolicy_mask(frame)
+    if on.any() and not on.all():  # r = 1 exactly: no token is in any regime, the stack would drop to 0 there
+        frame = frame.filter(pl.Series(~on))
+        title += f" (on-policy steps left out: {int(on.sum())})"
     labels = {
         "regime/pos_up": "adv>0, r>1",
         "regime/pos_down": "adv>0, r<1",
         "regime/neg_up": "adv<0, r>1",
         "regime/neg_down": "adv<0, r<1",
     }
-    return figures.stacked_shares(frame, regime_metrics(), title=f"regimes — {good[0]}", labels=labels)
+    return figures.stacked_shares(frame, regime_metrics(), title=title, labels=labels)

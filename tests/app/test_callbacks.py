@@ -463,3 +463,25 @@ def test_a_scalar_first_logged_while_the_page_is_open_gets_its_panel(tmp_path: P
             assert sorted(g["metrics"] for g in graphs) == ["eval/acc", "loss"]
     finally:
         rec.close()
+
+
+def test_regimes_leave_out_on_policy_steps(tmp_path: Path):
+    """An on-policy step (r = 1 for every token) is in no regime: drawn, the stack fell to 0 at every such
+    step of the bundled collapse run (a sawtooth). They are left out, and the title says how many."""
+    import shutil
+
+    import numpy as np
+
+    from app import data
+    from app.app import create_app
+
+    shutil.copytree(Path(__file__).parents[2] / "sample_logs" / "collapse", tmp_path / "collapse")
+    app = create_app(tmp_path, poll_seconds=30)
+    with app.server.test_request_context():
+        fig = page("clipping").update_regimes(["collapse"], 0)
+        frame = data.catalog().state("collapse").metrics()
+    on = figures.onpolicy_mask(frame)
+    assert 0 < on.sum() < frame.height
+    steps = np.asarray(fig.data[0].x, dtype=float)
+    assert len(steps) == frame.height - on.sum() and not set(steps) & set(frame["step"].to_numpy()[on])
+    assert f"on-policy steps left out: {int(on.sum())}" in fig.layout.title.text
