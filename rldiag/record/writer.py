@@ -649,11 +649,7 @@ class Writer(threading.Thread):
             try:
                 self._write(pa.concat_tables(self._token_parts), schema.TOKENS_DIR, name, self.cfg.compression)
             except BaseException as exc:  # noqa: BLE001 - the statistics may still fit: try them
-                self._drop_buffered_tokens()
-                self._fail(exc)
-                self.publish_failures += 1
-                self._token_backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._token_backoff))
-                self._drop_tokens_until = time.monotonic() + self._token_backoff
+                self._tokens_failed(exc)
             else:
                 self._token_backoff = 0.0
                 self._tokens_done = True
@@ -679,6 +675,15 @@ class Writer(threading.Thread):
         self._live_dirty = False
         self._drop_live()  # its rows are in the segment now (readers that saw both keep the segment's)
 
+    def _tokens_failed(self, exc: BaseException) -> None:
+        """The buffered token rows cannot be published: count them as dropped, report ``exc``, and drop token
+        rows for a doubling while (up to RETRY_MAX_SECONDS) so that the statistics keep what space is left."""
+        self._drop_buffered_tokens()
+        self._fail(exc)
+        self.publish_failures += 1
+        self._token_backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._token_backoff))
+        self._drop_tokens_until = time.monotonic() + self._token_backoff
+
     def _give_up_segment_tokens(self, name: str, exc: BaseException) -> bool:
         """The statistics of segment ``name`` failed after its token file was written (on a full disk, that
         file took the space they need): remove the token file (no reader uses a token file without its
@@ -693,11 +698,7 @@ class Writer(threading.Thread):
         except OSError:
             return False
         self._tokens_done = False
-        self._drop_buffered_tokens()
-        self._fail(exc)
-        self.publish_failures += 1
-        self._token_backoff = min(RETRY_MAX_SECONDS, max(0.5, 2 * self._token_backoff))
-        self._drop_tokens_until = time.monotonic() + self._token_backoff
+        self._tokens_failed(exc)
         try:
             self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
         except BaseException:  # noqa: BLE001 - reported by the caller, as the first failure
