@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from rldiag import schema
+from rldiag.analysis.recompute import step_between, stored_step_rows
 from rldiag.config import RecorderConfig
 from rldiag.metrics.registry import LENS_EXTRA, LENS_OBJECTIVES, LENS_QUANTITIES
 from rldiag.stats import lens_kernel as K
@@ -560,20 +561,10 @@ def _stored_counts(source: Any, steps: Sequence[int] | None) -> pl.DataFrame | N
     """Token rows per step as a run's statistics record them (``rows_written``; no pass over the token rows), or
     None for a frame. Only the sizes of the chunks depend on them: a step they miss or miscount is still read."""
     compact = getattr(source, "compact_table", None)
-    if compact is None:
+    got = None if compact is None else stored_step_rows(compact(), steps)
+    if got is None:
         return None
-    table = compact()
-    if table.num_rows == 0 or "rows_written" not in table.column_names:
-        return None
-    counts = pl.DataFrame(
-        {
-            schema.STEP: table.column(schema.STEP).to_numpy().astype(np.int64),
-            "len": np.nan_to_num(table.column("rows_written").to_numpy().astype(np.float64)).astype(np.int64),
-        }
-    )
-    if steps is not None:
-        counts = counts.filter(pl.col(schema.STEP).is_in([int(s) for s in steps]))
-    return counts.sort(schema.STEP)
+    return pl.DataFrame({schema.STEP: got[0], "len": got[1]})
 
 
 def _step_ranges(chunks: list[list[int]]) -> list[tuple[int | None, int | None]]:
@@ -593,16 +584,6 @@ def _table_bytes(p: LensParams, objs: Sequence[str]) -> int:
     """Bytes per step of one block's table and sums (:func:`rldiag.stats.lens_kernel.token_pass`)."""
     n_r, n_w = len(_ratio_edges(p, objs)), len(_w_edges(p, objs))
     return 8 * (3 * (2 * n_r + 1) * (2 * n_w + 2) * len(K.TABLE_SUMS) + len(K.ACC_SUMS))
-
-
-def _between(lo: int | None, hi: int | None) -> pl.Expr:
-    """``lo < step <= hi``, a missing bound left out."""
-    where = pl.lit(True)
-    if lo is not None:
-        where = where & (pl.col(schema.STEP) > lo)
-    if hi is not None:
-        where = where & (pl.col(schema.STEP) <= hi)
-    return where
 
 
 def _steps_in_chunks(counts: pl.DataFrame, max_rows: int, max_steps: int | None = None) -> list[list[int]]:
@@ -683,7 +664,7 @@ def lens(
     max_steps = max(1, _TABLE_BUDGET // (_table_bytes(params, objs) * (2 * workers if workers > 1 else 1)))
     chunks = _steps_in_chunks(counts, chunk_rows, max_steps)
     if wanted is None:
-        filters = [_between(lo, hi) for lo, hi in _step_ranges(chunks)]
+        filters = [step_between(lo, hi) for lo, hi in _step_ranges(chunks)]
     else:
         # chosen steps are read by value (a scan skips the row groups between them); any the counts missed too
         missing = sorted(set(wanted) - {s for c in chunks for s in c})

@@ -639,12 +639,7 @@ def bucket_stats(
     ranges = list(zip(bounds[:-1], bounds[1:]))
 
     def piece(lo: int | None, hi: int | None) -> pa.Table:
-        where = pl.lit(True)
-        if lo is not None:
-            where = where & (pl.col(schema.STEP) > lo)
-        if hi is not None:
-            where = where & (pl.col(schema.STEP) <= hi)
-        frame = lf.filter(where).select(need).collect()
+        frame = lf.filter(step_between(lo, hi)).select(need).collect()
         if frame.height == 0:
             return STATS_SCHEMA.empty_table()
         ids, keep = _bucket_ids(frame, by, buckets, width)
@@ -667,10 +662,21 @@ def bucket_stats(
     return pa.concat_tables(parts, promote_options="default")
 
 
+def step_between(lo: int | None, hi: int | None) -> pl.Expr:
+    """``lo < step <= hi``, a missing bound left out: a piece of whole steps (the bucket tables', the lens's)."""
+    where = pl.lit(True)
+    if lo is not None:
+        where = where & (pl.col(schema.STEP) > lo)
+    if hi is not None:
+        where = where & (pl.col(schema.STEP) <= hi)
+    return where
+
+
 def stored_step_rows(compact: pa.Table, steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Token rows per step as a run's statistics record them (``rows_written`` of its per-step table, e.g.
-    ``Run.compact_table()``; only ``steps``), for :func:`bucket_stats`' pieces without a pass over the token
-    rows; None when the table has none. Only the pieces' sizes depend on them."""
+    ``Run.compact_table()``; only ``steps``), sorted by step, for the pieces of :func:`bucket_stats` and the
+    lens without a pass over the token rows; None when the table has none. Only the pieces' sizes depend on
+    them."""
     if compact.num_rows == 0 or "rows_written" not in compact.column_names:
         return None
     step = compact.column(schema.STEP).to_numpy().astype(np.int64)
