@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -27,18 +28,27 @@ def test_recorder_log_to_tensorboard_and_metrics_port(tmp_path: Path) -> None:
             for _ in range(2):  # two micro-batches per step: exported once, merged
                 rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
         rec.flush()
-        text = (
-            urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            .open(f"http://127.0.0.1:{port}/metrics")
-            .read()
-            .decode()
-        )
-    samples = {
-        (s.name, s.labels.get("metric")): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.labels.get("run") == "live"
-    }
+
+        def scrape() -> dict:
+            text = (
+                urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                .open(f"http://127.0.0.1:{port}/metrics")
+                .read()
+                .decode()
+            )
+            return {
+                (s.name, s.labels.get("metric")): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.labels.get("run") == "live"
+            }
+
+        # the exporter has its own thread: flush() returns once the writer is done, the export follows
+        deadline = time.monotonic() + 60
+        samples = scrape()
+        while samples.get(("rldiag_step", None), -1) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            samples = scrape()
     assert samples[("rldiag_step", None)] >= 4  # the writer's latest finished step (the last one waits for close)
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
