@@ -330,7 +330,7 @@ def _bapo_path(p: BAPOParams) -> list[tuple[float, float]]:
 
 
 def _thresholds(p: LensParams, tol: float) -> np.ndarray:
-    """DCPO's and SAPO's parameters for the token pass (slots ``TH_*`` of :mod:`rldiag.stats.lens_kernel`)."""
+    """DCPO's and SAPO's parameters for the lens pass (slots ``TH_*`` of :mod:`rldiag.stats.lens_kernel`)."""
     th = np.zeros(K.N_TH)
     th[K.TH_DCPO_EL4], th[K.TH_DCPO_EH4] = 4.0 * p.dcpo.eps_low, 4.0 * p.dcpo.eps_high
     th[K.TH_DCPO_LO_MAX], th[K.TH_DCPO_HI_MIN] = K.dcpo_shortcut(th[K.TH_DCPO_EL4], th[K.TH_DCPO_EH4], tol)
@@ -402,7 +402,7 @@ class _Table:
 
 
 def _table_sums(table: _Table, p: LensParams, objs: Sequence[str]) -> dict[str, np.ndarray]:
-    """Sums of the clip-style objectives (PPO, DAPO, dual-clip, CISPO, TIS, MIS) from the token pass's table."""
+    """Sums of the clip-style objectives (PPO, DAPO, dual-clip, CISPO, TIS, MIS) from the lens pass's table."""
     out: dict[str, np.ndarray] = {}
     n_w = table.sums.shape[3]
     all_w = np.ones(n_w, dtype=bool)
@@ -577,11 +577,11 @@ def _step_ranges(chunks: list[list[int]]) -> list[tuple[int | None, int | None]]
 
 
 _TABLE_BUDGET = 32 << 20
-"""Bytes of the token pass's tables (one per worker block) a chunk may hold: it bounds a chunk's steps."""
+"""Bytes of the lens pass's tables (one per worker block) a chunk may hold: it bounds a chunk's steps."""
 
 
 def _table_bytes(p: LensParams, objs: Sequence[str]) -> int:
-    """Bytes per step of one block's table and sums (:func:`rldiag.stats.lens_kernel.token_pass`)."""
+    """Bytes per step of one block's table and sums (:func:`rldiag.stats.lens_kernel.lens_pass`)."""
     n_r, n_w = len(_ratio_edges(p, objs)), len(_w_edges(p, objs))
     return 8 * (3 * (2 * n_r + 1) * (2 * n_w + 2) * len(K.TABLE_SUMS) + len(K.ACC_SUMS))
 
@@ -691,17 +691,26 @@ def lens(
 
 
 def _values(frame: pl.DataFrame, names: Sequence[str]) -> list[np.ndarray]:
-    """Float columns as numpy (nulls as NaN): float32 when all are float32 (the run format), else float64."""
+    """Float columns as numpy (nulls as NaN): float32 when all are float32 (the run format), else float64. A
+    column of one chunk without nulls is not copied."""
     cols = [frame[c] for c in names]
     dtype = pl.Float32 if all(c.dtype == pl.Float32 for c in cols) else pl.Float64
-    return [np.ascontiguousarray(c.cast(dtype).fill_null(float("nan")).to_numpy()) for c in cols]
+    out = []
+    for c in cols:
+        c = c.cast(dtype)
+        if c.null_count():
+            c = c.fill_null(float("nan"))
+        out.append(np.ascontiguousarray(c.to_numpy()))
+    return out
 
 
 def _int_column(frame: pl.DataFrame, name: str) -> np.ndarray:
     col = frame[name]
     if col.dtype not in (pl.Int32, pl.Int64):
         col = col.cast(pl.Int64)
-    return np.ascontiguousarray(col.fill_null(0).to_numpy())
+    if col.null_count():
+        col = col.fill_null(0)
+    return np.ascontiguousarray(col.to_numpy())
 
 
 _BLOCK_ROWS = 1 << 20
@@ -713,6 +722,29 @@ def _blocks(n: int, workers: int) -> list[tuple[int, int]]:
     k = max(1, min(-(-n // _BLOCK_ROWS), 2 * workers)) if workers > 1 else 1
     cuts = [n * j // k for j in range(k + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _sequence_blocks(blocks: list[tuple[int, int]], step: np.ndarray, seq: np.ndarray) -> list[tuple[int, int]]:
+    """``blocks`` with each cut moved forward to the next row where (step, seq) changes: no sequence is split."""
+    cuts = [0]
+    for _, b in blocks[:-1]:
+        cuts.append(max(cuts[-1], K.next_sequence_start(step, seq, b)))
+    cuts.append(blocks[-1][1])
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _in_order_across(spans: list[np.ndarray]) -> bool:
+    """Whether each step's sequences, as the blocks saw them in row order (``span[s]``: seen, first, last id),
+    keep increasing from one block to the next."""
+    last = np.zeros(spans[0].shape[0], dtype=np.int64)
+    seen = np.zeros(spans[0].shape[0], dtype=bool)
+    for span in spans:
+        here = span[:, 0] == 1
+        if np.any(here & seen & (span[:, 1] <= last)):
+            return False
+        last = np.where(here, span[:, 2], last)
+        seen |= here
+    return True
 
 
 def _total(parts: list[np.ndarray]) -> np.ndarray:
@@ -731,9 +763,9 @@ def _lens_rows(
     pool: ThreadPoolExecutor | None = None,
     workers: int = 1,
 ) -> pl.DataFrame:
-    """:func:`lens` on the token rows of the whole steps ``steps`` (sorted; rows of other steps in ``frame`` are
-    skipped). The token and Trust-the-Batch passes run on pieces of the rows in ``pool``, the sequence pass on
-    all of them beside those."""
+    """:func:`lens` on the token rows of the whole steps in ``frame``. One fused pass per piece of the rows
+    (:func:`rldiag.stats.lens_kernel.lens_pass`; pieces cut between sequences, run in ``pool``), then Trust the
+    Batch's pass over the same pieces once the steps' ESS is known."""
     if frame.height == 0:
         return pl.DataFrame()
     step = _int_column(frame, schema.STEP).astype(np.int64, copy=False)
@@ -744,15 +776,31 @@ def _lens_rows(
     vals = _values(frame, names)
     lp, olp, adv = vals[:3]
     roll = vals[3] if has_roll else lp[:0]
-    flags = np.zeros(K.N_FLAGS, dtype=np.bool_)
-    flags[[K.F_DCPO, K.F_SAPO, K.F_TIS, K.F_MIS]] = [o in objs for o in ("dcpo", "sapo", "tis", "mis")]
+    want_gspo = "gspo" in objs and shape.seq
+    want_ctpo = "ctpo" in objs and shape.seq and shape.pos
+    want = np.zeros(K.N_WANT, dtype=np.bool_)
+    want[K.W_ROLL] = has_roll and ("tis" in objs or "mis" in objs)
+    want[K.W_DCPO], want[K.W_SAPO] = "dcpo" in objs, "sapo" in objs
+    want[K.W_GSPO], want[K.W_CTPO] = want_gspo, want_ctpo
     r_edges, w_edges = _ratio_edges(params, objs), _w_edges(params, objs)
     re, we = np.array(r_edges, dtype=np.float64), np.array(w_edges, dtype=np.float64)
+    lut = K.bucket_lut(re)
+    want[K.W_LUT] = lut is not None
+    counts, edge, base, shift = lut if lut is not None else (np.zeros(1, np.int64), np.zeros(1), 0, 0)
     table_shape = (n_steps, 3, 2 * re.size + 1, 2 * we.size + 2, len(K.TABLE_SUMS))
     th = _thresholds(params, tol)
     r_padded = K.padded(re)
+    if want_gspo or want_ctpo:
+        seq = _int_column(frame, schema.SEQ)
+        pos = _int_column(frame, schema.POS) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
+    else:
+        seq, pos = np.zeros(0, np.int64), np.zeros(0, np.int32)
     r = np.empty(frame.height)
     blocks = _blocks(frame.height, workers if pool is not None else 1)
+    if want_gspo or want_ctpo:
+        blocks = _sequence_blocks(blocks, step, seq)
+    g = params.gspo
+    seq_args = (_lo(g.eps_low), _hi(g.eps_high), params.ctpo.low, params.ctpo.high)
 
     def run(fn: Any, *args: Any) -> Future[Any]:
         if pool is None:
@@ -761,49 +809,50 @@ def _lens_rows(
             return done
         return pool.submit(fn, *args)
 
-    def token_block(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    def block(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
         table, acc = np.zeros(table_shape), np.zeros((n_steps, len(K.ACC_SUMS)))
-        rb = roll[a:b] if has_roll else roll
-        K.token_pass(
+        gacc, cacc, span = np.zeros((n_steps, 6)), np.zeros((n_steps, 5)), np.zeros((n_steps, 3), np.int64)
+        ok = K.lens_pass(
             step[a:b],
             steps,
             lp[a:b],
             olp[a:b],
             adv[a:b],
-            rb,
-            has_roll,
+            roll[a:b] if has_roll else roll,
+            seq[a:b] if seq.size else seq,
+            pos[a:b] if pos.size else pos,
+            want,
             tol,
-            flags,
             th,
-            re,
+            counts,
+            edge,
+            base,
+            shift,
             r_padded,
+            re.size,
             we,
+            *seq_args,
             table,
             acc,
+            gacc,
+            cacc,
             r[a:b],
+            span,
         )
-        return table, acc
+        return table, acc, gacc, cacc, span, bool(ok)
 
-    want_gspo = "gspo" in objs and shape.seq
-    want_ctpo = "ctpo" in objs and shape.seq and shape.pos
-
-    def sequences() -> tuple[np.ndarray, np.ndarray]:
-        seq = _int_column(frame, schema.SEQ)
-        pos = _int_column(frame, schema.POS) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
-        gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
-        g = params.gspo
-        args = (want_gspo, want_ctpo, _lo(g.eps_low), _hi(g.eps_high), params.ctpo.low, params.ctpo.high, gacc, cacc)
-        if not K.sequence_pass(step, steps, seq, pos, lp, olp, adv, tol, np.zeros(0, np.int64), *args):
-            # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
+    done = [j.result() for j in [run(block, a, b) for a, b in blocks]]
+    table = _Table(_total([d[0] for d in done]), tuple(r_edges), tuple(w_edges))
+    acc = _total([d[1] for d in done])
+    if want_gspo or want_ctpo:
+        if all(d[5] for d in done) and _in_order_across([d[4] for d in done]):
+            gacc, cacc = _total([d[2] for d in done]), _total([d[3] for d in done])
+        else:  # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
             order = np.lexsort((pos, seq, step))
-            gacc[:], cacc[:] = 0.0, 0.0
-            K.sequence_pass(step, steps, seq, pos, lp, olp, adv, tol, order, *args)
-        return gacc, cacc
-
-    seq_job = run(sequences) if want_gspo or want_ctpo else None
-    token_jobs = [run(token_block, a, b) for a, b in blocks]
-    table = _Table(_total([j.result()[0] for j in token_jobs]), tuple(r_edges), tuple(w_edges))
-    acc = _total([j.result()[1] for j in token_jobs])
+            gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
+            K.sequence_pass(
+                step, steps, seq, pos, lp, olp, adv, tol, order, want_gspo, want_ctpo, *seq_args, gacc, cacc
+            )
     by_r = table.sums.sum(axis=3)  # [step, side + 1, r bucket, TABLE_SUMS]
     sums: dict[str, np.ndarray] = {
         schema.STEP: steps,
@@ -831,8 +880,7 @@ def _lens_rows(
         for j, q in enumerate(K.SUMS[:5]):
             sums[f"ttb.{q}"] = tacc[:, j]
         sums["ess"] = ess
-    if seq_job is not None:
-        gacc, cacc = seq_job.result()
+    if want_gspo or want_ctpo:
         for j, q in enumerate(K.SUMS[:5]):
             sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
     if "bapo" in objs:

@@ -6,16 +6,19 @@ for the rows of some whole steps in a few linear loops, compiled with numba (``n
 once in threads, and their sums add). The rules themselves come from :mod:`rldiag.stats.definitions`
 (validity, CTPO's clip, the batch ESS), compiled here from their one source like the statistics kernel does.
 
-* :func:`token_pass`: one pass over the rows. It fills a small table of sums per (step, sign of A, bucket of r
-  among every ratio bound the clip-style objectives use, bucket of the rollout weight among the TIS/MIS caps),
-  from which PPO, DAPO, dual-clip, CISPO, TIS, MIS and each point of BAPO's search are exact sums (the bucket
-  says on which side of every bound a token lies), and sums DCPO and SAPO directly (their weights and bounds
-  depend on the token, not only on its buckets). It leaves each valid token's ratio for Trust the Batch.
+* :func:`lens_pass`: one pass over the rows for every objective. It fills a small table of sums per (step,
+  sign of A, bucket of r among every ratio bound the clip-style objectives use, bucket of the rollout weight
+  among the TIS/MIS caps), from which PPO, DAPO, dual-clip, CISPO, TIS, MIS and each point of BAPO's search are
+  exact sums (the bucket says on which side of every bound a token lies); it sums DCPO and SAPO directly (their
+  weights and bounds depend on the token, not only on its buckets) and, for rows in the recorder's order (each
+  sequence contiguous, positions increasing, sequence ids increasing within a step), GSPO (per-sequence mean
+  log-ratio and advantage) and CTPO (cumulative log-ratio in position order). Each row's columns are read once
+  and its ratio ``exp(logp - old_logp)`` computed once; it leaves each valid token's ratio for Trust the Batch.
+  A ratio's bucket comes from a lookup table on the bits of the number (:func:`bucket_lut`), one load and two
+  comparisons.
 * :func:`ttb_pass`: Trust the Batch's sums, once the step's ESS is known.
-* :func:`sequence_pass`: GSPO (per-sequence mean log-ratio and advantage) and CTPO (cumulative log-ratio in
-  position order). Rows in the recorder's order (each sequence contiguous, positions increasing, sequence ids
-  increasing within a step) are read as they are; the pass says when they are not, and the caller gives it
-  the rows' sorted order instead.
+* :func:`sequence_pass`: GSPO and CTPO over rows taken in a given order, for rows not in the recorder's order
+  (:func:`lens_pass` says when they are not; the caller gives this pass the rows' sorted order instead).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ SUMS: Final[tuple[str, ...]] = ("kept", "w", "pos", "abs", "kadv")
 """Sums of one objective: kept tokens, weight, positive and total gradient mass, kept advantage mass."""
 
 TABLE_SUMS: Final[tuple[str, ...]] = ("n", "r", "ra", "a", "rw", "rwa")
-"""Sums of :func:`token_pass`'s table per (step, sign of A, ratio bucket, weight bucket): count, ``sum r``,
+"""Sums of :func:`lens_pass`'s table per (step, sign of A, ratio bucket, weight bucket): count, ``sum r``,
 ``sum r |A|``, ``sum |A|``, ``sum r w``, ``sum r w |A|``."""
 
 ACC_SUMS: Final[tuple[str, ...]] = (
@@ -45,16 +48,17 @@ ACC_SUMS: Final[tuple[str, ...]] = (
     "sapo.pos",
     "sapo.abs",
 )
-"""Sums of :func:`token_pass`'s ``acc`` per step: ``sum r^2``, DCPO's :data:`SUMS`, SAPO's weight and gradient
+"""Sums of :func:`lens_pass`'s ``acc`` per step: ``sum r^2``, DCPO's :data:`SUMS`, SAPO's weight and gradient
 masses (SAPO keeps every token)."""
 
 # slots of the parameter array ``th``
 TH_DCPO_EL4, TH_DCPO_EH4, TH_DCPO_LO_MAX, TH_DCPO_HI_MIN, TH_SAPO_POS, TH_SAPO_NEG = range(6)
 N_TH: Final[int] = 6
 
-# slots of the flags array: which objectives are wanted
-F_DCPO, F_SAPO, F_TIS, F_MIS = range(4)
-N_FLAGS: Final[int] = 4
+# slots of the flags array of lens_pass: what to compute (W_ROLL: the rollout weight for TIS/MIS; W_LUT: ratio
+# buckets from bucket_lut's table rather than by binary search)
+W_ROLL, W_DCPO, W_SAPO, W_GSPO, W_CTPO, W_LUT = range(6)
+N_WANT: Final[int] = 6
 
 
 @numba.njit(inline="always")
@@ -107,41 +111,147 @@ def step_runs(step: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     return out
 
 
+def bucket_lut(edges: np.ndarray, max_cells: int = 4096) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """A lookup table that gives :func:`_bucket` of a number >= 0 with one load: (counts, edge, base, shift).
+
+    The bits of a float64 >= 0 read as an int64 increase with its value, so ``bits >> shift`` cuts the numbers
+    into cells of consecutive values. ``counts[k]`` is the number of edges below cell ``k`` (cell ``k`` is
+    ``bits >> shift == base + k - 1``; cell 0 holds everything below the first edge's cell and the last cell
+    everything above the last edge's), ``edge[k]`` the one edge inside the cell (NaN if none), so the bucket is
+    ``2 * counts[k] + (edge < x) + (edge <= x)``, exactly. None when no cut with at most one edge per cell fits
+    in ``max_cells`` cells (edges closer than about 2**-15 of their value, or many powers of two apart): the
+    caller uses :func:`_search_bucket` instead. The edges must be sorted, distinct and >= 0.
+    """
+    e = np.asarray(edges, dtype=np.float64) + 0.0  # -0.0 -> 0.0
+    if e.size and (not (e >= 0).all() or not (np.diff(e) > 0).all()):
+        raise ValueError("bucket edges must be sorted, distinct and >= 0")
+    if e.size == 0:
+        return np.zeros(3, np.int64), np.full(3, np.nan), 0, 63
+    bits = e.view(np.int64)
+    for shift in range(45, 36, -1):  # cells of 2**-7 .. 2**-15 of a power of two, coarsest first
+        cell = (bits >> shift) - (bits[0] >> shift)
+        n_cells = int(cell[-1]) + 1
+        if n_cells > max_cells:
+            return None
+        if np.all(np.diff(cell) > 0):
+            counts = np.empty(n_cells + 2, np.int64)
+            counts[0], counts[-1] = 0, e.size
+            counts[1:-1] = np.searchsorted(cell, np.arange(n_cells))  # edges in earlier cells
+            edge = np.full(n_cells + 2, np.nan)
+            edge[cell + 1] = e
+            return counts, edge, int(bits[0] >> shift), shift
+    return None
+
+
+@numba.njit(inline="always")
+def _lut_bucket(counts: np.ndarray, edge: np.ndarray, base: int, shift: int, x: float) -> int:  # pragma: no cover
+    """:func:`_bucket` of ``x >= 0`` (or NaN) from :func:`bucket_lut`'s table: one load, two comparisons."""
+    k = int((np.float64(x).view(np.int64) >> shift) - base + 1)
+    k = min(max(k, 0), counts.size - 1)
+    e = edge[k]
+    return 2 * counts[k] + int(e < x) + int(e <= x)
+
+
+@numba.njit(inline="always")
+def _close_sequence(
+    gacc: np.ndarray, s: int, n: float, lr: float, pos_aa: float, neg_aa: float, g_lo: float, g_hi: float
+) -> None:  # pragma: no cover - compiled
+    """GSPO's verdict on one sequence and its sums: s_i = exp(mean lr), A_i = mean A; a clipped sequence drops
+    all its tokens, a kept one gives each token the weight s_i."""
+    if n == 0.0:
+        return
+    si = math.exp(lr / n)
+    a_mean = (pos_aa - neg_aa) / n
+    gacc[s, 5] += 1.0  # sequences of the step
+    if (si > g_hi and a_mean > 0) or (si < g_lo and a_mean < 0):
+        return
+    a = pos_aa + neg_aa
+    gacc[s, 0] += n
+    gacc[s, 1] += n * si
+    gacc[s, 2] += si * pos_aa
+    gacc[s, 3] += si * a
+    gacc[s, 4] += a
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def token_pass(  # pragma: no cover - compiled
+def next_sequence_start(step: np.ndarray, seq: np.ndarray, i: int) -> int:  # pragma: no cover - compiled
+    """The first row at or after ``i`` (0 < i) where (step, seq) differs from the row before it, ``step.size`` if
+    none: a cut there splits no sequence."""
+    n = step.size
+    while i < n and step[i] == step[i - 1] and seq[i] == seq[i - 1]:
+        i += 1
+    return i
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def lens_pass(  # pragma: no cover - compiled
     step: np.ndarray,
     uniq: np.ndarray,
     lp: np.ndarray,
     olp: np.ndarray,
     adv: np.ndarray,
     roll: np.ndarray,
-    has_roll: bool,
+    seq: np.ndarray,
+    pos: np.ndarray,
+    want: np.ndarray,
     tol: float,
-    flags: np.ndarray,
     th: np.ndarray,
-    r_edges: np.ndarray,
+    r_counts: np.ndarray,
+    r_edge: np.ndarray,
+    r_base: int,
+    r_shift: int,
     r_padded: np.ndarray,
+    n_r: int,
     w_edges: np.ndarray,
+    g_lo: float,
+    g_hi: float,
+    c_low: float,
+    c_high: float,
     table: np.ndarray,
     acc: np.ndarray,
+    gacc: np.ndarray,
+    cacc: np.ndarray,
     r_out: np.ndarray,
-) -> None:
-    """One pass over the rows: the table of sums every clip-style objective is read from, and the sums of the
-    objectives whose weight is not a function of the table's keys.
+    span: np.ndarray,
+) -> bool:
+    """One pass over the rows for every objective: the table of sums the clip-style objectives are read from,
+    the sums of DCPO and SAPO, and GSPO's and CTPO's sequence sums.
 
-    ``table[s, side + 1, rb, wb, j]``, sums :data:`TABLE_SUMS` of the valid tokens of step ``uniq[s]`` by sign of
-    A, bucket of r among ``r_edges`` (found by :func:`_search_bucket` in ``r_padded``, :func:`padded`) and bucket of
-    the rollout weight ``w = exp(old_logp - rollout_logp)`` among ``w_edges`` (:func:`_bucket`; the last slot
-    ``2 * w_edges.size + 1`` holds tokens without a weight: NaN, or no rollout column). PPO, DAPO, dual-clip,
-    CISPO, TIS, MIS and every point of BAPO's search are sums over parts of this table, read exactly by bucket.
+    ``table[s, side + 1, rb, wb, j]``: sums :data:`TABLE_SUMS` of the valid tokens of step ``uniq[s]`` by sign of
+    A, bucket of r among the ratio bounds (:func:`_bucket`; from :func:`bucket_lut`'s table ``r_counts``,
+    ``r_edge``, ``r_base``, ``r_shift`` when ``want[W_LUT]``, else by :func:`_search_bucket` in ``r_padded``,
+    ``n_r`` edges) and bucket of the rollout weight ``w = exp(old_logp - rollout_logp)`` among ``w_edges`` (the
+    last slot ``2 * w_edges.size + 1`` holds tokens without a weight: NaN, or not ``want[W_ROLL]``). PPO, DAPO,
+    dual-clip, CISPO, TIS, MIS and every point of BAPO's search are sums over parts of this table, read exactly
+    by bucket. ``acc[s]``: ``sum r^2``, DCPO's five :data:`SUMS` (its bounds depend on the token's prior), SAPO's
+    weight, positive and total gradient mass (:data:`ACC_SUMS`). ``r_out[i]``: the ratio of valid row i, NaN for
+    the others (Trust the Batch's pass, :func:`ttb_pass`). Rows of steps not in ``uniq`` are skipped.
 
-    ``acc[s]``: ``sum r^2``, DCPO's five :data:`SUMS` (its bounds depend on the token's prior), SAPO's weight,
-    positive and total gradient mass (:data:`ACC_SUMS`). ``r_out[i]``: the ratio of valid row i, NaN for the
-    others (Trust the Batch's second pass). Rows of steps not in ``uniq`` are skipped.
+    ``gacc[s, :5]`` and ``cacc[s, :5]``: GSPO's and CTPO's :data:`SUMS` (``gacc[s, 5]``: the step's sequences),
+    for the rows taken as they come, which must be in the recorder's order (each sequence's valid rows
+    contiguous with increasing ``pos``, sequence ids increasing within a step). ``span[s]`` gets (1, first,
+    last) sequence id of the step's valid rows here, for the caller to check the order across blocks of rows.
+    Returns False as soon as the order does not hold (the sequence sums are then incomplete and the caller
+    computes them with :func:`sequence_pass` in the rows' sorted order; the other sums are complete).
     """
     n = step.size
     no_w = 2 * w_edges.size + 1
-    want_w = has_roll and (flags[F_TIS] or flags[F_MIS])
+    want_w = want[W_ROLL]
+    want_dcpo = want[W_DCPO]
+    want_sapo = want[W_SAPO]
+    want_gspo = want[W_GSPO]
+    want_ctpo = want[W_CTPO]
+    use_lut = want[W_LUT]
+    ok = want_gspo or want_ctpo  # sequences wanted and, so far, in the recorder's order
+    # a sequence's running sums (GSPO: valid tokens, log-ratio, positive and negative advantage mass; CTPO: L_t)
+    cur_s = -1
+    cur_q = 0
+    last_pos = 0
+    sn = 0.0
+    slr = 0.0
+    spa = 0.0
+    sna = 0.0
+    L = 0.0
     last = 0
     s = -2
     for i in range(n):
@@ -157,7 +267,8 @@ def token_pass(  # pragma: no cover - compiled
         if not _token_valid(x, y, a, tol):
             r_out[i] = np.nan
             continue
-        r = math.exp(x - y)
+        lr = x - y
+        r = math.exp(lr)
         r_out[i] = r
         aa = abs(a)
         side = 1 if a > 0 else (-1 if a < 0 else 0)
@@ -170,24 +281,25 @@ def token_pass(  # pragma: no cover - compiled
             if w == w:
                 wb = _bucket(w_edges, w)
                 rw = r * w
-        t = table[s, side + 1, _search_bucket(r_padded, r_edges.size, r), wb]
+        rb = _lut_bucket(r_counts, r_edge, r_base, r_shift, r) if use_lut else _search_bucket(r_padded, n_r, r)
+        t = table[s, side + 1, rb, wb]
         t[0] += 1.0
         t[1] += r
         t[2] += ra
         t[3] += aa
         t[4] += rw
         t[5] += rw * aa
-        if flags[F_DCPO]:
+        if want_dcpo:
             # DCPO's upper bound decreases and its lower bound increases with the prior q <= exp(tol), so a
             # token inside [TH_DCPO_LO_MAX, TH_DCPO_HI_MIN] (the bounds at q's largest value, computed with the
             # same correctly rounded operations) is kept without computing its own bounds
             k = True
             if side > 0 and r > th[TH_DCPO_HI_MIN]:
-                q = math.exp(y)
-                k = not (r > 0.5 + 0.5 * math.sqrt(1.0 + th[TH_DCPO_EH4] / q))
+                prior = math.exp(y)
+                k = not (r > 0.5 + 0.5 * math.sqrt(1.0 + th[TH_DCPO_EH4] / prior))
             elif side < 0 and r < th[TH_DCPO_LO_MAX]:
-                q = math.exp(y)
-                v = 1.0 - th[TH_DCPO_EL4] / q
+                prior = math.exp(y)
+                v = 1.0 - th[TH_DCPO_EL4] / prior
                 if v < 0.0:
                     v = 0.0
                 k = not (r < 0.5 + 0.5 * math.sqrt(v))
@@ -198,7 +310,7 @@ def token_pass(  # pragma: no cover - compiled
             acc[s, 3] += wa if side > 0 else 0.0
             acc[s, 4] += wa
             acc[s, 5] += aa if k else 0.0
-        if flags[F_SAPO]:
+        if want_sapo:
             tau = th[TH_SAPO_POS] if a > 0 else th[TH_SAPO_NEG]
             g = 1.0 / (1.0 + math.exp(-tau * (r - 1.0)))
             sw = 4.0 * g * (1.0 - g) * r
@@ -206,6 +318,44 @@ def token_pass(  # pragma: no cover - compiled
             acc[s, 6] += sw
             acc[s, 7] += swa if side > 0 else 0.0
             acc[s, 8] += swa
+        if ok:
+            q = seq[i]
+            p = pos[i]
+            if s != cur_s or q != cur_q:
+                if want_gspo and cur_s >= 0:
+                    _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
+                if span[s, 0] and q <= span[s, 2]:
+                    ok = False
+                    continue
+                if not span[s, 0]:
+                    span[s, 0] = 1
+                    span[s, 1] = q
+                span[s, 2] = q
+                cur_s, cur_q = s, q
+                sn = slr = spa = sna = L = 0.0
+            elif want_ctpo and p <= last_pos:
+                ok = False
+                continue
+            last_pos = p
+            sn += 1.0
+            slr += lr
+            if a > 0:
+                spa += aa
+            elif a < 0:
+                sna += aa
+            if want_ctpo:
+                L += lr
+                if not _ctpo_clipped(L, a, math.sqrt(p + 1.0), c_low, c_high):
+                    eL = math.exp(L)
+                    cacc[s, 0] += 1.0
+                    cacc[s, 1] += eL
+                    if a > 0:
+                        cacc[s, 2] += eL * aa
+                    cacc[s, 3] += eL * aa
+                    cacc[s, 4] += aa
+    if want_gspo and cur_s >= 0 and ok:
+        _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
+    return ok
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -233,27 +383,6 @@ def ttb_pass(
         acc[s, 2] += wa if a > 0 else 0.0
         acc[s, 3] += wa
         acc[s, 4] += aa
-
-
-@numba.njit(inline="always")
-def _close_sequence(
-    gacc: np.ndarray, s: int, n: float, lr: float, pos_aa: float, neg_aa: float, g_lo: float, g_hi: float
-) -> None:  # pragma: no cover - compiled
-    """GSPO's verdict on one sequence and its sums: s_i = exp(mean lr), A_i = mean A; a clipped sequence drops
-    all its tokens, a kept one gives each token the weight s_i."""
-    if n == 0.0:
-        return
-    si = math.exp(lr / n)
-    a_mean = (pos_aa - neg_aa) / n
-    gacc[s, 5] += 1.0  # sequences of the step
-    if (si > g_hi and a_mean > 0) or (si < g_lo and a_mean < 0):
-        return
-    a = pos_aa + neg_aa
-    gacc[s, 0] += n
-    gacc[s, 1] += n * si
-    gacc[s, 2] += si * pos_aa
-    gacc[s, 3] += si * a
-    gacc[s, 4] += a
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -363,7 +492,7 @@ def dcpo_shortcut(el4: float, eh4: float, tol: float) -> tuple[float, float]:
 
     The bounds are monotone in q and computed with correctly rounded operations (monotone too), at a q above any
     value ``exp(old_logp)`` can round to; so ``r >= lo_max`` implies ``r >= lo(q)`` and ``r <= hi_min`` implies
-    ``r <= hi(q)`` exactly, with the very operations :func:`token_pass` uses.
+    ``r <= hi(q)`` exactly, with the very operations :func:`lens_pass` uses.
     """
     q_max = math.exp(tol) * (1.0 + 1e-12)
     v = 1.0 - el4 / q_max
