@@ -395,7 +395,10 @@ class Run:
             if steps is not None:
                 lf = lf.filter(pl.col("step").is_in(list(steps)))
             rows = recompute.stored_step_rows(self.compact_table(), steps)  # sizes the pieces: no pass over steps
-            stats = bucket_stats(lf, self.config, by, buckets, width, step_rows=rows)
+            files, limits = self.token_files(), self.token_limits()  # each row group read once (recompute)
+            stats = bucket_stats(
+                lf, self.config, by, buckets, width, step_rows=rows, files=files, limits=limits, steps=steps
+            )
         return bucket_table(stats, by)
 
     # ---- advanced analytics (rldiag.analysis.lens / cliff / law) ------------------------------------

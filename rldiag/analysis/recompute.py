@@ -598,6 +598,9 @@ def bucket_stats(
     chunk_rows: int = _BUCKET_CHUNK_ROWS,
     threads: int | None = None,
     step_rows: tuple[np.ndarray, np.ndarray] | None = None,
+    files: Sequence[Any] | None = None,
+    limits: Mapping[Any, int] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> pa.Table:
     """Statistics rows per (step, bucket, rank, micro) of token rows (whole steps: position deciles use the
     step's longest response). Merging them by (step, bucket) (:func:`bucket_table`) gives
@@ -613,11 +616,20 @@ def bucket_stats(
     hold their merge identity); other rows are sorted into (step, bucket, record) order and computed by the
     kernel without histograms. Pieces go to ``threads`` workers (default: one per core, at most
     :data:`MAX_THREADS`), joined in step order.
+
+    ``files`` (the token files ``lf`` scans, with their ``limits`` and the ``steps`` it keeps, as
+    :meth:`Run.bucket_metrics` has them): read straight from the files, each row group once
+    (:func:`_bucket_stats_files`), when their rows allow it; the same rows either way.
     """
     names = lf.collect_schema().names()
     need = bucket_read_columns(by)
     if by in _BUCKET_INPUT and _BUCKET_INPUT[by] not in names:
         return STATS_SCHEMA.empty_table()
+    if files:
+        spec = _BucketSpec(by, buckets, width, None, config)
+        direct = _bucket_stats_files(files, limits or {}, steps, lf, spec, threads or default_threads())
+        if direct is not None:
+            return direct
     missing = [c for c in need if c not in names]
     lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in missing) if missing else lf
     if step_rows is None:
@@ -625,14 +637,14 @@ def bucket_stats(
         if per_step.height == 0:
             return STATS_SCHEMA.empty_table()
         step_rows = (per_step[schema.STEP].to_numpy(), per_step["rows"].to_numpy())
-    steps, rows = step_rows
+    counted, rows = step_rows
     # step ranges (lo, hi] of about chunk_rows rows; the first is open below and the last above, so that a step
     # the counts miss (stored counts of a run still being written) is read all the same
     ends: list[int] = []
     total = 0
-    for k in range(steps.size):
+    for k in range(counted.size):
         if k and total + int(rows[k]) > chunk_rows:
-            ends.append(int(steps[k - 1]))
+            ends.append(int(counted[k - 1]))
             total = 0
         total += int(rows[k])
     bounds: list[int | None] = [None, *ends, None]
@@ -660,6 +672,244 @@ def bucket_stats(
     if not parts:
         return STATS_SCHEMA.empty_table()
     return pa.concat_tables(parts, promote_options="default")
+
+
+# --- bucket tables straight from the files: every row group decoded once ---
+_BY_KIND = {"prob": bucket_kernel.KIND_PROB, "route": bucket_kernel.KIND_ROUTE}
+_FALLBACK = -1
+"""A row group the in-place path cannot take (nulls in a key column, unordered rows, bucket ids out of range,
+too many buckets per step): the whole table is then computed by the piece path."""
+
+
+@dataclass(frozen=True)
+class _BucketSpec:
+    """What a bucket-table job computes: the table ``by``, its ``buckets`` or ``width``, each step's longest
+    response over every file (``tops``, when a step's rows are in several files) and the thresholds."""
+
+    by: str
+    buckets: int
+    width: int | None
+    tops: tuple[np.ndarray, np.ndarray] | None
+    config: RecorderConfig
+
+
+def _bucket_table_records(table: pa.Table, spec: _BucketSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray] | int:
+    """Records (:func:`rldiag.stats.bucket_kernel.bucket_steps`) of rows of whole steps in the recorder's order;
+    :data:`_FALLBACK` when they cannot be accumulated in place."""
+    keys = {}
+    for c in schema.KEY_COLUMNS:
+        col = table.column(c) if c in table.column_names else None
+        if col is None or col.null_count:
+            return _FALLBACK
+        keys[c] = col.to_numpy()
+    lp, olp, adv = _col(table, schema.LOGP), _col(table, schema.OLD_LOGP), _col(table, schema.ADV)
+    if lp is None or olp is None or adv is None:
+        return _FALLBACK
+    ids = values = None
+    param = 0
+    if spec.by in _BY_KIND:
+        kind = _BY_KIND[spec.by]
+        values = _col(table, _BUCKET_INPUT[spec.by])
+    elif spec.by == "pos":
+        kind = bucket_kernel.KIND_DECILE if spec.width is None else bucket_kernel.KIND_WIDTH
+        param = spec.buckets if spec.width is None else spec.width
+        if param <= 0:
+            return _FALLBACK
+    else:
+        kind = bucket_kernel.KIND_IDS
+        raw = _col(table, spec.by, np.int64)  # stage / turn: nulls (read as 0 here) get no bucket
+        if raw is None:
+            return np.zeros((0, 4), dtype=np.int64), np.zeros((0, len(bucket_kernel.BUCKET_STATS))), np.zeros(0)
+        col = table.column(spec.by)
+        if col.null_count:
+            raw = np.where(col.is_valid().to_numpy(zero_copy_only=False), raw, -1)
+        kept = raw[raw >= 0] if col.null_count else raw
+        if kept.size and (int(kept.min()) < 0 or int(kept.max()) >= 1 << 20):
+            return _FALLBACK
+        ids = raw
+    got = bucket_kernel.bucket_steps(
+        keys[schema.STEP],
+        keys[schema.RANK],
+        keys[schema.MICRO],
+        keys[schema.SEQ],
+        keys[schema.POS],
+        kind,
+        ids=ids,
+        values=values,
+        param=param,
+        tops=spec.tops,
+        logp=lp,
+        old_logp=olp,
+        adv=adv,
+        entropy=_col(table, schema.ENTROPY),
+        rollout_logp=_col(table, schema.ROLLOUT_LOGP),
+        cfg=spec.config,
+    )
+    return _FALLBACK if isinstance(got, int) else got
+
+
+@dataclass
+class _BucketPart:
+    """One row group of a bucket table: the records of the steps that start and end in it, and its first and
+    last steps' rows, which a row-group boundary may cut."""
+
+    head: pa.Table
+    records: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    tail: pa.Table | None
+    open: bool
+    """A single step fills the whole row group: it is all ``head``."""
+    status: int = 0
+
+
+def _bucket_job(
+    path: storage.Location,
+    meta: pq.FileMetaData,
+    g: int,
+    last: bool,
+    limit: int | None,
+    names: list[str],
+    steps: pa.Array | None,
+    spec: _BucketSpec,
+) -> _BucketPart:
+    src = storage.parquet_source(path)
+    pf = pq.ParquetFile(src, metadata=meta)
+    empty = _BucketPart(pf.schema_arrow.empty_table(), None, None, False)
+    st = meta.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
+    if st is not None and st.has_min_max:
+        if limit is not None and st.min >= limit:  # superseded by a restart: not read
+            return empty
+        if steps is not None and (len(steps) == 0 or st.max < steps[0].as_py() or st.min > steps[-1].as_py()):
+            return empty
+    table = _read_row_group(pf, g, names, local=src if isinstance(src, str) else None)
+    if steps is not None:
+        table = table.filter(pc.is_in(table.column(schema.STEP), steps))
+    if limit is not None:
+        table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
+    n = table.num_rows
+    if n == 0:
+        return _BucketPart(table, None, None, False)
+    if table.column(schema.STEP).null_count:
+        return _BucketPart(table, None, None, False, _FALLBACK)
+    step = table.column(schema.STEP).to_numpy()
+    head = int(_head_run_end(step, step[0]))
+    if head == n and not last:
+        return _BucketPart(table, None, None, True)
+    cut = n if last else max(head, int(_tail_run_start(step)))
+    got = _bucket_table_records(table.slice(head, cut - head), spec) if cut > head else None
+    if isinstance(got, int):
+        return _BucketPart(table, None, None, False, got)
+    return _BucketPart(table.slice(0, head), got, table.slice(cut) if cut < n else None, False)
+
+
+def _file_step_ranges(metas: list[tuple[storage.Location, pq.FileMetaData]]) -> list[tuple[int, int]] | None:
+    """Each file's (first, last) step from its row groups' statistics; None when one lacks them or a file's row
+    groups do not come in step order (each one's steps at or after the previous one's)."""
+    out = []
+    for _, md in metas:
+        i = md.schema.to_arrow_schema().get_field_index(schema.STEP)
+        lo = hi = None
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(i).statistics
+            if md.row_group(g).num_rows == 0:
+                continue
+            if st is None or not st.has_min_max or (hi is not None and st.min < hi):
+                return None
+            lo = st.min if lo is None else lo
+            hi = st.max
+        if lo is not None and hi is not None:
+            out.append((int(lo), int(hi)))
+    return out
+
+
+def _bucket_stats_files(
+    files: Sequence[Any],
+    limits: Mapping[Any, int],
+    steps: Sequence[int] | None,
+    lf: pl.LazyFrame,
+    spec: _BucketSpec,
+    threads: int,
+) -> pa.Table | None:
+    """:func:`bucket_stats` read straight from the token files: each Parquet row group is read once by one of
+    ``threads`` workers (at most ``threads + 2`` in flight) and its whole steps bucketed and accumulated in
+    place (:func:`rldiag.stats.bucket_kernel.bucket_steps`, on the columns without a copy); the steps a
+    row-group boundary cuts are joined here, in order, and computed as small pieces of their own. None when the
+    rows do not allow it (see :data:`_FALLBACK`, or a record in two files)."""
+    metas = [(storage.location(f), _metadata(f)) for f in files]
+    lim = {storage.location(k): v for k, v in limits.items()}
+    ranges = _file_step_ranges(metas)
+    if ranges is None:
+        return None
+    if spec.by == "pos" and spec.width is None:
+        ranges.sort()
+        if any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:])):  # a step's rows in several files
+            per = lf.group_by(schema.STEP).agg(pl.col(schema.POS).max().cast(pl.Int64) + 1).sort(schema.STEP).collect()
+            spec = _BucketSpec(
+                spec.by,
+                spec.buckets,
+                spec.width,
+                (per[schema.STEP].to_numpy(), per[schema.POS].to_numpy()),
+                spec.config,
+            )
+    names = bucket_read_columns(spec.by)
+    wanted = None if steps is None else pa.array(sorted(set(steps)), pa.int64())
+    jobs = [(f, md, g, g == md.num_row_groups - 1, lim.get(f)) for f, md in metas for g in range(md.num_row_groups)]
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def edge(rows: list[pa.Table]) -> int:
+        rows = [p for p in rows if p.num_rows]
+        if not rows:
+            return 0
+        table = pa.concat_tables(rows, promote_options="default").combine_chunks()
+        got = _bucket_table_records(table, spec)
+        if isinstance(got, int):
+            return got
+        parts.append(got)
+        return 0
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[tuple[Any, bool]] = deque()
+        it = iter(jobs)
+        for job in it:
+            pending.append((pool.submit(_bucket_job, *job, names, wanted, spec), job[3]))
+            if len(pending) >= threads + 2:
+                break
+        open_rows: list[pa.Table] = []
+        while pending:
+            fut, last = pending.popleft()
+            res = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((pool.submit(_bucket_job, *nxt, names, wanted, spec), nxt[3]))
+            if res.status:
+                for f, _ in pending:
+                    f.cancel()
+                return None
+            open_rows.append(res.head)
+            if res.open:
+                continue
+            if edge(open_rows):
+                for f, _ in pending:
+                    f.cancel()
+                return None
+            if res.records is not None:
+                parts.append(res.records)
+            open_rows = [res.tail] if res.tail is not None else []
+            if last:  # a file's last step; steps never continue into the next file's rows
+                if edge(open_rows):
+                    for f, _ in pending:
+                        f.cancel()
+                    return None
+                open_rows = []
+    if not parts:
+        return STATS_SCHEMA.empty_table()
+    keys = np.concatenate([p[0] for p in parts])
+    order = np.lexsort((keys[:, 3], keys[:, 2], keys[:, 1], keys[:, 0]))
+    keys = keys[order]
+    if keys.shape[0] > 1 and bool(np.any(np.all(keys[1:] == keys[:-1], axis=1))):
+        return None  # one record's rows in two places (not as the recorder writes them)
+    stats = np.concatenate([p[1] for p in parts])[order]
+    sums = np.concatenate([p[2] for p in parts])[order]
+    return _bucket_records_table(keys, stats, sums, absd=spec.by == "prob")
 
 
 def step_between(lo: int | None, hi: int | None) -> pl.Expr:

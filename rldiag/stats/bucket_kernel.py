@@ -50,42 +50,71 @@ defined); the others by comparing log-probabilities with the edges' logs, which 
 log err by about 1e-16 relative, far inside the margin."""
 
 
+_PROB_EDGES_T = tuple(float(e) for e in PROB_EDGES)
+_PROB_LOG_EDGES_T = tuple(float(v) for v in np.log(np.array(PROB_EDGES[:-1])))
+_NEAR = -2
+"""What :func:`_prob_bucket_log` gives a log-probability within the margin of an edge's log."""
+
+
+@numba.njit(inline="always")
+def _prob_bucket_log(x: float) -> int:  # pragma: no cover - compiled
+    """Bucket of a log-probability by comparing it with the edges' logs (branch-free: it vectorizes); -1 when
+    not finite, :data:`_NEAR` within :data:`_LOG_MARGIN` of an edge's log (then :func:`_prob_bucket_exact`)."""
+    b = 0
+    near = False
+    for k in range(len(_PROB_LOG_EDGES_T)):  # the edges below p, in log space
+        b += x > _PROB_LOG_EDGES_T[k]
+        near |= abs(x - _PROB_LOG_EDGES_T[k]) <= _LOG_MARGIN
+    b = _NEAR if near else b
+    return b if math.isfinite(x) else -1
+
+
+@numba.njit(inline="always")
+def _prob_bucket_exact(x: float) -> int:  # pragma: no cover - compiled
+    """The definition: p = exp(x) against the edges (x finite)."""
+    last = len(_PROB_EDGES_T) - 1
+    p = math.exp(x)
+    b = 0
+    while b < last and p > _PROB_EDGES_T[b]:
+        b += 1
+    if p > _PROB_EDGES_T[last]:
+        b = last
+    return b if p > _PROB_EDGES_T[0] else 0
+
+
+@numba.njit(inline="always")
+def _prob_fill(vals: np.ndarray, t0: int, m: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Probability bucket of ``vals[t0 + u]`` into ``out[u]``, u < m: a vectorized pass, then the rare values
+    near an edge by the definition."""
+    for u in range(m):
+        out[u] = _prob_bucket_log(np.float64(vals[t0 + u]))
+    for u in range(m):
+        if out[u] == _NEAR:
+            out[u] = _prob_bucket_exact(np.float64(vals[t0 + u]))
+
+
+@numba.njit(inline="always")
+def _route_bucket(x: float, edges: np.ndarray) -> int:  # pragma: no cover - compiled
+    top = edges.size - 1  # index of the "== 1" bucket
+    b = 0
+    for k in range(1, top):  # the edges at or below x (branch-free: x is often random)
+        b += x >= edges[k]
+    b = top if x == 1.0 else b
+    return b if (x >= 0.0) & (x <= 1.0) else -1  # NaN and out-of-range values get no bucket
+
+
 @numba.njit(nogil=True, cache=True)
-def _prob_buckets(roll: np.ndarray, edges: np.ndarray, log_edges: np.ndarray) -> np.ndarray:  # pragma: no cover
-    n = roll.size
-    out = np.empty(n, dtype=np.int64)
-    last = edges.size - 1
-    for i in range(n):
-        x = np.float64(roll[i])
-        b = 0
-        near = False
-        for k in range(last):  # the edges below p, in log space
-            b += x > log_edges[k]
-            near |= abs(x - log_edges[k]) <= _LOG_MARGIN
-        if near:  # the definition: p = exp(x) against the edges
-            p = math.exp(x)
-            b = 0
-            while b < last and p > edges[b]:
-                b += 1
-            if p > edges[last]:
-                b = last
-            b = b if p > edges[0] else 0
-        out[i] = b if math.isfinite(x) else -1
+def _prob_buckets(roll: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    out = np.empty(roll.size, dtype=np.int64)
+    _prob_fill(roll, 0, roll.size, out)
     return out
 
 
 @numba.njit(nogil=True, cache=True)
 def _route_buckets(route: np.ndarray, edges: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    n = route.size
-    out = np.empty(n, dtype=np.int64)
-    top = edges.size - 1  # index of the "== 1" bucket
-    for i in range(n):
-        x = np.float64(route[i])
-        b = 0
-        for k in range(1, top):  # the edges at or below x (branch-free: x is often random)
-            b += x >= edges[k]
-        b = top if x == 1.0 else b
-        out[i] = b if (x >= 0.0) & (x <= 1.0) else -1  # NaN and out-of-range values get no bucket
+    out = np.empty(route.size, dtype=np.int64)
+    for i in range(route.size):
+        out[i] = _route_bucket(np.float64(route[i]), edges)
     return out
 
 
@@ -141,8 +170,7 @@ def decile_buckets(step: np.ndarray, pos: np.ndarray, steps: np.ndarray, longest
 def buckets(by: str, values: np.ndarray) -> np.ndarray:
     """Bucket of each token (-1: none) for ``by="prob"`` (``values`` = rollout_logp) or ``"route"``."""
     if by == "prob":
-        edges = np.array(PROB_EDGES)
-        return _prob_buckets(values, edges, np.log(edges[:-1]))
+        return _prob_buckets(values)
     if by == "route":
         return _route_buckets(values, np.array(ROUTE_EDGES))
     raise ValueError(f"by must be 'prob' or 'route' here, got {by!r}")
@@ -275,15 +303,34 @@ _MAX_SLOTS = 1 << 16
 _W = kernel.W
 _expm1 = kernel._expm1
 _LN2 = math.log(2.0)
+_BLOCK = 1024
+"""Rows whose elementwise values are computed before the scan adds them to their records: the temporaries of
+a block stay in the core's cache (a whole step's, 70,000 rows of the recorder's benchmark run, did not)."""
+
+KIND_IDS, KIND_DECILE, KIND_WIDTH, KIND_PROB, KIND_ROUTE = 0, 1, 2, 3, 4
+"""How :func:`_bucket_steps` finds a row's bucket: given ids; position deciles of the step's longest response;
+fixed-width positions; probability buckets of ``rollout_logp``; routing buckets of ``route_agree``."""
+
+OK, TOO_MANY, NOT_ORDERED = 0, 1, 2
+"""Outcomes of :func:`_bucket_steps`: records; a step with more than ``max_slots`` (bucket, rank/micro)
+combinations; rows not in the recorder's order (``check_order``)."""
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _bucket_records(
+def _bucket_steps(
     step: np.ndarray,
     rank: np.ndarray,
     micro: np.ndarray,
-    bucket: np.ndarray,
-    nb: int,
+    seq: np.ndarray,
+    pos: np.ndarray,
+    ids: np.ndarray,
+    vals: np.ndarray,
+    kind: int,
+    param: int,
+    top_steps: np.ndarray,
+    top_len: np.ndarray,
+    edges: np.ndarray,
+    check_order: bool,
     max_slots: int,
     lp: np.ndarray,
     olp: np.ndarray,
@@ -295,15 +342,22 @@ def _bucket_records(
     tol: float,
     lo_thr: float,
     hi_thr: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:  # pragma: no cover - compiled
-    """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|;
-    False (and nothing) when a step has more than ``max_slots`` (bucket, rank/micro) combinations.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled
+    """Per record (step, bucket, rank, micro), in that order: keys, :data:`BUCKET_STATS` and the sum of |d|,
+    and :data:`OK`; or nothing and :data:`TOO_MANY` / :data:`NOT_ORDERED`.
+
+    Rows come in runs of equal steps (each run a whole step) and, within a step, in (rank, micro) runs (checked
+    with seq and pos when ``check_order``). A row's bucket (-1: none) follows ``kind`` (:data:`KIND_IDS`:
+    ``ids``; :data:`KIND_DECILE`: ``param`` parts of the step's longest response, ``top_len`` of ``top_steps``
+    when given, else from the step's own rows; :data:`KIND_WIDTH`: ``pos // param``; :data:`KIND_PROB` /
+    :data:`KIND_ROUTE`: of ``vals``).
 
     The kernel's passes for these statistics (valid, ratio, clip, entropy, mismatch and the extreme count of
-    the correction pass) with the same operations: per step, the elementwise values in loops of their own
-    (they vectorize, as in the kernel), then one scan in file order that adds each token's values to its
-    record's lane ``j % W`` (j: the token's index within its record), the kernel's order on the rows gathered
-    into (step, bucket, rank, micro, seq, pos) order. So the results are bit-identical, without the gather."""
+    the correction pass) with the same operations: per block of a step's rows, the elementwise values in loops
+    of their own (they vectorize, as in the kernel), then a scan in file order that adds each token's values to
+    its record's lane ``j % W`` (j: the token's index within its record), the kernel's order on the rows
+    gathered into (step, bucket, rank, micro, seq, pos) order. So the results are bit-identical, without the
+    gather."""
     n = step.size
     cap = 256  # records; the arrays grow by doubling (no counting pass)
     keys = np.empty((cap, 4), dtype=np.int64)
@@ -315,68 +369,68 @@ def _bucket_records(
         j = i
         while j < n and step[j] == step[i]:
             j += 1
+        if check_order and j < n and step[j] < step[i]:
+            return keys[:0], S[:0], absd[:0], NOT_ORDERED
         longest = max(longest, j - i)
         i = j
-    ok_s = np.empty(longest, dtype=np.int64)
-    x_s = np.empty(longest)
-    y_s = np.empty(longest)
-    y2_s = np.empty(longest)
-    clo_s = np.empty(longest, dtype=np.int64)
-    chi_s = np.empty(longest, dtype=np.int64)
-    e_s = np.empty(longest)
-    eu_s = np.empty(longest, dtype=np.int64)
-    d_s = np.empty(longest)
-    du_s = np.empty(longest, dtype=np.int64)
-    ext_s = np.empty(longest, dtype=np.int64)
-    k3_s = np.empty(longest)
-    a_s = np.empty(longest)
+    b_s = np.empty(longest, dtype=np.int64)
+    blk = min(longest, _BLOCK)
+    ok_s = np.empty(blk, dtype=np.int64)
+    y_s = np.empty(blk)
+    y2_s = np.empty(blk)
+    clo_s = np.empty(blk, dtype=np.int64)
+    chi_s = np.empty(blk, dtype=np.int64)
+    e_s = np.empty(blk)
+    eu_s = np.empty(blk, dtype=np.int64)
+    d_s = np.empty(blk)
+    du_s = np.empty(blk, dtype=np.int64)
+    ext_s = np.empty(blk, dtype=np.int64)
+    k3_s = np.empty(blk)
+    a_s = np.empty(blk)
     out = 0
     i = 0
     while i < n:
         j = i
         n_rm = 1
+        top: int = 0
         while j < n and step[j] == step[i]:
-            if j > i and (rank[j] != rank[j - 1] or micro[j] != micro[j - 1]):
-                n_rm += 1
+            if j > i:
+                if rank[j] != rank[j - 1] or micro[j] != micro[j - 1]:
+                    n_rm += 1
+                if check_order:
+                    prev = (rank[j - 1], micro[j - 1], seq[j - 1], pos[j - 1])
+                    cur = (rank[j], micro[j], seq[j], pos[j])
+                    if cur < prev:
+                        return keys[:0], S[:0], absd[:0], NOT_ORDERED
+            if kind == KIND_DECILE:
+                top = max(top, int(pos[j]) + 1)
             j += 1
         m = j - i
-        if nb * n_rm > max_slots:
-            return keys[:0], S[:0], absd[:0], False
-        for u in range(m):
-            t = i + u
-            x_lp = np.float64(lp[t])
-            x_olp = np.float64(olp[t])
-            x_a = np.float64(adv[t])
-            ok = _token_valid(x_lp, x_olp, x_a, tol)
-            ok_s[u] = ok
-            x_s[u] = x_lp - x_olp if ok else 0.0
-            a_s[u] = x_a if ok else 0.0
-        for u in range(m):  # r - 1, in a loop of its own so that it vectorizes
-            y_s[u] = _expm1(x_s[u])
-        for u in range(m):
-            y = y_s[u]
-            y2_s[u] = y * y
-            a = a_s[u]
-            ok = ok_s[u] != 0
-            r = y + 1.0
-            clo_s[u] = (a < 0.0) & (ok & (r < lo_thr))
-            chi_s[u] = (a > 0.0) & (ok & (r > hi_thr))
-        if has_ent:
+        if kind == KIND_DECILE and top_steps.size:
+            k = np.searchsorted(top_steps, step[i])
+            top = int(top_len[k]) if k < top_steps.size and top_steps[k] == step[i] else top
+        # each row's bucket, one loop per kind (they vectorize)
+        if kind == KIND_IDS:
             for u in range(m):
-                e = np.float64(ent[i + u])
-                use = (ok_s[u] != 0) & math.isfinite(e)
-                eu_s[u] = use
-                e_s[u] = e if use else 0.0
-        if has_roll:
+                b_s[u] = ids[i + u]
+        elif kind == KIND_DECILE:
             for u in range(m):
-                d = np.float64(olp[i + u]) - np.float64(roll[i + u])
-                use = (ok_s[u] != 0) & math.isfinite(d)
-                du_s[u] = use
-                d_s[u] = d if use else 0.0
-                ext_s[u] = use & (abs(d) > _LN2)
-            for u in range(m):  # w - 1 - d
-                k3_s[u] = _expm1(d_s[u]) - d_s[u]
-        ns = nb * n_rm
+                bd = (np.int64(pos[i + u]) * param) // top if top != 0 else 0
+                b_s[u] = min(max(bd, 0), param - 1)
+        elif kind == KIND_WIDTH:
+            for u in range(m):
+                b_s[u] = np.int64(pos[i + u]) // param
+        elif kind == KIND_PROB:
+            _prob_fill(vals, i, m, b_s)
+        else:
+            for u in range(m):
+                b_s[u] = _route_bucket(np.float64(vals[i + u]), edges)
+        nbs = 0
+        for u in range(m):
+            nbs = max(nbs, b_s[u] + 1)
+        if nbs * n_rm > max_slots:
+            return keys[:0], S[:0], absd[:0], TOO_MANY
+        ns = nbs * n_rm
         cnt = np.zeros(ns, dtype=np.int64)
         ints = np.zeros((ns, 6), dtype=np.int64)  # n, clip low, clip high, n_ent, n_mm, extreme
         acc = np.zeros((ns, 5, _W))  # s_rm1, s_rm1sq, s_ent, s_mm_d, s_mm_k3 by lane
@@ -386,33 +440,72 @@ def _bucket_records(
         rm = 0
         rm_rank[0] = rank[i]
         rm_micro[0] = micro[i]
-        for u in range(m):
-            t = i + u
-            if u > 0 and (rank[t] != rank[t - 1] or micro[t] != micro[t - 1]):
-                rm += 1
-                rm_rank[rm] = rank[t]
-                rm_micro[rm] = micro[t]
-            b = bucket[t]
-            if b < 0:
-                continue
-            k = b * n_rm + rm
-            lane = cnt[k] & (_W - 1)  # cnt >= 0; W is a power of two
-            cnt[k] += 1
-            ints[k, 0] += ok_s[u]
-            ints[k, 1] += clo_s[u]
-            ints[k, 2] += chi_s[u]
-            acc[k, 0, lane] += y_s[u]
-            acc[k, 1, lane] += y2_s[u]
+        for u0 in range(0, m, blk):
+            u1 = min(m, u0 + blk)
+            mb = u1 - u0
+            t0 = i + u0
+            for v in range(mb):
+                t = t0 + v
+                x_lp = np.float64(lp[t])
+                x_olp = np.float64(olp[t])
+                x_a = np.float64(adv[t])
+                ok = _token_valid(x_lp, x_olp, x_a, tol)
+                ok_s[v] = ok
+                y_s[v] = x_lp - x_olp if ok else 0.0
+                a_s[v] = x_a if ok else 0.0
+            for v in range(mb):  # r - 1, in a loop of its own so that it vectorizes
+                y_s[v] = _expm1(y_s[v])
+            for v in range(mb):
+                y = y_s[v]
+                y2_s[v] = y * y
+                a = a_s[v]
+                ok = ok_s[v] != 0
+                r = y + 1.0
+                clo_s[v] = (a < 0.0) & (ok & (r < lo_thr))
+                chi_s[v] = (a > 0.0) & (ok & (r > hi_thr))
             if has_ent:
-                ints[k, 3] += eu_s[u]
-                acc[k, 2, lane] += e_s[u]
+                for v in range(mb):
+                    e = np.float64(ent[t0 + v])
+                    use = (ok_s[v] != 0) & math.isfinite(e)
+                    eu_s[v] = use
+                    e_s[v] = e if use else 0.0
             if has_roll:
-                d = d_s[u]
-                ints[k, 4] += du_s[u]
-                ints[k, 5] += ext_s[u]
-                acc[k, 3, lane] += d
-                acc[k, 4, lane] += k3_s[u]
-                sabs[k] += abs(d)
+                for v in range(mb):
+                    d = np.float64(olp[t0 + v]) - np.float64(roll[t0 + v])
+                    use = (ok_s[v] != 0) & math.isfinite(d)
+                    du_s[v] = use
+                    d_s[v] = d if use else 0.0
+                    ext_s[v] = use & (abs(d) > _LN2)
+                for v in range(mb):  # w - 1 - d
+                    k3_s[v] = _expm1(d_s[v]) - d_s[v]
+            for v in range(mb):
+                u = u0 + v
+                t = t0 + v
+                if u > 0 and (rank[t] != rank[t - 1] or micro[t] != micro[t - 1]):
+                    rm += 1
+                    rm_rank[rm] = rank[t]
+                    rm_micro[rm] = micro[t]
+                b = b_s[u]
+                if b < 0:
+                    continue
+                k = b * n_rm + rm
+                lane = cnt[k] & (_W - 1)  # cnt >= 0; W is a power of two
+                cnt[k] += 1
+                ints[k, 0] += ok_s[v]
+                ints[k, 1] += clo_s[v]
+                ints[k, 2] += chi_s[v]
+                acc[k, 0, lane] += y_s[v]
+                acc[k, 1, lane] += y2_s[v]
+                if has_ent:
+                    ints[k, 3] += eu_s[v]
+                    acc[k, 2, lane] += e_s[v]
+                if has_roll:
+                    d = d_s[v]
+                    ints[k, 4] += du_s[v]
+                    ints[k, 5] += ext_s[v]
+                    acc[k, 3, lane] += d
+                    acc[k, 4, lane] += k3_s[v]
+                    sabs[k] += abs(d)
         used = 0
         for k in range(ns):
             used += cnt[k] > 0
@@ -448,7 +541,83 @@ def _bucket_records(
             absd[out] = sabs[k]
             out += 1
         i = j
-    return keys[:out].copy(), S[:out].copy(), absd[:out].copy(), True
+    return keys[:out].copy(), S[:out].copy(), absd[:out].copy(), OK
+
+
+_NO_I64 = np.zeros(0, dtype=np.int64)
+_NO_I32 = np.zeros(0, dtype=np.int32)
+_NO_F32 = np.zeros(0, dtype=np.float32)
+
+
+def _i64(a: np.ndarray | None) -> np.ndarray:
+    return _NO_I64 if a is None else np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _i32(a: np.ndarray | None) -> np.ndarray:
+    return _NO_I32 if a is None else np.ascontiguousarray(a, dtype=np.int32)
+
+
+def bucket_steps(
+    step: np.ndarray,
+    rank: np.ndarray,
+    micro: np.ndarray,
+    seq: np.ndarray | None,
+    pos: np.ndarray | None,
+    kind: int,
+    *,
+    ids: np.ndarray | None = None,
+    values: np.ndarray | None = None,
+    param: int = 0,
+    tops: tuple[np.ndarray, np.ndarray] | None = None,
+    logp: np.ndarray,
+    old_logp: np.ndarray,
+    adv: np.ndarray,
+    entropy: np.ndarray | None,
+    rollout_logp: np.ndarray | None,
+    cfg: RecorderConfig,
+    check_order: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | int:
+    """The bucket tables' records of token rows in runs of whole steps, each step's rows in the recorder's order
+    ((rank, micro, seq, pos); checked when ``check_order``, which needs ``seq`` and ``pos``), bucketed as
+    ``kind`` says (:data:`KIND_IDS`, ``ids`` with -1 for none; :data:`KIND_DECILE`, ``param`` parts of the
+    step's longest response, from ``tops`` = (sorted steps, longest) when given, else from the step's rows;
+    :data:`KIND_WIDTH`, ``pos // param``; :data:`KIND_PROB` / :data:`KIND_ROUTE`, of ``values``):
+    ``(keys [n, 4] = step, bucket, rank, micro; stats [n, len(BUCKET_STATS)]; sum of |d| [n])``, records in key
+    order. :data:`TOO_MANY` or :data:`NOT_ORDERED` instead when the rows cannot be accumulated in place (then
+    gather and run the kernel)."""
+    f32 = kernel._f32
+    c = kernel.config_array(cfg)  # the values, and the thresholds, exactly as the kernel derives them
+    edges = np.array(ROUTE_EDGES if kind == KIND_ROUTE else PROB_EDGES)
+    top_steps, top_len = (_NO_I64, _NO_I64) if tops is None else (_i64(tops[0]), _i64(tops[1]))
+    if kind in (KIND_PROB, KIND_ROUTE) and values is None:
+        return np.zeros((0, 4), dtype=np.int64), np.zeros((0, len(BUCKET_STATS))), np.zeros(0)
+    keys, stats, sums, status = _bucket_steps(
+        _i64(step),
+        _i32(rank),
+        _i32(micro),
+        _i64(seq) if check_order else _NO_I64,
+        _i32(pos) if (check_order or kind in (KIND_DECILE, KIND_WIDTH)) else _NO_I32,
+        _i64(ids),
+        f32(values),
+        int(kind),
+        int(param),
+        top_steps,
+        top_len,
+        edges,
+        bool(check_order),
+        _MAX_SLOTS,
+        f32(logp),
+        f32(old_logp),
+        f32(adv),
+        f32(entropy),
+        f32(rollout_logp),
+        entropy is not None,
+        rollout_logp is not None,
+        c[kernel.C_LOGP_TOLERANCE],
+        1.0 - c[kernel.C_EPS_LOW],
+        1.0 + c[kernel.C_EPS_HIGH],
+    )
+    return (keys, stats, sums) if status == OK else int(status)
 
 
 def bucket_records(
@@ -467,27 +636,22 @@ def bucket_records(
     contiguous) with each row's ``bucket`` (-1: none): ``(keys [n, 4] = step, bucket, rank, micro; stats [n,
     len(BUCKET_STATS)]; sum of |d| [n])``, records in key order. None when a step has too many (bucket,
     rank/micro) combinations to accumulate at once (then gather and run the kernel instead)."""
-    nb = int(bucket.max()) + 1 if bucket.size else 0
-    if nb <= 0:
+    if bucket.size == 0 or int(bucket.max()) < 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros((0, len(BUCKET_STATS))), np.zeros(0)
-    f32 = kernel._f32
-    c = kernel.config_array(cfg)  # the values, and the thresholds, exactly as the kernel derives them
-    keys, stats, sums, ok = _bucket_records(
+    got = bucket_steps(
         step,
         rank,
         micro,
-        bucket,
-        nb,
-        _MAX_SLOTS,
-        f32(logp),
-        f32(old_logp),
-        f32(adv),
-        f32(entropy),
-        f32(rollout_logp),
-        entropy is not None,
-        rollout_logp is not None,
-        c[kernel.C_LOGP_TOLERANCE],
-        1.0 - c[kernel.C_EPS_LOW],
-        1.0 + c[kernel.C_EPS_HIGH],
+        None,
+        None,
+        KIND_IDS,
+        ids=bucket,
+        logp=logp,
+        old_logp=old_logp,
+        adv=adv,
+        entropy=entropy,
+        rollout_logp=rollout_logp,
+        cfg=cfg,
+        check_order=False,
     )
-    return (keys, stats, sums) if ok else None
+    return None if isinstance(got, int) else got

@@ -330,3 +330,61 @@ def test_too_many_buckets_for_in_place_accumulation_fall_back_to_the_kernel() ->
         bucket_stats(frame.sample(fraction=1.0, shuffle=True, seed=1).lazy(), cfg, "stage", 4, None), "stage"
     )
     assert fast.height > 4 and fast.equals(slow)
+
+
+def _write_token_files(frame: pl.DataFrame, folder, *, split_ranks: bool, row_group: int) -> list:
+    """``frame``'s rows as token files with small row groups (boundaries inside steps): one file, or one per
+    rank (each step's rows then in both files)."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [frame.filter(pl.col("rank") == r) for r in (0, 1)] if split_ranks else [frame]
+    files = []
+    for i, part in enumerate(parts):
+        f = folder / f"t{i}.parquet"
+        pq.write_table(part.to_arrow(), f, row_group_size=row_group)
+        files.append(f)
+    return files
+
+
+@pytest.mark.parametrize("split_ranks", [False, True])
+@pytest.mark.parametrize(("by", "width"), list(_FINGERPRINTS))
+def test_row_groups_read_once_give_the_piece_paths_table(tmp_path, monkeypatch, split_ranks, by, width) -> None:
+    """Bucket tables read straight from the token files (each row group once, the steps a row-group boundary
+    cuts joined; files=...) equal the piece path's bit for bit: one file or one per rank (a step's rows in both:
+    position deciles of the longest response over both), row groups of 37 and 1,000 rows, a restart limit, a
+    step selection, and rows out of order (then the piece path computes them)."""
+    from rldiag.analysis import recompute
+    from rldiag.analysis.recompute import bucket_stats, bucket_table, scan_tokens
+    from rldiag.config import RecorderConfig
+
+    direct = []
+    original = recompute._bucket_stats_files
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        direct.append(out is not None)
+        return out
+
+    monkeypatch.setattr(recompute, "_bucket_stats_files", counted)
+    frame = _token_frame()  # the fingerprinted rows
+    cfg = RecorderConfig()
+    for row_group in (37, 1000):
+        files = _write_token_files(frame, tmp_path / f"g{row_group}", split_ranks=split_ranks, row_group=row_group)
+        for limits, steps in (({}, None), ({files[0]: 3}, None), ({}, [1, 3])):
+            lf = scan_tokens(files, limits)
+            if steps is not None:
+                lf = lf.filter(pl.col("step").is_in(steps))
+            want = bucket_table(bucket_stats(lf, cfg, by, 4, width), by)
+            got = bucket_table(bucket_stats(lf, cfg, by, 4, width, files=files, limits=limits, steps=steps), by)
+            assert direct.pop() is True
+            assert got.height > 3 or by in ("prob", "route") and got.height > 0
+            assert got.equals(want), (row_group, limits, steps)
+            if not split_ranks and not limits and steps is None:
+                assert _fingerprint(got) == _FINGERPRINTS[(by, width)]
+    shuffled = _write_token_files(
+        frame.sample(fraction=1.0, shuffle=True, seed=2), tmp_path / "s", split_ranks=False, row_group=50
+    )
+    got = bucket_table(bucket_stats(scan_tokens(shuffled), cfg, by, 4, width, files=shuffled), by)
+    assert direct.pop() is False  # not in the recorder's order: the piece path
+    assert _fingerprint(got) == _FINGERPRINTS[(by, width)]
