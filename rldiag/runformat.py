@@ -49,6 +49,8 @@ from rldiag.config import RecorderConfig
 __all__ = [
     "SCHEMA_VERSION",
     "PARQUET_META_KEY",
+    "SUMMARY_META_KEY",
+    "SUMMARY_MAX_BYTES",
     "RunFormatWarning",
     "MANIFEST_NAME",
     "WRITERS_DIR",
@@ -103,6 +105,12 @@ SCHEMA_VERSION: Final[int] = 1
 """Version of the on-disk run format. Readers refuse runs with a newer version."""
 PARQUET_META_KEY: Final = b"rldiag"
 """Key of the JSON blob (schema version, rldiag version, writer, rank, config) in every Parquet file's metadata."""
+SUMMARY_META_KEY: Final = b"rldiag.summary"
+"""Key, in a statistics segment's Parquet metadata, of its write-time summary: the segment's records merged per
+step, with the keys of the records each step holds, as Arrow IPC bytes. A reader folds it instead of reading the
+records (the same numbers, bit for bit); a segment without one (older rldiag, too large) is read record by record."""
+SUMMARY_MAX_BYTES: Final = 16 * 2**20
+"""A summary larger than this is not written (the segment's footer stays small; readers read the records)."""
 MANIFEST_NAME: Final = "manifest.json"
 """Run-level manifest: created by the first writer, never rewritten."""
 WRITERS_DIR: Final = "writers"

@@ -10,6 +10,7 @@ live tails. Everything that reads a run goes through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
-from rldiag.stats.table import STATS_SCHEMA, with_later_columns
+from rldiag.stats.table import KEYS, STATS_SCHEMA, from_ipc, to_ipc, with_later_columns
 from rldiag.stats.table import validate as validate_stats
 
 RunFormatWarning = runformat.RunFormatWarning
@@ -76,12 +77,11 @@ INDEX_MIN_FILES = 16
 INDEX_FILE = "steps.arrow"
 """File name of the run index: an Arrow IPC file, lz4-compressed buffers (reads 4-10x faster than the same table
 in Parquet; index version 3 and older were ``steps.parquet``)."""
-INDEX_VERSION = 4
+INDEX_VERSION = 5
 """Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with;
-3: each file's writer and the duplicate records left out; 4: stored as Arrow IPC, :data:`INDEX_FILE`)."""
+3: each file's writer and the duplicate records left out; 4: stored as Arrow IPC, :data:`INDEX_FILE`;
+5: folded file by file (:meth:`RunFiles._pieces`), the order write-time summaries need)."""
 _OLD_INDEX_FILE = "steps.parquet"
-_REPEATED = "__rldiag_repeated_records__"
-"""Key under which :func:`_load_stats` reports the repeated records it removed from a file."""
 _NO_CUTOFF = 2**63 - 1
 
 
@@ -100,19 +100,14 @@ def _read_index(path: storage.Location) -> pa.Table:
     validated by Arrow (offsets, lengths) before any of its values is used."""
     with storage.open_binary(path) as fh:
         data = fh.read()
-    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
-    table.validate(full=True)
-    return table
+    return from_ipc(data)
 
 
 def _write_index(path: storage.Location, table: pa.Table) -> None:
     """Publish the index whole (a temporary name and a rename locally, one PUT on object storage)."""
-    buf = pa.BufferOutputStream()
-    with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
-        w.write_table(table)
     if not isinstance(path, storage.RemotePath):
         path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_whole(path, buf.getvalue().to_pybytes())
+    storage.write_whole(path, to_ipc(table))
     if not isinstance(path, storage.RemotePath):
         (path.parent / _OLD_INDEX_FILE).unlink(missing_ok=True)  # an index of an older rldiag: never read again
 
@@ -132,6 +127,9 @@ class RunFiles:
     """What is wrong with the run but did not stop reading it (skipped files, restart conflicts)."""
     stats_files: dict[str, FileInfo] = field(default_factory=dict)
     stats_tables: dict[str, pa.Table] = field(default_factory=dict)
+    """Records of the statistics files read so far (a file with a write-time summary is read only when asked)."""
+    key_tables: dict[str, pa.Table] = field(default_factory=dict)
+    """(step, rank, micro) of each statistics file's records (in file order, or by step from a summary)."""
     token_infos: dict[str, FileInfo] = field(default_factory=dict)
     bad: set[str] = field(default_factory=set)
     """Names of the files skipped as unreadable (token files as ``tokens/<name>``)."""
@@ -167,7 +165,7 @@ class RunFiles:
             self._index_loaded = True
             self._load_index(listed)
         new: list[str] = []
-        tables: list[pa.Table] = []
+        summaries: dict[str, pa.Table | None] = {}
         todo = [e.path for name, e in listed.items() if name not in self.stats_files and name not in self.bad]
         # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
         if len(todo) > 1:
@@ -179,7 +177,7 @@ class RunFiles:
             info = self._read_stats_file(p, loaded=got, entry=listed[p.name])
             if info is not None:
                 self.stats_files[p.name] = info
-                tables.append(self.stats_tables[p.name])
+                summaries[p.name] = got.summary
                 new.append(p.name)
         tdir = self.path / schema.TOKENS_DIR
         for e in storage.list_files(tdir):
@@ -196,7 +194,8 @@ class RunFiles:
         changed = self._update_resume() + duplicated
         if new or changed:
             self._stats_cache = None
-        counted = [t for t in (self.surviving(name, self.stats_tables[name]) for name in new) if t.num_rows]
+        counted = [t for t in self._pieces(new, summaries) if t.num_rows]
+        del summaries
         if counted:  # a new file may count nowhere (a whole duplicate, or superseded)
             self._fold(counted)
         for lo, hi in changed:
@@ -305,6 +304,45 @@ class RunFiles:
             table = _without_keys(table, set(drop))
         return self._not_superseded(name, table)
 
+    def _pieces(self, names: Sequence[str], summaries: dict[str, pa.Table | None]) -> list[pa.Table]:
+        """The surviving statistics of the named files merged per step, one table per file in the order of
+        ``names``: the canonical first stage of every fold (each file's records merged in file order, then the
+        files' rows merged in name order), so a segment's write-time summary (``summaries``; None where a file
+        has none) and its records give the same bits. Records are read only for a file without a summary or
+        with some of its records left out as duplicates."""
+        out: dict[str, pa.Table] = {}
+        from_records: list[tuple[str, pa.Table]] = []
+        for name in names:
+            if name in self.dropped and self.dropped[name] is None:
+                continue  # a whole duplicate: counts nowhere
+            summary = summaries.get(name)
+            if summary is not None and name not in self.dropped:
+                out[name] = self._not_superseded(name, summary)
+                continue
+            table = self.table(name)
+            if table is not None:
+                from_records.append((name, self.surviving(name, table)))
+        if from_records:
+            rows = pa.concat_tables([t for _, t in from_records])
+            sizes = [t.num_rows for _, t in from_records]
+            merged = aggregate.compact(rows, part=np.repeat(np.arange(len(sizes)), sizes))
+            at = 0
+            for name, t in from_records:
+                n = int(pc.count_distinct(t.column("step")).as_py()) if t.num_rows else 0
+                out[name] = merged.slice(at, n)
+                at += n
+        return [out[name] for name in names if name in out]
+
+    def _summary(self, name: str) -> pa.Table | None:
+        """The write-time summary of a statistics file (read again from its footer), or None when it has none
+        (its records are then read and kept)."""
+        if name in self.stats_tables:
+            return None
+        got = _load_stats(self.stats_files[name].path)
+        if got.table is not None:
+            self.stats_tables[name] = got.table
+        return got.summary if got.table is None else None
+
     def _not_superseded(self, name: str, table: pa.Table) -> pa.Table:
         cut = self.cutoff(name)
         if cut is None:
@@ -350,11 +388,11 @@ class RunFiles:
             ]
             if not others:
                 continue
-            mine = self.table(name)
+            mine = self.keys(name)
             if mine is None:
                 continue
             for other in sorted(others, key=rank):
-                theirs = self.table(other)
+                theirs = self.keys(other)
                 if theirs is None:
                     continue
                 olo, ohi = self.stats_files[other].steps  # type: ignore[misc]
@@ -409,21 +447,29 @@ class RunFiles:
         return n
 
     def table(self, name: str) -> pa.Table | None:
+        """The records of a statistics file (read on first use, then kept), first of each key."""
         if name not in self.stats_tables:
-            self._read_stats_file(self.stats_files[name].path, check=False)
+            self._read_stats_file(self.stats_files[name].path, check=False, records=True)
         return self.stats_tables.get(name)
+
+    def keys(self, name: str) -> pa.Table | None:
+        """The (step, rank, micro) keys of a statistics file's records (from its summary when it has one: the
+        records are not read)."""
+        if name not in self.key_tables:
+            self._read_stats_file(self.stats_files[name].path, check=False)
+        return self.key_tables.get(name)
 
     def _rebuild(self, lo: int, hi: int) -> None:
         """Recompute the compacted statistics of steps ``lo <= step < hi`` from the surviving records."""
+        names = [
+            name
+            for name, info in sorted(self.stats_files.items())
+            if info.steps is not None and info.steps[1] >= lo and info.steps[0] < hi and name not in self.bad
+        ]
         parts = []
-        for name, info in sorted(self.stats_files.items()):
-            if info.steps is None or info.steps[1] < lo or info.steps[0] >= hi:
-                continue
-            table = self.table(name)
-            if table is None:
-                continue
-            step = table.column("step")
-            rows = self.surviving(name, table.filter(pc.and_(pc.greater_equal(step, lo), pc.less(step, hi))))
+        for piece in self._pieces(names, {n: self._summary(n) for n in names}):
+            step = piece.column("step")
+            rows = piece.filter(pc.and_(pc.greater_equal(step, lo), pc.less(step, hi)))
             if rows.num_rows:
                 parts.append(rows)
         base = self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
@@ -528,17 +574,20 @@ class RunFiles:
         p: storage.Location,
         *,
         check: bool = True,
-        loaded: tuple[pa.Table | None, dict[str, Any], Exception | None] | None = None,
+        loaded: _Loaded | None = None,
         entry: storage.Entry | None = None,
+        records: bool = False,
     ) -> FileInfo | None:
-        """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread)."""
-        table, meta, exc = loaded if loaded is not None else _load_stats(p)
-        if table is None:
-            self._skip(p.name, p, exc or ValueError("unreadable"))
+        """Record a statistics file (read now, or ``loaded`` by :func:`_load_stats` on a worker thread; its
+        write-time summary unless ``records``)."""
+        got = loaded if loaded is not None else _load_stats(p, records=records)
+        if got.keys is None:
+            self._skip(p.name, p, got.error or ValueError("unreadable"))
             return None
-        if check and meta.get(_REPEATED):
+        meta = got.meta
+        if check and got.repeated:
             msg = (
-                f"{p} holds {meta[_REPEATED]} repeated records (the same step, rank and micro-batch twice); the "
+                f"{p} holds {got.repeated} repeated records (the same step, rank and micro-batch twice); the "
                 "first of each counts, the repeats count nowhere"
             )
             self.duplicate_notes[p.name] = msg
@@ -552,15 +601,17 @@ class RunFiles:
             )
             self.problems.append(Problem(str(p), msg))
             warnings.warn(msg, RunFormatWarning, stacklevel=3)
-        self.stats_tables[p.name] = table
+        if got.table is not None:
+            self.stats_tables[p.name] = got.table
+        keys = self.key_tables[p.name] = got.keys
         st = entry if entry is not None else self.stats_files.get(p.name)
         size, mtime = (st.size, st.mtime) if st is not None else (p.stat().st_size, p.stat().st_mtime)
         steps = None
-        if table.num_rows:
-            mm = pc.min_max(table.column("step"))
+        if keys.num_rows:
+            mm = pc.min_max(keys.column("step"))
             steps = (int(mm["min"].as_py()), int(mm["max"].as_py()))
         wid = meta.get("writer")
-        return FileInfo(p, size, mtime, table.num_rows, cfg, steps, wid if isinstance(wid, str) else None)
+        return FileInfo(p, size, mtime, keys.num_rows, cfg, steps, wid if isinstance(wid, str) else None)
 
     def stats_table(self) -> pa.Table:
         """All statistics rows, one per record (step, rank, micro), read from the files (cached); records that
@@ -568,7 +619,7 @@ class RunFiles:
         if self._stats_cache is None:
             for name in sorted(self.stats_files):
                 if name not in self.stats_tables:
-                    self._read_stats_file(self.stats_files[name].path, check=False)
+                    self._read_stats_file(self.stats_files[name].path, check=False, records=True)
             tables = [self.surviving(k, self.stats_tables[k]) for k in sorted(self.stats_tables)]
             self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
         return self._stats_cache
@@ -620,9 +671,7 @@ class RunFiles:
         """The steps that the named statistics files (as :meth:`refresh` returns them) hold."""
         out: set[int] = set()
         for name in names:
-            if name not in self.stats_tables and name in self.stats_files:
-                self._read_stats_file(self.stats_files[name].path, check=False)
-            table = self.stats_tables.get(name)
+            table = self.keys(name) if name in self.stats_files else None
             if table is not None:
                 out.update(pc.unique(table.column("step")).to_pylist())
         return out
@@ -644,50 +693,89 @@ class RunFiles:
         n = 0
         for name in self.stats_files:
             if self.cutoff(name) is not None:
-                table = self.table(name)
+                table = self.keys(name)
                 if table is not None:
                     n += table.num_rows - self._not_superseded(name, table).num_rows
         return n
 
 
-def _load_stats(
-    p: storage.Location, *, use_threads: bool = True
-) -> tuple[pa.Table | None, dict[str, Any], Exception | None]:
-    """A statistics file read and validated: (table in STATS_SCHEMA, its rldiag metadata, None), or
-    (None, {}, the error) for a file that is unreadable, too new or incomplete. ``use_threads=False`` when the
-    caller reads several files on its own threads (pyarrow's own threads on top oversubscribe the cores: the
-    160 files of the stats benchmark read in a median 1.2 s instead of 1.9 s, 5 interleaved repeats)."""
+@dataclass
+class _Loaded:
+    """What :func:`_load_stats` read from one statistics file (``keys`` is None when it is unreadable)."""
+
+    table: pa.Table | None = None
+    """Its records (first of each key), when they were read."""
+    summary: pa.Table | None = None
+    """Its write-time summary (statistics rows merged per step), None when the records were read instead."""
+    keys: pa.Table | None = None
+    """(step, rank, micro) of its records (in file order, or by step from a summary)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    repeated: int = 0
+    error: Exception | None = None
+
+
+def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool = False) -> _Loaded:
+    """A statistics file read and validated: its write-time summary from the footer (one small read; the records
+    stay on disk) unless ``records`` or it has none, else its records; an unreadable, too new or incomplete file
+    gives the error. ``use_threads=False`` when the caller reads several files on its own threads (pyarrow's own
+    threads on top oversubscribe the cores: the 160 files of the stats benchmark read in a median 1.2 s instead
+    of 1.9 s, 5 interleaved repeats)."""
     try:
-        table = _read_parquet(p, use_threads=use_threads)
-        meta = runformat.read_file_metadata(table.schema.metadata)
-        table = with_later_columns(table).cast(STATS_SCHEMA)
-        validate_stats(table)
-        _check_bucket_lengths(table, meta)
-        _check_counts(table)
-        table, repeated = _first_of_each_record(table)
-        if repeated:
-            meta = {**meta, _REPEATED: repeated}
-        return table, meta, None
+        src = storage.parquet_source(p)
+        with contextlib.nullcontext(src) if isinstance(src, str) else src as fh:
+            pf = pq.ParquetFile(fh)
+            footer = pf.metadata.metadata
+            meta = runformat.read_file_metadata(footer)
+            if not records:
+                summary = _read_summary(footer, meta)
+                if summary is not None:
+                    return summary
+            table = pf.read(use_threads=use_threads)
+        table = _checked_stats(table, meta)
+        table, repeated = aggregate.first_of_each_record(table)
+        return _Loaded(table=table, keys=table.select(list(KEYS)), meta=meta, repeated=repeated)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
-        return None, {}, exc
+        return _Loaded(error=exc)
 
 
-def _first_of_each_record(table: pa.Table) -> tuple[pa.Table, int]:
-    """The table with each (step, rank, micro) key once (its first row), and how many repeats were removed."""
-    if table.num_rows < 2:
-        return table, 0
-    keys = pa.table(
-        {
-            "step": table.column("step"),
-            "rank": table.column("rank"),
-            "micro": table.column("micro"),
-            "i": pa.array(range(table.num_rows), pa.int64()),
-        }
-    )
-    first = keys.group_by(["step", "rank", "micro"], use_threads=False).aggregate([("i", "min")])
-    if first.num_rows == table.num_rows:
-        return table, 0
-    return table.take(pc.sort_indices(first.column("i_min"))), table.num_rows - first.num_rows
+def _checked_stats(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
+    """Statistics rows in :data:`STATS_SCHEMA` (older files: the later columns as not recorded), validated
+    before any value indexes memory; raises ``ValueError`` naming the problem."""
+    table = with_later_columns(table).cast(STATS_SCHEMA)
+    validate_stats(table)
+    _check_bucket_lengths(table, meta)
+    _check_counts(table)
+    return table
+
+
+def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any]) -> _Loaded | None:
+    """The write-time summary in a statistics file's footer (:data:`rldiag.runformat.SUMMARY_META_KEY`), checked
+    like the records (schema, histogram bins, counts), one row per step in order and as many record keys as the
+    file's records; None when there is none or it is damaged (the records are read instead: they are the data)."""
+    data = (footer or {}).get(runformat.SUMMARY_META_KEY)
+    if data is None or len(data) > runformat.SUMMARY_MAX_BYTES:
+        return None
+    try:
+        raw = from_ipc(data)
+        ranks, micros = (raw.column(c).combine_chunks() for c in aggregate.SUMMARY_KEY_COLUMNS)
+        summary = _checked_stats(raw.drop_columns(list(aggregate.SUMMARY_KEY_COLUMNS)), meta)
+        steps = summary.column("step").to_numpy()
+        if steps.size > 1 and not (np.diff(steps) > 0).all():
+            raise ValueError("summary steps are not one row per step in order")
+        counts = np.diff(ranks.offsets.to_numpy())
+        if not np.array_equal(counts, np.diff(micros.offsets.to_numpy())) or ranks.null_count or micros.null_count:
+            raise ValueError("summary record keys are damaged")
+        keys = pa.table(
+            {
+                "step": pa.array(np.repeat(steps, counts), pa.int64()),
+                "rank": ranks.flatten().cast(pa.int32()),
+                "micro": micros.flatten().cast(pa.int32()),
+            }
+        )
+        repeated = int((raw.schema.metadata or {}).get(b"repeated", b"0"))
+    except (ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
+    return _Loaded(summary=summary, keys=keys, meta=meta, repeated=max(repeated, 0))
 
 
 def _keys_in(table: pa.Table, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -751,15 +839,6 @@ def _check_bucket_lengths(table: pa.Table, meta: dict[str, Any]) -> None:
                 raise ValueError(
                     f"statistics column {name} holds vectors whose length is not the file's n_buckets={nb}"
                 )
-
-
-def _read_parquet(p: Any, *, use_threads: bool = True) -> pa.Table:
-    """A whole Parquet file (a regular local file, or an object read through fsspec)."""
-    src = storage.parquet_source(p)
-    if isinstance(src, str):
-        return pq.read_table(src, use_threads=use_threads)
-    with src:
-        return pq.read_table(src, use_threads=use_threads)
 
 
 def _parquet_metadata(p: Any) -> pq.FileMetaData:

@@ -26,10 +26,19 @@ import pyarrow.parquet as pq
 
 from rldiag import schema, storage
 from rldiag.config import RecorderConfig
+from rldiag.metrics import aggregate
 from rldiag.record.tensors import HostSnapshot
-from rldiag.runformat import LIVE_DIR, LIVE_MAX_BYTES, LIVE_META_KEY, file_metadata, segment_name
+from rldiag.runformat import (
+    LIVE_DIR,
+    LIVE_MAX_BYTES,
+    LIVE_META_KEY,
+    SUMMARY_MAX_BYTES,
+    SUMMARY_META_KEY,
+    file_metadata,
+    segment_name,
+)
 from rldiag.stats import kernel
-from rldiag.stats.table import to_table
+from rldiag.stats.table import to_ipc, to_table
 
 PER_SEQ = ("group", "reward")
 """Inputs given per sequence ``[B]``."""
@@ -89,6 +98,16 @@ def parquet_options(table: pa.Table, compression: str) -> dict[str, Any]:
     return {"compression": compression, "use_dictionary": keys, "write_statistics": True}
 
 
+def write_parquet(table: pa.Table, where: Any, compression: str, footer: dict[bytes, bytes] | None = None) -> None:
+    """Write ``table`` as rldiag writes its segments (:func:`parquet_options`); ``footer`` entries go into the
+    file's key-value metadata only (not into the Arrow schema that pyarrow also stores there, so a summary is
+    not stored twice and ``read_table`` does not return it)."""
+    with pq.ParquetWriter(where, table.schema, **parquet_options(table, compression)) as w:
+        w.write_table(table)
+        if footer:
+            w.add_key_value_metadata(footer)
+
+
 STATS_BUFFER_MAX_BYTES = 64 * 2**20
 """While nothing can be published (a full disk), statistics rows are kept up to this many bytes (about 20,000
 records); past it the oldest are given up, counted in ``Writer.records_lost``."""
@@ -136,6 +155,22 @@ class ValueProblem:
     drop: bool = False
     """A lenient recorder leaves this input out of the record (ids it cannot store); neither ``bad`` nor
     ``drop``: the whole record is unusable (a mask that is not a mask)."""
+
+
+def summary_metadata(stats: pa.Table) -> dict[bytes, bytes]:
+    """The footer entry (:func:`write_parquet`) that carries a statistics segment's write-time summary
+    (:data:`rldiag.runformat.SUMMARY_META_KEY`: :func:`rldiag.metrics.aggregate.segment_summary` as Arrow IPC
+    bytes), or ``{}`` when it cannot be built, is larger than :data:`rldiag.runformat.SUMMARY_MAX_BYTES`, or
+    would not halve the rows a reader reads (fewer than two records per step). Readers then read the records;
+    a summary never stops a segment from being published."""
+    if stats.num_rows < 2 * len(pc.unique(stats.column("step"))):
+        return {}  # about one record per step: a summary would not spare a reader anything, only take space
+    try:
+        summary, repeated = aggregate.segment_summary(stats)
+        data = to_ipc(summary.replace_schema_metadata({b"repeated": str(repeated).encode()}))
+    except (ValueError, OverflowError, pa.ArrowException):  # e.g. a bin past 2**32 tokens in one step
+        return {}
+    return {SUMMARY_META_KEY: data} if len(data) <= SUMMARY_MAX_BYTES else {}
 
 
 def check_values(arrays: dict[str, np.ndarray], shape: tuple[int, int], logp_tolerance: float) -> list[ValueProblem]:
@@ -618,18 +653,20 @@ class Writer(threading.Thread):
             or (self._oldest is not None and time.monotonic() - self._oldest >= self.cfg.roll_seconds)
         )
 
-    def _write(self, table: pa.Table, folder: str, name: str, compression: str) -> None:
+    def _write(
+        self, table: pa.Table, folder: str, name: str, compression: str, extra_meta: dict[bytes, bytes] | None = None
+    ) -> None:
         final = self.run_dir / folder / name
         table = table.replace_schema_metadata(self._meta)
         if storage.is_remote(final):  # object storage: the whole file in one write, never part of an object
             buf = pa.BufferOutputStream()
-            pq.write_table(table, buf, **parquet_options(table, compression))
+            write_parquet(table, buf, compression, extra_meta)
             storage.write_whole(final, buf.getvalue().to_pybytes())
             return
         assert isinstance(final, Path)
         tmp = final.with_name(f".{name}{schema.TMP_SUFFIX}")
         try:
-            pq.write_table(table, tmp, **parquet_options(table, compression))
+            write_parquet(table, tmp, compression, extra_meta)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -655,7 +692,7 @@ class Writer(threading.Thread):
                 self._tokens_done = True
                 self._token_parts.clear()  # on disk: a retry of the statistics does not write them again
         try:
-            self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
+            self._write_stats(name)
         except BaseException as exc:
             if not self._give_up_segment_tokens(name, exc):
                 self._publish_failed(exc)
@@ -674,6 +711,11 @@ class Writer(threading.Thread):
         self._backoff = 0.0
         self._live_dirty = False
         self._drop_live()  # its rows are in the segment now (readers that saw both keep the segment's)
+
+    def _write_stats(self, name: str) -> None:
+        """Publish the buffered statistics as segment ``name``, with its write-time summary in the footer."""
+        table = pa.concat_tables(self._stats_parts)
+        self._write(table, schema.STATS_DIR, name, "zstd", summary_metadata(table))
 
     def _tokens_failed(self, exc: BaseException) -> None:
         """The buffered token rows cannot be published: count them as dropped, report ``exc``, and drop token
@@ -700,7 +742,7 @@ class Writer(threading.Thread):
         self._tokens_done = False
         self._tokens_failed(exc)
         try:
-            self._write(pa.concat_tables(self._stats_parts), schema.STATS_DIR, name, "zstd")
+            self._write_stats(name)
         except BaseException:  # noqa: BLE001 - reported by the caller, as the first failure
             return False
         return True

@@ -148,3 +148,19 @@ def validate(table: pa.Table) -> None:
         lengths = np.diff(col.offsets.to_numpy())
         if lengths.size and (lengths != lengths[0]).any():
             raise ValueError(f"bucket vector {name}: rows of different lengths {sorted(set(lengths.tolist()))[:5]}")
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """``table`` as one Arrow IPC file in memory, lz4-compressed buffers (the run index, segment summaries)."""
+    buf = pa.BufferOutputStream()
+    with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        w.write_table(table)
+    return bytes(buf.getvalue().to_pybytes())
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    """The table of :func:`to_ipc` bytes, fully validated by Arrow (offsets, lengths) before any value is used;
+    raises ``pyarrow.ArrowInvalid`` (a ``ValueError``) on damaged bytes."""
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    table.validate(full=True)
+    return table

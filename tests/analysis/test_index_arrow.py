@@ -1,4 +1,4 @@
-"""The run index as an Arrow IPC file (index version 4): read instead of the files, rebuilt when it is stale,
+"""The run index as an Arrow IPC file (index version 5): read instead of the files, rebuilt when it is stale,
 damaged, of an older rldiag, a link or a FIFO; the same step metrics, bit for bit, whichever way a run opens."""
 
 from __future__ import annotations
