@@ -299,13 +299,13 @@ def columns(objectives: Iterable[str] | None = None) -> list[str]:
 # --- how it is computed ----------------------------------------------------------------------------------------
 #
 # The rows of a chunk of whole steps are read as numpy arrays (only the columns the lens needs) and reduced by the
-# compiled passes of rldiag.stats.lens_kernel to per-step sums: one pass for every token-level objective (PPO,
-# DAPO, dual-clip, DCPO, CISPO, SAPO, TIS, MIS, the step's ESS and BAPO's table of sums per (sign of A, ratio
-# bucket)), one for GSPO and CTPO (sequences; rows in the recorder's order are read as they are, others through
-# their sorted order), and one for Trust the Batch once the step's ESS is known. Every quantity is then a ratio of
-# those sums (_finalize); BAPO's search walks its path over the bucket table. Chunks are read and computed by a
-# few threads (polars' reader and the compiled passes release the GIL), so memory is bounded by the chunks in
-# flight, not the run.
+# compiled passes of rldiag.stats.lens_kernel to per-step sums: one fused pass for every objective (PPO, DAPO,
+# dual-clip, DCPO, CISPO, SAPO, TIS, MIS, the step's ESS and BAPO's table of sums per (sign of A, ratio bucket),
+# and GSPO and CTPO over sequences when the rows are in the recorder's order; rows that are not go through a
+# sequence pass in their sorted order), then one for Trust the Batch once the step's ESS is known. Every quantity
+# is then a ratio of those sums (_finalize); BAPO's search walks its path over the bucket table. Chunks are read
+# and computed by a few threads (polars' reader and the compiled passes release the GIL), so memory is bounded by
+# the chunks in flight, not the run.
 
 
 def _lo(eps: float) -> float:
@@ -586,11 +586,16 @@ def _table_bytes(p: LensParams, objs: Sequence[str]) -> int:
     return 8 * (3 * (2 * n_r + 1) * (2 * n_w + 2) * len(K.TABLE_SUMS) + len(K.ACC_SUMS))
 
 
-def _steps_in_chunks(counts: pl.DataFrame, max_rows: int, max_steps: int | None = None) -> list[list[int]]:
+def _steps_in_chunks(
+    counts: pl.DataFrame, max_rows: int, max_steps: int | None = None, first_rows: int | None = None
+) -> list[list[int]]:
+    """Consecutive steps in chunks of at most ``max_rows`` rows (``first_rows`` for the first: nothing else runs
+    while it is read) and ``max_steps`` steps; a larger step is a chunk of its own."""
     chunks: list[list[int]] = [[]]
     rows = 0
     for step, n in counts.iter_rows():
-        if chunks[-1] and (rows + n > max_rows or (max_steps is not None and len(chunks[-1]) >= max_steps)):
+        limit = max_rows if first_rows is None or len(chunks) > 1 else first_rows
+        if chunks[-1] and (rows + n > limit or (max_steps is not None and len(chunks[-1]) >= max_steps)):
             chunks.append([])
             rows = 0
         chunks[-1].append(int(step))
@@ -599,6 +604,9 @@ def _steps_in_chunks(counts: pl.DataFrame, max_rows: int, max_steps: int | None 
 
 
 _STREAMING: dict[str, Any] = {"engine": "streaming"}
+
+_LANES = 2
+"""Chunks reduced at once (each by a thread that hands its pieces to the workers); one more is being read."""
 
 
 def _resolve(
@@ -629,7 +637,7 @@ def lens(
     steps: Sequence[int] | None = None,
     params: LensParams | Mapping[str, Any] | None = None,
     *,
-    chunk_rows: int = 4_000_000,
+    chunk_rows: int = 1_000_000,
     threads: int | None = None,
 ) -> pl.DataFrame:
     """Evaluate the objectives of docs/metrics.md, analyses on a run's token rows, per step.
@@ -640,12 +648,12 @@ def lens(
     for GSPO and CTPO, ``pos`` for CTPO and ``rollout_logp`` for TIS/MIS (their columns are NaN without).
     ``params`` is a :class:`LensParams` or a dict of overrides (``{"dapo": {"eps_high": 0.3}}``).
 
-    The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (a larger step is a
-    chunk of its own; a run's per-step row counts come from its statistics, a frame's from a pass over ``step``):
-    only the columns the lens needs (:func:`read_columns`) are read, with a step filter that reaches the Parquet
-    scan, and reduced by the compiled passes of :mod:`rldiag.stats.lens_kernel`, by
-    ``threads`` workers (default: one per core, at most 8), so memory is bounded by the chunks in flight, not the
-    run. Returns ``step`` and :func:`columns`, one row per step.
+    The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (a quarter of that for
+    the first, which nothing overlaps; a larger step is a chunk of its own; a run's per-step row counts come from
+    its statistics, a frame's from a pass over ``step``): only the columns the lens needs (:func:`read_columns`)
+    are read, with a step filter that reaches the Parquet scan, and reduced by the compiled passes of
+    :mod:`rldiag.stats.lens_kernel`, by ``threads`` workers (default: one per core, at most 8), so memory is
+    bounded by the chunks in flight (three), not the run. Returns ``step`` and :func:`columns`, one row per step.
     """
     objs = _check_objectives(objectives)
     lf, params, tol = _resolve(run_or_frame, params)
@@ -660,9 +668,11 @@ def lens(
     from rldiag.analysis.recompute import default_threads
 
     workers = max(1, threads or default_threads())
+    lanes = min(_LANES, workers)
     # each worker block of a chunk holds a dense table of sums per step: few steps per chunk when steps are small
-    max_steps = max(1, _TABLE_BUDGET // (_table_bytes(params, objs) * (2 * workers if workers > 1 else 1)))
-    chunks = _steps_in_chunks(counts, chunk_rows, max_steps)
+    blocks = (2 * workers if workers > 1 else 1) * lanes
+    max_steps = max(1, _TABLE_BUDGET // (_table_bytes(params, objs) * blocks))
+    chunks = _steps_in_chunks(counts, chunk_rows, max_steps, first_rows=max(1, chunk_rows // 4))
     if wanted is None:
         filters = [step_between(lo, hi) for lo, hi in _step_ranges(chunks)]
     else:
@@ -675,16 +685,29 @@ def lens(
     def read(where: pl.Expr) -> pl.DataFrame:
         return lf.filter(where).select(cols).collect()
 
-    parts: list[pl.DataFrame] = []
-    # one chunk is read (polars' reader runs on its own threads) while the workers reduce the previous one
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
+    # A chunk is read (polars' reader runs on its own threads) while the chunks before it are reduced. Each chunk
+    # is reduced by a thread of its own that hands pieces of its rows to the workers, so that the Python work
+    # around one chunk's passes (conversion, the tables' sums, the frame) overlaps the next chunk's passes. At
+    # most two chunks are being reduced and one read: memory is bounded by three chunks.
+    jobs: list[Future[pl.DataFrame]] = []
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=lanes) as chunker,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
         nxt = reader.submit(read, filters[0]) if filters else None
         for k in range(len(filters)):
             assert nxt is not None
             frame = nxt.result()
-            nxt = reader.submit(read, filters[k + 1]) if k + 1 < len(filters) else None
-            parts.append(_lens_rows(frame, objs, params, shape, tol, pool if workers > 1 else None, workers))
-    parts = [p for p in parts if p.height]
+            jobs.append(
+                chunker.submit(_lens_rows, frame, objs, params, shape, tol, pool if workers > 1 else None, workers)
+            )
+            del frame
+            if k + 1 < len(filters):
+                if k >= lanes:
+                    jobs[k - lanes].result()
+                nxt = reader.submit(read, filters[k + 1])
+        parts = [p for p in (j.result() for j in jobs) if p.height]
     if not parts:
         return pl.DataFrame(schema={schema.STEP: pl.Int64, **{c: _F64 for c in columns(objs)}})
     return pl.concat(parts).sort(schema.STEP)
@@ -717,9 +740,15 @@ _BLOCK_ROWS = 1 << 20
 """Rows per piece of a chunk that one worker reduces (the pieces' sums are added)."""
 
 
+_MIN_BLOCK_ROWS = 1 << 16
+"""A chunk is cut into two pieces per worker when each has at least this many rows (the workers stay busy to
+the end of a chunk; a piece costs a table of sums per step)."""
+
+
 def _blocks(n: int, workers: int) -> list[tuple[int, int]]:
-    """Row ranges of a chunk of ``n`` rows for ``workers`` threads: about ``_BLOCK_ROWS`` rows each."""
-    k = max(1, min(-(-n // _BLOCK_ROWS), 2 * workers)) if workers > 1 else 1
+    """Row ranges of a chunk of ``n`` rows for ``workers`` threads: about ``_BLOCK_ROWS`` rows each, and two per
+    worker when they have at least ``_MIN_BLOCK_ROWS``."""
+    k = max(1, min(max(-(-n // _BLOCK_ROWS), n // _MIN_BLOCK_ROWS), 2 * workers)) if workers > 1 else 1
     cuts = [n * j // k for j in range(k + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 

@@ -122,3 +122,14 @@ def test_pieces_are_cut_between_sequences():
     assert got == [(0, 2), (2, 6), (6, 8)]  # 1 -> 2 (sequence 1 ends), 5 -> 6 (sequence 2 of step 1 ends)
     assert L._sequence_blocks([(0, 3), (3, 8)], step, np.full(8, 7, np.int64)) == [(0, 4), (4, 8)]
     assert L._sequence_blocks([(0, 7), (7, 8)], np.zeros(8, np.int64), np.zeros(8, np.int64)) == [(0, 8)]
+
+
+def test_the_first_chunk_is_smaller_and_chunks_overlap_without_changing_results(monkeypatch):
+    counts = pl.DataFrame({"step": [1, 2, 3, 4, 5, 6], "len": [1, 1, 1, 1, 1, 1]})
+    assert L._steps_in_chunks(counts, 4, first_rows=1) == [[1], [2, 3, 4, 5], [6]]
+    assert L._steps_in_chunks(counts, 4, 2, first_rows=1) == [[1], [2, 3], [4, 5], [6]]
+    frame = random_tokens(13, steps=6)
+    want = reference(frame, L.LensParams())
+    for lanes in (1, 2):
+        monkeypatch.setattr(L, "_LANES", lanes)
+        assert_frames_close(L.lens(frame, chunk_rows=50, threads=2), want)
