@@ -540,21 +540,23 @@ def read_columns(run_or_frame: Any, objectives: Iterable[str] | None = None) -> 
     return _columns_of(lf).read_columns(_check_objectives(objectives))
 
 
-def _finalize(obj: str, frame: pl.DataFrame) -> list[pl.Expr]:
+def _finalize(obj: str, sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Public quantities of one objective from its sums (and the step's ``n``/``aadv`` unless it has its own);
-    NaN where a denominator is 0."""
-    n = pl.col(f"{obj}.n") if f"{obj}.n" in frame.columns else pl.col("n")
-    aadv = pl.col(f"{obj}.aadv") if f"{obj}.aadv" in frame.columns else pl.col("aadv")
+    NaN where a denominator is 0 (or NaN)."""
+    n = sums.get(f"{obj}.n", sums["n"])
+    aadv = sums.get(f"{obj}.aadv", sums["aadv"])
 
-    def ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
-        return pl.when(den > 0).then(num / den).otherwise(float("nan"))
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out: np.ndarray = np.where(den > 0, num / den, np.nan)
+        return out
 
-    return [
-        ratio(pl.col(f"{obj}.kept"), n).alias(column(obj, "kept_frac")),
-        ratio(pl.col(f"{obj}.w"), n).alias(column(obj, "weight_mean")),
-        ratio(pl.col(f"{obj}.pos"), pl.col(f"{obj}.abs")).alias(column(obj, "pos_share")),
-        ratio(pl.col(f"{obj}.kadv"), aadv).alias(column(obj, "kept_adv_frac")),
-    ]
+    return {
+        column(obj, "kept_frac"): ratio(sums[f"{obj}.kept"], n),
+        column(obj, "weight_mean"): ratio(sums[f"{obj}.w"], n),
+        column(obj, "pos_share"): ratio(sums[f"{obj}.pos"], sums[f"{obj}.abs"]),
+        column(obj, "kept_adv_frac"): ratio(sums[f"{obj}.kadv"], aadv),
+    }
 
 
 def _stored_counts(source: Any, steps: Sequence[int] | None) -> pl.DataFrame | None:
@@ -689,7 +691,7 @@ def lens(
     # is reduced by a thread of its own that hands pieces of its rows to the workers, so that the Python work
     # around one chunk's passes (conversion, the tables' sums, the frame) overlaps the next chunk's passes. At
     # most two chunks are being reduced and one read: memory is bounded by three chunks.
-    jobs: list[Future[pl.DataFrame]] = []
+    jobs: list[Future[dict[str, np.ndarray]]] = []
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
         ThreadPoolExecutor(max_workers=lanes) as chunker,
@@ -707,10 +709,12 @@ def lens(
                 if k >= lanes:
                     jobs[k - lanes].result()
                 nxt = reader.submit(read, filters[k + 1])
-        parts = [p for p in (j.result() for j in jobs) if p.height]
+        parts = [p for p in (j.result() for j in jobs) if p and p[schema.STEP].size]
     if not parts:
         return pl.DataFrame(schema={schema.STEP: pl.Int64, **{c: _F64 for c in columns(objs)}})
-    return pl.concat(parts).sort(schema.STEP)
+    names = [schema.STEP, *columns(objs)]
+    out = pl.DataFrame({c: np.concatenate([p[c] for p in parts]) for c in names})
+    return out.sort(schema.STEP) if len(parts) > 1 else out
 
 
 def _values(frame: pl.DataFrame, names: Sequence[str]) -> list[np.ndarray]:
@@ -791,12 +795,13 @@ def _lens_rows(
     tol: float,
     pool: ThreadPoolExecutor | None = None,
     workers: int = 1,
-) -> pl.DataFrame:
-    """:func:`lens` on the token rows of the whole steps in ``frame``. One fused pass per piece of the rows
+) -> dict[str, np.ndarray]:
+    """:func:`lens`'s columns (``step`` and :func:`columns`, as numpy arrays; {} without rows) on the token rows of
+    the whole steps in ``frame``. One fused pass per piece of the rows
     (:func:`rldiag.stats.lens_kernel.lens_pass`; pieces cut between sequences, run in ``pool``), then Trust the
     Batch's pass over the same pieces once the steps' ESS is known."""
     if frame.height == 0:
-        return pl.DataFrame()
+        return {}
     step = _int_column(frame, schema.STEP).astype(np.int64, copy=False)
     steps = np.unique(K.step_runs(step))
     n_steps = steps.size
@@ -914,16 +919,17 @@ def _lens_rows(
             sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
     if "bapo" in objs:
         sums.update(_bapo_choose(by_r[..., :4], params.bapo, re))
-    per_step = pl.DataFrame(sums).filter(pl.Series(present))
+    per_step = {name: v[present] for name, v in sums.items()}
 
-    out: list[pl.Expr] = [pl.col(schema.STEP).cast(pl.Int64)]
+    out: dict[str, np.ndarray] = {schema.STEP: per_step[schema.STEP].astype(np.int64)}
     for o in objs:
         if (o == "gspo" and not want_gspo) or (o == "ctpo" and not want_ctpo):
-            out += [pl.lit(float("nan")).alias(column(o, q)) for q in QUANTITIES]
+            out.update({column(o, q): np.full(out[schema.STEP].size, np.nan) for q in QUANTITIES})
         else:
-            out += _finalize(o, per_step)
+            out.update(_finalize(o, per_step))
         if o == "bapo":
-            out += [pl.col(column("bapo", q)) for q in EXTRA_COLUMNS["bapo"]]
+            out.update({column("bapo", q): per_step[column("bapo", q)] for q in EXTRA_COLUMNS["bapo"]})
         if o == "ttb":
-            out += [pl.col("ess").alias(column("ttb", "ess")), (1.0 - pl.col("ess")).alias(column("ttb", "reg_weight"))]
-    return per_step.select(out).with_columns(pl.col(_F64).fill_null(float("nan")))
+            out[column("ttb", "ess")] = per_step["ess"]
+            out[column("ttb", "reg_weight")] = 1.0 - per_step["ess"]
+    return out
