@@ -362,27 +362,36 @@ def lens_pass(  # pragma: no cover - compiled
 def ttb_pass(
     step: np.ndarray, uniq: np.ndarray, adv: np.ndarray, r_out: np.ndarray, ess: np.ndarray, acc: np.ndarray
 ) -> None:  # pragma: no cover - compiled
-    """Trust the Batch: every valid token kept with weight ``min(r, ESS of its step)``; sums :data:`SUMS`
-    (the first five) into ``acc[step]``."""
-    last = 0
-    s = -2
-    for i in range(step.size):
-        r = r_out[i]
-        if r != r:
-            continue
-        if step[i] != last or s == -2:
-            last = step[i]
-            s = _find(uniq, last)
-        e = ess[s]
-        w = r if r <= e else e
-        a = np.float64(adv[i])
-        aa = abs(a)
-        wa = w * aa
-        acc[s, 0] += 1.0
-        acc[s, 1] += w
-        acc[s, 2] += wa if a > 0 else 0.0
-        acc[s, 3] += wa
-        acc[s, 4] += aa
+    """Trust the Batch: every valid token (a ratio in ``r_out``, not NaN) kept with weight ``min(r, ESS of its
+    step)``; sums :data:`SUMS` (the first five) into ``acc[step]``, token by token in row order.
+
+    Each run of rows of one step is summed in registers without a branch: a row without a ratio adds +0.0, which
+    leaves these sums (of terms >= 0, from +0.0) exactly as they were, as if it had been skipped."""
+    n = step.size
+    i = 0
+    while i < n:
+        st = step[i]
+        j = i + 1
+        while j < n and step[j] == st:
+            j += 1
+        s = _find(uniq, st)
+        if s >= 0:
+            e = ess[s]
+            c0, c1, c2, c3, c4 = acc[s, 0], acc[s, 1], acc[s, 2], acc[s, 3], acc[s, 4]
+            for k in range(i, j):
+                r = r_out[k]
+                v = r == r
+                w = r if r <= e else e
+                a = np.float64(adv[k])
+                aa = abs(a)
+                wa = w * aa
+                c0 += 1.0 if v else 0.0
+                c1 += w if v else 0.0
+                c2 += wa if v and a > 0 else 0.0
+                c3 += wa if v else 0.0
+                c4 += aa if v else 0.0
+            acc[s, 0], acc[s, 1], acc[s, 2], acc[s, 3], acc[s, 4] = c0, c1, c2, c3, c4
+        i = j
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

@@ -133,3 +133,23 @@ def test_the_first_chunk_is_smaller_and_chunks_overlap_without_changing_results(
     for lanes in (1, 2):
         monkeypatch.setattr(L, "_LANES", lanes)
         assert_frames_close(L.lens(frame, chunk_rows=50, threads=2), want)
+
+
+def test_trust_the_batch_pass_skips_rows_without_a_ratio():
+    rng = np.random.default_rng(14)
+    n = 5_000
+    step = np.sort(rng.choice([2, 5, 9, 11], n)).astype(np.int64)
+    uniq = np.array([2, 5, 9], np.int64)  # rows of step 11 are not this chunk's
+    adv = rng.normal(size=n).astype(np.float32)
+    r = np.exp(rng.normal(0, 0.1, n))
+    r[rng.random(n) < 0.1] = np.nan  # invalid rows: no ratio (their adv may be anything)
+    adv[np.isnan(r) & (rng.random(n) < 0.5)] = np.inf
+    ess = np.array([0.99, np.nan, 0.97])
+    acc = np.zeros((3, 5))
+    K.ttb_pass(step, uniq, adv, r, ess, acc)
+    for s, st in enumerate(uniq):
+        keep = (step == st) & ~np.isnan(r)
+        w = np.minimum(r[keep], ess[s])
+        a = adv[keep].astype(np.float64)
+        want = [keep.sum(), w.sum(), (w * np.abs(a))[a > 0].sum(), (w * np.abs(a)).sum(), np.abs(a).sum()]
+        np.testing.assert_allclose(acc[s], want, rtol=1e-12)
