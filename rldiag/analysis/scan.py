@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rldiag import runformat, schema, storage
 from rldiag.config import RecorderConfig
 from rldiag.metrics import aggregate
-from rldiag.stats.table import KEYS, STATS_SCHEMA, from_ipc, to_ipc, with_later_columns
+from rldiag.stats.table import KEYS, STATS_SCHEMA, from_ipc, from_packed_ipc, to_ipc, with_later_columns
 from rldiag.stats.table import validate as validate_stats
 
 RunFormatWarning = runformat.RunFormatWarning
@@ -80,7 +80,8 @@ in Parquet; index version 3 and older were ``steps.parquet``)."""
 INDEX_VERSION = 5
 """Version of the index's own metadata (2: per-file step ranges and the restart cutoffs it was built with;
 3: each file's writer and the duplicate records left out; 4: stored as Arrow IPC, :data:`INDEX_FILE`;
-5: folded file by file (:meth:`RunFiles._pieces`), the order write-time summaries need)."""
+5: a segment with a write-time summary adds its summary rows, :meth:`RunFiles._pieces`; an older reader's
+index added its records)."""
 _OLD_INDEX_FILE = "steps.parquet"
 _NO_CUTOFF = 2**63 - 1
 
@@ -305,33 +306,23 @@ class RunFiles:
         return self._not_superseded(name, table)
 
     def _pieces(self, names: Sequence[str], summaries: dict[str, pa.Table | None]) -> list[pa.Table]:
-        """The surviving statistics of the named files merged per step, one table per file in the order of
-        ``names``: the canonical first stage of every fold (each file's records merged in file order, then the
-        files' rows merged in name order), so a segment's write-time summary (``summaries``; None where a file
-        has none) and its records give the same bits. Records are read only for a file without a summary or
-        with some of its records left out as duplicates."""
-        out: dict[str, pa.Table] = {}
-        from_records: list[tuple[str, pa.Table]] = []
+        """What the named files add to the compacted table, one table per file in the order of ``names``: a
+        file's write-time summary (``summaries``; None where it has none), cut by restarts, else its surviving
+        records. Folding these in file order is the one order every reader folds a run in (the first open, a
+        live reader file by file, a rebuild), so a run always gives the same bits; records are read only for a
+        file without a summary or with some of its records left out as duplicates."""
+        out = []
         for name in names:
             if name in self.dropped and self.dropped[name] is None:
                 continue  # a whole duplicate: counts nowhere
             summary = summaries.get(name)
             if summary is not None and name not in self.dropped:
-                out[name] = self._not_superseded(name, summary)
+                out.append(self._not_superseded(name, summary))
                 continue
             table = self.table(name)
             if table is not None:
-                from_records.append((name, self.surviving(name, table)))
-        if from_records:
-            rows = pa.concat_tables([t for _, t in from_records])
-            sizes = [t.num_rows for _, t in from_records]
-            merged = aggregate.compact(rows, part=np.repeat(np.arange(len(sizes)), sizes))
-            at = 0
-            for name, t in from_records:
-                n = int(pc.count_distinct(t.column("step")).as_py()) if t.num_rows else 0
-                out[name] = merged.slice(at, n)
-                at += n
-        return [out[name] for name in names if name in out]
+                out.append(self.surviving(name, table))
+        return out
 
     def _summary(self, name: str) -> pa.Table | None:
         """The write-time summary of a statistics file (read again from its footer), or None when it has none
@@ -741,7 +732,9 @@ def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool 
 def _checked_stats(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
     """Statistics rows in :data:`STATS_SCHEMA` (older files: the later columns as not recorded), validated
     before any value indexes memory; raises ``ValueError`` naming the problem."""
-    table = with_later_columns(table).cast(STATS_SCHEMA)
+    table = with_later_columns(table)
+    if not table.schema.equals(STATS_SCHEMA):  # a file of another writer, or written by pyarrow with other types
+        table = table.cast(STATS_SCHEMA)
     validate_stats(table)
     _check_bucket_lengths(table, meta)
     _check_counts(table)
@@ -756,7 +749,7 @@ def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any]) -> _L
     if data is None or len(data) > runformat.SUMMARY_MAX_BYTES:
         return None
     try:
-        raw = from_ipc(data)
+        raw = from_packed_ipc(data)
         ranks, micros = (raw.column(c).combine_chunks() for c in aggregate.SUMMARY_KEY_COLUMNS)
         summary = _checked_stats(raw.drop_columns(list(aggregate.SUMMARY_KEY_COLUMNS)), meta)
         steps = summary.column("step").to_numpy()

@@ -198,29 +198,18 @@ def merge(
     return Merged(keys=keys, stats=out, set_values=set_values)
 
 
-_PART = "__rldiag_part__"
-
-
-def compact(table: pa.Table, part: np.ndarray | None = None) -> pa.Table:
+def compact(table: pa.Table) -> pa.Table:
     """Merge statistics rows into one row per step, in the statistics-table schema (rank and micro -1).
 
     Merging is associative, so ``merge(compact(t) + more)`` equals ``merge(t + more)``: the run index stores
     compacted rows and later files merge into them. Histograms merge sparse to sparse
     (:func:`rldiag.stats.hist.merge_sparse`): the same bins and counts as densifying and taking the non-empty
     bins again, without a ``[steps, bins]`` matrix per histogram.
-
-    ``part`` (one non-negative integer per row, e.g. the file each row came from) merges per (part, step)
-    instead: the rows come out ordered by part, then step, each part's rows added in table order; the same rows,
-    bit for bit, as ``compact`` of each part's rows alone, concatenated in part order (one pass instead of a call
-    per file).
     """
     from rldiag.stats.kernel import BatchStats
     from rldiag.stats.table import STATS_SCHEMA, to_table
 
-    by: tuple[str, ...] = ("step",)
-    if part is not None:
-        table = table.append_column(_PART, pa.array(np.asarray(part, dtype=np.int64)))
-        by = (_PART, "step")
+    by = ("step",)
     merged = merge(table, by=by, stats=set(STATS) - set(HISTS), keep_sets=True)
     g = merged.n_groups
     scalars = np.stack([merged.stats[name] for name in SCALARS], axis=1) if g else np.zeros((0, len(SCALARS)))
@@ -278,9 +267,8 @@ def segment_summary(records: pa.Table) -> tuple[pa.Table, int]:
     :func:`compact`, plus the :data:`SUMMARY_KEY_COLUMNS` of the records each step holds; and how many repeated
     records were left out.
 
-    A reader folds these rows exactly as it folds the compacted rows of a segment it read record by record
-    (``compact`` of each file's records, then of the files' rows in file order), so a run gives the same numbers,
-    bit for bit, with or without summaries.
+    A reader folds these rows in place of the segment's records: the same statistics, the sums of each step
+    adding the segment's records first (equal to rounding, 1e-12 relative, to folding the records one by one).
     """
     records, repeated = first_of_each_record(records)
     out = compact(records)

@@ -38,7 +38,7 @@ from rldiag.runformat import (
     segment_name,
 )
 from rldiag.stats import kernel
-from rldiag.stats.table import to_ipc, to_table
+from rldiag.stats.table import to_packed_ipc, to_table
 
 PER_SEQ = ("group", "reward")
 """Inputs given per sequence ``[B]``."""
@@ -159,15 +159,16 @@ class ValueProblem:
 
 def summary_metadata(stats: pa.Table) -> dict[bytes, bytes]:
     """The footer entry (:func:`write_parquet`) that carries a statistics segment's write-time summary
-    (:data:`rldiag.runformat.SUMMARY_META_KEY`: :func:`rldiag.metrics.aggregate.segment_summary` as Arrow IPC
-    bytes), or ``{}`` when it cannot be built, is larger than :data:`rldiag.runformat.SUMMARY_MAX_BYTES`, or
+    (:data:`rldiag.runformat.SUMMARY_META_KEY`: :func:`rldiag.metrics.aggregate.segment_summary` as packed
+    Arrow IPC bytes, :func:`rldiag.stats.table.to_packed_ipc`), or ``{}`` when it cannot be built, is larger
+    than :data:`rldiag.runformat.SUMMARY_MAX_BYTES`, or
     would not halve the rows a reader reads (fewer than two records per step). Readers then read the records;
     a summary never stops a segment from being published."""
     if stats.num_rows < 2 * len(pc.unique(stats.column("step"))):
         return {}  # about one record per step: a summary would not spare a reader anything, only take space
     try:
         summary, repeated = aggregate.segment_summary(stats)
-        data = to_ipc(summary.replace_schema_metadata({b"repeated": str(repeated).encode()}))
+        data = to_packed_ipc(summary.replace_schema_metadata({b"repeated": str(repeated).encode()}))
     except (ValueError, OverflowError, pa.ArrowException):  # e.g. a bin past 2**32 tokens in one step
         return {}
     return {SUMMARY_META_KEY: data} if len(data) <= SUMMARY_MAX_BYTES else {}
