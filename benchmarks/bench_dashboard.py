@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from rldiag import __version__, schema
 from rldiag.config import RecorderConfig
 from rldiag.record.layout import create_run_dir, segment_name, write_writer_file
+from rldiag.record.writer import summary_metadata, write_parquet
 from rldiag.stats import kernel
 from rldiag.stats.table import to_table
 
@@ -146,7 +147,8 @@ def _segment(args: tuple[Path, Config, int, int, int]) -> int:
     }
     name = segment_name(WRITER, seg)
     pq.write_table(tokens.replace_schema_metadata(meta), path / schema.TOKENS_DIR / name, compression=rcfg.compression)
-    pq.write_table(stats.replace_schema_metadata(meta), path / schema.STATS_DIR / name, compression="zstd")
+    # as the writer publishes statistics (its options, the write-time summary where a step has several records)
+    write_parquet(stats.replace_schema_metadata(meta), path / schema.STATS_DIR / name, "zstd", summary_metadata(stats))
     return N
 
 
