@@ -3,6 +3,7 @@
     python benchmarks/bench_lens.py                      # 50 M token rows, every objective
     python benchmarks/bench_lens.py --rows 5000000 --objectives ppo,dapo,bapo
     python benchmarks/bench_lens.py --dir /tmp/lensrun   # keep the generated run there and reuse it
+    python benchmarks/bench_lens.py --dir /tmp/lensrun --page   # the dashboard's lens call on that run
 
 The run is written in the recorder's layout (token files of about 4 M rows, lz4, sequences contiguous and in
 position order) and opened with ``rldiag.open_run``. Each measurement runs in a fresh process, so its peak RSS
@@ -11,6 +12,11 @@ position order) and opened with ``rldiag.open_run``. Each measurement runs in a 
 the same files on the streaming engine, the lens is ``rldiag.analysis.lens.lens(run)``, timed after a first call
 on one step (which loads the compiled passes from numba's cache; its time is printed too, as a command-line
 call pays it once). Prints ratios; never asserts.
+
+``--page`` measures what the dashboard's Clipping page computes instead: ``RunState.lens()`` (app/data.py), the
+lens on the steps ``RunState.analysis_steps()`` picks (20 evenly spaced steps of a long run), in one warm process
+(the compiled passes loaded by a call on one step), alternating with a bare polars ``group_by("step")`` sum of the
+same columns over the same steps (read by value, as the lens reads them).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed
     buf: list[pa.Table] = []
     buffered = written = part = 0
     for step in range(steps):
-        lengths = []
+        lengths: list[int] = []
         while sum(lengths) < per_step:
             lengths.append(int(rng.integers(64, 2049)))
         lengths[-1] -= sum(lengths) - per_step
@@ -134,6 +140,31 @@ print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth, d
 """
 )
 
+_PAGE = """
+import os, time, polars as pl
+from app.data import RunState
+from rldiag import storage
+from rldiag.analysis.lens import lens, read_columns
+st = RunState("bench", storage.location({run!r}))
+steps = st.analysis_steps()
+run = st.run
+files = [str(f) for f in run.token_files()]
+cols = [c for c in read_columns(run) if c != "step"]
+lens(run, steps=steps[:1])  # loads the compiled passes
+def bare():
+    scan = pl.scan_parquet(files).filter(pl.col("step").is_in(steps))
+    scan.group_by("step").agg(pl.col(c).sum() for c in cols).collect(engine="streaming")
+rows = pl.scan_parquet(files).filter(pl.col("step").is_in(steps)).select(pl.len()).collect().item()
+out = [len(steps), rows]
+for _ in range({repeat}):
+    for f in (bare, st.lens):
+        t = time.perf_counter()
+        f()
+        out.append(time.perf_counter() - t)
+out.append(os.getloadavg()[0])
+print(*out)
+"""
+
 _IMPORTS = """
 import resource, polars, rldiag, rldiag.analysis.io, rldiag.analysis.lens
 print(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -145,6 +176,18 @@ def measure(code: str) -> list[float]:
     return [float(v) for v in out]
 
 
+def page(run: Path, repeat: int) -> None:
+    """The dashboard's lens call against a bare sum over the same steps, alternating in one warm process."""
+    got = measure(_PAGE.format(run=str(run), repeat=repeat))
+    n_steps, rows, times, load = int(got[0]), int(got[1]), got[2:-1], got[-1]
+    bare, page_s = times[0::2], times[1::2]
+    print(f"RunState.lens() on {n_steps} steps ({rows:,} token rows), load average {load:.1f}")
+    print(f"bare group-by-step sum over those steps: {', '.join(f'{t:.2f}' for t in bare)} s")
+    print(f"RunState.lens()                        : {', '.join(f'{t:.2f}' for t in page_s)} s")
+    print(f"ratio per pair                         : {', '.join(f'{p / b:.1f}x' for p, b in zip(page_s, bare))}")
+    print(json.dumps({"steps": n_steps, "rows": rows, "bare_s": bare, "page_s": page_s, "load_avg_1min": load}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50_000_000)
@@ -152,6 +195,7 @@ def main() -> None:
     ap.add_argument("--objectives", help="comma-separated subset (default: all)")
     ap.add_argument("--repeat", type=int, default=2, help="alternate baseline and lens this many times; best kept")
     ap.add_argument("--dir", help="generate the run here (reused if present)")
+    ap.add_argument("--page", action="store_true", help="the dashboard's lens call (RunState.lens) instead")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -166,6 +210,9 @@ def main() -> None:
         n = sum(pq.read_metadata(f).num_rows for f in files)
         size = sum(f.stat().st_size for f in files)
         objectives = args.objectives.split(",") if args.objectives else None
+        if args.page:
+            page(run, args.repeat)
+            return
         read_cols = read_columns(open_run(run), objectives)
         base_t, base_rss, base_growth, lens_t, lens_rss, lens_growth = [], [], [], [], [], []
         lens_warmup: list[float] = []
