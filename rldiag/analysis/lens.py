@@ -639,7 +639,7 @@ def lens(
     steps: Sequence[int] | None = None,
     params: LensParams | Mapping[str, Any] | None = None,
     *,
-    chunk_rows: int = 1_000_000,
+    chunk_rows: int = 500_000,
     threads: int | None = None,
 ) -> pl.DataFrame:
     """Evaluate the objectives of docs/metrics.md, analyses on a run's token rows, per step.
