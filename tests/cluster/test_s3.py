@@ -287,3 +287,16 @@ def test_repair_on_s3_removes_orphans_and_old_temporary_objects(s3_run, capsys) 
     assert orphan not in _keys(s3_run) and "stats/.half.parquet.1.tmp" not in _keys(s3_run)
     assert set(_keys(s3_run)) == set(keys)  # nothing else touched
     assert rldiag.open_run(s3_run).steps() == [0, 1, 2]
+
+
+def test_segment_summaries_on_s3_read_as_on_disk(s3_run, tmp_path) -> None:
+    """Segments of several records a step carry their write-time summary on S3 too; the first open reads it
+    from the footer (fsspec file objects) and gives the bits of the same run on disk."""
+    from tests.analysis.test_segment_summary import _record
+
+    for where in (s3_run, tmp_path / "local"):
+        _record(where, range(12), micros=4, roll_steps=4)
+    remote, local = rldiag.open_run(s3_run), rldiag.open_run(tmp_path / "local")
+    assert remote.step_metrics().equals(local.step_metrics())
+    assert remote.files.stats_tables == {} and len(remote.files.key_tables) >= 3  # summaries only, no records
+    assert remote.stats_table().num_rows == local.stats_table().num_rows == 48
