@@ -169,11 +169,7 @@ class RunFiles:
         summaries: dict[str, pa.Table | None] = {}
         todo = [e.path for name, e in listed.items() if name not in self.stats_files and name not in self.bad]
         # files are read on a few threads (pyarrow releases the GIL); checks and bookkeeping stay here, in order
-        if len(todo) > 1:
-            with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
-                loaded = list(pool.map(lambda p: _load_stats(p, use_threads=False), todo))
-        else:
-            loaded = [_load_stats(p) for p in todo]
+        loaded = _load_many(todo)
         for p, got in zip(todo, loaded):
             info = self._read_stats_file(p, loaded=got, entry=listed[p.name])
             if info is not None:
@@ -703,14 +699,56 @@ class _Loaded:
     meta: dict[str, Any] = field(default_factory=dict)
     repeated: int = 0
     error: Exception | None = None
+    checked: bool = True
+    """False for a summary whose values are not checked yet (:func:`_load_many` checks many at once)."""
 
 
-def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool = False) -> _Loaded:
+def _load_many(paths: Sequence[storage.Location]) -> list[_Loaded]:
+    """:func:`_load_stats` of each path, on a few threads (pyarrow releases the GIL while it parses footers and
+    unpacks summaries); the summaries' values are then checked in one pass over all of them (the per-file checks
+    cost more than the reading), and file by file only when that pass finds a problem: a summary that fails its
+    checks is replaced by the file's records."""
+    if len(paths) <= 1:
+        return [_load_stats(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        loaded = list(pool.map(lambda p: _load_stats(p, use_threads=False, check=False), paths))
+    todo = [i for i, got in enumerate(loaded) if not got.checked]
+    if todo:
+        try:
+            _check_summaries([loaded[i] for i in todo])
+        except Exception:  # noqa: BLE001 - find the bad ones
+            for i in todo:
+                try:
+                    _check_summaries([loaded[i]])
+                except Exception:  # noqa: BLE001 - the records are the data: read them instead
+                    loaded[i] = _load_stats(paths[i], records=True)
+    return loaded
+
+
+def _check_summaries(items: Sequence[_Loaded]) -> None:
+    """The checks of :func:`_checked_stats` on the summaries of several files at once (bucket vectors against
+    each file's own ``n_buckets``); raises ``ValueError`` when any fails."""
+    tables = [got.summary for got in items if got.summary is not None]
+    whole = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    validate_stats(whole)
+    _check_counts(whole)
+    nb = [(got.meta.get("config") or {}).get("n_buckets") if isinstance(got.meta, dict) else None for got in items]
+    want = np.repeat([n if isinstance(n, int) else -1 for n in nb], [t.num_rows for t in tables])
+    known = want >= 0
+    for name in ("b_n", "b_s", "b_s2"):
+        lengths = pc.list_value_length(whole.column(name)).to_numpy(zero_copy_only=False)
+        if (lengths[known] != want[known]).any():
+            raise ValueError(f"statistics column {name} holds vectors whose length is not the file's n_buckets")
+    for got in items:
+        got.checked = True
+
+
+def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool = False, check: bool = True) -> _Loaded:
     """A statistics file read and validated: its write-time summary from the footer (one small read; the records
     stay on disk) unless ``records`` or it has none, else its records; an unreadable, too new or incomplete file
     gives the error. ``use_threads=False`` when the caller reads several files on its own threads (pyarrow's own
     threads on top oversubscribe the cores: the 160 files of the stats benchmark read in a median 1.2 s instead
-    of 1.9 s, 5 interleaved repeats)."""
+    of 1.9 s, 5 interleaved repeats). ``check=False`` leaves a summary's values to :func:`_check_summaries`."""
     try:
         src = storage.parquet_source(p)
         with contextlib.nullcontext(src) if isinstance(src, str) else src as fh:
@@ -718,7 +756,7 @@ def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool 
             footer = pf.metadata.metadata
             meta = runformat.read_file_metadata(footer)
             if not records:
-                summary = _read_summary(footer, meta)
+                summary = _read_summary(footer, meta, check=check)
                 if summary is not None:
                     return summary
             table = pf.read(use_threads=use_threads)
@@ -732,16 +770,22 @@ def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool 
 def _checked_stats(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
     """Statistics rows in :data:`STATS_SCHEMA` (older files: the later columns as not recorded), validated
     before any value indexes memory; raises ``ValueError`` naming the problem."""
-    table = with_later_columns(table)
-    if not table.schema.equals(STATS_SCHEMA):  # a file of another writer, or written by pyarrow with other types
-        table = table.cast(STATS_SCHEMA)
+    table = _in_stats_schema(table)
     validate_stats(table)
     _check_bucket_lengths(table, meta)
     _check_counts(table)
     return table
 
 
-def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any]) -> _Loaded | None:
+def _in_stats_schema(table: pa.Table) -> pa.Table:
+    """Statistics rows in :data:`STATS_SCHEMA` (older files: the later columns as not recorded); not validated."""
+    table = with_later_columns(table)
+    if not table.schema.equals(STATS_SCHEMA):  # a file of another writer, or written by pyarrow with other types
+        table = table.cast(STATS_SCHEMA)
+    return table
+
+
+def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any], *, check: bool = True) -> _Loaded | None:
     """The write-time summary in a statistics file's footer (:data:`rldiag.runformat.SUMMARY_META_KEY`), checked
     like the records (schema, histogram bins, counts), one row per step in order and as many record keys as the
     file's records; None when there is none or it is damaged (the records are read instead: they are the data)."""
@@ -751,7 +795,8 @@ def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any]) -> _L
     try:
         raw = from_packed_ipc(data)
         ranks, micros = (raw.column(c).combine_chunks() for c in aggregate.SUMMARY_KEY_COLUMNS)
-        summary = _checked_stats(raw.drop_columns(list(aggregate.SUMMARY_KEY_COLUMNS)), meta)
+        stats = raw.drop_columns(list(aggregate.SUMMARY_KEY_COLUMNS))
+        summary = _checked_stats(stats, meta) if check else _in_stats_schema(stats)
         steps = summary.column("step").to_numpy()
         if steps.size > 1 and not (np.diff(steps) > 0).all():
             raise ValueError("summary steps are not one row per step in order")
@@ -768,7 +813,7 @@ def _read_summary(footer: dict[bytes, bytes] | None, meta: dict[str, Any]) -> _L
         repeated = int((raw.schema.metadata or {}).get(b"repeated", b"0"))
     except (ValueError, KeyError, TypeError, pa.ArrowException):
         return None
-    return _Loaded(summary=summary, keys=keys, meta=meta, repeated=max(repeated, 0))
+    return _Loaded(summary=summary, keys=keys, meta=meta, repeated=max(repeated, 0), checked=check)
 
 
 def _keys_in(table: pa.Table, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
