@@ -212,3 +212,21 @@ def test_a_summary_is_left_out_where_it_would_not_help() -> None:
     two_per_step = to_table(st, np.arange(8) // 2, np.zeros(8), np.arange(8) % 2)
     summary = from_packed_ipc(summary_metadata(two_per_step)[runformat.SUMMARY_META_KEY])
     assert summary.num_rows == 4 and summary.column("rec_micro").to_pylist() == [[0, 1]] * 4
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: d[:20],  # cut inside the frame
+        lambda d: d[:12] + b"x" * 50,  # not lz4
+        lambda d: b"RLS2" + d[4:],  # another format
+        lambda d: d[:4] + (2**62).to_bytes(8, "little") + d[12:],  # claims far more than the bound
+        lambda d: d[:4] + (10).to_bytes(8, "little") + d[12:],  # claims less than it holds
+        lambda d: d[:4] + (len(d) * 50).to_bytes(8, "little") + d[12:],  # claims more than it holds
+    ],
+)
+def test_packed_tables_refuse_bad_bytes_with_a_value_error(spoil) -> None:
+    data = to_packed_ipc(pa.table({"a": np.arange(1000)}))
+    assert from_packed_ipc(data).column("a").to_pylist() == list(range(1000))
+    with pytest.raises(ValueError):
+        from_packed_ipc(spoil(data))
