@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -607,6 +608,13 @@ def _steps_in_chunks(
 
 _STREAMING: dict[str, Any] = {"engine": "streaming"}
 
+MIN_CHUNK_ROWS = 500_000
+"""Smallest default chunk: the memory a call first touches (page faults) grows with the chunks in flight."""
+
+MAX_CHUNK_ROWS = 2_000_000
+"""Largest default chunk. A chunk's step filter reads whole Parquet row groups (the recorder's hold about 1 M
+rows): a row group that two chunks share is read twice, so small chunks read a long run up to twice over."""
+
 _LANES = 2
 """Chunks reduced at once (each by a thread that hands its pieces to the workers); one more is being read."""
 
@@ -639,7 +647,7 @@ def lens(
     steps: Sequence[int] | None = None,
     params: LensParams | Mapping[str, Any] | None = None,
     *,
-    chunk_rows: int = 500_000,
+    chunk_rows: int | None = None,
     threads: int | None = None,
 ) -> pl.DataFrame:
     """Evaluate the objectives of docs/metrics.md, analyses on a run's token rows, per step.
@@ -650,8 +658,9 @@ def lens(
     for GSPO and CTPO, ``pos`` for CTPO and ``rollout_logp`` for TIS/MIS (their columns are NaN without).
     ``params`` is a :class:`LensParams` or a dict of overrides (``{"dapo": {"eps_high": 0.3}}``).
 
-    The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (a quarter of that for
-    the first, which nothing overlaps; a larger step is a chunk of its own; a run's per-step row counts come from
+    The steps are processed in chunks of whole steps of at most ``chunk_rows`` token rows (default: a tenth of
+    the rows to read, between :data:`MIN_CHUNK_ROWS` and :data:`MAX_CHUNK_ROWS`; a quarter of that for the first
+    chunk, which nothing overlaps; a larger step is a chunk of its own; a run's per-step row counts come from
     its statistics, a frame's from a pass over ``step``): only the columns the lens needs (:func:`read_columns`)
     are read, with a step filter that reaches the Parquet scan, and reduced by the compiled passes of
     :mod:`rldiag.stats.lens_kernel`, by ``threads`` workers (default: one per core, at most 8), so memory is
@@ -659,7 +668,7 @@ def lens(
     """
     objs = _check_objectives(objectives)
     lf, params, tol = _resolve(run_or_frame, params)
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     shape = _columns_of(lf)
     wanted = None if steps is None else sorted({int(s) for s in steps})
@@ -674,6 +683,9 @@ def lens(
     # each worker block of a chunk holds a dense table of sums per step: few steps per chunk when steps are small
     blocks = (2 * workers if workers > 1 else 1) * lanes
     max_steps = max(1, _TABLE_BUDGET // (_table_bytes(params, objs) * blocks))
+    if chunk_rows is None:
+        total = int(counts["len"].sum()) if counts.height else 0
+        chunk_rows = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, total // 10))
     chunks = _steps_in_chunks(counts, chunk_rows, max_steps, first_rows=max(1, chunk_rows // 4))
     if wanted is None:
         filters = [step_between(lo, hi) for lo, hi in _step_ranges(chunks)]
@@ -691,6 +703,17 @@ def lens(
     # is reduced by a thread of its own that hands pieces of its rows to the workers, so that the Python work
     # around one chunk's passes (conversion, the tables' sums, the frame) overlaps the next chunk's passes. At
     # most two chunks are being reduced and one read: memory is bounded by three chunks.
+    spare: queue.SimpleQueue[_Buffers] = queue.SimpleQueue()
+    for _ in range(lanes):
+        spare.put(_Buffers())
+
+    def reduce(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+        buffers = spare.get()  # one set per chunk being reduced, reused by the chunks after it
+        try:
+            return _lens_rows(frame, objs, params, shape, tol, pool if workers > 1 else None, workers, buffers=buffers)
+        finally:
+            spare.put(buffers)
+
     jobs: list[Future[dict[str, np.ndarray]]] = []
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
@@ -701,9 +724,7 @@ def lens(
         for k in range(len(filters)):
             assert nxt is not None
             frame = nxt.result()
-            jobs.append(
-                chunker.submit(_lens_rows, frame, objs, params, shape, tol, pool if workers > 1 else None, workers)
-            )
+            jobs.append(chunker.submit(reduce, frame))
             del frame
             if k + 1 < len(filters):
                 if k >= lanes:
@@ -717,27 +738,58 @@ def lens(
     return out.sort(schema.STEP) if len(parts) > 1 else out
 
 
-def _values(frame: pl.DataFrame, names: Sequence[str]) -> list[np.ndarray]:
+class _Buffers:
+    """Arrays that one chunk's reduction uses, kept for the next chunk: a fresh array of tens of MB costs a page
+    fault per 4 KiB page the first time it is written (about 1 us each here), and the allocator gives such arrays
+    back to the system when they are freed."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, n: int, dtype: Any) -> np.ndarray:
+        """An array of ``n`` elements of ``dtype`` (contents undefined), reused while large enough."""
+        have = self._arrays.get(name)
+        if have is None or have.dtype != dtype or have.size < n:
+            have = np.empty(max(n, int(1.25 * have.size) if have is not None else n), dtype=dtype)
+            self._arrays[name] = have
+        return have[:n]
+
+
+def _numpy(col: pl.Series, name: str, buffers: _Buffers | None) -> np.ndarray:
+    """A column without nulls as one contiguous numpy array: a view of a column of one chunk, else its chunks
+    copied into ``buffers`` (a new array without them)."""
+    if col.n_chunks() == 1 or buffers is None:
+        return np.ascontiguousarray(col.to_numpy())
+    parts = [c.to_numpy() for c in col.get_chunks()]
+    out = buffers.get(name, len(col), parts[0].dtype)
+    k = 0
+    for a in parts:
+        out[k : k + a.size] = a
+        k += a.size
+    return out
+
+
+def _values(frame: pl.DataFrame, names: Sequence[str], buffers: _Buffers | None = None) -> list[np.ndarray]:
     """Float columns as numpy (nulls as NaN): float32 when all are float32 (the run format), else float64. A
     column of one chunk without nulls is not copied."""
     cols = [frame[c] for c in names]
     dtype = pl.Float32 if all(c.dtype == pl.Float32 for c in cols) else pl.Float64
     out = []
-    for c in cols:
+    for name, c in zip(names, cols):
         c = c.cast(dtype)
         if c.null_count():
             c = c.fill_null(float("nan"))
-        out.append(np.ascontiguousarray(c.to_numpy()))
+        out.append(_numpy(c, name, buffers))
     return out
 
 
-def _int_column(frame: pl.DataFrame, name: str) -> np.ndarray:
+def _int_column(frame: pl.DataFrame, name: str, buffers: _Buffers | None = None) -> np.ndarray:
     col = frame[name]
     if col.dtype not in (pl.Int32, pl.Int64):
         col = col.cast(pl.Int64)
     if col.null_count():
         col = col.fill_null(0)
-    return np.ascontiguousarray(col.to_numpy())
+    return _numpy(col, name, buffers)
 
 
 _BLOCK_ROWS = 1 << 20
@@ -795,6 +847,7 @@ def _lens_rows(
     tol: float,
     pool: ThreadPoolExecutor | None = None,
     workers: int = 1,
+    buffers: _Buffers | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`lens`'s columns (``step`` and :func:`columns`, as numpy arrays; {} without rows) on the token rows of
     the whole steps in ``frame``. One fused pass per piece of the rows
@@ -802,12 +855,12 @@ def _lens_rows(
     Batch's pass over the same pieces once the steps' ESS is known."""
     if frame.height == 0:
         return {}
-    step = _int_column(frame, schema.STEP).astype(np.int64, copy=False)
+    step = _int_column(frame, schema.STEP, buffers).astype(np.int64, copy=False)
     steps = np.unique(K.step_runs(step))
     n_steps = steps.size
     has_roll = schema.ROLLOUT_LOGP in frame.columns
     names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
-    vals = _values(frame, names)
+    vals = _values(frame, names, buffers)
     lp, olp, adv = vals[:3]
     roll = vals[3] if has_roll else lp[:0]
     want_gspo = "gspo" in objs and shape.seq
@@ -825,11 +878,11 @@ def _lens_rows(
     th = _thresholds(params, tol)
     r_padded = K.padded(re)
     if want_gspo or want_ctpo:
-        seq = _int_column(frame, schema.SEQ)
-        pos = _int_column(frame, schema.POS) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
+        seq = _int_column(frame, schema.SEQ, buffers)
+        pos = _int_column(frame, schema.POS, buffers) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
     else:
         seq, pos = np.zeros(0, np.int64), np.zeros(0, np.int32)
-    r = np.empty(frame.height)
+    r = np.empty(frame.height) if buffers is None else buffers.get("r", frame.height, np.float64)
     blocks = _blocks(frame.height, workers if pool is not None else 1)
     if want_gspo or want_ctpo:
         blocks = _sequence_blocks(blocks, step, seq)
