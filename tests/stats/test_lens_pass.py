@@ -153,3 +153,24 @@ def test_trust_the_batch_pass_skips_rows_without_a_ratio():
         a = adv[keep].astype(np.float64)
         want = [keep.sum(), w.sum(), (w * np.abs(a))[a > 0].sum(), (w * np.abs(a)).sum(), np.abs(a).sum()]
         np.testing.assert_allclose(acc[s], want, rtol=1e-12)
+
+
+def test_columns_of_several_chunks_are_copied_into_reused_arrays():
+    a = pl.concat(
+        [pl.DataFrame({"x": np.arange(3, dtype=np.int64)}), pl.DataFrame({"x": np.arange(5, dtype=np.int64)})]
+    )
+    b = pl.concat(
+        [pl.DataFrame({"x": np.arange(2, dtype=np.int64)}), pl.DataFrame({"x": np.arange(4, dtype=np.int64)})]
+    )
+    assert a["x"].n_chunks() == 2
+    buffers = L._Buffers()
+    got_a = L._int_column(a, "x", buffers)
+    np.testing.assert_array_equal(got_a, [0, 1, 2, 0, 1, 2, 3, 4])
+    got_b = L._int_column(b, "x", buffers)  # the same memory, the next chunk's values
+    np.testing.assert_array_equal(got_b, [0, 1, 0, 1, 2, 3])
+    assert np.shares_memory(got_a, got_b)
+    one = pl.DataFrame({"x": np.arange(4, dtype=np.float32)})
+    view = L._values(one, ["x"], buffers)[0]
+    assert view.dtype == np.float32 and np.shares_memory(view, one["x"].to_numpy())  # one chunk: not copied
+    with_null = pl.concat([one, pl.DataFrame({"x": pl.Series([None], dtype=pl.Float32)})])
+    np.testing.assert_array_equal(L._values(with_null, ["x"], buffers)[0], [0, 1, 2, 3, np.nan])
