@@ -188,6 +188,53 @@ def stats_of_table(
     return out
 
 
+@dataclass
+class _Stats:
+    """Statistics of records as the kernel returns them, with their keys: the pieces of a recompute are joined
+    into one table (:func:`_join`) instead of one table each (about 3 ms of mostly GIL-holding Python per
+    table)."""
+
+    stats: kernel.BatchStats
+    step: np.ndarray
+    rank: np.ndarray
+    micro: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.step.size)
+
+
+def _stats_arrays(table: pa.Table, cfg: RecorderConfig, *, hists: bool) -> _Stats | None:
+    """:func:`stats_of_table` of rows in record order (``sort=False``, the default record keys), as arrays."""
+    if table.num_rows == 0:
+        return None
+    batch, keys = batch_from_tokens(table, _RECORD_KEYS, sort=False)
+    return _Stats(kernel.compute(batch, cfg, hists=hists, cov=False), *(keys[k] for k in _RECORD_KEYS))
+
+
+def _join(parts: Sequence[_Stats]) -> pa.Table:
+    """One statistics table (:data:`STATS_SCHEMA`) of the records of ``parts``, in order: the same rows as
+    concatenating :func:`stats_of_table` of each."""
+    parts = [p for p in parts if p.n]
+    if not parts:
+        return STATS_SCHEMA.empty_table()
+    first = parts[0].stats
+    stats = kernel.BatchStats(
+        scalars=np.concatenate([p.stats.scalars for p in parts]),
+        hists={k: np.concatenate([p.stats.hists[k] for p in parts]) for k in first.hists},
+        vectors={k: np.concatenate([p.stats.vectors[k] for p in parts]) for k in first.vectors},
+        sets={k: [x for p in parts for x in p.stats.sets[k]] for k in first.sets},
+        cov=np.zeros(0),
+    )
+    return to_table(
+        stats,
+        np.concatenate([p.step for p in parts]),
+        np.concatenate([p.rank for p in parts]),
+        np.concatenate([p.micro for p in parts]),
+        overrides={"rows_written": stats.scalars[:, kernel.SCALARS.index("n_masked")]},
+    )
+
+
 @numba.njit(nogil=True, cache=True)
 def _tail_run_start(k):  # pragma: no cover - compiled
     i = k.size - 1
@@ -304,7 +351,8 @@ class _GroupResult:
     and its first and last rows, which may belong to records that a row-group boundary cuts."""
 
     head: pa.Table
-    stats: pa.Table
+    stats: pa.Table | _Stats | None
+    """Statistics rows, or (``arrays``) the kernel's arrays (None: no records)."""
     tail: pa.Table | None
     open: bool
     """No record boundary inside: the whole row group is ``head``, part of one record."""
@@ -322,27 +370,29 @@ def _group_job(
     steps: pa.Array | None,
     cfg: RecorderConfig,
     hists: bool,
+    arrays: bool = False,
 ) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
     src = storage.parquet_source(path)
     pf = pq.ParquetFile(src, metadata=meta)
+    nothing = None if arrays else STATS_SCHEMA.empty_table()
     if steps is not None and len(steps) == 0:
-        return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
+        return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
     if limit is not None:
         st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
         if st is not None and st.has_min_max and st.min >= limit:  # superseded by a restart: not read
-            return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
+            return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
     if steps is not None:
         st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
         lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()
         if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
-            return _GroupResult(pf.schema_arrow.empty_table(), STATS_SCHEMA.empty_table(), None, False)
+            return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
     try:
         table = _read_row_group(pf, g, names, local=src if isinstance(src, str) else None)
     except Exception as exc:  # noqa: BLE001 - a damaged page: reported, the rest of the run is computed
         return _GroupResult(
             pf.schema_arrow.empty_table(),
-            STATS_SCHEMA.empty_table(),
+            nothing,
             None,
             False,
             f"{path} row group {g}: {type(exc).__name__}: {exc}",
@@ -353,13 +403,17 @@ def _group_job(
         table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
     n = table.num_rows
     if n == 0:
-        return _GroupResult(table, STATS_SCHEMA.empty_table(), None, False)
+        return _GroupResult(table, nothing, None, False)
     head = _first_record_end(table)
     if head == n and not last:
-        return _GroupResult(table, STATS_SCHEMA.empty_table(), None, True)
+        return _GroupResult(table, nothing, None, True)
     cut = n if last else max(head, _last_record_start(table))
     inner = table.slice(head, cut - head)
-    stats = stats_of_table(inner, cfg, sort=False, hists=hists) if inner.num_rows else STATS_SCHEMA.empty_table()
+    stats: pa.Table | _Stats | None
+    if arrays:
+        stats = _stats_arrays(inner, cfg, hists=hists)
+    else:
+        stats = stats_of_table(inner, cfg, sort=False, hists=hists) if inner.num_rows else STATS_SCHEMA.empty_table()
     return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False)
 
 
@@ -394,6 +448,26 @@ def iter_file_stats(
     :class:`rldiag.analysis.ray_engine.RowGroupExecutor`). The pieces cut by row-group boundaries are joined
     and computed here, in file order, either way, so the results are the same.
     """
+    for parts in _iter_parts(
+        files, cfg, steps=steps, config_only=config_only, threads=threads, limits=limits, executor=executor
+    ):
+        tables = [p for p in parts if isinstance(p, pa.Table) and p.num_rows]
+        yield pa.concat_tables(tables) if len(tables) > 1 else tables[0] if tables else STATS_SCHEMA.empty_table()
+
+
+def _iter_parts(
+    files: Iterable[storage.Location],
+    cfg: RecorderConfig,
+    *,
+    steps: set[int] | None = None,
+    config_only: bool = False,
+    threads: int | None = None,
+    limits: Mapping[storage.Location, int] | None = None,
+    executor: Any = None,
+    arrays: bool = False,
+) -> Iterator[list[pa.Table | _Stats]]:
+    """:func:`iter_file_stats`, one list of pieces per row group: statistics tables, or with ``arrays`` the
+    kernel's arrays (:class:`_Stats`, local threads only), which :func:`_join` turns into one table."""
     threads = threads or (executor.parallelism if executor is not None else default_threads())
     names = token_read_columns(config_only=config_only)
     wanted = None if steps is None else pa.array(sorted(steps), pa.int64())
@@ -401,18 +475,23 @@ def iter_file_stats(
     lim = {storage.location(k): v for k, v in (limits or {}).items()}
     jobs = [(f, md, g, g == md.num_row_groups - 1, lim.get(f)) for f, md in metas for g in range(md.num_row_groups)]
 
-    def stitched(parts: list[pa.Table]) -> pa.Table:
+    arrays = arrays and executor is None
+
+    def stitched(parts: list[pa.Table]) -> pa.Table | _Stats | None:
         parts = [p for p in parts if p.num_rows]
         if not parts:
-            return STATS_SCHEMA.empty_table()
+            return None
         table = pa.concat_tables(parts, promote_options="default").combine_chunks()
+        if arrays:
+            return _stats_arrays(table, cfg, hists=not config_only)
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
+    extra = (True,) if arrays else ()
     with ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor) as pool:
         pending: deque[tuple[Any, bool]] = deque()  # (future of a _GroupResult, last row group of its file)
         it = iter(jobs)
         for job in it:
-            pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only), job[3]))
+            pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only, *extra), job[3]))
             if len(pending) >= threads + 2:
                 break
         open_rows: list[pa.Table] = []
@@ -422,7 +501,7 @@ def iter_file_stats(
             res = fut.result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only), nxt[3]))
+                pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only, *extra), nxt[3]))
             if res.error is not None:
                 from rldiag.runformat import RunFormatWarning
 
@@ -434,17 +513,17 @@ def iter_file_stats(
                 )
                 # the record cut by the damaged part is incomplete; records never span files
                 open_rows, after_error = [], not last
-                yield STATS_SCHEMA.empty_table()
+                yield []
                 continue
             if after_error:  # the first rows may continue a record that began in the damaged part
                 res.head, after_error = res.head.slice(0, 0), res.open and not last
             open_rows.append(res.head)
             if res.open:
-                yield STATS_SCHEMA.empty_table()
+                yield []
                 continue
             edge = stitched(open_rows)
             open_rows = [res.tail] if res.tail is not None else []
-            yield pa.concat_tables([edge, res.stats]) if edge.num_rows else res.stats
+            yield [p for p in (edge, res.stats) if p is not None]
 
 
 # --- token rows as a lazy frame, and the bucket table's statistics (used by the reader and by Ray tasks) ---
@@ -985,6 +1064,11 @@ def _arrow_token_schema() -> pa.Schema:
     return pa.schema([pa.field(k, v) for k, v in schema.TOKEN_DTYPES.items()])
 
 
+_JOIN_RECORDS = 2048
+"""Records whose kernel arrays a recompute holds before joining them into a statistics table (their dense
+histograms take about 17 kB each)."""
+
+
 def step_metrics_from_tokens(
     stored: pa.Table,
     files: Sequence[Any],
@@ -1006,11 +1090,31 @@ def step_metrics_from_tokens(
     read (no rows, a damaged file) gets NaN rather than the statistics of part of its records. ``executor``: a
     :class:`rldiag.analysis.ray_engine.RowGroupExecutor` to run the row groups on Ray (None: local threads).
     """
-    stats_iter = iter_file_stats(
-        list(files), config, steps=steps, config_only=not everything, limits=dict(limits or {}), executor=executor
+    pieces = _iter_parts(
+        list(files),
+        config,
+        steps=steps,
+        config_only=not everything,
+        limits=dict(limits or {}),
+        executor=executor,
+        arrays=True,
     )
-    parts = list(progress(stats_iter, row_groups(list(files)), "rldiag: recomputing from token rows"))
-    fresh = pa.concat_tables(parts) if parts else STATS_SCHEMA.empty_table()
+    # the kernel's arrays joined into a table every _JOIN_RECORDS records (dense histograms stay bounded)
+    tables: list[pa.Table] = []
+    held: list[_Stats] = []
+    for group in progress(pieces, row_groups(list(files)), "rldiag: recomputing from token rows"):
+        for piece in group:
+            if isinstance(piece, pa.Table):  # not from local threads: tables already
+                tables += [_join(held), piece]
+                held = []
+            else:
+                held.append(piece)
+        if sum(p.n for p in held) >= _JOIN_RECORDS:
+            tables.append(_join(held))
+            held = []
+    tables.append(_join(held))
+    tables = [t for t in tables if t.num_rows]
+    fresh = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
     if ranks is not None:
         fresh = fresh.filter(pc.is_in(fresh.column("rank"), pa.array(list(ranks), pa.int32())))
     need = needed_stats(list(names))
