@@ -11,7 +11,7 @@ Run shapes (``--shape``): ``lens`` (default) is ``bench_lens.make_run`` with ent
 ``recorder`` is written by ``rldiag.Recorder``, one record of 128 x 1024 tokens per step, with rollout
 log-probs and routing agreement. Baseline and table alternate ``--repeat`` times; the best of each is kept.
 ``--fresh``: each table once in a fresh process (start-up included), then the baseline in that process; prints
-the time, the ratio and the table's peak RSS. ``--steps-on-screen 60``: also 60 consecutive steps (what a
+the time, the ratio and the table's peak RSS (VmHWM). ``--steps-on-screen 60``: also 60 consecutive steps (what a
 dashboard heatmap asks for).
 Prints ratios; never asserts.
 """
@@ -65,14 +65,17 @@ def fresh(path: Path, files: list[str], n: int, kinds: list[str]) -> None:
     for by in kinds:
         cols = [c for c in bucket_read_columns(by) if c != schema.STEP]
         code = (
-            "import resource, time, rldiag, polars as pl; "
+            "import sys, time, rldiag, polars as pl; sys.path.insert(0, 'benchmarks'); "
+            "from bench_analysis import peak_rss_kib; "
             f"r = rldiag.open_run({str(path)!r}); t = time.perf_counter(); out = r.bucket_metrics(by={by!r}); "
-            "t = time.perf_counter() - t; rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "t = time.perf_counter() - t; rss = peak_rss_kib(); "
             f"b = time.perf_counter(); pl.scan_parquet({files!r}).group_by('step')"
             f".agg(pl.col(c).sum() for c in {cols!r}).collect(); b = time.perf_counter() - b; "
             "print(f'{t:.2f} {rss} {b:.2f} {out.height}')"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
+        ).stdout.split()
         t, rss, b = float(out[0]), int(out[1]), float(out[2])
         print(
             f"by={by:5s} fresh process: table {t:.2f} s ({n / t / 1e6:.1f} M rows/s, {out[3]} rows), bare sum of "
