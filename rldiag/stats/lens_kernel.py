@@ -173,6 +173,45 @@ def _close_sequence(
     gacc[s, 4] += a
 
 
+@numba.njit(inline="always")
+def _seq_token(
+    cacc: np.ndarray,
+    s: int,
+    sn: float,
+    slr: float,
+    spa: float,
+    sna: float,
+    L: float,
+    lr: float,
+    a: float,
+    aa: float,
+    p: int,
+    want_ctpo: bool,
+    c_low: float,
+    c_high: float,
+) -> tuple[float, float, float, float, float]:  # pragma: no cover - compiled
+    """One valid token of the current sequence: its count, log-ratio and |advantage| added to the sequence's
+    running sums (returned), and to CTPO's sums of step ``s`` unless CTPO clips it (``L``: the sequence's
+    log-ratio so far)."""
+    sn += 1.0
+    slr += lr
+    if a > 0:
+        spa += aa
+    elif a < 0:
+        sna += aa
+    if want_ctpo:
+        L += lr
+        if not _ctpo_clipped(L, a, math.sqrt(p + 1.0), c_low, c_high):
+            eL = math.exp(L)
+            cacc[s, 0] += 1.0
+            cacc[s, 1] += eL
+            if a > 0:
+                cacc[s, 2] += eL * aa
+            cacc[s, 3] += eL * aa
+            cacc[s, 4] += aa
+    return sn, slr, spa, sna, L
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def next_sequence_start(step: np.ndarray, seq: np.ndarray, i: int) -> int:  # pragma: no cover - compiled
     """The first row at or after ``i`` (0 < i) where (step, seq) differs from the row before it, ``step.size`` if
@@ -247,11 +286,7 @@ def lens_pass(  # pragma: no cover - compiled
     cur_s = -1
     cur_q = 0
     last_pos = 0
-    sn = 0.0
-    slr = 0.0
-    spa = 0.0
-    sna = 0.0
-    L = 0.0
+    sn = slr = spa = sna = L = 0.0
     last = 0
     s = -2
     for i in range(n):
@@ -340,22 +375,7 @@ def lens_pass(  # pragma: no cover - compiled
                 ok = False
                 continue
             last_pos = p
-            sn += 1.0
-            slr += lr
-            if a > 0:
-                spa += aa
-            elif a < 0:
-                sna += aa
-            if want_ctpo:
-                L += lr
-                if not _ctpo_clipped(L, a, math.sqrt(p + 1.0), c_low, c_high):
-                    eL = math.exp(L)
-                    cacc[s, 0] += 1.0
-                    cacc[s, 1] += eL
-                    if a > 0:
-                        cacc[s, 2] += eL * aa
-                    cacc[s, 3] += eL * aa
-                    cacc[s, 4] += aa
+            sn, slr, spa, sna, L = _seq_token(cacc, s, sn, slr, spa, sna, L, lr, a, aa, p, want_ctpo, c_low, c_high)
     if want_gspo and cur_s >= 0 and ok:
         _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
     return ok
@@ -435,11 +455,7 @@ def sequence_pass(  # pragma: no cover - compiled
     cur_s = -1
     cur_q = 0
     last_pos = 0
-    sn = 0.0
-    slr = 0.0
-    spa = 0.0
-    sna = 0.0
-    L = 0.0
+    sn = slr = spa = sna = L = 0.0
     for k in range(n):
         i = order[k] if order.size else k
         if step[i] != last or s == -2:
@@ -469,22 +485,7 @@ def sequence_pass(  # pragma: no cover - compiled
         last_pos = p
         lr = x - y
         aa = abs(a)
-        sn += 1.0
-        slr += lr
-        if a > 0:
-            spa += aa
-        elif a < 0:
-            sna += aa
-        if want_ctpo:
-            L += lr
-            if not _ctpo_clipped(L, a, math.sqrt(p + 1.0), c_low, c_high):
-                eL = math.exp(L)
-                cacc[s, 0] += 1.0
-                cacc[s, 1] += eL
-                if a > 0:
-                    cacc[s, 2] += eL * aa
-                cacc[s, 3] += eL * aa
-                cacc[s, 4] += aa
+        sn, slr, spa, sna, L = _seq_token(cacc, s, sn, slr, spa, sna, L, lr, a, aa, p, want_ctpo, c_low, c_high)
     if want_gspo and cur_s >= 0:
         _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
     return True
