@@ -358,6 +358,8 @@ class _GroupResult:
     """No record boundary inside: the whole row group is ``head``, part of one record."""
     error: str | None = None
     """Why the row group could not be read (damaged file); the result is otherwise empty."""
+    rest: pa.Table | None = None
+    """Whole records after ``stats``'s, left for the caller to compute (``split``)."""
 
 
 def _group_job(
@@ -371,6 +373,7 @@ def _group_job(
     cfg: RecorderConfig,
     hists: bool,
     arrays: bool = False,
+    split: bool = False,
 ) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
     src = storage.parquet_source(path)
@@ -409,12 +412,17 @@ def _group_job(
         return _GroupResult(table, nothing, None, True)
     cut = n if last else max(head, _last_record_start(table))
     inner = table.slice(head, cut - head)
+    rest = None
+    if split and inner.num_rows > 1:  # the second half of the records for the caller (the last row groups)
+        mid = _last_record_start(inner.slice(0, inner.num_rows // 2 + 1))
+        if mid > 0:
+            inner, rest = inner.slice(0, mid), inner.slice(mid)
     stats: pa.Table | _Stats | None
     if arrays:
         stats = _stats_arrays(inner, cfg, hists=hists)
     else:
         stats = stats_of_table(inner, cfg, sort=False, hists=hists) if inner.num_rows else STATS_SCHEMA.empty_table()
-    return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False)
+    return _GroupResult(table.slice(0, head), stats, table.slice(cut) if cut < n else None, False, rest=rest)
 
 
 def iter_file_stats(
@@ -486,12 +494,18 @@ def _iter_parts(
             return _stats_arrays(table, cfg, hists=not config_only)
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
-    extra = (True,) if arrays else ()
+    # the last row groups' second halves are computed by this thread, which otherwise waits: the workers then
+    # finish together instead of one row group apart
+    tail_from = len(jobs) - threads
+
+    def extra(k: int) -> tuple[bool, ...]:
+        return (True, k >= tail_from) if arrays else ()
+
     with ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor) as pool:
         pending: deque[tuple[Any, bool]] = deque()  # (future of a _GroupResult, last row group of its file)
-        it = iter(jobs)
-        for job in it:
-            pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only, *extra), job[3]))
+        it = iter(enumerate(jobs))
+        for k, job in it:
+            pending.append((pool.submit(_group_job, *job, names, wanted, cfg, not config_only, *extra(k)), job[3]))
             if len(pending) >= threads + 2:
                 break
         open_rows: list[pa.Table] = []
@@ -499,9 +513,10 @@ def _iter_parts(
         while pending:
             fut, last = pending.popleft()
             res = fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only, *extra), nxt[3]))
+            after = next(it, None)
+            if after is not None:
+                k, nxt = after
+                pending.append((pool.submit(_group_job, *nxt, names, wanted, cfg, not config_only, *extra(k)), nxt[3]))
             if res.error is not None:
                 from rldiag.runformat import RunFormatWarning
 
@@ -523,7 +538,8 @@ def _iter_parts(
                 continue
             edge = stitched(open_rows)
             open_rows = [res.tail] if res.tail is not None else []
-            yield [p for p in (edge, res.stats) if p is not None]
+            rest = _stats_arrays(res.rest, cfg, hists=not config_only) if res.rest is not None else None
+            yield [p for p in (edge, res.stats, rest) if p is not None]
 
 
 # --- token rows as a lazy frame, and the bucket table's statistics (used by the reader and by Ray tasks) ---
