@@ -760,6 +760,10 @@ def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool 
                 if summary is not None:
                     return summary
             table = pf.read(use_threads=use_threads)
+        if footer and runformat.SUMMARY_META_KEY in footer:  # pyarrow adds every footer key to the schema's
+            table = table.replace_schema_metadata(  # metadata: binary bytes there break polars' from_arrow
+                {k: v for k, v in (table.schema.metadata or {}).items() if k != runformat.SUMMARY_META_KEY}
+            )
         table = _checked_stats(table, meta)
         table, repeated = aggregate.first_of_each_record(table)
         return _Loaded(table=table, keys=table.select(list(KEYS)), meta=meta, repeated=repeated)

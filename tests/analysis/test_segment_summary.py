@@ -96,8 +96,12 @@ def test_summaries_give_the_same_bits_as_the_records(two_ranks: Path, tmp_path: 
     assert _summarized(plain) == []
     _close(with_summaries, _metrics(plain))
     assert with_summaries.height == 14
-    # and the per-record rows are still there: merged, they give the same numbers (to rounding)
-    run = rldiag.open_run(two_ranks)
+    # the per-record views read the records: the same bits as the run without summaries
+    run, plain_run = rldiag.open_run(two_ranks), rldiag.open_run(plain)
+    _same_bits(run.step_metrics(by_rank=True), plain_run.step_metrics(by_rank=True))
+    _same_bits(run.step_metrics(ranks=[1]), plain_run.step_metrics(ranks=[1]))
+    assert run.step_stats().equals(plain_run.step_stats())  # polars reads them (no binary schema metadata)
+    # and merged, they give the same numbers as the summaries (to rounding)
     merged = aggregate.metrics_of(run.stats_table(), names=["ratio/mean", "entropy/mean"])
     assert np.allclose(merged["ratio/mean"].to_numpy(), with_summaries["ratio/mean"].to_numpy(), rtol=1e-12)
 
