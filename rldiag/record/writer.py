@@ -100,8 +100,9 @@ def parquet_options(table: pa.Table, compression: str) -> dict[str, Any]:
 
 def write_parquet(table: pa.Table, where: Any, compression: str, footer: dict[bytes, bytes] | None = None) -> None:
     """Write ``table`` as rldiag writes its segments (:func:`parquet_options`); ``footer`` entries go into the
-    file's key-value metadata only (not into the Arrow schema that pyarrow also stores there, so a summary is
-    not stored twice and ``read_table`` does not return it)."""
+    file's key-value metadata only, not into the Arrow schema that pyarrow also stores there (a summary is not
+    stored twice). pyarrow's readers still add them to a read table's schema metadata; rldiag's reader drops
+    the summary there (polars cannot take binary metadata)."""
     with pq.ParquetWriter(where, table.schema, **parquet_options(table, compression)) as w:
         w.write_table(table)
         if footer:
