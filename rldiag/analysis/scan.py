@@ -761,7 +761,7 @@ def _load_stats(p: storage.Location, *, use_threads: bool = True, records: bool 
                     return summary
             table = pf.read(use_threads=use_threads)
         if footer and runformat.SUMMARY_META_KEY in footer:  # pyarrow adds every footer key to the schema's
-            table = table.replace_schema_metadata(  # metadata: binary bytes there break polars' from_arrow
+            table = table.replace_schema_metadata(  # metadata: not the summary's 100s of KB on every table
                 {k: v for k, v in (table.schema.metadata or {}).items() if k != runformat.SUMMARY_META_KEY}
             )
         table = _checked_stats(table, meta)

@@ -102,7 +102,7 @@ def write_parquet(table: pa.Table, where: Any, compression: str, footer: dict[by
     """Write ``table`` as rldiag writes its segments (:func:`parquet_options`); ``footer`` entries go into the
     file's key-value metadata only, not into the Arrow schema that pyarrow also stores there (a summary is not
     stored twice). pyarrow's readers still add them to a read table's schema metadata; rldiag's reader drops
-    the summary there (polars cannot take binary metadata)."""
+    the summary there. Values must be UTF-8 text (polars refuses a file with binary bytes there)."""
     with pq.ParquetWriter(where, table.schema, **parquet_options(table, compression)) as w:
         w.write_table(table)
         if footer:

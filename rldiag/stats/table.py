@@ -7,6 +7,7 @@ Scalar statistics are float64 columns; histograms are stored sparse as two list 
 
 from __future__ import annotations
 
+import binascii
 from typing import Any
 
 import numpy as np
@@ -167,33 +168,41 @@ def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
 
 
 PACKED_MAGIC = b"RLS1"
-"""First bytes of :func:`to_packed_ipc` output (then the uncompressed size, 8 bytes little-endian, then lz4)."""
+"""First bytes of :func:`to_packed_ipc` output; base64 text follows (Parquet key-value metadata is UTF-8 text:
+polars refuses a file with binary bytes there)."""
 PACKED_MAX_BYTES = 256 * 2**20
 """:func:`from_packed_ipc` refuses bytes that claim to unpack to more than this."""
 
 
 def to_packed_ipc(table: pa.Table) -> bytes:
-    """``table`` as an uncompressed Arrow IPC file compressed whole in one lz4 frame, behind :data:`PACKED_MAGIC`
-    and its size. For small tables of many columns (segment summaries): one decompression instead of one per
-    buffer reads 2.5x faster than :func:`to_ipc` (0.055 s against 0.139 s for 160 summaries of 500 rows)."""
+    """``table`` as ASCII text: :data:`PACKED_MAGIC`, then base64 of (the size of an uncompressed Arrow IPC file
+    of the table, 8 bytes little-endian; that file compressed whole in one lz4 frame). For small tables of many
+    columns (segment summaries): one decompression instead of one per buffer reads 2.5x faster than
+    :func:`to_ipc` (0.055 s against 0.139 s for 160 summaries of 500 rows, before base64)."""
     buf = pa.BufferOutputStream()
     with pa.ipc.new_file(buf, table.schema) as w:
         w.write_table(table)
     raw = buf.getvalue()
     packed = pa.Codec("lz4").compress(raw, asbytes=True)
-    return PACKED_MAGIC + raw.size.to_bytes(8, "little") + bytes(packed)
+    return PACKED_MAGIC + binascii.b2a_base64(raw.size.to_bytes(8, "little") + bytes(packed), newline=False)
 
 
 def from_packed_ipc(data: bytes) -> pa.Table:
-    """The table of :func:`to_packed_ipc` bytes, fully validated by Arrow; raises ``ValueError`` on bytes that
-    are not such a table, claim more than :data:`PACKED_MAX_BYTES` or do not unpack to their stated size."""
-    if len(data) < 12 or data[:4] != PACKED_MAGIC:
+    """The table of :func:`to_packed_ipc` text, fully validated by Arrow; raises ``ValueError`` on text that is
+    not such a table, claims more than :data:`PACKED_MAX_BYTES` or does not unpack to its stated size."""
+    if data[:4] != PACKED_MAGIC:
         raise ValueError("not a packed Arrow table")
-    size = int.from_bytes(data[4:12], "little")
+    try:
+        body = binascii.a2b_base64(data[4:], strict_mode=True)
+    except binascii.Error as exc:
+        raise ValueError(f"a packed Arrow table that is not base64 ({exc})") from None
+    if len(body) < 8:
+        raise ValueError("a packed Arrow table cut short")
+    size = int.from_bytes(body[:8], "little")
     if size > PACKED_MAX_BYTES:
         raise ValueError(f"a packed Arrow table of {size} bytes is larger than {PACKED_MAX_BYTES}")
     try:
-        raw = pa.Codec("lz4").decompress(data[12:], decompressed_size=size)
+        raw = pa.Codec("lz4").decompress(body[8:], decompressed_size=size)
     except OSError as exc:  # pyarrow's ArrowIOError: not lz4, cut short
         raise ValueError(f"a packed Arrow table that does not unpack ({exc})") from None
     if raw.size != size:

@@ -8,6 +8,7 @@ and from the run index, and the same numbers from a live reader folding the file
 
 from __future__ import annotations
 
+import base64
 import shutil
 import warnings
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_summaries_give_the_same_bits_as_the_records(two_ranks: Path, tmp_path: 
     run, plain_run = rldiag.open_run(two_ranks), rldiag.open_run(plain)
     _same_bits(run.step_metrics(by_rank=True), plain_run.step_metrics(by_rank=True))
     _same_bits(run.step_metrics(ranks=[1]), plain_run.step_metrics(ranks=[1]))
-    assert run.step_stats().equals(plain_run.step_stats())  # polars reads them (no binary schema metadata)
+    assert run.step_stats().equals(plain_run.step_stats())
     # and merged, they give the same numbers as the summaries (to rounding)
     merged = aggregate.metrics_of(run.stats_table(), names=["ratio/mean", "entropy/mean"])
     assert np.allclose(merged["ratio/mean"].to_numpy(), with_summaries["ratio/mean"].to_numpy(), rtol=1e-12)
@@ -130,7 +131,7 @@ def test_damaged_or_hostile_summaries_fall_back_to_the_records(two_ranks: Path, 
     data = (pq.read_metadata(two_ranks / "stats" / first).metadata or {})[runformat.SUMMARY_META_KEY]
     summary = from_packed_ipc(data)
     hostile = {
-        "garbage": b"not arrow at all",
+        "garbage": b"RLS1not arrow at all",
         "truncated": data[: len(data) // 2],
         "steps out of order": to_packed_ipc(summary.take(pa.array(np.arange(summary.num_rows)[::-1]))),
         "bin out of range": to_packed_ipc(
@@ -218,19 +219,36 @@ def test_a_summary_is_left_out_where_it_would_not_help() -> None:
     assert summary.num_rows == 4 and summary.column("rec_micro").to_pylist() == [[0, 1]] * 4
 
 
+def _repack(data: bytes, change) -> bytes:
+    """Packed text whose binary body (size, lz4 frame) went through ``change``."""
+    return data[:4] + base64.b64encode(change(base64.b64decode(data[4:])))
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
-        lambda d: d[:20],  # cut inside the frame
-        lambda d: d[:12] + b"x" * 50,  # not lz4
+        lambda d: d[:20],  # cut inside the text
+        lambda d: d[:4] + b"not base64 at all!",
         lambda d: b"RLS2" + d[4:],  # another format
-        lambda d: d[:4] + (2**62).to_bytes(8, "little") + d[12:],  # claims far more than the bound
-        lambda d: d[:4] + (10).to_bytes(8, "little") + d[12:],  # claims less than it holds
-        lambda d: d[:4] + (len(d) * 50).to_bytes(8, "little") + d[12:],  # claims more than it holds
+        lambda d: _repack(d, lambda b: b[:20]),  # cut inside the frame
+        lambda d: _repack(d, lambda b: b[:8] + b"x" * 50),  # not lz4
+        lambda d: _repack(d, lambda b: (2**62).to_bytes(8, "little") + b[8:]),  # claims far more than the bound
+        lambda d: _repack(d, lambda b: (10).to_bytes(8, "little") + b[8:]),  # claims less than it holds
+        lambda d: _repack(d, lambda b: (len(b) * 50).to_bytes(8, "little") + b[8:]),  # claims more than it holds
     ],
 )
 def test_packed_tables_refuse_bad_bytes_with_a_value_error(spoil) -> None:
     data = to_packed_ipc(pa.table({"a": np.arange(1000)}))
-    assert from_packed_ipc(data).column("a").to_pylist() == list(range(1000))
+    assert data.isascii() and from_packed_ipc(data).column("a").to_pylist() == list(range(1000))
     with pytest.raises(ValueError):
         from_packed_ipc(spoil(data))
+
+
+def test_statistics_files_with_summaries_read_in_polars(tmp_path: Path) -> None:
+    """Parquet key-value metadata is UTF-8 text: polars refuses a file with binary bytes there."""
+    import polars as pl
+
+    run = tmp_path / "run"
+    _record(run, range(4), micros=4, roll_steps=4)
+    for name in _summarized(run):
+        assert pl.read_parquet(run / "stats" / name).height == pq.read_metadata(run / "stats" / name).num_rows
