@@ -193,7 +193,7 @@ def from_packed_ipc(data: bytes) -> pa.Table:
     if data[:4] != PACKED_MAGIC:
         raise ValueError("not a packed Arrow table")
     try:
-        body = binascii.a2b_base64(data[4:], strict_mode=True)
+        body = binascii.a2b_base64(memoryview(data)[4:])  # no copy of the text; damage fails below if not here
     except binascii.Error as exc:
         raise ValueError(f"a packed Arrow table that is not base64 ({exc})") from None
     if len(body) < 8:
@@ -202,7 +202,7 @@ def from_packed_ipc(data: bytes) -> pa.Table:
     if size > PACKED_MAX_BYTES:
         raise ValueError(f"a packed Arrow table of {size} bytes is larger than {PACKED_MAX_BYTES}")
     try:
-        raw = pa.Codec("lz4").decompress(body[8:], decompressed_size=size)
+        raw = pa.Codec("lz4").decompress(memoryview(body)[8:], decompressed_size=size)
     except OSError as exc:  # pyarrow's ArrowIOError: not lz4, cut short
         raise ValueError(f"a packed Arrow table that does not unpack ({exc})") from None
     if raw.size != size:
