@@ -332,6 +332,12 @@ class RunState:
             touched = set(self.run.file_steps(new_files))
             steps_np = np.asarray(self.run.compact_table().column(schema.STEP).to_numpy(), dtype=np.int64)
             known = current[schema.STEP].to_numpy()
+            if known.size and not np.isin(known, steps_np).all():
+                # steps it showed are gone (the run was deleted and written again): start over, a full redraw
+                self._metrics = None
+                self.version += 1
+                self._cache.clear()
+                return self.metrics(ALWAYS)
             if len(steps_np) != len(known) or not np.array_equal(steps_np, known):  # O(n) compare, no sets
                 touched |= set(steps_np[~np.isin(steps_np, known)].tolist())
             if not touched:

@@ -162,6 +162,9 @@ class RunFiles:
         reading the new segments and the writer files that changed.
         """
         listed = {e.name: e for e in storage.list_files(self.path / schema.STATS_DIR) if runformat.is_published(e.name)}
+        gone = sorted(n for n in self.stats_files if n not in listed)
+        if gone:  # published segments never change: the run was deleted and written again, or files removed
+            self._start_over(gone)
         if not self._index_loaded:
             self._index_loaded = True
             self._load_index(listed)
@@ -203,6 +206,18 @@ class RunFiles:
             self._save_index()
         self.live_view = self._with_live_tails()
         return new
+
+    def _start_over(self, gone: Sequence[str]) -> None:
+        """Forget everything read so far (the next steps of :meth:`refresh` read the run again), after statistics
+        files it had read disappeared; named in :attr:`problems` and warned about."""
+        msg = (
+            f"{len(gone)} statistics file(s) read before are gone (the run was deleted and written again, or files "
+            f"were removed; first: {gone[0]}): the run was read again from its files"
+        )
+        fresh = RunFiles(self.path, self.config)
+        self.__dict__.update(fresh.__dict__)
+        self.problems.append(Problem(str(self.path / schema.STATS_DIR), msg))
+        warnings.warn(msg, RunFormatWarning, stacklevel=4)
 
     def _with_live_tails(self) -> pa.Table | None:
         """The compacted table plus the writers' live tails (statistics not in a segment yet; local runs), or

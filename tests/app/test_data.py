@@ -12,6 +12,7 @@ import pytest
 from conftest import HOSTILE
 from synth import SPIKE_STEP, record_run
 
+import rldiag
 from app import data
 from rldiag import runformat
 
@@ -210,3 +211,26 @@ def test_metrics_are_finalized_only_when_asked_for(tmp_path: Path):
     np.testing.assert_allclose(
         full.select(reference.columns).to_numpy().astype(float), reference.to_numpy().astype(float), equal_nan=True
     )
+
+
+def test_a_run_deleted_and_written_again_is_read_again(tmp_path: Path):
+    """Published segments never change, so a file that disappears means the run was replaced (or a copy was
+    removed): the library and the dashboard start over instead of keeping the old steps."""
+    import shutil
+    import warnings
+
+    record_run(tmp_path / "r", steps=6)
+    st = data.Catalog(tmp_path).state("r")
+    before = st.metrics()
+    assert before["step"].to_list() == list(range(6))
+    shutil.rmtree(tmp_path / "r")
+    record_run(tmp_path / "r", steps=3, seed=7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh = st.update()
+    assert fresh["step"].to_list() == [0, 1, 2] and st.version == 1
+    assert st.metrics()["step"].to_list() == [0, 1, 2]
+    again = rldiag.open_run(tmp_path / "r").step_metrics()
+    assert st.metrics().select(again.columns).equals(again)  # the new run's numbers, none of the old ones
+    assert any("read again" in str(w.message) for w in caught)
+    assert any("read again" in p.message for p in st.run.problems)
