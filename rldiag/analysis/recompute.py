@@ -362,6 +362,28 @@ class _GroupResult:
     """Whole records after ``stats``'s, left for the caller to compute (``split``)."""
 
 
+def _row_group_skipped(pf: pq.ParquetFile, g: int, limit: int | None, steps: pa.Array | None) -> bool:
+    """Whether row group ``g`` holds no row that counts, by its step statistics alone (not read then): all of it
+    superseded by a restart (steps from ``limit`` on), or outside the ``steps`` asked for."""
+    if steps is not None and len(steps) == 0:
+        return True
+    st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
+    if st is None or not st.has_min_max:
+        return False
+    if limit is not None and st.min >= limit:
+        return True
+    return steps is not None and (st.max < steps[0].as_py() or st.min > steps[len(steps) - 1].as_py())
+
+
+def _rows_that_count(table: pa.Table, limit: int | None, steps: pa.Array | None) -> pa.Table:
+    """The rows of ``table`` at the ``steps`` asked for (None: all) and before a restart's ``limit``."""
+    if steps is not None:
+        table = table.filter(pc.is_in(table.column(schema.STEP), steps))
+    if limit is not None:
+        table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
+    return table
+
+
 def _group_job(
     path: storage.Location,
     meta: pq.FileMetaData,
@@ -379,17 +401,8 @@ def _group_job(
     src = storage.parquet_source(path)
     pf = pq.ParquetFile(src, metadata=meta)
     nothing = None if arrays else STATS_SCHEMA.empty_table()
-    if steps is not None and len(steps) == 0:
+    if _row_group_skipped(pf, g, limit, steps):
         return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
-    if limit is not None:
-        st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
-        if st is not None and st.has_min_max and st.min >= limit:  # superseded by a restart: not read
-            return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
-    if steps is not None:
-        st = pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
-        lo, hi = steps[0].as_py(), steps[len(steps) - 1].as_py()
-        if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
-            return _GroupResult(pf.schema_arrow.empty_table(), nothing, None, False)
     try:
         table = _read_row_group(pf, g, names, local=src if isinstance(src, str) else None)
     except Exception as exc:  # noqa: BLE001 - a damaged page: reported, the rest of the run is computed
@@ -400,10 +413,7 @@ def _group_job(
             False,
             f"{path} row group {g}: {type(exc).__name__}: {exc}",
         )
-    if steps is not None:
-        table = table.filter(pc.is_in(table.column(schema.STEP), steps))
-    if limit is not None:
-        table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
+    table = _rows_that_count(table, limit, steps)
     n = table.num_rows
     if n == 0:
         return _GroupResult(table, nothing, None, False)
@@ -868,18 +878,10 @@ def _bucket_job(
 ) -> _BucketPart:
     src = storage.parquet_source(path)
     pf = pq.ParquetFile(src, metadata=meta)
-    empty = _BucketPart(pf.schema_arrow.empty_table(), None, None, False)
-    st = meta.row_group(g).column(pf.schema_arrow.get_field_index(schema.STEP)).statistics
-    if st is not None and st.has_min_max:
-        if limit is not None and st.min >= limit:  # superseded by a restart: not read
-            return empty
-        if steps is not None and (len(steps) == 0 or st.max < steps[0].as_py() or st.min > steps[-1].as_py()):
-            return empty
+    if _row_group_skipped(pf, g, limit, steps):
+        return _BucketPart(pf.schema_arrow.empty_table(), None, None, False)
     table = _read_row_group(pf, g, names, local=src if isinstance(src, str) else None)
-    if steps is not None:
-        table = table.filter(pc.is_in(table.column(schema.STEP), steps))
-    if limit is not None:
-        table = table.filter(pc.less(table.column(schema.STEP), pa.scalar(limit, pa.int64())))
+    table = _rows_that_count(table, limit, steps)
     n = table.num_rows
     if n == 0:
         return _BucketPart(table, None, None, False)
