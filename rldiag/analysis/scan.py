@@ -195,7 +195,6 @@ class RunFiles:
         if new or changed:
             self._stats_cache = None
         counted = [t for t in self._pieces(new, summaries) if t.num_rows]
-        del summaries
         if counted:  # a new file may count nowhere (a whole duplicate, or superseded)
             self._fold(counted)
         for lo, hi in changed:
@@ -320,8 +319,8 @@ class RunFiles:
         """What the named files add to the compacted table, one table per file in the order of ``names``: a
         file's write-time summary (``summaries``; None where it has none), cut by restarts, else its surviving
         records. Folding these in file order is the one order every reader folds a run in (the first open, a
-        live reader file by file, a rebuild), so a run always gives the same bits; records are read only for a
-        file without a summary or with some of its records left out as duplicates."""
+        live reader file by file, a rebuild), so the first open and the index give the same bits; records are
+        read only for a file without a summary or with some of its records left out as duplicates."""
         out = []
         for name in names:
             if name in self.dropped and self.dropped[name] is None:
