@@ -358,8 +358,9 @@ class _GroupResult:
     """No record boundary inside: the whole row group is ``head``, part of one record."""
     error: str | None = None
     """Why the row group could not be read (damaged file); the result is otherwise empty."""
-    rest: pa.Table | None = None
-    """Whole records after ``stats``'s, left for the caller to compute (``split``)."""
+    rest: Any = None
+    """A future of the statistics (arrays) of the whole records after ``stats``'s, computed as a task of its own
+    (``pool``); None when the row group was not split."""
 
 
 def _row_group_skipped(pf: pq.ParquetFile, g: int, limit: int | None, steps: pa.Array | None) -> bool:
@@ -395,7 +396,7 @@ def _group_job(
     cfg: RecorderConfig,
     hists: bool,
     arrays: bool = False,
-    split: bool = False,
+    pool: Any = None,
 ) -> _GroupResult:
     # the footer is parsed once per file, not per row group; a remote file is opened where this runs
     src = storage.parquet_source(path)
@@ -423,10 +424,11 @@ def _group_job(
     cut = n if last else max(head, _last_record_start(table))
     inner = table.slice(head, cut - head)
     rest = None
-    if split and inner.num_rows > 1:  # the second half of the records for the caller (the last row groups)
+    if pool is not None and inner.num_rows > 1:  # the second half of the records: a task for an idle worker
         mid = _last_record_start(inner.slice(0, inner.num_rows // 2 + 1))
         if mid > 0:
-            inner, rest = inner.slice(0, mid), inner.slice(mid)
+            inner, second = inner.slice(0, mid), inner.slice(mid)
+            rest = pool.submit(_stats_arrays, second, cfg, hists=hists)
     stats: pa.Table | _Stats | None
     if arrays:
         stats = _stats_arrays(inner, cfg, hists=hists)
@@ -504,14 +506,15 @@ def _iter_parts(
             return _stats_arrays(table, cfg, hists=not config_only)
         return stats_of_table(table, cfg, sort=False, hists=not config_only)
 
-    # the last row groups' second halves are computed by this thread, which otherwise waits: the workers then
-    # finish together instead of one row group apart
+    # the last row groups' second halves are tasks of their own, which a worker that has finished its row groups
+    # takes up: the workers then finish together instead of up to one row group apart
     tail_from = len(jobs) - threads
 
-    def extra(k: int) -> tuple[bool, ...]:
-        return (True, k >= tail_from) if arrays else ()
-
     with ThreadPoolExecutor(max_workers=threads) if executor is None else nullcontext(executor) as pool:
+
+        def extra(k: int) -> tuple[Any, ...]:
+            return (True, pool if k >= tail_from else None) if arrays else ()
+
         pending: deque[tuple[Any, bool]] = deque()  # (future of a _GroupResult, last row group of its file)
         it = iter(enumerate(jobs))
         for k, job in it:
@@ -548,7 +551,7 @@ def _iter_parts(
                 continue
             edge = stitched(open_rows)
             open_rows = [res.tail] if res.tail is not None else []
-            rest = _stats_arrays(res.rest, cfg, hists=not config_only) if res.rest is not None else None
+            rest = res.rest.result() if res.rest is not None else None
             yield [p for p in (edge, res.stats, rest) if p is not None]
 
 
