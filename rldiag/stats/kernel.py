@@ -23,6 +23,10 @@ from typing import Any, Final, Literal
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
 from rldiag.config import EVERY_STAT_FIELDS, KERNEL_INPUTS, STAT_FIELDS, RecorderConfig
 from rldiag.stats import definitions, hist
@@ -419,38 +423,216 @@ def _lane_total(acc, k):  # pragma: no cover - compiled
     return s
 
 
+# The lane sums in SIMD registers. numba runs LLVM without its SLP vectorizer, so a loop that adds token
+# j0 + lane to acc[lane] for lane in range(W) kept W scalar accumulators (W adds per W tokens); the intrinsics
+# below give such a loop explicit ``<W x double>`` values, one vector add per W tokens. Each lane still adds its
+# tokens one by one in token order, with the same IEEE operations on the same values (no fast-math flags, no
+# fused multiply-add; min and max are numba's selects), so the lanes hold the same bits as the scalar loop's.
+# The loops over a record's tokens are thus: an elementwise loop (LLVM vectorizes it: validity, differences,
+# scratch values, counts), then a loop over whole blocks of W tokens with these vectors, then the last
+# ``m % W`` tokens one by one into lanes 0, 1, ... (:func:`_lanes_of`).
+
+
+class _F64xW(types.Type):
+    """W float64 lanes (LLVM ``<W x double>``)."""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"f64x{W}")
+
+
+class _BoolxW(types.Type):
+    """W booleans (LLVM ``<W x i1>``): a lane mask."""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"b1x{W}")
+
+
+_VF, _VB = _F64xW(), _BoolxW()
+_LL_VF = ir.VectorType(ir.DoubleType(), W)
+_LL_VB = ir.VectorType(ir.IntType(1), W)
+
+
+@register_model(_F64xW)
+class _F64xWModel(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
+        super().__init__(dmm, fe_type, _LL_VF)
+
+
+@register_model(_BoolxW)
+class _BoolxWModel(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
+        super().__init__(dmm, fe_type, _LL_VB)
+
+
+def _vector_op(nargs: int, out: Any, emit: Any) -> Any:
+    """An intrinsic on ``nargs`` vectors (f64xW, or masks where ``emit`` takes them) that returns an ``out``:
+    ``emit(builder, *llvm_values)``."""
+
+    def typer(typingctx: Any, *args: Any) -> Any:
+        if any(not isinstance(a, (_F64xW, _BoolxW)) for a in args):
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, vals: Any) -> Any:
+            return emit(builder, *vals)
+
+        return out(*args), codegen
+
+    def unary(typingctx: Any, a: Any) -> Any:
+        return typer(typingctx, a)
+
+    def binary(typingctx: Any, a: Any, b: Any) -> Any:
+        return typer(typingctx, a, b)
+
+    def ternary(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        return typer(typingctx, a, b, c)
+
+    return intrinsic((unary, binary, ternary)[nargs - 1])
+
+
+def _fabs(builder: Any, x: Any) -> Any:
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LL_VF, [_LL_VF]), f"llvm.fabs.v{W}f64")
+    return builder.call(fn, [x])
+
+
+def _any(builder: Any, mask: Any) -> Any:
+    return builder.icmp_unsigned("!=", builder.bitcast(mask, ir.IntType(W)), ir.Constant(ir.IntType(W), 0))
+
+
+_vadd = _vector_op(2, _VF, lambda b, x, y: b.fadd(x, y))
+_vsub = _vector_op(2, _VF, lambda b, x, y: b.fsub(x, y))
+_vmul = _vector_op(2, _VF, lambda b, x, y: b.fmul(x, y))
+_vmin = _vector_op(2, _VF, lambda b, x, y: b.select(b.fcmp_ordered("<", y, x), y, x))  # numba's min(x, y)
+_vmax = _vector_op(2, _VF, lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x))  # numba's max(x, y)
+_vneg = _vector_op(1, _VF, lambda b, x: b.fsub(ir.Constant(_LL_VF, [-0.0] * W), x))  # numba's -x
+_vabs = _vector_op(1, _VF, _fabs)
+_vnotnan = _vector_op(1, _VB, lambda b, x: b.fcmp_ordered("ord", x, x))  # x == x
+_vlt = _vector_op(2, _VB, lambda b, x, y: b.fcmp_ordered("<", x, y))
+_vge = _vector_op(2, _VB, lambda b, x, y: b.fcmp_ordered(">=", x, y))
+_veq = _vector_op(2, _VB, lambda b, x, y: b.fcmp_ordered("==", x, y))
+_vand = _vector_op(2, _VB, lambda b, x, y: b.and_(x, y))
+_vwhere = _vector_op(3, _VF, lambda b, m, x, y: b.select(m, x, y))
+_vany = _vector_op(1, types.boolean, _any)  # a mask with a true lane
+
+
+def _splat_typer(typingctx: Any, x: Any) -> Any:
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        v = context.cast(builder, args[0], sig.args[0], types.float64)
+        first = builder.insert_element(ir.Constant(_LL_VF, None), v, ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W)
+        return builder.shuffle_vector(first, ir.Constant(_LL_VF, None), zeros)
+
+    return _VF(x), codegen
+
+
+def _load_typer(typingctx: Any, arr: Any, j: Any) -> Any:
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and isinstance(j, types.Integer)):
+        return None
+    if arr.dtype not in (types.float32, types.float64, types.boolean):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        dt = sig.args[0].dtype
+        ety = context.get_data_type(dt)
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [idx]), ir.VectorType(ety, W).as_pointer())
+        v = builder.load(ptr, align=context.get_abi_sizeof(ety))
+        if dt == types.boolean:
+            return builder.icmp_unsigned("!=", v, ir.Constant(ir.VectorType(ety, W), None))
+        return builder.fpext(v, _LL_VF) if dt == types.float32 else v
+
+    return (_VB if arr.dtype == types.boolean else _VF)(arr, j), codegen
+
+
+def _lane_typer(typingctx: Any, v: Any, lane: Any) -> Any:
+    if not (isinstance(v, _F64xW) and isinstance(lane, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.extract_element(args[0], args[1])
+
+    return types.float64(v, lane), codegen
+
+
+_vsplat: Any = intrinsic(_splat_typer)
+"""W lanes of the float x."""
+_vload: Any = intrinsic(_load_typer)
+"""arr[j : j + W] (1-d, contiguous; no bounds check: the caller keeps j + W <= arr.size) as W float64 lanes
+(float32 widened exactly), or a lane mask for a bool array."""
+_vlane: Any = intrinsic(_lane_typer)
+"""Lane ``lane`` of a vector, a float64."""
+
+
+@_lane(inline="always")
+def _lanes_of(acc, k, v):  # pragma: no cover - compiled
+    """acc[k, :] = the W lanes of v (the tail of the record then adds into them)."""
+    for lane in range(W):
+        acc[k, lane] = _vlane(v, lane)
+
+
+_CHUNK: Final[int] = 2048
+"""Tokens per chunk of a pass that writes a scratch array and then sums it (stays in the L1/L2 cache); a multiple
+of W, so that chunks start on lane 0."""
+
+
+@_lane(inline="always")
+def _valid_acc(acc, lane, j, lr_s, a_s, lp):  # pragma: no cover - compiled
+    """Adds token j's terms to the lanes ``lane`` of the six sums of :func:`_valid_pass` (lr is NaN exactly for
+    the invalid tokens, whose terms are 0)."""
+    lr0 = lr_s[j]
+    ok = lr0 == lr0
+    lr = lr0 if ok else 0.0
+    xl = np.float64(lp[j]) if ok else 0.0
+    a = a_s[j]
+    acc[0, lane] += lr
+    acc[1, lane] += lr * lr
+    acc[2, lane] += xl
+    acc[3, lane] += a
+    acc[4, lane] += a * a
+    acc[5, lane] += xl * a
+
+
 @_lane()
 def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no cover - compiled
     """Validity, log-ratio (NaN for invalid tokens) and the sums over logp and adv of the tokens [t0, t1).
     Writes n, n_nonfinite, n_invalid, s_lr, s_lr2, s_logp, s_adv, s_adv2, s_logp_adv into ``row``; returns n."""
     m = t1 - t0
-    acc = np.zeros((6, W))
+    mb = m - m % W
+    lp_r, olp_r, adv_r = lp[t0:t1], olp[t0:t1], adv[t0:t1]
     n = n_nonfin = n_inv = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                x_lp = np.float64(lp[t0 + j])
-                x_olp = np.float64(olp[t0 + j])
-                x_a = np.float64(adv[t0 + j])
-                fin = _finite(x_lp) & _finite(x_olp) & _finite(x_a)
-                ok = _token_valid(x_lp, x_olp, x_a, tol)
-                inv = fin ^ ok  # ok implies fin
-                n += ok
-                n_nonfin += 1 - fin
-                n_inv += inv
-                lr = x_lp - x_olp if ok else 0.0
-                xl = x_lp if ok else 0.0
-                a = x_a if ok else 0.0
-                ok_s[j] = ok
-                lr_s[j] = lr if ok else np.nan
-                a_s[j] = a
-                acc[0, lane] += lr
-                acc[1, lane] += lr * lr
-                acc[2, lane] += xl
-                acc[3, lane] += a
-                acc[4, lane] += a * a
-                acc[5, lane] += xl * a
+    zero = _vsplat(0.0)
+    s_lr = s_lr2 = s_lp = s_a = s_a2 = s_lpa = zero
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(c0 + _CHUNK, m)
+        lp_c, olp_c, adv_c = lp_r[c0:c1], olp_r[c0:c1], adv_r[c0:c1]
+        ok_c, lr_c, a_c = ok_s[c0:c1], lr_s[c0:c1], a_s[c0:c1]
+        for j in range(c1 - c0):  # indices from 0 (no negative-index wraparound): LLVM vectorizes the loop
+            x_lp = np.float64(lp_c[j])
+            x_olp = np.float64(olp_c[j])
+            x_a = np.float64(adv_c[j])
+            fin = _finite(x_lp) & _finite(x_olp) & _finite(x_a)
+            ok = _token_valid(x_lp, x_olp, x_a, tol)
+            n += ok
+            n_nonfin += 1 - fin
+            n_inv += fin ^ ok  # ok implies fin
+            ok_c[j] = ok
+            lr_c[j] = x_lp - x_olp if ok else np.nan
+            a_c[j] = x_a if ok else 0.0
+        for j0 in range(c0, min(c1, mb), W):
+            lr0 = _vload(lr_s, j0)
+            ok_v = _vnotnan(lr0)
+            lr = _vwhere(ok_v, lr0, zero)
+            xl = _vwhere(ok_v, _vload(lp_r, j0), zero)
+            a = _vload(a_s, j0)
+            s_lr = _vadd(s_lr, lr)
+            s_lr2 = _vadd(s_lr2, _vmul(lr, lr))
+            s_lp = _vadd(s_lp, xl)
+            s_a = _vadd(s_a, a)
+            s_a2 = _vadd(s_a2, _vmul(a, a))
+            s_lpa = _vadd(s_lpa, _vmul(xl, a))
     row[I_N] = n
     row[I_NONFIN] = n_nonfin
     row[I_INVALID] = n_inv
@@ -459,6 +641,15 @@ def _valid_pass(lp, olp, adv, t0, t1, tol, ok_s, lr_s, a_s, row):  # pragma: no 
         row[I_NFOLP] = _nonfinite_count(olp, t0, t1)
         row[I_NFADV] = _nonfinite_count(adv, t0, t1)
     if n > 0:
+        acc = np.empty((6, W))
+        _lanes_of(acc, 0, s_lr)
+        _lanes_of(acc, 1, s_lr2)
+        _lanes_of(acc, 2, s_lp)
+        _lanes_of(acc, 3, s_a)
+        _lanes_of(acc, 4, s_a2)
+        _lanes_of(acc, 5, s_lpa)
+        for j in range(mb, m):
+            _valid_acc(acc, j - mb, j, lr_s, a_s, lp_r)
         row[I_SLR] = _lane_total(acc, 0)
         row[I_SLR2] = _lane_total(acc, 1)
         row[I_SLP] = _lane_total(acc, 2)
@@ -481,25 +672,51 @@ def _nonfinite_count(x, t0, t1):  # pragma: no cover - compiled
 def _expm1_pass(m, x_s, y_s):  # pragma: no cover - compiled
     """y = expm1(x) for x_s[:m]; over the non-NaN x (NaN marks unused tokens, whose y is 0) returns
     (sum y, sum y^2, sum y - x, min 1 + y, max 1 + y) (min and max are exact in any order)."""
-    for j in range(m):  # an elementwise loop of its own: with the sums beside it, it did not vectorize
+    mb = m - m % W
+    zero = _vsplat(0.0)
+    one = _vsplat(1.0)
+    inf = _vsplat(np.inf)
+    ninf = _vsplat(-np.inf)
+    s_y = s_y2 = s_k3 = zero
+    lo_v = inf
+    hi_v = ninf
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(c0 + _CHUNK, m)
+        x_c, y_c = x_s[c0:c1], y_s[c0:c1]
+        for j in range(c1 - c0):  # an elementwise loop of its own: with the sums beside it, it did not vectorize
+            x0 = x_c[j]
+            y_c[j] = _expm1(x0 if x0 == x0 else 0.0)
+        for j0 in range(c0, min(c1, mb), W):
+            x0 = _vload(x_s, j0)
+            use = _vnotnan(x0)
+            x = _vwhere(use, x0, zero)
+            y = _vload(y_s, j0)
+            s_y = _vadd(s_y, y)
+            s_y2 = _vadd(s_y2, _vmul(y, y))
+            s_k3 = _vadd(s_k3, _vsub(y, x))
+            y1 = _vadd(y, one)
+            lo_v = _vmin(lo_v, _vwhere(use, y1, inf))
+            hi_v = _vmax(hi_v, _vwhere(use, y1, ninf))
+    acc = np.empty((3, W))
+    lo = np.empty(W)
+    hi = np.empty(W)
+    _lanes_of(acc, 0, s_y)
+    _lanes_of(acc, 1, s_y2)
+    _lanes_of(acc, 2, s_k3)
+    for lane in range(W):
+        lo[lane] = _vlane(lo_v, lane)
+        hi[lane] = _vlane(hi_v, lane)
+    for j in range(mb, m):
+        lane = j - mb
         x0 = x_s[j]
-        y_s[j] = _expm1(x0 if x0 == x0 else 0.0)
-    acc = np.zeros((3, W))
-    lo = np.full(W, np.inf)
-    hi = np.full(W, -np.inf)
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                x0 = x_s[j]
-                use = x0 == x0
-                x = x0 if use else 0.0
-                y = y_s[j]
-                acc[0, lane] += y
-                acc[1, lane] += y * y
-                acc[2, lane] += y - x
-                lo[lane] = min(lo[lane], y + 1.0 if use else np.inf)
-                hi[lane] = max(hi[lane], y + 1.0 if use else -np.inf)
+        use = x0 == x0
+        x = x0 if use else 0.0
+        y = y_s[j]
+        acc[0, lane] += y
+        acc[1, lane] += y * y
+        acc[2, lane] += y - x
+        lo[lane] = min(lo[lane], y + 1.0 if use else np.inf)
+        hi[lane] = max(hi[lane], y + 1.0 if use else -np.inf)
     return _lane_total(acc, 0), _lane_total(acc, 1), _lane_total(acc, 2), lo.min(), hi.max()
 
 
@@ -533,16 +750,29 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
         n_pd += ap & (r < 1.0)
         n_nu += an & (r > 1.0)
         n_nd += an & (r < 1.0)
-    acc = np.zeros((3, W))
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                a = a_s[j]
-                r = rm1_s[j] + 1.0
-                acc[0, lane] += max(min(r, hi_thr) * a, 0.0)
-                acc[1, lane] += max(-max(r, lo_thr) * a, 0.0)
-                acc[2, lane] += abs(a)
+    mb = m - m % W
+    zero = _vsplat(0.0)
+    one = _vsplat(1.0)
+    lo_v = _vsplat(lo_thr)
+    hi_v = _vsplat(hi_thr)
+    s_pos = s_neg = s_abs = zero
+    for j0 in range(0, mb, W):
+        a = _vload(a_s, j0)
+        r = _vadd(_vload(rm1_s, j0), one)
+        s_pos = _vadd(s_pos, _vmax(_vmul(_vmin(r, hi_v), a), zero))
+        s_neg = _vadd(s_neg, _vmax(_vmul(_vneg(_vmax(r, lo_v)), a), zero))
+        s_abs = _vadd(s_abs, _vabs(a))
+    acc = np.empty((3, W))
+    _lanes_of(acc, 0, s_pos)
+    _lanes_of(acc, 1, s_neg)
+    _lanes_of(acc, 2, s_abs)
+    for j in range(mb, m):
+        lane = j - mb
+        a = a_s[j]
+        r = rm1_s[j] + 1.0
+        acc[0, lane] += max(min(r, hi_thr) * a, 0.0)
+        acc[1, lane] += max(-max(r, lo_thr) * a, 0.0)
+        acc[2, lane] += abs(a)
     row[I_CLO] = c_lo
     row[I_CHI] = c_hi
     row[I_CSYM] = c_sym
@@ -563,18 +793,26 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
     """Writes n_ent, s_ent, n_ent_low; e_s[j] the entropy (floored at 0, for its histogram) of valid tokens
     with a finite one, else NaN."""
     m = t1 - t0
-    acc = np.zeros((1, W))
+    mb = m - m % W
+    ent_r = ent[t0:t1]
+    zero = _vsplat(0.0)
+    s_e = zero
     n_ent = n_low = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                e = np.float64(ent[t0 + j])
-                use = ok_s[j] & math.isfinite(e)
-                n_ent += use
-                n_low += use & (e < ent_low)
-                acc[0, lane] += e if use else 0.0
-                e_s[j] = max(e, 0.0) if use else np.nan
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(c0 + _CHUNK, m)
+        ent_c, ok_c, e_c = ent_r[c0:c1], ok_s[c0:c1], e_s[c0:c1]
+        for j in range(c1 - c0):
+            e = np.float64(ent_c[j])
+            use = ok_c[j] & math.isfinite(e)
+            n_ent += use
+            n_low += use & (e < ent_low)
+            e_c[j] = max(e, 0.0) if use else np.nan
+        for j0 in range(c0, min(c1, mb), W):  # e_s is NaN exactly where the entropy is not used
+            s_e = _vadd(s_e, _vwhere(_vnotnan(_vload(e_s, j0)), _vload(ent_r, j0), zero))
+    acc = np.empty((1, W))
+    _lanes_of(acc, 0, s_e)
+    for j in range(mb, m):
+        acc[0, j - mb] += np.float64(ent_r[j]) if e_s[j] == e_s[j] else 0.0
     row[I_NENT] = n_ent
     row[I_SENT] = _lane_total(acc, 0)
     row[I_NENTLOW] = n_low
@@ -586,17 +824,27 @@ def _entropy_pass(ent, t0, t1, ok_s, ent_low, e_s, row):  # pragma: no cover - c
 def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
     """d = x - y of the valid tokens with a finite difference (NaN for the others); returns (count, sum)."""
     m = t1 - t0
-    acc = np.zeros((1, W))
+    mb = m - m % W
+    x_r, y_r = x[t0:t1], y[t0:t1]
+    zero = _vsplat(0.0)
+    s_d = zero
     n_use = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                d0 = np.float64(x[t0 + j]) - np.float64(y[t0 + j])
-                use = ok_s[j] & math.isfinite(d0)
-                n_use += use
-                acc[0, lane] += d0 if use else 0.0
-                d_s[j] = d0 if use else np.nan
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(c0 + _CHUNK, m)
+        x_c, y_c, ok_c, d_c = x_r[c0:c1], y_r[c0:c1], ok_s[c0:c1], d_s[c0:c1]
+        for j in range(c1 - c0):
+            d0 = np.float64(x_c[j]) - np.float64(y_c[j])
+            use = ok_c[j] & math.isfinite(d0)
+            n_use += use
+            d_c[j] = d0 if use else np.nan
+        for j0 in range(c0, min(c1, mb), W):
+            d = _vload(d_s, j0)
+            s_d = _vadd(s_d, _vwhere(_vnotnan(d), d, zero))
+    acc = np.empty((1, W))
+    _lanes_of(acc, 0, s_d)
+    for j in range(mb, m):
+        d = d_s[j]
+        acc[0, j - mb] += d if d == d else 0.0
     return n_use, _lane_total(acc, 0)
 
 
@@ -747,27 +995,45 @@ def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cove
     """MoE routing agreement of the valid tokens with a finite route_agree: writes nf_route_agree, n_route, s_route,
     n_route_mis (< 1) and, with the mismatch pass's d_s/w_s, the k3 sums of the disagreeing (< 1) and agreeing
     (= 1) tokens with a finite d."""
-    acc = np.zeros((3, W))
+    route_r = route[t0 : t0 + m]
     n_r = n_mis = n_km = n_ka = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                r = np.float64(route[t0 + j])
-                use = ok_s[j] & (r - r == 0)
-                d = d_s[j] if has_roll else np.nan
-                du = use & (d == d)
-                k3 = (w_s[j] - d) if du else 0.0
-                mis = use & (r < 1.0)
-                km = du & (r < 1.0)
-                ka = du & (r >= 1.0)
-                n_r += use
-                n_mis += mis
-                n_km += km
-                n_ka += ka
-                acc[0, lane] += r if use else 0.0
-                acc[1, lane] += k3 if km else 0.0
-                acc[2, lane] += k3 if ka else 0.0
+    for j in range(m):
+        r = np.float64(route_r[j])
+        use = ok_s[j] & (r - r == 0)
+        d = d_s[j] if has_roll else np.nan
+        du = use & (d == d)
+        n_r += use
+        n_mis += use & (r < 1.0)
+        n_km += du & (r < 1.0)
+        n_ka += du & (r >= 1.0)
+    mb = m - m % W
+    zero = _vsplat(0.0)
+    one = _vsplat(1.0)
+    nan = _vsplat(np.nan)
+    s_r = s_km = s_ka = zero
+    for j0 in range(0, mb, W):
+        r = _vload(route_r, j0)
+        use = _vand(_vload(ok_s, j0), _veq(_vsub(r, r), zero))
+        d = _vload(d_s, j0) if has_roll else nan
+        du = _vand(use, _vnotnan(d))
+        k3 = _vwhere(du, _vsub(_vload(w_s, j0), d), zero)
+        s_r = _vadd(s_r, _vwhere(use, r, zero))
+        s_km = _vadd(s_km, _vwhere(_vand(du, _vlt(r, one)), k3, zero))
+        s_ka = _vadd(s_ka, _vwhere(_vand(du, _vge(r, one)), k3, zero))
+    acc = np.empty((3, W))
+    _lanes_of(acc, 0, s_r)
+    _lanes_of(acc, 1, s_km)
+    _lanes_of(acc, 2, s_ka)
+    for j in range(mb, m):
+        lane = j - mb
+        r = np.float64(route_r[j])
+        use = ok_s[j] & (r - r == 0)
+        d = d_s[j] if has_roll else np.nan
+        du = use & (d == d)
+        k3 = (w_s[j] - d) if du else 0.0
+        acc[0, lane] += r if use else 0.0
+        acc[1, lane] += k3 if du & (r < 1.0) else 0.0
+        acc[2, lane] += k3 if du & (r >= 1.0) else 0.0
     row[I_NROUTE] = n_r
     if n_r < m:  # some token without a usable route_agree: count the non-finite ones
         row[I_NFROUTE] = _nonfinite_count(route, t0, t0 + m)
@@ -800,17 +1066,25 @@ def _staleness_pass(ver, t0, m, ok_s, step, row):  # pragma: no cover - compiled
 def _cov_pass(m, ok_s, lp, t0, a_s, mean_a, mean_lp, band_lo, band_hi, c_s):  # pragma: no cover - compiled
     """Centered products c = (adv - mean)(logp - mean) of the valid tokens (NaN for the others): returns
     (n_cov_band, s_cov_pos)."""
-    acc = np.zeros((1, W))
+    mb = m - m % W
+    lp_r = lp[t0 : t0 + m]
+    zero = _vsplat(0.0)
+    s_c = zero
     c_band = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                ok = ok_s[j]
-                c = (a_s[j] - mean_a) * (np.float64(lp[t0 + j]) - mean_lp)
-                c_band += ok & (c > band_lo) & (c < band_hi)
-                acc[0, lane] += max(c, 0.0) if ok else 0.0
-                c_s[j] = c if ok else np.nan
+    for c0 in range(0, m, _CHUNK):
+        c1 = min(c0 + _CHUNK, m)
+        ok_c, a_c, lp_c, c_c = ok_s[c0:c1], a_s[c0:c1], lp_r[c0:c1], c_s[c0:c1]
+        for j in range(c1 - c0):
+            ok = ok_c[j]
+            c = (a_c[j] - mean_a) * (np.float64(lp_c[j]) - mean_lp)
+            c_band += ok & (c > band_lo) & (c < band_hi)
+            c_c[j] = c if ok else np.nan
+        for j0 in range(c0, min(c1, mb), W):
+            s_c = _vadd(s_c, _vwhere(_vload(ok_s, j0), _vmax(_vload(c_s, j0), zero), zero))
+    acc = np.empty((1, W))
+    _lanes_of(acc, 0, s_c)
+    for j in range(mb, m):
+        acc[0, j - mb] += max(c_s[j], 0.0) if ok_s[j] else 0.0
     return c_band, _lane_total(acc, 0)
 
 
@@ -835,27 +1109,28 @@ def _hist_pass(m, x_s, bins, h):  # pragma: no cover - compiled
 @_lane()
 def _cum_pass(m, L_s, a_s, pos, t0, ctpo_a, ctpo_b):  # pragma: no cover - compiled
     """(max |L_t|, tokens whose gradient CTPO's clip removes: :func:`rldiag.stats.definitions.ctpo_clipped`)
-    over the non-NaN cumulative log-ratios L_s[:m]."""
-    hi = np.full(W, -np.inf)
+    over the non-NaN cumulative log-ratios L_s[:m]. The largest |L| is taken on the bits (non-negative doubles
+    order as their int64 bits), an integer maximum that vectorizes; -inf when no L is used."""
+    pos_r = pos[t0 : t0 + m]
+    hi = np.int64(-1)
     n_ctpo = 0
-    for j0 in range(0, m, W):
-        for lane in range(W):
-            j = j0 + lane
-            if j < m:
-                L = L_s[j]
-                use = L == L
-                root = math.sqrt(pos[t0 + j] + 1.0)
-                n_ctpo += use & _ctpo_clipped(L, a_s[j], root, ctpo_a, ctpo_b)
-                hi[lane] = max(hi[lane], abs(L) if use else -np.inf)
-    return hi.max(), n_ctpo
+    for j in range(m):
+        L = L_s[j]
+        use = L == L
+        root = math.sqrt(pos_r[j] + 1.0)
+        n_ctpo += use & _ctpo_clipped(L, a_s[j], root, ctpo_a, ctpo_b)
+        bits = np.float64(abs(L)).view(np.int64)
+        hi = max(hi, bits if use else np.int64(-1))
+    return (np.int64(hi).view(np.float64) if hi >= 0 else -np.inf), n_ctpo
 
 
 @_lane(inline="always")
 def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
     """Position -> bucket: ``nb`` equal parts of the record's longest valid response."""
+    pos_r = pos[t0 : t0 + m]
     maxpos = 0
     for j in range(m):
-        maxpos = max(maxpos, pos[t0 + j] if ok_s[j] else 0)
+        maxpos = max(maxpos, pos_r[j] if ok_s[j] else 0)
     longest = maxpos + 1
     btab = np.empty(longest, dtype=np.int64)
     for p in range(longest):
