@@ -277,26 +277,31 @@ _BPO_I = hist.BINS_PER_OCTAVE
 _MIN_EDGE = 2.0**hist.MIN_EXP
 
 
-_MANT_SHIFT = 52 - hist.MANT_BITS
-_MANT_MASK = 2**hist.MANT_BITS - 1
-_MANT_BIN = hist.MANT_BIN
-_OCT_EDGES = hist.OCTAVE_EDGES
+_OCT_EDGES = tuple(float(e) for e in hist.OCTAVE_EDGES[1:_BPO_I])
 _FIRST_BIN = hist.FIRST_BIN
 _MAX_EDGE = 2.0**hist.MAX_EXP
 
 
 @numba.njit(inline="always")
-def _mag(a: float) -> int:
-    """Magnitude bin of |a|: the exact binning of :func:`rldiag.stats.hist.mag_index` (bits and a table, no
+def _octave_bin(f: float) -> int:
+    """Bin of f in [1, 2) inside its octave: how many of the edges 2**(j/8), j = 1..7, are <= f (seven
+    comparisons with constants; :data:`rldiag.stats.hist.MANT_BIN` and one comparison give the same count, as a
+    table lookup that does not vectorize as well)."""
+    j = 0
+    for e in _OCT_EDGES:
+        j += f >= e
+    return j
+
+
+@numba.njit(inline="always")
+def _mag(a: float) -> Any:
+    """Magnitude bin of |a|: the exact binning of :func:`rldiag.stats.hist.mag_index` (bits and comparisons, no
     log2), branch-free so that loops computing it vectorize. NaN goes to bin 0."""
     a = abs(a)
     bits = np.float64(a).view(np.int64)
     f = np.int64((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000).view(np.float64)
-    j = _MANT_BIN[(bits >> _MANT_SHIFT) & _MANT_MASK]
-    j += f >= _OCT_EDGES[j + 1]
-    k = _BPO_I * ((bits >> 52) - 1023) + j + _FIRST_BIN
-    k = k if a >= _MIN_EDGE else 0
-    return _NMAG - 1 if a >= _MAX_EDGE else k
+    k = _BPO_I * ((bits >> 52) - 1023) + _octave_bin(f) + _FIRST_BIN
+    return _NMAG - 1 if a >= _MAX_EDGE else (k if a >= _MIN_EDGE else 0)
 
 
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * _LN2_HI is exact (fdlibm)
@@ -372,32 +377,6 @@ def _sift_down(h, i, k):
         h[i] = h[c]
         i = c
     h[i] = v
-
-
-@numba.njit(nogil=True, cache=True)
-def _top_positive_sum(vals, m, k):  # pragma: no cover - compiled
-    """Sum of the positive values among the k largest of vals[:m] (NaN counts as 0). A size-k min-heap of
-    max(v, 0): one comparison per value once it holds the current top k."""
-    acc = 0.0
-    if m <= k:
-        for i in range(m):
-            v = vals[i]
-            acc += v if v > 0.0 else 0.0
-        return acc
-    h = np.empty(k)
-    for i in range(k):
-        v = vals[i]
-        h[i] = v if v > 0.0 else 0.0
-    for i in range(k // 2 - 1, -1, -1):
-        _sift_down(h, i, k)
-    for i in range(k, m):
-        v = vals[i]
-        if v > h[0]:
-            h[0] = v
-            _sift_down(h, 0, k)
-    for i in range(k):
-        acc += h[i]
-    return acc
 
 
 # Loops over a record's tokens are small and branch-free so that LLVM vectorizes them (AVX2/AVX-512): one
@@ -576,6 +555,39 @@ def _lanes_of(acc, k, v):  # pragma: no cover - compiled
 _CHUNK: Final[int] = 2048
 """Tokens per chunk of a pass that writes a scratch array and then sums it (stays in the L1/L2 cache); a multiple
 of W, so that chunks start on lane 0."""
+
+
+@_lane()
+def _top_positive_sum(vals, m, k):  # pragma: no cover - compiled
+    """Sum of the positive values among the k largest of vals[:m] (NaN counts as 0). A size-k min-heap of
+    max(v, 0): one comparison per value once it holds the current top k, W values at a time (a block with no
+    value above the heap's smallest is skipped whole: the scalar loop would not have touched the heap)."""
+    acc = 0.0
+    if m <= k:
+        for i in range(m):
+            v = vals[i]
+            acc += v if v > 0.0 else 0.0
+        return acc
+    h = np.empty(k)
+    for i in range(k):
+        v = vals[i]
+        h[i] = v if v > 0.0 else 0.0
+    for i in range(k // 2 - 1, -1, -1):
+        _sift_down(h, i, k)
+    i = k
+    while i < m:
+        if i + W <= m and not _vany(_vlt(_vsplat(h[0]), _vload(vals, i))):
+            i += W
+            continue
+        for t in range(i, min(i + W, m)):
+            v = vals[t]
+            if v > h[0]:
+                h[0] = v
+                _sift_down(h, 0, k)
+        i += W
+    for i in range(k):
+        acc += h[i]
+    return acc
 
 
 @_lane(inline="always")
@@ -849,16 +861,19 @@ def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
 
 
 @_lane()
-def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
-    """(n_tis, n_mis): used tokens (finite d) with w = 1 + w_s above cap, or outside [1/cap, cap]."""
+def _tis_pass(m, d_s, w_s, cap, mult_s):  # pragma: no cover - compiled
+    """(n_tis, n_mis): used tokens (finite d) with w = 1 + w_s above cap, or outside [1/cap, cap]. Also
+    mult_s[j] = exp(|d|) - 1 for the correction pass's sequence means (a division: vectorized here, not there)."""
     inv_cap = 1.0 / cap
     n_tis = n_mis = 0
     for j in range(m):
         d = d_s[j]
-        w = w_s[j] + 1.0
+        y = w_s[j]
+        w = y + 1.0
         use = d == d
         n_tis += use & (w > cap)
         n_mis += use & ((w > cap) | (w < inv_cap))
+        mult_s[j] = max(y, -y / w)  # exp(|d|) - 1: y for d >= 0, 1/w - 1 for d < 0
     return n_tis, n_mis
 
 
@@ -873,7 +888,7 @@ def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compi
 
 
 @_lane(inline="always")
-def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no cover - compiled
+def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, mult_s, row):  # pragma: no cover - compiled
     """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
     s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
     m = t1 - t0
@@ -882,7 +897,7 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no c
     if n_mm < m:  # some token without a usable rollout_logp: count the non-finite ones
         row[I_NFROLL] = _nonfinite_count(roll, t0, t1)
     row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
-    row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
+    row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap, mult_s)
 
 
 @_lane()
@@ -899,11 +914,11 @@ def _mismatch_hist_pass(m, d_s, bins, h_d, h_absd):  # pragma: no cover - compil
 
 @_lane()
 def _correction_pass(
-    seq_off, s0, s1, t0, d_s, w_s, a_s, roll, cfg, ln_low, want_hist, h_seq, seq_flag, row
+    seq_off, s0, s1, t0, d_s, w_s, mult_s, a_s, roll, cfg, ln_low, want_hist, h_seq, seq_flag, row
 ):  # pragma: no cover - compiled
-    """What the mismatch corrections see and remove, in one scan over the record's sequences (d_s and w_s =
-    expm1(d) from the mismatch pass, NaN d for unused tokens; one pass, no scratch: the earlier two-pass
-    version was bound by memory traffic). Token level: n_mm_extreme, s_mm_multm1 (exp(|d|) - 1),
+    """What the mismatch corrections see and remove, in one scan over the record's sequences (d_s, w_s =
+    expm1(d) and mult_s = exp(|d|) - 1 from the mismatch pass, NaN d for unused tokens; one pass: the earlier
+    two-pass version was bound by memory traffic). Token level: n_mm_extreme, s_mm_multm1 (exp(|d|) - 1),
     n_icepop, s_mm_k3_low and the advantage masses that TIS (w > C), MIS (w outside [1/C, C]) and IcePop
     (w outside icepop_band) remove. Sequence level, over each sequence's tokens with a finite d: n_seq_mm,
     max_seq_absd (|sum d| also into h_seq), max_seq_mult (mean exp(|d|)), n_geo and the advantage mass of
@@ -926,20 +941,22 @@ def _correction_pass(
         A_pos = 0.0
         cnt = 0
         bits = 0
-        for t in range(seq_off[s], seq_off[s + 1]):
-            j = t - t0
-            a = a_s[j]  # 0 for invalid tokens
+        u0, u1 = seq_off[s], seq_off[s + 1]
+        q0, q1 = u0 - t0, u1 - t0
+        a_q, d_q, w_q, mult_q, roll_q = a_s[q0:q1], d_s[q0:q1], w_s[q0:q1], mult_s[q0:q1], roll[u0:u1]
+        for u in range(u1 - u0):  # indices from 0: no negative-index wraparound code
+            a = a_q[u]  # 0 for invalid tokens
             A_abs += abs(a)
             A_pos += max(a, 0.0)
-            d = d_s[j]
+            d = d_q[u]
             if d == d:
-                y = w_s[j]
+                y = w_q[u]
                 w = y + 1.0
                 S += d
-                M += max(y, -y / w)  # exp(|d|) - 1: y for d >= 0, 1/w - 1 for d < 0
+                M += mult_q[u]  # exp(|d|) - 1 (the mismatch pass's)
                 cnt += 1
                 n_ext += abs(d) > _LN2
-                low = np.float64(roll[t]) < ln_low
+                low = np.float64(roll_q[u]) < ln_low
                 k3low += (y - d) if low else 0.0
                 tis = w > cap
                 mis = tis | (w < inv_cap)
@@ -1091,10 +1108,14 @@ def _cov_pass(m, ok_s, lp, t0, a_s, mean_a, mean_lp, band_lo, band_hi, c_s):  # 
 @_lane()
 def _bins_pass(m, x_s, signed, bins):  # pragma: no cover - compiled
     """Histogram bin of each x_s[:m] (signed or magnitude bins), -1 for NaN (unused tokens)."""
-    for j in range(m):
-        x = x_s[j]
-        b = _signed(x) if signed else _mag(x)
-        bins[j] = b if x == x else -1
+    if signed:  # two loops: with the choice inside, the signed loop ran at half the speed
+        for j in range(m):
+            x = x_s[j]
+            bins[j] = _signed(x) if x == x else -1
+    else:
+        for j in range(m):
+            x = x_s[j]
+            bins[j] = _mag(x) if x == x else -1
 
 
 @_lane(inline="always")
@@ -1181,17 +1202,28 @@ def _scan_pass(
         pmin_run = 0
         nz = False
         cnt = 0
-        for t in range(seq_off[s], seq_off[s + 1]):
-            j = t - t0
-            if not ok_s[j]:
-                L_s[j] = np.nan
+        u0, u1 = seq_off[s], seq_off[s + 1]
+        q0, q1 = u0 - t0, u1 - t0
+        # the sequence's slices, indexed from 0: no negative-index wraparound code in the loop
+        ok_q, lr_q, a_q, rm1_q, bin_q, L_q = (
+            ok_s[q0:q1],
+            lr_s[q0:q1],
+            a_s[q0:q1],
+            rm1_s[q0:q1],
+            bin_s[q0:q1],
+            L_s[q0:q1],
+        )
+        pos_q = pos[u0:u1]
+        stage_q = stage[u0:u1] if has_stage else stage
+        for u in range(u1 - u0):
+            if not ok_q[u]:
+                L_q[u] = np.nan
                 continue
-            lr = lr_s[j]
-            a = a_s[j]
-            p = pos[t]
+            lr = lr_q[u]
+            a = a_q[u]
             cnt += 1
             if want_hist:
-                h_lr[bin_s[j]] += 1
+                h_lr[bin_q[u]] += 1
             # the exclusive prefix minimum's bin is counted for every token after the first; it changes a
             # few times per sequence, so runs of equal bins are counted in a register
             pmin_run += cnt > 1
@@ -1200,23 +1232,23 @@ def _scan_pass(
                     h_min[pmin_bin] += pmin_run
                 pmin_run = 0
                 pmin = lr
-                pmin_bin = bin_s[j]
+                pmin_bin = bin_q[u]
             L += lr
-            L_s[j] = L
+            L_q[u] = L
             A += a
             nz |= a != 0.0
             # bucket sums in registers, flushed when the bucket changes (tokens come in sequence order)
             if has_stage:
-                b = min(max(stage[t], 0), nb - 1)
+                b = min(max(stage_q[u], 0), nb - 1)
             else:
-                b = btab[p]
+                b = btab[pos_q[u]]
             if b != b_cur:
                 bk[0, b_cur] += k0
                 bk[1, b_cur] += k1
                 bk[2, b_cur] += k2
                 k0 = k1 = k2 = 0.0
                 b_cur = b
-            rm1 = rm1_s[j]
+            rm1 = rm1_q[u]
             k0 += 1.0
             k1 += rm1
             k2 += rm1 * rm1
@@ -1371,10 +1403,12 @@ def _kernel(
         if has_ref:
             _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row)
         if has_roll:
-            _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, row)
+            _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, c_s, row)  # c_s: exp(|d|) - 1 here
             if want_hist:
                 _mismatch_hist_pass(m, d_s, bin_s, H_d[R], H_absd[R])
-            _correction_pass(seq_off, s0, s1, t0, d_s, w_s, a_s, roll, cfg, ln_low, want_hist, H_seqd[R], seq_flag, row)
+            _correction_pass(
+                seq_off, s0, s1, t0, d_s, w_s, c_s, a_s, roll, cfg, ln_low, want_hist, H_seqd[R], seq_flag, row
+            )
         if has_route:
             _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row)
         if has_ver:
