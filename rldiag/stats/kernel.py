@@ -861,19 +861,16 @@ def _diff_pass(x, y, t0, t1, ok_s, d_s):  # pragma: no cover - compiled
 
 
 @_lane()
-def _tis_pass(m, d_s, w_s, cap, mult_s):  # pragma: no cover - compiled
-    """(n_tis, n_mis): used tokens (finite d) with w = 1 + w_s above cap, or outside [1/cap, cap]. Also
-    mult_s[j] = exp(|d|) - 1 for the correction pass's sequence means (a division: vectorized here, not there)."""
+def _tis_pass(m, d_s, w_s, cap):  # pragma: no cover - compiled
+    """(n_tis, n_mis): used tokens (finite d) with w = 1 + w_s above cap, or outside [1/cap, cap]."""
     inv_cap = 1.0 / cap
     n_tis = n_mis = 0
     for j in range(m):
         d = d_s[j]
-        y = w_s[j]
-        w = y + 1.0
+        w = w_s[j] + 1.0
         use = d == d
         n_tis += use & (w > cap)
         n_mis += use & ((w > cap) | (w < inv_cap))
-        mult_s[j] = max(y, -y / w)  # exp(|d|) - 1: y for d >= 0, 1/w - 1 for d < 0
     return n_tis, n_mis
 
 
@@ -888,7 +885,7 @@ def _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row):  # pragma: no cover - compi
 
 
 @_lane(inline="always")
-def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, mult_s, row):  # pragma: no cover - compiled
+def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, row):  # pragma: no cover - compiled
     """Training-inference mismatch of d = old_logp - rollout_logp, w = exp(d): writes n_mm, s_mm_d, s_mm_wm1,
     s_mm_wm1sq, s_mm_k3, min_w, max_w, n_tis, n_mis; d_s keeps d (NaN where unused) for its histogram."""
     m = t1 - t0
@@ -897,7 +894,7 @@ def _mismatch_pass(olp, roll, t0, t1, ok_s, cap, d_s, w_s, mult_s, row):  # prag
     if n_mm < m:  # some token without a usable rollout_logp: count the non-finite ones
         row[I_NFROLL] = _nonfinite_count(roll, t0, t1)
     row[I_MMW], row[I_MMW2], row[I_MMK3], row[I_MINW], row[I_MAXW] = _expm1_pass(m, d_s, w_s)
-    row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap, mult_s)
+    row[I_TIS], row[I_MIS] = _tis_pass(m, d_s, w_s, cap)
 
 
 @_lane()
@@ -914,11 +911,13 @@ def _mismatch_hist_pass(m, d_s, bins, h_d, h_absd):  # pragma: no cover - compil
 
 @_lane()
 def _correction_pass(
-    seq_off, s0, s1, t0, d_s, w_s, mult_s, a_s, roll, cfg, ln_low, want_hist, h_seq, seq_flag, row
+    seq_off, s0, s1, t0, d_s, w_s, a_s, roll, cfg, ln_low, want_hist, h_seq, seq_flag, row, mult_s, k3_s, f_s
 ):  # pragma: no cover - compiled
-    """What the mismatch corrections see and remove, in one scan over the record's sequences (d_s, w_s =
-    expm1(d) and mult_s = exp(|d|) - 1 from the mismatch pass, NaN d for unused tokens; one pass: the earlier
-    two-pass version was bound by memory traffic). Token level: n_mm_extreme, s_mm_multm1 (exp(|d|) - 1),
+    """What the mismatch corrections see and remove, in one scan over the record's sequences (d_s and w_s =
+    expm1(d) from the mismatch pass, NaN d for unused tokens) after an elementwise loop that LLVM vectorizes:
+    the counts, each token's exp(|d|) - 1 (mult_s), its low-probability k3 term (k3_s) and its removal bits
+    (f_s), so that the serial scan only adds the sums in token order (the earlier two-pass version, with the
+    sums in a second pass, was bound by memory traffic). Token level: n_mm_extreme, s_mm_multm1 (exp(|d|) - 1),
     n_icepop, s_mm_k3_low and the advantage masses that TIS (w > C), MIS (w outside [1/C, C]) and IcePop
     (w outside icepop_band) remove. Sequence level, over each sequence's tokens with a finite d: n_seq_mm,
     max_seq_absd (|sum d| also into h_seq), max_seq_mult (mean exp(|d|)), n_geo and the advantage mass of
@@ -928,7 +927,22 @@ def _correction_pass(
     inv_cap = 1.0 / cap
     ice_lo, ice_hi = cfg[C_ICEPOP_LO], cfg[C_ICEPOP_HI]
     geo_lo, geo_hi = cfg[C_GEO_LO], cfg[C_GEO_HI]
+    m = seq_off[s1] - t0
+    roll_r = roll[t0 : t0 + m]
     n_ext = n_ice = n_seq_mm = n_geo = 0
+    for j in range(m):
+        d = d_s[j]
+        y = w_s[j]
+        w = y + 1.0
+        use = d == d
+        n_ext += use & (abs(d) > _LN2)
+        tis = w > cap
+        mis = tis | (w < inv_cap)
+        ice = (w < ice_lo) | (w > ice_hi)
+        n_ice += use & ice
+        f_s[j] = tis + 2 * mis + 4 * ice  # read for the used tokens only
+        mult_s[j] = max(y, -y / w)  # exp(|d|) - 1: y for d >= 0, 1/w - 1 for d < 0
+        k3_s[j] = (y - d) if np.float64(roll_r[j]) < ln_low else 0.0
     mult = 0.0
     k3low = 0.0
     rm = np.zeros(8)  # |A| and positive A removed by TIS, MIS, IcePop, Geo-MIS
@@ -943,37 +957,30 @@ def _correction_pass(
         bits = 0
         u0, u1 = seq_off[s], seq_off[s + 1]
         q0, q1 = u0 - t0, u1 - t0
-        a_q, d_q, w_q, mult_q, roll_q = a_s[q0:q1], d_s[q0:q1], w_s[q0:q1], mult_s[q0:q1], roll[u0:u1]
+        a_q, d_q, mult_q, k3_q, f_q = a_s[q0:q1], d_s[q0:q1], mult_s[q0:q1], k3_s[q0:q1], f_s[q0:q1]
         for u in range(u1 - u0):  # indices from 0: no negative-index wraparound code
             a = a_q[u]  # 0 for invalid tokens
             A_abs += abs(a)
             A_pos += max(a, 0.0)
             d = d_q[u]
             if d == d:
-                y = w_q[u]
-                w = y + 1.0
                 S += d
-                M += mult_q[u]  # exp(|d|) - 1 (the mismatch pass's)
+                M += mult_q[u]
                 cnt += 1
-                n_ext += abs(d) > _LN2
-                low = np.float64(roll_q[u]) < ln_low
-                k3low += (y - d) if low else 0.0
-                tis = w > cap
-                mis = tis | (w < inv_cap)
-                ice = (w < ice_lo) | (w > ice_hi)
-                n_ice += ice
-                if mis | ice:  # few tokens: their masses in a branch
+                k3low += k3_q[u]
+                f = f_q[u]
+                if f > 1:  # MIS or IcePop (TIS implies MIS): few tokens, their masses in a branch
                     aa = abs(a)
                     ap = max(a, 0.0)
-                    if tis:
+                    if f & 1:
                         rm[0] += aa
                         rm[1] += ap
                         bits |= 1
-                    if mis:
+                    if f & 2:
                         rm[2] += aa
                         rm[3] += ap
                         bits |= 2
-                    if ice:
+                    if f & 4:
                         rm[4] += aa
                         rm[5] += ap
                         bits |= 4
@@ -1367,6 +1374,7 @@ def _kernel(
     d_s = np.empty(longest_rec)
     c_s = np.empty(longest_rec)
     bin_s = np.empty(longest_rec, dtype=np.int64)
+    f_s = np.empty(longest_rec, dtype=np.uint8)
     L_s = np.empty(longest_rec)
     w_s = np.empty(longest_rec)
     ln_low = math.log(cfg[C_LOWPROB])
@@ -1403,11 +1411,27 @@ def _kernel(
         if has_ref:
             _ref_pass(ref, lp, t0, t1, ok_s, d_s, w_s, row)
         if has_roll:
-            _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, c_s, row)  # c_s: exp(|d|) - 1 here
+            _mismatch_pass(olp, roll, t0, t1, ok_s, cfg[C_TIS_CAP], d_s, w_s, row)
             if want_hist:
                 _mismatch_hist_pass(m, d_s, bin_s, H_d[R], H_absd[R])
-            _correction_pass(
-                seq_off, s0, s1, t0, d_s, w_s, c_s, a_s, roll, cfg, ln_low, want_hist, H_seqd[R], seq_flag, row
+            _correction_pass(  # c_s, e_s and f_s: its scratch (the centered products come later)
+                seq_off,
+                s0,
+                s1,
+                t0,
+                d_s,
+                w_s,
+                a_s,
+                roll,
+                cfg,
+                ln_low,
+                want_hist,
+                H_seqd[R],
+                seq_flag,
+                row,
+                c_s,
+                e_s,
+                f_s,
             )
         if has_route:
             _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row)

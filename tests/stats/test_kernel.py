@@ -125,3 +125,69 @@ def test_affected_stats() -> None:
 
 def _frames_equal(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return all(np.allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-12, atol=0, equal_nan=True) for c in a.columns)
+
+
+def _lane_sum(x: np.ndarray) -> float:
+    """The kernel's summation order: token j adds to lane j % W, each lane from 0.0 in token order, then the
+    lanes in order (np.cumsum adds one after the other)."""
+    total = 0.0
+    for lane in range(kernel.W):
+        total += float(np.cumsum(np.concatenate([[0.0], x[lane :: kernel.W]]))[-1])
+    return total
+
+
+def test_lane_sums_follow_token_order_across_tails_and_chunks() -> None:
+    """Records whose lengths end inside a block of W tokens and span several of the kernel's chunks: every
+    lane sum has the bits of the documented order (the vector loops, their tails and chunk edges keep it)."""
+    rng = np.random.default_rng(5)
+    lengths = [1, 7, 8, 9, 2047, 2049, 4100, 70]
+    n = sum(lengths)
+    lp = -rng.exponential(1.0, n).astype(np.float32)
+    lp[rng.random(n) < 0.03] = np.nan
+    olp = np.minimum(lp + rng.normal(0, 0.3, n), 0).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    ent = rng.exponential(1.0, n).astype(np.float32)
+    roll = (olp + rng.normal(0, 0.2, n)).astype(np.float32)
+    roll[rng.random(n) < 0.02] = np.inf
+    seq_off = np.concatenate([[0], np.cumsum(lengths)])
+    tb = kernel.TokenBatch(
+        rec_off=np.arange(len(lengths) + 1),
+        seq_off=seq_off,
+        steps=np.zeros(len(lengths), np.int64),
+        logp=lp,
+        old_logp=olp,
+        adv=adv,
+        pos=np.concatenate([np.arange(k) for k in lengths]),
+        entropy=ent,
+        rollout_logp=roll,
+    )
+    cfg = RecorderConfig()
+    got = kernel.compute(tb, cfg)
+    col = {name: j for j, name in enumerate(kernel.SCALARS)}
+    expm1 = np.vectorize(kernel._expm1)
+    for r, (t0, t1) in enumerate(zip(seq_off[:-1], seq_off[1:])):
+        x_lp, x_olp = lp[t0:t1].astype(np.float64), olp[t0:t1].astype(np.float64)
+        ok = np.isfinite(x_lp) & np.isfinite(x_olp)
+        lr = np.where(ok, x_lp - x_olp, 0.0)
+        xl = np.where(ok, x_lp, 0.0)
+        a = np.where(ok, adv[t0:t1].astype(np.float64), 0.0)
+        rr = expm1(lr) + 1.0
+        e = ent[t0:t1].astype(np.float64)
+        d = x_olp - roll[t0:t1].astype(np.float64)
+        d_ok = ok & np.isfinite(d)
+        n = ok.sum()
+        c = (a - _lane_sum(a) / n) * (x_lp - _lane_sum(xl) / n)
+        want = {
+            "s_lr": lr,
+            "s_lr2": lr * lr,
+            "s_logp": xl,
+            "s_adv2": a * a,
+            "s_logp_adv": xl * a,
+            "s_absadv": np.abs(a),
+            "s_bal_pos": np.maximum(np.minimum(rr, 1.0 + cfg.eps_high) * a, 0.0),
+            "s_ent": np.where(ok, e, 0.0),
+            "s_mm_d": np.where(d_ok, d, 0.0),
+            "s_cov_pos": np.where(ok, np.maximum(np.where(ok, c, 0.0), 0.0), 0.0),
+        }
+        for name, terms in want.items():
+            assert got.scalars[r, col[name]] == _lane_sum(terms), (lengths[r], name)
