@@ -1167,7 +1167,7 @@ def _bucket_table(m, ok_s, pos, t0, nb):  # pragma: no cover - compiled
     return btab
 
 
-@_lane(inline="always")
+@_lane()
 def _scan_pass(
     seq_off,
     s0,
