@@ -409,7 +409,9 @@ def _lane_total(acc, k):  # pragma: no cover - compiled
 # fused multiply-add; min and max are numba's selects), so the lanes hold the same bits as the scalar loop's.
 # The loops over a record's tokens are thus: an elementwise loop (LLVM vectorizes it: validity, differences,
 # scratch values, counts), then a loop over whole blocks of W tokens with these vectors, then the last
-# ``m % W`` tokens one by one into lanes 0, 1, ... (:func:`_lanes_of`).
+# ``m % W`` tokens one by one into lanes 0, 1, ... (:func:`_lanes_of`). Loops index slices from 0 (``range(n)``):
+# with an index numba cannot prove non-negative (``t0 + j``, ``range(c0, c1)``) it emits negative-index
+# wraparound code at every access, and LLVM then kept the loop scalar.
 
 
 class _F64xW(types.Type):
