@@ -33,7 +33,8 @@ _MAG_MID = np.concatenate([[2.0 ** (MIN_EXP - 1)], np.sqrt(_MAG_EDGES[:-1] * _MA
 _SIGNED_MID = np.concatenate([-_MAG_MID[::-1], _MAG_MID])
 
 
-# Exact binning without a logarithm (used here and, compiled, by the statistics kernel): for a double
+# Exact binning without a logarithm (used here; the statistics kernel counts the OCTAVE_EDGES below f instead,
+# the same bin: tests/stats/test_kernel_primitives.py checks both at every edge and the double below it): for a double
 # a = 2**e * f, f in [1, 2), the bin inside the octave is floor(8 * log2 f); the top MANT_BITS bits of f's
 # mantissa give it up to one edge (no 1/1024-wide slice of [1, 2) holds two edges), and one comparison with
 # the next edge 2**((j+1)/8) settles it.
