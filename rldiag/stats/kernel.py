@@ -17,6 +17,7 @@ position order; ``seq_off`` gives each sequence's token range and ``rec_off`` ea
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -1350,12 +1351,18 @@ def _kernel(
     BK,
     cov_out,
     seq_flag,
+    fs,
+    ok_s,
+    bin_s,
+    f_s,
 ):  # pragma: no cover - compiled
     """The statistics of every record: the passes above, in order, on the record's tokens.
 
     ``flags`` holds the :data:`FLAGS` (which optional inputs are present, which outputs are wanted), ``cfg``
     the :data:`rldiag.config.KERNEL_INPUTS` values (:func:`config_array`); statistics go to the rows of S
     (columns :data:`SCALARS`), H_* (histograms), BK (bucket sums), cov_out (per-token products) and seq_flag.
+    ``fs`` (8 rows), ``ok_s``, ``bin_s`` and ``f_s``: scratch for the longest record (contents not read before
+    they are written).
     """
     has_ent, has_roll, has_ref = flags[F_ENTROPY], flags[F_ROLLOUT], flags[F_REF]
     has_ver, has_stage, has_route = flags[F_VERSION], flags[F_STAGE], flags[F_ROUTE]
@@ -1364,21 +1371,7 @@ def _kernel(
     hi_thr = 1.0 + cfg[C_EPS_HIGH]
     nb = int(cfg[C_N_BUCKETS])
     n_rec = rec_off.size - 1
-    # scratch, sized for the longest record
-    longest_rec = 0
-    for R in range(n_rec):
-        longest_rec = max(longest_rec, seq_off[rec_off[R + 1]] - seq_off[rec_off[R]])
-    ok_s = np.empty(longest_rec, dtype=np.bool_)
-    lr_s = np.empty(longest_rec)
-    a_s = np.empty(longest_rec)
-    rm1_s = np.empty(longest_rec)
-    e_s = np.empty(longest_rec)
-    d_s = np.empty(longest_rec)
-    c_s = np.empty(longest_rec)
-    bin_s = np.empty(longest_rec, dtype=np.int64)
-    f_s = np.empty(longest_rec, dtype=np.uint8)
-    L_s = np.empty(longest_rec)
-    w_s = np.empty(longest_rec)
+    lr_s, a_s, rm1_s, e_s, d_s, c_s, L_s, w_s = fs[0], fs[1], fs[2], fs[3], fs[4], fs[5], fs[6], fs[7]
     ln_low = math.log(cfg[C_LOWPROB])
     no_btab = np.empty(0, dtype=np.int64)
     for R in range(n_rec):
@@ -1574,6 +1567,40 @@ def _f32(a: np.ndarray | None) -> np.ndarray:
     return _EMPTY_F if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
 
+class _Scratch(threading.local):
+    """The kernel's per-token scratch, kept by each thread for its next call and grown as records grow.
+
+    Fresh scratch for a 524k-token record is 40 MB; the allocator hands memory that size back to the system
+    when it is freed, and writing it again costs a page fault per 4 KiB page (about 1 us here): 70% of the
+    kernel's time on such a record (``benchmarks/bench_kernel.py``: 18.5 ms with fresh scratch, 5.4 ms when the
+    allocator kept its memory)."""
+
+    def __init__(self) -> None:
+        self.size = -1
+        self.arrays: tuple[np.ndarray, ...] = ()
+
+    def get(self, n: int) -> tuple[np.ndarray, ...]:
+        """Scratch for records of up to ``n`` tokens: 8 float64 rows, then bool, int64 and uint8 arrays."""
+        if n > self.size:
+            size = max(n, int(1.25 * self.size))
+            self.arrays = (
+                np.empty((8, size)),
+                np.empty(size, dtype=np.bool_),
+                np.empty(size, dtype=np.int64),
+                np.empty(size, dtype=np.uint8),
+            )
+            self.size = size
+        return self.arrays
+
+
+_SCRATCH = _Scratch()
+
+
+def _longest_record(rec_off: np.ndarray, seq_off: np.ndarray) -> int:
+    """Tokens of the longest record (0 without records)."""
+    return int(np.max(np.diff(seq_off[rec_off]))) if rec_off.size > 1 else 0
+
+
 def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: bool = True) -> BatchStats:
     """Sufficient statistics of every record of ``batch`` under ``cfg``.
 
@@ -1603,9 +1630,11 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         "route": batch.route_agree is not None,
     }
     flags = np.array([present[f] for f in FLAGS], dtype=np.int64)
+    rec_off = np.ascontiguousarray(batch.rec_off, dtype=np.int64)
+    seq_off = np.ascontiguousarray(batch.seq_off, dtype=np.int64)
     _kernel(
-        np.ascontiguousarray(batch.rec_off, dtype=np.int64),
-        np.ascontiguousarray(batch.seq_off, dtype=np.int64),
+        rec_off,
+        seq_off,
         np.ascontiguousarray(batch.steps, dtype=np.int64),
         _f32(batch.logp),
         _f32(batch.old_logp),
@@ -1629,6 +1658,7 @@ def compute(batch: TokenBatch, cfg: RecorderConfig, *, hists: bool = True, cov: 
         BK,
         cov_out,
         seq_flag,
+        *_SCRATCH.get(_longest_record(rec_off, seq_off)),
     )
     seq_rec = np.repeat(np.arange(n_rec), np.diff(batch.rec_off))
     for name, given in (

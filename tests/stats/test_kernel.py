@@ -191,3 +191,57 @@ def test_lane_sums_follow_token_order_across_tails_and_chunks() -> None:
         }
         for name, terms in want.items():
             assert got.scalars[r, col[name]] == _lane_sum(terms), (lengths[r], name)
+
+
+def _stats_bytes(stats: kernel.BatchStats) -> list[bytes]:
+    return (
+        [stats.scalars.tobytes(), stats.cov.tobytes()]
+        + [stats.hists[k].tobytes() for k in sorted(stats.hists)]
+        + [stats.vectors[k].tobytes() for k in sorted(stats.vectors)]
+        + [b"".join(x.tobytes() for x in stats.sets[k]) for k in sorted(stats.sets)]
+    )
+
+
+def test_scratch_kept_between_calls_changes_no_bit() -> None:
+    """Each thread keeps the kernel's scratch for its next call: what an earlier, larger call left there (here
+    poisoned with NaN, 1e300 and all-ones bytes) changes no bit of a later call's statistics."""
+    import threading
+
+    rng = np.random.default_rng(11)
+
+    def batch(lengths: list[int]) -> kernel.TokenBatch:
+        n = sum(lengths)
+        lp = -rng.exponential(1.0, n).astype(np.float32)
+        lp[rng.random(n) < 0.03] = np.nan
+        olp = np.minimum(lp + rng.normal(0, 0.3, n), 0).astype(np.float32)
+        return kernel.TokenBatch(
+            rec_off=np.arange(len(lengths) + 1),
+            seq_off=np.concatenate([[0], np.cumsum(lengths)]),
+            steps=np.zeros(len(lengths), np.int64),
+            logp=lp,
+            old_logp=olp,
+            adv=rng.normal(size=n).astype(np.float32),
+            pos=np.concatenate([np.arange(k) for k in lengths]),
+            entropy=rng.exponential(1.0, n).astype(np.float32),
+            rollout_logp=(olp + rng.normal(0, 0.2, n)).astype(np.float32),
+            route_agree=rng.random(n).astype(np.float32),
+        )
+
+    small, big = batch([5, 300, 2049]), batch([9000, 40])
+    cfg = RecorderConfig()
+    results = []
+
+    def run(poison: float | None) -> None:
+        kernel.compute(big, cfg)  # this thread's scratch now holds a larger call's values
+        if poison is not None:
+            for a in kernel._SCRATCH.get(0):
+                a.view(np.uint8)[...] = 0xFF if np.isnan(poison) else 0
+                if a.dtype == np.float64 and not np.isnan(poison):
+                    a[...] = poison
+        results.append(_stats_bytes(kernel.compute(small, cfg)))
+
+    for poison in (None, float("nan"), 1e300):
+        t = threading.Thread(target=run, args=(poison,))
+        t.start()
+        t.join()
+    assert results[0] == results[1] == results[2]
