@@ -175,13 +175,12 @@ def _close_sequence(
 
 @numba.njit(inline="always")
 def _seq_token(
-    cacc: np.ndarray,
-    s: int,
     sn: float,
     slr: float,
     spa: float,
     sna: float,
     L: float,
+    c: tuple[float, float, float, float, float],
     lr: float,
     a: float,
     aa: float,
@@ -189,10 +188,10 @@ def _seq_token(
     want_ctpo: bool,
     c_low: float,
     c_high: float,
-) -> tuple[float, float, float, float, float]:  # pragma: no cover - compiled
+) -> tuple[float, float, float, float, float, tuple[float, float, float, float, float]]:  # pragma: no cover
     """One valid token of the current sequence: its count, log-ratio and |advantage| added to the sequence's
-    running sums (returned), and to CTPO's sums of step ``s`` unless CTPO clips it (``L``: the sequence's
-    log-ratio so far)."""
+    running sums, and to CTPO's sums ``c`` (:data:`SUMS`) unless CTPO clips it (``L``: the sequence's log-ratio
+    so far); returns them all. The sums stay in registers while a step's rows run (the caller keeps them)."""
     sn += 1.0
     slr += lr
     if a > 0:
@@ -203,13 +202,19 @@ def _seq_token(
         L += lr
         if not _ctpo_clipped(L, a, math.sqrt(p + 1.0), c_low, c_high):
             eL = math.exp(L)
-            cacc[s, 0] += 1.0
-            cacc[s, 1] += eL
-            if a > 0:
-                cacc[s, 2] += eL * aa
-            cacc[s, 3] += eL * aa
-            cacc[s, 4] += aa
-    return sn, slr, spa, sna, L
+            wa = eL * aa
+            c = (c[0] + 1.0, c[1] + eL, c[2] + wa if a > 0 else c[2], c[3] + wa, c[4] + aa)
+    return sn, slr, spa, sna, L, c
+
+
+@numba.njit(inline="always")
+def _row5(a: np.ndarray, s: int) -> tuple[float, float, float, float, float]:  # pragma: no cover - compiled
+    return a[s, 0], a[s, 1], a[s, 2], a[s, 3], a[s, 4]
+
+
+@numba.njit(inline="always")
+def _put5(a: np.ndarray, s: int, v: tuple[float, float, float, float, float]) -> None:  # pragma: no cover
+    a[s, 0], a[s, 1], a[s, 2], a[s, 3], a[s, 4] = v
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -289,10 +294,21 @@ def lens_pass(  # pragma: no cover - compiled
     sn = slr = spa = sna = L = 0.0
     last = 0
     s = -2
+    # the per-step sums of acc and cacc, kept in registers while the rows of one step run (stored when the step
+    # changes): the same additions in the same order, without a store and a reload per row
+    zero = (0.0, 0.0, 0.0, 0.0, 0.0)
+    d, sp, c = zero, zero, zero  # acc[s, :5] (sr2, DCPO's first four), acc[s, 5:] (DCPO's kadv, SAPO's three)
     for i in range(n):
         if step[i] != last or s == -2:
+            if s >= 0:
+                _put5(acc, s, d)
+                acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8] = sp[0], sp[1], sp[2], sp[3]
+                _put5(cacc, s, c)
             last = step[i]
             s = _find(uniq, last)
+            if s >= 0:
+                d, c = _row5(acc, s), _row5(cacc, s)
+                sp = (acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8], 0.0)
         if s < 0:
             r_out[i] = np.nan
             continue
@@ -328,7 +344,7 @@ def lens_pass(  # pragma: no cover - compiled
         r_out[i] = r
         aa = abs(a)
         ra = r * aa
-        acc[s, 0] += r * r
+        sr2 = d[0] + r * r
         wb = no_w
         rw = 0.0
         if w == w:
@@ -345,17 +361,17 @@ def lens_pass(  # pragma: no cover - compiled
         if want_dcpo:
             wk = r if k else 0.0
             wa = wk * aa
-            acc[s, 1] += 1.0 if k else 0.0
-            acc[s, 2] += wk
-            acc[s, 3] += wa if side > 0 else 0.0
-            acc[s, 4] += wa
-            acc[s, 5] += aa if k else 0.0
+            d = (sr2, d[1] + (1.0 if k else 0.0), d[2] + wk, d[3] + (wa if side > 0 else 0.0), d[4] + wa)
+            k5 = sp[0] + (aa if k else 0.0)
+        else:
+            d = (sr2, d[1], d[2], d[3], d[4])
+            k5 = sp[0]
         if want_sapo:
             sw = 4.0 * g * (1.0 - g) * r
             swa = sw * aa
-            acc[s, 6] += sw
-            acc[s, 7] += swa if side > 0 else 0.0
-            acc[s, 8] += swa
+            sp = (k5, sp[1] + sw, sp[2] + (swa if side > 0 else 0.0), sp[3] + swa, 0.0)
+        else:
+            sp = (k5, sp[1], sp[2], sp[3], 0.0)
         if ok:
             q = seq[i]
             p = pos[i]
@@ -375,7 +391,11 @@ def lens_pass(  # pragma: no cover - compiled
                 ok = False
                 continue
             last_pos = p
-            sn, slr, spa, sna, L = _seq_token(cacc, s, sn, slr, spa, sna, L, lr, a, aa, p, want_ctpo, c_low, c_high)
+            sn, slr, spa, sna, L, c = _seq_token(sn, slr, spa, sna, L, c, lr, a, aa, p, want_ctpo, c_low, c_high)
+    if s >= 0:
+        _put5(acc, s, d)
+        acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8] = sp[0], sp[1], sp[2], sp[3]
+        _put5(cacc, s, c)
     if want_gspo and cur_s >= 0 and ok:
         _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
     return ok
@@ -400,7 +420,7 @@ def ttb_pass(
         s = _find(uniq, st)
         if s >= 0:
             e = ess[s]
-            c0, c1, c2, c3, c4 = acc[s, 0], acc[s, 1], acc[s, 2], acc[s, 3], acc[s, 4]
+            c0, c1, c2, c3, c4 = _row5(acc, s)
             for k in range(i, j):
                 r = r_out[k]
                 v = r == r
@@ -413,7 +433,7 @@ def ttb_pass(
                 c2 += wa if v and a > 0 else 0.0
                 c3 += wa if v else 0.0
                 c4 += aa if v else 0.0
-            acc[s, 0], acc[s, 1], acc[s, 2], acc[s, 3], acc[s, 4] = c0, c1, c2, c3, c4
+            _put5(acc, s, (c0, c1, c2, c3, c4))
         i = j
 
 
@@ -485,7 +505,9 @@ def sequence_pass(  # pragma: no cover - compiled
         last_pos = p
         lr = x - y
         aa = abs(a)
-        sn, slr, spa, sna, L = _seq_token(cacc, s, sn, slr, spa, sna, L, lr, a, aa, p, want_ctpo, c_low, c_high)
+        c = _row5(cacc, s)
+        sn, slr, spa, sna, L, c = _seq_token(sn, slr, spa, sna, L, c, lr, a, aa, p, want_ctpo, c_low, c_high)
+        _put5(cacc, s, c)
     if want_gspo and cur_s >= 0:
         _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
     return True
