@@ -3,6 +3,7 @@
     python benchmarks/bench_lens.py                      # 50 M token rows, every objective
     python benchmarks/bench_lens.py --rows 5000000 --objectives ppo,dapo,bapo
     python benchmarks/bench_lens.py --dir /tmp/lensrun   # keep the generated run there and reuse it
+    python benchmarks/bench_lens.py --rows 20000000 --steps 40 --ranks 8 --dir /tmp/lens8   # 8 ranks' files
     python benchmarks/bench_lens.py --dir /tmp/lensrun --page   # the dashboard's lens call on that run
 
 The run is written in the recorder's layout (token files of about 4 M rows, lz4, sequences contiguous and in
@@ -43,52 +44,68 @@ from rldiag.config import RecorderConfig
 from rldiag.record.layout import create_run_dir
 
 
-def make_run(path: Path, rows: int, steps: int, file_rows: int = 4_000_000, seed: int = 0, extras: bool = False) -> int:
+def make_run(
+    path: Path,
+    rows: int,
+    steps: int,
+    file_rows: int = 4_000_000,
+    seed: int = 0,
+    extras: bool = False,
+    ranks: int = 1,
+) -> int:
     """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs
-    (``extras``: also entropies and MoE routing agreement, for the bucket tables)."""
-    create_run_dir(path, RecorderConfig(), 1, "bench-lens")
+    (``extras``: also entropies and MoE routing agreement, for the bucket tables). ``ranks`` writers share each
+    step's rows, each writing files of about ``file_rows`` rows (row groups of pyarrow's default 1 M rows), as a
+    data-parallel run does: a row group of one rank then holds several steps."""
+    create_run_dir(path, RecorderConfig(), ranks, "bench-lens")
     rng = np.random.default_rng(seed)
-    per_step = rows // steps
-    buf: list[pa.Table] = []
-    buffered = written = part = 0
+    per_step = rows // steps // ranks
+    buf: list[list[pa.Table]] = [[] for _ in range(ranks)]
+    buffered = [0] * ranks
+    part = [0] * ranks
+    written = 0
     for step in range(steps):
-        lengths: list[int] = []
-        while sum(lengths) < per_step:
-            lengths.append(int(rng.integers(64, 2049)))
-        lengths[-1] -= sum(lengths) - per_step
-        lengths = [n for n in lengths if n > 0]
-        n = sum(lengths)
-        seq = np.repeat(np.arange(len(lengths)), lengths)
-        pos = np.concatenate([np.arange(k) for k in lengths])
-        old = -rng.exponential(0.8, n)
-        cols = {
-            schema.STEP: np.full(n, step, np.int64),
-            schema.RANK: np.zeros(n, np.int32),
-            schema.MICRO: (seq // 64).astype(np.int32),
-            schema.SEQ: seq.astype(np.int64),
-            schema.POS: pos.astype(np.int32),
-            schema.LOGP: np.minimum(old + rng.standard_t(3, n) * 0.05, 0).astype(np.float32),
-            schema.OLD_LOGP: old.astype(np.float32),
-            schema.ROLLOUT_LOGP: np.minimum(old + rng.normal(0, 0.03, n), 0).astype(np.float32),
-            schema.ADV: np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32),
-        }
-        if extras:
-            cols[schema.ENTROPY] = rng.exponential(1.0, n).astype(np.float32)
-            cols[schema.ROUTE_AGREE] = np.minimum(1.0, rng.uniform(0.3, 1.6, n)).astype(np.float32)
-        buf.append(
-            pa.table(
-                {k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t) for k, t in schema.TOKEN_DTYPES.items()}
+        for rank in range(ranks):
+            lengths: list[int] = []
+            while sum(lengths) < per_step:
+                lengths.append(int(rng.integers(64, 2049)))
+            lengths[-1] -= sum(lengths) - per_step
+            lengths = [n for n in lengths if n > 0]
+            n = sum(lengths)
+            seq = np.repeat(np.arange(len(lengths)), lengths)
+            pos = np.concatenate([np.arange(k) for k in lengths])
+            old = -rng.exponential(0.8, n)
+            cols = {
+                schema.STEP: np.full(n, step, np.int64),
+                schema.RANK: np.full(n, rank, np.int32),
+                schema.MICRO: (seq // 64).astype(np.int32),
+                schema.SEQ: ((rank << 32) + seq).astype(np.int64),
+                schema.POS: pos.astype(np.int32),
+                schema.LOGP: np.minimum(old + rng.standard_t(3, n) * 0.05, 0).astype(np.float32),
+                schema.OLD_LOGP: old.astype(np.float32),
+                schema.ROLLOUT_LOGP: np.minimum(old + rng.normal(0, 0.03, n), 0).astype(np.float32),
+                schema.ADV: np.repeat(rng.normal(size=len(lengths)), lengths).astype(np.float32),
+            }
+            if extras:
+                cols[schema.ENTROPY] = rng.exponential(1.0, n).astype(np.float32)
+                cols[schema.ROUTE_AGREE] = np.minimum(1.0, rng.uniform(0.3, 1.6, n)).astype(np.float32)
+            buf[rank].append(
+                pa.table(
+                    {
+                        k: pa.array(cols[k], type=t) if k in cols else pa.nulls(n, t)
+                        for k, t in schema.TOKEN_DTYPES.items()
+                    }
+                )
             )
-        )
-        buffered += n
-        if buffered >= file_rows or step == steps - 1:
-            table = pa.concat_tables(buf)
-            name = f"r00000-bench-{part:06d}.parquet"
-            pq.write_table(table, path / schema.TOKENS_DIR / name, compression="lz4")
-            # the segment's statistics file: a token file without one is an orphan that readers leave out
-            pq.write_table(stats_of_table(table, RecorderConfig(), sort=False), path / schema.STATS_DIR / name)
-            written += buffered
-            buf, buffered, part = [], 0, part + 1
+            buffered[rank] += n
+            if buffered[rank] >= file_rows or step == steps - 1:
+                table = pa.concat_tables(buf[rank])
+                name = f"r{rank:05d}-bench-{part[rank]:06d}.parquet"
+                pq.write_table(table, path / schema.TOKENS_DIR / name, compression="lz4")
+                # the segment's statistics file: a token file without one is an orphan that readers leave out
+                pq.write_table(stats_of_table(table, RecorderConfig(), sort=False), path / schema.STATS_DIR / name)
+                written += buffered[rank]
+                buf[rank], buffered[rank], part[rank] = [], 0, part[rank] + 1
     return written
 
 
@@ -192,6 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50_000_000)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--ranks", type=int, default=1, help="writers sharing each step's rows, a file series each")
     ap.add_argument("--objectives", help="comma-separated subset (default: all)")
     ap.add_argument("--repeat", type=int, default=2, help="alternate baseline and lens this many times; best kept")
     ap.add_argument("--dir", help="generate the run here (reused if present)")
@@ -204,8 +222,9 @@ def main() -> None:
     try:
         if not (run / schema.MANIFEST_NAME).exists():
             t = time.perf_counter()
-            n = make_run(run, args.rows, args.steps)
-            print(f"generated {n:,} token rows ({args.steps} steps) in {time.perf_counter() - t:.1f} s")
+            n = make_run(run, args.rows, args.steps, ranks=args.ranks)
+            took = time.perf_counter() - t
+            print(f"generated {n:,} token rows ({args.steps} steps, {args.ranks} ranks) in {took:.1f} s")
         files = sorted((run / schema.TOKENS_DIR).glob("*.parquet"))
         n = sum(pq.read_metadata(f).num_rows for f in files)
         size = sum(f.stat().st_size for f in files)
