@@ -11,7 +11,8 @@ reduction, the product's error from a fused multiply-add), ``exp(r)`` as its Tay
 three leading terms summed exactly (Knuth's TwoSum, Dekker's Fast2Sum), times ``sqrt(2)`` in two doubles for an
 odd ``k``, times ``2^floor(k/2)``. Its final rounding is then the correctly rounded ``exp(x)`` unless the exact
 value lies within 0.003 ULP of a midpoint between two doubles. GNU libc's ``exp`` (since 2.28; musl has the
-same routine) is documented as within 0.511 ULP, so it too rounds correctly unless the exact value lies within
+same routine, from Arm's optimized-routines) is within 0.511 ULP (the error bound stated with its polynomial in
+``e_exp_data.c``), so it too rounds correctly unless the exact value lies within
 0.011 ULP of a midpoint (older glibc rounds correctly always). So the two agree bit for bit whenever the value
 before the final rounding is more than :data:`MARGIN` (0.02 ULP) away from a midpoint; :func:`exp_sure` says
 it is not sure otherwise (about 4 % of values, spread evenly), and for ``|x| >= 700``, NaN, or a power of two.
