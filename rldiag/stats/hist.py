@@ -137,6 +137,13 @@ def quantiles(counts: np.ndarray | SparseRows, q: float) -> np.ndarray:
     return np.where(total > 0, out, np.nan)
 
 
+_ROW_BLOCK: Final[int] = 4096
+"""Rows of a histogram matrix that :func:`hill_alpha` takes at a time: its dozen temporaries of a block (about
+16 MB each) are reused from one block to the next, where those of 10,000 steps (39 MB each) were fresh memory,
+which a process touches for the first time at a cost (0.34 s against 0.08 s for the first call on 10,000 steps
+here; each row's arithmetic is the same, so are the bits)."""
+
+
 def hill_alpha(signed_counts: np.ndarray, min_tail: int = 20) -> np.ndarray:
     """Hill tail index of r = exp(lr) from a signed histogram of lr, one value per row.
 
@@ -148,6 +155,15 @@ def hill_alpha(signed_counts: np.ndarray, min_tail: int = 20) -> np.ndarray:
     Tokens with |lr| < 2**-20 (the underflow bin) are not counted in the tail.
     """
     signed_counts = np.atleast_2d(np.asarray(signed_counts, dtype=np.float64))
+    if signed_counts.shape[0] > _ROW_BLOCK:
+        rows = signed_counts.shape[0]
+        return np.concatenate(
+            [_hill_alpha(signed_counts[i : i + _ROW_BLOCK], min_tail) for i in range(0, rows, _ROW_BLOCK)]
+        )
+    return _hill_alpha(signed_counts, min_tail)
+
+
+def _hill_alpha(signed_counts: np.ndarray, min_tail: int) -> np.ndarray:
     # positive side, log bins only (skip underflow), from the top down
     pos = signed_counts[:, N_MAG + 1 :][:, ::-1]
     hi = np.concatenate([_MAG_EDGES[1:], [2.0 ** (MAX_EXP + 1)]])[::-1]
