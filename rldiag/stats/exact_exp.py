@@ -16,6 +16,8 @@ same routine, from Arm's optimized-routines) is within 0.511 ULP (the error boun
 0.011 ULP of a midpoint (older glibc rounds correctly always). So the two agree bit for bit whenever the value
 before the final rounding is more than :data:`MARGIN` (0.02 ULP) away from a midpoint; :func:`exp_sure` says
 it is not sure otherwise (about 4 % of values, spread evenly), and for ``|x| >= 700``, NaN, or a power of two.
+With a C library whose ``exp`` is less accurate (not glibc or musl), a value it is sure of is still the correctly
+rounded ``exp(x)``, which that library's may miss by one unit in the last place.
 
 Tested in tests/stats/test_exact_exp.py: bit for bit against ``math.exp`` compiled by numba on millions of values
 (no value it is sure of differs), and its error before the final rounding against exact decimal arithmetic.
