@@ -53,7 +53,9 @@ def _fma_typer(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
 
 
 fma: Any = intrinsic(_fma_typer)
-"""``fma(a, b, c)``: ``a * b + c`` rounded once (LLVM's ``llvm.fma``: the CPU's instruction, vectorized in loops)."""
+"""``fma(a, b, c)``: ``a * b + c`` rounded once (LLVM's ``llvm.fma``: the CPU's instruction, vectorized in loops;
+for a CPU without one, or numba told to compile for a generic CPU, a call of the C library's ``fma``, exact too
+but slower: checked with ``NUMBA_CPU_NAME=generic``)."""
 
 
 def _bits(v: float) -> int:
