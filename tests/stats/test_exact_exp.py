@@ -145,3 +145,31 @@ def test_the_pass_leaves_the_c_librarys_ratio_of_every_valid_row():
     for s in range(3):
         m = valid & (step == s)
         np.testing.assert_allclose(acc[s, K.ACC_SUMS.index("sapo.w")], (4 * g * (1 - g) * ref)[m].sum(), rtol=1e-12)
+
+
+def test_without_the_cpus_fma_instruction_it_is_still_exact(tmp_path):
+    """Compiled for a generic x86-64 CPU (no FMA instruction), ``fma`` becomes a call of the C library's, exact
+    too: the values it is sure of are still the library's exp."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import math, numba, numpy as np\n"
+        "from rldiag.stats.exact_exp import exp_sure\n"
+        "@numba.njit\n"
+        "def both(x):\n"
+        "    got, sure, libm = np.empty(x.size), np.empty(x.size, np.bool_), np.empty(x.size)\n"
+        "    for i in range(x.size):\n"
+        "        v, ok = exp_sure(x[i])\n"
+        "        got[i], sure[i], libm[i] = v, ok, math.exp(x[i])\n"
+        "    return got, sure, libm\n"
+        "x = np.random.default_rng(9).normal(0, 3, 200_000)\n"
+        "got, sure, libm = both(x)\n"
+        "print(int((sure & (got.view(np.int64) != libm.view(np.int64))).sum()), float(sure.mean()))\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    differ, sure = out.stdout.split()
+    assert int(differ) == 0 and 0.9 < float(sure) < 0.99
