@@ -555,6 +555,16 @@ def _lanes_of(acc, k, v):  # pragma: no cover - compiled
         acc[k, lane] = _vlane(v, lane)
 
 
+@_lane(inline="always")
+def _lanes3(a, b, c):  # pragma: no cover - compiled
+    """A new [3, W] array of the W lanes of three vector sums (a pass's record tail then adds into them)."""
+    acc = np.empty((3, W))
+    _lanes_of(acc, 0, a)
+    _lanes_of(acc, 1, b)
+    _lanes_of(acc, 2, c)
+    return acc
+
+
 _CHUNK: Final[int] = 2048
 """Tokens per chunk of a pass that writes a scratch array and then sums it (stays in the L1/L2 cache); a multiple
 of W, so that chunks start on lane 0."""
@@ -712,12 +722,9 @@ def _expm1_pass(m, x_s, y_s):  # pragma: no cover - compiled
             y1 = _vadd(y, one)
             lo_v = _vmin(lo_v, _vwhere(use, y1, inf))
             hi_v = _vmax(hi_v, _vwhere(use, y1, ninf))
-    acc = np.empty((3, W))
+    acc = _lanes3(s_y, s_y2, s_k3)
     lo = np.empty(W)
     hi = np.empty(W)
-    _lanes_of(acc, 0, s_y)
-    _lanes_of(acc, 1, s_y2)
-    _lanes_of(acc, 2, s_k3)
     for lane in range(W):
         lo[lane] = _vlane(lo_v, lane)
         hi[lane] = _vlane(hi_v, lane)
@@ -777,10 +784,7 @@ def _clip_pass(m, ok_s, rm1_s, a_s, lo_thr, hi_thr, dual_c, row):  # pragma: no 
         s_pos = _vadd(s_pos, _vmax(_vmul(_vmin(r, hi_v), a), zero))
         s_neg = _vadd(s_neg, _vmax(_vmul(_vneg(_vmax(r, lo_v)), a), zero))
         s_abs = _vadd(s_abs, _vabs(a))
-    acc = np.empty((3, W))
-    _lanes_of(acc, 0, s_pos)
-    _lanes_of(acc, 1, s_neg)
-    _lanes_of(acc, 2, s_abs)
+    acc = _lanes3(s_pos, s_neg, s_abs)
     for j in range(mb, m):
         lane = j - mb
         a = a_s[j]
@@ -1047,10 +1051,7 @@ def _route_pass(route, t0, m, ok_s, has_roll, d_s, w_s, row):  # pragma: no cove
         s_r = _vadd(s_r, _vwhere(use, r, zero))
         s_km = _vadd(s_km, _vwhere(_vand(du, _vlt(r, one)), k3, zero))
         s_ka = _vadd(s_ka, _vwhere(_vand(du, _vge(r, one)), k3, zero))
-    acc = np.empty((3, W))
-    _lanes_of(acc, 0, s_r)
-    _lanes_of(acc, 1, s_km)
-    _lanes_of(acc, 2, s_ka)
+    acc = _lanes3(s_r, s_km, s_ka)
     for j in range(mb, m):
         lane = j - mb
         r = np.float64(route_r[j])

@@ -231,6 +231,14 @@ def next_sequence_start(step: np.ndarray, seq: np.ndarray, i: int) -> int:  # pr
     return i
 
 
+@numba.njit(inline="always")
+def _sapo_exponent(r: float, a: float, tau_pos: float, tau_neg: float) -> float:  # pragma: no cover - compiled
+    """The exponent of SAPO's gate ``g = 1 / (1 + exp(-tau (r - 1)))``, ``tau`` by the sign of A: one source for the
+    block's vectorized gates and the pass's calls of the C library, so both apply the same operations."""
+    tau = tau_pos if a > 0 else tau_neg
+    return -tau * (r - 1.0)
+
+
 EXP_BLOCK: Final[int] = 256
 """Rows whose exponentials :func:`lens_pass` computes ahead, in SIMD lanes (:func:`block_exps`)."""
 
@@ -267,8 +275,7 @@ def block_exps(
             sure[j] = sure[j] & ok
     if want_sapo:
         for j in range(m):
-            tau = tau_pos if np.float64(adv[j]) > 0 else tau_neg
-            v, ok = exp_sure(-tau * (r[j] - 1.0))
+            v, ok = exp_sure(_sapo_exponent(r[j], np.float64(adv[j]), tau_pos, tau_neg))
             g[j] = 1.0 / (1.0 + v)
             sure[j] = sure[j] & ok
 
@@ -393,8 +400,7 @@ def lens_pass(  # pragma: no cover - compiled
             w = math.exp(y - np.float64(roll[i])) if want_w else np.nan
             g = 0.0
             if want_sapo:
-                tau = th[TH_SAPO_POS] if a > 0 else th[TH_SAPO_NEG]
-                g = 1.0 / (1.0 + math.exp(-tau * (r - 1.0)))
+                g = 1.0 / (1.0 + math.exp(_sapo_exponent(r, a, th[TH_SAPO_POS], th[TH_SAPO_NEG])))
         side = 1 if a > 0 else (-1 if a < 0 else 0)
         k = True
         if want_dcpo:

@@ -6,6 +6,9 @@ rollout weights across its blocks of rows."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from decimal import Decimal, localcontext
 
 import numba
@@ -150,10 +153,6 @@ def test_the_pass_leaves_the_c_librarys_ratio_of_every_valid_row():
 def test_without_the_cpus_fma_instruction_it_is_still_exact(tmp_path):
     """Compiled for a generic x86-64 CPU (no FMA instruction), ``fma`` becomes a call of the C library's, exact
     too: the values it is sure of are still the library's exp."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import math, numba, numpy as np\n"
         "from rldiag.stats.exact_exp import exp_sure\n"
