@@ -47,34 +47,40 @@ def test_record_on_cuda_never_syncs_and_matches_cpu(tmp_path) -> None:
     assert np.isfinite(a["entropy/mean"].to_numpy()).all()
 
 
-def _batch(device: str, seed: int) -> dict:
-    g = torch.Generator(device=device).manual_seed(seed)
-    B, T = 64, 2048  # 1.2 MB a record: more than the smallest queue holds
-    logp = -torch.rand(B, T, device=device, generator=g) * 3
-    return {
-        "logprobs": logp,
-        "old_logprobs": (logp + 0.1 * torch.randn(B, T, device=device, generator=g)).clamp(max=0),
-        "advantages": torch.randn(B, device=device, generator=g),
-        "mask": torch.rand(B, T, device=device, generator=g) < 0.9,
-    }
+def _batches(device: str, steps: int = 6) -> list[dict]:
+    """The same batches on any device: drawn on the CPU (CUDA's generator draws other numbers), then moved."""
+    out = []
+    for seed in range(steps):
+        g = torch.Generator().manual_seed(seed)
+        B, T = 64, 2048  # 1.2 MB a record: more than the smallest queue holds
+        logp = -torch.rand(B, T, generator=g) * 3
+        batch = {
+            "logprobs": logp,
+            "old_logprobs": (logp + 0.1 * torch.randn(B, T, generator=g)).clamp(max=0),
+            "advantages": torch.randn(B, generator=g),
+            "mask": torch.rand(B, T, generator=g) < 0.9,
+        }
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
 
 
-def _full_queue_run(path, device: str, steps: int = 6) -> dict:
+def _full_queue_run(path, batches: list[dict]) -> dict:
     """A recorder whose queue holds less than one record and never waits: every record takes the full path."""
     with rldiag.Recorder(path, queue_max_bytes=1 << 20, max_block_seconds=0.0) as rec:
-        for step in range(steps):
-            rec.record(step=step, **_batch(device, step))
+        for step, batch in enumerate(batches):
+            rec.record(step=step, **batch)
     return rec.stats  # after close: every record is processed
 
 
 @needs_cuda
 def test_full_queue_with_cuda_inputs_never_syncs_and_keeps_every_statistic(tmp_path) -> None:
+    on_gpu = _batches("cuda")  # moved to the GPU before the check: a host-to-device copy may synchronise
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call in the caller's thread raises
     try:
-        gpu = _full_queue_run(tmp_path / "gpu", "cuda")
+        gpu = _full_queue_run(tmp_path / "gpu", on_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    _full_queue_run(tmp_path / "cpu", "cpu")
+    _full_queue_run(tmp_path / "cpu", _batches("cpu"))
     a = rldiag.open_run(tmp_path / "gpu").step_metrics()
     b = rldiag.open_run(tmp_path / "cpu").step_metrics()
     assert a["tokens/count"].to_list() == b["tokens/count"].to_list()  # statistics are never dropped
@@ -100,9 +106,9 @@ def test_full_queue_path_hands_copies_in_flight_to_the_writer(tmp_path, monkeypa
     monkeypatch.setattr(HostSnapshot, "ready", lambda self: False)
     monkeypatch.setattr(HostSnapshot, "get", get)
     monkeypatch.setattr(recorder_mod, "build_batch", lambda *a, **k: pytest.fail("reduced in the caller's thread"))
-    stats = _full_queue_run(tmp_path / "inflight", "cpu")
+    stats = _full_queue_run(tmp_path / "inflight", _batches("cpu"))
     monkeypatch.undo()
-    _full_queue_run(tmp_path / "ref", "cpu")
+    _full_queue_run(tmp_path / "ref", _batches("cpu"))
     a = rldiag.open_run(tmp_path / "inflight").step_metrics()
     b = rldiag.open_run(tmp_path / "ref").step_metrics()
     assert a.equals(b)  # the same statistics, computed by the writer
