@@ -859,7 +859,8 @@ def _lens_rows(
     step = _int_column(frame, schema.STEP, buffers).astype(np.int64, copy=False)
     steps = np.unique(K.step_runs(step))
     n_steps = steps.size
-    has_roll = schema.ROLLOUT_LOGP in frame.columns
+    # a run that recorded no rollout log-probs has the column, all null: its weights would all be NaN
+    has_roll = schema.ROLLOUT_LOGP in frame.columns and frame[schema.ROLLOUT_LOGP].null_count() < frame.height
     names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
     vals = _values(frame, names, buffers)
     lp, olp, adv = vals[:3]

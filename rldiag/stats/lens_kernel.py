@@ -262,17 +262,21 @@ def block_exps(
     ``w = exp(old_logp - rollout_logp)`` (``want_w``) and SAPO's gate ``g = 1 / (1 + exp(-tau (r - 1)))``
     (``want_sapo``; ``tau`` by the sign of A), each by :func:`rldiag.stats.exact_exp.exp_sure` with the very
     operations :func:`lens_pass` applies; ``sure[j]``: all of row j's are the C library's bits (otherwise
-    :func:`lens_pass` calls it for that row). Loops without a call or a branch: they run in SIMD lanes."""
+    :func:`lens_pass` calls it for that row), or NaN from a NaN argument where only NaN-ness matters (the ratio
+    of an invalid token; the weight of a token without a rollout log-prob, so that a run that recorded none
+    does not send every row to the C library). Loops without a call or a branch: they run in SIMD lanes."""
     m = lp.size
     for j in range(m):
-        v, ok = exp_sure(np.float64(lp[j]) - np.float64(olp[j]))
+        x = np.float64(lp[j]) - np.float64(olp[j])
+        v, ok = exp_sure(x)
         r[j] = v
-        sure[j] = ok
+        sure[j] = ok | (x != x)  # NaN: an invalid token, whose ratio lens_pass never reads
     if want_w:
         for j in range(m):
-            v, ok = exp_sure(np.float64(olp[j]) - np.float64(roll[j]))
+            x = np.float64(olp[j]) - np.float64(roll[j])
+            v, ok = exp_sure(x)
             w[j] = v
-            sure[j] = sure[j] & ok
+            sure[j] = sure[j] & (ok | (x != x))  # NaN (no rollout log-prob): lens_pass only asks w == w
     if want_sapo:
         for j in range(m):
             v, ok = exp_sure(_sapo_exponent(r[j], np.float64(adv[j]), tau_pos, tau_neg))

@@ -113,6 +113,24 @@ def test_the_block_exponentials_are_the_c_librarys_where_sure():
     assert 0.5 < sure.mean() < 1.0  # most rows sure; some not (about 4 % per exponential)
 
 
+def test_a_run_without_rollout_log_probs_keeps_the_block_path():
+    """A NaN rollout log-prob (a run that recorded none) makes w NaN, which the pass only tests for NaN-ness: the
+    row stays sure, instead of every row of such a run calling the C library. Invalid tokens' NaN ratios too."""
+    rng = np.random.default_rng(4)
+    n = 2 * K.EXP_BLOCK + 5
+    olp = np.log(rng.uniform(0.01, 1.0, n)).astype(np.float32)
+    lp = (olp + rng.normal(0, 0.5, n)).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    roll = np.full(n, np.nan, np.float32)
+    lp[::7] = np.nan  # invalid tokens
+    r, w, g = np.empty(n), np.empty(n), np.empty(n)
+    sure, sure_no_w = np.empty(n, np.bool_), np.empty(n, np.bool_)
+    K.block_exps(lp, olp, adv, roll, True, False, 1.0, 1.05, r, w, g, sure)
+    K.block_exps(lp, olp, adv, roll, False, False, 1.0, 1.05, r, w, g, sure_no_w)
+    np.testing.assert_array_equal(sure, sure_no_w)  # the NaN weights cost nothing
+    assert np.isnan(w).all() and sure[::7].all() and 0.9 < sure.mean() < 1.0
+
+
 def test_the_pass_leaves_the_c_librarys_ratio_of_every_valid_row():
     """Across block boundaries, with the rows it was unsure of computed by the library: r_out, Trust the Batch's
     input, is exp(logp - old_logp) bit for bit."""
