@@ -695,6 +695,7 @@ def lens(
         chunks += [missing[i : i + max_steps] for i in range(0, len(missing), max_steps)]
         filters = [pl.col(schema.STEP).is_in(c) for c in chunks]
     cols = shape.read_columns(objs)
+    plan = _plan(objs, params, shape, tol)
 
     def read(where: pl.Expr) -> pl.DataFrame:
         # polars' streaming engine: 7-12% less CPU than the default engine on a 50 M-row run, rows in order
@@ -711,7 +712,7 @@ def lens(
     def reduce(frame: pl.DataFrame) -> dict[str, np.ndarray]:
         buffers = spare.get()  # one set per chunk being reduced, reused by the chunks after it
         try:
-            return _lens_rows(frame, objs, params, shape, tol, pool if workers > 1 else None, workers, buffers=buffers)
+            return _lens_rows(frame, plan, pool if workers > 1 else None, workers, buffers=buffers)
         finally:
             spare.put(buffers)
 
@@ -840,108 +841,130 @@ def _total(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _lens_rows(
-    frame: pl.DataFrame,
-    objs: list[str],
-    params: LensParams,
-    shape: _Shape,
-    tol: float,
-    pool: ThreadPoolExecutor | None = None,
-    workers: int = 1,
-    buffers: _Buffers | None = None,
-) -> dict[str, np.ndarray]:
-    """:func:`lens`'s columns (``step`` and :func:`columns`, as numpy arrays; {} without rows) on the token rows of
-    the whole steps in ``frame``. One fused pass per piece of the rows
-    (:func:`rldiag.stats.lens_kernel.lens_pass`; pieces cut between sequences, run in ``pool``), then Trust the
-    Batch's pass over the same pieces once the steps' ESS is known."""
-    if frame.height == 0:
-        return {}
-    step = _int_column(frame, schema.STEP, buffers).astype(np.int64, copy=False)
-    steps = np.unique(K.step_runs(step))
-    n_steps = steps.size
-    # a run that recorded no rollout log-probs has the column, all null: its weights would all be NaN
-    has_roll = schema.ROLLOUT_LOGP in frame.columns and frame[schema.ROLLOUT_LOGP].null_count() < frame.height
-    names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
-    vals = _values(frame, names, buffers)
-    lp, olp, adv = vals[:3]
-    roll = vals[3] if has_roll else lp[:0]
-    want_gspo = "gspo" in objs and shape.seq
-    want_ctpo = "ctpo" in objs and shape.seq and shape.pos
+@dataclass(frozen=True)
+class _Plan:
+    """What every piece's :func:`rldiag.stats.lens_kernel.lens_pass` takes that does not depend on its rows."""
+
+    objs: tuple[str, ...]
+    params: LensParams
+    tol: float
+    want: np.ndarray  # lens_kernel's flags; W_ROLL is set per piece (its rows may lack rollout log-probs)
+    r_edges: tuple[float, ...]
+    w_edges: tuple[float, ...]
+    re: np.ndarray
+    we: np.ndarray
+    lut: tuple[np.ndarray, np.ndarray, int, int]
+    r_padded: np.ndarray
+    th: np.ndarray
+    seq_args: tuple[float, float, float, float]
+
+    @property
+    def sequences(self) -> bool:
+        """Whether GSPO's or CTPO's sequence sums are wanted (the rows' order matters then)."""
+        return bool(self.want[K.W_GSPO] or self.want[K.W_CTPO])
+
+    def table_shape(self, n_steps: int) -> tuple[int, ...]:
+        return (n_steps, 3, 2 * self.re.size + 1, 2 * self.we.size + 2, len(K.TABLE_SUMS))
+
+
+def _plan(objs: list[str], params: LensParams, shape: _Shape, tol: float) -> _Plan:
     want = np.zeros(K.N_WANT, dtype=np.bool_)
-    want[K.W_ROLL] = has_roll and ("tis" in objs or "mis" in objs)
     want[K.W_DCPO], want[K.W_SAPO] = "dcpo" in objs, "sapo" in objs
-    want[K.W_GSPO], want[K.W_CTPO] = want_gspo, want_ctpo
+    want[K.W_GSPO] = "gspo" in objs and shape.seq
+    want[K.W_CTPO] = "ctpo" in objs and shape.seq and shape.pos
     r_edges, w_edges = _ratio_edges(params, objs), _w_edges(params, objs)
     re, we = np.array(r_edges, dtype=np.float64), np.array(w_edges, dtype=np.float64)
     lut = K.bucket_lut(re)
     want[K.W_LUT] = lut is not None
-    counts, edge, base, shift = lut if lut is not None else (np.zeros(1, np.int64), np.zeros(1), 0, 0)
-    table_shape = (n_steps, 3, 2 * re.size + 1, 2 * we.size + 2, len(K.TABLE_SUMS))
-    th = _thresholds(params, tol)
-    r_padded = K.padded(re)
-    if want_gspo or want_ctpo:
-        seq = _int_column(frame, schema.SEQ, buffers)
-        pos = _int_column(frame, schema.POS, buffers) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
-    else:
-        seq, pos = np.zeros(0, np.int64), np.zeros(0, np.int32)
-    r = np.empty(frame.height) if buffers is None else buffers.get("r", frame.height, np.float64)
-    blocks = _blocks(frame.height, workers if pool is not None else 1)
-    if want_gspo or want_ctpo:
-        blocks = _sequence_blocks(blocks, step, seq)
     g = params.gspo
-    seq_args = (_lo(g.eps_low), _hi(g.eps_high), params.ctpo.low, params.ctpo.high)
+    return _Plan(
+        tuple(objs),
+        params,
+        tol,
+        want,
+        tuple(r_edges),
+        tuple(w_edges),
+        re,
+        we,
+        lut if lut is not None else (np.zeros(1, np.int64), np.zeros(1), 0, 0),
+        K.padded(re),
+        _thresholds(params, tol),
+        (_lo(g.eps_low), _hi(g.eps_high), params.ctpo.low, params.ctpo.high),
+    )
 
-    def run(fn: Any, *args: Any) -> Future[Any]:
-        if pool is None:
-            done: Future[Any] = Future()
-            done.set_result(fn(*args))
-            return done
-        return pool.submit(fn, *args)
 
-    def block(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
-        table, acc = np.zeros(table_shape), np.zeros((n_steps, len(K.ACC_SUMS)))
-        gacc, cacc, span = np.zeros((n_steps, 6)), np.zeros((n_steps, 5)), np.zeros((n_steps, 3), np.int64)
-        ok = K.lens_pass(
-            step[a:b],
-            steps,
-            lp[a:b],
-            olp[a:b],
-            adv[a:b],
-            roll[a:b] if has_roll else roll,
-            seq[a:b] if seq.size else seq,
-            pos[a:b] if pos.size else pos,
-            want,
-            tol,
-            th,
-            counts,
-            edge,
-            base,
-            shift,
-            r_padded,
-            re.size,
-            we,
-            *seq_args,
-            table,
-            acc,
-            gacc,
-            cacc,
-            r[a:b],
-            span,
-        )
-        return table, acc, gacc, cacc, span, bool(ok)
+_Pass = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]
+"""One piece's :func:`rldiag.stats.lens_kernel.lens_pass` results: table, acc, gacc, cacc, span, in order."""
 
-    done = [j.result() for j in [run(block, a, b) for a, b in blocks]]
-    table = _Table(_total([d[0] for d in done]), tuple(r_edges), tuple(w_edges))
-    acc = _total([d[1] for d in done])
-    if want_gspo or want_ctpo:
-        if all(d[5] for d in done) and _in_order_across([d[4] for d in done]):
-            gacc, cacc = _total([d[2] for d in done]), _total([d[3] for d in done])
-        else:  # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
-            order = np.lexsort((pos, seq, step))
-            gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
-            K.sequence_pass(
-                step, steps, seq, pos, lp, olp, adv, tol, order, want_gspo, want_ctpo, *seq_args, gacc, cacc
-            )
+
+def _piece_pass(
+    plan: _Plan,
+    step: np.ndarray,
+    steps: np.ndarray,
+    lp: np.ndarray,
+    olp: np.ndarray,
+    adv: np.ndarray,
+    roll: np.ndarray | None,
+    seq: np.ndarray,
+    pos: np.ndarray,
+    r_out: np.ndarray,
+) -> _Pass:
+    """:func:`rldiag.stats.lens_kernel.lens_pass` over one piece of rows for the steps ``steps`` (sorted), with
+    fresh sums; ``roll`` None when the rows have no rollout log-probs."""
+    n_steps = steps.size
+    table, acc = np.zeros(plan.table_shape(n_steps)), np.zeros((n_steps, len(K.ACC_SUMS)))
+    gacc, cacc, span = np.zeros((n_steps, 6)), np.zeros((n_steps, 5)), np.zeros((n_steps, 3), np.int64)
+    want = plan.want
+    if roll is None:
+        roll = lp[:0]
+    elif not want[K.W_ROLL] and ("tis" in plan.objs or "mis" in plan.objs):
+        want = want.copy()
+        want[K.W_ROLL] = True
+    counts, edge, base, shift = plan.lut
+    ok = K.lens_pass(
+        step,
+        steps,
+        lp,
+        olp,
+        adv,
+        roll,
+        seq,
+        pos,
+        want,
+        plan.tol,
+        plan.th,
+        counts,
+        edge,
+        base,
+        shift,
+        plan.r_padded,
+        plan.re.size,
+        plan.we,
+        *plan.seq_args,
+        table,
+        acc,
+        gacc,
+        cacc,
+        r_out,
+        span,
+    )
+    return table, acc, gacc, cacc, span, bool(ok)
+
+
+def _finish(
+    plan: _Plan,
+    steps: np.ndarray,
+    table_sums: np.ndarray,
+    acc: np.ndarray,
+    gacc: np.ndarray,
+    cacc: np.ndarray,
+    ttb: Any,
+) -> dict[str, np.ndarray]:
+    """:func:`lens`'s columns (``step`` and :func:`columns`) of ``steps`` from their summed pass results;
+    ``ttb(ess)`` gives Trust the Batch's sums ``[step, 5]`` once the steps' ESS is known (its pass over the rows)."""
+    objs, params = plan.objs, plan.params
+    want_gspo, want_ctpo = bool(plan.want[K.W_GSPO]), bool(plan.want[K.W_CTPO])
+    table = _Table(table_sums, plan.r_edges, plan.w_edges)
     by_r = table.sums.sum(axis=3)  # [step, side + 1, r bucket, TABLE_SUMS]
     sums: dict[str, np.ndarray] = {
         schema.STEP: steps,
@@ -959,13 +982,7 @@ def _lens_rows(
         sums["sapo.kept"], sums["sapo.kadv"] = sums["n"], sums["aadv"]
     if "ttb" in objs:
         ess = K.ess_of(sums["sr"], sums["sr2"], sums["n"])
-
-        def ttb_block(a: int, b: int) -> np.ndarray:
-            tacc = np.zeros((n_steps, 5))
-            K.ttb_pass(step[a:b], steps, adv[a:b], r[a:b], ess, tacc)
-            return tacc
-
-        tacc = _total([j.result() for j in [run(ttb_block, a, b) for a, b in blocks]])
+        tacc = ttb(ess)
         for j, q in enumerate(K.SUMS[:5]):
             sums[f"ttb.{q}"] = tacc[:, j]
         sums["ess"] = ess
@@ -973,7 +990,7 @@ def _lens_rows(
         for j, q in enumerate(K.SUMS[:5]):
             sums[f"gspo.{q}"], sums[f"ctpo.{q}"] = gacc[:, j], cacc[:, j]
     if "bapo" in objs:
-        sums.update(_bapo_choose(by_r[..., :4], params.bapo, re))
+        sums.update(_bapo_choose(by_r[..., :4], params.bapo, plan.re))
     per_step = {name: v[present] for name, v in sums.items()}
 
     out: dict[str, np.ndarray] = {schema.STEP: per_step[schema.STEP].astype(np.int64)}
@@ -988,3 +1005,81 @@ def _lens_rows(
             out[column("ttb", "ess")] = per_step["ess"]
             out[column("ttb", "reg_weight")] = 1.0 - per_step["ess"]
     return out
+
+
+def _lens_rows(
+    frame: pl.DataFrame,
+    plan: _Plan,
+    pool: ThreadPoolExecutor | None = None,
+    workers: int = 1,
+    buffers: _Buffers | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`lens`'s columns (``step`` and :func:`columns`, as numpy arrays; {} without rows) on the token rows of
+    the whole steps in ``frame``. One fused pass per piece of the rows (:func:`_piece_pass`; pieces cut between
+    sequences, run in ``pool``), then Trust the Batch's pass over the same pieces once the steps' ESS is known."""
+    if frame.height == 0:
+        return {}
+    step = _int_column(frame, schema.STEP, buffers).astype(np.int64, copy=False)
+    steps = np.unique(K.step_runs(step))
+    n_steps = steps.size
+    # a run that recorded no rollout log-probs has the column, all null: its weights would all be NaN
+    has_roll = schema.ROLLOUT_LOGP in frame.columns and frame[schema.ROLLOUT_LOGP].null_count() < frame.height
+    names = [schema.LOGP, schema.OLD_LOGP, schema.ADV] + ([schema.ROLLOUT_LOGP] if has_roll else [])
+    vals = _values(frame, names, buffers)
+    lp, olp, adv = vals[:3]
+    roll = vals[3] if has_roll else None
+    want_gspo, want_ctpo = bool(plan.want[K.W_GSPO]), bool(plan.want[K.W_CTPO])
+    if want_gspo or want_ctpo:
+        seq = _int_column(frame, schema.SEQ, buffers)
+        pos = _int_column(frame, schema.POS, buffers) if want_ctpo else np.zeros(frame.height, dtype=np.int32)
+    else:
+        seq, pos = np.zeros(0, np.int64), np.zeros(0, np.int32)
+    r = np.empty(frame.height) if buffers is None else buffers.get("r", frame.height, np.float64)
+    blocks = _blocks(frame.height, workers if pool is not None else 1)
+    if want_gspo or want_ctpo:
+        blocks = _sequence_blocks(blocks, step, seq)
+
+    def run(fn: Any, *args: Any) -> Future[Any]:
+        if pool is None:
+            done: Future[Any] = Future()
+            done.set_result(fn(*args))
+            return done
+        return pool.submit(fn, *args)
+
+    def block(a: int, b: int) -> _Pass:
+        return _piece_pass(
+            plan,
+            step[a:b],
+            steps,
+            lp[a:b],
+            olp[a:b],
+            adv[a:b],
+            None if roll is None else roll[a:b],
+            seq[a:b] if seq.size else seq,
+            pos[a:b] if pos.size else pos,
+            r[a:b],
+        )
+
+    done = [j.result() for j in [run(block, a, b) for a, b in blocks]]
+    acc = _total([d[1] for d in done])
+    if want_gspo or want_ctpo:
+        if all(d[5] for d in done) and _in_order_across([d[4] for d in done]):
+            gacc, cacc = _total([d[2] for d in done]), _total([d[3] for d in done])
+        else:  # not in the recorder's order (shuffled, sequences interleaved): by (step, seq, pos) instead
+            order = np.lexsort((pos, seq, step))
+            gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
+            K.sequence_pass(
+                step, steps, seq, pos, lp, olp, adv, plan.tol, order, want_gspo, want_ctpo, *plan.seq_args, gacc, cacc
+            )
+    else:
+        gacc, cacc = np.zeros((n_steps, 6)), np.zeros((n_steps, 5))
+
+    def ttb(ess: np.ndarray) -> np.ndarray:
+        def ttb_block(a: int, b: int) -> np.ndarray:
+            tacc = np.zeros((n_steps, 5))
+            K.ttb_pass(step[a:b], steps, adv[a:b], r[a:b], ess, tacc)
+            return tacc
+
+        return _total([j.result() for j in [run(ttb_block, a, b) for a, b in blocks]])
+
+    return _finish(plan, steps, _total([d[0] for d in done]), acc, gacc, cacc, ttb)
