@@ -113,3 +113,39 @@ def test_full_queue_path_hands_copies_in_flight_to_the_writer(tmp_path, monkeypa
     b = rldiag.open_run(tmp_path / "ref").step_metrics()
     assert a.equals(b)  # the same statistics, computed by the writer
     assert stats["rows_written"] == 0 and stats["rows_dropped"] == int(a["tokens/count"].sum())
+
+
+@needs_cuda
+def test_the_loop_helper_on_cuda_logits_never_syncs_and_matches_cpu(tmp_path) -> None:
+    """logprobs_and_record (the plain loop's one call: gather, entropy, record) on CUDA logits never synchronises
+    the GPU; its log-probs and the recorded statistics are the CPU's within float rounding."""
+    from rldiag.record.integrations.loop import logprobs_and_record
+
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 8, 300, 5000  # 2,400 rows: the helpers' 1,024-row chunks, the last one partial
+    cpu = {
+        "logits": torch.randn(B, T, V, generator=g) * 3,
+        "tokens": torch.randint(0, V, (B, T), generator=g),
+        "old_logprobs": -torch.rand(B, T, generator=g) * 8,
+        "advantages": torch.randn(B, generator=g),
+        "mask": torch.rand(B, T, generator=g) < 0.9,
+    }
+    gpu = {k: v.to("cuda") for k, v in cpu.items()}  # before the check: a host-to-device copy may synchronise
+    gpu["logits"].requires_grad_(True)
+    torch.cuda.synchronize()
+    with rldiag.Recorder(tmp_path / "gpu") as rec:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logp_gpu = logprobs_and_record(rec, step=0, **gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        logp_gpu.sum().backward()  # differentiable, as the loss uses it (torch's backward is not under test)
+    with rldiag.Recorder(tmp_path / "cpu") as rec:
+        logp_cpu = logprobs_and_record(rec, step=0, **cpu)
+    torch.testing.assert_close(logp_gpu.detach().cpu(), logp_cpu, rtol=1e-5, atol=1e-5)
+    assert gpu["logits"].grad is not None and torch.isfinite(gpu["logits"].grad).all()
+    a = rldiag.open_run(tmp_path / "gpu").step_metrics()
+    b = rldiag.open_run(tmp_path / "cpu").step_metrics()
+    assert a["tokens/count"].to_list() == b["tokens/count"].to_list()
+    for name in ("entropy/mean", "ratio/mean", "kl/k3"):
+        assert a[name][0] == pytest.approx(b[name][0], rel=1e-5), name
