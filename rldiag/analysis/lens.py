@@ -843,7 +843,8 @@ def _total(parts: list[np.ndarray]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What every piece's :func:`rldiag.stats.lens_kernel.lens_pass` takes that does not depend on its rows."""
+    """What every piece's :func:`rldiag.stats.lens_kernel.lens_pass` takes that does not depend on its rows (one
+    per :func:`lens` call)."""
 
     objs: tuple[str, ...]
     params: LensParams
@@ -857,11 +858,6 @@ class _Plan:
     r_padded: np.ndarray
     th: np.ndarray
     seq_args: tuple[float, float, float, float]
-
-    @property
-    def sequences(self) -> bool:
-        """Whether GSPO's or CTPO's sequence sums are wanted (the rows' order matters then)."""
-        return bool(self.want[K.W_GSPO] or self.want[K.W_CTPO])
 
     def table_shape(self, n_steps: int) -> tuple[int, ...]:
         return (n_steps, 3, 2 * self.re.size + 1, 2 * self.we.size + 2, len(K.TABLE_SUMS))
