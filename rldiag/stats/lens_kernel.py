@@ -221,6 +221,22 @@ def _put5(a: np.ndarray, s: int, v: tuple[float, float, float, float, float]) ->
     a[s, 0], a[s, 1], a[s, 2], a[s, 3], a[s, 4] = v
 
 
+@numba.njit(inline="always")
+def _store_step(
+    acc: np.ndarray,
+    cacc: np.ndarray,
+    s: int,
+    d: tuple[float, float, float, float, float],
+    sp: tuple[float, float, float, float, float],
+    c: tuple[float, float, float, float, float],
+) -> None:  # pragma: no cover - compiled
+    """Store the sums :func:`lens_pass` keeps in registers while step ``s``'s rows run: ``acc[s, :5]`` (d),
+    ``acc[s, 5:9]`` (the first four of sp) and ``cacc[s]`` (c)."""
+    _put5(acc, s, d)
+    acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8] = sp[0], sp[1], sp[2], sp[3]
+    _put5(cacc, s, c)
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def next_sequence_start(step: np.ndarray, seq: np.ndarray, i: int) -> int:  # pragma: no cover - compiled
     """The first row at or after ``i`` (0 < i) where (step, seq) differs from the row before it, ``step.size`` if
@@ -377,9 +393,7 @@ def lens_pass(  # pragma: no cover - compiled
             )
         if step[i] != last or s == -2:
             if s >= 0:
-                _put5(acc, s, d)
-                acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8] = sp[0], sp[1], sp[2], sp[3]
-                _put5(cacc, s, c)
+                _store_step(acc, cacc, s, d, sp, c)
             last = step[i]
             s = _find(uniq, last)
             if s >= 0:
@@ -472,9 +486,7 @@ def lens_pass(  # pragma: no cover - compiled
             last_pos = p
             sn, slr, spa, sna, L, c = _seq_token(sn, slr, spa, sna, L, c, lr, a, aa, p, want_ctpo, c_low, c_high)
     if s >= 0:
-        _put5(acc, s, d)
-        acc[s, 5], acc[s, 6], acc[s, 7], acc[s, 8] = sp[0], sp[1], sp[2], sp[3]
-        _put5(cacc, s, c)
+        _store_step(acc, cacc, s, d, sp, c)
     if want_gspo and cur_s >= 0 and ok:
         _close_sequence(gacc, cur_s, sn, slr, spa, sna, g_lo, g_hi)
     return ok
