@@ -849,7 +849,8 @@ class _Plan:
     objs: tuple[str, ...]
     params: LensParams
     tol: float
-    want: np.ndarray  # lens_kernel's flags; W_ROLL is set per piece (its rows may lack rollout log-probs)
+    want: np.ndarray  # lens_kernel's flags for rows without rollout log-probs (W_ROLL off)
+    want_roll: np.ndarray  # the same for rows with them: W_ROLL on when TIS or MIS is asked for
     r_edges: tuple[float, ...]
     w_edges: tuple[float, ...]
     re: np.ndarray
@@ -872,12 +873,15 @@ def _plan(objs: list[str], params: LensParams, shape: _Shape, tol: float) -> _Pl
     re, we = np.array(r_edges, dtype=np.float64), np.array(w_edges, dtype=np.float64)
     lut = K.bucket_lut(re)
     want[K.W_LUT] = lut is not None
+    want_roll = want.copy()
+    want_roll[K.W_ROLL] = "tis" in objs or "mis" in objs
     g = params.gspo
     return _Plan(
         tuple(objs),
         params,
         tol,
         want,
+        want_roll,
         tuple(r_edges),
         tuple(w_edges),
         re,
@@ -910,12 +914,9 @@ def _piece_pass(
     n_steps = steps.size
     table, acc = np.zeros(plan.table_shape(n_steps)), np.zeros((n_steps, len(K.ACC_SUMS)))
     gacc, cacc, span = np.zeros((n_steps, 6)), np.zeros((n_steps, 5)), np.zeros((n_steps, 3), np.int64)
-    want = plan.want
+    want = plan.want if roll is None else plan.want_roll
     if roll is None:
         roll = lp[:0]
-    elif not want[K.W_ROLL] and ("tis" in plan.objs or "mis" in plan.objs):
-        want = want.copy()
-        want[K.W_ROLL] = True
     counts, edge, base, shift = plan.lut
     ok = K.lens_pass(
         step,
