@@ -62,7 +62,8 @@ def summary(frame: pl.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
         for q in QUANTITIES:
             values = frame[column(o, q)]
             row[q] = values.fill_nan(None).mean()
-            row[f"{q}@last"] = values[-1]
+            last = values[-1]
+            row[f"{q}@last"] = None if last is None or last != last else last  # NaN: no value, shown as "-"
         if o == "bapo":
             row["note"] = (
                 f"last bounds [{frame[column('bapo', 'clip_low')][-1]:g}, "

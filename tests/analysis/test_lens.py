@@ -507,3 +507,5 @@ def test_cli_names_the_column_an_objective_without_values_needs(tmp_path, capsys
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert lines["tis"].rstrip().endswith("lack rollout_logp") and lines["mis"].rstrip().endswith("lack rollout_logp")
     assert "lack" not in lines["ppo"]
+    # no value is "-" in the mean and in the last step's column alike, never a bare nan
+    assert "nan" not in lines["tis"] and lines["tis"].split()[1:9] == ["-"] * 8
