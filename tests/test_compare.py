@@ -99,3 +99,13 @@ def test_custom_scalars_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metrics", "loss", "--format", "json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["metric"] == "loss" and row["a mean"] == 1.5 and row["b mean"] == 3.0 and row["diverge@ (b)"] == 3
+
+
+@needs_samples
+def test_a_metric_no_run_recorded_is_named_with_what_it_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    # the sample runs recorded no rollout log-probs: mismatch/k3 has no value in either
+    assert main(["compare", str(SAMPLES / "healthy"), str(SAMPLES / "collapse"), "--metrics", "mismatch/k3,kl/k3"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("mismatch/k3"))
+    assert line.split()[1:] == ["-"] * 6 and "nan" not in out
+    assert out.rstrip().endswith("no value in any run ('-'): mismatch/k3 (needs rollout_logp recorded)")

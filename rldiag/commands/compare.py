@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from rldiag import schema
 from rldiag.cli import CLIError
 from rldiag.commands._util import open_run_or_fail, parse_steps, print_table, select_metrics, write_frame
 
@@ -153,5 +154,17 @@ def run(args: argparse.Namespace) -> int:
         "steps (every ratio exactly 1) left out of ratio, KL, clip and ESS; diverge@ = step of the largest "
         f"|a-b| in pooled standard deviations (gap) against {labels[0]}"
     )
-    print_table(rows, cols)
+    empty = [r["metric"] for r in rows if all(math.isnan(r[f"{label} mean"]) for label in labels)]
+    print_table([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows], cols)
+    if empty:
+        print(f"no value in any run ('-'): {', '.join(_why_empty(name) for name in empty)}")
     return 0
+
+
+def _why_empty(name: str) -> str:
+    """``name`` and the optional token-row inputs it needs, for a metric without a value in any run."""
+    from rldiag.metrics.registry import METRICS
+
+    spec = METRICS.get(name)
+    optional = [c for c in spec.inputs if c not in schema.REQUIRED_VALUE_COLUMNS] if spec else []
+    return f"{name} (needs {' and '.join(optional)} recorded)" if optional else name
