@@ -14,6 +14,7 @@ dropped it); 5 both; 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 import time
@@ -169,6 +170,8 @@ class Watcher:
     ):
         self.run_dir = storage.location(run_dir)  # a local folder or a URI (s3://...)
         self.engine = Engine(rules, run=run_label(self.run_dir))
+        self.history = (self.run_dir / ALERTS_FILE) if history else None
+        """The run's alert history this watcher resumes from and appends to (None: --no-history)."""
         if history:
             events = own_history(read_alerts(self.run_dir / ALERTS_FILE), self.engine)  # local or a URI
             self.engine = Engine(rules, run=self.engine.run, history=events)
@@ -237,6 +240,32 @@ def exit_status(engine: Engine, stats: dict[str, dict[str, Any]], fail_on: str) 
     if any(st["failed"] or st["dropped"] for st in stats.values()):
         code |= EXIT_DELIVERY
     return code
+
+
+def _stop_on_sigterm(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM (a scheduler or a pod stopping the watcher) end the follow loop like Ctrl-C does, so that the
+    sinks are flushed and the states printed; returns what puts the previous handler back. Nothing outside the
+    main thread, where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def following_line(w: Watcher) -> str:
+    """What a watcher in follow mode says once it has read its run: where it stands and what it does next."""
+    e = w.engine
+    where = f"step {e.last_step} evaluated" if e.last_step is not None else "no complete step yet"
+    firing = ", ".join(e.firing()) or "none"
+    history = "" if w.history is None else f"; events already in {w.history} are not sent again"
+    return (
+        f"rldiag watch: following {e.run} ({where}; firing: {firing}{history}); "
+        "new steps are evaluated as they land, Ctrl-C stops and prints every rule's state"
+    )
 
 
 def format_status(engine: Engine) -> str:
@@ -350,15 +379,23 @@ def run(args: argparse.Namespace) -> int:
             for w, run_dir in zip(watchers, run_dirs):
                 if not w.follower.ensure_open():
                     print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
+            announced: set[int] = set()
+            restore = _stop_on_sigterm(stop)
             try:
                 while not stop.is_set():
-                    for w in watchers:
+                    for k, w in enumerate(watchers):
                         w.poll()
+                        if k not in announced and w.follower.run is not None:
+                            announced.add(k)
+                            if not args.quiet:
+                                print(following_line(w), file=sys.stderr)
                     if args.exit_on_close and all(w.engine.closed for w in watchers):
                         break
                     stop.wait(args.interval)
             except KeyboardInterrupt:
                 pass
+            finally:
+                restore()
     finally:
         for w in watchers:
             w.close(args.send_timeout)

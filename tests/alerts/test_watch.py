@@ -142,7 +142,12 @@ def test_follow_a_growing_run(tmp_path: Path, receiver: Receiver) -> None:
 
 
 @pytest.mark.slow
-def test_cli_subprocess_follows_and_stops_on_sigint(tmp_path: Path, receiver: Receiver) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_subprocess_follows_and_stops_on_sigint_or_sigterm(
+    tmp_path: Path, receiver: Receiver, sig: signal.Signals
+) -> None:
+    # SIGTERM is how a scheduler or a pod's shutdown stops a watcher: it ends like Ctrl-C (sinks flushed, every
+    # rule's state printed, the exit status of what is firing), not killed mid-delivery
     run = tmp_path / "sub"
     write_run(run)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -156,10 +161,11 @@ def test_cli_subprocess_follows_and_stops_on_sigint(tmp_path: Path, receiver: Re
     try:
         assert receiver.wait_received(1, timeout=120)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "entropy_collapse" in out and "FIRING critical entropy_collapse" in err
+    assert "rldiag watch: following sub (step 29 evaluated; firing: " in err and "Ctrl-C stops" in err
 
 
 @pytest.mark.slow
