@@ -6,7 +6,11 @@ import argparse
 import fnmatch
 import json
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import polars as pl
@@ -15,6 +19,22 @@ from rldiag.cli import CLIError
 
 if TYPE_CHECKING:
     from rldiag.analysis.io import Run
+
+
+@contextmanager
+def stop_on_sigterm(stop: threading.Event) -> Iterator[threading.Event]:
+    """While inside, SIGTERM (a scheduler, ``kill``, a pod's shutdown) sets ``stop`` instead of killing the
+    process, so that a follow loop ends the way Ctrl-C ends it: its pass finishes, what it holds is flushed and
+    its summary printed. The previous handler is put back on leaving. Outside the main thread, where Python
+    cannot install handlers, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def open_run_or_fail(path: str) -> Run:

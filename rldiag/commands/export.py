@@ -6,16 +6,18 @@
 Every step metric (or those named with --metric) is written at the run's own steps; TensorBoard also gets
 the per-step log-ratio and entropy histograms. Only complete steps are written (on a live run, the step
 in progress waits). Running it again writes only the steps the tracker does not hold yet. --follow keeps
-exporting the steps of a live run as they complete, until the run is closed (or Ctrl-C).
+exporting the steps of a live run as they complete, until the run is closed (or Ctrl-C or SIGTERM, which end it
+after the pass in progress and print what was written).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+import threading
 
 from rldiag import storage
+from rldiag.commands._util import stop_on_sigterm
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,20 +70,23 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     total = 0
+    stop = threading.Event()
     try:
-        while True:
-            closed = run_closed(r)
-            if closed and args.follow:
-                r.refresh()  # what was published between the last refresh and the close mark
-            steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may still grow
-            try:
-                total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
-            except ValueError as exc:
-                raise CLIError(str(exc)) from None
-            if not args.follow or closed:
-                break
-            time.sleep(args.interval)
-            r.refresh()
+        with stop_on_sigterm(stop):
+            while True:
+                closed = run_closed(r)
+                if closed and args.follow:
+                    r.refresh()  # what was published between the last refresh and the close mark
+                steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may still grow
+                try:
+                    total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
+                except ValueError as exc:
+                    raise CLIError(str(exc)) from None
+                if not args.follow or closed:
+                    break
+                if stop.wait(args.interval):
+                    break
+                r.refresh()
     except KeyboardInterrupt:
         pass
     finally:

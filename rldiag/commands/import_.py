@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from rldiag.cli import CLIError
+from rldiag.commands._util import stop_on_sigterm
 
 if TYPE_CHECKING:
     from rldiag.config import RecorderConfig
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         tp.add_argument(
             "--follow",
             action="store_true",
-            help="keep importing new dump files as the trainer writes them (Ctrl-C to stop)",
+            help="keep importing new dump files as the trainer writes them (Ctrl-C or SIGTERM stops)",
         )
         tp.add_argument("--poll", type=float, default=2.0, help="--follow: seconds between looks (default 2)")
         tp.add_argument(
@@ -115,19 +117,21 @@ def run_trainer(args: argparse.Namespace) -> int:
     if args.follow:
         from rldiag.importers.follow import follow
 
-        report = _guard(
-            f"following {args.source}",
-            lambda: follow(
-                imp.name,
-                args.source,
-                args.run,
-                config=cfg,
-                errors=args.errors,
-                poll=args.poll,
-                idle_exit=args.idle_exit,
-                log=None if args.quiet else sys.stdout,
-            ),
-        )
+        with stop_on_sigterm(threading.Event()) as stop:
+            report = _guard(
+                f"following {args.source}",
+                lambda: follow(
+                    imp.name,
+                    args.source,
+                    args.run,
+                    config=cfg,
+                    errors=args.errors,
+                    poll=args.poll,
+                    idle_exit=args.idle_exit,
+                    stop=stop,
+                    log=None if args.quiet else sys.stdout,
+                ),
+            )
     else:
         report = ImportReport(trainer=imp.name, source=args.source)
         fn = _guard(f"the {imp.name} importer", imp.load)

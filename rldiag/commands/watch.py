@@ -14,7 +14,6 @@ dropped it); 5 both; 2 a usage error.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
+from rldiag.commands._util import stop_on_sigterm
 from rldiag.runformat import read_alerts
 
 if TYPE_CHECKING:
@@ -242,20 +242,6 @@ def exit_status(engine: Engine, stats: dict[str, dict[str, Any]], fail_on: str) 
     return code
 
 
-def _stop_on_sigterm(stop: threading.Event) -> Callable[[], None]:
-    """Make SIGTERM (a scheduler or a pod stopping the watcher) end the follow loop like Ctrl-C does, so that the
-    sinks are flushed and the states printed; returns what puts the previous handler back. Nothing outside the
-    main thread, where Python cannot install handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
-
-
 def following_line(w: Watcher) -> str:
     """What a watcher in follow mode says once it has read its run: where it stands and what it does next."""
     e = w.engine
@@ -380,22 +366,20 @@ def run(args: argparse.Namespace) -> int:
                 if not w.follower.ensure_open():
                     print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
             announced: set[int] = set()
-            restore = _stop_on_sigterm(stop)
             try:
-                while not stop.is_set():
-                    for k, w in enumerate(watchers):
-                        w.poll()
-                        if k not in announced and w.follower.run is not None:
-                            announced.add(k)
-                            if not args.quiet:
-                                print(following_line(w), file=sys.stderr)
-                    if args.exit_on_close and all(w.engine.closed for w in watchers):
-                        break
-                    stop.wait(args.interval)
+                with stop_on_sigterm(stop):
+                    while not stop.is_set():
+                        for k, w in enumerate(watchers):
+                            w.poll()
+                            if k not in announced and w.follower.run is not None:
+                                announced.add(k)
+                                if not args.quiet:
+                                    print(following_line(w), file=sys.stderr)
+                        if args.exit_on_close and all(w.engine.closed for w in watchers):
+                            break
+                        stop.wait(args.interval)
             except KeyboardInterrupt:
                 pass
-            finally:
-                restore()
     finally:
         for w in watchers:
             w.close(args.send_timeout)

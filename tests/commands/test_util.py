@@ -96,3 +96,18 @@ def test_clean_json_and_write_frame_give_strict_json(capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out) == [{"step": 1, "x": 0.5}, {"step": 2, "x": None}]
     write_frame(pl.DataFrame({"step": [1], "x": [0.5]}), "csv")
     assert capsys.readouterr().out == "step,x\n1,0.5\n"
+
+
+def test_stop_on_sigterm_sets_the_event_and_puts_the_handler_back() -> None:
+    import os
+    import signal
+    import threading
+
+    from rldiag.commands._util import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = threading.Event()
+    with stop_on_sigterm(stop):
+        os.kill(os.getpid(), signal.SIGTERM)  # without the handler this would end the test process
+        assert stop.wait(10)
+    assert signal.getsignal(signal.SIGTERM) == before

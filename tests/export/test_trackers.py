@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +135,35 @@ def test_follow_streams_a_live_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert [e.step for e in _accumulator(tb).Scalars("ratio/mean")] == [0, 1, 2, 3, 4, 5]
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1  # one writer across the whole follow
+
+
+@pytest.mark.slow
+def test_follow_ends_on_sigterm_like_ctrl_c(tmp_path: Path) -> None:
+    """`export --follow` stopped by SIGTERM (a scheduler, a pod's shutdown) while the run is still live closes
+    its writer and prints what it wrote, exit status 0, as Ctrl-C does."""
+    pytest.importorskip("tensorboard")
+    run, tb = tmp_path / "live", tmp_path / "tb"
+    rng = np.random.default_rng(0)
+    old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+    with rldiag.Recorder(run) as rec:
+        for s in range(3):
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+        rec.flush()
+        argv = [sys.executable, "-m", "rldiag", "export", str(run), "--to", "tensorboard", str(tb), "--follow"]
+        proc = subprocess.Popen(
+            [*argv, "--interval", "0.2"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not list(tb.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # a few rescans of the live run
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "rldiag export: 2 step(s) of live written to tensorboard" in err  # step 2 is live: it may still grow
+    assert [e.step for e in _accumulator(tb).Scalars("ratio/mean")] == [0, 1]
 
 
 def _wandb_history(run_file: Path) -> list[tuple[int, dict[str, object]]]:

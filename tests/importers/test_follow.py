@@ -63,3 +63,34 @@ def test_follow_waits_for_prime_rl_stable_markers_and_stops_on_bad_input(tmp_pat
     assert rldiag.open_run(tmp_path / "run2").steps() == [1]
     report = follow("prime-rl", tmp_path / "o2", tmp_path / "run3", poll=0.05, idle_exit=0.5, errors="lenient")
     assert report.skipped["bad record"] == 1
+
+
+@pytest.mark.slow
+def test_cli_follow_ends_on_sigterm_like_ctrl_c(tmp_path):
+    """`rldiag import ... --follow` stopped by SIGTERM (a scheduler, a pod's shutdown) ends as Ctrl-C ends it:
+    what it imported is published and its summary printed, exit status 0, instead of dying mid-file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    logs.mkdir()
+    write_step(logs, 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rldiag", "import", "nemo-rl", str(logs), str(run_dir), "--follow", "--poll", "0.1"],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait(lambda: _steps(run_dir) == [1], timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "try `rldiag summarize" in out  # the summary after the loop: it ended, it was not killed
+    assert rldiag.open_run(run_dir).steps() == [1]
