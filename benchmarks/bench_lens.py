@@ -6,9 +6,10 @@
     python benchmarks/bench_lens.py --rows 20000000 --steps 40 --ranks 8 --dir /tmp/lens8   # 8 ranks' files
     python benchmarks/bench_lens.py --dir /tmp/lensrun --page   # the dashboard's lens call on that run
 
-The run is written in the recorder's layout (token files of about 4 M rows, lz4, sequences contiguous and in
-position order) and opened with ``rldiag.open_run``. Each measurement runs in a fresh process, so its peak RSS
-(``ru_maxrss``) is its own: the baseline is a bare polars ``group_by("step")`` sum of every column the lens reads
+The run is written in the recorder's layout (token files of about 4 M rows with the recorder's Parquet options,
+sequences contiguous and in position order) and opened with ``rldiag.open_run``. Each measurement runs in a fresh
+process, so its peak RSS (``VmHWM``; not ``ru_maxrss``, which Linux carries over from a parent that generated the
+run) is its own: the baseline is a bare polars ``group_by("step")`` sum of every column the lens reads
 (``rldiag.analysis.lens.read_columns``: step, seq, pos, logp, old_logp, adv, rollout_logp for every objective) over
 the same files on the streaming engine, the lens is ``rldiag.analysis.lens.lens(run)``, timed after a first call
 on one step (which loads the compiled passes from numba's cache; its time is printed too, as a command-line
@@ -42,6 +43,7 @@ from rldiag.analysis.lens import read_columns
 from rldiag.analysis.recompute import stats_of_table
 from rldiag.config import RecorderConfig
 from rldiag.record.layout import create_run_dir
+from rldiag.record.writer import parquet_options
 
 
 def make_run(
@@ -55,9 +57,11 @@ def make_run(
 ) -> int:
     """Token rows of ``steps`` steps, responses of 64..2048 tokens, GRPO advantages, a rollout engine's log-probs
     (``extras``: also entropies and MoE routing agreement, for the bucket tables). ``ranks`` writers share each
-    step's rows, each writing files of about ``file_rows`` rows (row groups of pyarrow's default 1 M rows), as a
+    step's rows, each writing files of about ``file_rows`` rows with the recorder's Parquet options
+    (:func:`rldiag.record.writer.parquet_options`; row groups of pyarrow's default 1 M rows), as a
     data-parallel run does: a row group of one rank then holds several steps."""
-    create_run_dir(path, RecorderConfig(), ranks, "bench-lens")
+    config = RecorderConfig()
+    create_run_dir(path, config, ranks, "bench-lens")
     rng = np.random.default_rng(seed)
     per_step = rows // steps // ranks
     buf: list[list[pa.Table]] = [[] for _ in range(ranks)]
@@ -101,16 +105,22 @@ def make_run(
             if buffered[rank] >= file_rows or step == steps - 1:
                 table = pa.concat_tables(buf[rank])
                 name = f"r{rank:05d}-bench-{part[rank]:06d}.parquet"
-                pq.write_table(table, path / schema.TOKENS_DIR / name, compression="lz4")
+                # laid out as the recorder writes its token files (codec, dictionary on the key columns only)
+                pq.write_table(table, path / schema.TOKENS_DIR / name, **parquet_options(table, config.compression))
                 # the segment's statistics file: a token file without one is an orphan that readers leave out
-                pq.write_table(stats_of_table(table, RecorderConfig(), sort=False), path / schema.STATS_DIR / name)
+                pq.write_table(stats_of_table(table, config, sort=False), path / schema.STATS_DIR / name)
                 written += buffered[rank]
                 buf[rank], buffered[rank], part[rank] = [], 0, part[rank] + 1
     return written
 
 
+BENCH_DIR = str(Path(__file__).resolve().parent)
+
 _WATCH = """
-import resource, threading, time
+import sys, threading, time
+sys.path.insert(0, {bench_dir!r})
+from bench_analysis import peak_rss_kib  # VmHWM: ru_maxrss would be the parent's when it generated the run
+import resource
 page = resource.getpagesize()
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * page
 class Watch:
@@ -138,7 +148,7 @@ files = [str(f) for f in run.token_files()]
 cols = [c for c in read_columns(run, {objectives!r}) if c != "step"]
 with Watch() as w:
     pl.scan_parquet(files).group_by("step").agg(pl.col(c).sum() for c in cols).collect(engine="streaming")
-print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth)
+print(w.elapsed, peak_rss_kib(), w.growth)
 """
 )
 
@@ -153,7 +163,7 @@ lens(run, objectives={objectives!r}, steps=run.steps()[:1])  # loads the compile
 warm = time.perf_counter() - t
 with Watch() as w:
     df = lens(run, objectives={objectives!r})
-print(w.elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, w.growth, df.height, df.width, warm)
+print(w.elapsed, peak_rss_kib(), w.growth, df.height, df.width, warm)
 """
 )
 
@@ -183,8 +193,10 @@ print(*out)
 """
 
 _IMPORTS = """
-import resource, polars, rldiag, rldiag.analysis.io, rldiag.analysis.lens
-print(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+import sys, polars, rldiag, rldiag.analysis.io, rldiag.analysis.lens
+sys.path.insert(0, {bench_dir!r})
+from bench_analysis import peak_rss_kib
+print(0, peak_rss_kib())
 """
 
 
@@ -236,16 +248,18 @@ def main() -> None:
         base_t, base_rss, base_growth, lens_t, lens_rss, lens_growth = [], [], [], [], [], []
         lens_warmup: list[float] = []
         for _ in range(args.repeat):
-            t, rss, growth = measure(_BASELINE.format(run=str(run), objectives=objectives))
+            t, rss, growth = measure(_BASELINE.format(run=str(run), objectives=objectives, bench_dir=BENCH_DIR))
             base_t.append(t)
             base_rss.append(rss)
             base_growth.append(growth)
-            t, rss, growth, height, width, warm = measure(_LENS.format(run=str(run), objectives=objectives))
+            t, rss, growth, height, width, warm = measure(
+                _LENS.format(run=str(run), objectives=objectives, bench_dir=BENCH_DIR)
+            )
             lens_warmup.append(warm)
             lens_t.append(t)
             lens_rss.append(rss)
             lens_growth.append(growth)
-        _, imports = measure(_IMPORTS)
+        _, imports = measure(_IMPORTS.format(bench_dir=BENCH_DIR))
         tb, tl = min(base_t), min(lens_t)
         gib = 2**20  # ru_maxrss is in KiB on Linux
         result = {
