@@ -54,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from rldiag.storage import backend_error
+
+        message = backend_error(exc)  # an object store's client: no credentials, an endpoint it cannot reach...
+        if message is None:
+            raise
+        print(f"rldiag {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -256,6 +256,32 @@ def location(path: str | os.PathLike[str] | RemotePath, storage_options: Mapping
     return RemotePath(fs, str(key), protocol)
 
 
+_BACKEND_MODULES: Final[tuple[str, ...]] = ("botocore", "aiobotocore", "s3fs", "google.auth", "gcsfs", "azure", "adlfs")
+"""Packages whose errors are an object store's (an fsspec backend's), not rldiag's."""
+
+_BACKEND_HINTS: Final[dict[str, str]] = {
+    "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    "PartialCredentialsError": "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    "EndpointConnectionError": "check AWS_ENDPOINT_URL (for a store other than AWS) and that it is reachable from here",
+    "ConnectTimeoutError": "check AWS_ENDPOINT_URL (for a store other than AWS) and that it is reachable from here",
+    "DefaultCredentialsError": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+    "ClientAuthenticationError": "check the storage account's credentials (AZURE_STORAGE_* or storage_options)",
+}
+
+
+def backend_error(exc: BaseException) -> str | None:
+    """One line for an error an object store's client raised (no credentials, an endpoint it cannot reach...)
+    with what to do about it; None for any other error. Errors the clients already give as ``OSError``
+    (a missing key, access denied) are not theirs alone and are left to the caller."""
+    module = type(exc).__module__ or ""
+    if isinstance(exc, OSError) or not module.startswith(_BACKEND_MODULES):
+        return None
+    name = type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    hint = _BACKEND_HINTS.get(name, "check the store's address, credentials and network")
+    return f"object storage: {lines[0] if lines else name} ({name}); {hint}"
+
+
 def is_remote(path: Any) -> TypeGuard[RemotePath]:
     """Whether ``path`` is a :class:`RemotePath`."""
     return isinstance(path, RemotePath)

@@ -2,9 +2,11 @@
 
   rldiag export runs/exp1 --to tensorboard tb/exp1          # event files; then: tensorboard --logdir tb
   rldiag export runs/exp1 --to mlflow sqlite:///mlflow.db   # an MLflow run tagged rldiag.run=exp1
+  WANDB_MODE=offline rldiag export runs/exp1 --to wandb wandb-out   # a W&B run rldiag-exp1 (wandb sync uploads)
+  rldiag export runs/exp1 --to trackio rldiag               # a trackio run in project rldiag
 
-Every step metric (or those named with --metric) is written at the run's own steps; TensorBoard also gets
-the per-step log-ratio and entropy histograms. Only complete steps are written (on a live run, the step
+Every step metric (or those named with --metric) is written at the run's own steps; TensorBoard, W&B and
+trackio also get the per-step log-ratio and entropy histograms. Only complete steps are written (on a live run, the step
 in progress waits). Running it again writes only the steps the tracker does not hold yet. --follow keeps
 exporting the steps of a live run as they complete, until the run is closed (or Ctrl-C or SIGTERM, which end it
 after the pass in progress and print what was written).
@@ -28,7 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--to", nargs="+", metavar=("TRACKER", "TARGET"), required=True, help="tensorboard DIR | mlflow URI")
+    p.add_argument(
+        "--to",
+        nargs="+",
+        metavar=("TRACKER", "TARGET"),
+        required=True,
+        help="tensorboard DIR | mlflow URI | wandb [DIR] | trackio [PROJECT]",
+    )
     p.add_argument(
         "--metric",
         action="append",

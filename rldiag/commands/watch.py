@@ -28,6 +28,7 @@ from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
 from rldiag.commands._util import stop_on_sigterm
 from rldiag.runformat import read_alerts
+from rldiag.storage import backend_error
 
 if TYPE_CHECKING:
     import polars as pl
@@ -180,10 +181,24 @@ class Watcher:
         self.clock = clock
         self.metrics = metrics
         self._served_step: int | None = None
+        self.read_error: str | None = None
+        """Why the last poll could not read the run (None: it could)."""
 
     def poll(self) -> list[Notification]:
-        """Rescan, evaluate newly complete steps, check for a stall and repeats, dispatch; returns the events."""
-        events = self.follower.poll(self.clock())
+        """Rescan, evaluate newly complete steps, check for a stall and repeats, dispatch; returns the events.
+
+        Once the run has been read, a failure to read it again (the network to an object store, a shared
+        filesystem that went away) is kept in :attr:`read_error` and the next poll tries again, so that a blip
+        does not end a watcher; nothing is evaluated from a failed read. Before that, it raises."""
+        try:
+            events = self.follower.poll(self.clock())
+        except Exception as exc:
+            message = backend_error(exc) or (str(exc) if isinstance(exc, OSError) else None)
+            if message is None or self.follower.run is None:
+                raise
+            self.read_error = message
+            return []
+        self.read_error = None
         self.notifier.dispatch(events)
         if self.metrics is not None:
             self._serve()
@@ -370,7 +385,16 @@ def run(args: argparse.Namespace) -> int:
                 with stop_on_sigterm(stop):
                     while not stop.is_set():
                         for k, w in enumerate(watchers):
+                            failing = w.read_error
                             w.poll()
+                            if w.read_error and w.read_error != failing:
+                                print(
+                                    f"rldiag watch: {w.engine.run}: cannot read the run ({w.read_error}); "
+                                    f"trying again every {args.interval:g} s",
+                                    file=sys.stderr,
+                                )
+                            elif failing and not w.read_error:
+                                print(f"rldiag watch: {w.engine.run}: reading the run again", file=sys.stderr)
                             if k not in announced and w.follower.run is not None:
                                 announced.add(k)
                                 if not args.quiet:

@@ -291,6 +291,7 @@ class WandbExporter(Exporter):
             raise _missing("wandb", "wandb") from None
         self._wandb = wandb
         self.dir = Path(dir) if dir is not None else Path.cwd()
+        created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.id = "rldiag-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in run)[:100]
         self._state = self.dir / f"rldiag-export-{self.id}.json"
@@ -299,9 +300,18 @@ class WandbExporter(Exporter):
             import json
 
             self._last = json.loads(self._state.read_text()).get("last_step")
-        self.run = wandb.init(
-            project=project, id=self.id, name=run, dir=str(self.dir), resume="allow", config={"rldiag.run": run}
-        )
+        try:
+            self.run = wandb.init(
+                project=project, id=self.id, name=run, dir=str(self.dir), resume="allow", config={"rldiag.run": run}
+            )
+        except wandb.errors.Error as exc:  # no API key, no network...: one line that says what to do
+            if created and not any(self.dir.iterdir()):
+                self.dir.rmdir()  # nothing left behind by an export that did not start
+            lines = str(exc).strip().splitlines()
+            raise ValueError(
+                f"W&B could not start a run: {(lines[0] if lines else type(exc).__name__).rstrip('.')}. To write it "
+                "locally instead: WANDB_MODE=offline (`wandb sync` uploads it later)"
+            ) from None
         self._closed = False
 
     def last_step(self) -> int | None:

@@ -141,6 +141,76 @@ def test_follow_a_growing_run(tmp_path: Path, receiver: Receiver) -> None:
             watcher.close(5.0)
 
 
+class _Flaky:
+    """A real run whose ``refresh`` raises ``fail`` while it is set: a store or a mount that goes away."""
+
+    def __init__(self, run: object) -> None:
+        self._run = run
+        self.fail: BaseException | None = None
+
+    def refresh(self) -> object:
+        if self.fail is not None:
+            raise self.fail
+        return self._run.refresh()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._run, name)
+
+
+@pytest.mark.parametrize("error", ["OSError", "EndpointConnectionError"])
+def test_a_watcher_outlives_a_read_failure_and_catches_up(tmp_path: Path, error: str) -> None:
+    """Once it has read the run, a watcher that cannot read it again (network, mount) keeps the reason, evaluates
+    nothing from the failed read and tries again at the next poll; then it evaluates what landed meanwhile."""
+    if error == "OSError":
+        fail: BaseException = OSError(116, "Stale file handle")
+    else:
+        exceptions = pytest.importorskip("botocore.exceptions")
+        fail = exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bucket/run")
+    run = tmp_path / "live"
+    rng = np.random.default_rng(3)
+    rules = RuleSet(tuple(r for r in load_rules() if r.name.startswith("kl_spike")))
+    flaky: list[_Flaky] = []
+
+    def open_flaky(where: object) -> _Flaky:
+        flaky.append(_Flaky(rldiag.open_run(where)))  # type: ignore[arg-type]
+        return flaky[-1]
+
+    with rldiag.Recorder(run, roll_steps=1) as rec:
+
+        def record(s: int, drift: float) -> None:
+            old = np.log(rng.uniform(0.05, 0.95, (8, 16))).astype(np.float32)
+            lp = np.minimum(old + rng.normal(0, drift, old.shape), 0).astype(np.float32)
+            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=rng.normal(0, 1, 8).astype(np.float32))
+
+        for s in range(4):
+            record(s, 0.01)
+        rec.flush()
+        watcher = Watcher(run, rules, [], open_run=open_flaky, history=False)
+        try:
+            watcher.poll()
+            assert watcher.read_error is None and watcher.engine.last_step == 2  # step 3 waits for a later one
+            flaky[0].fail = fail
+            for s in range(4, 8):
+                record(s, 0.8 if s == 5 else 0.01)
+            rec.flush()
+            assert watcher.poll() == [] and watcher.engine.last_step == 2
+            assert watcher.read_error is not None
+            assert ("Stale file handle" if error == "OSError" else "127.0.0.1:9") in watcher.read_error
+            flaky[0].fail = None
+            events = watcher.poll()
+            assert watcher.read_error is None and watcher.engine.last_step == 6
+            assert any(e.rule == "kl_spike_critical" and e.step == 5 for e in events)
+        finally:
+            watcher.close(5.0)
+    # before the run was ever read, the same failure is the caller's to report (a setup error, not a blip)
+
+    def broken(where: object) -> object:
+        raise fail
+
+    with pytest.raises(type(fail)):
+        Watcher(run, rules, [], open_run=broken, history=False).poll()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_subprocess_follows_and_stops_on_sigint_or_sigterm(

@@ -300,3 +300,36 @@ def test_segment_summaries_on_s3_read_as_on_disk(s3_run, tmp_path) -> None:
     assert remote.step_metrics().equals(local.step_metrics())
     assert remote.files.stats_tables == {} and len(remote.files.key_tables) >= 3  # summaries only, no records
     assert remote.stats_table().num_rows == local.stats_table().num_rows == 48
+
+
+@pytest.mark.parametrize("case", ["no credentials", "no endpoint"])
+def test_an_unreachable_store_is_one_line_that_says_what_to_do(tmp_path, case) -> None:
+    """No credentials, or an endpoint nothing listens on: one line naming the cause and the setting to fix, exit
+    status 2, no traceback (the S3 client's own errors are not OSError, which the commands catch)."""
+    pytest.importorskip("s3fs")
+    from tests.cluster.conftest import _free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        PYTHONPATH=ROOT,
+        HOME=str(tmp_path),  # no ~/.aws
+        AWS_EC2_METADATA_DISABLED="true",  # no instance-metadata lookup
+        AWS_MAX_ATTEMPTS="1",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+    )
+    if case == "no endpoint":
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rldiag", "info", "s3://bucket/run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("rldiag info: error: object storage: ")
+    if case == "no credentials":
+        assert "(NoCredentialsError); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line
+    else:
+        assert "(EndpointConnectionError); check AWS_ENDPOINT_URL" in line

@@ -225,6 +225,30 @@ def test_wandb_offline(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         assert len(items["hist/entropy/bins"]) == len(items["hist/entropy/values"]) + 1  # type: ignore[arg-type]
 
 
+def test_wandb_without_a_login_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """Online W&B without an API key: one line that says how to log in or write offline, exit status 2, and
+    the folder the export would have written is not left behind."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        PYTHONPATH=str(ROOT), HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "cfg"), NETRC=str(tmp_path / "n")
+    )
+    run, out = tmp_path / "run", tmp_path / "wb"
+    with rldiag.Recorder(run) as rec:
+        old = np.full((2, 4), -1.0, np.float32)
+        rec.record(step=0, logprobs=old, old_logprobs=old, advantages=np.ones(2, np.float32))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rldiag", "export", str(run), "--to", "wandb", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("rldiag export: error: W&B could not start a run: No API key configured")
+    assert "WANDB_MODE=offline" in proc.stderr and not out.exists()
+
+
 @pytest.mark.slow
 def test_trackio_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("trackio")
