@@ -12,7 +12,9 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from rldiag import __version__
 
@@ -38,6 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str, default: Any) -> Any:
+    """``warnings.showwarning`` for a command: rldiag's own warnings (about the run's files, say) as one line
+    ``rldiag COMMAND: warning: ...`` on stderr, without the source line Python shows for a programmer; any
+    other warning as Python shows it."""
+    from rldiag.runformat import RunFormatWarning
+
+    def show(
+        message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        if issubclass(category, RunFormatWarning):
+            print(f"rldiag {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"rldiag {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -95,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if args.eps_low is not None or args.eps_high is not None:
         changes = {k: v for k, v in (("eps_low", args.eps_low), ("eps_high", args.eps_high)) if v is not None}
         config = r.config.replace(**changes)
+    if args.from_tokens and not r.token_files():
+        raise CLIError(
+            f"{args.run} has no token rows, and --from-tokens recomputes every statistic from them; without it the "
+            "stored statistics give every metric (a recorder writes token rows with token_sample_rate > 0)"
+        )
     df = r.step_metrics(
         steps=parse_steps(args.steps), metrics=names, config=config, from_tokens=args.from_tokens, **engine_kwargs(args)
     )

@@ -27,3 +27,35 @@ def test_named_metrics_are_shown_even_without_values(capsys) -> None:
     assert main(["summarize", str(RUN), "--metrics", "mismatch/k1,ratio/mean"]) == 0
     out = capsys.readouterr().out
     assert "mismatch/k1" in out and "nan" in out and "NaN on every step" not in out
+
+
+def _run_without_token_rows(where: Path, steps: int = 3) -> None:
+    import numpy as np
+
+    import rldiag
+
+    old = np.log(np.linspace(0.1, 0.9, 32)).reshape(4, 8).astype(np.float32)
+    with rldiag.Recorder(where, token_sample_rate=1e-12) as rec:  # statistics only, in practice
+        for s in range(steps):
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+
+
+def test_from_tokens_on_a_run_without_token_rows_says_so(tmp_path: Path, capsys) -> None:
+    _run_without_token_rows(tmp_path / "run")
+    assert main(["summarize", str(tmp_path / "run"), "--from-tokens"]) == 2
+    err = capsys.readouterr().err
+    assert "has no token rows, and --from-tokens recomputes every statistic from them" in err
+    assert main(["summarize", str(tmp_path / "run")]) == 0  # the stored statistics still give every metric
+
+
+def test_the_runs_own_warnings_are_one_line_on_stderr(tmp_path: Path, capsys) -> None:
+    # a token file cut in half (a copy that stopped early): rldiag's warning about it, without Python's source line
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    token_file = sorted((run / "tokens").glob("*.parquet"))[0]
+    token_file.write_bytes(token_file.read_bytes()[: token_file.stat().st_size // 2])
+    assert main(["summarize", str(run), "--from-tokens", "--metrics", "ratio/mean"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err and all(line.startswith("rldiag summarize: warning: ") for line in err), err
