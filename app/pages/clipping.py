@@ -74,7 +74,11 @@ def update_regimes(runs: list[str] | None, _version: int) -> Any:
     frame = data.catalog().state(good[0]).metrics()
     title = f"regimes — {good[0]}"
     on = figures.onpolicy_mask(frame)
-    if on.any() and not on.all():  # r = 1 exactly: no token is in any regime, the stack would drop to 0 there
+    if frame.height and on.all():
+        return figures.empty_figure(
+            f"{good[0]}: every step is on-policy (every ratio exactly 1): no token is in a regime"
+        )
+    if on.any():  # r = 1 exactly: no token is in any regime, the stack would drop to 0 there
         frame = frame.filter(pl.Series(~on))
         title += f" (on-policy steps left out: {int(on.sum())})"
     labels = {

@@ -485,3 +485,20 @@ def test_regimes_leave_out_on_policy_steps(tmp_path: Path):
     steps = np.asarray(fig.data[0].x, dtype=float)
     assert len(steps) == frame.height - on.sum() and not set(steps) & set(frame["step"].to_numpy()[on])
     assert f"on-policy steps left out: {int(on.sum())}" in fig.layout.title.text
+
+
+def test_regimes_of_a_run_that_is_on_policy_at_every_step_say_so(tmp_path: Path):
+    import numpy as np
+
+    import rldiag
+    from app.app import create_app
+
+    old = np.log(np.linspace(0.1, 0.9, 32)).reshape(4, 8).astype(np.float32)
+    with rldiag.Recorder(tmp_path / "onpolicy") as rec:
+        for s in range(3):
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.array([1, -1, 1, -1], np.float32))
+    app = create_app(tmp_path, poll_seconds=30)
+    with app.server.test_request_context():
+        fig = page("clipping").update_regimes(["onpolicy"], 0)
+    assert not fig.data  # an empty stack drawn as axes alone said nothing
+    assert "every step is on-policy" in fig.layout.annotations[0].text
