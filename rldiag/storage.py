@@ -282,6 +282,13 @@ def backend_error(exc: BaseException) -> str | None:
     return f"object storage: {lines[0] if lines else name} ({name}); {hint}"
 
 
+def read_failure(exc: BaseException) -> str | None:
+    """Why a run could not be read, when ``exc`` says its storage failed (an object store's client error, or an
+    ``OSError``: a network, a mount that went away); None for any other error. A follow loop that has read
+    the run before tries again on these instead of ending."""
+    return backend_error(exc) or (str(exc) or type(exc).__name__ if isinstance(exc, OSError) else None)
+
+
 def is_remote(path: Any) -> TypeGuard[RemotePath]:
     """Whether ``path`` is a :class:`RemotePath`."""
     return isinstance(path, RemotePath)

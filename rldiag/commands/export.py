@@ -20,6 +20,7 @@ import threading
 
 from rldiag import storage
 from rldiag.commands._util import stop_on_sigterm
+from rldiag.storage import read_failure
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,20 +82,40 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         with stop_on_sigterm(stop):
+            failing: str | None = None
+            passes = 0
             while True:
-                closed = run_closed(r)
-                if closed and args.follow:
-                    r.refresh()  # what was published between the last refresh and the close mark
-                steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may still grow
+                passes += 1
                 try:
+                    if passes > 1:
+                        r.refresh()  # the files published since the last pass
+                    closed = run_closed(r)
+                    if closed and args.follow:
+                        r.refresh()  # what was published between the last refresh and the close mark
+                    steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may grow
                     total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
+                except Exception as exc:
+                    # following, a run read before that cannot be read now (network, mount): try again later
+                    message = read_failure(exc) if args.follow else None
+                    if message is None:
+                        raise
+                    if message != failing:
+                        print(
+                            f"rldiag export: cannot read {r.name} ({message}); trying again every {args.interval:g} s",
+                            file=sys.stderr,
+                        )
+                    failing = message
+                    closed = False
+                else:
+                    if failing:
+                        print(f"rldiag export: reading {r.name} again", file=sys.stderr)
+                    failing = None
                 if not args.follow or closed:
                     break
                 if stop.wait(args.interval):
                     break
-                r.refresh()
     except KeyboardInterrupt:
         pass
     finally:

@@ -28,7 +28,7 @@ from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
 from rldiag.commands._util import stop_on_sigterm
 from rldiag.runformat import read_alerts
-from rldiag.storage import backend_error
+from rldiag.storage import read_failure
 
 if TYPE_CHECKING:
     import polars as pl
@@ -193,7 +193,7 @@ class Watcher:
         try:
             events = self.follower.poll(self.clock())
         except Exception as exc:
-            message = backend_error(exc) or (str(exc) if isinstance(exc, OSError) else None)
+            message = read_failure(exc)
             if message is None or self.follower.run is None:
                 raise
             self.read_error = message

@@ -166,6 +166,56 @@ def test_follow_ends_on_sigterm_like_ctrl_c(tmp_path: Path) -> None:
     assert [e.step for e in _accumulator(tb).Scalars("ratio/mean")] == [0, 1]
 
 
+def test_follow_outlives_a_read_failure_and_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`export --follow` on a run it has read once keeps going when the run cannot be read for a while (the
+    network to a store, a mount): it says so once, writes nothing from the failed reads, and exports the steps
+    that landed meanwhile once it reads the run again."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    from tests.alerts.test_watch import _Flaky
+
+    run, tb = tmp_path / "live", tmp_path / "tb"
+    flaky: list[_Flaky] = []
+    real_open = rldiag.open_run
+
+    def open_flaky(where: object, *a: object, **k: object) -> _Flaky:
+        flaky.append(_Flaky(real_open(where, *a, **k)))  # type: ignore[arg-type]
+        return flaky[-1]
+
+    monkeypatch.setattr(rldiag, "open_run", open_flaky)
+    old = np.log(np.linspace(0.1, 0.9, 32)).reshape(4, 8).astype(np.float32)
+    rec = rldiag.Recorder(run, roll_steps=1)
+    got: list[int] = []
+    try:
+        for s in range(3):
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+        rec.flush()
+        argv = ["export", str(run), "--to", "tensorboard", str(tb), "--follow", "--interval", "0.05"]
+        thread = threading.Thread(target=lambda: got.append(main(argv)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not list(tb.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        flaky[0].fail = OSError(116, "Stale file handle")
+        for s in range(3, 6):
+            rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+        rec.flush()
+        time.sleep(0.5)  # several passes that cannot read the run
+        assert thread.is_alive()
+        flaky[0].fail = None
+    finally:
+        rec.close()
+    thread.join(60)
+    assert got == [0]
+    err = capsys.readouterr().err
+    assert err.count("cannot read live ([Errno 116] Stale file handle); trying again every 0.05 s") == 1, err
+    assert "reading live again" in err and "6 step(s) of live written" in err
+    assert [e.step for e in _accumulator(tb).Scalars("ratio/mean")] == list(range(6))
+
+
 def _wandb_history(run_file: Path) -> list[tuple[int, dict[str, object]]]:
     """The history records of an offline W&B run file, read with W&B's own protobuf definitions.
 
