@@ -269,6 +269,12 @@ _BACKEND_HINTS: Final[dict[str, str]] = {
 }
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can span pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def backend_error(exc: BaseException) -> str | None:
     """One line for an error an object store's client raised (no credentials, an endpoint it cannot reach...)
     with what to do about it; None for any other error. Errors the clients already give as ``OSError``
@@ -277,16 +283,17 @@ def backend_error(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) or not module.startswith(_BACKEND_MODULES):
         return None
     name = type(exc).__name__
-    lines = str(exc).strip().splitlines()
     hint = _BACKEND_HINTS.get(name, "check the store's address, credentials and network")
-    return f"object storage: {lines[0] if lines else name} ({name}); {hint}"
+    return f"object storage: {one_line(exc)} ({name}); {hint}"
 
 
 def read_failure(exc: BaseException) -> str | None:
     """Why a run could not be read, when ``exc`` says its storage failed (an object store's client error, or an
     ``OSError``: a network, a mount that went away); None for any other error. A follow loop that has read
     the run before tries again on these instead of ending."""
-    return backend_error(exc) or (str(exc) or type(exc).__name__ if isinstance(exc, OSError) else None)
+    if isinstance(exc, OSError):
+        return one_line(exc)
+    return backend_error(exc)
 
 
 def is_remote(path: Any) -> TypeGuard[RemotePath]:

@@ -173,8 +173,8 @@ class Watcher:
         self.engine = Engine(rules, run=run_label(self.run_dir))
         self.history = (self.run_dir / ALERTS_FILE) if history else None
         """The run's alert history this watcher resumes from and appends to (None: --no-history)."""
-        if history:
-            events = own_history(read_alerts(self.run_dir / ALERTS_FILE), self.engine)  # local or a URI
+        if self.history is not None:
+            events = own_history(read_alerts(self.history), self.engine)  # local or a URI
             self.engine = Engine(rules, run=self.engine.run, history=events)
         self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
         self.notifier = Notifier(sinks)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rldiag.storage import one_line
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -307,10 +309,9 @@ class WandbExporter(Exporter):
         except wandb.errors.Error as exc:  # no API key, no network...: one line that says what to do
             if created and not any(self.dir.iterdir()):
                 self.dir.rmdir()  # nothing left behind by an export that did not start
-            lines = str(exc).strip().splitlines()
             raise ValueError(
-                f"W&B could not start a run: {(lines[0] if lines else type(exc).__name__).rstrip('.')}. To write it "
-                "locally instead: WANDB_MODE=offline (`wandb sync` uploads it later)"
+                f"W&B could not start a run: {one_line(exc).rstrip('.')}. To write it locally instead: "
+                "WANDB_MODE=offline (`wandb sync` uploads it later)"
             ) from None
         self._closed = False
 

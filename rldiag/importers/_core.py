@@ -35,6 +35,7 @@ import numpy as np
 
 from rldiag import storage
 from rldiag.config import RecorderConfig
+from rldiag.storage import one_line
 
 if TYPE_CHECKING:
     from rldiag.record.recorder import Recorder
@@ -670,12 +671,6 @@ def staged_run(run_dir: str | os.PathLike[str] | storage.RemotePath, report: Imp
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (third-party errors can span pages)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --- dump formats: a folder of files, one or more per step ----------------------------------------------
