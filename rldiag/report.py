@@ -36,6 +36,7 @@ import polars as pl
 
 from rldiag import __version__, runformat, schema
 from rldiag.metrics.registry import HEADLINE, REGISTRY, MetricSpec
+from rldiag.storage import one_line
 
 if TYPE_CHECKING:
     from rldiag.alerts.rules import Rule, RuleSet
@@ -718,7 +719,7 @@ def _decoder(run: Run) -> tuple[Callable[[list[int | None]], list[str]], str]:
             def one(i: int) -> str:
                 return str(tk.decode([i], skip_special_tokens=False))
         except Exception as exc:  # noqa: BLE001 - any loader failure: fall back to ids and say why
-            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err = one_line(exc)
     if one is None:
         try:
             from transformers import AutoTokenizer
@@ -728,7 +729,7 @@ def _decoder(run: Run) -> tuple[Callable[[list[int | None]], list[str]], str]:
             def one(i: int) -> str:
                 return str(at.decode([i], skip_special_tokens=False))
         except Exception as exc:  # noqa: BLE001
-            err = err or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            err = err or one_line(exc)
             return ids_only, f"could not load the run's tokenizer ({err}): tokens are shown as #id"
     memo: dict[int, str] = {}
     assert one is not None
@@ -760,7 +761,7 @@ def _worst_tokens(
     try:
         rows = run.tokens().filter(pl.col(schema.STEP).is_in(steps)).collect()
     except Exception as exc:  # noqa: BLE001 - damaged token files: the report goes on without tokens
-        return {}, f"token rows could not be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return {}, f"token rows could not be read ({one_line(exc)})"
     if rows.height == 0:
         return {}, "no token rows were recorded for these steps (token_sample_rate 0 or rows dropped)"
     decode, how = _decoder(run)
