@@ -14,11 +14,11 @@ once in threads, and their sums add). The rules themselves come from :mod:`rldia
   sequence contiguous, positions increasing, sequence ids increasing within a step), GSPO (per-sequence mean
   log-ratio and advantage) and CTPO (cumulative log-ratio in position order). Each row's columns are read once
   and its ratio ``exp(logp - old_logp)`` computed once; it leaves each valid token's ratio for Trust the Batch.
-  The ratios, rollout weights and SAPO gates of each block of :data:`EXP_BLOCK` rows are computed ahead in SIMD
-  lanes (:func:`block_exps`, :mod:`rldiag.stats.exact_exp`): the C library's bits where they are certain, and
-  the library itself for the rows where they are not, so every result has the bits of a call per row.
-  A ratio's bucket comes from a lookup table on the bits of the number (:func:`bucket_lut`), one load and two
-  comparisons.
+  The ratios, rollout weights, SAPO gates and ratio buckets of each block of :data:`EXP_BLOCK` rows are
+  computed ahead (:func:`block_exps`): the exponentials in SIMD lanes (:mod:`rldiag.stats.exact_exp`), with the
+  C library's bits where they are certain and the library itself, in a short loop of its own, for the values
+  where they are not, so every result has the bits of a call per row; a ratio's bucket from a lookup table on
+  the bits of the number (:func:`bucket_lut`), one load and two comparisons.
 * :func:`ttb_pass`: Trust the Batch's sums, once the step's ESS is known.
 * :func:`sequence_pass`: GSPO and CTPO over rows taken in a given order, for rows not in the recorder's order
   (:func:`lens_pass` says when they are not; the caller gives this pass the rows' sorted order instead).
@@ -273,31 +273,58 @@ def block_exps(
     w: np.ndarray,
     g: np.ndarray,
     sure: np.ndarray,
-) -> None:  # pragma: no cover - compiled
+    use_lut: bool,
+    r_counts: np.ndarray,
+    r_edge: np.ndarray,
+    r_base: int,
+    r_shift: int,
+    rb: np.ndarray,
+) -> int:  # pragma: no cover - compiled
     """For the rows of a block (``lp.size`` of them): the ratio ``r = exp(logp - old_logp)``, the rollout weight
-    ``w = exp(old_logp - rollout_logp)`` (``want_w``) and SAPO's gate ``g = 1 / (1 + exp(-tau (r - 1)))``
-    (``want_sapo``; ``tau`` by the sign of A), each by :func:`rldiag.stats.exact_exp.exp_sure` with the very
-    operations :func:`lens_pass` applies; ``sure[j]``: all of row j's are the C library's bits (otherwise
-    :func:`lens_pass` calls it for that row), or NaN from a NaN argument where only NaN-ness matters (the ratio
-    of an invalid token; the weight of a token without a rollout log-prob, so that a run that recorded none
-    does not send every row to the C library). Loops without a call or a branch: they run in SIMD lanes."""
+    ``w = exp(old_logp - rollout_logp)`` (``want_w``), SAPO's gate ``g = 1 / (1 + exp(-tau (r - 1)))``
+    (``want_sapo``; ``tau`` by the sign of A) and, with ``use_lut``, the ratio's bucket ``rb`` from
+    :func:`bucket_lut`'s table, each with the very operations :func:`lens_pass` would apply to the row.
+
+    Each exponential is :func:`rldiag.stats.exact_exp.exp_sure` in a loop without a call or a branch (SIMD
+    lanes); then, in a short loop of its own, the C library's ``exp`` for the values it was not sure of (about
+    4 % of each), so every value has the bits of a call. NaN arguments are sure: an invalid token's ratio is never
+    read, and a token without a rollout log-prob only has its weight tested for NaN (a run that recorded none
+    sends no row to the C library). ``sure`` is scratch space of at least ``lp.size`` flags. Returns the number
+    of values computed by the C library."""
     m = lp.size
+    calls = 0
     for j in range(m):
         x = np.float64(lp[j]) - np.float64(olp[j])
         v, ok = exp_sure(x)
         r[j] = v
-        sure[j] = ok | (x != x)  # NaN: an invalid token, whose ratio lens_pass never reads
+        sure[j] = ok | (x != x)
+    for j in range(m):
+        if not sure[j]:
+            r[j] = math.exp(np.float64(lp[j]) - np.float64(olp[j]))
+            calls += 1
     if want_w:
         for j in range(m):
             x = np.float64(olp[j]) - np.float64(roll[j])
             v, ok = exp_sure(x)
             w[j] = v
-            sure[j] = sure[j] & (ok | (x != x))  # NaN (no rollout log-prob): lens_pass only asks w == w
+            sure[j] = ok | (x != x)
+        for j in range(m):
+            if not sure[j]:
+                w[j] = math.exp(np.float64(olp[j]) - np.float64(roll[j]))
+                calls += 1
     if want_sapo:
         for j in range(m):
             v, ok = exp_sure(_sapo_exponent(r[j], np.float64(adv[j]), tau_pos, tau_neg))
             g[j] = 1.0 / (1.0 + v)
-            sure[j] = sure[j] & ok
+            sure[j] = ok
+        for j in range(m):
+            if not sure[j]:
+                g[j] = 1.0 / (1.0 + math.exp(_sapo_exponent(r[j], np.float64(adv[j]), tau_pos, tau_neg)))
+                calls += 1
+    if use_lut:
+        for j in range(m):
+            rb[j] = _lut_bucket(r_counts, r_edge, r_base, r_shift, r[j])
+    return calls
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -373,9 +400,10 @@ def lens_pass(  # pragma: no cover - compiled
     d, sp, c = zero, zero, zero  # acc[s, :5] (sr2, DCPO's first four), acc[s, 5:] (DCPO's kadv, SAPO's three)
     r_ahead, w_ahead, g_ahead = np.empty(EXP_BLOCK), np.empty(EXP_BLOCK), np.empty(EXP_BLOCK)
     sure = np.empty(EXP_BLOCK, dtype=np.bool_)
+    rb_ahead = np.zeros(EXP_BLOCK, dtype=np.int64)
     for i in range(n):
         j = i % EXP_BLOCK
-        if j == 0:  # the next block's exponentials, ahead of its rows
+        if j == 0:  # the next block's exponentials and ratio buckets, ahead of its rows
             b1 = min(n, i + EXP_BLOCK)
             block_exps(
                 lp[i:b1],
@@ -390,6 +418,12 @@ def lens_pass(  # pragma: no cover - compiled
                 w_ahead,
                 g_ahead,
                 sure,
+                use_lut,
+                r_counts,
+                r_edge,
+                r_base,
+                r_shift,
+                rb_ahead,
             )
         if step[i] != last or s == -2:
             if s >= 0:
@@ -409,16 +443,9 @@ def lens_pass(  # pragma: no cover - compiled
             r_out[i] = np.nan
             continue
         lr = x - y
-        if sure[j]:  # the block's exponentials are the C library's
-            r = r_ahead[j]
-            w = w_ahead[j] if want_w else np.nan
-            g = g_ahead[j] if want_sapo else 0.0
-        else:  # one of them may not be (about 4 % of each): the C library's, with the same operations
-            r = math.exp(lr)
-            w = math.exp(y - np.float64(roll[i])) if want_w else np.nan
-            g = 0.0
-            if want_sapo:
-                g = 1.0 / (1.0 + math.exp(_sapo_exponent(r, a, th[TH_SAPO_POS], th[TH_SAPO_NEG])))
+        r = r_ahead[j]
+        w = w_ahead[j] if want_w else np.nan
+        g = g_ahead[j] if want_sapo else 0.0
         side = 1 if a > 0 else (-1 if a < 0 else 0)
         k = True
         if want_dcpo:
@@ -443,7 +470,7 @@ def lens_pass(  # pragma: no cover - compiled
         if w == w:
             wb = _bucket(w_edges, w)
             rw = r * w
-        rb = _lut_bucket(r_counts, r_edge, r_base, r_shift, r) if use_lut else _search_bucket(r_padded, n_r, r)
+        rb = rb_ahead[j] if use_lut else _search_bucket(r_padded, n_r, r)
         t = table[s, side + 1, rb, wb]
         t[0] += 1.0
         t[1] += r

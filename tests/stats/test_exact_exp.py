@@ -97,25 +97,57 @@ def _reference(lp, olp, adv, roll, tau_pos, tau_neg):  # pragma: no cover - comp
     return r, w, g
 
 
-def test_the_block_exponentials_are_the_c_librarys_where_sure():
+_EDGES = np.array([0.8, 1.0, 1.2])
+
+
+def _block(lp, olp, adv, roll, want_w, want_sapo):
+    n = lp.size
+    r, w, g = np.empty(n), np.empty(n), np.empty(n)
+    rb = np.empty(n, np.int64)
+    counts, edge, base, shift = K.bucket_lut(_EDGES)
+    calls = K.block_exps(
+        lp,
+        olp,
+        adv,
+        roll,
+        want_w,
+        want_sapo,
+        1.0,
+        1.05,
+        r,
+        w,
+        g,
+        np.empty(n, np.bool_),
+        True,
+        counts,
+        edge,
+        base,
+        shift,
+        rb,
+    )
+    return r, w, g, rb, calls
+
+
+def test_the_block_exponentials_are_the_c_librarys_bit_for_bit():
+    """Every value of the block (those exp_sure was sure of, and those the library computed after it), and the
+    ratio's bucket is the one of the library's ratio."""
     rng = np.random.default_rng(3)
     n = 3 * K.EXP_BLOCK + 17
     olp = np.log(rng.uniform(0.01, 1.0, n)).astype(np.float32)
     lp = (olp + rng.normal(0, 0.5, n)).astype(np.float32)
     roll = (olp + rng.normal(0, 0.5, n)).astype(np.float32)
     adv = rng.normal(size=n).astype(np.float32)
-    r, w, g = np.empty(n), np.empty(n), np.empty(n)
-    sure = np.empty(n, np.bool_)
-    K.block_exps(lp, olp, adv, roll, True, True, 1.0, 1.05, r, w, g, sure)
+    r, w, g, rb, calls = _block(lp, olp, adv, roll, True, True)
     want = _reference(lp, olp, adv, roll, 1.0, 1.05)
     for got, ref in zip((r, w, g), want):
-        np.testing.assert_array_equal(got[sure].view(np.int64), ref[sure].view(np.int64))
-    assert 0.5 < sure.mean() < 1.0  # most rows sure; some not (about 4 % per exponential)
+        np.testing.assert_array_equal(got.view(np.int64), ref.view(np.int64))
+    np.testing.assert_array_equal(rb, [K._bucket(_EDGES, v) for v in want[0]])
+    assert 0.01 * 3 * n < calls < 0.1 * 3 * n  # a few percent of the values go to the library, never most
 
 
 def test_a_run_without_rollout_log_probs_keeps_the_block_path():
-    """A NaN rollout log-prob (a run that recorded none) makes w NaN, which the pass only tests for NaN-ness: the
-    row stays sure, instead of every row of such a run calling the C library. Invalid tokens' NaN ratios too."""
+    """A NaN rollout log-prob (a run that recorded none) makes w NaN, which the pass only tests for NaN-ness: no
+    such weight goes to the C library, instead of every row of such a run. Invalid tokens' NaN ratios neither."""
     rng = np.random.default_rng(4)
     n = 2 * K.EXP_BLOCK + 5
     olp = np.log(rng.uniform(0.01, 1.0, n)).astype(np.float32)
@@ -123,12 +155,11 @@ def test_a_run_without_rollout_log_probs_keeps_the_block_path():
     adv = rng.normal(size=n).astype(np.float32)
     roll = np.full(n, np.nan, np.float32)
     lp[::7] = np.nan  # invalid tokens
-    r, w, g = np.empty(n), np.empty(n), np.empty(n)
-    sure, sure_no_w = np.empty(n, np.bool_), np.empty(n, np.bool_)
-    K.block_exps(lp, olp, adv, roll, True, False, 1.0, 1.05, r, w, g, sure)
-    K.block_exps(lp, olp, adv, roll, False, False, 1.0, 1.05, r, w, g, sure_no_w)
-    np.testing.assert_array_equal(sure, sure_no_w)  # the NaN weights cost nothing
-    assert np.isnan(w).all() and sure[::7].all() and 0.9 < sure.mean() < 1.0
+    r, w, _, _, calls = _block(lp, olp, adv, roll, True, False)
+    *_, calls_no_w = _block(lp, olp, adv, roll, False, False)
+    assert calls == calls_no_w  # the NaN weights cost nothing
+    assert 0 < calls < 0.1 * n  # and the NaN ratios neither: only the few unsure valid ones
+    assert np.isnan(w).all() and np.isnan(r[::7]).all()
 
 
 def test_the_pass_leaves_the_c_librarys_ratio_of_every_valid_row():
