@@ -238,6 +238,7 @@ def metric_panel_spec(
     aggregated = False
     y_lo, y_hi = math.inf, -math.inf
     onpolicy_marks: list[tuple[str, float, float]] = []
+    lone = 0  # traces of a single finite point, drawn as a marker
     axes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run_id, frame in frames.items():
         run_color = PALETTE[(order.index(run_id) if run_id in order else len(order)) % len(PALETTE)]
@@ -272,7 +273,9 @@ def metric_panel_spec(
                 y_lo, y_hi = min(y_lo, float(finite.min())), max(y_hi, float(finite.max()))
             label = series_label(run_id, metric, n_runs=n_runs)
             group = f"{run_id}|{metric}"
-            data.extend(_series_traces(env, smooth, step_env.mean, label, group, color, dash, unit))
+            traces = _series_traces(env, smooth, step_env.mean, label, group, color, dash, unit)
+            lone += sum(t["mode"] != "lines" for t in traces)
+            data.extend(traces)
     layout = base_layout(title, height=height, x_title=x_title(frames, x_mode))
     layout["yaxis"] = dict(_AXIS, title=dict(text=unit or ""), zeroline=False)
     if log_y:
@@ -342,7 +345,7 @@ def metric_panel_spec(
         "aggregated": aggregated,
         "metrics": list(metrics),
         "runs": list(frames),
-        "key": [fixed, y_lo == math.inf, aggregated, len(shown_marks), len(onpolicy_marks)],
+        "key": [fixed, y_lo == math.inf, aggregated, len(shown_marks), len(onpolicy_marks), lone],
         "alerts": alert_key(alerts or {}),
     }
     n_legend = len(frames) * len(metrics) + len(hlines) + (1 if shown_marks else 0)
@@ -424,7 +427,7 @@ def _series_traces(
         line=dict(width=0, color=color),
     )
     has_smooth = smooth is not None
-    raw = dict(
+    raw: dict[str, Any] = dict(
         type="scatter",
         mode="lines",
         name=label if not has_smooth else f"{label} (raw)",
@@ -436,7 +439,7 @@ def _series_traces(
         line=dict(width=1.2, color=_rgba(color, 1.0 if not has_smooth else 0.45), dash=dash),
         hovertemplate=hover,
     )
-    sm = dict(
+    sm: dict[str, Any] = dict(
         type="scatter",
         mode="lines",
         name=label if has_smooth else f"{label} (EMA)",
@@ -451,7 +454,19 @@ def _series_traces(
         sm["hovertemplate"] = f"{label} (EMA): %{{y:.4g}}{_unit_suffix(unit)}<extra></extra>"
     else:
         sm["hoverinfo"] = "skip"
+    # the count of traces drawn with a marker is part of the layout key, so a live update rebuilds the figure as
+    # lines once a second point lands
+    for trace, values in ((raw, env.mean), (sm, smooth.mean if has_smooth else None)):
+        if values is not None and line_mode(values) != "lines":
+            trace["mode"] = line_mode(values)
+            trace["marker"] = dict(size=6, color=trace["line"]["color"])
     return [band, raw, sm]
+
+
+def line_mode(values: np.ndarray) -> str:
+    """A scatter trace's mode for a line of ``values``: ``"lines"``, or ``"lines+markers"`` when only one value is
+    finite, which a line alone does not draw (a live run's first step would show bare axes)."""
+    return "lines+markers" if np.count_nonzero(np.isfinite(np.asarray(values, dtype=np.float64))) == 1 else "lines"
 
 
 def _alert_points(

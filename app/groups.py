@@ -24,7 +24,7 @@ import polars as pl
 
 from app import data
 from app.downsample import DEFAULT_BUCKETS
-from app.figures import PALETTE, empty_figure
+from app.figures import PALETTE, empty_figure, line_mode
 from app.security import plot_text
 
 NAME_GROUP = "name without seed"
@@ -220,7 +220,7 @@ def band_figure(groups: Mapping[str, Mapping[str, pl.DataFrame]], metric: str, *
                 x=x,
                 y=mean,
                 customdata=np.stack([lo, hi, count], axis=1),
-                mode="lines",
+                mode=line_mode(mean),
                 name=name,
                 line=dict(width=2, color=color),
                 hovertemplate="step %{x}<br>mean %{y:.4g}<br>min %{customdata[0]:.4g} · max %{customdata[1]:.4g}"

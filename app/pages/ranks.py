@@ -206,7 +206,7 @@ def rank_figure(
             go.Scatter(
                 x=xs,
                 y=vs[i],
-                mode="lines",
+                mode=figures.line_mode(vs[i]),
                 name=f"rank {r}",
                 line=dict(
                     color=figures.PALETTE[i % len(figures.PALETTE)] if len(ranks) <= 10 or is_worst else "#9aa4b1",

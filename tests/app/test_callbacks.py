@@ -158,6 +158,19 @@ def test_live_tick_redraws_a_panel_that_missed_an_update_or_whose_layout_changed
     rec.close()
 
 
+def test_live_tick_draws_lines_once_a_run_has_a_second_step(tmp_path: Path):
+    rec = record_run(tmp_path / "r", steps=1, close=False)
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "a", ["ratio/max"])
+    with app.server.test_request_context():
+        specs, sigs = _draw([pid], ["r"])
+        assert specs[0]["data"][1]["mode"] == "lines+markers"  # the first step, visible
+        record_run(tmp_path / "r", steps=1, start=1, close=False, rec=rec)
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert extends == [no_update] and figs[0]["data"][1]["mode"] == "lines"
+    rec.close()
+
+
 def test_live_tick_shows_alerts_that_fire_while_the_chart_is_open(tmp_path: Path):
     rec = record_run(tmp_path / "r", steps=SPIKE_STEP, close=False, alerts=True)
     app = shell.create_app(tmp_path)

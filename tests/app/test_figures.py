@@ -121,6 +121,19 @@ def test_constant_and_missing_series_get_a_usable_axis():
     assert fig.layout.meta["key"] != figures.metric_panel({"a": const}, ["m"], title="t").layout.meta["key"]
 
 
+def test_a_series_of_one_point_is_drawn_as_a_marker_until_it_has_two():
+    """A line through one point draws nothing: a live run's first step would show bare axes."""
+    one = pl.DataFrame({"step": [0, 1], "m": [float("nan"), 0.5]})
+    fig = figures.metric_panel({"a": one}, ["m"], title="t", smoothing=0.5)
+    raw, ema = fig.data[1], fig.data[2]
+    assert raw.mode == ema.mode == "lines+markers" and raw.marker.color == raw.line.color
+    two = pl.DataFrame({"step": [0, 1, 2], "m": [float("nan"), 0.5, 0.6]})
+    fig2 = figures.metric_panel({"a": two}, ["m"], title="t", smoothing=0.5)
+    assert fig2.data[1].mode == fig2.data[2].mode == "lines" and fig2.data[1].marker.size is None
+    # the layout key differs, so a live tick sends the two-point figure whole instead of extending the markers
+    assert fig.layout.meta["key"] != fig2.layout.meta["key"]
+
+
 def test_nan_and_inf_are_sent_as_gaps():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     fig = figures.metric_panel({"a": f}, ["m"], title="t")

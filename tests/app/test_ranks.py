@@ -82,6 +82,15 @@ def test_the_bad_rank_stands_out_in_a_recorded_run(ranks, make_app, rank_run: Pa
         assert "4 rank(s)" in ranks.rank_note(["four_ranks"])
 
 
+def test_a_run_of_one_step_shows_each_rank_as_a_point(ranks, make_app, tmp_path: Path):
+    record_ranks(tmp_path / "one_step", steps=1, world=2)
+    app = make_app(tmp_path)
+    with app.server.test_request_context():
+        fig = ranks.run_figure("one_step", "ratio/max")
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert [t.mode for t in lines] == ["lines+markers"] * 2  # a line through one point draws nothing
+
+
 def test_zoom_events_are_read_from_either_axis(ranks):
     assert ranks.zoom_of({"xaxis.range[0]": 3, "xaxis.range[1]": 9.5}) == (3.0, 9.5)
     assert ranks.zoom_of({"xaxis2.range": [1, 2]}) == (1.0, 2.0)
