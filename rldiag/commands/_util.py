@@ -94,11 +94,15 @@ def parse_steps(text: str | None) -> slice | None:
     try:
         if ":" in text:
             a, b = text.split(":", 1)
-            return slice(int(a) if a else None, int(b) if b else None)
-        s = int(text)
-        return slice(s, s + 1)
+            sl = slice(int(a) if a else None, int(b) if b else None)
+        else:
+            s = int(text)
+            sl = slice(s, s + 1)
     except ValueError:
         raise CLIError(f"--steps must look like 100:200, 100: or :200 (got {text!r})") from None
+    if sl.start is not None and sl.stop is not None and sl.stop <= sl.start:
+        raise CLIError(f"--steps {text} holds no step: A:B means A <= step < B, so B must be above A")
+    return sl
 
 
 def steps_in(run: Run, text: str | None) -> list[int] | None:

@@ -40,6 +40,12 @@ def test_parse_steps_names_the_bad_value(text: str) -> None:
         parse_steps(text)
 
 
+@pytest.mark.parametrize("text", ["5:2", "3:3"])
+def test_parse_steps_refuses_an_empty_range(text: str) -> None:
+    with pytest.raises(CLIError, match=f"--steps {text} holds no step: .*B must be above A"):
+        parse_steps(text)
+
+
 def test_steps_in_filters_the_runs_steps() -> None:
     class FakeRun:  # only steps() is read
         def steps(self) -> list[int]:
