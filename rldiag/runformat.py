@@ -802,17 +802,24 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
             if e["first"] is not None:
                 bound = e["first"] if bound is None else min(bound, e["first"])
         reached: int | None = None  # the newest surviving step of the attempts so far
+        expect: int | None = None  # the step the next attempt must start at for no step to be missing
         for i, wid in enumerate(order):
             e = by_writer[wid]
             if e["first"] is None:
                 continue
-            if reached is not None and e["first"] > reached + 1:
-                out.gaps.append({"rank": rank, "from_step": reached + 1, "to_step": e["first"] - 1, "writer": wid})
-            last = e["last"] if e["last"] is not None else e["first"]
-            cut = out.cutoff.get(wid)
-            last = min(last, cut - 1) if cut is not None else last
-            if last >= e["first"]:
-                reached = last if reached is None else max(reached, last)
+            if expect is not None and e["first"] > expect:
+                out.gaps.append({"rank": rank, "from_step": expect, "to_step": e["first"] - 1, "writer": wid})
+            if e["last"] is None:
+                # published nothing (killed before its first publish, or still open): its steps hold no data yet,
+                # so they are missing unless a later attempt records them again
+                expect = e["first"] if expect is None else min(expect, e["first"])
+            else:
+                cut = out.cutoff.get(wid)
+                last = min(e["last"], cut - 1) if cut is not None else e["last"]
+                if last >= e["first"]:
+                    reached = last if reached is None else max(reached, last)
+                if reached is not None:
+                    expect = reached + 1
             for later in order[i + 1 :]:
                 l_e = by_writer[later]
                 both_live = (

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
             )
     for g in info["gaps"]:
         print(
-            f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} were never recorded "
-            f"(restart {g['writer']} began later than the rank had stopped)"
+            f"gap          rank {g['rank']}  steps {g['from_step']} .. {g['to_step']} hold no data "
+            f"(restart {g['writer']} began later than the rank's last published step)"
         )
     if info["problems"]:
         print(f"problems     {len(info['problems'])}:")

@@ -261,6 +261,36 @@ def test_restart_after_where_the_rank_stopped_leaves_a_gap(run_dir) -> None:
     assert "gap" in out.getvalue() and "4 .. 5" in out.getvalue()
 
 
+KILLED_BEFORE_PUBLISHING = textwrap.dedent("""
+    import os, sys
+    import rldiag
+    from tests.analysis.test_io import _step_record
+    rec = rldiag.Recorder(sys.argv[1], roll_steps=1000, roll_seconds=600)
+    for s in range(3):
+        rec.record(step=s, **_step_record(s))
+    os.kill(os.getpid(), 9)
+""")
+
+
+@pytest.mark.parametrize(("restart", "gap"), [(2, [0, 1]), (0, None)])
+def test_an_attempt_killed_before_its_first_publish_leaves_its_steps_missing(run_dir, tmp_path, restart, gap) -> None:
+    """A trainer killed before the recorder published anything: its steps hold no data. A restart later than its
+    first step leaves them out (a gap from that first step, not after it); a restart at that step fills them."""
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_BEFORE_PUBLISHING)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, str(script), str(run_dir)], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert rldiag.open_run(run_dir).steps() == []
+    _attempt(run_dir, range(restart, 5), attempt=1)
+    info = rldiag.open_run(run_dir).info()
+    assert rldiag.open_run(run_dir).steps() == list(range(restart, 5))
+    if gap is None:
+        assert info["gaps"] == []
+    else:
+        assert [(g["from_step"], g["to_step"]) for g in info["gaps"]] == [tuple(gap)]
+
+
 def test_several_ranks_restart_at_different_steps(run_dir, tmp_path) -> None:
     world = 3
     _attempt(run_dir, range(6), attempt=0, rank=0, world=world)
