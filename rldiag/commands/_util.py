@@ -22,19 +22,27 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def stop_on_sigterm(stop: threading.Event) -> Iterator[threading.Event]:
-    """While inside, SIGTERM (a scheduler, ``kill``, a pod's shutdown) sets ``stop`` instead of killing the
-    process, so that a follow loop ends the way Ctrl-C ends it: its pass finishes, what it holds is flushed and
-    its summary printed. The previous handler is put back on leaving. Outside the main thread, where Python
-    cannot install handlers, nothing changes."""
+def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
+    """While inside, SIGTERM (a scheduler, ``kill``, a pod's shutdown) and a first Ctrl-C (SIGINT) set ``stop``
+    instead of interrupting whatever runs, so that a follow loop ends after the step or pass in progress: nothing
+    it writes (an alert history, a tracker's step, a run's files) is left half-done, what it holds is flushed and
+    its summary printed. A second Ctrl-C raises KeyboardInterrupt at once, as without this. The previous handlers
+    are put back on leaving. Outside the main thread, where Python cannot install handlers, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def open_run_or_fail(path: str) -> Run:

@@ -8,8 +8,9 @@
 Every step metric (or those named with --metric) is written at the run's own steps; TensorBoard, W&B and
 trackio also get the per-step log-ratio and entropy histograms. Only complete steps are written (on a live run, the step
 in progress waits). Running it again writes only the steps the tracker does not hold yet. --follow keeps
-exporting the steps of a live run as they complete, until the run is closed (or Ctrl-C or SIGTERM, which end it
-after the pass in progress and print what was written).
+exporting the steps of a live run as they complete, until the run is closed. Ctrl-C or SIGTERM end an export
+after the step being written (a tracker never holds part of a step) and print what was written; a second Ctrl-C
+stops at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import threading
 
 from rldiag import storage
-from rldiag.commands._util import stop_on_sigterm
+from rldiag.commands._util import stop_on_signals
 from rldiag.storage import read_failure
 
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     total = 0
     stop = threading.Event()
     try:
-        with stop_on_sigterm(stop):
+        with stop_on_signals(stop):
             failing: str | None = None
             passes = 0
             while True:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                     if closed and args.follow:
                         r.refresh()  # what was published between the last refresh and the close mark
                     steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may grow
-                    total += export_steps(r, exporter, metrics=args.metric or None, steps=steps)
+                    total += export_steps(r, exporter, metrics=args.metric or None, steps=steps, stop=stop)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
                 except Exception as exc:
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     if failing:
                         print(f"rldiag export: reading {r.name} again", file=sys.stderr)
                     failing = None
-                if not args.follow or closed:
+                if not args.follow or closed or stop.is_set():
                     break
                 if stop.wait(args.interval):
                     break

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from rldiag.cli import CLIError
-from rldiag.commands._util import stop_on_sigterm
+from rldiag.commands._util import stop_on_signals
 
 if TYPE_CHECKING:
     from rldiag.config import RecorderConfig
@@ -117,7 +117,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     if args.follow:
         from rldiag.importers.follow import follow
 
-        with stop_on_sigterm(threading.Event()) as stop:
+        with stop_on_signals(threading.Event()) as stop:
             report = _guard(
                 f"following {args.source}",
                 lambda: follow(

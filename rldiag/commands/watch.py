@@ -26,7 +26,7 @@ from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
-from rldiag.commands._util import stop_on_sigterm
+from rldiag.commands._util import stop_on_signals
 from rldiag.runformat import read_alerts
 from rldiag.storage import read_failure
 
@@ -382,9 +382,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
             announced: set[int] = set()
             try:
-                with stop_on_sigterm(stop):
+                with stop_on_signals(stop):
                     while not stop.is_set():
                         for k, w in enumerate(watchers):
+                            if stop.is_set():
+                                break  # stopping (SIGTERM or Ctrl-C): after the run whose pass was in progress
                             failing = w.read_error
                             w.poll()
                             if w.read_error and w.read_error != failing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -409,9 +410,16 @@ def select_metrics(columns: Iterable[str], chosen: Sequence[str] | None) -> list
 
 
 def export_steps(
-    run: Any, exporter: Exporter, *, metrics: Sequence[str] | None = None, steps: Sequence[int] | None = None
+    run: Any,
+    exporter: Exporter,
+    *,
+    metrics: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Write the run's steps newer than what ``exporter`` holds; returns how many steps were written."""
+    """Write the run's steps newer than what ``exporter`` holds; returns how many steps were written. Once
+    ``stop`` is set no further step is begun, so a tracker never holds part of a step (a later export resumes
+    after the last step it holds)."""
     last = exporter.last_step()
     todo = [s for s in (run.steps() if steps is None else steps) if last is None or s > last]
     if not todo:
@@ -419,8 +427,12 @@ def export_steps(
     frame = run.step_metrics(steps=todo).sort("step")
     names = select_metrics(frame.columns, metrics)
     hists = step_histograms(run.stats_table(), todo) if exporter.histograms else {}
+    written = 0
     for row in frame.select(["step", *names]).iter_rows(named=True):
+        if stop is not None and stop.is_set():
+            break
         step = int(row.pop("step"))
         exporter.write(step, row, hists.get(step))
+        written += 1
     exporter.flush()
-    return len(todo)
+    return written

@@ -84,6 +84,8 @@ def follow(
                 else:
                     seen[f.path] = sig
             for f in ready:
+                if stop is not None and stop.is_set():
+                    break  # after the file in progress: a dump is imported whole or not at all
                 done.add(f.path)
                 report.files += 1
                 before = report.tokens

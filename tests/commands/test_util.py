@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import polars as pl
@@ -104,16 +105,24 @@ def test_clean_json_and_write_frame_give_strict_json(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == "step,x\n1,0.5\n"
 
 
-def test_stop_on_sigterm_sets_the_event_and_puts_the_handler_back() -> None:
+def test_stop_on_signals_sets_the_event_and_puts_the_handlers_back() -> None:
     import os
     import signal
     import threading
 
-    from rldiag.commands._util import stop_on_sigterm
+    from rldiag.commands._util import stop_on_signals
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        stop = threading.Event()
+        with stop_on_signals(stop):
+            os.kill(os.getpid(), sig)  # without the handler SIGTERM would end the test process, SIGINT raise
+            assert stop.wait(10)
+    # a second Ctrl-C does not wait for the pass in progress
     stop = threading.Event()
-    with stop_on_sigterm(stop):
-        os.kill(os.getpid(), signal.SIGTERM)  # without the handler this would end the test process
+    with pytest.raises(KeyboardInterrupt), stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGINT)
         assert stop.wait(10)
-    assert signal.getsignal(signal.SIGTERM) == before
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # interrupted
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -58,6 +58,38 @@ def test_tensorboard_scalars_histograms_and_no_duplicates(run_dir: Path, tmp_pat
     assert spread[5] > 10 * spread[4]
 
 
+def test_a_stopped_export_leaves_whole_steps_and_the_next_one_completes_them(run_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM during an export (the CLI sets the event) ends it between two steps: the tracker never
+    holds part of a step, which a later export, resuming after the last step held, would never complete."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    from rldiag.export.trackers import export_steps, make_exporter
+
+    run = rldiag.open_run(run_dir)
+    tb = tmp_path / "tb"
+    stop = threading.Event()
+    exporter = make_exporter("tensorboard", str(tb), "exp1")
+    write = exporter.write
+
+    def write_then_stop(step, metrics, hists=None):  # type: ignore[no-untyped-def]
+        write(step, metrics, hists)
+        if step == 3:
+            stop.set()  # as the signal handler does, while step 3 is written
+
+    exporter.write = write_then_stop  # type: ignore[method-assign]
+    assert export_steps(run, exporter, stop=stop) == 4
+    exporter.close()
+    acc = _accumulator(tb)
+    tags = acc.Tags()["scalars"]
+    assert {tuple(e.step for e in acc.Scalars(t)) for t in tags} == {(0, 1, 2, 3)}  # every metric of each step
+    exporter = make_exporter("tensorboard", str(tb), "exp1")
+    assert export_steps(run, exporter) == len(run.steps()) - 4
+    exporter.close()
+    acc = _accumulator(tb)
+    assert {tuple(e.step for e in acc.Scalars(t)) for t in tags} == {tuple(run.steps())}
+
+
 def test_chosen_metrics_only(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
