@@ -45,6 +45,8 @@ OVERVIEW_FIRING: Final = "overview-firing"
 OVERVIEW_CUSTOM: Final = "overview-custom"
 OVERVIEW_CUSTOM_NAMES: Final = "overview-custom-names"
 """The Overview's line of firing alerts (re-read when a live tick changed the panels)."""
+OVERVIEW_RESTARTS: Final = "overview-restarts"
+"""The Overview's line of restarts and the steps they left without data (re-read at live ticks too)."""
 
 # --- Runs page --------------------------------------------------------------------------------------
 RUNS_FILTER: Final = "runs-filter"

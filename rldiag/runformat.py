@@ -733,6 +733,9 @@ class Resume:
     """``{rank, writer, from_step, to_step, by}``: records on disk that no metric counts."""
     gaps: list[dict[str, Any]] = field(default_factory=list)
     """``{rank, from_step, to_step, writer}``: a restart later than where the rank stopped left these steps out."""
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    """``{rank, step, writer}``: each attempt of a rank after its first (by start time), at its first step: where a
+    restarted job resumed."""
     problems: list[str] = field(default_factory=list)
     """Two writers of one rank live at once, and similar: reported, never silently merged."""
 
@@ -803,10 +806,14 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
                 bound = e["first"] if bound is None else min(bound, e["first"])
         reached: int | None = None  # the newest surviving step of the attempts so far
         expect: int | None = None  # the step the next attempt must start at for no step to be missing
+        started = False
         for i, wid in enumerate(order):
             e = by_writer[wid]
             if e["first"] is None:
                 continue
+            if started:
+                out.restarts.append({"rank": rank, "step": e["first"], "writer": wid})
+            started = True
             if expect is not None and e["first"] > expect:
                 out.gaps.append({"rank": rank, "from_step": expect, "to_step": e["first"] - 1, "writer": wid})
             if e["last"] is None:

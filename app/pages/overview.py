@@ -35,6 +35,27 @@ def alert_line(runs: list[str]) -> html.Div | None:
     return html.Div([html.Span("firing: ", className="muted"), *chips], className="alert-line")
 
 
+def restart_line(runs: list[str]) -> html.Div | None:
+    """Where the runs on screen were restarted (a later attempt of a rank resumed at that step; the records it
+    replaced count nowhere) and the steps a restart left without data. None for runs that never restarted."""
+    cat = data.catalog()
+    parts: list[str] = []
+    for run_id in runs:
+        resume = cat.state(run_id).run.resume
+        prefix = f"{run_id}: " if len(runs) > 1 else ""
+        by_step: dict[int, list[int]] = {}
+        for r in resume.restarts:
+            by_step.setdefault(int(r["step"]), []).append(int(r["rank"]))
+        for step, ranks in sorted(by_step.items()):
+            who = f"rank {', '.join(map(str, sorted(ranks)))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
+            parts.append(f"{prefix}step {step} ({who})")
+        for g in resume.gaps:
+            parts.append(f"{prefix}steps {g['from_step']}..{g['to_step']} hold no data (rank {g['rank']})")
+    if not parts:
+        return None
+    return html.Div([html.Span("restarted: ", className="muted"), html.Span(" · ".join(parts))], className="alert-line")
+
+
 def custom_names(runs: list[str]) -> list[str]:
     """Names of the custom scalars (``Recorder.log``) of the runs on screen, in first-seen order."""
     cat = data.catalog()
@@ -69,6 +90,7 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
     ]
     if runs:
         children.append(html.Div(alert_line(runs), id=ids.OVERVIEW_FIRING))
+        children.append(html.Div(restart_line(runs), id=ids.OVERVIEW_RESTARTS))
         # One grid: most families have one headline metric, and a section per family would leave half rows.
         children.append(ui.panel_grid(PAGE, panels.overview_panels()))
         names = custom_names(runs)
@@ -118,3 +140,14 @@ def refresh_firing(_payload: Any, runs: list[str] | None) -> Any:
     """The firing chips follow the alerts: a live tick that changed a panel (new steps, new alert marks) sends
     a payload, and the chips are read again then."""
     return alert_line(data.catalog().valid_ids(runs or []))
+
+
+@callback(
+    Output(ids.OVERVIEW_RESTARTS, "children"),
+    Input(ids.LIVE_PAYLOAD, "data"),
+    State(ids.PAGE_RUNS, "data"),
+    prevent_initial_call=True,
+)
+def refresh_restarts(_payload: Any, runs: list[str] | None) -> Any:
+    """A restart of a live run (a preempted job resumed from its checkpoint) shows at the next live tick."""
+    return restart_line(data.catalog().valid_ids(runs or []))

@@ -187,6 +187,8 @@ def _summary(run_id: str, st: data.RunState) -> dict[str, Any]:
         "last_step": int(cast(int, frame["step"].max())) if steps else None,
         "tokens": tokens,
         "firing": firing,
+        "restarts": sorted({int(r["step"]) for r in st.run.resume.restarts}),
+        "gaps": len(st.run.resume.gaps),
     }
 
 
@@ -220,7 +222,7 @@ def runs_table(
     columns = [c for c in (columns or []) if isinstance(c, str)][:20]
     head = html.Thead(
         html.Tr(
-            [html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens", "firing alerts")]
+            [html.Th(h) for h in ("", "run", "status", "steps", "last step", "tokens", "restarts", "firing alerts")]
             + [html.Th(c, className="attr") for c in columns]
         )
     )
@@ -231,7 +233,7 @@ def runs_table(
         if group_by:
             rows.append(
                 html.Tr(
-                    html.Td(f"{visible(label)} · {len(members)} run(s)", colSpan=7 + len(columns)),
+                    html.Td(f"{visible(label)} · {len(members)} run(s)", colSpan=8 + len(columns)),
                     className="group-row",
                 )
             )
@@ -267,6 +269,7 @@ def _row(s: dict[str, Any], selected: list[str], columns: list[str], attrs: dict
             html.Td(str(s.get("steps", "–"))),
             html.Td("–" if s.get("last_step") is None else str(s["last_step"])),
             html.Td(_fmt_count(s.get("tokens", float("nan")))),
+            html.Td(_restarts_text(s), className="muted"),
             html.Td(
                 [
                     dcc.Link(visible(r), href="/alerts" + run_query([rid]), className="alert-chip")
@@ -277,6 +280,15 @@ def _row(s: dict[str, Any], selected: list[str], columns: list[str], attrs: dict
         ]
         + [html.Td(visible(groups.fmt(attrs.get(c))), className="attr") for c in columns]
     )
+
+
+def _restarts_text(s: dict[str, Any]) -> str:
+    """The steps where a run was restarted (its first three), and whether a restart left steps without data."""
+    steps = s.get("restarts") or []
+    if not steps:
+        return "–"
+    shown = ", ".join(map(str, steps[:3])) + (" …" if len(steps) > 3 else "")
+    return ("step " if len(steps) == 1 else "steps ") + shown + ("; gap" if s.get("gaps") else "")
 
 
 def _triggered() -> Any:

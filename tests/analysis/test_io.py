@@ -249,6 +249,7 @@ def test_restart_after_where_the_rank_stopped_leaves_a_gap(run_dir) -> None:
     assert run.steps() == [0, 1, 2, 3, 6, 7]
     assert run.info()["gaps"] == [{"rank": 0, "from_step": 4, "to_step": 5, "writer": run.info()["gaps"][0]["writer"]}]
     assert run.info()["superseded"] == []
+    assert [(r["rank"], r["step"]) for r in run.resume.restarts] == [(0, 6)]
     import argparse
     import contextlib
     import io as sio
@@ -309,6 +310,7 @@ def test_several_ranks_restart_at_different_steps(run_dir, tmp_path) -> None:
     assert run.step_metrics()["tokens/count"].to_list() == [64.0 * world] * 6
     got = {(x["rank"], x["from_step"], x["to_step"]) for x in run.info()["superseded"]}
     assert got == {(0, 1, 5), (0, 2, 5), (1, 4, 5)}
+    assert [(r["rank"], r["step"]) for r in run.resume.restarts] == [(0, 2), (0, 1), (1, 4)]  # by rank, then time
 
 
 def test_two_live_writers_on_one_rank_are_reported(run_dir) -> None:

@@ -336,6 +336,28 @@ def test_runs_page_filters_by_glob_or_substring(ctx):
     assert runs.compare_link([["grpo_full"], ["sweep/minimal"]]) == "/overview?run=grpo_full&run=sweep%2Fminimal"
 
 
+def test_a_restarted_run_says_where_on_the_runs_page_and_the_overview(make_app, tmp_path: Path):
+    """A job preempted and resumed from an earlier checkpoint (step 4, after reaching step 7), then from a later
+    one (step 12, after reaching 9): the Runs table lists the restart steps, the Overview says where each was and
+    which steps hold no data."""
+    record_run(tmp_path / "resumed", steps=8)
+    record_run(tmp_path / "resumed", steps=6, start=4)
+    record_run(tmp_path / "resumed", steps=3, start=12)
+    record_run(tmp_path / "plain", steps=3)
+    app = make_app(tmp_path)
+    with app.server.test_request_context():
+        table = page("runs").runs_table(["plain", "resumed"], selected=[])
+        head = [th.children for th in table.children[0].children.children]
+        col = head.index("restarts")
+        cells = {texts(row.children[1])[0]: texts(row.children[col])[0] for row in table.children[1].children}
+        assert cells == {"plain": "–", "resumed": "steps 4, 12; gap"}
+        overview = page("overview")
+        assert overview.restart_line(["plain"]) is None
+        line = " ".join(texts(overview.restart_line(["resumed"])))
+        assert "step 4 (rank 0)" in line and "step 12 (rank 0)" in line and "steps 10..11 hold no data (rank 0)" in line
+        assert "resumed: step 4" in " ".join(texts(overview.restart_line(["plain", "resumed"])))
+
+
 def _basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
