@@ -541,8 +541,10 @@ def render_panel(
     metrics = _panel_metrics(panel_id)
     cat = data.catalog()
     frames, alerts, versions, lasts = {}, {}, {}, {}
+    restarts: dict[str, list[tuple[int, int]]] = {}
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
+        restarts[run_id] = [(int(r["step"]), int(r["rank"])) for r in st.run.resume.restarts]
         versions[run_id] = st.version  # before the frame: a step read in between makes the next tick redraw
         frame = st.metrics(_run_columns(st, metrics, x_mode))  # only these columns are finalized on first use
         frames[run_id] = frame
@@ -569,6 +571,7 @@ def render_panel(
         log_y=log_y,
         onpolicy=("hide" if hide_onpolicy else "show") if figures.onpolicy_applies(metrics) else None,
         run_order=runs,
+        restarts=restarts,
     )
     out["layout"]["meta"]["live"] = {"v": versions, "last": lasts}
     return out

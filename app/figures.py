@@ -49,6 +49,8 @@ LENS_PALETTE = PALETTE + (
 """Colours of the objective lens: one per objective (the lens has more objectives than :data:`PALETTE` has
 colours, and a repeated colour made two objectives look like one)."""
 SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
+RESTART_COLOR = "#6b7280"
+"""Colour of the restart marks (a later attempt of a rank resumed at that step)."""
 STEP_AXIS = "step"
 _MARGIN = dict(l=55, r=15, t=36, b=20)
 _AXIS = dict(
@@ -211,6 +213,7 @@ def metric_panel_spec(
     log_y: bool = False,
     onpolicy: str | None = None,
     run_order: Sequence[str] | None = None,
+    restarts: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """The figure of :func:`metric_panel` as a plain plotly spec (``{"data": [...], "layout": {...}}``).
 
@@ -222,7 +225,9 @@ def metric_panel_spec(
     (:data:`X_MODES`). Long series are downsampled with a min/max envelope (spikes stay visible; a NaN gap
     stays a gap, never a filled band); ``smoothing`` draws an EMA over the full-resolution series on top of
     the raw one. ``alerts`` marks firing alerts (``step``, ``severity``, ``rule``) as vertical lines;
-    ``hlines`` draws reference values (value, label), named in the legend. ``onpolicy`` is ``"show"`` (mark
+    ``hlines`` draws reference values (value, label), named in the legend. ``restarts`` (run id -> (step, rank) of
+    each restart: a later attempt of a rank resumed at that step) draws a grey dotted line at each, with a
+    hoverable mark at the foot of the chart. ``onpolicy`` is ``"show"`` (mark
     on-policy steps at the bottom), ``"hide"`` (leave them out of the lines) or None (a panel they do not
     concern). In compare mode each run has one colour on every panel: its place in ``run_order`` (default: the
     order of ``frames``); metrics differ by line style. When no value is finite the traces stay (live updates
@@ -293,10 +298,14 @@ def metric_panel_spec(
     marker = _alert_marker_trace(points, multi_run=n_runs > 1)
     if marker is not None:  # after every series trace: live updates address series by index from 0
         data.append(marker)
+    resumed = _restart_points(restarts or {}, axes)
+    if resumed:
+        shapes.extend(_restart_marks(resumed))
+        data.append(_restart_trace(resumed, multi_run=n_runs > 1))
     shown_marks = onpolicy_marks if len(onpolicy_marks) <= MAX_ONPOLICY_MARKS else []
     if shown_marks:
         data.append(_onpolicy_trace(shown_marks, multi_run=n_runs > 1))
-    if marker is not None or shown_marks:
+    if marker is not None or shown_marks or resumed:
         layout["yaxis2"] = dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True)
     for value, label in hlines:
         if log_y and value <= 0:
@@ -345,7 +354,15 @@ def metric_panel_spec(
         "aggregated": aggregated,
         "metrics": list(metrics),
         "runs": list(frames),
-        "key": [fixed, y_lo == math.inf, aggregated, len(shown_marks), len(onpolicy_marks), lone],
+        "key": [
+            fixed,
+            y_lo == math.inf,
+            aggregated,
+            len(shown_marks),
+            len(onpolicy_marks),
+            lone,
+            [[run, step, rank] for run, step, rank, _x in resumed],
+        ],
         "alerts": alert_key(alerts or {}),
     }
     n_legend = len(frames) * len(metrics) + len(hlines) + (1 if shown_marks else 0)
@@ -506,6 +523,62 @@ def _alert_marker_trace(points: Sequence[tuple[str, float, float, str, str]], *,
         customdata=[[p[0], p[1]] for p in points],
         marker=dict(symbol="triangle-down", size=9, color=[SEVERITY_COLORS.get(p[3], "#999") for p in points]),
         name="alerts",
+        showlegend=False,
+        hovertemplate="%{text}<extra></extra>",
+    )
+
+
+def _restart_points(
+    restarts: Mapping[str, Sequence[tuple[int, int]]], axes: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> list[tuple[str, int, int, float]]:
+    """(run, step, rank, x) of each restart of the runs drawn, x on the panel's axis (as for alerts)."""
+    out: list[tuple[str, int, int, float]] = []
+    for run_id, points in restarts.items():
+        if run_id not in axes or not points:
+            continue
+        run_steps, xs = axes[run_id]
+        steps = np.array([float(step) for step, _rank in points])
+        at = np.interp(steps, run_steps, xs) if len(run_steps) else steps
+        out.extend((run_id, int(step), int(rank), float(x)) for (step, rank), x in zip(points, at.tolist()))
+    return out
+
+
+def _restart_marks(points: Sequence[tuple[str, int, int, float]]) -> list[dict]:
+    """Grey dotted vertical lines at the restarts (one per x, at most 200)."""
+    xs = sorted({x for *_, x in points})[:200]
+    return [
+        dict(
+            type="line",
+            xref="x",
+            x0=x,
+            x1=x,
+            yref="paper",
+            y0=0,
+            y1=1,
+            line=dict(color=RESTART_COLOR, width=1, dash="dot"),
+        )
+        for x in xs
+    ]
+
+
+def _restart_trace(points: Sequence[tuple[str, int, int, float]], *, multi_run: bool) -> dict:
+    """Hoverable marks at the foot of the chart naming each restart (``[run id, step]`` in customdata, like the
+    alert marks)."""
+    texts = [
+        f"{run + ': ' if multi_run else ''}restart at step {step} (rank {rank}): a later attempt resumed here, "
+        "replacing what earlier attempts had recorded from this step on"
+        for run, step, rank, _x in points
+    ]
+    return dict(
+        type="scatter",
+        mode="markers",
+        x=[p[3] for p in points],
+        y=[0.08] * len(points),
+        yaxis="y2",
+        text=texts,
+        customdata=[[p[0], p[1]] for p in points],
+        marker=dict(symbol="diamond", size=8, color=RESTART_COLOR),
+        name="restart",
         showlegend=False,
         hovertemplate="%{text}<extra></extra>",
     )

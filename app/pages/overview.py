@@ -84,8 +84,8 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
             runs,
             error=error,
             intro="Headline metrics of each family (flagged in the metric registry). Dashed vertical lines: alerts "
-            "that started firing. Click a point to inspect that step's tokens; drag to zoom (the server "
-            "re-aggregates the zoomed range).",
+            "that started firing; grey dotted lines with a diamond: restarts. Click a point to inspect that step's "
+            "tokens; drag to zoom (the server re-aggregates the zoomed range).",
         )
     ]
     if runs:

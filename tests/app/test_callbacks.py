@@ -171,6 +171,22 @@ def test_live_tick_draws_lines_once_a_run_has_a_second_step(tmp_path: Path):
     rec.close()
 
 
+def test_live_tick_marks_a_restart_that_happens_while_the_chart_is_open(tmp_path: Path):
+    record_run(tmp_path / "r", steps=6)
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("ratios", "a", ["ratio/max"])
+    with app.server.test_request_context():
+        specs, sigs = _draw([pid], ["r"])
+        assert not any(t.get("name") == "restart" for t in specs[0]["data"])
+        rec = record_run(tmp_path / "r", steps=3, start=4, close=False)  # preempted at 5, resumed from step 4
+        rec.flush()
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert extends == [no_update] and figs[0] is not no_update  # a new figure, not an extension
+        mark = next(t for t in figs[0]["data"] if t.get("name") == "restart")
+        assert mark["customdata"] == [["r", 4]]
+    rec.close()
+
+
 def test_live_tick_shows_alerts_that_fire_while_the_chart_is_open(tmp_path: Path):
     rec = record_run(tmp_path / "r", steps=SPIKE_STEP, close=False, alerts=True)
     app = shell.create_app(tmp_path)

@@ -134,6 +134,19 @@ def test_a_series_of_one_point_is_drawn_as_a_marker_until_it_has_two():
     assert fig.layout.meta["key"] != fig2.layout.meta["key"]
 
 
+def test_restarts_are_marked_where_a_later_attempt_resumed():
+    frame = _frame()
+    fig = figures.metric_panel({"a": frame}, ["ratio/max"], title="t", restarts={"a": [(7, 0), (7, 1)]})
+    lines = [sh for sh in fig.layout.shapes if sh.line.color == figures.RESTART_COLOR]
+    assert [(sh.x0, sh.line.dash) for sh in lines] == [(7, "dot")]  # one line per step, whatever the ranks
+    mark = next(t for t in fig.data if t.name == "restart")
+    assert list(mark.x) == [7, 7] and "restart at step 7 (rank 1)" in mark.text[1] and mark.yaxis == "y2"
+    assert [list(c) for c in mark.customdata] == [["a", 7], ["a", 7]]  # a click opens the tokens of that step
+    plain = figures.metric_panel({"a": frame}, ["ratio/max"], title="t")
+    assert plain.layout.meta["key"] != fig.layout.meta["key"]  # a new restart redraws a live panel
+    assert not any(t.name == "restart" for t in plain.data)
+
+
 def test_nan_and_inf_are_sent_as_gaps():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     fig = figures.metric_panel({"a": f}, ["m"], title="t")
