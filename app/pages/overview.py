@@ -41,16 +41,8 @@ def restart_line(runs: list[str]) -> html.Div | None:
     cat = data.catalog()
     parts: list[str] = []
     for run_id in runs:
-        resume = cat.state(run_id).run.resume
         prefix = f"{run_id}: " if len(runs) > 1 else ""
-        by_step: dict[int, list[int]] = {}
-        for r in resume.restarts:
-            by_step.setdefault(int(r["step"]), []).append(int(r["rank"]))
-        for step, ranks in sorted(by_step.items()):
-            who = f"rank {', '.join(map(str, sorted(ranks)))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
-            parts.append(f"{prefix}step {step} ({who})")
-        for g in resume.gaps:
-            parts.append(f"{prefix}steps {g['from_step']}..{g['to_step']} hold no data (rank {g['rank']})")
+        parts += [prefix + part for part in cat.state(run_id).run.resume.describe()]
     if not parts:
         return None
     return html.Div([html.Span("restarted: ", className="muted"), html.Span(" · ".join(parts))], className="alert-line")
