@@ -497,6 +497,12 @@ def summarize_run(
         verdict = "ok"
         headline = f"No alert fired over {span}: nothing alarming in the run's metrics."
     sentences = [f.sentence for f in sorted(findings, key=lambda f: (f.onset_step, -_SEVERITY_RANK.get(f.severity, 0)))]
+    if run.resume.describe():
+        sentences.append(
+            "The job was restarted: "
+            + "; ".join(run.resume.describe())
+            + ". From a restart's step on, what the earlier attempt had recorded is replaced by the later one's."
+        )
     return Summary(
         run=run.name,
         verdict=verdict,

@@ -106,6 +106,17 @@ def test_healthy_summary_says_nothing_alarming() -> None:
     assert "started at step" not in text and "what went wrong" not in text
 
 
+def test_summary_says_where_the_job_was_restarted(tmp_path: Path) -> None:
+    """A job preempted after step 7 and resumed from its checkpoint at step 5: the summary says so."""
+    from tests.app.synth import record_run
+
+    record_run(tmp_path / "resumed", steps=8)
+    record_run(tmp_path / "resumed", steps=4, start=5, seed=1)
+    text = summarize_run(rldiag.open_run(tmp_path / "resumed")).text()
+    assert "- The job was restarted: step 5 (rank 0). From a restart's step on" in text
+    assert "restarted" not in summarize_run(rldiag.open_run(HEALTHY)).text()
+
+
 def test_summary_without_alert_history_evaluates_the_default_rules(tmp_path: Path) -> None:
     copy = tmp_path / "collapse"
     shutil.copytree(COLLAPSE, copy, ignore=shutil.ignore_patterns("alerts.jsonl", ".rldiag-index"))
