@@ -497,11 +497,52 @@ def _alert_points(
         if not kept:
             continue
         steps = np.array([float(ev["step"]) for ev in kept])
-        run_steps, xs = axes.get(run_id, (np.empty(0), np.empty(0)))
-        at = np.interp(steps, run_steps, xs) if len(run_steps) else steps
+        at = _x_at(axes, run_id, steps)
         for ev, step, x in zip(kept, steps.tolist(), at.tolist()):
             out.append((run_id, step, x, str(ev.get("severity", "warn")), str(ev.get("rule", "alert"))))
     return out
+
+
+def _x_at(axes: Mapping[str, tuple[np.ndarray, np.ndarray]], run_id: str, steps: np.ndarray) -> np.ndarray:
+    """The x of ``steps`` of a run on the panel's axis: exact for a recorded step, interpolated between steps
+    (the steps themselves for a run not drawn)."""
+    run_steps, xs = axes.get(run_id, (np.empty(0), np.empty(0)))
+    return np.interp(steps, run_steps, xs) if len(run_steps) else steps
+
+
+def _vline(x: float, color: str, dash: str, opacity: float = 1.0) -> dict:
+    """A vertical line across the plot at ``x``."""
+    return dict(
+        type="line",
+        xref="x",
+        x0=x,
+        x1=x,
+        yref="paper",
+        y0=0,
+        y1=1,
+        line=dict(color=color, width=1, dash=dash),
+        opacity=opacity,
+    )
+
+
+def _marks_trace(
+    x: list[float], y: float, texts: list[str], customdata: list[list[Any]], marker: dict, name: str, legend: bool
+) -> dict:
+    """Hoverable marks on the hidden axis ``y2`` (0 bottom, 1 top) at height ``y``; ``customdata`` ``[run id,
+    step]``, so a click opens that run's tokens at that step."""
+    return dict(
+        type="scatter",
+        mode="markers",
+        x=x,
+        y=[y] * len(x),
+        yaxis="y2",
+        text=texts,
+        customdata=customdata,
+        marker=marker,
+        name=name,
+        showlegend=legend,
+        hovertemplate="%{text}<extra></extra>",
+    )
 
 
 def _alert_marker_trace(points: Sequence[tuple[str, float, float, str, str]], *, multi_run: bool) -> dict | None:
@@ -513,19 +554,8 @@ def _alert_marker_trace(points: Sequence[tuple[str, float, float, str, str]], *,
         f"{run_id + ': ' if multi_run else ''}{rule} ({sev}) fired at step {int(step)}"
         for run_id, step, _x, sev, rule in points
     ]
-    return dict(
-        type="scatter",
-        mode="markers",
-        x=[p[2] for p in points],
-        y=[0.97] * len(points),
-        yaxis="y2",
-        text=texts,
-        customdata=[[p[0], p[1]] for p in points],
-        marker=dict(symbol="triangle-down", size=9, color=[SEVERITY_COLORS.get(p[3], "#999") for p in points]),
-        name="alerts",
-        showlegend=False,
-        hovertemplate="%{text}<extra></extra>",
-    )
+    marker = dict(symbol="triangle-down", size=9, color=[SEVERITY_COLORS.get(p[3], "#999") for p in points])
+    return _marks_trace([p[2] for p in points], 0.97, texts, [[p[0], p[1]] for p in points], marker, "alerts", False)
 
 
 def _restart_points(
@@ -536,29 +566,14 @@ def _restart_points(
     for run_id, points in restarts.items():
         if run_id not in axes or not points:
             continue
-        run_steps, xs = axes[run_id]
-        steps = np.array([float(step) for step, _rank in points])
-        at = np.interp(steps, run_steps, xs) if len(run_steps) else steps
+        at = _x_at(axes, run_id, np.array([float(step) for step, _rank in points]))
         out.extend((run_id, int(step), int(rank), float(x)) for (step, rank), x in zip(points, at.tolist()))
     return out
 
 
 def _restart_marks(points: Sequence[tuple[str, int, int, float]]) -> list[dict]:
     """Grey dotted vertical lines at the restarts (one per x, at most 200)."""
-    xs = sorted({x for *_, x in points})[:200]
-    return [
-        dict(
-            type="line",
-            xref="x",
-            x0=x,
-            x1=x,
-            yref="paper",
-            y0=0,
-            y1=1,
-            line=dict(color=RESTART_COLOR, width=1, dash="dot"),
-        )
-        for x in xs
-    ]
+    return [_vline(x, RESTART_COLOR, "dot") for x in sorted({x for *_, x in points})[:200]]
 
 
 def _restart_trace(points: Sequence[tuple[str, int, int, float]], *, multi_run: bool) -> dict:
@@ -569,19 +584,8 @@ def _restart_trace(points: Sequence[tuple[str, int, int, float]], *, multi_run: 
         "replacing what earlier attempts had recorded from this step on"
         for run, step, rank, _x in points
     ]
-    return dict(
-        type="scatter",
-        mode="markers",
-        x=[p[3] for p in points],
-        y=[0.08] * len(points),
-        yaxis="y2",
-        text=texts,
-        customdata=[[p[0], p[1]] for p in points],
-        marker=dict(symbol="diamond", size=8, color=RESTART_COLOR),
-        name="restart",
-        showlegend=False,
-        hovertemplate="%{text}<extra></extra>",
-    )
+    marker = dict(symbol="diamond", size=8, color=RESTART_COLOR)
+    return _marks_trace([p[3] for p in points], 0.08, texts, [[p[0], p[1]] for p in points], marker, "restart", False)
 
 
 def _onpolicy_trace(marks: Sequence[tuple[str, float, float]], *, multi_run: bool) -> dict:
@@ -591,38 +595,16 @@ def _onpolicy_trace(marks: Sequence[tuple[str, float, float]], *, multi_run: boo
         f"{run + ': ' if multi_run else ''}step {int(step)} on-policy (ratio = 1 by construction)"
         for run, step, _ in marks
     ]
-    return dict(
-        type="scatter",
-        mode="markers",
-        x=[m[2] for m in marks],
-        y=[0.03] * len(marks),
-        yaxis="y2",
-        text=texts,
-        customdata=[[m[0], m[1]] for m in marks],
-        marker=dict(symbol="line-ns-open", size=7, color="#98a2b3", line=dict(width=1)),
-        name="on-policy step (ratio ≡ 1)",
-        hovertemplate="%{text}<extra></extra>",
-    )
+    marker = dict(symbol="line-ns-open", size=7, color="#98a2b3", line=dict(width=1))
+    name = "on-policy step (ratio ≡ 1)"
+    return _marks_trace([m[2] for m in marks], 0.03, texts, [[m[0], m[1]] for m in marks], marker, name, True)
 
 
 def _alert_marks(points: Sequence[tuple[str, float, float, str, str]]) -> list[dict]:
     """Vertical lines at the x of the steps where an alert started firing (at most 200, most severe first)."""
     rank = {"critical": 0, "warn": 1, "info": 2}
     marks = sorted((rank.get(sev, 3), x, sev) for _run, _step, x, sev, _rule in points)
-    return [
-        dict(
-            type="line",
-            xref="x",
-            x0=x,
-            x1=x,
-            yref="paper",
-            y0=0,
-            y1=1,
-            line=dict(color=SEVERITY_COLORS.get(sev, "#999"), width=1, dash="dash"),
-            opacity=0.7,
-        )
-        for _, x, sev in marks[:200]
-    ]
+    return [_vline(x, SEVERITY_COLORS.get(sev, "#999"), "dash", opacity=0.7) for _, x, sev in marks[:200]]
 
 
 def extend_payload(

@@ -124,22 +124,13 @@ def refresh_custom(_payload: Any, runs: list[str] | None, shown: list[str] | Non
 
 @callback(
     Output(ids.OVERVIEW_FIRING, "children"),
-    Input(ids.LIVE_PAYLOAD, "data"),
-    State(ids.PAGE_RUNS, "data"),
-    prevent_initial_call=True,
-)
-def refresh_firing(_payload: Any, runs: list[str] | None) -> Any:
-    """The firing chips follow the alerts: a live tick that changed a panel (new steps, new alert marks) sends
-    a payload, and the chips are read again then."""
-    return alert_line(data.catalog().valid_ids(runs or []))
-
-
-@callback(
     Output(ids.OVERVIEW_RESTARTS, "children"),
     Input(ids.LIVE_PAYLOAD, "data"),
     State(ids.PAGE_RUNS, "data"),
     prevent_initial_call=True,
 )
-def refresh_restarts(_payload: Any, runs: list[str] | None) -> Any:
-    """A restart of a live run (a preempted job resumed from its checkpoint) shows at the next live tick."""
-    return restart_line(data.catalog().valid_ids(runs or []))
+def refresh_lines(_payload: Any, runs: list[str] | None) -> tuple[Any, Any]:
+    """The firing chips and the restarts follow the run: a live tick that changed a panel (new steps, new alert
+    marks, a restart) sends a payload, and both lines are read again then."""
+    shown = data.catalog().valid_ids(runs or [])
+    return alert_line(shown), restart_line(shown)
