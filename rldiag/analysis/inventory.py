@@ -221,7 +221,8 @@ def repair(
 
 def describe(run: Run) -> dict[str, Any]:
     """Manifest, steps, ranks, token counts, dropped rows, files, restarts (resume points, superseded ranges,
-    gaps) and problems of ``run``, as plain values (what ``rldiag info --json`` prints)."""
+    gaps, the restarts themselves) and problems of ``run``, as plain values (what ``rldiag info --json``
+    prints)."""
     files = run.files
     t = run.compact_table()
 
@@ -271,5 +272,6 @@ def describe(run: Run) -> dict[str, Any]:
         ],
         "superseded": list(files.resume.superseded),
         "gaps": list(files.resume.gaps),
+        "restarts": list(files.resume.restarts),
         "problems": [p.message for p in files.problems] + extra + list(run.custom.problems),
     }

@@ -250,6 +250,7 @@ def test_restart_after_where_the_rank_stopped_leaves_a_gap(run_dir) -> None:
     assert run.info()["gaps"] == [{"rank": 0, "from_step": 4, "to_step": 5, "writer": run.info()["gaps"][0]["writer"]}]
     assert run.info()["superseded"] == []
     assert [(r["rank"], r["step"]) for r in run.resume.restarts] == [(0, 6)]
+    assert run.info()["restarts"] == run.resume.restarts
     import argparse
     import contextlib
     import io as sio
