@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -22,12 +23,14 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
+def stop_on_signals(stop: threading.Event, command: str = "rldiag") -> Iterator[threading.Event]:
     """While inside, SIGTERM (a scheduler, ``kill``, a pod's shutdown) and a first Ctrl-C (SIGINT) set ``stop``
     instead of interrupting whatever runs, so that a follow loop ends after the step or pass in progress: nothing
     it writes (an alert history, a tracker's step, a run's files) is left half-done, what it holds is flushed and
-    its summary printed. A second Ctrl-C raises KeyboardInterrupt at once, as without this. The previous handlers
-    are put back on leaving. Outside the main thread, where Python cannot install handlers, nothing changes."""
+    its summary printed. The first signal says so on stderr (``command: stopping ...``), since a pass can take a
+    while (a slow store); a second Ctrl-C raises KeyboardInterrupt at once, as without this. The previous
+    handlers are put back on leaving. Outside the main thread, where Python cannot install handlers, nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -35,6 +38,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
     def on_signal(signum: int, frame: object) -> None:
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
+        if not stop.is_set():
+            with contextlib.suppress(RuntimeError, OSError):  # stderr busy in the interrupted code, or closed
+                print(f"{command}: stopping after the work in progress (Ctrl-C again stops at once)", file=sys.stderr)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     total = 0
     stop = threading.Event()
     try:
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, "rldiag export"):
             failing: str | None = None
             passes = 0
             while True:

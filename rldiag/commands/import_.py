@@ -117,7 +117,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     if args.follow:
         from rldiag.importers.follow import follow
 
-        with stop_on_signals(threading.Event()) as stop:
+        with stop_on_signals(threading.Event(), "rldiag import") as stop:
             report = _guard(
                 f"following {args.source}",
                 lambda: follow(

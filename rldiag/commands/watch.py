@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
             announced: set[int] = set()
             try:
-                with stop_on_signals(stop):
+                with stop_on_signals(stop, "rldiag watch"):
                     while not stop.is_set():
                         for k, w in enumerate(watchers):
                             if stop.is_set():

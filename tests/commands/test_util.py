@@ -105,7 +105,7 @@ def test_clean_json_and_write_frame_give_strict_json(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == "step,x\n1,0.5\n"
 
 
-def test_stop_on_signals_sets_the_event_and_puts_the_handlers_back() -> None:
+def test_stop_on_signals_sets_the_event_and_puts_the_handlers_back(capsys: pytest.CaptureFixture[str]) -> None:
     import os
     import signal
     import threading
@@ -115,9 +115,12 @@ def test_stop_on_signals_sets_the_event_and_puts_the_handlers_back() -> None:
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in (signal.SIGTERM, signal.SIGINT):
         stop = threading.Event()
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, "rldiag watch"):
             os.kill(os.getpid(), sig)  # without the handler SIGTERM would end the test process, SIGINT raise
             assert stop.wait(10)
+        assert capsys.readouterr().err == (
+            "rldiag watch: stopping after the work in progress (Ctrl-C again stops at once)\n"
+        )
     # a second Ctrl-C does not wait for the pass in progress
     stop = threading.Event()
     with pytest.raises(KeyboardInterrupt), stop_on_signals(stop):
