@@ -91,6 +91,24 @@ def test_a_run_of_one_step_shows_each_rank_as_a_point(ranks, make_app, tmp_path:
     assert [t.mode for t in lines] == ["lines+markers"] * 2  # a line through one point draws nothing
 
 
+def test_a_restarted_rank_is_marked_on_the_per_rank_view(ranks, make_app, tmp_path: Path):
+    import rldiag
+
+    record_ranks(tmp_path / "rank_restart", steps=8, world=2)
+    rng = np.random.default_rng(9)
+    with rldiag.Recorder(tmp_path / "rank_restart", rank=1, world_size=2) as rec:  # rank 1 alone resumed at 4
+        for step in range(4, 8):
+            old = -rng.gamma(1.0, 0.8, size=(4, 16)).astype(np.float32)
+            logp = np.minimum(old + rng.normal(0, 0.02, size=old.shape), 0).astype(np.float32)
+            rec.record(step=step, logprobs=logp, old_logprobs=old, advantages=rng.normal(size=4).astype(np.float32))
+    app = make_app(tmp_path)
+    with app.server.test_request_context():
+        fig = ranks.run_figure("rank_restart", "ratio/max")
+    marks = [sh for sh in fig.layout.shapes if sh.line.dash == "dot"]
+    assert marks and {sh.x0 for sh in marks} == {4}  # across the lines and the heatmap
+    assert [a.text for a in fig.layout.annotations if "restart" in a.text] == ["restart: rank 1"]
+
+
 def test_zoom_events_are_read_from_either_axis(ranks):
     assert ranks.zoom_of({"xaxis.range[0]": 3, "xaxis.range[1]": 9.5}) == (3.0, 9.5)
     assert ranks.zoom_of({"xaxis2.range": [1, 2]}) == (1.0, 2.0)
