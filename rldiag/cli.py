@@ -9,7 +9,9 @@ discovers and dispatches, so adding a command never touches it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -75,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (`rldiag summarize RUN | head`): stop quietly, as `cat` does, and
+        # point stdout at /dev/null so that the interpreter's last flush does not fail again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         from rldiag.storage import backend_error
 

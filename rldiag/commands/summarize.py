@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{r.name}: {df.height} steps ({int(df['step'][0])} .. {int(df['step'][-1])})")
     if r.resume.describe():
-        print("restarted: " + " · ".join(r.resume.describe()))
+        print("restarted: " + "; ".join(r.resume.describe()))
     rows = summary_rows(df, names)
     absent = [] if args.metrics else [row["metric"] for row in rows if row["min@"] is None]
     print_table(

@@ -266,7 +266,7 @@ def test_restart_after_where_the_rank_stopped_leaves_a_gap(run_dir) -> None:
     out = sio.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["summarize", str(run_dir), "--metrics", "tokens/count"]) == 0
-    assert "restarted: step 6 (rank 0) · steps 4..5 hold no data (rank 0)" in out.getvalue()
+    assert "restarted: step 6 (rank 0); steps 4..5 hold no data (rank 0)" in out.getvalue()
 
 
 KILLED_BEFORE_PUBLISHING = textwrap.dedent("""

@@ -59,3 +59,25 @@ def test_the_runs_own_warnings_are_one_line_on_stderr(tmp_path: Path, capsys) ->
     assert main(["summarize", str(run), "--from-tokens", "--metrics", "ratio/mean"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err and all(line.startswith("rldiag summarize: warning: ") for line in err), err
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
+    """``rldiag summarize RUN --per-step | head -1``: the reader closes the pipe after one line; the command
+    stops without a traceback (exit status 141, as a process killed by SIGPIPE reports in a shell)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rldiag", "summarize", str(RUN), "--per-step"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()  # more than a pipe's buffer is still to come (670 kB)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
