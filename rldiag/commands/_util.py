@@ -8,6 +8,7 @@ import fnmatch
 import json
 import math
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -49,6 +50,21 @@ def stop_on_signals(stop: threading.Event, command: str = "rldiag") -> Iterator[
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def check_port(host: str, port: int) -> None:
+    """A :class:`~rldiag.cli.CLIError` when the dashboard could not listen on ``host:port`` (another program
+    holds it, or the host is not this machine's), said before anything is loaded; the web server's own message
+    would come after the start-up lines, with a traceback-like text."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed one's port is free
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise CLIError(
+                f"cannot serve the dashboard on {host}:{port} ({exc.strerror}): another program (a dashboard "
+                "already running?) listens there; stop it or pass another --port"
+            ) from None
 
 
 def open_run_or_fail(path: str) -> Run:

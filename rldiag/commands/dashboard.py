@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rldiag.cli import CLIError
+from rldiag.commands._util import check_port
 
 AUTH_ENV = "RLDIAG_DASHBOARD_AUTH"
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from app.app import exposure_warning, parse_auth
 
     app = build(args)
+    check_port(args.host, args.port)
     warning = exposure_warning(args.host, parse_auth(auth_value(args)))
     if warning:
         print(f"rldiag dashboard: {warning}", file=sys.stderr)

@@ -9,7 +9,6 @@ same run. Needs the demo extra: pip install 'rldiag[demo]'.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rldiag.cli import CLIError
+from rldiag.commands._util import check_port
 
 
 def register(subparsers: Any) -> None:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         raise CLIError(str(exc)) from None
     if args.serve:
-        _check_port(args.host, args.port)
+        check_port(args.host, args.port)
     _check_installed()
     from rldiag.demo.summary import summarize
     from rldiag.demo.train import main
@@ -118,14 +118,6 @@ def _check_installed() -> None:
             f"the demo needs {', '.join(missing)}: pip install 'rldiag[demo]' "
             "(and torch==2.13.0 first for the CPU build)"
         )
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise CLIError(f"cannot serve the dashboard on {host}:{port} ({exc.strerror}); pass --port") from None
 
 
 # ---- --serve: the dashboard hook ----------------------------------------------------------------------

@@ -26,10 +26,28 @@ def _free_port() -> int:
 
 @pytest.fixture
 def no_serve(monkeypatch):
-    """Replace Dash.run: the command runs to the point of serving, then returns."""
+    """Replace Dash.run: the command runs to the point of serving, then returns (its check that the port is free
+    is skipped too: nothing listens, and the default port may be another test's)."""
+    import rldiag.commands.dashboard as command
+
     calls = []
     monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: calls.append(kw))
+    monkeypatch.setattr(command, "check_port", lambda host, port: None)
     return calls
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(capsys, runs_root: Path, monkeypatch):
+    served = []
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: served.append(kw))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["dashboard", str(runs_root), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in err and "another --port" in err
+    assert "serving" not in err and served == []
+    assert main(["dashboard", str(runs_root), "--port", str(port)]) == 0  # free again
 
 
 @pytest.mark.parametrize(
