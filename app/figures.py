@@ -361,7 +361,7 @@ def metric_panel_spec(
             len(shown_marks),
             len(onpolicy_marks),
             lone,
-            [[run, step, rank] for run, step, rank, _x in resumed],
+            [[run, step, rank, x] for run, step, rank, x in resumed],  # x moves once that step's data lands
         ],
         "alerts": alert_key(alerts or {}),
     }
@@ -507,7 +507,9 @@ def _x_at(axes: Mapping[str, tuple[np.ndarray, np.ndarray]], run_id: str, steps:
     """The x of ``steps`` of a run on the panel's axis: exact for a recorded step, interpolated between steps
     (the steps themselves for a run not drawn)."""
     run_steps, xs = axes.get(run_id, (np.empty(0), np.empty(0)))
-    return np.interp(steps, run_steps, xs) if len(run_steps) else steps
+    if not len(run_steps) or np.array_equal(run_steps, xs):
+        return steps  # x is the step (a step not drawn yet too: a restart whose first step has no data yet)
+    return np.interp(steps, run_steps, xs)
 
 
 def _vline(x: float, color: str, dash: str, opacity: float = 1.0) -> dict:

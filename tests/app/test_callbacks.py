@@ -187,6 +187,33 @@ def test_live_tick_marks_a_restart_that_happens_while_the_chart_is_open(tmp_path
     rec.close()
 
 
+def test_a_restart_whose_first_step_has_no_data_yet_is_marked_at_that_step(tmp_path: Path):
+    """The resumed job's writer names its first step before it publishes it; meanwhile the earlier attempt's
+    records from there on no longer count, so the chart ends a step before the restart. Its mark still stands at
+    the restart's step (seen in a live dashboard: it stood at the last step drawn, and stayed there)."""
+    import rldiag
+
+    first = record_run(tmp_path / "r", steps=10, close=False)  # killed: never closed
+    first.flush()
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "a", ["ratio/max"])
+    with app.server.test_request_context():
+        _, sigs = _draw([pid], ["r"])
+        resumed = rldiag.Recorder(tmp_path / "r", clip_low=0.2, clip_high=0.28)
+        resumed.log(5, {"lr": 1e-6})  # the resumed loop logs before its first record(): its first step is 5
+        _, figs, sigs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert max(figs[0]["data"][1]["x"]) == 4  # steps 5.. of the first attempt count no more
+        mark = next(t for t in figs[0]["data"] if t.get("name") == "restart")
+        assert mark["x"] == [5.0] and mark["customdata"] == [["r", 5]]
+        record_run(tmp_path / "r", steps=2, start=5, close=False, rec=resumed)
+        resumed.flush()
+        _, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 1, sigs=sigs)
+        if figs[0] is not no_update:
+            assert next(t for t in figs[0]["data"] if t.get("name") == "restart")["x"] == [5.0]
+    resumed.close()
+    first.close()
+
+
 def test_live_tick_shows_alerts_that_fire_while_the_chart_is_open(tmp_path: Path):
     rec = record_run(tmp_path / "r", steps=SPIKE_STEP, close=False, alerts=True)
     app = shell.create_app(tmp_path)
