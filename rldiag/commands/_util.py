@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fnmatch
 import json
 import math
@@ -56,15 +57,18 @@ def check_port(host: str, port: int) -> None:
     """A :class:`~rldiag.cli.CLIError` when the dashboard could not listen on ``host:port`` (another program
     holds it, or the host is not this machine's), said before anything is loaded; the web server's own message
     would come after the start-up lines, with a traceback-like text."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed one's port is free
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed one's port is free
             s.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise CLIError(
-                f"cannot serve the dashboard on {host}:{port} ({exc.strerror}): another program (a dashboard "
-                "already running?) listens there; stop it or pass another --port"
-            ) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            hint = "another program (a dashboard already running?) listens there; stop it or pass another --port"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "that is not an address of this machine; pass --host 127.0.0.1 or one of its addresses"
+        else:
+            hint = "pass another --port or --host"
+        raise CLIError(f"cannot serve the dashboard on {host}:{port} ({exc.strerror or exc}): {hint}") from None
 
 
 def open_run_or_fail(path: str) -> Run:

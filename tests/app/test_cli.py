@@ -48,6 +48,10 @@ def test_a_port_in_use_is_one_line_before_anything_loads(capsys, runs_root: Path
     assert f"cannot serve the dashboard on 127.0.0.1:{port}" in err and "another --port" in err
     assert "serving" not in err and served == []
     assert main(["dashboard", str(runs_root), "--port", str(port)]) == 0  # free again
+    # an address of no interface here (TEST-NET-1, reserved for documentation): said as such
+    assert main(["dashboard", str(runs_root), "--host", "192.0.2.1", "--port", str(port)]) == 2
+    assert "not an address of this machine" in capsys.readouterr().err
+    assert len(served) == 1  # only the call on the free port served
 
 
 @pytest.mark.parametrize(
