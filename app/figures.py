@@ -49,6 +49,8 @@ LENS_PALETTE = PALETTE + (
 """Colours of the objective lens: one per objective (the lens has more objectives than :data:`PALETTE` has
 colours, and a repeated colour made two objectives look like one)."""
 SEVERITY_COLORS = {"critical": "#d62728", "warn": "#ff7f0e", "info": "#1f77b4"}
+NO_STEP_YET = "no step recorded yet"
+"""A panel's note while none of its runs has a step (a live run still setting up), whatever the metric needs."""
 RESTART_COLOR = "#6b7280"
 """Colour of the restart marks (a later attempt of a rank resumed at that step)."""
 STEP_AXIS = "step"
@@ -337,7 +339,8 @@ def metric_panel_spec(
     if y_lo == math.inf:
         annotations.append(
             dict(
-                text=no_data,
+                # a live run that has not published a step yet has no data for any metric: say that instead
+                text=NO_STEP_YET if all(f.height == 0 for f in frames.values()) else no_data,
                 showarrow=False,
                 xref="paper",
                 yref="paper",

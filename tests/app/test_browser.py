@@ -258,7 +258,7 @@ def test_page_opened_before_the_first_step_follows_a_recorder_in_another_process
         dash_duo.wait_for_element(".js-plotly-plot", timeout=20)
         _settle(dash_duo)
         assert max(dash_duo.driver.execute_script(_LAST_STEPS)) == -1  # opened at step 0: nothing yet
-        assert "no data in this run" in dash_duo.find_element(".js-plotly-plot").text
+        assert "no step recorded yet" in dash_duo.find_element(".js-plotly-plot").text
         (root / "go").touch()
         seen_alerts: set[float] = set()
         for s in range(steps):

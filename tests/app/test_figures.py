@@ -147,6 +147,15 @@ def test_restarts_are_marked_where_a_later_attempt_resumed():
     assert not any(t.name == "restart" for t in plain.data)
 
 
+def test_a_run_without_any_step_yet_says_so_rather_than_what_to_record():
+    none = pl.DataFrame({"step": np.array([], np.int64), "m": np.array([], np.float64)})
+    fig = figures.metric_panel({"a": none}, ["m"], title="t", no_data="no data in this run: record ref_logp")
+    assert [a.text for a in fig.layout.annotations] == [figures.NO_STEP_YET]
+    some = pl.DataFrame({"step": [0], "m": [np.nan]})  # a step, without this metric: what to record
+    fig = figures.metric_panel({"a": some}, ["m"], title="t", no_data="no data in this run: record ref_logp")
+    assert [a.text for a in fig.layout.annotations] == ["no data in this run: record ref_logp"]
+
+
 def test_nan_and_inf_are_sent_as_gaps():
     f = pl.DataFrame({"step": [0, 1, 2], "m": [1.0, float("inf"), float("nan")]})
     fig = figures.metric_panel({"a": f}, ["m"], title="t")
