@@ -497,10 +497,11 @@ def summarize_run(
         verdict = "ok"
         headline = f"No alert fired over {span}: nothing alarming in the run's metrics."
     sentences = [f.sentence for f in sorted(findings, key=lambda f: (f.onset_step, -_SEVERITY_RANK.get(f.severity, 0)))]
-    if run.resume.describe():
+    restarts = run.resume.describe()
+    if restarts:
         sentences.append(
             "The job was restarted: "
-            + "; ".join(run.resume.describe())
+            + "; ".join(restarts)
             + ". From a restart's step on, what the earlier attempt had recorded is replaced by the later one's."
         )
     return Summary(

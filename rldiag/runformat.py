@@ -739,15 +739,19 @@ class Resume:
     problems: list[str] = field(default_factory=list)
     """Two writers of one rank live at once, and similar: reported, never silently merged."""
 
-    def describe(self) -> list[str]:
-        """Each restart (``step 6 (rank 0)``, ranks restarted at one step together) and each gap (``steps
-        0..5 hold no data (rank 0)``), for people: the dashboard's Overview and ``rldiag summarize``."""
+    def restarted_ranks(self) -> dict[int, list[int]]:
+        """Step -> the ranks restarted at that step (sorted), in step order."""
         by_step: dict[int, list[int]] = {}
         for r in self.restarts:
             by_step.setdefault(int(r["step"]), []).append(int(r["rank"]))
+        return {step: sorted(ranks) for step, ranks in sorted(by_step.items())}
+
+    def describe(self) -> list[str]:
+        """Each restart (``step 6 (rank 0)``, ranks restarted at one step together) and each gap (``steps
+        0..5 hold no data (rank 0)``), for people: the dashboard's Overview, ``rldiag summarize``, the report."""
         out = []
-        for step, ranks in sorted(by_step.items()):
-            who = f"rank {', '.join(map(str, sorted(ranks)))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
+        for step, ranks in self.restarted_ranks().items():
+            who = f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
             out.append(f"step {step} ({who})")
         out += [f"steps {g['from_step']}..{g['to_step']} hold no data (rank {g['rank']})" for g in self.gaps]
         return out

@@ -9,7 +9,7 @@ buckets that keep each bucket's largest deviation, and re-aggregated when you zo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import dash
@@ -197,10 +197,11 @@ def rank_figure(
     title: str,
     x_range: tuple[float, float] | None = None,
     height: int = 520,
-    restarts: Sequence[tuple[int, int]] = (),
+    restarts: Mapping[int, Sequence[int]] | None = None,
 ) -> go.Figure:
     """One line per rank (top) and the rank x step heatmap of robust z (bottom), sharing the step axis;
-    ``restarts`` ((step, rank) of each restart) as grey dotted lines across both, each naming its ranks."""
+    ``restarts`` (step -> the ranks restarted there: ``Resume.restarted_ranks``) as grey dotted lines across
+    both, each naming its ranks."""
     steps, ranks, values = rank_matrix(frame, metric)
     if not ranks or not np.isfinite(values).any():
         return figures.empty_figure(f"no per-rank values of {metric} in this run", height=height)
@@ -257,11 +258,8 @@ def rank_figure(
     fig.update_yaxes(title_text=metric, row=1, col=1, gridcolor="#ebeef2")
     fig.update_yaxes(title_text="rank", type="category", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1, gridcolor="#ebeef2")
-    by_step: dict[int, list[int]] = {}
-    for step, rank in restarts:
-        by_step.setdefault(int(step), []).append(int(rank))
-    for step, who in sorted(by_step.items())[:200]:
-        label = "restart: rank " + ", ".join(map(str, sorted(who)[:4])) + (" …" if len(who) > 4 else "")
+    for step, who in list((restarts or {}).items())[:200]:
+        label = "restart: rank " + ", ".join(map(str, who[:4])) + (" …" if len(who) > 4 else "")
         fig.add_vline(x=step, line=dict(color=figures.RESTART_COLOR, width=1, dash="dot"))  # both subplots
         fig.add_annotation(
             x=step,
@@ -303,9 +301,8 @@ def run_figure(run_id: str, metric: str | None, x_range: tuple[float, float] | N
         frame = st.rank_metrics(metric)
     except ValueError as exc:
         return figures.empty_figure(str(exc))
-    restarts = [(int(r["step"]), int(r["rank"])) for r in st.run.resume.restarts]
     title = f"{metric} per rank — {plot_text(run_id)}"
-    return rank_figure(frame, metric, title=title, x_range=x_range, restarts=restarts)
+    return rank_figure(frame, metric, title=title, x_range=x_range, restarts=st.run.resume.restarted_ranks())
 
 
 @callback(

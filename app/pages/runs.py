@@ -187,7 +187,7 @@ def _summary(run_id: str, st: data.RunState) -> dict[str, Any]:
         "last_step": int(cast(int, frame["step"].max())) if steps else None,
         "tokens": tokens,
         "firing": firing,
-        "restarts": sorted({int(r["step"]) for r in st.run.resume.restarts}),
+        "restarts": list(st.run.resume.restarted_ranks()),
         "gaps": len(st.run.resume.gaps),
     }
 

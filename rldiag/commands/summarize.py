@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
         write_frame(df, args.format)
         return 0
     print(f"{r.name}: {df.height} steps ({int(df['step'][0])} .. {int(df['step'][-1])})")
-    if r.resume.describe():
-        print("restarted: " + "; ".join(r.resume.describe()))
+    restarts = r.resume.describe()
+    if restarts:
+        print("restarted: " + "; ".join(restarts))
     rows = summary_rows(df, names)
     absent = [] if args.metrics else [row["metric"] for row in rows if row["min@"] is None]
     print_table(
