@@ -542,9 +542,11 @@ def render_panel(
     cat = data.catalog()
     frames, alerts, versions, lasts = {}, {}, {}, {}
     restarts: dict[str, list[tuple[int, int]]] = {}
+    gaps: dict[str, list[tuple[int, int]]] = {}
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
         restarts[run_id] = [(int(r["step"]), int(r["rank"])) for r in st.run.resume.restarts]
+        gaps[run_id] = [(int(g["from_step"]), int(g["to_step"])) for g in st.run.resume.gaps]
         versions[run_id] = st.version  # before the frame: a step read in between makes the next tick redraw
         frame = st.metrics(_run_columns(st, metrics, x_mode))  # only these columns are finalized on first use
         frames[run_id] = frame
@@ -572,6 +574,7 @@ def render_panel(
         onpolicy=("hide" if hide_onpolicy else "show") if figures.onpolicy_applies(metrics) else None,
         run_order=runs,
         restarts=restarts,
+        gaps=gaps,
     )
     out["layout"]["meta"]["live"] = {"v": versions, "last": lasts}
     return out

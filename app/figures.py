@@ -216,6 +216,7 @@ def metric_panel_spec(
     onpolicy: str | None = None,
     run_order: Sequence[str] | None = None,
     restarts: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    gaps: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """The figure of :func:`metric_panel` as a plain plotly spec (``{"data": [...], "layout": {...}}``).
 
@@ -229,7 +230,9 @@ def metric_panel_spec(
     the raw one. ``alerts`` marks firing alerts (``step``, ``severity``, ``rule``) as vertical lines;
     ``hlines`` draws reference values (value, label), named in the legend. ``restarts`` (run id -> (step, rank) of
     each restart: a later attempt of a rank resumed at that step) draws a grey dotted line at each, with a
-    hoverable mark at the foot of the chart. ``onpolicy`` is ``"show"`` (mark
+    hoverable mark at the foot of the chart; ``gaps`` (run id -> (first, last) step of each range a restart left
+    without data: ``Resume.gaps``) breaks that run's lines across each range instead of joining the steps on
+    either side. ``onpolicy`` is ``"show"`` (mark
     on-policy steps at the bottom), ``"hide"`` (leave them out of the lines) or None (a panel they do not
     concern). In compare mode each run has one colour on every panel: its place in ``run_order`` (default: the
     order of ``frames``); metrics differ by line style. When no value is finite the traces stay (live updates
@@ -246,6 +249,7 @@ def metric_panel_spec(
     y_lo, y_hi = math.inf, -math.inf
     onpolicy_marks: list[tuple[str, float, float]] = []
     lone = 0  # traces of a single finite point, drawn as a marker
+    breaks: list[list[Any]] = []  # [run, step before the gap] where a line is broken
     axes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run_id, frame in frames.items():
         run_color = PALETTE[(order.index(run_id) if run_id in order else len(order)) % len(PALETTE)]
@@ -261,6 +265,12 @@ def metric_panel_spec(
                 onpolicy_marks.extend((run_id, float(s), float(x)) for s, x in zip(steps_all[on], x_all[on]))
         x, steps = x_all[keep], steps_all[keep]
         ys = [_column(frame, metric)[keep] for metric in metrics]
+        cut = gap_breaks(steps, (gaps or {}).get(run_id, ()))
+        if cut.size:  # a NaN point halfway between the steps on either side: plotly breaks the line there
+            breaks.extend([run_id, float(steps[i])] for i in cut.tolist())
+            x = np.insert(x, cut + 1, (x[cut] + x[cut + 1]) / 2)
+            steps = np.insert(steps, cut + 1, (steps[cut] + steps[cut + 1]) / 2)
+            ys = [np.insert(y.astype(np.float64), cut + 1, np.nan) for y in ys]
         series = [steps, *ys, *([ema(y, smoothing) for y in ys] if smoothing else [])]
         envs = downsample_many(x, series, buckets=buckets, x_range=x_range)  # the buckets found once per run
         step_env = envs[0]
@@ -365,6 +375,7 @@ def metric_panel_spec(
             len(onpolicy_marks),
             lone,
             [[run, step, rank, x] for run, step, rank, x in resumed],  # x moves once that step's data lands
+            breaks,  # a gap's break appears once steps on both sides of it are drawn
         ],
         "alerts": alert_key(alerts or {}),
     }
@@ -481,6 +492,18 @@ def _series_traces(
             trace["mode"] = line_mode(values)
             trace["marker"] = dict(size=6, color=trace["line"]["color"])
     return [band, raw, sm]
+
+
+def gap_breaks(steps: np.ndarray, gaps: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Indices ``i`` of ``steps`` (sorted) after which a line breaks: some gap ``(first, last)`` (steps a restart
+    left without data) lies between ``steps[i]`` and ``steps[i + 1]``, in part or whole."""
+    if steps.size < 2 or not gaps:
+        return np.empty(0, dtype=np.int64)
+    lo, hi = steps[:-1], steps[1:]
+    hit = np.zeros(lo.size, dtype=bool)
+    for first, last in gaps:
+        hit |= (first < hi) & (last > lo)
+    return np.flatnonzero(hit)
 
 
 def line_mode(values: np.ndarray) -> str:

@@ -198,16 +198,22 @@ def rank_figure(
     x_range: tuple[float, float] | None = None,
     height: int = 520,
     restarts: Mapping[int, Sequence[int]] | None = None,
+    gaps: Sequence[tuple[int, int]] = (),
 ) -> go.Figure:
     """One line per rank (top) and the rank x step heatmap of robust z (bottom), sharing the step axis;
     ``restarts`` (step -> the ranks restarted there: ``Resume.restarted_ranks``) as grey dotted lines across
-    both, each naming its ranks."""
+    both, each naming its ranks; ``gaps`` ((first, last) step of each range a restart left without data:
+    ``Resume.gaps``) break the lines and leave an empty column in the heatmap."""
     steps, ranks, values = rank_matrix(frame, metric)
     if not ranks or not np.isfinite(values).any():
         return figures.empty_figure(f"no per-rank values of {metric} in this run", height=height)
     z = robust_z(values)
     worst = worst_rank(steps, ranks, z)
     xs, vs, zs = aggregate(steps, values, z, x_range)
+    cut = figures.gap_breaks(np.asarray(xs, dtype=np.float64), gaps)
+    if cut.size:  # a NaN column halfway between the steps on either side of each gap
+        xs = np.insert(np.asarray(xs, dtype=np.float64), cut + 1, (xs[cut] + xs[cut + 1]) / 2)
+        vs, zs = (np.insert(np.asarray(a, dtype=np.float64), cut + 1, np.nan, axis=1) for a in (vs, zs))
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.6, 0.4])
     for i, r in enumerate(ranks):
         is_worst = worst is not None and r == worst[0] and worst[2] >= 3.0
@@ -302,7 +308,14 @@ def run_figure(run_id: str, metric: str | None, x_range: tuple[float, float] | N
     except ValueError as exc:
         return figures.empty_figure(str(exc))
     title = f"{metric} per rank — {plot_text(run_id)}"
-    return rank_figure(frame, metric, title=title, x_range=x_range, restarts=st.run.resume.restarted_ranks())
+    return rank_figure(
+        frame,
+        metric,
+        title=title,
+        x_range=x_range,
+        restarts=st.run.resume.restarted_ranks(),
+        gaps=[(int(g["from_step"]), int(g["to_step"])) for g in st.run.resume.gaps],
+    )
 
 
 @callback(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,24 @@ def test_a_restart_whose_first_step_has_no_data_yet_is_marked_at_that_step(tmp_p
             assert next(t for t in figs[0]["data"] if t.get("name") == "restart")["x"] == [5.0]
     resumed.close()
     first.close()
+
+
+def test_live_tick_breaks_the_line_at_steps_a_restart_left_without_data(tmp_path: Path):
+    """Killed after step 5 with its last checkpoint at step 8 (steps 6-7 never published): the resumed job's
+    steps are not joined to the earlier ones by a line across steps that hold no data."""
+    record_run(tmp_path / "r", steps=6)
+    app = shell.create_app(tmp_path)
+    pid = ids.panel("overview", "a", ["ratio/max"])
+    with app.server.test_request_context():
+        _, sigs = _draw([pid], ["r"])
+        rec = record_run(tmp_path / "r", steps=2, start=8, close=False)
+        rec.flush()
+        extends, figs, *_ = shell.live_tick(["r"], [pid], 0.5, 0, sigs=sigs)
+        assert extends == [no_update] and figs[0] is not no_update  # the new steps cannot simply extend the line
+        raw = figs[0]["data"][1]
+        gap = raw["x"].index(6.5)
+        assert raw["x"][gap - 1 : gap + 2] == [5.0, 6.5, 8.0] and math.isnan(raw["y"][gap])
+    rec.close()
 
 
 def test_live_tick_shows_alerts_that_fire_while_the_chart_is_open(tmp_path: Path):

@@ -147,6 +147,20 @@ def test_restarts_are_marked_where_a_later_attempt_resumed():
     assert not any(t.name == "restart" for t in plain.data)
 
 
+def test_a_gap_a_restart_left_breaks_the_line_instead_of_joining_its_ends():
+    frame = pl.DataFrame({"step": [0, 1, 2, 3, 6, 7], "m": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    fig = figures.metric_panel({"a": frame}, ["m"], title="t", gaps={"a": [(4, 5)]}, smoothing=0.5)
+    raw, ema = fig.data[1], fig.data[2]
+    assert list(raw.x) == [0, 1, 2, 3, 4.5, 6, 7]  # a point between 3 and 6 without a value: plotly breaks there
+    assert _as_list(raw.y) == [1.0, 2.0, 3.0, 4.0, None, 5.0, 6.0]
+    assert _as_list(ema.y)[4] is None and None not in _as_list(ema.y)[:4] + _as_list(ema.y)[5:]
+    assert fig.layout.meta["key"] != figures.metric_panel({"a": frame}, ["m"], title="t").layout.meta["key"]
+    # a gap of another rank that other steps filled, or one outside the drawn steps, breaks nothing
+    for gaps in ([(2, 2)], [(8, 9)], []):
+        assert None not in _as_list(figures.metric_panel({"a": frame}, ["m"], title="t", gaps={"a": gaps}).data[1].y)
+    assert figures.gap_breaks(np.array([0.0, 1.0, 10.0, 20.0]), [(5, 30)]).tolist() == [1, 2]
+
+
 def test_a_run_without_any_step_yet_says_so_rather_than_what_to_record():
     none = pl.DataFrame({"step": np.array([], np.int64), "m": np.array([], np.float64)})
     fig = figures.metric_panel({"a": none}, ["m"], title="t", no_data="no data in this run: record ref_logp")

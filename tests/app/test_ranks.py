@@ -109,6 +109,20 @@ def test_a_restarted_rank_is_marked_on_the_per_rank_view(ranks, make_app, tmp_pa
     assert [a.text for a in fig.layout.annotations if "restart" in a.text] == ["restart: rank 1"]
 
 
+def test_steps_a_restart_left_without_data_break_every_rank_line(ranks):
+    import polars as pl
+
+    frame = pl.DataFrame({"step": [0, 0, 1, 1, 4, 4], "rank": [0, 1] * 3, "ratio/max": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]})
+    fig = ranks.rank_figure(frame, "ratio/max", title="t", gaps=[(2, 3)])
+    lines = [t for t in fig.data if t.type == "scatter"]
+    for t in lines:
+        assert list(t.x) == [0, 1, 2.5, 4] and np.isnan(t.y[2]) and np.isfinite(np.delete(t.y, 2)).all()
+    heat = next(t for t in fig.data if t.type == "heatmap")
+    assert list(heat.x) == [0, 1, 2.5, 4] and np.isnan(np.asarray(heat.z, dtype=float)[:, 2]).all()
+    joined = ranks.rank_figure(frame, "ratio/max", title="t")
+    assert list(next(t for t in joined.data if t.type == "scatter").x) == [0, 1, 4]
+
+
 def test_zoom_events_are_read_from_either_axis(ranks):
     assert ranks.zoom_of({"xaxis.range[0]": 3, "xaxis.range[1]": 9.5}) == (3.0, 9.5)
     assert ranks.zoom_of({"xaxis2.range": [1, 2]}) == (1.0, 2.0)
