@@ -53,6 +53,27 @@ def stop_on_signals(stop: threading.Event, command: str = "rldiag") -> Iterator[
             signal.signal(sig, handler)
 
 
+class ReadTrouble:
+    """What a follow loop (``watch``, ``export --follow``) says on stderr about runs it read before and cannot read
+    now (a network store, a mount): once when a run stops being readable or the reason changes, once when it is
+    read again, nothing while it stays either way."""
+
+    def __init__(self, command: str, interval: float) -> None:
+        self.command, self.interval = command, interval
+        self._why: dict[str, str | None] = {}
+
+    def update(self, name: str, why: str | None) -> None:
+        """The outcome of one pass over run ``name``: ``why`` it could not be read, None when it could."""
+        before = self._why.get(name)
+        if why and why != before:
+            print(
+                f"{self.command}: cannot read {name} ({why}); trying again every {self.interval:g} s", file=sys.stderr
+            )
+        elif before and not why:
+            print(f"{self.command}: reading {name} again", file=sys.stderr)
+        self._why[name] = why
+
+
 def check_port(host: str, port: int) -> None:
     """A :class:`~rldiag.cli.CLIError` when the dashboard could not listen on ``host:port`` (another program
     holds it, or the host is not this machine's), said before anything is loaded; the web server's own message

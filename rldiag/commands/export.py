@@ -20,7 +20,7 @@ import sys
 import threading
 
 from rldiag import storage
-from rldiag.commands._util import stop_on_signals
+from rldiag.commands._util import ReadTrouble, stop_on_signals
 from rldiag.storage import read_failure
 
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         with stop_on_signals(stop, "rldiag export"):
-            failing: str | None = None
+            trouble = ReadTrouble("rldiag export", args.interval)
             passes = 0
             while True:
                 passes += 1
@@ -102,17 +102,10 @@ def run(args: argparse.Namespace) -> int:
                     message = read_failure(exc) if args.follow else None
                     if message is None:
                         raise
-                    if message != failing:
-                        print(
-                            f"rldiag export: cannot read {r.name} ({message}); trying again every {args.interval:g} s",
-                            file=sys.stderr,
-                        )
-                    failing = message
+                    trouble.update(r.name, message)
                     closed = False
                 else:
-                    if failing:
-                        print(f"rldiag export: reading {r.name} again", file=sys.stderr)
-                    failing = None
+                    trouble.update(r.name, None)
                 if not args.follow or closed or stop.is_set():
                     break
                 if stop.wait(args.interval):

@@ -26,7 +26,7 @@ from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
-from rldiag.commands._util import stop_on_signals
+from rldiag.commands._util import ReadTrouble, stop_on_signals
 from rldiag.runformat import read_alerts
 from rldiag.storage import read_failure
 
@@ -381,22 +381,15 @@ def run(args: argparse.Namespace) -> int:
                 if not w.follower.ensure_open():
                     print(f"rldiag watch: waiting for a run to appear at {run_dir}", file=sys.stderr)
             announced: set[int] = set()
+            trouble = ReadTrouble("rldiag watch", args.interval)
             try:
                 with stop_on_signals(stop, "rldiag watch"):
                     while not stop.is_set():
                         for k, w in enumerate(watchers):
                             if stop.is_set():
                                 break  # stopping (SIGTERM or Ctrl-C): after the run whose pass was in progress
-                            failing = w.read_error
                             w.poll()
-                            if w.read_error and w.read_error != failing:
-                                print(
-                                    f"rldiag watch: {w.engine.run}: cannot read the run ({w.read_error}); "
-                                    f"trying again every {args.interval:g} s",
-                                    file=sys.stderr,
-                                )
-                            elif failing and not w.read_error:
-                                print(f"rldiag watch: {w.engine.run}: reading the run again", file=sys.stderr)
+                            trouble.update(str(w.engine.run), w.read_error)
                             if k not in announced and w.follower.run is not None:
                                 announced.add(k)
                                 if not args.quiet:

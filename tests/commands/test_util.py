@@ -13,6 +13,7 @@ import pytest
 
 from rldiag.cli import CLIError
 from rldiag.commands._util import (
+    ReadTrouble,
     add_engine_args,
     clean_json,
     engine_kwargs,
@@ -129,3 +130,17 @@ def test_stop_on_signals_sets_the_event_and_puts_the_handlers_back(capsys: pytes
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(10)  # interrupted
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_follow_loop_says_once_that_a_run_cannot_be_read_and_once_that_it_can_again(capsys) -> None:
+    trouble = ReadTrouble("rldiag watch", 2.0)
+    for name, why in [("a", None), ("a", "Stale file handle"), ("b", None), ("a", "Stale file handle")]:
+        trouble.update(name, why)
+    trouble.update("a", "timed out")  # a new reason is news
+    trouble.update("a", None)
+    trouble.update("a", None)
+    assert capsys.readouterr().err.splitlines() == [
+        "rldiag watch: cannot read a (Stale file handle); trying again every 2 s",
+        "rldiag watch: cannot read a (timed out); trying again every 2 s",
+        "rldiag watch: reading a again",
+    ]
