@@ -25,6 +25,13 @@ class CLIError(Exception):
     """An error whose message is shown to the user as is (no traceback); exit status 2."""
 
 
+RUN_HELP = "run directory, or its URI on object storage (s3://bucket/runs/exp1; gs://, az://, hdfs://)"
+"""The help of every command's run argument: each opens a run wherever :mod:`rldiag.storage` reaches."""
+
+RUNS_HELP = "each a run directory or its URI on object storage (s3://bucket/runs/exp1; gs://, az://, hdfs://)"
+"""The same, for commands that take several runs."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rldiag",

@@ -112,7 +112,8 @@ def law_view(run_id: str, metric: str) -> tuple[Any, str]:
     agree = _field(result, "sign_agreement", "mechanism_agreement")
     if agree is not None and math.isfinite(float(agree)):
         parts.append(f"sign agreement of -cov with the entropy change: {100 * float(agree):.0f}%")
-    return fig, "; ".join(parts)
+    caveats = result.caveats() if hasattr(result, "caveats") else []
+    return fig, "; ".join(parts) + "".join(f". Caution: {c}" for c in caveats)
 
 
 @callback(

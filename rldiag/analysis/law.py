@@ -26,6 +26,8 @@ import polars as pl
 ENTROPY = "entropy/mean"
 COV = "entropy/cov"
 DEFAULT_METRIC = "reward/mean"
+WEAK_R2 = 0.5
+"""Below this R^2 the fit explains too little of R for its ceiling to be read as a forecast (:meth:`LawFit.caveats`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,26 @@ class LawFit:
     """Steps counted by :attr:`sign_agreement` (both signs nonzero and finite)."""
     steps: pl.DataFrame = field(repr=False)
     """Per step: step, H, R, the fitted R, the next entropy change, the predicted sign and whether it agreed."""
+
+    def caveats(self) -> list[str]:
+        """What keeps the fit from being read as the paper's law, in plain words (empty when nothing does): a
+        coefficient ``a <= 0`` (R does not rise as entropy falls, so ``b - a`` is no ceiling), an R^2 below
+        :data:`WEAK_R2`, an R now above the predicted ceiling. The CLI and the dashboard print these under the
+        numbers."""
+        out = []
+        if not self.a > 0:
+            out.append(
+                f"a = {self.a:.4g} <= 0: {self.metric} does not rise as entropy falls in this run, so b - a is not a "
+                "ceiling (the law does not describe this run)"
+            )
+        if math.isfinite(self.r2) and self.r2 < WEAK_R2:
+            out.append(
+                f"R^2 = {self.r2:.2f}: the fit explains little of {self.metric}'s variation; the ceiling is a weak "
+                "forecast"
+            )
+        if self.a > 0 and math.isfinite(self.reached) and self.reached > 1:
+            out.append(f"{self.metric} now is above the predicted ceiling: the fit under-predicts this run")
+        return out
 
     def as_dict(self) -> dict[str, float]:
         """The public ``law/*`` quantities."""

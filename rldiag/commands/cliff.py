@@ -7,7 +7,7 @@ import json
 import math
 from typing import TypedDict
 
-from rldiag.cli import CLIError
+from rldiag.cli import RUN_HELP, CLIError
 from rldiag.commands._util import (
     add_engine_args,
     clean_json,
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "K-ary: --teacher 0.97,0.02,0.01 --base 0.9,0.06,0.04 --c 2. "
         "A run (teacher_logprobs and base_logprobs recorded): rldiag cliff RUN --lam 1.5.",
     )
-    p.add_argument("run", nargs="?", help="run directory (per-step report)")
+    p.add_argument("run", nargs="?", help=RUN_HELP + " (per-step report)")
     p.add_argument("--p", type=float, help="teacher modal probability")
     p.add_argument("--b", type=float, help="warm-start (base) mass on the teacher's modal token")
     p.add_argument("--c", type=float, help="IS clip strength (ratio form: ratios in [1/c, c])")

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from rldiag import schema
-from rldiag.cli import CLIError
+from rldiag.cli import RUNS_HELP, CLIError
 from rldiag.commands._util import open_run_or_fail, parse_steps, print_table, select_metrics, write_frame
 
 ON_POLICY_FAMILIES = ("ratio/", "kl/", "clip/", "ess/")
@@ -34,7 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="compare runs: each metric's mean and worst value over the whole run (or --steps), and where they diverge",
         description=(__doc__ or "").split("\n\n", 1)[-1],
     )
-    p.add_argument("runs", nargs="+", help="two or more run directories (the first is the baseline)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="two or more runs (the first is the baseline), " + RUNS_HELP,
+    )
     p.add_argument(
         "--metrics",
         help="comma-separated names or globs (default: the headline metrics); custom scalars by their exact name",

@@ -20,6 +20,7 @@ import sys
 import threading
 
 from rldiag import storage
+from rldiag.cli import RUN_HELP
 from rldiag.commands._util import ReadTrouble, stop_on_signals
 from rldiag.storage import read_failure
 
@@ -27,11 +28,11 @@ from rldiag.storage import read_failure
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a run's step metrics (and histograms) into TensorBoard or MLflow",
+        help="write a run's step metrics (and histograms) into TensorBoard, MLflow, W&B or trackio",
         description=(__doc__ or "").split("\n\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument(
         "--to",
         nargs="+",

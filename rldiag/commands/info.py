@@ -11,13 +11,14 @@ import argparse
 import datetime as dt
 import json
 
+from rldiag.cli import RUN_HELP
 from rldiag.commands._util import clean_json, open_run_or_fail
 from rldiag.runformat import TMP_GRACE_SECONDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a run holds: steps, ranks, tokens, dropped rows, files, problems")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--repair",

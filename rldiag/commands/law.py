@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from rldiag.cli import CLIError
+from rldiag.cli import RUN_HELP, CLIError
 from rldiag.commands._util import clean_json, fmt, open_run_or_fail, write_frame
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("law", help="entropy-performance law: fit R = -a exp(H) + b, ceiling b - a, -cov sign check")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--metric", default="reward/mean", help="performance series R (default reward/mean)")
     p.add_argument("--window", type=int, default=5, help="steps averaged for the current R (default 5)")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"cannot fit the law: {exc}") from None
     if args.format == "json":
-        out = {"metric": args.metric, **fit.as_dict()}
+        out = {"metric": args.metric, **fit.as_dict(), "caveats": fit.caveats()}
         if args.per_step:
             out["steps"] = fit.steps.to_dicts()
         print(json.dumps(clean_json(out)))
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         f"  mechanism: sign(-entropy/cov) matched the next entropy change in {fmt(fit.sign_agreement)} "
         f"of {fit.n_sign} steps"
     )
+    for caveat in fit.caveats():
+        print(f"  caution: {caveat}")
     if args.per_step:
         write_frame(fit.steps, "table")
     return 0

@@ -8,13 +8,13 @@ from typing import Any
 
 import polars as pl
 
-from rldiag.cli import CLIError
+from rldiag.cli import RUN_HELP, CLIError
 from rldiag.commands._util import add_engine_args, engine_kwargs, open_run_or_fail, print_table, steps_in, write_frame
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lens", help="objective lens: PPO, DAPO, CISPO, GSPO, BAPO, ... replayed on the run's tokens")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument(
         "--objectives",
         help="comma-separated subset (default: all): ppo,dapo,dual_clip,dcpo,cispo,sapo,gspo,ctpo,tis,mis,bapo,ttb",

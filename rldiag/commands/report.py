@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rldiag.cli import CLIError
+from rldiag.cli import RUN_HELP, CLIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "headline panels, the alerts, the worst steps and their worst tokens, and a plain-language "
         "summary of what went wrong and when. See docs/report.md.",
     )
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument(
         "--compare",
         action="append",

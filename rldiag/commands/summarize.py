@@ -8,7 +8,7 @@ import math
 import numpy as np
 import polars as pl
 
-from rldiag.cli import CLIError
+from rldiag.cli import RUN_HELP, CLIError
 from rldiag.commands._util import (
     add_engine_args,
     engine_kwargs,
@@ -22,7 +22,7 @@ from rldiag.commands._util import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summarize", help="metrics of a run: a summary per metric, or the per-step table")
-    p.add_argument("run", nargs="?", help="run directory")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument(
         "--format",
         choices=("table", "csv", "json"),

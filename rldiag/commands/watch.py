@@ -26,6 +26,7 @@ from rldiag.alerts.follow import ALERTS_FILE, RunFollower
 from rldiag.alerts.online import history_sink, run_label
 from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
+from rldiag.cli import RUNS_HELP
 from rldiag.commands._util import ReadTrouble, stop_on_signals
 from rldiag.runformat import read_alerts
 from rldiag.storage import read_failure
@@ -50,7 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(__doc__ or "").split("\n\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", nargs="+", help="run directories (written by rldiag.Recorder)")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        nargs="+",
+        help="runs written by rldiag.Recorder, " + RUNS_HELP,
+    )
     p.add_argument("--rules", metavar="FILE", help="TOML rule file laid over the default pack")
     p.add_argument(
         "--alertmanager",

@@ -48,6 +48,19 @@ def test_reached_and_gain():
     assert fit.as_dict()["law/ceiling"] == pytest.approx(0.55)
 
 
+def test_caveats_say_when_the_fit_is_not_the_papers_law():
+    assert fit_law(synthetic()).caveats() == []
+    rising = fit_law(synthetic(a=-0.2))  # reward rises with entropy: b - a is a floor, not a ceiling
+    assert rising.a == pytest.approx(-0.2) and len(rising.caveats()) == 1
+    assert rising.caveats()[0].startswith("a = -0.2 <= 0: reward/mean does not rise as entropy falls")
+    weak = fit_law(synthetic(noise=0.3, seed=1))
+    assert weak.a > 0 and weak.r2 < 0.5 and any(c.startswith(f"R^2 = {weak.r2:.2f}") for c in weak.caveats())
+    frame = synthetic()
+    above = frame.with_columns(pl.when(pl.col("step") >= 75).then(0.6).otherwise(pl.col("reward/mean")).alias("r"))
+    fit = fit_law(above, metric="r")
+    assert fit.a > 0 and fit.reached > 1 and "r now is above the predicted ceiling" in " ".join(fit.caveats())
+
+
 def test_mechanism_sign_agreement():
     H = np.array([1.0, 0.9, 0.95, 0.8, 0.8, 0.7])
     cov = np.array([0.2, -0.1, 0.3, 0.1, 0.05, np.nan])  # predicted changes: -, +, -, -, -
@@ -128,5 +141,6 @@ def test_cli(run_dir, capsys):
     assert main(["law", str(run_dir), "--format", "json", "--per-step"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["law/ceiling"] == pytest.approx(0.7, rel=1e-5) and len(got["steps"]) == 6
+    assert got["caveats"] == [] and "caution" not in out
     assert main(["law", str(run_dir), "--metric", "accuracy"]) == 2
     assert "not a metric of this run" in capsys.readouterr().err
