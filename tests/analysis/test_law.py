@@ -144,3 +144,22 @@ def test_cli(run_dir, capsys):
     assert got["caveats"] == [] and "caution" not in out
     assert main(["law", str(run_dir), "--metric", "accuracy"]) == 2
     assert "not a metric of this run" in capsys.readouterr().err
+
+
+def test_docs_quote_the_sample_runs_caveats():
+    """docs/law.md says what `rldiag law` cautions on the bundled sample runs; regenerate the sentence when they
+    change."""
+    from pathlib import Path
+
+    import rldiag
+
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "law.md").read_text()
+    healthy = fit_law(rldiag.open_run(root / "sample_logs" / "healthy"))
+    collapse = fit_law(rldiag.open_run(root / "sample_logs" / "collapse"))
+    assert healthy.caveats() == [] and f"`healthy` prints none (R^2 {healthy.r2:.2f})" in page
+    assert [c.split(":")[0].split(" = ")[0] for c in collapse.caveats()] == [
+        "R^2",
+        "reward/mean now is above the predicted ceiling",
+    ]
+    assert f"(R^2 {collapse.r2:.2f}, R now {collapse.reached:.2f} of the ceiling)" in page
