@@ -59,7 +59,7 @@ def _trainer(
     tok = build_tokenizer(ALPHABET + "=")
     rng = random.Random(0)
     prompts = ["".join(rng.choice(ALPHABET) for _ in range(3)) + "=" for _ in range(64)]
-    args = trl.GRPOConfig(
+    settings: dict[str, object] = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         num_generations=4,
@@ -76,8 +76,8 @@ def _trainer(
         disable_tqdm=True,
         gradient_accumulation_steps=grad_accum,
         lr_scheduler_type="constant",
-        **(config or {}),
     )
+    args = trl.GRPOConfig(**{**settings, **(config or {})})
     model = build_model(tok, seed=0)
     if beta != 0.0:  # TRL loads the reference model from the policy's path: give it a local one
         model.save_pretrained(tmp_path / "base")
@@ -204,6 +204,30 @@ def test_recording_does_not_change_training(tmp_path: Path) -> None:
     assert losses[0] == losses[1] and len(losses[0]) == 4
     for p, q in zip(plain.model.parameters(), recorded.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_job_resumed_from_a_checkpoint_supersedes_the_steps_after_it(tmp_path: Path) -> None:
+    """Preempted after step 4 with its last checkpoint at step 3, the job resumes from it with TRL's
+    ``resume_from_checkpoint``: rldiag numbers the resumed steps as TRL does, marks the restart, and counts step 4
+    once, from the resumed attempt (the first attempt's step 4 stays on disk, superseded)."""
+    run_dir = tmp_path / "run"
+    saving = {"save_strategy": "steps", "save_steps": 3}
+    _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=run_dir, max_steps=4, config=saving).train()
+    assert rldiag.open_run(run_dir).steps() == [1, 2, 3, 4]
+    resumed = _trainer(tmp_path, cls=RLDiagGRPOTrainer, rldiag_run_dir=run_dir, max_steps=6, config=saving)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    run = rldiag.open_run(run_dir)
+    assert run.steps() == [1, 2, 3, 4, 5, 6] and run.resume.problems == [] and run.resume.gaps == []
+    assert [r["step"] for r in run.resume.restarts] == [4]
+    assert [(s["from_step"], s["to_step"]) for s in run.resume.superseded] == [(4, 4)]
+    tokens = run.tokens().collect()
+    assert tokens.height == tokens.unique(["step", "micro", "seq", "pos"]).height  # step 4 once, not both attempts'
+    assert tokens.filter(pl.col("step") == 4)["seq"].n_unique() == 8
+    logged = _logged(resumed)
+    m = run.step_metrics()
+    for row in m.filter(pl.col("step") >= 4).iter_rows(named=True):  # the resumed attempt's numbers
+        for ours, theirs in PAIRS:
+            assert row[ours] == pytest.approx(logged[row["step"]][theirs], abs=1e-5), (row["step"], ours)
 
 
 def test_critical_alert_stops_training(tmp_path: Path) -> None:
