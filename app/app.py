@@ -546,7 +546,7 @@ def render_panel(
     for run_id in cat.valid_ids(runs):
         st = cat.state(run_id)
         restarts[run_id] = [(int(r["step"]), int(r["rank"])) for r in st.run.resume.restarts]
-        gaps[run_id] = [(int(g["from_step"]), int(g["to_step"])) for g in st.run.resume.gaps]
+        gaps[run_id] = st.run.resume.gap_ranges()
         versions[run_id] = st.version  # before the frame: a step read in between makes the next tick redraw
         frame = st.metrics(_run_columns(st, metrics, x_mode))  # only these columns are finalized on first use
         frames[run_id] = frame

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 import polars as pl
 
 from app.downsample import DEFAULT_BUCKETS, downsample_many, ema
+from rldiag import runformat
 
 SERIES_TRACES = ("band", "raw", "ema")
 TRACES_PER_SERIES = len(SERIES_TRACES)
@@ -265,7 +266,7 @@ def metric_panel_spec(
                 onpolicy_marks.extend((run_id, float(s), float(x)) for s, x in zip(steps_all[on], x_all[on]))
         x, steps = x_all[keep], steps_all[keep]
         ys = [_column(frame, metric)[keep] for metric in metrics]
-        cut = gap_breaks(steps, (gaps or {}).get(run_id, ()))
+        cut = np.asarray(runformat.gap_breaks(steps.tolist(), (gaps or {}).get(run_id, ())), dtype=np.int64)
         if cut.size:  # a NaN point halfway between the steps on either side: plotly breaks the line there
             breaks.extend([run_id, float(steps[i])] for i in cut.tolist())
             x = np.insert(x, cut + 1, (x[cut] + x[cut + 1]) / 2)
@@ -492,18 +493,6 @@ def _series_traces(
             trace["mode"] = line_mode(values)
             trace["marker"] = dict(size=6, color=trace["line"]["color"])
     return [band, raw, sm]
-
-
-def gap_breaks(steps: np.ndarray, gaps: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Indices ``i`` of ``steps`` (sorted) after which a line breaks: some gap ``(first, last)`` (steps a restart
-    left without data) lies between ``steps[i]`` and ``steps[i + 1]``, in part or whole."""
-    if steps.size < 2 or not gaps:
-        return np.empty(0, dtype=np.int64)
-    lo, hi = steps[:-1], steps[1:]
-    hit = np.zeros(lo.size, dtype=bool)
-    for first, last in gaps:
-        hit |= (first < hi) & (last > lo)
-    return np.flatnonzero(hit)
 
 
 def line_mode(values: np.ndarray) -> str:

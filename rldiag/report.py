@@ -72,6 +72,7 @@ RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 _LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf")
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 _SEVERITY_COLOURS = {"critical": "#c0392b", "warn": "#e67e22", "info": "#7f8c8d"}
+_RESTART_COLOUR = "#6b7280"
 
 TOKEN_RANKINGS: dict[str, str] = {
     "logratio": "largest |log-ratio| (moved most since sampling)",
@@ -872,6 +873,7 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
     # the first run is drawn last, on top: where a compared run is identical, the run the report is about shows
     for ri, d in reversed(list(enumerate(data))):
         steps = d.metrics["step"].to_numpy()
+        resume = getattr(d.run, "resume", None) or runformat.Resume()
         for mi, name in enumerate(panel.metrics):
             if name not in d.metrics.columns:
                 continue
@@ -879,7 +881,12 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
             if not np.isfinite(y).any():
                 continue
             any_values = True
-            x, yy = _decimate(steps, y, max_points)
+            x, yy = _decimate(steps.astype(np.float64), y, max_points)
+            # steps a restart left without data: a point without a value halfway, where the line breaks
+            cut = np.asarray(runformat.gap_breaks(x.tolist(), resume.gap_ranges()), dtype=np.int64)
+            if cut.size:
+                x = np.insert(x, cut + 1, (x[cut] + x[cut + 1]) / 2)
+                yy = np.insert(yy, cut + 1, math.nan)
             colour = d.colour if compare else _LINE_COLOURS[mi % len(_LINE_COLOURS)]
             label = f"{_ptext(d.label)} · {name}" if compare else name
             fig.add_trace(
@@ -892,6 +899,14 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
                     legendrank=1000 + 100 * ri + mi,
                     hovertemplate=f"{label}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
                 )
+            )
+        for step, ranks in list(resume.restarted_ranks().items())[:50]:
+            who = f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
+            fig.add_vline(
+                x=step,
+                line={"color": d.colour if compare else _RESTART_COLOUR, "width": 1, "dash": "dot"},
+                annotation={"text": f"restart ({who})", "font": {"size": 9, "color": _RESTART_COLOUR}},
+                annotation_position="top left",
             )
         # alerts on this panel's metrics: a marker where each episode fired, shading while critical ones fired
         fired = [e for e in episodes_from_events(d.events) if e.metric in panel.metrics]

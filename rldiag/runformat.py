@@ -31,6 +31,7 @@ file name, so ranks and restarts need no locks.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -746,6 +747,10 @@ class Resume:
             by_step.setdefault(int(r["step"]), []).append(int(r["rank"]))
         return {step: sorted(ranks) for step, ranks in sorted(by_step.items())}
 
+    def gap_ranges(self) -> list[tuple[int, int]]:
+        """(first, last) step of each range a restart left without data for some rank (:attr:`gaps`)."""
+        return [(int(g["from_step"]), int(g["to_step"])) for g in self.gaps]
+
     def describe(self) -> list[str]:
         """Each restart (``step 6 (rank 0)``, ranks restarted at one step together) and each gap (``steps
         0..5 hold no data (rank 0)``), for people: the dashboard's Overview, ``rldiag summarize``, the report."""
@@ -755,6 +760,25 @@ class Resume:
             out.append(f"step {step} ({who})")
         out += [f"steps {g['from_step']}..{g['to_step']} hold no data (rank {g['rank']})" for g in self.gaps]
         return out
+
+
+def gap_breaks(steps: Sequence[float], gaps: Iterable[tuple[int, int]]) -> list[int]:
+    """Indices ``i`` of the sorted ``steps`` drawn (integer steps) after which a line breaks: a step of some gap
+    (``(first, last)``, :meth:`Resume.gap_ranges`) lies strictly between ``steps[i]`` and ``steps[i + 1]``. A gap
+    of one rank that other ranks' steps fill breaks nothing between those steps. The dashboard's line panels,
+    its Ranks page and the report draw restarts with it.
+
+    >>> gap_breaks([0, 1, 2, 3, 6, 7], [(4, 5)]), gap_breaks([3, 4, 5, 6], [(4, 5)]), gap_breaks([0, 9], [(4, 5)])
+    ([3], [], [0])
+    """
+    n = len(steps)
+    out: set[int] = set()
+    for first, last in gaps:
+        # candidates: steps[i] < last and steps[i + 1] > first
+        for i in range(max(bisect.bisect_right(steps, first) - 1, 0), min(bisect.bisect_left(steps, last), n - 1)):
+            if max(first, math.floor(steps[i]) + 1) <= min(last, math.ceil(steps[i + 1]) - 1):
+                out.add(i)
+    return sorted(out)
 
 
 def _alive_here(info: WriterInfo) -> bool:

@@ -117,6 +117,29 @@ def test_summary_says_where_the_job_was_restarted(tmp_path: Path) -> None:
     assert "restarted" not in summarize_run(rldiag.open_run(HEALTHY)).text()
 
 
+def test_panels_mark_restarts_and_break_lines_across_steps_without_data(tmp_path: Path) -> None:
+    """Killed after step 5, resumed from a checkpoint at step 8: the report's panels mark the restart and do not
+    join steps 5 and 8 by a line across steps that hold no data."""
+    from rldiag import report
+    from tests.app.synth import record_run
+
+    record_run(tmp_path / "late", steps=6)
+    record_run(tmp_path / "late", steps=4, start=8, seed=1)
+    run = rldiag.open_run(tmp_path / "late")
+    d = report._prepare(run, "late", "#1f77b4", top_steps=1, top_tokens=1, context=2)
+    fig = report._figure(report.Panel("ratio/max", ("ratio/max",)), [d], 2000)
+    line = next(t for t in fig.data if t.name == "ratio/max")
+    assert list(line.x) == [0, 1, 2, 3, 4, 5, 6.5, 8, 9, 10, 11] and line.y[6] is None
+    assert [(sh.x0, sh.line.dash) for sh in fig.layout.shapes] == [(8, "dot")]
+    assert [a.text for a in fig.layout.annotations] == ["restart (rank 0)"]
+    plain = report._figure(
+        report.Panel("ratio/max", ("ratio/max",)),
+        [report._prepare(rldiag.open_run(HEALTHY), "h", "#1f77b4", top_steps=1, top_tokens=1, context=2)],
+        2000,
+    )
+    assert not plain.layout.shapes and None not in next(t for t in plain.data if t.name == "ratio/max").y
+
+
 def test_summary_without_alert_history_evaluates_the_default_rules(tmp_path: Path) -> None:
     copy = tmp_path / "collapse"
     shutil.copytree(COLLAPSE, copy, ignore=shutil.ignore_patterns("alerts.jsonl", ".rldiag-index"))

@@ -24,6 +24,7 @@ from app import data, figures, ids, panels
 from app import layout as ui
 from app.downsample import DEFAULT_BUCKETS
 from app.security import plot_text
+from rldiag import runformat
 
 dash.register_page(__name__, path="/ranks", name="Ranks", title="rldiag · Ranks", order=7)
 
@@ -210,7 +211,7 @@ def rank_figure(
     z = robust_z(values)
     worst = worst_rank(steps, ranks, z)
     xs, vs, zs = aggregate(steps, values, z, x_range)
-    cut = figures.gap_breaks(np.asarray(xs, dtype=np.float64), gaps)
+    cut = np.asarray(runformat.gap_breaks(np.asarray(xs).tolist(), gaps), dtype=np.int64)
     if cut.size:  # a NaN column halfway between the steps on either side of each gap
         xs = np.insert(np.asarray(xs, dtype=np.float64), cut + 1, (xs[cut] + xs[cut + 1]) / 2)
         vs, zs = (np.insert(np.asarray(a, dtype=np.float64), cut + 1, np.nan, axis=1) for a in (vs, zs))
@@ -314,7 +315,7 @@ def run_figure(run_id: str, metric: str | None, x_range: tuple[float, float] | N
         title=title,
         x_range=x_range,
         restarts=st.run.resume.restarted_ranks(),
-        gaps=[(int(g["from_step"]), int(g["to_step"])) for g in st.run.resume.gaps],
+        gaps=st.run.resume.gap_ranges(),
     )
 
 

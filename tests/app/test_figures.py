@@ -11,6 +11,7 @@ import pytest
 
 from app import figures
 from app.downsample import ema
+from rldiag import runformat
 
 
 def _frame(n: int = 50, spike_at: int | None = None, offset: float = 0.0) -> pl.DataFrame:
@@ -155,10 +156,11 @@ def test_a_gap_a_restart_left_breaks_the_line_instead_of_joining_its_ends():
     assert _as_list(raw.y) == [1.0, 2.0, 3.0, 4.0, None, 5.0, 6.0]
     assert _as_list(ema.y)[4] is None and None not in _as_list(ema.y)[:4] + _as_list(ema.y)[5:]
     assert fig.layout.meta["key"] != figures.metric_panel({"a": frame}, ["m"], title="t").layout.meta["key"]
-    # a gap of another rank that other steps filled, or one outside the drawn steps, breaks nothing
-    for gaps in ([(2, 2)], [(8, 9)], []):
+    # a gap of one rank that other ranks' steps fill, or one outside the drawn steps, breaks nothing
+    for gaps in ([(2, 2)], [(1, 3)], [(8, 9)], []):
         assert None not in _as_list(figures.metric_panel({"a": frame}, ["m"], title="t", gaps={"a": gaps}).data[1].y)
-    assert figures.gap_breaks(np.array([0.0, 1.0, 10.0, 20.0]), [(5, 30)]).tolist() == [1, 2]
+    assert runformat.gap_breaks([0.0, 1.0, 10.0, 20.0], [(5, 30)]) == [1, 2]
+    assert runformat.gap_breaks([0, 2, 3, 5], [(1, 4)]) == [0, 2]  # steps 2, 3 of other ranks inside the gap
 
 
 def test_a_run_without_any_step_yet_says_so_rather_than_what_to_record():
