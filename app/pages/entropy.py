@@ -113,7 +113,7 @@ def law_view(run_id: str, metric: str) -> tuple[Any, str]:
     if agree is not None and math.isfinite(float(agree)):
         parts.append(f"sign agreement of -cov with the entropy change: {100 * float(agree):.0f}%")
     caveats = result.caveats() if hasattr(result, "caveats") else []
-    return fig, "; ".join(parts) + "".join(f". Caution: {c}" for c in caveats)
+    return fig, "; ".join(parts) + "".join(f". Caution: {c}" for c in caveats) + ("." if caveats else "")
 
 
 @callback(

@@ -117,7 +117,7 @@ def suggestions(run_id: str, frame: Any) -> html.Div:
 
 # --- rendering ----------------------------------------------------------------------------------------
 def _fmt(x: float, spec: str = ".3g") -> str:
-    return "–" if x is None or not math.isfinite(x) else format(x, spec)
+    return "–" if x is None or not math.isfinite(x) else format(x + 0.0, spec)  # + 0.0: -0.0 reads 0
 
 
 def color_for(tok: tv.ContextToken, by: str) -> str:

@@ -184,8 +184,8 @@ def select_metrics(pattern: str | None) -> list[str]:
 def fmt(v: object) -> str:
     """A table cell: floats to 4 decimals (scientific when tiny or huge), ``None`` as ``-``.
 
-    >>> fmt(0.5), fmt(1e-5), fmt(float("nan")), fmt(None), fmt(3)
-    ('0.5000', '1.000e-05', 'nan', '-', '3')
+    >>> fmt(0.5), fmt(1e-5), fmt(float("nan")), fmt(None), fmt(3), fmt(-0.0)
+    ('0.5000', '1.000e-05', 'nan', '-', '3', '0.0000')
     """
     if v is None:
         return "-"
@@ -194,6 +194,7 @@ def fmt(v: object) -> str:
             return "nan"
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
+        v += 0.0  # -0.0 (a product of a zero and a negative, say) reads 0
         a = abs(v)
         if a != 0 and (a < 1e-3 or a >= 1e5):
             return f"{v:.3e}"

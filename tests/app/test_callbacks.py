@@ -346,6 +346,11 @@ def test_tokens_page_shows_worst_tokens_with_hostile_text_as_plain_text(ctx):
     assert not [c for c in walk(body) if isinstance(c, dcc.Markdown) or hasattr(c, "dangerously_allow_html")]
 
 
+def test_token_tables_write_a_negative_zero_as_zero(ctx):
+    fmt = page("tokens")._fmt
+    assert (fmt(-0.0), fmt(-1e-20), fmt(0.25), fmt(float("nan"))) == ("0", "-1e-20", "0.25", "–")
+
+
 def test_tokens_page_explains_a_step_without_rows(ctx):
     body, _ = page("tokens").token_body("grpo_full", 10_000, "logratio", 10)
     assert "No token rows for step 10000" in " ".join(texts(body))
