@@ -161,7 +161,7 @@ class BucketView:
             except ValueError as exc:  # this rldiag cannot build such a table (yet): say so, once
                 return [], None, f"{by} buckets are not available: {exc}"
             if frame.height == 0:
-                notes.append(f"{r}: no {by} data" + (f" (record {NEEDS[by]})" if by in NEEDS else ""))
+                notes.append(f"{r}: no {by} data" + (f": record {NEEDS[by]}" if by in NEEDS else ""))
             elif not names:
                 names = quantities(frame)
         value = current if current in names else (names[0] if names else None)
@@ -181,7 +181,7 @@ class BucketView:
         except ValueError as exc:
             return figures.empty_figure(f"no {by} buckets: {exc}")
         if frame.height == 0:
-            hint = f" (record {NEEDS[by]})" if by in NEEDS else ""
+            hint = f": record {NEEDS[by]}" if by in NEEDS else ""
             return figures.empty_figure(f"{run_id}: no {by} data{hint}")
         if not quantity or quantity not in frame.columns:
             names = quantities(frame)
