@@ -498,7 +498,7 @@ def summarize_run(
         verdict = "ok"
         headline = f"No alert fired over {span}: nothing alarming in the run's metrics."
     sentences = [f.sentence for f in sorted(findings, key=lambda f: (f.onset_step, -_SEVERITY_RANK.get(f.severity, 0)))]
-    restarts = run.resume.describe()
+    restarts = run.resume.describe(limit=8)
     if restarts:
         sentences.append(
             "The job was restarted: "

@@ -751,14 +751,22 @@ class Resume:
         """(first, last) step of each range a restart left without data for some rank (:attr:`gaps`)."""
         return [(int(g["from_step"]), int(g["to_step"])) for g in self.gaps]
 
-    def describe(self) -> list[str]:
-        """Each restart (``step 6 (rank 0)``, ranks restarted at one step together) and each gap (``steps
-        0..5 hold no data (rank 0)``), for people: the dashboard's Overview, ``rldiag summarize``, the report."""
-        out = []
-        for step, ranks in self.restarted_ranks().items():
-            who = f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
-            out.append(f"step {step} ({who})")
-        out += [f"steps {g['from_step']}..{g['to_step']} hold no data (rank {g['rank']})" for g in self.gaps]
+    def describe(self, limit: int | None = None) -> list[str]:
+        """Each restart (``step 6 (rank 0)``, the ranks restarted at one step together) and each gap (``steps
+        0..5 hold no data (rank 0)``, the ranks that lost the same steps together), for people: the dashboard's
+        Overview, ``rldiag summarize``, the report. With ``limit``, at most that many, then ``and N more (rldiag
+        info lists them)``: a job preempted every hour on 64 ranks would otherwise fill the screen."""
+
+        def who(ranks: list[int]) -> str:
+            return f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
+
+        out = [f"step {step} ({who(ranks)})" for step, ranks in self.restarted_ranks().items()]
+        lost: dict[tuple[int, int], list[int]] = {}
+        for g in self.gaps:
+            lost.setdefault((int(g["from_step"]), int(g["to_step"])), []).append(int(g["rank"]))
+        out += [f"steps {a}..{b} hold no data ({who(sorted(ranks))})" for (a, b), ranks in sorted(lost.items())]
+        if limit is not None and len(out) > limit:
+            out = [*out[:limit], f"and {len(out) - limit} more (rldiag info lists them)"]
         return out
 
 

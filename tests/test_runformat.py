@@ -248,3 +248,24 @@ def test_committed_sample_runs_still_open(path: Path) -> None:
     writers, problems = rf.read_writers(run.path)
     assert writers and problems == []
     assert run.step_metrics()["ratio/mean"].drop_nans().len() == len(run.steps())
+
+
+def test_restarts_and_gaps_are_described_grouped_and_capped() -> None:
+    """A job preempted again and again on many ranks: the ranks that restarted at a step, or lost the same steps,
+    are named together, and a long history is cut to ``limit`` lines plus a count."""
+    resume = rf.Resume(
+        restarts=[{"rank": r, "step": s, "writer": f"w{r}-{s}"} for s in (10, 20, 30) for r in range(8)]
+        + [{"rank": 2, "step": 25, "writer": "w2-25"}],
+        gaps=[{"rank": r, "from_step": 18, "to_step": 19, "writer": f"w{r}-20"} for r in (5, 1)]
+        + [{"rank": 2, "from_step": 24, "to_step": 24, "writer": "w2-25"}],
+    )
+    assert resume.describe() == [
+        "step 10 (8 ranks)",
+        "step 20 (8 ranks)",
+        "step 25 (rank 2)",
+        "step 30 (8 ranks)",
+        "steps 18..19 hold no data (rank 1, 5)",
+        "steps 24..24 hold no data (rank 2)",
+    ]
+    assert resume.describe(limit=4)[-1] == "and 2 more (rldiag info lists them)" and len(resume.describe(limit=4)) == 5
+    assert resume.describe(limit=6) == resume.describe()

@@ -42,7 +42,7 @@ def restart_line(runs: list[str]) -> html.Div | None:
     parts: list[str] = []
     for run_id in runs:
         prefix = f"{run_id}: " if len(runs) > 1 else ""
-        parts += [prefix + part for part in cat.state(run_id).run.resume.describe()]
+        parts += [prefix + part for part in cat.state(run_id).run.resume.describe(limit=8)]
     if not parts:
         return None
     return html.Div([html.Span("restarted: ", className="muted"), html.Span(" · ".join(parts))], className="alert-line")

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         write_frame(df, args.format)
         return 0
     print(f"{r.name}: {df.height} steps ({int(df['step'][0])} .. {int(df['step'][-1])})")
-    restarts = r.resume.describe()
+    restarts = r.resume.describe(limit=8)
     if restarts:
         print("restarted: " + "; ".join(restarts))
     rows = summary_rows(df, names)
