@@ -266,7 +266,8 @@ def metric_panel_spec(
                 onpolicy_marks.extend((run_id, float(s), float(x)) for s, x in zip(steps_all[on], x_all[on]))
         x, steps = x_all[keep], steps_all[keep]
         ys = [_column(frame, metric)[keep] for metric in metrics]
-        cut = np.asarray(runformat.gap_breaks(steps.tolist(), (gaps or {}).get(run_id, ())), dtype=np.int64)
+        run_gaps = (gaps or {}).get(run_id, ())
+        cut = np.asarray(runformat.gap_breaks(steps.tolist(), run_gaps) if run_gaps else [], dtype=np.int64)
         if cut.size:  # a NaN point halfway between the steps on either side: plotly breaks the line there
             breaks.extend([run_id, float(steps[i])] for i in cut.tolist())
             x = np.insert(x, cut + 1, (x[cut] + x[cut + 1]) / 2)
