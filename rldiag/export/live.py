@@ -68,6 +68,10 @@ class LiveExport:
         self.dropped = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.kept_earlier: list[tuple[str, int, int]] = []
+        """(tracker, first, last step) a restarted job found in a tracker that cannot drop them: they keep the
+        replaced attempt's numbers there (a warning says so)."""
+        self._first_step: int | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._pending_step: int | None = None
         self._parts: list[Any] = []
@@ -112,6 +116,9 @@ class LiveExport:
             row = metrics_of(table).row(0, named=True)
             row.pop("step", None)
             hists = None
+            if self._first_step is None:  # this attempt's first step: a restart may replace what trackers hold
+                self._first_step = step
+                self._replace_from(step)
             for exp in self.exporters:
                 last = exp.last_step()
                 if last is not None and step <= last:
@@ -126,6 +133,25 @@ class LiveExport:
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("rldiag export: step %s not exported: %s", step, self.last_error)
+
+    def _replace_from(self, step: int) -> None:
+        """A job restarted from a checkpoint at ``step``: the steps a tracker holds from there on were written by
+        the attempt this one replaces (rldiag counts this attempt's). Each tracker that can drops them; for the
+        others, one warning names the steps that keep the earlier numbers."""
+        for exp in self.exporters:
+            last = exp.last_step()
+            if last is None or step > last or exp.replace_from(step):
+                continue
+            self.kept_earlier.append((exp.name, step, last))
+            log.warning(
+                "rldiag export: the job resumed at step %d, but %s already holds steps %d..%d from the attempt it "
+                "replaces and cannot drop a step: there they keep that attempt's numbers (rldiag counts the resumed "
+                "attempt's; `rldiag export` into a new target writes them)",
+                step,
+                exp.name,
+                step,
+                last,
+            )
 
     def close(self, timeout: float = 30.0) -> None:
         """Export the last step, close the trackers and the endpoint (idempotent)."""

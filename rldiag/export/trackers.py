@@ -115,6 +115,13 @@ class Exporter:
         """Write one step's metrics (finite values only) and, if supported, histograms."""
         raise NotImplementedError
 
+    def replace_from(self, step: int) -> bool:
+        """A job restarted from a checkpoint resumes at ``step`` while the tracker already holds steps from there
+        on, written by the attempt the restart replaced: make the tracker drop them so that the resumed attempt's
+        steps are written in their place. False where the tracker cannot drop a step it holds (MLflow, W&B and
+        trackio): those steps then keep the earlier attempt's numbers there."""
+        return False
+
     def flush(self) -> None:
         """Make what was written visible to readers."""
 
@@ -170,6 +177,17 @@ class TensorBoardExporter(Exporter):
 
     def last_step(self) -> int | None:
         return self._last
+
+    def replace_from(self, step: int) -> bool:
+        """TensorBoard's own resume rule (``SummaryWriter(purge_step=...)``): a ``SessionLog.START`` event at
+        ``step`` makes its readers drop every event at or after ``step`` written before it."""
+        import time
+
+        start = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
+        self._writer.flush()
+        self._last = int(step) - 1
+        return True
 
     def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
         pb = self._summary_pb2

@@ -57,3 +57,54 @@ def test_recorder_log_to_tensorboard_and_metrics_port(tmp_path: Path) -> None:
     assert [e.step for e in kl] == list(range(6))
     assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
     assert [h.histogram_value.num for h in acc.Histograms("hist/log_ratio")] == [64] * 6
+
+
+def _attempt(run: Path, steps: range, log_to: str, seed: int) -> list[tuple[str, int, int]]:
+    """One attempt of a job (a process) exporting live; returns what its exporter could not replace."""
+    rng = np.random.default_rng(seed)
+    with rldiag.Recorder(run, log_to=log_to) as rec:
+        for s in steps:
+            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+            lp = np.minimum(old + rng.normal(0, 0.05 * (1 + seed), old.shape), 0).astype(np.float32)
+            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        live = rec.exports
+    assert live is not None
+    return live.kept_earlier
+
+
+def test_a_job_resumed_from_a_checkpoint_replaces_the_steps_tensorboard_got_from_the_attempt_before(
+    tmp_path: Path,
+) -> None:
+    """Preempted after step 7, resumed from its checkpoint at step 5: TensorBoard shows the resumed attempt's
+    steps 5-7, as rldiag counts them, not the replaced attempt's (TensorBoard's own purge rule)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, tb = tmp_path / "run", tmp_path / "tb"
+    assert _attempt(run, range(8), f"tensorboard:{tb}", seed=0) == []
+    assert _attempt(run, range(5, 10), f"tensorboard:{tb}", seed=1) == []  # nothing kept from before
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    kl = acc.Scalars("kl/k3")
+    metrics = rldiag.open_run(run).step_metrics().sort("step")
+    assert [e.step for e in kl] == list(range(10)) == metrics["step"].to_list()
+    assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
+    from rldiag.export.trackers import TensorBoardExporter
+
+    assert TensorBoardExporter(tb).last_step() == 9  # a later export reads the same steps back
+
+
+def test_a_tracker_that_cannot_drop_steps_says_which_keep_the_earlier_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _attempt(run, range(8), f"mlflow:{uri}", seed=0) == []
+    with caplog.at_level("WARNING", logger="rldiag.export"):
+        assert _attempt(run, range(5, 10), f"mlflow:{uri}", seed=1) == [("mlflow", 5, 7)]
+    assert "already holds steps 5..7" in caplog.text and "cannot drop a step" in caplog.text
+    client = MlflowClient(uri)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("rldiag").experiment_id])
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "kl/k3")] == list(range(10))
