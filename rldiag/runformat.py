@@ -173,6 +173,16 @@ def writer_id(rank: int, start_ns: int | None = None) -> str:
     return f"r{rank:05d}-{host}-{os.getpid()}-{start:x}"
 
 
+def earlier_attempts(path: storage.Location, rank: int, wid: str) -> bool:
+    """Whether the run at ``path`` holds a writer file of ``rank`` besides writer ``wid``'s: the job that writer
+    belongs to was restarted (a later attempt of the rank). Reads names only."""
+    prefix = f"r{rank:05d}-"
+    return any(
+        e.name.startswith(prefix) and e.name.endswith(".json") and e.name != f"{wid}.json"
+        for e in storage.list_files(storage.location(path) / WRITERS_DIR)
+    )
+
+
 def segment_name(wid: str, seg: int) -> str:
     """File name of segment ``seg`` of writer ``wid`` (the same in ``stats/`` and ``tokens/``)."""
     return f"{wid}-{seg:06d}{SEGMENT_SUFFIX}"

@@ -52,13 +52,22 @@ class LiveExport:
     """Per-step export to trackers and a Prometheus endpoint, on its own thread.
 
     ``log_to``: see :func:`parse_log_to`. ``metrics_port``: serve the latest step's headline metrics on
-    ``http://127.0.0.1:PORT/metrics`` (:class:`rldiag.export.prometheus.MetricsServer`).
+    ``http://127.0.0.1:PORT/metrics`` (:class:`rldiag.export.prometheus.MetricsServer`). ``resumed``: this
+    process is a later attempt of a restarted job (the recorder found an earlier writer of its rank), so what a
+    tracker holds from its first step on was written by the attempt it replaces (:meth:`_replace_from`).
     """
 
     def __init__(
-        self, log_to: LogTo = None, *, metrics_port: int | None = None, run: str = "run", queue_size: int = 64
+        self,
+        log_to: LogTo = None,
+        *,
+        metrics_port: int | None = None,
+        run: str = "run",
+        queue_size: int = 64,
+        resumed: bool = False,
     ):
         self.run = run
+        self.resumed = resumed
         self.exporters = parse_log_to(log_to, run)
         self.server = None
         if metrics_port is not None:
@@ -116,9 +125,10 @@ class LiveExport:
             row = metrics_of(table).row(0, named=True)
             row.pop("step", None)
             hists = None
-            if self._first_step is None:  # this attempt's first step: a restart may replace what trackers hold
+            if self._first_step is None:  # this attempt's first step: a restart replaces what trackers hold
                 self._first_step = step
-                self._replace_from(step)
+                if self.resumed:
+                    self._replace_from(step)
             for exp in self.exporters:
                 last = exp.last_step()
                 if last is not None and step <= last:

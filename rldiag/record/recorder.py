@@ -264,7 +264,8 @@ class Recorder:
         if (log_to or metrics_port is not None) and self.rank == 0:
             from rldiag.export.live import LiveExport  # trackers and Prometheus, on their own thread
 
-            self.exports = LiveExport(log_to, metrics_port=metrics_port, run=self.run_dir.name)
+            resumed = runformat.earlier_attempts(self.run_dir, self.rank, self.writer_id)
+            self.exports = LiveExport(log_to, metrics_port=metrics_port, run=self.run_dir.name, resumed=resumed)
         _LIVE.add(self)
         if self._signals:
             _install(SIGNALS)

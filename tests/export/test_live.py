@@ -108,3 +108,18 @@ def test_a_tracker_that_cannot_drop_steps_says_which_keep_the_earlier_attempt(
     client = MlflowClient(uri)
     (mlrun,) = client.search_runs([client.get_experiment_by_name("rldiag").experiment_id])
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "kl/k3")] == list(range(10))
+
+
+def test_a_new_run_never_drops_what_a_shared_tracker_holds(tmp_path: Path) -> None:
+    """Only a restarted job's later attempt replaces steps in a tracker: a new run pointed at a TensorBoard folder
+    another run filled drops nothing there."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    _attempt(tmp_path / "a", range(8), f"tensorboard:{tb}", seed=0)
+    _attempt(tmp_path / "b", range(4), f"tensorboard:{tb}", seed=1)
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    kept = rldiag.open_run(tmp_path / "a").step_metrics().sort("step")
+    assert np.allclose([e.value for e in acc.Scalars("kl/k3")], kept["kl/k3"].to_numpy(), rtol=1e-6)
