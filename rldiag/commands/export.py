@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from rldiag.alerts.follow import complete_steps, run_closed
     from rldiag.alerts.online import run_label
     from rldiag.cli import CLIError
-    from rldiag.export.trackers import export_steps, make_exporter, select_metrics
+    from rldiag.export.trackers import export_steps, make_exporter, replace_from, select_metrics
 
     if len(args.to) > 2:
         raise CLIError(f"--to takes a tracker and its target, got {' '.join(args.to)}")
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with stop_on_signals(stop, "rldiag export"):
             trouble = ReadTrouble("rldiag export", args.interval)
+            seen: set[tuple[int, int, str]] | None = None  # the restarts of the run at the last pass
             passes = 0
             while True:
                 passes += 1
@@ -94,6 +95,14 @@ def run(args: argparse.Namespace) -> int:
                     closed = run_closed(r)
                     if closed and args.follow:
                         r.refresh()  # what was published between the last refresh and the close mark
+                    # a restart seen since the last pass, at a step already exported: those came from the attempt
+                    # it replaced (a first pass cannot tell, having exported nothing yet)
+                    restarts = {(x["rank"], x["step"], x["writer"]) for x in r.resume.restarts}
+                    fresh = sorted(step for _, step, _ in restarts - (seen if seen is not None else restarts))
+                    seen = restarts
+                    note = replace_from(exporter, int(fresh[0])) if fresh else None
+                    if note is not None:
+                        print(f"rldiag export: {r.name}: {note}", file=sys.stderr)
                     steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may grow
                     total += export_steps(r, exporter, metrics=args.metric or None, steps=steps, stop=stop)
                 except ValueError as exc:

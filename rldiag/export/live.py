@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from rldiag.export.trackers import Exporter, make_exporter, step_histograms
+from rldiag.export.trackers import Exporter, make_exporter, replace_from, step_histograms
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -150,18 +150,10 @@ class LiveExport:
         others, one warning names the steps that keep the earlier numbers."""
         for exp in self.exporters:
             last = exp.last_step()
-            if last is None or step > last or exp.replace_from(step):
-                continue
-            self.kept_earlier.append((exp.name, step, last))
-            log.warning(
-                "rldiag export: the job resumed at step %d, but %s already holds steps %d..%d from the attempt it "
-                "replaces and cannot drop a step: there they keep that attempt's numbers (rldiag counts the resumed "
-                "attempt's; `rldiag export` into a new target writes them)",
-                step,
-                exp.name,
-                step,
-                last,
-            )
+            note = replace_from(exp, step)
+            if note is not None and last is not None:
+                self.kept_earlier.append((exp.name, step, last))
+                log.warning("rldiag export: %s", note)
 
     def close(self, timeout: float = 30.0) -> None:
         """Export the last step, close the trackers and the endpoint (idempotent)."""

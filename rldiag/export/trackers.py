@@ -129,6 +129,21 @@ class Exporter:
         """Flush and release (idempotent)."""
 
 
+def replace_from(exp: Exporter, step: int) -> str | None:
+    """A job restarted from a checkpoint resumed at ``step``, after ``exp`` got steps from there on from the attempt
+    the restart replaced: the tracker drops them if it can (:meth:`Exporter.replace_from`; then the resumed steps
+    are written in their place). Otherwise returns what to tell the user: which steps keep the earlier numbers.
+    None when the tracker holds nothing from ``step`` on, or dropped it."""
+    last = exp.last_step()
+    if last is None or step > last or exp.replace_from(step):
+        return None
+    return (
+        f"the job resumed at step {step}, but {exp.name} already holds steps {step}..{last} from the attempt it "
+        "replaces and cannot drop a step: there they keep that attempt's numbers (rldiag counts the resumed "
+        "attempt's; `rldiag export` into a new target writes them)"
+    )
+
+
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():

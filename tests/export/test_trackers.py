@@ -361,3 +361,43 @@ def test_trackio_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     assert [r["step"] for r in logs] == metrics["step"].to_list()
     assert [r["kl/k3"] for r in logs] == pytest.approx(metrics["kl/k3"].to_list(), rel=1e-12)
     assert all(sum(r["hist/entropy"]["values"]) == 16 * 24 for r in logs)
+
+
+def test_follow_replaces_the_steps_a_restart_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`export --follow` had written steps 0-6 when the job, killed after step 7, resumed from its checkpoint at
+    step 5: TensorBoard ends up with the resumed attempt's steps 5-9, as rldiag counts them."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    run, tb = tmp_path / "live", tmp_path / "tb"
+    rng = np.random.default_rng(0)
+
+    def steps(rec: rldiag.Recorder, span: range, noise: float) -> None:
+        for s in span:
+            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+            lp = np.minimum(old + rng.normal(0, noise, old.shape), 0).astype(np.float32)
+            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        rec.flush()
+
+    first = rldiag.Recorder(run, roll_steps=1)  # killed after step 7: never closed
+    steps(first, range(8), 0.05)
+    got: list[int] = []
+    argv = ["export", str(run), "--to", "tensorboard", str(tb), "--follow", "--interval", "0.05"]
+    thread = threading.Thread(target=lambda: got.append(main(argv)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # steps 0-6 exported (step 7 may still grow)
+        if list(tb.glob("events.out.tfevents.*")) and "kl/k3" in _accumulator(tb).Tags()["scalars"]:
+            if len(_accumulator(tb).Scalars("kl/k3")) == 7:
+                break
+        time.sleep(0.05)
+    with rldiag.Recorder(run, roll_steps=1) as resumed:
+        steps(resumed, range(5, 10), 0.3)
+    thread.join(60)
+    first.close()
+    assert got == [0]
+    kl = _accumulator(tb).Scalars("kl/k3")
+    metrics = rldiag.open_run(run).step_metrics().sort("step")
+    assert [e.step for e in kl] == list(range(10)) == metrics["step"].to_list()
+    assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
+    assert "cannot drop" not in capsys.readouterr().err
