@@ -745,8 +745,8 @@ class Resume:
     gaps: list[dict[str, Any]] = field(default_factory=list)
     """``{rank, from_step, to_step, writer}``: a restart later than where the rank stopped left these steps out."""
     restarts: list[dict[str, Any]] = field(default_factory=list)
-    """``{rank, step, writer}``: each attempt of a rank after its first (by start time), at its first step: where a
-    restarted job resumed."""
+    """``{rank, step, writer, started}``: each attempt of a rank after its first (by start time), at its first
+    step: where a restarted job resumed, and when that attempt started (seconds since the epoch)."""
     problems: list[str] = field(default_factory=list)
     """Two writers of one rank live at once, and similar: reported, never silently merged."""
 
@@ -756,6 +756,22 @@ class Resume:
         for r in self.restarts:
             by_step.setdefault(int(r["step"]), []).append(int(r["rank"]))
         return {step: sorted(ranks) for step, ranks in sorted(by_step.items())}
+
+    def superseded_alert(self, event: Mapping[str, Any]) -> bool:
+        """Whether an alert event (a line of ``alerts.jsonl``) was computed from records a restart replaced: an
+        event of a metric rule at or after a restart's step, notified before that restart's attempt started.
+        It stays in the history file and counts nowhere, like those records; if the resumed attempt's records
+        reproduce it, its evaluator records it again (``record_only``, notified once). Stalled-run events
+        describe the process, not its records, and always count. Times are each host's clock."""
+        if event.get("metric") is None:
+            return False
+        try:
+            step, t = int(event["step"]), float(event["time"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return any(
+            step >= int(r["step"]) and r.get("started") is not None and t < float(r["started"]) for r in self.restarts
+        )
 
     def gap_ranges(self) -> list[tuple[int, int]]:
         """(first, last) step of each range a restart left without data for some rank (:attr:`gaps`)."""
@@ -871,7 +887,7 @@ def resolve_attempts(data: Iterable[AttemptData], writers: Iterable[WriterInfo] 
             if e["first"] is None:
                 continue
             if started:
-                out.restarts.append({"rank": rank, "step": e["first"], "writer": wid})
+                out.restarts.append({"rank": rank, "step": e["first"], "writer": wid, "started": e["start"]})
             started = True
             if expect is not None and e["first"] > expect:
                 out.gaps.append({"rank": rank, "from_step": expect, "to_step": e["first"] - 1, "writer": wid})

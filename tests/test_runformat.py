@@ -269,3 +269,13 @@ def test_restarts_and_gaps_are_described_grouped_and_capped() -> None:
     ]
     assert resume.describe(limit=4)[-1] == "and 2 more (rldiag info lists them)" and len(resume.describe(limit=4)) == 5
     assert resume.describe(limit=6) == resume.describe()
+
+
+def test_an_alert_computed_from_replaced_records_is_superseded() -> None:
+    resume = rf.Resume(restarts=[{"rank": 0, "step": 10, "writer": "w", "started": 1000.0}])
+    spike = {"rule": "kl_spike", "metric": "kl/k3", "event": "firing", "step": 12, "time": 900.0}
+    assert resume.superseded_alert(spike)  # step 12, notified before the attempt that resumed at 10 began
+    assert not resume.superseded_alert({**spike, "time": 1001.0})  # the resumed attempt's own
+    assert not resume.superseded_alert({**spike, "step": 9})  # before the restart's step: its records stand
+    assert not resume.superseded_alert({**spike, "metric": None, "rule": "stalled_run"})  # the process stalled
+    assert not rf.Resume().superseded_alert(spike) and not resume.superseded_alert({"step": "x"})

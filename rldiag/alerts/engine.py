@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import statistics
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -373,6 +373,10 @@ class Notification:
     replay: bool = False
     """True for an episode that began and ended inside a catch-up replay (a watcher started on an old
     run): history sinks record it, network sinks skip it."""
+    record_only: bool = False
+    """True for a transition notified once already, by the attempt a restart replaced, that the resumed attempt's
+    own records reproduce: only sinks that keep the run's history take it (its earlier line no longer counts,
+    :meth:`rldiag.runformat.Resume.superseded_alert`); nothing is sent, printed or stopped again."""
 
     @property
     def status(self) -> str:
@@ -403,6 +407,7 @@ class Notification:
             "starts_at_unix": self.starts_at,
             "ends_at_unix": self.ends_at,
             "replay": self.replay,
+            "record_only": self.record_only,
         }
 
     @classmethod
@@ -425,6 +430,7 @@ class Notification:
             ends_at=None if d.get("ends_at_unix") is None else float(d["ends_at_unix"]),
             time=float(d.get("time", 0.0)),
             replay=bool(d.get("replay", False)),
+            record_only=bool(d.get("record_only", False)),
         )
 
 
@@ -504,6 +510,7 @@ class Engine:
         self.closed = False
         self.steps_evaluated = 0
         self._sent: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+        self._stale: set[tuple[str, str, int]] = set()  # sent, by an attempt a restart replaced (supersede_from)
         self._last_notified: dict[tuple[str, int], float] = {}
         self._load_history(history)
 
@@ -537,6 +544,21 @@ class Engine:
                 except (KeyError, TypeError, ValueError):
                     data_time = None
                 self._stalls[name] = _Stall(int(ev["step"]), starts, self._last_notified.get(key, starts), data_time)
+
+    def supersede(self, replaced: Callable[[Mapping[str, Any]], bool]) -> int:
+        """Transitions of the history that ``replaced`` says were computed from records a restart replaced
+        (:meth:`rldiag.runformat.Resume.superseded_alert`). One the resumed records reproduce is recorded again,
+        for sinks that keep the history only (``record_only``: nothing is notified twice); the others stay in the
+        history file, where readers no longer count them. Returns how many transitions that concerns."""
+        for key, ev in self._sent.items():
+            if ev.get("metric") is not None and replaced(ev):
+                self._stale.add(key)
+        return len(self._stale)
+
+    def supersede_from(self, step: int) -> int:
+        """:meth:`supersede` for this process's own restart: it resumed at ``step``, after every event of its
+        history was notified."""
+        return self.supersede(lambda ev: int(ev["step"]) >= step)
 
     # ---------------------------------------------------------------- labels / events
     def _make_labels(self, rule: Rule) -> dict[str, str]:
@@ -698,16 +720,27 @@ class Engine:
                     starts_at = float(past.get("starts_at_unix", past.get("time", now)))
                 last = self._last_notified.get((fp, tr.start_step), starts_at)
                 self._episodes[rule.name] = _Episode(tr.start_step, starts_at, last)
-                if past is not None:
+                if past is not None and not self._renewed(fp, tr):
                     continue
-                out.append(self._transition_notification(rule, EVENT_FIRING, tr, step, starts_at, None, now))
+                n = self._transition_notification(rule, EVENT_FIRING, tr, step, starts_at, None, now)
+                out.append(replace(n, record_only=True) if past is not None else n)
             else:
                 ep = self._episodes.pop(rule.name, None)
-                if past is not None:
+                if past is not None and not self._renewed(fp, tr):
                     continue
                 starts_at = ep.starts_at if ep is not None else now
-                out.append(self._transition_notification(rule, EVENT_RESOLVED, tr, step, starts_at, now, now))
+                n = self._transition_notification(rule, EVENT_RESOLVED, tr, step, starts_at, now, now)
+                out.append(replace(n, record_only=True) if past is not None else n)
         return out
+
+    def _renewed(self, fp: str, tr: Transition) -> bool:
+        """Whether transition ``tr``, already in the history, was sent by an attempt a restart replaced (it is
+        recorded again, once: :meth:`supersede_from`)."""
+        key = (fp, tr.event, tr.step)
+        if key not in self._stale:
+            return False
+        self._stale.discard(key)
+        return True
 
     def _saw_data(self, t: float) -> None:
         if self.last_data_time is None or t > self.last_data_time:

@@ -75,6 +75,7 @@ class RunFollower:
         """``augment(run, frame) -> frame`` adds columns (e.g. cliff/headroom from token rows) before evaluation."""
         self.run: Any = None
         self.polls = 0
+        self._restarts: tuple[Any, ...] = ()
 
     def _open(self) -> Any:
         if self._open_run is not None:
@@ -103,6 +104,11 @@ class RunFollower:
         is_closed = run_closed(self.run) if closed is None else closed
         if self.polls or is_closed:
             self.run.refresh()
+        resume = getattr(self.run, "resume", None)
+        restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts) if resume is not None else ()
+        if restarts != self._restarts:  # history events computed from records a restart replaced
+            self._restarts = restarts
+            self.engine.supersede(resume.superseded_alert)  # type: ignore[union-attr]
         steps = complete_steps(self.run, after=self.engine.last_step, closed=is_closed)
         if steps:
             frame = self.run.step_metrics(steps=steps)

@@ -85,6 +85,7 @@ class HistoryObjectSink(Sink):
     """
 
     name = "history"
+    keeps_history = True
 
     def __init__(self, run_dir: str | Location, source: str | None = None, **kw: Any):
         super().__init__(**kw)
@@ -389,6 +390,8 @@ class OnlineAlerts:
         first = self._queue.get()  # wait for the first step: it bounds the replay of a resumed run
         if self._resume and self._follower is None:
             bound = first.step if isinstance(first, (_Obs, _Stats)) else None
+            if bound is not None:  # a restart resumes here: what the history holds from here on was replaced
+                self.engine.supersede_from(bound)
             self._guard(lambda: self._replay(bound))
         item = first
         while True:

@@ -103,6 +103,8 @@ class Sink:
     """
 
     name = "sink"
+    keeps_history = False
+    """Whether the sink keeps the run's alert history: only such sinks take ``record_only`` notifications."""
 
     def __init__(
         self,
@@ -120,6 +122,8 @@ class Sink:
 
     def accepts(self, n: Notification) -> bool:
         if self.live_only and n.replay:
+            return False
+        if n.record_only and not self.keeps_history:
             return False
         if n.event not in self.events:
             return False
@@ -201,6 +205,7 @@ class JsonlSink(Sink):
     """
 
     name = "jsonl"
+    keeps_history = True
 
     def __init__(self, path: str | Path, *, fsync: bool = True, **kw: Any):
         super().__init__(**kw)

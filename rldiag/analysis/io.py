@@ -146,13 +146,18 @@ class Run:
         return runformat.newest_data_time(self.path)
 
     def alerts(self) -> list[dict[str, Any]]:
-        """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none); the file is
-        parsed again only when it changed (the same list is returned until then)."""
+        """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none), without those a
+        restart replaced (:meth:`rldiag.runformat.Resume.superseded_alert`: computed from records a later attempt
+        replaced); the file is parsed again only when it or the restarts changed (the same list is returned until
+        then)."""
         key = runformat.alerts_signature(self.path)  # alerts.jsonl and, on object storage, alerts/*.jsonl
         if not key:
             return []
-        if self._alerts_cache is None or self._alerts_cache[0] != key:
-            self._alerts_cache = (key, runformat.read_alerts(self.path / runformat.ALERTS_FILE))
+        resume = self.resume
+        restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts)
+        if self._alerts_cache is None or self._alerts_cache[0] != (key, restarts):
+            events = runformat.read_alerts(self.path / runformat.ALERTS_FILE)
+            self._alerts_cache = ((key, restarts), [e for e in events if not resume.superseded_alert(e)])
         return self._alerts_cache[1]
 
     def file_steps(self, names: Sequence[str]) -> set[int]:

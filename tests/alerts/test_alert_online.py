@@ -269,7 +269,29 @@ def test_restart_from_an_earlier_checkpoint_does_not_renotify(tmp_path: Path) ->
         assert rec.alerts is not None and rec.alerts.flush(30.0)
     assert not [e for e in seen if e[0] == "kl_spike" and e[1] == "firing"], seen
     later = read_history(run / "alerts.jsonl")[len(first) :]
-    assert not [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"], later
+    again = [e for e in later if e["rule"] == "kl_spike" and e["event"] == "firing"]
+    # recorded again, for the history only: the line before the restart was computed from replaced records
+    assert [(e["step"], e["record_only"]) for e in again] == [(12, True)], later
+    shown = [e for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike" and e["event"] == "firing"]
+    assert [(e["step"], e.get("record_only")) for e in shown] == [(12, True)]
+
+
+def test_alerts_a_restart_replaced_count_nowhere_unless_the_resumed_records_fire_them_again(tmp_path: Path) -> None:
+    """Steps 0-14 recorded with a KL spike at 12, then a restart from the checkpoint of step 10 whose steps 10-19
+    have no spike: the run's alerts no longer show the spike's alert (rldiag's numbers at step 12 have none); its
+    line stays in alerts.jsonl, and the alert that fired before the restart's step still counts."""
+    run = tmp_path / "run"
+    cfg = AlertConfig(rules=load_rules().without("stalled_run"), console=False)
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(15), spike={5, 12})
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(10, 20), spike=set())
+        rec.flush()
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+    on_disk = [(e["event"], e["step"]) for e in read_history(run / "alerts.jsonl") if e["rule"] == "kl_spike"]
+    assert ("firing", 12) in on_disk and ("firing", 5) in on_disk
+    shown = [(e["event"], e["step"]) for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike"]
+    assert shown == [("firing", 5), ("resolved", 6)]
 
 
 def test_every_firing_is_printed(tmp_path: Path) -> None:
@@ -291,3 +313,22 @@ def test_every_firing_is_printed(tmp_path: Path) -> None:
         "FIRING@20",
         "RESOLVED@21",
     ]
+
+
+def test_a_watcher_records_again_an_alert_the_resumed_records_reproduce(tmp_path: Path) -> None:
+    """The first attempt's evaluator notified a KL spike at step 12; the job resumed from the checkpoint of step 10
+    without alerts of its own, with the same spike. `rldiag watch` records it again for the history (it pages
+    nobody twice), so the run still shows it once the replaced attempt's line no longer counts."""
+    from rldiag.cli import main
+
+    run = tmp_path / "run"
+    cfg = AlertConfig(rules=load_rules().without("stalled_run"), console=False)
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(15), spike={12})
+    with rldiag.Recorder(run) as rec:
+        record_steps(rec, range(10, 20), spike={12})
+    assert main(["watch", str(run), "--once", "-q"]) in (0, 1)
+    again = [e for e in read_history(run / "alerts.jsonl") if e["rule"] == "kl_spike" and e["event"] == "firing"]
+    assert [(e["step"], e["record_only"]) for e in again] == [(12, False), (12, True)]
+    shown = [e["step"] for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike" and e["event"] == "firing"]
+    assert shown == [12]
