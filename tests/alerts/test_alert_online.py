@@ -332,3 +332,34 @@ def test_a_watcher_records_again_an_alert_the_resumed_records_reproduce(tmp_path
     assert [(e["step"], e["record_only"]) for e in again] == [(12, False), (12, True)]
     shown = [e["step"] for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike" and e["event"] == "firing"]
     assert shown == [12]
+
+
+def test_a_watcher_running_through_a_restart_evaluates_the_replaced_steps_again(tmp_path: Path) -> None:
+    """A watcher saw steps 0-14 with a KL spike at 12 and notified it; the job, killed, resumed from the checkpoint
+    of step 10 with no spike at 12 but one at 11, a step the watcher had evaluated from the replaced records. The
+    watcher evaluates the run again as it now stands: the spike at 12 counts no more, the one at 11 is notified,
+    and nothing before step 10 is sent twice."""
+    from rldiag.alerts.sinks import CallbackSink
+    from rldiag.commands.watch import Watcher
+
+    run = tmp_path / "run"
+    seen: list[tuple[str, str, int]] = []
+    first = rldiag.Recorder(run)  # killed after step 14: never closed
+    record_steps(first, range(15), spike={5, 12})
+    first.flush()
+    rules = load_rules().without("stalled_run")
+    sink = CallbackSink(lambda n: seen.append((n.rule, n.event, n.step)))
+    watcher = Watcher(run, rules, [sink, JsonlSink(run / "alerts.jsonl")])
+    watcher.poll()
+    sink.flush(10.0)
+    assert ("kl_spike", "firing", 12) in seen and ("kl_spike", "firing", 5) in seen
+    seen.clear()
+    with rldiag.Recorder(run) as rec:
+        record_steps(rec, range(10, 20), spike={11})
+    watcher.poll()
+    sink.flush(10.0)
+    first.close()
+    spikes = [e for e in seen if e[0] == "kl_spike"]
+    assert ("kl_spike", "firing", 11) in spikes and ("kl_spike", "firing", 5) not in spikes, seen
+    shown = [(e["event"], e["step"]) for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike"]
+    assert ("firing", 12) not in shown and ("firing", 5) in shown and ("firing", 11) in shown, shown
