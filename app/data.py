@@ -379,10 +379,11 @@ class RunState:
         )
 
     # -- alerts ------------------------------------------------------------------------------------
-    def alerts(self) -> list[dict[str, Any]]:
-        """Events of ``alerts.jsonl`` in file order (re-read only when the file changed)."""
+    def alerts(self, *, replaced: bool = False) -> list[dict[str, Any]]:
+        """Events of ``alerts.jsonl`` in file order (re-read only when the file changed), without those a restart
+        replaced unless ``replaced`` (:meth:`rldiag.analysis.io.Run.alerts`)."""
         with self._lock:
-            return self.run.alerts()
+            return self.run.alerts(replaced=replaced)
 
     # -- tokens ------------------------------------------------------------------------------------
     def tokens_at(self, step: int) -> pl.DataFrame:

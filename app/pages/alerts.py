@@ -142,5 +142,14 @@ def update_alerts(runs: list[str] | None, _n: int) -> tuple[Any, Any]:
     good = data.catalog().valid_ids(runs or [])
     if not good:
         return ui.notice("no run selected"), html.Div()
-    events = data.catalog().state(good[0]).alerts()
-    return states_table(good[0], events), history_table(good[0], events)
+    st = data.catalog().state(good[0])
+    events = st.alerts()
+    hidden = len(st.alerts(replaced=True)) - len(events)
+    history = history_table(good[0], events)
+    if hidden:  # say so: the lines are still in the file
+        note = (
+            f"{hidden} event(s) computed from records a restart replaced are not shown (they stay in alerts.jsonl; "
+            "the resumed records' own events are)"
+        )
+        history = html.Div([html.P(note, className="muted"), history])
+    return states_table(good[0], events), history

@@ -55,7 +55,7 @@ class Run:
     config: RecorderConfig
     files: RunFiles = field(init=False)
     """The run's published files and what was read from them."""
-    _alerts_cache: tuple[Any, list[dict[str, Any]]] | None = field(default=None, init=False)
+    _alerts_cache: tuple[Any, list[dict[str, Any]], list[dict[str, Any]]] | None = field(default=None, init=False)
     custom: ScalarFiles = field(init=False)
     """The run's custom scalars (``Recorder.log``, ``scalars/``): :meth:`custom_metrics` reads them."""
 
@@ -145,11 +145,11 @@ class Run:
         """When data last landed: modification time of the newest statistics segment (None before any)."""
         return runformat.newest_data_time(self.path)
 
-    def alerts(self) -> list[dict[str, Any]]:
+    def alerts(self, *, replaced: bool = False) -> list[dict[str, Any]]:
         """The events of the run's ``alerts.jsonl``, oldest first (``[]`` when there is none), without those a
         restart replaced (:meth:`rldiag.runformat.Resume.superseded_alert`: computed from records a later attempt
-        replaced); the file is parsed again only when it or the restarts changed (the same list is returned until
-        then)."""
+        replaced) unless ``replaced``; the file is parsed again only when it or the restarts changed (the same
+        list is returned until then)."""
         key = runformat.alerts_signature(self.path)  # alerts.jsonl and, on object storage, alerts/*.jsonl
         if not key:
             return []
@@ -157,8 +157,9 @@ class Run:
         restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts)
         if self._alerts_cache is None or self._alerts_cache[0] != (key, restarts):
             events = runformat.read_alerts(self.path / runformat.ALERTS_FILE)
-            self._alerts_cache = ((key, restarts), [e for e in events if not resume.superseded_alert(e)])
-        return self._alerts_cache[1]
+            kept = [e for e in events if not resume.superseded_alert(e)]
+            self._alerts_cache = ((key, restarts), kept, events)
+        return self._alerts_cache[2] if replaced else self._alerts_cache[1]
 
     def file_steps(self, names: Sequence[str]) -> set[int]:
         """The steps that the named statistics files (as :meth:`refresh` returns them) hold."""

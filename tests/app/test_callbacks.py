@@ -425,6 +425,26 @@ def test_a_restarted_run_says_where_on_the_runs_page_and_the_overview(make_app, 
         assert "resumed: step 4" in " ".join(texts(overview.restart_line(["plain", "resumed"])))
 
 
+def test_the_alerts_page_leaves_out_alerts_a_restart_replaced_and_says_so(make_app, tmp_path: Path):
+    """An alert notified at step 6 by the attempt a restart at step 4 replaced counts no more; the page says one
+    event is left out, and the line is still in alerts.jsonl."""
+    record_run(tmp_path / "resumed", steps=8)
+    record_run(tmp_path / "resumed", steps=6, start=4)
+    base = {"severity": "warn", "metric": "kl/k3", "summary": "spike", "fingerprint": "f"}
+    lines = [
+        {**base, "event": "firing", "rule": "kl_spike", "step": 2, "start_step": 2, "time": 1.0},
+        {**base, "event": "firing", "rule": "kl_spike_critical", "step": 6, "start_step": 6, "time": 2.0},
+    ]
+    (tmp_path / "resumed" / "alerts.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    app = make_app(tmp_path)
+    with app.server.test_request_context():
+        states, history = page("alerts").update_alerts(["resumed"], 0)
+        shown = " ".join(texts(history))
+        assert "1 event(s) computed from records a restart replaced are not shown" in shown
+        assert "kl_spike_critical" not in shown + " ".join(texts(states)) and "kl_spike" in shown
+    assert "kl_spike_critical" in (tmp_path / "resumed" / "alerts.jsonl").read_text()
+
+
 def _basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
