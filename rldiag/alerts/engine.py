@@ -511,6 +511,7 @@ class Engine:
         self.steps_evaluated = 0
         self._sent: dict[tuple[str, str, int], Mapping[str, Any]] = {}
         self._stale: set[tuple[str, str, int]] = set()  # sent, by an attempt a restart replaced (supersede_from)
+        self._dangling: dict[str, tuple[int, Mapping[str, Any]]] = {}  # fingerprint -> a stale open episode
         self._last_notified: dict[tuple[str, int], float] = {}
         self._load_history(history)
 
@@ -553,6 +554,12 @@ class Engine:
         for key, ev in self._sent.items():
             if ev.get("metric") is not None and replaced(ev):
                 self._stale.add(key)
+        # episodes whose firing was replaced and that never resolved: resolved as soon as the resumed records
+        # pass their step without reproducing them (receivers would otherwise hold them firing)
+        closed = {(k[0], int(ev.get("start_step", k[2]))) for k, ev in self._sent.items() if k[1] == EVENT_RESOLVED}
+        for fp, event, step in self._stale:
+            if event == EVENT_FIRING and (fp, step) not in closed:
+                self._dangling[fp] = (step, self._sent[(fp, event, step)])
         return len(self._stale)
 
     def supersede_from(self, step: int) -> int:
@@ -731,7 +738,41 @@ class Engine:
                 starts_at = ep.starts_at if ep is not None else now
                 n = self._transition_notification(rule, EVENT_RESOLVED, tr, step, starts_at, now, now)
                 out.append(replace(n, record_only=True) if past is not None else n)
+        for rule in self._metric_rules if self._dangling else ():
+            out.extend(self._resolve_dangling(rule, step, values, now))
         return out
+
+    def _resolve_dangling(self, rule: Rule, step: int, values: Mapping[str, Any], now: float) -> list[Notification]:
+        """A replaced attempt's episode of ``rule`` that never resolved (:meth:`supersede`), once the resumed
+        records reach its step: resolved now, at ``step``, unless those records fire it again from the same step
+        (then it goes on)."""
+        fp = self._fp[rule.name]
+        if fp not in self._dangling or step < self._dangling[fp][0]:
+            return []
+        start, past = self._dangling.pop(fp)
+        ep = self._episodes.get(rule.name)
+        if ep is not None and ep.start_step == start:
+            return []
+        metric = past.get("metric") or None
+        value = values.get(metric) if metric else None
+        starts_at = float(past.get("starts_at_unix", past.get("time", now)))
+        return [
+            self._notification(
+                rule,
+                EVENT_RESOLVED,
+                step=step,
+                start_step=start,
+                value=None if value is None else float(value),
+                metric=metric,
+                threshold=None,
+                resolve=None,
+                reference=None,
+                op=None,
+                starts_at=starts_at,
+                ends_at=now,
+                now=now,
+            )
+        ]
 
     def _renewed(self, fp: str, tr: Transition) -> bool:
         """Whether transition ``tr``, already in the history, was sent by an attempt a restart replaced (it is

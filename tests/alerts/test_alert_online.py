@@ -363,3 +363,26 @@ def test_a_watcher_running_through_a_restart_evaluates_the_replaced_steps_again(
     assert ("kl_spike", "firing", 11) in spikes and ("kl_spike", "firing", 5) not in spikes, seen
     shown = [(e["event"], e["step"]) for e in rldiag.open_run(run).alerts() if e["rule"] == "kl_spike"]
     assert ("firing", 12) not in shown and ("firing", 5) in shown and ("firing", 11) in shown, shown
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_an_alert_left_firing_by_a_replaced_attempt_is_resolved_unless_the_resumed_records_fire_it(
+    tmp_path: Path, again: bool
+) -> None:
+    """The job was killed while a KL spike at step 12 was firing (never resolved), then resumed from the checkpoint
+    of step 10. Without the spike, the resumed evaluator resolves it when it reaches step 12 (a webhook or Slack
+    would otherwise show it firing for ever); with it, the episode goes on and resolves as the records say."""
+    run = tmp_path / "run"
+    seen: list[tuple[str, str, int]] = []
+    rules = load_rules().without("stalled_run")
+    cfg = AlertConfig(rules=rules, console=False, callbacks=(lambda n: seen.append((n.rule, n.event, n.step)),))
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(13), spike={12})
+    assert ("kl_spike", "firing", 12) in seen and ("kl_spike", "resolved", 13) not in seen
+    seen.clear()
+    with rldiag.Recorder(run, alerts=cfg) as rec:
+        record_steps(rec, range(10, 20), spike={12} if again else set())
+        rec.flush()
+        assert rec.alerts is not None and rec.alerts.flush(30.0)
+    spikes = [e for e in seen if e[0] == "kl_spike"]
+    assert spikes == ([("kl_spike", "resolved", 13)] if again else [("kl_spike", "resolved", 12)]), seen
