@@ -26,7 +26,12 @@ def register(subparsers: Any) -> None:
         description=(__doc__ or "").split("\n\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", metavar="PATH", nargs="?", help="a run or a folder of runs (default: the sample runs)")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        nargs="?",
+        help="a run or a folder of runs, local or on object storage (s3://bucket/runs; default: the sample runs)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
     p.add_argument(
