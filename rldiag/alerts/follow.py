@@ -67,15 +67,20 @@ class RunFollower:
         *,
         open_run: Callable[[storage.Location], Any] | None = None,
         augment: Callable[[Any, Any], Any] | None = None,
+        reload: Callable[[], Engine] | None = None,
     ):
         self.run_dir = storage.location(run_dir)
         self.engine = engine
+        self.reload = reload
+        """Builds an engine that resumes from the run's alert history as it is now: given, a restart seen while
+        following (records this follower had evaluated were replaced) replaces :attr:`engine` with a new one that
+        evaluates the run again as it now stands, as a follower started then would (nothing sent is sent again)."""
         self._open_run = open_run
         self.augment = augment
         """``augment(run, frame) -> frame`` adds columns (e.g. cliff/headroom from token rows) before evaluation."""
         self.run: Any = None
         self.polls = 0
-        self._restarts: tuple[Any, ...] = ()
+        self._restarts: tuple[Any, ...] | None = None  # the run's restarts at the last poll
 
     def _open(self) -> Any:
         if self._open_run is not None:
@@ -106,9 +111,11 @@ class RunFollower:
             self.run.refresh()
         resume = getattr(self.run, "resume", None)
         restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts) if resume is not None else ()
-        if restarts != self._restarts:  # history events computed from records a restart replaced
-            self._restarts = restarts
+        if restarts != (self._restarts or ()):  # history events computed from records a restart replaced
+            if self._restarts is not None and set(restarts) - set(self._restarts) and self.reload is not None:
+                self.engine = self.reload()  # the steps evaluated from replaced records are evaluated again
             self.engine.supersede(resume.superseded_alert)  # type: ignore[union-attr]
+        self._restarts = restarts
         steps = complete_steps(self.run, after=self.engine.last_step, closed=is_closed)
         if steps:
             frame = self.run.step_metrics(steps=steps)

@@ -238,13 +238,16 @@ class OnlineAlerts:
         self.notifier = Notifier(sinks)
         self.run = run if run is not None else run_label(self.run_dir)
         history = read_alerts(self.run_dir / ALERTS_FILE) if self.run_dir is not None else []
-        self.engine = Engine(self.rules, run=self.run, history=history, repeat_interval=repeat_interval)
+        self._repeat_interval = repeat_interval
+        self._engine = Engine(self.rules, run=self.run, history=history, repeat_interval=repeat_interval)
         self._resume = resume and self.run_dir is not None
         self.world_size = int(world_size)
         if self.world_size > 1 and self.run_dir is None:
             raise ValueError("a multi-rank OnlineAlerts reads every rank's statistics from run_dir; give run_dir")
         self._follower: RunFollower | None = (
-            RunFollower(self.run_dir, self.engine) if self.world_size > 1 and self.run_dir is not None else None
+            RunFollower(self.run_dir, self._engine, reload=self._reloaded)
+            if self.world_size > 1 and self.run_dir is not None
+            else None
         )
         self._last_poll = -math.inf
         self._pending_step: int | None = None
@@ -354,6 +357,17 @@ class OnlineAlerts:
         self.close()
 
     # ---------------------------------------------------------------- inspection
+    @property
+    def engine(self) -> Engine:
+        """The engine evaluating the run (on several ranks, a new one after a restart: :attr:`RunFollower.reload`)."""
+        return self._follower.engine if self._follower is not None else self._engine
+
+    def _reloaded(self) -> Engine:
+        """An engine that resumes from the run's alert history as it is now."""
+        assert self.run_dir is not None
+        history = read_alerts(self.run_dir / ALERTS_FILE)
+        return Engine(self.rules, run=self.run, history=history, repeat_interval=self._repeat_interval)
+
     def status(self) -> dict[str, RuleStatus]:
         """Current state per rule (read from another thread: a consistent-enough snapshot)."""
         return self.engine.status()

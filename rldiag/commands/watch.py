@@ -179,16 +179,19 @@ class Watcher:
         self.rules = rules
         self.history = (self.run_dir / ALERTS_FILE) if history else None
         """The run's alert history this watcher resumes from and appends to (None: --no-history)."""
-        self._open_run, self._augment = open_run, augment
-        self.engine = self._engine()
-        self.follower = RunFollower(self.run_dir, self.engine, open_run=open_run, augment=augment)
-        self._restarts: set[tuple[int, int, str]] | None = None  # the run's restarts at the last poll
+        reload = self._engine if self.history is not None else None  # without a history all would be sent again
+        self.follower = RunFollower(self.run_dir, self._engine(), open_run=open_run, augment=augment, reload=reload)
         self.notifier = Notifier(sinks)
         self.clock = clock
         self.metrics = metrics
         self._served_step: int | None = None
         self.read_error: str | None = None
         """Why the last poll could not read the run (None: it could)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The engine evaluating the run (a new one after a restart: :attr:`RunFollower.reload`)."""
+        return self.follower.engine
 
     def _engine(self) -> Engine:
         """An engine that resumes from the run's alert history as it is now (nothing in it is sent again)."""
@@ -201,9 +204,9 @@ class Watcher:
     def poll(self) -> list[Notification]:
         """Rescan, evaluate newly complete steps, check for a stall and repeats, dispatch; returns the events.
 
-        A restart of the job seen since the last poll (a later attempt that resumed from a checkpoint, at a step
-        already evaluated) replaced records this watcher had evaluated: with a history, it evaluates the run
-        again as it now stands, as a watcher started now would (nothing already notified is sent again).
+        A restart of the job seen since the last poll (a later attempt that resumed from a checkpoint) may have
+        replaced records this watcher had evaluated: with a history, it evaluates the run again as it now stands,
+        as a watcher started now would (nothing already notified is sent again; :attr:`RunFollower.reload`).
 
         Once the run has been read, a failure to read it again (the network to an object store, a shared
         filesystem that went away) is kept in :attr:`read_error` and the next poll tries again, so that a blip
@@ -218,18 +221,6 @@ class Watcher:
             return []
         self.read_error = None
         self.notifier.dispatch(events)
-        run = self.follower.run
-        resume = getattr(run, "resume", None)
-        if resume is not None:
-            restarts = {(int(r["rank"]), int(r["step"]), str(r["writer"])) for r in resume.restarts}
-            if self._restarts is not None and restarts - self._restarts and self.history is not None:
-                self.engine = self._engine()
-                self.follower = RunFollower(self.run_dir, self.engine, open_run=self._open_run, augment=self._augment)
-                self.follower.run, self.follower.polls = run, 1  # the open run; steps evaluated as they come
-                again = self.follower.poll(self.clock())
-                self.notifier.dispatch(again)
-                events = events + again
-            self._restarts = restarts
         if self.metrics is not None:
             self._serve()
         return events

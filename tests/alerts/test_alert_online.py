@@ -386,3 +386,47 @@ def test_an_alert_left_firing_by_a_replaced_attempt_is_resolved_unless_the_resum
         assert rec.alerts is not None and rec.alerts.flush(30.0)
     spikes = [e for e in seen if e[0] == "kl_spike"]
     assert spikes == ([("kl_spike", "resolved", 13)] if again else [("kl_spike", "resolved", 12)]), seen
+
+
+def test_rank0_evaluator_evaluates_again_the_steps_another_ranks_restart_replaced(tmp_path: Path) -> None:
+    """Two ranks; rank 0's evaluator follows the run (merged statistics). Rank 1 spiked at step 6 (notified), then
+    was restarted from the checkpoint of step 5 while rank 0 went on: its resumed records spike at step 7
+    instead, a step the evaluator had evaluated from the replaced ones. The evaluator evaluates the run again as
+    it now stands and notifies the spike at 7; the one at 6 counts no more."""
+    run = tmp_path / "run"
+    col = Collect()
+    ranks = [rldiag.Recorder(run, rank=r, world_size=2, roll_steps=1) for r in (0, 1)]
+    for s in range(9):
+        record_steps(ranks[0], range(s, s + 1), seed=s, micro=1)
+        record_steps(ranks[1], range(s, s + 1), spike={6}, seed=100 + s, micro=1)
+    for rec in ranks:
+        rec.flush()
+    alerts = OnlineAlerts(RuleSet((KL,)), [col, JsonlSink(run / "alerts.jsonl")], run, world_size=2, tick_interval=0.05)
+    alerts.observe(0, {})  # a heartbeat: the evaluator starts following the run
+
+    def wait_for(event: tuple[str, int]) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if event in [(n.event, n.step) for n in col.got]:
+                return True
+            time.sleep(0.05)
+        return False
+
+    resumed = None
+    try:
+        assert wait_for(("resolved", 7))  # steps 0-7 evaluated: the spike at 6 fired and resolved
+        ranks[1].close()  # killed; its job resumes from the checkpoint of step 5
+        resumed = rldiag.Recorder(run, rank=1, world_size=2, roll_steps=1)
+        for s in range(5, 11):
+            record_steps(resumed, range(s, s + 1), spike={7}, seed=200 + s, micro=1)
+        record_steps(ranks[0], range(9, 11), seed=9, micro=1)
+        resumed.flush()
+        ranks[0].flush()
+        assert wait_for(("firing", 7)), [(n.event, n.step) for n in col.got]
+    finally:
+        alerts.close()
+        for rec in (resumed, *ranks):
+            if rec is not None:
+                rec.close()
+    shown = [(e["event"], e["step"]) for e in rldiag.open_run(run).alerts()]
+    assert ("firing", 7) in shown and ("firing", 6) not in shown, shown
