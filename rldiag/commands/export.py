@@ -99,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
                     # it replaced (a first pass cannot tell, having exported nothing yet)
                     restarts = {(x["rank"], x["step"], x["writer"]) for x in r.resume.restarts}
                     fresh = sorted(step for _, step, _ in restarts - (seen if seen is not None else restarts))
+                    if seen is None:  # first pass: steps the target got before a restart began came from before it
+                        fresh = sorted(
+                            int(x["step"])
+                            for x in r.resume.restarts
+                            if x.get("started") is not None
+                            and (t := exporter.written_at(int(x["step"]))) is not None
+                            and t < float(x["started"])
+                        )
                     seen = restarts
                     note = replace_from(exporter, int(fresh[0])) if fresh else None
                     if note is not None:

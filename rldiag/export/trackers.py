@@ -115,6 +115,12 @@ class Exporter:
         """Write one step's metrics (finite values only) and, if supported, histograms."""
         raise NotImplementedError
 
+    def written_at(self, step: int) -> float | None:
+        """When the tracker got the newest of the steps it holds from ``step`` on (seconds since the epoch), or
+        None when it cannot say: an export that starts after a restart then cannot tell whether those steps came
+        from the attempt the restart replaced."""
+        return None
+
     def replace_from(self, step: int) -> bool:
         """A job restarted from a checkpoint resumes at ``step`` while the tracker already holds steps from there
         on, written by the attempt the restart replaced: make the tracker drop them so that the resumed attempt's
@@ -175,6 +181,7 @@ class TensorBoardExporter(Exporter):
             raise _missing("tensorboard", "tensorboard") from None
         self.logdir = Path(logdir)
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        self._written: dict[int, float] = {}  # step -> wall time of its newest event already in logdir
         self._last = self._read_last_step()
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._writer = EventFileWriter(str(self.logdir))
@@ -187,8 +194,15 @@ class TensorBoardExporter(Exporter):
 
         acc = EventAccumulator(str(self.logdir), size_guidance={"scalars": 0, "histograms": 1})
         acc.Reload()
-        steps = [e.step for tag in acc.Tags().get("scalars", []) for e in acc.Scalars(tag)]
-        return max(steps) if steps else None
+        for tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                self._written[e.step] = max(self._written.get(e.step, 0.0), e.wall_time)
+        return max(self._written) if self._written else None
+
+    def written_at(self, step: int) -> float | None:
+        """When the newest of the steps it holds from ``step`` on was written (the events' wall time)."""
+        times = [t for s, t in self._written.items() if s >= step]
+        return max(times) if times else None
 
     def last_step(self) -> int | None:
         return self._last
@@ -202,6 +216,7 @@ class TensorBoardExporter(Exporter):
         self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
         self._writer.flush()
         self._last = int(step) - 1
+        self._written = {s: t for s, t in self._written.items() if s < step}
         return True
 
     def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
@@ -226,6 +241,7 @@ class TensorBoardExporter(Exporter):
         import time
 
         event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=pb.Summary(value=values))
+        self._written[int(step)] = event.wall_time
         self._writer.add_event(event)
         self._last = int(step) if self._last is None else max(self._last, int(step))
 

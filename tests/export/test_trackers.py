@@ -401,3 +401,30 @@ def test_follow_replaces_the_steps_a_restart_replaced(tmp_path: Path, capsys: py
     assert [e.step for e in kl] == list(range(10)) == metrics["step"].to_list()
     assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
     assert "cannot drop" not in capsys.readouterr().err
+
+
+def test_an_export_after_a_restart_replaces_what_tensorboard_got_before_it(tmp_path: Path) -> None:
+    """Steps 0-7 exported to TensorBoard; later the job, killed after step 7, resumed from its checkpoint at step 5.
+    A new `rldiag export` (no --follow) sees that TensorBoard got steps 5-7 before that restart began (the events'
+    wall time) and replaces them with the run as rldiag counts it; a second export changes nothing."""
+    pytest.importorskip("tensorboard")
+    run, tb = tmp_path / "run", tmp_path / "tb"
+    rng = np.random.default_rng(0)
+
+    def steps(rec: rldiag.Recorder, span: range, noise: float) -> None:
+        for s in span:
+            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+            lp = np.minimum(old + rng.normal(0, noise, old.shape), 0).astype(np.float32)
+            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+
+    with rldiag.Recorder(run) as first:
+        steps(first, range(8), 0.05)
+    assert main(["export", str(run), "--to", "tensorboard", str(tb)]) == 0
+    with rldiag.Recorder(run) as resumed:
+        steps(resumed, range(5, 10), 0.3)
+    for _ in range(2):
+        assert main(["export", str(run), "--to", "tensorboard", str(tb)]) == 0
+        kl = _accumulator(tb).Scalars("kl/k3")
+        metrics = rldiag.open_run(run).step_metrics().sort("step")
+        assert [e.step for e in kl] == list(range(10)) == metrics["step"].to_list()
+        assert np.allclose([e.value for e in kl], metrics["kl/k3"].to_numpy(), rtol=1e-6)
