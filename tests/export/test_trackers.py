@@ -363,6 +363,14 @@ def test_trackio_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     assert all(sum(r["hist/entropy"]["values"]) == 16 * 24 for r in logs)
 
 
+def _attempt_steps(rec: rldiag.Recorder, span: range, noise: float, rng: np.random.Generator) -> None:
+    """One attempt's steps of a job: log-ratios of ``noise``, so two attempts' steps differ."""
+    for s in span:
+        old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+        lp = np.minimum(old + rng.normal(0, noise, old.shape), 0).astype(np.float32)
+        rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+
+
 def test_follow_replaces_the_steps_a_restart_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`export --follow` had written steps 0-6 when the job, killed after step 7, resumed from its checkpoint at
     step 5: TensorBoard ends up with the resumed attempt's steps 5-9, as rldiag counts them."""
@@ -373,10 +381,7 @@ def test_follow_replaces_the_steps_a_restart_replaced(tmp_path: Path, capsys: py
     rng = np.random.default_rng(0)
 
     def steps(rec: rldiag.Recorder, span: range, noise: float) -> None:
-        for s in span:
-            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
-            lp = np.minimum(old + rng.normal(0, noise, old.shape), 0).astype(np.float32)
-            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        _attempt_steps(rec, span, noise, rng)
         rec.flush()
 
     first = rldiag.Recorder(run, roll_steps=1)  # killed after step 7: never closed
@@ -412,10 +417,7 @@ def test_an_export_after_a_restart_replaces_what_tensorboard_got_before_it(tmp_p
     rng = np.random.default_rng(0)
 
     def steps(rec: rldiag.Recorder, span: range, noise: float) -> None:
-        for s in span:
-            old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
-            lp = np.minimum(old + rng.normal(0, noise, old.shape), 0).astype(np.float32)
-            rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        _attempt_steps(rec, span, noise, rng)
 
     with rldiag.Recorder(run) as first:
         steps(first, range(8), 0.05)
