@@ -901,7 +901,7 @@ def _figure(panel: Panel, data: list[_RunData], max_points: int) -> Any | None:
                 )
             )
         for step, ranks in list(resume.restarted_ranks().items())[:50]:
-            who = f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
+            who = runformat.ranks_text(ranks)
             fig.add_vline(
                 x=step,
                 line={"color": d.colour if compare else _RESTART_COLOUR, "width": 1, "dash": "dot"},

@@ -750,6 +750,10 @@ class Resume:
     problems: list[str] = field(default_factory=list)
     """Two writers of one rank live at once, and similar: reported, never silently merged."""
 
+    def restart_keys(self) -> tuple[tuple[int, int, str], ...]:
+        """(rank, step, writer) of each restart: what a reader compares to see that a restart happened since."""
+        return tuple((int(r["rank"]), int(r["step"]), str(r["writer"])) for r in self.restarts)
+
     def restarted_ranks(self) -> dict[int, list[int]]:
         """Step -> the ranks restarted at that step (sorted), in step order."""
         by_step: dict[int, list[int]] = {}
@@ -782,18 +786,19 @@ class Resume:
         0..5 hold no data (rank 0)``, the ranks that lost the same steps together), for people: the dashboard's
         Overview, ``rldiag summarize``, the report. With ``limit``, at most that many, then ``and N more (rldiag
         info lists them)``: a job preempted every hour on 64 ranks would otherwise fill the screen."""
-
-        def who(ranks: list[int]) -> str:
-            return f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
-
-        out = [f"step {step} ({who(ranks)})" for step, ranks in self.restarted_ranks().items()]
+        out = [f"step {step} ({ranks_text(ranks)})" for step, ranks in self.restarted_ranks().items()]
         lost: dict[tuple[int, int], list[int]] = {}
         for g in self.gaps:
             lost.setdefault((int(g["from_step"]), int(g["to_step"])), []).append(int(g["rank"]))
-        out += [f"steps {a}..{b} hold no data ({who(sorted(ranks))})" for (a, b), ranks in sorted(lost.items())]
+        out += [f"steps {a}..{b} hold no data ({ranks_text(sorted(ranks))})" for (a, b), ranks in sorted(lost.items())]
         if limit is not None and len(out) > limit:
             out = [*out[:limit], f"and {len(out) - limit} more (rldiag info lists them)"]
         return out
+
+
+def ranks_text(ranks: Sequence[int]) -> str:
+    """Ranks for people: ``rank 0, 3`` for up to three, else ``8 ranks``."""
+    return f"rank {', '.join(map(str, ranks))}" if len(ranks) <= 3 else f"{len(ranks)} ranks"
 
 
 def gap_breaks(steps: Sequence[float], gaps: Iterable[tuple[int, int]]) -> list[int]:

@@ -110,7 +110,7 @@ class RunFollower:
         if self.polls or is_closed:
             self.run.refresh()
         resume = getattr(self.run, "resume", None)
-        restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts) if resume is not None else ()
+        restarts = resume.restart_keys() if resume is not None else ()
         if restarts != (self._restarts or ()):  # history events computed from records a restart replaced
             if self._restarts is not None and set(restarts) - set(self._restarts) and self.reload is not None:
                 self.engine = self.reload()  # the steps evaluated from replaced records are evaluated again

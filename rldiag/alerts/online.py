@@ -237,9 +237,8 @@ class OnlineAlerts:
             sinks = AlertConfig().build_sinks(self.run_dir)
         self.notifier = Notifier(sinks)
         self.run = run if run is not None else run_label(self.run_dir)
-        history = read_alerts(self.run_dir / ALERTS_FILE) if self.run_dir is not None else []
         self._repeat_interval = repeat_interval
-        self._engine = Engine(self.rules, run=self.run, history=history, repeat_interval=repeat_interval)
+        self._engine = self._reloaded()
         self._resume = resume and self.run_dir is not None
         self.world_size = int(world_size)
         if self.world_size > 1 and self.run_dir is None:
@@ -363,9 +362,8 @@ class OnlineAlerts:
         return self._follower.engine if self._follower is not None else self._engine
 
     def _reloaded(self) -> Engine:
-        """An engine that resumes from the run's alert history as it is now."""
-        assert self.run_dir is not None
-        history = read_alerts(self.run_dir / ALERTS_FILE)
+        """An engine that resumes from the run's alert history as it is now (none without a run directory)."""
+        history = read_alerts(self.run_dir / ALERTS_FILE) if self.run_dir is not None else []
         return Engine(self.rules, run=self.run, history=history, repeat_interval=self._repeat_interval)
 
     def status(self) -> dict[str, RuleStatus]:

@@ -154,7 +154,7 @@ class Run:
         if not key:
             return []
         resume = self.resume
-        restarts = tuple((r["rank"], r["step"], r["writer"]) for r in resume.restarts)
+        restarts = resume.restart_keys()
         if self._alerts_cache is None or self._alerts_cache[0] != (key, restarts):
             events = runformat.read_alerts(self.path / runformat.ALERTS_FILE)
             kept = [e for e in events if not resume.superseded_alert(e)]

@@ -95,11 +95,10 @@ def run(args: argparse.Namespace) -> int:
                     closed = run_closed(r)
                     if closed and args.follow:
                         r.refresh()  # what was published between the last refresh and the close mark
-                    # a restart seen since the last pass, at a step already exported: those came from the attempt
-                    # it replaced (a first pass cannot tell, having exported nothing yet)
-                    restarts = {(x["rank"], x["step"], x["writer"]) for x in r.resume.restarts}
-                    fresh = sorted(step for _, step, _ in restarts - (seen if seen is not None else restarts))
-                    if seen is None:  # first pass: steps the target got before a restart began came from before it
+                    # steps the target holds from the attempt a restart replaced: on the first pass those it got
+                    # before the restart began, later those of a restart seen since the last pass
+                    restarts = set(r.resume.restart_keys())
+                    if seen is None:
                         fresh = sorted(
                             int(x["step"])
                             for x in r.resume.restarts
@@ -107,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                             and (t := exporter.written_at(int(x["step"]))) is not None
                             and t < float(x["started"])
                         )
+                    else:
+                        fresh = sorted(step for _, step, _ in restarts - seen)
                     seen = restarts
                     note = replace_from(exporter, int(fresh[0])) if fresh else None
                     if note is not None:
