@@ -152,9 +152,10 @@ def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_pat
     def raw_steps(x: list[float]) -> bool:
         return all(v == int(v) for v in x) and len(x) < 300
 
-    # wait for the server's answer to the zoom (a relayout under load may first redraw other buckets); a drag
-    # that the page missed while busy (the data did not change at all) is made once more
-    for _attempt in range(2):
+    # wait for the server's answer to the zoom; a drag that the page missed while busy is made again. Whether the
+    # data changed says nothing: an autosize relayout of the busy page redraws other buckets of the whole range
+    # (seen failing in a fresh-clone CI run), so only raw steps tell that the zoom was answered
+    for _attempt in range(3):
         # compare=False: the helper's own check (the SVG changed right after the drag) fails when the busy page
         # missed the drag, before this loop could make it once more
         dash_duo.zoom_in_graph_by_ratio(graph, start_fraction=0.4, zoom_box_fraction=0.1, compare=False)
@@ -162,7 +163,7 @@ def test_zoom_reaggregates_on_the_server_and_survives_a_resize(dash_duo, tmp_pat
         while time.time() < deadline and not raw_steps(after):
             time.sleep(0.3)
             after = dash_duo.driver.execute_script(raw_x)
-        if raw_steps(after) or after != before:
+        if raw_steps(after):
             break
     assert all(x == int(x) for x in after) and len(after) < 300  # raw steps of the zoomed range only
     dash_duo.driver.set_window_size(1200, 1000)  # autosize must not throw the zoomed data away
