@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rldiag.cli",
         "rldiag.__main__",
         "rldiag.report",
+        "rldiag.precompile",
         "rldiag.demo",
         "rldiag.record.integrations",
         "app",
