@@ -689,6 +689,15 @@ def read_alerts(path: storage.Location) -> list[dict[str, Any]]:
     return sorted(out, key=_event_time)  # stable: each source's own order is kept among equal times
 
 
+def alert_history_where(run_dir: storage.Location | str) -> str:
+    """Where the run's alert history is kept, for messages: ``RUN/alerts.jsonl`` on a local run, the objects
+    ``RUN/alerts/`` on object storage (where files cannot be appended; :func:`read_alerts` reads both)."""
+    loc = storage.location(run_dir)
+    if isinstance(loc, Path):
+        return str(loc / ALERTS_FILE)
+    return f"{loc / ALERTS_DIR}/"
+
+
 def alerts_signature(run_dir: storage.Location) -> tuple[tuple[str, int, float], ...]:
     """What changes when the run's alert history changes: name, size and time of ``alerts.jsonl`` and of the
     objects in ``alerts/`` (``()`` when the run has no history). One listing of the run folder, plus one of

@@ -28,7 +28,7 @@ from rldiag.alerts.rules import SEVERITIES, RuleError, RuleSet, load_rules
 from rldiag.alerts.sinks import AlertmanagerSink, ConsoleSink, Notifier, Sink, SlackSink, WebhookSink
 from rldiag.cli import RUNS_HELP
 from rldiag.commands._util import ReadTrouble, stop_on_signals
-from rldiag.runformat import read_alerts
+from rldiag.runformat import alert_history_where, read_alerts
 from rldiag.storage import read_failure
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ def following_line(w: Watcher) -> str:
     e = w.engine
     where = f"step {e.last_step} evaluated" if e.last_step is not None else "no complete step yet"
     firing = ", ".join(e.firing()) or "none"
-    history = "" if w.history is None else f"; events already in {w.history} are not sent again"
+    history = "" if w.history is None else f"; events already in {alert_history_where(w.run_dir)} are not sent again"
     return (
         f"rldiag watch: following {e.run} ({where}; firing: {firing}{history}); "
         "new steps are evaluated as they land, Ctrl-C stops and prints every rule's state"

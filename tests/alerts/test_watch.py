@@ -236,6 +236,7 @@ def test_cli_subprocess_follows_and_stops_on_sigint_or_sigterm(
     assert proc.returncode == 1, err
     assert "entropy_collapse" in out and "FIRING critical entropy_collapse" in err
     assert "rldiag watch: following sub (step 29 evaluated; firing: " in err and "Ctrl-C stops" in err
+    assert f"events already in {run / 'alerts.jsonl'} are not sent again" in err
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 import rldiag
 from rldiag import runformat, storage
 from rldiag.analysis.io import RunFormatWarning
-from rldiag.runformat import RunFormatError, read_alerts, segment_name
+from rldiag.runformat import RunFormatError, alert_history_where, read_alerts, segment_name
 from tests.analysis.test_io import _attempt, _same_metrics, _step_record
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -206,6 +206,8 @@ def test_watch_once_on_an_s3_run(s3_run, capsys) -> None:
     history = [k for k in _keys(s3_run) if k.startswith("alerts/")]
     assert history and all(k.startswith("alerts/watch-") and k.endswith("-0000.jsonl") for k in history)
     assert rldiag.open_run(s3_run).alerts() == read_alerts(storage.location(s3_run) / "alerts.jsonl")
+    # what `rldiag watch` names as the history it resumes from: the objects, not an alerts.jsonl it never wrote
+    assert alert_history_where(s3_run) == f"{s3_run}/alerts/"
 
 
 def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
