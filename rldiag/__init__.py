@@ -41,6 +41,15 @@ _LAZY = {
     "REGISTRY": ("rldiag.metrics.registry", "REGISTRY"),
 }
 
+_SUBMODULES = frozenset(
+    {
+        *("alerts", "analysis", "config", "export", "importers", "metrics"),
+        *("precompile", "record", "runformat", "schema", "stats", "storage"),
+    }
+)
+"""Subpackages reachable as attributes after ``import rldiag`` (``rldiag.alerts.AlertConfig``), imported on
+first use like the names above."""
+
 if TYPE_CHECKING:  # pragma: no cover
     from rldiag.analysis.io import Run, open_run
     from rldiag.config import RecorderConfig
@@ -57,4 +66,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"rldiag.{name}")
     raise AttributeError(f"module 'rldiag' has no attribute {name!r}")

@@ -218,3 +218,23 @@ def test_the_checker_sees_backward_edges(tmp_path: Path, source: str, edge: str)
     full = import_graph()
     graph = full | {"rldiag.stats.kernel": full["rldiag.stats.kernel"] | {"rldiag.metrics.registry"}}
     assert cycles(graph)  # registry imports the kernel: the added edge closes a cycle
+
+
+def test_subpackages_are_attributes_of_the_package_and_import_rldiag_stays_free_of_torch() -> None:
+    """``import rldiag; rldiag.alerts.AlertConfig(...)`` works (each subpackage imported on first use), and
+    neither that nor ``import rldiag`` imports torch (the analysis side runs without it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, rldiag\n"
+        "assert 'torch' not in sys.modules and 'rldiag.alerts' not in sys.modules\n"
+        "assert rldiag.alerts.AlertConfig(stop_on=('critical',)).stop_on == ('critical',)\n"
+        "assert rldiag.storage.location('runs/x').name == 'x'\n"
+        "assert callable(rldiag.precompile.precompile)\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    rldiag.no_such_name\nexcept AttributeError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok"]
