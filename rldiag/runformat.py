@@ -689,13 +689,15 @@ def read_alerts(path: storage.Location) -> list[dict[str, Any]]:
     return sorted(out, key=_event_time)  # stable: each source's own order is kept among equal times
 
 
+def alert_history_name(run_dir: storage.Location | str) -> str:
+    """The name of the run's alert history in its folder, for messages: ``alerts.jsonl`` on a local run, the
+    objects ``alerts/`` on object storage (where files cannot be appended; :func:`read_alerts` reads both)."""
+    return ALERTS_FILE if isinstance(storage.location(run_dir), Path) else f"{ALERTS_DIR}/"
+
+
 def alert_history_where(run_dir: storage.Location | str) -> str:
-    """Where the run's alert history is kept, for messages: ``RUN/alerts.jsonl`` on a local run, the objects
-    ``RUN/alerts/`` on object storage (where files cannot be appended; :func:`read_alerts` reads both)."""
-    loc = storage.location(run_dir)
-    if isinstance(loc, Path):
-        return str(loc / ALERTS_FILE)
-    return f"{loc / ALERTS_DIR}/"
+    """The run's alert history with the run's location: ``RUN/alerts.jsonl``, or ``s3://.../RUN/alerts/``."""
+    return f"{storage.location(run_dir)}/{alert_history_name(run_dir)}"
 
 
 def alerts_signature(run_dir: storage.Location) -> tuple[tuple[str, int, float], ...]:

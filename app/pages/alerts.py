@@ -30,7 +30,7 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
                 error=error,
                 multi=False,
                 intro="Rules of rldiag's alert engine (states inactive → pending → firing → resolved). "
-                "History is read from the run's alerts.jsonl; click a step to see its tokens.",
+                "History is read from the run's alerts.jsonl (alerts/ on object storage); click a step for its tokens.",
             ),
             ui.section("current state", html.Div(id=ids.ALERTS_STATES)),
             ui.section(

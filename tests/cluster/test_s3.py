@@ -266,6 +266,11 @@ def test_online_alerts_on_s3_do_not_renotify_after_a_restart(s3_run) -> None:
     assert set(first_objects) < {k for k in _keys(s3_run) if k.startswith("alerts/")}
     shown = [e for e in rldiag.open_run(s3_run).alerts() if e["rule"] == "kl_spike" and e["event"] == "firing"]
     assert [e["step"] for e in shown] == [12]  # once: the replaced attempt's line counts no more
+    # the report says where its alerts came from: the run's alerts/ objects, not an alerts.jsonl it never had
+    from rldiag.report import summarize_run
+
+    summary = summarize_run(rldiag.open_run(s3_run))
+    assert summary.history.startswith("the run's alerts/ (") and "alerts.jsonl" not in summary.history
 
 
 def test_repair_on_s3_removes_orphans_and_old_temporary_objects(s3_run, capsys) -> None:
