@@ -601,11 +601,18 @@ class Recorder:
         self._closed_at = time.time()
         self._write_writer_file()
         if not done:
+            why = (
+                "; it was still compiling its statistics kernel, as numba's cache held none: `rldiag precompile` "
+                "where rldiag is installed (a container image's build) compiles it ahead (docs/cluster.md)"
+                if self._writer.warming
+                else ""
+            )
             log.warning(
-                "rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be lost",
+                "rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be lost%s",
                 self.run_dir,
                 self._signal_timeout,
                 signum,
+                why,
             )
 
     def _reopen_after_signal(self) -> None:

@@ -446,6 +446,8 @@ class Writer(threading.Thread):
         """Values refused per argument in lenient mode (out of range, not 0/1, fractional ids...)."""
         """Statistics rows given up because nothing could be published for too long (full disk)."""
         self.publish_failures = 0
+        self.warming = True
+        """Still loading (or, on an empty numba cache, compiling) the statistics kernel; no record is processed."""
         self.live_seconds: float | None = 1.0
         """Rewrite the live tail at most this often while unpublished statistics exist (None: never)."""
         self._live_dirty = False
@@ -492,6 +494,7 @@ class Writer(threading.Thread):
         # than at the first record, when a preemption in those seconds would find nothing published.
         with contextlib.suppress(Exception):
             kernel.warmup()
+        self.warming = False
         while True:
             with self._cv:
                 while not self._queue:

@@ -209,3 +209,41 @@ def test_os_fork_child_record_raises(tmp_path) -> None:
 def test_signal_timeout_is_validated(tmp_path) -> None:
     with pytest.raises(ValueError, match="signal_timeout"):
         rldiag.Recorder(tmp_path / "run", signal_timeout=-1)
+
+
+def test_a_signal_while_the_kernel_compiles_says_why_and_what_to_do(tmp_path: Path) -> None:
+    """A job preempted in its first seconds on a fresh container: the writer is still compiling its kernel (an
+    empty numba cache), so nothing can be published within ``signal_timeout``. The warning says so and names
+    ``rldiag precompile``. The compile is stood in for by a kernel load that takes 60 s."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np
+        import rldiag
+        from rldiag.stats import kernel
+        from tests.metrics.reference import make_record
+
+        kernel.warmup = lambda: time.sleep(60)
+        rec = rldiag.Recorder(sys.argv[1], signal_timeout=0.5)
+        rec.record(step=0, **make_record(np.random.default_rng(0), 4, 8, extras=False))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "run")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM
+    assert "did not publish within 0.5 s of signal 15" in err, err
+    assert "still compiling its statistics kernel" in err and "rldiag precompile" in err, err
