@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(done.as_dict()))
         return 0
-    where = ", ".join(done.cache_dirs) or "numba's cache"
+    where = f"numba's cache under {os.path.commonpath(done.cache_dirs)}" if done.cache_dirs else "numba's cache"
     if done.compiled:
         print(
             f"rldiag precompile: compiled {len(done.compiled)} functions into {where} in {done.seconds:.1f} s "
