@@ -16,6 +16,7 @@ CPU it was compiled for: a cache built on another CPU model is compiled again on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import pkgutil
@@ -37,18 +38,15 @@ class Precompiled:
     compiled: list[str] = field(default_factory=list)
     """Compiled by this call (they were not in the cache)."""
     loaded: list[str] = field(default_factory=list)
-    """Found in the cache and loaded."""
+    """Found in the cache and loaded (a function called only from other compiled functions is loaded with them,
+    and listed in neither when it was cached)."""
     cache_dirs: list[str] = field(default_factory=list)
     """Where numba keeps them (``__pycache__`` beside the modules, or ``NUMBA_CACHE_DIR``)."""
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "compiled": self.compiled,
-            "loaded": self.loaded,
-            "cache_dirs": self.cache_dirs,
-            "seconds": self.seconds,
-        }
+        """The fields as a JSON-ready dict (``rldiag precompile --format json``)."""
+        return dataclasses.asdict(self)
 
 
 def cached_functions() -> dict[str, Any]:
