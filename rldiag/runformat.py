@@ -364,6 +364,19 @@ class WriterInfo:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """The file's whole JSON object (fields a newer rldiag may add)."""
 
+    def records_not_published(self) -> tuple[int, int]:
+        """From the file's ``counters``: (records the writer gave up because nothing could be written for too
+        long, records it still held when a signal's wait for it ran out). 0 where absent or not a count."""
+        counters = self.raw.get("counters")
+        if not isinstance(counters, Mapping):
+            return 0, 0
+
+        def count(key: str) -> int:
+            v = counters.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+        return count("records_lost"), count("unpublished_at_signal")
+
     def process_gone(self) -> bool:
         """True when the writer ran on this machine and its process no longer exists.
 

@@ -219,6 +219,25 @@ def repair(
     return done
 
 
+def unpublished_records(run: Run) -> list[str]:
+    """Problems: records a writer took and never published, as its writer file counts them (a signal whose wait
+    for the writer ran out, or a store that could not be written for too long). They are in no file."""
+    out = []
+    for w in run.files.writer_infos:
+        gave_up, at_signal = w.records_not_published()
+        if at_signal:
+            out.append(
+                f"rank {w.rank}: writer {w.writer} was stopped by a signal before it published the {at_signal} "
+                "records it held (lost; its warning on stderr says why)"
+            )
+        if gave_up:
+            out.append(
+                f"rank {w.rank}: writer {w.writer} gave up {gave_up} records it could not publish (lost: the store "
+                "could not be written for too long)"
+            )
+    return out
+
+
 def describe(run: Run) -> dict[str, Any]:
     """Manifest, steps, ranks, token counts, dropped rows, files, restarts (resume points, superseded ranges,
     gaps, the restarts themselves) and problems of ``run``, as plain values (what ``rldiag info --json``
@@ -230,7 +249,7 @@ def describe(run: Run) -> dict[str, Any]:
         return int(pc.sum(t.column(c)).as_py() or 0) if t.num_rows else 0
 
     steps = run.steps()
-    extra = [x.reason for x in leftovers(run)] + incomplete_steps(run)
+    extra = [x.reason for x in leftovers(run)] + incomplete_steps(run) + unpublished_records(run)
     superseded_records = files.superseded_records()
     duplicate_records = files.duplicate_records()
     last_write = max([f.mtime for f in files.stats_files.values()], default=None)

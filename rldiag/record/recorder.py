@@ -225,6 +225,8 @@ class Recorder:
         self._signals = bool(handle_signals)
         self._signal_timeout = float(signal_timeout)
         self._signalled: int | None = None
+        self._unpublished_at_signal = 0
+        """Records the writer still held when a signal's wait for it ran out (kept in the writer file)."""
         self._closed_at: float | None = None
         self.run_dir = storage.location(run_dir, storage_options)
         self.manifest = runformat.create_run_dir(self.run_dir, cfg, self.world_size, name)
@@ -546,6 +548,7 @@ class Recorder:
             "rows_dropped": w.rows_dropped,
             "publish_failures": w.publish_failures,
             "records_lost": w.records_lost,
+            "unpublished_at_signal": self._unpublished_at_signal,
             "nonfinite": dict(w.nonfinite),
             "invalid_values": dict(w.invalid_values),
         }
@@ -599,6 +602,7 @@ class Recorder:
         self._signalled = signum
         done = self._writer.barrier(publish=True, timeout=self._signal_timeout)
         self._closed_at = time.time()
+        self._unpublished_at_signal = 0 if done else self._writer.unpublished_records()
         self._write_writer_file()
         if not done:
             why = (
@@ -608,10 +612,12 @@ class Recorder:
                 else ""
             )
             log.warning(
-                "rldiag: %s: the writer did not publish within %.1f s of signal %d; what it held may be lost%s",
+                "rldiag: %s: the writer did not publish within %.1f s of signal %d; the %d records it held may be "
+                "lost%s",
                 self.run_dir,
                 self._signal_timeout,
                 signum,
+                self._unpublished_at_signal,
                 why,
             )
 
@@ -619,6 +625,7 @@ class Recorder:
         """The process went on recording after a signal: the writer file no longer says closed."""
         self._signalled = None
         self._closed_at = None
+        self._unpublished_at_signal = 0
         self._write_writer_file()
 
     def _raise_pending(self, force: bool = False) -> None:

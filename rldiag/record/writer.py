@@ -446,6 +446,7 @@ class Writer(threading.Thread):
         """Values refused per argument in lenient mode (out of range, not 0/1, fractional ids...)."""
         """Statistics rows given up because nothing could be published for too long (full disk)."""
         self.publish_failures = 0
+        self._in_process = 0
         self.warming = True
         """Still loading (or, on an empty numba cache, compiling) the statistics kernel; no record is processed."""
         self.live_seconds: float | None = 1.0
@@ -524,11 +525,13 @@ class Writer(threading.Thread):
                     self._safe(self._publish)
                 item.event.set()
                 continue
+            self._in_process = 1
             try:
                 self._process(item)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
                 self._fail(exc)
             finally:
+                self._in_process = 0
                 with self._cv:
                     self.queued_bytes -= item.nbytes
                     self._cv.notify_all()
@@ -764,6 +767,13 @@ class Writer(threading.Thread):
             for k, n in counts.items():
                 if n:
                     counter[k] = counter.get(k, 0) + n
+
+    def unpublished_records(self) -> int:
+        """Records handed to this writer and not yet published: queued, being processed, or processed and held
+        until the next publication (read from another thread: a count of that moment)."""
+        with self._cv:
+            queued = sum(1 for item in self._queue if isinstance(item, Job))
+        return queued + self._in_process + sum(t.num_rows for t in list(self._stats_parts))
 
     @property
     def buffered_bytes(self) -> int:

@@ -96,7 +96,7 @@ def test_signal_publishes_marks_closed_and_keeps_default_exit_status(tmp_path, s
     assert run.steps() == list(range(20))  # everything recorded before the signal
     assert list((run_dir / "stats").glob("*.parquet")) and not list((run_dir / "live").glob("*.parquet"))
     assert _writer_closed(run_dir) == [True]
-    assert not run.problems
+    assert not run.problems and not run.info()["problems"]  # nothing held back when the signal came
 
 
 @pytest.mark.slow
@@ -245,5 +245,15 @@ def test_a_signal_while_the_kernel_compiles_says_why_and_what_to_do(tmp_path: Pa
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGTERM
-    assert "did not publish within 0.5 s of signal 15" in err, err
+    assert "did not publish within 0.5 s of signal 15; the 1 records it held may be lost" in err, err
     assert "still compiling its statistics kernel" in err and "rldiag precompile" in err, err
+    # the writer file says closed, and how many records went with the process: `rldiag info` names them
+    run = rldiag.open_run(tmp_path / "run")
+    (writer,) = run.files.writer_infos
+    assert writer.closed is not None and writer.records_not_published() == (0, 1)
+    assert run.steps() == []
+    problems = [p for p in run.info()["problems"] if "stopped by a signal" in p]
+    assert problems == [
+        f"rank 0: writer {writer.writer} was stopped by a signal before it published the 1 records it held (lost; "
+        "its warning on stderr says why)"
+    ]
