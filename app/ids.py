@@ -47,6 +47,8 @@ OVERVIEW_CUSTOM_NAMES: Final = "overview-custom-names"
 """The Overview's line of firing alerts (re-read when a live tick changed the panels)."""
 OVERVIEW_RESTARTS: Final = "overview-restarts"
 """The Overview's line of restarts and the steps they left without data (re-read at live ticks too)."""
+OVERVIEW_PROBLEMS: Final = "overview-problems"
+"""The Overview's line of what is wrong with the runs' files (skipped files, records a writer never published)."""
 
 # --- Runs page --------------------------------------------------------------------------------------
 RUNS_FILTER: Final = "runs-filter"

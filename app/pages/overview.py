@@ -48,6 +48,30 @@ def restart_line(runs: list[str]) -> html.Div | None:
     return html.Div([html.Span("restarted: ", className="muted"), html.Span(" · ".join(parts))], className="alert-line")
 
 
+PROBLEMS_SHOWN = 4
+"""Problems listed per run on the Overview; ``rldiag info`` lists them all."""
+
+
+def problems_line(runs: list[str]) -> html.Div | None:
+    """What is wrong with the runs on screen that reading them did not stop: files skipped as damaged, two live
+    writers on one rank, records a writer took and never published (a signal, a store that could not be
+    written). None when nothing is."""
+    from rldiag.analysis.inventory import unpublished_records
+
+    cat = data.catalog()
+    parts: list[str] = []
+    for run_id in runs:
+        run = cat.state(run_id).run
+        found = [p.message for p in run.problems] + unpublished_records(run)
+        prefix = f"{run_id}: " if len(runs) > 1 else ""
+        parts += [prefix + msg for msg in found[:PROBLEMS_SHOWN]]
+        if len(found) > PROBLEMS_SHOWN:
+            parts.append(f"{prefix}{len(found) - PROBLEMS_SHOWN} more: rldiag info {run.path}")
+    if not parts:
+        return None
+    return html.Div([html.Span("problems: ", className="muted"), html.Span(" · ".join(parts))], className="alert-line")
+
+
 def custom_names(runs: list[str]) -> list[str]:
     """Names of the custom scalars (``Recorder.log``) of the runs on screen, in first-seen order."""
     cat = data.catalog()
@@ -83,6 +107,7 @@ def layout(run: Any = None, **_query: Any) -> html.Div:
     if runs:
         children.append(html.Div(alert_line(runs), id=ids.OVERVIEW_FIRING))
         children.append(html.Div(restart_line(runs), id=ids.OVERVIEW_RESTARTS))
+        children.append(html.Div(problems_line(runs), id=ids.OVERVIEW_PROBLEMS))
         # One grid: most families have one headline metric, and a section per family would leave half rows.
         children.append(ui.panel_grid(PAGE, panels.overview_panels()))
         names = custom_names(runs)
@@ -125,12 +150,13 @@ def refresh_custom(_payload: Any, runs: list[str] | None, shown: list[str] | Non
 @callback(
     Output(ids.OVERVIEW_FIRING, "children"),
     Output(ids.OVERVIEW_RESTARTS, "children"),
+    Output(ids.OVERVIEW_PROBLEMS, "children"),
     Input(ids.LIVE_PAYLOAD, "data"),
     State(ids.PAGE_RUNS, "data"),
     prevent_initial_call=True,
 )
-def refresh_lines(_payload: Any, runs: list[str] | None) -> tuple[Any, Any]:
-    """The firing chips and the restarts follow the run: a live tick that changed a panel (new steps, new alert
-    marks, a restart) sends a payload, and both lines are read again then."""
+def refresh_lines(_payload: Any, runs: list[str] | None) -> tuple[Any, Any, Any]:
+    """The firing chips, the restarts and the problems follow the run: a live tick that changed a panel (new
+    steps, new alert marks, a restart) sends a payload, and the lines are read again then."""
     shown = data.catalog().valid_ids(runs or [])
-    return alert_line(shown), restart_line(shown)
+    return alert_line(shown), restart_line(shown), problems_line(shown)

@@ -425,6 +425,27 @@ def test_a_restarted_run_says_where_on_the_runs_page_and_the_overview(make_app, 
         assert "resumed: step 4" in " ".join(texts(overview.restart_line(["plain", "resumed"])))
 
 
+@pytest.mark.filterwarnings("ignore:skipped unreadable file")
+def test_the_overview_names_records_a_writer_never_published(make_app, tmp_path: Path):
+    """A writer that a signal stopped before it could publish (its writer file counts what it held) and a damaged
+    file: the Overview's problems line names both, as `rldiag info` does; a sound run has no such line."""
+    record_run(tmp_path / "cut", steps=3)
+    record_run(tmp_path / "plain", steps=3)
+    (writer,) = (tmp_path / "cut" / "writers").glob("*.json")
+    info = json.loads(writer.read_text())
+    info["counters"] = {**info.get("counters", {}), "unpublished_at_signal": 5}
+    writer.write_text(json.dumps(info))
+    (tmp_path / "cut" / "stats" / "r00009-x-1-0-000000.parquet").write_bytes(b"not parquet")
+    app = make_app(tmp_path)
+    with app.server.test_request_context():
+        overview = page("overview")
+        assert overview.problems_line(["plain"]) is None
+        line = " ".join(texts(overview.problems_line(["cut"])))
+        assert f"writer {writer.stem} was stopped by a signal before it published the 5 records it held" in line
+        assert "r00009-x-1-0-000000.parquet" in line
+        assert "cut: rank 0" in " ".join(texts(overview.problems_line(["plain", "cut"])))
+
+
 def test_the_alerts_page_leaves_out_alerts_a_restart_replaced_and_says_so(make_app, tmp_path: Path):
     """An alert notified at step 6 by the attempt a restart at step 4 replaced counts no more; the page says one
     event is left out, and the line is still in alerts.jsonl."""
