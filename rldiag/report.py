@@ -518,9 +518,9 @@ def summarize_run(
 
 
 def _history(run: Run, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str]:
-    """The run's alert events; without an alerts.jsonl, the default rules evaluated over ``metrics``."""
+    """The run's alert events; without an alert history, the default rules evaluated over ``metrics``."""
     events = run.alerts()
-    if events or (run.path / runformat.ALERTS_FILE).exists():  # a local folder or a RemotePath
+    if events or runformat.alerts_signature(run.path):  # a history, maybe all replaced: alerts.jsonl or alerts/
         return list(events), f"the run's {runformat.alert_history_name(run.path)} ({len(events)} events)"
     from rldiag.alerts import Engine, default_rules
 
@@ -529,7 +529,7 @@ def _history(run: Run, metrics: pl.DataFrame) -> tuple[list[dict[str, Any]], str
     engine = Engine(default_rules(), run=run.name)
     notes = engine.update(metrics, now=0.0)
     note = (
-        f"no alert history in the run: the default rules, evaluated over its stored metrics for this "
+        "no alert history in the run: the default rules, evaluated over its stored metrics for this "
         f"report ({len(notes)} events)"
     )
     return [n.to_json() for n in notes], note

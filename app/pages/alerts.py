@@ -12,6 +12,7 @@ from dash import Input, Output, callback, dcc, html
 from app import data, ids
 from app import layout as ui
 from app.security import visible
+from rldiag.runformat import alert_history_name
 
 dash.register_page(__name__, path="/alerts", name="Alerts", title="rldiag · Alerts", order=9)
 
@@ -148,8 +149,8 @@ def update_alerts(runs: list[str] | None, _n: int) -> tuple[Any, Any]:
     history = history_table(good[0], events)
     if hidden:  # say so: the lines are still in the file
         note = (
-            f"{hidden} event(s) computed from records a restart replaced are not shown (they stay in alerts.jsonl; "
-            "the resumed records' own events are)"
+            f"{hidden} event(s) computed from records a restart replaced are not shown (they stay in "
+            f"{alert_history_name(st.run.path)}; the resumed records' own events are)"
         )
         history = html.Div([html.P(note, className="muted"), history])
     return states_table(good[0], events), history
