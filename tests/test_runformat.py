@@ -134,6 +134,22 @@ def test_writer_files_are_parsed_with_bounds(tmp_path: Path) -> None:
     assert any("larger than" in str(p) for p in problems)
 
 
+@pytest.mark.parametrize(
+    ("counters", "expected"),
+    [
+        ({"records_lost": 2, "unpublished_at_signal": 5}, (2, 5)),
+        ({"records_lost": "2", "unpublished_at_signal": True}, (0, 0)),  # not counts: nothing claimed lost
+        ({"records_lost": -3, "unpublished_at_signal": 1.5}, (0, 0)),
+        ([1, 2], (0, 0)),
+        (None, (0, 0)),
+    ],
+)
+def test_a_writer_files_lost_records_are_read_only_from_counts(tmp_path: Path, counters, expected) -> None:
+    """A hand-edited or damaged ``counters`` is read as nothing lost, and the writer file stays readable."""
+    info = rf.read_writer_file(_writer(tmp_path, "a", rank=0, counters=counters))
+    assert info.records_not_published() == expected
+
+
 def test_closed_rule_uses_each_ranks_latest_writer(tmp_path: Path) -> None:
     assert not rf.run_closed(tmp_path)  # no writer: open
     _writer(tmp_path, "r0-old", rank=0, started=1.0, closed=2.0)
