@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,6 +163,24 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _wait_for_a_later_second(logdir: Path) -> None:
+    """Wait until the clock's second is later than that of every event file in ``logdir``.
+
+    TensorBoard reads a directory's event files in the order of their names: ``events.out.tfevents.`` then the
+    second the file was created in (ten digits), then host, process id and a counter, compared as text. A file
+    created in the same second as one already there can sort before it (counter 10 before 9), and its events
+    are then read first: a later export's steps ahead of the earlier ones, which TensorBoard takes for a restart
+    of the job and purges. A new file created in a later second always sorts last (at most a one-second wait,
+    only when an export into the same directory began in this second)."""
+    newest = -1
+    for p in logdir.glob("events.out.tfevents.*"):
+        field = p.name.split(".")[3]
+        if field.isdigit():
+            newest = max(newest, int(field))
+    while int(time.time()) <= newest:
+        time.sleep(max(0.01, newest + 1 - time.time()))
+
+
 class TensorBoardExporter(Exporter):
     """Event files in ``logdir`` (``tensorboard`` package; no torch needed): a scalar per metric, the
     metric's rldiag name as tag, and ``hist/log_ratio`` / ``hist/entropy`` histograms.
@@ -184,6 +203,7 @@ class TensorBoardExporter(Exporter):
         self._written: dict[int, float] = {}  # step -> wall time of its newest event already in logdir
         self._last = self._read_last_step()
         self.logdir.mkdir(parents=True, exist_ok=True)
+        _wait_for_a_later_second(self.logdir)
         self._writer = EventFileWriter(str(self.logdir))
         self._closed = False
 
@@ -210,7 +230,6 @@ class TensorBoardExporter(Exporter):
     def replace_from(self, step: int) -> bool:
         """TensorBoard's own resume rule (``SummaryWriter(purge_step=...)``): a ``SessionLog.START`` event at
         ``step`` makes its readers drop every event at or after ``step`` written before it."""
-        import time
 
         start = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
         self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
@@ -238,7 +257,6 @@ class TensorBoardExporter(Exporter):
                 bucket=[float(x) for x in c],
             )
             values.append(pb.Summary.Value(tag=HISTOGRAMS.get(name, name), histo=proto))
-        import time
 
         event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=pb.Summary(value=values))
         self._written[int(step)] = event.wall_time
@@ -307,7 +325,6 @@ class MlflowExporter(Exporter):
         return self._last
 
     def write(self, step: int, metrics: Mapping[str, float], hists: Mapping[str, np.ndarray] | None = None) -> None:
-        import time
 
         from mlflow.entities import Metric
 

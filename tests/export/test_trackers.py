@@ -90,6 +90,32 @@ def test_a_stopped_export_leaves_whole_steps_and_the_next_one_completes_them(run
     assert {tuple(e.step for e in acc.Scalars(t)) for t in tags} == {tuple(run.steps())}
 
 
+def test_two_exports_in_one_second_are_read_in_the_order_they_were_written(run_dir: Path, tmp_path: Path) -> None:
+    """TensorBoard orders a directory's event files by name (the creation second, then host, pid and a counter as
+    text): a second export in the same second and process, whose counter went from 9 to 10, sorted first, and its
+    steps were read before the first export's (which TensorBoard takes for a restart). The second file must sort
+    last."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import event_file_writer
+
+    from rldiag.export.trackers import export_steps, make_exporter
+
+    counter = event_file_writer._global_uid
+    nxt = counter.get() + 1
+    while len(str(nxt + 1)) == len(str(nxt)):  # the next two files' counters gain a digit (9 -> 10, 99 -> 100)
+        nxt = counter.get() + 1
+    run = rldiag.open_run(run_dir)
+    tb = tmp_path / "tb"
+    steps = run.steps()
+    for part in (steps[:4], steps[4:]):
+        exporter = make_exporter("tensorboard", str(tb), "exp1")
+        assert export_steps(run, exporter, steps=part) == len(part)
+        exporter.close()
+    names = sorted(p.name for p in tb.glob("events.out.tfevents.*"))
+    assert [n.rsplit(".", 1)[1] for n in names] == [str(nxt), str(nxt + 1)]  # the digit boundary was crossed
+    assert [e.step for e in _accumulator(tb).Scalars("kl/k3")] == steps  # in order, each once
+
+
 def test_chosen_metrics_only(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
