@@ -177,6 +177,13 @@ _CLOSE = object()
 
 
 @dataclass
+class _Drain:
+    """Evaluate now what was handed over, the newest step included (:meth:`OnlineAlerts.drain`)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class _Obs:
     step: int
     values: dict[str, float]
@@ -325,6 +332,33 @@ class OnlineAlerts:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.notifier.flush(left)
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Evaluate now everything handed over so far and wait until the sinks delivered what it fired; False if
+        ``timeout`` seconds pass first.
+
+        What the recorder does when a signal stops the process (``Recorder(handle_signals=True)``, after the
+        writer published): a step is otherwise evaluated once a record of a later step arrives, and on several
+        ranks the run directory is read every ``tick_interval`` seconds, so the last step before the signal
+        would never page. One rank: the newest step is evaluated with the records it has. Several ranks: the run
+        directory is read once more; the steps every rank published are evaluated, and the last one as well when
+        every rank's writer says closed (each rank marks its own on the signal). Unlike :meth:`close`, the
+        evaluator goes on: later steps are evaluated as usual, while records of a step already evaluated are not
+        (counted in ``late_records``).
+        """
+        if self._closed:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        marker = _Drain()
+        try:
+            self._queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not marker.done.wait(left):
+            return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.notifier.flush(left)
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Evaluate what is queued, mark the run closed (no stall alerts), close the sinks. Idempotent."""
         with self._close_lock:
@@ -413,6 +447,9 @@ class OnlineAlerts:
             if isinstance(item, (_Obs, _Stats)):
                 self._guard(lambda item=item: self._handle(item))  # type: ignore[misc]
                 self._done()
+            elif isinstance(item, _Drain):
+                self._guard(self._drain_now)
+                item.done.set()
             self._guard(self._tick)
             try:
                 item = self._queue.get(timeout=self._tick_interval)
@@ -423,28 +460,27 @@ class OnlineAlerts:
         now = self._clock()
         if self._follower is not None:  # multi-rank: the run directory is the source; records are heartbeats
             return
-        if isinstance(item, _Custom):  # joins its step's pending statistics (a later step closes it)
-            if self._pending_step is not None and item.step < self._pending_step:
-                self.counters.late_records += 1
-                return
-            if self._pending_step is None or item.step > self._pending_step:
-                self._evaluate_pending(now)
-                self._pending_step, self._pending_time = item.step, item.time
-            self._pending_custom.update(item.values)
-            return
-        if isinstance(item, _Obs):
+        if isinstance(item, _Obs) and not isinstance(item, _Custom):  # metrics handed over whole: evaluated now
             self._evaluate_pending(now)
             self.notifier.dispatch(self.engine.observe(item.step, item.values, now=now, data_time=item.time))
             return
-        self.notifier.dispatch(self.engine.touch(now=now, data_time=item.time))
-        if self._pending_step is not None and item.step < self._pending_step:
-            self.counters.late_records += 1  # an older step after a newer one began: cannot be re-evaluated
+        if not isinstance(item, _Custom):
+            self.notifier.dispatch(self.engine.touch(now=now, data_time=item.time))
+        last, pending = self.engine.last_step, self._pending_step
+        if (last is not None and item.step <= last) or (pending is not None and item.step < pending):
+            # its step was evaluated already (a later step came first, or a drain): cannot be evaluated again
+            self.counters.late_records += 1
             return
         if self._pending_step is not None and item.step > self._pending_step:
             self._evaluate_pending(now)
+        if self._pending_step is None:
+            self._pending_time = item.time
         self._pending_step = item.step
-        self._pending_parts.append(item.table)
-        self._pending_time = item.time
+        if isinstance(item, _Custom):  # joins its step's statistics
+            self._pending_custom.update(item.values)
+        else:
+            self._pending_parts.append(item.table)
+            self._pending_time = item.time
 
     def _evaluate_pending(self, now: float) -> None:
         if self._pending_step is None:
@@ -476,6 +512,14 @@ class OnlineAlerts:
                 self.notifier.dispatch(self._follower.poll(now, closed=False))
         else:
             self.notifier.dispatch(self.engine.tick(now))
+
+    def _drain_now(self) -> None:
+        now = self._clock()
+        if self._follower is not None:
+            self._last_poll = time.monotonic()
+            self.notifier.dispatch(self._follower.poll(now))  # closed when every rank's writer file says so
+            return
+        self._evaluate_pending(now)
 
     def _finish(self) -> None:
         now = self._clock()

@@ -99,12 +99,30 @@ class LiveExport:
             if self.dropped == 1 or self.dropped % 100 == 0:
                 log.warning("rldiag export: queue full, %d step tables dropped so far", self.dropped)
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Write the newest step now, with the records it has, and flush the trackers; False if ``timeout``
+        seconds pass first. A step is otherwise written once a record of a later step arrives: the recorder calls
+        this when a signal stops the process, after its writer published. Records of that step that arrive later
+        are not written (a tracker keeps a step once)."""
+        if self._closed:
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 self._finish_step()
                 return
+            if isinstance(item, threading.Event):  # drain
+                self._finish_step()
+                item.set()
+                continue
             step, table = item
             if self._pending_step is not None and step != self._pending_step:
                 self._finish_step()

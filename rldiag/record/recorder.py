@@ -73,12 +73,18 @@ _previous_handlers: dict[int, Any] = {}
 def _on_signal(signum: int, frame: Any) -> None:
     """Publish every recorder of this process and mark its writer closed, then run the previous handler."""
     pid = os.getpid()
-    for rec in list(_LIVE):
-        if rec._pid == pid and rec._signals:
-            try:
-                rec._publish_for_signal(signum)
-            except Exception as exc:  # noqa: BLE001 - the previous handler must run whatever happened here
-                log.warning("rldiag: publishing %s on signal %s failed: %s", rec.run_dir, signum, exc)
+    start = time.monotonic()
+    recs = [rec for rec in list(_LIVE) if rec._pid == pid and rec._signals]
+    for rec in recs:
+        try:
+            rec._publish_for_signal(signum)
+        except Exception as exc:  # noqa: BLE001 - the previous handler must run whatever happened here
+            log.warning("rldiag: publishing %s on signal %s failed: %s", rec.run_dir, signum, exc)
+    for rec in recs:  # every recorder of the process published first: a rank-0 evaluator then sees them all
+        try:
+            rec._drain_for_signal(start + rec._signal_timeout)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("rldiag: alerts and exports of %s on signal %s failed: %s", rec.run_dir, signum, exc)
     prev = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(prev):
         prev(signum, frame)
@@ -165,10 +171,13 @@ class Recorder:
         rank, world_size: default to torch.distributed's (or RANK / WORLD_SIZE, else 0 / 1).
         name: run name stored in the manifest (default: the directory name).
         handle_signals: on SIGTERM and SIGHUP (how schedulers stop a job), publish what is buffered and mark
-            the writer closed within ``signal_timeout`` seconds, then run the handler that was installed before
+            the writer closed, then evaluate the alerts of the last steps and write them to the trackers
+            (``alerts``, ``log_to``; a step is otherwise finished by the next step's first record) and deliver
+            what fired, all within ``signal_timeout`` seconds; then run the handler that was installed before
             (the default one ends the process with the same status as without rldiag). ``False`` leaves signal
             handling alone. Only possible when the recorder is created in the main thread.
-        signal_timeout: the most seconds a signal waits for the writer before the previous handler runs.
+        signal_timeout: the most seconds a signal waits for the writer, the alerts and the trackers before the
+            previous handler runs.
         live_seconds: readers see a step within about this many seconds of ``record()``: the writer rewrites a
             small live tail (``live/<writer>.parquet``: the statistics not yet in a segment) at most this often,
             while segments keep rolling by ``roll_steps``/``roll_seconds`` (few files). ``None``: segments only.
@@ -620,6 +629,23 @@ class Recorder:
                 self._unpublished_at_signal,
                 why,
             )
+
+    def _drain_for_signal(self, deadline: float) -> None:
+        """After the signal's publish: evaluate the alerts of the steps the evaluator holds and write them to the
+        trackers (a step is otherwise finished by a record of the next one, which will not come), and deliver
+        what fired, until ``deadline`` (``time.monotonic()``)."""
+        if self._closed or self._forked:
+            return
+        for what, part in (("alerts", self.alerts), ("exports", self.exports)):
+            if part is None:
+                continue
+            if not part.drain(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "rldiag: %s: the %s of the last steps were not all delivered within %.1f s of the signal",
+                    self.run_dir,
+                    what,
+                    self._signal_timeout,
+                )
 
     def _reopen_after_signal(self) -> None:
         """The process went on recording after a signal: the writer file no longer says closed."""
