@@ -176,11 +176,18 @@ class AlertConfig:
 _CLOSE = object()
 
 
+RANKS_WAIT = 2.5
+"""Seconds :meth:`OnlineAlerts.drain` without a timeout waits for the other ranks' writers to close."""
+
+
 @dataclass
 class _Drain:
     """Evaluate now what was handed over, the newest step included (:meth:`OnlineAlerts.drain`)."""
 
     done: threading.Event = field(default_factory=threading.Event)
+    ranks_until: float = 0.0
+    """Several ranks: until when (``time.monotonic()``) to read the run directory again while a rank's writer
+    file does not say closed yet (the other ranks got the same signal and are publishing)."""
 
 
 @dataclass
@@ -340,15 +347,16 @@ class OnlineAlerts:
         writer published): a step is otherwise evaluated once a record of a later step arrives, and on several
         ranks the run directory is read every ``tick_interval`` seconds, so the last step before the signal
         would never page. One rank: the newest step is evaluated with the records it has. Several ranks: the run
-        directory is read once more; the steps every rank published are evaluated, and the last one as well when
-        every rank's writer says closed (each rank marks its own on the signal). Unlike :meth:`close`, the
+        directory is read again until every rank's writer file says closed (each rank marks its own on the signal),
+        for at most half of ``timeout`` (:data:`RANKS_WAIT` seconds without one): the steps every rank published
+        are evaluated, and the last one too once all are closed. Unlike :meth:`close`, the
         evaluator goes on: later steps are evaluated as usual, while records of a step already evaluated are not
         (counted in ``late_records``).
         """
         if self._closed:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        marker = _Drain()
+        marker = _Drain(ranks_until=time.monotonic() + (RANKS_WAIT if timeout is None else timeout / 2))
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
@@ -448,7 +456,7 @@ class OnlineAlerts:
                 self._guard(lambda item=item: self._handle(item))  # type: ignore[misc]
                 self._done()
             elif isinstance(item, _Drain):
-                self._guard(self._drain_now)
+                self._guard(lambda until=item.ranks_until: self._drain_now(until))  # type: ignore[misc]
                 item.done.set()
             self._guard(self._tick)
             try:
@@ -513,12 +521,16 @@ class OnlineAlerts:
         else:
             self.notifier.dispatch(self.engine.tick(now))
 
-    def _drain_now(self) -> None:
+    def _drain_now(self, until: float) -> None:
         now = self._clock()
         if self._follower is not None:
-            self._last_poll = time.monotonic()
-            self.notifier.dispatch(self._follower.poll(now))  # closed when every rank's writer file says so
-            return
+            while True:  # closed once every rank's writer file says so: then the last step is complete too
+                self._last_poll = time.monotonic()
+                self.notifier.dispatch(self._follower.poll(now))
+                if self._follower.engine.closed or time.monotonic() >= until:
+                    return
+                time.sleep(0.1)
+                now = self._clock()
         self._evaluate_pending(now)
 
     def _finish(self) -> None:

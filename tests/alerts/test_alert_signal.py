@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -32,51 +33,68 @@ _CHILD = textwrap.dedent("""
     from rldiag.alerts import AlertConfig
     from tests.alerts.test_alert_online import KL, record_steps
 
-    run_dir, hook, tb, ranks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    run_dir, hook, tb, ranks, mine = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     cfg = AlertConfig(rules=[KL], console=False, webhooks=(hook,))
-    # nothing published before the signal (segments roll at 200 steps or 30 s, no live tail)
-    recs = [
-        rldiag.Recorder(run_dir, rank=r, world_size=ranks, alerts=cfg, live_seconds=None,
-                        log_to=f"tensorboard:{{tb}}" if r == 0 else None)
-        for r in range(ranks)
-    ]
+    # this process's ranks ("all", or one); nothing published before the signal (segments roll at 200 steps or
+    # 30 s, no live tail)
+    here = range(ranks) if mine == "all" else [int(mine)]
+    recs = {{
+        r: rldiag.Recorder(run_dir, rank=r, world_size=ranks, alerts=cfg, live_seconds=None,
+                           log_to=f"tensorboard:{{tb}}" if r == 0 else None)
+        for r in here
+    }}
     for s in range(20):
-        for r, rec in enumerate(recs):
+        for r, rec in recs.items():
             # one rank: the KL spike is at the last step; two ranks: rank 1 alone spikes, one step earlier
             spike = {{19}} if ranks == 1 else ({{18}} if r == 1 else set())
             record_steps(rec, range(s, s + 1), spike=spike, seed=100 * r + s)
-    for rec in recs:
+    for rec in recs.values():
         rec._writer.barrier(publish=False)  # every record processed and handed over, nothing published
-    assert recs[0].alerts.flush(30.0)  # the evaluator took in all it was handed
+    if 0 in recs:
+        assert recs[0].alerts.flush(30.0)  # the evaluator took in all it was handed
     print("ready", flush=True)
     time.sleep(60)
 """)
 
 
-def _signalled_run(tmp_path: Path, receiver: Receiver, ranks: int) -> tuple[int, Path, Path, str]:
-    run, tb = tmp_path / "run", tmp_path / "tb"
+def _start(tmp_path: Path, receiver: Receiver, ranks: int, mine: str) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(root=str(ROOT)))
+    if not script.exists():  # written once: a second process may be reading it
+        script.write_text(_CHILD.format(root=str(ROOT)))
     env = dict(os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache")))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(run), receiver.url, str(tb), str(ranks)],
+    argv = [str(tmp_path / "run"), receiver.url, str(tmp_path / "tb"), str(ranks), mine]
+    return subprocess.Popen(
+        [sys.executable, str(script), *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _signalled(receiver: Receiver, procs: list[subprocess.Popen[str]], gap: float = 0.0) -> list[tuple[int, str]]:
+    """Wait until every process is ready, then SIGTERM them in turn, ``gap`` seconds apart; (status, stderr)."""
     try:
-        line = proc.stdout.readline() if proc.stdout is not None else ""
-        assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
+        for proc in procs:
+            line = proc.stdout.readline() if proc.stdout is not None else ""
+            assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
         assert not receiver.received  # the spike's step was not evaluated before the signal
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        for i, proc in enumerate(procs):
+            if i:
+                time.sleep(gap)
+            proc.send_signal(signal.SIGTERM)
+        return [(proc.wait(timeout=60), proc.stderr.read() if proc.stderr is not None else "") for proc in procs]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, run, tb, err
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _signalled_run(tmp_path: Path, receiver: Receiver, ranks: int) -> tuple[int, Path, Path, str]:
+    [(rc, err)] = _signalled(receiver, [_start(tmp_path, receiver, ranks, "all")])
+    return rc, tmp_path / "run", tmp_path / "tb", err
 
 
 def _pages(receiver: Receiver) -> list[tuple[str, str, int]]:
@@ -114,6 +132,17 @@ def test_a_signal_evaluates_the_steps_every_rank_published(tmp_path: Path, recei
     assert _pages(receiver) == [("kl", "firing", 18), ("kl", "resolved", 19)], err
     writers = [json.loads(p.read_text()) for p in (run / "writers").glob("*.json")]
     assert len(writers) == 2 and all(w.get("closed") is not None for w in writers)
+
+
+@pytest.mark.slow
+def test_rank0_waits_for_the_other_ranks_signalled_with_it(tmp_path: Path, receiver: Receiver) -> None:
+    """One process per rank, as torchrun starts them, each stopped by its own SIGTERM; rank 1's comes 0.5 s after
+    rank 0's. Rank 0's evaluator reads the run directory until rank 1's writer says closed (it had published
+    nothing when rank 0 was signalled), so rank 1's spike at step 18 still pages before rank 0 ends."""
+    procs = [_start(tmp_path, receiver, 2, str(r)) for r in (0, 1)]  # both record into one run
+    results = _signalled(receiver, procs, gap=0.5)
+    assert [rc for rc, _ in results] == [-signal.SIGTERM] * 2, results
+    assert _pages(receiver) == [("kl", "firing", 18), ("kl", "resolved", 19)], results
 
 
 def test_after_a_drain_the_evaluator_goes_on_and_does_not_evaluate_the_drained_step_again(tmp_path: Path) -> None:
