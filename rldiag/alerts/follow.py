@@ -32,12 +32,19 @@ def newest_mtime(path: storage.Location) -> float | None:
 
 
 def last_step_per_rank(run: Any) -> dict[int, int]:
-    """The newest published step of every rank."""
+    """The newest step of every rank in its published segments or, on a local run, its live tail (the records a
+    writer has taken and not yet published, rewritten every ``live_seconds``): a rank writes its steps in order,
+    so every record of an older step is in one or the other."""
     table = run.stats_table()
-    if table.num_rows == 0:
-        return {}
-    grouped = table.group_by("rank").aggregate([("step", "max")])
-    return {int(r): int(s) for r, s in zip(grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist())}
+    last: dict[int, int] = {}
+    if table.num_rows:
+        grouped = table.group_by("rank").aggregate([("step", "max")])
+        ranks, steps = grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist()
+        last = {int(r): int(s) for r, s in zip(ranks, steps)}
+    files = getattr(run, "files", None)
+    for r, s in (getattr(files, "live_last", None) or {}).items():
+        last[int(r)] = max(int(s), last.get(int(r), int(s)))
+    return last
 
 
 def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:

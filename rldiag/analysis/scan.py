@@ -138,6 +138,8 @@ class RunFiles:
     """Statistics merged per step, from the published segments (never the live tails)."""
     live_view: pa.Table | None = None
     """:attr:`compact` plus the live tails, or None when there are none."""
+    live_last: dict[int, int] = field(default_factory=dict)
+    """rank -> the newest step in that rank's live tails (those :attr:`live_view` holds); empty without any."""
     resume: runformat.Resume = field(default_factory=runformat.Resume)
     """How restarted writers combine: the records that later attempts superseded, gaps, problems."""
     writer_infos: list[runformat.WriterInfo] = field(default_factory=list)
@@ -225,9 +227,12 @@ class RunFiles:
             return None
         tails = [self.surviving(name, t) for name, t in _read_live(self.path, self.stats_files)]
         tails = [t for t in tails if t.num_rows]
+        self.live_last = {}
         if not tails:
             return None
         fresh = pa.concat_tables(tails)
+        by_rank = fresh.group_by("rank").aggregate([("step", "max")])
+        self.live_last = dict(zip(by_rank.column("rank").to_pylist(), by_rank.column("step_max").to_pylist()))
         base = self.compact if self.compact is not None else STATS_SCHEMA.empty_table()
         hit = pc.is_in(base.column("step"), pc.unique(fresh.column("step")))
         redo = aggregate.compact(pa.concat_tables([base.filter(hit), fresh]))

@@ -430,3 +430,27 @@ def test_rank0_evaluator_evaluates_again_the_steps_another_ranks_restart_replace
                 rec.close()
     shown = [(e["event"], e["step"]) for e in rldiag.open_run(run).alerts()]
     assert ("firing", 7) in shown and ("firing", 6) not in shown, shown
+
+
+def test_two_ranks_rank0_evaluates_from_the_live_tails_before_any_segment_is_published(tmp_path: Path) -> None:
+    """A step is complete once every rank has a later step in its segments or in its live tail (a rank writes its
+    steps in order): rank 0 need not wait for the writers to publish a segment (every 30 s by default) to page."""
+    run = tmp_path / "run"
+    col = Collect()
+    ranks = [
+        rldiag.Recorder(run, rank=r, world_size=2, live_seconds=0.1, roll_seconds=3600.0, roll_steps=10**6)
+        for r in (0, 1)
+    ]
+    alerts = OnlineAlerts(RuleSet((KL,)), [col], run, world_size=2, tick_interval=0.05)
+    try:
+        alerts.observe(0, {})  # a heartbeat: the evaluator starts following the (still empty) run
+        for s in range(8):
+            record_steps(ranks[0], range(s, s + 1), seed=s, micro=1)
+            record_steps(ranks[1], range(s, s + 1), spike={5}, seed=100 + s, micro=1)
+        assert col.wait_for(lambda got: [(n.event, n.step) for n in got] == [("firing", 5), ("resolved", 6)])
+        assert not list((run / "stats").glob("*.parquet"))  # from the live tails alone
+        assert alerts.engine.last_step == 6  # step 7 is the newest of both ranks: not complete yet
+    finally:
+        alerts.close()
+        for rec in ranks:
+            rec.close()
