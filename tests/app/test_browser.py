@@ -81,6 +81,11 @@ def test_every_page_loads_without_console_errors(dash_duo, make_app, tokenizer_d
         # Dash shows callback exceptions in a devtools overlay only in debug mode; check the page text too
         body = dash_duo.driver.find_element(By.TAG_NAME, "body").text
         assert "Traceback" not in body and "Error loading layout" not in body, name
+    # every page's link on one line of the header down to a 1366-px-wide window (a common laptop screen)
+    dash_duo.driver.set_window_size(1366, 900)
+    time.sleep(0.5)
+    links = dash_duo.driver.find_elements(By.CSS_SELECTOR, ".nav .nav-link")
+    assert len(links) >= 11 and len({link.location["y"] for link in links}) == 1, [link.text for link in links]
 
 
 def test_click_on_a_chart_point_opens_tokens_for_that_step(dash_duo, make_app):
