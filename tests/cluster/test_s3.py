@@ -210,6 +210,42 @@ def test_watch_once_on_an_s3_run(s3_run, capsys) -> None:
     assert alert_history_where(s3_run) == f"{s3_run}/alerts/"
 
 
+@pytest.mark.slow
+def test_watch_following_an_s3_run_names_its_history_objects(s3_run, s3_server) -> None:
+    """`rldiag watch s3://...` in follow mode, as a person runs it: its first line names the history it resumes
+    from (the run's alerts/ objects, the only history an object store holds), then SIGTERM ends it cleanly."""
+    with rldiag.Recorder(s3_run, roll_steps=2, alerts=True) as rec:  # online alerts leave a history in alerts/
+        for step in range(6):
+            rec.record(step=step, **_step_record(step))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rldiag", "watch", s3_run, "--interval", "0.5"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("rldiag watch: following"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    following = lines[-1]
+    assert following.startswith("rldiag watch: following exp1 (step 5 evaluated"), lines
+    assert f"events already in {s3_run}/alerts/ are not sent again" in following, following
+    assert "alerts.jsonl" not in following
+    assert proc.returncode in (0, 1), proc.returncode  # ended by the signal as by Ctrl-C (1: an alert is firing)
+
+
 def test_dashboard_command_and_catalog_accept_an_s3_uri(s3_run, bucket) -> None:
     import argparse
 
