@@ -52,7 +52,7 @@ from rldiag.alerts.sinks import (
     WebhookSink,
 )
 from rldiag.runformat import ALERTS_FILE, AlertHistoryObjects, alert_source_id, read_alerts
-from rldiag.storage import Location, location
+from rldiag.storage import Location, is_remote, location
 
 __all__ = [
     "AlertConfig",
@@ -529,7 +529,7 @@ class OnlineAlerts:
                 self.notifier.dispatch(self._follower.poll(now))
                 if self._follower.engine.closed or time.monotonic() >= until:
                     return
-                time.sleep(0.1)
+                time.sleep(0.5 if is_remote(self.run_dir) else 0.1)  # on object storage a read costs requests
                 now = self._clock()
         self._evaluate_pending(now)
 
