@@ -76,7 +76,8 @@ def trimmed(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def step_histograms(stats_table: pa.Table, steps: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
-    """Dense per-step counts of the exported histograms, summed over ranks and micro-batches."""
+    """Dense per-step counts of the exported histograms, summed over the rows of each step (records, or a run's
+    rows already merged per step: ``Run.compact_table()``)."""
     from rldiag.stats.kernel import HISTS
 
     if not steps or stats_table.num_rows == 0:
@@ -492,7 +493,8 @@ def export_steps(
         return 0
     frame = run.step_metrics(steps=todo).sort("step")
     names = select_metrics(frame.columns, metrics)
-    hists = step_histograms(run.stats_table(), todo) if exporter.histograms else {}
+    # merged per step, live tails included: the steps a follower exports may not be in a segment yet
+    hists = step_histograms(run.compact_table(), todo) if exporter.histograms else {}
     written = 0
     for row in frame.select(["step", *names]).iter_rows(named=True):
         if stop is not None and stop.is_set():

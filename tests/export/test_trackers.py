@@ -116,6 +116,41 @@ def test_two_exports_in_one_second_are_read_in_the_order_they_were_written(run_d
     assert [e.step for e in _accumulator(tb).Scalars("kl/k3")] == steps  # in order, each once
 
 
+def test_steps_only_in_live_tails_are_exported_with_their_histograms(tmp_path: Path) -> None:
+    """Two ranks of two micro-batches, nothing published yet: a follower exports the steps every rank has moved
+    past from the writers' live tails, each with its histograms summed over every rank and micro-batch."""
+    pytest.importorskip("tensorboard")
+    from rldiag.alerts.follow import complete_steps
+    from rldiag.export.trackers import export_steps, make_exporter
+
+    run_dir, tb = tmp_path / "run", tmp_path / "tb"
+    recs = [
+        rldiag.Recorder(run_dir, rank=r, world_size=2, live_seconds=0.05, roll_seconds=3600, roll_steps=10**6)
+        for r in (0, 1)
+    ]
+    rng = np.random.default_rng(0)
+    try:
+        for s in range(4):
+            for rec in recs:
+                for _ in range(2):
+                    old = np.log(rng.uniform(0.05, 0.95, (4, 6))).astype(np.float32)
+                    rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+        deadline = time.monotonic() + 30
+        run = rldiag.open_run(run_dir)
+        while complete_steps(run, after=None, closed=False) != [0, 1, 2] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            run.refresh()
+        assert not list((run_dir / "stats").glob("*.parquet"))  # live tails only
+        exporter = make_exporter("tensorboard", str(tb), "live")
+        assert export_steps(run, exporter, steps=complete_steps(run, after=None, closed=False)) == 3
+        exporter.close()
+    finally:
+        for rec in recs:
+            rec.close()
+    hists = _accumulator(tb).Histograms("hist/log_ratio")
+    assert [(h.step, h.histogram_value.num) for h in hists] == [(s, 2 * 2 * 4 * 6) for s in (0, 1, 2)]
+
+
 def test_chosen_metrics_only(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
