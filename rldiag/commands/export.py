@@ -56,10 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import rldiag
-    from rldiag.alerts.follow import complete_steps, run_closed
+    from rldiag.alerts.follow import run_closed
     from rldiag.alerts.online import run_label
     from rldiag.cli import CLIError
-    from rldiag.export.trackers import export_steps, make_exporter, replace_from, select_metrics
+    from rldiag.export.trackers import export_pass, make_exporter, select_metrics
 
     if len(args.to) > 2:
         raise CLIError(f"--to takes a tracker and its target, got {' '.join(args.to)}")
@@ -95,25 +95,12 @@ def run(args: argparse.Namespace) -> int:
                     closed = run_closed(r)
                     if closed and args.follow:
                         r.refresh()  # what was published between the last refresh and the close mark
-                    # steps the target holds from the attempt a restart replaced: on the first pass those it got
-                    # before the restart began, later those of a restart seen since the last pass
-                    restarts = set(r.resume.restart_keys())
-                    if seen is None:
-                        fresh = sorted(
-                            int(x["step"])
-                            for x in r.resume.restarts
-                            if x.get("started") is not None
-                            and (t := exporter.written_at(int(x["step"]))) is not None
-                            and t < float(x["started"])
-                        )
-                    else:
-                        fresh = sorted(step for _, step, _ in restarts - seen)
-                    seen = restarts
-                    note = replace_from(exporter, int(fresh[0])) if fresh else None
+                    written, seen, note = export_pass(
+                        r, exporter, seen, closed=closed, metrics=args.metric or None, stop=stop
+                    )
+                    total += written
                     if note is not None:
                         print(f"rldiag export: {r.name}: {note}", file=sys.stderr)
-                    steps = complete_steps(r, after=exporter.last_step(), closed=closed)  # a live step may grow
-                    total += export_steps(r, exporter, metrics=args.metric or None, steps=steps, stop=stop)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
                 except Exception as exc:

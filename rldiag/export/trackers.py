@@ -152,6 +152,40 @@ def replace_from(exp: Exporter, step: int) -> str | None:
     )
 
 
+def export_pass(
+    run: Any,
+    exporter: Exporter,
+    seen: set[tuple[int, int, str]] | None,
+    *,
+    closed: bool,
+    metrics: Sequence[str] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[int, set[tuple[int, int, str]], str | None]:
+    """One pass of a follower (``rldiag export --follow``, a multi-rank recorder's live export) over ``run`` as
+    it was last read: first what a restart replaced (:func:`replace_from`; on the first pass, ``seen`` None, the
+    steps the tracker got before a restart of the run began, later those of a restart the run shows since
+    ``seen``), then the steps complete on every rank (all of them once ``closed``) newer than the tracker holds.
+
+    Returns (steps written, the run's restarts now: the next pass's ``seen``, what to tell the user when a tracker
+    cannot drop the replaced steps, else None)."""
+    from rldiag.alerts.follow import complete_steps
+
+    restarts = set(run.resume.restart_keys())
+    if seen is None:
+        fresh = sorted(
+            int(x["step"])
+            for x in run.resume.restarts
+            if x.get("started") is not None
+            and (t := exporter.written_at(int(x["step"]))) is not None
+            and t < float(x["started"])
+        )
+    else:
+        fresh = sorted(step for _, step, _ in restarts - seen)
+    note = replace_from(exporter, int(fresh[0])) if fresh else None
+    steps = complete_steps(run, after=exporter.last_step(), closed=closed)  # a live step may grow
+    return export_steps(run, exporter, metrics=metrics, steps=steps, stop=stop), restarts, note
+
+
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():

@@ -166,7 +166,8 @@ class Recorder:
         config: a :class:`RecorderConfig`; keyword overrides of its fields are accepted too.
         alerts: online alerting (``True`` for the default rules, a rule-file path, or an alerts object).
         log_to: live export to trackers, off the training thread (``"tensorboard:DIR"``, ``"mlflow:URI"``,
-            ``"wandb"``, ``"trackio"``, an exporter or a list; rank 0 only): :mod:`rldiag.export.live`.
+            ``"wandb"``, ``"trackio"``, an exporter or a list; rank 0 only, with every rank's statistics merged
+            on a multi-rank run): :mod:`rldiag.export.live`.
         metrics_port: serve the latest step's headline metrics for Prometheus on 127.0.0.1 (rank 0 only).
         rank, world_size: default to torch.distributed's (or RANK / WORLD_SIZE, else 0 / 1).
         name: run name stored in the manifest (default: the directory name).
@@ -276,7 +277,13 @@ class Recorder:
             from rldiag.export.live import LiveExport  # trackers and Prometheus, on their own thread
 
             resumed = runformat.earlier_attempts(self.run_dir, self.rank, self.writer_id)
-            self.exports = LiveExport(log_to, metrics_port=metrics_port, run=self.run_dir.name, resumed=resumed)
+            self.exports = LiveExport(
+                log_to,
+                metrics_port=metrics_port,
+                run=self.run_dir.name,
+                resumed=resumed,
+                follow=self.run_dir if self.world_size > 1 else None,  # every rank's statistics, merged
+            )
         _LIVE.add(self)
         if self._signals:
             _install(SIGNALS)

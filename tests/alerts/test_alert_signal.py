@@ -97,6 +97,14 @@ def _signalled_run(tmp_path: Path, receiver: Receiver, ranks: int) -> tuple[int,
     return rc, tmp_path / "run", tmp_path / "tb", err
 
 
+def _tensorboard_steps(tb: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("kl/k3")]
+
+
 def _pages(receiver: Receiver) -> list[tuple[str, str, int]]:
     out = []
     for r in receiver.received:
@@ -114,11 +122,7 @@ def test_the_last_step_before_a_signal_pages_and_reaches_the_trackers(tmp_path: 
     assert [(e["rule"], e["event"], e["step"]) for e in history] == [("kl", "firing", 19)]
     metrics = rldiag.open_run(run).step_metrics()
     assert history[0]["value"] == metrics.filter(metrics["step"] == 19)["kl/k3"].item()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("kl/k3")] == list(range(20))  # the last step too
+    assert _tensorboard_steps(tb) == list(range(20))  # the last step too
 
 
 @pytest.mark.slow
@@ -132,6 +136,7 @@ def test_a_signal_evaluates_the_steps_every_rank_published(tmp_path: Path, recei
     assert _pages(receiver) == [("kl", "firing", 18), ("kl", "resolved", 19)], err
     writers = [json.loads(p.read_text()) for p in (run / "writers").glob("*.json")]
     assert len(writers) == 2 and all(w.get("closed") is not None for w in writers)
+    assert _tensorboard_steps(tmp_path / "tb") == list(range(20))  # merged, the last step too: all closed
 
 
 @pytest.mark.slow
@@ -143,6 +148,7 @@ def test_rank0_waits_for_the_other_ranks_signalled_with_it(tmp_path: Path, recei
     results = _signalled(receiver, procs, gap=0.5)
     assert [rc for rc, _ in results] == [-signal.SIGTERM] * 2, results
     assert _pages(receiver) == [("kl", "firing", 18), ("kl", "resolved", 19)], results
+    assert _tensorboard_steps(tmp_path / "tb") == list(range(20))  # rank 0's live export waited for rank 1 too
 
 
 def test_after_a_drain_the_evaluator_goes_on_and_does_not_evaluate_the_drained_step_again(tmp_path: Path) -> None:

@@ -123,3 +123,56 @@ def test_a_new_run_never_drops_what_a_shared_tracker_holds(tmp_path: Path) -> No
     acc.Reload()
     kept = rldiag.open_run(tmp_path / "a").step_metrics().sort("step")
     assert np.allclose([e.value for e in acc.Scalars("kl/k3")], kept["kl/k3"].to_numpy(), rtol=1e-6)
+
+
+def test_two_ranks_export_the_merged_statistics_of_every_rank_live(tmp_path: Path) -> None:
+    """Rank 0's live export on a two-rank run writes every rank's statistics merged, as the dashboard and the
+    alerts see them, not rank 0's alone; live (from the writers' live tails) while both ranks still record,
+    and the last step once both closed. Rank 1's log-ratios are ten times wider than rank 0's."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("prometheus_client")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rldiag.export import live
+
+    run, tb, port = tmp_path / "run", tmp_path / "tb", free_port()
+    rng = np.random.default_rng(0)
+    saved, live.FOLLOW_INTERVAL = live.FOLLOW_INTERVAL, 0.2
+    try:
+        recs = [
+            rldiag.Recorder(
+                run,
+                rank=r,
+                world_size=2,
+                live_seconds=0.05,
+                log_to=f"tensorboard:{tb}" if r == 0 else None,
+                metrics_port=port if r == 0 else None,
+            )
+            for r in (0, 1)
+        ]
+        assert recs[0].exports is not None and recs[1].exports is None
+        for s in range(6):
+            for r, rec in enumerate(recs):
+                old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+                lp = np.minimum(old + rng.normal(0, 0.01 * (1 + 9 * r), old.shape), 0).astype(np.float32)
+                rec.record(step=s, logprobs=lp, old_logprobs=old, advantages=np.ones(4, np.float32))
+        deadline = time.monotonic() + 60
+        while recs[0].exports.exporters[0].last_step() != 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recs[0].exports.exporters[0].last_step() == 4  # live: steps 0-4 complete on both ranks
+        assert not list((run / "stats").glob("*.parquet"))  # from the live tails alone
+        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://127.0.0.1:{port}/metrics")
+        assert 'rldiag_step{run="run"} 4.0' in text.read().decode()  # the newest merged step
+        for rec in (recs[1], recs[0]):
+            rec.close()
+    finally:
+        live.FOLLOW_INTERVAL = saved
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    merged = rldiag.open_run(run).step_metrics().sort("step")
+    rank0 = rldiag.open_run(run).step_metrics(ranks=[0]).sort("step")
+    kl = acc.Scalars("kl/k3")
+    assert [e.step for e in kl] == list(range(6))  # the last step at close, once every rank closed
+    assert np.allclose([e.value for e in kl], merged["kl/k3"].to_numpy(), rtol=1e-6)
+    assert not np.allclose([e.value for e in kl], rank0["kl/k3"].to_numpy(), rtol=0.5)  # not rank 0's alone
+    assert [h.histogram_value.num for h in acc.Histograms("hist/log_ratio")] == [64] * 6  # both ranks' tokens
