@@ -91,6 +91,7 @@ class LiveExport:
         self.resumed = resumed
         self.follow = follow
         self._run: Any = None  # the followed run, once it could be opened
+        self._served: int | None = None  # the step the Prometheus endpoint shows, following
         self._seen: dict[int, Any] = {}  # exporter -> the run's restarts at its last pass (export_pass)
         self.exporters = parse_log_to(log_to, run)
         self.server = None
@@ -185,7 +186,7 @@ class LiveExport:
 
     def _follow_pass(self, closed: bool | None) -> bool:
         """One pass over the followed run (``closed`` None: as its writer files say); True when it was closed."""
-        from rldiag.alerts.follow import run_closed
+        from rldiag.alerts.follow import complete_steps, run_closed
 
         try:
             if self._run is None:
@@ -197,22 +198,17 @@ class LiveExport:
             is_closed = run_closed(self._run) if closed is None else closed
             if is_closed:
                 self._run.refresh()  # what was published between the listing and the close marks
-            newest = None
             for exp in self.exporters:
-                written, self._seen[id(exp)], note = export_pass(
-                    self._run, exp, self._seen.get(id(exp)), closed=is_closed
-                )
+                _, self._seen[id(exp)], note = export_pass(self._run, exp, self._seen.get(id(exp)), closed=is_closed)
                 if note is not None:
                     log.warning("rldiag export: %s", note)
-                last = exp.last_step()
-                if written and last is not None:
-                    newest = last if newest is None else max(newest, last)
             if self.server is not None:
-                last = self._run.steps()[-1] if is_closed and self._run.steps() else newest
-                if last is not None:
-                    row = self._run.step_metrics(steps=[last]).row(0, named=True)
+                done = complete_steps(self._run, after=self._served, closed=is_closed)
+                if done:
+                    row = self._run.step_metrics(steps=done[-1:]).row(0, named=True)
                     row.pop("step", None)
-                    self.server.update(self.run, last, row)
+                    self.server.update(self.run, done[-1], row)
+                    self._served = done[-1]
             return bool(is_closed)
         except FileNotFoundError:
             return False  # no manifest yet

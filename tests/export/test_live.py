@@ -176,3 +176,32 @@ def test_two_ranks_export_the_merged_statistics_of_every_rank_live(tmp_path: Pat
     assert np.allclose([e.value for e in kl], merged["kl/k3"].to_numpy(), rtol=1e-6)
     assert not np.allclose([e.value for e in kl], rank0["kl/k3"].to_numpy(), rtol=0.5)  # not rank 0's alone
     assert [h.histogram_value.num for h in acc.Histograms("hist/log_ratio")] == [64] * 6  # both ranks' tokens
+
+
+def test_two_ranks_metrics_port_alone_serves_the_newest_merged_step(tmp_path: Path) -> None:
+    """A multi-rank recorder with a Prometheus endpoint and no tracker still follows the run."""
+    pytest.importorskip("prometheus_client")
+    from rldiag.export import live
+
+    run, port = tmp_path / "run", free_port()
+    rng = np.random.default_rng(0)
+    saved, live.FOLLOW_INTERVAL = live.FOLLOW_INTERVAL, 0.2
+    recs = [
+        rldiag.Recorder(run, rank=r, world_size=2, live_seconds=0.05, metrics_port=port if r == 0 else None)
+        for r in (0, 1)
+    ]
+    try:
+        for s in range(4):
+            for rec in recs:
+                old = np.log(rng.uniform(0.05, 0.95, (4, 8))).astype(np.float32)
+                rec.record(step=s, logprobs=old, old_logprobs=old, advantages=np.ones(4, np.float32))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline, text = time.monotonic() + 60, ""
+        while 'rldiag_step{run="run"} 2.0' not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = opener.open(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'rldiag_step{run="run"} 2.0' in text  # steps 0-2 complete on both ranks
+    finally:
+        live.FOLLOW_INTERVAL = saved
+        for rec in recs:
+            rec.close()
