@@ -490,6 +490,38 @@ def run_closed(path: storage.Location, *, count_gone: bool = False) -> bool:
     return all(w.closed is not None or (count_gone and w.process_gone()) for w in latest.values())
 
 
+def last_step_per_rank(run: Any) -> dict[int, int]:
+    """The newest step of every rank in its published segments or, on a local run, its live tail (the records a
+    writer has taken and not yet published, rewritten every ``live_seconds``): a rank writes its steps in order,
+    so every record of an older step is in one or the other."""
+    table = run.stats_table()
+    last: dict[int, int] = {}
+    if table.num_rows:
+        grouped = table.group_by("rank").aggregate([("step", "max")])
+        ranks, steps = grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist()
+        last = {int(r): int(s) for r, s in zip(ranks, steps)}
+    files = getattr(run, "files", None)
+    for r, s in (getattr(files, "live_last", None) or {}).items():
+        last[int(r)] = max(int(s), last.get(int(r), int(s)))
+    return last
+
+
+def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:
+    """Steps newer than ``after`` whose statistics are complete on every rank (all of them once closed): what a
+    follower of a growing run (the alerts' :class:`rldiag.alerts.follow.RunFollower`, ``rldiag export --follow``,
+    a multi-rank recorder's live export) may evaluate or write without ever seeing part of a step. ``run``: an
+    opened run (:func:`rldiag.open_run`)."""
+    steps = [s for s in run.steps() if after is None or s > after]
+    if not steps or closed:
+        return steps
+    last = last_step_per_rank(run)
+    world = int(run.manifest.get("world_size") or 1) if isinstance(getattr(run, "manifest", None), dict) else 1
+    if len(last) < world:
+        return []  # a rank has not published anything yet
+    bound = min(last.values())
+    return [s for s in steps if s < bound]
+
+
 LIVE_DIR = "live"
 """``live/<writer>.parquet``: the statistics rows a writer holds but has not published in a segment yet,
 rewritten (atomically) at most every ``live_seconds``, removed once they are in a segment."""

@@ -3,9 +3,10 @@
 Used by ``rldiag watch`` and by the online evaluator of a multi-rank run (rank 0 reads every rank's
 published statistics, so it evaluates exactly merged metrics).
 
-A step is *complete* when every rank of the run has published data of a later step (a writer may publish
-a step's first micro-batches in one segment and the rest in the next), or when the rank's writer closed
-the run. Evaluating only complete steps keeps the engine exact: it never sees a step twice.
+A step is *complete* when every rank of the run has data of a later step, in a published segment or its live
+tail (a writer may publish a step's first micro-batches in one segment and the rest in the next), or when the
+run's writers closed it (:func:`rldiag.runformat.complete_steps`, which the live export follows too).
+Evaluating only complete steps keeps the engine exact: it never sees a step twice.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from rldiag import runformat, storage
 from rldiag.alerts.engine import Engine, Notification
-from rldiag.runformat import ALERTS_FILE
+from rldiag.runformat import ALERTS_FILE, complete_steps, last_step_per_rank
 
 __all__ = ["RunFollower", "run_closed", "newest_mtime", "complete_steps", "last_step_per_rank", "ALERTS_FILE"]
 
@@ -29,35 +30,6 @@ def run_closed(run: Any) -> bool:
 def newest_mtime(path: storage.Location) -> float | None:
     """When data last landed in the run at ``path`` (:func:`rldiag.runformat.newest_data_time`)."""
     return runformat.newest_data_time(path)
-
-
-def last_step_per_rank(run: Any) -> dict[int, int]:
-    """The newest step of every rank in its published segments or, on a local run, its live tail (the records a
-    writer has taken and not yet published, rewritten every ``live_seconds``): a rank writes its steps in order,
-    so every record of an older step is in one or the other."""
-    table = run.stats_table()
-    last: dict[int, int] = {}
-    if table.num_rows:
-        grouped = table.group_by("rank").aggregate([("step", "max")])
-        ranks, steps = grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist()
-        last = {int(r): int(s) for r, s in zip(ranks, steps)}
-    files = getattr(run, "files", None)
-    for r, s in (getattr(files, "live_last", None) or {}).items():
-        last[int(r)] = max(int(s), last.get(int(r), int(s)))
-    return last
-
-
-def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:
-    """Steps newer than ``after`` whose statistics are complete on every rank (all of them once closed)."""
-    steps = [s for s in run.steps() if after is None or s > after]
-    if not steps or closed:
-        return steps
-    last = last_step_per_rank(run)
-    world = int(run.manifest.get("world_size") or 1) if isinstance(getattr(run, "manifest", None), dict) else 1
-    if len(last) < world:
-        return []  # a rank has not published anything yet
-    bound = min(last.values())
-    return [s for s in steps if s < bound]
 
 
 class RunFollower:

@@ -186,7 +186,7 @@ class LiveExport:
 
     def _follow_pass(self, closed: bool | None) -> bool:
         """One pass over the followed run (``closed`` None: as its writer files say); True when it was closed."""
-        from rldiag.alerts.follow import complete_steps, run_closed
+        from rldiag.runformat import complete_steps, run_closed
 
         try:
             if self._run is None:
@@ -195,7 +195,7 @@ class LiveExport:
                 self._run = rldiag.open_run(self.follow)
             else:
                 self._run.refresh()
-            is_closed = run_closed(self._run) if closed is None else closed
+            is_closed = run_closed(self._run.path) if closed is None else closed
             if is_closed:
                 self._run.refresh()  # what was published between the listing and the close marks
             for exp in self.exporters:

@@ -168,7 +168,7 @@ def export_pass(
 
     Returns (steps written, the run's restarts now: the next pass's ``seen``, what to tell the user when a tracker
     cannot drop the replaced steps, else None)."""
-    from rldiag.alerts.follow import complete_steps
+    from rldiag.runformat import complete_steps
 
     restarts = set(run.resume.restart_keys())
     if seen is None:
