@@ -35,12 +35,12 @@ _CHILD = textwrap.dedent("""
 
     run_dir, hook, tb, ranks, mine = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     cfg = AlertConfig(rules=[KL], console=False, webhooks=(hook,))
-    # this process's ranks ("all", or one); nothing published before the signal (segments roll at 200 steps or
-    # 30 s, no live tail)
+    # this process's ranks ("all", or one); nothing published before the signal (no segment for an hour, no
+    # live tail); a signal may wait 20 s (rank 0 then waits up to 10 s for the other ranks to close)
     here = range(ranks) if mine == "all" else [int(mine)]
     recs = {{
-        r: rldiag.Recorder(run_dir, rank=r, world_size=ranks, alerts=cfg, live_seconds=None,
-                           log_to=f"tensorboard:{{tb}}" if r == 0 else None)
+        r: rldiag.Recorder(run_dir, rank=r, world_size=ranks, alerts=cfg, live_seconds=None, roll_seconds=3600,
+                           signal_timeout=20, log_to=f"tensorboard:{{tb}}" if r == 0 else None)
         for r in here
     }}
     for s in range(20):
