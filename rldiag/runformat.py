@@ -491,19 +491,11 @@ def run_closed(path: storage.Location, *, count_gone: bool = False) -> bool:
 
 
 def last_step_per_rank(run: Any) -> dict[int, int]:
-    """The newest step of every rank in its published segments or, on a local run, its live tail (the records a
-    writer has taken and not yet published, rewritten every ``live_seconds``): a rank writes its steps in order,
-    so every record of an older step is in one or the other."""
-    table = run.stats_table()
-    last: dict[int, int] = {}
-    if table.num_rows:
-        grouped = table.group_by("rank").aggregate([("step", "max")])
-        ranks, steps = grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist()
-        last = {int(r): int(s) for r, s in zip(ranks, steps)}
-    files = getattr(run, "files", None)
-    for r, s in (getattr(files, "live_last", None) or {}).items():
-        last[int(r)] = max(int(s), last.get(int(r), int(s)))
-    return last
+    """The newest step of every rank of an opened run (:func:`rldiag.open_run`), in its published segments or, on
+    a local run, its live tail (the records a writer has taken and not yet published, rewritten every
+    ``live_seconds``): a rank writes its steps in order, so every record of an older step is in one or the
+    other."""
+    return dict(run.last_step_per_rank())
 
 
 def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:

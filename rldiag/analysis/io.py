@@ -93,6 +93,11 @@ class Run:
         """Statistics merged per step (all ranks and records): one row per step."""
         return self.files.compact_table()
 
+    def last_step_per_rank(self) -> dict[int, int]:
+        """rank -> its newest step, in a published segment or in its writer's live tail (a rank writes its steps
+        in order, so every record of an older step is in one or the other): :func:`rldiag.runformat.complete_steps`."""
+        return self.files.last_step_per_rank()
+
     def step_stats(self) -> pl.DataFrame:
         """Sufficient statistics per (step, rank, micro), as stored (histograms as sparse lists)."""
         frame = pl.from_arrow(self.stats_table())

@@ -630,6 +630,19 @@ class RunFiles:
             self._stats_cache = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
         return self._stats_cache
 
+    def last_step_per_rank(self) -> dict[int, int]:
+        """rank -> the newest step of its records that count, in the published segments (from each file's keys:
+        no record is read for a file with a write-time summary) or in its live tail (:attr:`live_last`)."""
+        keys = [self.surviving(name, k) for name in sorted(self.stats_files) if (k := self.keys(name)) is not None]
+        last: dict[int, int] = {}
+        table = pa.concat_tables(keys) if keys else None
+        if table is not None and table.num_rows:
+            grouped = table.group_by("rank").aggregate([("step", "max")])
+            last = dict(zip(grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist()))
+        for rank, step in self.live_last.items():
+            last[rank] = max(step, last.get(rank, step))
+        return last
+
     def compact_table(self) -> pa.Table:
         """Statistics merged per step (all ranks and records): one row per step."""
         if self.live_view is not None:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rldiag
+from rldiag import runformat
 from rldiag.analysis.io import RunFormatWarning
 from tests.metrics.reference import make_record
 
@@ -318,6 +319,30 @@ def test_several_ranks_restart_at_different_steps(run_dir, tmp_path) -> None:
     got = {(x["rank"], x["from_step"], x["to_step"]) for x in run.info()["superseded"]}
     assert got == {(0, 1, 5), (0, 2, 5), (1, 4, 5)}
     assert [(r["rank"], r["step"]) for r in run.resume.restarts] == [(0, 2), (0, 1), (1, 4)]  # by rank, then time
+
+
+def test_newest_step_per_rank_counts_only_records_that_survive_and_reads_no_record(run_dir) -> None:
+    """What a follower takes a rank's progress from (a step is complete once every rank is past it): rank 1
+    recorded steps 0-7, was killed, and its resumed attempt reached only step 4, so its newest step is 4 (the
+    earlier attempt's 5-7 count no more). Taken from the files' keys: no further statistics record is read."""
+
+    def attempt(steps: range, attempt: int, rank: int) -> None:  # four micro-batches a step: segments get summaries
+        with rldiag.Recorder(run_dir, rank=rank, world_size=2, roll_steps=2) as rec:
+            for s in steps:
+                for _ in range(4):
+                    rec.record(step=s, **_step_record(s, attempt, rank))
+
+    attempt(range(8), 0, 0)
+    attempt(range(8), 0, 1)
+    attempt(range(3, 5), 1, 1)
+    run = rldiag.open_run(run_dir)
+    read = set(run.files.stats_tables)  # the files whose records the open read (those a restart cuts)
+    assert read != set(run.files.stats_files)
+    assert run.last_step_per_rank() == {0: 7, 1: 4}
+    assert set(run.files.stats_tables) == read  # answered from the files' keys: no other file's records read
+    grouped = run.stats_table().group_by("rank").aggregate([("step", "max")])  # the same from every record
+    assert dict(zip(grouped.column("rank").to_pylist(), grouped.column("step_max").to_pylist())) == {0: 7, 1: 4}
+    assert runformat.complete_steps(run, after=None, closed=False) == [0, 1, 2, 3]
 
 
 def test_two_live_writers_on_one_rank_are_reported(run_dir) -> None:
