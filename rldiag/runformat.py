@@ -39,7 +39,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -512,6 +512,21 @@ def complete_steps(run: Any, *, after: int | None, closed: bool) -> list[int]:
         return []  # a rank has not published anything yet
     bound = min(last.values())
     return [s for s in steps if s < bound]
+
+
+RANKS_CLOSE_WAIT: Final = 2.5
+"""Seconds a follower drained without a timeout (a signal stopped the job) waits for the other ranks' writers to
+close (:func:`read_until_closed`)."""
+
+
+def read_until_closed(read: Callable[[], bool], path: storage.Location, until: float) -> None:
+    """Call ``read`` (one reading of the run at ``path``, True once it found every rank's writer closed) until it
+    returns True or ``time.monotonic()`` passes ``until``: what a follower of a multi-rank run (rank 0's alerts
+    and live export) does when a signal stops the job, while the other ranks, signalled too, publish and mark
+    their writers closed; only then is the run's last step complete. Again every 0.1 s, every 0.5 s on object
+    storage (each reading costs requests)."""
+    while not read() and time.monotonic() < until:
+        time.sleep(0.5 if storage.is_remote(path) else 0.1)
 
 
 LIVE_DIR = "live"

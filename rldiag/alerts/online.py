@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rldiag import runformat
 from rldiag.alerts.engine import Engine, Notification, RuleStatus
 from rldiag.alerts.follow import RunFollower
 from rldiag.alerts.rules import Rule, RuleSet, coerce_rules
@@ -52,7 +53,7 @@ from rldiag.alerts.sinks import (
     WebhookSink,
 )
 from rldiag.runformat import ALERTS_FILE, AlertHistoryObjects, alert_source_id, read_alerts
-from rldiag.storage import Location, is_remote, location
+from rldiag.storage import Location, location
 
 __all__ = [
     "AlertConfig",
@@ -174,10 +175,6 @@ class AlertConfig:
 
 
 _CLOSE = object()
-
-
-RANKS_WAIT = 2.5
-"""Seconds :meth:`OnlineAlerts.drain` without a timeout waits for the other ranks' writers to close."""
 
 
 @dataclass
@@ -347,16 +344,17 @@ class OnlineAlerts:
         writer published): a step is otherwise evaluated once a record of a later step arrives, and on several
         ranks the run directory is read every ``tick_interval`` seconds, so the last step before the signal
         would never page. One rank: the newest step is evaluated with the records it has. Several ranks: the run
-        directory is read again until every rank's writer file says closed (each rank marks its own on the signal),
-        for at most half of ``timeout`` (:data:`RANKS_WAIT` seconds without one): the steps every rank published
-        are evaluated, and the last one too once all are closed. Unlike :meth:`close`, the
-        evaluator goes on: later steps are evaluated as usual, while records of a step already evaluated are not
-        (counted in ``late_records``).
+        directory is read again until every rank's writer file says closed (each rank marks its own on the
+        signal), for at most half of ``timeout`` (:data:`rldiag.runformat.RANKS_CLOSE_WAIT` seconds without
+        one): the steps every rank published are evaluated, and the last one too once all are closed. Unlike
+        :meth:`close`, the evaluator goes on: later steps are evaluated as usual, while records of a step
+        already evaluated are not (counted in ``late_records``).
         """
         if self._closed:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        marker = _Drain(ranks_until=time.monotonic() + (RANKS_WAIT if timeout is None else timeout / 2))
+        wait = runformat.RANKS_CLOSE_WAIT if timeout is None else timeout / 2
+        marker = _Drain(ranks_until=time.monotonic() + wait)
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
@@ -524,13 +522,16 @@ class OnlineAlerts:
     def _drain_now(self, until: float) -> None:
         now = self._clock()
         if self._follower is not None:
-            while True:  # closed once every rank's writer file says so: then the last step is complete too
+            follower, run_dir = self._follower, self.run_dir
+            assert run_dir is not None  # several ranks need a run directory (checked at construction)
+
+            def read() -> bool:  # closed once every rank's writer file says so: then the last step is complete too
                 self._last_poll = time.monotonic()
-                self.notifier.dispatch(self._follower.poll(now))
-                if self._follower.engine.closed or time.monotonic() >= until:
-                    return
-                time.sleep(0.5 if is_remote(self.run_dir) else 0.1)  # on object storage a read costs requests
-                now = self._clock()
+                self.notifier.dispatch(follower.poll(self._clock()))
+                return follower.engine.closed
+
+            runformat.read_until_closed(read, run_dir, until)
+            return
         self._evaluate_pending(now)
 
     def _finish(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from rldiag.export.trackers import Exporter, export_pass, make_exporter, replace_from, step_histograms
+from rldiag.runformat import RANKS_CLOSE_WAIT, complete_steps, read_until_closed, run_closed
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -134,7 +135,7 @@ class LiveExport:
         if self._closed:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        marker = _Drain(time.monotonic() + (FOLLOW_INTERVAL / 2 if timeout is None else timeout / 2))
+        marker = _Drain(time.monotonic() + (RANKS_CLOSE_WAIT if timeout is None else timeout / 2))
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
@@ -175,8 +176,7 @@ class LiveExport:
                 self._follow_pass(closed=None)
                 return
             if isinstance(item, _Drain):
-                while not self._follow_pass(closed=None) and time.monotonic() < item.until:
-                    time.sleep(0.1)
+                read_until_closed(lambda: self._follow_pass(closed=None), self.follow, item.until)
                 item.done.set()
             elif time.monotonic() < next_pass:
                 continue  # a table before the next pass is due
@@ -186,8 +186,6 @@ class LiveExport:
 
     def _follow_pass(self, closed: bool | None) -> bool:
         """One pass over the followed run (``closed`` None: as its writer files say); True when it was closed."""
-        from rldiag.runformat import complete_steps, run_closed
-
         try:
             if self._run is None:
                 import rldiag

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rldiag.runformat import complete_steps
 from rldiag.storage import one_line
 
 if TYPE_CHECKING:
@@ -168,8 +169,6 @@ def export_pass(
 
     Returns (steps written, the run's restarts now: the next pass's ``seen``, what to tell the user when a tracker
     cannot drop the replaced steps, else None)."""
-    from rldiag.runformat import complete_steps
-
     restarts = set(run.resume.restart_keys())
     if seen is None:
         fresh = sorted(
